@@ -1,0 +1,106 @@
+"""
+Delivery status: what happened to a recipient, a transaction or a session.
+
+Every phase reports outcomes with these types, so the delivery layer can
+act on them (mark done, defer, bounce) and the logger and DSN writer can
+render them, without any phase knowing another's internals.
+
+A ``Status`` carries an RFC 3463 enhanced status code (``dsn``), the text
+Postfix would show in parentheses after ``status=`` in its log line, the
+SMTP reply code when a server gave one, and the stage of the session it
+came from.
+
+Owns no parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# RFC 3463: class.subject.detail, class 2, 4 or 5, subject and detail 0-999.
+_ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+
+
+def is_enhanced_status(text: str) -> bool:
+    """Whether ``text`` is a well-formed RFC 3463 status code."""
+    return _ENHANCED_RE.match(text) is not None
+
+
+@dataclass(frozen=True)
+class Status:
+    """One outcome.
+
+    ``dsn``: the enhanced status code, e.g. ``"4.4.1"``.
+    ``text``: the explanation, e.g. ``"connect to mx.example.com[192.0.2.1]:25:
+    Connection refused"`` or ``"host mx.example.com[192.0.2.1] said: 550
+    5.1.1 <u@example.com>: unknown user (in reply to RCPT TO command)"``.
+    ``code``: the SMTP reply code when the status came from a server.
+    ``stage``: the stage of the session (``"RCPT TO"``, ``"end of DATA"``...)
+    or None for local failures.
+    ``reply``: the server's reply text alone (for Diagnostic-Code), if any.
+    ``remote_mta``: the server's host name (for Remote-MTA), if any.
+    """
+
+    dsn: str
+    text: str
+    code: int | None = None
+    stage: str | None = None
+    reply: str | None = None
+    remote_mta: str | None = None
+    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not is_enhanced_status(self.dsn):
+            raise ValueError(f"not an enhanced status code: {self.dsn!r}")
+
+    @property
+    def status_class(self) -> int:
+        """2, 4 or 5."""
+        return int(self.dsn[0])
+
+    @property
+    def ok(self) -> bool:
+        return self.status_class == 2
+
+    @property
+    def soft(self) -> bool:
+        """A temporary failure: the recipient is deferred."""
+        return self.status_class == 4
+
+    @property
+    def hard(self) -> bool:
+        """A permanent failure: the recipient is bounced."""
+        return self.status_class == 5
+
+    def softened(self) -> Status:
+        """The same status made temporary (soft_bounce, relayhost 4.3.5...)."""
+        if not self.hard:
+            return self
+        return Status(
+            dsn="4" + self.dsn[1:],
+            text=self.text,
+            code=self.code,
+            stage=self.stage,
+            reply=self.reply,
+            remote_mta=self.remote_mta,
+            extra=dict(self.extra),
+        )
+
+
+class DeliveryFailure(Exception):
+    """A failure that ends a connection attempt or a session.
+
+    ``final_server`` is False while other mail exchangers remain to be
+    tried; the connection layer fills it in.  ``skip_to_next`` says the
+    failure happened where Postfix moves on to the next address (before
+    the greeting, or a soft error on a non-final server).
+    """
+
+    def __init__(self, status: Status, *, skip_to_next: bool = True) -> None:
+        super().__init__(status.text)
+        self.status = status
+        self.skip_to_next = skip_to_next
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status!r})"
