@@ -1,0 +1,195 @@
+"""
+Lookup tables, as Postfix's dictionaries (dict_open.c) offer them.
+
+Three types, behind one small interface (``ILookupTable``):
+
+- ``texthash:/path``: a text file of ``key value`` lines, read once when
+  opened (Postfix's postmap input format: ``#`` comment lines, blank lines,
+  a line that starts with white space continues the previous one).
+- ``inline:{ key=value, { key = text with, commas } }``: the table written
+  in the parameter value itself.
+- ``static:value`` (or ``static:{ text with spaces }``): the same value for
+  every key.
+
+Keys are folded to lower case when the table is built and when it is
+searched, as Postfix does for its indexed tables.  Any other type
+(``hash:``, ``lmdb:``, ``pcre:`` ...) is a clear configuration error: those
+need Postfix's libraries or a rebuilt index, and ``texthash:`` reads the
+same source files.
+
+Owns no parameters; ``transport_maps``, ``smtp_sasl_password_maps`` and
+``smtp_tls_policy_maps`` are opened with ``open_maps``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from zope.interface import Attribute, Interface, implementer
+
+from relayagent.config import ConfigError, split_list
+
+
+class ILookupTable(Interface):
+    """A table from keys to string values."""
+
+    spec = Attribute("The table as written in the configuration, e.g. texthash:/etc/x.")
+    path = Attribute("The file the table was read from, or None.")
+
+    def lookup(key: str) -> str | None:
+        """The value for ``key`` (any case), or None when there is none."""
+
+
+@implementer(ILookupTable)
+class DictTable:
+    """A table held in memory (texthash and inline)."""
+
+    def __init__(self, spec: str, entries: dict[str, str], path: str | None = None) -> None:
+        self.spec = spec
+        self.path = path
+        self._entries = entries
+
+    def lookup(self, key: str) -> str | None:
+        return self._entries.get(key.lower())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        # Never the values: a password map's values are secrets.
+        return f"<{type(self).__name__} {self.spec} ({len(self._entries)} keys)>"
+
+
+@implementer(ILookupTable)
+class StaticTable:
+    """``static:value``: every key finds the same value."""
+
+    def __init__(self, spec: str, value: str) -> None:
+        self.spec = spec
+        self.path = None
+        self._value = value
+
+    def lookup(self, key: str) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"<StaticTable {self.spec.split(':', 1)[0]}:...>"
+
+
+@implementer(ILookupTable)
+class MapList:
+    """Several tables searched in order; the first that has the key wins."""
+
+    def __init__(self, tables: Iterable[ILookupTable]) -> None:
+        self.tables = tuple(tables)
+        self.spec = ", ".join(t.spec for t in self.tables)
+        self.path = None
+
+    def lookup(self, key: str) -> str | None:
+        for table in self.tables:
+            value = table.lookup(key)
+            if value is not None:
+                return value
+        return None
+
+    def files(self) -> list[str]:
+        """The files behind the tables (for permission checks)."""
+        return [t.path for t in self.tables if t.path]
+
+    def __bool__(self) -> bool:
+        return bool(self.tables)
+
+    def __repr__(self) -> str:
+        return f"<MapList {self.spec}>"
+
+
+def parse_texthash(text: str, source: str) -> dict[str, str]:
+    """Parse postmap(1) input: ``key value`` lines; raises ConfigError."""
+    entries: dict[str, str] = {}
+    logical: list[str] = []
+    start = 0
+
+    def finish() -> None:
+        if not logical:
+            return
+        joined = " ".join(part.strip() for part in logical)
+        logical.clear()
+        key, _, value = joined.partition(" ")
+        if "\t" in key:
+            key, _, rest = key.partition("\t")
+            value = rest + " " + value
+        value = value.strip()
+        if not value:
+            raise ConfigError(f"{source}, line {start}: expected 'key value', got {key!r} with no value")
+        # Postfix keeps the first entry for a duplicate key, with a warning;
+        # we keep the first too.
+        entries.setdefault(key.lower(), value)
+
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if not logical:
+                raise ConfigError(f"{source}, line {number}: continuation line with no key before it")
+            logical.append(stripped)
+            continue
+        finish()
+        logical.append(stripped)
+        start = number
+    finish()
+    return entries
+
+
+def _strip_braces(text: str, spec: str) -> str:
+    text = text.strip()
+    if text.startswith("{"):
+        if not text.endswith("}"):
+            raise ConfigError(f"bad table {spec!r}: missing '}}'")
+        return text[1:-1].strip()
+    return text
+
+
+def parse_inline(body: str, spec: str) -> dict[str, str]:
+    """Parse the inside of ``inline:{ ... }``."""
+    entries: dict[str, str] = {}
+    for item in split_list(_strip_braces(body, spec)):
+        item = _strip_braces(item, spec)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad table {spec!r}: expected key=value, got {item!r}")
+        entries.setdefault(key.strip().lower(), value.strip())
+    return entries
+
+
+def open_map(spec: str, *, base_dir: str | None = None) -> ILookupTable:
+    """Open one table from its ``type:name`` form; raises ConfigError."""
+    kind, sep, name = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"bad table {spec!r}: expected type:name (texthash:, inline: or static:)")
+    kind = kind.lower()
+    if kind == "texthash":
+        path = os.path.join(base_dir or os.getcwd(), os.path.expanduser(name))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"table {spec}: cannot open {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"table {spec}: {path} is not UTF-8 text") from None
+        return DictTable(spec, parse_texthash(text, path), path=path)
+    if kind == "inline":
+        return DictTable(spec, parse_inline(name, spec))
+    if kind == "static":
+        return StaticTable(spec, _strip_braces(name, spec))
+    raise ConfigError(
+        f"unsupported table type {kind!r} in {spec!r}: relayagent supports texthash:, "
+        "inline: and static: (use texthash: with the same source file instead of "
+        "hash: or lmdb:)"
+    )
+
+
+def open_maps(specs: Iterable[str], *, base_dir: str | None = None) -> MapList:
+    """Open a list of tables, as a ``*_maps`` parameter gives them."""
+    return MapList(open_map(spec, base_dir=base_dir) for spec in specs)
