@@ -1,0 +1,92 @@
+"""
+twistd glue: the ``relayagent`` subcommand's options and its service tree.
+
+``twistd -n relayagent -c conf/main.cf`` loads the configuration (a bad
+parameter stops start-up with the file, line and expected form), opens the
+spool (creating its directories), recovers what a crash left, and logs the
+state of each queue.  The queue manager and the listener join the same
+``MultiService`` when the configuration asks for them.
+
+Owns no parameters; reads queue_directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from relayagent import __version__
+from relayagent.config import Config, ConfigError
+
+DEFAULT_CONFIG = "/etc/relayagent/main.cf"
+
+
+def default_config_path() -> str:
+    return os.environ.get("RELAYAGENT_CONFIG") or DEFAULT_CONFIG
+
+
+class Options(usage.Options):
+    synopsis = "[-c CONFIG]"
+    longdesc = (
+        "Deliver the mail queued in queue_directory over SMTP, with Postfix's "
+        "parameter names and log format. The configuration is a Postfix-style "
+        "main.cf file; `relayagent -c CONFIG postconf` prints its effective "
+        "values. The default configuration is $RELAYAGENT_CONFIG, else "
+        f"{DEFAULT_CONFIG}."
+    )
+    optParameters = [
+        ["config", "c", None, "The main.cf file to read (default: $RELAYAGENT_CONFIG or "
+         f"{DEFAULT_CONFIG})."],
+    ]
+
+    def opt_version(self) -> None:
+        """Print relayagent's version and exit."""
+        print(f"relayagent {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        path = self["config"] or default_config_path()
+        try:
+            self["configuration"] = Config.load(path)
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+
+class SpoolStateService(Service):
+    """Opens the spool at start-up and logs the state of every queue."""
+
+    log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool = None
+
+    def startService(self) -> None:
+        from relayagent.spool import Spool
+
+        super().startService()
+        for warning in self.config.warnings:
+            self.log.warn("warning: {warning}", warning=warning)
+        directory = self.config.path_of("queue_directory")
+        self.spool = Spool(directory)
+        self.spool.ensure_layout()
+        active = list(self.spool.recover())
+        counts = {queue: sum(1 for _ in self.spool.queue_ids(queue))
+                  for queue in ("incoming", "active", "deferred", "hold", "corrupt")}
+        self.log.info(
+            "relayagent {version} started: queue_directory={directory}, "
+            "incoming={incoming}, active={active}, deferred={deferred}, hold={hold}, "
+            "corrupt={corrupt}, recovered={recovered}",
+            version=__version__, directory=directory, recovered=len(active), **counts,
+        )
+
+
+def makeService(options: Options) -> IServiceCollection:
+    config: Config = options["configuration"]
+    top = MultiService()
+    SpoolStateService(config).setServiceParent(top)
+    return top
