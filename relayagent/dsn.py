@@ -1,0 +1,828 @@
+"""
+Delivery status notifications: RFC 3464 reports, delay warnings, success
+("relayed") notices, double bounces and postmaster notices, as Postfix's
+bounce(8) daemon writes them (bounce_notify_util.c, bounce_notify_service.c,
+bounce_warn_service.c, bounce_trace_service.c, the default templates of
+bounce(5)) and smtp(8)'s transcript notice (smtp_chat.c smtp_chat_notify).
+
+The messages are built with the standard ``email`` package under
+``email.policy.SMTP`` (``SMTPUTF8`` for SMTPUTF8 mail): it folds long
+header fields and RFC 2047-encodes non-ASCII text as RFC 2045/2047/5322
+require, quotes odd local parts, uses CRLF line ends throughout, and refuses
+CR or LF inside a header value, which is our last line of defence against
+header injection (we strip control characters from envelope and server data
+before they get there, the way Postfix's printable() does).  The returned
+original is spliced in verbatim after generation, so its octets (8-bit ones
+included) are never re-encoded or re-folded.
+
+What the caller (the delivery layer) does with this module:
+
+- ``notices(kind, envelope, reports, config=..., clock=...)`` returns a
+  ``NoticePlan``: the notices to enqueue (each with its envelope sender,
+  recipients, content, body type and the label for the log line) and the
+  warnings to log for notices that are discarded (a failed double bounce).
+  The caller enqueues each with the spool and logs
+  ``ralog.log_notice(log, queue_id, new_id, notice.label)``.
+- ``success_report(...)`` says whether a delivered recipient earns a
+  "relayed" success notice (NOTIFY=SUCCESS and the server lacked DSN).
+- ``postmaster_notice(cls, ...)`` builds a notice for ``notify_classes``
+  (protocol, resource, software, data with the session transcript).
+- ``build_report(...)`` and ``bounce_recipient_for(...)`` are the pieces
+  ``notices`` is made of, exported for tests and special uses.
+
+Owns these main.cf parameters: notify_classes, error_notice_recipient,
+bounce_notice_recipient, 2bounce_notice_recipient, delay_notice_recipient,
+double_bounce_sender, delay_warning_time (the text of the warning; the
+scheduler decides when), bounce_size_limit.  Reads myhostname, myorigin,
+mail_name and maximal_queue_lifetime.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import io
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from email.generator import BytesGenerator
+from email.headerregistry import Address
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from typing import Any, Literal
+
+from relayagent.envelope import BodyType, Envelope, Notify, Recipient, Ret
+from relayagent.status import Status
+
+Kind = Literal["failure", "delay", "success"]
+Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
+NoticeClass = Literal["protocol", "resource", "software", "data", "bounce", "2bounce", "delay"]
+
+# Postfix's line_wrap() widths: bounce text 79 columns, transcripts 78,
+# continuation lines indented by 4.
+_WRAP_WIDTH = 79
+_TRANSCRIPT_WIDTH = 78
+_WRAP_INDENT = 4
+
+# Which NOTIFY keyword asks for which kind of notice.
+_NOTIFY_FOR_KIND: dict[str, Notify] = {
+    "failure": Notify.FAILURE,
+    "delay": Notify.DELAY,
+    "success": Notify.SUCCESS,
+}
+
+_SUBJECTS = {
+    "failure": "Undelivered Mail Returned to Sender",
+    "delay": "Delayed Mail (still being retried)",
+    "success": "Successful Mail Delivery Report",
+}
+_POSTMASTER_SUBJECTS = {
+    "failure": "Postmaster Copy: Undelivered Mail",
+    "delay": "Postmaster Warning: Delayed Mail",
+    "success": "Successful Mail Delivery Report",
+}
+
+# The text of bounce(5)'s default templates ($myhostname etc. filled in).
+_FAILURE_TEXT = """\
+This is the mail system at host {myhostname}.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients. It's attached below.
+
+For further assistance, please send mail to postmaster.
+
+If you do so, please include this problem report. You can
+delete your own text from the attached returned message.
+
+                   The mail system
+"""
+
+_DELAY_TEXT = """\
+This is the mail system at host {myhostname}.
+
+####################################################################
+# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #
+####################################################################
+
+Your message could not be delivered for more than {warn_hours} hour(s).
+It will be retried until it is {lifetime_days} day(s) old.
+
+For further assistance, please send mail to postmaster.
+
+If you do so, please include this problem report. You can
+delete your own text from the attached returned message.
+
+                   The mail system
+"""
+
+_SUCCESS_TEXT = """\
+This is the mail system at host {myhostname}.
+
+Your message was successfully delivered to the destination(s)
+listed below. If the message was delivered to mailbox you will
+receive no further notifications. Otherwise you may still receive
+notifications of mail delivery errors from other systems.
+
+                   The mail system
+"""
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
+# RFC 5322 atom characters: what a diagnostic-type or an X- name may hold.
+_NON_ATOM_RE = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~-]")
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class RecipientReport:
+    """What happened to one recipient, for one notice.
+
+    ``action`` is RFC 3464's: failed, delayed, delivered, relayed, expanded.
+    ``remote_mta`` overrides ``status.remote_mta`` (the server's host name).
+    ``last_attempt`` and ``will_retry_until`` are POSIX times or None;
+    a delay notice without ``will_retry_until`` reports arrival plus
+    ``maximal_queue_lifetime``, as Postfix does.
+    """
+
+    recipient: Recipient
+    status: Status
+    action: Action
+    remote_mta: str | None = None
+    last_attempt: float | None = None
+    will_retry_until: float | None = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One message to enqueue: ``spool.enqueue(sender, list(recipients),
+    content, body_type=body_type, smtputf8=smtputf8)``; then log
+    ``QUEUEID: <label>: NEWID``."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes = field(repr=False)
+    label: str
+    body_type: BodyType = BodyType.SEVEN_BIT
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True)
+class NoticePlan:
+    """The notices due for one event, and warnings for the ones discarded."""
+
+    notices: tuple[Notice, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BounceRoute:
+    """Where a failure notice for a message goes (``bounce_recipient_for``).
+
+    ``postmaster_copy``: written as a postmaster copy (no boiler-plate,
+    "Postmaster Copy" subject, every recipient regardless of NOTIFY).
+    """
+
+    sender: str
+    recipient: str
+    postmaster_copy: bool
+    ret: Ret
+    label: str
+
+
+# ---------------------------------------------------------------------------
+# Small pure helpers
+
+
+def _now(clock: Any) -> float:
+    """The time from ``clock``: an IReactorTime (``.seconds()``) or a
+    callable such as ``time.time``."""
+    seconds = getattr(clock, "seconds", None)
+    if callable(seconds):
+        return float(seconds())
+    return float(clock())
+
+
+def printable(text: str, *, allow_utf8: bool = False, replacement: str = "?") -> str:
+    """``text`` with control characters (and, unless ``allow_utf8``,
+    non-ASCII characters) replaced, as Postfix's printable() does to
+    anything from the network or the queue file before it goes into a
+    notice.  This is what keeps CR/LF out of header fields."""
+    text = _CONTROL_RE.sub(replacement, text)
+    if not allow_utf8:
+        text = _NON_ASCII_RE.sub(replacement, text)
+    return text
+
+
+def line_wrap(text: str, width: int = _WRAP_WIDTH, indent: int = _WRAP_INDENT) -> list[str]:
+    """Break ``text`` at white space into lines of at most ``width``
+    columns; continuation lines are indented by ``indent`` (Postfix's
+    line_wrap()).  A word longer than a line is kept whole."""
+    words = text.split(" ")
+    lines: list[str] = []
+    current = ""
+    prefix = ""
+    for word in words:
+        candidate = f"{current} {word}" if current else word
+        if current and len(prefix) + len(candidate) > width:
+            lines.append(prefix + current)
+            prefix = " " * indent
+            current = word
+        else:
+            current = candidate
+    lines.append(prefix + current)
+    return lines
+
+
+def is_double_bounce_address(address: str, config: Any) -> bool:
+    """Whether ``address`` is our double-bounce sender."""
+    return address.lower() == double_bounce_address(config).lower()
+
+
+def double_bounce_address(config: Any) -> str:
+    """``double_bounce_sender@myhostname`` (mail_addr.c), or the parameter
+    itself when it already names a domain."""
+    sender = config["double_bounce_sender"]
+    return sender if "@" in sender else f"{sender}@{config['myhostname']}"
+
+
+def qualify(address: str, config: Any) -> str:
+    """An unqualified notice recipient such as ``postmaster`` gets
+    ``@$myorigin`` (Postfix's cleanup does the same); we deliver by SMTP
+    only, so a bare local part would go nowhere."""
+    if "@" in address or not address:
+        return address
+    origin = config["myorigin"] if "myorigin" in config else config["myhostname"]
+    return f"{address}@{origin}"
+
+
+def wants_notice(kind: Kind, recipient: Recipient) -> bool:
+    """Whether the sender asked for a ``kind`` notice for this recipient
+    (RFC 3461 NOTIFY; no NOTIFY means FAILURE and DELAY)."""
+    return recipient.notify.wants(_NOTIFY_FOR_KIND[kind])
+
+
+def notifications_for(kind: Kind, envelope: Envelope, reports: Iterable[RecipientReport]) -> list[RecipientReport]:
+    """The reports that belong in the sender's ``kind`` notice.
+
+    NOTIFY decides per recipient, and the action must fit the kind: a
+    failure notice lists failed recipients, a delay notice delayed ones,
+    a success notice delivered, relayed or expanded ones.  A message from
+    the null sender gets no notice to its sender at all.
+    """
+    if not envelope.sender:
+        return []
+    fitting = {
+        "failure": ("failed",),
+        "delay": ("delayed",),
+        "success": ("delivered", "relayed", "expanded"),
+    }[kind]
+    return [r for r in reports if r.action in fitting and wants_notice(kind, r.recipient)]
+
+
+# The brief's other name for the same question.
+who_gets_notified = notifications_for
+
+
+def success_report(
+    recipient: Recipient,
+    status: Status,
+    *,
+    server_offers_dsn: bool,
+    when: float | None = None,
+) -> RecipientReport | None:
+    """The success-notice entry for a recipient an SMTP server accepted.
+
+    RFC 3461 section 5.2.2: when the next server offers DSN the NOTIFY
+    request travels on with the mail and that server answers it, so we
+    send nothing; when it does not, and the sender asked for SUCCESS, we
+    send a notice with action "relayed" (Postfix's smtp_rcpt.c does the
+    same).  None when no notice is due.
+    """
+    if server_offers_dsn or not recipient.notify.wants(Notify.SUCCESS):
+        return None
+    return RecipientReport(
+        recipient=recipient,
+        status=status,
+        action="relayed",
+        remote_mta=status.remote_mta,
+        last_attempt=when,
+    )
+
+
+def bounce_recipient_for(envelope: Envelope, config: Any) -> BounceRoute | None:
+    """Where the failure notice for ``envelope`` goes, or None to drop it.
+
+    The rules of bounce_notify_service.c:
+
+    - mail from the double-bounce sender (a postmaster notice) that fails
+      is dropped: never a triple bounce;
+    - mail from the null sender (a bounce) that fails goes, as a double
+      bounce, to ``2bounce_notice_recipient`` from the double-bounce
+      sender, with the whole bounce returned, but only when
+      ``notify_classes`` has ``bounce`` or ``2bounce`` (Postfix's default
+      ``resource, software`` drops it);
+    - anything else goes to its sender from the null sender, returning
+      what RET asked for (FULL when not given).
+    """
+    if envelope.sender and is_double_bounce_address(envelope.sender, config):
+        return None
+    if not envelope.sender:
+        classes = set(config["notify_classes"])
+        if not classes & {"bounce", "2bounce"}:
+            return None
+        return BounceRoute(
+            sender=double_bounce_address(config),
+            recipient=qualify(config["2bounce_notice_recipient"], config),
+            postmaster_copy=True,
+            ret=Ret.FULL,
+            label="postmaster non-delivery notification",
+        )
+    return BounceRoute(
+        sender="",
+        recipient=envelope.sender,
+        postmaster_copy=False,
+        ret=envelope.ret or Ret.FULL,
+        label="sender non-delivery notification",
+    )
+
+
+def _discard_reason(envelope: Envelope, config: Any) -> str:
+    if envelope.sender:
+        return "undeliverable postmaster notification discarded"
+    return "undeliverable bounce discarded (notify_classes has neither bounce nor 2bounce)"
+
+
+# ---------------------------------------------------------------------------
+# Building a report
+
+
+def _mail_date(when: float) -> str:
+    return email.utils.formatdate(when, localtime=True)
+
+
+def _atom(text: str) -> str:
+    """``text`` made into an RFC 5322 atom (for X-<mail_name>-... names)."""
+    return _NON_ATOM_RE.sub("-", text) or "Postfix"
+
+
+def _address_type(address: str, smtputf8: bool) -> str:
+    return "utf-8" if smtputf8 and _NON_ASCII_RE.search(address) else "rfc822"
+
+
+def _orcpt_field(orcpt: str, smtputf8: bool) -> str:
+    """``Original-Recipient`` from the stored ``type;address`` form."""
+    addr_type, sep, address = orcpt.partition(";")
+    if not sep:
+        addr_type, address = "rfc822", orcpt
+    addr_type = _atom(addr_type.strip()) or "rfc822"
+    return f"{addr_type}; {printable(address.strip(), allow_utf8=smtputf8)}"
+
+
+def _diagnostic_code(status: Status, mail_name: str, smtputf8: bool) -> str:
+    """``smtp; 550 5.1.1 ...`` when a server said it, else ``X-Postfix;
+    <our reason>`` (bounce_notify_util.c)."""
+    if status.reply and status.code is not None:
+        reply = status.reply.strip()
+        if not reply.startswith(str(status.code)):
+            reply = f"{status.code} {reply}"
+        return f"smtp; {printable(reply, allow_utf8=smtputf8)}"
+    return f"X-{_atom(mail_name)}; {printable(status.text, allow_utf8=smtputf8)}"
+
+
+def _header_address(address: str, smtputf8: bool) -> Address | str:
+    """An address for a To: field, its local part quoted as RFC 5322 wants,
+    never able to carry a CR or LF."""
+    address = printable(address, allow_utf8=smtputf8)
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    try:
+        return Address(username=local, domain=domain)
+    except (ValueError, IndexError):
+        # Something the header parser cannot take: a harmless stand-in.
+        return Address(username=printable(local, replacement="_").replace(" ", "_") or "unknown",
+                       domain=domain.replace(" ", "_"))
+
+
+def _original_lines(
+    envelope: Envelope,
+    *,
+    headers_only: bool,
+    limit: int,
+) -> tuple[bytes, bool]:
+    """The original message to return, line ends made CRLF, and whether it
+    holds 8-bit octets.
+
+    Read line by line from ``envelope.open_content()``; never more than
+    ``limit`` octets (0: no limit), cut at a line boundary.  With
+    ``headers_only`` it stops at the end of the header (the first line that
+    is neither a header nor a continuation, as Postfix's IS_HEADER).
+    """
+    out = io.BytesIO()
+    eight_bit = False
+    with envelope.open_content() as stream:
+        in_header = True
+        for raw in stream:
+            line = raw.rstrip(b"\r\n")
+            if in_header and not (line[:1] in (b" ", b"\t") or re.match(rb"^[!-9;-~]+:", line)):
+                in_header = False
+                if headers_only:
+                    break
+            if limit and out.tell() + len(line) + 2 > limit:
+                break
+            if not eight_bit and any(octet > 0x7F for octet in line):
+                eight_bit = True
+            out.write(line + b"\r\n")
+    return out.getvalue(), eight_bit
+
+
+def _delivery_status_part(
+    envelope: Envelope,
+    reports: Sequence[RecipientReport],
+    *,
+    kind: Kind,
+    config: Any,
+    policy: email.policy.EmailPolicy,
+    global_type: bool,
+) -> MIMEBase:
+    smtputf8 = envelope.smtputf8
+    mail_name = _atom(config["mail_name"])
+    part = MIMEBase("message", "global-delivery-status" if global_type else "delivery-status", policy=policy)
+    del part["MIME-Version"]
+    part["Content-Description"] = "Delivery report"
+
+    per_message = Message(policy=policy)
+    per_message["Reporting-MTA"] = f"dns; {printable(config['myhostname'])}"
+    if envelope.envid:
+        per_message["Original-Envelope-Id"] = printable(envelope.envid)
+    per_message[f"X-{mail_name}-Queue-ID"] = printable(envelope.queue_id)
+    if envelope.sender:
+        per_message[f"X-{mail_name}-Sender"] = (
+            f"{_address_type(envelope.sender, smtputf8)}; {printable(envelope.sender, allow_utf8=smtputf8)}"
+        )
+    if envelope.arrival_time > 0:
+        per_message["Arrival-Date"] = _mail_date(envelope.arrival_time)
+    blocks = [per_message]
+
+    lifetime = float(config["maximal_queue_lifetime"])
+    for report in reports:
+        rcpt = report.recipient
+        block = Message(policy=policy)
+        block["Final-Recipient"] = (
+            f"{_address_type(rcpt.address, smtputf8)}; {printable(rcpt.address, allow_utf8=smtputf8)}"
+        )
+        if rcpt.orcpt:
+            block["Original-Recipient"] = _orcpt_field(rcpt.orcpt, smtputf8)
+        block["Action"] = "failed" if kind == "failure" else report.action
+        block["Status"] = report.status.dsn
+        remote = report.remote_mta or report.status.remote_mta
+        if remote:
+            block["Remote-MTA"] = f"dns; {printable(remote)}"
+        block["Diagnostic-Code"] = _diagnostic_code(report.status, config["mail_name"], smtputf8)
+        if report.last_attempt:
+            block["Last-Attempt-Date"] = _mail_date(report.last_attempt)
+        if kind == "delay":
+            until = report.will_retry_until or envelope.arrival_time + lifetime
+            block["Will-Retry-Until"] = _mail_date(until)
+        blocks.append(block)
+    part.set_payload(blocks)
+    return part
+
+
+def _human_text(
+    kind: Kind,
+    envelope: Envelope,
+    reports: Sequence[RecipientReport],
+    *,
+    config: Any,
+    postmaster_copy: bool,
+    transcript: Sequence[str] | None,
+) -> str:
+    lines: list[str] = []
+    if not postmaster_copy:
+        # bounce(5) defaults; a postmaster copy skips the boiler-plate.
+        template = {"failure": _FAILURE_TEXT, "delay": _DELAY_TEXT, "success": _SUCCESS_TEXT}[kind]
+        lines.extend(
+            template.format(
+                myhostname=printable(config["myhostname"]),
+                # bounce_template.c: integer division, as $name_hours does.
+                warn_hours=int(float(config["delay_warning_time"]) // 3600),
+                lifetime_days=int(float(config["maximal_queue_lifetime"]) // 86400),
+            ).splitlines()
+        )
+    for report in reports:
+        lines.append("")
+        address = printable(report.recipient.address, allow_utf8=envelope.smtputf8)
+        reason = printable(report.status.text, allow_utf8=envelope.smtputf8)
+        lines.extend(line_wrap(f"<{address}>: {reason}"))
+    if postmaster_copy and transcript:
+        lines.extend(["", "Transcript of session follows.", ""])
+        lines.extend(_transcript_lines(transcript))
+    return "\n".join(lines) + "\n"
+
+
+def _transcript_lines(transcript: Iterable[str]) -> list[str]:
+    """Transcript lines wrapped, each prefixed by one space: untrusted text
+    must never start a line of its own (smtp_chat.c print_line)."""
+    out: list[str] = []
+    for entry in transcript:
+        for wrapped in line_wrap(printable(entry), _TRANSCRIPT_WIDTH, _WRAP_INDENT):
+            out.append(" " + wrapped)
+    return out
+
+
+def build_report(
+    kind: Kind,
+    envelope: Envelope,
+    reports: Sequence[RecipientReport],
+    *,
+    config: Any,
+    clock: Any = time.time,
+    transcript: Sequence[str] | None = None,
+    to: str | None = None,
+    postmaster_copy: bool = False,
+    ret: Ret | None = None,
+) -> bytes:
+    """An RFC 3464 ``multipart/report; report-type=delivery-status``
+    message, as octets with CRLF line ends.
+
+    ``kind``: failure (a bounce), delay (a warning) or success.
+    ``reports``: the recipients to list, already filtered by NOTIFY (see
+    ``notifications_for``); the caller decides.  ``to``: the To: address,
+    by default the envelope sender.  ``postmaster_copy``: Postfix's
+    postmaster variant (no boiler-plate, "Postmaster Copy" subject,
+    Auto-Submitted: auto-generated); only then is ``transcript`` (already
+    redacted "Out:"/"In:" lines) included, because a sender has no business
+    reading our session with another site's server.  ``ret``: how much of
+    the original to return, default the envelope's RET, else FULL; a
+    message larger than ``bounce_size_limit`` is returned as headers only
+    (so its MIME structure is not cut), as Postfix 3.x does.
+    """
+    smtputf8 = envelope.smtputf8
+    policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
+    global_type = smtputf8
+    myhostname = printable(config["myhostname"])
+    now = _now(clock)
+    recipient = envelope.sender if to is None else to
+
+    report = MIMEMultipart("report", policy=policy)
+    report.set_param("report-type", "delivery-status")
+    report["From"] = f"MAILER-DAEMON@{myhostname} (Mail Delivery System)"
+    subjects = _POSTMASTER_SUBJECTS if postmaster_copy else _SUBJECTS
+    report["Subject"] = subjects[kind]
+    report["To"] = _header_address(recipient, smtputf8)
+    report["Auto-Submitted"] = "auto-generated" if postmaster_copy else "auto-replied"
+    report["Date"] = _mail_date(now)
+    report["Message-ID"] = f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{os.urandom(6).hex()}" \
+                           f".{printable(envelope.queue_id, replacement='_')}@{myhostname}>"
+    report.preamble = "This is a MIME-encapsulated message."
+
+    text = _human_text(kind, envelope, reports, config=config,
+                       postmaster_copy=postmaster_copy, transcript=transcript)
+    charset = "utf-8" if _NON_ASCII_RE.search(text) else "us-ascii"
+    notification = MIMEText(text, "plain", charset, policy=policy)
+    del notification["MIME-Version"]
+    notification["Content-Description"] = "Notification"
+    report.attach(notification)
+
+    report.attach(_delivery_status_part(envelope, reports, kind=kind, config=config,
+                                        policy=policy, global_type=global_type))
+
+    # The original: RET=HDRS, or too big for bounce_size_limit -> headers.
+    limit = int(config["bounce_size_limit"])
+    wanted = ret or envelope.ret or Ret.FULL
+    headers_only = wanted is Ret.HDRS or (limit > 0 and not 0 < envelope.content_size <= limit)
+    original, eight_bit = _original_lines(envelope, headers_only=headers_only, limit=limit)
+    return_path = f"Return-Path: <{printable(envelope.sender, allow_utf8=smtputf8)}>\r\n".encode("utf-8")
+    original = return_path + original
+    eight_bit = eight_bit or _NON_ASCII_RE.search(envelope.sender) is not None
+
+    undelivered = "Undelivered " if kind in ("failure", "delay") else ""
+    if headers_only:
+        subtype = ("message", "global-headers") if global_type else ("text", "rfc822-headers")
+        description = f"{undelivered}Message Headers"
+    else:
+        subtype = ("message", "global") if global_type else ("message", "rfc822")
+        description = f"{undelivered}Message"
+    returned = MIMEBase(*subtype, policy=policy)
+    del returned["MIME-Version"]
+    returned["Content-Description"] = description
+    if eight_bit:
+        returned["Content-Transfer-Encoding"] = "8bit"
+        report["Content-Transfer-Encoding"] = "8bit"
+    # A placeholder, replaced by the original octets after generation so
+    # that the email package never re-encodes or re-folds them.
+    placeholder = f"RELAYAGENT-ORIGINAL-{os.urandom(16).hex()}"
+    returned.set_payload(placeholder + "\r\n")
+    report.attach(returned)
+
+    for _attempt in range(8):
+        buffer = io.BytesIO()
+        BytesGenerator(buffer, policy=policy).flatten(report)
+        generated = buffer.getvalue()
+        boundary = report.get_boundary()
+        if boundary is None or f"--{boundary}".encode("ascii") not in original:
+            break
+        # The original happens to hold our boundary: pick another one.
+        report.set_boundary(f"=_relayagent_{os.urandom(12).hex()}")
+    marker = (placeholder + "\r\n").encode("ascii")
+    before, found, after = generated.partition(marker)
+    if not found:  # pragma: no cover - the generator always writes it
+        raise RuntimeError("DSN generation lost the returned message")
+    return before + original + after
+
+
+# ---------------------------------------------------------------------------
+# Which notices an event produces
+
+
+def notices(
+    kind: Kind,
+    envelope: Envelope,
+    reports: Sequence[RecipientReport],
+    *,
+    config: Any,
+    clock: Any = time.time,
+) -> NoticePlan:
+    """Every notice due when recipients of ``envelope`` failed (``kind``
+    failure), were delayed past ``delay_warning_time`` (delay) or were
+    delivered with NOTIFY=SUCCESS to a server without DSN (success).
+
+    ``reports`` holds every recipient the event concerns; NOTIFY filtering,
+    double bounces and ``notify_classes`` postmaster copies happen here.
+    An empty plan means nothing is to be sent.
+    """
+    classes = set(config["notify_classes"])
+    found: list[Notice] = []
+    warnings: list[str] = []
+
+    def add(sender: str, to: str, content: bytes, label: str) -> None:
+        eight_bit = any(octet > 0x7F for octet in content)
+        found.append(Notice(
+            sender=sender,
+            recipients=(to,),
+            content=content,
+            label=label,
+            body_type=BodyType.EIGHT_BIT_MIME if eight_bit else BodyType.SEVEN_BIT,
+            smtputf8=envelope.smtputf8 and eight_bit,
+        ))
+
+    def build(to: str, chosen: Sequence[RecipientReport], *, postmaster: bool, ret: Ret | None) -> bytes:
+        return build_report(kind, envelope, chosen, config=config, clock=clock,
+                            to=to, postmaster_copy=postmaster, ret=ret)
+
+    if kind == "failure":
+        failed = [r for r in reports if r.action == "failed"]
+        if not failed:
+            return NoticePlan()
+        route = bounce_recipient_for(envelope, config)
+        if route is None:
+            warnings.append(_discard_reason(envelope, config))
+            return NoticePlan((), tuple(warnings))
+        if route.postmaster_copy:
+            add(route.sender, route.recipient,
+                build(route.recipient, failed, postmaster=True, ret=route.ret), route.label)
+            return NoticePlan(tuple(found), ())
+        chosen = notifications_for("failure", envelope, failed)
+        if chosen:
+            add(route.sender, route.recipient,
+                build(route.recipient, chosen, postmaster=False, ret=route.ret), route.label)
+        if "bounce" in classes:
+            to = qualify(config["bounce_notice_recipient"], config)
+            add(double_bounce_address(config), to,
+                build(to, failed, postmaster=True, ret=Ret.HDRS),
+                "postmaster non-delivery notification")
+        return NoticePlan(tuple(found), ())
+
+    if kind == "delay":
+        delayed = [r for r in reports if r.action == "delayed"]
+        if not delayed or (envelope.sender and is_double_bounce_address(envelope.sender, config)):
+            return NoticePlan()
+        if not envelope.sender:
+            # bounce_warn_service.c: a delayed bounce warns the postmaster.
+            if "2bounce" in classes:
+                to = qualify(config["2bounce_notice_recipient"], config)
+                add(double_bounce_address(config), to,
+                    build(to, delayed, postmaster=True, ret=Ret.HDRS),
+                    "postmaster delay notification")
+            return NoticePlan(tuple(found), ())
+        chosen = notifications_for("delay", envelope, delayed)
+        if chosen:
+            add("", envelope.sender,
+                build(envelope.sender, chosen, postmaster=False, ret=Ret.HDRS),
+                "sender delay notification")
+        if "delay" in classes:
+            to = qualify(config["delay_notice_recipient"], config)
+            add(double_bounce_address(config), to,
+                build(to, delayed, postmaster=True, ret=Ret.HDRS),
+                "postmaster delay notification")
+        return NoticePlan(tuple(found), ())
+
+    # success: only to a real sender (bounce_trace_service.c).
+    if not envelope.sender or is_double_bounce_address(envelope.sender, config):
+        return NoticePlan()
+    chosen = notifications_for("success", envelope, reports)
+    if chosen:
+        add("", envelope.sender,
+            build(envelope.sender, chosen, postmaster=False, ret=Ret.HDRS),
+            "sender delivery status notification")
+    return NoticePlan(tuple(found), ())
+
+
+# ---------------------------------------------------------------------------
+# Postmaster notices (notify_classes)
+
+
+def postmaster_notice(
+    cls: NoticeClass,
+    envelope: Envelope,
+    status: Status,
+    transcript: Sequence[str] | None,
+    config: Any,
+    *,
+    clock: Any = time.time,
+    server: str | None = None,
+    reports: Sequence[RecipientReport] | None = None,
+) -> tuple[str, list[str], bytes] | None:
+    """A notice to the postmaster for a problem of class ``cls``, as
+    ``(sender, recipients, content)``, or None when ``notify_classes`` does
+    not ask for it or the mail is itself a notice (null or double-bounce
+    sender: no notice wars).
+
+    protocol, resource, software, data (smtp(8)'s classes) go to
+    ``error_notice_recipient`` with the session transcript, in smtp_chat.c's
+    wording ("<mail_name> SMTP client: errors from <server>").  bounce,
+    2bounce and delay make a postmaster copy of the report for ``reports``
+    (default: every pending recipient with ``status``) and go to
+    ``bounce_notice_recipient``, ``2bounce_notice_recipient`` or
+    ``delay_notice_recipient``.
+    """
+    if cls not in config["notify_classes"]:
+        return None
+    if not envelope.sender or is_double_bounce_address(envelope.sender, config):
+        return None
+    sender = double_bounce_address(config)
+    if cls in ("bounce", "2bounce", "delay"):
+        kind: Kind = "delay" if cls == "delay" else "failure"
+        action: Action = "delayed" if kind == "delay" else "failed"
+        parameter = {"bounce": "bounce_notice_recipient", "2bounce": "2bounce_notice_recipient",
+                     "delay": "delay_notice_recipient"}[cls]
+        to = qualify(config[parameter], config)
+        chosen = list(reports) if reports is not None else [
+            RecipientReport(recipient=r, status=status, action=action) for r in envelope.pending()
+        ]
+        content = build_report(kind, envelope, chosen, config=config, clock=clock, to=to,
+                               postmaster_copy=True, ret=Ret.HDRS, transcript=transcript)
+        return sender, [to], content
+
+    to = qualify(config["error_notice_recipient"], config)
+    peer = printable(server or status.remote_mta or "the remote server")
+    policy = email.policy.SMTP
+    body = [f"Unexpected response from {peer}.", ""]
+    body.append(f"Queue ID: {printable(envelope.queue_id)}, status {status.dsn}: {printable(status.text)}")
+    body.append("")
+    if transcript:
+        body.extend(["Transcript of session follows.", ""])
+        body.extend(_transcript_lines(transcript))
+    message = MIMEText("\n".join(body) + "\n", "plain", "us-ascii", policy=policy)
+    message["From"] = f"MAILER-DAEMON@{printable(config['myhostname'])} (Mail Delivery System)"
+    message["To"] = f"{_header_address(to, False)} (Postmaster)"
+    message["Subject"] = f"{_atom(config['mail_name'])} SMTP client: errors from {peer}"
+    message["Auto-Submitted"] = "auto-generated"
+    message["Date"] = _mail_date(_now(clock))
+    message["Message-ID"] = f"<{os.urandom(8).hex()}.{printable(envelope.queue_id, replacement='_')}" \
+                            f"@{printable(config['myhostname'])}>"
+    buffer = io.BytesIO()
+    BytesGenerator(buffer, policy=policy).flatten(message)
+    return sender, [to], buffer.getvalue()
+
+
+__all__ = [
+    "Action",
+    "BounceRoute",
+    "Kind",
+    "Notice",
+    "NoticePlan",
+    "RecipientReport",
+    "bounce_recipient_for",
+    "build_report",
+    "double_bounce_address",
+    "is_double_bounce_address",
+    "line_wrap",
+    "notices",
+    "notifications_for",
+    "postmaster_notice",
+    "printable",
+    "qualify",
+    "success_report",
+    "wants_notice",
+    "who_gets_notified",
+]
+
