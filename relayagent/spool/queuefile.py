@@ -1,0 +1,584 @@
+"""
+The queue file: its binary format, its reader and its in-place updater.
+
+The layout (all integers big-endian; ``docs/queue-format.rst`` is the full
+description)::
+
+    offset  size  field
+    0       16    magic/version line  b"relayagent-q 01\\n"
+    16      8     arrival time        float64, seconds since the epoch
+    24      8     content offset      uint64
+    32      8     content size        uint64
+    40      4     recipient count     uint32
+    44      4     envelope length     uint32 (the variable section)
+    48      1     body type           0 = 7BIT, 1 = 8BITMIME
+    49      1     SMTPUTF8            0 or 1
+    50      1     RET                 0 = none, 1 = FULL, 2 = HDRS
+    51      1     reserved            0
+    52      4     content CRC-32
+    56      4     envelope CRC-32     of bytes 0-55 and the variable section
+    60      4     attempt count       uint32     } the mutable block,
+    64      8     next attempt time   float64    } rewritten in place with
+    72      4     CRC-32 of 60-71                } one pwrite
+    76      N     recipient status    one byte each: b"P" pending, b"D" done
+    76+N    E     variable section    sender, ENVID, recipients
+    76+N+E  C     content
+
+Every byte is checked by something: the fixed and variable envelope by the
+envelope CRC, the mutable block by its own CRC, each status byte by being
+one of two values two bits apart (a flipped bit never turns pending into
+done), the content by the content CRC and the file's exact length.  A
+file that fails any check raises ``CorruptQueueFile``, the only error the
+reader raises for bad data.
+
+The status bytes and the mutable block sit outside the envelope CRC so
+that marking a recipient done or recording an attempt is one small
+``pwrite`` in place, as Postfix overwrites a recipient record's type byte.
+
+Content is never read whole: ``Envelope.open_content()`` returns a stream
+over the content region.  A small file (the first read gets all of it) has
+its content CRC checked when opened; a large one when its content stream
+is read to the end, so a garbled body is caught before the final "."
+would be sent.
+
+Owns no parameters.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import BinaryIO
+
+from relayagent.envelope import BodyType, Envelope, Notify, Recipient, RecipientState, Ret
+from relayagent.spool import logs
+from relayagent.status import Status
+
+MAGIC = b"relayagent-q"
+VERSION = 1
+MAGIC_LINE = MAGIC + b" %02d\n" % VERSION
+assert len(MAGIC_LINE) == 16
+
+_HEADER = struct.Struct(">dQQIIBBBBI")  # from offset 16: 40 octets
+_CRC = struct.Struct(">I")
+_MUTABLE = struct.Struct(">Id")  # attempts, next attempt
+HEADER_END = len(MAGIC_LINE) + _HEADER.size  # 56
+ENVELOPE_CRC_OFFSET = HEADER_END  # 56
+MUTABLE_OFFSET = ENVELOPE_CRC_OFFSET + _CRC.size  # 60
+MUTABLE_SIZE = _MUTABLE.size + _CRC.size  # 16
+STATUS_OFFSET = MUTABLE_OFFSET + MUTABLE_SIZE  # 76
+
+PENDING = b"P"  # 0x50
+DONE = b"D"  # 0x44: two bits away from PENDING
+_STATES = {PENDING[0]: RecipientState.PENDING, DONE[0]: RecipientState.DONE}
+
+_BODY_TYPES = {0: BodyType.SEVEN_BIT, 1: BodyType.EIGHT_BIT_MIME}
+_BODY_CODES = {v: k for k, v in _BODY_TYPES.items()}
+_RETS = {0: None, 1: Ret.FULL, 2: Ret.HDRS}
+_RET_CODES = {v: k for k, v in _RETS.items()}
+_NOTIFY_BITS = (
+    (Notify.SUCCESS, 1),
+    (Notify.FAILURE, 2),
+    (Notify.DELAY, 4),
+    (Notify.DEFAULT, 8),
+)
+
+_STRING_NONE = 0xFFFF  # length marker of an absent optional string
+MAX_STRING = 0xFFFE
+
+# How much the first read takes: a message this small is read, checked and
+# parsed after one read system call.
+FIRST_READ = 64 * 1024
+CONTENT_CHUNK = 64 * 1024
+
+
+class CorruptQueueFile(Exception):
+    """A queue file that is truncated, garbled or of an unknown version.
+
+    The only exception the reader raises for bad file contents; the
+    scheduler answers it by moving the file to the corrupt queue.
+    """
+
+    def __init__(self, queue_id: str, reason: str) -> None:
+        super().__init__(f"{queue_id}: {reason}")
+        self.queue_id = queue_id
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def _pack_string(text: str | None, what: str) -> bytes:
+    if text is None:
+        return struct.pack(">H", _STRING_NONE)
+    data = text.encode("utf-8")
+    if len(data) > MAX_STRING:
+        raise ValueError(f"{what} too long ({len(data)} octets)")
+    return struct.pack(">H", len(data)) + data
+
+
+def _notify_code(notify: Notify) -> int:
+    return sum(bit for flag, bit in _NOTIFY_BITS if notify & flag)
+
+
+def pack_mutable(attempts: int, next_attempt: float) -> bytes:
+    body = _MUTABLE.pack(attempts, next_attempt)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def build_envelope(
+    sender: str,
+    recipients: Iterable[Recipient],
+    envid: str | None,
+) -> tuple[bytes, int]:
+    """The variable section and the number of recipients."""
+    parts = [_pack_string(sender, "sender"), _pack_string(envid, "ENVID")]
+    count = 0
+    for recipient in recipients:
+        parts.append(bytes([_notify_code(recipient.notify)]))
+        parts.append(_pack_string(recipient.address, "recipient address"))
+        parts.append(_pack_string(recipient.orcpt, "ORCPT"))
+        count += 1
+    return b"".join(parts), count
+
+
+def build_head(
+    *,
+    arrival_time: float,
+    variable: bytes,
+    recipient_count: int,
+    content_size: int,
+    content_crc: int,
+    body_type: BodyType,
+    smtputf8: bool,
+    ret: Ret | None,
+) -> bytes:
+    """Everything before the content: header, CRC, mutable block, status
+    table and variable section."""
+    content_offset = STATUS_OFFSET + recipient_count + len(variable)
+    fixed = MAGIC_LINE + _HEADER.pack(
+        arrival_time,
+        content_offset,
+        content_size,
+        recipient_count,
+        len(variable),
+        _BODY_CODES[body_type],
+        1 if smtputf8 else 0,
+        _RET_CODES[ret],
+        0,
+        content_crc,
+    )
+    envelope_crc = zlib.crc32(variable, zlib.crc32(fixed))
+    return b"".join(
+        (
+            fixed,
+            _CRC.pack(envelope_crc),
+            pack_mutable(0, 0.0),
+            PENDING * recipient_count,
+            variable,
+        )
+    )
+
+
+def head_size(variable: bytes, recipient_count: int) -> int:
+    return STATUS_OFFSET + recipient_count + len(variable)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class _Reader:
+    """Bounds-checked reads from the variable section."""
+
+    def __init__(self, queue_id: str, data: bytes) -> None:
+        self.queue_id = queue_id
+        self.data = data
+        self.position = 0
+
+    def take(self, count: int, what: str) -> bytes:
+        end = self.position + count
+        if end > len(self.data):
+            raise CorruptQueueFile(self.queue_id, f"envelope ends inside the {what}")
+        chunk = self.data[self.position:end]
+        self.position = end
+        return chunk
+
+    def string(self, what: str) -> str | None:
+        (length,) = struct.unpack(">H", self.take(2, what))
+        if length == _STRING_NONE:
+            return None
+        try:
+            return self.take(length, what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptQueueFile(self.queue_id, f"{what} is not UTF-8") from None
+
+
+def parse_variable(
+    queue_id: str, variable: bytes, states: bytes
+) -> tuple[str, str | None, tuple[Recipient, ...]]:
+    """Sender, ENVID and recipients from the variable section."""
+    reader = _Reader(queue_id, variable)
+    sender = reader.string("sender")
+    if sender is None:
+        raise CorruptQueueFile(queue_id, "sender missing")
+    envid = reader.string("ENVID")
+    recipients = []
+    for index, state_byte in enumerate(states):
+        code = reader.take(1, "NOTIFY")[0]
+        if code & ~15 or (code & 8 and code != 8):
+            raise CorruptQueueFile(queue_id, f"recipient {index}: bad NOTIFY code {code}")
+        notify = Notify.NEVER
+        for flag, bit in _NOTIFY_BITS:
+            if code & bit:
+                notify |= flag
+        address = reader.string("recipient address")
+        if address is None:
+            raise CorruptQueueFile(queue_id, f"recipient {index}: address missing")
+        orcpt = reader.string("ORCPT")
+        recipients.append(
+            Recipient(
+                address=address,
+                index=index,
+                orcpt=orcpt,
+                notify=notify,
+                state=_STATES[state_byte],
+            )
+        )
+    if reader.position != len(variable):
+        raise CorruptQueueFile(queue_id, "junk after the last recipient")
+    return sender, envid, tuple(recipients)
+
+
+def _read_exactly(fd: int, count: int, offset: int) -> bytes:
+    chunks = []
+    while count > 0:
+        chunk = os.pread(fd, min(count, 1 << 20), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        count -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class QueueFile:
+    """An open queue file: its envelope, and the updates the delivery
+    layer makes as recipients are delivered, deferred or bounced.
+
+    Build one with ``Spool.open``.  Updates go to the file before the
+    method returns (``pwrite``, no fsync, as Postfix's queue-file updates).
+    """
+
+    def __init__(
+        self,
+        queue_id: str,
+        queue_name: str,
+        fd: int,
+        *,
+        log_directory: str,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.queue_id = queue_id
+        self.queue_name = queue_name
+        self._fd: int | None = fd
+        self._log_directory = log_directory
+        self._clock = clock
+        try:
+            self._parse()
+        except BaseException:
+            # The descriptor is ours from the start: close it here, once.
+            self.close()
+            raise
+
+    # -- parsing
+
+    def _corrupt(self, reason: str) -> CorruptQueueFile:
+        return CorruptQueueFile(self.queue_id, reason)
+
+    def _parse(self) -> None:
+        fd = self._require_fd()
+        first = os.read(fd, FIRST_READ)
+        whole = len(first) < FIRST_READ
+        if len(first) < len(MAGIC_LINE):
+            if first and not MAGIC_LINE.startswith(first):
+                raise self._corrupt("not a relayagent queue file (bad magic)")
+            raise self._corrupt(f"truncated: {len(first)} octets, no header")
+        if first[: len(MAGIC)] != MAGIC:
+            raise self._corrupt("not a relayagent queue file (bad magic)")
+        version_field = first[len(MAGIC): len(MAGIC_LINE)]
+        if version_field != MAGIC_LINE[len(MAGIC):]:
+            shown = version_field.decode("ascii", "replace").strip()
+            raise self._corrupt(f"unsupported queue file version {shown!r} (this is version {VERSION})")
+        if len(first) < STATUS_OFFSET:
+            raise self._corrupt(f"truncated: {len(first)} octets, header incomplete")
+        (
+            arrival_time,
+            content_offset,
+            content_size,
+            recipient_count,
+            variable_length,
+            body_code,
+            smtputf8_code,
+            ret_code,
+            reserved,
+            content_crc,
+        ) = _HEADER.unpack_from(first, len(MAGIC_LINE))
+        (envelope_crc,) = _CRC.unpack_from(first, ENVELOPE_CRC_OFFSET)
+        head_end = STATUS_OFFSET + recipient_count + variable_length
+        if content_offset != head_end:
+            raise self._corrupt("header fields disagree (content offset)")
+        if whole:
+            file_size = len(first)
+        else:
+            file_size = os.fstat(fd).st_size
+        if file_size < head_end:
+            raise self._corrupt(f"truncated: {file_size} octets, envelope needs {head_end}")
+        if len(first) >= head_end:
+            head = first[:head_end]
+        else:
+            head = first + _read_exactly(fd, head_end - len(first), len(first))
+            if len(head) != head_end:
+                raise self._corrupt("truncated while reading the envelope")
+        variable = head[STATUS_OFFSET + recipient_count: head_end]
+        computed = zlib.crc32(variable, zlib.crc32(head[:HEADER_END]))
+        if computed != envelope_crc:
+            raise self._corrupt("envelope checksum mismatch")
+        if reserved != 0 or body_code not in _BODY_TYPES or smtputf8_code > 1 or ret_code not in _RETS:
+            raise self._corrupt("bad flag values in the header")
+        if not math.isfinite(arrival_time):
+            raise self._corrupt("bad arrival time")
+        if file_size != head_end + content_size:
+            if file_size < head_end + content_size:
+                raise self._corrupt(
+                    f"truncated: content has {file_size - head_end} of {content_size} octets"
+                )
+            raise self._corrupt(f"{file_size - head_end - content_size} octets after the content")
+        mutable = head[MUTABLE_OFFSET:STATUS_OFFSET]
+        (mutable_crc,) = _CRC.unpack_from(mutable, _MUTABLE.size)
+        if zlib.crc32(mutable[: _MUTABLE.size]) != mutable_crc:
+            raise self._corrupt("attempt record checksum mismatch")
+        attempts, next_attempt = _MUTABLE.unpack_from(mutable)
+        if not math.isfinite(next_attempt):
+            raise self._corrupt("bad next attempt time")
+        states = head[STATUS_OFFSET: STATUS_OFFSET + recipient_count]
+        for index, byte in enumerate(states):
+            if byte not in _STATES:
+                raise self._corrupt(f"recipient {index}: bad status octet 0x{byte:02x}")
+        sender, envid, recipients = parse_variable(self.queue_id, variable, states)
+        self._content_verified = False
+        if whole:
+            if zlib.crc32(first[head_end:]) != content_crc:
+                raise self._corrupt("content checksum mismatch")
+            self._content_verified = True
+        self.attempts: int = attempts
+        self.next_attempt: float = next_attempt
+        self._states = bytearray(states)
+        self._content_offset = head_end
+        self._content_crc = content_crc
+        self._envelope = Envelope(
+            queue_id=self.queue_id,
+            sender=sender,
+            recipients=recipients,
+            arrival_time=arrival_time,
+            content_size=content_size,
+            open_content=self.open_content,
+            body_type=_BODY_TYPES[body_code],
+            smtputf8=bool(smtputf8_code),
+            envid=envid,
+            ret=_RETS[ret_code],
+        )
+
+    # -- access
+
+    @property
+    def envelope(self) -> Envelope:
+        """The envelope, with each recipient's current state."""
+        current = tuple(
+            recipient
+            if recipient.state is _STATES[self._states[recipient.index]]
+            else replace(recipient, state=_STATES[self._states[recipient.index]])
+            for recipient in self._envelope.recipients
+        )
+        if current != self._envelope.recipients:
+            self._envelope = replace(self._envelope, recipients=current)
+        return self._envelope
+
+    def is_done(self, index: int) -> bool:
+        return self._states[index] == DONE[0]
+
+    def pending_count(self) -> int:
+        return self._states.count(PENDING[0])
+
+    def open_content(self) -> BinaryIO:
+        """A new binary stream over the content, from its first octet.
+
+        The stream has a descriptor of its own (close it when done) and
+        never holds more than one buffer of the content in memory.  Reading
+        it to the end checks the content CRC unless that was done at open;
+        a mismatch or a file cut short raises ``CorruptQueueFile``.
+        """
+        raw = _ContentStream(
+            self.queue_id,
+            os.dup(self._require_fd()),
+            self._content_offset,
+            self._envelope.content_size,
+            None if self._content_verified else self._content_crc,
+        )
+        return io.BufferedReader(raw, CONTENT_CHUNK)
+
+    def verify_content(self) -> None:
+        """Read the whole content once and check its CRC."""
+        if self._content_verified:
+            return
+        with self.open_content() as stream:
+            while stream.read(CONTENT_CHUNK):
+                pass
+        self._content_verified = True
+
+    # -- updates
+
+    def mark_done(self, index: int) -> None:
+        """Cross a recipient off: its status octet becomes DONE, in place."""
+        self._check_index(index)
+        written = os.pwrite(self._require_fd(), DONE, STATUS_OFFSET + index)
+        if written != 1:
+            raise OSError(f"{self.queue_id}: could not update recipient {index}")
+        self._states[index] = DONE[0]
+
+    def defer(self, index: int, status: Status) -> None:
+        """Append a recipient's deferral reason to the message's defer log."""
+        self._append_log(logs.DEFER_LOG, index, status)
+
+    def bounce(self, index: int, status: Status) -> None:
+        """Append a recipient's failure to the message's bounce log."""
+        self._append_log(logs.BOUNCE_LOG, index, status)
+
+    def record_attempt(self, next_attempt: float) -> None:
+        """One more delivery attempt made; the next is due at ``next_attempt``."""
+        self._write_mutable(self.attempts + 1, next_attempt)
+
+    def reset_attempts(self) -> None:
+        """Forget earlier attempts (``postsuper -r``)."""
+        self._write_mutable(0, 0.0)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> QueueFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A forgotten close must not leak descriptors in a long-running
+        # queue manager.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to at exit
+            pass
+
+    # -- internals
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"queue file {self.queue_id} is closed")
+        return self._fd
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self._states):
+            raise IndexError(f"{self.queue_id}: no recipient {index}")
+
+    def _write_mutable(self, attempts: int, next_attempt: float) -> None:
+        if not math.isfinite(next_attempt):
+            raise ValueError("next attempt time must be finite")
+        data = pack_mutable(attempts, next_attempt)
+        written = os.pwrite(self._require_fd(), data, MUTABLE_OFFSET)
+        if written != len(data):
+            raise OSError(f"{self.queue_id}: could not update the attempt record")
+        self.attempts = attempts
+        self.next_attempt = next_attempt
+
+    def _append_log(self, kind: str, index: int, status: Status) -> None:
+        self._check_index(index)
+        recipient = self._envelope.recipients[index]
+        when = self._clock() if self._clock is not None else None
+        record = logs.format_record(kind, recipient, status, when)
+        logs.append_record(os.path.join(self._log_directory, kind, self.queue_id), record)
+
+
+class _ContentStream(io.RawIOBase):
+    """The content region of a queue file, read with pread on its own
+    descriptor, checking the CRC on a sequential read to the end."""
+
+    def __init__(
+        self, queue_id: str, fd: int, start: int, size: int, expected_crc: int | None
+    ) -> None:
+        super().__init__()
+        self._queue_id = queue_id
+        self._fd = fd
+        self._start = start
+        self._size = size
+        self._position = 0
+        self._expected_crc = expected_crc
+        self._crc = 0
+        self._sequential = True
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._position + offset
+        elif whence == io.SEEK_END:
+            target = self._size + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if target < 0:
+            raise ValueError("negative seek position")
+        if target == 0:
+            self._crc = 0
+            self._sequential = True
+        elif target != self._position:
+            self._sequential = False
+        self._position = target
+        return target
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        if self.closed:
+            raise ValueError("read from a closed content stream")
+        count = min(len(buffer), self._size - self._position)
+        if count <= 0:
+            return 0
+        data = os.pread(self._fd, count, self._start + self._position)
+        if not data:
+            raise CorruptQueueFile(self._queue_id, "content cut short while reading")
+        buffer[: len(data)] = data
+        self._position += len(data)
+        if self._expected_crc is not None and self._sequential:
+            self._crc = zlib.crc32(data, self._crc)
+            if self._position == self._size and self._crc != self._expected_crc:
+                raise CorruptQueueFile(self._queue_id, "content checksum mismatch")
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()

@@ -1,0 +1,547 @@
+"""
+The spool: queue directories, atomic and durable enqueue, queue moves.
+
+Under ``queue_directory`` (Postfix's qmgr(8) and cleanup(8) queues, flat,
+without hashing):
+
+    incoming/   new messages, waiting for the queue manager
+    active/     messages claimed by a queue manager process
+    deferred/   messages waiting for their next attempt
+    hold/       messages put on hold (``postsuper -h``), never tried
+    corrupt/    files that could not be read, kept for a human
+    defer/      per-message logs of deferral reasons (``logs.py``)
+    bounce/     per-message logs of failures
+    tmp/        files being written; a name here is never a queued message
+    public/     the queue manager's trigger socket (``public/qmgr``)
+
+Every message is one file named by its queue id (``queueid.py``), in
+exactly one queue directory at a time; moving it is one ``rename``.
+
+Enqueue writes the whole file under ``tmp/``, fsyncs it, renames it into
+its queue and fsyncs that directory, and only then returns the id: a crash
+at any point leaves either nothing in the queues (at most a stale file in
+``tmp/``, removed by ``recover()``) or a whole message.  ``batch()`` keeps
+that promise for many messages at once while paying for one directory
+fsync.
+
+Owns ``queue_directory`` (its layout; config.py holds its value).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO
+
+from twisted.logger import Logger
+
+from relayagent.envelope import BodyType, Recipient, RecipientState, Ret
+from relayagent.spool import logs
+from relayagent.spool.queuefile import (
+    CONTENT_CHUNK,
+    CorruptQueueFile,
+    QueueFile,
+    build_envelope,
+    build_head,
+)
+from relayagent.spool.queueid import QueueIdGenerator, is_queue_id, queue_id_pid
+
+INCOMING = "incoming"
+ACTIVE = "active"
+DEFERRED = "deferred"
+HOLD = "hold"
+CORRUPT = "corrupt"
+QUEUES = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
+# The queues mailq shows, in the order it shows them.
+LISTED_QUEUES = (INCOMING, ACTIVE, DEFERRED, HOLD)
+TMP = "tmp"
+PUBLIC = "public"
+DIRECTORIES = QUEUES + logs.LOG_KINDS + (TMP, PUBLIC)
+
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+
+log = Logger(namespace="relayagent.spool")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message for ``Spool.enqueue_many``: the arguments of ``enqueue``."""
+
+    sender: str
+    recipients: Sequence[str | Recipient]
+    content: bytes | BinaryIO
+    envid: str | None = None
+    ret: Ret | None = None
+    body_type: BodyType | None = None
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One message as ``mailq`` lists it.
+
+    ``recipients`` holds the recipients not yet done, each with the last
+    deferral reason logged for it (or None).  ``error`` is set, and the
+    other fields are empty, when the file could not be read.
+    """
+
+    queue_name: str
+    queue_id: str
+    arrival_time: float = 0.0
+    message_size: int = 0
+    sender: str = ""
+    recipients: list[tuple[str, str | None]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        # A tmp file with our own pid is from an earlier process that had
+        # the same pid (containers restart with the same small pids):
+        # recover() runs before this process enqueues anything.
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Spool:
+    """The queue directories under ``queue_directory``.
+
+    Several processes may share one spool: enqueue is safe from any number
+    of processes (ids never collide), and a queue manager claims a message
+    by renaming it into ``active/`` (``move``): the rename succeeds for
+    exactly one process, the others get ``FileNotFoundError``.
+    """
+
+    def __init__(self, queue_directory: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.directory = os.path.abspath(queue_directory)
+        self.clock = clock
+        self._ids = QueueIdGenerator(clock)
+
+    @classmethod
+    def from_config(cls, config: object, *, clock: Callable[[], float] = time.time) -> Spool:
+        """The spool at a configuration's ``queue_directory``."""
+        return cls(config.path_of("queue_directory"), clock=clock)  # type: ignore[attr-defined]
+
+    # -- layout
+
+    def ensure_layout(self) -> None:
+        """Create the queue directories that are missing (mode 0700)."""
+        os.makedirs(self.directory, mode=DIRECTORY_MODE, exist_ok=True)
+        for name in DIRECTORIES:
+            os.makedirs(os.path.join(self.directory, name), mode=DIRECTORY_MODE, exist_ok=True)
+
+    def path(self, queue: str, queue_id: str) -> str:
+        """The file name of a message in a queue (or of a log)."""
+        if queue not in QUEUES and queue not in logs.LOG_KINDS and queue != TMP:
+            raise ValueError(f"no such queue: {queue!r}")
+        if not is_queue_id(queue_id):
+            raise ValueError(f"not a queue id: {queue_id!r}")
+        return os.path.join(self.directory, queue, queue_id)
+
+    # -- enqueue
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: Sequence[str | Recipient],
+        content: bytes | BinaryIO,
+        *,
+        envid: str | None = None,
+        ret: Ret | None = None,
+        body_type: BodyType | None = None,
+        smtputf8: bool = False,
+        queue: str = INCOMING,
+    ) -> str:
+        """Queue one message; return its queue id once it is on disk.
+
+        ``sender`` is the envelope sender ("" for the null sender);
+        ``recipients`` are addresses or ``Recipient`` objects (their
+        ``orcpt`` and ``notify`` are kept; their index becomes their
+        position here).  ``content`` is the message (header and body) as
+        bytes or a binary stream, which is read in chunks, never whole.
+        ``body_type`` None means: 8BITMIME if any octet is above 127, else
+        7BIT.  Raises ValueError for a bad argument, OSError for trouble
+        with the disk; in both cases nothing is queued.
+        """
+        with self.batch() as batch:
+            queue_id = batch.enqueue(
+                sender,
+                recipients,
+                content,
+                envid=envid,
+                ret=ret,
+                body_type=body_type,
+                smtputf8=smtputf8,
+                queue=queue,
+            )
+        return queue_id
+
+    @contextmanager
+    def batch(self) -> Iterator[EnqueueBatch]:
+        """Enqueue several messages for the price of one directory fsync.
+
+        ::
+
+            with spool.batch() as batch:
+                ids = [batch.enqueue(sender, rcpts, body) for ...]
+            # here, and only here, every id is durably queued
+
+        Each file is written and fsynced under ``tmp/`` as it is
+        enqueued; on leaving the block they are all renamed into their
+        queues and each queue directory is fsynced once.  If the block
+        raises, or the commit fails, nothing of the batch stays queued.
+        """
+        batch = EnqueueBatch(self)
+        try:
+            yield batch
+        except BaseException:
+            batch.abort()
+            raise
+        batch.commit()
+
+    def enqueue_many(self, messages: Iterable[Message], *, queue: str = INCOMING) -> list[str]:
+        """Queue many messages in one batch; their ids once all are on disk."""
+        with self.batch() as batch:
+            return [
+                batch.enqueue(
+                    message.sender,
+                    message.recipients,
+                    message.content,
+                    envid=message.envid,
+                    ret=message.ret,
+                    body_type=message.body_type,
+                    smtputf8=message.smtputf8,
+                    queue=queue,
+                )
+                for message in messages
+            ]
+
+    def _write_tmp(
+        self,
+        sender: str,
+        recipients: Sequence[str | Recipient],
+        content: bytes | BinaryIO,
+        *,
+        envid: str | None,
+        ret: Ret | None,
+        body_type: BodyType | None,
+        smtputf8: bool,
+    ) -> str:
+        """Write and fsync one queue file under tmp/; return its id."""
+        normalized = _normalize_recipients(recipients)
+        if not isinstance(sender, str):
+            raise ValueError("the sender must be a str")
+        variable, count = build_envelope(sender, normalized, envid)
+        while True:
+            queue_id, arrival_time = self._ids.next()
+            tmp_path = self.path(TMP, queue_id)
+            try:
+                fd = os.open(
+                    tmp_path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    FILE_MODE,
+                )
+            except FileExistsError:
+                continue  # an impossible collision; take the next id
+            break
+        try:
+            head_args = dict(
+                arrival_time=arrival_time,
+                variable=variable,
+                recipient_count=count,
+                smtputf8=smtputf8,
+                ret=ret,
+            )
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                data = bytes(content)
+                detected = BodyType.SEVEN_BIT if data.isascii() else BodyType.EIGHT_BIT_MIME
+                head = build_head(
+                    content_size=len(data),
+                    content_crc=zlib.crc32(data),
+                    body_type=body_type or detected,
+                    **head_args,
+                )
+                # One write for the whole file.
+                _write_all(fd, head + data)
+            else:
+                # The size, CRC and body type are known only at the end:
+                # write a provisional head, stream, then rewrite the head
+                # (its size does not depend on those fields).
+                provisional = build_head(
+                    content_size=0, content_crc=0, body_type=BodyType.SEVEN_BIT, **head_args
+                )
+                _write_all(fd, provisional)
+                size, crc, ascii_only = 0, 0, True
+                while True:
+                    chunk = content.read(CONTENT_CHUNK)
+                    if not chunk:
+                        break
+                    if not isinstance(chunk, (bytes, bytearray)):
+                        raise ValueError("the content stream must be binary")
+                    size += len(chunk)
+                    crc = zlib.crc32(chunk, crc)
+                    ascii_only = ascii_only and chunk.isascii()
+                    _write_all(fd, chunk)
+                detected = BodyType.SEVEN_BIT if ascii_only else BodyType.EIGHT_BIT_MIME
+                head = build_head(
+                    content_size=size, content_crc=crc, body_type=body_type or detected, **head_args
+                )
+                if os.pwrite(fd, head, 0) != len(head):
+                    raise OSError(f"short write rewriting the head of {tmp_path}")
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp_path)
+            raise
+        os.close(fd)
+        return queue_id
+
+    # -- opening and moving
+
+    def open(self, queue_id: str, queue: str, *, writable: bool = True) -> QueueFile:
+        """Open a queued message.  Raises ``CorruptQueueFile`` for a bad
+        file and ``FileNotFoundError`` when it is not in that queue."""
+        path = self.path(queue, queue_id)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        return QueueFile(
+            queue_id,
+            queue,
+            fd,
+            log_directory=self.directory,
+            clock=self.clock,
+        )
+
+    def move(self, queue_id: str, from_queue: str, to_queue: str) -> None:
+        """Move a message between queues with one atomic rename.
+
+        Renaming into ``active/`` is how a queue manager process claims a
+        message: when several processes share the spool, exactly one
+        rename succeeds and the others get ``FileNotFoundError``.  Moves
+        are not fsynced (as in Postfix): after a crash a message may be
+        back in its earlier queue, never lost or doubled.
+        """
+        if from_queue not in QUEUES or to_queue not in QUEUES:
+            raise ValueError(f"no such queue: {from_queue!r} or {to_queue!r}")
+        os.rename(self.path(from_queue, queue_id), self.path(to_queue, queue_id))
+
+    def mark_corrupt(self, queue_id: str, queue: str, reason: str) -> None:
+        """Move an unreadable file to ``corrupt/`` and log why."""
+        self.move(queue_id, queue, CORRUPT)
+        log.warn(
+            "warning: {queue_id}: corrupt queue file moved from {queue} to corrupt: {reason}",
+            queue_id=queue_id,
+            queue=queue,
+            reason=reason,
+        )
+
+    def remove(self, queue_id: str, queue: str) -> None:
+        """Remove a message and its defer and bounce logs.  Raises
+        ``FileNotFoundError`` when the message is not in that queue."""
+        os.unlink(self.path(queue, queue_id))
+        for kind in logs.LOG_KINDS:
+            _unlink_quietly(self.path(kind, queue_id))
+
+    def requeue(self, queue_id: str, from_queue: str) -> None:
+        """Send a message back to ``incoming/`` with its attempt count and
+        deferral reasons forgotten (``postsuper -r``)."""
+        with self.open(queue_id, from_queue) as queue_file:
+            queue_file.reset_attempts()
+        _unlink_quietly(self.path(logs.DEFER_LOG, queue_id))
+        if from_queue != INCOMING:
+            self.move(queue_id, from_queue, INCOMING)
+
+    def queue_ids(self, queue: str) -> Iterator[str]:
+        """The ids in a queue, oldest first.  Names that are not queue ids
+        (editor debris, a stray file) are ignored."""
+        if queue not in QUEUES:
+            raise ValueError(f"no such queue: {queue!r}")
+        try:
+            names = os.listdir(os.path.join(self.directory, queue))
+        except FileNotFoundError:
+            return iter(())
+        return iter(sorted(name for name in names if is_queue_id(name)))
+
+    def find(self, queue_id: str, queues: Iterable[str] = QUEUES) -> str | None:
+        """The queue that holds a message, or None."""
+        for queue in queues:
+            if os.path.exists(self.path(queue, queue_id)):
+                return queue
+        return None
+
+    def recover(self) -> list[str]:
+        """Start-up clean-up: remove files left in ``tmp/`` by writers that
+        died (their process is gone), and return the ids in ``active/``,
+        which a crashed queue manager had claimed.  Call it before this
+        process enqueues anything."""
+        tmp_directory = os.path.join(self.directory, TMP)
+        try:
+            names = os.listdir(tmp_directory)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if is_queue_id(name) and _pid_alive(queue_id_pid(name)):
+                continue  # another live process is writing it
+            _unlink_quietly(os.path.join(tmp_directory, name))
+        return list(self.queue_ids(ACTIVE))
+
+    # -- logs
+
+    def read_log(self, kind: str, queue_id: str) -> list[logs.LogRecord]:
+        """The records of a message's defer or bounce log."""
+        if kind not in logs.LOG_KINDS:
+            raise ValueError(f"no such log: {kind!r}")
+        return logs.read_records(self.path(kind, queue_id))
+
+    def remove_log(self, kind: str, queue_id: str) -> None:
+        if kind not in logs.LOG_KINDS:
+            raise ValueError(f"no such log: {kind!r}")
+        _unlink_quietly(self.path(kind, queue_id))
+
+    # -- listing
+
+    def entries(self, queues: Iterable[str] = LISTED_QUEUES) -> Iterator[QueueEntry]:
+        """Every message in ``queues``, as ``mailq`` shows it.  A file that
+        cannot be read gives an entry with ``error`` set; one that moved
+        away while we looked is skipped."""
+        for queue in queues:
+            for queue_id in self.queue_ids(queue):
+                try:
+                    queue_file = self.open(queue_id, queue, writable=False)
+                except FileNotFoundError:
+                    continue
+                except CorruptQueueFile as exc:
+                    yield QueueEntry(queue, queue_id, error=exc.reason)
+                    continue
+                except OSError as exc:
+                    yield QueueEntry(queue, queue_id, error=exc.strerror or str(exc))
+                    continue
+                with queue_file:
+                    envelope = queue_file.envelope
+                reasons: dict[int, str] = {}
+                for record in self.read_log(logs.DEFER_LOG, queue_id):
+                    if record.index is not None:
+                        reasons[record.index] = record.reason
+                yield QueueEntry(
+                    queue_name=queue,
+                    queue_id=queue_id,
+                    arrival_time=envelope.arrival_time,
+                    message_size=envelope.content_size,
+                    sender=envelope.sender,
+                    recipients=[
+                        (recipient.address, reasons.get(recipient.index))
+                        for recipient in envelope.pending()
+                    ],
+                )
+
+
+class EnqueueBatch:
+    """Messages written under tmp/ and committed together; see
+    ``Spool.batch``."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._written: list[tuple[str, str]] = []  # (queue id, queue)
+        self._done = False
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: Sequence[str | Recipient],
+        content: bytes | BinaryIO,
+        *,
+        envid: str | None = None,
+        ret: Ret | None = None,
+        body_type: BodyType | None = None,
+        smtputf8: bool = False,
+        queue: str = INCOMING,
+    ) -> str:
+        """Write one message; it is queued when the batch commits."""
+        if self._done:
+            raise ValueError("this batch is already committed")
+        if queue not in QUEUES:
+            raise ValueError(f"no such queue: {queue!r}")
+        queue_id = self._spool._write_tmp(
+            sender,
+            recipients,
+            content,
+            envid=envid,
+            ret=ret,
+            body_type=body_type,
+            smtputf8=smtputf8,
+        )
+        self._written.append((queue_id, queue))
+        return queue_id
+
+    def commit(self) -> None:
+        """Rename every file into its queue, then fsync each queue once."""
+        self._done = True
+        spool = self._spool
+        moved: list[tuple[str, str]] = []
+        try:
+            for queue_id, queue in self._written:
+                os.rename(spool.path(TMP, queue_id), spool.path(queue, queue_id))
+                moved.append((queue_id, queue))
+            for queue in sorted({queue for _, queue in self._written}):
+                _fsync_directory(os.path.join(spool.directory, queue))
+        except BaseException:
+            # Not durable, so not accepted: take back what became visible.
+            for queue_id, queue in moved:
+                _unlink_quietly(spool.path(queue, queue_id))
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Remove the batch's files from tmp/."""
+        self._done = True
+        for queue_id, _ in self._written:
+            _unlink_quietly(self._spool.path(TMP, queue_id))
+        self._written = []
+
+
+def _normalize_recipients(recipients: Sequence[str | Recipient]) -> list[Recipient]:
+    if isinstance(recipients, (str, bytes)):
+        raise ValueError("recipients must be a sequence of addresses, not one string")
+    result = []
+    for index, recipient in enumerate(recipients):
+        if isinstance(recipient, str):
+            result.append(Recipient(address=recipient, index=index))
+        elif isinstance(recipient, Recipient):
+            result.append(replace(recipient, index=index, state=RecipientState.PENDING))
+        else:
+            raise ValueError(f"not a recipient: {recipient!r}")
+    if not result:
+        raise ValueError("a message needs at least one recipient")
+    return result
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
