@@ -1,0 +1,673 @@
+"""
+Postfix-format log lines over twisted.logger.
+
+Every delivery event is a ``twisted.logger`` event carrying structured
+fields (``queue_id``, ``to``, ``orig_to``, ``relay``, ``conn_use``,
+``delay``, ``delays``, ``dsn``, ``status``, ``reason``, ...) and a field
+``ralog_event`` naming its kind.  The small ``log_*`` functions below are
+what the delivery layer, the queue manager and the TLS layer call; they only
+build the event dict.  Text is made by observers, so an event nobody
+observes costs a dict and nothing more (no string formatting at all):
+
+- ``PostfixFormatObserver`` writes syslog-style lines exactly as Postfix's
+  log_adhoc.c and friends do, e.g. ::
+
+    Nov 24 20:33:01 mx relayagent/smtp[4242]: 4B3F2A1C0D: to=<b@example.net>,
+    relay=mx.example.net[192.0.2.1]:25, delay=0.52, delays=0.03/0.01/0.3/0.18,
+    dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 12345)
+
+  (one line), so tools written for Postfix logs read them.  pflogsumm
+  counts lines whose program is ``postfix/...`` or ``<syslog_name>/...``
+  when run with ``--syslog-name=<syslog_name>``: with our default
+  ``syslog_name = relayagent`` run ``pflogsumm --syslog-name=relayagent``,
+  or set ``syslog_name = postfix``.
+- ``JsonObserver`` writes one JSON object per line with the same fields
+  and the Postfix text (``log_format = json``).  Twisted's own
+  ``jsonFileLogObserver`` (twistd ``--logger``) also works: the events hold
+  only JSON-friendly values besides Twisted's own keys.
+
+Events also carry a ``log_format`` string for Twisted's generic observers
+(twistd's default text log); those render raw numbers, not Postfix's
+rounding.
+
+``DebugPeers`` implements ``debug_peer_list`` / ``debug_peer_level``:
+sessions with a listed peer log verbosely.  Code that talks to a peer asks
+``level_for(nexthop, host, address)`` and, when it is above zero, emits its
+debug events with ``debug_peer=True``; ``make_observers`` lets those
+through while other debug events are dropped.
+
+Owns these main.cf parameters: debug_peer_list, debug_peer_level,
+delay_logging_resolution_limit, syslog_name (ours: Postfix has it too, with
+default "postfix"; ours is "relayagent"), log_format (ours: postfix or
+json), maillog_file is read by the twistd plugin.  Reads myhostname.
+
+Inside the package import this module as
+``from relayagent import logging as ralog``; it never imports the
+standard library's ``logging``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    PredicateResult,
+    formatEvent,
+)
+from zope.interface import implementer
+
+from relayagent.envelope import Recipient
+from relayagent.status import Status
+
+# The kinds of event this module makes (the ``ralog_event`` field).
+DELIVERY = "delivery"
+QUEUE_ACTIVE = "queue_active"
+REMOVED = "removed"
+NOTICE = "notice"
+EXPIRED = "expired"
+TLS = "tls"
+CONNECT_FAILURE = "connect_failure"
+WARNING = "warning"
+
+# Which Postfix daemon would have logged each kind (the part after "/" in
+# the program name).
+_SERVICE = {
+    DELIVERY: "smtp",
+    QUEUE_ACTIVE: "qmgr",
+    REMOVED: "qmgr",
+    EXPIRED: "qmgr",
+    NOTICE: "bounce",
+    TLS: "smtp",
+    CONNECT_FAILURE: "smtp",
+    WARNING: "smtp",
+}
+
+# Postfix's severity prefixes (msg.c).
+_LEVEL_PREFIX = {
+    LogLevel.debug: "",
+    LogLevel.info: "",
+    LogLevel.warn: "warning: ",
+    LogLevel.error: "error: ",
+    LogLevel.critical: "fatal: ",
+}
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MILLION = 1_000_000
+
+
+def _clean(text: object) -> str:
+    """One log line never holds a control character: a CR or LF from a
+    server reply or an address must not forge a line of its own."""
+    return _CONTROL_RE.sub("?", str(text))
+
+
+# ---------------------------------------------------------------------------
+# Delay formatting (format_tv.c)
+
+
+def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> str:
+    """A delay as Postfix prints it: large values rounded to whole seconds,
+    small ones with ``significant`` significant digits but never more than
+    ``resolution`` (delay_logging_resolution_limit, 0..6) digits after the
+    point, no trailing zeros.  0.5234 -> "0.52", 0.0312 -> "0.03",
+    12.3 -> "12", 0.0001 -> "0"."""
+    resolution = min(max(int(resolution), 0), 6)
+    significant = min(max(int(significant), 1), 6)
+    if not seconds or seconds < 0:
+        seconds = 0.0
+    total = int(round(seconds * _MILLION))
+    sec, usec = divmod(total, _MILLION)
+    unit = _MILLION // 10 ** resolution  # the finest digit we may show, in us
+    width = 10 ** significant
+    if unit < _MILLION:
+        if sec > 0:
+            n = 1
+            while sec >= n and n <= width // 10:
+                n *= 10
+            unit = (_MILLION // width) * n
+        else:
+            while usec >= width * unit:
+                unit *= 10
+    if unit > 1:
+        usec += unit // 2
+        if usec >= _MILLION:
+            sec += 1
+            usec -= _MILLION
+    text = str(sec)
+    if usec >= unit:
+        digits = []
+        remainder, place = usec, _MILLION // 10
+        while remainder >= unit and place > 0:
+            digits.append(str(remainder // place))
+            remainder %= place
+            place //= 10
+        text += "." + "".join(digits)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Emitting events (what the other phases call)
+
+
+def _orig_to(recipient: Recipient) -> str | None:
+    """``orig_to=`` when the original recipient (ORCPT) differs from the
+    address, compared without case as log_adhoc.c does."""
+    if not recipient.orcpt:
+        return None
+    addr_type, sep, address = recipient.orcpt.partition(";")
+    if not sep or addr_type.strip().lower() != "rfc822":
+        return None
+    address = address.strip()
+    if not address or address.lower() == recipient.address.lower():
+        return None
+    return address
+
+
+def log_delivery(
+    log: Logger,
+    *,
+    queue_id: str,
+    recipient: Recipient | str,
+    relay: str | None,
+    conn_use: int | None,
+    delay: float,
+    delays: tuple[float, float, float, float],
+    status: Status,
+    outcome: str,
+) -> None:
+    """One recipient's outcome: ``QUEUEID: to=<...>, relay=..., delay=...,
+    delays=a/b/c/d, dsn=X.Y.Z, status=sent|deferred|bounced|expired (...)``.
+
+    ``relay``: ``host[addr]:port``, or None before any session ("none").
+    ``conn_use``: how many times the connection has been used, this time
+    included; logged only when above 1 (a reused connection).
+    ``delays``: before the queue manager, in it, connection set-up,
+    transmission, in seconds.
+    """
+    if isinstance(recipient, Recipient):
+        address, orig_to = recipient.address, _orig_to(recipient)
+    else:
+        address, orig_to = recipient, None
+    fmt = "{queue_id}: to=<{to}>"
+    if orig_to:
+        fmt += ", orig_to=<{orig_to}>"
+    fmt += ", relay={relay}"
+    if conn_use and conn_use > 1:
+        fmt += ", conn_use={conn_use}"
+    fmt += ", delay={delay}, delays={delays}, dsn={dsn}, status={status} ({reason})"
+    log.emit(
+        LogLevel.info,
+        fmt,
+        ralog_event=DELIVERY,
+        queue_id=queue_id,
+        to=address,
+        orig_to=orig_to,
+        relay=relay or "none",
+        conn_use=conn_use if conn_use and conn_use > 1 else None,
+        delay=delay,
+        delays=list(delays),
+        dsn=status.dsn,
+        status=outcome,
+        reason=status.text,
+    )
+
+
+def log_queue_active(log: Logger, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
+    """``QUEUEID: from=<sender>, size=N, nrcpt=N (queue active)``."""
+    log.emit(
+        LogLevel.info,
+        "{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
+        ralog_event=QUEUE_ACTIVE, queue_id=queue_id, sender=sender, size=size, nrcpt=nrcpt,
+    )
+
+
+def log_removed(log: Logger, queue_id: str) -> None:
+    """``QUEUEID: removed``."""
+    log.emit(LogLevel.info, "{queue_id}: removed", ralog_event=REMOVED, queue_id=queue_id)
+
+
+def log_expired(log: Logger, queue_id: str, sender: str) -> None:
+    """``QUEUEID: from=<sender>, status=expired, returned to sender``
+    (qmgr, when a message passes its queue lifetime)."""
+    log.emit(
+        LogLevel.info,
+        "{queue_id}: from=<{sender}>, status=expired, returned to sender",
+        ralog_event=EXPIRED, queue_id=queue_id, sender=sender,
+    )
+
+
+def log_notice(log: Logger, queue_id: str, new_queue_id: str, label: str) -> None:
+    """``QUEUEID: <label>: NEWID``, label as in ``dsn.Notice.label``
+    ("sender non-delivery notification", "postmaster delay notification"...)."""
+    log.emit(
+        LogLevel.info,
+        "{queue_id}: {notice}: {new_queue_id}",
+        ralog_event=NOTICE, queue_id=queue_id, new_queue_id=new_queue_id, notice=label,
+    )
+
+
+def log_bounce_notice(log: Logger, queue_id: str, new_queue_id: str) -> None:
+    """``QUEUEID: sender non-delivery notification: NEWID``."""
+    log_notice(log, queue_id, new_queue_id, "sender non-delivery notification")
+
+
+def log_delay_notice(log: Logger, queue_id: str, new_queue_id: str) -> None:
+    """``QUEUEID: sender delay notification: NEWID``."""
+    log_notice(log, queue_id, new_queue_id, "sender delay notification")
+
+
+def log_warning(log: Logger, text: str, *, queue_id: str | None = None) -> None:
+    """``warning: [QUEUEID: ]text``."""
+    log.emit(
+        LogLevel.warn,
+        "{queue_id}: {text}" if queue_id else "{text}",
+        ralog_event=WARNING, queue_id=queue_id, text=text,
+    )
+
+
+def log_connect_failure(
+    log: Logger, *, host: str, address: str, port: int, reason: str, queue_id: str | None = None
+) -> None:
+    """``connect to host[addr]:port: reason`` (info, as smtp_connect.c)."""
+    log.emit(
+        LogLevel.info,
+        "{queue_id}: connect to {host}[{address}]:{port}: {reason}" if queue_id
+        else "connect to {host}[{address}]:{port}: {reason}",
+        ralog_event=CONNECT_FAILURE, queue_id=queue_id, host=host, address=address,
+        port=port, reason=reason,
+    )
+
+
+def log_tls(
+    log: Logger,
+    *,
+    trust: str,
+    host: str,
+    address: str,
+    port: int,
+    protocol: str,
+    cipher: str,
+    cipher_bits: int,
+    algorithm_bits: int,
+    key_exchange: str | None = None,
+    signature: str | None = None,
+    signature_bits: int | None = None,
+    digest: str | None = None,
+) -> None:
+    """``Untrusted TLS connection established to host[addr]:port: TLSv1.3
+    with cipher TLS_AES_256_GCM_SHA384 (256/256 bits) [key-exchange X25519
+    server-signature RSA-PSS (2048 bits) server-digest SHA256]``.
+
+    ``trust``: Anonymous, Untrusted, Trusted or Verified (tls_client.c).
+    """
+    log.emit(
+        LogLevel.info,
+        "{trust} TLS connection established to {host}[{address}]:{port}: "
+        "{protocol} with cipher {cipher} ({cipher_bits}/{algorithm_bits} bits)",
+        ralog_event=TLS, trust=trust, host=host, address=address, port=port,
+        protocol=protocol, cipher=cipher, cipher_bits=cipher_bits,
+        algorithm_bits=algorithm_bits, key_exchange=key_exchange, signature=signature,
+        signature_bits=signature_bits, digest=digest,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+
+def render(event: Mapping[str, Any], *, resolution: int = 2) -> str:
+    """The Postfix text of an event (without the syslog prefix).
+
+    Our own events are rendered field by field, exactly as Postfix writes
+    them; anything else with Twisted's ``formatEvent``.  Severity prefixes
+    ("warning: ", "error: ", "fatal: ") as Postfix's msg.c.
+    """
+    kind = event.get("ralog_event")
+    level = event.get("log_level", LogLevel.info)
+    prefix = _LEVEL_PREFIX.get(level, "")
+    qid = event.get("queue_id")
+    if kind == DELIVERY:
+        parts = [f"{qid}: to=<{event['to']}>"]
+        if event.get("orig_to"):
+            parts.append(f"orig_to=<{event['orig_to']}>")
+        parts.append(f"relay={event['relay']}")
+        if event.get("conn_use"):
+            parts.append(f"conn_use={event['conn_use']}")
+        parts.append(f"delay={format_delay(event['delay'], resolution)}")
+        parts.append("delays=" + "/".join(format_delay(d, resolution) for d in event["delays"]))
+        parts.append(f"dsn={event['dsn']}")
+        parts.append(f"status={event['status']} ({event['reason']})")
+        text = ", ".join(parts)
+    elif kind == QUEUE_ACTIVE:
+        text = f"{qid}: from=<{event['sender']}>, size={event['size']}, nrcpt={event['nrcpt']} (queue active)"
+    elif kind == REMOVED:
+        text = f"{qid}: removed"
+    elif kind == EXPIRED:
+        text = f"{qid}: from=<{event['sender']}>, status=expired, returned to sender"
+    elif kind == NOTICE:
+        text = f"{qid}: {event['notice']}: {event['new_queue_id']}"
+    elif kind == WARNING:
+        text = f"{qid}: {event['text']}" if qid else str(event["text"])
+    elif kind == CONNECT_FAILURE:
+        text = f"connect to {event['host']}[{event['address']}]:{event['port']}: {event['reason']}"
+        if qid:
+            text = f"{qid}: {text}"
+    elif kind == TLS:
+        text = (
+            f"{event['trust']} TLS connection established to {event['host']}[{event['address']}]"
+            f":{event['port']}: {event['protocol']} with cipher {event['cipher']} "
+            f"({event['cipher_bits']}/{event['algorithm_bits']} bits)"
+        )
+        if event.get("key_exchange"):
+            text += f" key-exchange {event['key_exchange']}"
+        if event.get("signature"):
+            text += f" server-signature {event['signature']}"
+            if event.get("signature_bits"):
+                text += f" ({event['signature_bits']} bits)"
+        if event.get("digest"):
+            text += f" server-digest {event['digest']}"
+    else:
+        text = formatEvent(dict(event))
+        failure = event.get("log_failure")
+        if failure is not None:
+            try:
+                text += " " + failure.getErrorMessage()
+            except Exception:  # noqa: BLE001 - a broken failure must not stop logging
+                pass
+    return prefix + text
+
+
+def syslog_time(when: float) -> str:
+    """``Nov  4 20:33:01``: the traditional syslog stamp, local time."""
+    t = time.localtime(when)
+    return f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+
+
+def _service_program(program: str, event: Mapping[str, Any]) -> str:
+    """``relayagent/qmgr`` for queue manager events when ``program`` is
+    ``relayagent/smtp``: pflogsumm and friends look at the daemon name."""
+    service = event.get("ralog_service") or _SERVICE.get(event.get("ralog_event", ""))
+    if not service:
+        return program
+    base = program.split("/", 1)[0]
+    return f"{base}/{service}"
+
+
+def _now(clock: Any) -> float:
+    seconds = getattr(clock, "seconds", None)
+    return float(seconds()) if callable(seconds) else float(clock())
+
+
+@implementer(ILogObserver)
+class PostfixFormatObserver:
+    """Writes events as syslog-style Postfix lines to ``out``:
+    ``<stamp> <hostname> <program>[<pid>]: <text>``.
+
+    ``program``: ``<syslog_name>/smtp``; queue manager and bounce events
+    are written under ``<syslog_name>/qmgr`` and ``<syslog_name>/bounce``
+    as Postfix would.  The stamp is the event's ``log_time`` (or ``clock``
+    when it has none).
+    """
+
+    def __init__(
+        self,
+        out: TextIO,
+        *,
+        hostname: str,
+        program: str = "relayagent/smtp",
+        clock: Any = time.time,
+        resolution: int = 2,
+        pid: int | None = None,
+    ) -> None:
+        self._out = out
+        self._hostname = _clean(hostname) or "localhost"
+        self._program = _clean(program)
+        self._clock = clock
+        self._resolution = resolution
+        self._pid = os.getpid() if pid is None else pid
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        when = event.get("log_time") or _now(self._clock)
+        head = f"{syslog_time(when)} {self._hostname} {_service_program(self._program, event)}[{self._pid}]: "
+        text = render(event, resolution=self._resolution)
+        # A multi-line text (a traceback) becomes several lines, each with
+        # the prefix; control characters inside a line become "?".
+        lines = [_clean(line) for line in text.splitlines()] or [""]
+        self._out.write("".join(head + line + "\n" for line in lines))
+        self._out.flush()
+
+
+# Fields copied into JSON objects when present (all plain values).
+_JSON_FIELDS = (
+    "queue_id", "to", "orig_to", "relay", "conn_use", "delay", "delays", "dsn", "status",
+    "reason", "sender", "size", "nrcpt", "new_queue_id", "notice", "text", "host", "address",
+    "port", "trust", "protocol", "cipher", "cipher_bits", "algorithm_bits", "key_exchange",
+    "signature", "signature_bits", "digest",
+)
+
+
+@implementer(ILogObserver)
+class JsonObserver:
+    """One JSON object per line: ``time`` (ISO 8601, UTC), ``level``,
+    ``host``, ``program``, ``pid``, ``event`` (the kind, or "message"),
+    ``message`` (the Postfix text) and the structured fields."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        *,
+        hostname: str,
+        program: str = "relayagent/smtp",
+        clock: Any = time.time,
+        resolution: int = 2,
+        pid: int | None = None,
+    ) -> None:
+        self._out = out
+        self._hostname = hostname
+        self._program = program
+        self._clock = clock
+        self._resolution = resolution
+        self._pid = os.getpid() if pid is None else pid
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        when = event.get("log_time") or _now(self._clock)
+        level = event.get("log_level", LogLevel.info)
+        record: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1e6):06d}Z",
+            "level": getattr(level, "name", str(level)),
+            "host": self._hostname,
+            "program": _service_program(self._program, event),
+            "pid": self._pid,
+            "event": event.get("ralog_event") or "message",
+            "namespace": event.get("log_namespace"),
+            "message": render(event, resolution=self._resolution),
+        }
+        if event.get("ralog_event"):
+            for name in _JSON_FIELDS:
+                value = event.get(name)
+                if value is not None:
+                    record[name] = value
+        self._out.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        self._out.flush()
+
+
+# ---------------------------------------------------------------------------
+# debug_peer_list
+
+
+class DebugPeers:
+    """``debug_peer_list`` as a Postfix match list, and ``debug_peer_level``.
+
+    Patterns, tried in order, the first match deciding (``!pattern``
+    negates): a domain name, which also matches its subdomains (Postfix's
+    default ``parent_domain_matches_subdomains`` includes debug_peer_list);
+    ``.domain`` for subdomains only; an address or ``[address]``; a network
+    ``a.b.c.d/n`` or ``[v6::]/n``; ``/path/file`` holding more patterns;
+    ``type:table`` looked up by host name, its parent domains and address.
+    """
+
+    def __init__(self, config: Any, *, open_table: Callable[[str], Any] | None = None) -> None:
+        self.level = int(config["debug_peer_level"])
+        self._opener = open_table or self._default_opener(config)
+        self._patterns: list[tuple[bool, Any]] = []
+        for item in config["debug_peer_list"]:
+            self._add(item, depth=0)
+
+    @staticmethod
+    def _default_opener(config: Any) -> Callable[[str], Any]:
+        def opener(spec: str) -> Any:
+            from relayagent.maps import open_maps  # only when a table is named
+
+            return open_maps([spec], base_dir=getattr(config, "base_dir", None))
+
+        return opener
+
+    def _add(self, item: str, depth: int) -> None:
+        negate = item.startswith("!")
+        pattern = item[1:] if negate else item
+        if not pattern:
+            return
+        if pattern.startswith("/") and depth < 5:
+            try:
+                with open(pattern, encoding="utf-8") as handle:
+                    for line in handle:
+                        line = line.split("#", 1)[0]
+                        for word in re.split(r"[\s,]+", line.strip()):
+                            if word:
+                                self._add(("!" if negate else "") + word, depth + 1)
+            except OSError as exc:
+                raise ValueError(f"debug_peer_list: cannot read {pattern}: {exc.strerror}") from None
+            return
+        network = _parse_network(pattern)
+        if network is not None:
+            self._patterns.append((negate, network))
+        elif ":" in pattern and not pattern.startswith("["):
+            self._patterns.append((negate, ("table", self._opener(pattern))))
+        else:
+            self._patterns.append((negate, pattern.lower().rstrip(".")))
+
+    def matches(self, nexthop: str | None, host: str | None, address: str | None) -> bool:
+        names = [n for n in (_bare_name(nexthop), _bare_name(host)) if n]
+        ip = None
+        if address:
+            try:
+                ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+            except ValueError:
+                ip = None
+        for negate, pattern in self._patterns:
+            if self._match_one(pattern, names, ip, address):
+                return not negate
+        return False
+
+    def level_for(self, nexthop: str | None, host: str | None, address: str | None) -> int:
+        """``debug_peer_level`` when the peer is listed, else 0."""
+        return self.level if self._patterns and self.matches(nexthop, host, address) else 0
+
+    @staticmethod
+    def _match_one(pattern: Any, names: list[str], ip: Any, address: str | None) -> bool:
+        if isinstance(pattern, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            return ip is not None and ip.version == pattern.version and ip in pattern
+        if isinstance(pattern, tuple):
+            table = pattern[1]
+            keys = [parent for name in names for parent in _parents(name)]
+            if address:
+                keys.append(address)
+            return any(table.lookup(key) is not None for key in keys)
+        if pattern.startswith("."):
+            return any(name.endswith(pattern) for name in names)
+        return any(name == pattern or name.endswith("." + pattern) for name in names)
+
+
+def _parse_network(pattern: str) -> Any:
+    """An address or network pattern, or None when it is a name."""
+    text = pattern
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            return None
+        text = text[1:close] + text[close + 1:]
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+def _bare_name(name: str | None) -> str:
+    """``[mx.example.com]:587`` -> ``mx.example.com``; lower case."""
+    if not name:
+        return ""
+    name = name.strip()
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return name.lower().rstrip(".")
+
+
+def _parents(name: str) -> Iterable[str]:
+    labels = name.split(".")
+    for index in range(len(labels)):
+        yield ".".join(labels[index:])
+
+
+# ---------------------------------------------------------------------------
+# Observers for twistd
+
+
+class _DebugPeerPredicate:
+    """Drop debug events unless they are about a debug peer (or verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        self._verbose = verbose
+
+    def __call__(self, event: Mapping[str, Any]) -> PredicateResult:
+        if event.get("log_level") is LogLevel.debug and not (self._verbose or event.get("debug_peer")):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+def make_observers(config: Any, out: TextIO, *, verbose: bool = False, clock: Any = time.time) -> list[ILogObserver]:
+    """The observers the twistd plugin installs: Postfix lines or JSON
+    (``log_format``) to ``out``, program ``<syslog_name>/smtp``, debug
+    events only for debug peers unless ``verbose``."""
+    program = f"{config['syslog_name']}/smtp"
+    kwargs = dict(hostname=config["myhostname"], program=program, clock=clock,
+                  resolution=int(config["delay_logging_resolution_limit"]))
+    observer: ILogObserver
+    if config["log_format"] == "json":
+        observer = JsonObserver(out, **kwargs)
+    else:
+        observer = PostfixFormatObserver(out, **kwargs)
+    return [FilteringLogObserver(observer, [_DebugPeerPredicate(verbose)])]
+
+
+__all__ = [
+    "DebugPeers",
+    "JsonObserver",
+    "PostfixFormatObserver",
+    "format_delay",
+    "log_bounce_notice",
+    "log_connect_failure",
+    "log_delay_notice",
+    "log_delivery",
+    "log_expired",
+    "log_notice",
+    "log_queue_active",
+    "log_removed",
+    "log_tls",
+    "log_warning",
+    "make_observers",
+    "render",
+    "syslog_time",
+]
