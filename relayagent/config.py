@@ -220,7 +220,7 @@ _TABLE: tuple[Parameter, ...] = (
     # --- logging (relayagent/logging.py)
     _p("debug_peer_list", "", L, "Hosts or networks whose sessions are logged verbosely."),
     _p("debug_peer_level", "2", N, "Verbosity increment for debug_peer_list matches.", minimum=0),
-    _p("delay_logging_resolution_limit", "2", N, "Significant digits of delay= and delays= in log lines.", minimum=0),
+    _p("delay_logging_resolution_limit", "2", N, "The most digits after the decimal point of delay= and delays= in log lines (0-6).", minimum=0),
     _p("syslog_name", "relayagent", S, "The program name prefix in log lines (Postfix's is postfix).", ours=True),
     _p("log_format", "postfix", S, "The log format: postfix (syslog-style lines) or json (one object per line).", choices=("postfix", "json"), ours=True),
     _p("maillog_file", "", S, "Log to this file instead of standard output (twistd's --logfile also works).", path=True),
