@@ -1,0 +1,489 @@
+"""
+Tests for the queue file (relayagent.spool.queuefile): round trips, every
+corrupt form, in-place updates, the defer and bounce logs, streaming.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tracemalloc
+import zlib
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent.envelope import BodyType, Notify, Recipient, RecipientState, Ret
+from relayagent.spool import CorruptQueueFile
+from relayagent.spool import queuefile as qf
+from relayagent.status import Status
+from tests.helpers_spool import StepClock, make_spool, queue_path, read_file, write_file
+
+HYPOTHESIS = settings(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    max_examples=150,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+MESSAGE = b"From: a@example.org\nTo: b@example.net\nSubject: test\n\nbody\n"
+
+# Text that survives UTF-8 (no lone surrogates).
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_notify = st.sampled_from(
+    [
+        Notify.DEFAULT,
+        Notify.NEVER,
+        Notify.SUCCESS,
+        Notify.FAILURE | Notify.DELAY,
+        Notify.SUCCESS | Notify.FAILURE | Notify.DELAY,
+    ]
+)
+_recipient = st.builds(
+    Recipient,
+    address=_text,
+    orcpt=st.none() | _text.map(lambda text: "rfc822;" + text),
+    notify=_notify,
+)
+
+
+class GarbageStream(io.RawIOBase):
+    """``size`` octets of a repeating pattern, made as they are read."""
+
+    def __init__(self, size: int, pattern: bytes = b"0123456789abcdef\n") -> None:
+        super().__init__()
+        self.remaining = size
+        self.pattern = pattern * (65536 // len(pattern) + 1)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, count: int = -1) -> bytes:
+        if count < 0:
+            count = self.remaining
+        count = min(count, self.remaining, 65536)
+        self.remaining -= count
+        return self.pattern[:count]
+
+
+class RoundTripTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.spool = make_spool(self, clock=StepClock())
+
+    def test_every_field(self) -> None:
+        recipients = [
+            Recipient("b@example.net", orcpt="rfc822;B@example.net", notify=Notify.SUCCESS | Notify.DELAY),
+            Recipient("c@example.net", notify=Notify.NEVER),
+            "d@example.net",
+        ]
+        queue_id = self.spool.enqueue(
+            "a@example.org",
+            recipients,
+            MESSAGE,
+            envid="ENV-1",
+            ret=Ret.HDRS,
+            body_type=BodyType.EIGHT_BIT_MIME,
+            smtputf8=True,
+        )
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            envelope = queue_file.envelope
+            self.assertEqual(envelope.queue_id, queue_id)
+            self.assertEqual(envelope.sender, "a@example.org")
+            self.assertEqual(envelope.envid, "ENV-1")
+            self.assertEqual(envelope.ret, Ret.HDRS)
+            self.assertEqual(envelope.body_type, BodyType.EIGHT_BIT_MIME)
+            self.assertTrue(envelope.smtputf8)
+            self.assertEqual(envelope.arrival_time, 1_700_000_000.0)
+            self.assertEqual(envelope.content_size, len(MESSAGE))
+            self.assertEqual(
+                envelope.recipients,
+                (
+                    Recipient("b@example.net", 0, "rfc822;B@example.net", Notify.SUCCESS | Notify.DELAY),
+                    Recipient("c@example.net", 1, None, Notify.NEVER),
+                    Recipient("d@example.net", 2, None, Notify.DEFAULT),
+                ),
+            )
+            self.assertEqual(queue_file.attempts, 0)
+            self.assertEqual(queue_file.next_attempt, 0.0)
+            with envelope.open_content() as stream:
+                self.assertEqual(stream.read(), MESSAGE)
+
+    def test_defaults_and_null_sender(self) -> None:
+        queue_id = self.spool.enqueue("", ["x@example.net"], b"")
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            envelope = queue_file.envelope
+            self.assertEqual(envelope.sender, "")
+            self.assertIsNone(envelope.envid)
+            self.assertIsNone(envelope.ret)
+            self.assertFalse(envelope.smtputf8)
+            self.assertEqual(envelope.body_type, BodyType.SEVEN_BIT)
+            self.assertEqual(envelope.content_size, 0)
+            with envelope.open_content() as stream:
+                self.assertEqual(stream.read(), b"")
+
+    def test_body_type_detected_from_bytes(self) -> None:
+        eight = self.spool.enqueue("a@x", ["b@y"], b"Subject: caf\xc3\xa9\n\n")
+        seven = self.spool.enqueue("a@x", ["b@y"], b"Subject: cafe\n\n")
+        with self.spool.open(eight, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.body_type, BodyType.EIGHT_BIT_MIME)
+        with self.spool.open(seven, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.body_type, BodyType.SEVEN_BIT)
+
+    def test_body_type_detected_from_stream(self) -> None:
+        content = b"a" * 200_000 + b"\x80" + b"b" * 10
+        queue_id = self.spool.enqueue("a@x", ["b@y"], io.BytesIO(content))
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.body_type, BodyType.EIGHT_BIT_MIME)
+            self.assertEqual(queue_file.envelope.content_size, len(content))
+            with queue_file.envelope.open_content() as stream:
+                self.assertEqual(stream.read(), content)
+
+    def test_declared_body_type_kept(self) -> None:
+        queue_id = self.spool.enqueue("a@x", ["b@y"], b"plain\n", body_type=BodyType.EIGHT_BIT_MIME)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.body_type, BodyType.EIGHT_BIT_MIME)
+
+    def test_bad_arguments_queue_nothing(self) -> None:
+        for recipients, sender in (([], "a@x"), ("b@y", "a@x"), (["b@y"], b"a@x"), (["\ud800"], "a@x")):
+            self.assertRaises(ValueError, self.spool.enqueue, sender, recipients, b"x")
+        self.assertRaises(ValueError, self.spool.enqueue, "a" * 70000, ["b@y"], b"x")
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    @HYPOTHESIS
+    @given(
+        sender=_text,
+        recipients=st.lists(_recipient, min_size=1, max_size=6),
+        content=st.binary(max_size=3000),
+        envid=st.none() | _text,
+        ret=st.sampled_from([None, Ret.FULL, Ret.HDRS]),
+        smtputf8=st.booleans(),
+        as_stream=st.booleans(),
+    )
+    def test_property_round_trip(
+        self, sender, recipients, content, envid, ret, smtputf8, as_stream
+    ) -> None:
+        queue_id = self.spool.enqueue(
+            sender,
+            recipients,
+            io.BytesIO(content) if as_stream else content,
+            envid=envid,
+            ret=ret,
+            smtputf8=smtputf8,
+        )
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            envelope = queue_file.envelope
+            self.assertEqual(envelope.sender, sender)
+            self.assertEqual(envelope.envid, envid)
+            self.assertEqual(envelope.ret, ret)
+            self.assertEqual(envelope.smtputf8, smtputf8)
+            self.assertEqual(
+                [(r.address, r.orcpt, r.notify, r.index) for r in envelope.recipients],
+                [(r.address, r.orcpt, r.notify, i) for i, r in enumerate(recipients)],
+            )
+            expected_type = BodyType.SEVEN_BIT if content.isascii() else BodyType.EIGHT_BIT_MIME
+            self.assertEqual(envelope.body_type, expected_type)
+            with envelope.open_content() as stream:
+                self.assertEqual(stream.read(), content)
+        self.spool.remove(queue_id, "incoming")
+
+
+class CorruptionTests(SynchronousTestCase):
+    """Every damaged file raises CorruptQueueFile, and nothing else."""
+
+    def setUp(self) -> None:
+        self.spool = make_spool(self, clock=StepClock())
+        self.queue_id = self.spool.enqueue(
+            "a@example.org",
+            [Recipient("b@example.net", orcpt="rfc822;b@example.net", notify=Notify.FAILURE), "c@example.net"],
+            MESSAGE,
+            envid="E",
+        )
+        self.path = queue_path(self.spool, "incoming", self.queue_id)
+        self.good = read_file(self.path)
+
+    def open_with(self, data: bytes) -> CorruptQueueFile:
+        write_file(self.path, data)
+        return self.assertRaises(CorruptQueueFile, self.spool.open, self.queue_id, "incoming")
+
+    def test_good_file_opens(self) -> None:
+        self.spool.open(self.queue_id, "incoming").close()
+
+    def test_truncated_at_every_offset(self) -> None:
+        for length in range(len(self.good)):
+            error = self.open_with(self.good[:length])
+            self.assertEqual(error.queue_id, self.queue_id)
+
+    def test_every_octet_inverted(self) -> None:
+        for offset in range(len(self.good)):
+            damaged = bytearray(self.good)
+            damaged[offset] ^= 0xFF
+            self.open_with(bytes(damaged))
+
+    def test_every_bit_flipped(self) -> None:
+        for offset in range(len(self.good)):
+            for bit in range(8):
+                damaged = bytearray(self.good)
+                damaged[offset] ^= 1 << bit
+                self.open_with(bytes(damaged))
+
+    def test_junk_appended(self) -> None:
+        error = self.open_with(self.good + b"x")
+        self.assertIn("after the content", error.reason)
+
+    def test_wrong_magic(self) -> None:
+        error = self.open_with(b"From MAILER-DAEMON\n" + self.good[19:])
+        self.assertIn("bad magic", error.reason)
+        self.assertIn("bad magic", self.open_with(b"garbage").reason)
+
+    def test_unknown_version(self) -> None:
+        error = self.open_with(self.good[:12] + b" 02\n" + self.good[16:])
+        self.assertIn("unsupported queue file version '02'", error.reason)
+
+    def test_empty_file(self) -> None:
+        self.assertIn("truncated", self.open_with(b"").reason)
+
+    def test_str_names_the_id(self) -> None:
+        error = self.open_with(b"")
+        self.assertTrue(str(error).startswith(self.queue_id + ": "))
+
+    @HYPOTHESIS
+    @given(data=st.binary(max_size=400))
+    def test_arbitrary_bytes(self, data: bytes) -> None:
+        write_file(self.path, data)
+        try:
+            self.spool.open(self.queue_id, "incoming").close()
+        except CorruptQueueFile:
+            pass
+
+    @HYPOTHESIS
+    @given(edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
+    def test_arbitrary_overwrites(self, edits) -> None:
+        damaged = bytearray(self.good)
+        for offset, value in edits:
+            damaged[offset % len(damaged)] = value
+        write_file(self.path, bytes(damaged))
+        try:
+            self.spool.open(self.queue_id, "incoming").close()
+        except CorruptQueueFile:
+            pass
+
+    @HYPOTHESIS
+    @given(variable=st.binary(max_size=120), count=st.integers(0, 5))
+    def test_garbled_envelope_with_a_good_checksum(self, variable: bytes, count: int) -> None:
+        # Past the checksum, the parser itself must still only raise
+        # CorruptQueueFile: build files whose CRCs match garbage.
+        head = qf.build_head(
+            arrival_time=1.0,
+            variable=variable,
+            recipient_count=count,
+            content_size=3,
+            content_crc=zlib.crc32(b"abc"),
+            body_type=BodyType.SEVEN_BIT,
+            smtputf8=False,
+            ret=None,
+        )
+        write_file(self.path, head + b"abc")
+        try:
+            self.spool.open(self.queue_id, "incoming").close()
+        except CorruptQueueFile:
+            pass
+
+    def test_bad_notify_code_with_a_good_checksum(self) -> None:
+        variable = struct.pack(">H", 0) + struct.pack(">H", 0xFFFF) + b"\x09" + struct.pack(">H", 1) + b"x" + struct.pack(">H", 0xFFFF)
+        head = qf.build_head(
+            arrival_time=1.0, variable=variable, recipient_count=1, content_size=0,
+            content_crc=0, body_type=BodyType.SEVEN_BIT, smtputf8=False, ret=None,
+        )
+        error = self.open_with(head)
+        self.assertIn("bad NOTIFY code 9", error.reason)
+
+    def test_large_file_truncated(self) -> None:
+        content = b"x" * (qf.FIRST_READ * 3)
+        queue_id = self.spool.enqueue("a@x", ["b@y"], content)
+        path = queue_path(self.spool, "incoming", queue_id)
+        good = read_file(path)
+        for cut in (10, qf.FIRST_READ - 1, qf.FIRST_READ, qf.FIRST_READ + 1, len(good) - 1):
+            write_file(path, good[:cut])
+            self.assertRaises(CorruptQueueFile, self.spool.open, queue_id, "incoming")
+
+    def test_large_file_garbled_content_found_by_streaming(self) -> None:
+        content = b"x" * (qf.FIRST_READ * 3)
+        queue_id = self.spool.enqueue("a@x", ["b@y"], content)
+        path = queue_path(self.spool, "incoming", queue_id)
+        damaged = bytearray(read_file(path))
+        damaged[-1000] ^= 0x01
+        write_file(path, bytes(damaged))
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            stream = queue_file.envelope.open_content()
+            self.addCleanup(stream.close)
+            error = self.assertRaises(CorruptQueueFile, stream.read)
+            self.assertEqual(error.reason, "content checksum mismatch")
+            self.assertRaises(CorruptQueueFile, queue_file.verify_content)
+
+    def test_file_shrinks_while_streaming(self) -> None:
+        content = b"x" * (qf.FIRST_READ * 3)
+        queue_id = self.spool.enqueue("a@x", ["b@y"], content)
+        path = queue_path(self.spool, "incoming", queue_id)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            stream = queue_file.envelope.open_content()
+            self.addCleanup(stream.close)
+            stream.read(1000)
+            os.truncate(path, qf.FIRST_READ)
+            error = self.assertRaises(CorruptQueueFile, stream.read)
+            self.assertIn("cut short", error.reason)
+
+
+class UpdateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = StepClock()
+        self.spool = make_spool(self, clock=self.clock)
+        self.queue_id = self.spool.enqueue(
+            "a@example.org",
+            [Recipient("b@example.net", orcpt="rfc822;b@example.net", notify=Notify.FAILURE), "c@example.net"],
+            MESSAGE,
+        )
+        self.path = queue_path(self.spool, "incoming", self.queue_id)
+
+    def test_mark_done_in_place(self) -> None:
+        before = read_file(self.path)
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            queue_file.mark_done(1)
+            self.assertEqual(queue_file.envelope.recipients[1].state, RecipientState.DONE)
+            self.assertEqual([r.index for r in queue_file.envelope.pending()], [0])
+            self.assertEqual(queue_file.pending_count(), 1)
+            # On the file before close: another reader sees it at once.
+            with self.spool.open(self.queue_id, "incoming", writable=False) as other:
+                self.assertTrue(other.is_done(1))
+        after = read_file(self.path)
+        self.assertEqual(len(after), len(before))
+        changed = [i for i in range(len(before)) if before[i] != after[i]]
+        self.assertEqual(changed, [qf.STATUS_OFFSET + 1])
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            self.assertEqual(
+                [r.state for r in queue_file.envelope.recipients],
+                [RecipientState.PENDING, RecipientState.DONE],
+            )
+            self.assertFalse(queue_file.is_done(0))
+
+    def test_mark_done_bad_index(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            self.assertRaises(IndexError, queue_file.mark_done, 2)
+            self.assertRaises(IndexError, queue_file.mark_done, -1)
+
+    def test_read_only_file_refuses_updates(self) -> None:
+        with self.spool.open(self.queue_id, "incoming", writable=False) as queue_file:
+            self.assertRaises(OSError, queue_file.mark_done, 0)
+
+    def test_record_attempt(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            queue_file.record_attempt(1_700_000_300.5)
+            queue_file.record_attempt(1_700_000_900.25)
+            self.assertEqual(queue_file.attempts, 2)
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.attempts, 2)
+            self.assertEqual(queue_file.next_attempt, 1_700_000_900.25)
+            self.assertRaises(ValueError, queue_file.record_attempt, float("nan"))
+            queue_file.reset_attempts()
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            self.assertEqual((queue_file.attempts, queue_file.next_attempt), (0, 0.0))
+
+    def test_defer_log(self) -> None:
+        status = Status(
+            "4.4.1",
+            "connect to mx.example.net[192.0.2.1]:25: Connection refused",
+            remote_mta="mx.example.net",
+        )
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            queue_file.defer(0, status)
+            queue_file.defer(1, Status("4.2.0", "host x said: 451 4.2.0 try\r\nlater", code=451, reply="451 4.2.0 try later"))
+        text = read_file(os.path.join(self.spool.directory, "defer", self.queue_id)).decode()
+        records = text.split("\n\n")
+        self.assertEqual(records[-1], "")
+        self.assertEqual(
+            records[0].splitlines(),
+            [
+                "recipient=b@example.net",
+                "offset=0",
+                "dsn_orig_rcpt=rfc822;b@example.net",
+                "dsn_notify=FAILURE",
+                "status=4.4.1",
+                "mta_type=dns",
+                "mta_name=mx.example.net",
+                "action=delayed",
+                "reason=connect to mx.example.net[192.0.2.1]:25: Connection refused",
+                "time=1700000001",
+            ],
+        )
+        self.assertIn("reason=host x said: 451 4.2.0 try later", records[1].splitlines())
+        read_back = self.spool.read_log("defer", self.queue_id)
+        self.assertEqual([r.index for r in read_back], [0, 1])
+        self.assertEqual(read_back[0].status, "4.4.1")
+        self.assertEqual(read_back[0].action, "delayed")
+        self.assertEqual(read_back[0].orcpt, "rfc822;b@example.net")
+        self.assertEqual(read_back[1].diag_text, "451 4.2.0 try later")
+        self.assertEqual(self.spool.read_log("bounce", self.queue_id), [])
+
+    def test_bounce_log(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            queue_file.bounce(1, Status("5.1.1", "host x said: 550 5.1.1 unknown user", code=550))
+        (record,) = self.spool.read_log("bounce", self.queue_id)
+        self.assertEqual(
+            (record.recipient, record.index, record.status, record.action),
+            ("c@example.net", 1, "5.1.1", "failed"),
+        )
+
+    def test_log_reader_is_lenient(self) -> None:
+        write_file(
+            os.path.join(self.spool.directory, "defer", self.queue_id),
+            b"junk\n\nrecipient=x@y\noffset=zz\nreason=r\xff\n\nstatus=4.0.0\n",
+        )
+        (record,) = self.spool.read_log("defer", self.queue_id)
+        self.assertEqual((record.recipient, record.index, record.reason), ("x@y", None, "r\ufffd"))
+
+
+class StreamingTests(SynchronousTestCase):
+    SIZE = 20 * 1024 * 1024
+
+    def setUp(self) -> None:
+        self.spool = make_spool(self)
+
+    def test_enqueue_and_read_20_megabytes_in_chunks(self) -> None:
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        queue_id = self.spool.enqueue("a@x", ["b@y"], GarbageStream(self.SIZE))
+        total = 0
+        crc = 0
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.content_size, self.SIZE)
+            with queue_file.envelope.open_content() as stream:
+                while True:
+                    chunk = stream.read(65536)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    crc = zlib.crc32(chunk, crc)
+        _, peak = tracemalloc.get_traced_memory()
+        self.assertEqual(total, self.SIZE)
+        expected = GarbageStream(self.SIZE)
+        expected_crc = 0
+        while chunk := expected.read(65536):
+            expected_crc = zlib.crc32(chunk, expected_crc)
+        self.assertEqual(crc, expected_crc)
+        self.assertLess(peak, 2 * 1024 * 1024)
+
+    def test_stream_seek_and_reopen(self) -> None:
+        content = bytes(range(256)) * 1000
+        queue_id = self.spool.enqueue("a@x", ["b@y"], content)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            first = queue_file.envelope.open_content()
+        # The stream has its own descriptor: it outlives the queue file.
+        with first:
+            first.seek(1000)
+            self.assertEqual(first.read(10), content[1000:1010])
+            first.seek(0)
+            self.assertEqual(first.read(), content)
+        self.assertRaises(ValueError, queue_file.open_content)

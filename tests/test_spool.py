@@ -1,0 +1,364 @@
+"""
+Tests for the spool (relayagent.spool.spool and queueid): layout, queue
+ids, moves, recovery, listing, batches, and crash safety of enqueue.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent.envelope import Recipient
+from relayagent.spool import CorruptQueueFile, Message, Spool, is_queue_id, queue_id_time
+from relayagent.spool import spool as spool_module
+from relayagent.spool.queueid import QUEUE_ID_LENGTH, QueueIdGenerator, _encode, queue_id_pid
+from relayagent.status import Status
+from tests.helpers_spool import StepClock, make_spool, queue_path, write_file
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class QueueIdTests(SynchronousTestCase):
+    def test_form(self) -> None:
+        queue_id, arrival = QueueIdGenerator(lambda: 1_700_000_000.25).next()
+        self.assertEqual(len(queue_id), QUEUE_ID_LENGTH)
+        self.assertLessEqual(len(queue_id), 16)
+        self.assertTrue(is_queue_id(queue_id))
+        self.assertEqual(arrival, 1_700_000_000.25)
+        self.assertEqual(queue_id_time(queue_id), 1_700_000_000.25)
+        self.assertEqual(queue_id_pid(queue_id), os.getpid())
+
+    def test_sorted_by_arrival(self) -> None:
+        generator = QueueIdGenerator(StepClock(step=0.000001))
+        ids = [generator.next()[0] for _ in range(1000)]
+        self.assertEqual(ids, sorted(ids))
+        later = QueueIdGenerator(lambda: 4_000_000_000.0).next()[0]
+        self.assertGreater(later, ids[-1])
+
+    def test_unique_when_the_clock_stands_still_or_goes_back(self) -> None:
+        times = iter([100.0] * 500 + [50.0] * 500)
+        generator = QueueIdGenerator(lambda: next(times))
+        ids = [generator.next()[0] for _ in range(1000)]
+        self.assertEqual(len(set(ids)), 1000)
+        self.assertEqual(ids, sorted(ids))
+
+    def test_processes_differ(self) -> None:
+        generator = QueueIdGenerator(lambda: 100.0)
+        mine = generator.next()[0]
+        self.patch(os, "getpid", lambda: 12345)
+        other = QueueIdGenerator(lambda: 100.0).next()[0]
+        self.assertNotEqual(mine, other)
+        self.assertEqual(mine[:11], other[:11])
+        self.assertEqual(queue_id_pid(other), 12345)
+
+    def test_not_ids(self) -> None:
+        for text in ("", "../../etc/passwd", "1J11F4E0UD4007L", "1J11F4E0UD4007L3X", "1j11f4e0ud4007l3", "1J11F4E0UD4007W3"):
+            self.assertFalse(is_queue_id(text), text)
+
+
+class LayoutTests(SynchronousTestCase):
+    def test_ensure_layout(self) -> None:
+        spool = Spool(self.mktemp())
+        spool.ensure_layout()
+        spool.ensure_layout()  # idempotent
+        for name in ("incoming", "active", "deferred", "hold", "corrupt", "defer", "bounce", "tmp", "public"):
+            mode = os.stat(os.path.join(spool.directory, name)).st_mode
+            self.assertTrue(stat.S_ISDIR(mode))
+            self.assertEqual(stat.S_IMODE(mode) & 0o077, 0, name)
+
+    def test_files_are_private(self) -> None:
+        spool = make_spool(self)
+        queue_id = spool.enqueue("a@x", ["b@y"], b"x")
+        mode = os.stat(queue_path(spool, "incoming", queue_id)).st_mode
+        self.assertEqual(stat.S_IMODE(mode), 0o600)
+
+    def test_bad_names_refused(self) -> None:
+        spool = make_spool(self)
+        self.assertRaises(ValueError, spool.open, "../../etc/passwd", "incoming")
+        self.assertRaises(ValueError, spool.open, "1J11F4E0UD4007L3", "nowhere")
+        self.assertRaises(ValueError, spool.move, "1J11F4E0UD4007L3", "incoming", "tmp")
+
+
+class QueueOperationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = StepClock()
+        self.spool = make_spool(self, clock=self.clock)
+        self.events: list[dict] = []
+        self.patch(spool_module, "log", Logger(namespace="test", observer=self.events.append))
+
+    def enqueue(self, **kwargs: object) -> str:
+        return self.spool.enqueue("a@example.org", ["b@example.net", "c@example.net"], b"Subject: x\n\nbody\n", **kwargs)
+
+    def test_enqueue_leaves_nothing_in_tmp(self) -> None:
+        queue_id = self.enqueue()
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [queue_id])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_enqueue_into_hold(self) -> None:
+        queue_id = self.enqueue(queue="hold")
+        self.assertEqual(list(self.spool.queue_ids("hold")), [queue_id])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_queue_ids_sorted_and_junk_ignored(self) -> None:
+        ids = [self.enqueue() for _ in range(5)]
+        write_file(os.path.join(self.spool.directory, "incoming", ".swp"), b"")
+        self.assertEqual(list(self.spool.queue_ids("incoming")), sorted(ids))
+        self.assertEqual(list(self.spool.queue_ids("incoming")), ids)
+
+    def test_move_and_find(self) -> None:
+        queue_id = self.enqueue()
+        self.spool.move(queue_id, "incoming", "active")
+        self.assertEqual(self.spool.find(queue_id), "active")
+        # A second claim of the same message fails: one process wins.
+        self.assertRaises(FileNotFoundError, self.spool.move, queue_id, "incoming", "active")
+        self.spool.move(queue_id, "active", "deferred")
+        with self.spool.open(queue_id, "deferred") as queue_file:
+            self.assertEqual(queue_file.queue_name, "deferred")
+        self.assertIsNone(self.spool.find("00000000000000000"[:16]))
+
+    def test_mark_corrupt_logs(self) -> None:
+        queue_id = self.enqueue()
+        write_file(queue_path(self.spool, "incoming", queue_id), b"garbage")
+        error = self.assertRaises(CorruptQueueFile, self.spool.open, queue_id, "incoming")
+        self.spool.mark_corrupt(queue_id, "incoming", error.reason)
+        self.assertEqual(list(self.spool.queue_ids("corrupt")), [queue_id])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        (event,) = self.events
+        self.assertEqual(event["queue_id"], queue_id)
+        self.assertIn("bad magic", event["reason"])
+        self.assertEqual(event["log_level"].name, "warn")
+
+    def test_remove_takes_the_logs(self) -> None:
+        queue_id = self.enqueue()
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.defer(0, Status("4.4.1", "refused"))
+            queue_file.bounce(1, Status("5.1.1", "unknown"))
+        self.spool.remove(queue_id, "incoming")
+        for directory in ("incoming", "defer", "bounce"):
+            self.assertEqual(os.listdir(os.path.join(self.spool.directory, directory)), [])
+        self.assertRaises(FileNotFoundError, self.spool.remove, queue_id, "incoming")
+
+    def test_requeue(self) -> None:
+        queue_id = self.enqueue()
+        self.spool.move(queue_id, "incoming", "deferred")
+        with self.spool.open(queue_id, "deferred") as queue_file:
+            queue_file.record_attempt(1e9 + 300)
+            queue_file.defer(0, Status("4.4.1", "refused"))
+        self.spool.requeue(queue_id, "deferred")
+        self.assertEqual(self.spool.find(queue_id), "incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.attempts, 0)
+        self.assertEqual(self.spool.read_log("defer", queue_id), [])
+
+    def test_recover(self) -> None:
+        claimed = self.enqueue()
+        self.spool.move(claimed, "incoming", "active")
+        tmp = os.path.join(self.spool.directory, "tmp")
+        # A writer that died (our own pid stands for an earlier process
+        # that had it), a live writer (our parent), and debris.
+        dead = QueueIdGenerator(lambda: 5.0).next()[0]
+        live = dead[:11] + _encode_pid(os.getppid())
+        for name in (dead, live, "junk"):
+            write_file(os.path.join(tmp, name), b"half a message")
+        self.assertEqual(self.spool.recover(), [claimed])
+        self.assertEqual(os.listdir(tmp), [live])
+
+    def test_entries(self) -> None:
+        first = self.enqueue()
+        second = self.spool.enqueue("", [Recipient("x@example.com")], b"0123456789")
+        third = self.enqueue()
+        with self.spool.open(first, "incoming") as queue_file:
+            queue_file.mark_done(0)
+            queue_file.defer(1, Status("4.4.1", "old reason"))
+            queue_file.defer(1, Status("4.4.1", "connect to x: refused"))
+        self.spool.move(first, "incoming", "deferred")
+        self.spool.move(second, "incoming", "hold")
+        write_file(queue_path(self.spool, "incoming", third), b"relayagent-q 01\n")
+        entries = list(self.spool.entries())
+        self.assertEqual(
+            [(e.queue_name, e.queue_id) for e in entries],
+            [("incoming", third), ("deferred", first), ("hold", second)],
+        )
+        self.assertIn("truncated", entries[0].error)
+        self.assertIsNone(entries[1].error)
+        self.assertEqual(entries[1].recipients, [("c@example.net", "connect to x: refused")])
+        self.assertEqual(entries[1].sender, "a@example.org")
+        self.assertEqual(entries[1].message_size, len(b"Subject: x\n\nbody\n"))
+        self.assertEqual(entries[1].arrival_time, 1_700_000_000.0)
+        self.assertEqual(entries[2].recipients, [("x@example.com", None)])
+        self.assertEqual(list(self.spool.entries(queues=["active"])), [])
+
+
+def _encode_pid(pid: int) -> str:
+    return _encode(pid, 5)
+
+
+class BatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.spool = make_spool(self)
+
+    def test_visible_only_after_commit(self) -> None:
+        with self.spool.batch() as batch:
+            ids = [batch.enqueue("a@x", ["b@y"], b"m%d" % i) for i in range(3)]
+            self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), ids)
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+        self.assertRaises(ValueError, batch.enqueue, "a@x", ["b@y"], b"late")
+
+    def test_failure_in_block_queues_nothing(self) -> None:
+        def body() -> None:
+            with self.spool.batch() as batch:
+                batch.enqueue("a@x", ["b@y"], b"one")
+                raise RuntimeError("caller gave up")
+
+        self.assertRaises(RuntimeError, body)
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_enqueue_many(self) -> None:
+        ids = self.spool.enqueue_many(
+            [Message("a@x", ["b@y"], b"one"), Message("", [Recipient("c@z")], b"two", envid="E")]
+        )
+        self.assertEqual(len(ids), 2)
+        with self.spool.open(ids[1], "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.envid, "E")
+
+
+class FaultyOS:
+    """The os module, except that the n-th call of write, pwrite, fsync,
+    rename or open raises OSError (as a full disk or an I/O error would)."""
+
+    FAULTY = ("write", "pwrite", "fsync", "rename", "open")
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.calls = 0
+        self.failed = False
+
+    def __getattr__(self, name: str) -> object:
+        real = getattr(os, name)
+        if name not in self.FAULTY:
+            return real
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                self.failed = True
+                raise OSError(28, "No space left on device (injected)")
+            return real(*args, **kwargs)
+
+        return wrapper
+
+
+class InjectedFailureTests(SynchronousTestCase):
+    """Each system call of enqueue fails in turn: either the enqueue
+    raises and nothing is queued or left in tmp/, or it succeeds and the
+    message is whole."""
+
+    def check_every_call(self, enqueue_all) -> None:
+        fail_at = 1
+        while True:
+            spool = make_spool(self)
+            faulty = FaultyOS(fail_at)
+            self.patch(spool_module, "os", faulty)
+            try:
+                ids = enqueue_all(spool)
+            except OSError:
+                ids = None
+            finally:
+                self.patch(spool_module, "os", os)
+            queued = list(spool.queue_ids("incoming"))
+            self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
+            if ids is None:
+                self.assertTrue(faulty.failed)
+                self.assertEqual(queued, [], f"failure at call {fail_at} left files")
+            else:
+                self.assertEqual(queued, sorted(ids))
+                for queue_id in ids:
+                    with spool.open(queue_id, "incoming") as queue_file:
+                        queue_file.verify_content()
+            if not faulty.failed:
+                break  # every call got its turn to fail
+            fail_at += 1
+        self.assertGreater(fail_at, 4)
+
+    def test_single_enqueue_from_bytes(self) -> None:
+        self.check_every_call(lambda spool: [spool.enqueue("a@x", ["b@y"], b"Subject: x\n\nbody\n")])
+
+    def test_single_enqueue_from_stream(self) -> None:
+        self.check_every_call(
+            lambda spool: [spool.enqueue("a@x", ["b@y"], io.BytesIO(b"y" * 200_000))]
+        )
+
+    def test_batch(self) -> None:
+        self.check_every_call(
+            lambda spool: spool.enqueue_many([Message("a@x", ["b@y"], b"m%d" % i) for i in range(3)])
+        )
+
+
+CHILD = textwrap.dedent(
+    """
+    import io, sys
+    from relayagent.spool import Spool, Message
+    spool = Spool(sys.argv[1])
+    n = 0
+    while True:
+        n += 1
+        kind = n % 3
+        if kind == 0:
+            ids = [spool.enqueue("a@x", ["b@y", "c@z"], b"Subject: %d\\n\\n" % n + b"x" * (n % 5000))]
+        elif kind == 1:
+            ids = [spool.enqueue("a@x", ["b@y"], io.BytesIO(b"z" * (70000 + n)))]
+        else:
+            ids = spool.enqueue_many([Message("a@x", ["b@y"], b"m%d" % i) for i in range(4)])
+        sys.stdout.write(" ".join(ids) + "\\n")
+        sys.stdout.flush()
+    """
+)
+
+
+class KilledWriterTests(SynchronousTestCase):
+    """A writer SIGKILLed at random points leaves whole messages or
+    nothing, and every id it reported is queued."""
+
+    def test_sigkill_rounds(self) -> None:
+        spool = make_spool(self)
+        chooser = random.Random(20240601)
+        env = dict(os.environ, PYTHONPATH=REPOSITORY)
+        reported: list[str] = []
+        for _ in range(6):
+            child = subprocess.Popen(
+                [sys.executable, "-c", CHILD, spool.directory],
+                stdout=subprocess.PIPE,
+                env=env,
+                cwd=REPOSITORY,
+            )
+            try:
+                # Reading its reports paces us without sleeping; the kill
+                # lands wherever the child is in its loop by then.
+                for _ in range(chooser.randint(1, 40)):
+                    line = child.stdout.readline()
+                    self.assertTrue(line, "the writer died on its own")
+                    reported.extend(line.decode().split())
+                child.send_signal(signal.SIGKILL)
+            finally:
+                child.kill()
+                child.wait(timeout=30)
+                child.stdout.close()
+        queued = list(spool.queue_ids("incoming"))
+        self.assertTrue(set(reported) <= set(queued))
+        for queue_id in queued:
+            with spool.open(queue_id, "incoming") as queue_file:
+                queue_file.verify_content()
+                self.assertIn(len(queue_file.envelope.recipients), (1, 2))
+        spool.recover()
+        self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
