@@ -1,0 +1,478 @@
+#!/usr/bin/env python3
+"""
+Drain benchmark: how fast does relayagent empty a full queue into smtp-sink?
+
+    python bench/drain.py --messages 20000 --size 2000 --vs-postfix
+    python bench/drain.py --messages 1000 --size 1000000
+    python bench/drain.py --messages 5000 --recipients 10
+    python bench/drain.py --messages 10000 --destinations 10
+    python bench/drain.py --latency 200
+
+It fills a private spool through the enqueue API with N messages of S bytes
+and R recipients (one destination through relayhost, or D destinations
+through transport_maps onto D loopback sinks), starts
+``twistd -n relayagent`` on it, and measures the time until the spool is
+empty and the sinks have counted every message.  It prints messages/s,
+recipients/s, MB/s and the daemon's peak RSS.
+
+With ``--vs-postfix`` (as root, with Debian's postfix installed) it runs the
+same workload through a private Postfix instance (its own configuration and
+queue directories under a temporary directory, removed afterwards) on the
+same kind of sink in the same run, and prints the ratio relayagent/Postfix.
+Postfix's queue is filled through its own smtpd with ``defer_transports =
+smtp`` (so nothing leaves), then released with ``postqueue -f``: the clock
+runs from the release until the sink has counted every message.  The
+relayagent clock runs from the start of twistd (start-up included).
+
+``--latency K``: one message at a time into a running daemon, from the
+enqueue call to the sink's count; prints the median and 99th percentile.
+
+Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class Sink:
+    """smtp-sink with running counters (-c) written to a file."""
+
+    def __init__(self, workdir: str, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.counter_path = os.path.join(workdir, f"sink-{host}-{self.port}.out")
+        command = [SMTP_SINK, "-c", f"{host}:{self.port}", "1000"]
+        if os.geteuid() == 0:
+            command[1:1] = ["-u", "nobody"]
+        self.output = open(self.counter_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self.output, stderr=subprocess.STDOUT)
+        wait_for_port(host, self.port)
+
+    def messages(self) -> int:
+        """The sink's running count of messages ("." received)."""
+        with open(self.counter_path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 200))
+            tail = handle.read().split(b"\r")
+        for record in reversed(tail):
+            for field in record.split():
+                if field.startswith(b"mesg="):
+                    return int(field[5:])
+        return 0
+
+    def close(self) -> None:
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.output.close()
+
+
+def make_message(index: int, size: int, sender: str, recipients: list[str]) -> bytes:
+    header = (
+        f"From: <{sender}>\n"
+        f"To: <{recipients[0]}>\n"
+        f"Subject: drain benchmark {index}\n"
+        f"Message-ID: <bench.{index}@relayagent.bench>\n"
+        "\n"
+    ).encode()
+    line = b"The quick brown fox jumps over the lazy dog, again and again. 0123456789\n"
+    body_size = max(0, size - len(header))
+    body = (line * (body_size // len(line) + 1))[:body_size]
+    if body and not body.endswith(b"\n"):
+        body = body[:-1] + b"\n"
+    return header + body
+
+
+def destination_domains(count: int) -> list[str]:
+    return [f"d{i}.bench.example" for i in range(count)]
+
+
+def recipients_for(index: int, recipients: int, domains: list[str]) -> list[str]:
+    domain = domains[index % len(domains)]
+    return [f"u{index}.{r}@{domain}" for r in range(recipients)]
+
+
+def peak_rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def spool_is_empty(queue_directory: str) -> bool:
+    for queue in ("incoming", "active", "deferred"):
+        with contextlib.suppress(FileNotFoundError):
+            if any(True for _ in os.scandir(os.path.join(queue_directory, queue))):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# relayagent
+
+
+def relayagent_config(workdir: str, sinks: list[Sink], domains: list[str], extra: list[str]) -> str:
+    lines = [
+        "queue_directory = spool",
+        "myhostname = bench.localdomain",
+        "maillog_file = maillog",
+        "smtp_tls_security_level = none",
+    ]
+    if len(sinks) == 1:
+        lines.append(f"relayhost = [{sinks[0].host}]:{sinks[0].port}")
+    else:
+        table = ", ".join(
+            f"{domain}=smtp:[{sink.host}]:{sink.port}" for domain, sink in zip(domains, sinks, strict=True)
+        )
+        lines.append(f"transport_maps = inline:{{ {table} }}")
+    lines.extend(extra)
+    path = os.path.join(workdir, "main.cf")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+def fill_spool(queue_directory: str, args: argparse.Namespace, domains: list[str]) -> float:
+    from relayagent.spool import Message, Spool
+
+    spool = Spool(queue_directory)
+    spool.ensure_layout()
+    sender = "bench@bench.localdomain"
+    started = time.perf_counter()
+    batch: list[Message] = []
+    for index in range(args.messages):
+        recipients = recipients_for(index, args.recipients, domains)
+        batch.append(Message(sender, recipients, make_message(index, args.size, sender, recipients)))
+        if len(batch) == 1000:
+            spool.enqueue_many(batch)
+            batch = []
+    if batch:
+        spool.enqueue_many(batch)
+    return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def twistd(config_path: str, workdir: str) -> Iterator[subprocess.Popen]:
+    log = open(os.path.join(workdir, "twistd.log"), "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twisted", "-n", "--pidfile=", "relayagent", "-c", config_path],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def wait_until(predicate, timeout: float, process: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process is not None and process.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
+    domains = destination_domains(args.destinations)
+    sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
+             for i in range(args.destinations)]
+    try:
+        config_path = relayagent_config(workdir, sinks, domains, args.set or [])
+        queue_directory = os.path.join(workdir, "spool")
+        enqueue_seconds = fill_spool(queue_directory, args, domains)
+        expected = args.messages
+        started = time.perf_counter()
+        with twistd(config_path, workdir) as process:
+            done = wait_until(
+                lambda: sum(s.messages() for s in sinks) >= expected and spool_is_empty(queue_directory),
+                args.timeout, process,
+            )
+            elapsed = time.perf_counter() - started
+            rss = peak_rss_kib(process.pid)
+        delivered = sum(s.messages() for s in sinks)
+        return {
+            "name": "relayagent", "seconds": elapsed, "delivered": delivered, "complete": done,
+            "peak_rss_mib": rss / 1024, "enqueue_per_s": args.messages / enqueue_seconds,
+            "log": os.path.join(workdir, "twistd.log"),
+        }
+    finally:
+        for sink in sinks:
+            sink.close()
+
+
+def run_latency(args: argparse.Namespace, workdir: str) -> None:
+    from relayagent.spool import Spool
+
+    sink = Sink(workdir)
+    try:
+        config_path = relayagent_config(workdir, [sink], destination_domains(1), args.set or [])
+        spool = Spool(os.path.join(workdir, "spool"))
+        spool.ensure_layout()
+        try:
+            from relayagent.control import trigger
+        except ImportError:
+            trigger = None
+        with twistd(config_path, workdir) as process:
+            time.sleep(1.0)  # let the daemon finish starting
+            samples = []
+            for index in range(args.latency):
+                before = sink.messages()
+                sender = "bench@bench.localdomain"
+                recipients = recipients_for(index, 1, destination_domains(1))
+                started = time.perf_counter()
+                spool.enqueue(sender, recipients, make_message(index, args.size, sender, recipients))
+                if trigger is not None:
+                    trigger(spool.directory, "wakeup")
+                if not wait_until(lambda b=before: sink.messages() > b, 30, process):
+                    print(f"message {index} did not arrive within 30 s", file=sys.stderr)
+                    break
+                samples.append(time.perf_counter() - started)
+        if samples:
+            samples.sort()
+            p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+            print(f"latency over {len(samples)} messages: median {statistics.median(samples) * 1000:.1f} ms, "
+                  f"p99 {p99 * 1000:.1f} ms")
+    finally:
+        sink.close()
+
+
+# ---------------------------------------------------------------------------
+# Postfix
+
+MASTER_CF = """\
+{smtpd_address} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class PostfixInstance:
+    """A private Postfix: own config and queue directories, no port 25."""
+
+    def __init__(self, workdir: str, sinks: list[Sink], domains: list[str]) -> None:
+        self.base = os.path.join(workdir, "postfix")
+        self.etc = os.path.join(self.base, "etc")
+        self.queue = os.path.join(self.base, "spool")
+        data = os.path.join(self.base, "data")
+        for path in (self.etc, self.queue, data):
+            os.makedirs(path)
+        shutil.chown(data, "postfix")
+        os.chmod(workdir, 0o755)  # the postfix user must reach its directories
+        self.smtpd_port = free_port()
+        if len(sinks) == 1:
+            routing = f"relayhost = [{sinks[0].host}]:{sinks[0].port}"
+        else:
+            table = ", ".join(
+                f"{domain}=smtp:[{sink.host}]:{sink.port}" for domain, sink in zip(domains, sinks, strict=True)
+            )
+            routing = f"transport_maps = inline:{{ {table} }}"
+        with open(os.path.join(self.etc, "main.cf"), "w") as handle:
+            handle.write(
+                "compatibility_level = 3.6\n"
+                f"queue_directory = {self.queue}\n"
+                f"data_directory = {data}\n"
+                "myhostname = bench.localdomain\n"
+                "mydestination =\n"
+                "inet_interfaces = 127.0.0.1\n"
+                "inet_protocols = ipv4\n"
+                f"{routing}\n"
+                "defer_transports = smtp\n"
+                "alias_maps =\n"
+                "alias_database =\n"
+                "mynetworks = 127.0.0.0/8\n"
+                "smtpd_recipient_restrictions = permit_mynetworks, reject\n"
+                f"maillog_file = {os.path.join(self.base, 'maillog')}\n"
+                f"maillog_file_prefixes = {self.base}\n"
+            )
+        with open(os.path.join(self.etc, "master.cf"), "w") as handle:
+            handle.write(MASTER_CF.format(smtpd_address=f"127.0.0.1:{self.smtpd_port}"))
+
+    def postfix(self, *words: str) -> None:
+        subprocess.run([POSTFIX, "-c", self.etc, *words], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        self.postfix("set-permissions")
+        self.postfix("start")
+        wait_for_port("127.0.0.1", self.smtpd_port)
+
+    def queued(self) -> int:
+        return sum(len(files) for _, _, files in os.walk(os.path.join(self.queue, "deferred")))
+
+    def allow_delivery(self) -> None:
+        subprocess.run(["postconf", "-c", self.etc, "-e", "defer_transports ="], check=True)
+        self.postfix("reload")
+        time.sleep(1.0)  # let master restart qmgr with the new setting
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", self.etc, "-f"], check=True)
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.postfix("stop")
+
+
+def run_postfix(args: argparse.Namespace, workdir: str) -> dict:
+    domains = destination_domains(args.destinations)
+    sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
+             for i in range(args.destinations)]
+    instance = PostfixInstance(workdir, sinks, domains)
+    try:
+        instance.start()
+        per_domain = [args.messages // len(domains) + (1 if i < args.messages % len(domains) else 0)
+                      for i in range(len(domains))]
+        for domain, count in zip(domains, per_domain, strict=True):
+            if not count:
+                continue
+            command = [SMTP_SOURCE, "-s", "20", "-m", str(count), "-l", str(args.size),
+                       "-f", "bench@bench.localdomain", "-t", f"u@{domain}",
+                       f"127.0.0.1:{instance.smtpd_port}"]
+            if args.recipients > 1:
+                command[1:1] = ["-r", str(args.recipients)]
+            subprocess.run(command, check=True)
+        if not wait_until(lambda: instance.queued() >= args.messages, args.timeout):
+            raise RuntimeError(f"Postfix queued only {instance.queued()} of {args.messages}")
+        instance.allow_delivery()
+        started = time.perf_counter()
+        instance.flush()
+        done = wait_until(lambda: sum(s.messages() for s in sinks) >= args.messages, args.timeout)
+        elapsed = time.perf_counter() - started
+        return {"name": "postfix", "seconds": elapsed, "complete": done,
+                "delivered": sum(s.messages() for s in sinks)}
+    finally:
+        instance.stop()
+        for sink in sinks:
+            sink.close()
+
+
+# ---------------------------------------------------------------------------
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    seconds = result["seconds"]
+    messages = result["delivered"]
+    line = (f"{result['name']:>10}: {messages} messages in {seconds:.2f} s: "
+            f"{messages / seconds:.0f} msg/s, {messages * args.recipients / seconds:.0f} rcpt/s, "
+            f"{messages * args.size / seconds / 1e6:.1f} MB/s")
+    if "peak_rss_mib" in result:
+        line += f", peak RSS {result['peak_rss_mib']:.0f} MiB, enqueue {result['enqueue_per_s']:.0f} msg/s"
+    if not result["complete"]:
+        line += "  (INCOMPLETE: timed out)"
+        if "log" in result:
+            line += f"; see {result['log']}"
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--size", type=int, default=2000, help="message size in bytes")
+    parser.add_argument("--recipients", type=int, default=1, help="recipients per message")
+    parser.add_argument("--destinations", type=int, default=1, help="destination domains/sinks")
+    parser.add_argument("--vs-postfix", action="store_true", help="also run a private Postfix")
+    parser.add_argument("--latency", type=int, default=0, metavar="K",
+                        help="latency mode: K messages one at a time")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE",
+                        help="extra main.cf line for relayagent (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if not os.path.exists(SMTP_SINK):
+        print("drain: smtp-sink is not installed (Debian package postfix)", file=sys.stderr)
+        return 69
+    workdir = tempfile.mkdtemp(prefix="relayagent-drain-")
+    try:
+        if args.latency:
+            run_latency(args, workdir)
+            return 0
+        print(f"workload: {args.messages} messages of {args.size} bytes, {args.recipients} "
+              f"recipient(s), {args.destinations} destination(s)", flush=True)
+        os.makedirs(os.path.join(workdir, "relayagent"))
+        ours = run_relayagent(args, os.path.join(workdir, "relayagent"))
+        report(ours, args)
+        if args.vs_postfix:
+            if os.geteuid() != 0 or not os.path.exists(POSTFIX):
+                print("drain: --vs-postfix needs root and Debian's postfix", file=sys.stderr)
+                return 69
+            os.chmod(workdir, 0o755)  # Postfix's unprivileged processes must reach it
+            os.makedirs(os.path.join(workdir, "pf"))
+            theirs = run_postfix(args, os.path.join(workdir, "pf"))
+            report(theirs, args)
+            print(f"ratio relayagent/postfix (throughput): {theirs['seconds'] / ours['seconds']:.2f}")
+        return 0
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
