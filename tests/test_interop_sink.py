@@ -81,8 +81,10 @@ class SinkTestCase(unittest.TestCase):
         self.assertTrue(result.recipients[0].text.startswith("250 2.0.0 Ok"), result.recipients[0].text)
         [dumped] = await sink.wait_for_messages(reactor, 1)
         self.assertEqual(dumped.content, EXPECTED_DUMP)
-        self.assertIn("SIZE=", dumped.mail_args)
-        self.assertIn("BODY=7BIT", dumped.mail_args)
+        # smtp-sink offers no SIZE, so none is sent; DSN and 8BITMIME are.
+        self.assertEqual(dumped.mail_args, "<a@example.org> BODY=7BIT")
+        self.assertTrue(session.has("dsn") and not session.has("SIZE"))
+        self.assertEqual(session.auth_mechanisms, frozenset({"PLAIN", "LOGIN"}))
         self.assertEqual(len(dumped.rcpt_args), 2)
 
     def test_pipelining_default(self):
