@@ -1,0 +1,171 @@
+"""
+The security hook of an SMTP session: STARTTLS first, then AUTH (Postfix:
+the TLS and SASL steps of smtp_helo() in smtp_proto.c).
+
+``SecurityPolicy(config)`` reads the TLS and SASL parameters
+once (lookup tables, OpenSSL contexts, the password-file permission check);
+``policy.for_nexthop(nexthop)`` gives the ``SessionSecurity`` that
+``relayagent.esmtp.SMTPSessionFactory(..., security=...)`` calls after EHLO:
+
+    security = policy.for_nexthop("[smtp.example.com]:587")
+    factory = SMTPSessionFactory(config, clock, server, security=security)
+
+``negotiate(session)`` returns a Deferred that fires with None when MAIL
+may be sent, or fails with ``DeliveryFailure``:
+
+- 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
+  configuration problem, or a failed handshake.  At level ``may`` a failed
+  handshake carries ``status.extra["tls_retry_plaintext"] == "yes"``: the
+  connection layer then connects to the same address again with
+  ``security.plaintext_fallback()``.
+- AUTH: 4.7.0 no usable mechanism or a local SASL error; the server's reply
+  when it refuses us (5xx made 4xx by smtp_sasl_auth_soft_bounce).
+
+A plaintext mechanism (PLAIN, LOGIN) is never used on a connection without
+TLS unless smtp_sasl_security_options allows it; over TLS
+smtp_sasl_tls_security_options decides.
+
+Owns no parameters of its own: it combines relayagent.tls and
+relayagent.sasl (smtp_sasl_auth_enable is read here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from relayagent.maps import open_maps
+from relayagent.sasl import (
+    MechanismFilter,
+    PasswordLookup,
+    SASLClient,
+    SASLConfigError,
+    SecurityOptions,
+    warn_if_world_readable,
+)
+from relayagent.status import DeliveryFailure, Status
+from relayagent.tls import (
+    PolicyLookup,
+    TLSConfigError,
+    TLSLevel,
+    TLSOutcome,
+    TLSPolicy,
+    TLSPolicyError,
+    TLSSettings,
+    negotiate_tls,
+)
+
+log = Logger(namespace="relayagent.security")
+
+
+class SecurityConfigError(ValueError):
+    """A TLS or SASL parameter relayagent cannot run with."""
+
+
+class SecurityPolicy:
+    """TLS and SASL settings from main.cf, shared by every session."""
+
+    def __init__(self, config: Any) -> None:
+        base_dir = getattr(config, "base_dir", None)
+        try:
+            self.tls = TLSSettings.from_config(config)
+            self.tls_policies = PolicyLookup(
+                config["smtp_tls_security_level"],
+                open_maps(config["smtp_tls_policy_maps"], base_dir=base_dir) or None,
+            )
+        except TLSConfigError as exc:
+            raise SecurityConfigError(str(exc)) from None
+        self.sasl: SASLClient | None = None
+        if config["smtp_sasl_auth_enable"]:
+            tables = open_maps(config["smtp_sasl_password_maps"], base_dir=base_dir)
+            if not tables:
+                log.warn("smtp_sasl_auth_enable = yes but smtp_sasl_password_maps is empty: no AUTH")
+            warn_if_world_readable(tables.files())
+            try:
+                self.sasl = SASLClient(
+                    passwords=PasswordLookup(tables),
+                    options=SecurityOptions.parse(
+                        config["smtp_sasl_security_options"], "smtp_sasl_security_options"
+                    ),
+                    tls_options=SecurityOptions.parse(
+                        config["smtp_sasl_tls_security_options"], "smtp_sasl_tls_security_options"
+                    ),
+                    mechanism_filter=MechanismFilter(
+                        config["smtp_sasl_mechanism_filter"],
+                        open_table=lambda spec: open_maps([spec], base_dir=base_dir),
+                    ),
+                    soft_bounce=config["smtp_sasl_auth_soft_bounce"],
+                    # Postfix runs the SASL exchange under the HELO timeout.
+                    timeout=float(config["smtp_helo_timeout"]),
+                )
+            except SASLConfigError as exc:
+                raise SecurityConfigError(str(exc)) from None
+
+    def for_nexthop(self, nexthop: str) -> SessionSecurity:
+        """The security hook for sessions to ``nexthop`` as written
+        (``example.com``, ``[smtp.example.com]:587``)."""
+        try:
+            tls_policy: TLSPolicy | None = self.tls_policies.policy_for(nexthop)
+            problem = None
+        except TLSPolicyError as exc:
+            log.error("TLS policy for {nexthop}: {reason}", nexthop=nexthop, reason=str(exc))
+            tls_policy, problem = None, str(exc)
+        return SessionSecurity(self, nexthop, tls_policy, problem=problem)
+
+
+class SessionSecurity:
+    """The ``security`` object of one nexthop's sessions."""
+
+    def __init__(
+        self,
+        policy: SecurityPolicy,
+        nexthop: str,
+        tls_policy: TLSPolicy | None,
+        *,
+        problem: str | None = None,
+    ) -> None:
+        self._policy = policy
+        self.nexthop = nexthop
+        self.tls_policy = tls_policy
+        # A broken policy entry for this nexthop: every session defers.
+        self.problem = problem
+        self.last_tls: TLSOutcome | None = None
+
+    @classmethod
+    def for_nexthop(cls, config: Any, nexthop: str) -> SessionSecurity:
+        """One-off convenience; a long-lived process should keep one
+        SecurityPolicy and call its ``for_nexthop``."""
+        return SecurityPolicy(config).for_nexthop(nexthop)
+
+    @property
+    def tls_level(self) -> TLSLevel | None:
+        return self.tls_policy.level if self.tls_policy else None
+
+    def plaintext_fallback(self) -> SessionSecurity:
+        """The same, without STARTTLS: for the retry after a failed
+        opportunistic handshake (only ever used at level ``may``)."""
+        if self.tls_policy is None or self.tls_policy.level.mandatory:
+            raise ValueError("a plaintext retry is only allowed at TLS level may")
+        return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"))
+
+    def negotiate(self, session: Any) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._negotiate(session))
+
+    async def _negotiate(self, session: Any) -> None:
+        if self.tls_policy is None:
+            raise DeliveryFailure(
+                Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
+                skip_to_next=False,
+            )
+        outcome = await negotiate_tls(
+            session, self.tls_policy, self._policy.tls, nexthop=self.nexthop
+        )
+        self.last_tls = outcome
+        if self._policy.sasl is not None:
+            await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
+
+    def __repr__(self) -> str:
+        level = self.tls_policy.level if self.tls_policy else "invalid"
+        return f"<SessionSecurity {self.nexthop} tls={level} auth={self._policy.sasl is not None}>"
