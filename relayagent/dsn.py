@@ -363,6 +363,22 @@ def _discard_reason(envelope: Envelope, config: Any) -> str:
 # Building a report
 
 
+class _ReportGenerator(BytesGenerator):
+    """Writes a delivery-status part whose payload is a plain string (our
+    marker) as is; the stock generator expects a list of field blocks
+    there, and writes only the first block of a global-delivery-status."""
+
+    def _write_string_payload(self, msg: Message) -> None:
+        payload = msg.get_payload()
+        if isinstance(payload, str):
+            self._fp.write(self._encode(payload))
+        else:  # pragma: no cover - we always give a string
+            super()._handle_message_delivery_status(msg)
+
+    _handle_message_delivery_status = _write_string_payload
+    _handle_message_global_delivery_status = _write_string_payload
+
+
 def _mail_date(when: float) -> str:
     return email.utils.formatdate(when, localtime=True)
 
@@ -451,14 +467,16 @@ def _delivery_status_part(
     config: Any,
     policy: email.policy.EmailPolicy,
     global_type: bool,
-) -> MIMEBase:
+) -> tuple[MIMEBase, bytes]:
+    """The delivery-status part (its payload still to be spliced in) and
+    the octets of its fields."""
     smtputf8 = envelope.smtputf8
     mail_name = _atom(config["mail_name"])
     part = MIMEBase("message", "global-delivery-status" if global_type else "delivery-status", policy=policy)
     del part["MIME-Version"]
     part["Content-Description"] = "Delivery report"
 
-    per_message = Message(policy=policy)
+    per_message: dict[str, str] = {}
     per_message["Reporting-MTA"] = f"dns; {printable(config['myhostname'])}"
     if envelope.envid:
         per_message["Original-Envelope-Id"] = printable(envelope.envid)
@@ -469,12 +487,12 @@ def _delivery_status_part(
         )
     if envelope.arrival_time > 0:
         per_message["Arrival-Date"] = _mail_date(envelope.arrival_time)
-    blocks = [per_message]
+    blocks: list[dict[str, str]] = [per_message]
 
     lifetime = float(config["maximal_queue_lifetime"])
     for report in reports:
         rcpt = report.recipient
-        block = Message(policy=policy)
+        block: dict[str, str] = {}
         block["Final-Recipient"] = (
             f"{_address_type(rcpt.address, smtputf8)}; {printable(rcpt.address, allow_utf8=smtputf8)}"
         )
@@ -492,8 +510,25 @@ def _delivery_status_part(
             until = report.will_retry_until or envelope.arrival_time + lifetime
             block["Will-Retry-Until"] = _mail_date(until)
         blocks.append(block)
-    part.set_payload(blocks)
-    return part
+    # The fields are written here, wrapped at 79 columns as Postfix's
+    # bounce_print_wrap does, but with one space of indent rather than
+    # Postfix's four, so that RFC 5322 unfolding gives back the value
+    # exactly; and spliced in after the report is generated: the email
+    # package's generator writes only the first block of a
+    # message/global-delivery-status, cannot write the UTF-8 octets such a
+    # report holds, and folds "Diagnostic-Code:" right after its colon.
+    # Every value went through printable(): no CR or LF can get here.
+    rendered = [
+        "\r\n".join(
+            wrapped
+            for name, value in block.items()
+            for wrapped in line_wrap(f"{name}: {value}", _WRAP_WIDTH, 1)
+        )
+        for block in blocks
+    ]
+    # RFC 3464: the per-message block, then each per-recipient block,
+    # separated by one empty line.
+    return part, ("\r\n\r\n".join(rendered) + "\r\n").encode("utf-8")
 
 
 def _human_text(
@@ -592,8 +627,11 @@ def build_report(
     notification["Content-Description"] = "Notification"
     report.attach(notification)
 
-    report.attach(_delivery_status_part(envelope, reports, kind=kind, config=config,
-                                        policy=policy, global_type=global_type))
+    status_part, status_fields = _delivery_status_part(envelope, reports, kind=kind, config=config,
+                                                       policy=policy, global_type=global_type)
+    status_marker = f"RELAYAGENT-STATUS-{os.urandom(16).hex()}"
+    status_part.set_payload(status_marker + "\r\n")
+    report.attach(status_part)
 
     # The original: RET=HDRS, or too big for bounce_size_limit -> headers.
     limit = int(config["bounce_size_limit"])
@@ -625,18 +663,25 @@ def build_report(
 
     for _attempt in range(8):
         buffer = io.BytesIO()
-        BytesGenerator(buffer, policy=policy).flatten(report)
+        _ReportGenerator(buffer, policy=policy).flatten(report)
         generated = buffer.getvalue()
         boundary = report.get_boundary()
-        if boundary is None or f"--{boundary}".encode("ascii") not in original:
+        if boundary is None or not any(f"--{boundary}".encode("ascii") in octets
+                                       for octets in (original, status_fields)):
             break
         # The original happens to hold our boundary: pick another one.
         report.set_boundary(f"=_relayagent_{os.urandom(12).hex()}")
-    marker = (placeholder + "\r\n").encode("ascii")
-    before, found, after = generated.partition(marker)
-    if not found:  # pragma: no cover - the generator always writes it
-        raise RuntimeError("DSN generation lost the returned message")
-    return before + original + after
+    return _splice(generated, [(status_marker, status_fields), (placeholder, original)])
+
+
+def _splice(generated: bytes, replacements: Sequence[tuple[str, bytes]]) -> bytes:
+    """Put each ``(marker, octets)`` in place of its marker line."""
+    for marker, octets in replacements:
+        before, found, after = generated.partition((marker + "\r\n").encode("ascii"))
+        if not found:  # pragma: no cover - the generator always writes it
+            raise RuntimeError("DSN generation lost a part")
+        generated = before + octets + after
+    return generated
 
 
 # ---------------------------------------------------------------------------
