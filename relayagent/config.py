@@ -133,6 +133,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_destination_concurrency_negative_feedback", "$default_destination_concurrency_negative_feedback", S, "Concurrency decrease after a failed delivery."),
     _p("smtp_destination_concurrency_positive_feedback", "$default_destination_concurrency_positive_feedback", S, "Concurrency increase after a successful delivery."),
     _p("smtp_destination_rate_delay", "$default_destination_rate_delay", T, "The pause between deliveries to the same destination."),
+    _p("default_process_limit", "100", N, "The most deliveries in progress at once, over all destinations.", minimum=1),
     _p("soft_bounce", "no", B, "Safety net: turn every bounce into a deferral, and 5xx replies into 4xx."),
     # --- nexthop and addresses (relayagent/resolve.py)
     _p("relayhost", "", S, "The nexthop for non-local mail: [host]:port, host:port, or a domain (MX lookup)."),
