@@ -587,7 +587,7 @@ class SevenBitConverter:
 
     def _qp_encode_record(self, text: bytes, is_cont: bool) -> None:
         """Append one line (or piece) of a converted part, RFC 2045 6.7."""
-        encoded = _QP_UNSAFE.sub(_qp_escape_run, text) if not _is_qp_safe(text) else text
+        encoded = _qp_escape(text)
         line = self._qp_line + encoded if self._qp_line else encoded
         out = self._out
         lead = b""  # "=2D" in place of a "-" that starts a soft-broken line
@@ -627,8 +627,21 @@ class SevenBitConverter:
             out.append(rest + b"\n")
 
 
-def _is_qp_safe(text: bytes) -> bool:
-    return _QP_UNSAFE.search(text) is None
+def _qp_escape(text: bytes) -> bytes:
+    """Escape the octets of one line (no line end) that QP must escape.
+
+    binascii.b2a_qp does it in C; we undo its soft line breaks (ours are
+    made by the caller, Postfix's way) and keep it from escaping a final
+    blank (a sentinel octet) since a piece of a long line is not a line
+    end.  It also escapes a "." that starts one of its own lines and is
+    followed by CR or NUL; those rare lines take the slower regular
+    expression, so that the output never depends on where lines are cut.
+    """
+    if _QP_UNSAFE.search(text) is None:
+        return text
+    if b".\r" in text or b".\x00" in text:
+        return _QP_UNSAFE.sub(_qp_escape_run, text)
+    return binascii.b2a_qp(text + b"x", istext=False).replace(b"=\n", b"")[:-1]
 
 
 def convert_to_7bit(data: bytes, **limits: int) -> bytes:
