@@ -441,9 +441,14 @@ class PostfixFormatObserver:
         when = event.get("log_time") or _now(self._clock)
         head = f"{syslog_time(when)} {self._hostname} {_service_program(self._program, event)}[{self._pid}]: "
         text = render(event, resolution=self._resolution)
-        # A multi-line text (a traceback) becomes several lines, each with
-        # the prefix; control characters inside a line become "?".
-        lines = [_clean(line) for line in text.splitlines()] or [""]
+        if event.get("ralog_event"):
+            # Our events are one line whatever their fields hold: a CR or
+            # LF from a server reply becomes "?" and cannot forge a line.
+            lines = [_clean(text)]
+        else:
+            # A multi-line text (a traceback) becomes several lines, each
+            # with the prefix; other control characters become "?".
+            lines = [_clean(line) for line in text.splitlines()] or [""]
         self._out.write("".join(head + line + "\n" for line in lines))
         self._out.flush()
 
