@@ -1,0 +1,856 @@
+"""
+The ``relayagent`` command: sendmail, mailq, postsuper, check, postconf,
+flush.
+
+``relayagent [-c CONFIG] COMMAND ...`` reads main.cf from ``-c``, else
+``$RELAYAGENT_CONFIG``, else ``/etc/relayagent/main.cf``, and works
+without the daemon running: every command acts on the spool directly
+(Postfix's sendmail(1), mailq(1)/postqueue(1), postsuper(1), postconf(1)).
+
+Exit codes are sysexits(3): 64 usage (bad option or address), 65 bad
+message data, 73/74/75 spool trouble (cannot create, I/O error, temporary
+failure), 78 configuration error; each failure prints one line on
+standard error saying why, and a failed ``sendmail`` queues nothing.
+
+Commands live in one table, ``COMMANDS``; a later phase adds one with
+``register(Command(...))``.
+
+Owns ``myorigin``'s use for unqualified addresses (Postfix's
+``append_at_myorigin``, always on here), and the sendmail(1) options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import errno
+import io
+import ipaddress
+import json
+import os
+import pwd
+import re
+import secrets
+import socket
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, TextIO
+
+from relayagent.config import Config, ConfigError
+from relayagent.envelope import Notify, Recipient, Ret
+from relayagent.spool import CorruptQueueFile, Spool, is_queue_id
+from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+DEFAULT_CONFIG = "/etc/relayagent/main.cf"
+CONFIG_ENVIRONMENT = "RELAYAGENT_CONFIG"
+
+# RFC 5321 section 4.5.3.1.3: a path is at most 256 octets with its angle
+# brackets, so an address is at most 254.
+MAX_ADDRESS_OCTETS = 254
+# Postfix's header_size_limit is 102400 per header; we bound the whole
+# header section, which sendmail reads into memory to edit.
+MAX_HEADER_OCTETS = 1024 * 1024
+BODY_CHUNK = 64 * 1024
+# Messages bigger than this spill from memory to a temporary file before
+# they are queued.
+SPOOL_IN_MEMORY = 1024 * 1024
+
+# The clock sendmail uses for Date: (a parameter, for the tests).
+clock: Callable[[], float] = time.time
+
+
+class Failure(Exception):
+    """A command failed: exit with ``code`` after printing ``message``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as ``Failure(EX_USAGE)``
+    instead of exiting 2 with a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.partition(" ")[2]
+        raise Failure(EX_USAGE, f"{command}: {message}" if command else message)
+
+
+# ---------------------------------------------------------------------------
+# The queue manager trigger
+
+
+def notify_queue_manager(config: Config, request: bytes = b"W\n") -> bool:
+    """Wake the queue manager: ``W`` (new mail) or ``F`` (flush).
+
+    Connects to the UNIX socket ``$queue_directory/public/qmgr`` and sends
+    the request.  Any error is ignored (the daemon may not be running; the
+    mail waits in the queue for it); the result says whether it went.
+    """
+    path = os.path.join(config.path_of("queue_directory"), "public", "qmgr")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(1.0)
+            connection.connect(path)
+            connection.sendall(request)
+    except OSError:
+        return False
+    return True
+
+
+# The hook sendmail and flush call; a test or an embedding program may
+# replace it.
+trigger_hook: Callable[..., object] = notify_queue_manager
+
+
+# ---------------------------------------------------------------------------
+# The command table
+
+
+@dataclass
+class Context:
+    """What a command runs with."""
+
+    config: Config
+    config_path: str
+    stdin: BinaryIO
+    stdout: TextIO
+    stderr: TextIO
+
+    def warn(self, text: str) -> None:
+        print(f"relayagent: warning: {text}", file=self.stderr)
+
+    def spool(self) -> Spool:
+        return Spool.from_config(self.config, clock=clock)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one line of help, a function that adds
+    its options to a parser, and the function that runs it."""
+
+    name: str
+    summary: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Context, argparse.Namespace], int]
+    # sendmail takes options after its recipients, as sendmail does.
+    intermixed: bool = False
+    # postsuper's -h is "hold", so its help is --help only.
+    short_help: bool = True
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add a subcommand to the table."""
+    COMMANDS[command.name] = command
+    return command
+
+
+# ---------------------------------------------------------------------------
+# Addresses
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_DOT_ATOM_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED_RE = re.compile(r'"(?:[^"\\\r\n]|\\[^\r\n])*"')
+_LABEL_RE = re.compile(r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?")
+
+
+class AddressError(ValueError):
+    """An address that cannot be queued; the text says why."""
+
+
+def _check_domain(domain: str) -> None:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise AddressError(f"bad address literal {domain}") from None
+        return
+    labels = domain.rstrip(".").split(".") if domain != "." else [""]
+    for label in labels:
+        if not _LABEL_RE.fullmatch(label) or len(label.encode("utf-8")) > 63:
+            raise AddressError(f"bad domain {domain!r}")
+
+
+def check_address(text: str, myorigin: str, *, sender: bool = False) -> str:
+    """A command-line or header address made ready to queue.
+
+    Angle brackets are removed; an address without a domain gets
+    ``@$myorigin``; the result must be an RFC 5321 mailbox (dot-atom or
+    quoted local part, a domain or address literal) of at most 254 octets
+    without control characters.  ``sender=True`` accepts the null sender
+    ("" or "<>").  Raises ``AddressError`` saying why.
+
+    Postfix accepts some addresses RFC 5321 does not (``a..b@x``); we
+    follow the RFC.
+    """
+    address = text.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    if any(ord(char) < 32 or ord(char) == 127 for char in address):
+        raise AddressError(f"control character in address {text!r}")
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AddressError(f"address is not valid UTF-8: {text!r}") from None
+    if not address:
+        if sender:
+            return ""
+        raise AddressError("empty address")
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, myorigin
+        if not domain:
+            raise AddressError(f"address {text!r} has no domain and myorigin is empty")
+    if not local:
+        raise AddressError(f"address {text!r} has no local part")
+    if not (_DOT_ATOM_RE.fullmatch(local) or _QUOTED_RE.fullmatch(local)):
+        raise AddressError(f"malformed address {text!r}")
+    if not domain:
+        raise AddressError(f"address {text!r} has no domain")
+    _check_domain(domain)
+    result = f"{local}@{domain}"
+    if len(result.encode("utf-8")) > MAX_ADDRESS_OCTETS:
+        raise AddressError(f"address longer than {MAX_ADDRESS_OCTETS} octets: {result[:40]}...")
+    return result
+
+
+def _default_user() -> str:
+    user = os.environ.get("USER") or os.environ.get("LOGNAME")
+    if user:
+        return user
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid{os.getuid()}"
+
+
+# ---------------------------------------------------------------------------
+# sendmail
+
+
+@dataclass
+class _Header:
+    """One header field, its lines exactly as read (LF line ends)."""
+
+    name: str
+    lines: list[bytes] = field(default_factory=list)
+
+    def value(self) -> str:
+        raw = b"".join(self.lines).decode("utf-8", "surrogateescape")
+        _, _, value = raw.partition(":")
+        return " ".join(value.split())
+
+
+_HEADER_NAME_RE = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+def _fix_line_end(line: bytes) -> bytes:
+    # Postfix's sendmail_fix_line_endings=always: CRLF becomes LF.
+    if line.endswith(b"\r\n"):
+        return line[:-2] + b"\n"
+    return line
+
+
+def _is_dot_line(line: bytes) -> bool:
+    return line in (b".\n", b".")
+
+
+def _read_headers(stdin: BinaryIO, ignore_dots: bool) -> tuple[list[_Header], bytes | None, bool]:
+    """The header section; the first body line if the headers ended at a
+    non-header line; whether the message already ended (EOF or ".")."""
+    headers: list[_Header] = []
+    total = 0
+    while True:
+        line = stdin.readline(MAX_HEADER_OCTETS + 1)
+        total += len(line)
+        if total > MAX_HEADER_OCTETS:
+            raise Failure(EX_DATAERR, f"message header section longer than {MAX_HEADER_OCTETS} octets")
+        if not line:
+            return headers, None, True
+        line = _fix_line_end(line)
+        if not ignore_dots and _is_dot_line(line):
+            return headers, None, True
+        if line == b"\n":
+            return headers, None, False
+        if line[:1] in (b" ", b"\t") and headers:
+            headers[-1].lines.append(line if line.endswith(b"\n") else line + b"\n")
+            continue
+        match = _HEADER_NAME_RE.match(line)
+        if match is None:
+            # Not a header: the body starts here (RFC 5322 needs the
+            # empty line, which we put back).
+            return headers, line, False
+        name = match.group(1).decode("ascii")
+        headers.append(_Header(name, [line if line.endswith(b"\n") else line + b"\n"]))
+
+
+def _copy_body(stdin: BinaryIO, out: BinaryIO, first_line: bytes | None, ignore_dots: bool) -> None:
+    """Copy the rest of standard input, a chunk at a time, fixing line
+    ends and stopping at a lone "." unless ``ignore_dots``."""
+    if first_line is not None:
+        out.write(first_line)
+    at_line_start = first_line is None or first_line.endswith(b"\n")
+    held_cr = b""
+    while True:
+        piece = stdin.readline(BODY_CHUNK)
+        if not piece:
+            out.write(held_cr)
+            return
+        piece = held_cr + piece
+        held_cr = b""
+        if piece.endswith(b"\r") and not piece.endswith(b"\n"):
+            # A CR at a chunk edge may be the first half of CRLF.
+            held_cr, piece = b"\r", piece[:-1]
+        piece = _fix_line_end(piece)
+        if at_line_start and not ignore_dots and _is_dot_line(piece):
+            return
+        out.write(piece)
+        at_line_start = piece.endswith(b"\n")
+
+
+def _split_addresses(value: str) -> list[str]:
+    result = []
+    for _, address in email.utils.getaddresses([value]):
+        if address:
+            result.append(address)
+    return result
+
+
+def _configure_sendmail(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipients", nargs="*", metavar="RECIPIENT")
+    parser.add_argument("-t", dest="extract", action="store_true",
+                        help="also take recipients from the To, Cc and Bcc headers (Bcc is removed)")
+    parser.add_argument("-f", "-r", dest="sender", metavar="SENDER", help="the envelope sender")
+    parser.add_argument("-F", dest="full_name", metavar="FULLNAME", help="the sender's full name for From:")
+    parser.add_argument("-i", dest="ignore_dots", action="store_true",
+                        help="a line with a single '.' does not end the message")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTION",
+                        help="sendmail options: -oi as -i; others are accepted and ignored")
+    parser.add_argument("-N", dest="notify", metavar="DSN",
+                        help="NOTIFY: never, or a comma list of success, failure, delay")
+    parser.add_argument("-R", dest="ret", metavar="RET", help="RET: full or hdrs")
+    parser.add_argument("-V", dest="envid", metavar="ENVID", help="the DSN envelope id")
+    parser.add_argument("-B", dest="body_type", metavar="TYPE", help="accepted for compatibility; the body type is detected")
+    parser.add_argument("-b", dest="mode", default="m", metavar="MODE",
+                        help="m (deliver, the default) or p (list the queue, as mailq)")
+    parser.add_argument("-v", dest="verbose", action="count", default=0, help="ignored")
+
+
+def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
+    config = context.config
+    if args.mode == "p":
+        return _run_mailq(context, argparse.Namespace(json=False))
+    if args.mode != "m":
+        raise Failure(EX_USAGE, f"sendmail: unsupported mode -b{args.mode}")
+    ignore_dots = args.ignore_dots or "i" in args.options
+    myorigin = config["myorigin"]
+    try:
+        if args.sender is None:
+            sender = check_address(_default_user(), myorigin, sender=True)
+        else:
+            sender = check_address(args.sender, myorigin, sender=True)
+        recipients = [check_address(r, myorigin) for r in args.recipients]
+    except AddressError as exc:
+        raise Failure(EX_USAGE, f"sendmail: {exc}") from None
+    notify = Notify.DEFAULT
+    if args.notify is not None:
+        try:
+            notify = Notify.parse(args.notify)
+        except ValueError:
+            raise Failure(EX_USAGE, f"sendmail: bad -N value {args.notify!r}: expected never or "
+                          "a comma list of success, failure, delay") from None
+    ret = None
+    if args.ret is not None:
+        try:
+            ret = Ret(args.ret.upper())
+        except ValueError:
+            raise Failure(EX_USAGE, f"sendmail: bad -R value {args.ret!r}: expected full or hdrs") from None
+    if args.envid is not None:
+        # RFC 3461: ENVID is printable ASCII (it is sent xtext-encoded).
+        if not args.envid or not all(33 <= ord(c) <= 126 for c in args.envid) or len(args.envid) > 100:
+            raise Failure(EX_USAGE, f"sendmail: bad -V value {args.envid!r}: expected printable ASCII")
+    if not recipients and not args.extract:
+        raise Failure(EX_USAGE, "sendmail: no recipients given (name them, or use -t)")
+
+    try:
+        headers, first_body_line, ended = _read_headers(context.stdin, ignore_dots)
+    except OSError as exc:
+        raise Failure(EX_IOERR, f"sendmail: cannot read the message: {exc.strerror or exc}") from None
+
+    if args.extract:
+        names = {h.name.lower() for h in headers}
+        resent = bool(names & {"resent-to", "resent-cc", "resent-bcc"})
+        wanted = ("resent-to", "resent-cc", "resent-bcc") if resent else ("to", "cc", "bcc")
+        try:
+            for header in headers:
+                if header.name.lower() in wanted:
+                    for address in _split_addresses(header.value()):
+                        recipients.append(check_address(address, myorigin))
+        except AddressError as exc:
+            raise Failure(EX_DATAERR, f"sendmail: bad recipient in the message header: {exc}") from None
+        headers = [h for h in headers if h.name.lower() not in ("bcc", "resent-bcc")]
+        if not recipients:
+            raise Failure(EX_DATAERR, "sendmail: no recipient addresses found in the message header")
+
+    present = {h.name.lower() for h in headers}
+    added: list[bytes] = []
+    if "from" not in present:
+        origin = sender or f"MAILER-DAEMON@{config['myhostname']}"
+        added.append(
+            b"From: "
+            + email.utils.formataddr((args.full_name or "", origin), charset="utf-8").encode("utf-8")
+            + b"\n"
+        )
+    if "date" not in present:
+        added.append(b"Date: " + email.utils.formatdate(clock(), localtime=True).encode("ascii") + b"\n")
+    if "message-id" not in present:
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(clock()))
+        added.append(
+            f"Message-ID: <{stamp}.{secrets.token_hex(6).upper()}@{config['myhostname']}>\n".encode()
+        )
+
+    header_bytes = b"".join(line for h in headers for line in h.lines) + b"".join(added)
+    # Postfix's smtputf8_autodetect_classes includes sendmail: UTF-8 in
+    # the envelope or the headers asks for SMTPUTF8.
+    smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients) and header_bytes.isascii())
+
+    spool = context.spool()
+    buffer = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+    try:
+        try:
+            buffer.write(header_bytes + b"\n")
+            if not ended:
+                _copy_body(context.stdin, buffer, first_body_line, ignore_dots)
+            buffer.seek(0)
+        except OSError as exc:
+            raise Failure(EX_IOERR, f"sendmail: cannot read the message: {exc.strerror or exc}") from None
+        try:
+            spool.ensure_layout()
+            spool.enqueue(
+                sender,
+                [Recipient(address, notify=notify) for address in _unique(recipients)],
+                buffer,
+                envid=args.envid,
+                ret=ret,
+                smtputf8=smtputf8,
+            )
+        except OSError as exc:
+            raise _spool_failure(spool, exc) from None
+        except ValueError as exc:
+            raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
+    finally:
+        buffer.close()
+    trigger_hook(config)
+    return EX_OK
+
+
+def _unique(addresses: Iterable[str]) -> list[str]:
+    # One queue-file recipient per address, as Postfix's duplicate filter.
+    return list(dict.fromkeys(addresses))
+
+
+def _spool_failure(spool: Spool, exc: OSError) -> Failure:
+    reason = exc.strerror or str(exc)
+    where = spool.directory
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return Failure(EX_TEMPFAIL, f"sendmail: cannot queue the message in {where}: {reason}; try again later")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EROFS, errno.EEXIST):
+        return Failure(EX_CANTCREAT, f"sendmail: cannot create a queue file in {where}: {reason}")
+    return Failure(EX_IOERR, f"sendmail: I/O error writing the queue file in {where}: {reason}")
+
+
+register(Command("sendmail", "queue a message (sendmail-compatible)", _configure_sendmail,
+                 _run_sendmail, intermixed=True))
+
+
+# ---------------------------------------------------------------------------
+# mailq
+
+
+def _configure_mailq(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", "-j", action="store_true",
+                        help="one JSON object per message, as postqueue -j")
+
+
+_MARKS = {"active": "*", "hold": "!"}
+
+
+def _run_mailq(context: Context, args: argparse.Namespace) -> int:
+    spool = context.spool()
+    out = context.stdout
+    count = 0
+    total_size = 0
+    for entry in spool.entries(LISTED_QUEUES):
+        if entry.error is not None:
+            context.warn(f"{entry.queue_id}: unreadable queue file in {entry.queue_name}: {entry.error}")
+            continue
+        if args.json:
+            record = {
+                "queue_name": entry.queue_name,
+                "queue_id": entry.queue_id,
+                "arrival_time": int(entry.arrival_time),
+                "message_size": entry.message_size,
+                "forced_expire": False,
+                "sender": entry.sender,
+                "recipients": [
+                    {"address": address, "delay_reason": reason} if reason is not None
+                    else {"address": address}
+                    for address, reason in entry.recipients
+                ],
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            continue
+        if count == 0:
+            out.write("-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------\n")
+        count += 1
+        total_size += entry.message_size
+        arrival = time.asctime(time.localtime(entry.arrival_time))[:20]
+        mark = _MARKS.get(entry.queue_name, " ")
+        out.write(f"{entry.queue_id:<10}{mark}{entry.message_size:8d} {arrival} {entry.sender or 'MAILER-DAEMON'}\n")
+        last_reason = None
+        for address, reason in entry.recipients:
+            if reason is not None and reason != last_reason:
+                out.write(f"({reason})\n")
+            last_reason = reason
+            out.write(f"{'':41}{address}\n")
+        out.write("\n")
+    if not args.json:
+        if count == 0:
+            out.write("Mail queue is empty\n")
+        else:
+            plural = "" if count == 1 else "s"
+            out.write(f"-- {total_size // 1024} Kbytes in {count} Request{plural}.\n")
+    return EX_OK
+
+
+register(Command("mailq", "list the queue (Postfix mailq format, or --json)", _configure_mailq, _run_mailq))
+
+
+# ---------------------------------------------------------------------------
+# postsuper
+
+
+def _configure_postsuper(parser: argparse.ArgumentParser) -> None:
+    for flag, dest, what in (
+        ("-d", "delete", "delete"),
+        ("-h", "hold", "put on hold"),
+        ("-H", "release", "release from hold"),
+        ("-r", "requeue", "requeue (to incoming, attempts forgotten)"),
+    ):
+        parser.add_argument(flag, dest=dest, action="append", default=[], metavar="ID",
+                            help=f"{what} a message; ALL for every message, - to read ids from stdin")
+    parser.add_argument("queues", nargs="*", metavar="QUEUE",
+                        help="limit ALL to these queues (incoming, active, deferred, hold, corrupt)")
+
+
+# action: (queues it takes messages from, summary word)
+_POSTSUPER_ACTIONS = {
+    "delete": (LISTED_QUEUES + ("corrupt",), "Deleted"),
+    "hold": (("incoming", "active", "deferred"), "Placed on hold"),
+    "release": (("hold",), "Released from hold"),
+    "requeue": (("incoming", "active", "deferred", "hold"), "Requeued"),
+}
+
+
+def _run_postsuper(context: Context, args: argparse.Namespace) -> int:
+    for queue in args.queues:
+        if queue not in QUEUES:
+            raise Failure(EX_USAGE, f"postsuper: unknown queue {queue!r}")
+    requested: list[tuple[str, list[str]]] = []
+    stdin_ids: list[str] | None = None
+    for action in ("delete", "hold", "release", "requeue"):
+        ids: list[str] = []
+        for value in getattr(args, action):
+            if value == "-":
+                if stdin_ids is None:
+                    stdin_ids = context.stdin.read().decode("ascii", "replace").split()
+                ids.extend(stdin_ids)
+            else:
+                ids.append(value)
+        for queue_id in ids:
+            if queue_id != "ALL" and not is_queue_id(queue_id):
+                raise Failure(EX_USAGE, f"postsuper: invalid queue id: {queue_id!r}")
+        if ids:
+            requested.append((action, ids))
+    if not requested:
+        raise Failure(EX_USAGE, "postsuper: nothing to do: use -d, -h, -H or -r")
+    spool = context.spool()
+    for action, ids in requested:
+        source_queues, word = _POSTSUPER_ACTIONS[action]
+        if args.queues:
+            source_queues = tuple(q for q in args.queues if q in source_queues)
+        if "ALL" in ids:
+            targets = [(queue_id, queue) for queue in source_queues for queue_id in spool.queue_ids(queue)]
+        else:
+            targets = []
+            for queue_id in dict.fromkeys(ids):
+                queue = spool.find(queue_id, source_queues)
+                if queue is None:
+                    context.warn(f"{queue_id}: no such message in {', '.join(source_queues)}")
+                else:
+                    targets.append((queue_id, queue))
+        done = 0
+        for queue_id, queue in targets:
+            try:
+                if action == "delete":
+                    spool.remove(queue_id, queue)
+                elif action == "hold":
+                    spool.move(queue_id, queue, "hold")
+                elif action == "release":
+                    spool.move(queue_id, queue, "deferred")
+                else:
+                    spool.requeue(queue_id, queue)
+            except FileNotFoundError:
+                continue  # gone meanwhile (delivered, or moved by the queue manager)
+            except CorruptQueueFile as exc:
+                context.warn(f"{queue_id}: cannot requeue a corrupt queue file: {exc.reason}")
+                continue
+            except OSError as exc:
+                raise Failure(EX_IOERR, f"postsuper: {queue_id}: {exc.strerror or exc}") from None
+            done += 1
+        if done:
+            plural = "" if done == 1 else "s"
+            print(f"postsuper: {word}: {done} message{plural}", file=context.stderr)
+    return EX_OK
+
+
+register(Command("postsuper", "delete, hold, release or requeue messages", _configure_postsuper,
+                 _run_postsuper, short_help=False))
+
+
+# ---------------------------------------------------------------------------
+# check
+
+
+# Table types whose name is a file that may hold secrets.
+_FILE_TABLE_TYPES = ("texthash", "hash", "btree", "lmdb", "cdb", "dbm", "sdbm")
+
+
+def spool_problems(config: Config) -> list[str]:
+    """What is wrong with the spool's layout and permissions."""
+    problems = []
+    directory = config.path_of("queue_directory")
+    if not os.path.isdir(directory):
+        return [f"queue_directory {directory}: not a directory (create it, or run relayagent once)"]
+    uid = os.geteuid()
+    for name in ("",) + DIRECTORIES:
+        path = os.path.join(directory, name) if name else directory
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            problems.append(f"{path}: not a directory")
+            continue
+        if info.st_uid != uid:
+            problems.append(f"{path}: owned by uid {info.st_uid}, not by us (uid {uid})")
+        if info.st_mode & stat.S_IWOTH:
+            problems.append(f"{path}: world-writable (mode {stat.S_IMODE(info.st_mode):04o})")
+        if not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"{path}: not writable by us")
+    return problems
+
+
+def secret_file_problems(config: Config) -> list[str]:
+    """Password tables that others may read."""
+    problems = []
+    for spec in config["smtp_sasl_password_maps"]:
+        kind, colon, name = spec.partition(":")
+        if not colon or kind not in _FILE_TABLE_TYPES:
+            continue
+        path = config.resolve_path(name)
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            problems.append(f"smtp_sasl_password_maps: {path}: {exc.strerror}")
+            continue
+        if info.st_mode & stat.S_IROTH:
+            problems.append(
+                f"smtp_sasl_password_maps: {path}: world-readable (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
+            )
+    return problems
+
+
+def _no_options(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_check(context: Context, args: argparse.Namespace) -> int:
+    problems = list(context.config.warnings) + spool_problems(context.config) + secret_file_problems(context.config)
+    for problem in problems:
+        print(f"relayagent: {problem}", file=context.stdout)
+    if problems:
+        plural = "" if len(problems) == 1 else "s"
+        print(f"relayagent: check: {len(problems)} problem{plural} found", file=context.stdout)
+        return 1
+    print(f"relayagent: check: {context.config_path} and the spool are in order", file=context.stdout)
+    return EX_OK
+
+
+register(Command("check", "validate the configuration and the spool", _no_options, _run_check))
+
+
+# ---------------------------------------------------------------------------
+# postconf
+
+
+def _configure_postconf(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("-n", dest="mode", action="store_const", const="non_default",
+                       help="only parameters set in main.cf")
+    modes.add_argument("-d", dest="mode", action="store_const", const="defaults",
+                       help="default values")
+    parser.add_argument("names", nargs="*", metavar="NAME")
+
+
+def _run_postconf(context: Context, args: argparse.Namespace) -> int:
+    from relayagent.config import postconf_lines
+
+    mode = args.mode or "effective"
+    if not args.names:
+        lines = postconf_lines(context.config, mode, ())
+    else:
+        lines = []
+        for name in args.names:
+            try:
+                lines.extend(postconf_lines(context.config, mode, [name]))
+            except KeyError:
+                context.warn(f"unknown parameter: {name}")
+    for line in lines:
+        print(line, file=context.stdout)
+    return EX_OK
+
+
+register(Command("postconf", "print parameters (effective, -n set in main.cf, -d defaults)",
+                 _configure_postconf, _run_postconf))
+
+
+# ---------------------------------------------------------------------------
+# flush
+
+
+def _run_flush(context: Context, args: argparse.Namespace) -> int:
+    if not trigger_hook(context.config, b"F\n"):
+        context.warn("the queue manager is not running; the queue is delivered when it starts")
+    return EX_OK
+
+
+register(Command("flush", "ask the queue manager to try every deferred message now",
+                 _no_options, _run_flush))
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def _top_parser() -> _Parser:
+    parser = _Parser(
+        prog="relayagent",
+        description="Postfix's smtp(8) for Twisted: queue, list and manage mail.",
+        epilog="commands: " + "; ".join(f"{c.name}: {c.summary}" for c in COMMANDS.values()),
+    )
+    parser.add_argument("-c", dest="config", metavar="CONFIG",
+                        help=f"main.cf to read (default: ${CONFIG_ENVIRONMENT}, else {DEFAULT_CONFIG})")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _load_config(path: str) -> Config:
+    try:
+        return Config.load(path)
+    except ConfigError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()] or ["bad configuration"]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise Failure(EX_CONFIG, f"fatal: {lines[0]}{more}") from None
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    stdin: BinaryIO,
+    stdout: TextIO,
+    stderr: TextIO,
+    environ: dict[str, str] | os._Environ[str] | None = None,
+) -> int:
+    """Run one command with the given streams; return the exit code."""
+    environ = os.environ if environ is None else environ
+    try:
+        top = _top_parser().parse_args(list(argv))
+        command = COMMANDS[top.command]
+        parser = _Parser(
+            prog=f"relayagent {command.name}",
+            description=command.summary,
+            add_help=command.short_help,
+        )
+        if not command.short_help:
+            parser.add_argument("--help", action="help", help="show this help message and exit")
+        command.configure(parser)
+        if command.intermixed:
+            args = parser.parse_intermixed_args(top.arguments)
+        else:
+            args = parser.parse_args(top.arguments)
+        config_path = top.config or environ.get(CONFIG_ENVIRONMENT) or DEFAULT_CONFIG
+        config = _load_config(config_path)
+        context = Context(config, config_path, stdin, stdout, stderr)
+        if command.name != "check":
+            for warning in config.warnings:
+                context.warn(warning)
+        return command.run(context, args)
+    except Failure as failure:
+        print(f"relayagent: {failure.message}", file=stderr)
+        return failure.code
+    except ConfigError as exc:
+        print(f"relayagent: fatal: {str(exc).splitlines()[0]}", file=stderr)
+        return EX_CONFIG
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EX_OK
+    except KeyboardInterrupt:
+        print("relayagent: interrupted", file=stderr)
+        return EX_TEMPFAIL
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        print(f"relayagent: fatal: internal error: {type(exc).__name__}: {exc}", file=stderr)
+        return EX_SOFTWARE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: ``relayagent [-c CONFIG] COMMAND ...``.
+
+    Installed as ``sendmail`` or ``mailq`` (a symbolic link), it runs that
+    command, as Postfix's binaries of those names do.
+    """
+    if argv is None:
+        argv = sys.argv[1:]
+        invoked_as = os.path.basename(sys.argv[0])
+        if invoked_as in ("sendmail", "mailq"):
+            argv = [invoked_as, *argv]
+    stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
+    return run(argv, stdin=stdin, stdout=sys.stdout, stderr=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
