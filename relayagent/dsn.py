@@ -751,9 +751,10 @@ def notices(
         if not delayed or (envelope.sender and is_double_bounce_address(envelope.sender, config)):
             return NoticePlan()
         if not envelope.sender:
-            # bounce_warn_service.c: a delayed bounce warns the postmaster.
-            if "2bounce" in classes:
-                to = qualify(config["2bounce_notice_recipient"], config)
+            # bounce_warn_service.c: a delayed bounce warns the postmaster,
+            # when notify_classes has delay.
+            if "delay" in classes:
+                to = qualify(config["delay_notice_recipient"], config)
                 add(double_bounce_address(config), to,
                     build(to, delayed, postmaster=True, ret=Ret.HDRS),
                     "postmaster delay notification")
@@ -807,7 +808,10 @@ def postmaster_notice(
     2bounce and delay make a postmaster copy of the report for ``reports``
     (default: every pending recipient with ``status``) and go to
     ``bounce_notice_recipient``, ``2bounce_notice_recipient`` or
-    ``delay_notice_recipient``.
+    ``delay_notice_recipient``.  ``notices()`` already makes the bounce and
+    delay copies (and the double bounce of a failed bounce, which this
+    function never does since a bounce has the null sender); call this
+    one for smtp(8)'s classes.
     """
     if cls not in config["notify_classes"]:
         return None

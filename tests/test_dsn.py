@@ -541,6 +541,15 @@ class NoticesTests(unittest.TestCase):
         reports = [dsn.RecipientReport(envelope.recipients[0], deferred(), "delayed")]
         self.assertEqual(dsn.notices("delay", envelope, reports, config=make_config()).notices, ())
 
+    def test_delayed_bounce_warns_postmaster_with_delay_class(self) -> None:
+        envelope = make_envelope(sender="")
+        reports = [dsn.RecipientReport(envelope.recipients[0], deferred(), "delayed")]
+        config = make_config(notify_classes="delay", delay_notice_recipient="late@example.org")
+        [notice] = dsn.notices("delay", envelope, reports, config=config).notices
+        self.assertEqual(notice.recipients, ("late@example.org",))
+        self.assertEqual(notice.sender, "double-bounce@relay.example.org")
+        self.assertEqual(notice.label, "postmaster delay notification")
+
     def test_success_notice(self) -> None:
         recipient = Recipient("b@example.net", 0, notify=Notify.SUCCESS)
         envelope = make_envelope(recipients=(recipient,))
