@@ -81,7 +81,9 @@ DEFAULT_CHUNK_SIZE = 65536
 # (smtp_proto.c: strspn(resp->str, "20 *\t\n")).
 _PIX_GREETING_RE = re.compile(r"^[20 *\t\n]*$")
 
-_DOT_ATOM_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+# RFC 5321 Dot-string; with RFC 6531 any non-ASCII character is atext too.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]"
+_DOT_ATOM_RE = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
 
 
 @dataclass(frozen=True)
