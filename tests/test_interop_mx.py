@@ -9,6 +9,7 @@ Also null MX (5.1.0), NXDOMAIN (5.4.4) and SERVFAIL (4.4.3).
 from __future__ import annotations
 
 import io
+import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -21,6 +22,7 @@ from relayagent.config import Config
 from relayagent.connect import Connector
 from relayagent.envelope import Envelope, Recipient
 from relayagent.resolve import NexthopResolver, make_dns_resolver
+from relayagent.status import DeliveryFailure
 from tests.support.dnsserver import LoopbackDNSServer
 from tests.support.sink import SmtpSink
 
@@ -246,3 +248,53 @@ class MXInteropTests(unittest.TestCase):
 
     def test_servfail_with_ignore_mx_lookup_error(self):
         return Deferred.fromCoroutine(self._servfail_ignored())
+
+
+ZONE_FILE = """\
+$ORIGIN zone.test.
+$TTL 60
+@       IN SOA ns.zone.test. hostmaster.zone.test. 1 60 60 60 60
+@       IN MX 10 mx1.zone.test.
+@       IN MX 10 mx2.zone.test.
+mx1     IN A 127.0.0.2
+mx2     IN A 127.0.0.3
+alias   IN CNAME zone.test.
+null    IN MX 0 .
+"""
+
+
+class ZoneFileTests(unittest.TestCase):
+    """The DNS server loaded from a BIND zone file, through twisted.names' client."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        path = self.mktemp()
+        os.makedirs(path)
+        zone = os.path.join(path, "zone.test")
+        with open(zone, "w", encoding="ascii") as handle:
+            handle.write(ZONE_FILE)
+        self.server = LoopbackDNSServer.from_zone_file(zone)
+        self.server.start(reactor)
+        self.addCleanup(self.server.stop)
+        config = Config.defaults().replace(dns_nameservers=self.server.nameserver, inet_protocols="ipv4", smtp_tcp_port="2525")
+        self.resolver = NexthopResolver(config, make_dns_resolver(config, reactor), reactor, local_addresses=lambda: set())
+
+    async def _lookups(self) -> None:
+        (hop,) = self.resolver.nexthops("zone.test")
+        found = await self.resolver.addresses(hop)
+        self.assertEqual(sorted(a.address for a in found), ["127.0.0.2", "127.0.0.3"])
+        self.assertEqual({a.port for a in found}, {2525})
+        (hop,) = self.resolver.nexthops("alias.zone.test")
+        found = await self.resolver.addresses(hop)
+        self.assertEqual(sorted(a.host for a in found), ["mx1.zone.test", "mx2.zone.test"])
+        (hop,) = self.resolver.nexthops("null.zone.test")
+        try:
+            await self.resolver.addresses(hop)
+        except DeliveryFailure as failure:
+            self.assertEqual(failure.status.dsn, "5.1.0")
+        else:
+            self.fail("null MX was not reported")
+
+    def test_lookups(self):
+        return Deferred.fromCoroutine(self._lookups())

@@ -418,3 +418,22 @@ class AddressTests(SynchronousTestCase):
         resolver = make_resolver(None, system=system, disable_dns_lookups="yes")
         (hop,) = resolver.nexthops("example.com")
         self.assertEqual(self.failure(resolver, hop).status.dsn, "4.4.4")
+
+
+class MakeDNSResolverTests(SynchronousTestCase):
+    def test_nameservers_with_ports(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relayagent.resolve import make_dns_resolver
+
+        config = make_config(dns_nameservers="127.0.0.1:5353, 192.0.2.53 [2001:db8::53]:5300")
+        resolver = make_dns_resolver(config, MemoryReactorClock())
+        self.assertEqual(resolver.servers, [("127.0.0.1", 5353), ("192.0.2.53", 53), ("2001:db8::53", 5300)])
+
+    def test_nameserver_must_be_an_address(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relayagent.resolve import make_dns_resolver
+
+        error = self.assertRaises(ConfigError, make_dns_resolver, make_config(dns_nameservers="ns.example.com"), MemoryReactorClock())
+        self.assertIn("dns_nameservers", str(error))

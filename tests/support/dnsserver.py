@@ -49,14 +49,16 @@ class RecordsAuthority(authority.FileAuthority):
 
 
 class _ZoneFileAuthority(authority.BindAuthority):
-    def __init__(self, path: str, origin: str) -> None:
-        self._origin = origin
-        super().__init__(path)
-
     def loadFile(self, filename: str) -> None:
         super().loadFile(filename)
         if self.soa is None:
             raise ValueError(f"zone file {filename} has no SOA record")
+        # "MX 0 ." names the root, which must go on the wire as the empty
+        # name (RFC 7505), not as the text ".".
+        for records in self.records.values():
+            for index, record in enumerate(records):
+                if isinstance(record, dns.Record_MX) and record.name.name in (b".", b""):
+                    records[index] = dns.Record_MX(record.preference, b"", ttl=record.ttl)
 
 
 class _Factory(server.DNSServerFactory):
@@ -98,7 +100,7 @@ class LoopbackDNSServer:
 
     @classmethod
     def from_zone_file(cls, path: str, *, servfail: Iterable[str] = ()) -> LoopbackDNSServer:
-        return cls([_ZoneFileAuthority(path, "")], servfail)
+        return cls([_ZoneFileAuthority(path)], servfail)
 
     @property
     def nameserver(self) -> str:
