@@ -446,8 +446,12 @@ class Connector:
                     status = failure.status
                     if nexthop.is_relay:
                         status = relay_configuration_status(status)
+                    # A refusal that ends the delivery names its server
+                    # (relay=host[addr]:port); running out of addresses is
+                    # relay=none.
+                    refused_by = failure.attempts[-1].server if failure.final_server and failure.attempts else None
                     for index in pending:
-                        result.outcomes[index] = RecipientOutcome(status, None)
+                        result.outcomes[index] = RecipientOutcome(status, refused_by)
                     return result
                 result.sessions += 1
                 final_server = plan.exhausted or (session_limit > 0 and result.sessions >= session_limit)

@@ -340,7 +340,9 @@ class DeliverWithFallbackTests(ConnectorTestBase):
         # Not a relay: the same refusal bounces.
         d = connector.deliver_with_fallback([v4("mx", "192.0.2.1")], NEXTHOP, [1], self.transact)
         self.accept(1).refuse(554)
-        self.assertEqual(self.successResultOf(d).outcomes[1].status.dsn, "5.0.0")
+        outcome = self.successResultOf(d).outcomes[1]
+        self.assertEqual(outcome.status.dsn, "5.0.0")
+        self.assertEqual(outcome.server.address, "192.0.2.1")
 
     def test_relay_recipient_rejection_still_bounces(self) -> None:
         # Postfix turns only session-level hard failures of a relay into 4.3.5.
