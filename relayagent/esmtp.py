@@ -1080,8 +1080,19 @@ class _BodyProducer:
         self._produce()
 
     def stopProducing(self) -> None:
+        # The transport calls this before the protocol's connectionLost:
+        # the body did not get through.
         if not self._finished:
-            self._finish(_Broken(self.session._broken.status) if self.session._broken else None, stopped=True)
+            session = self.session
+            broken = session._broken or _Broken(
+                Status(
+                    dsn="4.4.2",
+                    text=f"lost connection with {session.namaddr} while {STAGES['body'].while_text}",
+                    stage=STAGES["body"].name,
+                    remote_mta=session.server.host,
+                )
+            )
+            self._finish(broken, stopped=True)
 
     def abort(self, broken: _Broken) -> None:
         if not self._finished:

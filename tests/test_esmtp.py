@@ -846,3 +846,20 @@ class HelperTests(unittest.SynchronousTestCase):
 
     def test_server_info_str(self):
         self.assertEqual(str(SERVER), "mx.example[192.0.2.1]:25")
+
+
+class ProducerStopTests(unittest.SynchronousTestCase):
+    def test_transport_stopping_the_producer_is_a_lost_body(self):
+        # A real transport calls stopProducing before connectionLost.
+        h = Harness(self, transport=PausingTransport(), chunk_size=10).greet()
+        env = make_envelope(count=1, content=b"w" * 100)
+        d = h.session.deliver(env, env.recipients)
+        h.sent()
+        h.receive(b"250 ok", b"250 ok", b"354 go")
+        h.transport.producer.stopProducing()
+        h.lose()
+        result = self.successResultOf(d)
+        self.assertEqual(
+            result.recipients[0].text, f"lost connection with {NAMADDR} while sending message body"
+        )
+        self.assertNotIn(b".\r\n", h.sent()[-3:])
