@@ -57,8 +57,10 @@ from relayagent.status import DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.sasl")
 
-# The stage name used in status texts and transcripts.
+# Status.stage of AUTH failures, and the text that completes the session's
+# "lost connection with host[addr] while ..." during the exchange.
 AUTH_STAGE = "AUTH"
+AUTH_WHILE = "performing the SASL authentication"
 
 
 class SASLError(Exception):
@@ -602,6 +604,8 @@ def choose_mechanism(
 
 
 class ReplyLike(Protocol):
+    """relayagent.smtp_reply.Reply: ``lines`` keep their reply codes."""
+
     code: int
     enhanced: str | None
     lines: Sequence[str]
@@ -626,20 +630,14 @@ def _one_line(text: str) -> str:
 
 
 def _reply_summary(reply: ReplyLike) -> str:
-    """``535 5.7.8 text`` on one line, for a status text."""
-    parts = [str(reply.code)]
-    if reply.enhanced:
-        parts.append(reply.enhanced)
-    text = _one_line(" ".join(reply.lines) if reply.lines else reply.text)
-    if text:
-        parts.append(text)
-    return " ".join(parts)
+    """``535 5.7.8 text`` on one line, for a status text (the reply's
+    lines hold their codes, as relayagent.smtp_reply gives them)."""
+    return _one_line(reply.text)
 
 
 def _challenge_text(reply: ReplyLike) -> str:
-    if reply.lines:
-        return reply.lines[-1].strip()
-    return reply.text.strip()
+    """The base64 text of a 334 reply: the last line after its code."""
+    return reply.lines[-1][4:].strip() if reply.lines else ""
 
 
 @dataclass
@@ -705,7 +703,7 @@ class SASLClient:
         return True
 
     async def _command(self, session: SessionLike, line: bytes) -> ReplyLike:
-        return await session.command(line, stage=AUTH_STAGE, timeout=self.timeout, redact=True)
+        return await session.command(line, stage=AUTH_WHILE, timeout=self.timeout, redact=True)
 
     async def _exchange(self, session: SessionLike, mechanism: ClientMechanism) -> None:
         server = session.server

@@ -71,6 +71,7 @@ from relayagent.status import DeliveryFailure, Status
 log = Logger(namespace="relayagent.tls")
 
 STARTTLS_STAGE = "STARTTLS"
+STARTTLS_WHILE = "sending the STARTTLS command"
 # The status.extra flag that asks the connection layer for a plaintext retry.
 RETRY_PLAINTEXT = "tls_retry_plaintext"
 
@@ -596,14 +597,8 @@ def _peer_port(server: Any) -> str:
 
 
 def _reply_summary(reply: Any) -> str:
-    parts = [str(reply.code)]
-    if getattr(reply, "enhanced", None):
-        parts.append(reply.enhanced)
-    lines = getattr(reply, "lines", None)
-    text = " ".join((" ".join(lines) if lines else reply.text).split())
-    if text:
-        parts.append(text)
-    return " ".join(parts)
+    """The reply on one line, codes included (relayagent.smtp_reply.Reply)."""
+    return " ".join(reply.text.split())
 
 
 def _start_tls_method(session: Any) -> Callable[[Any], Deferred]:
@@ -650,7 +645,7 @@ async def negotiate_tls(
             skip_to_next=False,
         ) from None
 
-    reply = await session.command(b"STARTTLS", stage=STARTTLS_STAGE, timeout=settings.starttls_timeout)
+    reply = await session.command(b"STARTTLS", stage=STARTTLS_WHILE, timeout=settings.starttls_timeout)
     if reply.code // 100 != 2:
         if level.mandatory:
             code_class = 5 if reply.code // 100 == 5 else 4
