@@ -321,13 +321,18 @@ class SevenBitConverter:
         buffer = self._pending + bytes(data) if self._pending else bytes(data)
         lines = buffer.split(b"\n")
         self._pending = lines.pop()
-        for line in lines:
+        index, count = 0, len(lines)
+        while index < count and not self._in_last_part():
+            line = lines[index]
+            index += 1
             if line[-1:] == b"\r":
                 line = line[:-1]
             while len(line) > self._piece:
                 piece, line = self._cut_one(line)
                 self._record(piece, True)
             self._record(line, False)
+        if index < count:
+            self._feed_last_part(lines[index:] if index else lines)
         while len(self._pending) >= self._piece:
             piece, self._pending = self._cut_one(self._pending)
             self._record(piece, True)
@@ -363,6 +368,30 @@ class SevenBitConverter:
         if self._error is not None:
             raise self._error
         return output
+
+    def _in_last_part(self) -> bool:
+        """Whether the rest of the message is one body, whatever it holds.
+
+        With no multipart open there is no delimiter to look for, so the
+        parser can never leave this state; the lines go straight to the
+        output (the speed of large single-part messages depends on it).
+        """
+        return self._state is _State.BODY and not self._stack
+
+    def _feed_last_part(self, lines: list[bytes]) -> None:
+        self._prev_cont = False
+        if self._domain is _Domain.SEVEN:
+            # Each CRLF that ends a line becomes LF; nothing else changes.
+            text = (b"\n".join(lines) + b"\n").replace(b"\r\n", b"\n")
+            if not self.unconverted_8bit and not text.isascii():
+                self.unconverted_8bit = True
+            self._out.append(text)
+            return
+        # The lines are in memory already, so a long one need not be cut in
+        # pieces here: the encoder's output does not depend on the cuts.
+        emit = self._qp_emit
+        for encoded in _qp_escape_lines(lines):
+            emit(encoded, False)
 
     def _cut_one(self, text: bytes) -> tuple[bytes, bytes]:
         """Cut the first piece off a line that goes on past one piece.
@@ -587,7 +616,18 @@ class SevenBitConverter:
 
     def _qp_encode_record(self, text: bytes, is_cont: bool) -> None:
         """Append one line (or piece) of a converted part, RFC 2045 6.7."""
-        encoded = _qp_escape(text)
+        self._qp_emit(_qp_escape(text), is_cont)
+
+    def _qp_emit(self, encoded: bytes, is_cont: bool) -> None:
+        """Append one escaped line (or piece): soft breaks, trailing blanks."""
+        if (
+            len(encoded) <= _QP_BREAK_AFTER
+            and not is_cont
+            and not self._qp_line
+            and encoded[-1:] not in (b" ", b"\t")
+        ):
+            self._out.append(encoded + b"\n")  # the common short line
+            return
         line = self._qp_line + encoded if self._qp_line else encoded
         out = self._out
         lead = b""  # "=2D" in place of a "-" that starts a soft-broken line
@@ -642,6 +682,23 @@ def _qp_escape(text: bytes) -> bytes:
     if b".\r" in text or b".\x00" in text:
         return _QP_UNSAFE.sub(_qp_escape_run, text)
     return binascii.b2a_qp(text + b"x", istext=False).replace(b"=\n", b"")[:-1]
+
+
+def _qp_escape_lines(lines: list[bytes]) -> list[bytes]:
+    """``_qp_escape`` of each line, CR of a CRLF removed, in one C call.
+
+    The lines are joined with \\x01, which b2a_qp escapes as "=01" (a
+    literal "=" becomes "=3D", so "=01" can come from nothing else); when
+    a line holds \\x01 itself, or one of the rare sequences that make
+    b2a_qp's output depend on its own line breaks, each line is done alone.
+    """
+    joined = b"\x01".join(lines).replace(b"\r\x01", b"\x01")
+    if joined[-1:] == b"\r":
+        joined = joined[:-1]
+    if joined.count(b"\x01") != len(lines) - 1 or b".\r" in joined or b".\x00" in joined:
+        return [_qp_escape(line[:-1] if line[-1:] == b"\r" else line) for line in lines]
+    encoded = binascii.b2a_qp(joined + b"x", istext=False).replace(b"=\n", b"")
+    return encoded[:-1].split(b"=01")
 
 
 def convert_to_7bit(data: bytes, **limits: int) -> bytes:

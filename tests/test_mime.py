@@ -275,6 +275,26 @@ class ChunkingTests(SynchronousTestCase):
             self.assertEqual(feed_in_chunks(message, [size], SmallPieces()), whole, size)
         self.assertNotIn(b"=0D", whole)
 
+    @DETERMINISTIC
+    @given(
+        st.binary(max_size=600).map(lambda data: data.replace(b"-", b"_")),
+        st.lists(st.integers(min_value=1, max_value=70), min_size=1, max_size=20),
+    )
+    def test_single_part_and_multipart_paths_agree(self, body, sizes):
+        # A single-part message takes the fast path (no delimiter to look
+        # for); the same body inside a multipart goes line by line.  Both
+        # must encode it the same, whatever the chunking.
+        single = b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n"
+        multi = (
+            b"Content-Type: multipart/mixed; boundary=-\r\n\r\n--" + b"-\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n---\r\n"
+        )
+        single_out = feed_in_chunks(single, sizes)
+        multi_out = feed_in_chunks(multi, sizes)
+        encoded = single_out.partition(b"\n\n")[2]
+        self.assertEqual(single_out, convert_to_7bit(single))
+        self.assertEqual(multi_out.partition(b"\n\n")[2].partition(b"\n\n")[2], encoded + b"---\n")
+
     def test_feed_accepts_memoryview_and_bytearray(self):
         message = mixed_message()
         converter = SevenBitConverter()
