@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.logger import Logger
@@ -61,9 +62,12 @@ class SpoolStateService(Service):
 
     log = Logger()
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, directory: Callable[[], str] | None = None) -> None:
         self.config = config
         self.spool = None
+        # Where the queue directory is at start time (after a chroot:
+        # relayagent.daemon finds it again); default: from the config.
+        self.directory = directory or (lambda: config.path_of("queue_directory"))
 
     def startService(self) -> None:
         from relayagent.spool import Spool
@@ -71,7 +75,7 @@ class SpoolStateService(Service):
         super().startService()
         for warning in self.config.warnings:
             self.log.warn("warning: {warning}", warning=warning)
-        directory = self.config.path_of("queue_directory")
+        directory = self.directory()
         self.spool = Spool(directory)
         self.spool.ensure_layout()
         active = list(self.spool.recover())
@@ -86,7 +90,17 @@ class SpoolStateService(Service):
 
 
 def makeService(options: Options) -> IServiceCollection:
+    from twisted.internet import reactor
+
+    from relayagent.daemon import build_service
+
     config: Config = options["configuration"]
     top = MultiService()
-    SpoolStateService(config).setServiceParent(top)
+    # Built now, before twistd's --chroot and --uid/--gid: see relayagent.daemon.
+    try:
+        relayagent_service = build_service(config, reactor)
+    except (ConfigError, ValueError) as exc:  # SecurityConfigError is a ValueError
+        raise SystemExit(f"relayagent: fatal: {exc}") from None
+    SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
+    relayagent_service.setServiceParent(top)
     return top

@@ -1,0 +1,209 @@
+"""
+The connection cache: idle SMTP sessions kept for the next delivery to the
+same nexthop (Postfix: scache(8), smtp_reuse.c, the caching half of
+smtp_connect.c).
+
+A session whose transaction ended well is stored, idle, under its nexthop
+(``[relay.example]:587``, ``example.com``) and, unless it used AUTH, under
+its server address (``192.0.2.1:25``) too: Postfix never hands an
+authenticated session to a request that merely happens to resolve to the
+same address, because the credentials belong to the nexthop.
+
+An idle session is closed (QUIT) after ``smtp_connection_cache_time_limit``.
+A session is not stored again once it is older than
+``smtp_connection_reuse_time_limit`` or, when
+``smtp_connection_reuse_count_limit`` is above zero, once it has carried
+that many transactions.  Whoever takes a session from the cache probes it
+with ``session.reset()`` (RSET) before use; this module only keeps them.
+
+Taking and storing are O(1) (a dict of deques): with 20 deliveries in
+parallel through one relayhost, every transaction does one take and one
+store.
+
+Owns: smtp_connection_cache_time_limit, smtp_connection_reuse_time_limit,
+smtp_connection_reuse_count_limit, smtp_connection_cache_destinations,
+smtp_connection_cache_on_demand (the policy in ``wants_caching``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+log = Logger(namespace="relayagent.conncache")
+
+
+@dataclass(eq=False)
+class CachedSession:
+    """A session and what the cache must know about it.
+
+    ``created``: when the connection was made (clock seconds).
+    ``uses``: how many transactions it has carried, the current one
+    included once it is handed out again (the log's ``conn_use``).
+    ``authenticated``: it used AUTH, so it is kept under its nexthop only.
+    """
+
+    session: Any
+    nexthop: str
+    address: str | None
+    created: float
+    uses: int = 1
+    authenticated: bool = False
+    _keys: tuple[str, ...] = field(default=(), repr=False)
+    _timer: IDelayedCall | None = field(default=None, repr=False)
+
+
+def address_key(address: str, port: int) -> str:
+    """The cache key of a server address."""
+    if ":" in address:
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
+
+
+class ConnectionCache:
+    """Idle sessions by nexthop and by address, each closed when idle too long."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        idle_limit: float,
+        reuse_time_limit: float,
+        reuse_count_limit: int = 0,
+        always_cache: tuple[str, ...] = (),
+        on_demand: bool = True,
+    ) -> None:
+        self.clock = clock
+        self.idle_limit = idle_limit
+        self.reuse_time_limit = reuse_time_limit
+        self.reuse_count_limit = reuse_count_limit
+        self.always_cache = frozenset(name.lower() for name in always_cache)
+        self.on_demand = on_demand
+        self._idle: dict[str, deque[CachedSession]] = {}
+        self.stored = 0
+        self.reused = 0
+
+    @classmethod
+    def from_config(cls, config: Any, clock: IReactorTime) -> ConnectionCache:
+        return cls(
+            clock,
+            idle_limit=config["smtp_connection_cache_time_limit"],
+            reuse_time_limit=config["smtp_connection_reuse_time_limit"],
+            reuse_count_limit=config["smtp_connection_reuse_count_limit"],
+            always_cache=tuple(config["smtp_connection_cache_destinations"]),
+            on_demand=config["smtp_connection_cache_on_demand"],
+        )
+
+    # -- policy
+
+    def wants_caching(self, nexthop: str, destination: str, backlog: int) -> bool:
+        """Whether a session to ``nexthop`` should be kept after its
+        transaction: always for ``smtp_connection_cache_destinations``
+        (matched against the nexthop as written, its bare host, or the
+        recipient domain), on demand when more requests wait for the same
+        destination."""
+        if self.idle_limit <= 0:
+            return False
+        if self.always_cache and self._listed(nexthop, destination):
+            return True
+        return self.on_demand and backlog > 0
+
+    def _listed(self, nexthop: str, destination: str) -> bool:
+        bare = nexthop.lower()
+        if bare.startswith("["):
+            bare = bare[1:].partition("]")[0]
+        else:
+            bare = bare.rpartition(":")[0] if bare.count(":") == 1 else bare
+        return bool({nexthop.lower(), bare, destination.lower()} & self.always_cache)
+
+    def reusable(self, entry: CachedSession) -> bool:
+        """Whether a session may carry another transaction (reuse limits)."""
+        if self.clock.seconds() - entry.created >= self.reuse_time_limit:
+            return False
+        if self.reuse_count_limit > 0 and entry.uses >= self.reuse_count_limit:
+            return False
+        return True
+
+    # -- storing and taking
+
+    def store(self, entry: CachedSession) -> bool:
+        """Keep an idle session; False (and nothing kept) when the reuse
+        limits say it has served enough: the caller then closes it."""
+        if not self.reusable(entry) or self.idle_limit <= 0:
+            return False
+        keys = [entry.nexthop]
+        if entry.address is not None and not entry.authenticated and entry.address != entry.nexthop:
+            keys.append(entry.address)
+        entry._keys = tuple(keys)
+        for key in keys:
+            self._idle.setdefault(key, deque()).append(entry)
+        entry._timer = self.clock.callLater(self.idle_limit, self._expire, entry)
+        self.stored += 1
+        return True
+
+    def take(self, key: str) -> CachedSession | None:
+        """The most recently stored idle session under ``key`` (a nexthop
+        or an ``address_key``), removed from the cache; None when there is
+        none.  Probe it with ``session.reset()`` before use."""
+        idle = self._idle.get(key)
+        while idle:
+            entry = idle.pop()  # the freshest: least likely to be timed out by the server
+            if not idle:
+                del self._idle[key]
+            self._forget(entry, except_key=key)
+            if self.reusable(entry):
+                entry.uses += 1
+                self.reused += 1
+                return entry
+            self._close(entry)
+            idle = self._idle.get(key)
+        return None
+
+    def __len__(self) -> int:
+        return len({id(entry) for idle in self._idle.values() for entry in idle})
+
+    def close_all(self) -> None:
+        """Close every idle session (service stop)."""
+        for entry in {id(e): e for idle in self._idle.values() for e in idle}.values():
+            self._forget(entry)
+            self._close(entry)
+        self._idle.clear()
+
+    # -- internals
+
+    def _forget(self, entry: CachedSession, except_key: str | None = None) -> None:
+        if entry._timer is not None and entry._timer.active():
+            entry._timer.cancel()
+        entry._timer = None
+        for key in entry._keys:
+            if key == except_key:
+                continue
+            idle = self._idle.get(key)
+            if idle is None:
+                continue
+            try:
+                idle.remove(entry)  # short: bounded by the destination's concurrency
+            except ValueError:
+                pass
+            if not idle:
+                del self._idle[key]
+        entry._keys = ()
+
+    def _expire(self, entry: CachedSession) -> None:
+        entry._timer = None
+        self._forget(entry)
+        self._close(entry)
+
+    @staticmethod
+    def _close(entry: CachedSession) -> None:
+        try:
+            closing = entry.session.quit()
+        except Exception:  # noqa: BLE001 - a broken session is simply dropped
+            log.failure("closing cached session to {nexthop}", nexthop=entry.nexthop)
+            return
+        if closing is not None and hasattr(closing, "addErrback"):
+            closing.addErrback(lambda _failure: None)

@@ -1,0 +1,147 @@
+"""
+The queue manager's trigger socket: ``$queue_directory/public/qmgr``
+(Postfix: the qmgr FIFO in public/, and the triggers that sendmail(1),
+postqueue -f and pickup send through it).
+
+AMP over a UNIX-domain socket, two commands without arguments:
+
+- ``Wakeup``: new mail in ``incoming/`` (``relayagent sendmail`` and the
+  other intake paths send it after an enqueue);
+- ``Flush``: retry every deferred message now (``relayagent flush``).
+
+The server side is ``ControlFactory(queue_manager)``, listened on by the
+daemon before it drops privileges.  The socket is made mode 0600 inside
+``public/`` (mode 0700, made by the spool): only the mail system's own
+user may trigger it.  A trigger is a hint, never a requirement: the
+queue manager also polls, so a lost trigger only delays mail.
+
+``trigger(queue_directory, command)`` is the client, deliberately
+blocking and free of the reactor so a command-line program can call it
+after enqueuing: it writes one AMP box on a plain socket, waits (briefly)
+for the answer, and returns False, quietly, when no daemon listens.
+
+Owns no parameters; reads queue_directory (through its callers).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+log = Logger(namespace="relayagent.control")
+
+SOCKET_NAME = "qmgr"
+PUBLIC = "public"
+SOCKET_MODE = 0o600
+# How long the client waits for the daemon's answer: a busy daemon still
+# answers in milliseconds; a wedged one must not hang ``sendmail``.
+CLIENT_TIMEOUT = 2.0
+
+
+class Wakeup(amp.Command):
+    """New mail in incoming/."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = True
+
+
+class Flush(amp.Command):
+    """Retry the deferred queue now."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = True
+
+
+COMMANDS: dict[str, type[amp.Command]] = {"wakeup": Wakeup, "flush": Flush}
+
+
+def socket_path(queue_directory: str) -> str:
+    """Where the trigger socket lives under a queue directory."""
+    return os.path.join(queue_directory, PUBLIC, SOCKET_NAME)
+
+
+class ControlProtocol(amp.AMP):
+    """One trigger connection: each command pokes the queue manager."""
+
+    def __init__(self, queue_manager: Any) -> None:
+        super().__init__()
+        self.queue_manager = queue_manager
+
+    @Wakeup.responder
+    def wakeup(self) -> dict[str, Any]:
+        self.queue_manager.wakeup()
+        return {}
+
+    @Flush.responder
+    def flush(self) -> dict[str, Any]:
+        log.info("flush requested: retrying the deferred queue")
+        self.queue_manager.flush()
+        return {}
+
+
+class ControlFactory(Factory):
+    """Builds ``ControlProtocol`` for a queue manager."""
+
+    def __init__(self, queue_manager: Any) -> None:
+        self.queue_manager = queue_manager
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        protocol = ControlProtocol(self.queue_manager)
+        protocol.factory = self
+        return protocol
+
+
+def listen(reactor: Any, queue_directory: str, queue_manager: Any) -> Any:
+    """Listen on the trigger socket (a stale one from a dead daemon is
+    replaced); returns the IListeningPort."""
+    path = socket_path(queue_directory)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    # wantPID guards against two daemons on one spool: a live one keeps
+    # its lock file (path.lock) and the second listen fails.
+    port = reactor.listenUNIX(path, ControlFactory(queue_manager), mode=SOCKET_MODE, wantPID=True)
+    return port
+
+
+def trigger(queue_directory: str, command: str = "wakeup", *, timeout: float = CLIENT_TIMEOUT) -> bool:
+    """Send ``command`` ("wakeup" or "flush") to a running daemon.
+
+    Blocking, for command-line use.  True when the daemon answered;
+    False when none listens or it did not answer in time (the daemon
+    polls anyway, so the caller need not care).
+    """
+    command_class = COMMANDS.get(command.lower())
+    if command_class is None:
+        raise ValueError(f"unknown queue manager command: {command!r} (expected wakeup or flush)")
+    box = amp.AmpBox(_command=command_class.commandName, _ask=b"1")
+    path = socket_path(queue_directory)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(box.serialize())
+            return _read_answer(sock)
+        except OSError:
+            return False
+    finally:
+        sock.close()
+
+
+def _read_answer(sock: socket.socket) -> bool:
+    """Read one AMP box; True when it answers our question."""
+    data = b""
+    while not data.endswith(b"\x00\x00") or len(data) < 2:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return False
+        data += chunk
+        if len(data) > 65536:
+            return False
+    return b"_answer" in data and b"_error" not in data

@@ -1,0 +1,257 @@
+"""
+The running mail system: the service tree ``twistd -n relayagent`` starts
+(Postfix: master(8) with qmgr(8) and smtp(8) under it).
+
+``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
+
+- the log observers (``relayagent.logging.make_observers``) on
+  ``maillog_file`` or standard output;
+- the spool (``relayagent.spool.Spool``);
+- the delivery agent (``relayagent.delivery.DeliveryAgent``) over the
+  real resolver (``resolve.NexthopResolver``), connector
+  (``connect.Connector``), ESMTP session factory
+  (``esmtp.SMTPSessionFactory``), security policy
+  (``security.SecurityPolicy``) and connection cache (``conncache``);
+- the queue manager (``scheduler.QueueManager``);
+- the trigger socket (``control``: ``$queue_directory/public/qmgr``).
+
+Privileges (twistd ``--uid``, ``--gid``, ``--chroot``): twistd loads the
+plugin (``makeService``, where this runs) as the starting user and
+outside the chroot, then chroots, then calls ``privilegedStartService``,
+then drops to ``--uid``/``--gid``, then calls ``startService``.  So
+everything that needs root or files outside the chroot happens here, in
+``build_service``: main.cf and its lookup tables are read, SASL password
+tables and TLS keys are loaded, ``/etc/resolv.conf`` is read (once, as
+Postfix's resolver does at start-up), the log file is opened, the
+modules that are otherwise imported lazily are imported, and a
+descriptor of the queue directory is kept.  The spool itself, the
+trigger socket and the queue manager start in ``startService``, as the
+unprivileged user, so that what they create belongs to that user; under
+a chroot the queue directory is found again through the kept descriptor.
+
+Owns no parameters; reads queue_directory, maillog_file, log_format.
+"""
+
+from __future__ import annotations
+
+import encodings.idna  # noqa: F401 - "xn--" names after a chroot need the codec loaded
+import os
+import sys
+from collections import OrderedDict
+from typing import Any, TextIO
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.logger import Logger, globalLogPublisher
+
+from relayagent import (
+    control,
+    mime,  # noqa: F401 - imported lazily by esmtp; load it before a chroot
+)
+from relayagent import logging as ralog
+from relayagent.config import Config
+from relayagent.conncache import ConnectionCache
+from relayagent.connect import Connector
+from relayagent.delivery import Attempt, DeliveryAgent, Outcome, Transact
+from relayagent.envelope import Recipient
+from relayagent.esmtp import ServerInfo, SMTPSessionFactory
+from relayagent.resolve import NexthopResolver, make_dns_resolver
+from relayagent.scheduler import Feedback, QueueManager
+from relayagent.security import SecurityPolicy
+from relayagent.spool import Spool
+from relayagent.status import DeliveryFailure, Status
+
+log = Logger(namespace="relayagent.daemon")
+
+# Domains whose destination key is remembered (route); an LRU bound.
+ROUTE_CACHE_SIZE = 10000
+
+
+class Router:
+    """``route(recipient) -> destination key``: the first nexthop of the
+    recipient's domain, as written (``[127.0.0.1]:2525``, ``example.com``).
+    Remembered per domain: the answer depends only on main.cf."""
+
+    def __init__(self, resolver: NexthopResolver, size: int = ROUTE_CACHE_SIZE) -> None:
+        self.resolver = resolver
+        self.size = size
+        self._known: OrderedDict[str, str] = OrderedDict()
+
+    def __call__(self, recipient: Recipient) -> str:
+        domain = recipient.domain
+        key = self._known.get(domain)
+        if key is not None:
+            self._known.move_to_end(domain)
+            return key
+        try:
+            nexthops = self.resolver.nexthops(domain)
+        except DeliveryFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a table problem defers, never crashes the queue
+            raise DeliveryFailure(Status("4.3.0", f"mail transport unavailable: {exc}")) from None
+        if not nexthops:
+            raise DeliveryFailure(Status("4.3.0", "mail transport unavailable: no nexthop"))
+        key = str(nexthops[0])
+        self._known[domain] = key
+        if len(self._known) > self.size:
+            self._known.popitem(last=False)
+        return key
+
+
+class ConnectorTransport:
+    """The delivery agent's transport over ``connect.Connector.deliver``."""
+
+    def __init__(self, connector: Connector, resolver: NexthopResolver) -> None:
+        self.connector = connector
+        self.resolver = resolver
+
+    def __call__(self, nexthops: Any, indexes: list[int], transact: Transact) -> Deferred[Attempt]:
+        deferred = self.connector.deliver(self.resolver, nexthops, indexes, transact)
+        return deferred.addCallback(
+            lambda result: Attempt(
+                {index: Outcome(o.status, o.server) for index, o in result.outcomes.items()},
+                sessions=result.sessions,
+            )
+        )
+
+
+class SessionFactories:
+    """``session_factory_for(server)`` for the connector: one security
+    hook per nexthop, shared by its sessions."""
+
+    def __init__(self, config: Config, reactor: Any, security: SecurityPolicy | None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.security = security
+        self._hooks: dict[str, Any] = {}
+
+    def __call__(self, server: ServerInfo) -> SMTPSessionFactory:
+        hook = None
+        if self.security is not None:
+            hook = self._hooks.get(server.nexthop)
+            if hook is None:
+                hook = self._hooks[server.nexthop] = self.security.for_nexthop(server.nexthop)
+        return SMTPSessionFactory(self.config, self.reactor, server, security=hook)
+
+
+class RelayagentService(MultiService):
+    """Spool, queue manager, delivery agent, trigger socket, log observers."""
+
+    def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
+                 security: SecurityPolicy | None = None, dns_resolver: Any = None,
+                 resolver: NexthopResolver | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.queue_directory = config.path_of("queue_directory")
+        self.observers = ralog.make_observers(config, log_out) if log_out is not None else []
+        self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
+        self.security = security
+        self.cache = ConnectionCache.from_config(config, reactor)
+        self.connector = Connector(reactor, config, SessionFactories(config, reactor, security))
+        self.router = Router(self.resolver)
+        # Under --chroot the path above means nothing after the chroot: keep
+        # a descriptor to find the directory again (module docstring).
+        self._directory_fd: int | None = None
+        try:
+            self._directory_fd = os.open(self.queue_directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            self._directory_fd = None  # made at start, as the running user
+        self._resolved_directory: str | None = None
+        self.spool: Spool | None = None
+        self.queue_manager: QueueManager | None = None
+        self.agent: DeliveryAgent | None = None
+        self.listening: Any = None
+
+    def spool_directory(self) -> str:
+        """The queue directory as this process sees it now (after a chroot
+        too); the same answer every time."""
+        if self._resolved_directory is not None:
+            return self._resolved_directory
+        directory = self.queue_directory
+        if not os.path.isdir(directory) and self._directory_fd is not None:
+            # Chrooted: the kept descriptor leads to the queue directory.
+            os.fchdir(self._directory_fd)
+            directory = os.getcwd()
+            if not os.path.isabs(directory) or directory.startswith("(unreachable)"):
+                raise RuntimeError(
+                    f"queue_directory {self.queue_directory} is outside the chroot directory"
+                )
+        self._resolved_directory = directory
+        return directory
+
+    def startService(self) -> None:
+        for observer in self.observers:
+            globalLogPublisher.addObserver(observer)
+        directory = self.spool_directory()
+        self.spool = Spool(directory, clock=self.reactor.seconds)
+        self.spool.ensure_layout()
+        queue_manager: QueueManager | None = None
+
+        def new_mail() -> None:
+            if queue_manager is not None:
+                queue_manager.wakeup()
+
+        self.agent = DeliveryAgent(
+            self.config, self.spool, self.reactor,
+            nexthops=self.resolver.nexthops,
+            transport=ConnectorTransport(self.connector, self.resolver),
+            cache=self.cache,
+            new_mail=new_mail,
+        )
+        queue_manager = QueueManager(self.config, self.spool, self.agent, self.reactor, self.router)
+        self.queue_manager = queue_manager
+        try:
+            self.listening = control.listen(self.reactor, directory, queue_manager)
+        except Exception as exc:  # noqa: BLE001 - triggers are a hint; the poll still works
+            ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
+        super().startService()
+        queue_manager.start()
+
+    def stopService(self) -> Deferred[Any]:
+        waits: list[Deferred[Any]] = []
+        if self.listening is not None:
+            waits.append(maybeDeferred(self.listening.stopListening))
+            self.listening = None
+        if self.queue_manager is not None:
+            waits.append(self.queue_manager.stop())
+        waits.append(maybeDeferred(super().stopService))
+
+        def after(_: Any) -> None:
+            self.cache.close_all()
+            for observer in self.observers:
+                globalLogPublisher.removeObserver(observer)
+
+        return gatherResults(waits, consumeErrors=True).addBoth(after)
+
+
+def open_log(config: Config) -> TextIO:
+    """Where the Postfix-format lines go: ``maillog_file`` (opened now,
+    before privileges are dropped), else standard output."""
+    path = config["maillog_file"]
+    if not path:
+        return sys.stdout
+    path = config.path_of("maillog_file")
+    return open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - lives with the process
+
+
+def build_service(config: Config, reactor: Any) -> RelayagentService:
+    """Everything that needs root or the world outside a chroot, done now
+    (module docstring); the rest starts with the service."""
+    # Bad scheduler values stop the start, not the first delivery.
+    for name in ("smtp_destination_concurrency_positive_feedback",
+                 "smtp_destination_concurrency_negative_feedback"):
+        Feedback.parse(config[name], name=name)
+    dns_resolver = make_dns_resolver(config, reactor)
+    # Read /etc/resolv.conf once, now, as Postfix does at start-up; after
+    # a chroot twisted.names would find no file and fall back to
+    # 127.0.0.1 at its next periodic re-read.
+    if getattr(dns_resolver, "resolv", None) is not None:
+        dns_resolver.resolv = None
+    return RelayagentService(
+        config,
+        reactor,
+        log_out=open_log(config),
+        security=SecurityPolicy(config),
+        dns_resolver=dns_resolver,
+    )

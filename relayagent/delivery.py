@@ -1,0 +1,480 @@
+"""
+One delivery request end to end, and what becomes of each recipient and
+of the message (Postfix: smtp.c's deliver_message, smtp_rcpt.c, the
+deliver_completed/bounce_append/defer_append calls of smtp_trouble.c, and
+qmgr_active.c's end of a message: remove, defer, expire).
+
+A request (``relayagent.scheduler.DeliveryRequest``: recipients of one
+message for one destination) goes nexthop -> addresses -> session ->
+ESMTP transaction(s), through ``connect.Connector.deliver`` (next-MX
+rules) or a cached session (``conncache``, probed with RSET).  Each
+recipient's outcome is acted on as soon as it is known:
+
+- sent: marked done in the queue file, then logged (``status=sent``);
+- bounced: written to the message's bounce log, marked done, logged
+  (``status=bounced``); the DSN for all of a message's bounced
+  recipients is sent when the message's attempt ends (``finish``), built
+  by ``relayagent.dsn`` from the bounce log, queued with the null sender;
+- deferred: written to the defer log with the reason, logged
+  (``status=deferred``).  ``soft_bounce = yes`` turns bounces into
+  deferrals.
+
+The order is the crash-safety argument: the bounce log before the mark
+(a crash between them retries the recipient: at worst two records for
+one recipient, and they are merged), the mark before the log line and
+before any notice, and the queue file removed only when no recipient is
+pending.  A crash between the server's "250" and the mark sends the
+recipient again (at-least-once, as Postfix).
+
+When the last request of a message is over (``finish``): recipients
+still pending past ``maximal_queue_lifetime`` (``bounce_queue_lifetime``
+for mail from the null sender) are bounced with their last deferral
+reason ("status=expired, returned to sender"); the bounce notice goes
+out; one delay warning is sent when the message has just passed
+``delay_warning_time``; then the file is removed, or its attempt is
+recorded and it moves to ``deferred/`` with its next-attempt time as the
+file's mtime (the queue manager's cheap scan).
+
+The delay warning needs no flag in the queue file: it is due at the end
+of the one attempt during which the message's age crossed
+``delay_warning_time``, and the previous attempt's end is known from the
+queue file (``next_attempt - backoff(attempts)``).  A crash between the
+warning and the attempt record can send it twice, never zero times.
+
+Owns: soft_bounce, maximal_queue_lifetime, bounce_queue_lifetime,
+delay_warning_time (the timing; dsn.py writes the text).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from relayagent import dsn
+from relayagent import logging as ralog
+from relayagent.conncache import CachedSession, ConnectionCache, address_key
+from relayagent.envelope import Envelope, Recipient
+from relayagent.scheduler import ActiveMessage, DeliveryRequest, RequestResult, backoff_time
+from relayagent.spool import (
+    ACTIVE,
+    BOUNCE_LOG,
+    DEFER_LOG,
+    DEFERRED,
+    CorruptQueueFile,
+    LogRecord,
+    Spool,
+)
+from relayagent.status import DeliveryFailure, Status
+
+log = Logger(namespace="relayagent.delivery")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One recipient's final status from a delivery, and the server that
+    gave it (None: no session, ``relay=none``)."""
+
+    status: Status
+    server: Any = None
+
+
+@dataclass
+class Attempt:
+    """What the transport reports for a request: an outcome per recipient
+    index, and whether any session was made."""
+
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    sessions: int = 0
+
+
+# ``transport(nexthops, indexes, transact) -> Deferred[Attempt]``: runs
+# ``transact(session, indexes) -> Deferred[dict[int, Status]]`` over the
+# sessions it makes, with the next-MX rules (connect.Connector.deliver,
+# adapted in daemon.py; fakes in tests).
+Transact = Callable[[Any, list[int]], "Deferred[dict[int, Status]]"]
+Transport = Callable[[Sequence[Any], list[int], Transact], "Deferred[Attempt]"]
+
+
+@dataclass
+class _Timing:
+    started: float
+    connected: float | None = None
+    conn_use: dict[int, int] = field(default_factory=dict)
+    dsn_offered: dict[int, bool] = field(default_factory=dict)
+    transmitted: dict[int, tuple[float, float]] = field(default_factory=dict)  # index -> (c, d)
+
+
+class DeliveryAgent:
+    """Runs delivery requests and ends messages (the scheduler's agent).
+
+    ``nexthops(domain) -> list[Nexthop]`` (``NexthopResolver.nexthops``),
+    ``transport`` as above, ``cache`` the connection cache (None: no
+    caching), ``new_mail()`` is called when notices were queued (the
+    queue manager's wakeup).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        spool: Spool,
+        clock: IReactorTime,
+        *,
+        nexthops: Callable[[str], Sequence[Any]],
+        transport: Transport,
+        cache: ConnectionCache | None = None,
+        new_mail: Callable[[], None] | None = None,
+        on_corrupt: Callable[[ActiveMessage, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.clock = clock
+        self.nexthops = nexthops
+        self.transport = transport
+        self.cache = cache
+        self.new_mail = new_mail
+        self.soft_bounce: bool = config["soft_bounce"]
+        self.authenticating: bool = config["smtp_sasl_auth_enable"]
+        self.corrupt: dict[str, str] = {}  # queue id -> reason, found during delivery
+
+    # -- one request
+
+    def deliver(self, request: DeliveryRequest) -> Deferred[RequestResult]:
+        return Deferred.fromCoroutine(self._deliver(request))
+
+    async def _deliver(self, request: DeliveryRequest) -> RequestResult:
+        message = request.message
+        queue_file = message.queue_file
+        recipients = [r for r in request.recipients if not queue_file.is_done(r.index)]
+        if not recipients or message.queue_id in self.corrupt:
+            return RequestResult()
+        timing = _Timing(started=self.clock.seconds())
+        try:
+            nexthops = list(self.nexthops(request.domain))
+        except DeliveryFailure as failure:
+            self._record_all(request, recipients, Outcome(failure.status), timing)
+            return RequestResult()
+        if not nexthops:
+            self._record_all(request, recipients, Outcome(Status("4.3.0", "no nexthop")), timing)
+            return RequestResult()
+        nexthop_key = str(nexthops[0])
+        by_index = {r.index: r for r in recipients}
+
+        def transact(session: Any, indexes: list[int]) -> Deferred[dict[int, Status]]:
+            entry = self._entry_for(session, nexthop_key)
+            return Deferred.fromCoroutine(
+                self._transact(request, entry, [by_index[i] for i in indexes], timing)
+            )
+
+        try:
+            cached = await self._cached_session(nexthop_key)
+            if cached is not None:
+                # A reused session is the final server for this request
+                # (Postfix would try the next MX on a soft error; with a
+                # session cached the destination was just working).
+                statuses = await self._transact(request, cached, recipients, timing)
+                attempt = Attempt(
+                    {index: Outcome(status, cached.session.server) for index, status in statuses.items()},
+                    sessions=1,
+                )
+            else:
+                attempt = await self.transport(nexthops, list(by_index), transact)
+        except CorruptQueueFile as exc:
+            self._corrupt_found(message, exc.reason)
+            return RequestResult()
+        if message.queue_id in self.corrupt:
+            return RequestResult()
+        site_failure: Status | None = None
+        for recipient in recipients:
+            outcome = attempt.outcomes.get(recipient.index) or Outcome(
+                Status("4.3.0", "mail system error: no delivery status for this recipient")
+            )
+            self._record(request, recipient, outcome, timing)
+            if attempt.sessions == 0 and outcome.server is None and site_failure is None and outcome.status.soft:
+                site_failure = outcome.status
+        return RequestResult(site_failure=site_failure)
+
+    async def _cached_session(self, nexthop_key: str) -> CachedSession | None:
+        """A cached session for the nexthop that answers RSET, or None."""
+        if self.cache is None:
+            return None
+        while (entry := self.cache.take(nexthop_key)) is not None:
+            try:
+                usable = await entry.session.reset()
+            except Exception:  # noqa: BLE001 - a dead cached session is dropped
+                usable = False
+            if usable:
+                return entry
+            _quit_quietly(entry.session)
+        return None
+
+    def _entry_for(self, session: Any, nexthop_key: str) -> CachedSession:
+        server = session.server
+        return CachedSession(
+            session,
+            nexthop=nexthop_key,
+            address=address_key(server.address, server.port),
+            created=self.clock.seconds(),
+            # Which sessions AUTHed is the security layer's business; with
+            # SASL on, treat every session as authenticated: kept under
+            # its nexthop only (never wrong, at worst less reuse).
+            authenticated=self.authenticating,
+        )
+
+    async def _transact(self, request: DeliveryRequest, entry: CachedSession,
+                        recipients: list[Recipient], timing: _Timing) -> dict[int, Status]:
+        """One transaction on a greeted session; keeps or closes it."""
+        connected = self.clock.seconds()
+        if timing.connected is None:
+            timing.connected = connected
+        cache = self.cache
+        keep = (
+            cache is not None
+            and cache.wants_caching(entry.nexthop, request.domain, request.backlog)
+            and cache.reusable(entry)
+            and (cache.reuse_count_limit <= 0 or entry.uses < cache.reuse_count_limit)
+        )
+        session = entry.session
+        try:
+            result = await session.deliver(request.message.envelope, recipients, last=not keep)
+        except BaseException:
+            _quit_quietly(session)
+            raise
+        done = self.clock.seconds()
+        offers_dsn = "DSN" in getattr(session, "extensions", {})
+        for recipient in recipients:
+            timing.conn_use[recipient.index] = entry.uses
+            timing.dsn_offered[recipient.index] = offers_dsn
+            timing.transmitted[recipient.index] = (connected - timing.started, done - connected)
+        if not (keep and result.session_usable and cache is not None and cache.store(entry)):
+            _quit_quietly(session)
+        return dict(result.recipients)
+
+    # -- recipient outcomes
+
+    def _record_all(self, request: DeliveryRequest, recipients: Sequence[Recipient],
+                    outcome: Outcome, timing: _Timing) -> None:
+        for recipient in recipients:
+            self._record(request, recipient, outcome, timing)
+
+    def _record(self, request: DeliveryRequest, recipient: Recipient, outcome: Outcome,
+                timing: _Timing) -> None:
+        """Act on one recipient's outcome at once (see the module docstring)."""
+        message = request.message
+        queue_file = message.queue_file
+        status = outcome.status
+        if status.hard and self.soft_bounce:
+            status = status.softened()
+        if status.ok:
+            queue_file.mark_done(recipient.index)
+            verdict = "sent"
+        elif status.hard:
+            queue_file.bounce(recipient.index, status)
+            queue_file.mark_done(recipient.index)
+            verdict = "bounced"
+        else:
+            queue_file.defer(recipient.index, status)
+            verdict = "deferred"
+        now = self.clock.seconds()
+        envelope = message.envelope
+        before_qmgr = max(0.0, message.activated - envelope.arrival_time)
+        in_qmgr = max(0.0, (request.dispatched or timing.started) - message.activated)
+        setup, transmission = timing.transmitted.get(
+            recipient.index, (max(0.0, now - timing.started), 0.0)
+        )
+        server = outcome.server
+        ralog.log_delivery(
+            log,
+            queue_id=message.queue_id,
+            recipient=recipient,
+            relay=str(server) if server is not None else None,
+            conn_use=timing.conn_use.get(recipient.index),
+            delay=max(0.0, now - envelope.arrival_time),
+            delays=(before_qmgr, in_qmgr, setup, transmission),
+            status=status,
+            outcome=verdict,
+        )
+        if status.ok and server is not None:
+            self._success_notice(message, recipient, status, timing.dsn_offered.get(recipient.index, False))
+
+    def _success_notice(self, message: ActiveMessage, recipient: Recipient, status: Status,
+                        offers_dsn: bool) -> None:
+        """A "relayed" notice for NOTIFY=SUCCESS through a server without DSN."""
+        report = dsn.success_report(recipient, status, server_offers_dsn=offers_dsn,
+                                    when=self.clock.seconds())
+        if report is None:
+            return
+        plan = dsn.notices("success", message.envelope, [report], config=self.config, clock=self.clock)
+        self._send_notices(message.queue_id, plan)
+
+    def defer_unsent(self, request: DeliveryRequest, status: Status) -> None:
+        """Recipients not tried (dead destination, no route, a crash):
+        each gets ``status`` (deferred, or bounced when hard)."""
+        queue_file = request.message.queue_file
+        timing = _Timing(started=self.clock.seconds())
+        for recipient in request.recipients:
+            if not queue_file.is_done(recipient.index):
+                self._record(request, recipient, Outcome(status), timing)
+
+    def _corrupt_found(self, message: ActiveMessage, reason: str) -> None:
+        self.corrupt[message.queue_id] = reason
+
+    # -- the end of a message's attempt
+
+    def finish(self, message: ActiveMessage) -> None:
+        """Remove the message, or defer it; bounces, expiry and delay
+        warnings first (module docstring)."""
+        queue_id = message.queue_id
+        reason = self.corrupt.pop(queue_id, None)
+        if reason is not None:
+            message.close()
+            self.spool.mark_corrupt(queue_id, ACTIVE, reason)
+            return
+        queue_file = message.queue_file
+        envelope = queue_file.envelope
+        now = self.clock.seconds()
+        pending = envelope.pending()
+        if pending and self._expired(envelope, now):
+            self._expire(message, envelope, pending, now)
+            envelope = queue_file.envelope
+            pending = envelope.pending()
+        self._send_bounces(message, envelope)
+        if not pending:
+            message.close()
+            self.spool.remove(queue_id, ACTIVE)
+            ralog.log_removed(log, queue_id)
+            return
+        attempts = queue_file.attempts + 1
+        minimal, maximal = self.config["minimal_backoff_time"], self.config["maximal_backoff_time"]
+        if self._delay_warning_due(queue_file, envelope, now, minimal, maximal):
+            self._send_delay_warning(message, envelope, pending, now)
+        next_attempt = now + backoff_time(attempts, minimal, maximal)
+        queue_file.record_attempt(next_attempt)
+        message.close()
+        self.spool.move(queue_id, ACTIVE, DEFERRED)
+        try:
+            # The mtime is the next-attempt time: the scheduler's scan
+            # needs a stat, not a read (Postfix does the same).
+            os.utime(self.spool.path(DEFERRED, queue_id), (next_attempt, next_attempt))
+        except OSError as exc:
+            ralog.log_warning(log, f"cannot set the next attempt time: {exc}", queue_id=queue_id)
+
+    def _lifetime(self, envelope: Envelope) -> float:
+        if envelope.sender:
+            return self.config["maximal_queue_lifetime"]
+        return self.config["bounce_queue_lifetime"]
+
+    def _expired(self, envelope: Envelope, now: float) -> bool:
+        # soft_bounce: nothing is ever returned, expiry included.
+        return not self.soft_bounce and now - envelope.arrival_time >= self._lifetime(envelope)
+
+    def _expire(self, message: ActiveMessage, envelope: Envelope,
+                pending: Sequence[Recipient], now: float) -> None:
+        """Bounce what is still pending with its last deferral reason."""
+        queue_file = message.queue_file
+        last = _last_records(self.spool.read_log(DEFER_LOG, message.queue_id))
+        ralog.log_expired(log, message.queue_id, envelope.sender)
+        for recipient in pending:
+            record = last.get(recipient.index)
+            status = _status_of(record) if record is not None else Status(
+                "4.4.7", "message delivery time exceeded"
+            )
+            queue_file.bounce(recipient.index, status)
+            queue_file.mark_done(recipient.index)
+
+    def _send_bounces(self, message: ActiveMessage, envelope: Envelope) -> None:
+        """One failure notice for every recipient in the bounce log."""
+        records = _last_records(self.spool.read_log(BOUNCE_LOG, message.queue_id))
+        if not records:
+            return
+        by_index = {r.index: r for r in envelope.recipients}
+        reports = [
+            dsn.RecipientReport(
+                recipient=by_index[index],
+                status=_status_of(record),
+                action="failed",
+                remote_mta=record.mta_name,
+                last_attempt=record.time,
+            )
+            for index, record in sorted(records.items())
+            if index in by_index
+        ]
+        plan = dsn.notices("failure", envelope, reports, config=self.config, clock=self.clock)
+        self._send_notices(message.queue_id, plan)
+        self.spool.remove_log(BOUNCE_LOG, message.queue_id)
+
+    def _delay_warning_due(self, queue_file: Any, envelope: Envelope, now: float,
+                           minimal: float, maximal: float) -> bool:
+        warn_after = self.config["delay_warning_time"]
+        if warn_after <= 0 or now - envelope.arrival_time < warn_after:
+            return False
+        if queue_file.attempts <= 0:
+            return True
+        previous_end = queue_file.next_attempt - backoff_time(queue_file.attempts, minimal, maximal)
+        return previous_end - envelope.arrival_time < warn_after
+
+    def _send_delay_warning(self, message: ActiveMessage, envelope: Envelope,
+                            pending: Sequence[Recipient], now: float) -> None:
+        last = _last_records(self.spool.read_log(DEFER_LOG, message.queue_id))
+        reports = [
+            dsn.RecipientReport(
+                recipient=recipient,
+                status=_status_of(last[recipient.index]) if recipient.index in last
+                else Status("4.0.0", "delivery temporarily deferred"),
+                action="delayed",
+                remote_mta=last[recipient.index].mta_name if recipient.index in last else None,
+                last_attempt=now,
+            )
+            for recipient in pending
+        ]
+        plan = dsn.notices("delay", envelope, reports, config=self.config, clock=self.clock)
+        self._send_notices(message.queue_id, plan)
+
+    def _send_notices(self, queue_id: str, plan: dsn.NoticePlan) -> None:
+        for warning in plan.warnings:
+            ralog.log_warning(log, warning, queue_id=queue_id)
+        if not plan.notices:
+            return
+        for notice in plan.notices:
+            new_id = self.spool.enqueue(
+                notice.sender, list(notice.recipients), notice.content,
+                body_type=notice.body_type, smtputf8=notice.smtputf8,
+            )
+            ralog.log_notice(log, queue_id, new_id, notice.label)
+        if self.new_mail is not None:
+            # Later, not now: we may be inside the queue manager's refill.
+            self.clock.callLater(0, self.new_mail)
+
+
+def _last_records(records: Sequence[LogRecord]) -> dict[int, LogRecord]:
+    """The last record per recipient index (a retried recipient may have
+    several)."""
+    last: dict[int, LogRecord] = {}
+    for record in records:
+        if record.index is not None:
+            last[record.index] = record
+    return last
+
+
+def _status_of(record: LogRecord) -> Status:
+    """A Status back from a defer or bounce log record."""
+    try:
+        return Status(record.status, record.reason, reply=record.diag_text, remote_mta=record.mta_name)
+    except ValueError:
+        # A record cut short or edited by hand: keep its class if we can.
+        dsn_code = "5.0.0" if record.action == "failed" else "4.0.0"
+        return Status(dsn_code, record.reason or "unknown reason")
+
+
+def _quit_quietly(session: Any) -> None:
+    try:
+        closing = session.quit()
+    except Exception:  # noqa: BLE001 - the session is gone either way
+        return
+    if isinstance(closing, Deferred):
+        closing.addErrback(lambda _failure: None)

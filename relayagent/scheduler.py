@@ -1,0 +1,662 @@
+"""
+The queue manager: which message goes where, when, and how many at once
+(Postfix: qmgr(8), qmgr_active.c, qmgr_queue.c, qmgr_entry.c,
+qmgr_feedback.c, qmgr_deliver.c, qmgr_scan.c).
+
+What it does:
+
+- Takes messages into the active queue by renaming them into ``active/``
+  (the rename is the claim: exactly one process wins it), from
+  ``incoming/`` at once when woken (``wakeup``: the control socket) and on
+  a short poll, and from ``deferred/`` when their next-attempt time has
+  come (a scan every ``queue_run_delay``, or now with ``flush``).  A
+  deferred file's modification time is its next-attempt time (as in
+  Postfix), so the scan needs a ``stat`` per file, never a read, and
+  streams the directory.  At most ``qmgr_message_active_limit`` messages
+  are active; on start, what a dead process left in ``active/`` comes
+  back first, with its done recipients skipped (the queue file knows).
+- Splits each message's pending recipients by destination (``route``:
+  recipient -> destination key, the first nexthop) into delivery requests
+  of at most ``smtp_destination_recipient_limit`` recipients, queued per
+  destination.
+- Runs requests round-robin across destinations (one busy domain does not
+  starve the others), at most ``default_process_limit`` at once, and per
+  destination at most a window that starts at
+  ``smtp_initial_destination_concurrency`` and moves with Postfix's
+  feedback: +``positive_feedback`` per delivery that reached the site, up
+  to ``smtp_destination_concurrency_limit``; -``negative_feedback`` per
+  delivery that could not (no session).  After
+  ``smtp_destination_concurrency_failed_cohort_limit`` failed cohorts
+  (1/window per failure) with no success between, the destination is
+  dead: what waits for it and what arrives for it is deferred without
+  trying ("delivery temporarily suspended: ...") until the next deferred
+  queue run.  ``smtp_destination_rate_delay`` > 0 means one delivery at a
+  time with that pause between them.
+- When the last request of a message is done, hands the message to the
+  delivery agent's ``finish`` (remove it, or defer it with its backoff:
+  ``backoff_time``).
+
+The delivery agent is anything with ``deliver(request) ->
+Deferred[RequestResult]``, ``defer_unsent(request, status)`` and
+``finish(message)`` (``relayagent.delivery.DeliveryAgent``; tests use
+fakes).  All timing is on the injected clock.
+
+Owns: queue_run_delay, minimal_backoff_time, maximal_backoff_time,
+qmgr_message_active_limit, qmgr_message_recipient_limit (read: Postfix's
+recipient slots are per message here, so only the active limit bounds
+memory), initial_destination_concurrency,
+smtp_initial_destination_concurrency, smtp_destination_concurrency_limit,
+smtp_destination_recipient_limit,
+smtp_destination_concurrency_failed_cohort_limit,
+smtp_destination_concurrency_positive_feedback,
+smtp_destination_concurrency_negative_feedback,
+smtp_destination_rate_delay, default_process_limit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayagent import logging as ralog
+from relayagent.envelope import Envelope, Recipient
+from relayagent.spool import (
+    ACTIVE,
+    DEFERRED,
+    INCOMING,
+    CorruptQueueFile,
+    QueueFile,
+    Spool,
+    is_queue_id,
+)
+from relayagent.status import DeliveryFailure, Status
+
+log = Logger(namespace="relayagent.qmgr")
+
+# How often incoming/ is looked at without a trigger: a safety net for a
+# lost trigger (the CLI ignores a daemon that is not running).
+INCOMING_POLL = 1.0
+
+
+def backoff_time(attempts: int, minimal: float, maximal: float) -> float:
+    """The wait after the ``attempts``-th failed attempt (1 for the first):
+    ``minimal`` doubled per attempt, at most ``maximal``.
+
+    Postfix waits as long as the message has been queued, clipped to the
+    same bounds; doubling per attempt gives the same sequence for a
+    message deferred at once, and does not jump when a message is
+    flushed by hand.
+    """
+    if attempts <= 1:
+        return min(minimal, maximal)
+    # Stop doubling once past the maximum: no overflow for huge counts.
+    wait = minimal
+    for _ in range(attempts - 1):
+        wait *= 2
+        if wait >= maximal:
+            return maximal
+    return min(wait, maximal)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A concurrency feedback value: ``amount``, or ``amount/concurrency``
+    (divided by the current window), as qmgr_feedback.c reads them."""
+
+    amount: float
+    per_window: bool = False
+
+    @classmethod
+    def parse(cls, text: str, *, name: str) -> Feedback:
+        value = text.strip().lower().replace(" ", "")
+        numerator, slash, denominator = value.partition("/")
+        try:
+            amount = float(numerator)
+            if slash and denominator == "concurrency":
+                result = cls(amount, per_window=True)
+            elif slash:
+                result = cls(amount / float(denominator))
+            else:
+                result = cls(amount)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(
+                f"{name} = {text}: expected a number or number/concurrency"
+            ) from None
+        if not 0 < result.amount <= 1:
+            raise ValueError(f"{name} = {text}: the feedback must be > 0 and <= 1")
+        return result
+
+    def value(self, window: float) -> float:
+        return self.amount / window if self.per_window else self.amount
+
+
+# ---------------------------------------------------------------------------
+# What the scheduler hands the delivery agent
+
+
+@dataclass(eq=False)
+class ActiveMessage:
+    """A message in the active queue.
+
+    ``activated``: when it entered the active queue (for delays=a/b).
+    ``outstanding``: requests made for it and not finished.
+    """
+
+    queue_id: str
+    queue_file: QueueFile
+    envelope: Envelope
+    activated: float
+    outstanding: int = 0
+
+    def close(self) -> None:
+        self.queue_file.close()
+
+
+@dataclass(eq=False)
+class DeliveryRequest:
+    """Recipients of one message for one destination.
+
+    ``backlog``: how many more requests waited for the destination when
+    this one was dispatched (the connection cache caches on demand).
+    """
+
+    message: ActiveMessage
+    destination: str
+    domain: str
+    recipients: tuple[Recipient, ...]
+    backlog: int = 0
+    dispatched: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What the scheduler needs to know of a finished request.
+
+    ``site_failure``: the destination as a whole failed (no session could
+    be made: DNS, connect, greeting); None when a session worked, whatever
+    became of the recipients.
+    """
+
+    site_failure: Status | None = None
+
+
+class DeliveryAgentLike(Protocol):
+    def deliver(self, request: DeliveryRequest) -> Deferred[RequestResult]: ...
+
+    def defer_unsent(self, request: DeliveryRequest, status: Status) -> None: ...
+
+    def finish(self, message: ActiveMessage) -> None: ...
+
+
+Route = Callable[[Recipient], str]
+
+
+@dataclass(eq=False)
+class Destination:
+    """Per-destination state (Postfix's QMGR_QUEUE)."""
+
+    name: str
+    window: float
+    todo: deque[DeliveryRequest] = field(default_factory=deque)
+    busy: int = 0
+    success: float = 0.0
+    failure: float = 0.0
+    fail_cohorts: float = 0.0
+    dead: Status | None = None
+    resume_at: float = 0.0
+
+    @property
+    def idle(self) -> bool:
+        return not self.todo and self.busy == 0 and self.dead is None
+
+
+@dataclass
+class Counters:
+    """Totals for tests and the start-up/shut-down log lines."""
+
+    activated: int = 0
+    dispatched: int = 0
+    finished: int = 0
+    throttled: int = 0
+    corrupt: int = 0
+
+
+class QueueManager:
+    """The active queue and its per-destination scheduling (module docstring)."""
+
+    def __init__(
+        self,
+        config: Any,
+        spool: Spool,
+        agent: DeliveryAgentLike,
+        clock: IReactorTime,
+        route: Route,
+        *,
+        incoming_poll: float = INCOMING_POLL,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.agent = agent
+        self.clock = clock
+        self.route = route
+        self.incoming_poll = incoming_poll
+        self.active_limit: int = config["qmgr_message_active_limit"]
+        self.recipient_limit: int = config["smtp_destination_recipient_limit"]
+        self.concurrency_limit: int = config["smtp_destination_concurrency_limit"]
+        self.initial_concurrency: int = min(
+            config["smtp_initial_destination_concurrency"], self.concurrency_limit
+        )
+        self.failed_cohort_limit: int = config["smtp_destination_concurrency_failed_cohort_limit"]
+        self.positive_feedback = Feedback.parse(
+            config["smtp_destination_concurrency_positive_feedback"],
+            name="smtp_destination_concurrency_positive_feedback",
+        )
+        self.negative_feedback = Feedback.parse(
+            config["smtp_destination_concurrency_negative_feedback"],
+            name="smtp_destination_concurrency_negative_feedback",
+        )
+        self.rate_delay: float = config["smtp_destination_rate_delay"]
+        self.process_limit: int = config["default_process_limit"]
+        self.queue_run_delay: float = config["queue_run_delay"]
+
+        self.active: dict[str, ActiveMessage] = {}
+        self.destinations: dict[str, Destination] = {}
+        self._ready: deque[Destination] = deque()  # destinations with todo, round-robin
+        self.busy_total = 0
+        self.counters = Counters()
+        self.running = False
+
+        self._recovered: deque[str] = deque()
+        self._incoming: Iterator[str] = iter(())
+        self._incoming_dirty = True
+        self._deferred: Iterator[str] | None = None  # a deferred run in progress
+        self._flushing = False
+        self._pumping = False
+        self._pump_again = False
+        self._resume_call: IDelayedCall | None = None
+        self._poll_loop: task.LoopingCall | None = None
+        self._run_loop: task.LoopingCall | None = None
+        self._stopped: Deferred[None] | None = None
+
+    # -- service life
+
+    def start(self) -> None:
+        """Recover what a dead process left active, then start the timers."""
+        self.running = True
+        recovered = self.spool.recover()
+        self._recovered.extend(recovered)
+        if recovered:
+            log.info("recovering {count} message(s) from the active queue", count=len(recovered))
+        self._poll_loop = task.LoopingCall(self.wakeup)
+        self._poll_loop.clock = self.clock
+        self._poll_loop.start(self.incoming_poll, now=False)
+        self._run_loop = task.LoopingCall(self.queue_run)
+        self._run_loop.clock = self.clock
+        # The first deferred run happens at once: mail due while we were down.
+        self._run_loop.start(self.queue_run_delay, now=True)
+        self.wakeup()
+
+    def stop(self) -> Deferred[None]:
+        """Stop taking messages and starting deliveries; fires when the
+        deliveries in flight are over.  Messages still active stay in
+        ``active/`` and are recovered by the next start."""
+        self.running = False
+        for loop in (self._poll_loop, self._run_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        if self._resume_call is not None and self._resume_call.active():
+            self._resume_call.cancel()
+        if self.busy_total == 0:
+            self._release_active()
+            return succeed(None)
+        self._stopped = Deferred()
+        return self._stopped
+
+    def _release_active(self) -> None:
+        for message in self.active.values():
+            message.close()
+        self.active.clear()
+        self.destinations.clear()
+        self._ready.clear()
+
+    # -- triggers
+
+    def wakeup(self) -> None:
+        """New mail in incoming/ (the trigger, and the poll)."""
+        self._incoming_dirty = True
+        self._refill()
+
+    def queue_run(self) -> None:
+        """Start a deferred queue run: messages whose time has come.  Dead
+        destinations get another chance (qmgr_queue_unthrottle)."""
+        self._revive_dead()
+        self._deferred = self._deferred_due(everything=self._flushing)
+        self._flushing = False
+        self._refill()
+
+    def flush(self) -> None:
+        """Retry every deferred message now (``relayagent flush``)."""
+        self._flushing = True
+        self._incoming_dirty = True
+        self.queue_run()
+
+    def _revive_dead(self) -> None:
+        for destination in list(self.destinations.values()):
+            if destination.dead is not None:
+                destination.dead = None
+                destination.fail_cohorts = 0.0
+                destination.success = destination.failure = 0.0
+                destination.window = max(destination.busy, self.initial_concurrency)
+                if destination.idle:
+                    del self.destinations[destination.name]
+
+    # -- taking messages in
+
+    def _deferred_due(self, *, everything: bool) -> Iterator[str]:
+        """Ids in deferred/ whose next attempt (the file's mtime) is due,
+        streamed from the directory."""
+        now = self.clock.seconds()
+        directory = os.path.join(self.spool.directory, DEFERRED)
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                if not is_queue_id(entry.name):
+                    continue
+                if not everything:
+                    try:
+                        if entry.stat().st_mtime > now:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                yield entry.name
+
+    def _next_candidate(self) -> tuple[str, str] | None:
+        if self._recovered:
+            return self._recovered.popleft(), ACTIVE
+        for queue_id in self._incoming:
+            return queue_id, INCOMING
+        if self._incoming_dirty:
+            self._incoming_dirty = False
+            self._incoming = self.spool.queue_ids(INCOMING)
+            for queue_id in self._incoming:
+                return queue_id, INCOMING
+        if self._deferred is not None:
+            for queue_id in self._deferred:
+                return queue_id, DEFERRED
+            self._deferred = None
+        return None
+
+    def _refill(self) -> None:
+        if not self.running:
+            return
+        while len(self.active) < self.active_limit:
+            candidate = self._next_candidate()
+            if candidate is None:
+                break
+            self._activate(*candidate)
+        self._pump()
+
+    def _activate(self, queue_id: str, queue: str) -> None:
+        if queue_id in self.active:
+            return
+        if queue != ACTIVE:
+            try:
+                self.spool.move(queue_id, queue, ACTIVE)
+            except FileNotFoundError:
+                return  # another process took it, or it was removed
+        try:
+            queue_file = self.spool.open(queue_id, ACTIVE)
+        except FileNotFoundError:
+            return
+        except CorruptQueueFile as exc:
+            self._corrupt(queue_id, exc.reason)
+            return
+        except OSError as exc:
+            # Left in active/: the next start tries it again.
+            ralog.log_warning(log, f"cannot open queue file: {exc}", queue_id=queue_id)
+            return
+        envelope = queue_file.envelope
+        now = self.clock.seconds()
+        message = ActiveMessage(queue_id, queue_file, envelope, activated=now)
+        self.active[queue_id] = message
+        self.counters.activated += 1
+        pending = envelope.pending()
+        ralog.log_queue_active(log, queue_id, envelope.sender, envelope.content_size,
+                               len(envelope.recipients))
+        groups: dict[str, list[Recipient]] = {}
+        unroutable: list[tuple[Recipient, Status]] = []
+        for recipient in pending:
+            try:
+                key = self.route(recipient)
+            except DeliveryFailure as exc:
+                unroutable.append((recipient, exc.status))
+                continue
+            groups.setdefault(key, []).append(recipient)
+        requests = []
+        for key, recipients in groups.items():
+            for start in range(0, len(recipients), self.recipient_limit):
+                chunk = tuple(recipients[start:start + self.recipient_limit])
+                requests.append(DeliveryRequest(message, key, chunk[0].domain, chunk))
+        failed = [
+            (DeliveryRequest(message, "", recipient.domain, (recipient,)), status)
+            for recipient, status in unroutable
+        ]
+        message.outstanding = len(requests) + len(failed)
+        if message.outstanding == 0:
+            self._finish(message)
+            return
+        for request, status in failed:
+            self._request_done_unsent(request, status)
+        for request in requests:
+            self._enqueue_request(request)
+
+    def _corrupt(self, queue_id: str, reason: str) -> None:
+        self.counters.corrupt += 1
+        try:
+            self.spool.mark_corrupt(queue_id, ACTIVE, reason)
+        except OSError as exc:
+            ralog.log_warning(log, f"cannot move corrupt queue file: {exc}", queue_id=queue_id)
+
+    def mark_corrupt(self, message: ActiveMessage, reason: str) -> None:
+        """For the delivery agent: the file turned out to be broken (its
+        content, read during delivery).  It leaves the active queue at once."""
+        message.close()
+        self._corrupt(message.queue_id, reason)
+
+    # -- per-destination queues
+
+    def _destination(self, name: str) -> Destination:
+        destination = self.destinations.get(name)
+        if destination is None:
+            destination = Destination(name, window=float(self.initial_concurrency))
+            self.destinations[name] = destination
+        return destination
+
+    def _enqueue_request(self, request: DeliveryRequest) -> None:
+        destination = self._destination(request.destination)
+        if destination.dead is not None:
+            self._request_done_unsent(request, _suspended(destination.dead))
+            return
+        if not destination.todo:
+            self._ready.append(destination)
+        destination.todo.append(request)
+
+    def _window_of(self, destination: Destination) -> int:
+        if self.rate_delay > 0:
+            return 1
+        return max(1, int(destination.window))
+
+    def _pump(self) -> None:
+        """Start deliveries while the limits allow, round-robin."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                self._pump_once()
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
+        now = self.clock.seconds()
+        wake_at: float | None = None
+        while self.running and self.busy_total < self.process_limit and self._ready:
+            chosen = None
+            for _ in range(len(self._ready)):
+                destination = self._ready[0]
+                self._ready.rotate(-1)
+                if not destination.todo:
+                    self._ready.remove(destination)
+                    continue
+                if destination.busy >= self._window_of(destination):
+                    continue
+                if destination.resume_at > now:
+                    wake_at = min(wake_at or destination.resume_at, destination.resume_at)
+                    continue
+                chosen = destination
+                break
+            if chosen is None:
+                break
+            request = chosen.todo.popleft()
+            if not chosen.todo and chosen in self._ready:
+                self._ready.remove(chosen)
+            self._dispatch(chosen, request, now)
+        if wake_at is not None and (self._resume_call is None or not self._resume_call.active()):
+            self._resume_call = self.clock.callLater(max(0.0, wake_at - now), self._pump)
+
+    def _dispatch(self, destination: Destination, request: DeliveryRequest, now: float) -> None:
+        destination.busy += 1
+        self.busy_total += 1
+        self.counters.dispatched += 1
+        request.backlog = len(destination.todo)
+        request.dispatched = now
+        deferred = maybeDeferred(self.agent.deliver, request)
+        deferred.addBoth(self._delivered, destination, request)
+
+    def _delivered(self, result: RequestResult | Failure, destination: Destination,
+                   request: DeliveryRequest) -> None:
+        destination.busy -= 1
+        self.busy_total -= 1
+        if isinstance(result, Failure):
+            # A bug in the agent: keep the recipients, never lose them.
+            log.failure("delivery of {queue_id} to {destination} crashed", result,
+                        queue_id=request.message.queue_id, destination=destination.name)
+            status = Status("4.3.0", "mail system software error")
+            self._defer_quietly(request, status)
+            result = RequestResult()
+        if self.rate_delay > 0:
+            destination.resume_at = self.clock.seconds() + self.rate_delay
+        if result.site_failure is not None:
+            self._throttle(destination, result.site_failure)
+        elif destination.dead is None:
+            self._unthrottle(destination)
+        self._request_finished(request)
+        if destination.idle and self.destinations.get(destination.name) is destination:
+            del self.destinations[destination.name]
+        if not self.running and self.busy_total == 0 and self._stopped is not None:
+            stopped, self._stopped = self._stopped, None
+            self._release_active()
+            stopped.callback(None)
+            return
+        self._refill()
+
+    def _unthrottle(self, destination: Destination) -> None:
+        """Positive feedback (qmgr_queue_unthrottle)."""
+        destination.fail_cohorts = 0.0
+        if destination.window >= self.concurrency_limit:
+            return
+        # Keep the window near the actual concurrency, or negative
+        # feedback would take too long to bite.
+        if destination.window < destination.busy + self.initial_concurrency:
+            feedback = self.positive_feedback.value(destination.window)
+            destination.success += feedback
+            while destination.success + feedback / 2 >= 1:
+                destination.window += 1
+                destination.success -= 1
+                destination.failure = 0.0
+            destination.window = min(destination.window, float(self.concurrency_limit))
+
+    def _throttle(self, destination: Destination, status: Status) -> None:
+        """Negative feedback (qmgr_queue_throttle); the destination dies
+        after the failed cohort limit."""
+        if destination.dead is not None:
+            return
+        destination.fail_cohorts += 1.0 / destination.window
+        feedback = self.negative_feedback.value(destination.window)
+        destination.failure -= feedback
+        while destination.failure - feedback / 2 < 0:
+            destination.window -= 1
+            destination.success = 0.0
+            destination.failure += 1
+        destination.window = max(destination.window, 1.0)
+        if self.failed_cohort_limit > 0 and destination.fail_cohorts >= self.failed_cohort_limit:
+            self.counters.throttled += 1
+            destination.dead = status
+            log.info("{destination}: destination dead until the next queue run: {reason}",
+                     destination=destination.name, reason=status.text)
+            waiting = list(destination.todo)
+            destination.todo.clear()
+            if destination in self._ready:
+                self._ready.remove(destination)
+            suspended = _suspended(status)
+            for request in waiting:
+                self._request_done_unsent(request, suspended)
+
+    # -- finishing
+
+    def _defer_quietly(self, request: DeliveryRequest, status: Status) -> None:
+        try:
+            self.agent.defer_unsent(request, status)
+        except Exception:  # noqa: BLE001 - logged; the recipients stay queued
+            log.failure("deferring {queue_id}", queue_id=request.message.queue_id)
+
+    def _request_done_unsent(self, request: DeliveryRequest, status: Status) -> None:
+        self._defer_quietly(request, status)
+        self._request_finished(request)
+
+    def _request_finished(self, request: DeliveryRequest) -> None:
+        message = request.message
+        message.outstanding -= 1
+        if message.outstanding == 0:
+            self._finish(message)
+
+    def _finish(self, message: ActiveMessage) -> None:
+        self.active.pop(message.queue_id, None)
+        self.counters.finished += 1
+        try:
+            self.agent.finish(message)
+        except Exception:  # noqa: BLE001 - the file stays in active/ for the next start
+            log.failure("finishing {queue_id}", queue_id=message.queue_id)
+        finally:
+            message.close()
+
+
+def _suspended(status: Status) -> Status:
+    """The status of mail deferred for a dead destination (qmgr_defer.c)."""
+    text = status.text
+    if not text.startswith("delivery temporarily suspended: "):
+        text = "delivery temporarily suspended: " + text
+    return Status(
+        dsn=status.dsn if status.soft else "4" + status.dsn[1:],
+        text=text,
+        code=status.code,
+        stage=status.stage,
+        reply=status.reply,
+        remote_mta=status.remote_mta,
+    )
