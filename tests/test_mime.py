@@ -626,8 +626,8 @@ class MemoryTests(SynchronousTestCase):
         self.assertLess(peak, 2 * 1024 * 1024)
 
     def test_one_long_line(self):
-        # Eight megabytes without a line end: handled in pieces.
+        # Four megabytes without a line end: handled in pieces.
         chunk = bytes(range(256)).replace(b"\n", b"") * 256
         head = b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
-        peak = self.peak_while_feeding(head, chunk, 8 * 1024 * 1024)
+        peak = self.peak_while_feeding(head, chunk, 4 * 1024 * 1024)
         self.assertLess(peak, 2 * 1024 * 1024)
