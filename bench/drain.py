@@ -48,9 +48,10 @@ from collections.abc import Iterator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.support.postfix import POSTFIX, PostfixInstance  # noqa: E402  (needs ROOT on sys.path)
+
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
-POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -289,101 +290,18 @@ def run_latency(args: argparse.Namespace, workdir: str) -> None:
 # ---------------------------------------------------------------------------
 # Postfix
 
-MASTER_CF = """\
-{smtpd_address} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-class PostfixInstance:
-    """A private Postfix: own config and queue directories, no port 25."""
-
-    def __init__(self, workdir: str, sinks: list[Sink], domains: list[str]) -> None:
-        self.base = os.path.join(workdir, "postfix")
-        self.etc = os.path.join(self.base, "etc")
-        self.queue = os.path.join(self.base, "spool")
-        data = os.path.join(self.base, "data")
-        for path in (self.etc, self.queue, data):
-            os.makedirs(path)
-        shutil.chown(data, "postfix")
-        os.chmod(workdir, 0o755)  # the postfix user must reach its directories
-        self.smtpd_port = free_port()
-        if len(sinks) == 1:
-            routing = f"relayhost = [{sinks[0].host}]:{sinks[0].port}"
-        else:
-            table = ", ".join(
-                f"{domain}=smtp:[{sink.host}]:{sink.port}" for domain, sink in zip(domains, sinks, strict=True)
-            )
-            routing = f"transport_maps = inline:{{ {table} }}"
-        with open(os.path.join(self.etc, "main.cf"), "w") as handle:
-            handle.write(
-                "compatibility_level = 3.6\n"
-                f"queue_directory = {self.queue}\n"
-                f"data_directory = {data}\n"
-                "myhostname = bench.localdomain\n"
-                "mydestination =\n"
-                "inet_interfaces = 127.0.0.1\n"
-                "inet_protocols = ipv4\n"
-                f"{routing}\n"
-                "defer_transports = smtp\n"
-                "alias_maps =\n"
-                "alias_database =\n"
-                "mynetworks = 127.0.0.0/8\n"
-                "smtpd_recipient_restrictions = permit_mynetworks, reject\n"
-                f"maillog_file = {os.path.join(self.base, 'maillog')}\n"
-                f"maillog_file_prefixes = {self.base}\n"
-            )
-        with open(os.path.join(self.etc, "master.cf"), "w") as handle:
-            handle.write(MASTER_CF.format(smtpd_address=f"127.0.0.1:{self.smtpd_port}"))
-
-    def postfix(self, *words: str) -> None:
-        subprocess.run([POSTFIX, "-c", self.etc, *words], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def start(self) -> None:
-        self.postfix("set-permissions")
-        self.postfix("start")
-        wait_for_port("127.0.0.1", self.smtpd_port)
-
-    def queued(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(os.path.join(self.queue, "deferred")))
-
-    def allow_delivery(self) -> None:
-        subprocess.run(["postconf", "-c", self.etc, "-e", "defer_transports ="], check=True)
-        self.postfix("reload")
-        time.sleep(1.0)  # let master restart qmgr with the new setting
-
-    def flush(self) -> None:
-        subprocess.run(["postqueue", "-c", self.etc, "-f"], check=True)
-
-    def stop(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            self.postfix("stop")
-
-
 def run_postfix(args: argparse.Namespace, workdir: str) -> dict:
     domains = destination_domains(args.destinations)
     sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
              for i in range(args.destinations)]
-    instance = PostfixInstance(workdir, sinks, domains)
+    if len(sinks) == 1:
+        routing = f"relayhost = [{sinks[0].host}]:{sinks[0].port}"
+    else:
+        table = ", ".join(
+            f"{domain}=smtp:[{sink.host}]:{sink.port}" for domain, sink in zip(domains, sinks, strict=True)
+        )
+        routing = f"transport_maps = inline:{{ {table} }}"
+    instance = PostfixInstance(workdir, [routing, "myhostname = bench.localdomain"])
     try:
         instance.start()
         per_domain = [args.messages // len(domains) + (1 if i < args.messages % len(domains) else 0)

@@ -1,0 +1,147 @@
+"""
+A private Postfix instance on loopback, for interop tests and benchmarks.
+
+Its own configuration, queue and data directories live under a directory
+the caller gives (removed by the caller); its smtpd listens on 127.0.0.1 and
+a free port (never port 25); nothing reaches the system's Postfix.  Needs
+root (Postfix's master runs as root and drops to the ``postfix`` user) and
+Debian's ``postfix`` package.
+
+    instance = PostfixInstance(workdir, main_cf=["message_size_limit = 2000"])
+    instance.start()          # blocking, bounded
+    ... talk SMTP to 127.0.0.1:instance.smtpd_port ...
+    instance.stop()
+
+By default ``defer_transports = smtp`` keeps accepted mail in the queue;
+``allow_delivery()`` and ``flush()`` let it go (the benchmark uses that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
+POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
+
+MASTER_CF = """\
+{smtpd_address} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def missing_reason() -> str | None:
+    """Why a private Postfix cannot run here, or None when it can."""
+    if not os.path.exists(POSTFIX):
+        return "Postfix is not installed (Debian package postfix)"
+    if os.geteuid() != 0:
+        return "a private Postfix instance needs root"
+    try:
+        import pwd
+
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "there is no postfix user"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"Postfix's smtpd did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+class PostfixInstance:
+    """A private Postfix: own config and queue directories, no port 25."""
+
+    def __init__(self, workdir: str, main_cf: list[str] = ()) -> None:
+        self.base = os.path.join(workdir, "postfix")
+        self.etc = os.path.join(self.base, "etc")
+        self.queue = os.path.join(self.base, "spool")
+        self.maillog = os.path.join(self.base, "maillog")
+        data = os.path.join(self.base, "data")
+        for path in (self.etc, self.queue, data):
+            os.makedirs(path)
+        shutil.chown(data, "postfix")
+        # Postfix's unprivileged processes must be able to reach their
+        # directories (mkdtemp makes private ones).
+        for path in (workdir, self.base):
+            os.chmod(path, os.stat(path).st_mode | 0o755)
+        self.smtpd_port = _free_port()
+        settings = [
+            "compatibility_level = 3.6",
+            f"queue_directory = {self.queue}",
+            f"data_directory = {data}",
+            "myhostname = postfix.test.localdomain",
+            "mydestination =",
+            "inet_interfaces = 127.0.0.1",
+            "inet_protocols = ipv4",
+            "defer_transports = smtp",
+            "alias_maps =",
+            "alias_database =",
+            "mynetworks = 127.0.0.0/8",
+            "smtpd_recipient_restrictions = permit_mynetworks, reject",
+            f"maillog_file = {self.maillog}",
+            f"maillog_file_prefixes = {self.base}",
+            *main_cf,
+        ]
+        with open(os.path.join(self.etc, "main.cf"), "w") as handle:
+            handle.write("\n".join(settings) + "\n")
+        with open(os.path.join(self.etc, "master.cf"), "w") as handle:
+            handle.write(MASTER_CF.format(smtpd_address=f"127.0.0.1:{self.smtpd_port}"))
+
+    def postfix(self, *words: str) -> None:
+        subprocess.run([POSTFIX, "-c", self.etc, *words], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.postfix("set-permissions")
+        self.postfix("start")
+        _wait_for_port(self.smtpd_port, timeout)
+
+    def queued(self, queue: str = "deferred") -> int:
+        return sum(len(files) for _, _, files in os.walk(os.path.join(self.queue, queue)))
+
+    def allow_delivery(self) -> None:
+        subprocess.run([POSTCONF, "-c", self.etc, "-e", "defer_transports ="], check=True, timeout=30)
+        self.postfix("reload")
+        time.sleep(1.0)  # let master restart qmgr with the new setting
+
+    def flush(self) -> None:
+        subprocess.run([POSTQUEUE, "-c", self.etc, "-f"], check=True, timeout=30)
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self.postfix("stop")
