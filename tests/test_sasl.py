@@ -136,7 +136,11 @@ class LogCapture:
         case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def text(self) -> str:
+        """Each event formatted, and its repr (every field): for greps."""
         return "\n".join(str(formatEvent(event)) + " " + repr(event) for event in self.events)
+
+    def messages(self) -> list[str]:
+        return [str(formatEvent(event)) for event in self.events]
 
 
 def secret_forms(password: str, *extra: bytes) -> list[str]:

@@ -1,0 +1,537 @@
+"""
+Tests for relayagent.tls: levels, protocol and cipher settings, policy
+maps, certificate name matching, and STARTTLS at every level against a
+fake session whose handshake is real (two OpenSSL connections joined by
+memory BIOs, with certificates from a test CA).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.logger import LogLevel
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent.config import Config
+from relayagent.esmtp import ServerInfo
+from relayagent.maps import open_maps
+from relayagent.smtp_reply import Reply
+from relayagent.status import DeliveryFailure, Status
+from relayagent.tls import (
+    RETRY_PLAINTEXT,
+    ContextCache,
+    PolicyLookup,
+    TLSConfigError,
+    TLSFiles,
+    TLSLevel,
+    TLSPolicy,
+    TLSPolicyError,
+    TLSSettings,
+    certificate_matches,
+    cipher_list,
+    negotiate_tls,
+    nexthop_domain,
+    parse_level,
+    parse_policy,
+    parse_protocols,
+    policy_keys,
+)
+from tests.support.certs import CertificateAuthority, self_signed
+from tests.test_sasl import LogCapture
+
+CA = CertificateAuthority()
+
+
+def reply(code: int, text: str = "") -> Reply:
+    return Reply(code=code, enhanced=None, lines=(f"{code} {text}".rstrip(),))
+
+
+class FakeTLSProtocol:
+    """Stands in for Twisted's TLSMemoryBIOProtocol."""
+
+    def __init__(self) -> None:
+        self.verification_failure: Any = None
+
+    def failVerification(self, reason: Any) -> None:
+        self.verification_failure = reason
+
+
+def handshake(client: SSL.Connection, server: SSL.Connection, protocol: FakeTLSProtocol) -> None:
+    """Run a TLS handshake between two memory-BIO connections."""
+    done = {id(client): False, id(server): False}
+    for _ in range(50):
+        moved = False
+        for connection, peer in ((client, server), (server, client)):
+            if not done[id(connection)]:
+                try:
+                    connection.do_handshake()
+                    done[id(connection)] = True
+                except SSL.WantReadError:
+                    pass
+            if protocol.verification_failure is not None:
+                raise ConnectionLost("aborted: certificate refused")
+            try:
+                data = connection.bio_read(65536)
+            except SSL.WantReadError:
+                data = b""
+            if data:
+                peer.bio_write(data)
+                moved = True
+        if all(done.values()) and not moved:
+            return
+    raise AssertionError("the handshake did not finish")
+
+
+class FakeTLSSession:
+    """The parts of relayagent.esmtp.SMTPSession STARTTLS uses."""
+
+    def __init__(
+        self,
+        server_context: SSL.Context | None,
+        *,
+        host: str = "mx.example.com",
+        nexthop: str = "example.com",
+        offer_starttls: bool = True,
+        starttls_reply: Reply | None = None,
+        ehlo_after_tls: Exception | None = None,
+    ) -> None:
+        self.server = ServerInfo(host, "192.0.2.1", 25, nexthop)
+        self.extensions = {"PIPELINING": ""}
+        if offer_starttls:
+            self.extensions["STARTTLS"] = ""
+        self.auth_mechanisms: frozenset[str] = frozenset()
+        self.sent: list[bytes] = []
+        self.server_context = server_context
+        self.starttls_reply = starttls_reply or reply(220, "2.0.0 Ready to start TLS")
+        self.ehlo_after_tls = ehlo_after_tls
+        self.sni: list[bytes | None] = []
+        self.client_certificate: Any = None
+        self.tls_protocol = FakeTLSProtocol()
+        self.tls = False
+        self.after_tls_extensions = {"PIPELINING": "", "AUTH": "PLAIN LOGIN"}
+
+    def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> Deferred[Reply]:
+        self.sent.append(line)
+        if line == b"STARTTLS":
+            return succeed(self.starttls_reply)
+        return self.respond(line)
+
+    def respond(self, line: bytes) -> Deferred[Reply]:
+        return succeed(reply(500, "unexpected"))
+
+    def start_tls(self, creator: Any) -> Deferred[None]:
+        assert self.server_context is not None
+        self.server_context.set_tlsext_servername_callback(lambda conn: self.sni.append(conn.get_servername()))
+        client = creator.clientConnectionForTLS(self.tls_protocol)
+        client.set_connect_state()
+        server = SSL.Connection(self.server_context, None)
+        server.set_accept_state()
+        try:
+            handshake(client, server, self.tls_protocol)
+        except (SSL.Error, ConnectionLost) as error:
+            return fail(
+                DeliveryFailure(Status("4.4.2", f"lost connection with {self.server.namaddr}: {error}"))
+            )
+        self.client_certificate = server.get_peer_certificate()
+        self.tls = True
+        self.sent.append(b"EHLO client.example.com")
+        if self.ehlo_after_tls is not None:
+            return fail(self.ehlo_after_tls)
+        self.extensions = dict(self.after_tls_extensions)
+        self.auth_mechanisms = frozenset(self.extensions["AUTH"].split())
+        return succeed(None)
+
+
+def settings(ca_file: str = "", **overrides: Any) -> TLSSettings:
+    files = TLSFiles(
+        ca_file=ca_file,
+        ca_path=overrides.pop("ca_path", ""),
+        cert_file=overrides.pop("cert_file", ""),
+        key_file=overrides.pop("key_file", ""),
+    )
+    return TLSSettings(contexts=ContextCache(files), **overrides)
+
+
+class LevelAndProtocolTests(SynchronousTestCase):
+    def test_levels(self) -> None:
+        self.assertIs(parse_level(""), TLSLevel.NONE)
+        for word in ("none", "may", "encrypt", "verify", "secure"):
+            self.assertEqual(str(parse_level(word.upper())), word)
+        self.assertIs(parse_level("dane"), TLSLevel.MAY)
+        for word in ("dane-only", "fingerprint", "bogus"):
+            error = self.assertRaises(TLSConfigError, parse_level, word)
+            self.assertIn(word, str(error))
+        self.assertTrue(TLSLevel.ENCRYPT.mandatory and not TLSLevel.MAY.mandatory)
+        self.assertTrue(TLSLevel.VERIFY.checks_names and not TLSLevel.ENCRYPT.checks_names)
+
+    def test_protocols(self) -> None:
+        self.assertEqual(parse_protocols([">=TLSv1.2"]), ("TLSv1.2", "TLSv1.3"))
+        self.assertEqual(parse_protocols(["!SSLv2", "!SSLv3"]), ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"))
+        self.assertEqual(parse_protocols(["TLSv1.3"]), ("TLSv1.3",))
+        self.assertEqual(parse_protocols([">=TLSv1:<=TLSv1.2:!TLSv1.1"]), ("TLSv1", "TLSv1.2"))
+        self.assertEqual(parse_protocols(["tlsv1.2, tlsv1.3"]), ("TLSv1.2", "TLSv1.3"))
+
+    def test_bad_protocols(self) -> None:
+        error = self.assertRaises(TLSConfigError, parse_protocols, [">=TLSv1.2", "<=TLSv1.1"], "smtp_tls_protocols")
+        self.assertIn("no usable TLS protocol", str(error))
+        error = self.assertRaises(TLSConfigError, parse_protocols, ["TLSv9"], "smtp_tls_mandatory_protocols")
+        self.assertIn("smtp_tls_mandatory_protocols: unknown TLS protocol 'TLSv9'", str(error))
+        self.assertRaises(TLSConfigError, parse_protocols, ["SSLv3"])
+
+    def test_ciphers(self) -> None:
+        self.assertEqual(cipher_list("HIGH"), "HIGH:!aNULL:!eNULL")
+        self.assertEqual(cipher_list("medium", ["RC4", "3DES"]), "HIGH:MEDIUM:!aNULL:!eNULL:!RC4:!3DES")
+        self.assertRaises(TLSConfigError, cipher_list, "strong")
+
+
+class PolicyTests(SynchronousTestCase):
+    def test_parse_policy(self) -> None:
+        policy = parse_policy("secure match=.example.com:example.net", "t")
+        self.assertEqual(policy.level, TLSLevel.SECURE)
+        self.assertEqual(policy.match, (".example.com", "example.net"))
+        policy = parse_policy("encrypt protocols=>=TLSv1.2 ciphers=high exclude=3DES:RC4", "t")
+        self.assertEqual((policy.protocols, policy.ciphers, policy.exclude), ((">=TLSv1.2",), "high", ("3DES", "RC4")))
+        self.assertEqual(parse_policy("none", "t"), TLSPolicy(TLSLevel.NONE, source="t"))
+
+    def test_bad_policies(self) -> None:
+        for value, complaint in (
+            ("", "empty TLS policy"),
+            ("sometimes", "unknown TLS security level"),
+            ("secure match", "expected name=value"),
+            ("secure match=", "expected name=value"),
+            ("secure match=a match=b", "given twice"),
+            ("secure tafile=/x", "unsupported attribute 'tafile'"),
+            ("encrypt protocols=TLSv7", "unknown TLS protocol"),
+            ("encrypt ciphers=ultra", "unknown cipher grade"),
+        ):
+            error = self.assertRaises(TLSConfigError, parse_policy, value, "entry for example.com")
+            self.assertIn(complaint, str(error), value)
+            self.assertIn("entry for example.com", str(error))
+
+    def test_policy_keys(self) -> None:
+        self.assertEqual(policy_keys("Mail.Example.COM"), ["mail.example.com", ".example.com", ".com"])
+        self.assertEqual(policy_keys("[mx.example.net]:587"), ["[mx.example.net]:587"])
+        self.assertEqual(policy_keys("[mx.example.net]"), ["[mx.example.net]"])
+        self.assertEqual(policy_keys("example.com:587"), ["example.com:587"])
+
+    def test_nexthop_domain(self) -> None:
+        self.assertEqual(nexthop_domain("[smtp.example.com]:587"), "smtp.example.com")
+        self.assertEqual(nexthop_domain("[smtp.example.com]"), "smtp.example.com")
+        self.assertEqual(nexthop_domain("example.com:25"), "example.com")
+        self.assertEqual(nexthop_domain("example.com"), "example.com")
+
+    def test_lookup(self) -> None:
+        table = open_maps(
+            [
+                "inline:{ {example.com = secure match=.example.com}, "
+                "{ [mx.example.net]:587 = encrypt protocols=>=TLSv1.2 }, "
+                "{ example.org = none }, { .example.edu = verify }, { bad.example = sometimes } }"
+            ]
+        )
+        lookup = PolicyLookup("may", table)
+        self.assertEqual(lookup.policy_for("example.com").level, TLSLevel.SECURE)
+        self.assertEqual(lookup.policy_for("example.com").match, (".example.com",))
+        self.assertEqual(lookup.policy_for("[mx.example.net]:587").level, TLSLevel.ENCRYPT)
+        self.assertEqual(lookup.policy_for("[mx.example.net]").level, TLSLevel.MAY)
+        self.assertEqual(lookup.policy_for("example.org").level, TLSLevel.NONE)
+        self.assertEqual(lookup.policy_for("mail.cs.example.edu").level, TLSLevel.VERIFY)
+        self.assertEqual(lookup.policy_for("example.edu").level, TLSLevel.MAY)
+        self.assertEqual(lookup.policy_for("elsewhere.test").level, TLSLevel.MAY)
+        error = self.assertRaises(TLSPolicyError, lookup.policy_for, "bad.example")
+        self.assertIn("smtp_tls_policy_maps entry for bad.example", str(error))
+        self.assertEqual(PolicyLookup("").policy_for("x").level, TLSLevel.NONE)
+
+
+class NameMatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.mx = CA.issue(["mx.example.com"]).certificate
+        self.wild = CA.issue(["*.example.net"]).certificate
+        self.domain = CA.issue(["example.com"]).certificate
+        self.ip = CA.issue([], ip_addresses=["192.0.2.1"]).certificate
+        self.cn_only = CA.issue([], common_name="mx.example.com").certificate
+
+    def matches(self, certificate, patterns, host="mx.example.com", nexthop="example.com") -> bool:
+        return certificate_matches(certificate, patterns, hostname=host, nexthop=nexthop)
+
+    def test_hostname(self) -> None:
+        self.assertTrue(self.matches(self.mx, ["hostname"]))
+        self.assertTrue(self.matches(self.mx, ["hostname"], host="MX.example.com."))
+        self.assertFalse(self.matches(self.mx, ["hostname"], host="other.example.com"))
+
+    def test_nexthop_and_dot_nexthop(self) -> None:
+        self.assertFalse(self.matches(self.mx, ["nexthop"]))
+        self.assertTrue(self.matches(self.mx, ["nexthop", "dot-nexthop"]))
+        self.assertTrue(self.matches(self.domain, ["nexthop", "dot-nexthop"]))
+        self.assertFalse(self.matches(self.domain, ["dot-nexthop"]))
+        self.assertFalse(self.matches(self.mx, ["nexthop", "dot-nexthop"], nexthop="example.org"))
+
+    def test_literal_names_and_suffixes(self) -> None:
+        self.assertTrue(self.matches(self.mx, ["example.org", "mx.example.com"], host="x"))
+        self.assertTrue(self.matches(self.mx, [".example.com"], host="x"))
+        self.assertFalse(self.matches(self.mx, [".mx.example.com"], host="x"))
+        self.assertTrue(self.matches(self.wild, [".example.net"], host="x"))
+        self.assertTrue(self.matches(self.wild, ["a.example.net"], host="x"))
+        self.assertFalse(self.matches(self.wild, ["a.b.example.net"], host="x"))
+
+    def test_ip_address_and_no_cn_fallback(self) -> None:
+        self.assertTrue(self.matches(self.ip, ["hostname"], host="192.0.2.1"))
+        self.assertFalse(self.matches(self.ip, ["hostname"], host="192.0.2.2"))
+        # RFC 9525: the subject CN is never used.
+        self.assertFalse(self.matches(self.cn_only, ["hostname"]))
+
+
+class NegotiationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logs = LogCapture(self)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.directory = directory
+        self.ca_file = CA.write(directory)
+        self.trusting = settings(self.ca_file)
+
+    def negotiate(self, session, level, tls_settings=None, nexthop="example.com", **policy: Any):
+        return Deferred.fromCoroutine(
+            negotiate_tls(session, TLSPolicy(level, **policy), tls_settings or self.trusting, nexthop=nexthop)
+        )
+
+    def session_for(self, names, **kwargs) -> FakeTLSSession:
+        return FakeTLSSession(CA.issue(names).server_context(), **kwargs)
+
+    def established(self) -> list[str]:
+        return [line for line in self.logs.messages() if "TLS connection established" in line]
+
+    def test_none_sends_nothing(self) -> None:
+        session = self.session_for(["mx.example.com"])
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.NONE))
+        self.assertFalse(outcome.active)
+        self.assertEqual(session.sent, [])
+
+    def test_may_without_starttls_goes_on(self) -> None:
+        session = self.session_for(["mx.example.com"], offer_starttls=False)
+        self.assertFalse(self.successResultOf(self.negotiate(session, TLSLevel.MAY)).active)
+        self.assertEqual(session.sent, [])
+
+    def test_encrypt_without_starttls_is_474(self) -> None:
+        for level in (TLSLevel.ENCRYPT, TLSLevel.VERIFY, TLSLevel.SECURE):
+            session = self.session_for(["mx.example.com"], offer_starttls=False)
+            failure = self.failureResultOf(self.negotiate(session, level), DeliveryFailure)
+            self.assertEqual(failure.value.status.dsn, "4.7.4")
+            self.assertEqual(
+                failure.value.status.text, "TLS is required, but was not offered by host mx.example.com[192.0.2.1]"
+            )
+            self.assertEqual(session.sent, [])
+
+    def test_starttls_refused(self) -> None:
+        session = self.session_for(["mx.example.com"], starttls_reply=reply(454, "4.7.0 TLS not available"))
+        self.assertFalse(self.successResultOf(self.negotiate(session, TLSLevel.MAY)).active)
+        self.assertEqual(session.sent, [b"STARTTLS"])
+        session = self.session_for(["mx.example.com"], starttls_reply=reply(454, "4.7.0 TLS not available"))
+        failure = self.failureResultOf(self.negotiate(session, TLSLevel.ENCRYPT), DeliveryFailure)
+        self.assertEqual(failure.value.status.dsn, "4.7.4")
+        self.assertEqual(
+            failure.value.status.text,
+            "TLS is required, but host mx.example.com[192.0.2.1] refused to start TLS: 454 4.7.0 TLS not available",
+        )
+
+    def test_may_with_an_untrusted_certificate(self) -> None:
+        session = FakeTLSSession(self_signed(["other.example.org"]).server_context())
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.MAY))
+        self.assertTrue(outcome.active)
+        self.assertEqual(outcome.trust, "Untrusted")
+        self.assertEqual(session.sni, [b"mx.example.com"])
+        self.assertEqual(session.sent, [b"STARTTLS", b"EHLO client.example.com"])
+        self.assertIn("STARTTLS", session.sent[0].decode())
+        self.assertEqual(session.extensions["AUTH"], "PLAIN LOGIN")
+        self.assertEqual(
+            self.established(),
+            [
+                f"Untrusted TLS connection established to mx.example.com[192.0.2.1]:25: "
+                f"{outcome.protocol} with cipher {outcome.cipher} ({outcome.bits}/{outcome.bits} bits)"
+            ],
+        )
+        self.assertEqual(outcome.protocol, "TLSv1.3")
+
+    def test_log_level(self) -> None:
+        session = self.session_for(["mx.example.com"])
+        self.successResultOf(self.negotiate(session, TLSLevel.MAY))
+        session = self.session_for(["mx.example.com"])
+        self.successResultOf(self.negotiate(session, TLSLevel.MAY, settings(self.ca_file, loglevel=1)))
+        levels = [event["log_level"] for event in self.logs.events if event.get("postfix_tls")]
+        self.assertEqual(levels, [LogLevel.debug, LogLevel.info])
+
+    def test_encrypt_reports_trusted_without_checking_names(self) -> None:
+        session = self.session_for(["somewhere.else"])
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.ENCRYPT))
+        self.assertEqual(outcome.trust, "Trusted")
+        self.assertTrue(self.established()[0].startswith("Trusted TLS connection established to "))
+
+    def test_verify_matches_the_mx_host(self) -> None:
+        session = self.session_for(["mx.example.com"])
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.VERIFY))
+        self.assertEqual(outcome.trust, "Verified")
+        self.assertTrue(
+            self.established()[0].startswith(
+                "Verified TLS connection established to mx.example.com[192.0.2.1]:25: TLSv1.3 with cipher TLS_"
+            )
+        )
+
+    def _assert_not_verified(self, session: FakeTLSSession, level=TLSLevel.VERIFY, **kwargs) -> None:
+        failure = self.failureResultOf(self.negotiate(session, level, **kwargs), DeliveryFailure)
+        self.assertEqual(failure.value.status.dsn, "4.7.5")
+        self.assertEqual(failure.value.status.text, "Server certificate not verified")
+        self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+        # The connection was aborted before any EHLO went over it.
+        self.assertIsNotNone(session.tls_protocol.verification_failure)
+        self.assertEqual(session.sent, [b"STARTTLS"])
+
+    def test_verify_with_a_certificate_for_another_name(self) -> None:
+        self._assert_not_verified(self.session_for(["other.example.org"]))
+        self.assertIn("Trusted TLS connection established", self.logs.text())
+        self.assertIn("certificate names do not match hostname", self.logs.text())
+
+    def test_verify_with_an_untrusted_chain(self) -> None:
+        self._assert_not_verified(FakeTLSSession(self_signed(["mx.example.com"]).server_context()))
+        self.assertIn("unable to get local issuer certificate", self.logs.text())
+
+    def test_verify_with_an_expired_certificate(self) -> None:
+        self._assert_not_verified(FakeTLSSession(CA.issue(["mx.example.com"], expired=True).server_context()))
+        self.assertIn("certificate has expired", self.logs.text())
+
+    def test_verify_with_the_system_trust_store(self) -> None:
+        # No CAfile: our test CA is in no system store.
+        self._assert_not_verified(self.session_for(["mx.example.com"]), tls_settings=settings())
+
+    def test_secure_matches_the_nexthop(self) -> None:
+        for names in (["example.com"], ["mx.example.com"], ["*.example.com"]):
+            session = self.session_for(names)
+            self.assertEqual(self.successResultOf(self.negotiate(session, TLSLevel.SECURE)).trust, "Verified")
+        # The MX host name alone is not enough at secure.
+        session = self.session_for(["mx.example.net"], host="mx.example.net")
+        self._assert_not_verified(session, TLSLevel.SECURE)
+
+    def test_secure_with_a_bracketed_nexthop(self) -> None:
+        session = self.session_for(["smtp.example.net"], host="smtp.example.net", nexthop="[smtp.example.net]:587")
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.SECURE, nexthop="[smtp.example.net]:587"))
+        self.assertEqual(outcome.trust, "Verified")
+
+    def test_policy_match_overrides(self) -> None:
+        session = self.session_for(["relay.example.org"])
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.SECURE, match=(".example.org",)))
+        self.assertEqual(outcome.trust, "Verified")
+        self._assert_not_verified(self.session_for(["mx.example.com"]), TLSLevel.SECURE, match=("example.org",))
+
+    def test_verify_cert_match_setting(self) -> None:
+        tls_settings = settings(self.ca_file, verify_cert_match=("nexthop",))
+        self._assert_not_verified(self.session_for(["mx.example.com"]), tls_settings=tls_settings)
+        session = self.session_for(["example.com"])
+        self.assertEqual(self.successResultOf(self.negotiate(session, TLSLevel.VERIFY, tls_settings)).trust, "Verified")
+
+    def test_ip_literal_host_sends_no_sni(self) -> None:
+        session = FakeTLSSession(CA.issue([], ip_addresses=["192.0.2.1"]).server_context(), host="192.0.2.1")
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.VERIFY))
+        self.assertEqual(outcome.trust, "Verified")
+        self.assertEqual(session.sni, [None])
+
+    def _failing_handshake(self) -> FakeTLSSession:
+        # The server speaks only TLS 1.2, we only 1.3.
+        context = CA.issue(["mx.example.com"]).server_context()
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        return FakeTLSSession(context)
+
+    def test_failed_handshake_at_may_asks_for_plaintext_retry(self) -> None:
+        session = self._failing_handshake()
+        failure = self.failureResultOf(self.negotiate(session, TLSLevel.MAY, protocols=("TLSv1.3",)), DeliveryFailure)
+        status = failure.value.status
+        self.assertEqual(status.dsn, "4.7.5")
+        self.assertEqual(status.text, "Cannot start TLS: handshake failure with host mx.example.com[192.0.2.1]")
+        self.assertEqual(status.extra[RETRY_PLAINTEXT], "yes")
+        self.assertTrue(failure.value.skip_to_next)
+
+    def test_failed_handshake_at_encrypt_does_not_retry(self) -> None:
+        session = self._failing_handshake()
+        failure = self.failureResultOf(self.negotiate(session, TLSLevel.ENCRYPT, protocols=("TLSv1.3",)), DeliveryFailure)
+        self.assertEqual(failure.value.status.dsn, "4.7.5")
+        self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+
+    def test_protocol_floor(self) -> None:
+        # Our default floor is TLS 1.2: a TLS 1.1-only server fails.
+        context = CA.issue(["mx.example.com"]).server_context()
+        context.set_min_proto_version(SSL.TLS1_1_VERSION)
+        context.set_max_proto_version(SSL.TLS1_1_VERSION)
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        failure = self.failureResultOf(self.negotiate(FakeTLSSession(context), TLSLevel.ENCRYPT), DeliveryFailure)
+        self.assertIn("Cannot start TLS", failure.value.status.text)
+
+    def test_tls12_only_server(self) -> None:
+        context = CA.issue(["mx.example.com"]).server_context()
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        outcome = self.successResultOf(self.negotiate(FakeTLSSession(context), TLSLevel.VERIFY))
+        self.assertEqual((outcome.protocol, outcome.trust), ("TLSv1.2", "Verified"))
+
+    def test_failure_after_the_handshake_is_passed_on(self) -> None:
+        lost = DeliveryFailure(Status("4.4.2", "lost connection with mx.example.com[192.0.2.1] while performing the EHLO handshake"))
+        session = self.session_for(["mx.example.com"], ehlo_after_tls=lost)
+        failure = self.failureResultOf(self.negotiate(session, TLSLevel.MAY), DeliveryFailure)
+        self.assertIs(failure.value, lost)
+        self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+
+    def test_client_certificate(self) -> None:
+        client_cert = CA.issue(["client.example.com"], client=True)
+        cert_path, key_path = client_cert.write(self.directory, stem="client")
+        context = CA.issue(["mx.example.com"]).server_context()
+        context.set_verify(SSL.VERIFY_PEER, lambda *args: True)
+        session = FakeTLSSession(context)
+        tls_settings = settings(self.ca_file, cert_file=cert_path, key_file=key_path)
+        self.successResultOf(self.negotiate(session, TLSLevel.VERIFY, tls_settings))
+        self.assertEqual(session.client_certificate.get_subject().CN, "client.example.com")
+
+    def test_unusable_policy_protocols_defer_with_configuration_problem(self) -> None:
+        session = self.session_for(["mx.example.com"])
+        failure = self.failureResultOf(
+            self.negotiate(session, TLSLevel.ENCRYPT, ciphers="null", exclude=("eNULL",)), DeliveryFailure
+        )
+        self.assertEqual(failure.value.status.text, "client TLS configuration problem")
+        self.assertFalse(failure.value.skip_to_next)
+        self.assertEqual(session.sent, [])
+
+
+class SettingsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+
+    def config(self, text: str) -> Config:
+        return Config.from_text(text, base_dir=self.directory)
+
+    def test_defaults(self) -> None:
+        tls_settings = TLSSettings.from_config(Config.defaults())
+        self.assertEqual(tls_settings.protocols, ("TLSv1.2", "TLSv1.3"))
+        self.assertEqual(tls_settings.mandatory_protocols, ("TLSv1.2", "TLSv1.3"))
+        self.assertEqual(tls_settings.verify_cert_match, ("hostname",))
+        self.assertEqual(tls_settings.secure_cert_match, ("nexthop", "dot-nexthop"))
+        self.assertEqual(tls_settings.starttls_timeout, 300.0)
+
+    def test_relative_paths_resolve_against_base_dir(self) -> None:
+        CA.write(self.directory, "ca.pem")
+        leaf = CA.issue(["client.example.com"], client=True)
+        leaf.write(self.directory, stem="client")
+        tls_settings = TLSSettings.from_config(
+            self.config("smtp_tls_CAfile = ca.pem\nsmtp_tls_cert_file = client.crt\nsmtp_tls_key_file = client.key\n")
+        )
+        self.assertIsNotNone(tls_settings.context_for(TLSPolicy(TLSLevel.VERIFY)))
+
+    def test_bad_files(self) -> None:
+        error = self.assertRaises(TLSConfigError, TLSSettings.from_config, self.config("smtp_tls_CAfile = missing.pem\n"))
+        self.assertIn("smtp_tls_CAfile", str(error))
+        with open(os.path.join(self.directory, "junk.pem"), "w") as handle:
+            handle.write("not a certificate\n")
+        error = self.assertRaises(TLSConfigError, TLSSettings.from_config, self.config("smtp_tls_cert_file = junk.pem\n"))
+        self.assertIn("smtp_tls_cert_file", str(error))
+
+    def test_bad_protocols(self) -> None:
+        error = self.assertRaises(TLSConfigError, TLSSettings.from_config, self.config("smtp_tls_protocols = TLSv1.4\n"))
+        self.assertIn("smtp_tls_protocols", str(error))
