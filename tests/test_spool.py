@@ -5,6 +5,7 @@ ids, moves, recovery, listing, batches, and crash safety of enqueue.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -18,7 +19,15 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.envelope import Recipient
-from relayagent.spool import CorruptQueueFile, Message, Spool, is_queue_id, queue_id_time
+from relayagent.spool import (
+    CorruptQueueFile,
+    Message,
+    QueueIdCollision,
+    Spool,
+    is_queue_id,
+    queue_id_time,
+    queueid,
+)
 from relayagent.spool import spool as spool_module
 from relayagent.spool.queueid import QUEUE_ID_LENGTH, QueueIdGenerator, _encode, queue_id_pid
 from relayagent.status import Status
@@ -28,6 +37,10 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class QueueIdTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # Start from a clean "last id of this process".
+        self.patch(queueid, "_last_microseconds", -1)
+
     def test_form(self) -> None:
         queue_id, arrival = QueueIdGenerator(lambda: 1_700_000_000.25).next()
         self.assertEqual(len(queue_id), QUEUE_ID_LENGTH)
@@ -47,7 +60,9 @@ class QueueIdTests(SynchronousTestCase):
     def test_unique_when_the_clock_stands_still_or_goes_back(self) -> None:
         times = iter([100.0] * 500 + [50.0] * 500)
         generator = QueueIdGenerator(lambda: next(times))
-        ids = [generator.next()[0] for _ in range(1000)]
+        made = [generator.next() for _ in range(1000)]
+        ids = [queue_id for queue_id, _ in made]
+        self.assertEqual(made[-1][1], 50.0)  # the arrival time is the clock's
         self.assertEqual(len(set(ids)), 1000)
         self.assertEqual(ids, sorted(ids))
 
@@ -57,8 +72,12 @@ class QueueIdTests(SynchronousTestCase):
         self.patch(os, "getpid", lambda: 12345)
         other = QueueIdGenerator(lambda: 100.0).next()[0]
         self.assertNotEqual(mine, other)
-        self.assertEqual(mine[:11], other[:11])
         self.assertEqual(queue_id_pid(other), 12345)
+
+    def test_generators_of_one_process_never_collide(self) -> None:
+        first, second = QueueIdGenerator(lambda: 100.0), QueueIdGenerator(lambda: 100.0)
+        ids = [generator.next()[0] for _ in range(100) for generator in (first, second)]
+        self.assertEqual(len(set(ids)), 200)
 
     def test_not_ids(self) -> None:
         for text in ("", "../../etc/passwd", "1J11F4E0UD4007L", "1J11F4E0UD4007L3X", "1j11f4e0ud4007l3", "1J11F4E0UD4007W3"):
@@ -101,6 +120,17 @@ class QueueOperationTests(SynchronousTestCase):
     def test_enqueue_leaves_nothing_in_tmp(self) -> None:
         queue_id = self.enqueue()
         self.assertEqual(list(self.spool.queue_ids("incoming")), [queue_id])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_collision_never_overwrites(self) -> None:
+        taken = self.enqueue()
+        before = open(queue_path(self.spool, "incoming", taken), "rb").read()
+        self.spool.remove(taken, "incoming")
+        write_file(queue_path(self.spool, "incoming", taken), before)
+        self.patch(QueueIdGenerator, "next", lambda generator: (taken, 1.0))
+        error = self.assertRaises(QueueIdCollision, self.enqueue)
+        self.assertEqual(error.errno, errno.EAGAIN)
+        self.assertEqual(open(queue_path(self.spool, "incoming", taken), "rb").read(), before)
         self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
 
     def test_enqueue_into_hold(self) -> None:
@@ -235,9 +265,9 @@ class BatchTests(SynchronousTestCase):
 
 class FaultyOS:
     """The os module, except that the n-th call of write, pwrite, fsync,
-    rename or open raises OSError (as a full disk or an I/O error would)."""
+    rename, link or open raises OSError (as a full disk or an I/O error would)."""
 
-    FAULTY = ("write", "pwrite", "fsync", "rename", "open")
+    FAULTY = ("write", "pwrite", "fsync", "rename", "link", "open")
 
     def __init__(self, fail_at: int) -> None:
         self.fail_at = fail_at

@@ -29,6 +29,7 @@ from relayagent.spool.spool import (
     EnqueueBatch,
     Message,
     QueueEntry,
+    QueueIdCollision,
     Spool,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "Message",
     "QueueEntry",
     "QueueFile",
+    "QueueIdCollision",
     "Spool",
     "is_queue_id",
     "queue_id_time",

@@ -9,7 +9,10 @@ the process id (25 bits; Linux's ``pid_max`` is at most 2**22).  So:
 - lexicographic order is arrival order (the time comes first, fixed width);
 - two processes never make the same id (their pids differ), and one process
   never makes the same id twice (each id's time is at least one microsecond
-  after the previous one, even when the clock stands still or goes back);
+  after the previous one of the process, even when the clock stands still
+  or goes back).  Only a clock stepped back across a restart that reuses
+  a pid could repeat an id; the spool publishes files with ``link``, which
+  never replaces an existing file, so even then nothing is overwritten;
 - ids are safe as file names on every file system (upper case letters and
   digits only, so case-insensitive file systems are fine too).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
@@ -31,6 +35,12 @@ PID_DIGITS = 5
 QUEUE_ID_LENGTH = TIME_DIGITS + PID_DIGITS
 
 _QUEUE_ID_RE = re.compile(r"[0-9A-V]{%d}" % QUEUE_ID_LENGTH)
+
+# The last time used by any generator of this process: two spools in one
+# process (an SMTP listener and the sendmail code, say) must not make the
+# same id in the same microsecond.
+_last_microseconds = -1
+_lock = threading.Lock()
 
 
 def _encode(number: int, digits: int) -> str:
@@ -74,22 +84,28 @@ class QueueIdGenerator:
     """Makes queue ids from a clock.
 
     ``clock`` returns seconds since the epoch (``time.time`` or a test
-    clock).  ``next()`` returns the id and the arrival time it encodes, so
-    the queue file's arrival time and its id always agree.
+    clock).  All generators of a process share one "last id" so that two
+    spools in one process never make the same id.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._last_microseconds = -1
 
     def next(self) -> tuple[str, float]:
-        microseconds = max(int(self._clock() * 1e6), 0)
-        # Strictly increasing within the process: a stopped or backward
-        # clock must not repeat an id.
-        if microseconds <= self._last_microseconds:
-            microseconds = self._last_microseconds + 1
-        self._last_microseconds = microseconds
+        """A new id, and the clock's reading to record as arrival time.
+
+        The id's time part is the reading in microseconds, or one more
+        than the last id of this process when the clock has not moved on,
+        so the two may differ by a few microseconds.
+        """
+        global _last_microseconds
+        now = self._clock()
+        with _lock:
+            # Strictly increasing within the process: a stopped or
+            # backward clock must not repeat an id.
+            microseconds = max(int(now * 1e6), _last_microseconds + 1, 0)
+            _last_microseconds = microseconds
         # The pid is read every time: after a fork the child has its own.
         pid = os.getpid() % (32 ** PID_DIGITS)
         queue_id = _encode(microseconds, TIME_DIGITS) + _encode(pid, PID_DIGITS)
-        return queue_id, microseconds / 1e6
+        return queue_id, now

@@ -17,8 +17,9 @@ without hashing):
 Every message is one file named by its queue id (``queueid.py``), in
 exactly one queue directory at a time; moving it is one ``rename``.
 
-Enqueue writes the whole file under ``tmp/``, fsyncs it, renames it into
-its queue and fsyncs that directory, and only then returns the id: a crash
+Enqueue writes the whole file under ``tmp/``, fsyncs it, moves it into
+its queue (link and unlink: an atomic rename that never replaces an
+existing file) and fsyncs that directory, and only then returns the id: a crash
 at any point leaves either nothing in the queues (at most a stale file in
 ``tmp/``, removed by ``recover()``) or a whole message.  ``batch()`` keeps
 that promise for many messages at once while paying for one directory
@@ -29,6 +30,7 @@ Owns ``queue_directory`` (its layout; config.py holds its value).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import zlib
@@ -129,6 +131,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class QueueIdCollision(OSError):
+    """The queue id of a new message is already taken (possible only when
+    the clock stepped back across a restart that reused a pid).  Nothing
+    was overwritten and nothing of the batch was queued; trying again
+    gives new ids."""
+
+    def __init__(self, queue_id: str) -> None:
+        super().__init__(errno.EAGAIN, f"queue id {queue_id} already in use; try again")
+        self.queue_id = queue_id
+
+
+# Errors of link(2) on file systems without hard links.
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+
+
+def _publish(tmp_path: str, final_path: str, queue_id: str) -> None:
+    """Give a finished tmp file its queue name without ever replacing an
+    existing file: link(2) fails where rename(2) would overwrite."""
+    try:
+        os.link(tmp_path, final_path)
+    except FileExistsError:
+        raise QueueIdCollision(queue_id) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(final_path):
+            raise QueueIdCollision(queue_id) from None
+        os.rename(tmp_path, final_path)
+        return
+    try:
+        os.unlink(tmp_path)
+    except OSError:
+        pass  # a second name under tmp/ is debris for recover(), not a message
+
+
 class Spool:
     """The queue directories under ``queue_directory``.
 
@@ -213,8 +250,10 @@ class Spool:
             # here, and only here, every id is durably queued
 
         Each file is written and fsynced under ``tmp/`` as it is
-        enqueued; on leaving the block they are all renamed into their
-        queues and each queue directory is fsynced once.  If the block
+        enqueued; on leaving the block they are all moved into their
+        queues (``link`` then ``unlink``, which unlike ``rename`` never
+        replaces an existing file) and each queue directory is fsynced
+        once.  If the block
         raises, or the commit fails, nothing of the batch stays queued.
         """
         batch = EnqueueBatch(self)
@@ -499,13 +538,13 @@ class EnqueueBatch:
         return queue_id
 
     def commit(self) -> None:
-        """Rename every file into its queue, then fsync each queue once."""
+        """Link every file into its queue, then fsync each queue once."""
         self._done = True
         spool = self._spool
         moved: list[tuple[str, str]] = []
         try:
             for queue_id, queue in self._written:
-                os.rename(spool.path(TMP, queue_id), spool.path(queue, queue_id))
+                _publish(spool.path(TMP, queue_id), spool.path(queue, queue_id), queue_id)
                 moved.append((queue_id, queue))
             for queue in sorted({queue for _, queue in self._written}):
                 _fsync_directory(os.path.join(spool.directory, queue))

@@ -1,0 +1,705 @@
+"""
+Tests for the relayagent command (relayagent.cli): sendmail, mailq,
+postsuper, check, postconf, flush; exit codes and one-line messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from unittest import mock
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent import cli
+from relayagent.envelope import BodyType, Notify, Ret
+from relayagent.spool import Message, Spool
+from relayagent.status import Status
+from tests.helpers_spool import StepClock, write_file
+
+NOW = 1_700_000_000.0
+
+
+class CommandTestCase(SynchronousTestCase):
+    """Runs ``relayagent -c <temp main.cf> ...`` in-process."""
+
+    extra_config = ""
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.config_path = os.path.join(self.base, "main.cf")
+        self.write_config(self.extra_config)
+        self.spool = Spool(os.path.join(self.base, "spool"), clock=StepClock(NOW))
+        self.triggers: list[tuple] = []
+        self.trigger_result = True
+
+        def trigger(config, *request):
+            self.triggers.append((config, request))
+            return self.trigger_result
+
+        self.patch(cli, "trigger_hook", trigger)
+        self.patch(cli, "clock", lambda: NOW)
+        environ = mock.patch.dict(os.environ, {"USER": "joe"})
+        environ.start()
+        self.addCleanup(environ.stop)
+
+    def write_config(self, extra: str) -> None:
+        write_file(
+            self.config_path,
+            (
+                "queue_directory = spool\n"
+                "myhostname = host.example.org\n"
+                "myorigin = example.org\n" + extra
+            ).encode(),
+        )
+
+    def run_command(self, *argv: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = cli.run(
+            ["-c", self.config_path, *argv],
+            stdin=io.BytesIO(stdin),
+            stdout=stdout,
+            stderr=stderr,
+        )
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def queued(self, queue: str = "incoming") -> list[str]:
+        return list(self.spool.queue_ids(queue))
+
+    def only_message(self):
+        (queue_id,) = self.queued()
+        queue_file = self.spool.open(queue_id, "incoming")
+        self.addCleanup(queue_file.close)
+        with queue_file.envelope.open_content() as stream:
+            content = stream.read()
+        return queue_file.envelope, content
+
+    def assertOneLine(self, text: str, *fragments: str) -> None:
+        lines = text.splitlines()
+        self.assertEqual(len(lines), 1, text)
+        self.assertTrue(lines[0].startswith("relayagent: "), lines[0])
+        for fragment in fragments:
+            self.assertIn(fragment, lines[0])
+
+
+class SendmailTests(CommandTestCase):
+    def test_queue_one_message(self) -> None:
+        code, out, err = self.run_command(
+            "sendmail", "-f", "a@example.org", "b@example.net", stdin=b"Subject: hi\n\nbody\n"
+        )
+        self.assertEqual((code, out, err), (0, "", ""))
+        envelope, content = self.only_message()
+        self.assertEqual(envelope.sender, "a@example.org")
+        self.assertEqual([r.address for r in envelope.recipients], ["b@example.net"])
+        self.assertEqual(envelope.body_type, BodyType.SEVEN_BIT)
+        self.assertFalse(envelope.smtputf8)
+        head, _, body = content.partition(b"\n\n")
+        self.assertEqual(body, b"body\n")
+        lines = head.split(b"\n")
+        self.assertEqual(lines[0], b"Subject: hi")
+        self.assertEqual(lines[1], b"From: a@example.org")
+        self.assertTrue(lines[2].startswith(b"Date: "))
+        self.assertRegex(lines[3].decode(), r"^Message-ID: <\d{14}\.[0-9A-F]{12}@host\.example\.org>$")
+        self.assertEqual(len(self.triggers), 1)
+        self.assertEqual(self.triggers[0][1], ())
+
+    def test_full_name_and_default_sender(self) -> None:
+        code, _, err = self.run_command("sendmail", "-F", "Joe Q. Public", "b@example.net", stdin=b"\nx\n")
+        self.assertEqual((code, err), (0, ""))
+        envelope, content = self.only_message()
+        self.assertEqual(envelope.sender, "joe@example.org")
+        self.assertIn(b'From: "Joe Q. Public" <joe@example.org>\n', content)
+
+    def test_existing_headers_kept(self) -> None:
+        message = b"From: x@y.org\nDate: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <m@y>\n\nhi\n"
+        self.run_command("sendmail", "b@example.net", stdin=message)
+        _, content = self.only_message()
+        self.assertEqual(content, message)
+
+    def test_unqualified_addresses_get_myorigin(self) -> None:
+        self.run_command("sendmail", "-f", "alice", "bob", "<carol>", stdin=b"\n")
+        envelope, _ = self.only_message()
+        self.assertEqual(envelope.sender, "alice@example.org")
+        self.assertEqual([r.address for r in envelope.recipients], ["bob@example.org", "carol@example.org"])
+
+    def test_null_sender(self) -> None:
+        self.run_command("sendmail", "-f", "<>", "b@example.net", stdin=b"\n")
+        envelope, content = self.only_message()
+        self.assertEqual(envelope.sender, "")
+        self.assertIn(b"From: MAILER-DAEMON@host.example.org\n", content)
+
+    def test_options_after_recipients(self) -> None:
+        code, _, _ = self.run_command("sendmail", "b@example.net", "-f", "a@example.org", "-oi", stdin=b"\n")
+        self.assertEqual(code, 0)
+        envelope, _ = self.only_message()
+        self.assertEqual(envelope.sender, "a@example.org")
+
+    def test_lone_dot_ends_the_message(self) -> None:
+        self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n\nbody\n.\nafter\n")
+        _, content = self.only_message()
+        self.assertTrue(content.endswith(b"\n\nbody\n"))
+
+    def test_lone_dot_with_crlf_ends_the_message(self) -> None:
+        self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\r\n\r\nbody\r\n.\r\nafter\r\n")
+        _, content = self.only_message()
+        self.assertTrue(content.startswith(b"Subject: x\n"))
+        self.assertTrue(content.endswith(b"\n\nbody\n"))
+
+    def test_dot_in_headers_ends_the_message(self) -> None:
+        self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n.\nbody\n")
+        _, content = self.only_message()
+        self.assertNotIn(b"body", content)
+
+    def test_dash_i_and_dash_oi_keep_dots(self) -> None:
+        for flag in ("-i", "-oi"):
+            self.run_command("sendmail", flag, "b@example.net", stdin=b"Subject: x\n\n.\n..\nend\n")
+        for queue_id in self.queued():
+            with self.spool.open(queue_id, "incoming") as queue_file:
+                with queue_file.envelope.open_content() as stream:
+                    self.assertTrue(stream.read().endswith(b"\n\n.\n..\nend\n"))
+        self.assertEqual(len(self.queued()), 2)
+
+    def test_dot_inside_a_line_does_not_end(self) -> None:
+        self.run_command("sendmail", "b@example.net", stdin=b"\n.x\n a.\n.")
+        _, content = self.only_message()
+        self.assertTrue(content.endswith(b"\n.x\n a.\n"))
+
+    def test_crlf_split_across_chunks(self) -> None:
+        body = b"x" * (cli.BODY_CHUNK - 1) + b"\r\n" + b"end\r\n"
+        self.run_command("sendmail", "b@example.net", stdin=b"\n" + body)
+        _, content = self.only_message()
+        self.assertTrue(content.endswith(b"x" * (cli.BODY_CHUNK - 1) + b"\nend\n"))
+        self.assertNotIn(b"\r", content)
+
+    def test_large_message(self) -> None:
+        body = (b"y" * 999 + b"\n") * 3000
+        code, _, _ = self.run_command("sendmail", "b@example.net", stdin=b"Subject: big\n\n" + body)
+        self.assertEqual(code, 0)
+        envelope, content = self.only_message()
+        self.assertTrue(content.endswith(b"\n\n" + body))
+        self.assertEqual(envelope.content_size, len(content))
+
+    def test_extract_recipients(self) -> None:
+        message = (
+            b"To: Bob <bob@example.net>, carol\n"
+            b"Cc: undisclosed-recipients:;\n"
+            b"Bcc: secret@example.com,\n"
+            b"  other@example.com\n"
+            b"Subject: t\n\nbody\n"
+        )
+        code, _, err = self.run_command("sendmail", "-t", "dave@example.net", stdin=message)
+        self.assertEqual((code, err), (0, ""))
+        envelope, content = self.only_message()
+        self.assertEqual(
+            [r.address for r in envelope.recipients],
+            ["dave@example.net", "bob@example.net", "carol@example.org", "secret@example.com", "other@example.com"],
+        )
+        self.assertNotIn(b"Bcc", content)
+        self.assertNotIn(b"secret", content)
+        self.assertIn(b"To: Bob <bob@example.net>, carol\n", content)
+
+    def test_extract_resent_recipients(self) -> None:
+        message = b"To: old@example.net\nResent-To: new@example.net\nResent-Bcc: hidden@example.net\n\n"
+        self.run_command("sendmail", "-t", stdin=message)
+        envelope, content = self.only_message()
+        self.assertEqual([r.address for r in envelope.recipients], ["new@example.net", "hidden@example.net"])
+        self.assertNotIn(b"hidden", content)
+
+    def test_extract_finds_nobody(self) -> None:
+        code, _, err = self.run_command("sendmail", "-t", stdin=b"Subject: x\n\n")
+        self.assertEqual(code, cli.EX_DATAERR)
+        self.assertOneLine(err, "no recipient addresses found")
+        self.assertEqual(self.queued(), [])
+
+    def test_extract_bad_header_address(self) -> None:
+        code, _, err = self.run_command("sendmail", "-t", stdin=b"To: a\x01b@example.net\n\n")
+        self.assertEqual(code, cli.EX_DATAERR)
+        self.assertOneLine(err, "bad recipient in the message header")
+        self.assertEqual(self.queued(), [])
+
+    def test_dsn_options(self) -> None:
+        code, _, _ = self.run_command(
+            "sendmail", "-N", "success,delay", "-R", "hdrs", "-V", "env-42", "b@example.net", "c@example.net",
+            stdin=b"\n",
+        )
+        self.assertEqual(code, 0)
+        envelope, _ = self.only_message()
+        self.assertEqual([r.notify for r in envelope.recipients], [Notify.SUCCESS | Notify.DELAY] * 2)
+        self.assertEqual(envelope.ret, Ret.HDRS)
+        self.assertEqual(envelope.envid, "env-42")
+        self.run_command("sendmail", "-N", "never", "-R", "FULL", "d@example.net", stdin=b"\n")
+        newest = self.queued()[-1]
+        with self.spool.open(newest, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.recipients[0].notify, Notify.NEVER)
+            self.assertEqual(queue_file.envelope.ret, Ret.FULL)
+
+    def test_bad_usage(self) -> None:
+        cases = [
+            (("-N", "sometimes", "b@example.net"), "bad -N value"),
+            (("-N", "never,success", "b@example.net"), "bad -N value"),
+            (("-R", "most", "b@example.net"), "bad -R value"),
+            (("-V", "has space", "b@example.net"), "bad -V value"),
+            ((), "no recipients given"),
+            (("-f",), "expected one argument"),
+            (("--bogus", "b@example.net"), "unrecognized arguments"),
+            (("-bs", "b@example.net"), "unsupported mode -bs"),
+            (("b@example.net\x07",), "control character"),
+            (("x" * 250 + "@example.net",), "longer than 254 octets"),
+            (("b c@example.net",), "malformed address"),
+            (("b@exa mple.net",), "bad domain"),
+            (("b@[300.1.1.1]",), "bad address literal"),
+            (("@example.net",), "no local part"),
+            (("b@",), "no domain"),
+            (("a..b@example.net",), "malformed address"),
+            (("-f", "a\nb@example.org", "b@example.net"), "control character"),
+            (("b@example.net\udcff",), "not valid UTF-8"),
+        ]
+        for argv, fragment in cases:
+            code, out, err = self.run_command("sendmail", *argv, stdin=b"Subject: x\n\nbody\n")
+            self.assertEqual(code, cli.EX_USAGE, (argv, err))
+            self.assertEqual(out, "")
+            self.assertOneLine(err, fragment)
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(self.triggers, [])
+
+    def test_good_address_forms(self) -> None:
+        argv = ['"john doe"@example.net', "b@[192.0.2.1]", "c@[IPv6:2001:db8::1]", "d+tag@sub.example.net.", "é@exämple.net"]
+        code, _, err = self.run_command("sendmail", *argv, stdin=b"\n")
+        self.assertEqual((code, err), (0, ""))
+        envelope, _ = self.only_message()
+        self.assertEqual(len(envelope.recipients), 5)
+        self.assertTrue(envelope.smtputf8)
+
+    def test_address_of_254_octets_accepted(self) -> None:
+        address = "x" * (254 - len("@example.net")) + "@example.net"
+        code, _, _ = self.run_command("sendmail", address, stdin=b"\n")
+        self.assertEqual(code, 0)
+
+    def test_eight_bit_body(self) -> None:
+        self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n\ncaf\xc3\xa9\n")
+        envelope, _ = self.only_message()
+        self.assertEqual(envelope.body_type, BodyType.EIGHT_BIT_MIME)
+        self.assertFalse(envelope.smtputf8)
+
+    def test_duplicate_recipients_once(self) -> None:
+        self.run_command("sendmail", "b@example.net", "b@example.net", stdin=b"\n")
+        envelope, _ = self.only_message()
+        self.assertEqual(len(envelope.recipients), 1)
+
+    def test_header_section_too_large(self) -> None:
+        message = b"".join(b"X-Filler-%d: %s\n" % (i, b"z" * 1000) for i in range(1100)) + b"\nbody\n"
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=message)
+        self.assertEqual(code, cli.EX_DATAERR)
+        self.assertOneLine(err, "header section longer than")
+        self.assertEqual(self.queued(), [])
+
+    def enqueue_failing_with(self, error: OSError) -> tuple[int, str]:
+        def failing(*args, **kwargs):
+            raise error
+
+        self.patch(Spool, "enqueue", failing)
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"\nbody\n")
+        return code, err
+
+    def test_spool_full(self) -> None:
+        code, err = self.enqueue_failing_with(OSError(errno.ENOSPC, "No space left on device"))
+        self.assertEqual(code, cli.EX_TEMPFAIL)
+        self.assertOneLine(err, "No space left on device", "try again later")
+
+    def test_spool_io_error(self) -> None:
+        code, err = self.enqueue_failing_with(OSError(errno.EIO, "Input/output error"))
+        self.assertEqual(code, cli.EX_IOERR)
+        self.assertOneLine(err, "I/O error", "Input/output error")
+
+    def test_spool_cannot_create(self) -> None:
+        write_file(os.path.join(self.base, "spool"), b"a file where the spool should be")
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"\n")
+        self.assertEqual(code, cli.EX_CANTCREAT)
+        self.assertOneLine(err, "cannot create a queue file")
+        self.assertEqual(self.triggers, [])
+
+    def test_real_spool_failure_leaves_nothing(self) -> None:
+        real_fsync = os.fsync
+
+        def failing_fsync(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(os, "fsync", failing_fsync)
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"\nbody\n")
+        self.patch(os, "fsync", real_fsync)
+        self.assertEqual(code, cli.EX_IOERR)
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_bsd_mode_p_lists_the_queue(self) -> None:
+        code, out, _ = self.run_command("sendmail", "-bp")
+        self.assertEqual((code, out), (0, "Mail queue is empty\n"))
+
+
+class MailqTests(CommandTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.spool.ensure_layout()
+
+    def arrival(self, when: float) -> str:
+        return time.asctime(time.localtime(when))[:20]
+
+    def test_empty(self) -> None:
+        self.assertEqual(self.run_command("mailq"), (0, "Mail queue is empty\n", ""))
+        self.assertEqual(self.run_command("mailq", "--json"), (0, "", ""))
+
+    def test_missing_spool_is_empty(self) -> None:
+        shutil.rmtree(self.spool.directory)
+        self.assertEqual(self.run_command("mailq"), (0, "Mail queue is empty\n", ""))
+
+    def make_queue(self) -> tuple[str, str, str]:
+        deferred = self.spool.enqueue("a@example.org", ["b@example.net", "c@example.net", "d@example.net"], b"x" * 2000)
+        active = self.spool.enqueue("", ["e@example.net"], b"y" * 300)
+        held = self.spool.enqueue("f@example.org", ["g@example.net"], b"z" * 10)
+        with self.spool.open(deferred, "incoming") as queue_file:
+            queue_file.mark_done(0)
+            queue_file.defer(1, Status("4.4.1", "connect to example.net[192.0.2.1]:25: Connection refused"))
+            queue_file.defer(2, Status("4.4.1", "connect to example.net[192.0.2.1]:25: Connection refused"))
+        self.spool.move(deferred, "incoming", "deferred")
+        self.spool.move(active, "incoming", "active")
+        self.spool.move(held, "incoming", "hold")
+        return deferred, active, held
+
+    def test_text_format(self) -> None:
+        deferred, active, held = self.make_queue()
+        code, out, err = self.run_command("mailq")
+        self.assertEqual((code, err), (0, ""))
+        pad = " " * 41
+        expected = (
+            "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------\n"
+            f"{active}*     300 {self.arrival(NOW + 1)} MAILER-DAEMON\n"
+            f"{pad}e@example.net\n"
+            "\n"
+            f"{deferred}     2000 {self.arrival(NOW)} a@example.org\n"
+            "(connect to example.net[192.0.2.1]:25: Connection refused)\n"
+            f"{pad}c@example.net\n"
+            f"{pad}d@example.net\n"
+            "\n"
+            f"{held}!      10 {self.arrival(NOW + 2)} f@example.org\n"
+            f"{pad}g@example.net\n"
+            "\n"
+            "-- 2 Kbytes in 3 Requests.\n"
+        )
+        self.assertEqual(out, expected)
+
+    def test_one_request_singular(self) -> None:
+        self.spool.enqueue("a@example.org", ["b@example.net"], b"x")
+        _, out, _ = self.run_command("mailq")
+        self.assertTrue(out.endswith("\n\n-- 0 Kbytes in 1 Request.\n"))
+
+    def test_json(self) -> None:
+        deferred, active, held = self.make_queue()
+        code, out, err = self.run_command("mailq", "--json")
+        self.assertEqual((code, err), (0, ""))
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(
+            records[1],
+            {
+                "queue_name": "deferred",
+                "queue_id": deferred,
+                "arrival_time": int(NOW),
+                "message_size": 2000,
+                "forced_expire": False,
+                "sender": "a@example.org",
+                "recipients": [
+                    {"address": "c@example.net", "delay_reason": "connect to example.net[192.0.2.1]:25: Connection refused"},
+                    {"address": "d@example.net", "delay_reason": "connect to example.net[192.0.2.1]:25: Connection refused"},
+                ],
+            },
+        )
+        self.assertEqual(
+            [(r["queue_name"], r["queue_id"], r["sender"]) for r in records],
+            [("active", active, ""), ("deferred", deferred, "a@example.org"), ("hold", held, "f@example.org")],
+        )
+        self.assertEqual(records[0]["recipients"], [{"address": "e@example.net"}])
+        self.assertEqual(list(records[0]), ["queue_name", "queue_id", "arrival_time", "message_size",
+                                            "forced_expire", "sender", "recipients"])
+
+    def test_corrupt_file_reported_not_fatal(self) -> None:
+        good = self.spool.enqueue("a@example.org", ["b@example.net"], b"x")
+        bad = self.spool.enqueue("a@example.org", ["b@example.net"], b"x")
+        write_file(os.path.join(self.spool.directory, "incoming", bad), b"junk")
+        code, out, err = self.run_command("mailq", "--json")
+        self.assertEqual(code, 0)
+        self.assertEqual([json.loads(line)["queue_id"] for line in out.splitlines()], [good])
+        self.assertOneLine(err, bad, "unreadable queue file", "bad magic")
+
+    def test_ten_thousand_messages(self) -> None:
+        ids = self.spool.enqueue_many(
+            Message("a@example.org", [f"r{i}@example.net"], b"Subject: %d\n\nbody\n" % i) for i in range(10_000)
+        )
+        self.assertEqual(len(set(ids)), 10_000)
+        code, out, err = self.run_command("mailq", "--json")
+        self.assertEqual((code, err), (0, ""))
+        records = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([r["queue_id"] for r in records], ids)
+        self.assertEqual(records[9999]["recipients"], [{"address": "r9999@example.net"}])
+
+
+class PostsuperTests(CommandTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.spool.ensure_layout()
+        self.ids = [self.spool.enqueue("a@example.org", ["b@example.net"], b"m") for _ in range(3)]
+
+    def test_delete_one_and_all(self) -> None:
+        code, out, err = self.run_command("postsuper", "-d", self.ids[0])
+        self.assertEqual((code, out, err), (0, "", "postsuper: Deleted: 1 message\n"))
+        self.assertEqual(self.queued(), self.ids[1:])
+        self.spool.move(self.ids[1], "incoming", "deferred")
+        code, _, err = self.run_command("postsuper", "-d", "ALL")
+        self.assertEqual((code, err), (0, "postsuper: Deleted: 2 messages\n"))
+        self.assertEqual(self.queued() + self.queued("deferred"), [])
+
+    def test_delete_all_in_one_queue(self) -> None:
+        self.spool.move(self.ids[1], "incoming", "deferred")
+        code, _, err = self.run_command("postsuper", "-d", "ALL", "deferred")
+        self.assertEqual((code, err), (0, "postsuper: Deleted: 1 message\n"))
+        self.assertEqual(self.queued(), [self.ids[0], self.ids[2]])
+
+    def test_hold_release_requeue(self) -> None:
+        code, _, err = self.run_command("postsuper", "-h", "ALL")
+        self.assertEqual((code, err), (0, "postsuper: Placed on hold: 3 messages\n"))
+        self.assertEqual(self.queued("hold"), self.ids)
+        _, out, _ = self.run_command("mailq")
+        self.assertEqual(out.count("!"), 3)
+        code, _, err = self.run_command("postsuper", "-H", self.ids[0])
+        self.assertEqual((code, err), (0, "postsuper: Released from hold: 1 message\n"))
+        self.assertEqual(self.queued("deferred"), [self.ids[0]])
+        with self.spool.open(self.ids[0], "deferred") as queue_file:
+            queue_file.record_attempt(NOW + 300)
+            queue_file.defer(0, Status("4.0.0", "later"))
+        code, _, err = self.run_command("postsuper", "-r", "ALL")
+        self.assertEqual((code, err), (0, "postsuper: Requeued: 3 messages\n"))
+        self.assertEqual(self.queued(), self.ids)
+        with self.spool.open(self.ids[0], "incoming") as queue_file:
+            self.assertEqual((queue_file.attempts, queue_file.next_attempt), (0, 0.0))
+        self.assertEqual(self.spool.read_log("defer", self.ids[0]), [])
+
+    def test_ids_from_stdin(self) -> None:
+        code, _, err = self.run_command("postsuper", "-d", "-", stdin=f"{self.ids[0]}\n{self.ids[2]}\n".encode())
+        self.assertEqual((code, err), (0, "postsuper: Deleted: 2 messages\n"))
+        self.assertEqual(self.queued(), [self.ids[1]])
+
+    def test_invalid_id_does_nothing(self) -> None:
+        code, _, err = self.run_command("postsuper", "-d", self.ids[0], "-d", "../../etc/passwd")
+        self.assertEqual(code, cli.EX_USAGE)
+        self.assertOneLine(err, "invalid queue id")
+        self.assertEqual(self.queued(), self.ids)
+
+    def test_unknown_id_warns(self) -> None:
+        missing = "0" * 16
+        code, _, err = self.run_command("postsuper", "-d", missing)
+        self.assertEqual(code, 0)
+        self.assertOneLine(err, missing, "no such message")
+
+    def test_nothing_to_do(self) -> None:
+        code, _, err = self.run_command("postsuper")
+        self.assertEqual(code, cli.EX_USAGE)
+        self.assertOneLine(err, "nothing to do")
+
+    def test_bad_queue_name(self) -> None:
+        code, _, err = self.run_command("postsuper", "-d", "ALL", "tmp")
+        self.assertEqual(code, cli.EX_USAGE)
+        self.assertOneLine(err, "unknown queue 'tmp'")
+
+
+class CheckTests(CommandTestCase):
+    def test_all_well(self) -> None:
+        self.spool.ensure_layout()
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 0)
+        self.assertIn("in order", out)
+
+    def test_missing_spool(self) -> None:
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("not a directory", out)
+
+    def test_missing_and_world_writable_directories(self) -> None:
+        self.spool.ensure_layout()
+        os.rmdir(os.path.join(self.spool.directory, "hold"))
+        os.chmod(os.path.join(self.spool.directory, "incoming"), 0o777)
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("hold: missing", out)
+        self.assertIn("incoming: world-writable (mode 0777)", out)
+        self.assertIn("2 problems found", out)
+
+    def test_password_file_permissions(self) -> None:
+        self.spool.ensure_layout()
+        self.write_config("smtp_sasl_password_maps = texthash:sasl_passwd\n")
+        password_file = os.path.join(self.base, "sasl_passwd")
+        write_file(password_file, b"[smtp.example.com]:587 user:secret\n")
+        os.chmod(password_file, 0o644)
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("sasl_passwd: world-readable (mode 0644)", out)
+        self.assertNotIn("secret", out)
+        os.chmod(password_file, 0o600)
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 0, out)
+
+    def test_unknown_parameter_is_a_problem(self) -> None:
+        self.spool.ensure_layout()
+        self.write_config("no_such_parameter = 1\n")
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("no_such_parameter", out)
+
+
+class PostconfTests(CommandTestCase):
+    def test_non_default(self) -> None:
+        code, out, _ = self.run_command("postconf", "-n")
+        self.assertEqual(code, 0)
+        self.assertIn("myorigin = example.org\n", out)
+        self.assertIn("queue_directory = spool\n", out)
+        self.assertNotIn("smtp_helo_timeout", out)
+
+    def test_named_and_unknown(self) -> None:
+        code, out, err = self.run_command("postconf", "myorigin", "nosuch_parameter")
+        self.assertEqual(code, 0)
+        self.assertEqual(out, "myorigin = example.org\n")
+        self.assertEqual(err, "relayagent: warning: unknown parameter: nosuch_parameter\n")
+
+    def test_defaults(self) -> None:
+        code, out, _ = self.run_command("postconf", "-d", "myorigin")
+        self.assertEqual((code, out), (0, "myorigin = $myhostname\n"))
+
+    def test_n_and_d_together(self) -> None:
+        code, _, err = self.run_command("postconf", "-n", "-d")
+        self.assertEqual(code, cli.EX_USAGE)
+        self.assertOneLine(err, "not allowed with argument")
+
+
+class FlushAndTriggerTests(CommandTestCase):
+    def test_flush(self) -> None:
+        code, out, err = self.run_command("flush")
+        self.assertEqual((code, out, err), (0, "", ""))
+        self.assertEqual(self.triggers[0][1], (b"F\n",))
+        self.assertEqual(self.triggers[0][0]["myorigin"], "example.org")
+
+    def test_flush_without_daemon_warns(self) -> None:
+        self.trigger_result = False
+        code, _, err = self.run_command("flush")
+        self.assertEqual(code, 0)
+        self.assertOneLine(err, "queue manager is not running")
+
+    def test_notify_queue_manager_over_a_socket(self) -> None:
+        # A short path: UNIX socket names are limited to about 100 octets.
+        directory = tempfile.mkdtemp(prefix="ra")
+        self.addCleanup(shutil.rmtree, directory)
+        spool = Spool(directory)
+        spool.ensure_layout()
+        config = cli.Config.from_text(f"queue_directory = {directory}\n")
+        self.assertFalse(cli.notify_queue_manager(config))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(directory, "public", "qmgr"))
+        listener.listen(1)
+        listener.settimeout(10)
+        self.assertTrue(cli.notify_queue_manager(config))
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(10)
+            self.assertEqual(connection.recv(10), b"W\n")
+        self.assertTrue(cli.notify_queue_manager(config, b"F\n"))
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(10)
+            self.assertEqual(connection.recv(10), b"F\n")
+
+
+class ConfigAndUsageTests(CommandTestCase):
+    def test_bad_configuration(self) -> None:
+        self.write_config("smtp_connect_timeout = soon\nsmtp_helo_timeout = never\n")
+        code, out, err = self.run_command("mailq")
+        self.assertEqual((code, out), (cli.EX_CONFIG, ""))
+        self.assertOneLine(err, "main.cf, line 4", "smtp_connect_timeout", "soon", "(and 1 more)")
+
+    def test_missing_configuration(self) -> None:
+        stderr = io.StringIO()
+        code = cli.run(["-c", "/nonexistent/main.cf", "mailq"], stdin=io.BytesIO(), stdout=io.StringIO(), stderr=stderr)
+        self.assertEqual(code, cli.EX_CONFIG)
+        self.assertOneLine(stderr.getvalue(), "/nonexistent/main.cf")
+
+    def test_environment_then_default(self) -> None:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = cli.run(["postconf", "-n", "myorigin"], stdin=io.BytesIO(), stdout=stdout, stderr=stderr,
+                       environ={"RELAYAGENT_CONFIG": self.config_path})
+        self.assertEqual((code, stdout.getvalue()), (0, "myorigin = example.org\n"))
+        self.patch(cli, "DEFAULT_CONFIG", "/nonexistent/default.cf")
+        stderr = io.StringIO()
+        code = cli.run(["mailq"], stdin=io.BytesIO(), stdout=io.StringIO(), stderr=stderr, environ={})
+        self.assertEqual(code, cli.EX_CONFIG)
+        self.assertIn("/nonexistent/default.cf", stderr.getvalue())
+
+    def test_unknown_parameter_warns_and_goes_on(self) -> None:
+        self.write_config("no_such_parameter = 1\n")
+        code, out, err = self.run_command("mailq")
+        self.assertEqual((code, out), (0, "Mail queue is empty\n"))
+        self.assertOneLine(err, "warning", "no_such_parameter")
+
+    def test_unknown_command(self) -> None:
+        code, _, err = self.run_command("frobnicate")
+        self.assertEqual(code, cli.EX_USAGE)
+        self.assertOneLine(err, "invalid choice: 'frobnicate'")
+
+    def test_help(self) -> None:
+        stdout = io.StringIO()
+        with mock.patch.object(sys, "stdout", stdout):
+            code, _, _ = self.run_command("postsuper", "--help")
+        self.assertEqual(code, 0)
+        self.assertIn("-H ID", stdout.getvalue())
+
+    def test_command_table(self) -> None:
+        self.assertEqual(
+            sorted(cli.COMMANDS), ["check", "flush", "mailq", "postconf", "postsuper", "sendmail"]
+        )
+        calls = []
+
+        def run_hello(context, args):
+            calls.append(args.name)
+            print("hello", args.name, file=context.stdout)
+            return 0
+
+        def configure(parser):
+            parser.add_argument("name")
+
+        self.patch(cli, "COMMANDS", dict(cli.COMMANDS))
+        cli.register(cli.Command("hello", "say hello", configure, run_hello))
+        self.assertEqual(self.run_command("hello", "world"), (0, "hello world\n", ""))
+        self.assertEqual(calls, ["world"])
+
+    def test_internal_error_is_one_line(self) -> None:
+        def broken(context, args):
+            raise RuntimeError("boom")
+
+        self.patch(cli, "COMMANDS", dict(cli.COMMANDS))
+        cli.register(cli.Command("broken", "fails", lambda parser: None, broken))
+        code, _, err = self.run_command("broken")
+        self.assertEqual(code, cli.EX_SOFTWARE)
+        self.assertOneLine(err, "internal error", "boom")
+
+    def test_main_uses_the_process_streams(self) -> None:
+        stdin = io.TextIOWrapper(io.BytesIO(b"Subject: via main\n\nbody\n"))
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with mock.patch.object(sys, "stdin", stdin), mock.patch.object(sys, "stdout", stdout), \
+                mock.patch.object(sys, "stderr", stderr):
+            code = cli.main(["-c", self.config_path, "sendmail", "b@example.net"])
+        self.assertEqual((code, stderr.getvalue()), (0, ""))
+        _, content = self.only_message()
+        self.assertTrue(content.startswith(b"Subject: via main\n"))
