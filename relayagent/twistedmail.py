@@ -1,0 +1,713 @@
+"""
+The glue that makes relayagent the outbound transport of a twisted.mail server.
+
+twisted.mail's own relay path does not work on Python 3 (every relayed
+RCPT fails with a TypeError in ``relay.DomainQueuer.exists``), queues one
+copy per recipient and unpickles its queue.  This module replaces it with
+relayagent's spool, through the doors twisted.mail leaves open:
+
+- ``RelayDomain``: an ``IDomain`` for ``MailService.domains`` (the default
+  domain: every domain that is not local), whose ``exists(user)`` decides
+  whether we relay for the client and hands back a message receiver.
+- ``RelayDelivery`` / ``RelayDeliveryFactory``: an ``IMessageDelivery`` and
+  an ``IMessageDeliveryFactory`` for servers built directly on
+  ``twisted.mail.smtp.ESMTPFactory`` (the built-in listener is one).
+- ``install_relayagent(mail_service, config)``: both of the above wired
+  into a ``twisted.mail.mail.MailService``, working around
+  ``DomainDeliveryBase.validateTo``, which hard-codes the broken
+  ``relay.DomainQueuer`` for authenticated clients whenever
+  ``service.queue`` is set.
+
+Whatever the door, one SMTP transaction (MAIL, its RCPTs, DATA) becomes
+one queue file holding every relayed recipient: Twisted's server asks for
+one message receiver per recipient and feeds each the same lines, so the
+receivers of one transaction share a ``_Transaction`` that writes the
+content once, to a temporary file (memory does not grow with the
+message), and enqueues it once at the final ".".  The client gets 250
+only after the queue file is durable (the spool fsyncs before it
+returns), and 451 4.3.0 when the spool cannot take the message.
+
+We relay for a client when it is authenticated, connected over a UNIX
+socket, or its address is in ``mynetworks``: the rule of twisted.mail's
+``DomainQueuer.willRelay``, with ``mynetworks`` in place of its
+hard-coded 127.0.0.1.  Anyone else gets "554 5.7.1 <rcpt>: Relay access
+denied", as from Postfix's smtpd.
+
+Owns: mynetworks, message_size_limit, hopcount_limit.  Reads myhostname
+and queue_directory.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import re
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger
+from twisted.mail import protocols, smtp
+from twisted.mail.interfaces import IDomain, IMessageSMTP
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relayagent.envelope import BodyType
+
+log = Logger(namespace="relayagent.twistedmail")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Postfix's replies, word for word where Postfix has one.
+QUEUE_WRITE_ERROR = (451, b"4.3.0 Error: queue file write error")
+MESSAGE_TOO_BIG = (552, b"5.3.4 Error: message file too big")
+TOO_MANY_HOPS = (554, b"5.4.0 Error: too many hops")
+
+
+# -- mynetworks -----------------------------------------------------------
+
+
+def parse_mynetworks(items: Iterable[str]) -> list[IPNetwork]:
+    """Parse mynetworks items: ``10.0.0.0/8``, ``192.0.2.1``, ``[::1]/128``,
+    ``[2001:db8::1]``.  Raises ValueError naming a bad item."""
+    networks: list[IPNetwork] = []
+    for item in items:
+        text = item.strip()
+        if text.startswith("["):
+            close = text.find("]")
+            if close < 0:
+                raise ValueError(f"mynetworks: bad item {item!r}: no closing ']'")
+            text = text[1:close] + text[close + 1:]
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"mynetworks: bad item {item!r}: expected an address or address/prefix"
+            ) from None
+    return networks
+
+
+def _peer_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    # An IPv4 client of a dual-stack socket shows up as ::ffff:a.b.c.d;
+    # match it against the IPv4 networks.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+class RelayPolicy:
+    """Who may relay: authenticated clients, UNIX-socket clients and
+    clients whose address is in ``mynetworks``."""
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+
+    @classmethod
+    def from_config(cls, config: Any) -> RelayPolicy:
+        return cls(parse_mynetworks(config["mynetworks"]))
+
+    def in_mynetworks(self, peer: object) -> bool:
+        if isinstance(peer, UNIXAddress):
+            return True
+        address = _peer_ip(peer)
+        if address is None:
+            return False
+        return any(address.version == net.version and address in net for net in self.networks)
+
+    def will_relay(self, protocol: object, *, authenticated: bool = False) -> bool:
+        if authenticated or bool(getattr(protocol, "authenticated", False)):
+            return True
+        transport = getattr(protocol, "transport", None)
+        if transport is None:
+            return False
+        return self.in_mynetworks(transport.getPeer())
+
+
+# -- the Received header ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the Received header says about the client."""
+
+    helo: str | None
+    peer: object
+    esmtp: bool = True
+    authenticated: bool = False
+    tls: bool = False
+
+    @classmethod
+    def of(cls, protocol: object, helo: object = None) -> ClientInfo:
+        helo_name = None
+        if isinstance(helo, tuple) and helo and helo[0]:
+            raw = helo[0]
+            helo_name = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+        transport = getattr(protocol, "transport", None)
+        peer = transport.getPeer() if transport is not None else None
+        esmtp = getattr(protocol, "relayagent_esmtp", isinstance(protocol, smtp.ESMTP))
+        return cls(
+            helo=helo_name,
+            peer=peer,
+            esmtp=bool(esmtp),
+            authenticated=bool(getattr(protocol, "authenticated", False)),
+            tls=bool(getattr(protocol, "startedTLS", False)),
+        )
+
+    def with_protocol(self) -> str:
+        """The "with" keyword of RFC 3848: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.authenticated else "")
+
+
+_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def _printable_helo(helo: str) -> str:
+    # The HELO argument is client data going into a header: anything but
+    # the characters of a domain or address literal becomes "?" (as
+    # Postfix's printable() does), so a bare LF or a ";" cannot forge
+    # header structure.
+    return _UNSAFE_HELO.sub("?", helo)[:255]
+
+
+def _address_literal(peer: object) -> str | None:
+    if isinstance(peer, (IPv4Address, IPv6Address)) or hasattr(peer, "host"):
+        address = _peer_ip(peer)
+        if address is None:
+            return None
+        if isinstance(address, ipaddress.IPv6Address):
+            return f"[IPv6:{address.compressed}]"
+        return f"[{address}]"
+    return None
+
+
+def received_header(
+    client: ClientInfo,
+    hostname: str,
+    recipients: Sequence[str],
+    when: float,
+    queue_id: str | None = None,
+) -> list[bytes]:
+    """The lines of our Received header, in RFC 5321 section 4.4 form::
+
+        Received: from HELO ([ADDRESS])
+                by HOSTNAME (relayagent) with ESMTP id QUEUEID
+                for <RCPT>; DATE
+
+    ``for`` is given only for a single recipient (others would learn who
+    else got the message); ``id`` only when the queue id is known.
+    """
+    literal = _address_literal(client.peer)
+    if client.helo:
+        source = _printable_helo(client.helo)
+    else:
+        source = literal or "unknown"
+    first = f"Received: from {source}"
+    if literal:
+        first += f" ({literal})"
+    by = f"\tby {hostname} (relayagent) with {client.with_protocol()}"
+    if queue_id:
+        by += f" id {queue_id}"
+    date = email.utils.formatdate(when, localtime=True)
+    if len(recipients) == 1:
+        last = f"\tfor <{recipients[0]}>; {date}"
+        lines = [first, by, last]
+    else:
+        lines = [first, by + ";", f"\t{date}"]
+    return [line.encode("utf-8", "replace") for line in lines]
+
+
+def _is_twisted_received_header(line: bytes) -> bool:
+    """Whether a line is the per-recipient header of twisted.mail's
+    ``DomainDeliveryBase.receivedHeader`` (one line with embedded LF-TAB
+    folds, fed to each receiver before the data)."""
+    return line.startswith(b"Received: from ") and b"\n\tby " in line and b"\n\tfor " in line
+
+
+# -- the intake: one queue file per transaction ------------------------------
+
+
+class Intake:
+    """Turns SMTP transactions into queue files.
+
+    ``spool`` has ``enqueue(sender, recipients, content, *, body_type)``
+    returning a queue id (or a Deferred of one) once the file is durable.
+    The enqueue runs in the reactor thread: the spool writes and fsyncs a
+    file, which is what Postfix's cleanup does before smtpd says 250.
+    ``trigger`` (no arguments) is called after each successful enqueue to
+    wake the queue manager; a failing trigger is logged and otherwise
+    ignored (the queue manager also polls ``incoming/``).
+    """
+
+    def __init__(
+        self,
+        spool: Any,
+        *,
+        hostname: str,
+        relay_policy: RelayPolicy,
+        message_size_limit: int = 10240000,
+        hopcount_limit: int = 50,
+        trigger: Callable[[], object] | None = None,
+        clock: Callable[[], float] = time.time,
+        temp_directory: str | None = None,
+    ) -> None:
+        self.spool = spool
+        self.hostname = hostname
+        self.relay_policy = relay_policy
+        self.message_size_limit = message_size_limit
+        self.hopcount_limit = hopcount_limit
+        self.trigger = trigger
+        self.clock = clock
+        self.temp_directory = temp_directory
+        self._transactions: weakref.WeakKeyDictionary[object, _Transaction] = (
+            weakref.WeakKeyDictionary()
+        )
+        # The User objects we took, so that a delivery can leave their
+        # Received header to us (see RelayagentDomainDelivery).
+        self.relayed_users: weakref.WeakSet[smtp.User] = weakref.WeakSet()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        spool: Any,
+        *,
+        trigger: Callable[[], object] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Intake:
+        return cls(
+            spool,
+            hostname=config["myhostname"],
+            relay_policy=RelayPolicy.from_config(config),
+            message_size_limit=config["message_size_limit"],
+            hopcount_limit=config["hopcount_limit"],
+            trigger=trigger,
+            clock=clock,
+            temp_directory=_existing_directory(config.path_of("queue_directory")),
+        )
+
+    def transaction_for(self, user: smtp.User) -> _Transaction:
+        """The transaction a recipient belongs to.
+
+        Twisted gives every RCPT of one MAIL the same ``Address`` object as
+        ``user.orig``; a new MAIL makes a new one.  So (protocol, orig)
+        names the transaction, with no help from the protocol.
+        """
+        protocol = user.protocol
+        current = self._transactions.get(protocol)
+        if current is None or current.origin is not user.orig or not current.collecting:
+            current = _Transaction(self, protocol, user.orig, user.helo)
+            self._transactions[protocol] = current
+        return current
+
+    def accept(self, user: smtp.User, *, authenticated: bool = False) -> Callable[[], Any]:
+        """Decide one RCPT: a message-receiver factory, or an SMTPBadRcpt."""
+        address = str(user.dest)
+        if not self.relay_policy.will_relay(user.protocol, authenticated=authenticated):
+            log.info(
+                "reject: RCPT from {client}: 554 5.7.1 <{rcpt}>: Relay access denied",
+                client=_describe_peer(user.protocol), rcpt=address,
+            )
+            raise smtp.SMTPBadRcpt(user, 554, f"5.7.1 <{address}>: Relay access denied")
+        if b"@" not in user.dest.addrstr or not user.dest.local:
+            # Twisted appends our own host name to a bare "user"; relaying
+            # that would loop back to us.
+            raise smtp.SMTPBadRcpt(user, 550, f"5.1.3 <{address}>: Recipient address needs a domain")
+        transaction = self.transaction_for(user)
+        self.relayed_users.add(user)
+        return transaction.receiver_factory(user)
+
+    def wake_queue_manager(self, queue_id: str) -> None:
+        if self.trigger is None:
+            return
+        try:
+            self.trigger()
+        except Exception:
+            # The message is queued: a lost wake-up only delays it until
+            # the queue manager's next look at incoming/.
+            log.failure("{queue_id}: cannot trigger the queue manager", queue_id=queue_id)
+
+
+def _existing_directory(path: str) -> str | None:
+    import os
+
+    return path if os.path.isdir(path) else None
+
+
+def _describe_peer(protocol: object) -> str:
+    transport = getattr(protocol, "transport", None)
+    if transport is None:
+        return "unknown"
+    peer = transport.getPeer()
+    literal = _address_literal(peer)
+    return f"unknown{literal}" if literal else str(peer)
+
+
+class _Transaction:
+    """One MAIL transaction's relayed recipients, content and enqueue.
+
+    Twisted's server calls each recipient's receiver factory at DATA,
+    feeds the Received header it made (if any) to each new receiver, then
+    feeds every data line to every receiver in turn, then calls each
+    receiver's ``eomReceived``.  The first receiver (the lead) is the one
+    whose lines we write; the others' copies are dropped.
+    """
+
+    def __init__(self, intake: Intake, protocol: object, origin: smtp.Address, helo: object) -> None:
+        self.intake = intake
+        self.origin = origin
+        self.client = ClientInfo.of(protocol, helo)
+        self.body_type = _declared_body_type(protocol)
+        self.receivers: list[_RecipientReceiver] = []
+        self.collecting = True
+        self._file: IO[bytes] | None = None
+        self._size = 0
+        self._in_header = True
+        self._hops = 1  # our own Received header counts
+        self._failed = False
+        self._outcome: Any = None  # queue id, or a Failure
+        self._waiters: list[defer.Deferred[Any]] = []
+        self._enqueueing = False
+
+    # -- called by Twisted (through the receivers)
+
+    def receiver_factory(self, user: smtp.User) -> Callable[[], _RecipientReceiver]:
+        return lambda: self._new_receiver(user)
+
+    def _new_receiver(self, user: smtp.User) -> _RecipientReceiver:
+        if not self.collecting:
+            raise smtp.SMTPServerError(*QUEUE_WRITE_ERROR)
+        receiver = _RecipientReceiver(self, user)
+        self.receivers.append(receiver)
+        return receiver
+
+    def line(self, receiver: _RecipientReceiver, line: bytes) -> None:
+        if self._failed or self._outcome is not None:
+            return
+        if receiver is not self.receivers[0]:
+            return  # a copy of a line the lead already has
+        if self.collecting and _is_twisted_received_header(line):
+            return  # Twisted's per-recipient header: ours replaces it
+        if self.collecting:
+            self._start()
+        self._write_line(line)
+
+    def end(self) -> defer.Deferred[Any]:
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        self._waiters.append(waiter)
+        if self._outcome is not None:
+            self._fire()
+        elif not self._enqueueing:
+            self._enqueueing = True
+            self._enqueue()
+        return waiter
+
+    def abort(self) -> None:
+        self.collecting = False
+        self._failed = True
+        self._close_file()
+
+    # -- internals
+
+    @property
+    def recipients(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for receiver in self.receivers:
+            # Postfix's cleanup drops exact duplicates; so do we.
+            seen.setdefault(str(receiver.user.dest), None)
+        return list(seen)
+
+    def _start(self) -> None:
+        self.collecting = False
+        self._file = tempfile.TemporaryFile(dir=self.intake.temp_directory)
+        for header_line in received_header(
+            self.client, self.intake.hostname, self.recipients, self.intake.clock()
+        ):
+            self._write(header_line + b"\r\n")
+
+    def _write(self, data: bytes) -> None:
+        self._size += len(data)
+        limit = self.intake.message_size_limit
+        if limit and self._size > limit:
+            self._fail(MESSAGE_TOO_BIG)
+        assert self._file is not None
+        self._file.write(data)
+
+    def _write_line(self, line: bytes) -> None:
+        if self._in_header:
+            if not line:
+                self._in_header = False
+            elif line[:9].lower() == b"received:":
+                self._hops += 1
+                # Postfix's cleanup rejects when the count, its own smtpd
+                # header included, reaches hopcount_limit; so do we.
+                if self._hops >= self.intake.hopcount_limit:
+                    self._fail(TOO_MANY_HOPS)
+        self._write(line + b"\r\n")
+
+    def _fail(self, reply: tuple[int, bytes]) -> None:
+        # Raised into Twisted's dataLineReceived: it remembers the error,
+        # drops the rest of the data unread, calls connectionLost on every
+        # receiver (which discards the file) and answers the final "."
+        # with this reply.
+        self.abort()
+        log.info("reject: DATA from {client}: {code} {text}", client=self.client.peer,
+                 code=reply[0], text=reply[1].decode())
+        raise smtp.SMTPServerError(*reply)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _enqueue(self) -> None:
+        if self._failed:
+            self._settle(Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR)))
+            return
+        if self.collecting:
+            try:
+                self._start()  # an empty message: the header is all there is
+            except smtp.SMTPServerError as error:
+                self._settle(Failure(error))
+                return
+        assert self._file is not None
+        self._file.flush()
+        self._file.seek(0)
+        sender = str(self.origin)
+        recipients = self.recipients
+        spool_file = self._file
+        result = defer.maybeDeferred(
+            self.intake.spool.enqueue, sender, recipients, spool_file, body_type=self.body_type
+        )
+        result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
+        result.addBoth(self._settle)
+
+    def _queued(self, queue_id: str) -> str:
+        self._close_file()
+        log.info(
+            "{queue_id}: client={client}, from=<{sender}>, nrcpt={count} (queue active)",
+            queue_id=queue_id, client=_describe_peer_info(self.client), sender=str(self.origin),
+            count=len(self.recipients),
+        )
+        self.intake.wake_queue_manager(queue_id)
+        return queue_id
+
+    def _not_queued(self, reason: Failure, sender: str, recipients: list[str]) -> Failure:
+        self._close_file()
+        log.failure(
+            "warning: cannot queue a message from <{sender}> for {count} recipient(s)",
+            reason, sender=sender, count=len(recipients),
+        )
+        return Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR))
+
+    def _settle(self, outcome: Any) -> None:
+        self._outcome = outcome
+        self._fire()
+
+    def _fire(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(self._outcome, Failure):
+                waiter.errback(self._outcome)
+            else:
+                waiter.callback(self._outcome)
+
+
+def _describe_peer_info(client: ClientInfo) -> str:
+    literal = _address_literal(client.peer)
+    return f"{client.helo or 'unknown'}{literal or ''}"
+
+
+def _declared_body_type(protocol: object) -> BodyType | None:
+    """BODY= of the MAIL command, when the protocol records it (ours does)."""
+    declared = getattr(protocol, "relayagent_body_type", None)
+    return declared if isinstance(declared, BodyType) else None
+
+
+@implementer(IMessageSMTP)
+class _RecipientReceiver:
+    """What Twisted's server sees for one recipient: a view of the shared
+    transaction."""
+
+    def __init__(self, transaction: _Transaction, user: smtp.User) -> None:
+        self.transaction = transaction
+        self.user = user
+
+    def lineReceived(self, line: bytes) -> None:
+        self.transaction.line(self, line)
+
+    def eomReceived(self) -> defer.Deferred[Any]:
+        return self.transaction.end()
+
+    def connectionLost(self) -> None:
+        self.transaction.abort()
+
+
+# -- the doors into twisted.mail --------------------------------------------
+
+
+@implementer(IDomain)
+class RelayDomain:
+    """An ``IDomain`` that relays through relayagent: set it as a
+    ``MailService``'s default domain (``domains.setDefaultDomain``)."""
+
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def exists(self, user: smtp.User, *, authenticated: bool = False) -> Callable[[], Any]:
+        return self.intake.accept(user, authenticated=authenticated)
+
+    def willRelay(self, address: smtp.Address, protocol: object) -> bool:
+        """twisted.mail's name for the rule (``DomainQueuer.willRelay``)."""
+        return self.intake.relay_policy.will_relay(protocol)
+
+    def addUser(self, user: bytes, password: bytes) -> None:
+        raise NotImplementedError("the relay domain has no users")
+
+    def getCredentialsCheckers(self) -> list[Any]:
+        return []
+
+
+@implementer(smtp.IMessageDelivery)
+class RelayDelivery:
+    """An ``IMessageDelivery`` for ``smtp.ESMTPFactory`` servers: every
+    recipient is relayed through relayagent (no local domains)."""
+
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def receivedHeader(self, helo: Any, origin: smtp.Address, recipients: list[Any]) -> None:
+        return None  # the transaction writes one header for all recipients
+
+    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+        return origin
+
+    def validateTo(self, user: smtp.User) -> Callable[[], Any]:
+        return self.intake.accept(user)
+
+
+@implementer(smtp.IMessageDeliveryFactory)
+class RelayDeliveryFactory:
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def getMessageDelivery(self) -> RelayDelivery:
+        return RelayDelivery(self.intake)
+
+
+class RelayagentDomainDelivery(protocols.ESMTPDomainDelivery):
+    """twisted.mail's delivery with relaying fixed: local domains as
+    before, every other domain through relayagent, authenticated or not,
+    whatever ``service.queue`` holds."""
+
+    def __init__(self, service: Any, user: Any, relay_domain: RelayDomain,
+                 host: bytes = smtp.DNSNAME) -> None:
+        super().__init__(service, user, host)
+        self.relay_domain = relay_domain
+
+    def validateTo(self, user: smtp.User) -> defer.Deferred[Any]:
+        local = self.service.domains.domains.get(user.dest.domain)
+        if local is not None and local is not self.relay_domain:
+            return defer.maybeDeferred(local.exists, user)
+        return defer.maybeDeferred(
+            self.relay_domain.exists, user, authenticated=bool(self.user)
+        )
+
+    def receivedHeader(self, helo: Any, origin: smtp.Address, recipients: list[Any]) -> bytes | None:
+        if all(user in self.relay_domain.intake.relayed_users for user in recipients):
+            return None  # relayed: the transaction writes its own header
+        return super().receivedHeader(helo, origin, recipients)
+
+
+@implementer(IRealm)
+class _RelayagentRealm:
+    """The SMTP realm of a MailService, giving our delivery."""
+
+    def __init__(self, service: Any, relay_domain: RelayDomain, hostname: bytes) -> None:
+        self.service = service
+        self.relay_domain = relay_domain
+        self.hostname = hostname
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        if smtp.IMessageDelivery in interfaces:
+            delivery = RelayagentDomainDelivery(
+                self.service, avatarId, self.relay_domain, self.hostname
+            )
+            return smtp.IMessageDelivery, delivery, lambda: None
+        raise NotImplementedError()
+
+
+class RelayTransport:
+    """What ``install_relayagent`` returns: the installed pieces, and a
+    factory for an ESMTP server that does SIZE, 8BITMIME, safe PIPELINING
+    and answers 451 when the spool fails."""
+
+    def __init__(self, mail_service: Any, intake: Intake, domain: RelayDomain, config: Any) -> None:
+        self.mail_service = mail_service
+        self.intake = intake
+        self.domain = domain
+        self.config = config
+
+    def esmtp_factory(self) -> protocols.ESMTPFactory:
+        """Like ``mail_service.getESMTPFactory()``, with relayagent's server
+        protocol (``relayagent.smtpd.RelayagentESMTP``: SIZE, 8BITMIME,
+        safe PIPELINING).  Twisted's stock ESMTP answers 550 to any failed
+        enqueue; ours answers 451."""
+        from relayagent.smtpd import MailServiceESMTPFactory
+
+        return MailServiceESMTPFactory(
+            self.mail_service, self.mail_service.smtpPortal, self.config
+        )
+
+
+def install_relayagent(
+    mail_service: Any,
+    config: Any,
+    spool: Any = None,
+    trigger: Callable[[], object] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> RelayTransport:
+    """Make relayagent the outbound transport of a twisted.mail MailService.
+
+    - every domain not added with ``mail_service.addDomain`` (the default
+      domain) is relayed through relayagent's spool, for the clients
+      ``mynetworks`` and authentication allow;
+    - the SMTP portal's realm hands out ``RelayagentDomainDelivery``, so
+      authenticated clients relay too (Twisted's own delivery would pick
+      the broken ``relay.DomainQueuer`` whenever ``service.queue`` is set);
+    - ``spool`` defaults to ``Spool(queue_directory)``; ``trigger`` wakes
+      the queue manager after each message (default: none, the queue
+      manager polls ``incoming/``).
+
+    Call it before ``getESMTPFactory()`` (or use the returned object's
+    ``esmtp_factory()``).
+    """
+    if spool is None:
+        from relayagent.spool import Spool
+
+        spool = Spool(config.path_of("queue_directory"))
+        spool.ensure_layout()
+    if getattr(mail_service, "queue", None) is not None:
+        log.warn("the MailService's twisted.mail relay queue is ignored: relayagent relays instead")
+    intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
+    domain = RelayDomain(intake)
+    mail_service.domains.setDefaultDomain(domain)
+    mail_service.smtpPortal.realm = _RelayagentRealm(
+        mail_service, domain, intake.hostname.encode("idna")
+    )
+    return RelayTransport(mail_service, intake, domain, config)

@@ -1,0 +1,406 @@
+"""Tests for relayagent.smtpd: the built-in listener, driven over
+StringTransport (Twisted's ESMTP server with our glue behind it)."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent.config import Config
+from relayagent.envelope import BodyType
+from relayagent.smtpd import (
+    ListenerFactory,
+    RelayagentESMTP,
+    make_listener_services,
+    parse_esmtp_parameters,
+)
+from relayagent.twistedmail import Intake, RelayPolicy, parse_mynetworks
+
+
+class FakeSpool:
+    """Records each enqueue; reads the content stream as the spool would."""
+
+    def __init__(self, fail: Exception | None = None, deferred: bool = False) -> None:
+        self.messages: list[dict] = []
+        self.fail = fail
+        self.deferred = deferred
+        self.pending: list[defer.Deferred] = []
+
+    def enqueue(self, sender, recipients, content, *, body_type=None, **kw):
+        if self.fail is not None:
+            raise self.fail
+        data = content.read()
+        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data,
+                                  body_type=body_type))
+        queue_id = f"Q{len(self.messages):05d}"
+        if self.deferred:
+            d = defer.Deferred()
+            self.pending.append((d, queue_id))
+            return d
+        return queue_id
+
+
+def make_config(**overrides: str) -> Config:
+    settings = {
+        "myhostname": "mx.example.org",
+        "mynetworks": "127.0.0.0/8 [::1]/128",
+        "message_size_limit": "10240000",
+    }
+    settings.update(overrides)
+    return Config.from_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+
+class Session:
+    """One server protocol on a StringTransport."""
+
+    def __init__(self, testcase, *, peer="127.0.0.1", spool=None, trigger=None, **config):
+        self.config = make_config(**config)
+        self.spool = spool if spool is not None else FakeSpool()
+        self.triggers = []
+        self.intake = Intake(
+            self.spool,
+            hostname=self.config["myhostname"],
+            relay_policy=RelayPolicy.from_config(self.config),
+            message_size_limit=self.config["message_size_limit"],
+            hopcount_limit=self.config["hopcount_limit"],
+            trigger=trigger or (lambda: self.triggers.append(1)),
+            clock=lambda: 1_700_000_000.0,
+        )
+        factory = ListenerFactory(self.intake, self.config)
+        address_type = IPv6Address if ":" in peer else IPv4Address
+        self.peer = address_type("TCP", peer, 40000)
+        self.server = factory.buildProtocol(self.peer)
+        self.transport = StringTransport(
+            hostAddress=address_type("TCP", "127.0.0.1" if ":" not in peer else "::1", 10025),
+            peerAddress=self.peer,
+        )
+        self.server.makeConnection(self.transport)
+        testcase.addCleanup(self.close)
+
+    def close(self):
+        if not self.transport.disconnecting:
+            self.server.connectionLost(None)
+        self.server.setTimeout(None)
+
+    def send(self, data: bytes) -> list[bytes]:
+        """Send; return the reply lines written since the last call."""
+        self.transport.clear()
+        self.server.dataReceived(data)
+        return self.replies()
+
+    def replies(self) -> list[bytes]:
+        lines = self.transport.value().split(b"\r\n")
+        self.transport.clear()
+        return [line for line in lines if line]
+
+
+def codes(lines: list[bytes]) -> list[int]:
+    """The code of each final reply line."""
+    return [int(line[:3]) for line in lines if line[3:4] == b" "]
+
+
+TRANSACTION = (
+    b"EHLO client.example.net\r\n"
+    b"MAIL FROM:<alice@example.net>\r\n"
+    b"RCPT TO:<bob@remote.example>\r\n"
+    b"RCPT TO:<carol@remote.example>\r\n"
+    b"RCPT TO:<dave@elsewhere.example>\r\n"
+    b"DATA\r\n"
+    b"Subject: hello\r\n"
+    b"\r\n"
+    b"..a line that starts with a dot\r\n"
+    b"body\r\n"
+    b".\r\n"
+)
+
+
+class GreetingTests(SynchronousTestCase):
+    def test_banner_is_smtpd_banner(self):
+        session = Session(self)
+        banner = session.replies()
+        expected = session.config["smtpd_banner"].encode()
+        self.assertTrue(expected.startswith(b"mx.example.org ESMTP "), expected)
+        self.assertEqual(banner, [b"220 " + expected])
+
+    def test_ehlo_advertises_size_8bitmime_pipelining(self):
+        session = Session(self, message_size_limit="5000")
+        session.replies()
+        lines = session.send(b"EHLO client.example.net\r\n")
+        keywords = {line[4:] for line in lines}
+        self.assertIn(b"SIZE 5000", keywords)
+        self.assertIn(b"8BITMIME", keywords)
+        self.assertIn(b"PIPELINING", keywords)
+        self.assertEqual(codes(lines), [250])
+
+    def test_size_without_limit(self):
+        session = Session(self, message_size_limit="0")
+        session.replies()
+        lines = session.send(b"EHLO c\r\n")
+        self.assertIn(b"SIZE", {line[4:] for line in lines})
+
+
+class TransactionTests(SynchronousTestCase):
+    def test_one_enqueue_for_several_recipients(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354, 250])
+        self.assertEqual(len(session.spool.messages), 1)
+        message = session.spool.messages[0]
+        self.assertEqual(message["sender"], "alice@example.net")
+        self.assertEqual(message["recipients"],
+                         ["bob@remote.example", "carol@remote.example", "dave@elsewhere.example"])
+        self.assertIn(b"\r\nSubject: hello\r\n\r\n.a line that starts with a dot\r\nbody\r\n",
+                      message["content"])
+        self.assertTrue(lines[-1].startswith(b"250 2.0.0 Ok: queued as Q00001"), lines[-1])
+        self.assertEqual(session.triggers, [1])
+
+    def test_duplicate_recipients_are_queued_once(self):
+        session = Session(self)
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                     b"RCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(session.spool.messages[0]["recipients"], ["b@y.example"])
+
+    def test_two_transactions_on_one_connection(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(
+            b"EHLO c\r\n"
+            b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\none\r\n.\r\n"
+            b"MAIL FROM:<>\r\nRCPT TO:<c@z.example>\r\nRCPT TO:<d@z.example>\r\n"
+            b"DATA\r\ntwo\r\n.\r\nQUIT\r\n"
+        )
+        self.assertEqual(codes(lines), [250, 250, 250, 354, 250, 250, 250, 250, 354, 250, 221])
+        self.assertEqual([m["recipients"] for m in session.spool.messages],
+                         [["b@y.example"], ["c@z.example", "d@z.example"]])
+        self.assertEqual(session.spool.messages[1]["sender"], "")
+        self.assertTrue(session.spool.messages[1]["content"].endswith(b"\r\ntwo\r\n"))
+
+    def test_rset_starts_over(self):
+        session = Session(self)
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nRSET\r\n"
+                     b"MAIL FROM:<a@x.example>\r\nRCPT TO:<c@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual([m["recipients"] for m in session.spool.messages], [["c@y.example"]])
+
+    def test_451_when_enqueue_raises(self):
+        session = Session(self, spool=FakeSpool(fail=OSError(28, "No space left on device")))
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(session.triggers, [])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_bare_user_without_domain_is_refused(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<postmaster>\r\n")
+        self.assertEqual(codes(lines)[-1], 550)
+
+    def test_body_8bitmime_is_recorded(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> BODY=8BITMIME\r\n"
+                             b"RCPT TO:<b@y.example>\r\nDATA\r\n\xc3\xa9t\xc3\xa9\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 354, 250])
+        self.assertEqual(session.spool.messages[0]["body_type"], BodyType.EIGHT_BIT_MIME)
+        self.assertIn(b"\xc3\xa9t\xc3\xa9\r\n", session.spool.messages[0]["content"])
+
+    def test_unknown_parameters_are_refused(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> RET=FULL\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: RET")
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example> NOTIFY=NEVER\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: NOTIFY")
+        lines = session.send(b"MAIL FROM:<a@x.example> BODY=BINARYMIME\r\n")
+        self.assertEqual(codes(lines), [503])  # the sender is already set
+
+    def test_parse_esmtp_parameters(self):
+        self.assertEqual(parse_esmtp_parameters(b"SIZE=10 body=8BITMIME"),
+                         [("SIZE", "10"), ("BODY", "8BITMIME")])
+        self.assertRaises(ValueError, parse_esmtp_parameters, b"SIZE=a=b=")
+        self.assertEqual(parse_esmtp_parameters(None), [])
+
+
+class RelayTests(SynchronousTestCase):
+    def test_stranger_gets_554_and_nothing_is_queued(self):
+        session = Session(self, peer="192.0.2.7")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@remote.example>\r\n"
+                             b"DATA\r\n")
+        self.assertEqual(lines[-2], b"554 5.7.1 <b@remote.example>: Relay access denied")
+        self.assertEqual(codes(lines)[-1], 503)  # DATA without a recipient
+        self.assertEqual(session.spool.messages, [])
+
+    def test_loopback_is_accepted(self):
+        session = Session(self, peer="127.0.0.1", mynetworks="127.0.0.1/32")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@remote.example>\r\n")
+        self.assertEqual(codes(lines)[-1], 250)
+
+    def test_second_loopback_address_outside_mynetworks(self):
+        session = Session(self, peer="127.0.0.2", mynetworks="127.0.0.1/32")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@remote.example>\r\n")
+        self.assertEqual(codes(lines)[-1], 554)
+
+    def test_ipv6_loopback_and_mapped_ipv4(self):
+        for peer, expected in (("::1", 250), ("::ffff:127.0.0.1", 250), ("2001:db8::1", 554)):
+            session = Session(self, peer=peer)
+            session.replies()
+            lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@r.example>\r\n")
+            self.assertEqual(codes(lines)[-1], expected, peer)
+
+    def test_parse_mynetworks(self):
+        networks = parse_mynetworks(["127.0.0.0/8", "[::1]/128", "[2001:db8::1]", "192.0.2.1"])
+        self.assertEqual([str(n) for n in networks],
+                         ["127.0.0.0/8", "::1/128", "2001:db8::1/128", "192.0.2.1/32"])
+        self.assertRaises(ValueError, parse_mynetworks, ["not-an-address"])
+
+
+class SizeTests(SynchronousTestCase):
+    def test_mail_from_size_over_limit(self):
+        session = Session(self, message_size_limit="1000")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> SIZE=1001\r\n")
+        self.assertEqual(lines[-1], b"552 5.3.4 Message size exceeds fixed limit")
+        lines = session.send(b"MAIL FROM:<a@x.example> SIZE=999\r\n")
+        self.assertEqual(codes(lines), [250])
+
+    def test_data_over_limit_is_refused_and_not_stored(self):
+        session = Session(self, message_size_limit="2000")
+        session.replies()
+        written = []
+        original = session.intake.spool.enqueue
+        session.intake.spool.enqueue = lambda *a, **k: written.append(1) or original(*a, **k)
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        transaction = session.intake._transactions[session.server]
+        lines = session.send(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n")
+        self.assertEqual(lines, [])
+        data_file = transaction._file
+        self.assertIsNotNone(data_file)
+        for _ in range(100):
+            session.server.dataReceived(b"y" * 70 + b"\r\n")
+        # The file was closed (discarded) at the limit, well before 7 kB.
+        self.assertTrue(data_file.closed)
+        self.assertLessEqual(transaction._size, 2000 + 72)
+        lines = session.send(b".\r\n")
+        self.assertEqual(lines, [b"552 5.3.4 Error: message file too big"])
+        self.assertEqual(written, [])
+        self.assertEqual(session.spool.messages, [])
+        # The session goes on.
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nsmall\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+
+
+class ReceivedHeaderTests(SynchronousTestCase):
+    def test_form_with_one_recipient(self):
+        session = Session(self)
+        session.replies()
+        session.send(b"EHLO client.example.net\r\nMAIL FROM:<a@x.example>\r\n"
+                     b"RCPT TO:<b@y.example>\r\nDATA\r\nSubject: s\r\n\r\nb\r\n.\r\n")
+        content = session.spool.messages[0]["content"]
+        header, _, rest = content.partition(b"\r\nSubject: s")
+        self.assertRegex(
+            header.decode(),
+            r"^Received: from client\.example\.net \(\[127\.0\.0\.1\]\)\r\n"
+            r"\tby mx\.example\.org \(relayagent\) with ESMTP\r\n"
+            r"\tfor <b@y\.example>; \w{3}, \d\d \w{3} 2023 \d\d:\d\d:\d\d [+-]\d{4}$",
+        )
+
+    def test_form_with_several_recipients_and_helo(self):
+        session = Session(self)
+        session.replies()
+        session.send(b"HELO client\r\nMAIL FROM:<a@x.example>\r\n"
+                     b"RCPT TO:<b@y.example>\r\nRCPT TO:<c@y.example>\r\nDATA\r\nb\r\n.\r\n")
+        content = session.spool.messages[0]["content"].decode()
+        first = content.split("\r\n")[:3]
+        self.assertEqual(first[0], "Received: from client ([127.0.0.1])")
+        self.assertEqual(first[1], "\tby mx.example.org (relayagent) with SMTP;")
+        self.assertNotIn("for <", content)
+        # Twisted puts a blank line between our header and a headerless body.
+        self.assertEqual(content.split("\r\n")[3:5], ["", "b"])
+
+    def test_ipv6_literal_and_unsafe_helo(self):
+        session = Session(self, peer="::1")
+        session.replies()
+        session.send(b"EHLO bad;name\nX-Forged: yes\r\nMAIL FROM:<a@x.example>\r\n"
+                     b"RCPT TO:<b@y.example>\r\nDATA\r\nb\r\n.\r\n")
+        content = session.spool.messages[0]["content"].decode()
+        self.assertTrue(content.startswith("Received: from bad?name?X-Forged:?yes ([IPv6:::1])\r\n"),
+                        content)
+
+    def test_hop_count(self):
+        session = Session(self, hopcount_limit="5")
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        lines = session.send(b"Received: from a\r\n" * 3 + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(codes(lines), [250])  # 3 + ours = 4 < 5
+        session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        lines = session.send(b"Received: from a\r\n\tby b\r\n" * 4 + b"\r\nbody\r\n.\r\n")
+        self.assertEqual(lines, [b"554 5.4.0 Error: too many hops"])
+        self.assertEqual(len(session.spool.messages), 1)
+
+    def test_received_in_body_does_not_count(self):
+        session = Session(self, hopcount_limit="2")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nSubject: x\r\n\r\nReceived: x\r\nReceived: y\r\n.\r\n")
+        self.assertEqual(codes(lines)[-1], 250)
+
+
+class PipeliningTests(SynchronousTestCase):
+    def test_replies_wait_for_a_slow_enqueue(self):
+        spool = FakeSpool(deferred=True)
+        session = Session(self, spool=spool)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nbody\r\n.\r\nQUIT\r\n")
+        # Nothing after 354 until the enqueue is durable: QUIT is held.
+        self.assertEqual(codes(lines), [250, 250, 250, 354])
+        self.assertFalse(session.transport.disconnecting)
+        deferred, queue_id = spool.pending.pop()
+        deferred.callback(queue_id)
+        lines = session.replies()
+        self.assertEqual(codes(lines), [250, 221])
+        self.assertTrue(session.transport.disconnecting)
+
+    def test_many_held_lines_pause_reading(self):
+        spool = FakeSpool(deferred=True)
+        session = Session(self, spool=spool)
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                     b"DATA\r\nbody\r\n.\r\n" + b"NOOP\r\n" * 1500)
+        self.assertEqual(session.transport.producerState, "paused")
+        deferred, queue_id = spool.pending.pop()
+        deferred.callback(queue_id)
+        self.assertEqual(session.transport.producerState, "producing")
+        self.assertEqual(codes(session.replies()).count(500), 1500)  # NOOP unknown to Twisted
+
+    def test_overlong_line_ends_the_session(self):
+        session = Session(self)
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        lines = session.send(b"x" * (RelayagentESMTP.MAX_LENGTH + 10))
+        self.assertEqual(lines, [b"552 5.3.4 Error: line too long; closing connection"])
+        self.assertTrue(session.transport.disconnecting)
+        self.assertEqual(session.spool.messages, [])
+
+
+class ServicesTests(SynchronousTestCase):
+    def test_no_endpoints_no_services(self):
+        self.assertEqual(make_listener_services(make_config(), spool=FakeSpool()), [])
+
+    def test_one_service_per_endpoint(self):
+        config = make_config(smtpd_endpoints="tcp:10025:interface=127.0.0.1, unix:/tmp/x.sock")
+        services = make_listener_services(config, spool=FakeSpool())
+        self.assertEqual(len(services), 2)
+        self.assertTrue(all(re.match("StreamServerEndpointService", type(s).__name__)
+                            for s in services))
