@@ -1,0 +1,351 @@
+"""Tests for relayagent.delivery: recipient outcomes, the end of a message
+(remove, defer, expire, bounce and delay notices) and connection reuse,
+with fake sessions, a fake transport and a task.Clock."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent.config import Config
+from relayagent.conncache import ConnectionCache
+from relayagent.delivery import Attempt, DeliveryAgent, Outcome
+from relayagent.esmtp import ServerInfo, TransactionResult
+from relayagent.scheduler import ActiveMessage, DeliveryRequest
+from relayagent.spool import ACTIVE, BOUNCE_LOG, DEFER_LOG, DEFERRED, INCOMING, Spool
+
+START = 1_700_000_000.0
+HOUR = 3600.0
+DAY = 24 * HOUR
+SENT = "250 2.0.0 Ok: queued"
+
+
+def sent() -> object:
+    from relayagent.status import Status
+
+    return Status("2.0.0", SENT, code=250)
+
+
+def soft() -> object:
+    from relayagent.status import Status
+
+    return Status("4.2.0", "host mx[127.0.0.1] said: 450 4.2.0 try later (in reply to RCPT TO command)",
+                  code=450, reply="450 4.2.0 try later", remote_mta="mx")
+
+
+def hard() -> object:
+    from relayagent.status import Status
+
+    return Status("5.1.1", "host mx[127.0.0.1] said: 550 5.1.1 no such user (in reply to RCPT TO command)",
+                  code=550, reply="550 5.1.1 no such user", remote_mta="mx")
+
+
+class FakeSession:
+    """A greeted session: answers per recipient from ``answers``."""
+
+    def __init__(self, answers: dict[str, object], *, usable: bool = True, probe: bool = True,
+                 extensions: dict[str, str] | None = None) -> None:
+        self.server = ServerInfo("mx", "127.0.0.1", 25, "[127.0.0.1]:25")
+        self.answers = answers
+        self.usable = usable
+        self.probe = probe
+        self.extensions = extensions if extensions is not None else {"DSN": ""}
+        self.transactions: list[tuple[list[str], bool]] = []
+        self.resets = 0
+        self.quits = 0
+
+    def deliver(self, envelope, recipients, *, last=False):
+        self.transactions.append(([r.address for r in recipients], last))
+        return succeed(TransactionResult(
+            {r.index: self.answers.get(r.address, sent()) for r in recipients}, None, self.usable
+        ))
+
+    def reset(self):
+        self.resets += 1
+        return succeed(self.probe)
+
+    def quit(self):
+        self.quits += 1
+        return succeed(None)
+
+
+class FakeTransport:
+    """Makes a new FakeSession per call, or fails the site."""
+
+    def __init__(self, answers: dict[str, object] | None = None, site_failure=None) -> None:
+        self.answers = answers or {}
+        self.site_failure = site_failure
+        self.sessions: list[FakeSession] = []
+
+    def __call__(self, nexthops, indexes, transact) -> Deferred[Attempt]:
+        if self.site_failure is not None:
+            return succeed(Attempt({i: Outcome(self.site_failure) for i in indexes}, sessions=0))
+        session = FakeSession(self.answers)
+        self.sessions.append(session)
+        return transact(session, indexes).addCallback(
+            lambda statuses: Attempt({i: Outcome(s, session.server) for i, s in statuses.items()}, 1)
+        )
+
+
+class DeliveryTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.spool = Spool(self.mktemp(), clock=self.clock.seconds)
+        self.spool.ensure_layout()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.config = Config.defaults().replace(myhostname="relay.test")
+
+    def agent(self, transport=None, cache=None, **overrides: object) -> DeliveryAgent:
+        config = self.config.replace(**{k: str(v) for k, v in overrides.items()}) if overrides else self.config
+        return DeliveryAgent(config, self.spool, self.clock,
+                             nexthops=lambda domain: ["[127.0.0.1]:25"],
+                             transport=transport or FakeTransport(), cache=cache)
+
+    def message(self, recipients=("a@example.net",), sender="s@example.org",
+                body=b"Subject: hello\nMessage-ID: <m1@example.org>\n\nbody\n") -> ActiveMessage:
+        queue_id = self.spool.enqueue(sender, list(recipients), body)
+        self.spool.move(queue_id, INCOMING, ACTIVE)
+        queue_file = self.spool.open(queue_id, ACTIVE)
+        return ActiveMessage(queue_id, queue_file, queue_file.envelope, activated=self.clock.seconds())
+
+    def request(self, message: ActiveMessage, backlog: int = 0) -> DeliveryRequest:
+        recipients = message.envelope.pending()
+        return DeliveryRequest(message, "[127.0.0.1]:25", recipients[0].domain, recipients,
+                               backlog=backlog, dispatched=self.clock.seconds())
+
+    def attempt(self, agent: DeliveryAgent, message: ActiveMessage, backlog: int = 0):
+        result = self.successResultOf(agent.deliver(self.request(message, backlog)))
+        return result
+
+    def lines(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e.get("ralog_event") == kind]
+
+    def incoming_messages(self) -> list[email.message.Message]:
+        found = []
+        for queue_id in self.spool.queue_ids(INCOMING):
+            with self.spool.open(queue_id, INCOMING) as queue_file:
+                envelope = queue_file.envelope
+                with envelope.open_content() as stream:
+                    parsed = email.message_from_bytes(stream.read(), policy=email.policy.default)
+                parsed["X-Envelope-Sender"] = envelope.sender
+                parsed["X-Envelope-To"] = ",".join(r.address for r in envelope.recipients)
+                found.append(parsed)
+        return found
+
+
+class OutcomeTests(DeliveryTestCase):
+    def test_sent_marked_done_logged_and_removed(self) -> None:
+        agent = self.agent()
+        message = self.message(["a@example.net", "b@example.net"])
+        result = self.attempt(agent, message)
+        self.assertIsNone(result.site_failure)
+        self.assertTrue(message.queue_file.is_done(0) and message.queue_file.is_done(1))
+        deliveries = self.lines("delivery")
+        self.assertEqual([e["status"] for e in deliveries], ["sent", "sent"])
+        self.assertEqual(deliveries[0]["relay"], "mx[127.0.0.1]:25")
+        self.assertEqual(deliveries[0]["dsn"], "2.0.0")
+        agent.finish(message)
+        self.assertIsNone(self.spool.find(message.queue_id))
+        self.assertEqual(len(self.lines("removed")), 1)
+
+    def test_deferred_goes_to_deferred_with_next_attempt(self) -> None:
+        agent = self.agent(FakeTransport({"b@example.net": soft()}))
+        message = self.message(["a@example.net", "b@example.net"])
+        self.attempt(agent, message)
+        self.assertTrue(message.queue_file.is_done(0))
+        self.assertFalse(message.queue_file.is_done(1))
+        agent.finish(message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        with self.spool.open(message.queue_id, DEFERRED) as queue_file:
+            self.assertEqual(queue_file.attempts, 1)
+            self.assertEqual(queue_file.next_attempt, START + 300)
+        self.assertEqual(os.stat(self.spool.path(DEFERRED, message.queue_id)).st_mtime, START + 300)
+        (record,) = self.spool.read_log(DEFER_LOG, message.queue_id)
+        self.assertEqual((record.recipient, record.status), ("b@example.net", "4.2.0"))
+        self.assertIn("try later", record.reason)
+        self.assertEqual([e["status"] for e in self.lines("delivery")], ["sent", "deferred"])
+
+    def test_bounced_gets_one_dsn_for_the_message(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": hard(), "b@example.net": hard()}))
+        message = self.message(["a@example.net", "b@example.net", "c@example.net"])
+        self.attempt(agent, message)
+        self.assertTrue(all(message.queue_file.is_done(i) for i in range(3)))
+        self.assertEqual([e["status"] for e in self.lines("delivery")], ["bounced", "bounced", "sent"])
+        agent.finish(message)
+        self.assertIsNone(self.spool.find(message.queue_id))
+        (notice,) = self.incoming_messages()
+        self.assertEqual(notice["X-Envelope-Sender"], "")
+        self.assertEqual(notice["X-Envelope-To"], "s@example.org")
+        self.assertEqual(notice.get_content_type(), "multipart/report")
+        self.assertEqual(notice.get_param("report-type"), "delivery-status")
+        status_part = [p for p in notice.walk() if p.get_content_type() == "message/delivery-status"][0]
+        text = status_part.as_string()
+        self.assertIn("Final-Recipient: rfc822; a@example.net", text)
+        self.assertIn("Final-Recipient: rfc822; b@example.net", text)
+        self.assertNotIn("c@example.net", text)
+        self.assertIn("Status: 5.1.1", text)
+        self.assertEqual(len(self.lines("notice")), 1)
+        self.assertEqual(self.spool.read_log(BOUNCE_LOG, message.queue_id), [])
+
+    def test_soft_bounce_defers_instead(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": hard()}), soft_bounce="yes")
+        message = self.message()
+        self.attempt(agent, message)
+        self.assertFalse(message.queue_file.is_done(0))
+        (event,) = self.lines("delivery")
+        self.assertEqual((event["status"], event["dsn"]), ("deferred", "4.1.1"))
+        agent.finish(message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        self.assertEqual(self.incoming_messages(), [])
+
+    def test_site_failure_reported_to_the_scheduler(self) -> None:
+        from relayagent.status import Status
+
+        refused = Status("4.4.1", "connect to mx[127.0.0.1]:25: Connection refused")
+        agent = self.agent(FakeTransport(site_failure=refused))
+        message = self.message()
+        result = self.attempt(agent, message)
+        self.assertEqual(result.site_failure, refused)
+        (event,) = self.lines("delivery")
+        self.assertEqual((event["relay"], event["status"]), ("none", "deferred"))
+
+    def test_done_recipients_are_not_sent_again(self) -> None:
+        transport = FakeTransport()
+        agent = self.agent(transport)
+        message = self.message(["a@example.net", "b@example.net"])
+        message.queue_file.mark_done(0)
+        self.attempt(agent, message)
+        self.assertEqual(transport.sessions[0].transactions[0][0], ["b@example.net"])
+
+    def test_defer_unsent_skips_done_and_bounces_hard(self) -> None:
+        agent = self.agent()
+        message = self.message(["a@example.net", "b@example.net"])
+        message.queue_file.mark_done(0)
+        agent.defer_unsent(self.request(message), soft())
+        self.assertEqual([e["to"] for e in self.lines("delivery")], ["b@example.net"])
+
+
+class MessageEndTests(DeliveryTestCase):
+    def deferred_once(self, agent: DeliveryAgent, message: ActiveMessage) -> None:
+        self.attempt(agent, message)
+        agent.finish(message)
+
+    def reopen(self, message: ActiveMessage) -> ActiveMessage:
+        self.spool.move(message.queue_id, DEFERRED, ACTIVE)
+        queue_file = self.spool.open(message.queue_id, ACTIVE)
+        return ActiveMessage(message.queue_id, queue_file, queue_file.envelope,
+                             activated=self.clock.seconds())
+
+    def test_backoff_grows_per_attempt(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        message = self.message()
+        waits = []
+        for _ in range(6):
+            self.deferred_once(agent, message)
+            with self.spool.open(message.queue_id, DEFERRED) as queue_file:
+                waits.append(queue_file.next_attempt - self.clock.seconds())
+            self.clock.advance(waits[-1])
+            message = self.reopen(message)
+        self.assertEqual(waits, [300, 600, 1200, 2400, 4000, 4000])
+
+    def test_expired_recipient_bounced_with_its_last_reason(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        message = self.message(["a@example.net", "b@example.net"])
+        self.clock.advance(5 * DAY)
+        self.deferred_once(agent, message)
+        self.assertIsNone(self.spool.find(message.queue_id))
+        self.assertEqual(len(self.lines("expired")), 1)
+        (notice,) = self.incoming_messages()
+        text = notice.as_string()
+        self.assertIn("a@example.net", text)
+        self.assertIn("try later", text)
+        self.assertIn("Action: failed", text)
+
+    def test_not_expired_before_the_lifetime(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        message = self.message()
+        self.clock.advance(5 * DAY - 1)
+        self.deferred_once(agent, message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+
+    def test_bounce_queue_lifetime_for_null_sender(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}), bounce_queue_lifetime="1d")
+        bounce = self.message(sender="")
+        ordinary = self.message()
+        self.clock.advance(2 * DAY)
+        self.deferred_once(agent, bounce)
+        self.deferred_once(agent, ordinary)
+        self.assertIsNone(self.spool.find(bounce.queue_id))
+        self.assertEqual(self.spool.find(ordinary.queue_id), DEFERRED)
+
+    def test_delay_warning_sent_once(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}), delay_warning_time="1h",
+                           minimal_backoff_time="1000s", maximal_backoff_time="1000s")
+        message = self.message()
+        warnings = []
+        for _ in range(8):  # attempts at 0, 1000, 2000 ... 7000 s
+            self.deferred_once(agent, message)
+            warnings.append(len([e for e in self.lines("notice") if "delay" in e["notice"]]))
+            self.clock.advance(1000)
+            message = self.reopen(message)
+        # The first attempt ending past one hour is the one at 4000 s.
+        self.assertEqual(warnings, [0, 0, 0, 0, 1, 1, 1, 1])
+        (notice,) = self.incoming_messages()
+        self.assertIn("Delayed Mail", notice["Subject"])
+
+
+class ConnectionReuseTests(DeliveryTestCase):
+    def cache(self, **kwargs) -> ConnectionCache:
+        options = dict(idle_limit=2.0, reuse_time_limit=300.0)
+        options.update(kwargs)
+        return ConnectionCache(self.clock, **options)
+
+    def test_backlog_keeps_the_session_and_the_next_request_reuses_it(self) -> None:
+        transport = FakeTransport()
+        cache = self.cache()
+        agent = self.agent(transport, cache)
+        self.attempt(agent, self.message(), backlog=3)
+        (session,) = transport.sessions
+        self.assertEqual(session.transactions[0][1], False)  # no QUIT pipelined
+        self.assertEqual(len(cache), 1)
+        self.attempt(agent, self.message(), backlog=0)
+        self.assertEqual(len(transport.sessions), 1)
+        self.assertEqual(session.resets, 1)
+        self.assertEqual(len(session.transactions), 2)
+        self.assertEqual(session.transactions[1][1], True)  # last use: QUIT after "."
+        uses = [e["conn_use"] for e in self.lines("delivery")]
+        self.assertEqual(uses, [None, 2])
+
+    def test_no_backlog_no_caching(self) -> None:
+        transport = FakeTransport()
+        cache = self.cache()
+        agent = self.agent(transport, cache)
+        self.attempt(agent, self.message(), backlog=0)
+        self.assertEqual(len(cache), 0)
+        self.assertEqual(transport.sessions[0].transactions[0][1], True)
+
+    def test_cache_destinations_always_cached(self) -> None:
+        transport = FakeTransport()
+        cache = self.cache(always_cache=("127.0.0.1",))
+        agent = self.agent(transport, cache)
+        self.attempt(agent, self.message(), backlog=0)
+        self.assertEqual(len(cache), 1)
+
+    def test_failed_probe_means_a_new_connection(self) -> None:
+        transport = FakeTransport()
+        cache = self.cache()
+        agent = self.agent(transport, cache)
+        self.attempt(agent, self.message(), backlog=3)
+        transport.sessions[0].probe = False
+        self.attempt(agent, self.message(), backlog=3)
+        self.assertEqual(len(transport.sessions), 2)
+        self.assertEqual(transport.sessions[0].quits, 1)
