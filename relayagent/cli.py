@@ -31,7 +31,6 @@ import os
 import pwd
 import re
 import secrets
-import socket
 import stat
 import sys
 import tempfile
@@ -97,19 +96,16 @@ class _Parser(argparse.ArgumentParser):
 def notify_queue_manager(config: Config, request: bytes = b"W\n") -> bool:
     """Wake the queue manager: ``W`` (new mail) or ``F`` (flush).
 
-    Connects to the UNIX socket ``$queue_directory/public/qmgr`` and sends
-    the request.  Any error is ignored (the daemon may not be running; the
-    mail waits in the queue for it); the result says whether it went.
+    Sends the AMP command (``relayagent.control``: Wakeup or Flush) on the
+    UNIX socket ``$queue_directory/public/qmgr`` and waits briefly for the
+    answer.  Any error is ignored (the daemon may not be running; the mail
+    waits in the queue for it, and the daemon polls incoming/); the result
+    says whether a daemon answered.
     """
-    path = os.path.join(config.path_of("queue_directory"), "public", "qmgr")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.settimeout(1.0)
-            connection.connect(path)
-            connection.sendall(request)
-    except OSError:
-        return False
-    return True
+    from relayagent import control
+
+    command = "flush" if request.strip().upper().startswith(b"F") else "wakeup"
+    return control.trigger(config.path_of("queue_directory"), command)
 
 
 # The hook sendmail and flush call; a test or an embedding program may
