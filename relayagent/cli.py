@@ -760,6 +760,16 @@ register(Command("flush", "ask the queue manager to try every deferred message n
 
 
 # ---------------------------------------------------------------------------
+# import-twisted-queue (relayagent.importqueue)
+
+from relayagent import importqueue  # noqa: E402 - kept next to its table entry
+
+register(Command("import-twisted-queue",
+                 "move a twisted.mail relay queue (-H/-D files) into the spool, never unpickling",
+                 importqueue.configure_parser, importqueue.run_command))
+
+
+# ---------------------------------------------------------------------------
 # main
 
 

@@ -40,6 +40,7 @@ and queue_directory.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import re
 import tempfile
@@ -297,7 +298,6 @@ class Intake:
             hopcount_limit=config["hopcount_limit"],
             trigger=trigger,
             clock=clock,
-            temp_directory=_existing_directory(config.path_of("queue_directory")),
         )
 
     def transaction_for(self, user: smtp.User) -> _Transaction:
@@ -340,12 +340,6 @@ class Intake:
             # The message is queued: a lost wake-up only delays it until
             # the queue manager's next look at incoming/.
             log.failure("{queue_id}: cannot trigger the queue manager", queue_id=queue_id)
-
-
-def _existing_directory(path: str) -> str | None:
-    import os
-
-    return path if os.path.isdir(path) else None
 
 
 def _describe_peer(protocol: object) -> str:
@@ -433,7 +427,9 @@ class _Transaction:
 
     def _start(self) -> None:
         self.collecting = False
-        self._file = tempfile.TemporaryFile(dir=self.intake.temp_directory)
+        # On the spool's file system, not in /tmp (often memory-backed).
+        directory = self.intake.temp_directory or getattr(self.intake.spool, "directory", None)
+        self._file = tempfile.TemporaryFile(dir=directory)
         for header_line in received_header(
             self.client, self.intake.hostname, self.recipients, self.intake.clock()
         ):
@@ -691,8 +687,10 @@ def install_relayagent(
       authenticated clients relay too (Twisted's own delivery would pick
       the broken ``relay.DomainQueuer`` whenever ``service.queue`` is set);
     - ``spool`` defaults to ``Spool(queue_directory)``; ``trigger`` wakes
-      the queue manager after each message (default: none, the queue
-      manager polls ``incoming/``).
+      the queue manager after each message (default: a ``Wakeup`` on the
+      relayagent daemon's trigger socket, ``relayagent.control.trigger``,
+      which returns at once when no daemon listens; the queue manager also
+      polls ``incoming/``).
 
     Call it before ``getESMTPFactory()`` (or use the returned object's
     ``esmtp_factory()``).
@@ -702,6 +700,10 @@ def install_relayagent(
 
         spool = Spool(config.path_of("queue_directory"))
         spool.ensure_layout()
+    if trigger is None:
+        from relayagent import control
+
+        trigger = functools.partial(control.trigger, config.path_of("queue_directory"))
     if getattr(mail_service, "queue", None) is not None:
         log.warn("the MailService's twisted.mail relay queue is ignored: relayagent relays instead")
     intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
