@@ -131,6 +131,8 @@ class SessionSecurity:
         self.tls_policy = tls_policy
         # A broken policy entry for this nexthop: every session defers.
         self.problem = problem
+        # The TLS outcome of the most recent negotiation, for tests and
+        # diagnostics only: one SessionSecurity serves concurrent sessions.
         self.last_tls: TLSOutcome | None = None
 
     @classmethod
