@@ -232,6 +232,40 @@ def _encode_pid(pid: int) -> str:
     return _encode(pid, 5)
 
 
+class DescriptorTests(SynchronousTestCase):
+    """An open QueueFile holds no descriptor while idle: the queue manager
+    keeps up to qmgr_message_active_limit of them."""
+
+    def setUp(self) -> None:
+        self.spool = Spool(self.mktemp())
+        self.spool.ensure_layout()
+
+    def open_descriptors(self) -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def test_many_open_queue_files_hold_no_descriptors(self) -> None:
+        ids = [self.spool.enqueue("a@example.org", ["b@example.net", "c@example.net"], b"x\n")
+               for _ in range(50)]
+        before = self.open_descriptors()
+        files = [self.spool.open(queue_id, "incoming") for queue_id in ids]
+        self.assertEqual(self.open_descriptors(), before)
+        for queue_file in files:
+            queue_file.mark_done(1)
+            queue_file.record_attempt(123.0)
+        self.assertEqual(self.open_descriptors(), before)
+        with files[0].open_content() as stream:
+            self.assertEqual(stream.read(), b"x\n")
+        self.assertEqual(self.open_descriptors(), before)
+        again = self.spool.open(ids[0], "incoming")
+        self.assertEqual([r.state.value for r in again.envelope.recipients], ["pending", "done"])
+        self.assertEqual(again.attempts, 1)
+
+    def test_closed_queue_file_refuses_updates(self) -> None:
+        queue_file = self.spool.open(self.spool.enqueue("a@x.org", ["b@x.org"], b"x\n"), "incoming")
+        queue_file.close()
+        self.assertRaises(ValueError, queue_file.mark_done, 0)
+
+
 class BatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.spool = make_spool(self)

@@ -46,12 +46,13 @@ Owns no parameters.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import BinaryIO
 
@@ -284,10 +285,15 @@ class QueueFile:
         *,
         log_directory: str,
         clock: Callable[[], float] | None = None,
+        path: str | None = None,
+        writable: bool = True,
     ) -> None:
         self.queue_id = queue_id
         self.queue_name = queue_name
         self._fd: int | None = fd
+        self._path = path
+        self._open_flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        self._closed = False
         self._log_directory = log_directory
         self._clock = clock
         try:
@@ -296,6 +302,13 @@ class QueueFile:
             # The descriptor is ours from the start: close it here, once.
             self.close()
             raise
+        if path is not None:
+            # Hold no descriptor while idle: the queue manager keeps up to
+            # qmgr_message_active_limit (20,000) messages active, far more
+            # than a process may have files open.  Each update reopens the
+            # file by its path (it stays in its queue while updated).
+            os.close(fd)
+            self._fd = None
 
     # -- parsing
 
@@ -303,7 +316,8 @@ class QueueFile:
         return CorruptQueueFile(self.queue_id, reason)
 
     def _parse(self) -> None:
-        fd = self._require_fd()
+        fd = self._fd
+        assert fd is not None  # parsing happens in the constructor only
         first = os.read(fd, FIRST_READ)
         whole = len(first) < FIRST_READ
         if len(first) < len(MAGIC_LINE):
@@ -426,7 +440,7 @@ class QueueFile:
         """
         raw = _ContentStream(
             self.queue_id,
-            os.dup(self._require_fd()),
+            self._new_descriptor(),
             self._content_offset,
             self._envelope.content_size,
             None if self._content_verified else self._content_crc,
@@ -447,7 +461,8 @@ class QueueFile:
     def mark_done(self, index: int) -> None:
         """Cross a recipient off: its status octet becomes DONE, in place."""
         self._check_index(index)
-        written = os.pwrite(self._require_fd(), DONE, STATUS_OFFSET + index)
+        with self._descriptor() as fd:
+            written = os.pwrite(fd, DONE, STATUS_OFFSET + index)
         if written != 1:
             raise OSError(f"{self.queue_id}: could not update recipient {index}")
         self._states[index] = DONE[0]
@@ -469,6 +484,7 @@ class QueueFile:
         self._write_mutable(0, 0.0)
 
     def close(self) -> None:
+        self._closed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -489,10 +505,29 @@ class QueueFile:
 
     # -- internals
 
-    def _require_fd(self) -> int:
-        if self._fd is None:
+    @contextlib.contextmanager
+    def _descriptor(self) -> Iterator[int]:
+        """A descriptor for one update: the held one, or the file reopened."""
+        if self._closed:
             raise ValueError(f"queue file {self.queue_id} is closed")
-        return self._fd
+        if self._fd is not None:
+            yield self._fd
+            return
+        assert self._path is not None
+        fd = os.open(self._path, self._open_flags)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _new_descriptor(self) -> int:
+        """A descriptor of its own, for a content stream to own and close."""
+        if self._closed:
+            raise ValueError(f"queue file {self.queue_id} is closed")
+        if self._fd is not None:
+            return os.dup(self._fd)
+        assert self._path is not None
+        return os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < len(self._states):
@@ -502,7 +537,8 @@ class QueueFile:
         if not math.isfinite(next_attempt):
             raise ValueError("next attempt time must be finite")
         data = pack_mutable(attempts, next_attempt)
-        written = os.pwrite(self._require_fd(), data, MUTABLE_OFFSET)
+        with self._descriptor() as fd:
+            written = os.pwrite(fd, data, MUTABLE_OFFSET)
         if written != len(data):
             raise OSError(f"{self.queue_id}: could not update the attempt record")
         self.attempts = attempts

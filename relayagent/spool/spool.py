@@ -374,6 +374,8 @@ class Spool:
             fd,
             log_directory=self.directory,
             clock=self.clock,
+            path=path,
+            writable=writable,
         )
 
     def move(self, queue_id: str, from_queue: str, to_queue: str) -> None:
