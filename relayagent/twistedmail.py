@@ -42,6 +42,8 @@ from __future__ import annotations
 import email.utils
 import functools
 import ipaddress
+import mailbox
+import os
 import re
 import tempfile
 import time
@@ -627,6 +629,64 @@ class RelayagentDomainDelivery(protocols.ESMTPDomainDelivery):
         if all(user in self.relay_domain.intake.relayed_users for user in recipients):
             return None  # relayed: the transaction writes its own header
         return super().receivedHeader(helo, origin, recipients)
+
+
+@implementer(IDomain)
+class MaildirDomain:
+    """A minimal local domain for a twisted.mail server: each user's mail
+    goes to the maildir ``ROOT/USER`` (standard library ``mailbox``).
+
+    twisted.mail's ``MaildirDirdbmDomain`` cannot take mail over SMTP on
+    Python 3 (``startMessage`` joins a bytes user directory with str
+    names: TypeError), so the recipe uses this instead.
+    """
+
+    def __init__(self, root: str, users: Iterable[str] = ()) -> None:
+        self.root = root
+        self.users = {user.lower() for user in users}
+
+    def exists(self, user: smtp.User) -> Callable[[], Any]:
+        local = user.dest.local.decode("ascii", "replace").lower()
+        if local not in self.users:
+            raise smtp.SMTPBadRcpt(user, 550, f"5.1.1 <{user.dest}>: Recipient address rejected: "
+                                   "User unknown")
+        path = os.path.join(self.root, local)
+        return lambda: _MaildirReceiver(path)
+
+    def willRelay(self, address: smtp.Address, protocol: object) -> bool:
+        return False
+
+    def addUser(self, user: str, password: bytes | None = None) -> None:
+        self.users.add(user.lower())
+
+    def getCredentialsCheckers(self) -> list[Any]:
+        return []
+
+
+@implementer(IMessageSMTP)
+class _MaildirReceiver:
+    def __init__(self, path: str) -> None:
+        self.maildir = mailbox.Maildir(path, create=True)
+        self.file: IO[bytes] | None = tempfile.TemporaryFile(dir=path)
+
+    def lineReceived(self, line: bytes) -> None:
+        assert self.file is not None
+        self.file.write(line + b"\n")
+
+    def eomReceived(self) -> defer.Deferred[str]:
+        assert self.file is not None
+        self.file.seek(0)
+        try:
+            key = self.maildir.add(self.file)
+        finally:
+            self.file.close()
+            self.file = None
+        return defer.succeed(key)
+
+    def connectionLost(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @implementer(IRealm)
