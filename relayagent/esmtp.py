@@ -630,8 +630,14 @@ class SMTPSession(ESMTPClient):
         ``redact`` the transcript keeps only the verb and mechanism and
         nothing is logged.
         """
-        words = line.split(None, 1)
-        verb = words[0].decode("ascii", "replace").upper() if words else "command"
+        if redact:
+            # A redacted line is an AUTH command or one of its continuation
+            # lines, whose first word is the base64 credential itself: it
+            # must not become the stage name or the "in reply to" text.
+            verb = "AUTH"
+        else:
+            words = line.split(None, 1)
+            verb = words[0].decode("ascii", "replace").upper() if words else "command"
         custom = _Stage(stage, f"{verb} command", verb, None)
         deferred = self._command_reply(line, custom, timeout=timeout, redact=redact)
 
