@@ -63,14 +63,17 @@ from twisted.python.failure import Failure
 from relayagent.config import Config, ConfigError
 from relayagent.esmtp import ServerInfo
 from relayagent.resolve import MailExchangerAddress, Nexthop, NexthopResolver
-from relayagent.status import DeliveryFailure, Status
+from relayagent.status import RETRY_PLAINTEXT, DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.connect")
 
 # The stage name relayagent.esmtp gives a refusal in the server greeting.
 GREETING_STAGE = "CONNECT"
 
-SessionFactoryFor = Callable[[ServerInfo], IProtocolFactory]
+# session_factory_for(server) builds the factory of one connection; the
+# plaintext retry at TLS level may calls session_factory_for(server,
+# plaintext=True).
+SessionFactoryFor = Callable[..., IProtocolFactory]
 Transact = Callable[[Any, list[int]], "Deferred[dict[int, Status]]"]
 
 
@@ -167,8 +170,14 @@ class _Attempt:
         self.cancelled = False
         self.session: Any = None
         self._on_connected = on_connected
-        endpoint = connector.endpoint_for(address)
-        self._connecting: Deferred[Any] | None = endpoint.connect(connector.session_factory_for(self.server))
+        self._connector = connector
+        self._retried_in_plaintext = False
+        self._connecting: Deferred[Any] | None = None
+        self._start(connector.session_factory_for(self.server))
+
+    def _start(self, factory: Any) -> None:
+        endpoint = self._connector.endpoint_for(self.address)
+        self._connecting = endpoint.connect(factory)
         self._connecting.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, session: Any) -> None:
@@ -195,6 +204,20 @@ class _Attempt:
 
     def _greeting_failed(self, failure: Failure) -> None:
         if self.cancelled:
+            return
+        if (
+            isinstance(failure.value, DeliveryFailure)
+            and failure.value.status.extra.get(RETRY_PLAINTEXT) == "yes"
+            and not self._retried_in_plaintext
+        ):
+            # Level may: a failed handshake is retried once, on a new
+            # connection to the same address, without STARTTLS (as
+            # Postfix's smtp_tls_policy "may" does).
+            self._retried_in_plaintext = True
+            self.session = None
+            log.info("{server}: {reason}; trying again in plaintext",
+                     server=str(self.server), reason=failure.value.status.text)
+            self._start(self._connector.session_factory_for(self.server, plaintext=True))
             return
         if not isinstance(failure.value, DeliveryFailure):
             log.failure("session setup with {server} failed unexpectedly", failure, server=str(self.server))

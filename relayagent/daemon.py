@@ -125,12 +125,15 @@ class SessionFactories:
         self.security = security
         self._hooks: dict[str, Any] = {}
 
-    def __call__(self, server: ServerInfo) -> SMTPSessionFactory:
+    def __call__(self, server: ServerInfo, *, plaintext: bool = False) -> SMTPSessionFactory:
         hook = None
         if self.security is not None:
             hook = self._hooks.get(server.nexthop)
             if hook is None:
                 hook = self._hooks[server.nexthop] = self.security.for_nexthop(server.nexthop)
+            if plaintext:
+                # The retry after a failed handshake at TLS level may.
+                hook = hook.plaintext_fallback()
         return SMTPSessionFactory(self.config, self.reactor, server, security=hook)
 
 

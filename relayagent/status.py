@@ -19,6 +19,11 @@ import re
 from dataclasses import dataclass, field
 
 # RFC 3463: class.subject.detail, class 2, 4 or 5, subject and detail 0-999.
+# Status.extra keys that are contracts between phases.
+# The TLS layer sets it on a failed handshake at level may; the connection
+# layer then retries the same address once without STARTTLS.
+RETRY_PLAINTEXT = "tls_retry_plaintext"
+
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 
 

@@ -66,14 +66,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayagent.status import DeliveryFailure, Status
+from relayagent.status import RETRY_PLAINTEXT, DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.tls")
 
 STARTTLS_STAGE = "STARTTLS"
 STARTTLS_WHILE = "sending the STARTTLS command"
 # The status.extra flag that asks the connection layer for a plaintext retry.
-RETRY_PLAINTEXT = "tls_retry_plaintext"
 
 
 class TLSConfigError(ValueError):

@@ -427,12 +427,20 @@ class SecurityInteropTests(unittest.TestCase):
         failure = await self.expect_failure(self.session(port, security=security))
         self.assertEqual(failure.status.dsn, "4.7.5")
         self.assertEqual(failure.status.extra.get(RETRY_PLAINTEXT), "yes")
-        # What the connection layer does on that flag:
-        session = await self.session(port, security=security.plaintext_fallback())
+        self.assertIn("Out: STARTTLS", self.sessions[0].transcript.lines())
+
+        # The connection layer, with the daemon's factories, retries the
+        # same address once without STARTTLS.
+        from relayagent.daemon import SessionFactories
+
+        connector = Connector(reactor, config, SessionFactories(config, reactor, SecurityPolicy(config)))
+        address = MailExchangerAddress("mx.example.com", "127.0.0.2", socket.AF_INET, 10, port)
+        session = await connector.connect([address], "example.com")
+        self.addCleanup(lambda: session.transport.loseConnection())
+        self.assertEqual(session.server.address, "127.0.0.2")
+        self.assertNotIn("Out: STARTTLS", session.transcript.lines())
         self.assertEqual(handler.seen_auth, [("SCRAM-SHA-256", True)])
         await self.deliver(session)
-        self.assertNotIn("Out: STARTTLS", session.transcript.lines())
-        self.assertIn("Out: STARTTLS", self.sessions[0].transcript.lines())
 
     def test_failed_handshake_at_may_is_retried_in_plaintext(self):
         return Deferred.fromCoroutine(self._plaintext_retry())
