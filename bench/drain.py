@@ -197,7 +197,8 @@ def fill_spool(queue_directory: str, args: argparse.Namespace, domains: list[str
 def twistd(config_path: str, workdir: str) -> Iterator[subprocess.Popen]:
     log = open(os.path.join(workdir, "twistd.log"), "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "-n", "--pidfile=", "relayagent", "-c", config_path],
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "relayagent", "-c", config_path],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -301,7 +302,7 @@ def run_postfix(args: argparse.Namespace, workdir: str) -> dict:
             f"{domain}=smtp:[{sink.host}]:{sink.port}" for domain, sink in zip(domains, sinks, strict=True)
         )
         routing = f"transport_maps = inline:{{ {table} }}"
-    instance = PostfixInstance(workdir, [routing, "myhostname = bench.localdomain"])
+    instance = PostfixInstance(workdir, [routing])
     try:
         instance.start()
         per_domain = [args.messages // len(domains) + (1 if i < args.messages % len(domains) else 0)
@@ -375,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.join(workdir, "relayagent"))
         ours = run_relayagent(args, os.path.join(workdir, "relayagent"))
         report(ours, args)
+        if not ours["complete"] and not args.vs_postfix:
+            return 1
         if args.vs_postfix:
             if os.geteuid() != 0 or not os.path.exists(POSTFIX):
                 print("drain: --vs-postfix needs root and Debian's postfix", file=sys.stderr)
@@ -383,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(os.path.join(workdir, "pf"))
             theirs = run_postfix(args, os.path.join(workdir, "pf"))
             report(theirs, args)
-            print(f"ratio relayagent/postfix (throughput): {theirs['seconds'] / ours['seconds']:.2f}")
+            if ours["complete"] and theirs["complete"]:
+                print(f"ratio relayagent/postfix (throughput): {theirs['seconds'] / ours['seconds']:.2f}")
+            else:
+                print("ratio relayagent/postfix: not computed, a run did not complete")
+                return 1
         return 0
     finally:
         if args.keep:

@@ -25,7 +25,8 @@ class PluginTests(SynchronousTestCase):
 
     def test_twistd_help_documents_the_options(self):
         result = subprocess.run(
-            [sys.executable, "-m", "twisted", "relayagent", "--help"],
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "relayagent", "--help"],
             capture_output=True, text=True, cwd=ROOT, timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
