@@ -1,0 +1,269 @@
+"""End-to-end: ``twistd -n relayagent -c CONFIG`` in front of Postfix's
+smtp-sink (relayhost = [127.0.0.1]:PORT), run as subprocesses.
+
+Skips when smtp-sink is missing.  Every wait is bounded; every process
+started here is stopped in cleanup.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from twisted.internet import reactor, task
+from twisted.trial.unittest import SkipTest, TestCase
+
+from relayagent.spool import DEFERRED, Message, Spool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMTP_SINK = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.MULTILINE | re.IGNORECASE)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def body(number: int, tag: str = "e2e") -> bytes:
+    return (
+        f"From: sender@example.org\nTo: rcpt@example.net\nSubject: test {number}\n"
+        f"Message-ID: <{tag}-{number}@example.org>\n\nmessage {number}\n"
+    ).encode()
+
+
+class DaemonTestCase(TestCase):
+    timeout = 240
+
+    def setUp(self) -> None:
+        if SMTP_SINK is None:
+            raise SkipTest("smtp-sink (Debian package postfix) is not installed")
+        if not os.path.exists(TWISTD):
+            raise SkipTest(f"twistd not found next to {sys.executable}")
+        # Under /tmp: a short path (UNIX socket names are limited to about
+        # 100 octets) that smtp-sink's unprivileged user can reach.
+        self.base = tempfile.mkdtemp(prefix="ra-e2e-")
+        if not os.environ.get("RA_KEEP"):  # RA_KEEP=1 keeps logs and dumps to look at
+            self.addCleanup(shutil.rmtree, self.base, True)
+        self.spool_directory = os.path.join(self.base, "spool")
+        self.dumps = os.path.join(self.base, "dumps")
+        os.makedirs(self.dumps)
+        os.chmod(self.dumps, 0o777)  # smtp-sink writes as nobody
+        os.chmod(self.base, 0o755)
+        self.maillog = os.path.join(self.base, "maillog")
+        self.port = free_port()
+        self.dead_port = free_port()  # nothing listens: mail for local.test stays deferred
+        self.processes: list[subprocess.Popen] = []
+        self.spool = Spool(self.spool_directory)
+        self.spool.ensure_layout()
+
+    def tearDown(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+
+    # -- processes
+
+    async def start_sink(self, *options: str) -> None:
+        args = [SMTP_SINK, "-u", "nobody", "-d", os.path.join(self.dumps, "%M."), *options,
+                f"127.0.0.1:{self.port}", "256"]
+        self.processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        await self.wait_for(self.port_open, 10, "smtp-sink to listen")
+
+    def port_open(self) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def write_config(self, extra: str = "") -> str:
+        path = os.path.join(self.base, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(
+                f"queue_directory = {self.spool_directory}\n"
+                f"relayhost = [127.0.0.1]:{self.port}\n"
+                f"transport_maps = inline:{{ local.test=smtp:[127.0.0.1]:{self.dead_port} }}\n"
+                f"maillog_file = {self.maillog}\n"
+                "myhostname = relay.test\n"
+                "smtp_connect_timeout = 5s\n"
+                + extra
+            )
+        return path
+
+    def start_daemon(self, config: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        log = open(os.path.join(self.base, "twistd.out"), "ab")  # noqa: SIM115 - closed in tearDown
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "relayagent", "-c", config],
+            cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    async def wait_for(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+    # -- looking
+
+    def queued(self, *queues: str) -> int:
+        return sum(sum(1 for _ in self.spool.queue_ids(queue))
+                   for queue in (queues or ("incoming", "active", "deferred")))
+
+    def dump_files(self) -> list[str]:
+        return [p for p in glob.glob(os.path.join(self.dumps, "*")) if os.path.getsize(p) > 0]
+
+    def message_ids(self) -> list[bytes]:
+        found = []
+        for path in self.dump_files():
+            with open(path, "rb") as handle:
+                found.extend(MESSAGE_ID.findall(handle.read()))
+        return found
+
+    def log_text(self) -> str:
+        try:
+            with open(self.maillog, encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return ""
+
+
+class DeliveryTests(DaemonTestCase):
+    async def test_thousand_messages_each_delivered_once(self) -> None:
+        await self.start_sink()
+        config = self.write_config()
+        count_api, count_cli = 990, 10
+        self.spool.enqueue_many(
+            Message("sender@example.org", [f"rcpt{n}@example.net"], body(n)) for n in range(count_api)
+        )
+        started = time.monotonic()
+        self.start_daemon(config)
+        for n in range(count_api, count_api + count_cli):
+            result = subprocess.run(
+                [sys.executable, "-c", "from relayagent.cli import main; main()",
+                 "-c", config, "sendmail", "-i", "-f", "sender@example.org", f"rcpt{n}@example.net"],
+                input=body(n), env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, timeout=60,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+        total = count_api + count_cli
+        await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= total, 180,
+                            "the queue to empty")
+        elapsed = time.monotonic() - started
+        ids = self.message_ids()
+        self.assertEqual(len(ids), total)
+        self.assertEqual(len(set(ids)), total)
+        await self.wait_for(lambda: self.log_text().count("status=sent") >= total, 10, "the log")
+        text = self.log_text()
+        self.assertEqual(text.count("status=sent"), total)
+        self.assertEqual(text.count(": removed"), total)
+        reused = len(re.findall(r"conn_use=\d+", text))
+        # Reported by the test run: messages per second, connection reuse.
+        print(f"\ne2e: {total} messages in {elapsed:.1f}s = {total / elapsed:.0f} msg/s, "
+              f"{reused} deliveries on reused connections")
+        self.assertGreater(reused, total // 2)
+
+
+class FaultTests(DaemonTestCase):
+    def enqueue(self, count: int = 3, sender: str = "sender@local.test") -> list[str]:
+        return [self.spool.enqueue(sender, [f"rcpt{n}@example.net"], body(n, "fault")) for n in range(count)]
+
+    async def test_soft_rcpt_reject_defers_with_next_attempt(self) -> None:
+        await self.start_sink("-r", "RCPT")
+        ids = self.enqueue()
+        before = time.time()
+        self.start_daemon(self.write_config())
+        await self.wait_for(lambda: self.queued(DEFERRED) == len(ids), 60, "deferral")
+        for queue_id in ids:
+            with self.spool.open(queue_id, DEFERRED) as queue_file:
+                self.assertEqual(queue_file.attempts, 1)
+                self.assertGreaterEqual(queue_file.next_attempt, before + 300)
+                self.assertLess(queue_file.next_attempt, time.time() + 301)
+            (record,) = self.spool.read_log("defer", queue_id)
+            self.assertTrue(record.status.startswith("4."), record)
+        self.assertEqual(self.dump_files(), [])
+        self.assertIn("status=deferred", self.log_text())
+
+    async def test_hard_rcpt_reject_bounces_with_a_dsn_for_the_sender(self) -> None:
+        await self.start_sink("-f", "RCPT")
+        ids = self.enqueue(2)
+        self.start_daemon(self.write_config())
+
+        def settled() -> bool:
+            text = self.log_text()
+            return all(f"{i}: removed" in text for i in ids) and self.queued(DEFERRED) == 2
+
+        await self.wait_for(settled, 60, "bounces")
+        text = self.log_text()
+        self.assertEqual(text.count("status=bounced"), 2)
+        self.assertEqual(text.count("sender non-delivery notification"), 2)
+        # The DSNs wait for local.test (nothing listens there): read them.
+        for queue_id in self.spool.queue_ids(DEFERRED):
+            with self.spool.open(queue_id, DEFERRED) as queue_file:
+                envelope = queue_file.envelope
+                self.assertEqual(envelope.sender, "")
+                self.assertEqual([r.address for r in envelope.recipients], ["sender@local.test"])
+                with envelope.open_content() as stream:
+                    report = email.message_from_bytes(stream.read(), policy=email.policy.default)
+            self.assertEqual(report.get_content_type(), "multipart/report")
+            status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"][0]
+            self.assertIn("Action: failed", status.as_string())
+            self.assertIn("Status: 5.", status.as_string())
+
+    async def test_disconnect_after_data_defers(self) -> None:
+        await self.start_sink("-q", "DATA")
+        ids = self.enqueue(2)
+        self.start_daemon(self.write_config())
+        await self.wait_for(lambda: self.queued(DEFERRED) == len(ids), 60, "deferral")
+        self.assertIn("lost connection", self.log_text())
+        self.assertEqual(self.dump_files(), [])
+
+    async def test_slow_replies_still_deliver(self) -> None:
+        await self.start_sink("-W", "DATA:1")
+        ids = self.enqueue(3, sender="sender@example.org")
+        self.start_daemon(self.write_config())
+        await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) == len(ids), 60,
+                            "delivery")
+        self.assertEqual(self.log_text().count("status=sent"), len(ids))
+
+
+class CrashTests(DaemonTestCase):
+    async def test_sigkill_mid_delivery_loses_nothing(self) -> None:
+        await self.start_sink()
+        config = self.write_config()
+        total = 3000
+        self.spool.enqueue_many(
+            Message("sender@example.org", [f"rcpt{n}@example.net"], body(n, "crash")) for n in range(total)
+        )
+        first = self.start_daemon(config)
+        await self.wait_for(lambda: len(self.dump_files()) >= 500, 120, "deliveries to start")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        self.assertNotEqual(self.queued(), 0, "the crash came too late to test anything")
+        self.start_daemon(config)
+        await self.wait_for(lambda: self.queued() == 0, 180, "the queue to empty after restart")
+        await self.wait_for(lambda: len(set(self.message_ids())) >= total, 20, "the sink's dumps")
+        ids = self.message_ids()
+        unique = set(ids)
+        self.assertEqual(len(unique), total)
+        duplicates = len(ids) - len(unique)
+        # At most the transactions in flight: the per-destination concurrency limit.
+        print(f"\ncrash: {total} messages, {duplicates} delivered twice")
+        self.assertLessEqual(duplicates, 20)
