@@ -351,3 +351,33 @@ def make_listener_services(
     intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
     factory = ListenerFactory(intake, config)
     return [strports.service(description, factory, reactor=reactor) for description in endpoints]
+
+
+class _DaemonSpool:
+    """The daemon's spool, which its service makes when it starts (after
+    twistd's chroot and uid change): looked up at each enqueue."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+
+    @property
+    def directory(self) -> str | None:
+        spool = self.daemon.spool
+        return spool.directory if spool is not None else None
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> str:
+        if self.daemon.spool is None:
+            raise OSError("the spool is not open yet")
+        return self.daemon.spool.enqueue(*args, **kwargs)
+
+
+def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[IService]:
+    """The listeners of ``twistd relayagent``: ``make_listener_services``
+    with the daemon's spool and its queue manager's wakeup as trigger."""
+
+    def wake_queue_manager() -> None:
+        if daemon.queue_manager is not None:
+            daemon.queue_manager.wakeup()
+
+    return make_listener_services(config, _DaemonSpool(daemon), wake_queue_manager,
+                                  reactor=reactor, clock=reactor.seconds)

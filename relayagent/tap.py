@@ -103,4 +103,8 @@ def makeService(options: Options) -> IServiceCollection:
         raise SystemExit(f"relayagent: fatal: {exc}") from None
     SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
     relayagent_service.setServiceParent(top)
+    from relayagent.smtpd import daemon_listener_services  # smtpd_endpoints
+
+    for listener in daemon_listener_services(config, relayagent_service, reactor):
+        listener.setServiceParent(top)
     return top

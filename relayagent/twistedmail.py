@@ -644,6 +644,7 @@ class MaildirDomain:
     def __init__(self, root: str, users: Iterable[str] = ()) -> None:
         self.root = root
         self.users = {user.lower() for user in users}
+        os.makedirs(root, exist_ok=True)
 
     def exists(self, user: smtp.User) -> Callable[[], Any]:
         local = user.dest.local.decode("ascii", "replace").lower()
