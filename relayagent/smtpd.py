@@ -90,6 +90,9 @@ class RelayagentESMTP(smtp.ESMTP):
 
     message_size_limit = 0
     banner: bytes | None = None
+    # Twisted's own "Receiving message for delivery" line; the glue logs
+    # each queued message with its queue id instead.
+    noisy = False
     MAX_LENGTH = MAX_LINE_LENGTH
 
     # Read by relayagent.twistedmail: how the client greeted (for the

@@ -497,7 +497,7 @@ class _Transaction:
     def _queued(self, queue_id: str) -> str:
         self._close_file()
         log.info(
-            "{queue_id}: client={client}, from=<{sender}>, nrcpt={count} (queue active)",
+            "{queue_id}: client={client}, from=<{sender}>, nrcpt={count}",
             queue_id=queue_id, client=_describe_peer_info(self.client), sender=str(self.origin),
             count=len(self.recipients),
         )
@@ -526,8 +526,10 @@ class _Transaction:
 
 
 def _describe_peer_info(client: ClientInfo) -> str:
+    # Postfix's "name[address]"; we do no reverse lookup, so the name is
+    # "unknown", as in Postfix when there is no PTR record.
     literal = _address_literal(client.peer)
-    return f"{client.helo or 'unknown'}{literal or ''}"
+    return f"unknown{literal}" if literal else str(client.peer)
 
 
 def _declared_body_type(protocol: object) -> BodyType | None:
@@ -618,7 +620,7 @@ class RelayagentDomainDelivery(protocols.ESMTPDomainDelivery):
         self.relay_domain = relay_domain
 
     def validateTo(self, user: smtp.User) -> defer.Deferred[Any]:
-        local = self.service.domains.domains.get(user.dest.domain)
+        local = _local_domain(self.service.domains.domains, user.dest.domain)
         if local is not None and local is not self.relay_domain:
             return defer.maybeDeferred(local.exists, user)
         return defer.maybeDeferred(
@@ -688,6 +690,18 @@ class _MaildirReceiver:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _local_domain(domains: dict[bytes, Any], name: bytes) -> Any:
+    """The local domain named ``name``, whatever its case (domain names
+    are case-insensitive; Twisted's lookup is not)."""
+    found = domains.get(name)
+    if found is None:
+        folded = name.lower().rstrip(b".")
+        for key, domain in domains.items():
+            if isinstance(key, bytes) and key.lower() == folded:
+                return domain
+    return found
 
 
 @implementer(IRealm)

@@ -143,6 +143,15 @@ class MailServiceTests(SynchronousTestCase):
         self.assertEqual(len(server.spool.messages), 1)
         self.assertEqual(len(server.delivered_locally()), 1)
 
+    def test_local_domain_in_any_case(self):
+        server = MailServer(self)
+        client = server.connect(server.transport_glue.esmtp_factory(), peer="192.0.2.7")
+        lines = client.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<user@LOCAL.Example>\r\n"
+                            b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 354, 250])
+        self.assertEqual(len(server.delivered_locally()), 1)
+        self.assertEqual(server.spool.messages, [])
+
     def test_stranger_is_refused_for_remote_but_not_local(self):
         server = MailServer(self)
         client = server.connect(server.transport_glue.esmtp_factory(), peer="192.0.2.7")
