@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -103,10 +104,36 @@ def listen(reactor: Any, queue_directory: str, queue_manager: Any) -> Any:
     replaced); returns the IListeningPort."""
     path = socket_path(queue_directory)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    # wantPID guards against two daemons on one spool: a live one keeps
-    # its lock file (path.lock) and the second listen fails.
-    port = reactor.listenUNIX(path, ControlFactory(queue_manager), mode=SOCKET_MODE, wantPID=True)
-    return port
+    _remove_stale_socket(path)
+    return reactor.listenUNIX(path, ControlFactory(queue_manager), mode=SOCKET_MODE)
+
+
+class DaemonRunning(Exception):
+    """Another queue manager answers on the trigger socket."""
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead daemon; refuse to steal a live one's.
+
+    (Not Twisted's ``wantPID`` lock file: it needs more of the file system
+    than a chroot may offer.)
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise DaemonRunning(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise DaemonRunning(f"another queue manager is listening on {path}")
 
 
 def trigger(queue_directory: str, command: str = "wakeup", *, timeout: float = CLIENT_TIMEOUT) -> bool:

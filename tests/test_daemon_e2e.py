@@ -15,14 +15,16 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
+from relayagent import control
 from relayagent.spool import DEFERRED, Message, Spool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,11 +106,11 @@ class DaemonTestCase(TestCase):
             )
         return path
 
-    def start_daemon(self, config: str) -> subprocess.Popen:
+    def start_daemon(self, config: str, *twistd_options: str) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=ROOT)
         log = open(os.path.join(self.base, "twistd.out"), "ab")  # noqa: SIM115 - closed in tearDown
         process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "relayagent", "-c", config],
+            [TWISTD, "-n", "--pidfile=", *twistd_options, "relayagent", "-c", config],
             cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
@@ -267,3 +269,46 @@ class CrashTests(DaemonTestCase):
         # At most the transactions in flight: the per-destination concurrency limit.
         print(f"\ncrash: {total} messages, {duplicates} delivered twice")
         self.assertLessEqual(duplicates, 20)
+
+
+class PrivilegeTests(DaemonTestCase):
+    """twistd --uid/--gid/--chroot: the spool, the trigger socket and the
+    log work after the drop.  Root only (and it is what CI runs as)."""
+
+    def setUp(self) -> None:
+        if os.getuid() != 0:
+            raise SkipTest("dropping privileges needs root")
+        super().setUp()
+
+    def chroot_files(self) -> None:
+        os.makedirs(os.path.join(self.base, "etc"))
+        os.makedirs(os.path.join(self.base, "dev"))
+        for name in ("passwd", "group"):
+            with open(f"/etc/{name}") as source, open(os.path.join(self.base, "etc", name), "w") as copy:
+                copy.writelines(line for line in source if line.startswith(("nobody:", "nogroup:")))
+        os.mknod(os.path.join(self.base, "dev", "null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+
+    async def run_unprivileged(self, *twistd_options: str) -> None:
+        await self.start_sink()
+        ids = [self.spool.enqueue("sender@example.org", [f"r{n}@example.net"], body(n, "priv")) for n in range(5)]
+        for directory, _, files in os.walk(self.spool_directory):
+            os.chown(directory, 65534, 65534)
+            for name in files:
+                os.chown(os.path.join(directory, name), 65534, 65534)
+        config = self.write_config()
+        self.start_daemon(config, "--uid", "65534", "--gid", "65534", *twistd_options)
+        await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) == len(ids), 60,
+                            "delivery as nobody")
+        socket_path = os.path.join(self.spool_directory, "public", "qmgr")
+        await self.wait_for(lambda: os.path.exists(socket_path), 10, "the trigger socket")
+        self.assertEqual(os.stat(socket_path).st_uid, 65534)
+        answered = await threads.deferToThread(control.trigger, self.spool_directory, "flush")
+        self.assertTrue(answered)
+        self.assertEqual(self.log_text().count("status=sent"), len(ids))
+
+    async def test_uid_and_gid(self) -> None:
+        await self.run_unprivileged()
+
+    async def test_chroot(self) -> None:
+        self.chroot_files()
+        await self.run_unprivileged("--chroot", self.base)
