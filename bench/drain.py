@@ -193,12 +193,16 @@ def fill_spool(queue_directory: str, args: argparse.Namespace, domains: list[str
     return time.perf_counter() - started
 
 
+PROFILE: str | None = None  # --profile FILE: run the daemon under cProfile
+
+
 @contextlib.contextmanager
 def twistd(config_path: str, workdir: str) -> Iterator[subprocess.Popen]:
     log = open(os.path.join(workdir, "twistd.log"), "wb")
+    profiling = ["--profile", PROFILE, "--profiler", "cprofile", "--savestats"] if PROFILE else []
     process = subprocess.Popen(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-         "-n", "--pidfile=", "relayagent", "-c", config_path],
+         "-n", "--pidfile=", *profiling, "relayagent", "-c", config_path],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
@@ -362,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="extra main.cf line for relayagent (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--profile", metavar="FILE", help="save the daemon's cProfile stats to FILE")
     args = parser.parse_args(argv)
+    global PROFILE
+    PROFILE = os.path.abspath(args.profile) if args.profile else None
     if not os.path.exists(SMTP_SINK):
         print("drain: smtp-sink is not installed (Debian package postfix)", file=sys.stderr)
         return 69
