@@ -25,6 +25,7 @@ Owns no parameters; reads queue_directory (through its callers).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import stat
@@ -124,16 +125,64 @@ def _remove_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise DaemonRunning(f"{path} exists and is not a socket")
+    if not _answers(path):
+        os.unlink(path)  # nobody listens: stale
+        return
+    raise DaemonRunning(f"another queue manager is listening on {path}")
+
+
+def _answers(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
     except OSError:
-        os.unlink(path)  # nobody listens: stale
-        return
+        return False
     finally:
         probe.close()
-    raise DaemonRunning(f"another queue manager is listening on {path}")
+    return True
+
+
+LOCK_NAME = "master.lock"
+
+
+def lock_spool(queue_directory: str) -> int:
+    """Take the spool's daemon lock; the descriptor holds it until closed.
+
+    An ``flock`` on ``$queue_directory/master.lock``: unlike the trigger
+    socket it holds whatever the length of the path, and across a chroot
+    and a privilege drop (the descriptor is taken before).  The file is
+    empty and opened read-only, so a root-made one still locks for an
+    unprivileged daemon.  Raises ``DaemonRunning`` when another process
+    holds it.
+    """
+    path = os.path.join(queue_directory, LOCK_NAME)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonRunning(f"another relayagent daemon holds {path}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def spool_locked(queue_directory: str) -> bool:
+    """Whether a daemon holds this spool's lock (for a friendly early check)."""
+    try:
+        os.close(lock_spool(queue_directory))
+    except DaemonRunning:
+        return True
+    except OSError:
+        return False  # no spool yet, or not ours to lock: start-up will say
+    return False
+
+
+def daemon_running(queue_directory: str) -> bool:
+    """Whether a queue manager answers on this spool's trigger socket."""
+    return _answers(socket_path(queue_directory))
 
 
 def trigger(queue_directory: str, command: str = "wakeup", *, timeout: float = CLIENT_TIMEOUT) -> bool:

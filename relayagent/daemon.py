@@ -165,6 +165,7 @@ class RelayagentService(MultiService):
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
         self.listening: Any = None
+        self._lock_fd: int | None = None
 
     def spool_directory(self) -> str:
         """The queue directory as this process sees it now (after a chroot
@@ -183,12 +184,23 @@ class RelayagentService(MultiService):
         self._resolved_directory = directory
         return directory
 
+    def privilegedStartService(self) -> None:
+        # Two queue managers on one spool would each recover the other's
+        # active/ files and deliver them twice: the second refuses to
+        # start.  Locked here, before a chroot or privilege drop, when the
+        # spool exists; a new spool is locked in startService.
+        if os.path.isdir(self.queue_directory):
+            self._lock_fd = control.lock_spool(self.queue_directory)
+        super().privilegedStartService()
+
     def startService(self) -> None:
         for observer in self.observers:
             globalLogPublisher.addObserver(observer)
         directory = self.spool_directory()
         self.spool = Spool(directory, clock=self.reactor.seconds)
         self.spool.ensure_layout()
+        if self._lock_fd is None:
+            self._lock_fd = control.lock_spool(directory)
         queue_manager: QueueManager | None = None
 
         def new_mail() -> None:
@@ -206,6 +218,10 @@ class RelayagentService(MultiService):
         self.queue_manager = queue_manager
         try:
             self.listening = control.listen(self.reactor, directory, queue_manager)
+        except control.DaemonRunning:
+            # Two queue managers on one spool would each recover the other's
+            # active/ files and deliver them twice: refuse to start.
+            raise
         except Exception as exc:  # noqa: BLE001 - triggers are a hint; the poll still works
             ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
         super().startService()
@@ -222,6 +238,9 @@ class RelayagentService(MultiService):
 
         def after(_: Any) -> None:
             self.cache.close_all()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             for observer in self.observers:
                 globalLogPublisher.removeObserver(observer)
 
@@ -245,12 +264,8 @@ def build_service(config: Config, reactor: Any) -> RelayagentService:
     for name in ("smtp_destination_concurrency_positive_feedback",
                  "smtp_destination_concurrency_negative_feedback"):
         Feedback.parse(config[name], name=name)
+    # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
-    # Read /etc/resolv.conf once, now, as Postfix does at start-up; after
-    # a chroot twisted.names would find no file and fall back to
-    # 127.0.0.1 at its next periodic re-read.
-    if getattr(dns_resolver, "resolv", None) is not None:
-        dns_resolver.resolv = None
     return RelayagentService(
         config,
         reactor,

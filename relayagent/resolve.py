@@ -318,11 +318,31 @@ def own_addresses(config: Config) -> set[str]:
 # DNS resolvers for production
 
 
-def make_dns_resolver(config: Config, reactor: Any) -> Any:
+def resolv_conf_servers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The ``nameserver`` lines of resolv.conf(5), read once.
+
+    As Postfix does, the file is read at start-up only: after a chroot it
+    may be out of reach, and twisted.names' own periodic re-read would then
+    fall back to 127.0.0.1.  No usable line (or no file) means
+    127.0.0.1, as resolv.conf(5) says.
+    """
+    servers: list[tuple[str, int]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver" and _is_address_literal(words[1]):
+                    servers.append((words[1], dns.PORT))
+    except OSError:
+        pass
+    return servers or [("127.0.0.1", dns.PORT)]
+
+
+def make_dns_resolver(config: Config, reactor: Any, *, resolv_conf: str = "/etc/resolv.conf") -> Any:
     """The twisted.names resolver that ``dns_nameservers`` asks for.
 
     ``dns_nameservers`` lists ``host`` or ``host:port`` (``[v6addr]:port``
-    for IPv6); empty means the name servers in /etc/resolv.conf.
+    for IPv6); empty means the name servers in /etc/resolv.conf, read now.
     """
     from twisted.names import client  # imported here: it is slow to import
 
@@ -343,9 +363,7 @@ def make_dns_resolver(config: Config, reactor: Any) -> Any:
         if not _is_address_literal(host):
             raise ConfigError(f"{where}: a name server must be given by its address")
         servers.append((host, port))
-    if servers:
-        return client.Resolver(servers=servers, reactor=reactor)
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    return client.Resolver(servers=servers or resolv_conf_servers(resolv_conf), reactor=reactor)
 
 
 SystemResolver = Callable[[str], "Deferred[list[tuple[int, str]]]"]

@@ -55,6 +55,13 @@ class Options(usage.Options):
             self["configuration"] = Config.load(path)
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
+        from relayagent import control
+
+        queue_directory = self["configuration"].path_of("queue_directory")
+        if control.spool_locked(queue_directory):
+            # The lock itself is taken at start-up (control.lock_spool);
+            # this says it before twistd goes any further.
+            raise usage.UsageError(f"relayagent is already running on {queue_directory}")
 
 
 class SpoolStateService(Service):

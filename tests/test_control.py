@@ -51,3 +51,48 @@ class ControlTests(TestCase):
 
     def test_unknown_command(self) -> None:
         self.assertRaises(ValueError, control.trigger, self.directory, "reboot")
+
+
+class SecondDaemonTests(TestCase):
+    """Two queue managers on one spool would deliver each other's active
+    mail twice: the second one must refuse to start."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.relpath(self.mktemp())
+        os.makedirs(self.directory)
+        self.port = control.listen(reactor, self.directory, FakeQueueManager())
+        self.addCleanup(self.port.stopListening)
+
+    def test_second_listener_is_refused(self) -> None:
+        self.assertTrue(control.daemon_running(self.directory))
+        self.assertRaises(control.DaemonRunning, control.listen, reactor, self.directory, FakeQueueManager())
+
+    def test_spool_lock_is_exclusive_and_released(self) -> None:
+        os.makedirs(os.path.join(self.directory, "public"), exist_ok=True)
+        fd = control.lock_spool(self.directory)
+        self.assertTrue(control.spool_locked(self.directory))
+        self.assertRaises(control.DaemonRunning, control.lock_spool, self.directory)
+        os.close(fd)
+        self.assertFalse(control.spool_locked(self.directory))
+
+    def test_twistd_options_refuse_a_second_daemon(self) -> None:
+        from twisted.python import usage
+
+        from relayagent import tap
+
+        # A deep path, as trial's are: the lock does not care about length.
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "public"))
+        fd = control.lock_spool(directory)
+        self.addCleanup(os.close, fd)
+        config_path = os.path.join(directory, "main.cf")
+        with open(config_path, "w") as handle:
+            handle.write("queue_directory = .\n")
+        options = tap.Options()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["-c", config_path])
+        self.assertIn("already running", str(caught.exception))
+
+    async def test_stale_socket_is_not_a_daemon(self) -> None:
+        await self.port.stopListening()
+        self.assertFalse(control.daemon_running(self.directory))

@@ -430,6 +430,22 @@ class MakeDNSResolverTests(SynchronousTestCase):
         resolver = make_dns_resolver(config, MemoryReactorClock())
         self.assertEqual(resolver.servers, [("127.0.0.1", 5353), ("192.0.2.53", 53), ("2001:db8::53", 5300)])
 
+    def test_system_name_servers_are_read_once(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relayagent.resolve import make_dns_resolver
+
+        path = self.mktemp()
+        with open(path, "w") as handle:
+            handle.write("# comment\nsearch example.com\nnameserver 192.0.2.1\nnameserver ::1\nnameserver bogus\n")
+        reactor = MemoryReactorClock()
+        resolver = make_dns_resolver(make_config(), reactor, resolv_conf=path)
+        self.assertEqual(resolver.servers, [("192.0.2.1", 53), ("::1", 53)])
+        # No periodic re-read: nothing scheduled on the reactor.
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        missing = make_dns_resolver(make_config(), reactor, resolv_conf=path + ".missing")
+        self.assertEqual(missing.servers, [("127.0.0.1", 53)])
+
     def test_nameserver_must_be_an_address(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
