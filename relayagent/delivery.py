@@ -48,7 +48,7 @@ delay_warning_time (the timing; dsn.py writes the text).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,6 +246,7 @@ class DeliveryAgent:
             _quit_quietly(session)
             raise
         done = self.clock.seconds()
+        self._notify_postmaster(request, session, result.recipients.values())
         offers_dsn = "DSN" in getattr(session, "extensions", {})
         for recipient in recipients:
             timing.conn_use[recipient.index] = entry.uses
@@ -254,6 +255,31 @@ class DeliveryAgent:
         if not (keep and result.session_usable and cache is not None and cache.store(entry)):
             _quit_quietly(session)
         return dict(result.recipients)
+
+    def _notify_postmaster(self, request: DeliveryRequest, session: Any,
+                           statuses: Iterable[Status]) -> None:
+        """smtp(8)'s ``notify_classes`` notices (protocol, resource,
+        software, data): one per class a transaction raised, with its
+        session transcript, to ``error_notice_recipient``."""
+        raised: dict[str, Status] = {}
+        for status in statuses:
+            cls = status.extra.get("notify_class")
+            if cls and cls not in raised:
+                raised[cls] = status
+        if not raised:
+            return
+        envelope = request.message.envelope
+        transcript = session.transcript.lines()
+        for cls, status in sorted(raised.items()):
+            notice = dsn.postmaster_notice(cls, envelope, status, transcript, self.config,
+                                           clock=self.clock, server=session.server.namaddr)
+            if notice is None:
+                continue  # notify_classes does not ask for it, or mail from a notice
+            sender, recipients, content = notice
+            new_id = self.spool.enqueue(sender, recipients, content)
+            ralog.log_notice(log, envelope.queue_id, new_id, f"postmaster {cls} notification")
+            if self.new_mail is not None:
+                self.clock.callLater(0, self.new_mail)
 
     # -- recipient outcomes
 

@@ -349,3 +349,48 @@ class ConnectionReuseTests(DeliveryTestCase):
         self.attempt(agent, self.message(), backlog=3)
         self.assertEqual(len(transport.sessions), 2)
         self.assertEqual(transport.sessions[0].quits, 1)
+
+
+class PostmasterNoticeTests(DeliveryTestCase):
+    """notify_classes: a protocol error in a transaction sends the
+    postmaster a notice with the session transcript."""
+
+    def protocol_error(self):
+        from relayagent.status import Status
+
+        return Status("5.5.0", "protocol error: host mx[127.0.0.1] said something that is not an SMTP reply "
+                      "while receiving the RCPT TO response: '2x0 ok'", stage="RCPT TO",
+                      remote_mta="mx", extra={"notify_class": "protocol"})
+
+    def transport(self):
+        transport = FakeTransport({"a@example.net": self.protocol_error()})
+        make = transport.__call__
+
+        def with_transcript(nexthops, indexes, transact):
+            def transact_with_transcript(session, indexes):
+                session.transcript = type("T", (), {"lines": lambda self: [
+                    "Out: MAIL FROM:<s@example.org>", "In: 250 2.1.0 Ok",
+                    "Out: RCPT TO:<a@example.net>", "In: 2x0 ok"]})()
+                return transact(session, indexes)
+            return make(nexthops, indexes, transact_with_transcript)
+
+        return with_transcript
+
+    def test_protocol_notice_with_transcript(self) -> None:
+        agent = self.agent(self.transport(), notify_classes="protocol, resource, software")
+        message = self.message()
+        self.attempt(agent, message)
+        notices = [m for m in self.incoming_messages() if m["X-Envelope-To"].startswith("postmaster")]
+        self.assertEqual(len(notices), 1)
+        notice = notices[0]
+        self.assertEqual(notice["X-Envelope-Sender"], "double-bounce@relay.test")
+        text = notice.as_string()
+        self.assertIn("In: 2x0 ok", text)
+        self.assertIn("mx[127.0.0.1]", text)
+        labels = [e["notice"] for e in self.lines("notice")]
+        self.assertEqual(labels, ["postmaster protocol notification"])
+
+    def test_no_notice_unless_the_class_is_asked_for(self) -> None:
+        agent = self.agent(self.transport())  # default: resource, software
+        self.attempt(agent, self.message())
+        self.assertEqual([m for m in self.incoming_messages() if m["X-Envelope-To"].startswith("postmaster")], [])
