@@ -71,6 +71,50 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 QUEUE_WRITE_ERROR = (451, b"4.3.0 Error: queue file write error")
 MESSAGE_TOO_BIG = (552, b"5.3.4 Error: message file too big")
 TOO_MANY_HOPS = (554, b"5.4.0 Error: too many hops")
+BAD_SENDER_SYNTAX = (501, "5.1.7 Bad sender address syntax")
+BAD_RECIPIENT_SYNTAX = (501, "5.1.3 Bad recipient address syntax")
+UNDECLARED_UTF8 = (553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
+
+
+# -- address syntax ----------------------------------------------------------
+
+_CONTROL_OCTETS = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def address_problem(address: smtp.Address, bad_syntax: tuple[int, str]) -> tuple[int, str] | None:
+    """Why an envelope address from the client may not be taken, or None.
+
+    Twisted's parser lets a quoted local part hold any octet but '"', so
+    ``<"a<LF>X-Header: v"@example.com>`` arrives intact; in our Received
+    header, the queue file and the next hop's RCPT TO line that CR, LF or
+    NUL would forge header fields or SMTP commands.  RFC 5321's qtextSMTP
+    and quoted-pairSMTP have no control characters, so they are a syntax
+    error (``bad_syntax``, Postfix's 501 5.1.3 / 5.1.7).  We do not offer
+    SMTPUTF8, so an 8-bit octet gets Postfix's 553 5.6.7 (and never
+    reaches ``str()``, which would raise).
+    """
+    raw = address.local + b"@" + address.domain
+    if _CONTROL_OCTETS.search(raw):
+        return bad_syntax
+    if not raw.isascii():
+        return UNDECLARED_UTF8
+    return None
+
+
+def check_sender(origin: smtp.Address) -> None:
+    """Raise the SMTP error for a sender ``address_problem`` refuses."""
+    problem = address_problem(origin, BAD_SENDER_SYNTAX)
+    if problem is not None:
+        # SMTPServerError, not SMTPBadSender: Twisted would echo the
+        # address, control characters and all, in the reply line.
+        raise smtp.SMTPServerError(*problem)
+
+
+def check_recipient(user: smtp.User) -> None:
+    """Raise the SMTP error for a recipient ``address_problem`` refuses."""
+    problem = address_problem(user.dest, BAD_RECIPIENT_SYNTAX)
+    if problem is not None:
+        raise smtp.SMTPServerError(*problem)
 
 
 # -- mynetworks -----------------------------------------------------------
@@ -317,7 +361,9 @@ class Intake:
         return current
 
     def accept(self, user: smtp.User, *, authenticated: bool = False) -> Callable[[], Any]:
-        """Decide one RCPT: a message-receiver factory, or an SMTPBadRcpt."""
+        """Decide one RCPT: a message-receiver factory, or an SMTPBadRcpt
+        (SMTPServerError for an address we cannot take at all)."""
+        check_recipient(user)
         address = str(user.dest)
         if not self.relay_policy.will_relay(user.protocol, authenticated=authenticated):
             log.info(
@@ -594,6 +640,7 @@ class RelayDelivery:
         return None  # the transaction writes one header for all recipients
 
     def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+        check_sender(origin)
         return origin
 
     def validateTo(self, user: smtp.User) -> Callable[[], Any]:
@@ -619,7 +666,15 @@ class RelayagentDomainDelivery(protocols.ESMTPDomainDelivery):
         super().__init__(service, user, host)
         self.relay_domain = relay_domain
 
+    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+        check_sender(origin)
+        return super().validateFrom(helo, origin)
+
     def validateTo(self, user: smtp.User) -> defer.Deferred[Any]:
+        try:
+            check_recipient(user)
+        except smtp.SMTPServerError:
+            return defer.fail()
         local = _local_domain(self.service.domains.domains, user.dest.domain)
         if local is not None and local is not self.relay_domain:
             return defer.maybeDeferred(local.exists, user)

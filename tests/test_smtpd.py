@@ -404,3 +404,64 @@ class ServicesTests(SynchronousTestCase):
         self.assertEqual(len(services), 2)
         self.assertTrue(all(re.match("StreamServerEndpointService", type(s).__name__)
                             for s in services))
+
+
+class AddressSyntaxTests(SynchronousTestCase):
+    """Client data that would break a header or an SMTP command line
+    later (the Received header, the queue file, RCPT TO to the next hop)
+    never gets into the spool, and never costs a traceback."""
+
+    def send_one(self, rcpt: bytes, *, sender: bytes = b"<a@x.example>", peer: str = "127.0.0.1"):
+        session = Session(self, peer=peer)
+        session.replies()
+        session.send(b"EHLO c\r\n")
+        lines = session.send(b"MAIL FROM:" + sender + b"\r\nRCPT TO:" + rcpt + b"\r\n")
+        return session, lines
+
+    def test_control_characters_in_a_quoted_recipient(self):
+        for rcpt in (b'<"a\nX-Injected: 1"@remote.example>', b'<"a\rRSET"@remote.example>',
+                     b'<"a\x00b"@remote.example>', b'<"a\x7fb"@remote.example>',
+                     b'<"a\tb"@remote.example>'):
+            session, lines = self.send_one(rcpt)
+            self.assertEqual(lines[-1], b"501 5.1.3 Bad recipient address syntax", rcpt)
+            session.send(b"DATA\r\nx\r\n.\r\n")
+            self.assertEqual(session.spool.messages, [], rcpt)
+
+    def test_control_characters_in_a_quoted_sender(self):
+        for sender in (b'<"a\nX-Injected: 1"@x.example>', b'<"a\rb"@x.example>', b'<"a\x00"@x.example>'):
+            session, lines = self.send_one(b"<b@remote.example>", sender=sender)
+            self.assertEqual(lines[0], b"501 5.1.7 Bad sender address syntax", sender)
+            self.assertEqual(codes(lines)[-1], 503, sender)  # no sender, so no RCPT
+            session.send(b"DATA\r\nx\r\n.\r\n")
+            self.assertEqual(session.spool.messages, [], sender)
+
+    def test_eight_bit_addresses_without_smtputf8(self):
+        # We do not offer SMTPUTF8 (RFC 6531): an 8-bit address is refused
+        # as Postfix refuses it, and str() of it never raises.
+        for peer in ("127.0.0.1", "192.0.2.7"):
+            session, lines = self.send_one(b'<"a\xffb"@remote.example>', peer=peer)
+            self.assertEqual(lines[-1], b"553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+            session, lines = self.send_one(b"<b@remote.example>", sender=b'<"\xc3\xa9"@x.example>',
+                                           peer=peer)
+            self.assertEqual(lines[0], b"553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_odd_but_valid_addresses_from_mynetworks(self):
+        # A source route is dropped (RFC 5321 appendix C); quoted local
+        # parts and "%" are left to the next hop, as Postfix relays them.
+        for rcpt, queued in ((b"<@a.example,@b.example:u@remote.example>", "u@remote.example"),
+                             (b"<u%remote.example@relay.example>", "u%remote.example@relay.example"),
+                             (b'<"u@remote.example"@relay.example>', '"u@remote.example"@relay.example'),
+                             (b"<u@remote.example.>", "u@remote.example.")):
+            session, lines = self.send_one(rcpt)
+            session.send(b"DATA\r\nx\r\n.\r\n")
+            self.assertEqual([m["recipients"] for m in session.spool.messages], [[queued]], rcpt)
+
+    def test_no_route_relays_for_a_stranger(self):
+        for rcpt in (b"<@mx.example.org:u@remote.example>", b"<u%remote.example@mx.example.org>",
+                     b'<"u@remote.example"@mx.example.org>', b"<u@remote.example.>",
+                     b"<U@REMOTE.EXAMPLE>", b"<u@mx.example.org.>", b"<u@xn--bcher-kva.example>"):
+            session, lines = self.send_one(rcpt, peer="192.0.2.7")
+            self.assertEqual(codes(lines)[-1], 554, rcpt)
+            session.send(b"DATA\r\nx\r\n.\r\n")
+            self.assertEqual(session.spool.messages, [], rcpt)

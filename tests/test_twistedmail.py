@@ -234,3 +234,21 @@ class ReceivedHeaderFormTests(SynchronousTestCase):
         info = ClientInfo(None, IPv4Address("TCP", "192.0.2.1", 1))
         lines = received_header(info, "mx", ["a@b.example"], 0.0)
         self.assertEqual(lines[0], b"Received: from [192.0.2.1] ([192.0.2.1])")
+
+
+class AddressSyntaxTests(SynchronousTestCase):
+    def test_control_characters_and_eight_bit_are_refused_at_every_door(self):
+        server = MailServer(self)
+        for factory in (server.transport_glue.esmtp_factory(), server.service.getESMTPFactory()):
+            client = server.connect(factory)
+            lines = client.send(b'EHLO c\r\nMAIL FROM:<"a\nb"@x.example>\r\n')
+            self.assertEqual(lines[-1], b"501 5.1.7 Bad sender address syntax")
+            lines = client.send(b"MAIL FROM:<a@x.example>\r\n"
+                                b'RCPT TO:<"b\rX-Injected: 1"@remote.example>\r\n'
+                                b'RCPT TO:<"user\n"@local.example>\r\n'
+                                b'RCPT TO:<"b\xff"@remote.example>\r\n')
+            self.assertEqual(lines[1:], [b"501 5.1.3 Bad recipient address syntax",
+                                         b"501 5.1.3 Bad recipient address syntax",
+                                         b"553 5.6.7 Must declare SMTPUTF8 to send unicode address"])
+        self.assertEqual(server.spool.messages, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
