@@ -387,6 +387,10 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         # RFC 3461: ENVID is printable ASCII (it is sent xtext-encoded).
         if not args.envid or not all(33 <= ord(c) <= 126 for c in args.envid) or len(args.envid) > 100:
             raise Failure(EX_USAGE, f"sendmail: bad -V value {args.envid!r}: expected printable ASCII")
+    if args.full_name is not None and any(ord(c) < 32 or ord(c) == 127 for c in args.full_name):
+        # It goes into the From: line we add; a CR or LF would start a
+        # header field of the caller's choosing.
+        raise Failure(EX_USAGE, f"sendmail: bad -F value {args.full_name!r}: control character in the full name")
     if not recipients and not args.extract:
         raise Failure(EX_USAGE, "sendmail: no recipients given (name them, or use -t)")
 

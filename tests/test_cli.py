@@ -117,6 +117,15 @@ class SendmailTests(CommandTestCase):
         self.assertEqual(envelope.sender, "joe@example.org")
         self.assertIn(b'From: "Joe Q. Public" <joe@example.org>\n', content)
 
+    def test_full_name_cannot_add_header_fields(self) -> None:
+        # -F goes into the From: line we add: a CR, LF or NUL in it would
+        # forge header fields (a web form's "name" passed to sendmail -F).
+        for name in ("Joe\nBcc: victim@example.net", "Joe\r\nX-Injected: 1", "Joe\x00", "Joe\x7f"):
+            code, out, err = self.run_command("sendmail", "-F", name, "b@example.net", stdin=b"\nx\n")
+            self.assertEqual(code, cli.EX_USAGE, name)
+            self.assertOneLine(err, "bad -F value", "control character")
+            self.assertEqual(self.queued(), [], name)
+
     def test_existing_headers_kept(self) -> None:
         message = b"From: x@y.org\nDate: Mon, 1 Jan 2024 00:00:00 +0000\nMessage-ID: <m@y>\n\nhi\n"
         self.run_command("sendmail", "b@example.net", stdin=message)
