@@ -30,11 +30,13 @@ Owns no parameters; reads queue_directory (through the spool).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickletools
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -163,9 +165,41 @@ def _address(value: Any, what: str) -> str:
             raise UnsafeEnvelope(f"{what} address is not UTF-8") from None
     if not isinstance(value, str):
         raise UnsafeEnvelope(f"{what} address is a {type(value).__name__}, not a string")
-    if len(value) > MAX_ADDRESS_LENGTH or any(ch in value for ch in "\r\n\0 \t<>"):
+    # twisted.mail's Address is printable ASCII; anything else (a control
+    # character above all) would end up in an SMTP command line or a
+    # header field.
+    if len(value) > MAX_ADDRESS_LENGTH or any(not "!" <= ch <= "~" or ch in "<>" for ch in value):
         raise UnsafeEnvelope(f"{what} address {value[:80]!r} is not an address")
     return value
+
+
+def open_queue_file(path: str) -> BinaryIO:
+    """Open one file of the twisted.mail queue for reading, refusing
+    anything but a plain file of its own.
+
+    The queue directory belongs to the mail server's user, and the import
+    often runs as root: a symbolic link or a hard link to /etc/shadow
+    placed there must not be mailed out, and a FIFO must not hang us.
+    Raises UnsafeEnvelope saying what the file is, or OSError.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeEnvelope("a symbolic link, not a twisted.mail queue file") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeEnvelope("not a regular file")
+        if info.st_nlink != 1:
+            raise UnsafeEnvelope(f"a file with {info.st_nlink} hard links (twisted.mail writes one)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_envelope(data: bytes) -> tuple[str, str]:
@@ -204,7 +238,12 @@ def import_twisted_queue(
 ) -> ImportReport:
     """Import every complete message of a twisted.mail queue directory."""
     result = ImportReport()
-    names = sorted(os.listdir(directory))
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        result.refused.append((directory, f"cannot list: {exc.strerror or exc}"))
+        complain(f"{directory}: cannot list: {exc.strerror or exc}")
+        return result
     present = set(names)
 
     def refuse(filename: str, reason: str) -> None:
@@ -229,7 +268,7 @@ def import_twisted_queue(
             refuse(filename, "no -D data file (the message was never completed)")
             continue
         try:
-            with open(envelope_path, "rb") as envelope_file:
+            with open_queue_file(envelope_path) as envelope_file:
                 data = envelope_file.read(MAX_ENVELOPE_SIZE + 1)
             sender, recipient = read_envelope(data)
         except UnsafeEnvelope as exc:
@@ -239,7 +278,15 @@ def import_twisted_queue(
             refuse(filename, f"cannot read: {exc.strerror or exc}")
             continue
         try:
-            with open(data_path, "rb") as content:
+            content = open_queue_file(data_path)
+        except UnsafeEnvelope as exc:
+            refuse(filename, f"its data file {base}-D is {exc}")
+            continue
+        except OSError as exc:
+            refuse(filename, f"cannot read its data file {base}-D: {exc.strerror or exc}")
+            continue
+        try:
+            with content:
                 queue_id = spool.enqueue(sender, [recipient], content)
         except ValueError as exc:  # the spool's word on a bad address
             refuse(filename, str(exc))

@@ -175,6 +175,61 @@ class ImportTests(SynchronousTestCase):
         self.assertEqual(len(self.lines_err), 5)
         self.assertEqual(self.queued(), [])
 
+    def test_links_are_refused(self):
+        # The twisted.mail queue directory belongs to the mail server's
+        # user; whoever runs the import (often root) must not be made to
+        # mail out a file that user could not read: a symbolic link or a
+        # second hard link to /etc/shadow stays where it is.
+        secret = os.path.abspath(self.mktemp())
+        with open(secret, "wb") as f:
+            f.write(b"root:SECRET-HASH:19000::::::\n")
+        envelope = pickle.dumps(["a@example.net", "thief@remote.example"])
+        for name, data in (("sym-H", envelope), ("hard-H", envelope), ("lnkh-D", b"x")):
+            with open(os.path.join(self.queue_dir, name), "wb") as f:
+                f.write(data)
+        os.symlink(secret, os.path.join(self.queue_dir, "sym-D"))
+        os.link(secret, os.path.join(self.queue_dir, "hard-D"))
+        envelope_target = os.path.abspath(self.mktemp())
+        with open(envelope_target, "wb") as f:
+            f.write(envelope)
+        os.symlink(envelope_target, os.path.join(self.queue_dir, "lnkh-H"))
+        before = sorted(os.listdir(self.queue_dir))
+        report = self.run_import()
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(sorted(name for name, _ in report.refused), ["hard-H", "lnkh-H", "sym-H"])
+        self.assertEqual(sorted(os.listdir(self.queue_dir)), before)
+        self.assertEqual(report.exit_code, EX_DATAERR)
+        reasons = dict(report.refused)
+        self.assertIn("symbolic link", reasons["sym-H"])
+        self.assertIn("hard link", reasons["hard-H"])
+        self.assertIn("symbolic link", reasons["lnkh-H"])
+
+    def test_a_fifo_is_refused_without_blocking(self):
+        os.mkfifo(os.path.join(self.queue_dir, "pipe-H"))
+        with open(os.path.join(self.queue_dir, "pipe-D"), "wb") as f:
+            f.write(b"x")
+        report = self.run_import()
+        self.assertEqual([name for name, _ in report.refused], ["pipe-H"])
+        self.assertIn("not a regular file", report.refused[0][1])
+
+    def test_control_characters_in_addresses_are_refused(self):
+        for index, recipient in enumerate(("b\x0b@remote.example", "b\x1b[2J@remote.example",
+                                           "b\x7f@remote.example", "b\u00e9@remote.example")):
+            with open(os.path.join(self.queue_dir, f"m{index}-H"), "wb") as f:
+                pickle.dump(["a@example.net", recipient], f)
+            with open(os.path.join(self.queue_dir, f"m{index}-D"), "wb") as f:
+                f.write(b"x")
+        report = self.run_import()
+        self.assertEqual(len(report.refused), 4)
+        self.assertEqual(self.queued(), [])
+
+    def test_unreadable_directory_is_one_line(self):
+        report = import_twisted_queue(os.path.join(self.queue_dir, "missing"), self.spool,
+                                      complain=self.lines_err.append)
+        self.assertEqual(report.exit_code, EX_DATAERR)
+        self.assertEqual(len(self.lines_err), 1)
+        self.assertIn("cannot list", self.lines_err[0])
+
     def test_spool_failure_keeps_the_files(self):
         write_twisted_queue(self.queue_dir, [("a@example.net", "b@remote.example", [b"x"])])
 
