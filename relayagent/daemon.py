@@ -4,8 +4,8 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 
 ``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
 
-- the log observers (``relayagent.logging.make_observers``) on
-  ``maillog_file`` or standard output;
+- the maillog (``relayagent.logging.MailLog``) on ``maillog_file``;
+  without one, relayagent's lines go into twistd's log;
 - the spool (``relayagent.spool.Spool``);
 - the delivery agent (``relayagent.delivery.DeliveryAgent``) over the
   real resolver (``resolve.NexthopResolver``), connector
@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - "xn--" names after a chroot need the codec loaded
 import os
-import sys
 from collections import OrderedDict
 from typing import Any, TextIO
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 
 from relayagent import (
     control,
@@ -147,7 +146,9 @@ class RelayagentService(MultiService):
         self.config = config
         self.reactor = reactor
         self.queue_directory = config.path_of("queue_directory")
-        self.observers = ralog.make_observers(config, log_out) if log_out is not None else []
+        # maillog_file: relayagent's lines only, in log_format; else they
+        # go into twistd's log (relayagent.logging.MailLog).
+        self.maillog = ralog.MailLog(config, log_out) if log_out is not None else None
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.cache = ConnectionCache.from_config(config, reactor)
@@ -194,8 +195,8 @@ class RelayagentService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
-        for observer in self.observers:
-            globalLogPublisher.addObserver(observer)
+        if self.maillog is not None:
+            self.maillog.start()
         directory = self.spool_directory()
         self.spool = Spool(directory, clock=self.reactor.seconds)
         self.spool.ensure_layout()
@@ -241,18 +242,18 @@ class RelayagentService(MultiService):
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-            for observer in self.observers:
-                globalLogPublisher.removeObserver(observer)
+            if self.maillog is not None:
+                self.maillog.stop()
 
         return gatherResults(waits, consumeErrors=True).addBoth(after)
 
 
-def open_log(config: Config) -> TextIO:
-    """Where the Postfix-format lines go: ``maillog_file`` (opened now,
-    before privileges are dropped), else standard output."""
+def open_log(config: Config) -> TextIO | None:
+    """``maillog_file``, opened now (before privileges are dropped); None
+    when it is empty: the lines then go into twistd's log."""
     path = config["maillog_file"]
     if not path:
-        return sys.stdout
+        return None
     path = config.path_of("maillog_file")
     return open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - lives with the process
 

@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayagent.envelope import BodyType, Envelope, Recipient
+from relayagent.logging import DebugPeers
 from relayagent.smtp_body import BodyEncoder
 from relayagent.smtp_reply import (
     MAX_LINE_OCTETS,
@@ -203,6 +204,20 @@ def smtp_path(address: str) -> str:
     return f"<{local}{at}{domain}>"
 
 
+def _debug_level(config: Any, server: ServerInfo) -> int:
+    """``debug_peer_level`` when the server is in ``debug_peer_list``."""
+    try:
+        listed = config["debug_peer_list"]
+    except KeyError:
+        return 0
+    if not listed:
+        return 0
+    try:
+        return DebugPeers(config).level_for(server.nexthop, server.host, server.address)
+    except ValueError:
+        return 0  # an unreadable pattern file: no debug logging rather than no session
+
+
 def _mime_module() -> Any:
     """The 8bit-to-7bit converter module, or None while it is missing."""
     try:
@@ -244,6 +259,9 @@ class SMTPSession(ESMTPClient):
         self.esmtp = False
         self.pix_workarounds: frozenset[str] = frozenset()
         self.transcript = Transcript()
+        # debug_peer_list: commands are logged (debug) for listed peers
+        # only; nobody else pays for the events.
+        self.debug_level = _debug_level(config, server)
         self.usable = False
         self.transactions = 0
         self._assembler = ReplyAssembler()
@@ -376,8 +394,8 @@ class SMTPSession(ESMTPClient):
         """Buffer a command and expect its reply; ``_flush`` sends."""
         if self._broken is None:
             self.transcript.sent(line, redact=redact)
-            if not redact:
-                log.debug("{server}: > {line}", server=str(self.server), line=line)
+            if self.debug_level and not redact:
+                log.debug("{server}: > {line}", server=str(self.server), line=line, debug_peer=True)
             self._outgoing.append(line + b"\r\n")
             self._unanswered_octets += len(line) + 2
         return self._expect(stage_key, timeout)

@@ -30,6 +30,13 @@ Events also carry a ``log_format`` string for Twisted's generic observers
 (twistd's default text log); those render raw numbers, not Postfix's
 rounding.
 
+Where the events go: with ``maillog_file`` set, a running ``MailLog``
+takes the mail events straight to its observer (not through Twisted's
+global publisher: one rendering, and twistd's log does not repeat them),
+and takes relayagent's other events, never Twisted's own, from the
+publisher.  With ``maillog_file`` empty they go through the publisher
+into twistd's log.
+
 ``DebugPeers`` implements ``debug_peer_list`` / ``debug_peer_level``:
 sessions with a listed peer log verbosely.  Code that talks to a peer asks
 ``level_for(nexthop, host, address)`` and, when it is above zero, emits its
@@ -159,6 +166,31 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
 # ---------------------------------------------------------------------------
 # Emitting events (what the other phases call)
 
+# Where the mail events go.  None: through the caller's Logger, so the
+# global publisher and twistd's log (and any test observer) see them.  A
+# ``MailLog`` that is running (``maillog_file`` set) takes them straight
+# to its observer instead, as Postfix's maillog_file takes its lines away
+# from syslog: one rendering per event, and none by observers that would
+# only format it to throw it away.  One process, one maillog.
+_maillog: ILogObserver | None = None
+
+
+def _emit(log: Logger, level: LogLevel, fmt: str, **fields: Any) -> None:
+    """``log.emit``, or straight to the running maillog (see above).  The
+    event is the same dict either way: fields plus Twisted's ``log_*``
+    keys."""
+    observer = _maillog
+    if observer is None:
+        log.emit(level, fmt, **fields)
+        return
+    fields["log_logger"] = log
+    fields["log_level"] = level
+    fields["log_namespace"] = log.namespace
+    fields["log_source"] = log.source
+    fields["log_format"] = fmt
+    fields["log_time"] = time.time()
+    observer(fields)
+
 
 def _orig_to(recipient: Recipient) -> str | None:
     """``orig_to=`` when the original recipient (ORCPT) differs from the
@@ -206,7 +238,8 @@ def log_delivery(
     if conn_use and conn_use > 1:
         fmt += ", conn_use={conn_use}"
     fmt += ", delay={delay}, delays={delays}, dsn={dsn}, status={status} ({reason})"
-    log.emit(
+    _emit(
+        log,
         LogLevel.info,
         fmt,
         ralog_event=DELIVERY,
@@ -225,7 +258,8 @@ def log_delivery(
 
 def log_queue_active(log: Logger, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
     """``QUEUEID: from=<sender>, size=N, nrcpt=N (queue active)``."""
-    log.emit(
+    _emit(
+        log,
         LogLevel.info,
         "{queue_id}: from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
         ralog_event=QUEUE_ACTIVE, queue_id=queue_id, sender=sender, size=size, nrcpt=nrcpt,
@@ -234,13 +268,14 @@ def log_queue_active(log: Logger, queue_id: str, sender: str, size: int, nrcpt: 
 
 def log_removed(log: Logger, queue_id: str) -> None:
     """``QUEUEID: removed``."""
-    log.emit(LogLevel.info, "{queue_id}: removed", ralog_event=REMOVED, queue_id=queue_id)
+    _emit(log, LogLevel.info, "{queue_id}: removed", ralog_event=REMOVED, queue_id=queue_id)
 
 
 def log_expired(log: Logger, queue_id: str, sender: str) -> None:
     """``QUEUEID: from=<sender>, status=expired, returned to sender``
     (qmgr, when a message passes its queue lifetime)."""
-    log.emit(
+    _emit(
+        log,
         LogLevel.info,
         "{queue_id}: from=<{sender}>, status=expired, returned to sender",
         ralog_event=EXPIRED, queue_id=queue_id, sender=sender,
@@ -250,7 +285,8 @@ def log_expired(log: Logger, queue_id: str, sender: str) -> None:
 def log_notice(log: Logger, queue_id: str, new_queue_id: str, label: str) -> None:
     """``QUEUEID: <label>: NEWID``, label as in ``dsn.Notice.label``
     ("sender non-delivery notification", "postmaster delay notification"...)."""
-    log.emit(
+    _emit(
+        log,
         LogLevel.info,
         "{queue_id}: {notice}: {new_queue_id}",
         ralog_event=NOTICE, queue_id=queue_id, new_queue_id=new_queue_id, notice=label,
@@ -269,7 +305,8 @@ def log_delay_notice(log: Logger, queue_id: str, new_queue_id: str) -> None:
 
 def log_warning(log: Logger, text: str, *, queue_id: str | None = None) -> None:
     """``warning: [QUEUEID: ]text``."""
-    log.emit(
+    _emit(
+        log,
         LogLevel.warn,
         "{queue_id}: {text}" if queue_id else "{text}",
         ralog_event=WARNING, queue_id=queue_id, text=text,
@@ -280,7 +317,8 @@ def log_connect_failure(
     log: Logger, *, host: str, address: str, port: int, reason: str, queue_id: str | None = None
 ) -> None:
     """``connect to host[addr]:port: reason`` (info, as smtp_connect.c)."""
-    log.emit(
+    _emit(
+        log,
         LogLevel.info,
         "{queue_id}: connect to {host}[{address}]:{port}: {reason}" if queue_id
         else "connect to {host}[{address}]:{port}: {reason}",
@@ -311,7 +349,8 @@ def log_tls(
 
     ``trust``: Anonymous, Untrusted, Trusted or Verified (tls_client.c).
     """
-    log.emit(
+    _emit(
+        log,
         LogLevel.info,
         "{trust} TLS connection established to {host}[{address}]:{port}: "
         "{protocol} with cipher {cipher} ({cipher_bits}/{algorithm_bits} bits)",
@@ -394,6 +433,24 @@ def syslog_time(when: float) -> str:
     return f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
 
 
+class _SyslogClock:
+    """``syslog_time`` remembered for the current second: a busy queue
+    logs thousands of lines a second, all with the same stamp."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, when: float) -> str:
+        second = int(when)
+        if second != self._second:
+            self._text = syslog_time(second)
+            self._second = second
+        return self._text
+
+
 def _service_program(program: str, event: Mapping[str, Any]) -> str:
     """``relayagent/qmgr`` for queue manager events when ``program`` is
     ``relayagent/smtp``: pflogsumm and friends look at the daemon name."""
@@ -407,6 +464,12 @@ def _service_program(program: str, event: Mapping[str, Any]) -> str:
 def _now(clock: Any) -> float:
     seconds = getattr(clock, "seconds", None)
     return float(seconds()) if callable(seconds) else float(clock())
+
+
+def _one_line(text: str) -> str:
+    # isprintable() is one C loop; only a text with a control character
+    # (or another unprintable one) pays for the regular expression.
+    return text if text.isprintable() else _clean(text)
 
 
 @implementer(ILogObserver)
@@ -436,20 +499,30 @@ class PostfixFormatObserver:
         self._clock = clock
         self._resolution = resolution
         self._pid = os.getpid() if pid is None else pid
+        self._stamp = _SyslogClock()
+        # "host program[pid]: " per program name, made once.
+        self._heads: dict[str, str] = {}
+
+    def _head(self, event: Mapping[str, Any]) -> str:
+        program = _service_program(self._program, event)
+        head = self._heads.get(program)
+        if head is None:
+            head = self._heads[program] = f" {self._hostname} {program}[{self._pid}]: "
+        return head
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         when = event.get("log_time") or _now(self._clock)
-        head = f"{syslog_time(when)} {self._hostname} {_service_program(self._program, event)}[{self._pid}]: "
+        head = self._stamp(when) + self._head(event)
         text = render(event, resolution=self._resolution)
         if event.get("ralog_event"):
             # Our events are one line whatever their fields hold: a CR or
             # LF from a server reply becomes "?" and cannot forge a line.
-            lines = [_clean(text)]
+            self._out.write(head + _one_line(text) + "\n")
         else:
             # A multi-line text (a traceback) becomes several lines, each
             # with the prefix; other control characters become "?".
             lines = [_clean(line) for line in text.splitlines()] or [""]
-        self._out.write("".join(head + line + "\n" for line in lines))
+            self._out.write("".join(head + line + "\n" for line in lines))
         self._out.flush()
 
 
@@ -642,24 +715,88 @@ class _DebugPeerPredicate:
         return PredicateResult.maybe
 
 
-def make_observers(config: Any, out: TextIO, *, verbose: bool = False, clock: Any = time.time) -> list[ILogObserver]:
-    """The observers the twistd plugin installs: Postfix lines or JSON
-    (``log_format``) to ``out``, program ``<syslog_name>/smtp``, debug
-    events only for debug peers unless ``verbose``."""
+def _format_observer(config: Any, out: TextIO, clock: Any) -> ILogObserver:
+    """Postfix lines or JSON (``log_format``) to ``out``, program
+    ``<syslog_name>/smtp``."""
     program = f"{config['syslog_name']}/smtp"
     kwargs = dict(hostname=config["myhostname"], program=program, clock=clock,
                   resolution=int(config["delay_logging_resolution_limit"]))
-    observer: ILogObserver
     if config["log_format"] == "json":
-        observer = JsonObserver(out, **kwargs)
-    else:
-        observer = PostfixFormatObserver(out, **kwargs)
-    return [FilteringLogObserver(observer, [_DebugPeerPredicate(verbose)])]
+        return JsonObserver(out, **kwargs)
+    return PostfixFormatObserver(out, **kwargs)
+
+
+def make_observers(config: Any, out: TextIO, *, verbose: bool = False, clock: Any = time.time) -> list[ILogObserver]:
+    """Observers for a publisher: Postfix lines or JSON (``log_format``)
+    to ``out``, program ``<syslog_name>/smtp``, debug events only for
+    debug peers unless ``verbose``."""
+    return [FilteringLogObserver(_format_observer(config, out, clock), [_DebugPeerPredicate(verbose)])]
+
+
+def _relayagent_only(event: Mapping[str, Any]) -> PredicateResult:
+    """relayagent's own events; Twisted's chatter ("Starting factory")
+    stays out of the maillog, as only Postfix's lines are in Postfix's."""
+    namespace = event.get("log_namespace") or ""
+    if namespace == "relayagent" or namespace.startswith("relayagent."):
+        return PredicateResult.maybe
+    return PredicateResult.no
+
+
+class MailLog:
+    """The maillog (``maillog_file``): relayagent's log lines, and only
+    those, written to ``out`` in ``log_format``.
+
+    While it runs (``start`` ... ``stop``), the mail events (the ``log_*``
+    functions: deliveries, queue active, removed, notices ...) come
+    straight to it and not through Twisted's global publisher, so
+    twistd's own log neither renders them nor holds them (Postfix's
+    maillog_file takes its lines away from syslog too).  relayagent's
+    other events (warnings, failures, start-up) reach it through the
+    global publisher (``publisher``), so they are in both logs; Twisted's
+    own events only in twistd's.  Debug events only for debug peers
+    unless ``verbose``.
+
+    Without a running MailLog (``maillog_file`` empty) the mail events
+    go through the global publisher into twistd's log (``--logfile``,
+    standard output with ``-n``, or ``--logger``), rendered once there.
+    """
+
+    def __init__(self, config: Any, out: TextIO, *, verbose: bool = False, clock: Any = time.time,
+                 publisher: Any = None) -> None:
+        self.out = out
+        self.observer = _format_observer(config, out, clock)
+        self._from_publisher = FilteringLogObserver(
+            self.observer, [_relayagent_only, _DebugPeerPredicate(verbose)]
+        )
+        if publisher is None:
+            from twisted.logger import globalLogPublisher as publisher
+        self._publisher = publisher
+        self.running = False
+
+    def start(self) -> None:
+        global _maillog
+        if self.running:
+            return
+        if _maillog is not None:
+            raise RuntimeError("another maillog is running in this process")
+        self.running = True
+        _maillog = self.observer
+        self._publisher.addObserver(self._from_publisher)
+
+    def stop(self) -> None:
+        global _maillog
+        if not self.running:
+            return
+        self.running = False
+        if _maillog is self.observer:
+            _maillog = None
+        self._publisher.removeObserver(self._from_publisher)
 
 
 __all__ = [
     "DebugPeers",
     "JsonObserver",
+    "MailLog",
     "PostfixFormatObserver",
     "format_delay",
     "log_bounce_notice",

@@ -14,6 +14,7 @@ import io
 from twisted.internet import task
 from twisted.internet.defer import succeed
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -819,6 +820,26 @@ class CommandAndTranscriptTests(unittest.SynchronousTestCase):
     def test_debug_off(self):
         h = Harness(self)
         self.assertFalse(h.session.debug)
+
+    def _debug_events(self, **overrides):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = Harness(self, **overrides).greet()
+        h.session.deliver(make_envelope(1), make_envelope(1).recipients)
+        return [e for e in events if e.get("log_level") is LogLevel.debug]
+
+    def test_commands_not_logged_for_ordinary_peers(self):
+        # No debug event per command unless the peer is a debug peer:
+        # nobody pays for events nobody reads.
+        self.assertEqual(self._debug_events(), [])
+
+    def test_commands_logged_for_debug_peers(self):
+        events = self._debug_events(debug_peer_list="mx.example")
+        lines = [e["line"] for e in events]
+        self.assertIn(b"EHLO client.example", lines)
+        self.assertTrue(any(line.startswith(b"MAIL FROM:<s@example.org>") for line in lines))
+        self.assertTrue(all(e["debug_peer"] for e in events))
 
     def test_unsolicited_421_makes_idle_session_unusable(self):
         h = Harness(self).greet()

@@ -347,6 +347,79 @@ class MakeObserversTests(unittest.TestCase):
         self.assertEqual([r["event"] for r in records], ["delivery", "message"])
 
 
+class MailLogTests(unittest.TestCase):
+    """maillog_file: relayagent's lines only, each rendered once."""
+
+    def setUp(self) -> None:
+        self.publisher = LogPublisher()
+        self.published: list[dict] = []
+        self.publisher.addObserver(self.published.append)
+        self.out = io.StringIO()
+        config = Config.defaults().replace(myhostname="relay.example.org")
+        self.maillog = ralog.MailLog(config, self.out, publisher=self.publisher)
+        self.maillog.start()
+        self.addCleanup(self.maillog.stop)
+        self.log = Logger(namespace="relayagent.delivery", observer=self.publisher)
+
+    def test_mail_events_go_to_the_maillog_only(self) -> None:
+        deliver(self.log, SENT, "sent")
+        ralog.log_removed(self.log, "4B3F2A1C0D")
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("relayagent/smtp[", lines[0])
+        self.assertIn("4B3F2A1C0D: to=<b@example.net>, relay=mx.example.net[192.0.2.1]:25", lines[0])
+        self.assertTrue(lines[1].endswith("relayagent/qmgr[%d]: 4B3F2A1C0D: removed" % os.getpid()))
+        # Not through the publisher: twistd's log does not repeat them.
+        self.assertEqual(self.published, [])
+
+    def test_other_relayagent_events_reach_both(self) -> None:
+        self.log.warn("cannot do {thing}", thing="that")
+        self.assertIn("warning: cannot do that", self.out.getvalue())
+        self.assertEqual(len(self.published), 1)
+
+    def test_twisted_chatter_stays_out(self) -> None:
+        Logger(namespace="twisted.internet.protocol.Factory", observer=self.publisher).info(
+            "Starting factory {f}", f="x")
+        Logger(namespace="relayagentish", observer=self.publisher).info("not ours")
+        self.assertEqual(self.out.getvalue(), "")
+        self.assertEqual(len(self.published), 2)
+
+    def test_debug_only_for_debug_peers(self) -> None:
+        self.log.debug("plain debug")
+        self.log.debug("peer debug", debug_peer=True)
+        text = self.out.getvalue()
+        self.assertNotIn("plain debug", text)
+        self.assertIn("peer debug", text)
+
+    def test_stop_gives_the_events_back_to_the_publisher(self) -> None:
+        self.maillog.stop()
+        deliver(self.log, SENT, "sent")
+        self.assertEqual(self.out.getvalue(), "")
+        [event] = self.published
+        self.assertEqual(event["ralog_event"], "delivery")
+
+    def test_one_maillog_per_process(self) -> None:
+        other = ralog.MailLog(Config.defaults(), io.StringIO(), publisher=self.publisher)
+        self.assertRaises(RuntimeError, other.start)
+
+    def test_event_keys_as_twisted_makes_them(self) -> None:
+        seen: list[dict] = []
+        self.patch(ralog, "_maillog", seen.append)
+        deliver(self.log, SENT, "sent")
+        [event] = seen
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["log_namespace"], "relayagent.delivery")
+        self.assertIs(event["log_logger"], self.log)
+        self.assertIsInstance(event["log_time"], float)
+        self.assertTrue(event["log_format"].startswith("{queue_id}: to=<{to}>"))
+
+    def test_stamp_cached_per_second_and_still_right(self) -> None:
+        clock = ralog._SyslogClock()
+        self.assertEqual(clock(WHEN + 0.1), ralog.syslog_time(WHEN))
+        self.assertEqual(clock(WHEN + 0.9), ralog.syslog_time(WHEN))
+        self.assertEqual(clock(WHEN + 61), ralog.syslog_time(WHEN + 61))
+
+
 class DebugPeersTests(unittest.TestCase):
     def peers(self, patterns: str, level: str = "3") -> ralog.DebugPeers:
         config = Config.defaults().replace(debug_peer_list=patterns, debug_peer_level=level)
