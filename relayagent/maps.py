@@ -58,7 +58,7 @@ class DictTable:
 
     def __repr__(self) -> str:
         # Never the values: a password map's values are secrets.
-        return f"<{type(self).__name__} {self.spec} ({len(self._entries)} keys)>"
+        return f"<{type(self).__name__} {_display_spec(self.spec)} ({len(self._entries)} keys)>"
 
 
 @implementer(ILookupTable)
@@ -74,7 +74,7 @@ class StaticTable:
         return self._value
 
     def __repr__(self) -> str:
-        return f"<StaticTable {self.spec.split(':', 1)[0]}:...>"
+        return f"<StaticTable {_display_spec(self.spec)}>"
 
 
 @implementer(ILookupTable)
@@ -101,7 +101,16 @@ class MapList:
         return bool(self.tables)
 
     def __repr__(self) -> str:
-        return f"<MapList {self.spec}>"
+        return f"<MapList {', '.join(_display_spec(t.spec) for t in self.tables)}>"
+
+
+def _display_spec(spec: str) -> str:
+    """A table's spec fit to print: inline: and static: tables hold their
+    values (a password map's passwords) in the spec itself."""
+    kind, sep, _ = spec.partition(":")
+    if sep and kind.lower() in ("inline", "static"):
+        return f"{kind}:{{...}}" if kind.lower() == "inline" else f"{kind}:..."
+    return spec
 
 
 def parse_texthash(text: str, source: str) -> dict[str, str]:
@@ -126,7 +135,10 @@ def parse_texthash(text: str, source: str) -> dict[str, str]:
         # we keep the first too.
         entries.setdefault(key.lower(), value)
 
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at LF only, as postmap reads them: str.splitlines() would
+    # also break at VT, FF, NEL, U+2028 ... inside a value.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

@@ -52,6 +52,18 @@ class TexthashTests(SynchronousTestCase):
         self.assertNotIn("secret", repr(open_map(f"texthash:{path}")))
         self.assertNotIn("secret", repr(open_maps([f"texthash:{path}", "static:hush"])))
 
+    def test_lines_end_only_at_newline(self):
+        # postmap reads lines up to LF; str.splitlines() would also break
+        # at VT, FF, NEL, U+2028 ..., turning part of a value into a key.
+        entries = parse_texthash("a b\u2028c d\nk1 v\x85k2 v2\r\nff x\x0cy z\n", "f")
+        self.assertEqual(entries, {"a": "b\u2028c d", "k1": "v\x85k2 v2", "ff": "x\x0cy z"})
+
+    def test_inline_repr_hides_values(self):
+        spec = "inline:{ [smtp.example.com]:587=user:secret }"
+        self.assertNotIn("secret", repr(open_map(spec)))
+        self.assertNotIn("secret", repr(open_maps([spec])))
+        self.assertNotIn("secret", repr(open_maps(["static:{ user:secret }"])))
+
 
 class InlineStaticTests(SynchronousTestCase):
     def test_inline(self):
