@@ -530,11 +530,13 @@ class Config:
 
     # -- internals
 
-    def _default_text(self, name: str) -> str:
+    def _default_text(self, name: str, depth: int = 0) -> str:
         if name == "myhostname":
             return _default_hostname()
         if name == "mydomain":
-            host = self.raw("myhostname")
+            # At the caller's depth: "myhostname = mail.$mydomain" loops
+            # through here and must meet the recursion check.
+            host = self._expand_name("myhostname", depth)
             _, dot, rest = host.partition(".")
             return rest if dot and "." in rest else (rest or "localdomain")
         return PARAMETERS[name].default
@@ -543,7 +545,7 @@ class Config:
         if name in self._settings:
             text = self._settings[name].value
         elif name in PARAMETERS:
-            text = self._default_text(name)
+            text = self._default_text(name, depth + 1)
         else:
             return ""
         return self._expand(text, depth + 1, name)

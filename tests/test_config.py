@@ -139,6 +139,14 @@ class ExpansionTests(SynchronousTestCase):
         with self.assertRaisesRegex(ConfigError, "recursive"):
             Config.from_text("myorigin = $smtp_helo_name\nsmtp_helo_name = $myorigin\n")
 
+    def test_recursion_through_a_computed_default_is_an_error(self):
+        # mydomain's default is computed from myhostname: "myhostname =
+        # mail.$mydomain" (mydomain unset) loops through it, and was a
+        # RecursionError traceback.
+        for text in ("myhostname = mail.$mydomain\n", "myhostname = ${mydomain:{$myhostname}}\n"):
+            with self.assertRaisesRegex(ConfigError, "line 1: parameter myhostname: recursive"):
+                Config.from_text(text)
+
     def test_unknown_parameter_is_a_warning_with_file_and_line(self):
         config = Config.from_text("soft_bounce = no\nno_such_thing = 1\n", "x.cf")
         self.assertEqual(config.warnings, ["x.cf, line 2: unknown parameter: no_such_thing"])
