@@ -535,3 +535,178 @@ class SettingsTests(SynchronousTestCase):
     def test_bad_protocols(self) -> None:
         error = self.assertRaises(TLSConfigError, TLSSettings.from_config, self.config("smtp_tls_protocols = TLSv1.4\n"))
         self.assertIn("smtp_tls_protocols", str(error))
+
+
+def _issue(
+    issuer_key: Any,
+    issuer_name: Any,
+    names: list[str],
+    *,
+    not_before_days: float = -1,
+    not_after_days: float = 30,
+    eku: Any = None,
+    ca: bool = False,
+    subject: str | None = None,
+    key: Any = None,
+) -> tuple[Any, Any]:
+    """A certificate (cryptography) and its key, signed by ``issuer_key``;
+    ``issuer_key=None`` signs it with its own key (self-signed)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject or (names or ["leaf"])[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name if issuer_key is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=not_before_days))
+        .not_valid_after(now + datetime.timedelta(days=not_after_days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([eku or ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                          crl_sign=True, encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+        )
+    return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+
+def _server_context(certificate: Any, key: Any, chain: tuple[Any, ...] = ()) -> SSL.Context:
+    from OpenSSL import crypto
+
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate(crypto.X509.from_cryptography(certificate))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    for extra in chain:
+        context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    return context
+
+
+class CertificateMatrixTests(SynchronousTestCase):
+    """verify and secure against the certificates an attacker or a broken
+    server may present: each is refused before any EHLO goes over it,
+    and never retried in plaintext."""
+
+    setUp = NegotiationTests.setUp
+    negotiate = NegotiationTests.negotiate
+    session_for = NegotiationTests.session_for
+    _assert_not_verified = NegotiationTests._assert_not_verified
+
+    def leaf(self, names: list[str], **kwargs: Any) -> FakeTLSSession:
+        certificate, key = _issue(CA.key, CA.certificate.subject, names, **kwargs)
+        return FakeTLSSession(_server_context(certificate, key))
+
+    def test_wildcard(self) -> None:
+        outcome = self.successResultOf(self.negotiate(self.session_for(["*.example.com"]), TLSLevel.VERIFY))
+        self.assertEqual(outcome.trust, "Verified")
+        # One label only, and never a wildcard of a public suffix.
+        self._assert_not_verified(self.session_for(["*.example.com"], host="a.mx.example.com"))
+        self._assert_not_verified(self.session_for(["*.com"]))
+        self._assert_not_verified(self.session_for(["*"]))
+
+    def test_name_only_in_the_common_name(self) -> None:
+        self._assert_not_verified(FakeTLSSession(CA.issue([], common_name="mx.example.com").server_context()))
+        self._assert_not_verified(
+            FakeTLSSession(CA.issue([], common_name="example.com").server_context()), TLSLevel.SECURE
+        )
+
+    def test_ip_address_certificate_for_a_host_name(self) -> None:
+        session = FakeTLSSession(CA.issue([], ip_addresses=["192.0.2.1"]).server_context())
+        self._assert_not_verified(session)  # the MX is mx.example.com, not its address
+
+    def test_not_yet_valid(self) -> None:
+        self._assert_not_verified(self.leaf(["mx.example.com"], not_before_days=1, not_after_days=30))
+        self.assertIn("certificate is not yet valid", self.logs.text())
+
+    def test_self_signed_leaf(self) -> None:
+        certificate, key = _issue(None, None, ["mx.example.com"])
+        self._assert_not_verified(FakeTLSSession(_server_context(certificate, key)))
+        self.assertIn("self-signed certificate", self.logs.text())
+
+    def test_wrong_extended_key_usage(self) -> None:
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        self._assert_not_verified(self.leaf(["mx.example.com"], eku=ExtendedKeyUsageOID.CLIENT_AUTH))
+        self._assert_not_verified(self.leaf(["mx.example.com"], eku=ExtendedKeyUsageOID.CODE_SIGNING))
+        self.assertIn("unsupported certificate purpose", self.logs.text())
+
+    def test_leaf_signed_by_a_leaf(self) -> None:
+        # A trusted server certificate is not a CA: what it signs is not trusted.
+        middle, middle_key = _issue(CA.key, CA.certificate.subject, ["evil.example.org"])
+        certificate, key = _issue(middle_key, middle.subject, ["mx.example.com"])
+        self._assert_not_verified(FakeTLSSession(_server_context(certificate, key, (middle,))))
+
+    def test_chain_missing_an_intermediate(self) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "matrix root")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        root = (
+            x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .sign(root_key, hashes.SHA256())
+        )
+        intermediate, intermediate_key = _issue(root_key, root_name, [], ca=True, subject="matrix intermediate")
+        certificate, key = _issue(intermediate_key, intermediate.subject, ["mx.example.com"])
+        from cryptography.hazmat.primitives import serialization
+
+        root_file = os.path.join(self.directory, "root.pem")
+        with open(root_file, "wb") as handle:
+            handle.write(root.public_bytes(serialization.Encoding.PEM))
+        trusting_root = settings(root_file)
+        # With the intermediate: verified (the control).
+        session = FakeTLSSession(_server_context(certificate, key, (intermediate,)))
+        outcome = self.successResultOf(self.negotiate(session, TLSLevel.VERIFY, trusting_root))
+        self.assertEqual(outcome.trust, "Verified")
+        # Without it: refused.
+        session = FakeTLSSession(_server_context(certificate, key))
+        self._assert_not_verified(session, tls_settings=trusting_root)
+        self.assertIn("unable to get local issuer certificate", self.logs.text())
+
+    def test_sni_is_sent_at_may(self) -> None:
+        session = self.session_for(["mx.example.com"])
+        self.successResultOf(self.negotiate(session, TLSLevel.MAY))
+        self.assertEqual(session.sni, [b"mx.example.com"])
+
+    def test_starttls_refused_or_dropped_never_plaintext_when_mandatory(self) -> None:
+        for level in (TLSLevel.ENCRYPT, TLSLevel.VERIFY, TLSLevel.SECURE):
+            for starttls_reply in (reply(454, "4.7.0 TLS not available"), reply(554, "5.7.0 no")):
+                session = self.session_for(["mx.example.com"], starttls_reply=starttls_reply)
+                failure = self.failureResultOf(self.negotiate(session, level), DeliveryFailure)
+                self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+                self.assertEqual(session.sent, [b"STARTTLS"])
+            # The connection dropped at STARTTLS: the session's failure
+            # is passed on as it is, with no plaintext retry flag.
+            session = self.session_for(["mx.example.com"])
+            lost = DeliveryFailure(Status("4.4.2", "lost connection while sending the STARTTLS command"))
+            session.command = lambda line, lost=lost, **kwargs: fail(lost)  # type: ignore[method-assign]
+            failure = self.failureResultOf(self.negotiate(session, level), DeliveryFailure)
+            self.assertIs(failure.value, lost)
+            self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
