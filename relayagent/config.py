@@ -400,7 +400,9 @@ def _check_network(item: str) -> None:
         if close < 0:
             raise ValueError(item)
         bare = bare[1:close] + bare[close + 1:]
-    ipaddress.ip_network(bare, strict=False)
+    # strict: host bits set (192.168.1.5/0) is a typo that would relay for
+    # far more than meant; Postfix refuses it too.
+    ipaddress.ip_network(bare, strict=True)
 
 
 # Extra checks for a few parameters whose form is more than their type.

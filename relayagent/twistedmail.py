@@ -126,17 +126,27 @@ def parse_mynetworks(items: Iterable[str]) -> list[IPNetwork]:
     networks: list[IPNetwork] = []
     for item in items:
         text = item.strip()
-        if text.startswith("["):
+        bracketed = text.startswith("[")
+        if bracketed:
             close = text.find("]")
             if close < 0:
                 raise ValueError(f"mynetworks: bad item {item!r}: no closing ']'")
             text = text[1:close] + text[close + 1:]
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ValueError(
                 f"mynetworks: bad item {item!r}: expected an address or address/prefix"
             ) from None
+        if network.network_address != ipaddress.ip_address(text.partition("/")[0]):
+            # A typo such as 192.168.1.5/0 would otherwise relay for the
+            # whole Internet; Postfix refuses it the same way.
+            address = f"[{network.network_address}]" if bracketed else str(network.network_address)
+            raise ValueError(
+                f"mynetworks: non-null host address bits in {item!r}, "
+                f"perhaps you should use {address}/{network.prefixlen} instead"
+            )
+        networks.append(network)
     return networks
 
 

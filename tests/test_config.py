@@ -147,6 +147,10 @@ class ExpansionTests(SynchronousTestCase):
             with self.assertRaisesRegex(ConfigError, "line 1: parameter myhostname: recursive"):
                 Config.from_text(text)
 
+    def test_mynetworks_with_host_bits_is_an_error(self):
+        with self.assertRaisesRegex(ConfigError, "line 1: parameter mynetworks: bad value"):
+            Config.from_text("mynetworks = 127.0.0.0/8 192.168.1.5/0\n")
+
     def test_unknown_parameter_is_a_warning_with_file_and_line(self):
         config = Config.from_text("soft_bounce = no\nno_such_thing = 1\n", "x.cf")
         self.assertEqual(config.warnings, ["x.cf, line 2: unknown parameter: no_such_thing"])

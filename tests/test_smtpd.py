@@ -263,6 +263,15 @@ class RelayTests(SynchronousTestCase):
                          ["127.0.0.0/8", "::1/128", "2001:db8::1/128", "192.0.2.1/32"])
         self.assertRaises(ValueError, parse_mynetworks, ["not-an-address"])
 
+    def test_host_bits_in_mynetworks_are_an_error(self):
+        # "192.168.1.5/0" was silently 0.0.0.0/0: an open relay from a
+        # typo.  Postfix refuses it ("non-null host address bits").
+        for item, suggestion in (("192.168.1.5/0", "0.0.0.0/0"), ("127.0.0.1/8", "127.0.0.0/8"),
+                                 ("[2001:db8::1]/32", "[2001:db8::]/32")):
+            with self.assertRaisesRegex(ValueError, "non-null host address bits") as caught:
+                parse_mynetworks([item])
+            self.assertIn(suggestion, str(caught.exception))
+
 
 class SizeTests(SynchronousTestCase):
     def test_mail_from_size_over_limit(self):
