@@ -301,10 +301,7 @@ def parse_main_cf(text: str, filename: str = "main.cf") -> tuple[list[Setting], 
 # ---------------------------------------------------------------------------
 # Expansion
 
-_EXPANSION_RE = re.compile(
-    r"\$(?:\$|\{(?P<braced>[A-Za-z0-9_]+)(?:(?P<op>[?:])(?P<text>[^}]*))?\}"
-    r"|\((?P<paren>[A-Za-z0-9_]+)\)|(?P<bare>[A-Za-z0-9_]+))"
-)
+_BARE_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 _MAX_EXPANSION_DEPTH = 100
 
@@ -553,6 +550,9 @@ class Config:
         return self._expand(text, depth + 1, name)
 
     def _expand(self, text: str, depth: int, owner: str) -> str:
+        """Expand ``$name``, ``${name}``, ``$(name)``, ``$$`` and Postfix 3's
+        conditionals ``${name?value}``, ``${name:value}`` (each value
+        optionally in braces) and ``${name?{value1}:{value2}}``."""
         if "$" not in text:
             return text
         if depth > _MAX_EXPANSION_DEPTH:
@@ -560,24 +560,88 @@ class Config:
                 f"{self._where(owner)}: parameter {owner}: recursive $name expansion "
                 "(a parameter refers to itself)"
             )
+        out: list[str] = []
+        position = 0
+        while True:
+            dollar = text.find("$", position)
+            if dollar < 0:
+                out.append(text[position:])
+                return "".join(out)
+            out.append(text[position:dollar])
+            position = self._expand_one(text, dollar, depth, owner, out)
 
-        def substitute(match: re.Match[str]) -> str:
-            if match.group(0) == "$$":
-                return "$"
-            name = match.group("braced") or match.group("paren") or match.group("bare")
-            value = self._expand_name(name, depth)
-            op = match.group("op")
-            if op == "?":
-                return self._expand(match.group("text"), depth + 1, owner) if value else ""
-            if op == ":":
-                return "" if value else self._expand(match.group("text"), depth + 1, owner)
-            if name not in PARAMETERS and name not in self._settings:
-                self.warnings.append(
-                    f"{self._where(owner)}: parameter {owner}: undefined parameter ${name} expands to nothing"
-                )
-            return value
+    def _expand_one(self, text: str, dollar: int, depth: int, owner: str, out: list[str]) -> int:
+        """Expand the reference at ``text[dollar]``; return where to go on."""
+        following = text[dollar + 1:dollar + 2]
+        if following == "$":
+            out.append("$")
+            return dollar + 2
+        if following == "(":
+            close = text.find(")", dollar)
+            name = text[dollar + 2:close] if close > 0 else ""
+            if not _NAME_RE.match(name):
+                raise self._syntax_error(owner, text, "bad $(name)")
+            out.append(self._reference(name, depth, owner))
+            return close + 1
+        if following != "{":
+            match = _BARE_NAME_RE.match(text, dollar + 1)
+            if match is None:
+                out.append("$")  # a lone "$" stands for itself
+                return dollar + 1
+            out.append(self._reference(match.group(0), depth, owner))
+            return match.end()
+        match = _BARE_NAME_RE.match(text, dollar + 2)
+        if match is None:
+            raise self._syntax_error(owner, text, "expected a parameter name after '${'")
+        name, position = match.group(0), match.end()
+        operator = text[position:position + 1]
+        if operator == "}":
+            out.append(self._reference(name, depth, owner))
+            return position + 1
+        if operator not in ("?", ":"):
+            raise self._syntax_error(owner, text, f"unexpected {operator or 'end'!r} in ${{{name}...}}")
+        when_set, position = self._conditional_value(text, position + 1, owner)
+        when_empty = None
+        if operator == "?" and text.startswith(":{", position):
+            when_empty, position = self._conditional_value(text, position + 1, owner)
+        if text[position:position + 1] != "}":
+            raise self._syntax_error(owner, text, f"missing '}}' after ${{{name}{operator}...")
+        is_set = bool(self._expand_name(name, depth))
+        if operator == ":":
+            chosen = None if is_set else when_set
+        else:
+            chosen = when_set if is_set else when_empty
+        if chosen:
+            out.append(self._expand(chosen, depth + 1, owner))
+        return position + 1
 
-        return _EXPANSION_RE.sub(substitute, text)
+    def _conditional_value(self, text: str, position: int, owner: str) -> tuple[str, int]:
+        """The value of a conditional: ``{balanced text}``, or plain text
+        up to the closing brace.  Returns it and the position after it."""
+        if text.startswith("{", position):
+            level = 0
+            for index in range(position, len(text)):
+                if text[index] == "{":
+                    level += 1
+                elif text[index] == "}":
+                    level -= 1
+                    if level == 0:
+                        return text[position + 1:index], index + 1
+            raise self._syntax_error(owner, text, "missing '}'")
+        close = text.find("}", position)
+        if close < 0:
+            raise self._syntax_error(owner, text, "missing '}'")
+        return text[position:close], close
+
+    def _reference(self, name: str, depth: int, owner: str) -> str:
+        if name not in PARAMETERS and name not in self._settings:
+            self.warnings.append(
+                f"{self._where(owner)}: parameter {owner}: undefined parameter ${name} expands to nothing"
+            )
+        return self._expand_name(name, depth)
+
+    def _syntax_error(self, owner: str, text: str, what: str) -> ConfigError:
+        return ConfigError(f"{self._where(owner)}: parameter {owner}: {what} in {text!r}")
 
     def _where(self, name: str) -> str:
         setting = self._settings.get(name)

@@ -165,6 +165,15 @@ def _strip_braces(text: str, spec: str) -> str:
 
 def parse_inline(body: str, spec: str) -> dict[str, str]:
     """Parse the inside of ``inline:{ ... }``."""
+    level = 0
+    for char in body:
+        level += {"{": 1, "}": -1}.get(char, 0)
+        if level < 0:
+            break
+    if level != 0:
+        # Unbalanced, split_list would swallow the rest of the table into
+        # one item: say so instead.
+        raise ConfigError(f"bad table {spec!r}: unbalanced braces")
     entries: dict[str, str] = {}
     for item in split_list(_strip_braces(body, spec)):
         item = _strip_braces(item, spec)

@@ -126,9 +126,23 @@ class ExpansionTests(SynchronousTestCase):
             "relayhost = [r]\n"
             "smtp_helo_name = ${relayhost?{has}}${relayhost?relay}x\n"
             "error_notice_recipient = ${best_mx_transport:empty}\n"
+            "bounce_notice_recipient = ${best_mx_transport?{set}:{unset}}-${relayhost?{a, b}:{c}}\n"
+            "delay_notice_recipient = ${relayhost:{never}}${best_mx_transport:{$mail_name}}\n"
         )
-        self.assertEqual(config.smtp_helo_name, "{has}relayx")
+        # Postfix 3.x: the braces around a value are syntax, not text.
+        self.assertEqual(config.smtp_helo_name, "hasrelayx")
         self.assertEqual(config.error_notice_recipient, "empty")
+        self.assertEqual(config.bounce_notice_recipient, "unset-a, b")
+        self.assertEqual(config.delay_notice_recipient, "Postfix")
+
+    def test_bad_expansions_are_errors(self):
+        for value in ("${relayhost", "${relayhost?{x}", "${relayhost!x}", "${}", "$(relayhost"):
+            with self.assertRaises(ConfigError, msg=value) as caught:
+                Config.from_text(f"smtp_helo_name = {value}\n")
+            self.assertIn("line 1: parameter smtp_helo_name", str(caught.exception))
+
+    def test_lone_dollar_is_literal(self):
+        self.assertEqual(Config.from_text("smtpd_banner = costs 5$ now\n").smtpd_banner, "costs 5$ now")
 
     def test_defaults_follow_other_parameters(self):
         config = Config.from_text("default_destination_recipient_limit = 7\nfallback_relay = [a] [b]\n")

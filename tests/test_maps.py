@@ -75,8 +75,10 @@ class InlineStaticTests(SynchronousTestCase):
     def test_inline_bad_item(self):
         with self.assertRaisesRegex(ConfigError, "expected key=value"):
             open_map("inline:{ a }")
-        with self.assertRaisesRegex(ConfigError, "missing"):
+        with self.assertRaisesRegex(ConfigError, "unbalanced|missing"):
             open_map("inline:{ a=b")
+        with self.assertRaisesRegex(ConfigError, "unbalanced braces"):
+            open_map("inline:{ a=x{y, c=d }")
 
     def test_static(self):
         self.assertEqual(open_map("static:relay").lookup("anything"), "relay")
