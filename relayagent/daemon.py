@@ -68,33 +68,38 @@ ROUTE_CACHE_SIZE = 10000
 
 class Router:
     """``route(recipient) -> destination key``: the first nexthop of the
-    recipient's domain, as written (``[127.0.0.1]:2525``, ``example.com``).
-    Remembered per domain: the answer depends only on main.cf."""
+    recipient's domain, as written (``[127.0.0.1]:2525``, ``example.com``);
+    ``nexthops(domain)``: the resolver's nexthop list.  Both remembered
+    per domain (an LRU): the answer depends only on main.cf and its
+    tables, and the delivery agent asks once per request."""
 
     def __init__(self, resolver: NexthopResolver, size: int = ROUTE_CACHE_SIZE) -> None:
         self.resolver = resolver
         self.size = size
-        self._known: OrderedDict[str, str] = OrderedDict()
+        self._known: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+
+    def nexthops(self, domain: str) -> tuple[Any, ...]:
+        known = self._known.get(domain)
+        if known is not None:
+            self._known.move_to_end(domain)
+            return known
+        # Failures (a bad domain, a table problem) are not remembered.
+        known = tuple(self.resolver.nexthops(domain))
+        self._known[domain] = known
+        if len(self._known) > self.size:
+            self._known.popitem(last=False)
+        return known
 
     def __call__(self, recipient: Recipient) -> str:
-        domain = recipient.domain
-        key = self._known.get(domain)
-        if key is not None:
-            self._known.move_to_end(domain)
-            return key
         try:
-            nexthops = self.resolver.nexthops(domain)
+            nexthops = self.nexthops(recipient.domain)
         except DeliveryFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - a table problem defers, never crashes the queue
             raise DeliveryFailure(Status("4.3.0", f"mail transport unavailable: {exc}")) from None
         if not nexthops:
             raise DeliveryFailure(Status("4.3.0", "mail transport unavailable: no nexthop"))
-        key = str(nexthops[0])
-        self._known[domain] = key
-        if len(self._known) > self.size:
-            self._known.popitem(last=False)
-        return key
+        return str(nexthops[0])
 
 
 class ConnectorTransport:
@@ -210,7 +215,7 @@ class RelayagentService(MultiService):
 
         self.agent = DeliveryAgent(
             self.config, self.spool, self.reactor,
-            nexthops=self.resolver.nexthops,
+            nexthops=self.router.nexthops,
             transport=ConnectorTransport(self.connector, self.resolver),
             cache=self.cache,
             new_mail=new_mail,

@@ -372,7 +372,7 @@ class DeliveryAgent:
         self._send_bounces(message, envelope)
         if not pending:
             message.close()
-            self.spool.remove(queue_id, ACTIVE)
+            self.spool.remove(queue_id, ACTIVE, log_kinds=queue_file.logs_that_may_exist())
             ralog.log_removed(log, queue_id)
             return
         attempts = queue_file.attempts + 1
@@ -415,6 +415,8 @@ class DeliveryAgent:
 
     def _send_bounces(self, message: ActiveMessage, envelope: Envelope) -> None:
         """One failure notice for every recipient in the bounce log."""
+        if BOUNCE_LOG not in message.queue_file.logs_that_may_exist():
+            return
         records = _last_records(self.spool.read_log(BOUNCE_LOG, message.queue_id))
         if not records:
             return
@@ -433,6 +435,7 @@ class DeliveryAgent:
         plan = dsn.notices("failure", envelope, reports, config=self.config, clock=self.clock)
         self._send_notices(message.queue_id, plan)
         self.spool.remove_log(BOUNCE_LOG, message.queue_id)
+        message.queue_file.log_removed(BOUNCE_LOG)
 
     def _delay_warning_due(self, queue_file: Any, envelope: Envelope, now: float,
                            minimal: float, maximal: float) -> bool:

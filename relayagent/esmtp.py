@@ -1189,6 +1189,8 @@ class SMTPSessionFactory(protocol.ClientFactory):
     """Builds the ``SMTPSession`` of a connection (for endpoints)."""
 
     protocol = SMTPSession
+    # One factory per connection: no "Starting factory" line for each.
+    noisy = False
 
     def __init__(
         self,

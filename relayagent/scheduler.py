@@ -417,7 +417,7 @@ class QueueManager:
             except FileNotFoundError:
                 return  # another process took it, or it was removed
         try:
-            queue_file = self.spool.open(queue_id, ACTIVE)
+            queue_file = self.spool.open(queue_id, ACTIVE, claimed=queue != ACTIVE)
         except FileNotFoundError:
             return
         except CorruptQueueFile as exc:

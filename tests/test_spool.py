@@ -177,6 +177,46 @@ class QueueOperationTests(SynchronousTestCase):
             self.assertEqual(os.listdir(os.path.join(self.spool.directory, directory)), [])
         self.assertRaises(FileNotFoundError, self.spool.remove, queue_id, "incoming")
 
+    def claim(self, queue_id: str):
+        self.spool.move(queue_id, "incoming", "active")
+        return self.spool.open(queue_id, "active", claimed=True)
+
+    def test_claimed_fresh_message_has_no_logs_to_remove(self) -> None:
+        self.spool.recover()
+        queue_id = self.enqueue()
+        with self.claim(queue_id) as queue_file:
+            self.assertEqual(queue_file.logs_that_may_exist(), ())
+            queue_file.defer(0, Status("4.4.1", "refused"))
+            self.assertEqual(queue_file.logs_that_may_exist(), ("defer",))
+            queue_file.bounce(1, Status("5.1.1", "unknown"))
+            self.assertEqual(queue_file.logs_that_may_exist(), ("defer", "bounce"))
+        self.spool.remove(queue_id, "active", log_kinds=queue_file.logs_that_may_exist())
+        for directory in ("active", "defer", "bounce"):
+            self.assertEqual(os.listdir(os.path.join(self.spool.directory, directory)), [])
+
+    def test_attempted_message_may_have_a_defer_log(self) -> None:
+        self.spool.recover()
+        queue_id = self.enqueue()
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.record_attempt(1e9)
+        with self.claim(queue_id) as queue_file:
+            self.assertEqual(queue_file.logs_that_may_exist(), ("defer",))
+
+    def test_bounce_log_seen_at_recovery_may_exist(self) -> None:
+        queue_id = self.enqueue()
+        write_file(os.path.join(self.spool.directory, "bounce", queue_id), b"recipient=x\n\n")
+        self.spool.recover()
+        with self.claim(queue_id) as queue_file:
+            self.assertEqual(queue_file.logs_that_may_exist(), ("bounce",))
+
+    def test_logs_unknown_unless_claimed_after_recovery(self) -> None:
+        queue_id = self.enqueue()
+        with self.claim(queue_id) as queue_file:  # recover() has not run
+            self.assertEqual(queue_file.logs_that_may_exist(), ("defer", "bounce"))
+        self.spool.recover()
+        with self.spool.open(queue_id, "active") as queue_file:  # found in active/
+            self.assertEqual(queue_file.logs_that_may_exist(), ("defer", "bounce"))
+
     def test_requeue(self) -> None:
         queue_id = self.enqueue()
         self.spool.move(queue_id, "incoming", "deferred")

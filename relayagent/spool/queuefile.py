@@ -287,6 +287,7 @@ class QueueFile:
         clock: Callable[[], float] | None = None,
         path: str | None = None,
         writable: bool = True,
+        absent_logs: frozenset[str] = frozenset(),
     ) -> None:
         self.queue_id = queue_id
         self.queue_name = queue_name
@@ -302,6 +303,15 @@ class QueueFile:
             # The descriptor is ours from the start: close it here, once.
             self.close()
             raise
+        # The defer and bounce logs known not to exist (``Spool.open``
+        # says which, for a message it knows the history of): removing
+        # the message then skips unlinking them, and the bounce step
+        # skips reading them.  A defer log is only written during an
+        # attempt, so a message never attempted has none.
+        absent = set(absent_logs)
+        if self.attempts > 0:
+            absent.discard(logs.DEFER_LOG)
+        self._absent_logs = absent
         if path is not None:
             # Hold no descriptor while idle: the queue manager keeps up to
             # qmgr_message_active_limit (20,000) messages active, far more
@@ -423,6 +433,15 @@ class QueueFile:
         if current != self._envelope.recipients:
             self._envelope = replace(self._envelope, recipients=current)
         return self._envelope
+
+    def logs_that_may_exist(self) -> tuple[str, ...]:
+        """The kinds of log (``defer``, ``bounce``) this message may have
+        on disk: all of them unless known otherwise."""
+        return tuple(kind for kind in logs.LOG_KINDS if kind not in self._absent_logs)
+
+    def log_removed(self, kind: str) -> None:
+        """The caller removed one of the message's logs."""
+        self._absent_logs.add(kind)
 
     def is_done(self, index: int) -> bool:
         return self._states[index] == DONE[0]
@@ -549,6 +568,8 @@ class QueueFile:
         recipient = self._envelope.recipients[index]
         when = self._clock() if self._clock is not None else None
         record = logs.format_record(kind, recipient, status, when)
+        # Before the write: should it fail half-way, the log may exist.
+        self._absent_logs.discard(kind)
         logs.append_record(os.path.join(self._log_directory, kind, self.queue_id), record)
 
 

@@ -64,6 +64,8 @@ TMP = "tmp"
 PUBLIC = "public"
 DIRECTORIES = QUEUES + logs.LOG_KINDS + (TMP, PUBLIC)
 
+_NO_LOGS = frozenset(logs.LOG_KINDS)
+
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -179,6 +181,9 @@ class Spool:
         self.directory = os.path.abspath(queue_directory)
         self.clock = clock
         self._ids = QueueIdGenerator(clock)
+        # Ids with a bounce log when ``recover`` ran; None before it ran
+        # (nothing is then known about any message's logs).
+        self._bounce_logs_at_start: set[str] | None = None
 
     @classmethod
     def from_config(cls, config: object, *, clock: Callable[[], float] = time.time) -> Spool:
@@ -363,11 +368,21 @@ class Spool:
 
     # -- opening and moving
 
-    def open(self, queue_id: str, queue: str, *, writable: bool = True) -> QueueFile:
+    def open(self, queue_id: str, queue: str, *, writable: bool = True, claimed: bool = False) -> QueueFile:
         """Open a queued message.  Raises ``CorruptQueueFile`` for a bad
-        file and ``FileNotFoundError`` when it is not in that queue."""
+        file and ``FileNotFoundError`` when it is not in that queue.
+
+        ``claimed``: the caller has just moved the message into ``active/``
+        from another queue (not found it there after a crash).  Its logs
+        are then known: a bounce log exists only when ``recover`` saw one
+        (a crash mid-attempt, then a move by hand), a defer log only after
+        an attempt (``QueueFile``).  Removing it then skips what does not
+        exist (``QueueFile.logs_that_may_exist``)."""
         path = self.path(queue, queue_id)
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        absent: frozenset[str] = frozenset()
+        if claimed and self._bounce_logs_at_start is not None:
+            absent = frozenset({logs.DEFER_LOG}) if queue_id in self._bounce_logs_at_start else _NO_LOGS
         return QueueFile(
             queue_id,
             queue,
@@ -376,6 +391,7 @@ class Spool:
             clock=self.clock,
             path=path,
             writable=writable,
+            absent_logs=absent,
         )
 
     def move(self, queue_id: str, from_queue: str, to_queue: str) -> None:
@@ -401,19 +417,25 @@ class Spool:
             reason=reason,
         )
 
-    def remove(self, queue_id: str, queue: str) -> None:
-        """Remove a message and its defer and bounce logs.  Raises
+    def remove(self, queue_id: str, queue: str, *, log_kinds: Iterable[str] = logs.LOG_KINDS) -> None:
+        """Remove a message and its defer and bounce logs (``log_kinds``:
+        those that may exist, ``QueueFile.logs_that_may_exist``).  Raises
         ``FileNotFoundError`` when the message is not in that queue."""
         os.unlink(self.path(queue, queue_id))
-        for kind in logs.LOG_KINDS:
+        for kind in log_kinds:
             _unlink_quietly(self.path(kind, queue_id))
+        if self._bounce_logs_at_start:
+            self._bounce_logs_at_start.discard(queue_id)
 
     def requeue(self, queue_id: str, from_queue: str) -> None:
         """Send a message back to ``incoming/`` with its attempt count and
         deferral reasons forgotten (``postsuper -r``)."""
         with self.open(queue_id, from_queue) as queue_file:
+            # The defer log before the attempts: a message with no attempt
+            # has no defer log (QueueFile relies on it), whenever a crash
+            # comes.
+            _unlink_quietly(self.path(logs.DEFER_LOG, queue_id))
             queue_file.reset_attempts()
-        _unlink_quietly(self.path(logs.DEFER_LOG, queue_id))
         if from_queue != INCOMING:
             self.move(queue_id, from_queue, INCOMING)
 
@@ -449,6 +471,13 @@ class Spool:
             if is_queue_id(name) and _pid_alive(queue_id_pid(name)):
                 continue  # another live process is writing it
             _unlink_quietly(os.path.join(tmp_directory, name))
+        # Bounce logs are written only in active/ and removed before a
+        # message leaves it; one elsewhere is from a crash (see ``open``).
+        # Usually none: this set stays small.
+        try:
+            self._bounce_logs_at_start = set(os.listdir(os.path.join(self.directory, logs.BOUNCE_LOG)))
+        except FileNotFoundError:
+            self._bounce_logs_at_start = set()
         return list(self.queue_ids(ACTIVE))
 
     # -- logs
@@ -463,6 +492,8 @@ class Spool:
         if kind not in logs.LOG_KINDS:
             raise ValueError(f"no such log: {kind!r}")
         _unlink_quietly(self.path(kind, queue_id))
+        if kind == logs.BOUNCE_LOG and self._bounce_logs_at_start:
+            self._bounce_logs_at_start.discard(queue_id)
 
     # -- listing
 
