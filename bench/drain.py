@@ -141,6 +141,16 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def spool_is_empty(queue_directory: str) -> bool:
     for queue in ("incoming", "active", "deferred"):
         with contextlib.suppress(FileNotFoundError):
@@ -249,10 +259,11 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
             )
             elapsed = time.perf_counter() - started
             rss = peak_rss_kib(process.pid)
+            cpu = cpu_seconds(process.pid)
         delivered = sum(s.messages() for s in sinks)
         return {
             "name": "relayagent", "seconds": elapsed, "delivered": delivered, "complete": done,
-            "peak_rss_mib": rss / 1024, "enqueue_per_s": args.messages / enqueue_seconds,
+            "peak_rss_mib": rss / 1024, "enqueue_per_s": args.messages / enqueue_seconds, "cpu": cpu,
             "log": os.path.join(workdir, "twistd.log"),
         }
     finally:
@@ -349,7 +360,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
             f"{messages / seconds:.0f} msg/s, {messages * args.recipients / seconds:.0f} rcpt/s, "
             f"{messages * args.size / seconds / 1e6:.1f} MB/s")
     if "peak_rss_mib" in result:
-        line += f", peak RSS {result['peak_rss_mib']:.0f} MiB, enqueue {result['enqueue_per_s']:.0f} msg/s"
+        line += (f", peak RSS {result['peak_rss_mib']:.0f} MiB, CPU {result['cpu']:.1f} s, "
+                 f"enqueue {result['enqueue_per_s']:.0f} msg/s")
     if not result["complete"]:
         line += "  (INCOMPLETE: timed out)"
         if "log" in result:

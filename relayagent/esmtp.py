@@ -233,6 +233,9 @@ class SMTPSession(ESMTPClient):
 
     # Twisted's LineLog would keep every line, AUTH included: never.
     debug = False
+    # ESMTPClient's __setattr__ (for a deprecated attribute) would run in
+    # Python for every attribute set, the line buffer's included.
+    __setattr__ = object.__setattr__
     # Servers end lines with CRLF; a bare LF is accepted and the CR stripped.
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE_OCTETS + 2
@@ -269,6 +272,7 @@ class SMTPSession(ESMTPClient):
         self._outgoing: list[bytes] = []
         self._unanswered_octets = 0
         self._timer: Any = None
+        self._timer_for: _Expectation | None = None  # the reply the timer runs for
         self._broken: _Broken | None = None
         self._body: _BodyProducer | None = None
         self._early_reply: Reply | None = None
@@ -404,19 +408,41 @@ class SMTPSession(ESMTPClient):
         if self._outgoing and self._broken is None:
             data, self._outgoing = self._outgoing, []
             self.transport.writeSequence(data)
-        if self._timer is None and self._pending:
+        if self._pending and (self._timer_for is not self._pending[0] or self._timer is None):
+            # The oldest expected reply is new (an idle session's timer was
+            # left running for nothing): its timeout runs from now.
             self._start_timer()
 
     def _start_timer(self) -> None:
-        self._cancel_timer()
+        """(Re)start the timeout of the oldest expected reply.
+
+        One timer per session, moved with ``reset`` rather than cancelled
+        and made again for every reply; when no reply is expected it is
+        left to run out, doing nothing (``_timer_fired``), until the next
+        command moves it again or the session ends."""
         if self._pending and self._broken is None:
-            self._timer = self.clock.callLater(self._pending[0].timeout, self._timed_out, self._pending[0].stage)
+            expectation = self._pending[0]
+            self._timer_for = expectation
+            timer = self._timer
+            if timer is not None and timer.active():
+                timer.reset(expectation.timeout)
+            else:
+                self._timer = self.clock.callLater(expectation.timeout, self._timer_fired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if not self._pending or self._broken is not None:
+            return  # left running while nothing was expected
+        if self._timer_for is not self._pending[0]:
+            self._start_timer()  # a command not flushed yet: its time runs from now
+            return
+        self._timed_out(self._pending[0].stage)
 
     def _timed_out(self, stage: _Stage) -> None:
         self._timer = None

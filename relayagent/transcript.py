@@ -15,45 +15,52 @@ from __future__ import annotations
 
 from collections import deque
 
-_MAX_SHOWN = 200  # octets of one line kept; the rest is cut with "..."
+_MAX_SHOWN = 200  # characters of one line shown; the rest is cut with "..."
+# Octets of a line kept until it is shown: enough for _MAX_SHOWN characters
+# of any UTF-8 (4 octets each at most) and to know there were more.
+_MAX_KEPT = 4 * _MAX_SHOWN + 4
 
 
 class Transcript:
-    """A bounded list of "Out: ..." / "In: ..." lines."""
+    """A bounded list of "Out: ..." / "In: ..." lines.
+
+    Lines are kept as they came (cut to ``_MAX_KEPT`` octets) and turned
+    into text only when someone asks (``lines``): a session says and
+    hears several lines per message, and almost every transcript is
+    thrown away unread.  At most ``max_lines`` lines are kept, so at most
+    ``max_lines * _MAX_KEPT`` octets; ``lines`` gives the newest of them
+    that fit in ``max_octets`` characters.  A secret line is redacted
+    before it is kept.
+    """
 
     def __init__(self, max_lines: int = 100, max_octets: int = 16384) -> None:
-        self._lines: deque[str] = deque()
-        self._octets = 0
-        self._max_lines = max_lines
+        self._lines: deque[tuple[str, bytes | str]] = deque(maxlen=max_lines)
         self._max_octets = max_octets
 
     def sent(self, line: bytes | str, *, redact: bool = False) -> None:
-        if redact:
-            text = _redacted(line)
-        else:
-            text = _text(line)
-        self._add("Out: " + text)
+        self._lines.append(("Out: ", _redacted(line) if redact else line[:_MAX_KEPT]))
 
     def received(self, line: bytes | str) -> None:
-        self._add("In: " + _text(line))
+        self._lines.append(("In: ", line[:_MAX_KEPT]))
 
     def note(self, text: str) -> None:
         """A line of our own (e.g. "body: 12345 octets" instead of the body)."""
-        self._add(text)
+        self._lines.append(("", text))
 
     def lines(self) -> list[str]:
-        return list(self._lines)
+        kept: list[str] = []
+        octets = 0
+        for prefix, raw in reversed(self._lines):
+            line = prefix + (raw if not prefix else _text(raw))
+            octets += len(line)
+            if octets > self._max_octets:
+                break
+            kept.append(line)
+        kept.reverse()
+        return kept
 
     def __str__(self) -> str:
-        return "\n".join(self._lines)
-
-    def _add(self, line: str) -> None:
-        self._lines.append(line)
-        self._octets += len(line)
-        while self._lines and (
-            len(self._lines) > self._max_lines or self._octets > self._max_octets
-        ):
-            self._octets -= len(self._lines.popleft())
+        return "\n".join(self.lines())
 
 
 def _text(line: bytes | str) -> str:
