@@ -172,17 +172,22 @@ class DeliveryAgent:
             )
 
         try:
-            cached = await self._cached_session(nexthop_key)
-            if cached is not None:
+            attempt: Attempt | None = None
+            while self.cache is not None and (cached := self.cache.take(nexthop_key)) is not None:
                 # A reused session is the final server for this request
                 # (Postfix would try the next MX on a soft error; with a
-                # session cached the destination was just working).
-                statuses = await self._transact(request, cached, recipients, timing)
+                # session cached the destination was just working).  The
+                # RSET probe goes in the transaction's first write; a
+                # session that fails it delivered nothing and is dropped.
+                statuses = await self._transact(request, cached, recipients, timing, probe=True)
+                if statuses is None:
+                    continue
                 attempt = Attempt(
                     {index: Outcome(status, cached.session.server) for index, status in statuses.items()},
                     sessions=1,
                 )
-            else:
+                break
+            if attempt is None:
                 attempt = await self.transport(nexthops, list(by_index), transact)
         except CorruptQueueFile as exc:
             self._corrupt_found(message, exc.reason)
@@ -199,20 +204,6 @@ class DeliveryAgent:
                 site_failure = outcome.status
         return RequestResult(site_failure=site_failure)
 
-    async def _cached_session(self, nexthop_key: str) -> CachedSession | None:
-        """A cached session for the nexthop that answers RSET, or None."""
-        if self.cache is None:
-            return None
-        while (entry := self.cache.take(nexthop_key)) is not None:
-            try:
-                usable = await entry.session.reset()
-            except Exception:  # noqa: BLE001 - a dead cached session is dropped
-                usable = False
-            if usable:
-                return entry
-            _quit_quietly(entry.session)
-        return None
-
     def _entry_for(self, session: Any, nexthop_key: str) -> CachedSession:
         server = session.server
         return CachedSession(
@@ -227,11 +218,12 @@ class DeliveryAgent:
         )
 
     async def _transact(self, request: DeliveryRequest, entry: CachedSession,
-                        recipients: list[Recipient], timing: _Timing) -> dict[int, Status]:
-        """One transaction on a greeted session; keeps or closes it."""
+                        recipients: list[Recipient], timing: _Timing,
+                        *, probe: bool = False) -> dict[int, Status] | None:
+        """One transaction on a greeted session; keeps or closes it.
+        ``probe``: a cached session, RSET first; None when that failed
+        (the session is closed and nothing was delivered)."""
         connected = self.clock.seconds()
-        if timing.connected is None:
-            timing.connected = connected
         cache = self.cache
         keep = (
             cache is not None
@@ -241,10 +233,15 @@ class DeliveryAgent:
         )
         session = entry.session
         try:
-            result = await session.deliver(request.message.envelope, recipients, last=not keep)
+            result = await session.deliver(request.message.envelope, recipients, last=not keep, probe=probe)
         except BaseException:
             _quit_quietly(session)
             raise
+        if result.probe_failed:
+            _quit_quietly(session)
+            return None
+        if timing.connected is None:
+            timing.connected = connected
         done = self.clock.seconds()
         self._notify_postmaster(request, session, result.recipients.values())
         offers_dsn = "DSN" in getattr(session, "extensions", {})

@@ -114,11 +114,15 @@ class TransactionResult:
     outcome (the reply to ".", or the MAIL/DATA refusal, size refusal,
     lost connection ...), None when only RCPT replies decided.
     ``session_usable``: whether another transaction may follow.
+    ``probe_failed``: ``deliver(..., probe=True)`` found the session dead
+    (the RSET probe failed): nothing was tried, the statuses mean
+    nothing, and the session is closed; deliver on another session.
     """
 
     recipients: dict[int, Status]
     status_of_transaction: Status | None
     session_usable: bool
+    probe_failed: bool = False
 
 
 class SecurityNegotiator(Protocol):
@@ -741,9 +745,18 @@ class SMTPSession(ESMTPClient):
     # -- mail transactions --------------------------------------------------
 
     def deliver(
-        self, envelope: Envelope, recipients: Sequence[Recipient], *, last: bool = False
+        self, envelope: Envelope, recipients: Sequence[Recipient], *, last: bool = False,
+        probe: bool = False,
     ) -> Deferred[TransactionResult]:
-        """One mail transaction for ``recipients`` (see ``TransactionResult``)."""
+        """One mail transaction for ``recipients`` (see ``TransactionResult``).
+
+        ``probe``: the session comes from the connection cache; RSET first
+        to see that it still works (what ``reset`` does on its own), in the
+        same write as MAIL, RCPT and DATA when the server pipelines.  If
+        the probe fails the result says ``probe_failed`` and nothing was
+        delivered: the body goes only after DATA's 354, which comes after
+        the RSET reply.
+        """
         if self._busy:
             raise RuntimeError("one transaction at a time per session")
         self._busy = True
@@ -753,7 +766,9 @@ class SMTPSession(ESMTPClient):
             self.transactions += 1
             return result
 
-        return Deferred.fromCoroutine(self._transaction(envelope, tuple(recipients), last)).addBoth(done)
+        return Deferred.fromCoroutine(
+            self._transaction(envelope, tuple(recipients), last, probe)
+        ).addBoth(done)
 
     def reset(self) -> Deferred[bool]:
         """RSET probe before reusing the session: False when it is unusable."""
@@ -824,10 +839,21 @@ class SMTPSession(ESMTPClient):
     def _local_status(self, dsn: str, text: str) -> Status:
         return Status(dsn=dsn, text=text, remote_mta=self.server.host)
 
+    def _probe_failed(self, outcome: _Outcome) -> TransactionResult:
+        """The session is dead or out of step: drop it; nothing was sent
+        that could deliver anything."""
+        self.usable = False
+        if self._broken is None:
+            self._break(self._local_status("4.4.2", f"RSET probe to {self.namaddr} failed"))
+        result = outcome.finish(self._broken.status if self._broken else None, usable=False)
+        return TransactionResult(result.recipients, result.status_of_transaction, False, probe_failed=True)
+
     async def _transaction(
-        self, envelope: Envelope, recipients: tuple[Recipient, ...], last: bool
+        self, envelope: Envelope, recipients: tuple[Recipient, ...], last: bool, probe: bool = False
     ) -> TransactionResult:
         outcome = _Outcome(self, recipients)
+        if probe and (self._broken is not None or not self.usable):
+            return self._probe_failed(outcome)
         if self._broken is not None or not self.usable:
             status = self._broken.status if self._broken is not None else self._local_status(
                 "4.4.2", f"session with {self.namaddr} is not usable"
@@ -857,7 +883,15 @@ class SMTPSession(ESMTPClient):
         )
         pipelining = self.has("PIPELINING")
 
-        # MAIL, RCPT..., DATA: one write when pipelining, else lock-step.
+        probe_d: Deferred[Reply | _Broken] | None = None
+        if probe:
+            probe_d = self._queue_command(b"RSET", "probe")
+            if not pipelining:
+                self._flush()
+                if not _positive(await probe_d):
+                    return self._probe_failed(outcome)
+                probe_d = None
+        # [RSET,] MAIL, RCPT..., DATA: one write when pipelining, else lock-step.
         mail_reply_d = self._queue_command(self._mail_from(envelope, converting), "mail")
         if not pipelining:
             self._flush()
@@ -883,6 +917,9 @@ class SMTPSession(ESMTPClient):
         if self._broken is None and (pipelining or outcome.accepted):
             data_reply_d = self._queue_command(b"DATA", "data")
         self._flush()
+        if probe_d is not None and not _positive(await probe_d):
+            # The commands after it are void: the connection goes.
+            return self._probe_failed(outcome)
         if pipelining:
             outcome.take_mail(await mail_reply_d)
             for recipient, reply_d in rcpt_reply_ds:
@@ -1015,6 +1052,10 @@ class SMTPSession(ESMTPClient):
         producer.done.addCallback(finished)
         producer.start()
         return producer.done
+
+
+def _positive(reply: Reply | _Broken) -> bool:
+    return isinstance(reply, Reply) and reply.positive
 
 
 class _Outcome:

@@ -60,7 +60,11 @@ class FakeSession:
         self.resets = 0
         self.quits = 0
 
-    def deliver(self, envelope, recipients, *, last=False):
+    def deliver(self, envelope, recipients, *, last=False, probe=False):
+        if probe:
+            self.resets += 1
+            if not self.probe:
+                return succeed(TransactionResult({}, None, False, probe_failed=True))
         self.transactions.append(([r.address for r in recipients], last))
         return succeed(TransactionResult(
             {r.index: self.answers.get(r.address, sent()) for r in recipients}, None, self.usable

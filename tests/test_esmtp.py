@@ -442,6 +442,48 @@ class PipelinedTransactionTests(unittest.SynchronousTestCase):
             self.assertTrue(self.successResultOf(r))
         self.assertEqual(h.session.transactions, 2)
 
+    def test_probe_pipelined_with_the_transaction(self):
+        h = Harness(self).greet()
+        env = make_envelope(count=1)
+        d = h.session.deliver(env, env.recipients, probe=True)
+        self.assertEqual(h.sent(), b"RSET\r\nMAIL FROM:<s@example.org> SIZE=17 BODY=7BIT\r\n"
+                                   b"RCPT TO:<u0@example.com>\r\nDATA\r\n")
+        h.receive(b"250 reset", b"250 ok", b"250 ok", b"354 go")
+        self.assertTrue(h.sent().endswith(b"\r\n.\r\n"))
+        h.receive(b"250 queued")
+        result = self.successResultOf(d)
+        self.assertFalse(result.probe_failed)
+        self.assertTrue(result.recipients[0].ok)
+        self.assertTrue(result.session_usable)
+
+    def test_failed_probe_sends_no_body_and_drops_the_session(self):
+        h = Harness(self).greet()
+        env = make_envelope(count=1)
+        d = h.session.deliver(env, env.recipients, probe=True)
+        h.sent()
+        h.receive(b"503 out of step", b"250 ok", b"250 ok", b"354 go")
+        result = self.successResultOf(d)
+        self.assertTrue(result.probe_failed)
+        self.assertFalse(result.session_usable)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.sent(), b"")  # no body, no "."
+
+    def test_probe_on_a_dead_session(self):
+        h = Harness(self).greet()
+        h.lose()
+        env = make_envelope(count=1)
+        result = self.successResultOf(h.session.deliver(env, env.recipients, probe=True))
+        self.assertTrue(result.probe_failed)
+
+    def test_probe_lock_step_without_pipelining(self):
+        h = Harness(self).greet([b"250 mx"])
+        env = make_envelope(count=1)
+        d = h.session.deliver(env, env.recipients, probe=True)
+        self.assertEqual(h.sent(), b"RSET\r\n")
+        h.receive(b"421 4.4.2 closing")
+        self.assertTrue(self.successResultOf(d).probe_failed)
+        self.assertEqual(h.sent(), b"")
+
     def test_reset_refused_makes_session_unusable(self):
         h = Harness(self).greet()
         r = h.session.reset()
