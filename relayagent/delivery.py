@@ -195,13 +195,15 @@ class DeliveryAgent:
         if message.queue_id in self.corrupt:
             return RequestResult()
         site_failure: Status | None = None
+        outcomes: list[tuple[Recipient, Outcome]] = []
         for recipient in recipients:
             outcome = attempt.outcomes.get(recipient.index) or Outcome(
                 Status("4.3.0", "mail system error: no delivery status for this recipient")
             )
-            self._record(request, recipient, outcome, timing)
+            outcomes.append((recipient, outcome))
             if attempt.sessions == 0 and outcome.server is None and site_failure is None and outcome.status.soft:
                 site_failure = outcome.status
+        self._record_many(request, outcomes, timing)
         return RequestResult(site_failure=site_failure)
 
     def _entry_for(self, session: Any, nexthop_key: str) -> CachedSession:
@@ -282,48 +284,63 @@ class DeliveryAgent:
 
     def _record_all(self, request: DeliveryRequest, recipients: Sequence[Recipient],
                     outcome: Outcome, timing: _Timing) -> None:
-        for recipient in recipients:
-            self._record(request, recipient, outcome, timing)
+        self._record_many(request, [(recipient, outcome) for recipient in recipients], timing)
 
     def _record(self, request: DeliveryRequest, recipient: Recipient, outcome: Outcome,
                 timing: _Timing) -> None:
-        """Act on one recipient's outcome at once (see the module docstring)."""
+        self._record_many(request, [(recipient, outcome)], timing)
+
+    def _record_many(self, request: DeliveryRequest, outcomes: Sequence[tuple[Recipient, Outcome]],
+                     timing: _Timing) -> None:
+        """Act on the recipients' outcomes at once (see the module
+        docstring), in three passes so that the queue file is opened once
+        for all the marks: each recipient's bounce or defer record, then
+        every mark, then the log lines and notices.  Each recipient still
+        has its bounce record before its mark, and its mark before its
+        log line."""
         message = request.message
         queue_file = message.queue_file
-        status = outcome.status
-        if status.hard and self.soft_bounce:
-            status = status.softened()
-        if status.ok:
-            queue_file.mark_done(recipient.index)
-            verdict = "sent"
-        elif status.hard:
-            queue_file.bounce(recipient.index, status)
-            queue_file.mark_done(recipient.index)
-            verdict = "bounced"
-        else:
-            queue_file.defer(recipient.index, status)
-            verdict = "deferred"
+        decided: list[tuple[Recipient, Outcome, Status, str]] = []
+        done: list[int] = []
+        for recipient, outcome in outcomes:
+            status = outcome.status
+            if status.hard and self.soft_bounce:
+                status = status.softened()
+            if status.ok:
+                verdict = "sent"
+                done.append(recipient.index)
+            elif status.hard:
+                queue_file.bounce(recipient.index, status)
+                verdict = "bounced"
+                done.append(recipient.index)
+            else:
+                queue_file.defer(recipient.index, status)
+                verdict = "deferred"
+            decided.append((recipient, outcome, status, verdict))
+        if done:
+            queue_file.mark_done_many(done)
         now = self.clock.seconds()
         envelope = message.envelope
         before_qmgr = max(0.0, message.activated - envelope.arrival_time)
         in_qmgr = max(0.0, (request.dispatched or timing.started) - message.activated)
-        setup, transmission = timing.transmitted.get(
-            recipient.index, (max(0.0, now - timing.started), 0.0)
-        )
-        server = outcome.server
-        ralog.log_delivery(
-            log,
-            queue_id=message.queue_id,
-            recipient=recipient,
-            relay=str(server) if server is not None else None,
-            conn_use=timing.conn_use.get(recipient.index),
-            delay=max(0.0, now - envelope.arrival_time),
-            delays=(before_qmgr, in_qmgr, setup, transmission),
-            status=status,
-            outcome=verdict,
-        )
-        if status.ok and server is not None:
-            self._success_notice(message, recipient, status, timing.dsn_offered.get(recipient.index, False))
+        delay = max(0.0, now - envelope.arrival_time)
+        not_transmitted = (max(0.0, now - timing.started), 0.0)
+        for recipient, outcome, status, verdict in decided:
+            setup, transmission = timing.transmitted.get(recipient.index, not_transmitted)
+            server = outcome.server
+            ralog.log_delivery(
+                log,
+                queue_id=message.queue_id,
+                recipient=recipient,
+                relay=str(server) if server is not None else None,
+                conn_use=timing.conn_use.get(recipient.index),
+                delay=delay,
+                delays=(before_qmgr, in_qmgr, setup, transmission),
+                status=status,
+                outcome=verdict,
+            )
+            if status.ok and server is not None:
+                self._success_notice(message, recipient, status, timing.dsn_offered.get(recipient.index, False))
 
     def _success_notice(self, message: ActiveMessage, recipient: Recipient, status: Status,
                         offers_dsn: bool) -> None:
@@ -340,9 +357,8 @@ class DeliveryAgent:
         each gets ``status`` (deferred, or bounced when hard)."""
         queue_file = request.message.queue_file
         timing = _Timing(started=self.clock.seconds())
-        for recipient in request.recipients:
-            if not queue_file.is_done(recipient.index):
-                self._record(request, recipient, Outcome(status), timing)
+        self._record_all(request, [r for r in request.recipients if not queue_file.is_done(r.index)],
+                         Outcome(status), timing)
 
     def _corrupt_found(self, message: ActiveMessage, reason: str) -> None:
         self.corrupt[message.queue_id] = reason
@@ -359,6 +375,15 @@ class DeliveryAgent:
             self.spool.mark_corrupt(queue_id, ACTIVE, reason)
             return
         queue_file = message.queue_file
+        if queue_file.pending_count() == 0:
+            # Every recipient done (the common end): nothing to expire or
+            # warn about, and the recipients' states do not matter to the
+            # bounce notice, so the envelope need not be brought up to date.
+            self._send_bounces(message, message.envelope)
+            message.close()
+            self.spool.remove(queue_id, ACTIVE, log_kinds=queue_file.logs_that_may_exist())
+            ralog.log_removed(log, queue_id)
+            return
         envelope = queue_file.envelope
         now = self.clock.seconds()
         pending = envelope.pending()

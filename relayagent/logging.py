@@ -111,6 +111,8 @@ _LEVEL_PREFIX = {
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _MILLION = 1_000_000
+# Digits after the point for each possible rounding unit (microseconds).
+_PLACES = {10 ** (6 - places): places for places in range(7)}
 
 
 def _clean(text: object) -> str:
@@ -151,16 +153,12 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
         if usec >= _MILLION:
             sec += 1
             usec -= _MILLION
-    text = str(sec)
-    if usec >= unit:
-        digits = []
-        remainder, place = usec, _MILLION // 10
-        while remainder >= unit and place > 0:
-            digits.append(str(remainder // place))
-            remainder %= place
-            place //= 10
-        text += "." + "".join(digits)
-    return text
+    if usec < unit:
+        return str(sec)
+    # The digits down to the unit's place, without trailing zeros (one
+    # format call, where format_tv.c loops digit by digit).
+    places = _PLACES[unit]
+    return f"{sec}.{usec // unit:0{places}d}".rstrip("0")
 
 
 # ---------------------------------------------------------------------------

@@ -374,6 +374,24 @@ class UpdateTests(SynchronousTestCase):
             self.assertRaises(IndexError, queue_file.mark_done, 2)
             self.assertRaises(IndexError, queue_file.mark_done, -1)
 
+    def test_mark_done_many_one_open_in_runs(self) -> None:
+        queue_id = self.spool.enqueue("a@example.org", [f"r{i}@example.net" for i in range(6)], b"x\n")
+        path = queue_path(self.spool, "incoming", queue_id)
+        before = read_file(path)
+        opened = []
+        real_open = os.open
+        self.patch(os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            opened.clear()
+            queue_file.mark_done_many([4, 0, 1, 4])
+            self.assertEqual(len(opened), 1)
+            self.assertEqual([r.index for r in queue_file.envelope.pending()], [2, 3, 5])
+            self.assertRaises(IndexError, queue_file.mark_done_many, [3, 6])
+            self.assertFalse(queue_file.is_done(3))  # nothing written for a bad call
+        after = read_file(path)
+        changed = [i for i in range(len(before)) if before[i] != after[i]]
+        self.assertEqual(changed, [qf.STATUS_OFFSET + i for i in (0, 1, 4)])
+
     def test_read_only_file_refuses_updates(self) -> None:
         with self.spool.open(self.queue_id, "incoming", writable=False) as queue_file:
             self.assertRaises(OSError, queue_file.mark_done, 0)
