@@ -369,7 +369,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
     print(line, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--size", type=int, default=2000, help="message size in bytes")
@@ -383,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra main.cf line for relayagent (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--profile", metavar="FILE", help="save the daemon's cProfile stats to FILE")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     global PROFILE
     PROFILE = os.path.abspath(args.profile) if args.profile else None
     if not os.path.exists(SMTP_SINK):

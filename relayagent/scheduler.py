@@ -389,7 +389,7 @@ class QueueManager:
             return queue_id, INCOMING
         if self._incoming_dirty:
             self._incoming_dirty = False
-            self._incoming = self.spool.queue_ids(INCOMING)
+            self._incoming = self.spool.scan(INCOMING)
             for queue_id in self._incoming:
                 return queue_id, INCOMING
         if self._deferred is not None:

@@ -86,7 +86,7 @@ class SpoolStateService(Service):
         self.spool = Spool(directory)
         self.spool.ensure_layout()
         active = list(self.spool.recover())
-        counts = {queue: sum(1 for _ in self.spool.queue_ids(queue))
+        counts = {queue: sum(1 for _ in self.spool.scan(queue))
                   for queue in ("incoming", "active", "deferred", "hold", "corrupt")}
         self.log.info(
             "relayagent {version} started: queue_directory={directory}, "

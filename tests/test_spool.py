@@ -144,6 +144,17 @@ class QueueOperationTests(SynchronousTestCase):
         self.assertEqual(list(self.spool.queue_ids("incoming")), sorted(ids))
         self.assertEqual(list(self.spool.queue_ids("incoming")), ids)
 
+    def test_scan_streams_in_order_within_batches(self) -> None:
+        ids = [self.enqueue() for _ in range(7)]
+        write_file(os.path.join(self.spool.directory, "incoming", ".swp"), b"")
+        self.assertEqual(list(self.spool.scan("incoming")), ids)
+        scanned = list(self.spool.scan("incoming", batch=3))
+        self.assertEqual(sorted(scanned), ids)
+        for start in (0, 3):
+            self.assertEqual(scanned[start:start + 3], sorted(scanned[start:start + 3]))
+        self.assertEqual(list(self.spool.scan("hold")), [])
+        self.assertRaises(ValueError, lambda: list(self.spool.scan("nowhere")))
+
     def test_move_and_find(self) -> None:
         queue_id = self.enqueue()
         self.spool.move(queue_id, "incoming", "active")

@@ -180,6 +180,11 @@ class Spool:
     def __init__(self, queue_directory: str, *, clock: Callable[[], float] = time.time) -> None:
         self.directory = os.path.abspath(queue_directory)
         self.clock = clock
+        # "<queue_directory>/<queue>/" for every queue, log and tmp/ (path()
+        # runs several times per message).
+        self._prefixes = {
+            name: os.path.join(self.directory, name, "") for name in QUEUES + logs.LOG_KINDS + (TMP,)
+        }
         self._ids = QueueIdGenerator(clock)
         # Ids with a bounce log when ``recover`` ran; None before it ran
         # (nothing is then known about any message's logs).
@@ -200,11 +205,12 @@ class Spool:
 
     def path(self, queue: str, queue_id: str) -> str:
         """The file name of a message in a queue (or of a log)."""
-        if queue not in QUEUES and queue not in logs.LOG_KINDS and queue != TMP:
+        prefix = self._prefixes.get(queue)
+        if prefix is None:
             raise ValueError(f"no such queue: {queue!r}")
         if not is_queue_id(queue_id):
             raise ValueError(f"not a queue id: {queue_id!r}")
-        return os.path.join(self.directory, queue, queue_id)
+        return prefix + queue_id
 
     # -- enqueue
 
@@ -449,6 +455,32 @@ class Spool:
         except FileNotFoundError:
             return iter(())
         return iter(sorted(name for name in names if is_queue_id(name)))
+
+    def scan(self, queue: str, batch: int = 1000) -> Iterator[str]:
+        """The ids in a queue, streamed from the directory: memory does not
+        grow with the queue (``queue_ids`` holds every name).  Oldest
+        first within each ``batch`` of directory entries, so a queue of
+        up to ``batch`` messages comes out wholly in order; a larger one
+        in directory order between batches, as Postfix's queue manager
+        scans.  Ids that come or go during the scan may or may not be
+        seen."""
+        if queue not in QUEUES:
+            raise ValueError(f"no such queue: {queue!r}")
+        try:
+            entries = os.scandir(os.path.join(self.directory, queue))
+        except FileNotFoundError:
+            return
+        with entries:
+            names: list[str] = []
+            for entry in entries:
+                if is_queue_id(entry.name):
+                    names.append(entry.name)
+                    if len(names) >= batch:
+                        names.sort()
+                        yield from names
+                        names = []
+            names.sort()
+            yield from names
 
     def find(self, queue_id: str, queues: Iterable[str] = QUEUES) -> str | None:
         """The queue that holds a message, or None."""
