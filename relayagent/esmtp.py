@@ -917,14 +917,20 @@ class SMTPSession(ESMTPClient):
         if self._broken is None and (pipelining or outcome.accepted):
             data_reply_d = self._queue_command(b"DATA", "data")
         self._flush()
-        if probe_d is not None and not _positive(await probe_d):
+        if pipelining:
+            # Replies come in order (or the session breaks and every waiter
+            # hears it at once): wait once, for the last, then read the
+            # others, which are in by then.
+            last_d = data_reply_d or (rcpt_reply_ds[-1][1] if rcpt_reply_ds else mail_reply_d)
+            await _reply(last_d)
+        if probe_d is not None and not _positive(await _reply(probe_d)):
             # The commands after it are void: the connection goes.
             return self._probe_failed(outcome)
         if pipelining:
-            outcome.take_mail(await mail_reply_d)
+            outcome.take_mail(await _reply(mail_reply_d))
             for recipient, reply_d in rcpt_reply_ds:
-                outcome.take_rcpt(recipient, await reply_d)
-        data_reply = await data_reply_d if data_reply_d is not None else None
+                outcome.take_rcpt(recipient, await _reply(reply_d))
+        data_reply = await _reply(data_reply_d) if data_reply_d is not None else None
 
         if isinstance(data_reply, _Broken):
             return outcome.finish(data_reply.status, usable=False)
@@ -1052,6 +1058,14 @@ class SMTPSession(ESMTPClient):
         producer.done.addCallback(finished)
         producer.start()
         return producer.done
+
+
+async def _reply(deferred: Deferred[Reply | _Broken]) -> Reply | _Broken:
+    """A reply, without a trip through the coroutine machinery when it is
+    already in (a reply Deferred never fails and has no callbacks)."""
+    if deferred.called:
+        return deferred.result  # type: ignore[no-any-return]
+    return await deferred
 
 
 def _positive(reply: Reply | _Broken) -> bool:
