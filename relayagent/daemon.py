@@ -219,6 +219,8 @@ class RelayagentService(MultiService):
             transport=ConnectorTransport(self.connector, self.resolver),
             cache=self.cache,
             new_mail=new_mail,
+            # Unlinking delivered files off the reactor thread.
+            removal_reactor=self.reactor,
         )
         queue_manager = QueueManager(self.config, self.spool, self.agent, self.reactor, self.router)
         self.queue_manager = queue_manager
@@ -243,6 +245,8 @@ class RelayagentService(MultiService):
         waits.append(maybeDeferred(super().stopService))
 
         def after(_: Any) -> None:
+            if self.agent is not None:
+                self.agent.stop()
             self.cache.close_all()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)

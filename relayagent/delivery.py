@@ -70,6 +70,7 @@ from relayagent.spool import (
     LogRecord,
     Spool,
 )
+from relayagent.spool.remover import BackgroundRemover
 from relayagent.status import DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.delivery")
@@ -130,6 +131,7 @@ class DeliveryAgent:
         cache: ConnectionCache | None = None,
         new_mail: Callable[[], None] | None = None,
         on_corrupt: Callable[[ActiveMessage, str], None] | None = None,
+        removal_reactor: Any = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -141,6 +143,18 @@ class DeliveryAgent:
         self.soft_bounce: bool = config["soft_bounce"]
         self.authenticating: bool = config["smtp_sasl_auth_enable"]
         self.corrupt: dict[str, str] = {}  # queue id -> reason, found during delivery
+        # removal_reactor (a reactor with callFromThread): delivered
+        # messages are unlinked by a worker thread (spool.remover); None:
+        # here and now.
+        self.remover: BackgroundRemover | None = None
+        if removal_reactor is not None:
+            self.remover = BackgroundRemover(spool, removal_reactor, on_removed=self._removed,
+                                             on_error=self._removal_failed)
+
+    def stop(self) -> None:
+        """Finish the removals handed to the worker thread (service stop)."""
+        if self.remover is not None:
+            self.remover.stop()
 
     # -- one request
 
@@ -381,8 +395,7 @@ class DeliveryAgent:
             # bounce notice, so the envelope need not be brought up to date.
             self._send_bounces(message, message.envelope)
             message.close()
-            self.spool.remove(queue_id, ACTIVE, log_kinds=queue_file.logs_that_may_exist())
-            ralog.log_removed(log, queue_id)
+            self._remove(queue_id, queue_file)
             return
         envelope = queue_file.envelope
         now = self.clock.seconds()
@@ -394,8 +407,7 @@ class DeliveryAgent:
         self._send_bounces(message, envelope)
         if not pending:
             message.close()
-            self.spool.remove(queue_id, ACTIVE, log_kinds=queue_file.logs_that_may_exist())
-            ralog.log_removed(log, queue_id)
+            self._remove(queue_id, queue_file)
             return
         attempts = queue_file.attempts + 1
         minimal, maximal = self.config["minimal_backoff_time"], self.config["maximal_backoff_time"]
@@ -411,6 +423,23 @@ class DeliveryAgent:
             os.utime(self.spool.path(DEFERRED, queue_id), (next_attempt, next_attempt))
         except OSError as exc:
             ralog.log_warning(log, f"cannot set the next attempt time: {exc}", queue_id=queue_id)
+
+    def _remove(self, queue_id: str, queue_file: Any) -> None:
+        """Remove a message whose every recipient is done (the marks are
+        on the file already), then log "removed"."""
+        log_kinds = queue_file.logs_that_may_exist()
+        if self.remover is not None:
+            self.remover.remove(queue_id, ACTIVE, log_kinds)
+            return
+        self.spool.remove(queue_id, ACTIVE, log_kinds=log_kinds)
+        self._removed(queue_id)
+
+    def _removed(self, queue_id: str) -> None:
+        ralog.log_removed(log, queue_id)
+
+    def _removal_failed(self, queue_id: str, error: OSError) -> None:
+        # Left in active/: the next start finds nothing pending and tries again.
+        ralog.log_warning(log, f"cannot remove queue file: {error}", queue_id=queue_id)
 
     def _lifetime(self, envelope: Envelope) -> float:
         if envelope.sender:

@@ -161,6 +161,23 @@ class OutcomeTests(DeliveryTestCase):
         self.assertIsNone(self.spool.find(message.queue_id))
         self.assertEqual(len(self.lines("removed")), 1)
 
+    def test_removal_in_a_worker_thread(self) -> None:
+        from tests.test_remover import RecordingReactor
+
+        reactor = RecordingReactor()
+        agent = DeliveryAgent(self.config, self.spool, self.clock,
+                              nexthops=lambda domain: ["[127.0.0.1]:25"],
+                              transport=FakeTransport(), removal_reactor=reactor)
+        message = self.message()
+        self.attempt(agent, message)
+        agent.finish(message)
+        agent.stop()  # joins the worker: the file is gone and reported
+        self.assertIsNone(self.spool.find(message.queue_id))
+        self.assertEqual([e["queue_id"] for e in self.lines("removed")], [message.queue_id])
+        # The sent line came first: the marks were on the file before it went.
+        kinds = [e["ralog_event"] for e in self.events if e.get("ralog_event")]
+        self.assertEqual(kinds, ["delivery", "removed"])
+
     def test_deferred_goes_to_deferred_with_next_attempt(self) -> None:
         agent = self.agent(FakeTransport({"b@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])

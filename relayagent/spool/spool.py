@@ -430,6 +430,10 @@ class Spool:
         os.unlink(self.path(queue, queue_id))
         for kind in log_kinds:
             _unlink_quietly(self.path(kind, queue_id))
+        self.forget(queue_id)
+
+    def forget(self, queue_id: str) -> None:
+        """A message is gone: drop what the spool remembered of it."""
         if self._bounce_logs_at_start:
             self._bounce_logs_at_start.discard(queue_id)
 

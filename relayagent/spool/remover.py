@@ -1,0 +1,147 @@
+"""
+Removing delivered messages off the reactor thread.
+
+Unlinking a queue file that was written and fsynced costs the kernel about
+100 microseconds (ext4 frees its blocks and journals it): on a busy queue
+that is an eighth of the delivery agent's time, spent while the reactor
+can do nothing else.  ``BackgroundRemover`` hands the unlinks to one worker
+thread (the GIL is released during the system call, so the work moves to
+the other core) and reports each removal back on the reactor thread, in
+batches, where the caller logs "removed".
+
+Safety: only a message whose every recipient is marked done is handed
+over.  Until its file is gone it sits in ``active/``; should the process
+die first, the next start recovers it, finds nothing pending, and removes
+it then.  Nothing is delivered twice and nothing is lost; at worst a
+"removed" line is written by the next process instead.
+
+Bounded: at most ``max_backlog`` removals wait for the worker; past that
+the caller's thread removes the file itself (a disk slower than the
+deliveries slows the deliveries down, as before).
+
+Owns no parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from relayagent.spool.spool import Spool
+
+# (queue id, file name, log file names)
+_Job = tuple[str, str, tuple[str, ...]]
+_STOP = None
+
+
+class BackgroundRemover:
+    """``remove(queue_id, queue, log_kinds)``; ``on_removed(queue_id)`` or
+    ``on_error(queue_id, error)`` later, on the reactor thread."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        reactor: Any,
+        *,
+        on_removed: Callable[[str], None],
+        on_error: Callable[[str, OSError], None],
+        max_backlog: int = 1000,
+    ) -> None:
+        self.spool = spool
+        self.reactor = reactor
+        self.on_removed = on_removed
+        self.on_error = on_error
+        self.max_backlog = max_backlog
+        self.outstanding = 0
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Filled by the worker, emptied on the reactor thread (deque's
+        # append and popleft are atomic).
+        self._results: deque[tuple[str, OSError | None]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def remove(self, queue_id: str, queue_name: str, log_kinds: Sequence[str]) -> None:
+        """Remove a message (every recipient done) and the logs it may have."""
+        job = (
+            queue_id,
+            self.spool.path(queue_name, queue_id),
+            tuple(self.spool.path(kind, queue_id) for kind in log_kinds),
+        )
+        if self.outstanding >= self.max_backlog:
+            self._finished([_unlink(job)])
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="relayagent-remover", daemon=True)
+            self._thread.start()
+        self.outstanding += 1
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Finish every removal handed over, then end the worker (blocks)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._jobs.put(_STOP)
+        thread.join()
+        # The reactor may not run the worker's last calls: report here.
+        self._drain()
+
+    # -- the worker thread
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            batch = [job]
+            stopping = False
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stopping = True
+                    break
+                batch.append(job)
+            self._results.extend(_unlink(job) for job in batch)
+            # One wake-up of the reactor per batch, not per file.
+            self.reactor.callFromThread(self._drain)
+            if stopping:
+                return
+
+    # -- back on the reactor thread
+
+    def _drain(self) -> None:
+        results = []
+        while self._results:
+            results.append(self._results.popleft())
+        self.outstanding -= len(results)
+        self._finished(results)
+
+    def _finished(self, results: list[tuple[str, OSError | None]]) -> None:
+        for queue_id, error in results:
+            self.spool.forget(queue_id)
+            if error is None:
+                self.on_removed(queue_id)
+            else:
+                self.on_error(queue_id, error)
+
+
+def _unlink(job: _Job) -> tuple[str, OSError | None]:
+    queue_id, path, log_paths = job
+    try:
+        os.unlink(path)
+    except OSError as error:
+        return queue_id, error
+    for log_path in log_paths:
+        try:
+            os.unlink(log_path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # a log left behind is debris, not a message
+    return queue_id, None
