@@ -91,6 +91,9 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(Factory):
     """Builds ``ControlProtocol`` for a queue manager."""
 
+    # Twisted's "Starting factory" lines are not mail log lines.
+    noisy = False
+
     def __init__(self, queue_manager: Any) -> None:
         self.queue_manager = queue_manager
 
