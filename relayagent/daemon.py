@@ -153,7 +153,10 @@ class RelayagentService(MultiService):
         self.queue_directory = config.path_of("queue_directory")
         # maillog_file: relayagent's lines only, in log_format; else they
         # go into twistd's log (relayagent.logging.MailLog).
-        self.maillog = ralog.MailLog(config, log_out) if log_out is not None else None
+        self.maillog = (
+            ralog.MailLog(config, log_out, flush_later=lambda flush: reactor.callLater(0, flush))
+            if log_out is not None else None
+        )
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.cache = ConnectionCache.from_config(config, reactor)
@@ -264,7 +267,8 @@ def open_log(config: Config) -> TextIO | None:
     if not path:
         return None
     path = config.path_of("maillog_file")
-    return open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - lives with the process
+    # Buffered: the maillog flushes once per reactor turn (logging._Writer).
+    return open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - lives with the process
 
 
 def build_service(config: Config, reactor: Any) -> RelayagentService:

@@ -420,6 +420,47 @@ class MailLogTests(unittest.TestCase):
         self.assertEqual(clock(WHEN + 61), ralog.syslog_time(WHEN + 61))
 
 
+class FlushTests(unittest.TestCase):
+    class Out(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    def test_flush_per_line_by_default(self) -> None:
+        out = self.Out()
+        observer = ralog.PostfixFormatObserver(out, hostname="h", pid=1)
+        log = Logger(namespace="relayagent.test", observer=observer)
+        deliver(log, SENT, "sent")
+        deliver(log, SENT, "sent")
+        self.assertEqual(out.flushes, 2)
+
+    def test_one_flush_per_turn_with_flush_later(self) -> None:
+        out = self.Out()
+        later: list = []
+        observer = ralog.JsonObserver(out, hostname="h", pid=1, flush_later=later.append)
+        log = Logger(namespace="relayagent.test", observer=observer)
+        for _ in range(3):
+            deliver(log, SENT, "sent")
+        self.assertEqual((out.flushes, len(later)), (0, 1))
+        later.pop()()
+        self.assertEqual(out.flushes, 1)
+        deliver(log, SENT, "sent")
+        self.assertEqual(len(later), 1)  # a new turn, a new flush
+        self.assertEqual(len(out.getvalue().splitlines()), 4)
+
+    def test_maillog_stop_flushes(self) -> None:
+        out = self.Out()
+        maillog = ralog.MailLog(Config.defaults(), out, publisher=LogPublisher(), flush_later=lambda f: None)
+        maillog.start()
+        ralog.log_removed(Logger(namespace="relayagent.test"), "4B3F2A1C0D")
+        maillog.stop()
+        self.assertEqual(out.flushes, 1)
+        self.assertIn("4B3F2A1C0D: removed", out.getvalue())
+
+
 class DebugPeersTests(unittest.TestCase):
     def peers(self, patterns: str, level: str = "3") -> ralog.DebugPeers:
         config = Config.defaults().replace(debug_peer_list=patterns, debug_peer_level=level)
