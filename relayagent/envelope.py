@@ -12,9 +12,22 @@ Owns no parameters.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+# C0 controls, DEL and C1 controls: never part of an address.  A CR or LF
+# in one would end an SMTP command line (or a header) early, so every
+# address is checked where it enters the spool and again where it is read.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` cannot be queued or sent, or None when it can."""
+    if _CONTROL_RE.search(address):
+        return "has a control character"
+    return None
 
 
 class BodyType(enum.Enum):

@@ -55,7 +55,7 @@ from twisted.mail.smtp import ESMTPClient
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayagent.envelope import BodyType, Envelope, Recipient
+from relayagent.envelope import BodyType, Envelope, Recipient, address_problem
 from relayagent.logging import DebugPeers
 from relayagent.smtp_body import BodyEncoder
 from relayagent.smtp_reply import (
@@ -200,6 +200,10 @@ def smtp_path(address: str) -> str:
     (Postfix's smtp_quote_821_env, RFC 5321 4.1.2)."""
     if not address:
         return "<>"
+    if address_problem(address):
+        # The spool refuses such addresses and the queue-file reader calls
+        # them corrupt: reaching here is a bug, never a command to inject.
+        raise ValueError(f"address {address!r} {address_problem(address)}")
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""

@@ -56,7 +56,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import BinaryIO
 
-from relayagent.envelope import BodyType, Envelope, Notify, Recipient, RecipientState, Ret
+from relayagent.envelope import (
+    BodyType,
+    Envelope,
+    Notify,
+    Recipient,
+    RecipientState,
+    Ret,
+    address_problem,
+)
 from relayagent.spool import logs
 from relayagent.status import Status
 
@@ -229,6 +237,8 @@ def parse_variable(
     sender = reader.string("sender")
     if sender is None:
         raise CorruptQueueFile(queue_id, "sender missing")
+    if address_problem(sender):
+        raise CorruptQueueFile(queue_id, f"sender address {address_problem(sender)}")
     envid = reader.string("ENVID")
     recipients = []
     for index, state_byte in enumerate(states):
@@ -242,6 +252,8 @@ def parse_variable(
         address = reader.string("recipient address")
         if address is None:
             raise CorruptQueueFile(queue_id, f"recipient {index}: address missing")
+        if address_problem(address):
+            raise CorruptQueueFile(queue_id, f"recipient {index}: address {address_problem(address)}")
         orcpt = reader.string("ORCPT")
         recipients.append(
             Recipient(

@@ -41,7 +41,7 @@ from typing import BinaryIO
 
 from twisted.logger import Logger
 
-from relayagent.envelope import BodyType, Recipient, RecipientState, Ret
+from relayagent.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
 from relayagent.spool import logs
 from relayagent.spool.queuefile import (
     CONTENT_CHUNK,
@@ -307,6 +307,10 @@ class Spool:
         normalized = _normalize_recipients(recipients)
         if not isinstance(sender, str):
             raise ValueError("the sender must be a str")
+        for what, address in [("sender", sender)] + [("recipient", r.address) for r in normalized]:
+            problem = address_problem(address)
+            if problem is not None:
+                raise ValueError(f"{what} address {address!r} {problem}")
         variable, count = build_envelope(sender, normalized, envid)
         while True:
             queue_id, arrival_time = self._ids.next()
