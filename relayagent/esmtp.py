@@ -500,9 +500,16 @@ class SMTPSession(ESMTPClient):
             "{server}: unexpected reply from server: {text}", server=str(self.server), text=reply.text
         )
         # Out of step with the server (or an idle-timeout 421): never reuse.
-        self._break(
-            reply_status(reply, host=self.server.host, namaddr=self.namaddr, request="no command", stage="idle")
-        )
+        status = reply_status(reply, host=self.server.host, namaddr=self.namaddr,
+                              request="no command", stage="idle")
+        if not status.soft:
+            # A 2xx or 5xx nobody asked for says nothing about the mail the
+            # session was to carry next: that mail waits (4.4.2), it is
+            # neither "sent" nor bounced on the word of an out-of-step server.
+            status = Status(dsn="4.4.2", text=f"{status.text}: unexpected reply, no command was pending",
+                            code=status.code, stage="idle", reply=status.reply,
+                            remote_mta=self.server.host, extra={"notify_class": "protocol"})
+        self._break(status)
 
     def _protocol_error(self, detail: str) -> None:
         stage = self._current_stage()
@@ -710,6 +717,20 @@ class SMTPSession(ESMTPClient):
         if self._broken is not None:
             raise DeliveryFailure(self._broken.status)
         stage = STAGES["tls"]
+        if self.clearLineBuffer():
+            # Plaintext that came after the 220 to STARTTLS would otherwise
+            # be read as the first reply over TLS: a man in the middle's
+            # injected response (CVE-2011-0411, client side).  Refuse it.
+            status = Status(
+                dsn="4.4.2",
+                text=f"protocol error: host {self.namaddr} sent plaintext data after its reply "
+                "to STARTTLS",
+                stage=stage.name,
+                remote_mta=self.server.host,
+                extra={"notify_class": "protocol"},
+            )
+            self._break(status)
+            raise DeliveryFailure(status)
         self._handshake = Deferred()
         handshake = self._handshake
         timer = self.clock.callLater(self._timeout_of(stage), self._timed_out, stage)

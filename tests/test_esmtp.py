@@ -850,6 +850,38 @@ class CommandAndTranscriptTests(unittest.SynchronousTestCase):
             f"conversation with {NAMADDR} timed out while receiving the STARTTLS response",
         )
 
+    def _injected_after_starttls(self, data, synchronous):
+        class TLSTransport(StringTransport):
+            started = False
+
+            def startTLS(self, creator):
+                self.started = True
+
+        h = Harness(self, transport=TLSTransport()).greet()
+        d = h.session.command(b"STARTTLS", stage="receiving the STARTTLS response", timeout=5)
+        handshakes = []
+        if synchronous:
+            # The security layer starts the handshake from the reply's
+            # callback, while the rest of the read is still buffered.
+            d.addCallback(lambda _: handshakes.append(h.session.start_tls_handshake(object())))
+        h.session.dataReceived(data)
+        if not synchronous:
+            self.successResultOf(d)
+            handshakes.append(h.session.start_tls_handshake(object()))
+        failure = self.failureResultOf(handshakes[0], DeliveryFailure)
+        self.assertFalse(h.transport.started)
+        self.assertFalse(h.session.usable)
+        return failure.value.status
+
+    def test_plaintext_after_starttls_reply_is_refused(self):
+        for data in (b"220 go ahead\r\n250 injec", b"220 go ahead\r\n250 injected\r\n"):
+            for synchronous in (True, False):
+                status = self._injected_after_starttls(data, synchronous)
+                # A complete injected line is already an unexpected reply;
+                # a partial one is caught at the handshake.  Both are soft:
+                # the next MX, or a later try.
+                self.assertTrue(status.soft, status)
+
     def test_transcript_is_bounded(self):
         h = Harness(self).greet()
         for _ in range(500):
