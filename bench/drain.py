@@ -342,6 +342,7 @@ def run_postfix(args: argparse.Namespace, workdir: str) -> dict:
         if not wait_until(lambda: instance.queued() >= args.messages, args.timeout):
             raise RuntimeError(f"Postfix queued only {instance.queued()} of {args.messages}")
         instance.allow_delivery()
+        time.sleep(1.0)  # let master restart qmgr with the new setting
         os.sync()  # as for relayagent: the fill's writeback stays out of the measure
         started = time.perf_counter()
         instance.flush()
