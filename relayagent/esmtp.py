@@ -55,6 +55,7 @@ from twisted.mail.smtp import ESMTPClient
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayagent import mime
 from relayagent.envelope import BodyType, Envelope, Recipient, address_problem
 from relayagent.logging import DebugPeers
 from relayagent.smtp_body import BodyEncoder
@@ -224,15 +225,6 @@ def _debug_level(config: Any, server: ServerInfo) -> int:
         return DebugPeers(config).level_for(server.nexthop, server.host, server.address)
     except ValueError:
         return 0  # an unreadable pattern file: no debug logging rather than no session
-
-
-def _mime_module() -> Any:
-    """The 8bit-to-7bit converter module, or None while it is missing."""
-    try:
-        from relayagent import mime
-    except ImportError:  # pragma: no cover - only while mime.py is being written
-        return None
-    return mime
 
 
 @implementer(IHandshakeListener)
@@ -899,12 +891,8 @@ class SMTPSession(ESMTPClient):
             )
             return await self._after_local_refusal(outcome, status, last)
 
-        mime = _mime_module()
-        converting = bool(
-            mime is not None
-            and mime.needs_conversion(
-                envelope.body_type, self.has("8BITMIME"), self.config["disable_mime_output_conversion"]
-            )
+        converting = mime.needs_conversion(
+            envelope.body_type, self.has("8BITMIME"), self.config["disable_mime_output_conversion"]
         )
         pipelining = self.has("PIPELINING")
 
@@ -1060,7 +1048,6 @@ class SMTPSession(ESMTPClient):
             return succeed(self._local_status("4.3.0", f"cannot read queue file {envelope.queue_id}: {error}"))
         converter = None
         if converting:
-            mime = _mime_module()
             converter = mime.SevenBitConverter(
                 nesting_limit=self.config["mime_nesting_limit"],
                 boundary_length_limit=self.config["mime_boundary_length_limit"],
@@ -1259,13 +1246,9 @@ class _BodyProducer:
                 except OSError as error:
                     self._finish(self.session._local_status("4.3.0", f"queue file read error: {error}"))
                     return
-                except Exception as error:
-                    mime = _mime_module()
-                    if mime is not None and isinstance(error, mime.MimeError):
-                        dsn = getattr(error, "dsn", "5.6.0")
-                        self._finish(Status(dsn=dsn, text=str(error), stage="end of DATA"))
-                        return
-                    raise
+                except mime.MimeError as error:
+                    self._finish(Status(dsn=error.dsn, text=str(error), stage="end of DATA"))
+                    return
                 out = self.encoder.encode(raw)
                 if out:
                     self.session.transport.write(out)
