@@ -85,14 +85,15 @@ class SpoolStateService(Service):
         directory = self.directory()
         self.spool = Spool(directory)
         self.spool.ensure_layout()
-        active = list(self.spool.recover())
+        # The state as found; the queue manager recovers active/ (and
+        # clears tmp/) itself, and logs what it recovered.
         counts = {queue: sum(1 for _ in self.spool.scan(queue))
                   for queue in ("incoming", "active", "deferred", "hold", "corrupt")}
         self.log.info(
             "relayagent {version} started: queue_directory={directory}, "
             "incoming={incoming}, active={active}, deferred={deferred}, hold={hold}, "
-            "corrupt={corrupt}, recovered={recovered}",
-            version=__version__, directory=directory, recovered=len(active), **counts,
+            "corrupt={corrupt}",
+            version=__version__, directory=directory, **counts,
         )
 
 
