@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from relayagent.config import Config, ConfigError
-from relayagent.envelope import Notify, Recipient, Ret
+from relayagent.envelope import Notify, Recipient, Ret, address_problem
 from relayagent.spool import CorruptQueueFile, Spool, is_queue_id
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 
@@ -204,7 +204,8 @@ def check_address(text: str, myorigin: str, *, sender: bool = False) -> str:
     address = text.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
-    if any(ord(char) < 32 or ord(char) == 127 for char in address):
+    if address_problem(address):
+        # The spool's own rule (C0, DEL and C1): said here in one line.
         raise AddressError(f"control character in address {text!r}")
     try:
         address.encode("utf-8")

@@ -260,6 +260,7 @@ class SendmailTests(CommandTestCase):
             (("--bogus", "b@example.net"), "unrecognized arguments"),
             (("-bs", "b@example.net"), "unsupported mode -bs"),
             (("b@example.net\x07",), "control character"),
+            (("b\x85@example.net",), "control character"),  # C1, as the spool refuses
             (("x" * 250 + "@example.net",), "longer than 254 octets"),
             (("b c@example.net",), "malformed address"),
             (("b@exa mple.net",), "bad domain"),
