@@ -26,17 +26,12 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from relayagent import control
 from relayagent.spool import DEFERRED, Message, Spool
+from tests.support.sink import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMTP_SINK = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.MULTILINE | re.IGNORECASE)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def body(number: int, tag: str = "e2e") -> bytes:

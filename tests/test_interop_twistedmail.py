@@ -34,6 +34,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from relayagent.config import Config
 from relayagent.smtpd import make_listener_services
 from relayagent.spool import INCOMING, Spool
+from tests.support.sink import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAC = os.path.join(ROOT, "docs", "examples", "mailserver.tac")
@@ -51,12 +52,6 @@ SMTP_SINK = _which("smtp-sink")
 SMTP_SOURCE = _which("smtp-source")
 SWAKS = _which("swaks")
 MESSAGE_ID = re.compile(rb"^Message-Id: <([^>]+)>", re.MULTILINE | re.IGNORECASE)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

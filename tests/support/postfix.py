@@ -25,6 +25,8 @@ import shutil
 import socket
 import subprocess
 
+from tests.support.sink import free_port
+
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
@@ -68,12 +70,6 @@ def missing_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _check_listening(port: int) -> None:
     try:
         socket.create_connection(("127.0.0.1", port), 5).close()
@@ -97,7 +93,7 @@ class PostfixInstance:
         # directories (mkdtemp makes private ones).
         for path in (workdir, self.base):
             os.chmod(path, os.stat(path).st_mode | 0o755)
-        self.smtpd_port = _free_port()
+        self.smtpd_port = free_port()
         settings = [
             "compatibility_level = 3.6",
             f"queue_directory = {self.queue}",
