@@ -134,6 +134,9 @@ class Envelope:
     ``open_content`` returns a new binary stream positioned at the first
     octet of the content (header and body, as queued: line ends LF or
     CRLF), so that each delivery attempt streams it afresh.
+    ``plain_lines`` says the content was found plain when queued (LF line
+    ends only, no line starting with ".", none over 998 octets:
+    ``smtp_body.PlainLineScanner``), so its wire form needs only CRLF.
     """
 
     queue_id: str
@@ -146,6 +149,7 @@ class Envelope:
     smtputf8: bool = False
     envid: str | None = None
     ret: Ret | None = None
+    plain_lines: bool = False
 
     def pending(self) -> tuple[Recipient, ...]:
         """The recipients not yet done."""

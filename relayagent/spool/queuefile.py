@@ -14,7 +14,7 @@ description)::
     48      1     body type           0 = 7BIT, 1 = 8BITMIME
     49      1     SMTPUTF8            0 or 1
     50      1     RET                 0 = none, 1 = FULL, 2 = HDRS
-    51      1     reserved            0
+    51      1     content form        bit 0: plain lines (smtp_body), else 0
     52      4     content CRC-32
     56      4     envelope CRC-32     of bytes 0-55 and the variable section
     60      4     attempt count       uint32     } the mutable block,
@@ -30,6 +30,12 @@ one of two values two bits apart (a flipped bit never turns pending into
 done), the content by the content CRC and the file's exact length.  A
 file that fails any check raises ``CorruptQueueFile``, the only error the
 reader raises for bad data.
+
+The content form octet records what was learnt about the content when it
+was queued, so that no delivery attempt has to look again: bit 0 set means
+*plain lines* (``smtp_body.PlainLineScanner``: no CR, no line starting with
+".", none over 998 octets), whose wire form is just LF turned into CRLF.
+A writer that did not look leaves it 0, which is always correct.
 
 The status bytes and the mutable block sit outside the envelope CRC so
 that marking a recipient done or recording an attempt is one small
@@ -96,6 +102,8 @@ _NOTIFY_BITS = (
     (Notify.DELAY, 4),
     (Notify.DEFAULT, 8),
 )
+
+CONTENT_PLAIN_LINES = 0x01  # the content form octet's only defined bit
 
 _STRING_NONE = 0xFFFF  # length marker of an absent optional string
 MAX_STRING = 0xFFFE
@@ -167,9 +175,11 @@ def build_head(
     body_type: BodyType,
     smtputf8: bool,
     ret: Ret | None,
+    plain_lines: bool = False,
 ) -> bytes:
     """Everything before the content: header, CRC, mutable block, status
-    table and variable section."""
+    table and variable section.  ``plain_lines`` only where the content
+    was scanned and found plain (``smtp_body.PlainLineScanner``)."""
     content_offset = STATUS_OFFSET + recipient_count + len(variable)
     fixed = MAGIC_LINE + _HEADER.pack(
         arrival_time,
@@ -180,7 +190,7 @@ def build_head(
         _BODY_CODES[body_type],
         1 if smtputf8 else 0,
         _RET_CODES[ret],
-        0,
+        CONTENT_PLAIN_LINES if plain_lines else 0,
         content_crc,
     )
     envelope_crc = zlib.crc32(variable, zlib.crc32(fixed))
@@ -363,7 +373,7 @@ class QueueFile:
             body_code,
             smtputf8_code,
             ret_code,
-            reserved,
+            content_form,
             content_crc,
         ) = _HEADER.unpack_from(first, len(MAGIC_LINE))
         (envelope_crc,) = _CRC.unpack_from(first, ENVELOPE_CRC_OFFSET)
@@ -386,7 +396,7 @@ class QueueFile:
         computed = zlib.crc32(variable, zlib.crc32(head[:HEADER_END]))
         if computed != envelope_crc:
             raise self._corrupt("envelope checksum mismatch")
-        if reserved != 0 or body_code not in _BODY_TYPES or smtputf8_code > 1 or ret_code not in _RETS:
+        if content_form & ~CONTENT_PLAIN_LINES or body_code not in _BODY_TYPES or smtputf8_code > 1 or ret_code not in _RETS:
             raise self._corrupt("bad flag values in the header")
         if not math.isfinite(arrival_time):
             raise self._corrupt("bad arrival time")
@@ -429,6 +439,7 @@ class QueueFile:
             smtputf8=bool(smtputf8_code),
             envid=envid,
             ret=_RETS[ret_code],
+            plain_lines=bool(content_form & CONTENT_PLAIN_LINES),
         )
 
     # -- access

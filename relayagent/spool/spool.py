@@ -42,6 +42,7 @@ from typing import BinaryIO
 from twisted.logger import Logger
 
 from relayagent.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
+from relayagent.smtp_body import PlainLineScanner, is_plain
 from relayagent.spool import logs
 from relayagent.spool.queuefile import (
     CONTENT_CHUNK,
@@ -339,6 +340,7 @@ class Spool:
                     content_size=len(data),
                     content_crc=zlib.crc32(data),
                     body_type=body_type or detected,
+                    plain_lines=is_plain(data),
                     **head_args,
                 )
                 # One write for the whole file.
@@ -352,6 +354,7 @@ class Spool:
                 )
                 _write_all(fd, provisional)
                 size, crc, ascii_only = 0, 0, True
+                lines = PlainLineScanner()
                 while True:
                     chunk = content.read(CONTENT_CHUNK)
                     if not chunk:
@@ -361,10 +364,15 @@ class Spool:
                     size += len(chunk)
                     crc = zlib.crc32(chunk, crc)
                     ascii_only = ascii_only and chunk.isascii()
+                    lines.feed(chunk)
                     _write_all(fd, chunk)
                 detected = BodyType.SEVEN_BIT if ascii_only else BodyType.EIGHT_BIT_MIME
                 head = build_head(
-                    content_size=size, content_crc=crc, body_type=body_type or detected, **head_args
+                    content_size=size,
+                    content_crc=crc,
+                    body_type=body_type or detected,
+                    plain_lines=lines.plain,
+                    **head_args,
                 )
                 if os.pwrite(fd, head, 0) != len(head):
                     raise OSError(f"short write rewriting the head of {tmp_path}")
