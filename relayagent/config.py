@@ -228,6 +228,8 @@ _TABLE: tuple[Parameter, ...] = (
     # --- the listener (relayagent/twistedmail.py)
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
+    # --- worker processes (relayagent/worker.py)
+    _p("relayagent_workers", "1", N, "Worker processes sharing the queue; each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits (1: one process).", minimum=1, ours=True),
 )
 
 PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in _TABLE}

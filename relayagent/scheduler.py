@@ -36,6 +36,14 @@ What it does:
   delivery agent's ``finish`` (remove it, or defer it with its backoff:
   ``backoff_time``).
 
+Several worker processes (``relayagent_workers``, ``relayagent/worker.py``)
+share one spool by partition: ``owns(queue_id) -> bool`` limits this
+queue manager to its own queue files (in ``incoming/``, ``deferred/``,
+and what it recovers from ``active/``); None, the default, takes every
+file without a call per file.  ``on_trigger(command)`` hears the
+triggers from outside (``wakeup``, ``flush``; never the poll), so the
+first process can pass them on to the others.
+
 The delivery agent is anything with ``deliver(request) ->
 Deferred[RequestResult]``, ``defer_unsent(request, status)`` and
 ``finish(message)`` (``relayagent.delivery.DeliveryAgent``; tests use
@@ -242,6 +250,8 @@ class QueueManager:
         route: Route,
         *,
         incoming_poll: float = INCOMING_POLL,
+        owns: Callable[[str], bool] | None = None,
+        on_trigger: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -249,6 +259,8 @@ class QueueManager:
         self.clock = clock
         self.route = route
         self.incoming_poll = incoming_poll
+        self.owns = owns
+        self.on_trigger = on_trigger
         self.active_limit: int = config["qmgr_message_active_limit"]
         self.recipient_limit: int = config["smtp_destination_recipient_limit"]
         self.concurrency_limit: int = config["smtp_destination_concurrency_limit"]
@@ -293,10 +305,13 @@ class QueueManager:
         """Recover what a dead process left active, then start the timers."""
         self.running = True
         recovered = self.spool.recover()
+        if self.owns is not None:
+            # Another worker's files in active/ are that worker's to recover.
+            recovered = [queue_id for queue_id in recovered if self.owns(queue_id)]
         self._recovered.extend(recovered)
         if recovered:
             log.info("recovering {count} message(s) from the active queue", count=len(recovered))
-        self._poll_loop = task.LoopingCall(self.wakeup)
+        self._poll_loop = task.LoopingCall(self._look_at_incoming)
         self._poll_loop.clock = self.clock
         self._poll_loop.start(self.incoming_poll, now=False)
         self._run_loop = task.LoopingCall(self.queue_run)
@@ -331,7 +346,13 @@ class QueueManager:
     # -- triggers
 
     def wakeup(self) -> None:
-        """New mail in incoming/ (the trigger, and the poll)."""
+        """New mail in incoming/ (a trigger)."""
+        if self.on_trigger is not None:
+            self.on_trigger("wakeup")
+        self._look_at_incoming()
+
+    def _look_at_incoming(self) -> None:
+        """A trigger, or the poll."""
         self._incoming_dirty = True
         self._refill()
 
@@ -345,6 +366,8 @@ class QueueManager:
 
     def flush(self) -> None:
         """Retry every deferred message now (``relayagent flush``)."""
+        if self.on_trigger is not None:
+            self.on_trigger("flush")
         self._flushing = True
         self._incoming_dirty = True
         self.queue_run()
@@ -365,6 +388,7 @@ class QueueManager:
         """Ids in deferred/ whose next attempt (the file's mtime) is due,
         streamed from the directory."""
         now = self.clock.seconds()
+        owns = self.owns
         directory = os.path.join(self.spool.directory, DEFERRED)
         try:
             entries = os.scandir(directory)
@@ -373,6 +397,8 @@ class QueueManager:
         with entries:
             for entry in entries:
                 if not is_queue_id(entry.name):
+                    continue
+                if owns is not None and not owns(entry.name):
                     continue
                 if not everything:
                     try:
@@ -390,6 +416,8 @@ class QueueManager:
         if self._incoming_dirty:
             self._incoming_dirty = False
             self._incoming = self.spool.scan(INCOMING)
+            if self.owns is not None:
+                self._incoming = filter(self.owns, self._incoming)
             for queue_id in self._incoming:
                 return queue_id, INCOMING
         if self._deferred is not None:

@@ -19,6 +19,10 @@ the process id (25 bits; Linux's ``pid_max`` is at most 2**22).  So:
 Postfix's long queue ids (``enable_long_queue_ids``) follow the same idea:
 time first, then something that tells processes apart.
 
+``partition_of(queue_id, workers)`` says which of ``relayagent_workers``
+worker processes owns a queue file (``relayagent/worker.py``): a pure
+function of the id, so every process agrees without talking.
+
 Owns no parameters.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import zlib
 from collections.abc import Callable
 
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
@@ -78,6 +83,19 @@ def queue_id_time(queue_id: str) -> float:
 def queue_id_pid(queue_id: str) -> int:
     """The id of the process that made the queue id."""
     return _decode(queue_id[TIME_DIGITS:QUEUE_ID_LENGTH])
+
+
+def partition_of(queue_id: str, workers: int) -> int:
+    """The worker (0 .. ``workers`` - 1) that owns a queue file.
+
+    CRC-32 of the id, modulo the number of workers: stable across
+    processes and runs (unlike ``hash()``, which is salted per process),
+    and even, although ids share their leading time digits, because the
+    CRC mixes every character.
+    """
+    if workers <= 1:
+        return 0
+    return zlib.crc32(queue_id.encode("ascii")) % workers
 
 
 class QueueIdGenerator:
