@@ -1056,7 +1056,9 @@ class SMTPSession(ESMTPClient):
         producer = _BodyProducer(
             self,
             stream,
-            BodyEncoder(self.config["smtp_line_length_limit"]),
+            # Plain content (found so when queued) needs only CRLF; not
+            # when it is converted, as the converter writes new lines.
+            BodyEncoder(self.config["smtp_line_length_limit"], plain=envelope.plain_lines and converter is None),
             converter,
             self.chunk_size,
             self._timeout_of(STAGES["body"]),

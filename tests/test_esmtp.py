@@ -643,9 +643,9 @@ class TimeoutTests(unittest.SynchronousTestCase):
 
 
 class BodyTests(unittest.SynchronousTestCase):
-    def _deliver(self, content, h=None, **overrides):
+    def _deliver(self, content, h=None, plain_lines=False, **overrides):
         h = h or Harness(self, **overrides).greet()
-        env = make_envelope(count=1, content=content)
+        env = make_envelope(count=1, content=content, plain_lines=plain_lines)
         d = h.session.deliver(env, env.recipients)
         h.sent()
         h.receive(b"250 ok", b"250 ok", b"354 go")
@@ -659,6 +659,20 @@ class BodyTests(unittest.SynchronousTestCase):
             self.assertEqual(h.sent(), expected, size)
             h.receive(b"250 ok")
             self.assertTrue(self.successResultOf(d).recipients[0].ok)
+
+    def test_plain_lines_take_the_crlf_only_path(self):
+        # The queue file's word is trusted: the plain path does no
+        # dot-stuffing, so a (lying) plain envelope shows it was taken.
+        content = b"a\n.b\n"
+        for size in (1, 2, 64):
+            h, d = self._deliver(content, Harness(self, chunk_size=size).greet(), plain_lines=True)
+            self.assertEqual(h.sent(), b"a\r\n.b\r\n.\r\n", size)
+            h, d = self._deliver(content, Harness(self, chunk_size=size).greet(), plain_lines=False)
+            self.assertEqual(h.sent(), b"a\r\n..b\r\n.\r\n", size)
+
+    def test_plain_lines_without_a_final_newline(self):
+        h, d = self._deliver(b"x\ny", plain_lines=True)
+        self.assertEqual(h.sent(), b"x\r\ny\r\n.\r\n")
 
     def test_back_pressure(self):
         content = b"".join(b"line %d\n" % i for i in range(100))
@@ -738,9 +752,9 @@ class ConversionTests(unittest.SynchronousTestCase):
         "Content-Transfer-Encoding: 8bit\n\nGrüße\n"
     ).encode()
 
-    def _deliver(self, ehlo, **overrides):
+    def _deliver(self, ehlo, plain_lines=False, **overrides):
         h = Harness(self, **overrides).greet(ehlo)
-        env = make_envelope(count=1, content=self.EIGHT, body_type=BodyType.EIGHT_BIT_MIME)
+        env = make_envelope(count=1, content=self.EIGHT, body_type=BodyType.EIGHT_BIT_MIME, plain_lines=plain_lines)
         d = h.session.deliver(env, env.recipients)
         mail = h.sent()
         h.receive(b"250 ok", b"250 ok", b"354 go")
@@ -756,6 +770,16 @@ class ConversionTests(unittest.SynchronousTestCase):
         self.assertTrue(all(b < 128 for b in body))
         self.assertIn(b"Content-Transfer-Encoding: quoted-printable\r\n", body)
         self.assertIn(b"Gr=C3=BC=C3=9Fe\r\n", body)
+
+    def test_converted_output_takes_the_general_path(self):
+        # The converter writes lines of its own: what the queue file says
+        # of the original content does not hold for them.
+        # Here a quoted-printable soft break puts a "." first on a line.
+        self.EIGHT = self.EIGHT.replace("Grüße\n".encode(), "é".encode() + b"a" * 67 + b".tail\n")
+        ehlo = [b"250-mx", b"250-PIPELINING", b"250 SIZE 1000"]
+        mail, body = self._deliver(ehlo, plain_lines=True)
+        self.assertIn(b"=\r\n..tail\r\n", body)
+        self.assertEqual((mail, body), self._deliver(ehlo))
 
     def test_not_converted_when_disabled(self):
         mail, body = self._deliver([b"250-mx", b"250 PIPELINING"], disable_mime_output_conversion="yes")

@@ -303,6 +303,20 @@ class CorruptionTests(SynchronousTestCase):
         error = self.open_with(head)
         self.assertIn("bad NOTIFY code 9", error.reason)
 
+    def test_unknown_content_form_bits_with_a_good_checksum(self) -> None:
+        # Bit 0 is the only defined content-form bit; a file that sets
+        # another was written by something else and is not trusted.
+        variable, count = qf.build_envelope("a@x", [Recipient("b@y")], None)
+        head = bytearray(qf.build_head(
+            arrival_time=1.0, variable=variable, recipient_count=count, content_size=3,
+            content_crc=zlib.crc32(b"abc"), body_type=BodyType.SEVEN_BIT, smtputf8=False, ret=None,
+        ))
+        head[51] = 0x03
+        crc = zlib.crc32(variable, zlib.crc32(bytes(head[: qf.HEADER_END])))
+        head[qf.ENVELOPE_CRC_OFFSET: qf.ENVELOPE_CRC_OFFSET + 4] = struct.pack(">I", crc)
+        error = self.open_with(bytes(head) + b"abc")
+        self.assertIn("bad flag values", error.reason)
+
     def test_large_file_truncated(self) -> None:
         content = b"x" * (qf.FIRST_READ * 3)
         queue_id = self.spool.enqueue("a@x", ["b@y"], content)
@@ -337,6 +351,33 @@ class CorruptionTests(SynchronousTestCase):
             os.truncate(path, qf.FIRST_READ)
             error = self.assertRaises(CorruptQueueFile, stream.read)
             self.assertIn("cut short", error.reason)
+
+
+class ContentFormTests(SynchronousTestCase):
+    """The plain-lines bit: found once at enqueue, read back by every open."""
+
+    def setUp(self) -> None:
+        self.spool = make_spool(self, clock=StepClock())
+
+    def plain_lines(self, content: bytes | io.RawIOBase) -> bool:
+        queue_id = self.spool.enqueue("a@x", ["b@y"], content)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            return queue_file.envelope.plain_lines
+
+    def test_plain_message(self) -> None:
+        self.assertTrue(self.plain_lines(MESSAGE))
+
+    def test_leading_dot_crlf_and_long_lines_are_not_plain(self) -> None:
+        self.assertFalse(self.plain_lines(MESSAGE + b".hidden\n"))
+        self.assertFalse(self.plain_lines(MESSAGE.replace(b"\n", b"\r\n")))
+        self.assertFalse(self.plain_lines(MESSAGE + b"x" * 999 + b"\n"))
+
+    def test_streamed_content_scanned_across_chunks(self) -> None:
+        # A dot line right after the first 64 KB chunk of a stream.
+        first = (b"y" * 99 + b"\n") * (qf.CONTENT_CHUNK // 100) + b"z" * (qf.CONTENT_CHUNK % 100 - 1) + b"\n"
+        self.assertEqual(len(first), qf.CONTENT_CHUNK)
+        self.assertTrue(self.plain_lines(io.BytesIO(first + b"after\n")))
+        self.assertFalse(self.plain_lines(io.BytesIO(first + b".after\n")))
 
 
 class UpdateTests(SynchronousTestCase):

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from relayagent.smtp_body import BodyEncoder, encode_body
+from relayagent.smtp_body import (
+    PLAIN_LINE_LIMIT,
+    BodyEncoder,
+    PlainLineScanner,
+    encode_body,
+    is_plain,
+)
 
 
 def reference(content: bytes, limit: int) -> bytes:
@@ -126,3 +132,86 @@ class PropertyTests(unittest.SynchronousTestCase):
     )
     def test_matches_reference(self, content, size, limit):
         self.assertEqual(encode_body(content, limit, chunk_size=size), reference(content, limit))
+
+
+def plain_by_definition(content: bytes) -> bool:
+    """No CR, no line that starts with ".", no line over 998 octets."""
+    if b"\r" in content:
+        return False
+    return all(not line.startswith(b".") and len(line) <= PLAIN_LINE_LIMIT for line in content.split(b"\n"))
+
+
+PLAIN_PIECES = [b"a", b".", b"\n", b"\r", b"xyz", b"\xc3\xa9", b"y" * 400, b"z" * 998]
+
+
+class PlainLineScannerTests(unittest.SynchronousTestCase):
+    def test_samples(self):
+        for content in SAMPLES:
+            self.assertEqual(is_plain(content), plain_by_definition(content), content)
+
+    def test_limit_is_inclusive(self):
+        self.assertTrue(is_plain(b"x" * 998 + b"\n" + b"y" * 998))
+        self.assertFalse(is_plain(b"ok\n" + b"x" * 999 + b"\n"))
+
+    def test_dot_at_a_chunk_boundary(self):
+        scanner = PlainLineScanner()
+        scanner.feed(b"line\n")
+        self.assertTrue(scanner.plain)
+        scanner.feed(b".dot\n")
+        self.assertFalse(scanner.plain)
+
+    def test_dot_inside_a_line_after_a_boundary_is_plain(self):
+        scanner = PlainLineScanner()
+        scanner.feed(b"line")
+        scanner.feed(b".continued\n")
+        self.assertTrue(scanner.plain)
+
+    def test_long_line_across_chunks(self):
+        scanner = PlainLineScanner()
+        scanner.feed(b"x" * 600)
+        self.assertTrue(scanner.plain)
+        scanner.feed(b"x" * 399 + b"\n")
+        self.assertFalse(scanner.plain)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        content=st.lists(st.sampled_from(PLAIN_PIECES), max_size=12).map(b"".join),
+        size=st.integers(min_value=1, max_value=1200),
+    )
+    def test_any_chunking_agrees_with_definition(self, content, size):
+        scanner = PlainLineScanner()
+        for start in range(0, len(content), size):
+            scanner.feed(content[start:start + size])
+        self.assertEqual(scanner.plain, plain_by_definition(content))
+
+
+class PlainEncoderTests(unittest.SynchronousTestCase):
+    """The fast path must give exactly what the general encoder gives,
+    for every content the scanner calls plain."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        content=st.lists(st.sampled_from([b"a", b"\n", b"xyz", b"\xc3\xa9", b"y" * 400]), max_size=12).map(b"".join),
+        size=st.integers(min_value=1, max_value=900),
+        limit=st.sampled_from([0, 998, 2000]),
+    )
+    def test_plain_path_matches_general_path(self, content, size, limit):
+        assume(is_plain(content))  # three long pieces in a row are not
+        encoder = BodyEncoder(limit, plain=True)
+        self.assertTrue(encoder.plain)
+        self.assertEqual(
+            encode_body(content, limit, chunk_size=size, plain=True),
+            encode_body(content, limit, chunk_size=size),
+        )
+
+    def test_octets_counted(self):
+        encoder = BodyEncoder(plain=True)
+        out = encoder.encode(b"a\nb") + encoder.flush()
+        self.assertEqual(out, b"a\r\nb\r\n")
+        self.assertEqual(encoder.octets_out, len(out))
+
+    def test_smaller_limit_takes_the_general_path(self):
+        # Plain promises lines of at most 998 octets, not of at most 5.
+        encoder = BodyEncoder(5, plain=True)
+        self.assertFalse(encoder.plain)
+        self.assertEqual(encoder.encode(b"abcdefgh\n"), b"abcde\r\n fgh\r\n")
