@@ -146,6 +146,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> str:
+    """Each thread's user and system CPU seconds, as "name u+s" items: where
+    the daemon's time goes, the reactor thread against the remover."""
+    tick = os.sysconf("SC_CLK_TCK")
+    items = []
+    with contextlib.suppress(OSError):
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
+                name, rest = handle.read().split("(", 1)[1].rsplit(")", 1)
+            fields = rest.split()
+            user, system = int(fields[11]) / tick, int(fields[12]) / tick
+            if user + system >= 0.05:
+                items.append(f"{name} {user:.1f}u+{system:.1f}s")
+    return ", ".join(items)
+
+
 def spool_is_empty(queue_directory: str) -> bool:
     for queue in ("incoming", "active", "deferred"):
         with contextlib.suppress(FileNotFoundError):
@@ -179,7 +195,7 @@ def relayagent_config(workdir: str, sinks: list[Sink], domains: list[str], extra
     return path
 
 
-def fill_spool(queue_directory: str, args: argparse.Namespace, domains: list[str]) -> float:
+def fill_spool(queue_directory: str, args: argparse.Namespace, domains: list[str], queue: str = "incoming") -> float:
     from relayagent.spool import Message, Spool
 
     spool = Spool(queue_directory)
@@ -191,14 +207,25 @@ def fill_spool(queue_directory: str, args: argparse.Namespace, domains: list[str
         recipients = recipients_for(index, args.recipients, domains)
         batch.append(Message(sender, recipients, make_message(index, args.size, sender, recipients)))
         if len(batch) == 1000:
-            spool.enqueue_many(batch)
+            spool.enqueue_many(batch, queue=queue)
             batch = []
     if batch:
-        spool.enqueue_many(batch)
+        spool.enqueue_many(batch, queue=queue)
     return time.perf_counter() - started
 
 
+def hold_in_deferred(queue_directory: str) -> None:
+    """Make every deferred message due only in a day (the next attempt time
+    is the file's mtime, as in Postfix), so a running daemon leaves them
+    until flushed: the state Postfix's queue is in before its release."""
+    later = time.time() + 86400
+    directory = os.path.join(queue_directory, "deferred")
+    for entry in os.scandir(directory):
+        os.utime(entry.path, (later, later))
+
+
 PROFILE: str | None = None  # --profile FILE: run the daemon under cProfile
+PY_SPY: str | None = None  # --py-spy FILE: sample the daemon with py-spy (collapsed stacks)
 
 
 @contextlib.contextmanager
@@ -214,9 +241,22 @@ def twistd(config_path: str, workdir: str) -> Iterator[subprocess.Popen]:
         [sys.executable, *entry, "-n", "--pidfile=", "relayagent", "-c", config_path],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
+    sampler = None
+    if PY_SPY:
+        # Sampling from outside costs the daemon little, so the profile
+        # keeps the shape of an unprofiled run (cProfile's does not).
+        py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        sampler = subprocess.Popen(
+            [py_spy, "record", "--format", "raw", "--rate", "250", "--threads", "--nonblocking",
+             "--output", PY_SPY, "--pid", str(process.pid)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
     try:
         yield process
     finally:
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            sampler.wait(30)
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(10)
@@ -245,11 +285,24 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
     try:
         config_path = relayagent_config(workdir, sinks, domains, args.set or [])
         queue_directory = os.path.join(workdir, "spool")
-        enqueue_seconds = fill_spool(queue_directory, args, domains)
+        enqueue_seconds = fill_spool(queue_directory, args, domains, "deferred" if args.warm else "incoming")
+        if args.warm:
+            hold_in_deferred(queue_directory)
         os.sync()  # the fill's writeback does not run into the measured drain
         expected = args.messages
         started = time.perf_counter()
         with twistd(config_path, workdir) as process:
+            if args.warm:
+                # As Postfix is measured: the daemon up and idle, the queue
+                # deferred; the clock runs from the flush (one AMP command
+                # on the trigger socket, as "postqueue -f" is one trigger).
+                from relayagent.control import daemon_running, trigger
+
+                if not wait_until(lambda: daemon_running(queue_directory), 30, process):
+                    raise RuntimeError("the daemon did not start; see " + os.path.join(workdir, "twistd.log"))
+                time.sleep(1.0)  # its first (empty) queue run is over
+                started = time.perf_counter()
+                trigger(queue_directory, "flush")
             done = wait_until(
                 lambda: sum(s.messages() for s in sinks) >= expected and spool_is_empty(queue_directory),
                 args.timeout, process,
@@ -257,11 +310,12 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
             elapsed = time.perf_counter() - started
             rss = peak_rss_kib(process.pid)
             cpu = cpu_seconds(process.pid)
+            threads = thread_cpu(process.pid)
             sink_cpu = sum(cpu_seconds(sink.process.pid) for sink in sinks)
         delivered = sum(s.messages() for s in sinks)
         return {
             "name": "relayagent", "seconds": elapsed, "delivered": delivered, "complete": done,
-            "peak_rss_mib": rss / 1024, "enqueue_per_s": args.messages / enqueue_seconds, "cpu": cpu, "sink_cpu": sink_cpu,
+            "peak_rss_mib": rss / 1024, "enqueue_per_s": args.messages / enqueue_seconds, "cpu": cpu, "threads": threads, "sink_cpu": sink_cpu,
             "log": os.path.join(workdir, "twistd.log"),
         }
     finally:
@@ -366,6 +420,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
                  f"enqueue {result['enqueue_per_s']:.0f} msg/s")
     if "sink_cpu" in result:
         line += f", sink CPU {result['sink_cpu']:.1f} s"
+    if result.get("threads"):
+        line += f"\n{'':>12}threads: {result['threads']}"
     if not result["complete"]:
         line += "  (INCOMPLETE: timed out)"
         if "log" in result:
@@ -382,11 +438,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vs-postfix", action="store_true", help="also run a private Postfix")
     parser.add_argument("--latency", type=int, default=0, metavar="K",
                         help="latency mode: K messages one at a time")
+    parser.add_argument("--warm", action="store_true",
+                        help="relayagent as Postfix is measured: started first, its queue deferred, "
+                             "the clock from the flush (default: from the start of twistd)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="extra main.cf line for relayagent (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--profile", metavar="FILE", help="save the daemon's cProfile stats to FILE")
+    parser.add_argument("--py-spy", metavar="FILE", dest="py_spy",
+                        help="sample the daemon with py-spy (pip install py-spy); collapsed stacks to FILE")
     return parser.parse_args(argv)
 
 
@@ -394,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     global PROFILE
     PROFILE = os.path.abspath(args.profile) if args.profile else None
+    global PY_SPY
+    PY_SPY = os.path.abspath(args.py_spy) if args.py_spy else None
     if not os.path.exists(SMTP_SINK):
         print("drain: smtp-sink is not installed (Debian package postfix)", file=sys.stderr)
         return 69
