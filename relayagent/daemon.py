@@ -29,7 +29,18 @@ trigger socket and the queue manager start in ``startService``, as the
 unprivileged user, so that what they create belongs to that user; under
 a chroot the queue directory is found again through the kept descriptor.
 
-Owns no parameters; reads queue_directory, maillog_file, log_format.
+With ``relayagent_workers = N > 1`` (``relayagent/worker.py``) this
+process is worker 0: it keeps all of the above, owns the queue files of
+partition 0, and after the privilege drop starts workers 1..N-1
+(``worker.WorkerPool``), passing them the locked ``master.lock`` and
+maillog descriptors; each child calls ``build_service`` with its
+``WorkerRole`` and gets the same stack without trigger socket, lock
+taking or children of its own.  The maillog is written in whole lines,
+one ``write`` per flush, on an ``O_APPEND`` descriptor
+(``LineAppender``), so that the lines of several processes never mix.
+
+Owns no parameters; reads queue_directory, maillog_file, log_format,
+relayagent_workers.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from twisted.logger import Logger
 from relayagent import (
     control,
     mime,  # noqa: F401 - imported lazily by esmtp; load it before a chroot
+    worker,
 )
 from relayagent import logging as ralog
 from relayagent.config import Config
@@ -146,17 +158,23 @@ class RelayagentService(MultiService):
 
     def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
                  security: SecurityPolicy | None = None, dns_resolver: Any = None,
-                 resolver: NexthopResolver | None = None) -> None:
+                 resolver: NexthopResolver | None = None,
+                 role: worker.WorkerRole | None = None) -> None:
         super().__init__()
-        self.config = config
+        # role: None in the twistd process (worker 0 of relayagent_workers);
+        # a child worker's otherwise (relayagent.worker).
+        self.role = role
+        self.workers: int = role.workers if role is not None else config["relayagent_workers"]
+        # Each worker's share of the queue manager's limits.
+        self.config = config = worker.split_limits(config, self.workers)
         self.reactor = reactor
         self.queue_directory = config.path_of("queue_directory")
         # maillog_file: relayagent's lines only, in log_format; else they
-        # go into twistd's log (relayagent.logging.MailLog).
-        self.maillog = (
-            ralog.MailLog(config, log_out, flush_later=lambda flush: reactor.callLater(0, flush))
-            if log_out is not None else None
-        )
+        # go into twistd's log (relayagent.logging.MailLog).  Made at
+        # start: the pid in its lines is the running process's, not that
+        # of the twistd process that forked to become a daemon.
+        self.log_out = log_out
+        self.maillog: ralog.MailLog | None = None
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.cache = ConnectionCache.from_config(config, reactor)
@@ -174,7 +192,10 @@ class RelayagentService(MultiService):
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
         self.listening: Any = None
-        self._lock_fd: int | None = None
+        self._lock_fd: int | None = role.lock_fd if role is not None else None
+        self.pool: worker.WorkerPool | None = None
+        # A child's pipe to its parent (relayagent.worker.ParentLink).
+        self.parent_link: Any = None
 
     def spool_directory(self) -> str:
         """The queue directory as this process sees it now (after a chroot
@@ -197,12 +218,17 @@ class RelayagentService(MultiService):
         # Two queue managers on one spool would each recover the other's
         # active/ files and deliver them twice: the second refuses to
         # start.  Locked here, before a chroot or privilege drop, when the
-        # spool exists; a new spool is locked in startService.
-        if os.path.isdir(self.queue_directory):
+        # spool exists; a new spool is locked in startService.  A child
+        # worker holds its parent's lock (relayagent.worker).
+        if self.role is None and os.path.isdir(self.queue_directory):
             self._lock_fd = control.lock_spool(self.queue_directory)
         super().privilegedStartService()
 
     def startService(self) -> None:
+        if self.log_out is not None and self.maillog is None:
+            reactor = self.reactor
+            self.maillog = ralog.MailLog(self.config, self.log_out,
+                                         flush_later=lambda flush: reactor.callLater(0, flush))
         if self.maillog is not None:
             self.maillog.start()
         directory = self.spool_directory()
@@ -213,8 +239,16 @@ class RelayagentService(MultiService):
         queue_manager: QueueManager | None = None
 
         def new_mail() -> None:
-            if queue_manager is not None:
+            if self.parent_link is not None:
+                # A child: the parent wakes every worker, this one too.
+                self.parent_link.send(worker.WAKEUP)
+            elif queue_manager is not None:
                 queue_manager.wakeup()
+
+        def on_trigger(command: str) -> None:
+            # Worker 0 passes the triggers it hears on to the others.
+            if self.pool is not None:
+                self.pool.send(command)
 
         self.agent = DeliveryAgent(
             self.config, self.spool, self.reactor,
@@ -225,8 +259,18 @@ class RelayagentService(MultiService):
             # Unlinking delivered files off the reactor thread.
             removal_reactor=self.reactor,
         )
-        queue_manager = QueueManager(self.config, self.spool, self.agent, self.reactor, self.router)
+        index = self.role.index if self.role is not None else 0
+        queue_manager = QueueManager(
+            self.config, self.spool, self.agent, self.reactor, self.router,
+            owns=worker.partition_filter(index, self.workers),
+            on_trigger=on_trigger if self.role is None and self.workers > 1 else None,
+        )
         self.queue_manager = queue_manager
+        if self.role is not None:
+            # A child: no trigger socket (the parent's pipe brings them).
+            super().startService()
+            queue_manager.start()
+            return
         try:
             self.listening = control.listen(self.reactor, directory, queue_manager)
         except control.DaemonRunning:
@@ -237,6 +281,23 @@ class RelayagentService(MultiService):
             ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
         super().startService()
         queue_manager.start()
+        if self.workers > 1:
+            self._start_workers()
+
+    def _start_workers(self) -> None:
+        if self.config.path is None:
+            raise RuntimeError("relayagent_workers > 1 needs main.cf as a file (the workers read it)")
+        assert self._lock_fd is not None
+        self.pool = worker.WorkerPool(
+            self.reactor,
+            # Absolute: base_dir is where main.cf is, made absolute at load.
+            config_path=os.path.join(self.config.base_dir, os.path.basename(self.config.path)),
+            workers=self.workers,
+            lock_fd=self._lock_fd,
+            log_fd=self.log_out.fileno() if self.log_out is not None else None,
+            on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
+        )
+        self.pool.start()
 
     def stopService(self) -> Deferred[Any]:
         waits: list[Deferred[Any]] = []
@@ -245,6 +306,9 @@ class RelayagentService(MultiService):
             self.listening = None
         if self.queue_manager is not None:
             waits.append(self.queue_manager.stop())
+        if self.pool is not None:
+            # The children hold the lock too: wait for them before it goes.
+            waits.append(self.pool.stop())
         waits.append(maybeDeferred(super().stopService))
 
         def after(_: Any) -> None:
@@ -260,30 +324,80 @@ class RelayagentService(MultiService):
         return gatherResults(waits, consumeErrors=True).addBoth(after)
 
 
-def open_log(config: Config) -> TextIO | None:
+class LineAppender:
+    """The maillog's stream: text is kept until ``flush`` (once per
+    reactor turn, ``logging._Writer``) and then written whole lines at a
+    time, in one ``write`` on an ``O_APPEND`` descriptor, so that the
+    lines of several processes sharing the file never mix (a buffered
+    file object would cut a line at its buffer's size).  More than
+    ``limit`` characters pending are written at once, up to the last
+    whole line."""
+
+    def __init__(self, fd: int, *, limit: int = 65536) -> None:
+        self.fd = fd
+        self.limit = limit
+        self._pending: list[str] = []
+        self._size = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, text: str) -> int:
+        self._pending.append(text)
+        self._size += len(text)
+        if self._size >= self.limit:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        whole = text.rfind("\n") + 1
+        rest = text[whole:]
+        self._pending = [rest] if rest else []
+        self._size = len(rest)
+        if whole:
+            data = memoryview(text[:whole].encode("utf-8", "replace"))
+            while data:
+                data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        self.flush()
+        os.close(self.fd)
+
+
+def open_log(config: Config) -> LineAppender | None:
     """``maillog_file``, opened now (before privileges are dropped); None
     when it is empty: the lines then go into twistd's log."""
     path = config["maillog_file"]
     if not path:
         return None
     path = config.path_of("maillog_file")
-    # Buffered: the maillog flushes once per reactor turn (logging._Writer).
-    return open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - lives with the process
+    # O_APPEND: every write lands at the end, whoever else writes.
+    return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
-def build_service(config: Config, reactor: Any) -> RelayagentService:
+def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
-    (module docstring); the rest starts with the service."""
+    (module docstring); the rest starts with the service.  ``role``: a
+    child worker's (``relayagent.worker``), which is given the maillog's
+    descriptor instead of opening the file."""
     # Bad scheduler values stop the start, not the first delivery.
     for name in ("smtp_destination_concurrency_positive_feedback",
                  "smtp_destination_concurrency_negative_feedback"):
         Feedback.parse(config[name], name=name)
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
+    if role is None:
+        log_out = open_log(config)
+    else:
+        log_out = LineAppender(role.log_fd) if role.log_fd is not None else None
     return RelayagentService(
         config,
         reactor,
-        log_out=open_log(config),
+        log_out=log_out,
         security=SecurityPolicy(config),
         dns_resolver=dns_resolver,
+        role=role,
     )

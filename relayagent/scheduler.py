@@ -318,7 +318,7 @@ class QueueManager:
         self._run_loop.clock = self.clock
         # The first deferred run happens at once: mail due while we were down.
         self._run_loop.start(self.queue_run_delay, now=True)
-        self.wakeup()
+        self._look_at_incoming()
 
     def stop(self) -> Deferred[None]:
         """Stop taking messages and starting deliveries; fires when the

@@ -103,6 +103,13 @@ def makeService(options: Options) -> IServiceCollection:
     from relayagent.daemon import build_service
 
     config: Config = options["configuration"]
+    from relayagent.worker import WorkerError, refuse_chroot
+
+    try:
+        # twistd's own options (--chroot) are the parent of ours.
+        refuse_chroot(config, (getattr(options, "parent", None) or {}).get("chroot"))
+    except WorkerError as exc:
+        raise SystemExit(f"relayagent: fatal: {exc}") from None
     top = MultiService()
     # Built now, before twistd's --chroot and --uid/--gid: see relayagent.daemon.
     try:
