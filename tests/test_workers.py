@@ -458,3 +458,15 @@ class LineAppenderTests(SynchronousTestCase):
         with open(self.path, "rb") as handle:
             self.assertEqual(handle.read(), b"b\na\n")
 
+
+
+class ChrootRefusedAtStartTests(SynchronousTestCase):
+    def test_make_service_stops_with_one_line(self) -> None:
+        from relayagent import tap
+
+        options = tap.Options()
+        options["configuration"] = Config.from_text(f"relayagent_workers = 2\nqueue_directory = {self.mktemp()}\n")
+        options.parent = {"chroot": "/var/spool/chroot"}  # twistd's options
+        with self.assertRaises(SystemExit) as caught:
+            tap.makeService(options)
+        self.assertTrue(str(caught.exception).startswith("relayagent: fatal: relayagent_workers = 2"))
