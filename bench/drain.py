@@ -125,6 +125,19 @@ def recipients_for(index: int, recipients: int, domains: list[str]) -> list[str]
     return [f"u{index}.{r}@{domain}" for r in range(recipients)]
 
 
+def worker_pids(pid: int) -> list[int]:
+    """The daemon and its worker processes (relayagent_workers > 1)."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as handle:
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry))
+    return pids
+
+
 def peak_rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as handle:
@@ -283,7 +296,8 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
     sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
              for i in range(args.destinations)]
     try:
-        config_path = relayagent_config(workdir, sinks, domains, args.set or [])
+        extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
+        config_path = relayagent_config(workdir, sinks, domains, extra + (args.set or []))
         queue_directory = os.path.join(workdir, "spool")
         enqueue_seconds = fill_spool(queue_directory, args, domains, "deferred" if args.warm else "incoming")
         if args.warm:
@@ -308,9 +322,12 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
                 args.timeout, process,
             )
             elapsed = time.perf_counter() - started
-            rss = peak_rss_kib(process.pid)
-            cpu = cpu_seconds(process.pid)
-            threads = thread_cpu(process.pid)
+            # Summed over the worker processes (their peaks may not
+            # coincide, so the RSS sum is an upper bound).
+            pids = worker_pids(process.pid)
+            rss = sum(peak_rss_kib(pid) for pid in pids)
+            cpu = sum(cpu_seconds(pid) for pid in pids)
+            threads = "; ".join(thread_cpu(pid) for pid in pids)
             sink_cpu = sum(cpu_seconds(sink.process.pid) for sink in sinks)
         delivered = sum(s.messages() for s in sinks)
         return {
@@ -438,6 +455,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vs-postfix", action="store_true", help="also run a private Postfix")
     parser.add_argument("--latency", type=int, default=0, metavar="K",
                         help="latency mode: K messages one at a time")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="relayagent_workers for relayagent (default 1, its default)")
     parser.add_argument("--warm", action="store_true",
                         help="relayagent as Postfix is measured: started first, its queue deferred, "
                              "the clock from the flush (default: from the start of twistd)")
@@ -466,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             run_latency(args, workdir)
             return 0
         print(f"workload: {args.messages} messages of {args.size} bytes, {args.recipients} "
-              f"recipient(s), {args.destinations} destination(s)", flush=True)
+              f"recipient(s), {args.destinations} destination(s); relayagent_workers = {args.workers}"
+              f"{', warm (clock from the flush)' if args.warm else ''}", flush=True)
         os.makedirs(os.path.join(workdir, "relayagent"))
         ours = run_relayagent(args, os.path.join(workdir, "relayagent"))
         report(ours, args)
