@@ -280,9 +280,12 @@ class RelayagentService(MultiService):
         except Exception as exc:  # noqa: BLE001 - triggers are a hint; the poll still works
             ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
         super().startService()
-        queue_manager.start()
         if self.workers > 1:
+            # First: a child needs about half a second to import and read
+            # its configuration, time this process spends activating its
+            # own share of the queue.  Their files never overlap.
             self._start_workers()
+        queue_manager.start()
 
     def _start_workers(self) -> None:
         if self.config.path is None:
