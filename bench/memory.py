@@ -30,9 +30,9 @@ CASES = {
 }
 
 
-def run(name: str) -> bool:
+def run(name: str, workers: int = 1) -> bool:
     arguments, limit_mib = CASES[name]
-    args = drain.parse_arguments(arguments)
+    args = drain.parse_arguments([*arguments, "--workers", str(workers)])
     workdir = tempfile.mkdtemp(prefix=f"relayagent-memory-{name}-")
     try:
         os.makedirs(os.path.join(workdir, "relayagent"))
@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--queue", action="store_true", help="100,000 queued messages of 2 KB")
     parser.add_argument("--large", action="store_true", help="one 100 MB message")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="relayagent_workers; the peak RSS is then the sum over the processes")
     options = parser.parse_args(argv)
     names = [n for n in CASES if getattr(options, n)] or list(CASES)
-    results = [run(name) for name in names]
+    results = [run(name, options.workers) for name in names]
     return 0 if all(results) else 1
 
 
