@@ -3,6 +3,8 @@ front of Postfix's smtp-sink on loopback, real processes.
 
 - Every message arrives exactly once, the spool empties, and the maillog
   shows deliveries from two processes.
+- ``flush`` on the trigger socket (``relayagent flush``) reaches the
+  child worker through the parent: both halves of a deferred queue go.
 - SIGKILL on the parent mid-drain: the child worker sees the end of its
   standard input, stops by itself within a bounded wait, and the spool
   lock is free; a new daemon then finishes the queue with nothing lost.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 from relayagent import control
 from relayagent.spool import Message
@@ -76,6 +79,30 @@ class WorkersTests(DaemonTestCase):
         assert child is not None
         await self.wait_for(lambda: process_gone(child), 30, "the worker to stop")
         self.assertFalse(control.spool_locked(self.spool_directory))
+
+    async def test_flush_reaches_the_child_worker(self) -> None:
+        await self.start_sink()
+        self.spool.enqueue_many(
+            (Message("sender@example.org", [f"rcpt{n}@example.net"], body(n, "flush")) for n in range(60)),
+            queue="deferred",
+        )
+        later = time.time() + 86400  # the next attempt (the mtime) a day away
+        deferred = os.path.join(self.spool_directory, "deferred")
+        for name in os.listdir(deferred):
+            os.utime(os.path.join(deferred, name), (later, later))
+        expected = {f"flush-{n}@example.org".encode() for n in range(60)}
+        self.start_daemon(self.write_config("relayagent_workers = 2\n"))
+        await self.wait_for(lambda: self.child_pid() is not None and control.daemon_running(self.spool_directory),
+                            60, "both workers to start")
+        self.assertEqual(self.queued("deferred"), 60)  # nothing due: nothing sent
+        self.assertTrue(control.trigger(self.spool_directory, "flush"))
+        await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= len(expected), 60,
+                            "the flushed queue to empty")
+        self.assertEqual(set(self.message_ids()), expected)
+        await self.wait_for(lambda: len(DELIVERED_BY.findall(self.log_text())) >= len(expected), 10, "the log")
+        pids = set(DELIVERED_BY.findall(self.log_text()))
+        self.assertIn(str(self.child_pid()), pids)  # the child's half went too
+        self.assertEqual(len(pids), 2)
 
     async def test_parent_killed_child_stops_and_nothing_is_lost(self) -> None:
         # Each DATA answered after a second: the drain takes a while.
