@@ -302,6 +302,10 @@ class ListenerFactory(protocol.ServerFactory):
     """Builds relay-only ESMTP servers: every recipient goes to the spool
     through ``RelayDeliveryFactory`` (one queue file per transaction)."""
 
+    # No "Starting/Stopping factory <...>" lines: under relayagent's
+    # namespace they would land in the maillog, where Postfix has none.
+    noisy = False
+
     def __init__(self, intake: Intake, config: Any) -> None:
         self.intake = intake
         self.config = config

@@ -8,6 +8,7 @@ import re
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.config import Config
@@ -413,6 +414,20 @@ class ServicesTests(SynchronousTestCase):
         self.assertEqual(len(services), 2)
         self.assertTrue(all(re.match("StreamServerEndpointService", type(s).__name__)
                             for s in services))
+
+
+class QuietFactoryTests(SynchronousTestCase):
+    def test_start_and_stop_say_nothing(self):
+        # Its events are relayagent's and would reach the maillog.
+        factory = Session(self).server.factory
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            factory.doStart()
+            factory.doStop()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        self.assertEqual([e.get("log_format") for e in events if "actory" in str(e.get("log_format"))], [])
 
 
 class AddressSyntaxTests(SynchronousTestCase):
