@@ -308,13 +308,14 @@ def log_delay_notice(log: Logger, queue_id: str, new_queue_id: str) -> None:
     log_notice(log, queue_id, new_queue_id, "sender delay notification")
 
 
-def log_warning(log: Logger, text: str, *, queue_id: str | None = None) -> None:
-    """``warning: [QUEUEID: ]text``."""
+def log_warning(log: Logger, text: str, *, queue_id: str | None = None, service: str | None = None) -> None:
+    """``warning: [QUEUEID: ]text``; ``service`` names the Postfix daemon
+    that would have said it, when not smtp (``master`` for the workers)."""
     _emit(
         log,
         LogLevel.warn,
         "{queue_id}: {text}" if queue_id else "{text}",
-        ralog_event=WARNING, queue_id=queue_id, text=text,
+        ralog_event=WARNING, ralog_service=service, queue_id=queue_id, text=text,
     )
 
 

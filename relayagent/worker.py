@@ -471,11 +471,11 @@ class WorkerPool:
             self.reactor.spawnProcess(child, self.executable, self.command_line(index),
                                       env=self.environment(), childFDs=child_fds)
         except OSError as exc:
-            ralog.log_warning(log, f"cannot start worker {index}: {exc}")
+            ralog.log_warning(log, f"cannot start worker {index}: {exc}", service="master")
             self._schedule_restart(index)
             return
         self.children[index] = child
-        log.info("worker {index} started: pid {pid}", index=index, pid=child.pid)
+        log.info("worker {index} started: pid {pid}", index=index, pid=child.pid, ralog_service="master")
 
     def _schedule_restart(self, index: int) -> None:
         if self.running and index not in self._restarts:
@@ -491,7 +491,7 @@ class WorkerPool:
         if line == WAKEUP:
             self.on_wakeup()
         elif line:
-            ralog.log_warning(log, f"unknown line from worker {index}: {line[:100]!r}")
+            ralog.log_warning(log, f"unknown line from worker {index}: {line[:100]!r}", service="master")
 
     def child_ended(self, child: _ChildProtocol, reason: Failure) -> None:
         if self.children.get(child.index) is child:
@@ -499,9 +499,10 @@ class WorkerPool:
         if not self.running:
             return
         ralog.log_warning(
-            log, f"process {self.executable} -m relayagent.worker pid {child.pid} {_exit_text(reason)}"
+            log, f"process {self.executable} -m relayagent.worker pid {child.pid} {_exit_text(reason)}",
+            service="master",
         )
-        ralog.log_warning(log, f"worker {child.index}: starting it again in {self.restart_delay:g}s")
+        ralog.log_warning(log, f"worker {child.index}: starting it again in {self.restart_delay:g}s", service="master")
         self._schedule_restart(child.index)
 
     def stop(self) -> Deferred[Any]:
@@ -527,7 +528,7 @@ class WorkerPool:
             for child in children:
                 if not child.ended.called:
                     ralog.log_warning(log, f"worker {child.index} pid {child.pid} did not stop "
-                                      f"in {self.stop_timeout:g}s: killing it")
+                                      f"in {self.stop_timeout:g}s: killing it", service="master")
                     try:
                         child.transport.signalProcess("KILL")
                     except ProcessExitedAlready:

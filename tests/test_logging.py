@@ -217,6 +217,14 @@ class PostfixLineTests(unittest.TestCase):
             "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits) key-exchange X25519 "
             "server-signature RSA-PSS (2048 bits) server-digest SHA256"))
 
+    def test_warning_in_another_daemons_name(self) -> None:
+        lines = postfix_lines(lambda log: (
+            ralog.log_warning(log, "process x pid 7 exit status 1", service="master"),
+            log.info("worker {index} started: pid {pid}", index=1, pid=7, ralog_service="master"),
+        ))
+        self.assertTrue(lines[0].endswith("relayagent/master[4242]: warning: process x pid 7 exit status 1"))
+        self.assertTrue(lines[1].endswith("relayagent/master[4242]: worker 1 started: pid 7"))
+
     def test_foreign_events_and_levels(self) -> None:
         lines = postfix_lines(lambda log: (
             log.info("hello {who}", who="world"),

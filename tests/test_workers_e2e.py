@@ -25,7 +25,8 @@ from relayagent.spool import Message
 from tests.test_daemon_e2e import DaemonTestCase, body
 
 DELIVERED_BY = re.compile(r"relayagent/smtp\[(\d+)\]: [0-9A-V]{16}: to=<[^>]*>.*status=sent")
-WORKER_PID = re.compile(r"worker 1 started: pid (\d+)")
+# Logged by worker 0 as Postfix's master(8) would log its children.
+WORKER_PID = re.compile(r"relayagent/master\[\d+\]: worker 1 started: pid (\d+)")
 
 
 def process_gone(pid: int) -> bool:
