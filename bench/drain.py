@@ -125,15 +125,26 @@ def recipients_for(index: int, recipients: int, domains: list[str]) -> list[str]
     return [f"u{index}.{r}@{domain}" for r in range(recipients)]
 
 
+def stat_of(path: str) -> tuple[str, list[str]] | None:
+    """A /proc ``stat`` file: the command name and the fields after it
+    (field 1 is the parent pid, 11 and 12 user and system clock ticks);
+    None when the process or thread is gone."""
+    try:
+        with open(path) as handle:
+            name, rest = handle.read().split("(", 1)[1].rsplit(")", 1)
+    except (OSError, IndexError, ValueError):
+        return None
+    return name, rest.split()
+
+
 def worker_pids(pid: int) -> list[int]:
     """The daemon and its worker processes (relayagent_workers > 1)."""
     pids = [pid]
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as handle:
-                if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+            if entry.isdigit():
+                stat = stat_of(f"/proc/{entry}/stat")
+                if stat is not None and int(stat[1][1]) == pid:
                     pids.append(int(entry))
     return pids
 
@@ -151,12 +162,10 @@ def peak_rss_kib(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
+    stat = stat_of(f"/proc/{pid}/stat")
+    if stat is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(stat[1][11]) + int(stat[1][12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(pid: int) -> str:
@@ -166,9 +175,10 @@ def thread_cpu(pid: int) -> str:
     items = []
     with contextlib.suppress(OSError):
         for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
-            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
-                name, rest = handle.read().split("(", 1)[1].rsplit(")", 1)
-            fields = rest.split()
+            stat = stat_of(f"/proc/{pid}/task/{tid}/stat")
+            if stat is None:
+                continue
+            name, fields = stat
             user, system = int(fields[11]) / tick, int(fields[12]) / tick
             if user + system >= 0.05:
                 items.append(f"{name} {user:.1f}u+{system:.1f}s")
