@@ -23,8 +23,9 @@ from relayagent import control, worker
 from relayagent.config import Config
 from relayagent.daemon import LineAppender
 from relayagent.scheduler import QueueManager
-from relayagent.spool import ACTIVE, DEFERRED, INCOMING, Spool
+from relayagent.spool import ACTIVE, DEFERRED, INCOMING
 from relayagent.spool.queueid import QueueIdGenerator, partition_of
+from tests.helpers_spool import make_spool
 from tests.test_scheduler import START, FakeAgent, by_domain
 
 
@@ -70,8 +71,7 @@ class PartitionedQueueManagerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.spool = Spool(self.mktemp(), clock=self.clock.seconds)
-        self.spool.ensure_layout()
+        self.spool = make_spool(self, clock=self.clock.seconds)
 
     def enqueue(self, count: int, queue: str) -> list[str]:
         return [self.spool.enqueue("s@example.org", ["r@example.net"], b"Subject: x\n\nhi\n", queue=queue)
@@ -264,8 +264,7 @@ class WorkerRuntimeTests(SynchronousTestCase):
     def test_end_of_file_stops_the_queue_manager(self) -> None:
         clock = Clock()
         clock.advance(START)
-        spool = Spool(self.mktemp(), clock=clock.seconds)
-        spool.ensure_layout()
+        spool = make_spool(self, clock=clock.seconds)
         queue_manager = QueueManager(Config.defaults(), spool, FakeAgent(spool), clock, by_domain)
         queue_manager.start()
         self.assertTrue(queue_manager.running)
