@@ -137,6 +137,9 @@ class Envelope:
     ``plain_lines`` says the content was found plain when queued (LF line
     ends only, no line starting with ".", none over 998 octets:
     ``smtp_body.PlainLineScanner``), so its wire form needs only CRLF.
+    ``body_declared``: whoever queued it gave the body type (BODY=); when
+    it was only detected, a 7-bit message goes out with no BODY=, as
+    Postfix sends none for an undeclared one.
     """
 
     queue_id: str
@@ -150,6 +153,7 @@ class Envelope:
     envid: str | None = None
     ret: Ret | None = None
     plain_lines: bool = False
+    body_declared: bool = True
 
     def pending(self) -> tuple[Recipient, ...]:
         """The recipients not yet done."""

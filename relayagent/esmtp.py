@@ -61,16 +61,21 @@ from relayagent.logging import DebugPeers
 from relayagent.smtp_body import BodyEncoder
 from relayagent.smtp_reply import (
     MAX_LINE_OCTETS,
-    ProtocolError,
     Reply,
     ReplyAssembler,
     reply_status,
     sent_status,
 )
+from relayagent.spool.queuefile import CorruptQueueFile
 from relayagent.status import DeliveryFailure, Status
 from relayagent.transcript import Transcript
 
 log = Logger()
+
+# Replies that came while no command was waiting are kept for the next
+# commands (see _unsolicited); a server that sends more than this is not
+# talking SMTP.
+MAX_UNCLAIMED_REPLIES = 8
 
 # Postfix stops to read replies when unanswered pipelined commands would
 # pass its stream buffer (VSTREAM_BUFSIZE, 4096 octets): a server that does
@@ -168,8 +173,6 @@ STAGES: dict[str, _Stage] = {
     "idle": _Stage("waiting to send the next command", "no command", "idle", None),
 }
 
-_SETUP_STAGES = frozenset({"greeting", "ehlo", "helo", "tls"})
-
 
 class _Broken:
     """The conversation is over; ``status`` says why (4.4.2, 421, protocol)."""
@@ -213,6 +216,73 @@ def smtp_path(address: str) -> str:
     return f"<{local}{at}{domain}>"
 
 
+def uxtext(value: str) -> str:
+    """RFC 6533 utf-8-addr-xtext: "+", "=", "\\", controls, space and
+    non-ASCII as \\x{HEX}, so the ORCPT of a UTF-8 address is ASCII."""
+    out = []
+    for char in value:
+        point = ord(char)
+        if 0x21 <= point <= 0x7E and char not in "+=\\":
+            out.append(char)
+        else:
+            out.append(f"\\x{{{point:X}}}")
+    return "".join(out)
+
+
+def orcpt_parameter(recipient: Recipient) -> str | None:
+    """The ORCPT= value for ``recipient``: the one it was queued with, else
+    its own address as the original one (Postfix's orig_addr; nothing
+    here rewrites addresses), ``rfc822;`` or, for a UTF-8 address,
+    ``utf-8;`` (RFC 6533)."""
+    if recipient.orcpt:
+        addr_type, _, address = recipient.orcpt.partition(";")
+        if addr_type.strip().lower() == "utf-8":
+            return "utf-8;" + uxtext(address)
+        return xtext(recipient.orcpt)
+    if not recipient.address:
+        return None
+    quoted = smtp_path(recipient.address)[1:-1]
+    if quoted.isascii():
+        return xtext("rfc822;" + quoted)
+    return "utf-8;" + uxtext(quoted)
+
+
+# How much of the content is read, at most, to see whether its header is
+# all ASCII (only for SMTPUTF8 mail to a server without SMTPUTF8).
+_HEADER_SCAN_LIMIT = 256 * 1024
+
+
+def requires_smtputf8(envelope: Envelope, recipients: Sequence[Recipient]) -> bool:
+    """Whether this delivery needs a server with SMTPUTF8.
+
+    Per delivery, not per message (Postfix's SMTPUTF8_README): the sender
+    asked for SMTPUTF8, and the sender address, an address of this
+    delivery's recipients, or the message header is not ASCII.  Mail
+    whose UTF-8 is elsewhere (another recipient's address) goes to a
+    server without SMTPUTF8 as plain mail."""
+    if not envelope.smtputf8:
+        return False
+    if not envelope.sender.isascii() or not all(r.address.isascii() for r in recipients):
+        return True
+    return not _header_is_ascii(envelope)
+
+
+def _header_is_ascii(envelope: Envelope) -> bool:
+    """Whether the message header (up to the first empty line) is ASCII;
+    unreadable or over ``_HEADER_SCAN_LIMIT`` counts as not."""
+    try:
+        with envelope.open_content() as stream:
+            head = stream.read(_HEADER_SCAN_LIMIT)
+    except Exception:  # noqa: BLE001 - the body producer reports the queue file's trouble
+        return False
+    end = min((i for i in (head.find(b"\n\n"), head.find(b"\r\n\r\n")) if i >= 0), default=-1)
+    if end < 0:
+        if len(head) >= _HEADER_SCAN_LIMIT:
+            return False
+        end = len(head)  # a message that is all header
+    return head[:end].isascii()
+
+
 def _debug_level(config: Any, server: ServerInfo) -> int:
     """``debug_peer_level`` when the server is in ``debug_peer_list``."""
     try:
@@ -238,7 +308,6 @@ class SMTPSession(ESMTPClient):
     __setattr__ = object.__setattr__
     # Servers end lines with CRLF; a bare LF is accepted and the CR stripped.
     delimiter = b"\n"
-    MAX_LENGTH = MAX_LINE_OCTETS + 2
 
     def __init__(
         self,
@@ -276,6 +345,12 @@ class SMTPSession(ESMTPClient):
         self._broken: _Broken | None = None
         self._body: _BodyProducer | None = None
         self._early_reply: Reply | None = None
+        # Replies that came while no command was waiting: they answer the
+        # next commands, in order, as they would for Postfix, which reads
+        # replies from its stream whenever it expects one.
+        self._unclaimed: deque[Reply] = deque()
+        self._out_of_step = False
+        self._skipping_long_line = False
         self._handshake: Deferred[None] | None = None
         self._busy = False
         self._drain_waiters: list[Deferred[None]] = []
@@ -343,26 +418,59 @@ class SMTPSession(ESMTPClient):
             handshake, self._handshake = self._handshake, None
             handshake.callback(None)
 
+    def dataReceived(self, data: bytes) -> None:
+        """Lines out of ``data``; a line over ``MAX_LINE_OCTETS`` is cut
+        there and the rest of it skipped, as Postfix's smtp_get() does
+        (LineReceiver would drop the connection's whole buffer).  What
+        follows the line being handled stays in ``_buffer``, so that
+        ``clearLineBuffer`` sees it (the STARTTLS injection check)."""
+        if self._busyReceiving:
+            self._buffer += data
+            return
+        self._busyReceiving = True
+        try:
+            self._buffer += data
+            while self._buffer and self._broken is None:
+                buffer = self._buffer
+                newline = buffer.find(b"\n")
+                if self._skipping_long_line:
+                    self._buffer = b"" if newline < 0 else buffer[newline + 1:]
+                    self._skipping_long_line = newline < 0
+                    continue
+                if newline < 0:
+                    if len(buffer) > MAX_LINE_OCTETS + 1:
+                        self._buffer = b""
+                        self._skipping_long_line = True
+                        self._long_line(buffer)
+                    return
+                line = buffer[:newline]
+                self._buffer = buffer[newline + 1:]
+                if len(line) > MAX_LINE_OCTETS + 1:
+                    self._long_line(line)
+                else:
+                    self.lineReceived(line)
+        finally:
+            self._busyReceiving = False
+
+    def _long_line(self, line: bytes) -> None:
+        log.info(
+            "{server}: response longer than {limit} octets: {head}...",
+            server=str(self.server), limit=MAX_LINE_OCTETS,
+            head=line[:30].decode("ascii", "backslashreplace"),
+        )
+        self.lineReceived(line[:MAX_LINE_OCTETS])
+
     def lineReceived(self, line: bytes) -> None:
         if self._broken is not None:
             return
         if line.endswith(b"\r"):
             line = line[:-1]
         self.transcript.received(line)
-        try:
-            reply = self._assembler.feed(line)
-        except ProtocolError as error:
-            self._protocol_error(str(error))
-            return
+        reply = self._assembler.feed(line)
         if reply is None:
             self._start_timer()  # a line is progress: the timeout is per read
             return
         self._reply_arrived(reply)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        if self._broken is None:
-            self.transcript.received(line[:MAX_LINE_OCTETS])
-            self._protocol_error(f"reply line longer than {MAX_LINE_OCTETS} octets")
 
     # -- the reply queue ---------------------------------------------------
 
@@ -386,6 +494,12 @@ class SMTPSession(ESMTPClient):
         deferred: Deferred[Reply | _Broken] = Deferred()
         if self._broken is not None:
             deferred.callback(self._broken)
+            return deferred
+        if self._unclaimed:
+            # A reply that came before its command: Postfix, reading its
+            # stream, would take it as this command's reply, and so do we
+            # (the command's own reply then answers the next one).
+            deferred.callback(self._unclaimed.popleft())
             return deferred
         self._pending.append(
             _Expectation(stage, self._timeout_of(stage) if timeout is None else timeout, deferred)
@@ -459,6 +573,8 @@ class SMTPSession(ESMTPClient):
         if not self._pending:
             self._unsolicited(reply)
             return
+        if reply.garbled:
+            self._out_of_step = True  # Postfix: never cache after garbage
         expectation = self._pending.popleft()
         self._start_timer()
         if not self._pending:
@@ -491,35 +607,21 @@ class SMTPSession(ESMTPClient):
         log.info(
             "{server}: unexpected reply from server: {text}", server=str(self.server), text=reply.text
         )
-        # Out of step with the server (or an idle-timeout 421): never reuse.
-        status = reply_status(reply, host=self.server.host, namaddr=self.namaddr,
-                              request="no command", stage="idle")
-        if not status.soft:
-            # A 2xx or 5xx nobody asked for says nothing about the mail the
-            # session was to carry next: that mail waits (4.4.2), it is
-            # neither "sent" nor bounced on the word of an out-of-step server.
-            status = Status(dsn="4.4.2", text=f"{status.text}: unexpected reply, no command was pending",
-                            code=status.code, stage="idle", reply=status.reply,
-                            remote_mta=self.server.host, extra={"notify_class": "protocol"})
-        self._break(status)
-
-    def _protocol_error(self, detail: str) -> None:
-        stage = self._current_stage()
-        key = next((k for k, v in STAGES.items() if v is stage), "")
-        log.info("{server}: protocol error: {detail}", server=str(self.server), detail=detail)
-        self._break(
-            Status(
-                # Before a transaction a garbled server is another server's
-                # chance (4.4.2, like a lost connection); inside one it is
-                # Postfix's protocol error 5.5.0.
-                dsn="4.4.2" if key in _SETUP_STAGES else "5.5.0",
-                text=f"protocol error: host {self.namaddr} said something that is not an SMTP reply "
-                f"while {stage.while_text}: {detail}",
-                stage=stage.name,
-                remote_mta=self.server.host,
-                extra={"notify_class": "protocol"},
-            )
-        )
+        # Out of step with the server: never cached after this mail.
+        self._out_of_step = True
+        if reply.code == 421 or len(self._unclaimed) >= MAX_UNCLAIMED_REPLIES:
+            # A server closing (an idle timeout), or one that talks on its
+            # own without end: the session is over; the mail it was to
+            # carry waits (4.4.2).
+            status = reply_status(reply, host=self.server.host, namaddr=self.namaddr,
+                                  request="no command", stage="idle")
+            if not status.soft:
+                status = Status(dsn="4.4.2", text=f"{status.text}: unexpected replies, no command was pending",
+                                code=status.code, stage="idle", reply=status.reply,
+                                remote_mta=self.server.host, extra={"notify_class": "protocol"})
+            self._break(status)
+            return
+        self._unclaimed.append(reply)
 
     def _break(self, status: Status, *, close: bool = True, keep: _Expectation | None = None) -> None:
         """End the conversation: every waiter learns ``status``."""
@@ -557,7 +659,7 @@ class SMTPSession(ESMTPClient):
             self._fail_greeting(greeting.status)
             return
         if not greeting.positive:
-            self._refused(greeting)
+            self._refused(greeting, STAGES["greeting"])
             return
         workarounds = frozenset(w.lower() for w in self.config["smtp_pix_workarounds"])
         if workarounds and _PIX_GREETING_RE.match("\n".join(greeting.lines)):
@@ -604,7 +706,7 @@ class SMTPSession(ESMTPClient):
                 self._take_extensions(reply)
                 return True
             if reply.code == 421:
-                self._refused(reply)
+                self._refused(reply, STAGES["ehlo"])
                 return False
             self.esmtp = False
             self.extensions = {}
@@ -614,7 +716,7 @@ class SMTPSession(ESMTPClient):
             self._fail_greeting(reply.status)
             return False
         if not reply.positive:
-            self._refused(reply)
+            self._refused(reply, STAGES["helo"])
             return False
         self.extensions = {}
         self.auth_mechanisms = frozenset()
@@ -635,8 +737,12 @@ class SMTPSession(ESMTPClient):
         self.extensions = extensions
         self.auth_mechanisms = frozenset(mechanisms)
 
-    def _refused(self, reply: Reply) -> None:
-        text = " ".join(reply.lines)
+    def _refused(self, reply: Reply, stage: _Stage) -> None:
+        """The greeting, EHLO (421) or HELO said no.  ``stage`` tells the
+        connection layer which: only a 5xx greeting is skipped as if it
+        were 4xx (smtp_skip_5xx_greeting); a 5xx HELO is final, as in
+        Postfix's smtp_helo()."""
+        text = reply.text
         # Postfix says QUIT after a refusal; we close, which servers take
         # the same way, and no reply needs waiting for.
         self._fail_greeting(
@@ -644,7 +750,7 @@ class SMTPSession(ESMTPClient):
                 dsn=reply.dsn,
                 text=f"host {self.namaddr} refused to talk to me: {text}",
                 code=reply.code,
-                stage="CONNECT",
+                stage=stage.name,
                 reply=text,
                 remote_mta=self.server.host,
             )
@@ -709,10 +815,11 @@ class SMTPSession(ESMTPClient):
         if self._broken is not None:
             raise DeliveryFailure(self._broken.status)
         stage = STAGES["tls"]
-        if self.clearLineBuffer():
-            # Plaintext that came after the 220 to STARTTLS would otherwise
-            # be read as the first reply over TLS: a man in the middle's
-            # injected response (CVE-2011-0411, client side).  Refuse it.
+        if self.clearLineBuffer() or self._unclaimed:
+            # Plaintext that came after the 220 to STARTTLS (still in the
+            # buffer, or already read as a reply nobody asked for) would
+            # otherwise be read as the first reply over TLS: a man in the
+            # middle's injected response (CVE-2011-0411, client side).
             status = Status(
                 dsn="4.4.2",
                 text=f"protocol error: host {self.namaddr} sent plaintext data after its reply "
@@ -833,7 +940,11 @@ class SMTPSession(ESMTPClient):
         if self.has("SIZE") and not converting:
             parts.append(f"SIZE={envelope.content_size}")
         if self.has("8BITMIME"):
-            parts.append("BODY=8BITMIME" if envelope.body_type is BodyType.EIGHT_BIT_MIME else "BODY=7BIT")
+            if envelope.body_type is BodyType.EIGHT_BIT_MIME:
+                parts.append("BODY=8BITMIME")
+            elif envelope.body_declared:
+                parts.append("BODY=7BIT")
+            # An undeclared 7-bit body: no BODY=, as from Postfix.
         if envelope.smtputf8 and self.has("SMTPUTF8"):
             parts.append("SMTPUTF8")
         if self.has("DSN"):
@@ -846,8 +957,9 @@ class SMTPSession(ESMTPClient):
     def _rcpt_to(self, recipient: Recipient) -> bytes:
         parts = ["RCPT TO:" + smtp_path(recipient.address)]
         if self.has("DSN"):
-            if recipient.orcpt:
-                parts.append("ORCPT=" + xtext(recipient.orcpt))
+            orcpt = orcpt_parameter(recipient)
+            if orcpt is not None:
+                parts.append("ORCPT=" + orcpt)
             notify = recipient.notify.esmtp_value()
             if notify is not None:
                 parts.append("NOTIFY=" + notify)
@@ -878,7 +990,7 @@ class SMTPSession(ESMTPClient):
             return outcome.finish(status.softened() if status.hard else status, usable=False)
 
         # Checks that need no command (smtp_xfer).
-        if envelope.smtputf8 and not self.has("SMTPUTF8"):
+        if not self.has("SMTPUTF8") and requires_smtputf8(envelope, recipients):
             status = self._local_status(
                 "5.6.7", f"SMTPUTF8 is required, but was not offered by host {self.namaddr}"
             )
@@ -963,7 +1075,14 @@ class SMTPSession(ESMTPClient):
             return await self._abort(outcome, last)
 
         # 354: the body, then "." (and QUIT when this is the last transaction).
-        body_result = await self._send_body(envelope, converting)
+        try:
+            body_result = await self._send_body(envelope, converting)
+        except CorruptQueueFile as corrupt:
+            # The content failed its checksum on the way: no "." goes, so
+            # the server keeps nothing of it; the connection drops and the
+            # queue manager moves the file to corrupt/.
+            self._break(self._local_status("4.3.0", f"queue file {envelope.queue_id} is corrupt: {corrupt.reason}"))
+            raise
         if isinstance(body_result, Status):
             # A MIME or queue file error: there is no way to cancel DATA
             # but to drop the connection (as Postfix does).
@@ -983,7 +1102,12 @@ class SMTPSession(ESMTPClient):
                 return outcome.finish(self._broken.status, usable=False)
         early, self._early_reply = self._early_reply, None
         dot_d = self._queue_command(b".", "dot")
-        quit_d = self._queue_command(b"QUIT", "quit") if last else None
+        # QUIT goes in the same write as "." only to a server that
+        # pipelines: any other may take it as a pipelining violation and
+        # refuse the message (OpenSMTPD: "500 5.5.1 Invalid command:
+        # Pipelining not supported").  Without PIPELINING nothing is
+        # written before the previous reply is in.
+        quit_d = self._queue_command(b"QUIT", "quit") if last and pipelining else None
         self._flush()
         if early is not None:
             # The server answered before "."; it is out of step from now on.
@@ -1001,6 +1125,8 @@ class SMTPSession(ESMTPClient):
             outcome.message_sent(dot_reply)
         else:
             outcome.message_failed(dot_reply, STAGES["dot"])
+        if last and quit_d is None and early is None:
+            return await self._maybe_quit(outcome.finish(None, usable=False), last)
         return outcome.finish(None, usable=self._broken is None and not last)
 
     def _drained(self) -> Deferred[None]:
@@ -1069,7 +1195,7 @@ class SMTPSession(ESMTPClient):
             self._body = None
             return result
 
-        producer.done.addCallback(finished)
+        producer.done.addBoth(finished)
         producer.start()
         return producer.done
 
@@ -1101,7 +1227,12 @@ class _Outcome:
 
     def _reply_status(self, reply: Reply, stage: _Stage) -> Status:
         server = self.session.server
-        return reply_status(reply, host=server.host, namaddr=server.namaddr, request=stage.request, stage=stage.name)
+        status = reply_status(reply, host=server.host, namaddr=server.namaddr, request=stage.request, stage=stage.name)
+        if reply.dsn[0] not in "45":
+            # A yes or a 3xx where a failure was read: Postfix's protocol
+            # error, after which the session is never cached.
+            self.session._out_of_step = True
+        return status
 
     def take_mail(self, reply: Reply | _Broken) -> bool:
         if self.mail_taken:
@@ -1151,7 +1282,8 @@ class _Outcome:
         )
         for recipient in self.recipients:
             self.statuses.setdefault(recipient.index, fallback)
-        return TransactionResult({r.index: self.statuses[r.index] for r in self.recipients}, self.message_status, usable and self.session._broken is None)
+        return TransactionResult({r.index: self.statuses[r.index] for r in self.recipients}, self.message_status,
+                                 usable and self.session._broken is None and not self.session._out_of_step)
 
 
 @implementer(IPushProducer)
@@ -1248,6 +1380,9 @@ class _BodyProducer:
                 except OSError as error:
                     self._finish(self.session._local_status("4.3.0", f"queue file read error: {error}"))
                     return
+                except CorruptQueueFile as error:
+                    self._finish(error)
+                    return
                 except mime.MimeError as error:
                     self._finish(Status(dsn=error.dsn, text=str(error), stage="end of DATA"))
                     return
@@ -1259,7 +1394,7 @@ class _BodyProducer:
         finally:
             self._producing = False
 
-    def _finish(self, result: None | Status | _Broken, *, stopped: bool = False) -> None:
+    def _finish(self, result: None | Status | _Broken | CorruptQueueFile, *, stopped: bool = False) -> None:
         self._finished = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -1273,7 +1408,10 @@ class _BodyProducer:
                 self.session.transport.unregisterProducer()
             except Exception:  # noqa: BLE001 - a transport already gone
                 pass
-        self.done.callback(result)
+        if isinstance(result, CorruptQueueFile):
+            self.done.errback(result)
+        else:
+            self.done.callback(result)
 
 
 class SMTPSessionFactory(protocol.ClientFactory):

@@ -9,6 +9,7 @@ timeout, 421, malformed replies, the body (dot-stuffing, back-pressure,
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 from twisted.internet import task
@@ -21,6 +22,7 @@ from twisted.trial import unittest
 from relayagent.config import Config
 from relayagent.envelope import BodyType, Envelope, Notify, Recipient, Ret
 from relayagent.esmtp import ServerInfo, SMTPSessionFactory, smtp_path, xtext
+from relayagent.spool.queuefile import CorruptQueueFile
 from relayagent.status import DeliveryFailure, Status
 
 SERVER = ServerInfo("mx.example", "192.0.2.1", 25, "example.com")
@@ -200,13 +202,33 @@ class GreetingTests(unittest.SynchronousTestCase):
         h.receive(b"220 ****2*0**0*")
         self.assertEqual(h.sent(), b"EHLO client.example\r\n")
 
-    def test_malformed_greeting_is_protocol_error(self):
+    def test_garbage_before_the_greeting_is_skipped(self):
+        # Postfix's smtp_chat_resp() reads on past a line that is not a
+        # reply line; the reply that follows is the greeting.
         h = Harness(self)
         h.receive(b"hello there")
+        self.assertNoResult(h.session.greeted)
+        self.assertEqual(h.sent(), b"")
+        h.receive(b"220 mx.example ESMTP")
+        self.assertEqual(h.sent(), b"EHLO client.example\r\n")
+        self.assertIn("In: hello there", h.session.transcript.lines())
+
+    def test_garbage_only_greeting_times_out(self):
+        h = Harness(self)
+        h.receive(b"hello there")
+        h.clock.advance(300)
         status = self._greeting_failure(h)
         self.assertEqual(status.dsn, "4.4.2")
-        self.assertIn("protocol error", status.text)
-        self.assertIn("In: hello there", h.session.transcript.lines())
+        self.assertIn("timed out while receiving the initial server greeting", status.text)
+
+    def test_greeting_3xx_is_a_hard_protocol_failure(self):
+        # smtp_chat.c gives a reply whose code is not 2xx, 4xx or 5xx the
+        # status 5.5.0; smtp_helo() skips only a 5xx greeting.
+        h = Harness(self)
+        h.receive(b"354 what")
+        status = self._greeting_failure(h)
+        self.assertEqual((status.dsn, status.code, status.stage), ("5.5.0", 354, "CONNECT"))
+        self.assertEqual(status.text, f"host {NAMADDR} refused to talk to me: 354 what")
 
     def test_security_hook_called_after_ehlo(self):
         calls = []
@@ -251,7 +273,7 @@ class PipelinedTransactionTests(unittest.SynchronousTestCase):
             h.transport.value(),
             b"MAIL FROM:<s@example.org> SIZE=17 BODY=8BITMIME ENVID=id+2B1+3D2 RET=HDRS\r\n"
             b"RCPT TO:<a@example.com> ORCPT=rfc822;A+2Bb+3D@example.com NOTIFY=SUCCESS,FAILURE\r\n"
-            b'RCPT TO:<"b c"@example.com> NOTIFY=NEVER\r\n'
+            b'RCPT TO:<"b c"@example.com> ORCPT=rfc822;"b+20c"@example.com NOTIFY=NEVER\r\n'
             b"DATA\r\n",
         )
         h.sent()
@@ -273,7 +295,6 @@ class PipelinedTransactionTests(unittest.SynchronousTestCase):
         env = make_envelope(count=100)
         d = h.session.deliver(env, env.recipients)
         sent = h.sent()
-        self.assertEqual(sent.count(b"RCPT TO:"), 100)
         h.receive(b"250 ok")
         for i in range(100):
             if i % 3 == 0:
@@ -282,6 +303,10 @@ class PipelinedTransactionTests(unittest.SynchronousTestCase):
                 h.receive(b"450 4.2.0 greylisted")
             else:
                 h.receive(b"250 2.1.5 ok")
+        # The commands past the 4 KB of unanswered ones went after the
+        # first replies were read (PIPELINE_BUFFER_OCTETS).
+        sent += h.sent()
+        self.assertEqual(sent.count(b"RCPT TO:"), 100)
         h.receive(b"354 go")
         h.sent()
         h.receive(b"250 2.0.0 done")
@@ -447,7 +472,7 @@ class PipelinedTransactionTests(unittest.SynchronousTestCase):
         env = make_envelope(count=1)
         d = h.session.deliver(env, env.recipients, probe=True)
         self.assertEqual(h.sent(), b"RSET\r\nMAIL FROM:<s@example.org> SIZE=17 BODY=7BIT\r\n"
-                                   b"RCPT TO:<u0@example.com>\r\nDATA\r\n")
+                                   b"RCPT TO:<u0@example.com> ORCPT=rfc822;u0@example.com\r\nDATA\r\n")
         h.receive(b"250 reset", b"250 ok", b"250 ok", b"354 go")
         self.assertTrue(h.sent().endswith(b"\r\n.\r\n"))
         h.receive(b"250 queued")
@@ -556,10 +581,41 @@ class LocalRefusalTests(unittest.SynchronousTestCase):
 
     def test_smtputf8_required_but_not_offered(self):
         h = Harness(self).greet([b"250-mx", b"250 8BITMIME"])
-        env = make_envelope(count=1, smtputf8=True)
+        env = make_envelope(recipients=(Recipient("jörg@example.net", index=0),), smtputf8=True)
         result = self.successResultOf(h.session.deliver(env, env.recipients))
         self.assertEqual(result.recipients[0].dsn, "5.6.7")
         self.assertEqual(result.recipients[0].text, f"SMTPUTF8 is required, but was not offered by host {NAMADDR}")
+
+    def test_smtputf8_requirement_is_per_delivery(self):
+        # SMTPUTF8_README: what needs SMTPUTF8 is this delivery's sender,
+        # recipients and header, not the message's other recipients.
+        h = Harness(self).greet([b"250-mx", b"250 8BITMIME"])
+        env = make_envelope(
+            recipients=(Recipient("jörg@example.net", index=0), Recipient("plain@example.com", index=1)),
+            smtputf8=True,
+        )
+        d = h.session.deliver(env, env.recipients[1:])
+        self.assertEqual(h.sent(), b"MAIL FROM:<s@example.org> BODY=7BIT\r\n")
+        h.receive(b"250 ok")
+        self.assertEqual(h.sent(), b"RCPT TO:<plain@example.com>\r\n")
+        h.receive(b"250 ok")
+        self.assertEqual(h.sent(), b"DATA\r\n")
+        h.receive(b"354 go")
+        h.sent()
+        h.receive(b"250 queued")
+        self.assertTrue(self.successResultOf(d).recipients[1].ok)
+
+    def test_smtputf8_required_by_a_utf8_header(self):
+        for content, required in ((b"Subject: \xc3\xa9t\xc3\xa9\n\nbody\n", True),
+                                  (b"Subject: plain\n\nb\xc3\xb6dy\n", False),
+                                  (b"Subject: plain\r\n\r\nb\xc3\xb6dy\r\n", False)):
+            h = Harness(self).greet([b"250-mx", b"250 8BITMIME"])
+            env = make_envelope(count=1, content=content, smtputf8=True)
+            d = h.session.deliver(env, env.recipients)
+            if required:
+                self.assertEqual(self.successResultOf(d).recipients[0].dsn, "5.6.7")
+            else:
+                self.assertTrue(h.sent().startswith(b"MAIL FROM:<s@example.org>"), content)
 
     def test_smtputf8_sent_when_offered(self):
         h = Harness(self).greet([b"250-mx", b"250 SMTPUTF8"])
@@ -806,50 +862,273 @@ class ConversionTests(unittest.SynchronousTestCase):
         self.assertTrue(h.transport.disconnecting)
 
 
-class MalformedReplyTests(unittest.SynchronousTestCase):
-    def _rcpt_stage(self):
-        h = Harness(self).greet()
+class SloppyReplyTests(unittest.SynchronousTestCase):
+    """Replies real servers send that break RFC 5321: the outcome is
+    Postfix's (smtp_chat_resp), in bounded memory."""
+
+    def _rcpt_stage(self, ehlo=EHLO_FULL):
+        h = Harness(self).greet(ehlo)
         env = make_envelope(count=1)
         d = h.session.deliver(env, env.recipients)
         h.sent()
         h.receive(b"250 ok")
         return h, d
 
-    def _check(self, h, d):
+    def _delivered(self, h, d):
+        """DATA and "." go through: the sloppy RCPT reply counted as 250."""
+        h.receive(b"354 go")
+        self.assertTrue(h.sent().endswith(b"\r\n.\r\n"))
+        h.receive(b"250 2.0.0 queued")
+        result = self.successResultOf(d)
+        self.assertTrue(result.recipients[0].ok, result.recipients[0])
+        return result
+
+    def test_overlong_line_is_cut_and_read(self):
+        h, d = self._rcpt_stage()
+        h.session.dataReceived(b"250 " + b"x" * 3000)
+        h.session.dataReceived(b"x" * 3000 + b"\r\n")
+        self._delivered(h, d)
+        self.assertTrue(any(line.startswith("In: 250 xxx") for line in h.session.transcript.lines()))
+
+    def test_overlong_complete_line_is_cut_and_read(self):
+        h, d = self._rcpt_stage()
+        h.receive(b"250 " + b"x" * 2100)
+        self._delivered(h, d)
+
+    def test_many_lines_are_read_in_bounded_memory(self):
+        h, d = self._rcpt_stage()
+        h.receive(*[b"250-more"] * 500, b"250 ok")
+        self._delivered(h, d)
+
+    def test_ehlo_of_more_than_a_hundred_lines(self):
+        h = Harness(self)
+        h.receive(b"220 mx ESMTP")
+        h.sent()
+        h.receive(b"250-mx", *[b"250-X-FILLER%d" % i for i in range(150)], b"250 PIPELINING")
+        self.successResultOf(h.session.greeted)
+        self.assertTrue(h.session.has("PIPELINING"))
+        self.assertLessEqual(len(h.session.extensions), 100)
+
+    def test_garbage_line_before_a_reply_is_skipped(self):
+        for ehlo in (EHLO_FULL, [b"250 mx"]):
+            h = Harness(self).greet(ehlo)
+            env = make_envelope(count=1)
+            d = h.session.deliver(env, env.recipients)
+            h.sent()
+            h.receive(b"OK fine", b"250 ok")
+            if ehlo is not EHLO_FULL:
+                self.assertEqual(h.sent(), b"RCPT TO:<u0@example.com>\r\n")
+            h.receive(b"hello", b"250 ok")
+            if ehlo is not EHLO_FULL:
+                self.assertEqual(h.sent(), b"DATA\r\n")
+            result = self._delivered(h, d)
+            # Postfix never caches a session that sent garbage.
+            self.assertFalse(result.session_usable)
+
+    def test_multiline_reply_with_mixed_codes_takes_the_last(self):
+        h, d = self._rcpt_stage()
+        h.receive(b"550-5.1.1 no such user", b"250 2.1.5 ok")
+        self._delivered(h, d)
+        h, d = self._rcpt_stage()
+        h.receive(b"250-2.1.5 fine", b"550 5.1.1 no such user", b"554 no valid recipients")
+        h.receive(b"250 reset")
+        status = self.successResultOf(d).recipients[0]
+        self.assertEqual((status.dsn, status.code), ("5.1.1", 550))
+        self.assertEqual(status.reply, "250-2.1.5 fine 550 5.1.1 no such user")
+
+    def test_ehlo_ending_in_5xx_falls_back_to_helo(self):
+        h = Harness(self)
+        h.receive(b"220 mx ESMTP")
+        h.sent()
+        h.receive(b"250-mx", b"250-PIPELINING", b"550 5.7.1 no ESMTP for you")
+        self.assertEqual(h.sent(), b"HELO client.example\r\n")
+        h.receive(b"250 mx")
+        self.successResultOf(h.session.greeted)
+        self.assertEqual(h.session.extensions, {})
+
+    def test_out_of_range_code_is_5_5_0(self):
+        h, d = self._rcpt_stage()
+        h.receive(b"650 what", b"554 no valid recipients")
+        h.receive(b"250 reset")
+        status = self.successResultOf(d).recipients[0]
+        self.assertEqual(status.dsn, "5.5.0")
+        self.assertEqual(status.text, f"host {NAMADDR} said: 650 what (in reply to RCPT TO command)")
+        self.assertIn("In: 650 what", h.session.transcript.lines())
+
+    def test_unsolicited_replies_answer_the_next_commands_in_order(self):
+        # An extra 250 after the greeting shifts every reply by one, as it
+        # does for Postfix: DATA reads a 250, a protocol error (5.5.0).
+        h = Harness(self)
+        h.receive(b"220 mx ESMTP", b"250 extra")
+        h.sent()
+        h.receive(b"250 mx")  # EHLO's own reply: nothing waits for it now
+        self.successResultOf(h.session.greeted)
+        self.assertEqual(h.session.extensions, {})
+        env = make_envelope(count=1)
+        d = h.session.deliver(env, env.recipients)
+        self.assertEqual(h.sent(), b"MAIL FROM:<s@example.org>\r\nRCPT TO:<u0@example.com>\r\n")
+        h.receive(b"250 mail ok")
+        self.assertEqual(h.sent(), b"DATA\r\n")
+        h.receive(b"250 rcpt ok")
+        self.assertEqual(h.sent(), b"RSET\r\n")
+        h.receive(b"354 go ahead")
         result = self.successResultOf(d)
         status = result.recipients[0]
         self.assertEqual(status.dsn, "5.5.0")
-        self.assertIn("protocol error", status.text)
-        self.assertIn("while sending RCPT TO", status.text)
-        self.assertEqual(status.extra["notify_class"], "protocol")
+        self.assertEqual(status.text, f"Protocol error: host {NAMADDR} said: 250 rcpt ok (in reply to DATA command)")
+        self.assertFalse(result.session_usable)
+
+    def test_too_many_unsolicited_replies_end_the_session(self):
+        h = Harness(self).greet()
+        h.receive(*[b"250 chatter"] * 9)
+        self.assertTrue(h.transport.disconnecting)
+        env = make_envelope(count=1)
+        status = self.successResultOf(h.session.deliver(env, env.recipients)).recipients[0]
+        self.assertEqual(status.dsn, "4.4.2")
+
+
+class CorruptContentTests(unittest.SynchronousTestCase):
+    def test_corrupt_content_sends_no_dot_and_raises(self):
+        # A large queue file is checked as it is read; damage found on the
+        # way ends the connection before ".", and the queue manager hears
+        # CorruptQueueFile (it moves the file to corrupt/).
+        class Damaged(io.BytesIO):
+            reads = 0
+
+            def read(self, size=-1):
+                Damaged.reads += 1
+                if Damaged.reads > 1:
+                    raise CorruptQueueFile("TEST1", "content checksum mismatch")
+                return super().read(size)
+
+        h = Harness(self, chunk_size=4).greet()
+        content = b"Subject: t\n\n" + b"x" * 100
+        env = make_envelope(count=1, content=content)
+        env = dataclasses.replace(env, open_content=lambda: Damaged(content))
+        d = h.session.deliver(env, env.recipients)
+        h.sent()
+        h.receive(b"250 ok", b"250 ok", b"354 go")
+        failure = self.failureResultOf(d, CorruptQueueFile)
+        self.assertEqual(failure.value.reason, "content checksum mismatch")
+        self.assertNotIn(b"\r\n.\r\n", h.sent())
+        self.assertTrue(h.transport.disconnecting)
+        self.assertFalse(h.session.usable)
+        self.assertIsNone(h.session._body)
+
+
+class WrongReplyAtEachStageTests(unittest.SynchronousTestCase):
+    """A reply of the wrong kind is Postfix's outcome: 5.5.0, never "sent"
+    for a body that was not sent, never a crash."""
+
+    def _transaction(self, ehlo=EHLO_FULL, count=1, last=False):
+        h = Harness(self).greet(ehlo)
+        env = make_envelope(count=count)
+        d = h.session.deliver(env, env.recipients, last=last)
+        h.sent()
+        return h, d
+
+    def test_data_answered_250_is_a_protocol_error_and_no_body_goes(self):
+        for ehlo in (EHLO_FULL, [b"250 mx"]):
+            h, d = self._transaction(ehlo)
+            h.receive(b"250 ok")
+            if ehlo is not EHLO_FULL:
+                h.sent()
+            h.receive(b"250 ok")
+            if ehlo is not EHLO_FULL:
+                h.sent()
+            h.receive(b"250 2.0.0 ok")
+            self.assertEqual(h.sent(), b"RSET\r\n")
+            h.receive(b"250 reset")
+            result = self.successResultOf(d)
+            status = result.recipients[0]
+            self.assertEqual((status.dsn, status.code, status.stage), ("5.5.0", 250, "DATA"))
+            self.assertEqual(
+                status.text, f"Protocol error: host {NAMADDR} said: 250 2.0.0 ok (in reply to DATA command)"
+            )
+            self.assertTrue(status.hard)
+            self.assertFalse(result.session_usable)
+
+    def test_354_to_mail(self):
+        h, d = self._transaction([b"250 mx"])
+        h.receive(b"354 go ahead")
+        self.assertEqual(h.sent(), b"RSET\r\n")
+        h.receive(b"250 reset")
+        status = self.successResultOf(d).recipients[0]
+        self.assertEqual(status.dsn, "5.5.0")
+        self.assertEqual(status.text, f"host {NAMADDR} said: 354 go ahead (in reply to MAIL FROM command)")
+
+    def test_354_to_rcpt(self):
+        h, d = self._transaction(count=2)
+        h.receive(b"250 ok", b"354 what", b"250 ok", b"354 go")
+        h.sent()
+        h.receive(b"250 queued")
+        result = self.successResultOf(d)
+        self.assertEqual(result.recipients[0].dsn, "5.5.0")
+        self.assertEqual(result.recipients[0].text, f"host {NAMADDR} said: 354 what (in reply to RCPT TO command)")
+        self.assertTrue(result.recipients[1].ok)
+
+    def test_354_to_dot(self):
+        h, d = self._transaction()
+        h.receive(b"250 ok", b"250 ok", b"354 go")
+        h.sent()
+        h.receive(b"354 again")
+        status = self.successResultOf(d).recipients[0]
+        self.assertEqual(status.dsn, "5.5.0")
+        self.assertEqual(status.text, f"host {NAMADDR} said: 354 again (in reply to end of DATA command)")
+
+    def test_without_pipelining_quit_waits_for_the_reply_to_dot(self):
+        # OpenSMTPD refuses ".\r\nQUIT\r\n" in one write from a client it
+        # did not offer PIPELINING to ("500 5.5.1 Invalid command:
+        # Pipelining not supported").
+        h, d = self._transaction([b"250 mx"], last=True)
+        h.receive(b"250 ok")
+        h.sent()
+        h.receive(b"250 ok")
+        h.sent()
+        h.receive(b"354 go")
+        self.assertTrue(h.sent().endswith(b"\r\n.\r\n"))
+        h.receive(b"250 2.0.0 queued")
+        self.assertEqual(h.sent(), b"QUIT\r\n")
+        h.receive(b"221 bye")
+        result = self.successResultOf(d)
+        self.assertTrue(result.recipients[0].ok)
         self.assertFalse(result.session_usable)
         self.assertTrue(h.transport.disconnecting)
 
-    def test_overlong_line(self):
-        h, d = self._rcpt_stage()
-        h.session.dataReceived(b"250 " + b"x" * 3000)
-        self._check(h, d)
+    def test_with_pipelining_quit_goes_with_dot(self):
+        h, d = self._transaction(last=True)
+        h.receive(b"250 ok", b"250 ok", b"354 go")
+        self.assertTrue(h.sent().endswith(b"\r\n.\r\nQUIT\r\n"))
 
-    def test_overlong_complete_line(self):
-        h, d = self._rcpt_stage()
-        h.receive(b"250 " + b"x" * 2100)
-        self._check(h, d)
+    def test_helo_refused_is_final_not_a_greeting_skip(self):
+        h = Harness(self)
+        h.receive(b"220 mx ESMTP")
+        h.sent()
+        h.receive(b"550 5.7.1 no EHLO")
+        self.assertEqual(h.sent(), b"HELO client.example\r\n")
+        h.receive(b"550 5.7.1 no HELO either")
+        status = self.failureResultOf(h.session.greeted, DeliveryFailure).value.status
+        self.assertEqual((status.dsn, status.stage), ("5.7.1", "HELO"))
+        self.assertEqual(status.text, f"host {NAMADDR} refused to talk to me: 550 5.7.1 no HELO either")
 
-    def test_too_many_lines(self):
-        h, d = self._rcpt_stage()
-        h.receive(*[b"250-more"] * 101)
-        self._check(h, d)
+    def test_orcpt_from_the_address_only_with_dsn(self):
+        h, d = self._transaction(count=1)
+        h2, d2 = self._transaction([b"250-mx", b"250 PIPELINING"])
+        self.assertNotIn(b"ORCPT", h2.transport.value())
+        env = make_envelope(recipients=(Recipient("jörg@example.net", index=0),), smtputf8=True)
+        h3 = Harness(self).greet(EHLO_FULL)
+        h3.session.deliver(env, env.recipients)
+        self.assertIn("ORCPT=utf-8;j\\x{F6}rg@example.net".encode(), h3.sent())
 
-    def test_non_numeric(self):
-        h, d = self._rcpt_stage()
-        h.receive(b"OK fine")
-        self._check(h, d)
-
-    def test_out_of_range_code(self):
-        h, d = self._rcpt_stage()
-        h.receive(b"650 what")
-        self._check(h, d)
-        self.assertIn("In: 650 what", h.session.transcript.lines())
+    def test_undeclared_7bit_body_has_no_body_parameter(self):
+        h = Harness(self).greet()
+        env = make_envelope(count=1, body_declared=False)
+        h.session.deliver(env, env.recipients)
+        self.assertTrue(h.sent().startswith(b"MAIL FROM:<s@example.org> SIZE=17\r\n"))
+        h = Harness(self).greet()
+        env = make_envelope(count=1, body_declared=False, body_type=BodyType.EIGHT_BIT_MIME)
+        h.session.deliver(env, env.recipients)
+        self.assertTrue(h.sent().startswith(b"MAIL FROM:<s@example.org> SIZE=17 BODY=8BITMIME\r\n"))
 
 
 class CommandAndTranscriptTests(unittest.SynchronousTestCase):

@@ -304,18 +304,28 @@ class CorruptionTests(SynchronousTestCase):
         self.assertIn("bad NOTIFY code 9", error.reason)
 
     def test_unknown_content_form_bits_with_a_good_checksum(self) -> None:
-        # Bit 0 is the only defined content-form bit; a file that sets
-        # another was written by something else and is not trusted.
+        # Bits 0 and 1 are the only defined content-form bits; a file that
+        # sets another was written by something else and is not trusted.
         variable, count = qf.build_envelope("a@x", [Recipient("b@y")], None)
         head = bytearray(qf.build_head(
             arrival_time=1.0, variable=variable, recipient_count=count, content_size=3,
             content_crc=zlib.crc32(b"abc"), body_type=BodyType.SEVEN_BIT, smtputf8=False, ret=None,
         ))
-        head[51] = 0x03
+        head[51] = 0x05
         crc = zlib.crc32(variable, zlib.crc32(bytes(head[: qf.HEADER_END])))
         head[qf.ENVELOPE_CRC_OFFSET: qf.ENVELOPE_CRC_OFFSET + 4] = struct.pack(">I", crc)
         error = self.open_with(bytes(head) + b"abc")
         self.assertIn("bad flag values", error.reason)
+
+    def test_body_declared_round_trip(self) -> None:
+        # Undeclared (detected) body types are marked so that a 7-bit one
+        # goes out with no BODY=; declared ones and old files are not.
+        for body_type, declared in ((None, False), (BodyType.SEVEN_BIT, True), (BodyType.EIGHT_BIT_MIME, True)):
+            queue_id = self.spool.enqueue("a@x", ["b@y"], b"abc", body_type=body_type)
+            envelope = self.spool.open(queue_id, "incoming").envelope
+            self.assertEqual(envelope.body_declared, declared, body_type)
+            stream_id = self.spool.enqueue("a@x", ["b@y"], io.BytesIO(b"abc"), body_type=body_type)
+            self.assertEqual(self.spool.open(stream_id, "incoming").envelope.body_declared, declared)
 
     def test_large_file_truncated(self) -> None:
         content = b"x" * (qf.FIRST_READ * 3)

@@ -103,7 +103,10 @@ _NOTIFY_BITS = (
     (Notify.DEFAULT, 8),
 )
 
-CONTENT_PLAIN_LINES = 0x01  # the content form octet's only defined bit
+# The content form octet's bits.
+CONTENT_PLAIN_LINES = 0x01
+CONTENT_BODY_UNDECLARED = 0x02  # the body type was detected, not declared
+_CONTENT_FORM_BITS = CONTENT_PLAIN_LINES | CONTENT_BODY_UNDECLARED
 
 _STRING_NONE = 0xFFFF  # length marker of an absent optional string
 MAX_STRING = 0xFFFE
@@ -176,10 +179,13 @@ def build_head(
     smtputf8: bool,
     ret: Ret | None,
     plain_lines: bool = False,
+    body_declared: bool = True,
 ) -> bytes:
     """Everything before the content: header, CRC, mutable block, status
     table and variable section.  ``plain_lines`` only where the content
-    was scanned and found plain (``smtp_body.PlainLineScanner``)."""
+    was scanned and found plain (``smtp_body.PlainLineScanner``);
+    ``body_declared`` False where nobody declared the body type (no
+    BODY= at intake) and the writer detected it."""
     content_offset = STATUS_OFFSET + recipient_count + len(variable)
     fixed = MAGIC_LINE + _HEADER.pack(
         arrival_time,
@@ -190,7 +196,7 @@ def build_head(
         _BODY_CODES[body_type],
         1 if smtputf8 else 0,
         _RET_CODES[ret],
-        CONTENT_PLAIN_LINES if plain_lines else 0,
+        (CONTENT_PLAIN_LINES if plain_lines else 0) | (0 if body_declared else CONTENT_BODY_UNDECLARED),
         content_crc,
     )
     envelope_crc = zlib.crc32(variable, zlib.crc32(fixed))
@@ -396,7 +402,7 @@ class QueueFile:
         computed = zlib.crc32(variable, zlib.crc32(head[:HEADER_END]))
         if computed != envelope_crc:
             raise self._corrupt("envelope checksum mismatch")
-        if content_form & ~CONTENT_PLAIN_LINES or body_code not in _BODY_TYPES or smtputf8_code > 1 or ret_code not in _RETS:
+        if content_form & ~_CONTENT_FORM_BITS or body_code not in _BODY_TYPES or smtputf8_code > 1 or ret_code not in _RETS:
             raise self._corrupt("bad flag values in the header")
         if not math.isfinite(arrival_time):
             raise self._corrupt("bad arrival time")
@@ -440,6 +446,7 @@ class QueueFile:
             envid=envid,
             ret=_RETS[ret_code],
             plain_lines=bool(content_form & CONTENT_PLAIN_LINES),
+            body_declared=not content_form & CONTENT_BODY_UNDECLARED,
         )
 
     # -- access

@@ -340,6 +340,7 @@ class Spool:
                     content_size=len(data),
                     content_crc=zlib.crc32(data),
                     body_type=body_type or detected,
+                    body_declared=body_type is not None,
                     plain_lines=is_plain(data),
                     **head_args,
                 )
@@ -371,6 +372,7 @@ class Spool:
                     content_size=size,
                     content_crc=crc,
                     body_type=body_type or detected,
+                    body_declared=body_type is not None,
                     plain_lines=lines.plain,
                     **head_args,
                 )
