@@ -33,9 +33,10 @@ nexthop: connect, hand the session and the pending recipients to a
 next address while this is not the final server (the last address, or
 ``smtp_mx_session_limit`` sessions reached).  Hard errors are final at
 once.  ``deliver`` runs that over the nexthop list (the destination, then
-``smtp_fallback_relay``) with Postfix's rule that a hard session failure
-from ``relayhost`` or a fallback relay becomes 4.3.5 (deferred as a
-configuration problem, not bounced).
+``smtp_fallback_relay``) with Postfix's rule that a hard failure of
+``relayhost`` or a fallback relay that was not reached (not found, no
+address) becomes 4.3.5 (deferred as a configuration problem, not
+bounced); a relay that answered and refused (5xx HELO) bounces.
 
 Owns: smtp_connect_timeout, smtp_bind_address, smtp_bind_address6,
 smtp_skip_5xx_greeting, smtp_skip_4xx_greeting, smtp_mx_session_limit,
@@ -311,8 +312,10 @@ class _LevelRace:
             return
         status: Status = failure.value.status
         skip = status.soft
-        if status.hard and status.stage == GREETING_STAGE and self.plan.connector.skip_5xx_greeting:
-            # Postfix: a 5xx greeting is skipped as if it were 4xx.
+        if (status.hard and status.stage == GREETING_STAGE and status.code is not None
+                and status.code // 100 == 5 and self.plan.connector.skip_5xx_greeting):
+            # Postfix: a 5xx greeting is skipped as if it were 4xx (not a
+            # 3xx one, whose 5.5.0 stands; nor a refused HELO: final).
             status = dataclasses.replace(status, dsn="4" + status.dsn[1:])
             skip = True
         self.plan.record(attempt.server, status)
@@ -467,7 +470,11 @@ class Connector:
                     session, server = await plan.next_session()
                 except ConnectFailure as failure:
                     status = failure.status
-                    if nexthop.is_relay:
+                    if nexthop.is_relay and not failure.final_server:
+                        # A relay that could not be reached is a configuration
+                        # problem (4.3.5); one that answered and refused
+                        # (5xx HELO, 5xx greeting without the skip) bounces,
+                        # as in Postfix, whose smtp_bulk_fail() bounces at once.
                         status = relay_configuration_status(status)
                     # A refusal that ends the delivery names its server
                     # (relay=host[addr]:port); running out of addresses is

@@ -170,6 +170,16 @@ class ConnectTests(ConnectorTestBase):
         self.accept(0).refuse(550, stage="EHLO")
         self.assertEqual(self.failureResultOf(d, ConnectFailure).value.status.dsn, "5.0.0")
 
+    def test_3xx_greeting_is_final_even_with_the_5xx_skip(self) -> None:
+        # smtp_helo() skips only a 5xx greeting; a 354 greeting's 5.5.0
+        # (smtp_chat.c) stands and is the outcome.
+        d = self.connector.connect([v4("mx1", "192.0.2.1"), v4("mx2", "192.0.2.2")], NEXTHOP)
+        self.accept(0).greeted.errback(DeliveryFailure(Status("5.5.0", "refused", code=354, stage="CONNECT")))
+        failure = self.failureResultOf(d, ConnectFailure).value
+        self.assertEqual(failure.status.dsn, "5.5.0")
+        self.assertTrue(failure.final_server)
+        self.assertEqual(self.hosts(), ["192.0.2.1"])
+
     def test_bind_addresses(self) -> None:
         connector = self.make_connector(self.config.replace(smtp_bind_address="192.0.2.100", smtp_bind_address6="2001:db8::100"))
         connector.connect([v4("mx1", "192.0.2.1"), v6("mx1", "2001:db8::1", preference=20)], NEXTHOP)
@@ -330,19 +340,18 @@ class DeliverWithFallbackTests(ConnectorTestBase):
         self.assertIsNone(result.outcomes[1].server)
         self.assertEqual(len(result.attempts), 2)
 
-    def test_relay_hard_failure_becomes_4_3_5(self) -> None:
+    def test_relay_hard_refusal_bounces_as_from_any_server(self) -> None:
+        # Postfix (run against smtp-sink -f CONNECT, relayhost set,
+        # smtp_skip_5xx_greeting = no): "dsn=5.3.0, status=bounced (host ...
+        # refused to talk to me: ...)"; 4.3.5 is for a relay not reached.
         connector = self.make_connector(self.config.replace(smtp_skip_5xx_greeting="no"))
-        d = connector.deliver_with_fallback([v4("relay.example.net", "192.0.2.1")], RELAY, [1], self.transact)
-        self.accept(0).refuse(554)
-        outcome = self.successResultOf(d).outcomes[1]
-        self.assertEqual(outcome.status.dsn, "4.3.5")
-        self.assertIn("refused to talk to me", outcome.status.text)
-        # Not a relay: the same refusal bounces.
-        d = connector.deliver_with_fallback([v4("mx", "192.0.2.1")], NEXTHOP, [1], self.transact)
-        self.accept(1).refuse(554)
-        outcome = self.successResultOf(d).outcomes[1]
-        self.assertEqual(outcome.status.dsn, "5.0.0")
-        self.assertEqual(outcome.server.address, "192.0.2.1")
+        for n, nexthop in enumerate((RELAY, NEXTHOP)):
+            d = connector.deliver_with_fallback([v4("relay.example.net", "192.0.2.1")], nexthop, [1], self.transact)
+            self.accept(n).refuse(554)
+            outcome = self.successResultOf(d).outcomes[1]
+            self.assertEqual(outcome.status.dsn, "5.0.0")
+            self.assertIn("refused to talk to me", outcome.status.text)
+            self.assertEqual(outcome.server.address, "192.0.2.1")
 
     def test_relay_recipient_rejection_still_bounces(self) -> None:
         # Postfix turns only session-level hard failures of a relay into 4.3.5.
