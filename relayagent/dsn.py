@@ -496,8 +496,12 @@ def _delivery_status_part(
         block["Final-Recipient"] = (
             f"{_address_type(rcpt.address, smtputf8)}; {printable(rcpt.address, allow_utf8=smtputf8)}"
         )
-        if rcpt.orcpt:
-            block["Original-Recipient"] = _orcpt_field(rcpt.orcpt, smtputf8)
+        # Always, as Postfix (bounce_notify_util.c): the ORCPT given, else
+        # the recipient as it reached us; RFC 3464 6.3.d says MUST NOT,
+        # 5.2.1.d lets a relay add ORCPT, which downstream DSNs then carry.
+        block["Original-Recipient"] = _orcpt_field(
+            rcpt.orcpt or f"{_address_type(rcpt.address, smtputf8)};{rcpt.address}", smtputf8
+        )
         block["Action"] = "failed" if kind == "failure" else report.action
         block["Status"] = report.status.dsn
         remote = report.remote_mta or report.status.remote_mta

@@ -176,9 +176,11 @@ class BuildReportTests(unittest.TestCase):
         self.assertEqual(email.utils.parsedate_to_datetime(block["Last-Attempt-Date"]).timestamp(), NOW - 60)
         self.assertIsNone(block["Will-Retry-Until"])
 
-    def test_no_original_recipient_without_orcpt(self) -> None:
+    def test_original_recipient_without_orcpt_is_the_address(self) -> None:
+        # Postfix always reports Original-Recipient (bounce_notify_util.c).
         _, message = self.report()
-        self.assertIsNone(status_blocks(message)[1]["Original-Recipient"])
+        block = status_blocks(message)[1]
+        self.assertEqual(block["Original-Recipient"], block["Final-Recipient"])
 
     def test_local_failure_has_x_postfix_diagnostic_and_no_remote_mta(self) -> None:
         status = Status("5.4.4", "Host or domain name not found. Name service error for name=nowhere.example type=A: Host not found")
