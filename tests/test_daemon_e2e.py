@@ -232,6 +232,39 @@ class FaultTests(DaemonTestCase):
         self.assertIn("lost connection", self.log_text())
         self.assertEqual(self.dump_files(), [])
 
+    async def test_ehlo_and_helo_refused_bounces(self) -> None:
+        # Postfix bounces when both EHLO and HELO get 5xx (smtp_helo():
+        # "refused to talk to me" is final); it is not a greeting to skip.
+        await self.start_sink("-f", "EHLO,HELO")
+        ids = self.enqueue(1)
+        self.start_daemon(self.write_config())
+        await self.wait_for(lambda: f"{ids[0]}: removed" in self.log_text(), 60, "the bounce")
+        (line,) = [line for line in self.log_text().splitlines() if "to=<rcpt0@example.net>" in line]
+        self.assertIn("dsn=5.3.0, status=bounced (host 127.0.0.1[127.0.0.1] refused to talk to me: 500 5.3.0", line)
+
+    async def test_large_message_damaged_in_its_content_goes_to_corrupt(self) -> None:
+        # Over the first read (64 KiB), the content's checksum is checked
+        # only as the body streams: the damage is found mid-DATA, no "."
+        # goes, and the file moves to corrupt/ instead of being retried.
+        await self.start_sink()
+        damaged = self.spool.enqueue("sender@example.org", ["rcpt@example.net"],
+                                     body(0, "damaged") + b"x" * 300_000 + b"\n")
+        path = self.spool.path("incoming", damaged)
+        with open(path, "r+b") as handle:
+            handle.seek(-1000, os.SEEK_END)
+            octet = handle.read(1)
+            handle.seek(-1000, os.SEEK_END)
+            handle.write(bytes([octet[0] ^ 0x01]))
+        good = self.spool.enqueue("sender@example.org", ["rcpt@example.net"], body(1, "good"))
+        self.start_daemon(self.write_config())
+        await self.wait_for(lambda: self.queued() == 0 and self.queued("corrupt") == 1, 60,
+                            "the damaged file in corrupt/")
+        await self.wait_for(lambda: f"{good}: removed" in self.log_text(), 10, "the good message")
+        self.assertEqual(list(self.spool.queue_ids("corrupt")), [damaged])
+        self.assertEqual(self.message_ids(), [b"good-1@example.org"])
+        self.assertIn(f"{damaged}: ", self.log_text())
+        self.assertNotIn("Unhandled", open(os.path.join(self.base, "twistd.out")).read())
+
     async def test_slow_replies_still_deliver(self) -> None:
         await self.start_sink("-W", "DATA:1")
         ids = self.enqueue(3, sender="sender@example.org")
