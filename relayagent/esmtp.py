@@ -659,7 +659,7 @@ class SMTPSession(ESMTPClient):
             self._fail_greeting(greeting.status)
             return
         if not greeting.positive:
-            self._refused(greeting, STAGES["greeting"])
+            self._fail_greeting(self._refusal(greeting, STAGES["greeting"]))
             return
         workarounds = frozenset(w.lower() for w in self.config["smtp_pix_workarounds"])
         if workarounds and _PIX_GREETING_RE.match("\n".join(greeting.lines)):
@@ -675,7 +675,9 @@ class SMTPSession(ESMTPClient):
             self.esmtp = True
         if self.config["smtp_never_send_ehlo"] or "disable_esmtp" in self.pix_workarounds:
             self.esmtp = False
-        if not await self._hello(use_ehlo=self.esmtp):
+        refused = await self._hello(use_ehlo=self.esmtp)
+        if refused is not None:
+            self._fail_greeting(refused)
             return
         if self.security is not None:
             try:
@@ -695,32 +697,28 @@ class SMTPSession(ESMTPClient):
         self.usable = True
         self.greeted.callback(self)
 
-    async def _hello(self, *, use_ehlo: bool) -> bool:
-        """EHLO (falling back to HELO) or HELO; False when the session failed."""
+    async def _hello(self, *, use_ehlo: bool) -> Status | None:
+        """EHLO (falling back to HELO unless it got 421) or HELO, at the
+        start and again after STARTTLS (Postfix's smtp_helo() does both);
+        the reason the session cannot go on, or None."""
         if use_ehlo:
             reply = await self._command_reply(b"EHLO " + self.identity, "ehlo")
             if isinstance(reply, _Broken):
-                self._fail_greeting(reply.status)
-                return False
+                return reply.status
             if reply.positive:
                 self._take_extensions(reply)
-                return True
+                return None
             if reply.code == 421:
-                self._refused(reply, STAGES["ehlo"])
-                return False
+                return self._refusal(reply, STAGES["ehlo"])
             self.esmtp = False
-            self.extensions = {}
-            self.auth_mechanisms = frozenset()
-        reply = await self._command_reply(b"HELO " + self.identity, "helo")
-        if isinstance(reply, _Broken):
-            self._fail_greeting(reply.status)
-            return False
-        if not reply.positive:
-            self._refused(reply, STAGES["helo"])
-            return False
         self.extensions = {}
         self.auth_mechanisms = frozenset()
-        return True
+        reply = await self._command_reply(b"HELO " + self.identity, "helo")
+        if isinstance(reply, _Broken):
+            return reply.status
+        if not reply.positive:
+            return self._refusal(reply, STAGES["helo"])
+        return None
 
     def _take_extensions(self, reply: Reply) -> None:
         extensions: dict[str, str] = {}
@@ -737,23 +735,19 @@ class SMTPSession(ESMTPClient):
         self.extensions = extensions
         self.auth_mechanisms = frozenset(mechanisms)
 
-    def _refused(self, reply: Reply, stage: _Stage) -> None:
+    def _refusal(self, reply: Reply, stage: _Stage) -> Status:
         """The greeting, EHLO (421) or HELO said no.  ``stage`` tells the
         connection layer which: only a 5xx greeting is skipped as if it
         were 4xx (smtp_skip_5xx_greeting); a 5xx HELO is final, as in
-        Postfix's smtp_helo()."""
-        text = reply.text
-        # Postfix says QUIT after a refusal; we close, which servers take
-        # the same way, and no reply needs waiting for.
-        self._fail_greeting(
-            Status(
-                dsn=reply.dsn,
-                text=f"host {self.namaddr} refused to talk to me: {text}",
-                code=reply.code,
-                stage=stage.name,
-                reply=text,
-                remote_mta=self.server.host,
-            )
+        Postfix's smtp_helo().  Postfix says QUIT after a refusal; we
+        close, which servers take the same way."""
+        return Status(
+            dsn=reply.dsn,
+            text=f"host {self.namaddr} refused to talk to me: {reply.text}",
+            code=reply.code,
+            stage=stage.name,
+            reply=reply.text,
+            remote_mta=self.server.host,
         )
 
     def _fail_greeting(self, status: Status, *, failure: DeliveryFailure | None = None) -> None:
@@ -761,7 +755,16 @@ class SMTPSession(ESMTPClient):
         if not self.greeted.called:
             self.greeted.errback(failure if failure is not None else DeliveryFailure(status))
         if self._broken is None:
-            self._break(status)
+            if self._connected and status.code != 421 and self._handshake is None:
+                # A server that is still talking (it refused, or TLS/AUTH
+                # said no) gets QUIT, as from Postfix; its reply is not
+                # awaited (smtp_skip_quit_response).
+                self.transcript.sent(b"QUIT")
+                self.transport.write(b"QUIT\r\n")
+                self._break(status, close=False)
+                self.transport.loseConnection()
+            else:
+                self._break(status)
 
     def _setup_crashed(self, failure: Failure) -> None:
         log.failure("ESMTP session setup crashed for {server}", failure, server=str(self.server))
@@ -850,21 +853,10 @@ class SMTPSession(ESMTPClient):
         finally:
             if timer.active():
                 timer.cancel()
-        reply = await self._command_reply(b"EHLO " + self.identity, "ehlo")
-        if isinstance(reply, _Broken):
-            raise DeliveryFailure(reply.status)
-        if not reply.positive:
-            status = Status(
-                dsn=reply.dsn,
-                text=f"host {self.namaddr} refused to talk to me: {reply.text}",
-                code=reply.code,
-                stage="EHLO",
-                reply=reply.text,
-                remote_mta=self.server.host,
-            )
-            self._break(status)
-            raise DeliveryFailure(status)
-        self._take_extensions(reply)
+        refused = await self._hello(use_ehlo=True)
+        if refused is not None:
+            self._break(refused)
+            raise DeliveryFailure(refused)
 
     # -- mail transactions --------------------------------------------------
 

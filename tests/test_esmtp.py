@@ -127,6 +127,9 @@ class GreetingTests(unittest.SynchronousTestCase):
         self.assertTrue(status.hard)
         self.assertEqual(status.dsn, "5.0.0")
         self.assertEqual(status.text, f"host {NAMADDR} refused to talk to me: 554-no 554 go away")
+        # Postfix says QUIT to a server that refused (not to one closing, 421).
+        self.assertEqual(h.sent(), b"QUIT\r\n")
+        self.assertTrue(h.transport.disconnecting)
 
     def test_greeting_timeout(self):
         h = Harness(self)
@@ -1110,6 +1113,28 @@ class WrongReplyAtEachStageTests(unittest.SynchronousTestCase):
         status = self.failureResultOf(h.session.greeted, DeliveryFailure).value.status
         self.assertEqual((status.dsn, status.stage), ("5.7.1", "HELO"))
         self.assertEqual(status.text, f"host {NAMADDR} refused to talk to me: 550 5.7.1 no HELO either")
+        self.assertEqual(h.sent(), b"QUIT\r\n")
+
+    def test_ehlo_refused_after_starttls_falls_back_to_helo(self):
+        # Postfix's smtp_helo() runs again after STARTTLS, HELO fallback
+        # and all (a server that refuses EHLO over TLS still gets mail).
+        class TLSTransport(StringTransport):
+            def startTLS(self, creator):
+                pass
+
+        h = Harness(self, transport=TLSTransport()).greet()
+        d = h.session.command(b"STARTTLS", stage="receiving the STARTTLS response", timeout=5)
+        self.assertEqual(h.sent(), b"STARTTLS\r\n")
+        h.receive(b"220 go ahead")
+        self.successResultOf(d)
+        done = h.session.start_tls_handshake(object())
+        h.session.handshakeCompleted()
+        self.assertEqual(h.sent(), b"EHLO client.example\r\n")
+        h.receive(b"250-mx", b"550 5.7.1 no ESMTP over TLS")
+        self.assertEqual(h.sent(), b"HELO client.example\r\n")
+        h.receive(b"250 mx")
+        self.successResultOf(done)
+        self.assertEqual(h.session.extensions, {})
 
     def test_orcpt_from_the_address_only_with_dsn(self):
         h, d = self._transaction(count=1)
