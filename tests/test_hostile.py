@@ -18,8 +18,15 @@ import signal
 import stat
 from collections.abc import Iterator
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from relayagent import logging as ralog
+from relayagent import scheduler as scheduler_module
+from relayagent.config import Config
+from relayagent.scheduler import DeliveryRequest, QueueManager, RequestResult
 from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, CorruptQueueFile, Spool
 from relayagent.spool import spool as spool_module
 from relayagent.spool.errors import NotAQueueFile
@@ -347,3 +354,112 @@ class LogFileTests(HostileSpoolTestCase):
             self.assertRaises(OSError, queue_file.bounce, 0, Status("5.1.1", "unknown"))
         self.assertEqual(self.spool.read_log("bounce", queue_id), [])
         self.assertOutsideUntouched()
+
+
+# ---------------------------------------------------------------------------
+# The queue manager
+
+
+class FakeAgent:
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.requests: list[DeliveryRequest] = []
+
+    def deliver(self, request: DeliveryRequest) -> Deferred[RequestResult]:
+        self.requests.append(request)
+        return Deferred()
+
+    def defer_unsent(self, request: DeliveryRequest, status: Status) -> None:
+        pass
+
+    def finish(self, message: object) -> None:
+        pass
+
+
+class QueueManagerTests(HostileSpoolTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.spool.clock = self.clock.seconds
+        self.agent = FakeAgent(self.spool)
+        self.events: list[dict] = []
+        observer = self.events.append
+        self.patch(scheduler_module, "log", Logger(namespace="relayagent.qmgr", observer=observer))
+        self.patch(spool_module, "log", Logger(namespace="relayagent.spool", observer=observer))
+
+    def manager(self) -> QueueManager:
+        manager = QueueManager(Config.defaults(), self.spool, self.agent, self.clock,
+                               lambda recipient: recipient.domain)
+        self.addCleanup(manager.stop)
+        return manager
+
+    def delivered(self) -> list[str]:
+        return [request.message.queue_id for request in self.agent.requests]
+
+    def test_bad_entries_in_incoming_do_not_stop_the_queue(self) -> None:
+        bad = {kind: self.place(kind) for kind in ("fifo", "symlink", "directory", "passwd", "dangling")}
+        zero = new_id()
+        write_file(queue_path(self.spool, INCOMING, zero), b"")
+        good = self.enqueue()
+        manager = self.manager()
+        with within():
+            manager.start()
+            for _ in range(5):
+                self.clock.advance(scheduler_module.INCOMING_POLL)  # five more scans
+        self.assertEqual(self.delivered(), [good])
+        # Left alone where they are, each reported once; the empty file,
+        # a corrupt queue file, went to corrupt/.
+        for queue_id in bad.values():
+            self.assertTrue(os.path.lexists(queue_path(self.spool, INCOMING, queue_id)))
+        self.assertEqual(sorted(name for _, name, _ in self.strays), sorted(bad.values()))
+        self.assertEqual(list(self.spool.queue_ids(CORRUPT)), [zero])
+        self.assertOutsideUntouched()
+
+    def test_a_hard_link_goes_to_corrupt_unwritten(self) -> None:
+        queue_id = self.place("hardlink")
+        good = self.enqueue()
+        self.manager().start()
+        self.assertEqual(self.delivered(), [good])
+        self.assertEqual(list(self.spool.queue_ids(CORRUPT)), [queue_id])
+        self.assertOutsideUntouched()
+
+    def test_a_link_that_took_a_files_place_after_the_scan(self) -> None:
+        queue_id = self.enqueue()
+        real_move = self.spool.move
+
+        def move_then_swap(queue_id: str, from_queue: str, to_queue: str) -> None:
+            real_move(queue_id, from_queue, to_queue)
+            path = queue_path(self.spool, to_queue, queue_id)
+            if to_queue == ACTIVE:
+                os.unlink(path)
+                os.symlink(self.outside_file, path)
+
+        self.patch(self.spool, "move", move_then_swap)
+        self.manager().start()
+        self.assertEqual(self.delivered(), [])
+        moved = queue_path(self.spool, CORRUPT, queue_id)
+        self.assertTrue(os.path.islink(moved))
+        self.assertOutsideUntouched()
+
+    def test_a_directory_in_active_is_not_recovered(self) -> None:
+        self.place("directory", ACTIVE)
+        manager = self.manager()
+        manager.start()
+        self.assertEqual(manager.counters.activated, 0)
+        self.assertFalse(any("recovering" in (e.get("log_format") or "") for e in self.events))
+        self.assertEqual(len(self.strays), 1)
+
+    def test_an_unopenable_file_is_deferred_not_stuck_in_active(self) -> None:
+        queue_id = self.enqueue(ACTIVE)
+
+        def no_descriptors(*args: object, **kwargs: object) -> None:
+            raise OSError(24, "Too many open files")
+
+        self.patch(self.spool, "open", no_descriptors)
+        self.manager().start()
+        self.assertEqual(self.spool.find(queue_id), DEFERRED)
+        mtime = os.lstat(queue_path(self.spool, DEFERRED, queue_id)).st_mtime
+        self.assertEqual(mtime, START + 300)  # minimal_backoff_time
+        (warning,) = [e for e in self.events if e.get("ralog_event") == ralog.WARNING]
+        self.assertIn("Too many open files; deferred", warning["text"])
