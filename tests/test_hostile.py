@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from relayagent import control
 from relayagent import logging as ralog
 from relayagent import scheduler as scheduler_module
 from relayagent.config import Config
@@ -463,3 +464,22 @@ class QueueManagerTests(HostileSpoolTestCase):
         self.assertEqual(mtime, START + 300)  # minimal_backoff_time
         (warning,) = [e for e in self.events if e.get("ralog_event") == ralog.WARNING]
         self.assertIn("Too many open files; deferred", warning["text"])
+
+
+
+class SpoolLockTests(SynchronousTestCase):
+    """master.lock, in the spool's top directory, opened as root before
+    the privilege drop."""
+
+    def test_a_fifo_or_link_as_the_lock_file(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, control.LOCK_NAME)
+        elsewhere = os.path.join(directory, "elsewhere")
+        os.mkfifo(path)
+        with within():
+            self.assertRaises(OSError, control.lock_spool, directory)
+        os.unlink(path)
+        os.symlink(elsewhere, path)
+        self.assertRaises(OSError, control.lock_spool, directory)
+        self.assertFalse(os.path.lexists(elsewhere))  # the dangling target was not created
