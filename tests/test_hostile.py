@@ -13,6 +13,7 @@ test instead of hanging the run.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import stat
@@ -20,10 +21,10 @@ from collections.abc import Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from relayagent import control
+from relayagent import control, tap
 from relayagent import logging as ralog
 from relayagent import scheduler as scheduler_module
 from relayagent.config import Config
@@ -464,6 +465,58 @@ class QueueManagerTests(HostileSpoolTestCase):
         self.assertEqual(mtime, START + 300)  # minimal_backoff_time
         (warning,) = [e for e in self.events if e.get("ralog_event") == ralog.WARNING]
         self.assertIn("Too many open files; deferred", warning["text"])
+
+    def test_lines_are_the_queue_managers(self) -> None:
+        self.enqueue(ACTIVE)
+        bad = new_id()
+        write_file(queue_path(self.spool, INCOMING, bad), b"garbage")
+        self.manager().start()
+        out = io.StringIO()
+        observer = ralog.PostfixFormatObserver(out, hostname="relay.test", program="relayagent/smtp",
+                                               pid=1)
+        for event in self.events:
+            observer(event)
+        lines = out.getvalue().splitlines()
+        recovering = [line for line in lines if "recovering 1 message(s)" in line]
+        corrupt = [line for line in lines if "corrupt queue file moved" in line]
+        self.assertEqual(len(recovering), 1, lines)
+        self.assertEqual(len(corrupt), 1, lines)
+        self.assertIn(" relayagent/qmgr[1]: recovering", recovering[0])
+        self.assertIn(f" relayagent/qmgr[1]: warning: {bad}: corrupt queue file moved from active "
+                      "to corrupt: not a relayagent queue file (bad magic)", corrupt[0])
+        self.assertNotIn("warning: warning", out.getvalue())
+
+
+class LogLineTests(SynchronousTestCase):
+    def render(self, namespace: str, emit) -> str:
+        out = io.StringIO()
+        observer = ralog.PostfixFormatObserver(out, hostname="h", program="relayagent/smtp", pid=1)
+        emit(Logger(namespace=namespace, observer=observer))
+        return out.getvalue()
+
+    def test_namespace_decides_the_program(self) -> None:
+        self.assertIn("relayagent/qmgr[1]: warning: x",
+                      self.render("relayagent.qmgr", lambda log: ralog.log_warning(log, "x")))
+        self.assertIn("relayagent/qmgr[1]: hello",
+                      self.render("relayagent.qmgr", lambda log: log.info("hello")))
+        # The delivery agent's warnings stay smtp's; an explicit service wins.
+        self.assertIn("relayagent/smtp[1]: warning: x",
+                      self.render("relayagent.delivery", lambda log: ralog.log_warning(log, "x")))
+        self.assertIn("relayagent/master[1]: warning: x",
+                      self.render("relayagent.qmgr",
+                                  lambda log: ralog.log_warning(log, "x", service="master")))
+
+    def test_config_warnings_say_warning_once(self) -> None:
+        events: list[dict] = []
+        config = Config.from_text("bogus_parameter = 1\n")
+        (text,) = config.warnings
+        service = tap.SpoolStateService(config, directory=self.mktemp)
+        service.log = Logger(namespace="relayagent.tap", observer=events.append)
+        service.startService()
+        self.addCleanup(service.stopService)
+        (warning,) = [e for e in events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(ralog.render(warning), f"warning: {text}")
+
 
 
 

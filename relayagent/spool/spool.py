@@ -487,8 +487,9 @@ class Spool:
     def mark_corrupt(self, queue_id: str, queue: str, reason: str) -> None:
         """Move an unreadable file to ``corrupt/`` and log why."""
         self.move(queue_id, queue, CORRUPT)
+        # The level makes the "warning: " of the line (logging.render).
         log.warn(
-            "warning: {queue_id}: corrupt queue file moved from {queue} to corrupt: {reason}",
+            "{queue_id}: corrupt queue file moved from {queue} to corrupt: {reason}",
             queue_id=queue_id,
             queue=queue,
             reason=reason,
