@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import stat
@@ -24,7 +25,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from relayagent import control, tap
+from relayagent import cli, control, tap
 from relayagent import logging as ralog
 from relayagent import scheduler as scheduler_module
 from relayagent.config import Config
@@ -518,6 +519,69 @@ class LogLineTests(SynchronousTestCase):
         self.assertEqual(ralog.render(warning), f"warning: {text}")
 
 
+# ---------------------------------------------------------------------------
+# mailq and postsuper
+
+
+class CommandTests(HostileSpoolTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_path = os.path.join(os.path.dirname(self.spool.directory), "main.cf")
+        write_file(self.config_path, f"queue_directory = {self.spool.directory}\n".encode())
+
+    def run_command(self, *argv: str) -> tuple[int, str, str]:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with within():
+            code = cli.run(["-c", self.config_path, *argv], stdin=io.BytesIO(b""),
+                           stdout=stdout, stderr=stderr)
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def test_mailq_skips_them_with_one_warning_each(self) -> None:
+        bad = [self.place(kind) for kind in ("fifo", "symlink", "directory")]
+        good = self.enqueue()
+        for argv in (("mailq",), ("mailq", "--json")):
+            code, out, err = self.run_command(*argv)
+            self.assertEqual(code, 0)
+            self.assertIn(good, out)
+            for queue_id in bad:
+                self.assertNotIn(queue_id, out)
+                self.assertEqual(err.count(queue_id), 1, err)
+            self.assertEqual(len(err.splitlines()), 3, err)
+        code, out, err = self.run_command("mailq", "--json")
+        self.assertEqual([json.loads(line)["queue_id"] for line in out.splitlines()], [good])
+
+    def test_mailq_lists_a_hard_link_as_unreadable(self) -> None:
+        queue_id = self.place("hardlink")
+        code, out, err = self.run_command("mailq")
+        self.assertEqual(code, 0)
+        self.assertIn(f"{queue_id}: unreadable queue file in incoming: has 2 hard links", err)
+
+    def test_postsuper_delete_all_removes_entries_not_targets(self) -> None:
+        for kind in ("fifo", "symlink", "dangling", "hardlink"):
+            self.place(kind)
+        directory = self.place("directory")
+        good = self.enqueue()
+        code, out, err = self.run_command("postsuper", "-d", "ALL")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Deleted: 5 messages", err)
+        self.assertIn(f"{directory}: a directory in incoming, not a queue file; left alone", err)
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, INCOMING)), [directory])
+        self.assertOutsideUntouched()
+        self.assertNotIn(good, os.listdir(os.path.join(self.spool.directory, INCOMING)))
+
+    def test_postsuper_requeue_refuses_a_fifo(self) -> None:
+        queue_id = self.place("fifo", DEFERRED)
+        code, out, err = self.run_command("postsuper", "-r", queue_id)
+        self.assertEqual(code, 0)
+        self.assertIn("not a regular file: a FIFO", err)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(queue_path(self.spool, DEFERRED, queue_id)).st_mode))
+
+    def test_postsuper_hold_moves_a_link_not_its_target(self) -> None:
+        queue_id = self.place("symlink")
+        code, out, err = self.run_command("postsuper", "-h", queue_id)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.islink(queue_path(self.spool, "hold", queue_id)))
+        self.assertOutsideUntouched()
 
 
 class SpoolLockTests(SynchronousTestCase):
