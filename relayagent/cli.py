@@ -498,8 +498,23 @@ def _configure_mailq(parser: argparse.ArgumentParser) -> None:
 _MARKS = {"active": "*", "hold": "!"}
 
 
+def _mailq_stray(context: Context) -> Callable[[str, str, str], None]:
+    """Where mailq says what it skips: what is in a queue directory and
+    is not a queue file (a FIFO, a link, a directory: never opened, so
+    never waited for), on stderr, once each, as Postfix's showq warns and
+    skips it."""
+
+    def warn(queue: str, name: str, problem: str) -> None:
+        # Undecodable octets as \xNN, control characters as "?".
+        shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+        shown = "".join(char if char.isprintable() else "?" for char in shown)
+        context.warn(f"{queue}/{shown}: {problem}; skipped")
+
+    return warn
+
+
 def _run_mailq(context: Context, args: argparse.Namespace) -> int:
-    spool = context.spool()
+    spool = Spool.from_config(context.config, clock=clock, on_stray=_mailq_stray(context))
     out = context.stdout
     count = 0
     total_size = 0
@@ -603,7 +618,11 @@ def _run_postsuper(context: Context, args: argparse.Namespace) -> int:
         if args.queues:
             source_queues = tuple(q for q in args.queues if q in source_queues)
         if "ALL" in ids:
-            targets = [(queue_id, queue) for queue in source_queues for queue_id in spool.queue_ids(queue)]
+            # Every entry with a queue-id name, as Postfix's postsuper: a
+            # FIFO or link is deleted or moved as a directory entry (never
+            # followed); requeue refuses what is no queue file.
+            targets = [(queue_id, queue) for queue in source_queues
+                       for queue_id in spool.queue_ids(queue, every_entry=True)]
         else:
             targets = []
             for queue_id in dict.fromkeys(ids):
@@ -627,6 +646,11 @@ def _run_postsuper(context: Context, args: argparse.Namespace) -> int:
                 continue  # gone meanwhile (delivered, or moved by the queue manager)
             except CorruptQueueFile as exc:
                 context.warn(f"{queue_id}: cannot requeue a corrupt queue file: {exc.reason}")
+                continue
+            except IsADirectoryError:
+                # A directory by a queue id's name is not a message; rm -r
+                # is the administrator's (Postfix leaves it too).
+                context.warn(f"{queue_id}: a directory in {queue}, not a queue file; left alone")
                 continue
             except OSError as exc:
                 raise Failure(EX_IOERR, f"postsuper: {queue_id}: {exc.strerror or exc}") from None

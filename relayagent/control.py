@@ -25,6 +25,7 @@ Owns no parameters; reads queue_directory (through its callers).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -157,11 +158,15 @@ def lock_spool(queue_directory: str) -> int:
     and a privilege drop (the descriptor is taken before).  The file is
     empty and opened read-only, so a root-made one still locks for an
     unprivileged daemon.  Raises ``DaemonRunning`` when another process
-    holds it.
+    holds it, ``OSError`` when the name is a link (never followed: root
+    would create or lock its target) or not a regular file (a FIFO would
+    block the start).
     """
     path = os.path.join(queue_directory, LOCK_NAME)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)

@@ -232,7 +232,11 @@ class RelayagentService(MultiService):
         if self.maillog is not None:
             self.maillog.start()
         directory = self.spool_directory()
-        self.spool = Spool(directory, clock=self.reactor.seconds)
+        index = self.role.index if self.role is not None else 0
+        # What the queue directories hold besides queue files is told once,
+        # by worker 0 (every worker scans every directory).
+        self.spool = Spool(directory, clock=self.reactor.seconds,
+                           on_stray=_log_stray if index == 0 else None)
         self.spool.ensure_layout()
         if self._lock_fd is None:
             self._lock_fd = control.lock_spool(directory)
@@ -259,7 +263,6 @@ class RelayagentService(MultiService):
             # Unlinking delivered files off the reactor thread.
             removal_reactor=self.reactor,
         )
-        index = self.role.index if self.role is not None else 0
         queue_manager = QueueManager(
             self.config, self.spool, self.agent, self.reactor, self.router,
             owns=worker.partition_filter(index, self.workers),
@@ -325,6 +328,16 @@ class RelayagentService(MultiService):
                 self.maillog.stop()
 
         return gatherResults(waits, consumeErrors=True).addBoth(after)
+
+
+def _log_stray(queue: str, name: str, problem: str) -> None:
+    """A directory entry the spool skips (``Spool(on_stray=)``), once, as
+    the queue manager's warning: ``warning: incoming/NAME: not a regular
+    file: a FIFO; left alone``."""
+    # A name is bytes on disk: undecodable octets are shown as \xNN, and
+    # the maillog turns control characters into "?".
+    shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+    ralog.log_warning(log, f"{queue}/{shown}: {problem}; left alone", service="qmgr")
 
 
 class LineAppender:

@@ -47,7 +47,6 @@ delay_warning_time (the timing; dsn.py writes the text).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,6 +207,17 @@ class DeliveryAgent:
             return RequestResult()
         if message.queue_id in self.corrupt:
             return RequestResult()
+        try:
+            return self._outcomes(request, recipients, attempt, timing)
+        except CorruptQueueFile as exc:
+            # The file's name no longer leads to the file opened (a link or
+            # another file put in its place): nothing was written to it.
+            self._corrupt_found(message, exc.reason)
+            return RequestResult()
+
+    def _outcomes(self, request: DeliveryRequest, recipients: list[Recipient], attempt: Attempt,
+                  timing: _Timing) -> RequestResult:
+        """Record what the attempt did to each recipient."""
         site_failure: Status | None = None
         outcomes: list[tuple[Recipient, Outcome]] = []
         for recipient in recipients:
@@ -420,7 +430,7 @@ class DeliveryAgent:
         try:
             # The mtime is the next-attempt time: the scheduler's scan
             # needs a stat, not a read (Postfix does the same).
-            os.utime(self.spool.path(DEFERRED, queue_id), (next_attempt, next_attempt))
+            self.spool.set_next_attempt(queue_id, DEFERRED, next_attempt)
         except OSError as exc:
             ralog.log_warning(log, f"cannot set the next attempt time: {exc}", queue_id=queue_id)
 

@@ -99,6 +99,16 @@ _SERVICE = {
     WARNING: "smtp",
 }
 
+# Which Postfix daemon would have logged an event of a module's logger,
+# whatever its kind: the queue manager's lines (recovery, corrupt files,
+# dead destinations, its warnings) are qmgr's; the spool's only line is
+# the queue manager's "corrupt queue file moved" (Postfix's qmgr logs
+# "saving corrupt file").
+_NAMESPACE_SERVICE = {
+    "relayagent.qmgr": "qmgr",
+    "relayagent.spool": "qmgr",
+}
+
 # Postfix's severity prefixes (msg.c).
 _LEVEL_PREFIX = {
     LogLevel.debug: "",
@@ -459,8 +469,14 @@ class _SyslogClock:
 
 def _service_program(program: str, event: Mapping[str, Any]) -> str:
     """``relayagent/qmgr`` for queue manager events when ``program`` is
-    ``relayagent/smtp``: pflogsumm and friends look at the daemon name."""
-    service = event.get("ralog_service") or _SERVICE.get(event.get("ralog_event", ""))
+    ``relayagent/smtp``: pflogsumm and friends look at the daemon name.
+    The event's ``ralog_service`` decides, else its logger's namespace
+    (``_NAMESPACE_SERVICE``), else its kind (``_SERVICE``)."""
+    service = (
+        event.get("ralog_service")
+        or _NAMESPACE_SERVICE.get(event.get("log_namespace") or "")
+        or _SERVICE.get(event.get("ralog_event", ""))
+    )
     if not service:
         return program
     base = program.split("/", 1)[0]

@@ -41,6 +41,18 @@ What it does:
   delivery agent's ``finish`` (remove it, or defer it with its backoff:
   ``backoff_time``).
 
+What is in a queue directory and is not a queue file (a FIFO, a
+symbolic link, a directory, a name that is no queue id) is never taken
+in: the spool's scans skip it and report it once (``Spool(on_stray=)``,
+left alone as Postfix leaves it).  One that takes a file's place after
+the scan, and a file that fails the checks at open (``spool/safeopen.py``:
+a hard link, another user's file; ``queuefile.py``: truncated, garbled),
+moves to ``corrupt/`` with one warning.  A file that cannot be opened
+for a reason not its own (permissions, descriptors, I/O) is deferred to
+``minimal_backoff_time`` from now, never left in active/ to be recovered
+at every start.  The queue manager's lines are logged as
+``<syslog_name>/qmgr``.
+
 Several worker processes (``relayagent_workers``, ``relayagent/worker.py``)
 share one spool by partition: ``owns(queue_id) -> bool`` limits this
 queue manager to its own queue files (in ``incoming/``, ``deferred/``,
@@ -68,7 +80,6 @@ smtp_destination_rate_delay, default_process_limit.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -89,7 +100,6 @@ from relayagent.spool import (
     CorruptQueueFile,
     QueueFile,
     Spool,
-    is_queue_id,
 )
 from relayagent.status import DeliveryFailure, Status
 
@@ -397,27 +407,9 @@ class QueueManager:
 
     def _deferred_due(self, *, everything: bool) -> Iterator[str]:
         """Ids in deferred/ whose next attempt (the file's mtime) is due,
-        streamed from the directory."""
-        now = self.clock.seconds()
-        owns = self.owns
-        directory = os.path.join(self.spool.directory, DEFERRED)
-        try:
-            entries = os.scandir(directory)
-        except FileNotFoundError:
-            return
-        with entries:
-            for entry in entries:
-                if not is_queue_id(entry.name):
-                    continue
-                if owns is not None and not owns(entry.name):
-                    continue
-                if not everything:
-                    try:
-                        if entry.stat().st_mtime > now:
-                            continue
-                    except FileNotFoundError:
-                        continue
-                yield entry.name
+        streamed from the directory (only regular files: ``Spool.scan``)."""
+        due = None if everything else self.clock.seconds()
+        return self.spool.scan(DEFERRED, owns=self.owns, due=due)
 
     def _next_candidate(self) -> tuple[str, str] | None:
         if self._recovered:
@@ -426,9 +418,7 @@ class QueueManager:
             return queue_id, INCOMING
         if self._incoming_dirty:
             self._incoming_dirty = False
-            self._incoming = self.spool.scan(INCOMING)
-            if self.owns is not None:
-                self._incoming = filter(self.owns, self._incoming)
+            self._incoming = self.spool.scan(INCOMING, owns=self.owns)
             for queue_id in self._incoming:
                 return queue_id, INCOMING
         if self._deferred is not None:
@@ -468,11 +458,12 @@ class QueueManager:
         except FileNotFoundError:
             return
         except CorruptQueueFile as exc:
+            # NotAQueueFile too: a link, FIFO or directory that took a
+            # file's place after the scan, a hard link, another's file.
             self._corrupt(queue_id, exc.reason)
             return
         except OSError as exc:
-            # Left in active/: the next start tries it again.
-            ralog.log_warning(log, f"cannot open queue file: {exc}", queue_id=queue_id)
+            self._postpone(queue_id, exc)
             return
         envelope = queue_file.envelope
         now = self.clock.seconds()
@@ -508,6 +499,27 @@ class QueueManager:
             self._request_done_unsent(request, status)
         for request in requests:
             self._enqueue_request(request)
+
+    def _postpone(self, queue_id: str, error: OSError) -> None:
+        """A file that cannot be opened for a reason not its own (no
+        permission, too many open files, an I/O error): Postfix's queue
+        manager stops and retries later; this one defers the file to
+        the next attempt after ``minimal_backoff_time``, so that it is
+        neither stuck in active/ until a restart nor retried every poll."""
+        try:
+            self.spool.move(queue_id, ACTIVE, DEFERRED)
+        except OSError as exc:
+            # Left in active/: the next start tries it again.
+            ralog.log_warning(log, f"cannot open queue file: {error}; cannot defer it: {exc}",
+                              queue_id=queue_id)
+            return
+        try:
+            self.spool.set_next_attempt(
+                queue_id, DEFERRED, self.clock.seconds() + self.config["minimal_backoff_time"]
+            )
+        except OSError:
+            pass  # then it is due at the next deferred queue run
+        ralog.log_warning(log, f"cannot open queue file: {error}; deferred", queue_id=queue_id)
 
     def _corrupt(self, queue_id: str, reason: str) -> None:
         self.counters.corrupt += 1

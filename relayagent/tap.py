@@ -81,7 +81,8 @@ class SpoolStateService(Service):
 
         super().startService()
         for warning in self.config.warnings:
-            self.log.warn("warning: {warning}", warning=warning)
+            # The level makes the "warning: " of the line (logging.render).
+            self.log.warn("{warning}", warning=warning)
         directory = self.directory()
         self.spool = Spool(directory)
         self.spool.ensure_layout()

@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass, field
 
 from relayagent.envelope import Notify, Recipient
+from relayagent.spool import safeopen
 from relayagent.status import Status
 
 DEFER_LOG = "defer"
@@ -99,8 +100,9 @@ def format_record(kind: str, recipient: Recipient, status: Status, when: float |
 
 
 def append_record(path: str, data: bytes) -> None:
-    """Append one record with a single write (O_APPEND)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    """Append one record with a single write (O_APPEND).  A log that is
+    a link or not a regular file is never written: ``OSError``."""
+    fd = safeopen.open_log(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
         written = os.write(fd, data)
         if written != len(data):
@@ -159,12 +161,15 @@ def _record_from_fields(fields: dict[str, str]) -> LogRecord:
 
 
 def read_records(path: str) -> list[LogRecord]:
-    """The records of a log file; none when it does not exist."""
+    """The records of a log file; none when it does not exist.  A log
+    that is a link or not a regular file (a FIFO would block the reader)
+    is never read: ``OSError``."""
     try:
-        with open(path, "rb") as handle:
-            return parse_records(handle.read())
+        fd = safeopen.open_log(path, os.O_RDONLY)
     except FileNotFoundError:
         return []
+    with open(fd, "rb") as handle:
+        return parse_records(handle.read())
 
 
 def notify_from_text(text: str | None) -> Notify:

@@ -71,7 +71,8 @@ from relayagent.envelope import (
     Ret,
     address_problem,
 )
-from relayagent.spool import logs
+from relayagent.spool import logs, safeopen
+from relayagent.spool.errors import CorruptQueueFile
 from relayagent.status import Status
 
 MAGIC = b"relayagent-q"
@@ -115,19 +116,6 @@ MAX_STRING = 0xFFFE
 # parsed after one read system call.
 FIRST_READ = 64 * 1024
 CONTENT_CHUNK = 64 * 1024
-
-
-class CorruptQueueFile(Exception):
-    """A queue file that is truncated, garbled or of an unknown version.
-
-    The only exception the reader raises for bad file contents; the
-    scheduler answers it by moving the file to the corrupt queue.
-    """
-
-    def __init__(self, queue_id: str, reason: str) -> None:
-        super().__init__(f"{queue_id}: {reason}")
-        self.queue_id = queue_id
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------------
@@ -303,6 +291,9 @@ class QueueFile:
 
     Build one with ``Spool.open``.  Updates go to the file before the
     method returns (``pwrite``, no fsync, as Postfix's queue-file updates).
+    Each update and content stream reopens the file by its name and
+    checks it is the same inode (``safeopen.reopen``): a name swapped for
+    a link or another file raises ``NotAQueueFile``, nothing is written.
     """
 
     def __init__(
@@ -316,16 +307,23 @@ class QueueFile:
         path: str | None = None,
         writable: bool = True,
         absent_logs: frozenset[str] = frozenset(),
+        identity: tuple[int, int] | None = None,
     ) -> None:
         self.queue_id = queue_id
         self.queue_name = queue_name
         self._fd: int | None = fd
         self._path = path
-        self._open_flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        self._open_flags = os.O_RDWR if writable else os.O_RDONLY
+        # (st_dev, st_ino): every reopen by path must find this same file
+        # (safeopen.reopen), never one put in its place.
+        self._identity = identity or (0, 0)
         self._closed = False
         self._log_directory = log_directory
         self._clock = clock
         try:
+            if identity is None:
+                info = os.fstat(fd)
+                self._identity = (info.st_dev, info.st_ino)
             self._parse()
         except BaseException:
             # The descriptor is ours from the start: close it here, once.
@@ -583,7 +581,7 @@ class QueueFile:
             yield self._fd
             return
         assert self._path is not None
-        fd = os.open(self._path, self._open_flags)
+        fd = safeopen.reopen(self._path, self.queue_id, self._open_flags, self._identity)
         try:
             yield fd
         finally:
@@ -596,7 +594,7 @@ class QueueFile:
         if self._fd is not None:
             return os.dup(self._fd)
         assert self._path is not None
-        return os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        return safeopen.reopen(self._path, self.queue_id, os.O_RDONLY, self._identity)
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < len(self._states):

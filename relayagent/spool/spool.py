@@ -25,6 +25,29 @@ at any point leaves either nothing in the queues (at most a stale file in
 that promise for many messages at once while paying for one directory
 fsync.
 
+Anything else a queue directory may hold (a FIFO, a symbolic link, a
+directory, a hard link to a file elsewhere, a name that is no queue id)
+never blocks a scan, is never followed and never written: ``scan`` and
+``queue_ids`` skip what is not a regular file with a queue-id name, and
+``open`` checks the file it opened (``safeopen.py`` has the rules, case
+by case).  What is skipped is reported once to ``on_stray``.
+
+SYNOPSIS::
+
+    spool = Spool(queue_directory, on_stray=lambda queue, name, why: ...)
+    spool.ensure_layout()
+    queue_id = spool.enqueue(sender, recipients, content)
+    for queue_id in spool.scan("incoming"):
+        spool.move(queue_id, "incoming", "active")
+        with spool.open(queue_id, "active") as queue_file: ...
+
+DIAGNOSTICS: ``open`` raises ``CorruptQueueFile`` for a bad file
+(``NotAQueueFile`` for an entry that is not a queue file of ours) and
+``FileNotFoundError`` when the message is not there.  ``mark_corrupt``
+logs ``QUEUEID: corrupt queue file moved from QUEUE to corrupt: REASON``
+(a warning).  ``on_stray(queue, name, problem)`` hears once of each
+entry skipped; the spool logs nothing else.
+
 Owns ``queue_directory`` (its layout; config.py holds its value).
 """
 
@@ -43,7 +66,7 @@ from twisted.logger import Logger
 
 from relayagent.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
 from relayagent.smtp_body import PlainLineScanner, is_plain
-from relayagent.spool import logs
+from relayagent.spool import logs, safeopen
 from relayagent.spool.queuefile import (
     CONTENT_CHUNK,
     CorruptQueueFile,
@@ -69,6 +92,14 @@ _NO_LOGS = frozenset(logs.LOG_KINDS)
 
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
+
+# Stray entries remembered per directory so that each is reported once
+# (``Spool(on_stray=...)``); a directory flooded with junk gets this many
+# reports and one more line saying the rest go unreported.
+STRAY_MEMORY = 1000
+NOT_A_QUEUE_ID = "not a queue id"
+
+StrayReport = Callable[[str, str, str], None]
 
 log = Logger(namespace="relayagent.spool")
 
@@ -178,9 +209,20 @@ class Spool:
     exactly one process, the others get ``FileNotFoundError``.
     """
 
-    def __init__(self, queue_directory: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        queue_directory: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_stray: StrayReport | None = None,
+    ) -> None:
         self.directory = os.path.abspath(queue_directory)
         self.clock = clock
+        # on_stray(queue, name, problem): an entry of a queue (or log)
+        # directory that is skipped, reported once (see _stray).
+        self.on_stray = on_stray
+        self._strays: dict[str, dict[str, str]] = {}
+        self._strays_untold: set[str] = set()
         # "<queue_directory>/<queue>/" for every queue, log and tmp/ (path()
         # runs several times per message).
         self._prefixes = {
@@ -192,9 +234,15 @@ class Spool:
         self._bounce_logs_at_start: set[str] | None = None
 
     @classmethod
-    def from_config(cls, config: object, *, clock: Callable[[], float] = time.time) -> Spool:
+    def from_config(
+        cls,
+        config: object,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_stray: StrayReport | None = None,
+    ) -> Spool:
         """The spool at a configuration's ``queue_directory``."""
-        return cls(config.path_of("queue_directory"), clock=clock)  # type: ignore[attr-defined]
+        return cls(config.path_of("queue_directory"), clock=clock, on_stray=on_stray)  # type: ignore[attr-defined]
 
     # -- layout
 
@@ -399,7 +447,15 @@ class Spool:
         an attempt (``QueueFile``).  Removing it then skips what does not
         exist (``QueueFile.logs_that_may_exist``)."""
         path = self.path(queue, queue_id)
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        fd, info = safeopen.open_queue_file(
+            path,
+            queue_id,
+            writable=writable,
+            # A file belongs to whoever owns its queue directory (the
+            # daemon's user), whoever runs this (root's mailq, say).
+            owner=os.lstat(self._prefixes[queue]).st_uid,
+            twin=self.path(TMP, queue_id),
+        )
         absent: frozenset[str] = frozenset()
         if claimed and self._bounce_logs_at_start is not None:
             absent = frozenset({logs.DEFER_LOG}) if queue_id in self._bounce_logs_at_start else _NO_LOGS
@@ -412,6 +468,7 @@ class Spool:
             path=path,
             writable=writable,
             absent_logs=absent,
+            identity=(info.st_dev, info.st_ino),
         )
 
     def move(self, queue_id: str, from_queue: str, to_queue: str) -> None:
@@ -421,7 +478,9 @@ class Spool:
         message: when several processes share the spool, exactly one
         rename succeeds and the others get ``FileNotFoundError``.  Moves
         are not fsynced (as in Postfix): after a crash a message may be
-        back in its earlier queue, never lost or doubled.
+        back in its earlier queue, never lost or doubled.  The directory
+        entry moves whatever it is: a symbolic link moves, its target
+        stays where it is.
         """
         if from_queue not in QUEUES or to_queue not in QUEUES:
             raise ValueError(f"no such queue: {from_queue!r} or {to_queue!r}")
@@ -430,8 +489,9 @@ class Spool:
     def mark_corrupt(self, queue_id: str, queue: str, reason: str) -> None:
         """Move an unreadable file to ``corrupt/`` and log why."""
         self.move(queue_id, queue, CORRUPT)
+        # The level makes the "warning: " of the line (logging.render).
         log.warn(
-            "warning: {queue_id}: corrupt queue file moved from {queue} to corrupt: {reason}",
+            "{queue_id}: corrupt queue file moved from {queue} to corrupt: {reason}",
             queue_id=queue_id,
             queue=queue,
             reason=reason,
@@ -443,7 +503,12 @@ class Spool:
         ``FileNotFoundError`` when the message is not in that queue."""
         os.unlink(self.path(queue, queue_id))
         for kind in log_kinds:
-            _unlink_quietly(self.path(kind, queue_id))
+            try:
+                _unlink_quietly(self.path(kind, queue_id))
+            except OSError as exc:
+                # A directory by the log's name: debris, not a message (as
+                # the background remover treats it).
+                self._stray(kind, queue_id, f"cannot remove the log: {exc.strerror}")
         self.forget(queue_id)
 
     def forget(self, queue_id: str) -> None:
@@ -463,49 +528,125 @@ class Spool:
         if from_queue != INCOMING:
             self.move(queue_id, from_queue, INCOMING)
 
-    def queue_ids(self, queue: str) -> Iterator[str]:
+    def queue_ids(self, queue: str, *, every_entry: bool = False) -> Iterator[str]:
         """The ids in a queue, oldest first.  Names that are not queue ids
-        (editor debris, a stray file) are ignored."""
+        (editor debris, a stray file) and entries that are not regular
+        files are skipped (and reported, as by ``scan``).  ``every_entry``:
+        every entry with a queue-id name, whatever it is, unreported
+        (``postsuper`` deletes or moves those directory entries too)."""
         if queue not in QUEUES:
             raise ValueError(f"no such queue: {queue!r}")
+        if not every_entry:
+            return iter(sorted(self.scan(queue, batch=0)))
         try:
             names = os.listdir(os.path.join(self.directory, queue))
         except FileNotFoundError:
             return iter(())
         return iter(sorted(name for name in names if is_queue_id(name)))
 
-    def scan(self, queue: str, batch: int = 1000) -> Iterator[str]:
+    def scan(
+        self,
+        queue: str,
+        batch: int = 1000,
+        *,
+        owns: Callable[[str], bool] | None = None,
+        due: float | None = None,
+    ) -> Iterator[str]:
         """The ids in a queue, streamed from the directory: memory does not
         grow with the queue (``queue_ids`` holds every name).  Oldest
-        first within each ``batch`` of directory entries, so a queue of
-        up to ``batch`` messages comes out wholly in order; a larger one
-        in directory order between batches, as Postfix's queue manager
-        scans.  Ids that come or go during the scan may or may not be
-        seen."""
+        first within each ``batch`` of directory entries (0: all of
+        them), so a queue of up to ``batch`` messages comes out wholly
+        in order; a larger one in directory order between batches, as
+        Postfix's queue manager scans.  Ids that come or go during the
+        scan may or may not be seen.
+
+        Only regular files with a queue-id name come out; the directory's
+        type field tells, so this costs no system call per entry on the
+        usual file systems.  Anything else is reported to ``on_stray``,
+        once.  ``owns``: only the ids it accepts (a worker's partition).
+        ``due``: only files whose modification time (a deferred
+        message's next attempt) is not after it, one ``lstat`` each."""
         if queue not in QUEUES:
             raise ValueError(f"no such queue: {queue!r}")
         try:
             entries = os.scandir(os.path.join(self.directory, queue))
         except FileNotFoundError:
             return
+        # The strays of this pass, to forget those that went away; None
+        # once there are too many to remember.
+        strays: dict[str, str] | None = {} if self.on_stray is not None else None
         with entries:
             names: list[str] = []
             for entry in entries:
-                if is_queue_id(entry.name):
-                    names.append(entry.name)
-                    if len(names) >= batch:
-                        names.sort()
-                        yield from names
-                        names = []
+                name = entry.name
+                problem = None if is_queue_id(name) else NOT_A_QUEUE_ID
+                if problem is None:
+                    problem = safeopen.entry_problem(entry)
+                if problem is not None:
+                    if strays is not None:
+                        self._stray(queue, name, problem)
+                        strays[name] = problem
+                        if len(strays) > STRAY_MEMORY:
+                            strays = None
+                    continue
+                if owns is not None and not owns(name):
+                    continue
+                if due is not None:
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime > due:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                names.append(name)
+                if len(names) == batch:
+                    names.sort()
+                    yield from names
+                    names = []
+            if strays is not None:
+                self._strays_seen(queue, strays)
             names.sort()
             yield from names
 
+    def _stray(self, queue: str, name: str, problem: str) -> None:
+        """Report a skipped entry unless it was reported already: one line
+        per entry, not one per scan (a queue is scanned every second)."""
+        report = self.on_stray
+        if report is None:
+            return
+        told = self._strays.setdefault(queue, {})
+        if told.get(name) == problem:
+            return
+        if name not in told and len(told) >= STRAY_MEMORY:
+            if queue not in self._strays_untold:
+                self._strays_untold.add(queue)
+                report(queue, "*", f"more than {STRAY_MEMORY} entries to skip; not reporting the others")
+            return
+        told[name] = problem
+        report(queue, name, problem)
+
+    def _strays_seen(self, queue: str, seen: dict[str, str]) -> None:
+        """After a whole pass over a directory: forget the strays that are
+        gone, so that one coming back is reported again."""
+        told = self._strays.get(queue)
+        if told:
+            self._strays[queue] = {name: problem for name, problem in told.items() if name in seen}
+        if len(seen) < STRAY_MEMORY:
+            self._strays_untold.discard(queue)
+
     def find(self, queue_id: str, queues: Iterable[str] = QUEUES) -> str | None:
-        """The queue that holds a message, or None."""
+        """The queue that holds a message (a directory entry by that
+        name, whatever it is: never followed), or None."""
         for queue in queues:
-            if os.path.exists(self.path(queue, queue_id)):
+            if os.path.lexists(self.path(queue, queue_id)):
                 return queue
         return None
+
+    def set_next_attempt(self, queue_id: str, queue: str, when: float) -> None:
+        """Set a message's modification time, its next-attempt time in
+        ``deferred/`` (the queue manager's scan needs a stat, not a read,
+        as in Postfix).  A symbolic link put in its place is not
+        followed."""
+        os.utime(self.path(queue, queue_id), (when, when), follow_symlinks=False)
 
     def recover(self) -> list[str]:
         """Start-up clean-up: remove files left in ``tmp/`` by writers that
@@ -520,7 +661,12 @@ class Spool:
         for name in names:
             if is_queue_id(name) and _pid_alive(queue_id_pid(name)):
                 continue  # another live process is writing it
-            _unlink_quietly(os.path.join(tmp_directory, name))
+            try:
+                _unlink_quietly(os.path.join(tmp_directory, name))
+            except OSError as exc:
+                # A directory (or an immutable file) cannot be unlinked:
+                # it is no message, and it must not stop the start.
+                self._stray(TMP, name, f"cannot remove: {exc.strerror}")
         # Bounce logs are written only in active/ and removed before a
         # message leaves it; one elsewhere is from a crash (see ``open``).
         # Usually none: this set stays small.
@@ -533,10 +679,16 @@ class Spool:
     # -- logs
 
     def read_log(self, kind: str, queue_id: str) -> list[logs.LogRecord]:
-        """The records of a message's defer or bounce log."""
+        """The records of a message's defer or bounce log; none when it
+        cannot be read (a link or a FIFO in its place: reported to
+        ``on_stray``, never followed or waited for)."""
         if kind not in logs.LOG_KINDS:
             raise ValueError(f"no such log: {kind!r}")
-        return logs.read_records(self.path(kind, queue_id))
+        try:
+            return logs.read_records(self.path(kind, queue_id))
+        except OSError as exc:
+            self._stray(kind, queue_id, f"cannot read the log: {exc.strerror or exc}")
+            return []
 
     def remove_log(self, kind: str, queue_id: str) -> None:
         if kind not in logs.LOG_KINDS:
