@@ -492,6 +492,11 @@ class SendmailLimitsTests(CommandTestCase):
         self.assertOneLine(err, "cannot read the message", "Input/output error")
         self.assertNothingQueued()
 
+    def test_recipients_have_no_invented_orcpt(self) -> None:
+        self.run_command("sendmail", "b@example.net", "c@example.net", stdin=b"\n")
+        envelope, _ = self.only_message()
+        self.assertEqual([r.orcpt for r in envelope.recipients], [None, None])
+
 
 class MailqTests(CommandTestCase):
     def setUp(self) -> None:

@@ -727,3 +727,40 @@ class DiskFullTests(SynchronousTestCase):
         session.server.connectionLost(None)
         self.assertTrue(made[0].closed)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class OriginalRecipientTests(SynchronousTestCase):
+    """The listener offers no DSN (RFC 3461), so a client has no ORCPT to
+    give: ORCPT= is refused, and nothing is invented for the queue file
+    (the ESMTP client and the DSN writer derive rfc822;<address>)."""
+
+    def test_no_dsn_in_ehlo(self):
+        session = Session(self)
+        session.replies()
+        keywords = {line[4:].split(b" ")[0] for line in session.send(b"EHLO c\r\n")}
+        self.assertNotIn(b"DSN", keywords)
+
+    def test_orcpt_is_refused_not_dropped(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n"
+                             b"RCPT TO:<b@y.example> ORCPT=rfc822;b@y.example\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: ORCPT")
+
+    def test_queued_recipients_have_no_invented_orcpt(self):
+        from relayagent.spool import Spool
+
+        spool = Spool(self.mktemp())
+        spool.ensure_layout()
+        session = Session(self, spool=spool)
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(codes(lines)[-1], 250)
+        (queue_id,) = spool.queue_ids("incoming")
+        with spool.open(queue_id, "incoming") as queue_file:
+            recipients = queue_file.envelope.recipients
+        self.assertEqual([(r.address, r.orcpt) for r in recipients], [
+            ("bob@remote.example", None),
+            ("carol@remote.example", None),
+            ("dave@elsewhere.example", None),
+        ])

@@ -317,3 +317,17 @@ class DiskFullAndSizeTests(SynchronousTestCase):
             self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
         self.assertEqual(server.spool.messages, [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_recipients_are_queued_without_an_invented_orcpt(self):
+        from relayagent.spool import Spool
+
+        spool = Spool(self.mktemp())
+        spool.ensure_layout()
+        server = MailServer(self, spool=spool)
+        client = server.connect(server.service.getESMTPFactory())
+        self.assertEqual(codes(client.send(MIXED))[-1], 250)
+        (queue_id,) = spool.queue_ids("incoming")
+        with spool.open(queue_id, "incoming") as queue_file:
+            recipients = queue_file.envelope.recipients
+        self.assertEqual([(r.address, r.orcpt) for r in recipients],
+                         [("bob@remote.example", None), ("carol@other.example", None)])
