@@ -8,15 +8,23 @@ without the daemon running: every command acts on the spool directly
 (Postfix's sendmail(1), mailq(1)/postqueue(1), postsuper(1), postconf(1)).
 
 Exit codes are sysexits(3): 64 usage (bad option or address), 65 bad
-message data, 73/74/75 spool trouble (cannot create, I/O error, temporary
-failure), 78 configuration error; each failure prints one line on
-standard error saying why, and a failed ``sendmail`` queues nothing.
+message data (a message over ``message_size_limit`` too), 73/74/75 spool
+trouble (cannot create, I/O error, temporary failure: a full disk, or
+less free space than ``queue_minfree`` and 1.5 x ``message_size_limit``
+ask, ``relayagent.spool.space``), 78 configuration error; each failure
+prints one line on standard error saying why, and a failed ``sendmail``
+queues nothing (its partial queue file is removed).
+
+``sendmail`` streams the message into the queue file as it reads it (the
+header section, which it edits, is the only part held in memory) and
+stops reading at the first octet past ``message_size_limit``.
 
 Commands live in one table, ``COMMANDS``; a later phase adds one with
 ``register(Command(...))``.
 
 Owns ``myorigin``'s use for unqualified addresses (Postfix's
 ``append_at_myorigin``, always on here), and the sendmail(1) options.
+Reads message_size_limit and queue_minfree for sendmail.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import email.utils
 import errno
 import io
 import ipaddress
+import itertools
 import json
 import os
 import pwd
@@ -33,15 +42,14 @@ import re
 import secrets
 import stat
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from relayagent.config import Config, ConfigError
 from relayagent.envelope import Notify, Recipient, Ret, address_problem
-from relayagent.spool import CorruptQueueFile, Spool, is_queue_id
+from relayagent.spool import CorruptQueueFile, Spool, is_queue_id, space
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 
 EX_OK = 0
@@ -63,12 +71,11 @@ MAX_ADDRESS_OCTETS = 254
 # header section, which sendmail reads into memory to edit.
 MAX_HEADER_OCTETS = 1024 * 1024
 BODY_CHUNK = 64 * 1024
-# Messages bigger than this spill from memory to a temporary file before
-# they are queued.
-SPOOL_IN_MEMORY = 1024 * 1024
 
 # The clock sendmail uses for Date: (a parameter, for the tests).
 clock: Callable[[], float] = time.time
+# How sendmail asks the queue file system for its free space (likewise).
+statvfs: Callable[[str], os.statvfs_result] = os.statvfs
 
 
 class Failure(Exception):
@@ -303,17 +310,18 @@ def _read_headers(stdin: BinaryIO, ignore_dots: bool) -> tuple[list[_Header], by
         headers.append(_Header(name, [line if line.endswith(b"\n") else line + b"\n"]))
 
 
-def _copy_body(stdin: BinaryIO, out: BinaryIO, first_line: bytes | None, ignore_dots: bool) -> None:
-    """Copy the rest of standard input, a chunk at a time, fixing line
-    ends and stopping at a lone "." unless ``ignore_dots``."""
+def _body_pieces(stdin: BinaryIO, first_line: bytes | None, ignore_dots: bool) -> Iterator[bytes]:
+    """The rest of standard input, a line (at most a chunk) at a time,
+    line ends fixed, up to a lone "." unless ``ignore_dots``."""
     if first_line is not None:
-        out.write(first_line)
+        yield first_line
     at_line_start = first_line is None or first_line.endswith(b"\n")
     held_cr = b""
     while True:
         piece = stdin.readline(BODY_CHUNK)
         if not piece:
-            out.write(held_cr)
+            if held_cr:
+                yield held_cr
             return
         piece = held_cr + piece
         held_cr = b""
@@ -323,8 +331,59 @@ def _copy_body(stdin: BinaryIO, out: BinaryIO, first_line: bytes | None, ignore_
         piece = _fix_line_end(piece)
         if at_line_start and not ignore_dots and _is_dot_line(piece):
             return
-        out.write(piece)
+        if piece:
+            yield piece
         at_line_start = piece.endswith(b"\n")
+
+
+class _InputError(Exception):
+    """Standard input could not be read (not the spool's trouble)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+class _MessageTooBig(Exception):
+    """The message grew past message_size_limit."""
+
+
+class _Submission:
+    """The message as sendmail queues it, for ``Spool.enqueue`` to read in
+    chunks straight into the queue file: the edited header section, then
+    the body as standard input gives it.  Reading stops, and
+    ``_MessageTooBig`` is raised into the spool's writer (which removes
+    its partial file), at the first octet past ``limit`` (0: no limit);
+    a failed read of standard input raises ``_InputError``, so that it is
+    never taken for the spool's own ``OSError``."""
+
+    def __init__(self, head: bytes, body: Iterator[bytes], limit: int) -> None:
+        self._pieces = itertools.chain([head], body)
+        self._buffer = b""
+        self._limit = limit
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        want = size if size is not None and size >= 0 else None
+        chunks = [self._buffer] if self._buffer else []
+        have = len(self._buffer)
+        self._buffer = b""
+        while want is None or have < want:
+            try:
+                piece = next(self._pieces, None)
+            except OSError as error:
+                raise _InputError(error) from None
+            if piece is None:
+                break
+            self.size += len(piece)
+            if self._limit and self.size > self._limit:
+                raise _MessageTooBig()
+            chunks.append(piece)
+            have += len(piece)
+        data = b"".join(chunks)
+        if want is not None and len(data) > want:
+            data, self._buffer = data[:want], data[want:]
+        return data
 
 
 def _split_addresses(value: str) -> list[str]:
@@ -395,6 +454,15 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
     if not recipients and not args.extract:
         raise Failure(EX_USAGE, "sendmail: no recipients given (name them, or use -t)")
 
+    spool = context.spool()
+    limit = config["message_size_limit"]
+    # Before reading anything, as Postfix's smtpd looks at MAIL FROM.
+    problem = space.queue_space_problem(spool.directory, queue_minfree=config["queue_minfree"],
+                                        message_size_limit=limit, statvfs=statvfs)
+    if problem is not None:
+        raise Failure(EX_TEMPFAIL, f"sendmail: cannot queue the message in {spool.directory}: "
+                      f"insufficient system storage ({problem}); try again later")
+
     try:
         headers, first_body_line, ended = _read_headers(context.stdin, ignore_dots)
     except OSError as exc:
@@ -437,32 +505,33 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
     # the envelope or the headers asks for SMTPUTF8.
     smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients) and header_bytes.isascii())
 
-    spool = context.spool()
-    buffer = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+    body = _body_pieces(context.stdin, first_body_line, ignore_dots) if not ended else iter(())
+    message = _Submission(header_bytes + b"\n", body, limit)
     try:
-        try:
-            buffer.write(header_bytes + b"\n")
-            if not ended:
-                _copy_body(context.stdin, buffer, first_body_line, ignore_dots)
-            buffer.seek(0)
-        except OSError as exc:
-            raise Failure(EX_IOERR, f"sendmail: cannot read the message: {exc.strerror or exc}") from None
-        try:
-            spool.ensure_layout()
-            spool.enqueue(
-                sender,
-                [Recipient(address, notify=notify) for address in _unique(recipients)],
-                buffer,
-                envid=args.envid,
-                ret=ret,
-                smtputf8=smtputf8,
-            )
-        except OSError as exc:
-            raise _spool_failure(spool, exc) from None
-        except ValueError as exc:
-            raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
-    finally:
-        buffer.close()
+        spool.ensure_layout()
+        # No ORCPT: sendmail has no way to give one, and none is invented
+        # (the ESMTP client and the DSN writer derive rfc822;<address>).
+        spool.enqueue(
+            sender,
+            [Recipient(address, notify=notify) for address in _unique(recipients)],
+            message,
+            envid=args.envid,
+            ret=ret,
+            smtputf8=smtputf8,
+        )
+    except _MessageTooBig:
+        # Postfix's words.  Its sendmail exits 75 here, an accident of
+        # how postdrop meets the limit (a write failing with EFBIG under
+        # RLIMIT_FSIZE); the message will never fit, so trying again is
+        # no use: 65, as for any other message we refuse for its content.
+        raise Failure(EX_DATAERR, f"sendmail: message file too big: more than message_size_limit "
+                      f"({limit} octets)") from None
+    except _InputError as exc:
+        raise Failure(EX_IOERR, f"sendmail: cannot read the message: {exc}") from None
+    except OSError as exc:
+        raise _spool_failure(spool, exc) from None
+    except ValueError as exc:
+        raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
     trigger_hook(config)
     return EX_OK
 

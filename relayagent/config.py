@@ -110,6 +110,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("queue_directory", "/var/spool/relayagent", S, "The spool directory; relative to the directory of main.cf when not absolute (ours differs from Postfix's /var/spool/postfix: the queues are not shared).", path=True),
     _p("message_size_limit", "10240000", N, "The largest message accepted, in bytes (0: no limit).", minimum=0),
     _p("hopcount_limit", "50", N, "The largest number of Received: headers before mail is bounced as looping.", minimum=1),
+    _p("queue_minfree", "0", N, "The least free space, in bytes, the queue file system must have for new mail to be taken (every intake refuses below it, and below 1.5*$message_size_limit, as Postfix's SMTP server does).", minimum=0),
     # --- scheduler (relayagent/scheduler.py)
     _p("queue_run_delay", "300s", T, "How often the deferred queue is scanned."),
     _p("minimal_backoff_time", "300s", T, "The least time between attempts to deliver a deferred message."),
@@ -442,6 +443,7 @@ class Config:
                 self.warnings.append(f"{setting.where()}: unknown parameter: {name}")
         self._values: dict[str, Any] = {}
         self._validate()
+        self._check_queue_minfree()
         self.warnings = list(dict.fromkeys(self.warnings))
 
     # -- construction
@@ -650,6 +652,17 @@ class Config:
         if setting is None or setting.line == 0:
             return setting.filename if setting else "default"
         return setting.where()
+
+    def _check_queue_minfree(self) -> None:
+        # Postfix's smtpd warns the same way at start-up: a queue_minfree
+        # below 1.5 messages of the largest size refuses nothing the
+        # 1.5*message_size_limit rule does not already refuse.
+        minfree, limit = self._values["queue_minfree"], self._values["message_size_limit"]
+        if minfree and limit and minfree / 1.5 < limit:
+            self.warnings.append(
+                f"{self._where('queue_minfree')}: queue_minfree({minfree}) should be at least "
+                f"1.5*message_size_limit({limit})"
+            )
 
     def _validate(self) -> None:
         errors: list[str] = []

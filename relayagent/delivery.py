@@ -35,6 +35,25 @@ out; one delay warning is sent when the message has just passed
 recorded and it moves to ``deferred/`` with its next-attempt time as the
 file's mtime (the queue manager's cheap scan).
 
+A full disk (or any other write error) never loses a recipient, never
+delivers one twice for want of a mark, and costs one warning line per
+message and kind of trouble, not a traceback:
+
+- a bounce record that cannot be written leaves its recipient pending,
+  deferred with 4.3.0 (Postfix's bounce_append does the same: "bounce
+  or trace service failure"); it bounces on a later attempt;
+- a defer record that cannot be written costs its reason (``mailq``
+  shows none), not the recipient;
+- the marks of the recipients that were done are made whatever happened
+  to the records of the others;
+- a failure notice that cannot be queued leaves the message deferred
+  with its bounce log, so the notice is sent on the next attempt
+  (Postfix's qmgr defers a message whose bounce flush failed); the
+  notices of one plan are queued in one batch, all or none, so none goes
+  twice;
+- a delay warning, a success notice or a postmaster notice that cannot
+  be queued is one warning, and the message goes on.
+
 The delay warning needs no flag in the queue file: it is due at the end
 of the one attempt during which the message's age crossed
 ``delay_warning_time``, and the previous attempt's end is known from the
@@ -67,6 +86,7 @@ from relayagent.spool import (
     DEFERRED,
     CorruptQueueFile,
     LogRecord,
+    Message,
     Spool,
 )
 from relayagent.spool.remover import BackgroundRemover
@@ -299,8 +319,14 @@ class DeliveryAgent:
             if notice is None:
                 continue  # notify_classes does not ask for it, or mail from a notice
             sender, recipients, content = notice
-            new_id = self.spool.enqueue(sender, recipients, content)
-            ralog.log_notice(log, envelope.queue_id, new_id, f"postmaster {cls} notification")
+            label = f"postmaster {cls} notification"
+            try:
+                new_id = self.spool.enqueue(sender, recipients, content)
+            except OSError as exc:
+                ralog.log_warning(log, f"cannot queue the {label}: {_reason(exc)}",
+                                  queue_id=envelope.queue_id)
+                continue
+            ralog.log_notice(log, envelope.queue_id, new_id, label)
             if self.new_mail is not None:
                 self.clock.callLater(0, self.new_mail)
 
@@ -326,23 +352,43 @@ class DeliveryAgent:
         queue_file = message.queue_file
         decided: list[tuple[Recipient, Outcome, Status, str]] = []
         done: list[int] = []
+        troubles = _Troubles(message.queue_id)
         for recipient, outcome in outcomes:
             status = outcome.status
             if status.hard and self.soft_bounce:
                 status = status.softened()
+            if status.hard:
+                try:
+                    queue_file.bounce(recipient.index, status)
+                except OSError as exc:
+                    # No record, no mark: the recipient stays, deferred,
+                    # and bounces on a later attempt.
+                    troubles.add("cannot write the bounce log", exc)
+                    status = Status(
+                        "4.3.0", f"{status.text} (not bounced: cannot write the bounce log: {_reason(exc)})",
+                        reply=status.reply, remote_mta=status.remote_mta,
+                    )
             if status.ok:
                 verdict = "sent"
                 done.append(recipient.index)
             elif status.hard:
-                queue_file.bounce(recipient.index, status)
                 verdict = "bounced"
                 done.append(recipient.index)
             else:
-                queue_file.defer(recipient.index, status)
+                try:
+                    queue_file.defer(recipient.index, status)
+                except OSError as exc:
+                    troubles.add("cannot write the defer log", exc)  # the reason only is lost
                 verdict = "deferred"
             decided.append((recipient, outcome, status, verdict))
         if done:
-            queue_file.mark_done_many(done)
+            try:
+                queue_file.mark_done_many(done)
+            except OSError as exc:
+                # In place, one octet each: almost never fails.  Should it,
+                # these recipients are tried again (at-least-once).
+                troubles.add("cannot mark recipients done in the queue file", exc)
+        troubles.log()
         now = self.clock.seconds()
         envelope = message.envelope
         before_qmgr = max(0.0, message.activated - envelope.arrival_time)
@@ -399,33 +445,40 @@ class DeliveryAgent:
             self.spool.mark_corrupt(queue_id, ACTIVE, reason)
             return
         queue_file = message.queue_file
+        now = self.clock.seconds()
         if queue_file.pending_count() == 0:
             # Every recipient done (the common end): nothing to expire or
             # warn about, and the recipients' states do not matter to the
             # bounce notice, so the envelope need not be brought up to date.
-            self._send_bounces(message, message.envelope)
-            message.close()
-            self._remove(queue_id, queue_file)
-            return
-        envelope = queue_file.envelope
-        now = self.clock.seconds()
-        pending = envelope.pending()
-        if pending and self._expired(envelope, now):
-            self._expire(message, envelope, pending, now)
+            envelope = message.envelope
+            pending: Sequence[Recipient] = ()
+        else:
             envelope = queue_file.envelope
             pending = envelope.pending()
-        self._send_bounces(message, envelope)
-        if not pending:
+            if pending and self._expired(envelope, now):
+                self._expire(message, envelope, pending, now)
+                envelope = queue_file.envelope
+                pending = envelope.pending()
+        bounced = self._send_bounces(message, envelope)
+        if not pending and bounced:
             message.close()
             self._remove(queue_id, queue_file)
             return
+        # Still queued: recipients pending, or a failure notice that could
+        # not be queued (its bounce log stays; the next attempt sends it).
         attempts = queue_file.attempts + 1
         minimal, maximal = self.config["minimal_backoff_time"], self.config["maximal_backoff_time"]
-        if self._delay_warning_due(queue_file, envelope, now, minimal, maximal):
+        if pending and self._delay_warning_due(queue_file, envelope, now, minimal, maximal):
             self._send_delay_warning(message, envelope, pending, now)
         next_attempt = now + backoff_time(attempts, minimal, maximal)
-        queue_file.record_attempt(next_attempt)
+        try:
+            queue_file.record_attempt(next_attempt)
+        except OSError as exc:
+            # In place, as a mark; the message is deferred all the same.
+            ralog.log_warning(log, f"cannot record the delivery attempt: {_reason(exc)}", queue_id=queue_id)
         message.close()
+        if not bounced:
+            self.spool.note_bounce_log(queue_id)
         self.spool.move(queue_id, ACTIVE, DEFERRED)
         try:
             # The mtime is the next-attempt time: the scheduler's scan
@@ -471,16 +524,24 @@ class DeliveryAgent:
             status = _status_of(record) if record is not None else Status(
                 "4.4.7", "message delivery time exceeded"
             )
-            queue_file.bounce(recipient.index, status)
-            queue_file.mark_done(recipient.index)
+            try:
+                queue_file.bounce(recipient.index, status)
+                queue_file.mark_done(recipient.index)
+            except OSError as exc:
+                # The rest stay pending and expire at the next attempt.
+                ralog.log_warning(log, f"cannot write the bounce log: {_reason(exc)}",
+                                  queue_id=message.queue_id)
+                return
 
-    def _send_bounces(self, message: ActiveMessage, envelope: Envelope) -> None:
-        """One failure notice for every recipient in the bounce log."""
+    def _send_bounces(self, message: ActiveMessage, envelope: Envelope) -> bool:
+        """One failure notice for every recipient in the bounce log; the
+        log is removed once the notice is queued.  False when it could
+        not be queued: the log stays, for the next attempt."""
         if BOUNCE_LOG not in message.queue_file.logs_that_may_exist():
-            return
+            return True
         records = _last_records(self.spool.read_log(BOUNCE_LOG, message.queue_id))
         if not records:
-            return
+            return True
         by_index = {r.index: r for r in envelope.recipients}
         reports = [
             dsn.RecipientReport(
@@ -494,9 +555,11 @@ class DeliveryAgent:
             if index in by_index
         ]
         plan = dsn.notices("failure", envelope, reports, config=self.config, clock=self.clock)
-        self._send_notices(message.queue_id, plan)
+        if not self._send_notices(message.queue_id, plan):
+            return False
         self.spool.remove_log(BOUNCE_LOG, message.queue_id)
         message.queue_file.log_removed(BOUNCE_LOG)
+        return True
 
     def _delay_warning_due(self, queue_file: Any, envelope: Envelope, now: float,
                            minimal: float, maximal: float) -> bool:
@@ -525,20 +588,50 @@ class DeliveryAgent:
         plan = dsn.notices("delay", envelope, reports, config=self.config, clock=self.clock)
         self._send_notices(message.queue_id, plan)
 
-    def _send_notices(self, queue_id: str, plan: dsn.NoticePlan) -> None:
+    def _send_notices(self, queue_id: str, plan: dsn.NoticePlan) -> bool:
+        """Queue a plan's notices, all or none (one batch: a retry after
+        a failure sends none twice).  False, with one warning, when the
+        spool could not take them."""
         for warning in plan.warnings:
             ralog.log_warning(log, warning, queue_id=queue_id)
         if not plan.notices:
-            return
-        for notice in plan.notices:
-            new_id = self.spool.enqueue(
-                notice.sender, list(notice.recipients), notice.content,
-                body_type=notice.body_type, smtputf8=notice.smtputf8,
+            return True
+        try:
+            new_ids = self.spool.enqueue_many(
+                Message(notice.sender, list(notice.recipients), notice.content,
+                        body_type=notice.body_type, smtputf8=notice.smtputf8)
+                for notice in plan.notices
             )
+        except OSError as exc:
+            labels = ", ".join(dict.fromkeys(notice.label for notice in plan.notices))
+            ralog.log_warning(log, f"cannot queue the {labels}: {_reason(exc)}", queue_id=queue_id)
+            return False
+        for notice, new_id in zip(plan.notices, new_ids, strict=True):
             ralog.log_notice(log, queue_id, new_id, notice.label)
         if self.new_mail is not None:
             # Later, not now: we may be inside the queue manager's refill.
             self.clock.callLater(0, self.new_mail)
+        return True
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+class _Troubles:
+    """The write errors met while recording one batch of outcomes: one
+    warning line per kind, however many recipients met it."""
+
+    def __init__(self, queue_id: str) -> None:
+        self.queue_id = queue_id
+        self._seen: dict[str, OSError] = {}
+
+    def add(self, what: str, error: OSError) -> None:
+        self._seen.setdefault(what, error)
+
+    def log(self) -> None:
+        for what, error in self._seen.items():
+            ralog.log_warning(log, f"{what}: {_reason(error)}", queue_id=self.queue_id)
 
 
 def _last_records(records: Sequence[LogRecord]) -> dict[int, LogRecord]:

@@ -76,6 +76,9 @@ from zope.interface import implementer
 from relayagent.envelope import Recipient
 from relayagent.status import Status
 
+# Where a maillog that cannot be written says so (see _Writer).
+_writer_log = Logger(namespace="relayagent.logging")
+
 # The kinds of event this module makes (the ``ralog_event`` field).
 DELIVERY = "delivery"
 QUEUE_ACTIVE = "queue_active"
@@ -498,24 +501,57 @@ class _Writer:
     """Writes lines to ``out`` and flushes: at once, or with
     ``flush_later`` (``lambda f: reactor.callLater(0, f)``) once after the
     lines of one reactor turn, so that a busy queue does not pay a system
-    call per line (a line reaches the file within that turn)."""
+    call per line (a line reaches the file within that turn).
+
+    A write that fails (a full disk) never reaches the caller: the mail
+    events are written from inside the delivery code, which must go on
+    whatever becomes of its log.  The lines that cannot be written are
+    lost (the file object keeps at most one buffer of them, written when
+    there is room again); the first failure of a spell is one warning,
+    published for the other observers (twistd's log) to show; the next
+    successful flush ends the spell."""
 
     def __init__(self, out: TextIO, flush_later: Callable[[Callable[[], None]], object] | None) -> None:
         self._out = out
         self._flush_later = flush_later
         self._flush_pending = False
+        self._failing = False
+        # Where the warning goes: the global publisher, or the one a
+        # MailLog takes its events from.
+        self.trouble_log = _writer_log
 
     def _write(self, text: str) -> None:
-        self._out.write(text)
+        try:
+            self._out.write(text)
+        except OSError as error:
+            self._failed(error)
+            return
         if self._flush_later is None:
-            self._out.flush()
+            self.flush()
         elif not self._flush_pending:
             self._flush_pending = True
             self._flush_later(self.flush)
 
     def flush(self) -> None:
         self._flush_pending = False
-        self._out.flush()
+        try:
+            self._out.flush()
+        except OSError as error:
+            self._failed(error)
+            return
+        self._failing = False
+
+    def _failed(self, error: OSError) -> None:
+        if self._failing:
+            return
+        # Set first: the warning may come back here through the publisher
+        # (the maillog observes relayagent's events) and must stop there.
+        self._failing = True
+        name = getattr(self._out, "name", None)
+        self.trouble_log.warn(
+            "cannot write the mail log{where}: {reason}; its lines are lost until it can be written again",
+            where=f" {name}" if isinstance(name, str) else "", reason=error.strerror or str(error),
+        )
 
 
 @implementer(ILogObserver)
@@ -820,6 +856,7 @@ class MailLog:
         if publisher is None:
             from twisted.logger import globalLogPublisher as publisher
         self._publisher = publisher
+        self.observer.trouble_log = Logger(namespace=_writer_log.namespace, observer=publisher)
         self.running = False
 
     def start(self) -> None:

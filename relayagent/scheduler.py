@@ -307,6 +307,9 @@ class QueueManager:
         self.running = False
 
         self._recovered: deque[str] = deque()
+        # Messages left in active/ by a finish that failed to write (a
+        # full disk): taken again at the next deferred queue run.
+        self._unfinished: list[str] = []
         self._incoming: Iterator[str] = iter(())
         self._incoming_dirty = True
         self._deferred: Iterator[str] | None = None  # a deferred run in progress
@@ -381,6 +384,9 @@ class QueueManager:
         """Start a deferred queue run: messages whose time has come.  Dead
         destinations get another chance (qmgr_queue_unthrottle)."""
         self._revive_dead()
+        if self._unfinished:
+            self._recovered.extend(self._unfinished)
+            self._unfinished = []
         self._deferred = self._deferred_due(everything=self._flushing)
         self._flushing = False
         self._refill()
@@ -700,6 +706,13 @@ class QueueManager:
         self.counters.finished += 1
         try:
             self.agent.finish(message)
+        except OSError as exc:
+            # A full disk, most often (the move to deferred/ needs a
+            # directory entry): the file stays in active/, and is taken
+            # again at the next queue run, when there may be room.
+            ralog.log_warning(log, f"cannot finish the delivery attempt: {exc.strerror or exc}; "
+                              "trying again at the next queue run", queue_id=message.queue_id)
+            self._unfinished.append(message.queue_id)
         except Exception:  # noqa: BLE001 - the file stays in active/ for the next start
             log.failure("finishing {queue_id}", queue_id=message.queue_id)
         finally:

@@ -26,7 +26,10 @@ server lacks:
   Twisted's server ignores them silently, so a client could believe a
   DSN request (NOTIFY=, RET=) was taken.
 - A failed enqueue answers 451 4.3.0 (Twisted's answers 550 to any
-  failure of a message receiver, turning a full disk into bounces).
+  failure of a message receiver, turning a full disk into bounces), and
+  MAIL FROM gets 452 4.3.1 while the queue file system is short of
+  space (the glue's ``check_queue_space``: ``queue_minfree``, 1.5 x
+  ``message_size_limit``), as from Postfix's smtpd.
 - An over-long line ends the session with a 5xx reply (Twisted's server
   keeps buffering a line that never ends).
 
@@ -34,7 +37,8 @@ Relaying is the glue's rule: clients in ``mynetworks`` (default loopback
 only) or authenticated; anyone else gets 554 5.7.1 for every recipient.
 
 Owns: smtpd_endpoints, smtpd_banner.  Reads message_size_limit,
-myhostname (and, through the glue, mynetworks and hopcount_limit).
+myhostname (and, through the glue, mynetworks, hopcount_limit and
+queue_minfree).
 """
 
 from __future__ import annotations

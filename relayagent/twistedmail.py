@@ -27,14 +27,22 @@ message), and enqueues it once at the final ".".  The client gets 250
 only after the queue file is durable (the spool fsyncs before it
 returns), and 451 4.3.0 when the spool cannot take the message.
 
+A full disk is an ordinary condition, answered as Postfix answers it:
+MAIL FROM gets "452 4.3.1 Insufficient system storage" while the queue
+file system is below ``queue_minfree`` or 1.5 x ``message_size_limit``
+(``relayagent.spool.space``); a write that fails later (the temporary
+file, the queue file) ends the transaction with "451 4.3.0 Error: queue
+file write error" at the final ".", nothing of it kept.  Each is one
+warning line, never a traceback, and the next transaction tries again.
+
 We relay for a client when it is authenticated, connected over a UNIX
 socket, or its address is in ``mynetworks``: the rule of twisted.mail's
 ``DomainQueuer.willRelay``, with ``mynetworks`` in place of its
 hard-coded 127.0.0.1.  Anyone else gets "554 5.7.1 <rcpt>: Relay access
 denied", as from Postfix's smtpd.
 
-Owns: mynetworks, message_size_limit, hopcount_limit.  Reads myhostname
-and queue_directory.
+Owns: mynetworks, message_size_limit, hopcount_limit.  Reads myhostname,
+queue_directory and queue_minfree (``relayagent.spool.space`` owns it).
 """
 
 from __future__ import annotations
@@ -61,7 +69,9 @@ from twisted.mail.interfaces import IDomain, IMessageSMTP
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayagent import logging as ralog
 from relayagent.envelope import BodyType
+from relayagent.spool import space
 
 log = Logger(namespace="relayagent.twistedmail")
 
@@ -71,6 +81,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 QUEUE_WRITE_ERROR = (451, b"4.3.0 Error: queue file write error")
 MESSAGE_TOO_BIG = (552, b"5.3.4 Error: message file too big")
 TOO_MANY_HOPS = (554, b"5.4.0 Error: too many hops")
+# str, not bytes: Twisted turns validateFrom errors into a reply with networkString.
+INSUFFICIENT_STORAGE = space.INSUFFICIENT_STORAGE
 BAD_SENDER_SYNTAX = (501, "5.1.7 Bad sender address syntax")
 BAD_RECIPIENT_SYNTAX = (501, "5.1.3 Bad recipient address syntax")
 UNDECLARED_UTF8 = (553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
@@ -308,6 +320,10 @@ class Intake:
     ``trigger`` (no arguments) is called after each successful enqueue to
     wake the queue manager; a failing trigger is logged and otherwise
     ignored (the queue manager also polls ``incoming/``).
+
+    ``queue_minfree`` and ``message_size_limit`` decide, at MAIL FROM,
+    whether the spool's file system has room (``check_queue_space``);
+    ``statvfs`` is ``os.statvfs`` unless a test gives another.
     """
 
     def __init__(
@@ -321,11 +337,15 @@ class Intake:
         trigger: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,
         temp_directory: str | None = None,
+        queue_minfree: int = 0,
+        statvfs: Callable[[str], Any] = os.statvfs,
     ) -> None:
         self.spool = spool
         self.hostname = hostname
         self.relay_policy = relay_policy
         self.message_size_limit = message_size_limit
+        self.queue_minfree = queue_minfree
+        self.statvfs = statvfs
         self.hopcount_limit = hopcount_limit
         self.trigger = trigger
         self.clock = clock
@@ -354,7 +374,23 @@ class Intake:
             hopcount_limit=config["hopcount_limit"],
             trigger=trigger,
             clock=clock,
+            queue_minfree=config["queue_minfree"],
         )
+
+    def check_queue_space(self) -> None:
+        """At MAIL FROM: raise "452 4.3.1 Insufficient system storage"
+        (one warning logged) when the spool's file system is too full to
+        take a message (``relayagent.spool.space``), as Postfix's smtpd
+        does before it takes anything of the transaction."""
+        problem = space.queue_space_problem(
+            getattr(self.spool, "directory", None),
+            queue_minfree=self.queue_minfree,
+            message_size_limit=self.message_size_limit,
+            statvfs=self.statvfs,
+        )
+        if problem is not None:
+            ralog.log_warning(log, problem, service="smtpd")
+            raise smtp.SMTPServerError(*INSUFFICIENT_STORAGE)
 
     def transaction_for(self, user: smtp.User) -> _Transaction:
         """The transaction a recipient belongs to.
@@ -487,7 +523,12 @@ class _Transaction:
         self.collecting = False
         # On the spool's file system, not in /tmp (often memory-backed).
         directory = self.intake.temp_directory or getattr(self.intake.spool, "directory", None)
-        self._file = tempfile.TemporaryFile(dir=directory)
+        try:
+            # Unnamed (O_TMPFILE, or unlinked at once): whatever happens,
+            # no partial file is left behind.
+            self._file = tempfile.TemporaryFile(dir=directory)
+        except OSError as error:
+            self._write_failed(error)
         for header_line in received_header(
             self.client, self.intake.hostname, self.recipients, self.intake.clock()
         ):
@@ -499,7 +540,10 @@ class _Transaction:
         if limit and self._size > limit:
             self._fail(MESSAGE_TOO_BIG)
         assert self._file is not None
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as error:
+            self._write_failed(error)
 
     def _write_line(self, line: bytes) -> None:
         if self._in_header:
@@ -523,10 +567,33 @@ class _Transaction:
                  code=reply[0], text=reply[1].decode())
         raise smtp.SMTPServerError(*reply)
 
+    def _write_failed(self, error: OSError) -> None:
+        """A write of the content failed (a full disk, most often): one
+        warning, the file dropped, and Postfix's 451 4.3.0 at the final
+        "." (raised into Twisted's dataLineReceived as ``_fail`` is)."""
+        self.abort()
+        self._warn_not_queued(error)
+        raise smtp.SMTPServerError(*QUEUE_WRITE_ERROR)
+
+    def _warn_not_queued(self, error: BaseException) -> None:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        ralog.log_warning(
+            log,
+            f"DATA from {_describe_peer_info(self.client)}: {QUEUE_WRITE_ERROR[0]} "
+            f"{QUEUE_WRITE_ERROR[1].decode()}: {reason}",
+            service="smtpd",
+        )
+
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                # The flush of a buffered tail on a full disk; the
+                # descriptor is closed all the same, and the file (never
+                # named) is gone with it.
+                pass
 
     def _enqueue(self) -> None:
         if self._failed:
@@ -539,8 +606,14 @@ class _Transaction:
                 self._settle(Failure(error))
                 return
         assert self._file is not None
-        self._file.flush()
-        self._file.seek(0)
+        try:
+            self._file.flush()
+            self._file.seek(0)
+        except OSError as error:
+            self.abort()
+            self._warn_not_queued(error)
+            self._settle(Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR)))
+            return
         sender = str(self.origin)
         recipients = self.recipients
         spool_file = self._file
@@ -562,10 +635,15 @@ class _Transaction:
 
     def _not_queued(self, reason: Failure, sender: str, recipients: list[str]) -> Failure:
         self._close_file()
-        log.failure(
-            "warning: cannot queue a message from <{sender}> for {count} recipient(s)",
-            reason, sender=sender, count=len(recipients),
-        )
+        if reason.check(OSError):
+            # The spool's own trouble (a full disk, a permission): one
+            # line; it removed its partial file before raising.
+            self._warn_not_queued(reason.value)
+        else:
+            log.failure(
+                "cannot queue a message from <{sender}> for {count} recipient(s)",
+                reason, sender=sender, count=len(recipients),
+            )
         return Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR))
 
     def _settle(self, outcome: Any) -> None:
@@ -651,6 +729,7 @@ class RelayDelivery:
 
     def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
         check_sender(origin)
+        self.intake.check_queue_space()
         return origin
 
     def validateTo(self, user: smtp.User) -> Callable[[], Any]:
@@ -678,6 +757,9 @@ class RelayagentDomainDelivery(protocols.ESMTPDomainDelivery):
 
     def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
         check_sender(origin)
+        # Local domains too: the queue file system is the server's, and
+        # Postfix refuses every MAIL FROM when it is short.
+        self.relay_domain.intake.check_queue_space()
         return super().validateFrom(helo, origin)
 
     def validateTo(self, user: smtp.User) -> defer.Deferred[Any]:

@@ -353,6 +353,151 @@ class SendmailTests(CommandTestCase):
         self.assertEqual((code, out), (0, "Mail queue is empty\n"))
 
 
+class EndlessInput(io.RawIOBase):
+    """Standard input of ``total`` octets of 77-octet lines, made as they
+    are read (the test never holds the message), counting what was read."""
+
+    LINE = b"x" * 76 + b"\n"
+
+    def __init__(self, total: int, head: bytes = b"Subject: big\n\n") -> None:
+        self.remaining = total
+        self.head = head
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
+        else:
+            count = min(len(buffer), self.remaining)
+            whole, part = divmod(count, len(self.LINE))
+            data = self.LINE * whole + self.LINE[:part]
+            self.remaining -= count
+        buffer[:len(data)] = data
+        self.consumed += len(data)
+        return len(data)
+
+
+class FakeStatvfs:
+    def __init__(self, free_bytes: int, block_size: int = 4096) -> None:
+        self.free_bytes = free_bytes
+        self.block_size = block_size
+
+    def __call__(self, path: str):
+        return os.statvfs_result((self.block_size, self.block_size, 10**6, self.free_bytes // self.block_size,
+                                  self.free_bytes // self.block_size, 10**6, 10**5, 10**5, 0, 255))
+
+
+class SendmailLimitsTests(CommandTestCase):
+    """message_size_limit, queue_minfree and a full disk at submission:
+    one line, a sysexits code, nothing queued, no partial file left."""
+
+    def run_with_input(self, stdin, *argv: str) -> tuple[int, str]:
+        stderr = io.StringIO()
+        code = cli.run(["-c", self.config_path, *argv], stdin=stdin, stdout=io.StringIO(), stderr=stderr)
+        return code, stderr.getvalue()
+
+    def assertNothingQueued(self) -> None:
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_sixty_megabytes_over_the_default_limit(self) -> None:
+        stdin = io.BufferedReader(EndlessInput(60 * 1024 * 1024))
+        code, err = self.run_with_input(stdin, "sendmail", "b@example.net")
+        self.assertEqual(code, cli.EX_DATAERR)
+        self.assertOneLine(err, "message file too big", "message_size_limit (10240000 octets)")
+        self.assertNothingQueued()
+        self.assertEqual(self.triggers, [])
+        # Reading stopped at the limit (and a buffer's worth of read-ahead).
+        self.assertLess(stdin.raw.consumed, 10240000 + 2 * cli.BODY_CHUNK)
+
+    def test_a_message_of_exactly_the_limit_is_queued(self) -> None:
+        self.write_config("message_size_limit = 2000\n")
+        # The header section sendmail writes: From, Date, Message-ID added.
+        probe_code, _, _ = self.run_command("sendmail", "b@example.net", stdin=b"Subject: s\n\n")
+        self.assertEqual(probe_code, 0)
+        envelope, _ = self.only_message()
+        self.spool.remove(self.queued()[0], "incoming")
+        head = envelope.content_size
+        body = b"y" * (2000 - head - 1) + b"\n"
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"Subject: s\n\n" + body)
+        self.assertEqual((code, err), (0, ""))
+        envelope, _ = self.only_message()
+        self.assertEqual(envelope.content_size, 2000)
+        self.spool.remove(self.queued()[0], "incoming")
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"Subject: s\n\n" + b"z" + body)
+        self.assertEqual(code, cli.EX_DATAERR)
+        self.assertOneLine(err, "message file too big")
+        self.assertNothingQueued()
+
+    def test_no_limit(self) -> None:
+        self.write_config("message_size_limit = 0\n")
+        stdin = io.BufferedReader(EndlessInput(200_000))
+        code, err = self.run_with_input(stdin, "sendmail", "b@example.net")
+        self.assertEqual((code, err), (0, ""))
+
+    def test_below_one_and_a_half_size_limits(self) -> None:
+        self.patch(cli, "statvfs", FakeStatvfs(12_000_000))
+        stdin = io.BytesIO(b"Subject: s\n\nbody\n")
+        code, err = self.run_with_input(stdin, "sendmail", "b@example.net")
+        self.assertEqual(code, cli.EX_TEMPFAIL)
+        self.assertOneLine(err, "insufficient system storage",
+                           "11997184 bytes < 1.5*message size limit", "try again later")
+        self.assertEqual(stdin.tell(), 0)  # refused before reading
+        self.assertEqual(self.queued(), [])
+
+    def test_below_queue_minfree(self) -> None:
+        self.write_config("queue_minfree = 100000000\n")
+        self.patch(cli, "statvfs", FakeStatvfs(90_000_000))
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"\n")
+        self.assertEqual(code, cli.EX_TEMPFAIL)
+        self.assertOneLine(err, "< queue_minfree (100000000 bytes)")
+
+    def test_enough_room(self) -> None:
+        self.patch(cli, "statvfs", FakeStatvfs(16_000_000))
+        code, _, err = self.run_command("sendmail", "b@example.net", stdin=b"\n")
+        self.assertEqual((code, err), (0, ""))
+
+    def test_disk_full_while_writing(self) -> None:
+        from relayagent.spool import spool as spool_module
+
+        written = []
+        real_write = os.write
+
+        def filling_write(fd, data):
+            if sum(written) + len(data) > 100_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(len(data))
+            return real_write(fd, data)
+
+        self.patch(spool_module.os, "write", filling_write)
+        stdin = io.BufferedReader(EndlessInput(1_000_000))
+        code, err = self.run_with_input(stdin, "sendmail", "b@example.net")
+        self.patch(spool_module.os, "write", real_write)
+        self.assertEqual(code, cli.EX_TEMPFAIL)
+        self.assertOneLine(err, "No space left on device", "try again later")
+        self.assertNothingQueued()
+
+    def test_unreadable_input_is_not_a_spool_error(self) -> None:
+        class Broken(EndlessInput):
+            def readinto(self, buffer) -> int:
+                if self.consumed > 1000:
+                    raise OSError(errno.EIO, "Input/output error")
+                return super().readinto(buffer)
+
+        code, err = self.run_with_input(io.BufferedReader(Broken(10_000), 512), "sendmail", "b@example.net")
+        self.assertEqual(code, cli.EX_IOERR)
+        self.assertOneLine(err, "cannot read the message", "Input/output error")
+        self.assertNothingQueued()
+
+    def test_recipients_have_no_invented_orcpt(self) -> None:
+        self.run_command("sendmail", "b@example.net", "c@example.net", stdin=b"\n")
+        envelope, _ = self.only_message()
+        self.assertEqual([r.orcpt for r in envelope.recipients], [None, None])
+
+
 class MailqTests(CommandTestCase):
     def setUp(self) -> None:
         super().setUp()

@@ -415,3 +415,187 @@ class PostmasterNoticeTests(DeliveryTestCase):
         agent = self.agent(self.transport())  # default: resource, software
         self.attempt(agent, self.message())
         self.assertEqual([m for m in self.incoming_messages() if m["X-Envelope-To"].startswith("postmaster")], [])
+
+
+class DiskFullTests(DeliveryTestCase):
+    """Write errors while recording outcomes and ending a message: nothing
+    lost, nothing sent twice, one warning per kind, the message stays
+    queued and the next attempt finishes the work."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.spool.recover()  # as the daemon does before anything else
+
+    def full_disk(self, *, logs_only: str | None = None, enqueue: bool = False) -> None:
+        """Make the log appends (of one kind) or the spool's enqueue
+        writes fail with ENOSPC; the test patches the real ones back when
+        space returns."""
+        import errno
+
+        from relayagent.spool import logs as logs_module
+        from relayagent.spool import spool as spool_module
+
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        real_append = logs_module.append_record
+
+        def failing_append(path, data):
+            if os.path.basename(os.path.dirname(path)) == logs_only:
+                no_space()
+            return real_append(path, data)
+
+        if logs_only is not None:
+            self.patch(logs_module, "append_record", failing_append)
+        if enqueue:
+            self.patch(spool_module, "_write_all", no_space)
+
+    def warnings(self) -> list[str]:
+        return [e["text"] for e in self.lines("warning")]
+
+    def claim_again(self, message: ActiveMessage) -> ActiveMessage:
+        """The next attempt, as the queue manager makes it: deferred/ to
+        active/, opened as claimed."""
+        self.spool.move(message.queue_id, DEFERRED, ACTIVE)
+        queue_file = self.spool.open(message.queue_id, ACTIVE, claimed=True)
+        self.addCleanup(queue_file.close)
+        return ActiveMessage(message.queue_id, queue_file, queue_file.envelope,
+                             activated=self.clock.seconds())
+
+    def test_failure_notice_that_cannot_be_queued_is_sent_next_time(self) -> None:
+        from relayagent.spool import spool as spool_module
+
+        agent = self.agent(FakeTransport({"a@example.net": hard()}))
+        message = self.message(["a@example.net", "b@example.net"])
+        self.attempt(agent, message)
+        self.assertTrue(message.queue_file.is_done(0) and message.queue_file.is_done(1))
+        real_write_all = spool_module._write_all
+        self.full_disk(enqueue=True)
+        agent.finish(message)
+        # Deferred, with its bounce log; nothing half-queued.
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        self.assertEqual(len(self.spool.read_log(BOUNCE_LOG, message.queue_id)), 1)
+        self.assertEqual(list(self.spool.queue_ids(INCOMING)), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+        self.assertEqual(self.warnings(), [
+            "cannot queue the sender non-delivery notification: No space left on device",
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.lines("removed"), [])
+        # Space returns; the next attempt sends the notice, once.
+        self.patch(spool_module, "_write_all", real_write_all)
+        self.clock.advance(300)
+        message = self.claim_again(message)
+        self.assertEqual(message.envelope.pending(), ())
+        agent.finish(message)
+        self.assertIsNone(self.spool.find(message.queue_id))
+        (notice,) = self.incoming_messages()
+        self.assertEqual(notice["X-Envelope-To"], "s@example.org")
+        self.assertIn("Final-Recipient: rfc822; a@example.net", notice.as_string())
+        self.assertEqual(len(self.lines("notice")), 1)
+        self.assertEqual(self.spool.read_log(BOUNCE_LOG, message.queue_id), [])
+
+    def test_bounce_log_that_cannot_be_written_defers_the_recipient(self) -> None:
+        from relayagent.spool import logs as logs_module
+
+        agent = self.agent(FakeTransport({"a@example.net": hard(), "c@example.net": hard()}))
+        message = self.message(["a@example.net", "b@example.net", "c@example.net"])
+        real_append = logs_module.append_record
+        self.full_disk(logs_only=BOUNCE_LOG)
+        self.attempt(agent, message)
+        queue_file = message.queue_file
+        # The sent recipient is marked whatever befell the others.
+        self.assertEqual([queue_file.is_done(i) for i in range(3)], [False, True, False])
+        self.assertEqual([(e["to"], e["status"], e["dsn"]) for e in self.lines("delivery")], [
+            ("a@example.net", "deferred", "4.3.0"),
+            ("b@example.net", "sent", "2.0.0"),
+            ("c@example.net", "deferred", "4.3.0"),
+        ])
+        self.assertIn("cannot write the bounce log: No space left on device",
+                      self.lines("delivery")[0]["reason"])
+        self.assertEqual(self.warnings(), ["cannot write the bounce log: No space left on device"])
+        (record, _) = self.spool.read_log(DEFER_LOG, message.queue_id)
+        self.assertEqual((record.status, record.diag_text), ("4.3.0", "550 5.1.1 no such user"))
+        agent.finish(message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        self.assertEqual(self.incoming_messages(), [])
+        # With room again, the next attempt bounces them, in one notice.
+        self.patch(logs_module, "append_record", real_append)
+        self.clock.advance(300)
+        message = self.claim_again(message)
+        self.attempt(agent, message)
+        agent.finish(message)
+        self.assertIsNone(self.spool.find(message.queue_id))
+        (notice,) = self.incoming_messages()
+        text = notice.as_string()
+        self.assertIn("a@example.net", text)
+        self.assertIn("c@example.net", text)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_defer_log_that_cannot_be_written_costs_only_the_reason(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft(), "b@example.net": soft()}))
+        message = self.message(["a@example.net", "b@example.net"])
+        self.full_disk(logs_only=DEFER_LOG)
+        self.attempt(agent, message)
+        self.assertFalse(message.queue_file.is_done(0) or message.queue_file.is_done(1))
+        self.assertEqual(self.warnings(), ["cannot write the defer log: No space left on device"])
+        agent.finish(message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_mark_that_cannot_be_made_is_one_warning(self) -> None:
+        import errno
+
+        from relayagent.spool.queuefile import QueueFile
+
+        def failing(self, indexes):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(QueueFile, "mark_done_many", failing)
+        agent = self.agent()
+        message = self.message(["a@example.net", "b@example.net"])
+        self.attempt(agent, message)
+        self.assertEqual([e["status"] for e in self.lines("delivery")], ["sent", "sent"])
+        self.assertEqual(self.warnings(),
+                         ["cannot mark recipients done in the queue file: Input/output error"])
+        agent.finish(message)
+        # Still pending in the file: tried again (at-least-once), never lost.
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+
+    def test_expiry_that_cannot_write_its_bounce_log(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        message = self.message()
+        self.clock.advance(5 * DAY)
+        self.attempt(agent, message)
+        self.full_disk(logs_only=BOUNCE_LOG)
+        agent.finish(message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        self.assertIn("cannot write the bounce log: No space left on device", self.warnings())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_delay_warning_that_cannot_be_queued(self) -> None:
+        agent = self.agent(FakeTransport({"a@example.net": soft()}), delay_warning_time="1h")
+        message = self.message()
+        self.clock.advance(2 * HOUR)
+        self.attempt(agent, message)
+        self.full_disk(enqueue=True)
+        agent.finish(message)
+        self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
+        self.assertEqual(self.warnings(), [
+            "cannot queue the sender delay notification: No space left on device",
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_move_that_fails_raises_for_the_scheduler(self) -> None:
+        import errno
+
+        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        message = self.message()
+        self.attempt(agent, message)
+
+        def no_space(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(self.spool, "move", no_space)
+        self.assertRaises(OSError, agent.finish, message)
+        self.assertEqual(self.spool.find(message.queue_id), ACTIVE)

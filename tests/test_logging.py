@@ -7,6 +7,7 @@ wrote.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -593,3 +594,69 @@ class PflogsummTests(unittest.TestCase):
         path = self.write_log("relayagent/smtp")
         report = self.run_pflogsumm(path)
         self.assertEqual(self.totals(report)["delivered"], 0)
+
+
+class FullDiskTests(unittest.TestCase):
+    """A maillog that cannot be written (ENOSPC) never stops the code
+    that logs: one warning per spell, and lines again when there is room."""
+
+    class FullOut(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.full = True
+            self.name = "/var/log/relayagent.log"
+
+        def write(self, text: str) -> int:
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+        def flush(self) -> None:
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    def setUp(self) -> None:
+        self.publisher = LogPublisher()
+        self.published: list[dict] = []
+        self.publisher.addObserver(self.published.append)
+        self.out = self.FullOut()
+        config = Config.defaults().replace(myhostname="relay.example.org")
+        self.maillog = ralog.MailLog(config, self.out, publisher=self.publisher)
+        self.maillog.start()
+        self.addCleanup(self.maillog.stop)
+        self.log = Logger(namespace="relayagent.delivery", observer=self.publisher)
+
+    def warnings(self) -> list[str]:
+        return [ralog.render(e) for e in self.published if e.get("log_level") is LogLevel.warn]
+
+    def test_one_warning_then_lines_again(self) -> None:
+        for _ in range(5):
+            deliver(self.log, SENT, "sent")  # does not raise
+        self.log.warn("another warning")  # reaches the maillog too, which fails quietly
+        self.assertEqual(self.warnings(), [
+            "warning: cannot write the mail log /var/log/relayagent.log: No space left on device; "
+            "its lines are lost until it can be written again",
+            "warning: another warning",
+        ])
+        self.out.full = False
+        deliver(self.log, SENT, "sent")
+        self.assertEqual(len(self.out.getvalue().splitlines()), 1)
+        # A new spell, a new warning.
+        self.out.full = True
+        deliver(self.log, SENT, "sent")
+        self.assertEqual(len(self.warnings()), 3)
+
+
+
+class FullDiskFlushTests(unittest.TestCase):
+    def test_a_failing_flush_later_does_not_raise(self) -> None:
+        later: list = []
+        out = FullDiskTests.FullOut()
+        out.full = False
+        observer = ralog.PostfixFormatObserver(out, hostname="h", pid=1, flush_later=later.append)
+        seen: list[dict] = []
+        observer.trouble_log = Logger(namespace="relayagent.logging", observer=seen.append)
+        deliver(Logger(namespace="relayagent.test", observer=observer), SENT, "sent")
+        out.full = True
+        later.pop()()  # the reactor's turn: the flush fails, quietly
+        self.assertEqual(len(seen), 1)

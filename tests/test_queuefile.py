@@ -515,6 +515,45 @@ class UpdateTests(SynchronousTestCase):
         (record,) = self.spool.read_log("defer", self.queue_id)
         self.assertEqual((record.recipient, record.index, record.reason), ("x@y", None, "r\ufffd"))
 
+    def full_disk_after(self, room: int) -> None:
+        """The logs' writes get ``room`` more octets, then ENOSPC (a
+        short write first, as a regular file on a full disk gives)."""
+        import errno
+
+        from relayagent.spool import logs
+
+        real_write = os.write
+        left = [room]
+
+        def write(fd, data):
+            if left[0] <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written = real_write(fd, bytes(data[:left[0]]))
+            left[0] -= written
+            return written
+
+        self.patch(logs.os, "write", write)
+
+    def test_a_failed_append_leaves_no_half_record(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            queue_file.bounce(0, Status("5.1.1", "unknown user", code=550))
+            path = os.path.join(self.spool.directory, "bounce", self.queue_id)
+            before = read_file(path)
+            self.full_disk_after(40)  # part of the next record fits
+            error = self.assertRaises(OSError, queue_file.bounce, 1, Status("5.1.1", "unknown user"))
+            self.assertIn("short write", str(error))
+        # A half record would read as a failure of a pending recipient.
+        self.assertEqual(read_file(path), before)
+        self.assertEqual([r.index for r in self.spool.read_log("bounce", self.queue_id)], [0])
+
+    def test_a_failed_first_append_leaves_no_empty_log(self) -> None:
+        self.full_disk_after(0)
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            self.assertRaises(OSError, queue_file.bounce, 1, Status("5.1.1", "unknown user"))
+            self.assertRaises(OSError, queue_file.defer, 1, Status("4.2.0", "try later"))
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "bounce")), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "defer")), [])
+
 
 class StreamingTests(SynchronousTestCase):
     SIZE = 20 * 1024 * 1024

@@ -242,6 +242,44 @@ class DeferredQueueTests(SchedulerTestCase):
         self.assertEqual(len(self.agent.requests), 1)
 
 
+class UnfinishedTests(SchedulerTestCase):
+    def test_finish_failing_on_a_full_disk_is_tried_again_at_the_next_run(self) -> None:
+        import errno
+
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        (queue_id,) = self.enqueue()
+        real_finish = self.agent.finish
+        failures = []
+
+        def finish(message) -> None:
+            if not failures:
+                failures.append(message.queue_id)
+                message.close()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_finish(message)
+
+        self.agent.finish = finish
+        manager = self.manager()
+        manager.start()
+        self.agent.complete()
+        self.assertEqual(failures, [queue_id])
+        self.assertEqual(self.spool.find(queue_id), ACTIVE)
+        self.assertEqual(manager.active, {})
+        warnings = [e["text"] for e in events if e.get("ralog_event") == "warning"]
+        self.assertEqual(warnings, ["cannot finish the delivery attempt: No space left on device; "
+                                    "trying again at the next queue run"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.clock.advance(300)  # the next deferred queue run
+        self.assertEqual([r.message.queue_id for r, _ in self.agent.requests], [queue_id])
+        self.agent.complete()
+        self.assertEqual(self.agent.finished, [queue_id])
+        self.assertIsNone(self.spool.find(queue_id))
+
+
 class ConcurrencyTests(SchedulerTestCase):
     def test_starts_at_initial_concurrency_and_grows_to_the_limit(self) -> None:
         self.enqueue(100)

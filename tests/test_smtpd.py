@@ -3,7 +3,10 @@ StringTransport (Twisted's ESMTP server with our glue behind it)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import types
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -58,7 +61,8 @@ def make_config(**overrides: str) -> Config:
 class Session:
     """One server protocol on a StringTransport."""
 
-    def __init__(self, testcase, *, peer="127.0.0.1", spool=None, trigger=None, **config):
+    def __init__(self, testcase, *, peer="127.0.0.1", spool=None, trigger=None, statvfs=os.statvfs,
+                 **config):
         self.config = make_config(**config)
         self.spool = spool if spool is not None else FakeSpool()
         self.triggers = []
@@ -70,6 +74,8 @@ class Session:
             hopcount_limit=self.config["hopcount_limit"],
             trigger=trigger or (lambda: self.triggers.append(1)),
             clock=lambda: 1_700_000_000.0,
+            queue_minfree=self.config["queue_minfree"],
+            statvfs=statvfs,
         )
         factory = ListenerFactory(self.intake, self.config)
         address_type = IPv6Address if ":" in peer else IPv4Address
@@ -97,6 +103,22 @@ class Session:
         lines = self.transport.value().split(b"\r\n")
         self.transport.clear()
         return [line for line in lines if line]
+
+
+def capture_events(testcase) -> list[dict]:
+    """The log events published while the test runs."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def warnings_in(events: list[dict]) -> list[str]:
+    from twisted.logger import LogLevel
+
+    from relayagent import logging as ralog
+
+    return [ralog.render(e) for e in events if e.get("log_level") is LogLevel.warn]
 
 
 def codes(lines: list[bytes]) -> list[int]:
@@ -190,12 +212,25 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual([m["recipients"] for m in session.spool.messages], [["c@y.example"]])
 
     def test_451_when_enqueue_raises(self):
+        events = capture_events(self)
         session = Session(self, spool=FakeSpool(fail=OSError(28, "No space left on device")))
         session.replies()
         lines = session.send(TRANSACTION)
         self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
         self.assertEqual(session.triggers, [])
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        # A full disk is one warning line, no traceback.
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "No space left on device",
+        ])
+
+    def test_a_bug_in_the_spool_is_still_a_traceback(self):
+        session = Session(self, spool=FakeSpool(fail=RuntimeError("a bug")))
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_bare_user_without_domain_is_refused(self):
         session = Session(self)
@@ -489,3 +524,243 @@ class AddressSyntaxTests(SynchronousTestCase):
             self.assertEqual(codes(lines)[-1], 554, rcpt)
             session.send(b"DATA\r\nx\r\n.\r\n")
             self.assertEqual(session.spool.messages, [], rcpt)
+
+
+class FakeStatvfs:
+    """os.statvfs with the free blocks a test wants (4 kB blocks)."""
+
+    def __init__(self, free_bytes: int, block_size: int = 4096) -> None:
+        self.free_bytes = free_bytes
+        self.block_size = block_size
+        self.asked: list[str] = []
+
+    def __call__(self, path: str):
+        self.asked.append(path)
+        return types.SimpleNamespace(f_frsize=self.block_size, f_bsize=self.block_size,
+                                     f_bavail=self.free_bytes // self.block_size)
+
+
+class SpoolWithDirectory(FakeSpool):
+    """A FakeSpool with a directory (for the space check and the
+    glue's temporary file)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        os.makedirs(directory)
+        self.directory = directory
+
+
+class FailingFile:
+    """A temporary file whose writes fail once ``room`` octets are used,
+    as a file on a full disk does (a buffered file fails at its flush)."""
+
+    def __init__(self, room: int, error: int = errno.ENOSPC) -> None:
+        self.room = room
+        self.error = error
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        if len(self.data) + len(data) > self.room:
+            raise OSError(self.error, os.strerror(self.error))
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seek(self, offset: int) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self.data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class DiskFullTests(SynchronousTestCase):
+    """The queue file system short of space: 452 4.3.1 at MAIL FROM, as
+    Postfix's smtpd_check_queue; a write failing later: 451 4.3.0 at the
+    final "."; one warning line each, and the session goes on."""
+
+    MAIL = b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n"
+
+    def session(self, free_bytes: int, **config: str) -> Session:
+        self.statvfs = FakeStatvfs(free_bytes)
+        session = Session(self, spool=SpoolWithDirectory(self.mktemp()), statvfs=self.statvfs, **config)
+        session.replies()
+        return session
+
+    def test_below_one_and_a_half_size_limits(self):
+        events = capture_events(self)
+        session = self.session(15_000_000)  # < 1.5 * 10240000
+        lines = session.send(self.MAIL)
+        self.assertEqual(lines[-1], b"452 4.3.1 Insufficient system storage")
+        self.assertEqual(self.statvfs.asked, [session.spool.directory])
+        self.assertEqual(warnings_in(events), [
+            "warning: not enough free space in mail queue: 14999552 bytes < "
+            "1.5*message size limit (10240000 bytes)",
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # No transaction began: RCPT needs a MAIL first.
+        lines = session.send(b"RCPT TO:<b@y.example>\r\n")
+        self.assertEqual(codes(lines), [503])
+
+    def test_enough_room_is_accepted(self):
+        session = self.session(16_000_000)
+        lines = session.send(self.MAIL + b"RCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 354, 250])
+
+    def test_below_queue_minfree(self):
+        events = capture_events(self)
+        session = self.session(50_000_000, queue_minfree="60000000")
+        lines = session.send(self.MAIL)
+        self.assertEqual(lines[-1], b"452 4.3.1 Insufficient system storage")
+        self.assertIn("< queue_minfree (60000000 bytes)", warnings_in(events)[0])
+
+    def test_no_size_limit_no_minfree_refuses_only_a_full_disk(self):
+        # Postfix's sums in blocks: 0 >= free blocks only when none is free.
+        session = self.session(4096, message_size_limit="0")
+        self.assertEqual(codes(session.send(self.MAIL)), [250, 250])
+        session = self.session(4095, message_size_limit="0")
+        self.assertEqual(session.send(self.MAIL)[-1], b"452 4.3.1 Insufficient system storage")
+
+    def test_space_returns(self):
+        session = self.session(1_000_000)
+        self.assertEqual(session.send(self.MAIL)[-1][:3], b"452")
+        self.statvfs.free_bytes = 100_000_000
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        self.assertEqual(len(session.spool.messages), 1)
+
+    def test_size_over_limit_is_552_before_the_space_check(self):
+        # Postfix: smtpd_check_size (552, permanent) before smtpd_check_queue.
+        session = self.session(1_000_000)
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> SIZE=20000000\r\n")
+        self.assertEqual(lines[-1], b"552 5.3.4 Message size exceeds fixed limit")
+        self.assertEqual(self.statvfs.asked, [])
+
+    def test_statvfs_failure_is_not_a_refusal(self):
+        def failing(path):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+        session = Session(self, spool=SpoolWithDirectory(self.mktemp()), statvfs=failing)
+        session.replies()
+        self.assertEqual(codes(session.send(self.MAIL)), [250, 250])
+
+    def patch_temporary_file(self, room: int) -> list[FailingFile]:
+        import relayagent.twistedmail as glue
+
+        made: list[FailingFile] = []
+
+        def temporary_file(dir=None):
+            made.append(FailingFile(room))
+            return made[-1]
+
+        self.patch(glue.tempfile, "TemporaryFile", temporary_file)
+        return made
+
+    def test_write_failing_during_data_is_451_and_one_line(self):
+        events = capture_events(self)
+        made = self.patch_temporary_file(room=500)
+        session = self.session(100_000_000)
+        session.send(self.MAIL + b"RCPT TO:<b@y.example>\r\nDATA\r\n")
+        lines = session.send(b"Subject: x\r\n\r\n" + b"y" * 70 * 100 + b"\r\n" * 50)
+        self.assertEqual(lines, [])  # the rest of the data is read and dropped
+        self.assertTrue(made[0].closed)
+        lines = session.send(b".\r\n")
+        self.assertEqual(lines, [b"451 4.3.0 Error: queue file write error"])
+        self.assertEqual(session.spool.messages, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "No space left on device",
+        ])
+        # The session goes on, and so does the next transaction once
+        # there is room.
+        made_before = len(made)
+        self.patch_temporary_file(room=10**6)
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        self.assertEqual(len(session.spool.messages), 1)
+        self.assertEqual(made_before, 1)
+
+    def test_temporary_file_cannot_be_made(self):
+        import relayagent.twistedmail as glue
+
+        def temporary_file(dir=None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(glue.tempfile, "TemporaryFile", temporary_file)
+        session = self.session(100_000_000)
+        lines = session.send(self.MAIL + b"RCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_flush_failing_at_the_dot(self):
+        class FailingFlush(FailingFile):
+            def flush(self) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def close(self) -> None:
+                self.closed = True
+                self.flush()  # as a buffered file's close does
+
+        import relayagent.twistedmail as glue
+
+        made: list[FailingFile] = []
+        self.patch(glue.tempfile, "TemporaryFile", lambda dir=None: made.append(FailingFlush(10**6)) or made[-1])
+        session = self.session(100_000_000)
+        lines = session.send(self.MAIL + b"RCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertTrue(made[0].closed)
+        self.assertEqual(session.spool.messages, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_session_closed_by_the_client_after_a_failed_write(self):
+        made = self.patch_temporary_file(room=10)
+        session = self.session(100_000_000)
+        session.send(self.MAIL + b"RCPT TO:<b@y.example>\r\nDATA\r\n" + b"z" * 100 + b"\r\n")
+        session.server.connectionLost(None)
+        self.assertTrue(made[0].closed)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class OriginalRecipientTests(SynchronousTestCase):
+    """The listener offers no DSN (RFC 3461), so a client has no ORCPT to
+    give: ORCPT= is refused, and nothing is invented for the queue file
+    (the ESMTP client and the DSN writer derive rfc822;<address>)."""
+
+    def test_no_dsn_in_ehlo(self):
+        session = Session(self)
+        session.replies()
+        keywords = {line[4:].split(b" ")[0] for line in session.send(b"EHLO c\r\n")}
+        self.assertNotIn(b"DSN", keywords)
+
+    def test_orcpt_is_refused_not_dropped(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n"
+                             b"RCPT TO:<b@y.example> ORCPT=rfc822;b@y.example\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: ORCPT")
+
+    def test_queued_recipients_have_no_invented_orcpt(self):
+        from relayagent.spool import Spool
+
+        spool = Spool(self.mktemp())
+        spool.ensure_layout()
+        session = Session(self, spool=spool)
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(codes(lines)[-1], 250)
+        (queue_id,) = spool.queue_ids("incoming")
+        with spool.open(queue_id, "incoming") as queue_file:
+            recipients = queue_file.envelope.recipients
+        self.assertEqual([(r.address, r.orcpt) for r in recipients], [
+            ("bob@remote.example", None),
+            ("carol@remote.example", None),
+            ("dave@elsewhere.example", None),
+        ])

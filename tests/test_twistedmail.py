@@ -25,7 +25,15 @@ from relayagent.twistedmail import (
     install_relayagent,
     received_header,
 )
-from tests.test_smtpd import FakeSpool, codes
+from tests.test_smtpd import (
+    FailingFile,
+    FakeSpool,
+    FakeStatvfs,
+    SpoolWithDirectory,
+    capture_events,
+    codes,
+    warnings_in,
+)
 
 
 def make_config() -> Config:
@@ -252,3 +260,74 @@ class AddressSyntaxTests(SynchronousTestCase):
                                          b"553 5.6.7 Must declare SMTPUTF8 to send unicode address"])
         self.assertEqual(server.spool.messages, [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class DiskFullAndSizeTests(SynchronousTestCase):
+    """The glue answers for space and size at every door: relayagent's
+    ESMTP server and Twisted's stock one."""
+
+    def server(self, free_bytes: int = 10**9, **kwargs) -> MailServer:
+        spool = SpoolWithDirectory(self.mktemp())
+        server = MailServer(self, spool=spool, **kwargs)
+        self.statvfs = FakeStatvfs(free_bytes)
+        server.transport_glue.intake.statvfs = self.statvfs
+        return server
+
+    def factories(self, server: MailServer):
+        return (server.transport_glue.esmtp_factory(), server.service.getESMTPFactory())
+
+    def test_queue_minfree_and_size_limit_come_from_main_cf(self):
+        server = MailServer(self)
+        intake = server.transport_glue.intake
+        self.assertEqual((intake.queue_minfree, intake.message_size_limit), (0, 10240000))
+
+    def test_452_at_mail_from_through_both_servers(self):
+        events = capture_events(self)
+        server = self.server(free_bytes=10_000_000)
+        for factory in self.factories(server):
+            client = server.connect(factory)
+            lines = client.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n")
+            self.assertEqual(lines[-1], b"452 4.3.1 Insufficient system storage")
+        self.assertEqual(len(warnings_in(events)), 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.statvfs.free_bytes = 10**9
+        client = server.connect(server.service.getESMTPFactory())
+        self.assertEqual(codes(client.send(MIXED)), [250, 250, 250, 250, 250, 354, 250])
+
+    def test_over_size_limit_is_552_through_both_servers(self):
+        server = self.server()
+        server.transport_glue.intake.message_size_limit = 1000
+        for factory in self.factories(server):
+            client = server.connect(factory)
+            lines = client.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@remote.example>\r\n"
+                                b"DATA\r\n" + b"x" * 998 + b"\r\n" + b"y" * 100 + b"\r\n.\r\n")
+            self.assertEqual(lines[-1], b"552 5.3.4 Error: message file too big")
+        self.assertEqual(server.spool.messages, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_write_failure_is_451_through_both_servers(self):
+        import relayagent.twistedmail as glue
+
+        self.patch(glue.tempfile, "TemporaryFile", lambda dir=None: FailingFile(room=100))
+        server = self.server()
+        for factory in self.factories(server):
+            client = server.connect(factory)
+            lines = client.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@remote.example>\r\n"
+                                b"DATA\r\n" + b"x" * 200 + b"\r\n.\r\n")
+            self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(server.spool.messages, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_recipients_are_queued_without_an_invented_orcpt(self):
+        from relayagent.spool import Spool
+
+        spool = Spool(self.mktemp())
+        spool.ensure_layout()
+        server = MailServer(self, spool=spool)
+        client = server.connect(server.service.getESMTPFactory())
+        self.assertEqual(codes(client.send(MIXED))[-1], 250)
+        (queue_id,) = spool.queue_ids("incoming")
+        with spool.open(queue_id, "incoming") as queue_file:
+            recipients = queue_file.envelope.recipients
+        self.assertEqual([(r.address, r.orcpt) for r in recipients],
+                         [("bob@remote.example", None), ("carol@other.example", None)])

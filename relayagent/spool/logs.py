@@ -28,13 +28,17 @@ the DSN's Last-Attempt-Date.  The queue manager, ``mailq`` (the
 A record is appended with one ``write`` on a descriptor opened with
 ``O_APPEND``, so concurrent writers never interleave inside a record.  The
 logs are advisory (Postfix does not fsync them either): the queue file is
-the truth about which recipients remain.
+the truth about which recipients remain.  A write that fails (a full disk)
+takes back what it wrote: a bounce record cut short would read as a
+failure of a recipient that is still pending, and a log it just created
+is removed, so that it is not left behind, empty, after its message.
 
 Owns no parameters.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -101,16 +105,37 @@ def format_record(kind: str, recipient: Recipient, status: Status, when: float |
 
 def append_record(path: str, data: bytes) -> None:
     """Append one record with a single write (O_APPEND).  A log that is
-    a link or not a regular file is never written: ``OSError``."""
+    a link or not a regular file is never written: ``OSError``.  Raises
+    OSError, the log as it was (or gone, if this call created it), when
+    the record cannot be written whole."""
     fd = safeopen.open_log(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        written = os.write(fd, data)
-        if written != len(data):
-            # A short write to a regular file means the disk is full; say
-            # so instead of leaving a record cut in half unnoticed.
-            raise OSError(f"short write to {path}: {written} of {len(data)} octets")
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                # A short write to a regular file means the disk is full.
+                raise OSError(errno.ENOSPC, f"short write to {path}: {written} of {len(data)} octets")
+        except OSError:
+            _take_back(fd, path, start)
+            raise
     finally:
         os.close(fd)
+
+
+def _take_back(fd: int, path: str, start: int) -> None:
+    """Undo a failed append: the file back to ``start`` octets, or
+    removed when it was empty (this append, or one that failed before,
+    made it).  Only the process that has a message active writes its logs,
+    so no other record is in between.  Best effort: the caller reports
+    the failure."""
+    try:
+        if start == 0:
+            os.unlink(path)
+        else:
+            os.ftruncate(fd, start)
+    except OSError:
+        pass
 
 
 def parse_records(data: bytes) -> list[LogRecord]:

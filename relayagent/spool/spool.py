@@ -516,6 +516,14 @@ class Spool:
         if self._bounce_logs_at_start:
             self._bounce_logs_at_start.discard(queue_id)
 
+    def note_bounce_log(self, queue_id: str) -> None:
+        """A message leaves ``active/`` with its bounce log still there
+        (its failure notice could not be queued; the next attempt sends
+        it): when it is claimed again, ``open`` must not take that log
+        for absent."""
+        if self._bounce_logs_at_start is not None:
+            self._bounce_logs_at_start.add(queue_id)
+
     def requeue(self, queue_id: str, from_queue: str) -> None:
         """Send a message back to ``incoming/`` with its attempt count and
         deferral reasons forgotten (``postsuper -r``)."""
