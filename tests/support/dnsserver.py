@@ -114,6 +114,9 @@ class LoopbackDNSServer:
     def start(self, reactor, attempts: int = 20) -> None:  # type: ignore[no-untyped-def]
         """Listen on UDP and TCP of one free port (retried if TCP's is taken)."""
         for _ in range(attempts):
+            # A new protocol each time: one whose port was just stopped may
+            # still hold that transport (stopListening finishes later).
+            self.protocol = dns.DNSDatagramProtocol(self.factory)
             udp = reactor.listenUDP(0, self.protocol, interface=self.host)
             port = udp.getHost().port
             try:
