@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 from twisted.logger import Logger
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from relayagent.envelope import Recipient
 from relayagent.spool import (
@@ -477,3 +477,23 @@ class KilledWriterTests(SynchronousTestCase):
                 self.assertIn(len(queue_file.envelope.recipients), (1, 2))
         spool.recover()
         self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
+
+
+class RootSubmissionTests(SynchronousTestCase):
+    def test_root_queues_into_an_unprivileged_spool_as_its_owner(self) -> None:
+        # root's cron job runs sendmail into the spool of a daemon started
+        # with --uid: the file must be the queue directory owner's, or the
+        # daemon (and the owner check) cannot use it.
+        if os.geteuid() != 0:
+            raise SkipTest("needs root (chown)")
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        spool = make_spool(self)
+        for directory, _, _ in os.walk(spool.directory):
+            os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+        queue_id = spool.enqueue("a@example.org", ["b@example.net"], io.BytesIO(b"Subject: x\n\nbody\n"))
+        info = os.stat(spool.path("incoming", queue_id))
+        self.assertEqual((info.st_uid, info.st_gid), (nobody.pw_uid, nobody.pw_gid))
+        with spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.envelope.sender, "a@example.org")

@@ -223,6 +223,7 @@ class Spool:
         self.on_stray = on_stray
         self._strays: dict[str, dict[str, str]] = {}
         self._strays_untold: set[str] = set()
+        self._tmp_owner: tuple[int, int] | None = None
         # "<queue_directory>/<queue>/" for every queue, log and tmp/ (path()
         # runs several times per message).
         self._prefixes = {
@@ -262,6 +263,19 @@ class Spool:
         return prefix + queue_id
 
     # -- enqueue
+
+    def _give_to_queue_owner(self, fd: int) -> None:
+        """Root queueing into the spool of an unprivileged daemon (root's
+        cron job running ``relayagent sendmail``) hands the file to the
+        owner of ``tmp/``: queue files belong to their queue directory's
+        owner, and the daemon refuses any other (``safeopen``)."""
+        if os.geteuid() != 0:
+            return
+        if self._tmp_owner is None:
+            info = os.stat(os.path.join(self.directory, TMP))
+            self._tmp_owner = (info.st_uid, info.st_gid)
+        if self._tmp_owner[0] != 0:
+            os.fchown(fd, *self._tmp_owner)
 
     def enqueue(
         self,
@@ -374,6 +388,7 @@ class Spool:
                 continue  # an impossible collision; take the next id
             break
         try:
+            self._give_to_queue_owner(fd)
             head_args = dict(
                 arrival_time=arrival_time,
                 variable=variable,
