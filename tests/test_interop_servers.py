@@ -346,8 +346,10 @@ class DsnCases(ServerCases):
         [success_rcpt] = [command for command in rcpts if "<dsn-success@" in command]
         [never_rcpt] = [command for command in rcpts if "<dsn-never@" in command]
         [default_rcpt] = [command for command in rcpts if "<dsn-default@" in command]
-        # No NOTIFY (nor ORCPT) where the sender gave none.
-        self.assertEqual(default_rcpt, "RCPT TO:<dsn-default@example.com>")
+        # No NOTIFY where the sender gave none; the ORCPT is the address
+        # itself, as from Postfix (its orig_addr), to a server with DSN.
+        orcpt = " ORCPT=rfc822;dsn-default@example.com" if "dsn" in self.features else ""
+        self.assertEqual(default_rcpt, "RCPT TO:<dsn-default@example.com>" + orcpt)
         if "dsn" not in self.features:
             # RFC 3461 section 4: no DSN parameters to a server without DSN.
             for command in (mail, success_rcpt, never_rcpt):
@@ -406,8 +408,10 @@ class SmtputfCases(ServerCases):
             self.assertIsNone(corpus.arrived_intact(arrived[recipient], case.content))
             [mail] = self.own_mail_commands(server)
             self.assertIn(" SMTPUTF8", mail)
+            # RFC 6533: a UTF-8 original recipient as utf-8-addr-xtext.
+            orcpt = " ORCPT=utf-8;j\\x{FC}rgen.m\\x{FC}ller@example.com" if "dsn" in self.features else ""
             self.assertEqual([command for command in self.rcpt_commands(server) if recipient in command],
-                             [f"RCPT TO:<{recipient}>"])
+                             [f"RCPT TO:<{recipient}>{orcpt}"])
             return
         # As Postfix's smtp(8): a UTF-8 address needs SMTPUTF8; without it
         # the recipient bounces with 5.6.7 and nothing is sent.
