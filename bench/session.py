@@ -23,10 +23,10 @@ from twisted.internet import reactor  # noqa: E402  (a script: the global reacto
 from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 
-from relayagent.config import Config  # noqa: E402
-from relayagent.envelope import Envelope, Recipient  # noqa: E402
-from relayagent.esmtp import ServerInfo, SMTPSessionFactory  # noqa: E402
-from relayagent.smtp_body import BodyEncoder  # noqa: E402
+from relayagent.common.config import Config  # noqa: E402
+from relayagent.common.envelope import Envelope, Recipient  # noqa: E402
+from relayagent.smtp.body import BodyEncoder  # noqa: E402
+from relayagent.smtp.session import ServerInfo, SMTPSessionFactory  # noqa: E402
 from tests.support.sink import SmtpSink  # noqa: E402
 
 

@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
-from relayagent.config import Config, ConfigError
-from relayagent.envelope import Notify, Recipient, Ret, address_problem
+from relayagent.common.config import Config, ConfigError
+from relayagent.common.envelope import Notify, Recipient, Ret, address_problem
 from relayagent.spool import CorruptQueueFile, Spool, is_queue_id, space
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 
@@ -103,13 +103,13 @@ class _Parser(argparse.ArgumentParser):
 def notify_queue_manager(config: Config, request: bytes = b"W\n") -> bool:
     """Wake the queue manager: ``W`` (new mail) or ``F`` (flush).
 
-    Sends the AMP command (``relayagent.control``: Wakeup or Flush) on the
+    Sends the AMP command (``relayagent.spool.control``: Wakeup or Flush) on the
     UNIX socket ``$queue_directory/public/qmgr`` and waits briefly for the
     answer.  Any error is ignored (the daemon may not be running; the mail
     waits in the queue for it, and the daemon polls incoming/); the result
     says whether a daemon answered.
     """
-    from relayagent import control
+    from relayagent.spool import control
 
     command = "flush" if request.strip().upper().startswith(b"F") else "wakeup"
     return control.trigger(config.path_of("queue_directory"), command)
@@ -822,7 +822,7 @@ def _configure_postconf(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_postconf(context: Context, args: argparse.Namespace) -> int:
-    from relayagent.config import postconf_lines
+    from relayagent.common.config import postconf_lines
 
     mode = args.mode or "effective"
     if not args.names:
@@ -858,9 +858,9 @@ register(Command("flush", "ask the queue manager to try every deferred message n
 
 
 # ---------------------------------------------------------------------------
-# import-twisted-queue (relayagent.importqueue)
+# import-twisted-queue (relayagent.smtpd.importqueue)
 
-from relayagent import importqueue  # noqa: E402 - kept next to its table entry
+from relayagent.smtpd import importqueue  # noqa: E402 - kept next to its table entry
 
 register(Command("import-twisted-queue",
                  "move a twisted.mail relay queue (-H/-D files) into the spool, never unpickling",

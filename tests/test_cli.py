@@ -18,9 +18,9 @@ from unittest import mock
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent import cli
-from relayagent.envelope import BodyType, Notify, Ret
+from relayagent.common.envelope import BodyType, Notify, Ret
+from relayagent.common.status import Status
 from relayagent.spool import Message, Spool
-from relayagent.status import Status
 from tests.helpers_spool import StepClock, write_file
 
 NOW = 1_700_000_000.0
@@ -755,7 +755,7 @@ class FlushAndTriggerTests(CommandTestCase):
     def test_notify_queue_manager_sends_wakeup_or_flush(self) -> None:
         # The AMP exchange itself is tested with the real listener in
         # tests.test_control; here, which command each request becomes.
-        from relayagent import control
+        from relayagent.spool import control
 
         sent = []
         self.patch(control, "trigger", lambda directory, command: sent.append((directory, command)) or True)

@@ -1,4 +1,4 @@
-"""Tests for relayagent.config: main.cf syntax, typing, expansion, errors."""
+"""Tests for relayagent.common.config: main.cf syntax, typing, expansion, errors."""
 
 import os
 import re
@@ -6,7 +6,7 @@ import shutil
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import (
+from relayagent.common.config import (
     PARAMETERS,
     Config,
     ConfigError,

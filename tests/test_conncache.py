@@ -1,4 +1,4 @@
-"""Tests for relayagent.conncache: storing, taking, expiry and the reuse
+"""Tests for relayagent.smtp.conncache: storing, taking, expiry and the reuse
 limits of idle sessions, on a task.Clock."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
-from relayagent.conncache import CachedSession, ConnectionCache, address_key
+from relayagent.common.config import Config
+from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
 
 
 class Session:

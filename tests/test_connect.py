@@ -1,5 +1,5 @@
 """
-Tests for relayagent.connect: connection fallback, the IPv4/IPv6 head start
+Tests for relayagent.smtp.connect: connection fallback, the IPv4/IPv6 head start
 and the per-recipient fallback loop, on MemoryReactorClock (no network).
 """
 
@@ -15,11 +15,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config, ConfigError
-from relayagent.connect import ConnectFailure, Connector
-from relayagent.esmtp import ServerInfo
-from relayagent.resolve import MailExchangerAddress, Nexthop, NexthopResolver
-from relayagent.status import DeliveryFailure, Status
+from relayagent.common.config import Config, ConfigError
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.connect import ConnectFailure, Connector
+from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
+from relayagent.smtp.session import ServerInfo
 from tests.test_resolve import FakeResolver
 
 

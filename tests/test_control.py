@@ -1,4 +1,4 @@
-"""Tests for relayagent.control: the trigger socket, served by the reactor
+"""Tests for relayagent.spool.control: the trigger socket, served by the reactor
 and poked by the blocking client from a thread."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import stat
 from twisted.internet import reactor, threads
 from twisted.trial.unittest import TestCase
 
-from relayagent import control
+from relayagent.spool import control
 
 
 class FakeQueueManager:
@@ -78,7 +78,7 @@ class SecondDaemonTests(TestCase):
     def test_twistd_options_refuse_a_second_daemon(self) -> None:
         from twisted.python import usage
 
-        from relayagent import tap
+        from relayagent.master import tap
 
         # A deep path, as trial's are: the lock does not care about length.
         directory = os.path.abspath(self.mktemp())

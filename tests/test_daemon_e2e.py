@@ -24,8 +24,7 @@ import time
 from twisted.internet import reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
-from relayagent import control
-from relayagent.spool import DEFERRED, Message, Spool
+from relayagent.spool import DEFERRED, Message, Spool, control
 from tests.support.sink import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for relayagent.delivery: recipient outcomes, the end of a message
+"""Tests for relayagent.qmgr.delivery: recipient outcomes, the end of a message
 (remove, defer, expire, bounce and delay notices) and connection reuse,
 with fake sessions, a fake transport and a task.Clock."""
 
@@ -13,11 +13,11 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
-from relayagent.conncache import ConnectionCache
-from relayagent.delivery import Attempt, DeliveryAgent, Outcome
-from relayagent.esmtp import ServerInfo, TransactionResult
-from relayagent.scheduler import ActiveMessage, DeliveryRequest
+from relayagent.common.config import Config
+from relayagent.qmgr.delivery import Attempt, DeliveryAgent, Outcome
+from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest
+from relayagent.smtp.conncache import ConnectionCache
+from relayagent.smtp.session import ServerInfo, TransactionResult
 from relayagent.spool import ACTIVE, BOUNCE_LOG, DEFER_LOG, DEFERRED, INCOMING, Spool
 
 START = 1_700_000_000.0
@@ -27,20 +27,20 @@ SENT = "250 2.0.0 Ok: queued"
 
 
 def sent() -> object:
-    from relayagent.status import Status
+    from relayagent.common.status import Status
 
     return Status("2.0.0", SENT, code=250)
 
 
 def soft() -> object:
-    from relayagent.status import Status
+    from relayagent.common.status import Status
 
     return Status("4.2.0", "host mx[127.0.0.1] said: 450 4.2.0 try later (in reply to RCPT TO command)",
                   code=450, reply="450 4.2.0 try later", remote_mta="mx")
 
 
 def hard() -> object:
-    from relayagent.status import Status
+    from relayagent.common.status import Status
 
     return Status("5.1.1", "host mx[127.0.0.1] said: 550 5.1.1 no such user (in reply to RCPT TO command)",
                   code=550, reply="550 5.1.1 no such user", remote_mta="mx")
@@ -229,7 +229,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(self.incoming_messages(), [])
 
     def test_site_failure_reported_to_the_scheduler(self) -> None:
-        from relayagent.status import Status
+        from relayagent.common.status import Status
 
         refused = Status("4.4.1", "connect to mx[127.0.0.1]:25: Connection refused")
         agent = self.agent(FakeTransport(site_failure=refused))
@@ -377,7 +377,7 @@ class PostmasterNoticeTests(DeliveryTestCase):
     postmaster a notice with the session transcript."""
 
     def protocol_error(self):
-        from relayagent.status import Status
+        from relayagent.common.status import Status
 
         return Status("5.5.0", "protocol error: host mx[127.0.0.1] said something that is not an SMTP reply "
                       "while receiving the RCPT TO response: '2x0 ok'", stage="RCPT TO",

@@ -1,5 +1,5 @@
 """
-Tests for relayagent.dsn: every report is parsed back with the standard
+Tests for relayagent.bounce.dsn: every report is parsed back with the standard
 ``email`` package and each RFC 3464 field checked.
 """
 
@@ -15,10 +15,10 @@ from email.message import Message
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from relayagent import dsn
-from relayagent.config import Config
-from relayagent.envelope import BodyType, Envelope, Notify, Recipient, Ret
-from relayagent.status import Status
+from relayagent.bounce import dsn
+from relayagent.common.config import Config
+from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
+from relayagent.common.status import Status
 
 ARRIVAL = 1_700_000_000.0
 NOW = ARRIVAL + 3600.0

@@ -1,5 +1,5 @@
 """
-Unit tests for relayagent.esmtp: SMTPSession on StringTransport and task.Clock.
+Unit tests for relayagent.smtp.session: SMTPSession on StringTransport and task.Clock.
 
 Every branch of issue 3: greeting/EHLO/HELO, pipelining and lock-step,
 SIZE/BODY/DSN/SMTPUTF8 parameters, each reply class at each stage, each
@@ -19,11 +19,11 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from relayagent.config import Config
-from relayagent.envelope import BodyType, Envelope, Notify, Recipient, Ret
-from relayagent.esmtp import ServerInfo, SMTPSessionFactory, smtp_path, xtext
+from relayagent.common.config import Config
+from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.session import ServerInfo, SMTPSessionFactory, smtp_path, xtext
 from relayagent.spool.queuefile import CorruptQueueFile
-from relayagent.status import DeliveryFailure, Status
 
 SERVER = ServerInfo("mx.example", "192.0.2.1", 25, "example.com")
 NAMADDR = "mx.example[192.0.2.1]"

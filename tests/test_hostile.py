@@ -25,16 +25,17 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from relayagent import cli, control, tap
-from relayagent import logging as ralog
-from relayagent import scheduler as scheduler_module
-from relayagent.config import Config
-from relayagent.scheduler import DeliveryRequest, QueueManager, RequestResult
-from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, CorruptQueueFile, Spool
+from relayagent import cli
+from relayagent.common import maillog as ralog
+from relayagent.common.config import Config
+from relayagent.common.status import Status
+from relayagent.master import tap
+from relayagent.qmgr import scheduler as scheduler_module
+from relayagent.qmgr.scheduler import DeliveryRequest, QueueManager, RequestResult
+from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, CorruptQueueFile, Spool, control
 from relayagent.spool import spool as spool_module
 from relayagent.spool.errors import NotAQueueFile
 from relayagent.spool.queueid import QueueIdGenerator
-from relayagent.status import Status
 from tests.helpers_spool import StepClock, make_spool, queue_path, read_file, write_file
 
 START = 1_700_000_000.0
@@ -502,7 +503,7 @@ class LogLineTests(SynchronousTestCase):
                       self.render("relayagent.qmgr", lambda log: log.info("hello")))
         # The delivery agent's warnings stay smtp's; an explicit service wins.
         self.assertIn("relayagent/smtp[1]: warning: x",
-                      self.render("relayagent.delivery", lambda log: ralog.log_warning(log, "x")))
+                      self.render("relayagent.qmgr.delivery", lambda log: ralog.log_warning(log, "x")))
         self.assertIn("relayagent/master[1]: warning: x",
                       self.render("relayagent.qmgr",
                                   lambda log: ralog.log_warning(log, "x", service="master")))
@@ -512,7 +513,7 @@ class LogLineTests(SynchronousTestCase):
         config = Config.from_text("bogus_parameter = 1\n")
         (text,) = config.warnings
         service = tap.SpoolStateService(config, directory=self.mktemp)
-        service.log = Logger(namespace="relayagent.tap", observer=events.append)
+        service.log = Logger(namespace="relayagent.master.tap", observer=events.append)
         service.startService()
         self.addCleanup(service.stopService)
         (warning,) = [e for e in events if e["log_level"] is LogLevel.warn]

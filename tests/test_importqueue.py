@@ -1,4 +1,4 @@
-"""Tests for relayagent.importqueue: the restricted envelope reader and
+"""Tests for relayagent.smtpd.importqueue: the restricted envelope reader and
 the import of a queue written by twisted.mail's own relaymanager.Queue."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from twisted.mail import mail, relay, relaymanager, smtp
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent import cli
-from relayagent.importqueue import (
+from relayagent.smtpd.importqueue import (
     EX_DATAERR,
     EX_OK,
     UnsafeEnvelope,

@@ -18,11 +18,11 @@ from twisted.logger import globalLogPublisher
 from twisted.names import dns
 from twisted.trial import unittest
 
-from relayagent.config import Config
-from relayagent.connect import Connector
-from relayagent.envelope import Envelope, Recipient
-from relayagent.resolve import NexthopResolver, make_dns_resolver
-from relayagent.status import DeliveryFailure
+from relayagent.common.config import Config
+from relayagent.common.envelope import Envelope, Recipient
+from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.connect import Connector
+from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from tests.support.dnsserver import LoopbackDNSServer
 from tests.support.sink import SmtpSink
 
@@ -130,7 +130,7 @@ class MXInteropTests(unittest.TestCase):
         return Config.defaults().replace(**settings)
 
     def make(self, config: Config):
-        from relayagent.esmtp import SMTPSessionFactory
+        from relayagent.smtp.session import SMTPSessionFactory
 
         greeting_times: dict[str, float] = {}
 
@@ -189,7 +189,7 @@ class MXInteropTests(unittest.TestCase):
         self.assertIn("busy.mx.test[127.0.0.4] refused to talk to me: 421", reasons[2])
         self.assertIn("reject.mx.test[127.0.0.5] refused to talk to me: 554", reasons[3])
         # Each skipped address is logged with its reason.
-        logged = [e.get("reason") for e in self.events if e.get("log_namespace") == "relayagent.connect"]
+        logged = [e.get("reason") for e in self.events if e.get("log_namespace") == "relayagent.smtp.connect"]
         for reason in reasons:
             self.assertIn(reason, logged)
 

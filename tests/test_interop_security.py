@@ -1,6 +1,6 @@
 """
 Interop: STARTTLS and AUTH against aiosmtpd on loopback, through the real
-ESMTP session (relayagent.esmtp) and connection layer (relayagent.connect).
+ESMTP session (relayagent.smtp.session) and connection layer (relayagent.smtp.connect).
 
 aiosmtpd offers STARTTLS with a certificate from a test CA made in the test
 (tests.support.certs) and AUTH with a real password check (its
@@ -29,14 +29,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
-from relayagent.config import Config
-from relayagent.connect import Connector
-from relayagent.envelope import Envelope, Recipient
-from relayagent.esmtp import ServerInfo, SMTPSessionFactory
-from relayagent.resolve import MailExchangerAddress
-from relayagent.security import SecurityPolicy
-from relayagent.status import DeliveryFailure
-from relayagent.tls import RETRY_PLAINTEXT
+from relayagent.common.config import Config
+from relayagent.common.envelope import Envelope, Recipient
+from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.connect import Connector
+from relayagent.smtp.resolve import MailExchangerAddress
+from relayagent.smtp.security import SecurityPolicy
+from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
+from relayagent.smtp.tls import RETRY_PLAINTEXT
 from tests.support.certs import CertificateAuthority
 from tests.support.sink import free_port
 from tests.test_sasl import LogCapture, secret_forms
@@ -431,7 +431,7 @@ class SecurityInteropTests(unittest.TestCase):
 
         # The connection layer, with the daemon's factories, retries the
         # same address once without STARTTLS.
-        from relayagent.daemon import SessionFactories
+        from relayagent.master.service import SessionFactories
 
         connector = Connector(reactor, config, SessionFactories(config, reactor, SecurityPolicy(config)))
         address = MailExchangerAddress("mx.example.com", "127.0.0.2", socket.AF_INET, 10, port)

@@ -44,9 +44,9 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 
-from relayagent.config import Config
-from relayagent.daemon import build_service
-from relayagent.envelope import Notify, Recipient, Ret
+from relayagent.common.config import Config
+from relayagent.common.envelope import Notify, Recipient, Ret
+from relayagent.master.service import build_service
 from relayagent.spool import Spool
 from tests.support import corpus, exim, opensmtpd
 from tests.support.certs import CertificateAuthority

@@ -19,9 +19,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
-from relayagent.config import Config
-from relayagent.envelope import BodyType, Envelope, Recipient
-from relayagent.esmtp import ServerInfo, SMTPSessionFactory
+from relayagent.common.config import Config
+from relayagent.common.envelope import BodyType, Envelope, Recipient
+from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
 from tests.support.sink import SmtpSink
 
 MESSAGE = (

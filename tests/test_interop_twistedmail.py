@@ -31,8 +31,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.mail import mail, relay, relaymanager
 from twisted.trial.unittest import SkipTest, TestCase
 
-from relayagent.config import Config
-from relayagent.smtpd import make_listener_services
+from relayagent.common.config import Config
+from relayagent.smtpd.listener import make_listener_services
 from relayagent.spool import INCOMING, Spool
 from tests.support.sink import free_port
 

@@ -1,5 +1,5 @@
 """
-Tests for relayagent.logging: Postfix log lines, parsed back with the
+Tests for relayagent.common.maillog: Postfix log lines, parsed back with the
 regular expressions pflogsumm uses, JSON lines, delay formatting, and
 debug_peer_list.  One test runs Debian's pflogsumm over a log our observer
 wrote.
@@ -19,10 +19,10 @@ import tempfile
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial import unittest
 
-from relayagent import logging as ralog
-from relayagent.config import Config
-from relayagent.envelope import Recipient
-from relayagent.status import Status
+from relayagent.common import maillog as ralog
+from relayagent.common.config import Config
+from relayagent.common.envelope import Recipient
+from relayagent.common.status import Status
 
 WHEN = 1_700_000_000.0
 
@@ -368,7 +368,7 @@ class MailLogTests(unittest.TestCase):
         self.maillog = ralog.MailLog(config, self.out, publisher=self.publisher)
         self.maillog.start()
         self.addCleanup(self.maillog.stop)
-        self.log = Logger(namespace="relayagent.delivery", observer=self.publisher)
+        self.log = Logger(namespace="relayagent.qmgr.delivery", observer=self.publisher)
 
     def test_mail_events_go_to_the_maillog_only(self) -> None:
         deliver(self.log, SENT, "sent")
@@ -417,7 +417,7 @@ class MailLogTests(unittest.TestCase):
         deliver(self.log, SENT, "sent")
         [event] = seen
         self.assertEqual(event["log_level"], LogLevel.info)
-        self.assertEqual(event["log_namespace"], "relayagent.delivery")
+        self.assertEqual(event["log_namespace"], "relayagent.qmgr.delivery")
         self.assertIs(event["log_logger"], self.log)
         self.assertIsInstance(event["log_time"], float)
         self.assertTrue(event["log_format"].startswith("{queue_id}: to=<{to}>"))
@@ -589,7 +589,7 @@ class PflogsummTests(unittest.TestCase):
         self.assertEqual(self.totals(report), {"delivered": 3, "deferred": 2, "bounced": 1})
 
     def test_default_syslog_name_needs_the_option(self) -> None:
-        # Documented in relayagent/logging.py: pflogsumm only looks at
+        # Documented in relayagent/common/maillog.py: pflogsumm only looks at
         # "postfix/..." unless told --syslog-name.
         path = self.write_log("relayagent/smtp")
         report = self.run_pflogsumm(path)
@@ -624,7 +624,7 @@ class FullDiskTests(unittest.TestCase):
         self.maillog = ralog.MailLog(config, self.out, publisher=self.publisher)
         self.maillog.start()
         self.addCleanup(self.maillog.stop)
-        self.log = Logger(namespace="relayagent.delivery", observer=self.publisher)
+        self.log = Logger(namespace="relayagent.qmgr.delivery", observer=self.publisher)
 
     def warnings(self) -> list[str]:
         return [ralog.render(e) for e in self.published if e.get("log_level") is LogLevel.warn]
@@ -655,7 +655,7 @@ class FullDiskFlushTests(unittest.TestCase):
         out.full = False
         observer = ralog.PostfixFormatObserver(out, hostname="h", pid=1, flush_later=later.append)
         seen: list[dict] = []
-        observer.trouble_log = Logger(namespace="relayagent.logging", observer=seen.append)
+        observer.trouble_log = Logger(namespace="relayagent.common.maillog", observer=seen.append)
         deliver(Logger(namespace="relayagent.test", observer=observer), SENT, "sent")
         out.full = True
         later.pop()()  # the reactor's turn: the flush fails, quietly

@@ -1,12 +1,12 @@
-"""Tests for relayagent.maps: texthash, inline and static tables."""
+"""Tests for relayagent.common.maps: texthash, inline and static tables."""
 
 import os
 
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from relayagent.config import ConfigError
-from relayagent.maps import ILookupTable, open_map, open_maps, parse_texthash
+from relayagent.common.config import ConfigError
+from relayagent.common.maps import ILookupTable, open_map, open_maps, parse_texthash
 
 
 class TexthashTests(SynchronousTestCase):

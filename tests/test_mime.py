@@ -1,4 +1,4 @@
-"""Tests for relayagent.mime: the streaming 8bit-to-7bit converter."""
+"""Tests for relayagent.smtp.mime: the streaming 8bit-to-7bit converter."""
 
 import email
 import quopri
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.envelope import BodyType
-from relayagent.mime import MimeError, SevenBitConverter, convert_to_7bit, needs_conversion
+from relayagent.common.envelope import BodyType
+from relayagent.smtp.mime import MimeError, SevenBitConverter, convert_to_7bit, needs_conversion
 
 # Every hypothesis test here is derandomized: the same examples every run.
 DETERMINISTIC = settings(derandomize=True, deadline=None, max_examples=150)

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.envelope import BodyType, Notify, Recipient, RecipientState, Ret
+from relayagent.common.envelope import BodyType, Notify, Recipient, RecipientState, Ret
+from relayagent.common.status import Status
 from relayagent.spool import CorruptQueueFile
 from relayagent.spool import queuefile as qf
-from relayagent.status import Status
 from tests.helpers_spool import StepClock, make_spool, queue_path, read_file, write_file
 
 HYPOTHESIS = settings(

@@ -1,5 +1,5 @@
 """
-Tests for relayagent.resolve: nexthop selection and MX/A/AAAA address lists,
+Tests for relayagent.smtp.resolve: nexthop selection and MX/A/AAAA address lists,
 with a fake twisted.names resolver (no network).
 """
 
@@ -14,14 +14,14 @@ from twisted.names import common, dns
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config, ConfigError
-from relayagent.resolve import (
+from relayagent.common.config import Config, ConfigError
+from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.resolve import (
     MailExchangerAddress,
     Nexthop,
     NexthopResolver,
     parse_nexthop,
 )
-from relayagent.status import DeliveryFailure
 
 
 class FakeResolver(common.ResolverBase):
@@ -424,7 +424,7 @@ class MakeDNSResolverTests(SynchronousTestCase):
     def test_nameservers_with_ports(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from relayagent.resolve import make_dns_resolver
+        from relayagent.smtp.resolve import make_dns_resolver
 
         config = make_config(dns_nameservers="127.0.0.1:5353, 192.0.2.53 [2001:db8::53]:5300")
         resolver = make_dns_resolver(config, MemoryReactorClock())
@@ -433,7 +433,7 @@ class MakeDNSResolverTests(SynchronousTestCase):
     def test_system_name_servers_are_read_once(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from relayagent.resolve import make_dns_resolver
+        from relayagent.smtp.resolve import make_dns_resolver
 
         path = self.mktemp()
         with open(path, "w") as handle:
@@ -449,7 +449,7 @@ class MakeDNSResolverTests(SynchronousTestCase):
     def test_nameserver_must_be_an_address(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from relayagent.resolve import make_dns_resolver
+        from relayagent.smtp.resolve import make_dns_resolver
 
         error = self.assertRaises(ConfigError, make_dns_resolver, make_config(dns_nameservers="ns.example.com"), MemoryReactorClock())
         self.assertIn("dns_nameservers", str(error))

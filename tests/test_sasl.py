@@ -1,5 +1,5 @@
 """
-Tests for relayagent.sasl: the mechanisms against the RFC vectors, the
+Tests for relayagent.smtp.sasl: the mechanisms against the RFC vectors, the
 security options, mechanism choice, password lookup, the AUTH exchange
 against a scripted server, and that no secret leaks anywhere.
 """
@@ -14,9 +14,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.esmtp import ServerInfo
-from relayagent.maps import open_maps
-from relayagent.sasl import (
+from relayagent.common.maps import open_maps
+from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.reply import Reply
+from relayagent.smtp.sasl import (
     AnonymousMechanism,
     CramMD5Mechanism,
     Credentials,
@@ -35,8 +36,7 @@ from relayagent.sasl import (
     saslprep,
     warn_if_world_readable,
 )
-from relayagent.smtp_reply import Reply
-from relayagent.status import DeliveryFailure
+from relayagent.smtp.session import ServerInfo
 
 DEFAULT_OPTIONS = SecurityOptions.parse(["noplaintext", "noanonymous"])
 NO_OPTIONS = SecurityOptions()
@@ -75,7 +75,7 @@ def challenge(data: bytes) -> Reply:
 
 
 class ScriptedSession:
-    """The part of relayagent.esmtp.SMTPSession that AUTH uses."""
+    """The part of relayagent.smtp.session.SMTPSession that AUTH uses."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Tests for relayagent.scheduler: the queue manager, on a fake clock with a
+"""Tests for relayagent.qmgr.scheduler: the queue manager, on a fake clock with a
 fake delivery agent and a real spool in a temporary directory."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent import scheduler
-from relayagent.config import Config
-from relayagent.scheduler import (
+from relayagent.common.config import Config
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.qmgr import scheduler
+from relayagent.qmgr.scheduler import (
     DeliveryRequest,
     Feedback,
     QueueManager,
@@ -19,7 +20,6 @@ from relayagent.scheduler import (
     backoff_time,
 )
 from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, Spool
-from relayagent.status import DeliveryFailure, Status
 
 START = 1_700_000_000.0
 FAILED = Status("4.4.1", "connect to mx[192.0.2.1]:25: Connection refused")

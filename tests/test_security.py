@@ -1,5 +1,5 @@
 """
-Tests for relayagent.security: a SecurityPolicy built from main.cf text,
+Tests for relayagent.smtp.security: a SecurityPolicy built from main.cf text,
 STARTTLS then AUTH on a fake session with a real (memory-BIO) handshake,
 the plaintext retry contract, and configuration problems.
 """
@@ -12,11 +12,11 @@ import os
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
-from relayagent.security import SecurityConfigError, SecurityPolicy, SessionSecurity
-from relayagent.smtp_reply import Reply
-from relayagent.status import DeliveryFailure
-from relayagent.tls import RETRY_PLAINTEXT, TLSLevel
+from relayagent.common.config import Config
+from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.reply import Reply
+from relayagent.smtp.security import SecurityConfigError, SecurityPolicy, SessionSecurity
+from relayagent.smtp.tls import RETRY_PLAINTEXT, TLSLevel
 from tests.support.certs import CertificateAuthority
 from tests.test_sasl import LogCapture, secret_forms
 from tests.test_tls import FakeTLSSession

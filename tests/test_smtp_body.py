@@ -1,5 +1,5 @@
 """
-Tests for relayagent.smtp_body: the wire form of a message body.
+Tests for relayagent.smtp.body: the wire form of a message body.
 
 The reference is a slow, obviously-correct line-by-line encoder; the real
 one must agree with it for every chunk size, so that dot-stuffing and line
@@ -14,13 +14,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from relayagent.smtp_body import (
-    PLAIN_LINE_LIMIT,
-    BodyEncoder,
-    PlainLineScanner,
-    encode_body,
-    is_plain,
-)
+from relayagent.smtp.body import BodyEncoder, encode_body
+from relayagent.spool.plain import PLAIN_LINE_LIMIT, PlainLineScanner, is_plain
 
 
 def reference(content: bytes, limit: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests for relayagent.smtpd: the built-in listener, driven over
+"""Tests for relayagent.smtpd.listener: the built-in listener, driven over
 StringTransport (Twisted's ESMTP server with our glue behind it)."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
-from relayagent.envelope import BodyType
-from relayagent.smtpd import (
+from relayagent.common.config import Config
+from relayagent.common.envelope import BodyType
+from relayagent.smtpd.intake import Intake, RelayPolicy, parse_mynetworks
+from relayagent.smtpd.listener import (
     ListenerFactory,
     RelayagentESMTP,
     make_listener_services,
     parse_esmtp_parameters,
 )
-from relayagent.twistedmail import Intake, RelayPolicy, parse_mynetworks
 
 
 class FakeSpool:
@@ -116,7 +116,7 @@ def capture_events(testcase) -> list[dict]:
 def warnings_in(events: list[dict]) -> list[str]:
     from twisted.logger import LogLevel
 
-    from relayagent import logging as ralog
+    from relayagent.common import maillog as ralog
 
     return [ralog.render(e) for e in events if e.get("log_level") is LogLevel.warn]
 
@@ -651,7 +651,7 @@ class DiskFullTests(SynchronousTestCase):
         self.assertEqual(codes(session.send(self.MAIL)), [250, 250])
 
     def patch_temporary_file(self, room: int) -> list[FailingFile]:
-        import relayagent.twistedmail as glue
+        import relayagent.smtpd.twistedmail as glue
 
         made: list[FailingFile] = []
 
@@ -689,7 +689,7 @@ class DiskFullTests(SynchronousTestCase):
         self.assertEqual(made_before, 1)
 
     def test_temporary_file_cannot_be_made(self):
-        import relayagent.twistedmail as glue
+        import relayagent.smtpd.twistedmail as glue
 
         def temporary_file(dir=None):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -709,7 +709,7 @@ class DiskFullTests(SynchronousTestCase):
                 self.closed = True
                 self.flush()  # as a buffered file's close does
 
-        import relayagent.twistedmail as glue
+        import relayagent.smtpd.twistedmail as glue
 
         made: list[FailingFile] = []
         self.patch(glue.tempfile, "TemporaryFile", lambda dir=None: made.append(FailingFlush(10**6)) or made[-1])

@@ -8,7 +8,7 @@ import types
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
+from relayagent.common.config import Config
 from relayagent.spool import space
 
 

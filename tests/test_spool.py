@@ -18,7 +18,8 @@ import textwrap
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from relayagent.envelope import Recipient
+from relayagent.common.envelope import Recipient
+from relayagent.common.status import Status
 from relayagent.spool import (
     CorruptQueueFile,
     Message,
@@ -30,7 +31,6 @@ from relayagent.spool import (
 )
 from relayagent.spool import spool as spool_module
 from relayagent.spool.queueid import QUEUE_ID_LENGTH, QueueIdGenerator, _encode, queue_id_pid
-from relayagent.status import Status
 from tests.helpers_spool import StepClock, make_spool, queue_path, write_file
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for the twistd plugin and relayagent.tap."""
+"""Tests for the twistd plugin and relayagent.master.tap."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent import tap
+from relayagent.master import tap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ class PluginTests(SynchronousTestCase):
         makers = [p for p in getPlugins(IPlugin) if IServiceMaker.providedBy(p)]
         mine = [m for m in makers if m.tapname == "relayagent"]
         self.assertEqual(len(mine), 1)
-        self.assertEqual(mine[0].module, "relayagent.tap")
+        self.assertEqual(mine[0].module, "relayagent.master.tap")
 
     def test_twistd_help_documents_the_options(self):
         result = subprocess.run(

@@ -1,5 +1,5 @@
 """
-Tests for relayagent.tls: levels, protocol and cipher settings, policy
+Tests for relayagent.smtp.tls: levels, protocol and cipher settings, policy
 maps, certificate name matching, and STARTTLS at every level against a
 fake session whose handshake is real (two OpenSSL connections joined by
 memory BIOs, with certificates from a test CA).
@@ -16,12 +16,12 @@ from twisted.internet.error import ConnectionLost
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
-from relayagent.esmtp import ServerInfo
-from relayagent.maps import open_maps
-from relayagent.smtp_reply import Reply
-from relayagent.status import DeliveryFailure, Status
-from relayagent.tls import (
+from relayagent.common.config import Config
+from relayagent.common.maps import open_maps
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.reply import Reply
+from relayagent.smtp.session import ServerInfo
+from relayagent.smtp.tls import (
     RETRY_PLAINTEXT,
     ContextCache,
     PolicyLookup,
@@ -87,7 +87,7 @@ def handshake(client: SSL.Connection, server: SSL.Connection, protocol: FakeTLSP
 
 
 class FakeTLSSession:
-    """The parts of relayagent.esmtp.SMTPSession STARTTLS uses."""
+    """The parts of relayagent.smtp.session.SMTPSession STARTTLS uses."""
 
     def __init__(
         self,

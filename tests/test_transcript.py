@@ -1,10 +1,10 @@
-"""Tests for relayagent.transcript: bounds, cutting, redaction."""
+"""Tests for relayagent.common.transcript: bounds, cutting, redaction."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 
-from relayagent.transcript import Transcript
+from relayagent.common.transcript import Transcript
 
 
 class TranscriptTests(unittest.SynchronousTestCase):

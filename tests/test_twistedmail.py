@@ -1,4 +1,4 @@
-"""Tests for relayagent.twistedmail: relayagent as the outbound transport
+"""Tests for relayagent.smtpd.twistedmail: relayagent as the outbound transport
 of a twisted.mail MailService (local maildir domain plus relaying),
 driven over StringTransport through Twisted's own ESMTP server."""
 
@@ -14,17 +14,10 @@ from twisted.internet.testing import StringTransport
 from twisted.mail import mail, relaymanager
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.config import Config
-from relayagent.smtpd import RelayagentESMTP
-from relayagent.twistedmail import (
-    ClientInfo,
-    Intake,
-    MaildirDomain,
-    RelayDomain,
-    RelayPolicy,
-    install_relayagent,
-    received_header,
-)
+from relayagent.common.config import Config
+from relayagent.smtpd.intake import ClientInfo, Intake, RelayDomain, RelayPolicy, received_header
+from relayagent.smtpd.listener import RelayagentESMTP
+from relayagent.smtpd.twistedmail import MaildirDomain, install_relayagent
 from tests.test_smtpd import (
     FailingFile,
     FakeSpool,
@@ -306,7 +299,7 @@ class DiskFullAndSizeTests(SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_write_failure_is_451_through_both_servers(self):
-        import relayagent.twistedmail as glue
+        import relayagent.smtpd.twistedmail as glue
 
         self.patch(glue.tempfile, "TemporaryFile", lambda dir=None: FailingFile(room=100))
         server = self.server()

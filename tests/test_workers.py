@@ -1,4 +1,4 @@
-"""Tests for relayagent.worker (several worker processes on one spool):
+"""Tests for relayagent.master.worker (several worker processes on one spool):
 the partition, the partitioned queue manager, the limits, the lines on
 the pipes, the parent's pool, the lock check and the maillog's writer;
 all deterministic (task.Clock, StringTransport, a fake process reactor).
@@ -19,11 +19,11 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent import control, worker
-from relayagent.config import Config
-from relayagent.daemon import LineAppender
-from relayagent.scheduler import QueueManager
-from relayagent.spool import ACTIVE, DEFERRED, INCOMING
+from relayagent.common.config import Config
+from relayagent.master import worker
+from relayagent.master.service import LineAppender
+from relayagent.qmgr.scheduler import QueueManager
+from relayagent.spool import ACTIVE, DEFERRED, INCOMING, control
 from relayagent.spool.queueid import QueueIdGenerator, partition_of
 from tests.helpers_spool import make_spool
 from tests.test_scheduler import START, FakeAgent, by_domain
@@ -156,7 +156,7 @@ class LimitTests(SynchronousTestCase):
     def test_parameter(self) -> None:
         self.assertEqual(Config.defaults()["relayagent_workers"], 1)
         self.assertEqual(Config.from_text("relayagent_workers = 4\n")["relayagent_workers"], 4)
-        from relayagent.config import ConfigError
+        from relayagent.common.config import ConfigError
         self.assertRaises(ConfigError, Config.from_text, "relayagent_workers = 0\n")
 
     def test_chroot_refused(self) -> None:
@@ -312,7 +312,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         for index, (_, executable, args, env, child_fds, _) in enumerate(self.reactor.spawned, 1):
             self.assertEqual(executable, "/usr/bin/python3")
-            self.assertEqual(args[1:3], ["-m", "relayagent.worker"])
+            self.assertEqual(args[1:3], ["-m", "relayagent.master.child"])
             self.assertIn("--index", args)
             self.assertEqual(args[args.index("--index") + 1], str(index))
             self.assertEqual(args[args.index("--workers") + 1], "3")
@@ -339,7 +339,7 @@ class WorkerPoolTests(SynchronousTestCase):
     def test_unexpected_exit_is_logged_and_restarted_later(self) -> None:
         protocol = self.reactor.spawned[0][0]
         protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
-        self.assertIn("process /usr/bin/python3 -m relayagent.worker pid 1000 exit status 1",
+        self.assertIn("process /usr/bin/python3 -m relayagent.master.worker pid 1000 exit status 1",
                       self.warnings)
         self.assertEqual(len(self.reactor.spawned), 2)
         self.reactor.advance(worker.RESTART_DELAY - 0.1)
@@ -461,7 +461,7 @@ class LineAppenderTests(SynchronousTestCase):
 
 class ChrootRefusedAtStartTests(SynchronousTestCase):
     def test_make_service_stops_with_one_line(self) -> None:
-        from relayagent import tap
+        from relayagent.master import tap
 
         options = tap.Options()
         options["configuration"] = Config.from_text(f"relayagent_workers = 2\nqueue_directory = {self.mktemp()}\n")

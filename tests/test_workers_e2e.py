@@ -20,8 +20,7 @@ import re
 import signal
 import time
 
-from relayagent import control
-from relayagent.spool import Message
+from relayagent.spool import Message, control
 from tests.test_daemon_e2e import DaemonTestCase, body
 
 DELIVERED_BY = re.compile(r"relayagent/smtp\[(\d+)\]: [0-9A-V]{16}: to=<[^>]*>.*status=sent")

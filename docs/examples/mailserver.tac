@@ -26,8 +26,8 @@ from twisted.application import service, strports
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.mail import mail
 
-from relayagent.config import Config
-from relayagent.twistedmail import MaildirDomain, install_relayagent
+from relayagent.common.config import Config
+from relayagent.smtpd.twistedmail import MaildirDomain, install_relayagent
 
 config = Config.load(os.environ.get("RELAYAGENT_CONFIG", "/etc/relayagent/main.cf"))
 endpoint = os.environ.get("MAILSERVER_ENDPOINT", "tcp:2525:interface=127.0.0.1")

@@ -42,9 +42,9 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from relayagent.envelope import Notify, Recipient
+from relayagent.common.envelope import Notify, Recipient
+from relayagent.common.status import Status
 from relayagent.spool import safeopen
-from relayagent.status import Status
 
 DEFER_LOG = "defer"
 BOUNCE_LOG = "bounce"

@@ -14,7 +14,7 @@ description)::
     48      1     body type           0 = 7BIT, 1 = 8BITMIME
     49      1     SMTPUTF8            0 or 1
     50      1     RET                 0 = none, 1 = FULL, 2 = HDRS
-    51      1     content form        bit 0: plain lines (smtp_body), else 0
+    51      1     content form        bit 0: plain lines (spool.plain), else 0
     52      4     content CRC-32
     56      4     envelope CRC-32     of bytes 0-55 and the variable section
     60      4     attempt count       uint32     } the mutable block,
@@ -33,7 +33,7 @@ reader raises for bad data.
 
 The content form octet records what was learnt about the content when it
 was queued, so that no delivery attempt has to look again: bit 0 set means
-*plain lines* (``smtp_body.PlainLineScanner``: no CR, no line starting with
+*plain lines* (``spool.plain.PlainLineScanner``: no CR, no line starting with
 ".", none over 998 octets), whose wire form is just LF turned into CRLF.
 A writer that did not look leaves it 0, which is always correct.
 
@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import BinaryIO
 
-from relayagent.envelope import (
+from relayagent.common.envelope import (
     BodyType,
     Envelope,
     Notify,
@@ -71,9 +71,9 @@ from relayagent.envelope import (
     Ret,
     address_problem,
 )
+from relayagent.common.status import Status
 from relayagent.spool import logs, safeopen
 from relayagent.spool.errors import CorruptQueueFile
-from relayagent.status import Status
 
 MAGIC = b"relayagent-q"
 VERSION = 1
@@ -171,7 +171,7 @@ def build_head(
 ) -> bytes:
     """Everything before the content: header, CRC, mutable block, status
     table and variable section.  ``plain_lines`` only where the content
-    was scanned and found plain (``smtp_body.PlainLineScanner``);
+    was scanned and found plain (``spool.plain.PlainLineScanner``);
     ``body_declared`` False where nobody declared the body type (no
     BODY= at intake) and the writer detected it."""
     content_offset = STATUS_OFFSET + recipient_count + len(variable)

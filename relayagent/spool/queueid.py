@@ -20,7 +20,7 @@ Postfix's long queue ids (``enable_long_queue_ids``) follow the same idea:
 time first, then something that tells processes apart.
 
 ``partition_of(queue_id, workers)`` says which of ``relayagent_workers``
-worker processes owns a queue file (``relayagent/worker.py``): a pure
+worker processes owns a queue file (``relayagent/master/worker.py``): a pure
 function of the id, so every process agrees without talking.
 
 Owns no parameters.

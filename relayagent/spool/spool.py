@@ -64,9 +64,9 @@ from typing import BinaryIO
 
 from twisted.logger import Logger
 
-from relayagent.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
-from relayagent.smtp_body import PlainLineScanner, is_plain
+from relayagent.common.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
 from relayagent.spool import logs, safeopen
+from relayagent.spool.plain import PlainLineScanner, is_plain
 from relayagent.spool.queuefile import (
     CONTENT_CHUNK,
     CorruptQueueFile,

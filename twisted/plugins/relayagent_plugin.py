@@ -10,7 +10,7 @@ from twisted.application.service import ServiceMaker
 
 relayagent = ServiceMaker(
     "relayagent",
-    "relayagent.tap",
+    "relayagent.master.tap",
     "relayagent: deliver queued mail over SMTP, the way Postfix's smtp(8) does",
     "relayagent",
 )

@@ -2,7 +2,7 @@
 Connection fallback across mail exchanger addresses (Postfix: smtp_connect.c,
 the fallback rules of smtp_trouble.c).
 
-Given the address list of a nexthop (``relayagent.resolve``), connect to
+Given the address list of a nexthop (``relayagent.smtp.resolve``), connect to
 each address in turn, with explicit ``TCP4ClientEndpoint`` /
 ``TCP6ClientEndpoint`` (timeout ``smtp_connect_timeout``, source address
 ``smtp_bind_address`` / ``smtp_bind_address6``), until a server greets and
@@ -61,14 +61,14 @@ from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayagent.config import Config, ConfigError
-from relayagent.esmtp import ServerInfo
-from relayagent.resolve import MailExchangerAddress, Nexthop, NexthopResolver
-from relayagent.status import RETRY_PLAINTEXT, DeliveryFailure, Status
+from relayagent.common.config import Config, ConfigError
+from relayagent.common.status import RETRY_PLAINTEXT, DeliveryFailure, Status
+from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
+from relayagent.smtp.session import ServerInfo
 
-log = Logger(namespace="relayagent.connect")
+log = Logger(namespace="relayagent.smtp.connect")
 
-# The stage name relayagent.esmtp gives a refusal in the server greeting.
+# The stage name relayagent.smtp.session gives a refusal in the server greeting.
 GREETING_STAGE = "CONNECT"
 
 # session_factory_for(server) builds the factory of one connection; the

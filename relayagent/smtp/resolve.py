@@ -60,11 +60,11 @@ from twisted.names.error import (
     DNSNotImplementedError,
 )
 
-from relayagent.config import Config, ConfigError, split_list
-from relayagent.maps import open_maps
-from relayagent.status import DeliveryFailure, Status
+from relayagent.common.config import Config, ConfigError, split_list
+from relayagent.common.maps import open_maps
+from relayagent.common.status import DeliveryFailure, Status
 
-log = Logger(namespace="relayagent.resolve")
+log = Logger(namespace="relayagent.smtp.resolve")
 
 SMTP_PORT = 25
 

@@ -4,10 +4,10 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 
 ``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
 
-- the maillog (``relayagent.logging.MailLog``) on ``maillog_file``;
+- the maillog (``relayagent.common.maillog.MailLog``) on ``maillog_file``;
   without one, relayagent's lines go into twistd's log;
 - the spool (``relayagent.spool.Spool``);
-- the delivery agent (``relayagent.delivery.DeliveryAgent``) over the
+- the delivery agent (``relayagent.qmgr.delivery.DeliveryAgent``) over the
   real resolver (``resolve.NexthopResolver``), connector
   (``connect.Connector``), ESMTP session factory
   (``esmtp.SMTPSessionFactory``), security policy
@@ -29,7 +29,7 @@ trigger socket and the queue manager start in ``startService``, as the
 unprivileged user, so that what they create belongs to that user; under
 a chroot the queue directory is found again through the kept descriptor.
 
-With ``relayagent_workers = N > 1`` (``relayagent/worker.py``) this
+With ``relayagent_workers = N > 1`` (``relayagent/master/worker.py``) this
 process is worker 0: it keeps all of the above, owns the queue files of
 partition 0, and after the privilege drop starts workers 1..N-1
 (``worker.WorkerPool``), passing them the locked ``master.lock`` and
@@ -54,25 +54,21 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
-from relayagent import (
-    control,
-    mime,  # noqa: F401 - imported lazily by esmtp; load it before a chroot
-    worker,
-)
-from relayagent import logging as ralog
-from relayagent.config import Config
-from relayagent.conncache import ConnectionCache
-from relayagent.connect import Connector
-from relayagent.delivery import Attempt, DeliveryAgent, Outcome, Transact
-from relayagent.envelope import Recipient
-from relayagent.esmtp import ServerInfo, SMTPSessionFactory
-from relayagent.resolve import NexthopResolver, make_dns_resolver
-from relayagent.scheduler import Feedback, QueueManager
-from relayagent.security import SecurityPolicy
-from relayagent.spool import Spool
-from relayagent.status import DeliveryFailure, Status
+from relayagent.common import maillog as ralog
+from relayagent.common.config import Config
+from relayagent.common.envelope import Recipient
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.master import worker
+from relayagent.qmgr.delivery import Attempt, DeliveryAgent, Outcome, Transact
+from relayagent.qmgr.scheduler import Feedback, QueueManager
+from relayagent.smtp.conncache import ConnectionCache
+from relayagent.smtp.connect import Connector
+from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
+from relayagent.smtp.security import SecurityPolicy
+from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
+from relayagent.spool import Spool, control
 
-log = Logger(namespace="relayagent.daemon")
+log = Logger(namespace="relayagent.master.service")
 
 # Domains whose destination key is remembered (route); an LRU bound.
 ROUTE_CACHE_SIZE = 10000
@@ -162,7 +158,7 @@ class RelayagentService(MultiService):
                  role: worker.WorkerRole | None = None) -> None:
         super().__init__()
         # role: None in the twistd process (worker 0 of relayagent_workers);
-        # a child worker's otherwise (relayagent.worker).
+        # a child worker's otherwise (relayagent.master.worker).
         self.role = role
         self.workers: int = role.workers if role is not None else config["relayagent_workers"]
         # Each worker's share of the queue manager's limits.
@@ -170,7 +166,7 @@ class RelayagentService(MultiService):
         self.reactor = reactor
         self.queue_directory = config.path_of("queue_directory")
         # maillog_file: relayagent's lines only, in log_format; else they
-        # go into twistd's log (relayagent.logging.MailLog).  Made at
+        # go into twistd's log (relayagent.common.maillog.MailLog).  Made at
         # start: the pid in its lines is the running process's, not that
         # of the twistd process that forked to become a daemon.
         self.log_out = log_out
@@ -194,7 +190,7 @@ class RelayagentService(MultiService):
         self.listening: Any = None
         self._lock_fd: int | None = role.lock_fd if role is not None else None
         self.pool: worker.WorkerPool | None = None
-        # A child's pipe to its parent (relayagent.worker.ParentLink).
+        # A child's pipe to its parent (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
 
     def spool_directory(self) -> str:
@@ -219,7 +215,7 @@ class RelayagentService(MultiService):
         # active/ files and deliver them twice: the second refuses to
         # start.  Locked here, before a chroot or privilege drop, when the
         # spool exists; a new spool is locked in startService.  A child
-        # worker holds its parent's lock (relayagent.worker).
+        # worker holds its parent's lock (relayagent.master.worker).
         if self.role is None and os.path.isdir(self.queue_directory):
             self._lock_fd = control.lock_spool(self.queue_directory)
         super().privilegedStartService()
@@ -397,7 +393,7 @@ def open_log(config: Config) -> LineAppender | None:
 def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
     (module docstring); the rest starts with the service.  ``role``: a
-    child worker's (``relayagent.worker``), which is given the maillog's
+    child worker's (``relayagent.master.worker``), which is given the maillog's
     descriptor instead of opening the file."""
     # Bad scheduler values stop the start, not the first delivery.
     for name in ("smtp_destination_concurrency_positive_feedback",

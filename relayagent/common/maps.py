@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 from zope.interface import Attribute, Interface, implementer
 
-from relayagent.config import ConfigError, split_list
+from relayagent.common.config import ConfigError, split_list
 
 
 class ILookupTable(Interface):

@@ -136,7 +136,7 @@ class Envelope:
     CRLF), so that each delivery attempt streams it afresh.
     ``plain_lines`` says the content was found plain when queued (LF line
     ends only, no line starting with ".", none over 998 octets:
-    ``smtp_body.PlainLineScanner``), so its wire form needs only CRLF.
+    ``spool.plain.PlainLineScanner``), so its wire form needs only CRLF.
     ``body_declared``: whoever queued it gave the body type (BODY=); when
     it was only detected, a 7-bit message goes out with no BODY=, as
     Postfix sends none for an undeclared one.

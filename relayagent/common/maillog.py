@@ -73,11 +73,11 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from relayagent.envelope import Recipient
-from relayagent.status import Status
+from relayagent.common.envelope import Recipient
+from relayagent.common.status import Status
 
 # Where a maillog that cannot be written says so (see _Writer).
-_writer_log = Logger(namespace="relayagent.logging")
+_writer_log = Logger(namespace="relayagent.common.maillog")
 
 # The kinds of event this module makes (the ``ralog_event`` field).
 DELIVERY = "delivery"
@@ -687,7 +687,7 @@ class DebugPeers:
     @staticmethod
     def _default_opener(config: Any) -> Callable[[str], Any]:
         def opener(spec: str) -> Any:
-            from relayagent.maps import open_maps  # only when a table is named
+            from relayagent.common.maps import open_maps  # only when a table is named
 
             return open_maps([spec], base_dir=getattr(config, "base_dir", None))
 

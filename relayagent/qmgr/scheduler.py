@@ -53,7 +53,7 @@ for a reason not its own (permissions, descriptors, I/O) is deferred to
 at every start.  The queue manager's lines are logged as
 ``<syslog_name>/qmgr``.
 
-Several worker processes (``relayagent_workers``, ``relayagent/worker.py``)
+Several worker processes (``relayagent_workers``, ``relayagent/master/worker.py``)
 share one spool by partition: ``owns(queue_id) -> bool`` limits this
 queue manager to its own queue files (in ``incoming/``, ``deferred/``,
 and what it recovers from ``active/``); None, the default, takes every
@@ -63,7 +63,7 @@ first process can pass them on to the others.
 
 The delivery agent is anything with ``deliver(request) ->
 Deferred[RequestResult]``, ``defer_unsent(request, status)`` and
-``finish(message)`` (``relayagent.delivery.DeliveryAgent``; tests use
+``finish(message)`` (``relayagent.qmgr.delivery.DeliveryAgent``; tests use
 fakes).  All timing is on the injected clock.
 
 Owns: queue_run_delay, minimal_backoff_time, maximal_backoff_time,
@@ -91,8 +91,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayagent import logging as ralog
-from relayagent.envelope import Envelope, Recipient
+from relayagent.common import maillog as ralog
+from relayagent.common.envelope import Envelope, Recipient
+from relayagent.common.status import DeliveryFailure, Status
 from relayagent.spool import (
     ACTIVE,
     DEFERRED,
@@ -101,7 +102,6 @@ from relayagent.spool import (
     QueueFile,
     Spool,
 )
-from relayagent.status import DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.qmgr")
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relayagent.status import Status
+from relayagent.common.status import Status
 
 # RFC 5321 4.5.3.1.5 allows 512 octets per reply line; servers send longer
 # ones in practice.  The session cuts a longer line to this and skips the

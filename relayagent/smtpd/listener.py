@@ -4,7 +4,7 @@ The built-in SMTP listener: twisted.mail's ESMTP server feeding the spool.
 ``smtpd_endpoints`` (ours: Twisted server endpoint strings such as
 ``tcp:10025:interface=127.0.0.1``; empty, the default, means no listener)
 makes ``twistd -n relayagent`` accept mail for relaying.  The server is
-``twisted.mail.smtp.ESMTP`` with the glue of ``relayagent.twistedmail``
+``twisted.mail.smtp.ESMTP`` with the glue of ``relayagent.smtpd.twistedmail``
 behind it, and a subclass (``RelayagentESMTP``) that adds what the stock
 server lacks:
 
@@ -56,14 +56,14 @@ from twisted.logger import Logger
 from twisted.mail import protocols, smtp
 from twisted.python.compat import networkString
 
-from relayagent.envelope import BodyType
-from relayagent.twistedmail import (
+from relayagent.common.envelope import BodyType
+from relayagent.smtpd.intake import (
     QUEUE_WRITE_ERROR,
     Intake,
     RelayDeliveryFactory,
 )
 
-log = Logger(namespace="relayagent.smtpd")
+log = Logger(namespace="relayagent.smtpd.listener")
 
 # The longest line we take: RFC 5321 allows 1000 octets; this is generous
 # for broken clients and still bounds the memory one connection can hold.
@@ -99,7 +99,7 @@ class RelayagentESMTP(smtp.ESMTP):
     noisy = False
     MAX_LENGTH = MAX_LINE_LENGTH
 
-    # Read by relayagent.twistedmail: how the client greeted (for the
+    # Read by relayagent.smtpd.twistedmail: how the client greeted (for the
     # Received header's "with") and what BODY= its MAIL declared.
     relayagent_esmtp = False
     relayagent_body_type: BodyType | None = None

@@ -338,7 +338,7 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     )
     print(f"{len(result.imported)} imported, {len(result.refused)} refused", file=stdout)
     if result.imported:
-        from relayagent import control
+        from relayagent.spool import control
 
         control.trigger(spool.directory)
     return result.exit_code

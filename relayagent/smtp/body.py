@@ -25,8 +25,8 @@ line); a per-line Python loop runs only for chunks that hold an
 over-long line.  State carried across chunks: a trailing CR,
 whether the next octet starts a line, and the current line's length.
 
-Most mail needs none of that but the CRLF: ``PlainLineScanner`` tells,
-once, when a message is queued, whether its content is *plain*: LF line
+Most mail needs none of that but the CRLF: ``spool.plain.PlainLineScanner``
+tells, once, when a message is queued, whether its content is *plain*: LF line
 ends only (no CR anywhere), no line that starts with ".", no line longer
 than ``PLAIN_LINE_LIMIT`` octets.  The queue file keeps the answer, and
 for plain content ``BodyEncoder(plain=True)`` only turns LF into CRLF:
@@ -38,66 +38,7 @@ Owns (its value is passed in): smtp_line_length_limit.
 
 from __future__ import annotations
 
-# RFC 5321 4.5.3.1.6: 1000 octets with the CRLF.  Plain content has no
-# longer line, so it needs no breaking under any smtp_line_length_limit of
-# at least this (the default) or 0.
-PLAIN_LINE_LIMIT = 998
-
-
-class PlainLineScanner:
-    """Whether content fed in chunks of any size is *plain*: no CR, no line
-    that starts with ".", no line over ``PLAIN_LINE_LIMIT`` octets (the LF
-    not counted).  Used when a message is queued; the answer is kept in
-    the queue file.  Once an exception is seen, the rest is not looked at."""
-
-    def __init__(self) -> None:
-        self.plain = True
-        self._at_line_start = True
-        self._column = 0
-
-    def feed(self, chunk: bytes) -> None:
-        if not self.plain or not chunk:
-            return
-        if (
-            b"\r" in chunk
-            or b"\n." in chunk
-            or (self._at_line_start and chunk[:1] == b".")
-            or _has_line_over(chunk, PLAIN_LINE_LIMIT, self._column)
-        ):
-            self.plain = False
-            return
-        last_newline = chunk.rfind(b"\n")
-        if last_newline < 0:
-            self._column += len(chunk)
-        else:
-            self._column = len(chunk) - last_newline - 1
-        self._at_line_start = last_newline == len(chunk) - 1
-
-
-def is_plain(content: bytes) -> bool:
-    """``PlainLineScanner`` over a whole content at once."""
-    scanner = PlainLineScanner()
-    scanner.feed(content)
-    return scanner.plain
-
-
-def _has_line_over(data: bytes, limit: int, column: int) -> bool:
-    """Whether a line of ``data`` (the first one continuing a line already
-    ``column`` octets long) passes ``limit`` octets.  Jumps from line end to
-    line end a window of ``limit + 1`` octets at a time with ``rfind``:
-    tens of C calls per 64 KB instead of a list of every line."""
-    size = len(data)
-    position = 0
-    allowed = limit - column
-    while True:
-        end = position + allowed + 1
-        if end > size:
-            return False  # what is left fits
-        newline = data.rfind(b"\n", position, end)
-        if newline < 0:
-            return True
-        position = newline + 1
-        allowed = limit
+from relayagent.spool.plain import PLAIN_LINE_LIMIT, has_line_over
 
 
 class BodyEncoder:
@@ -174,7 +115,7 @@ class BodyEncoder:
     def _has_long_line(self, data: bytes) -> bool:
         """Whether a line of ``data`` (the first one continuing the
         current line) passes the limit."""
-        return _has_line_over(data, self._limit, self._column)
+        return has_line_over(data, self._limit, self._column)
 
     def _break_long_lines(self, lines: list[bytes]) -> bytes:
         """Join ``lines`` with LF, breaking each over-long one with LF SPACE.

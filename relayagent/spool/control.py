@@ -36,7 +36,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-log = Logger(namespace="relayagent.control")
+log = Logger(namespace="relayagent.spool.control")
 
 SOCKET_NAME = "qmgr"
 PUBLIC = "public"

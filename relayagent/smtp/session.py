@@ -18,8 +18,8 @@ with:
   parameters on MAIL and RCPT; the 5.3.4 size refusal; the 5.6.7 SMTPUTF8
   refusal;
 - the body streamed from the queue file by a push producer that honours
-  the transport's back-pressure, through ``relayagent.mime``'s 8bit-to-7bit
-  converter when the server lacks 8BITMIME, and ``smtp_body.BodyEncoder``
+  the transport's back-pressure, through ``relayagent.smtp.mime``'s 8bit-to-7bit
+  converter when the server lacks 8BITMIME, and ``smtp.body.BodyEncoder``
   (CRLF, dot-stuffing across chunk boundaries, long lines);
 - bounded reply parsing (``smtp_reply``): a malformed or oversized reply is
   a protocol error with the transcript kept, never a traceback;
@@ -55,11 +55,13 @@ from twisted.mail.smtp import ESMTPClient
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayagent import mime
-from relayagent.envelope import BodyType, Envelope, Recipient, address_problem
-from relayagent.logging import DebugPeers
-from relayagent.smtp_body import BodyEncoder
-from relayagent.smtp_reply import (
+from relayagent.common.envelope import BodyType, Envelope, Recipient, address_problem
+from relayagent.common.maillog import DebugPeers
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.common.transcript import Transcript
+from relayagent.smtp import mime
+from relayagent.smtp.body import BodyEncoder
+from relayagent.smtp.reply import (
     MAX_LINE_OCTETS,
     Reply,
     ReplyAssembler,
@@ -67,8 +69,6 @@ from relayagent.smtp_reply import (
     sent_status,
 )
 from relayagent.spool.queuefile import CorruptQueueFile
-from relayagent.status import DeliveryFailure, Status
-from relayagent.transcript import Transcript
 
 log = Logger()
 

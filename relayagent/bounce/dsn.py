@@ -55,8 +55,8 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any, Literal
 
-from relayagent.envelope import BodyType, Envelope, Notify, Recipient, Ret
-from relayagent.status import Status
+from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
+from relayagent.common.status import Status
 
 Kind = Literal["failure", "delay", "success"]
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]

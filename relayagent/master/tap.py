@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from relayagent import __version__
-from relayagent.config import Config, ConfigError
+from relayagent.common.config import Config, ConfigError
 
 DEFAULT_CONFIG = "/etc/relayagent/main.cf"
 
@@ -55,7 +55,7 @@ class Options(usage.Options):
             self["configuration"] = Config.load(path)
         except ConfigError as exc:
             raise usage.UsageError(str(exc)) from None
-        from relayagent import control
+        from relayagent.spool import control
 
         queue_directory = self["configuration"].path_of("queue_directory")
         if control.spool_locked(queue_directory):
@@ -73,7 +73,7 @@ class SpoolStateService(Service):
         self.config = config
         self.spool = None
         # Where the queue directory is at start time (after a chroot:
-        # relayagent.daemon finds it again); default: from the config.
+        # relayagent.master.service finds it again); default: from the config.
         self.directory = directory or (lambda: config.path_of("queue_directory"))
 
     def startService(self) -> None:
@@ -101,10 +101,10 @@ class SpoolStateService(Service):
 def makeService(options: Options) -> IServiceCollection:
     from twisted.internet import reactor
 
-    from relayagent.daemon import build_service
+    from relayagent.master.service import build_service
 
     config: Config = options["configuration"]
-    from relayagent.worker import WorkerError, refuse_chroot
+    from relayagent.master.worker import WorkerError, refuse_chroot
 
     try:
         # twistd's own options (--chroot) are the parent of ours.
@@ -112,14 +112,14 @@ def makeService(options: Options) -> IServiceCollection:
     except WorkerError as exc:
         raise SystemExit(f"relayagent: fatal: {exc}") from None
     top = MultiService()
-    # Built now, before twistd's --chroot and --uid/--gid: see relayagent.daemon.
+    # Built now, before twistd's --chroot and --uid/--gid: see relayagent.master.service.
     try:
         relayagent_service = build_service(config, reactor)
     except (ConfigError, ValueError) as exc:  # SecurityConfigError is a ValueError
         raise SystemExit(f"relayagent: fatal: {exc}") from None
     SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
     relayagent_service.setServiceParent(top)
-    from relayagent.smtpd import daemon_listener_services  # smtpd_endpoints
+    from relayagent.smtpd.listener import daemon_listener_services  # smtpd_endpoints
 
     for listener in daemon_listener_services(config, relayagent_service, reactor):
         listener.setServiceParent(top)

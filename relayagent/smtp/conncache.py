@@ -34,7 +34,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-log = Logger(namespace="relayagent.conncache")
+log = Logger(namespace="relayagent.smtp.conncache")
 
 
 @dataclass(eq=False)

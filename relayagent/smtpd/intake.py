@@ -1,31 +1,16 @@
 """
-The glue that makes relayagent the outbound transport of a twisted.mail server.
+Receiving mail into the spool, for every SMTP server in relayagent (the
+listener and twisted.mail's servers): what Postfix's smtpd(8) checks and
+cleanup(8) writes.
 
-twisted.mail's own relay path does not work on Python 3 (every relayed
-RCPT fails with a TypeError in ``relay.DomainQueuer.exists``), queues one
-copy per recipient and unpickles its queue.  This module replaces it with
-relayagent's spool, through the doors twisted.mail leaves open:
-
-- ``RelayDomain``: an ``IDomain`` for ``MailService.domains`` (the default
-  domain: every domain that is not local), whose ``exists(user)`` decides
-  whether we relay for the client and hands back a message receiver.
-- ``RelayDelivery`` / ``RelayDeliveryFactory``: an ``IMessageDelivery`` and
-  an ``IMessageDeliveryFactory`` for servers built directly on
-  ``twisted.mail.smtp.ESMTPFactory`` (the built-in listener is one).
-- ``install_relayagent(mail_service, config)``: both of the above wired
-  into a ``twisted.mail.mail.MailService``, working around
-  ``DomainDeliveryBase.validateTo``, which hard-codes the broken
-  ``relay.DomainQueuer`` for authenticated clients whenever
-  ``service.queue`` is set.
-
-Whatever the door, one SMTP transaction (MAIL, its RCPTs, DATA) becomes
-one queue file holding every relayed recipient: Twisted's server asks for
-one message receiver per recipient and feeds each the same lines, so the
-receivers of one transaction share a ``_Transaction`` that writes the
-content once, to a temporary file (memory does not grow with the
-message), and enqueues it once at the final ".".  The client gets 250
-only after the queue file is durable (the spool fsyncs before it
-returns), and 451 4.3.0 when the spool cannot take the message.
+One SMTP transaction (MAIL, its RCPTs, DATA) becomes one queue file
+holding every relayed recipient: Twisted's server asks for one message
+receiver per recipient and feeds each the same lines, so the receivers of
+one transaction share a ``_Transaction`` that writes the content once, to
+a temporary file (memory does not grow with the message), and enqueues it
+once at the final ".".  The client gets 250 only after the queue file is
+durable (the spool fsyncs before it returns), and 451 4.3.0 when the spool
+cannot take the message.
 
 A full disk is an ordinary condition, answered as Postfix answers it:
 MAIL FROM gets "452 4.3.1 Insufficient system storage" while the queue
@@ -41,6 +26,16 @@ socket, or its address is in ``mynetworks``: the rule of twisted.mail's
 hard-coded 127.0.0.1.  Anyone else gets "554 5.7.1 <rcpt>: Relay access
 denied", as from Postfix's smtpd.
 
+SYNOPSIS
+
+    intake = Intake.from_config(config, spool, trigger)
+    RelayDomain(intake)            # an IDomain for MailService.domains
+    RelayDeliveryFactory(intake)   # an IMessageDeliveryFactory for ESMTP servers
+
+DIAGNOSTICS: refusals are ``smtp.SMTPBadSender`` / ``SMTPBadRcpt`` /
+``SMTPServerError`` with Postfix's replies (the constants below); a spool
+that fails to take a message is 451 4.3.0 and one warning line.
+
 Owns: mynetworks, message_size_limit, hopcount_limit.  Reads myhostname,
 queue_directory and queue_minfree (``relayagent.spool.space`` owns it).
 """
@@ -48,9 +43,7 @@ queue_directory and queue_minfree (``relayagent.spool.space`` owns it).
 from __future__ import annotations
 
 import email.utils
-import functools
 import ipaddress
-import mailbox
 import os
 import re
 import tempfile
@@ -60,20 +53,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
-from twisted.mail import protocols, smtp
+from twisted.mail import smtp
 from twisted.mail.interfaces import IDomain, IMessageSMTP
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayagent import logging as ralog
-from relayagent.envelope import BodyType
+from relayagent.common import maillog as ralog
+from relayagent.common.envelope import BodyType
 from relayagent.spool import space
 
-log = Logger(namespace="relayagent.twistedmail")
+log = Logger(namespace="relayagent.smtpd.twistedmail")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -745,193 +737,3 @@ class RelayDeliveryFactory:
         return RelayDelivery(self.intake)
 
 
-class RelayagentDomainDelivery(protocols.ESMTPDomainDelivery):
-    """twisted.mail's delivery with relaying fixed: local domains as
-    before, every other domain through relayagent, authenticated or not,
-    whatever ``service.queue`` holds."""
-
-    def __init__(self, service: Any, user: Any, relay_domain: RelayDomain,
-                 host: bytes = smtp.DNSNAME) -> None:
-        super().__init__(service, user, host)
-        self.relay_domain = relay_domain
-
-    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
-        check_sender(origin)
-        # Local domains too: the queue file system is the server's, and
-        # Postfix refuses every MAIL FROM when it is short.
-        self.relay_domain.intake.check_queue_space()
-        return super().validateFrom(helo, origin)
-
-    def validateTo(self, user: smtp.User) -> defer.Deferred[Any]:
-        try:
-            check_recipient(user)
-        except smtp.SMTPServerError:
-            return defer.fail()
-        local = _local_domain(self.service.domains.domains, user.dest.domain)
-        if local is not None and local is not self.relay_domain:
-            return defer.maybeDeferred(local.exists, user)
-        return defer.maybeDeferred(
-            self.relay_domain.exists, user, authenticated=bool(self.user)
-        )
-
-    def receivedHeader(self, helo: Any, origin: smtp.Address, recipients: list[Any]) -> bytes | None:
-        if all(user in self.relay_domain.intake.relayed_users for user in recipients):
-            return None  # relayed: the transaction writes its own header
-        return super().receivedHeader(helo, origin, recipients)
-
-
-@implementer(IDomain)
-class MaildirDomain:
-    """A minimal local domain for a twisted.mail server: each user's mail
-    goes to the maildir ``ROOT/USER`` (standard library ``mailbox``).
-
-    twisted.mail's ``MaildirDirdbmDomain`` cannot take mail over SMTP on
-    Python 3 (``startMessage`` joins a bytes user directory with str
-    names: TypeError), so the recipe uses this instead.
-    """
-
-    def __init__(self, root: str, users: Iterable[str] = ()) -> None:
-        self.root = root
-        self.users = {user.lower() for user in users}
-        os.makedirs(root, exist_ok=True)
-
-    def exists(self, user: smtp.User) -> Callable[[], Any]:
-        local = user.dest.local.decode("ascii", "replace").lower()
-        if local not in self.users:
-            raise smtp.SMTPBadRcpt(user, 550, f"5.1.1 <{user.dest}>: Recipient address rejected: "
-                                   "User unknown")
-        path = os.path.join(self.root, local)
-        return lambda: _MaildirReceiver(path)
-
-    def willRelay(self, address: smtp.Address, protocol: object) -> bool:
-        return False
-
-    def addUser(self, user: str, password: bytes | None = None) -> None:
-        self.users.add(user.lower())
-
-    def getCredentialsCheckers(self) -> list[Any]:
-        return []
-
-
-@implementer(IMessageSMTP)
-class _MaildirReceiver:
-    def __init__(self, path: str) -> None:
-        self.maildir = mailbox.Maildir(path, create=True)
-        self.file: IO[bytes] | None = tempfile.TemporaryFile(dir=path)
-
-    def lineReceived(self, line: bytes) -> None:
-        assert self.file is not None
-        self.file.write(line + b"\n")
-
-    def eomReceived(self) -> defer.Deferred[str]:
-        assert self.file is not None
-        self.file.seek(0)
-        try:
-            key = self.maildir.add(self.file)
-        finally:
-            self.file.close()
-            self.file = None
-        return defer.succeed(key)
-
-    def connectionLost(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-def _local_domain(domains: dict[bytes, Any], name: bytes) -> Any:
-    """The local domain named ``name``, whatever its case (domain names
-    are case-insensitive; Twisted's lookup is not)."""
-    found = domains.get(name)
-    if found is None:
-        folded = name.lower().rstrip(b".")
-        for key, domain in domains.items():
-            if isinstance(key, bytes) and key.lower() == folded:
-                return domain
-    return found
-
-
-@implementer(IRealm)
-class _RelayagentRealm:
-    """The SMTP realm of a MailService, giving our delivery."""
-
-    def __init__(self, service: Any, relay_domain: RelayDomain, hostname: bytes) -> None:
-        self.service = service
-        self.relay_domain = relay_domain
-        self.hostname = hostname
-
-    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
-        if smtp.IMessageDelivery in interfaces:
-            delivery = RelayagentDomainDelivery(
-                self.service, avatarId, self.relay_domain, self.hostname
-            )
-            return smtp.IMessageDelivery, delivery, lambda: None
-        raise NotImplementedError()
-
-
-class RelayTransport:
-    """What ``install_relayagent`` returns: the installed pieces, and a
-    factory for an ESMTP server that does SIZE, 8BITMIME, safe PIPELINING
-    and answers 451 when the spool fails."""
-
-    def __init__(self, mail_service: Any, intake: Intake, domain: RelayDomain, config: Any) -> None:
-        self.mail_service = mail_service
-        self.intake = intake
-        self.domain = domain
-        self.config = config
-
-    def esmtp_factory(self) -> protocols.ESMTPFactory:
-        """Like ``mail_service.getESMTPFactory()``, with relayagent's server
-        protocol (``relayagent.smtpd.RelayagentESMTP``: SIZE, 8BITMIME,
-        safe PIPELINING).  Twisted's stock ESMTP answers 550 to any failed
-        enqueue; ours answers 451."""
-        from relayagent.smtpd import MailServiceESMTPFactory
-
-        return MailServiceESMTPFactory(
-            self.mail_service, self.mail_service.smtpPortal, self.config
-        )
-
-
-def install_relayagent(
-    mail_service: Any,
-    config: Any,
-    spool: Any = None,
-    trigger: Callable[[], object] | None = None,
-    *,
-    clock: Callable[[], float] = time.time,
-) -> RelayTransport:
-    """Make relayagent the outbound transport of a twisted.mail MailService.
-
-    - every domain not added with ``mail_service.addDomain`` (the default
-      domain) is relayed through relayagent's spool, for the clients
-      ``mynetworks`` and authentication allow;
-    - the SMTP portal's realm hands out ``RelayagentDomainDelivery``, so
-      authenticated clients relay too (Twisted's own delivery would pick
-      the broken ``relay.DomainQueuer`` whenever ``service.queue`` is set);
-    - ``spool`` defaults to ``Spool(queue_directory)``; ``trigger`` wakes
-      the queue manager after each message (default: a ``Wakeup`` on the
-      relayagent daemon's trigger socket, ``relayagent.control.trigger``,
-      which returns at once when no daemon listens; the queue manager also
-      polls ``incoming/``).
-
-    Call it before ``getESMTPFactory()`` (or use the returned object's
-    ``esmtp_factory()``).
-    """
-    if spool is None:
-        from relayagent.spool import Spool
-
-        spool = Spool(config.path_of("queue_directory"))
-        spool.ensure_layout()
-    if trigger is None:
-        from relayagent import control
-
-        trigger = functools.partial(control.trigger, config.path_of("queue_directory"))
-    if getattr(mail_service, "queue", None) is not None:
-        log.warn("the MailService's twisted.mail relay queue is ignored: relayagent relays instead")
-    intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
-    domain = RelayDomain(intake)
-    mail_service.domains.setDefaultDomain(domain)
-    mail_service.smtpPortal.realm = _RelayagentRealm(
-        mail_service, domain, intake.hostname.encode("idna")
-    )
-    return RelayTransport(mail_service, intake, domain, config)

@@ -16,9 +16,9 @@ queue manager and delivery agent, each on its own core:
 - **Processes.**  The twistd process is worker 0: it keeps the maillog,
   the trigger socket, the listener (``smtpd_endpoints``) and the spool
   lock (``control.lock_spool``).  After the privilege drop it starts
-  workers 1..N-1 (``WorkerPool``) as ``python -m relayagent.worker -c
+  workers 1..N-1 (``WorkerPool``) as ``python -m relayagent.master.child -c
   MAIN.CF --index k --workers N --lock-fd F [--log-fd L]``; each builds
-  the same delivery stack (``daemon.build_service`` with a
+  the same delivery stack (``service.build_service`` with a
   ``WorkerRole``) without trigger socket or listener.
 - **Lock.**  The parent's locked descriptor of ``master.lock`` is passed
   to each child at the same number: an ``flock`` belongs to the open
@@ -41,7 +41,7 @@ queue manager and delivery agent, each on its own core:
 - **Logs.**  A child writes its mail log lines to the parent's
   ``maillog_file`` descriptor (opened before the privilege drop), in
   whole lines, one ``write`` per flush on an ``O_APPEND`` descriptor
-  (``daemon.LineAppender``): lines of two processes never mix.  Each
+  (``service.LineAppender``): lines of two processes never mix.  Each
   process names its own pid (``relayagent/smtp[pid]``).
 - **Limits.**  Each worker gets ceil(limit / N), at least 1, of the
   queue manager's limits (``split_limits``), so the whole daemon keeps
@@ -61,13 +61,12 @@ Owns: relayagent_workers.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,11 +77,11 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
-from relayagent import logging as ralog
-from relayagent.config import Config, ConfigError
+from relayagent.common import maillog as ralog
+from relayagent.common.config import Config
 from relayagent.spool.queueid import partition_of
 
-log = Logger(namespace="relayagent.worker")
+log = Logger(namespace="relayagent.master.worker")
 
 # Seconds before a child that exited is started again (master(8)'s
 # throttle is 60s for a failing service; a worker is the queue itself).
@@ -104,7 +103,7 @@ SPLIT_LIMITS = (
     "smtp_initial_destination_concurrency",
 )
 # Where the relayagent package is: the children find it on PYTHONPATH.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EX_USAGE = 64
 EX_SOFTWARE = 70
 EX_CONFIG = 78
@@ -169,7 +168,7 @@ def check_lock(lock_fd: int, queue_directory: str) -> None:
     exclusively locked through it (the parent's open file description:
     locking again through it succeeds at once; a descriptor of another
     file, or a spool that another daemon holds, is refused)."""
-    from relayagent import control
+    from relayagent.spool import control
 
     path = os.path.join(queue_directory, control.LOCK_NAME)
     try:
@@ -295,74 +294,6 @@ class WorkerRuntime:
             self.stop_service()
 
 
-def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m relayagent.worker",
-        description="One worker of a relayagent daemon (started by it; not for use by hand).",
-    )
-    parser.add_argument("-c", "--config", required=True, help="the main.cf file")
-    parser.add_argument("--index", type=int, required=True, help="this worker's number, 1..N-1")
-    parser.add_argument("--workers", type=int, required=True, help="N, the number of workers")
-    parser.add_argument("--lock-fd", type=int, required=True,
-                        help="the parent's locked descriptor of master.lock")
-    parser.add_argument("--log-fd", type=int, default=None, help="the maillog_file descriptor")
-    args = parser.parse_args(list(argv))
-    if not 1 <= args.index < args.workers:
-        parser.error(f"--index must be between 1 and {args.workers - 1}")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """A child worker: runs until its parent goes away; returns the exit
-    status (0, or a sysexits code with one line on standard error)."""
-    args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    try:
-        config = Config.load(args.config)
-    except ConfigError as exc:
-        print(f"relayagent: fatal: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    try:
-        check_lock(args.lock_fd, config.path_of("queue_directory"))
-    except WorkerError as exc:
-        print(f"relayagent: fatal: worker {args.index}: {exc}", file=sys.stderr)
-        return EX_USAGE
-
-    from twisted.internet import reactor
-    from twisted.internet.stdio import StandardIO
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from relayagent.daemon import build_service
-
-    # Twisted's and relayagent's other events go to standard error, which
-    # is the parent's (its terminal, or its log with twistd --logfile
-    # when one is given as stderr); the mail lines to maillog_file.
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    role = WorkerRole(args.index, args.workers, args.lock_fd, args.log_fd)
-    try:
-        service = build_service(config, reactor, role=role)
-    except (ConfigError, ValueError) as exc:
-        print(f"relayagent: fatal: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    runtime = WorkerRuntime(service, reactor)
-    link = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
-    service.parent_link = link
-    StandardIO(link, reactor=reactor)
-    reactor.addSystemEventTrigger("before", "shutdown", runtime.stop_service)
-    status = [0]
-
-    def start() -> None:
-        try:
-            service.startService()
-        except Exception:  # noqa: BLE001 - one logged failure, then exit for the parent to see
-            log.failure("worker {index} could not start", index=args.index)
-            status[0] = EX_SOFTWARE
-            reactor.stop()
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    return status[0]
-
-
 # ---------------------------------------------------------------------------
 # The parent's side
 
@@ -440,7 +371,7 @@ class WorkerPool:
         self._restarts: dict[int, Any] = {}
 
     def command_line(self, index: int) -> list[str]:
-        args = [self.executable, "-m", "relayagent.worker", "-c", self.config_path,
+        args = [self.executable, "-m", "relayagent.master.child", "-c", self.config_path,
                 "--index", str(index), "--workers", str(self.workers),
                 "--lock-fd", str(self.lock_fd)]
         if self.log_fd is not None:
@@ -499,7 +430,7 @@ class WorkerPool:
         if not self.running:
             return
         ralog.log_warning(
-            log, f"process {self.executable} -m relayagent.worker pid {child.pid} {_exit_text(reason)}",
+            log, f"process {self.executable} -m relayagent.master.worker pid {child.pid} {_exit_text(reason)}",
             service="master",
         )
         ralog.log_warning(log, f"worker {child.index}: starting it again in {self.restart_delay:g}s", service="master")
@@ -557,11 +488,3 @@ def _exit_text(reason: Failure) -> str:
     if isinstance(value, (ProcessDone, ProcessTerminated)):
         return f"exit status {value.exitCode}"
     return f"ended: {value}"
-
-
-if __name__ == "__main__":
-    # Run the module's importable copy, not this __main__ one: the daemon
-    # code it builds imports relayagent.worker by name.
-    from relayagent.worker import main as _main
-
-    sys.exit(_main())

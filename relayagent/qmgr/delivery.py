@@ -4,7 +4,7 @@ of the message (Postfix: smtp.c's deliver_message, smtp_rcpt.c, the
 deliver_completed/bounce_append/defer_append calls of smtp_trouble.c, and
 qmgr_active.c's end of a message: remove, defer, expire).
 
-A request (``relayagent.scheduler.DeliveryRequest``: recipients of one
+A request (``relayagent.qmgr.scheduler.DeliveryRequest``: recipients of one
 message for one destination) goes nexthop -> addresses -> session ->
 ESMTP transaction(s), through ``connect.Connector.deliver`` (next-MX
 rules) or a cached session (``conncache``, probed with RSET).  Each
@@ -14,7 +14,7 @@ recipient's outcome is acted on as soon as it is known:
 - bounced: written to the message's bounce log, marked done, logged
   (``status=bounced``); the DSN for all of a message's bounced
   recipients is sent when the message's attempt ends (``finish``), built
-  by ``relayagent.dsn`` from the bounce log, queued with the null sender;
+  by ``relayagent.bounce.dsn`` from the bounce log, queued with the null sender;
 - deferred: written to the defer log with the reason, logged
   (``status=deferred``).  ``soft_bounce = yes`` turns bounces into
   deferrals.
@@ -74,11 +74,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from relayagent import dsn
-from relayagent import logging as ralog
-from relayagent.conncache import CachedSession, ConnectionCache, address_key
-from relayagent.envelope import Envelope, Recipient
-from relayagent.scheduler import ActiveMessage, DeliveryRequest, RequestResult, backoff_time
+from relayagent.bounce import dsn
+from relayagent.common import maillog as ralog
+from relayagent.common.envelope import Envelope, Recipient
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest, RequestResult, backoff_time
+from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
 from relayagent.spool import (
     ACTIVE,
     BOUNCE_LOG,
@@ -90,9 +91,8 @@ from relayagent.spool import (
     Spool,
 )
 from relayagent.spool.remover import BackgroundRemover
-from relayagent.status import DeliveryFailure, Status
 
-log = Logger(namespace="relayagent.delivery")
+log = Logger(namespace="relayagent.qmgr.delivery")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ Credentials never reach a log, a transcript, an exception text or a repr:
 every AUTH line goes through ``session.command(..., redact=True)`` and
 ``Credentials`` hides its password.
 
-Owns: smtp_sasl_auth_enable (read by relayagent.security),
+Owns: smtp_sasl_auth_enable (read by relayagent.smtp.security),
 smtp_sasl_password_maps, smtp_sasl_mechanism_filter,
 smtp_sasl_security_options, smtp_sasl_tls_security_options,
 smtp_sasl_auth_soft_bounce.
@@ -53,9 +53,9 @@ from typing import Any, ClassVar, Protocol
 
 from twisted.logger import Logger
 
-from relayagent.status import DeliveryFailure, Status
+from relayagent.common.status import DeliveryFailure, Status
 
-log = Logger(namespace="relayagent.sasl")
+log = Logger(namespace="relayagent.smtp.sasl")
 
 # Status.stage of AUTH failures, and the text that completes the session's
 # "lost connection with host[addr] while ..." during the exchange.
@@ -107,7 +107,7 @@ class PasswordLookup:
     """
 
     def __init__(self, table: Any, *, spec: str = "smtp_sasl_password_maps") -> None:
-        # ``table`` is an ILookupTable (a relayagent.maps.MapList usually).
+        # ``table`` is an ILookupTable (a relayagent.common.maps.MapList usually).
         self._table = table
         self._spec = spec
 
@@ -604,7 +604,7 @@ def choose_mechanism(
 
 
 class ReplyLike(Protocol):
-    """relayagent.smtp_reply.Reply: ``lines`` keep their reply codes."""
+    """relayagent.smtp.reply.Reply: ``lines`` keep their reply codes."""
 
     code: int
     enhanced: str | None
@@ -613,7 +613,7 @@ class ReplyLike(Protocol):
 
 
 class SessionLike(Protocol):
-    """What the AUTH exchange needs of relayagent.esmtp's session."""
+    """What the AUTH exchange needs of relayagent.smtp.session's session."""
 
     auth_mechanisms: frozenset[str]
     server: Any
@@ -631,7 +631,7 @@ def _one_line(text: str) -> str:
 
 def _reply_summary(reply: ReplyLike) -> str:
     """``535 5.7.8 text`` on one line, for a status text (the reply's
-    lines hold their codes, as relayagent.smtp_reply gives them)."""
+    lines hold their codes, as relayagent.smtp.reply gives them)."""
     return _one_line(reply.text)
 
 

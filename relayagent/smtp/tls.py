@@ -66,9 +66,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayagent.status import RETRY_PLAINTEXT, DeliveryFailure, Status
+from relayagent.common.status import RETRY_PLAINTEXT, DeliveryFailure, Status
 
-log = Logger(namespace="relayagent.tls")
+log = Logger(namespace="relayagent.smtp.tls")
 
 STARTTLS_STAGE = "STARTTLS"
 STARTTLS_WHILE = "sending the STARTTLS command"
@@ -596,7 +596,7 @@ def _peer_port(server: Any) -> str:
 
 
 def _reply_summary(reply: Any) -> str:
-    """The reply on one line, codes included (relayagent.smtp_reply.Reply)."""
+    """The reply on one line, codes included (relayagent.smtp.reply.Reply)."""
     return " ".join(reply.text.split())
 
 

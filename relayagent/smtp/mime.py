@@ -83,7 +83,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from relayagent.envelope import BodyType
+from relayagent.common.envelope import BodyType
 
 __all__ = [
     "MimeError",

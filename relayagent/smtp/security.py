@@ -5,7 +5,7 @@ the TLS and SASL steps of smtp_helo() in smtp_proto.c).
 ``SecurityPolicy(config)`` reads the TLS and SASL parameters
 once (lookup tables, OpenSSL contexts, the password-file permission check);
 ``policy.for_nexthop(nexthop)`` gives the ``SessionSecurity`` that
-``relayagent.esmtp.SMTPSessionFactory(..., security=...)`` calls after EHLO:
+``relayagent.smtp.session.SMTPSessionFactory(..., security=...)`` calls after EHLO:
 
     security = policy.for_nexthop("[smtp.example.com]:587")
     factory = SMTPSessionFactory(config, clock, server, security=security)
@@ -25,8 +25,8 @@ A plaintext mechanism (PLAIN, LOGIN) is never used on a connection without
 TLS unless smtp_sasl_security_options allows it; over TLS
 smtp_sasl_tls_security_options decides.
 
-Owns no parameters of its own: it combines relayagent.tls and
-relayagent.sasl (smtp_sasl_auth_enable is read here).
+Owns no parameters of its own: it combines relayagent.smtp.tls and
+relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from relayagent.maps import open_maps
-from relayagent.sasl import (
+from relayagent.common.maps import open_maps
+from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.sasl import (
     MechanismFilter,
     PasswordLookup,
     SASLClient,
@@ -45,8 +46,7 @@ from relayagent.sasl import (
     SecurityOptions,
     warn_if_world_readable,
 )
-from relayagent.status import DeliveryFailure, Status
-from relayagent.tls import (
+from relayagent.smtp.tls import (
     PolicyLookup,
     TLSConfigError,
     TLSLevel,
@@ -57,7 +57,7 @@ from relayagent.tls import (
     negotiate_tls,
 )
 
-log = Logger(namespace="relayagent.security")
+log = Logger(namespace="relayagent.smtp.security")
 
 
 class SecurityConfigError(ValueError):

@@ -111,7 +111,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("message_size_limit", "10240000", N, "The largest message accepted, in bytes (0: no limit).", minimum=0),
     _p("hopcount_limit", "50", N, "The largest number of Received: headers before mail is bounced as looping.", minimum=1),
     _p("queue_minfree", "0", N, "The least free space, in bytes, the queue file system must have for new mail to be taken (every intake refuses below it, and below 1.5*$message_size_limit, as Postfix's SMTP server does).", minimum=0),
-    # --- scheduler (relayagent/scheduler.py)
+    # --- scheduler (relayagent/qmgr/scheduler.py)
     _p("queue_run_delay", "300s", T, "How often the deferred queue is scanned."),
     _p("minimal_backoff_time", "300s", T, "The least time between attempts to deliver a deferred message."),
     _p("maximal_backoff_time", "4000s", T, "The most time between attempts to deliver a deferred message."),
@@ -136,7 +136,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_destination_rate_delay", "$default_destination_rate_delay", T, "The pause between deliveries to the same destination."),
     _p("default_process_limit", "100", N, "The most deliveries in progress at once, over all destinations.", minimum=1),
     _p("soft_bounce", "no", B, "Safety net: turn every bounce into a deferral, and 5xx replies into 4xx."),
-    # --- nexthop and addresses (relayagent/resolve.py)
+    # --- nexthop and addresses (relayagent/smtp/resolve.py)
     _p("relayhost", "", S, "The nexthop for non-local mail: [host]:port, host:port, or a domain (MX lookup)."),
     _p("transport_maps", "", L, "Lookup tables from recipient domain to transport:nexthop."),
     _p("default_transport", "smtp", S, "The transport for mail with no transport_maps entry; only smtp is served."),
@@ -154,7 +154,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_mx_session_limit", "2", N, "The most sessions per delivery that get past the greeting (0: no limit).", minimum=0),
     _p("dns_nameservers", "", L, "Name servers to query, host[:port] each; empty means the system resolver's (/etc/resolv.conf).", ours=True),
     _p("smtp_defer_if_no_mx_address_found", "no", B, "Defer rather than bounce when no MX host has an address."),
-    # --- connection (relayagent/connect.py)
+    # --- connection (relayagent/smtp/connect.py)
     _p("smtp_connect_timeout", "30s", T, "Timeout for completing a TCP connection."),
     _p("smtp_bind_address", "", S, "Numerical IPv4 source address for outgoing connections."),
     _p("smtp_bind_address6", "", S, "Numerical IPv6 source address for outgoing connections."),
@@ -166,7 +166,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_connection_cache_time_limit", "2s", T, "How long an idle cached connection is kept."),
     _p("smtp_connection_reuse_time_limit", "300s", T, "How long a connection may be reused."),
     _p("smtp_connection_reuse_count_limit", "0", N, "How many times a connection may be reused (0: no limit).", minimum=0),
-    # --- session (relayagent/esmtp.py)
+    # --- session (relayagent/smtp/session.py)
     _p("smtp_helo_name", "$myhostname", S, "The host name sent with HELO and EHLO."),
     _p("smtp_always_send_ehlo", "yes", B, "Always send EHLO at the start of a connection."),
     _p("smtp_never_send_ehlo", "no", B, "Never send EHLO at the start of a connection."),
@@ -185,18 +185,18 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_pix_workaround_threshold_time", "500s", T, "How long mail must be queued before the PIX .CRLF workaround is used."),
     _p("smtp_skip_quit_response", "yes", B, "Do not wait for the reply to QUIT."),
     _p("smtputf8_enable", "yes", B, "Support SMTPUTF8 (RFC 6531)."),
-    # --- MIME (relayagent/mime.py)
+    # --- MIME (relayagent/smtp/mime.py)
     _p("disable_mime_output_conversion", "no", B, "Do not convert 8BITMIME to 7BIT when the server lacks 8BITMIME."),
     _p("mime_nesting_limit", "100", N, "The deepest MIME nesting handled when converting to 7bit.", minimum=1),
     _p("mime_boundary_length_limit", "2048", N, "The most characters of a MIME boundary used for matching.", minimum=1),
-    # --- SASL (relayagent/sasl.py)
+    # --- SASL (relayagent/smtp/sasl.py)
     _p("smtp_sasl_auth_enable", "no", B, "Enable SASL authentication in the SMTP client."),
     _p("smtp_sasl_password_maps", "", L, "Lookup tables from remote host or nexthop to username:password."),
     _p("smtp_sasl_mechanism_filter", "", L, "If non-empty, the mechanisms the client may use."),
     _p("smtp_sasl_security_options", "noplaintext, noanonymous", L, "SASL restrictions without TLS.", choices=("noplaintext", "noactive", "nodictionary", "noanonymous", "mutual_auth")),
     _p("smtp_sasl_tls_security_options", "$smtp_sasl_security_options", L, "SASL restrictions over TLS.", choices=("noplaintext", "noactive", "nodictionary", "noanonymous", "mutual_auth")),
     _p("smtp_sasl_auth_soft_bounce", "yes", B, "Treat a 5xx AUTH failure as temporary."),
-    # --- TLS (relayagent/tls.py)
+    # --- TLS (relayagent/smtp/tls.py)
     _p("smtp_tls_security_level", "", S, "The default TLS security level: none, may, encrypt, verify, secure (empty: none).", choices=_TLS_LEVELS),
     _p("smtp_tls_policy_maps", "", L, "Per-nexthop TLS policy lookup tables."),
     _p("smtp_tls_CAfile", "", S, "File of trusted CA certificates (PEM).", path=True),
@@ -211,7 +211,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tls_verify_cert_match", "hostname", L, "Names a certificate must match at level verify."),
     _p("smtp_tls_secure_cert_match", "nexthop, dot-nexthop", L, "Names a certificate must match at level secure."),
     _p("smtp_tls_loglevel", "0", N, "TLS logging verbosity (1: one line per session).", minimum=0),
-    # --- bounces and notices (relayagent/dsn.py)
+    # --- bounces and notices (relayagent/bounce/dsn.py)
     _p("double_bounce_sender", "double-bounce", S, "The sender of postmaster notices of undeliverable bounces."),
     _p("notify_classes", "resource, software", L, "Problem classes reported to the postmaster.", choices=("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")),
     _p("error_notice_recipient", "postmaster", S, "Recipient of protocol, resource and software error notices."),
@@ -219,17 +219,17 @@ _TABLE: tuple[Parameter, ...] = (
     _p("2bounce_notice_recipient", "postmaster", S, "Recipient of undeliverable bounces."),
     _p("delay_notice_recipient", "postmaster", S, "Recipient of delay notices (notify_classes delay)."),
     _p("bounce_size_limit", "50000", N, "The most octets of the original message returned in a bounce.", minimum=0),
-    # --- logging (relayagent/logging.py)
+    # --- logging (relayagent/common/maillog.py)
     _p("debug_peer_list", "", L, "Hosts or networks whose sessions are logged verbosely."),
     _p("debug_peer_level", "2", N, "Verbosity increment for debug_peer_list matches.", minimum=0),
     _p("delay_logging_resolution_limit", "2", N, "The most digits after the decimal point of delay= and delays= in log lines (0-6).", minimum=0),
     _p("syslog_name", "relayagent", S, "The program name prefix in log lines (Postfix's is postfix).", ours=True),
     _p("log_format", "postfix", S, "The log format: postfix (syslog-style lines) or json (one object per line).", choices=("postfix", "json"), ours=True),
     _p("maillog_file", "", S, "relayagent's log lines (only those), in log_format, go to this file instead of twistd's log (empty: into twistd's log: --logfile, standard output with -n, or --logger).", path=True),
-    # --- the listener (relayagent/twistedmail.py)
+    # --- the listener (relayagent/smtpd/twistedmail.py)
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
-    # --- worker processes (relayagent/worker.py)
+    # --- worker processes (relayagent/master/worker.py)
     _p("relayagent_workers", "1", N, "Worker processes sharing the queue; each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits (1: one process).", minimum=1, ours=True),
 )
 
