@@ -100,8 +100,8 @@ class _Parser(argparse.ArgumentParser):
 # The queue manager trigger
 
 
-def notify_queue_manager(config: Config, request: bytes = b"W\n") -> bool:
-    """Wake the queue manager: ``W`` (new mail) or ``F`` (flush).
+def notify_queue_manager(config: Config, command: str = "wakeup") -> bool:
+    """Wake the queue manager: ``wakeup`` (new mail) or ``flush``.
 
     Sends the AMP command (``relayagent.spool.control``: Wakeup or Flush) on the
     UNIX socket ``$queue_directory/public/qmgr`` and waits briefly for the
@@ -109,9 +109,10 @@ def notify_queue_manager(config: Config, request: bytes = b"W\n") -> bool:
     waits in the queue for it, and the daemon polls incoming/); the result
     says whether a daemon answered.
     """
+    # Lazily: the trigger socket's AMP imports pyOpenSSL, which sendmail's
+    # start-up does not need before it has queued the message.
     from relayagent.spool import control
 
-    command = "flush" if request.strip().upper().startswith(b"F") else "wakeup"
     return control.trigger(config.path_of("queue_directory"), command)
 
 
@@ -848,7 +849,7 @@ register(Command("postconf", "print parameters (effective, -n set in main.cf, -d
 
 
 def _run_flush(context: Context, args: argparse.Namespace) -> int:
-    if not trigger_hook(context.config, b"F\n"):
+    if not trigger_hook(context.config, "flush"):
         context.warn("the queue manager is not running; the queue is delivered when it starts")
     return EX_OK
 

@@ -743,7 +743,7 @@ class FlushAndTriggerTests(CommandTestCase):
     def test_flush(self) -> None:
         code, out, err = self.run_command("flush")
         self.assertEqual((code, out, err), (0, "", ""))
-        self.assertEqual(self.triggers[0][1], (b"F\n",))
+        self.assertEqual(self.triggers[0][1], ("flush",))
         self.assertEqual(self.triggers[0][0]["myorigin"], "example.org")
 
     def test_flush_without_daemon_warns(self) -> None:
@@ -761,7 +761,7 @@ class FlushAndTriggerTests(CommandTestCase):
         self.patch(control, "trigger", lambda directory, command: sent.append((directory, command)) or True)
         config = cli.Config.from_text("queue_directory = /srv/spool\n")
         self.assertTrue(cli.notify_queue_manager(config))
-        self.assertTrue(cli.notify_queue_manager(config, b"F\n"))
+        self.assertTrue(cli.notify_queue_manager(config, "flush"))
         self.assertEqual(sent, [("/srv/spool", "wakeup"), ("/srv/spool", "flush")])
 
     def test_notify_queue_manager_without_daemon(self) -> None:

@@ -42,7 +42,7 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-from relayagent.common.envelope import Notify, Recipient
+from relayagent.common.envelope import Recipient
 from relayagent.common.status import Status
 from relayagent.spool import safeopen
 
@@ -197,11 +197,3 @@ def read_records(path: str) -> list[LogRecord]:
         return parse_records(handle.read())
 
 
-def notify_from_text(text: str | None) -> Notify:
-    """The NOTIFY of a ``dsn_notify`` value (DEFAULT when absent or bad)."""
-    if not text:
-        return Notify.DEFAULT
-    try:
-        return Notify.parse(text)
-    except ValueError:
-        return Notify.DEFAULT

@@ -199,10 +199,6 @@ def build_head(
     )
 
 
-def head_size(variable: bytes, recipient_count: int) -> int:
-    return STATUS_OFFSET + recipient_count + len(variable)
-
-
 # ---------------------------------------------------------------------------
 # Reading
 
