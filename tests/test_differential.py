@@ -1,0 +1,808 @@
+"""
+Differential tests: the same scripted server behaviour, delivered to by a
+private Postfix 3.7 and by relayagent; each recipient's first outcome
+(status and dsn) must be the same from both maillogs.
+
+SYNOPSIS
+
+    .venv/bin/python -m twisted.trial tests.test_differential
+    .venv/bin/python -m twisted.trial tests.test_differential.TransactionStages.test_data_as_2xx_pipelining
+    RA_DIFF_REPORT=/work/diff-report.txt .venv/bin/python -m twisted.trial tests.test_differential
+
+Each scenario is a ``Script`` for ``tests.support.scripted_server``: what
+the server answers at the greeting, EHLO, HELO, STARTTLS, AUTH, MAIL, each
+RCPT, DATA, mid-body, ".", RSET and QUIT (normal replies, 4xx/5xx, codes
+out of place, 421 then close, close without a reply, silence, garbage,
+garbage before a valid reply, lines over 2000 octets, multi-line replies
+with mixed codes, EHLO replies of over 100 lines or ending in 5xx), with
+and without PIPELINING.  The scenarios are made from tables below, one
+test method each.
+
+Per test class one ``Harness``: one scripted server thread, one private
+Postfix (``tests.support.postfix``), one relayagent daemon
+(``twistd -n relayagent``, as tests/test_daemon_e2e.py runs it).  Every
+scenario has two listening ports with the same script, one per client,
+so what the server records is each client's alone, and a destination
+(``<scenario>.test``, routed by ``transport_maps``) of its own in each
+client: a failure in one scenario cannot mark another's destination dead
+or hand it a cached connection.  The scenario then submits one message
+to each (Postfix's sendmail; relayagent's spool and trigger) and waits,
+bounded, for the first ``status=`` line of each recipient in each
+maillog.  Postfix retries deferred mail; only the first attempt counts
+(both sides wait hours before a retry here).
+
+What is compared: each recipient's (status, dsn); and three facts about
+what each client sent: lines that are not SMTP commands outside a body
+(a body sent although DATA was not answered 354, say), the messages the
+server read up to "." (and whether they had content), and commands sent
+before the previous reply arrived although PIPELINING was not offered.
+A difference fails the test, with both log lines and both command
+sequences shown, unless the scenario is in ``KNOWN_DIFFERENCES``: then
+relayagent's documented outcome is asserted and the entry must be in
+docs/architecture.rst, section "Where we differ from Postfix on purpose".
+
+Scenarios run a few at a time (``RA_DIFF_CONCURRENCY``, default 8): the
+first test of a class to ask for its scenario starts it and the next few
+in method order, on the harness's own threads, so the trial reactor
+holds nothing between test methods.  With ``RA_DIFF_REPORT=path`` every
+scenario's comparison goes to that file, differences first (run without
+-j, one process writing).
+
+Skips when Postfix is not installed or the tests do not run as root.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from twisted.internet import threads
+from twisted.trial.unittest import SkipTest, TestCase
+
+from relayagent import control
+from relayagent.spool import Spool
+from tests.support import postfix
+from tests.support.scripted_server import (
+    CLOSE,
+    SILENCE,
+    STARTTLS_OK,
+    Answer,
+    Listener,
+    Script,
+    ScriptedServer,
+    Session,
+    capabilities,
+    ehlo_reply,
+    reply,
+    reply_close,
+)
+from tests.support.sink import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+SENDER = "sender@local.test"
+
+# Small timeouts on both sides: a silent server costs seconds, not minutes.
+TIMEOUT = "3s"
+TIMEOUT_PARAMETERS = ("connect", "helo", "starttls", "mail", "rcpt", "data_init",
+                      "data_xfer", "data_done", "rset", "quit")
+# Settings both clients get.  Retries are hours away so only the first
+# attempt is ever seen; TLS is opportunistic (as most sites run it) so
+# STARTTLS is tried when offered; AUTH PLAIN is allowed without TLS so a
+# scripted server needs no certificate to be asked for AUTH.
+COMMON_SETTINGS = [
+    *(f"smtp_{name}_timeout = {TIMEOUT}" for name in TIMEOUT_PARAMETERS),
+    "minimal_backoff_time = 3h",
+    "maximal_backoff_time = 3h",
+    "queue_run_delay = 3h",
+    "smtp_tls_security_level = may",
+    "smtp_sasl_auth_enable = yes",
+    "smtp_sasl_security_options = noanonymous",
+]
+CONCURRENCY = int(os.environ.get("RA_DIFF_CONCURRENCY", "8"))
+# The longest a scenario may take to give every recipient a status on
+# both sides: a few timeouts in a row, with room for a loaded machine.
+OUTCOME_WAIT = 45.0
+SESSION_END_WAIT = 10.0
+
+_LOG_LINE = re.compile(
+    r": (?P<qid>[0-9A-Za-z]+): to=<(?P<rcpt>[^>]*)>, (?:orig_to=<[^>]*>, )?relay=(?P<relay>[^,]*), "
+    r"(?:conn_use=\d+, )?delay=[^,]*, delays=[^,]*, dsn=(?P<dsn>[^,]*), "
+    # Postfix cuts a log line at about 2040 octets, closing parenthesis
+    # and all, when the server's reply was long.
+    r"status=(?P<status>\w+) \((?P<text>.*?)\)?$"
+)
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+
+
+@dataclass(frozen=True)
+class Known:
+    """A documented, on-purpose difference: relayagent's outcome per
+    recipient local part, and the text of its entry in docs/architecture.rst
+    ("Where we differ from Postfix on purpose")."""
+
+    entry: str
+    relayagent: dict[str, tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str  # a Python identifier: the test method is test_<name>
+    script: Script
+    what: str  # what the server does, for reports
+    recipients: tuple[str, ...] = ("a", "b")
+
+    @property
+    def domain(self) -> str:
+        return self.name.replace("_", "-") + ".test"
+
+    def addresses(self) -> list[str]:
+        return [f"{local}@{self.domain}" for local in self.recipients]
+
+    def content(self) -> bytes:
+        return (
+            f"From: {SENDER}\nTo: {', '.join(self.addresses())}\nSubject: scenario {self.name}\n"
+            f"Message-ID: <{self.name}@local.test>\n\nscenario {self.name}\n.a line with a leading dot\n"
+        ).encode()
+
+
+# The normal answer at each stage: what the kinds below start from.
+NORMAL: dict[str, Answer] = {
+    "greeting": Script().greeting,
+    "ehlo": ehlo_reply(capabilities()),
+    "helo": Script().helo,
+    "starttls": STARTTLS_OK,
+    "auth": Script().auth,
+    "mail": Script().mail,
+    "rcpt": Script().rcpt_default,
+    "data": Script().data,
+    "dot": Script().dot,
+    "rset": Script().rset,
+    "quit": Script().quit,
+}
+LONG_TEXT = "x" * 2100  # > 2000 octets a line
+
+
+def _first_code(stage: str) -> str:
+    return NORMAL[stage].lines[-1][:3].decode()
+
+
+def _with_after(answer: Answer, model: Answer) -> Answer:
+    """``answer`` followed by what the normal answer does (TLS after 220 to
+    STARTTLS, close after 221 to QUIT)."""
+    return Answer(answer.lines, model.after)
+
+
+# Each kind makes a stage's answer, or None where it means nothing there.
+KINDS: dict[str, Callable[[str], Answer | None]] = {
+    "4xx": lambda stage: reply("454 4.7.0 scripted soft") if stage == "starttls" else (
+        reply("452 4.2.1 scripted soft") if stage == "rcpt" else reply("451 4.3.0 scripted soft")),
+    "5xx": lambda stage: reply("550 5.1.1 scripted hard") if stage == "rcpt" else (
+        reply("535 5.7.8 scripted hard") if stage == "auth" else reply("554 5.7.1 scripted hard")),
+    "421_close": lambda stage: reply_close("421 4.3.2 scripted closing"),
+    "close": lambda stage: CLOSE,
+    "silence": lambda stage: SILENCE,
+    "garbage": lambda stage: reply("scripted garbage, not a reply"),
+    "garbage_then_valid": lambda stage: _with_after(
+        reply("scripted garbage, not a reply", *NORMAL[stage].lines), NORMAL[stage]),
+    "overlong": lambda stage: _with_after(
+        reply(f"{_first_code(stage)} {LONG_TEXT}"), NORMAL[stage]),
+    "mixed_ok_then_5xx": lambda stage: reply(f"{_first_code(stage)}-scripted first line",
+                                             "554 5.7.1 scripted last line"),
+    "mixed_5xx_then_ok": lambda stage: _with_after(
+        reply("554-5.7.1 scripted first line", f"{_first_code(stage)} scripted last line"),
+        NORMAL[stage]),
+    # A code of the wrong class for the stage: 354 where 2xx is due, 250
+    # where 354 is due (DATA).
+    "as_3xx": lambda stage: None if stage == "data" else reply("354 scripted out of place"),
+    "as_2xx": lambda stage: reply("250 2.0.0 scripted out of place") if stage in ("data", "greeting") else None,
+}
+
+
+def _script_for(stage: str, answer: Answer, pipelining: bool) -> Script:
+    """A script that reaches ``stage`` and answers it with ``answer``."""
+    base = Script(pipelining=pipelining)
+    if stage == "ehlo":
+        return base.with_(ehlo=answer)
+    if stage == "helo":
+        # An old server: EHLO is not recognised, HELO is what is scripted.
+        return base.with_(ehlo=reply("502 5.5.2 Error: command not recognized"), helo=answer)
+    if stage == "starttls":
+        return base.with_(offer_starttls=True, starttls=answer)
+    if stage == "auth":
+        return base.with_(offer_auth=True, auth=answer)
+    if stage == "rcpt":
+        return base.with_(rcpt_default=answer)
+    if stage == "rset":
+        # RSET follows a transaction in which every recipient was refused.
+        return base.with_(rcpt_default=reply("550 5.1.1 scripted no such user"), rset=answer)
+    return base.with_(**{stage: answer})
+
+
+def stage_scenarios(stage: str, kinds: Iterable[str], *, pipelining: tuple[bool, ...] = (True,),
+                    recipients: tuple[str, ...] = ("a", "b")) -> list[Scenario]:
+    """One scenario per kind (and per PIPELINING offered or not, when both
+    are asked for: the name then ends in _pipelining / _no_pipelining)."""
+    out = []
+    for kind in kinds:
+        for pipe in pipelining:
+            answer = KINDS[kind](stage) if kind != "ok" else NORMAL[stage]
+            if answer is None:
+                continue
+            offered = "pipelining" if pipe else "no_pipelining"
+            out.append(Scenario(
+                name=f"{stage}_{kind}_{offered}" if len(pipelining) > 1 else f"{stage}_{kind}",
+                script=_script_for(stage, answer, pipe),
+                what=f"{stage.upper()}: {answer.describe()} ({offered.replace('_', ' ')})",
+                recipients=recipients,
+            ))
+    return out
+
+
+ALL_KINDS = ("4xx", "5xx", "421_close", "close", "silence", "garbage", "garbage_then_valid",
+             "overlong", "mixed_ok_then_5xx", "mixed_5xx_then_ok", "as_3xx", "as_2xx")
+
+
+def ehlo_special() -> list[Scenario]:
+    """EHLO replies that only EHLO has: very long, ending in 5xx."""
+    many = [f"X-SCRIPTED-{n:03d}" for n in range(120)] + capabilities()
+    cases = {
+        "ehlo_over_100_lines": (ehlo_reply(many), "EHLO: a 250 reply of 124 lines"),
+        "ehlo_250_lines_end_5xx": (
+            reply(f"250-{'scripted.test'}", "250-PIPELINING", "250-8BITMIME", "554 5.7.1 scripted no"),
+            "EHLO: 250- lines then 554",
+        ),
+        "ehlo_overlong_keyword": (
+            ehlo_reply(["PIPELINING", "X-" + LONG_TEXT, "8BITMIME"]),
+            "EHLO: a keyword line over 2000 octets",
+        ),
+        "ehlo_no_pipelining_lowercase": (
+            reply("250-scripted.test", "250-size 10240000", "250 8bitmime"),
+            "EHLO: keywords in lower case, no PIPELINING",
+        ),
+    }
+    return [Scenario(name, Script().with_(ehlo=answer), what) for name, (answer, what) in cases.items()]
+
+
+def helo_refused() -> list[Scenario]:
+    """EHLO refused, then HELO refused too: a server that takes neither."""
+    return [
+        Scenario("ehlo_5xx_helo_5xx", Script().with_(ehlo=reply("554 5.7.1 no EHLO"), helo=reply("554 5.7.1 no HELO")),
+                 "EHLO 554, HELO 554"),
+        Scenario("ehlo_5xx_helo_4xx", Script().with_(ehlo=reply("554 5.7.1 no EHLO"), helo=reply("451 4.3.0 no HELO")),
+                 "EHLO 554, HELO 451"),
+        Scenario("ehlo_4xx_helo_ok", Script().with_(ehlo=reply("451 4.3.0 try HELO")),
+                 "EHLO 451, HELO 250"),
+    ]
+
+
+def body_scenarios() -> list[Scenario]:
+    """The server acts in the middle of the body (after the first line)."""
+    cases = {
+        "close": (CLOSE, "closes the connection"),
+        "silence": (SILENCE, "stops reading and answering"),
+        "421_close": (reply_close("421 4.3.2 scripted closing"), "sends 421 and closes"),
+        "5xx_then_read_on": (reply("554 5.6.0 scripted premature reply"),
+                             "sends 554 before \".\", then reads on and answers \".\" normally"),
+    }
+    out = []
+    for kind, (answer, what) in cases.items():
+        for pipe in (True, False):
+            suffix = "pipelining" if pipe else "no_pipelining"
+            out.append(Scenario(f"body_{kind}_{suffix}", Script(pipelining=pipe, body=answer),
+                                f"mid-body: {what} ({suffix.replace('_', ' ')})"))
+    return out
+
+
+def recipient_mixes() -> list[Scenario]:
+    """Three recipients answered 250 / 452 / 550, then several ends of DATA."""
+    rcpt = {"a": reply("250 2.1.5 Ok"), "b": reply("452 4.2.1 scripted mailbox full"),
+            "c": reply("550 5.1.1 scripted no such user")}
+    ends = {
+        "data_250": ({"data": reply("250 2.0.0 scripted out of place")}, "DATA 250"),
+        "dot_250": ({}, "DATA 354, \".\" 250"),
+        "dot_452": ({"dot": reply("452 4.3.1 scripted insufficient storage")}, "DATA 354, \".\" 452"),
+        "dot_554": ({"dot": reply("554 5.7.1 scripted refused")}, "DATA 354, \".\" 554"),
+        "data_421": ({"data": reply_close("421 4.3.2 scripted closing")}, "DATA 421 and close"),
+        "data_554": ({"data": reply("554 5.5.1 scripted no valid recipients")}, "DATA 554"),
+    }
+    out = []
+    for name, (changes, what) in ends.items():
+        for pipe in (True, False):
+            suffix = "pipelining" if pipe else "no_pipelining"
+            out.append(Scenario(
+                f"mix_{name}_{suffix}", Script(pipelining=pipe, rcpt=rcpt, **changes),
+                f"RCPT a 250, b 452, c 550; {what} ({suffix.replace('_', ' ')})",
+                recipients=("a", "b", "c"),
+            ))
+    # Every recipient refused, but the server says 354 to DATA anyway.
+    all_refused = {"a": reply("550 5.1.1 no"), "b": reply("450 4.2.0 later")}
+    out.append(Scenario("mix_all_refused_data_354_pipelining", Script(rcpt=all_refused),
+                        "RCPT a 550, b 450; DATA 354 (pipelining)"))
+    return out
+
+
+def baseline() -> list[Scenario]:
+    return [
+        Scenario("ok_pipelining", Script(), "every stage normal (pipelining)"),
+        Scenario("ok_no_pipelining", Script(pipelining=False), "every stage normal (no pipelining)"),
+        Scenario("ok_starttls", Script(offer_starttls=True), "STARTTLS offered and done, then normal"),
+        Scenario("ok_auth", Script(offer_auth=True), "AUTH PLAIN offered and accepted, then normal"),
+    ]
+
+
+# Scenarios whose difference is on purpose: name -> Known.  None yet.
+KNOWN_DIFFERENCES: dict[str, Known] = {}
+
+
+# ---------------------------------------------------------------------------
+# Outcomes and their comparison
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A recipient's first status line."""
+
+    status: str
+    dsn: str
+    text: str
+    line: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.status, self.dsn)
+
+
+@dataclass
+class ClientRun:
+    """One client's side of a scenario."""
+
+    outcomes: dict[str, Outcome | None]
+    sessions: list[Session]
+    error: str | None = None
+
+    def not_commands(self) -> list[str]:
+        """Lines sent outside a body that are no SMTP command (a body after a
+        DATA that was not answered 354, a "." with no DATA ...)."""
+        found = []
+        for session in self.sessions:
+            found.extend(line for line in session.commands if not _is_command(line))
+        return found
+
+    def bodies(self) -> list[bool]:
+        """Per message the server read up to ".": whether it had content."""
+        return [bool(body) for session in self.sessions for body in session.bodies]
+
+    def unsolicited_pipelining(self) -> list[str]:
+        return [item for session in self.sessions for item in session.unsolicited_pipelining]
+
+    def transcript(self) -> str:
+        if not self.sessions:
+            return "    (no connection)"
+        rows = []
+        for number, session in enumerate(self.sessions, 1):
+            commands = [c if len(c) <= 60 else c[:57] + "..." for c in session.commands]
+            tls = " TLS" if session.tls else ""
+            rows.append(f"    session {number}{tls}: {' / '.join(commands) or '(nothing)'} [{session.ended or 'open'}]")
+        return "\n".join(rows)
+
+
+_COMMANDS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET",
+                       "QUIT", "NOOP", "(AUTH RESPONSE)", "."})
+
+
+def _is_command(line: str) -> bool:
+    return line.split(" ", 1)[0].upper() in _COMMANDS
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    postfix: ClientRun
+    relayagent: ClientRun
+    seconds: float
+
+    def differences(self) -> list[str]:
+        """What relayagent did that Postfix did not, one line each."""
+        out = []
+        for local in self.scenario.recipients:
+            ours, theirs = self.relayagent.outcomes.get(local), self.postfix.outcomes.get(local)
+            if ours is None or theirs is None or ours.key != theirs.key:
+                out.append(f"recipient {local}: Postfix {_show(theirs)}; relayagent {_show(ours)}")
+        ours_junk, theirs_junk = self.relayagent.not_commands(), self.postfix.not_commands()
+        if bool(ours_junk) != bool(theirs_junk):
+            out.append(f"lines that are not commands: Postfix {theirs_junk[:3]}; relayagent {ours_junk[:3]}")
+        ours_bodies, theirs_bodies = self.relayagent.bodies(), self.postfix.bodies()
+        if ours_bodies != theirs_bodies:
+            out.append(f"message data the server read up to \".\" (True: with content): Postfix {theirs_bodies}; "
+                       f"relayagent {ours_bodies}")
+        ours_pipe, theirs_pipe = self.relayagent.unsolicited_pipelining(), self.postfix.unsolicited_pipelining()
+        if set(ours_pipe) != set(theirs_pipe):
+            out.append(f"did not wait for a reply (PIPELINING not offered): Postfix {sorted(set(theirs_pipe))}; "
+                       f"relayagent {sorted(set(ours_pipe))}")
+        return out
+
+    def report(self) -> str:
+        rows = [f"scenario {self.scenario.name}: {self.scenario.what}"]
+        for difference in self.differences():
+            rows.append(f"  DIFFERS {difference}")
+        for label, run in (("Postfix", self.postfix), ("relayagent", self.relayagent)):
+            rows.append(f"  {label}:")
+            if run.error:
+                rows.append(f"    error: {run.error}")
+            for local in self.scenario.recipients:
+                outcome = run.outcomes.get(local)
+                rows.append(f"    {local}: {_show(outcome, text=True)}")
+            rows.append(run.transcript())
+        return "\n".join(rows)
+
+
+def _show(outcome: Outcome | None, *, text: bool = False) -> str:
+    if outcome is None:
+        return f"no status line within {OUTCOME_WAIT:.0f}s"
+    shown = f"status={outcome.status} dsn={outcome.dsn}"
+    return f"{shown} ({outcome.text})" if text else shown
+
+
+def read_outcomes(path: str, addresses: dict[str, str]) -> dict[str, Outcome]:
+    """The first status line of each address in a maillog, by local part."""
+    found: dict[str, Outcome] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                match = _LOG_LINE.search(line.rstrip("\n"))
+                if match is None:
+                    continue
+                local = addresses.get(match.group("rcpt").lower())
+                if local is not None and local not in found:
+                    found[local] = Outcome(match.group("status"), match.group("dsn"),
+                                           match.group("text"), line.rstrip("\n"))
+    except FileNotFoundError:
+        pass
+    return found
+
+
+# ---------------------------------------------------------------------------
+# The harness: one server, one Postfix, one relayagent per test class
+
+
+class Harness:
+    """Runs scenarios through Postfix and relayagent; blocking, thread-safe."""
+
+    def __init__(self, scenarios: list[Scenario]) -> None:
+        self.scenarios = scenarios
+        self.order = [s.name for s in scenarios]
+        self.by_name = {s.name: s for s in scenarios}
+        self.futures: dict[str, concurrent.futures.Future[ScenarioResult]] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.started = False
+        self.failed: str | None = None
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.instance: postfix.PostfixInstance | None = None
+        self.server: ScriptedServer | None = None
+        self.listeners: dict[str, tuple[Listener, Listener]] = {}
+        self.workdir = ""
+
+    # -- start and stop
+
+    def start(self) -> None:
+        with self.lock:
+            if self.started:
+                if self.failed:
+                    raise RuntimeError(self.failed)
+                return
+            self.started = True
+            try:
+                self._start()
+            except Exception as error:
+                self.failed = f"the differential harness did not start: {error}"
+                raise
+            atexit.register(self.stop)
+
+    def _start(self) -> None:
+        # Under /tmp: short UNIX socket paths; reachable by Postfix's users.
+        self.workdir = tempfile.mkdtemp(prefix="ra-diff-")
+        os.chmod(self.workdir, 0o755)
+        self.server = ScriptedServer()
+        for scenario in self.scenarios:
+            self.listeners[scenario.name] = (self.server.listen(scenario.script),
+                                             self.server.listen(scenario.script))
+        self.server.start()
+        dead_port = free_port()  # nothing listens: DSNs to the sender stay queued
+        routes = {"postfix": ["local.test discard:"],
+                  "relayagent": [f"local.test smtp:[127.0.0.1]:{dead_port}"]}
+        passwords: dict[str, list[str]] = {"postfix": [], "relayagent": []}
+        for name, (for_postfix, for_relayagent) in self.listeners.items():
+            domain = self.by_name[name].domain
+            for client, listener in (("postfix", for_postfix), ("relayagent", for_relayagent)):
+                routes[client].append(f"{domain} smtp:[127.0.0.1]:{listener.port}")
+                passwords[client].append(f"[127.0.0.1]:{listener.port} scripted-user:scripted-secret")
+        files = {}
+        for client in ("postfix", "relayagent"):
+            for kind, lines in (("transport", routes[client]), ("passwords", passwords[client])):
+                path = os.path.join(self.workdir, f"{client}-{kind}")
+                with open(path, "w") as handle:
+                    handle.write("\n".join(lines) + "\n")
+                files[client, kind] = path
+        self.instance = postfix.PostfixInstance(self.workdir, [
+            "defer_transports =",
+            f"transport_maps = texthash:{files['postfix', 'transport']}",
+            f"smtp_sasl_password_maps = texthash:{files['postfix', 'passwords']}",
+            *COMMON_SETTINGS,
+        ])
+        self.instance.start()
+        self.spool_directory = os.path.join(self.workdir, "relayagent-spool")
+        self.maillog = os.path.join(self.workdir, "relayagent-maillog")
+        config = os.path.join(self.workdir, "relayagent.cf")
+        with open(config, "w") as handle:
+            handle.write("\n".join([
+                f"queue_directory = {self.spool_directory}",
+                f"maillog_file = {self.maillog}",
+                "myhostname = relay.test",
+                f"transport_maps = texthash:{files['relayagent', 'transport']}",
+                f"smtp_sasl_password_maps = texthash:{files['relayagent', 'passwords']}",
+                *COMMON_SETTINGS,
+            ]) + "\n")
+        self.spool = Spool(self.spool_directory)
+        self.spool.ensure_layout()
+        with open(os.path.join(self.workdir, "twistd.out"), "ab") as out:
+            self.daemon = subprocess.Popen(
+                [TWISTD, "-n", "--pidfile=", "relayagent", "-c", config], cwd=self.workdir,
+                env=dict(os.environ, PYTHONPATH=ROOT), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not control.daemon_running(self.spool_directory):
+            if self.daemon.poll() is not None:
+                raise RuntimeError(f"relayagent exited: see {self.workdir}/twistd.out")
+            if time.monotonic() > deadline:
+                raise RuntimeError("relayagent's trigger socket did not answer within 30s")
+            self.stopping.wait(0.1)
+        self.executor = concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="ra-diff")
+
+    def stop(self) -> None:
+        """Everything started is stopped; bounded.  Also run at exit."""
+        self.stopping.set()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait(15)
+        if self.instance is not None:
+            self.instance.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.workdir and not os.environ.get("RA_KEEP"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.daemon = self.instance = self.server = self.executor = None
+
+    # -- scenarios
+
+    def result(self, name: str) -> concurrent.futures.Future[ScenarioResult]:
+        """The scenario's result (a future); starts it and the next few."""
+        self.start()
+        assert self.executor is not None
+        with self.lock:
+            position = self.order.index(name)
+            for upcoming in self.order[position:position + CONCURRENCY]:
+                if upcoming not in self.futures:
+                    self.futures[upcoming] = self.executor.submit(self._run, self.by_name[upcoming])
+            return self.futures[name]
+
+    def _run(self, scenario: Scenario) -> ScenarioResult:
+        started = time.monotonic()
+        assert self.instance is not None
+        for_postfix, for_relayagent = self.listeners[scenario.name]
+        addresses = {address.lower(): local for address, local in zip(scenario.addresses(), scenario.recipients, strict=True)}
+        errors: dict[str, str] = {}
+        try:
+            self.instance.sendmail(SENDER, scenario.addresses(), scenario.content())
+        except subprocess.SubprocessError as error:
+            errors["postfix"] = f"sendmail failed: {error}"
+        try:
+            self.spool.enqueue(SENDER, scenario.addresses(), scenario.content())
+            control.trigger(self.spool_directory, "wakeup")
+        except OSError as error:
+            errors["relayagent"] = f"enqueue failed: {error}"
+        deadline = time.monotonic() + OUTCOME_WAIT
+        logs = {"postfix": self.instance.maillog, "relayagent": self.maillog}
+        outcomes: dict[str, dict[str, Outcome]] = {}
+        while True:
+            outcomes = {client: read_outcomes(path, addresses) for client, path in logs.items()}
+            if all(len(found) == len(addresses) for found in outcomes.values()):
+                break
+            if time.monotonic() > deadline or self.stopping.wait(0.1):
+                break
+        # The sessions go on after the status lines (QUIT, RSET): wait for
+        # them to end so that what the clients sent is all recorded.
+        session_deadline = time.monotonic() + SESSION_END_WAIT
+        for listener in (for_postfix, for_relayagent):
+            for session in list(listener.sessions):
+                session.done.wait(max(0.0, session_deadline - time.monotonic()))
+        return ScenarioResult(
+            scenario,
+            ClientRun(dict(outcomes["postfix"]), list(for_postfix.sessions), errors.get("postfix")),
+            ClientRun(dict(outcomes["relayagent"]), list(for_relayagent.sessions), errors.get("relayagent")),
+            time.monotonic() - started,
+        )
+
+
+# ---------------------------------------------------------------------------
+# The report file (RA_DIFF_REPORT)
+
+
+class Report:
+    """Every scenario's comparison in one file, differences first."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.results: dict[str, ScenarioResult] = {}
+        self.lock = threading.Lock()
+
+    def add(self, result: ScenarioResult) -> None:
+        if not self.path:
+            return
+        with self.lock:
+            self.results[result.scenario.name] = result
+            differing = [r for r in self.results.values() if r.differences()]
+            same = [r for r in self.results.values() if not r.differences()]
+            lines = [
+                "Differential test report: scripted SMTP server, Postfix 3.7 smtp(8) vs relayagent",
+                f"(tests/test_differential.py; {len(self.results)} scenarios so far, "
+                f"{len(differing)} differ, {len(same)} the same)",
+                "",
+                "== Summary of differences (scenario: Postfix status/dsn | relayagent status/dsn)",
+            ]
+            for result in sorted(differing, key=lambda r: r.scenario.name):
+                for difference in result.differences():
+                    lines.append(f"{result.scenario.name}: {difference}")
+            lines += ["", "== Details of differences", ""]
+            for result in sorted(differing, key=lambda r: r.scenario.name):
+                lines += [result.report(), ""]
+            lines += ["== Scenarios with the same outcome", ""]
+            for result in sorted(same, key=lambda r: r.scenario.name):
+                outcome = ", ".join(f"{local} {_show(result.postfix.outcomes.get(local))}"
+                                    for local in result.scenario.recipients)
+                lines.append(f"{result.scenario.name}: {result.scenario.what}: {outcome}")
+            temporary = self.path + ".tmp"
+            with open(temporary, "w") as handle:
+                handle.write("\n".join(lines) + "\n")
+            os.replace(temporary, self.path)
+
+
+REPORT = Report(os.environ.get("RA_DIFF_REPORT"))
+
+
+# ---------------------------------------------------------------------------
+# The test classes
+
+
+def _architecture_section() -> str:
+    with open(os.path.join(ROOT, "docs", "architecture.rst"), encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.find("Where we differ from Postfix on purpose")
+    end = text.find("\n=====", text.find("\n", text.find("\n", start) + 1) + 1)
+    return text[start:end] if start >= 0 else ""
+
+
+class DifferentialCase(TestCase):
+    """Base: subclasses set ``scenarios``; ``differential`` makes the tests."""
+
+    timeout = 120
+    scenarios: list[Scenario] = []
+    harness: Harness | None = None
+
+    def setUp(self) -> None:
+        reason = postfix.missing_reason()
+        if reason:
+            raise SkipTest(reason)
+        if not os.path.exists(TWISTD):
+            raise SkipTest(f"twistd not found next to {sys.executable}")
+
+    async def check(self, name: str) -> None:
+        harness = type(self).harness
+        assert harness is not None
+        await threads.deferToThread(harness.start)
+        future = harness.result(name)
+        result = await threads.deferToThread(future.result, OUTCOME_WAIT + SESSION_END_WAIT + 60)
+        REPORT.add(result)
+        known = KNOWN_DIFFERENCES.get(name)
+        if known is not None:
+            self.check_known(result, known)
+            return
+        differences = result.differences()
+        if differences:
+            self.fail("relayagent differs from Postfix:\n  " + "\n  ".join(differences)
+                      + "\n\n" + result.report() + "\n\nPostfix's lines:\n"
+                      + _lines(result.postfix) + "\nrelayagent's lines:\n" + _lines(result.relayagent))
+
+    def check_known(self, result: ScenarioResult, known: Known) -> None:
+        self.assertIn(known.entry, _architecture_section(),
+                      f"{result.scenario.name} is listed as an on-purpose difference, but docs/architecture.rst "
+                      f"('Where we differ from Postfix on purpose') has no entry {known.entry!r}")
+        got = {local: (o.key if (o := result.relayagent.outcomes.get(local)) else None)
+               for local in result.scenario.recipients}
+        self.assertEqual(got, known.relayagent,
+                         f"on purpose, per docs/architecture.rst: {known.entry}\n{result.report()}")
+
+
+def _lines(run: ClientRun) -> str:
+    return "\n".join(f"  {o.line}" for o in run.outcomes.values() if o is not None) or "  (none)"
+
+
+def differential(cls: type[DifferentialCase]) -> type[DifferentialCase]:
+    """One test method per scenario, and the class's harness."""
+    names = [scenario.name for scenario in cls.scenarios]
+    duplicates = {name for name in names if names.count(name) > 1}
+    assert not duplicates, duplicates
+    # The harness starts scenarios in the order trial runs the methods.
+    cls.harness = Harness(sorted(cls.scenarios, key=lambda s: s.name))
+    for scenario in cls.scenarios:
+        async def test(self: DifferentialCase, name: str = scenario.name) -> None:
+            await self.check(name)
+
+        test.__name__ = f"test_{scenario.name}"
+        test.__doc__ = scenario.what
+        setattr(cls, test.__name__, test)
+    return cls
+
+
+@differential
+class SetupStages(DifferentialCase):
+    """Greeting, EHLO, HELO, STARTTLS and AUTH."""
+
+    scenarios = [
+        *baseline(),
+        *stage_scenarios("greeting", ALL_KINDS),
+        *stage_scenarios("ehlo", ALL_KINDS),
+        *ehlo_special(),
+        *stage_scenarios("helo", ("ok", "4xx", "5xx", "421_close", "close", "silence", "garbage",
+                                  "garbage_then_valid", "overlong", "mixed_ok_then_5xx", "as_3xx")),
+        *helo_refused(),
+        *stage_scenarios("starttls", ALL_KINDS),
+        *stage_scenarios("auth", ALL_KINDS),
+    ]
+
+
+@differential
+class TransactionStages(DifferentialCase):
+    """MAIL, RCPT and DATA, with and without PIPELINING."""
+
+    scenarios = [
+        *stage_scenarios("mail", ALL_KINDS, pipelining=(True, False)),
+        *stage_scenarios("rcpt", ALL_KINDS, pipelining=(True, False)),
+        *stage_scenarios("data", ALL_KINDS, pipelining=(True, False)),
+    ]
+
+
+@differential
+class EndStages(DifferentialCase):
+    """The body, ".", RSET and QUIT; recipient mixes."""
+
+    scenarios = [
+        *body_scenarios(),
+        *stage_scenarios("dot", ALL_KINDS, pipelining=(True, False)),
+        *stage_scenarios("rset", ("4xx", "5xx", "421_close", "close", "silence", "garbage", "overlong")),
+        *stage_scenarios("quit", ("4xx", "5xx", "close", "silence", "garbage", "overlong", "as_3xx"),
+                         pipelining=(True, False)),
+        *recipient_mixes(),
+    ]
+
