@@ -291,20 +291,36 @@ def helo_refused() -> list[Scenario]:
 
 
 def body_scenarios() -> list[Scenario]:
-    """The server acts in the middle of the body (after the first line)."""
-    cases = {
-        "close": (CLOSE, "closes the connection"),
-        "silence": (SILENCE, "stops reading and answering"),
-        "421_close": (reply_close("421 4.3.2 scripted closing"), "sends 421 and closes"),
-        "5xx_then_read_on": (reply("554 5.6.0 scripted premature reply"),
-                             "sends 554 before \".\", then reads on and answers \".\" normally"),
+    """The server answers in the middle of the body (when its first line
+    arrives), before any "."; after a reply it reads on and answers "."
+    normally."""
+    kinds = {
+        "4xx": reply("451 4.3.0 scripted premature soft"),
+        "5xx": reply("554 5.6.0 scripted premature hard"),
+        "as_2xx": reply("250 2.0.0 scripted premature ok"),
+        "421_close": reply_close("421 4.3.2 scripted closing"),
+        "close": CLOSE,
+        "silence": SILENCE,  # stops reading and answering
+        "garbage": reply("scripted garbage, not a reply"),
     }
     out = []
-    for kind, (answer, what) in cases.items():
+    for kind, answer in kinds.items():
         for pipe in (True, False):
-            suffix = "pipelining" if pipe else "no_pipelining"
-            out.append(Scenario(f"body_{kind}_{suffix}", Script(pipelining=pipe, body=answer),
-                                f"mid-body: {what} ({suffix.replace('_', ' ')})"))
+            offered = "pipelining" if pipe else "no_pipelining"
+            out.append(Scenario(f"body_{kind}_{offered}", Script(pipelining=pipe, body=answer),
+                                f"mid-body: {answer.describe()} ({offered.replace('_', ' ')})"))
+    return out
+
+
+def after_tls_scenarios() -> list[Scenario]:
+    """STARTTLS done, then the EHLO over TLS answered by each kind."""
+    out = []
+    for kind in ("4xx", "5xx", "421_close", "close", "silence", "garbage", "overlong",
+                 "mixed_ok_then_5xx"):
+        answer = KINDS[kind]("ehlo")
+        assert answer is not None
+        out.append(Scenario(f"tls_ehlo_{kind}", Script(offer_starttls=True, ehlo_tls=answer),
+                            f"STARTTLS 220 and TLS, then EHLO: {answer.describe()}"))
     return out
 
 
@@ -387,6 +403,9 @@ class ClientRun:
         """Per message the server read up to ".": whether it had content."""
         return [bool(body) for session in self.sessions for body in session.bodies]
 
+    def ends_with_quit(self) -> list[bool]:
+        return [bool(session.commands) and _verb(session.commands[-1]) == "QUIT" for session in self.sessions]
+
     def unsolicited_pipelining(self) -> list[str]:
         return [item for session in self.sessions for item in session.unsolicited_pipelining]
 
@@ -403,6 +422,10 @@ class ClientRun:
 
 _COMMANDS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET",
                        "QUIT", "NOOP", "(AUTH RESPONSE)", "."})
+
+
+def _verb(line: str) -> str:
+    return line.split(" ", 1)[0].upper()
 
 
 def _is_command(line: str) -> bool:
@@ -436,10 +459,19 @@ class ScenarioResult:
                        f"relayagent {sorted(set(ours_pipe))}")
         return out
 
+    def notes(self) -> list[str]:
+        """Differences in manners that do not fail a test, for the report."""
+        ours, theirs = self.relayagent.ends_with_quit(), self.postfix.ends_with_quit()
+        if ours != theirs:
+            return [f"sessions that end with QUIT from the client: Postfix {theirs}; relayagent {ours}"]
+        return []
+
     def report(self) -> str:
         rows = [f"scenario {self.scenario.name}: {self.scenario.what}"]
         for difference in self.differences():
             rows.append(f"  DIFFERS {difference}")
+        for note in self.notes():
+            rows.append(f"  note: {note}")
         for label, run in (("Postfix", self.postfix), ("relayagent", self.relayagent)):
             rows.append(f"  {label}:")
             if run.error:
@@ -674,6 +706,9 @@ class Report:
             for result in sorted(differing, key=lambda r: r.scenario.name):
                 for difference in result.differences():
                     lines.append(f"{result.scenario.name}: {difference}")
+            lines += ["", "== Notes: other differences in what the clients sent (these do not fail a test)"]
+            for result in sorted(self.results.values(), key=lambda r: r.scenario.name):
+                lines.extend(f"{result.scenario.name}: {note}" for note in result.notes())
             lines += ["", "== Details of differences", ""]
             for result in sorted(differing, key=lambda r: r.scenario.name):
                 lines += [result.report(), ""]
@@ -778,6 +813,7 @@ class SetupStages(DifferentialCase):
                                   "garbage_then_valid", "overlong", "mixed_ok_then_5xx", "as_3xx")),
         *helo_refused(),
         *stage_scenarios("starttls", ALL_KINDS),
+        *after_tls_scenarios(),
         *stage_scenarios("auth", ALL_KINDS),
     ]
 
@@ -801,7 +837,8 @@ class EndStages(DifferentialCase):
         *body_scenarios(),
         *stage_scenarios("dot", ALL_KINDS, pipelining=(True, False)),
         *stage_scenarios("rset", ("4xx", "5xx", "421_close", "close", "silence", "garbage", "overlong")),
-        *stage_scenarios("quit", ("4xx", "5xx", "close", "silence", "garbage", "overlong", "as_3xx"),
+        *stage_scenarios("quit", ("4xx", "5xx", "421_close", "close", "silence", "garbage", "overlong",
+                                  "as_3xx"),
                          pipelining=(True, False)),
         *recipient_mixes(),
     ]
