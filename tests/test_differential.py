@@ -843,3 +843,115 @@ class EndStages(DifferentialCase):
         *recipient_mixes(),
     ]
 
+
+
+class ScriptedServerTests(TestCase):
+    """The scripted server itself, with a plain socket client (no Postfix)."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.server = ScriptedServer()
+
+    def tearDown(self) -> None:
+        self.server.stop()
+
+    def converse(self, listener: Listener, *writes: bytes, tls: bool = False) -> list[bytes]:
+        """Connect, read the greeting, send each write and read what comes
+        back until the server is quiet for a moment.  Blocking: run in a thread."""
+        import socket
+        import ssl
+
+        replies = []
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as sock:
+            stream: socket.socket = sock
+            replies.append(_read_quiet(stream))
+            for chunk in writes:
+                if chunk == b"<TLS>":
+                    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                    stream = context.wrap_socket(sock)
+                    continue
+                stream.sendall(chunk)
+                replies.append(_read_quiet(stream))
+        listener.sessions[-1].done.wait(5)
+        return replies
+
+    async def test_pipelined_commands_are_answered_by_command(self) -> None:
+        listener = self.server.listen(Script(rcpt={"b": reply("452 4.2.1 full")}))
+        self.server.start()
+        replies = await threads.deferToThread(
+            self.converse, listener, b"EHLO me\r\n",
+            b"MAIL FROM:<s@x>\r\nRCPT TO:<a@y>\r\nRCPT TO:<B@y>\r\nDATA\r\n",
+            b"Subject: t\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+        self.assertIn(b"250-PIPELINING", replies[1])
+        self.assertEqual(replies[2].split(b"\r\n")[:4],
+                         [b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"452 4.2.1 full", b"354 End data with <CR><LF>.<CR><LF>"])
+        self.assertTrue(replies[3].startswith(b"250 2.0.0 Ok: queued"), replies[3])
+        [session] = listener.sessions
+        self.assertEqual(session.bodies, [b"Subject: t\r\n\r\n..dot\r\n"])
+        self.assertEqual(session.unsolicited_pipelining, [])
+        self.assertEqual(session.verbs(), ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", ".", "QUIT"])
+        self.assertEqual(session.ended, "server closed")
+
+    async def test_commands_sent_together_without_pipelining_are_recorded(self) -> None:
+        listener = self.server.listen(Script(pipelining=False))
+        self.server.start()
+        await threads.deferToThread(
+            self.converse, listener, b"EHLO me\r\n", b"MAIL FROM:<s@x>\r\n", b"RCPT TO:<a@y>\r\n",
+            b"DATA\r\n", b"body\r\n.\r\nQUIT\r\n")
+        self.assertEqual(listener.sessions[0].unsolicited_pipelining, ["after ."])
+
+    async def test_silence_and_mid_body_answers(self) -> None:
+        silent = self.server.listen(Script(mail=SILENCE))
+        early = self.server.listen(Script(body=reply("554 5.6.0 early")))
+        self.server.start()
+        replies = await threads.deferToThread(
+            self.converse, silent, b"EHLO me\r\n", b"MAIL FROM:<s@x>\r\n", b"NOOP\r\n")
+        self.assertEqual(replies[2:], [b"", b""])
+        self.assertEqual(silent.sessions[0].ended, "silent")
+        replies = await threads.deferToThread(
+            self.converse, early, b"EHLO me\r\n", b"MAIL FROM:<s@x>\r\nRCPT TO:<a@y>\r\nDATA\r\n",
+            b"line 1\r\n", b"line 2\r\n.\r\n")
+        self.assertEqual(replies[3], b"554 5.6.0 early\r\n")
+        self.assertTrue(replies[4].startswith(b"250 2.0.0"), replies[4])
+
+    async def test_starttls_then_ehlo_without_starttls(self) -> None:
+        listener = self.server.listen(Script(offer_starttls=True))
+        self.server.start()
+        replies = await threads.deferToThread(
+            self.converse, listener, b"EHLO me\r\n", b"STARTTLS\r\n", b"<TLS>", b"EHLO me\r\n", b"QUIT\r\n")
+        self.assertIn(b"STARTTLS\r\n", replies[1])
+        self.assertTrue(replies[2].startswith(b"220 "), replies[2])
+        self.assertNotIn(b"STARTTLS", replies[3])
+        self.assertTrue(listener.sessions[0].tls)
+
+    def test_answers_and_kinds(self) -> None:
+        self.assertEqual(reply_close("421 x").after, "close")
+        self.assertEqual(KINDS["garbage_then_valid"]("starttls").after, "tls")
+        self.assertEqual(KINDS["overlong"]("quit").after, "close")
+        self.assertGreater(len(KINDS["overlong"]("rcpt").lines[0]), 2000)
+        self.assertEqual(KINDS["mixed_ok_then_5xx"]("data").code, 554)
+        self.assertIsNone(KINDS["as_3xx"]("data"))
+        line = "Dec  1 21:06:53 relay.test relayagent/smtp[1]: Q1: to=<a@x.test>, relay=none, delay=1, " \
+               "delays=0/0/0/0, dsn=4.4.1, status=deferred (connect to x[1.2.3.4]:25: refused"
+        match = _LOG_LINE.search(line)
+        assert match is not None
+        self.assertEqual((match["status"], match["dsn"]), ("deferred", "4.4.1"))
+
+
+def _read_quiet(stream) -> bytes:  # type: ignore[no-untyped-def]
+    """What arrives within 2 s, and after it until the peer is quiet for
+    0.2 s or closes (b"" from a silent server)."""
+    data = b""
+    stream.settimeout(2.0)
+    while True:
+        try:
+            chunk = stream.recv(65536)
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+        stream.settimeout(0.2)
