@@ -41,10 +41,10 @@ sequences shown, unless the scenario is in ``KNOWN_DIFFERENCES``: then
 relayagent's documented outcome is asserted and the entry must be in
 docs/architecture.rst, section "Where we differ from Postfix on purpose".
 
-Scenarios run a few at a time (``RA_DIFF_CONCURRENCY``, default 8): the
-first test of a class to ask for its scenario starts it and the next few
-in method order, on the harness's own threads, so the trial reactor
-holds nothing between test methods.  With ``RA_DIFF_REPORT=path`` every
+Scenarios run several at a time (``RA_DIFF_CONCURRENCY``, default 16):
+the first test of a class to ask for its scenario queues it and every
+later one in method order, on the harness's own threads, so the trial
+reactor holds nothing between test methods.  With ``RA_DIFF_REPORT=path`` every
 scenario's comparison goes to that file, differences first (run without
 -j, one process writing).
 
@@ -110,7 +110,7 @@ COMMON_SETTINGS = [
     "smtp_sasl_auth_enable = yes",
     "smtp_sasl_security_options = noanonymous",
 ]
-CONCURRENCY = int(os.environ.get("RA_DIFF_CONCURRENCY", "8"))
+CONCURRENCY = int(os.environ.get("RA_DIFF_CONCURRENCY", "16"))
 # The longest a scenario may take to give every recipient a status on
 # both sides: a few timeouts in a row, with room for a loaded machine.
 OUTCOME_WAIT = 45.0
@@ -572,13 +572,12 @@ class Harness:
                 with open(path, "w") as handle:
                     handle.write("\n".join(lines) + "\n")
                 files[client, kind] = path
-        self.instance = postfix.PostfixInstance(self.workdir, [
+        self.instance = self._start_postfix([
             "defer_transports =",
             f"transport_maps = texthash:{files['postfix', 'transport']}",
             f"smtp_sasl_password_maps = texthash:{files['postfix', 'passwords']}",
             *COMMON_SETTINGS,
         ])
-        self.instance.start()
         self.spool_directory = os.path.join(self.workdir, "relayagent-spool")
         self.maillog = os.path.join(self.workdir, "relayagent-maillog")
         config = os.path.join(self.workdir, "relayagent.cf")
@@ -606,6 +605,25 @@ class Harness:
             self.stopping.wait(0.1)
         self.executor = concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="ra-diff")
 
+    def _start_postfix(self, main_cf: list[str]) -> postfix.PostfixInstance:
+        """A started instance.  Its smtpd port was free when picked, but
+        another process (a full test run binds and connects on hundreds of
+        ephemeral ports) may take it before master binds it: then try again
+        with a new port, a few times."""
+        errors = []
+        for attempt in range(3):
+            directory = os.path.join(self.workdir, f"postfix-{attempt}")
+            os.makedirs(directory)
+            instance = postfix.PostfixInstance(directory, main_cf)
+            try:
+                instance.start()
+                return instance
+            except (subprocess.CalledProcessError, RuntimeError) as error:
+                said = getattr(error, "stderr", b"") or b""
+                errors.append(f"{error} {said.decode(errors='replace').strip()}")
+                instance.stop()
+        raise RuntimeError("Postfix did not start: " + "; ".join(errors))
+
     def stop(self) -> None:
         """Everything started is stopped; bounded.  Also run at exit."""
         self.stopping.set()
@@ -629,12 +647,16 @@ class Harness:
     # -- scenarios
 
     def result(self, name: str) -> concurrent.futures.Future[ScenarioResult]:
-        """The scenario's result (a future); starts it and the next few."""
+        """The scenario's result (a future).  It is queued first, then every
+        later one in method order: CONCURRENCY of them run at a time while
+        trial reads the results in order; what is still queued at exit is
+        cancelled, so running one test costs one scenario (and the few
+        started with it)."""
         self.start()
         assert self.executor is not None
         with self.lock:
             position = self.order.index(name)
-            for upcoming in self.order[position:position + CONCURRENCY]:
+            for upcoming in self.order[position:]:
                 if upcoming not in self.futures:
                     self.futures[upcoming] = self.executor.submit(self._run, self.by_name[upcoming])
             return self.futures[name]
@@ -717,6 +739,10 @@ class Report:
                 outcome = ", ".join(f"{local} {_show(result.postfix.outcomes.get(local))}"
                                     for local in result.scenario.recipients)
                 lines.append(f"{result.scenario.name}: {result.scenario.what}: {outcome}")
+            slowest = sorted(self.results.values(), key=lambda r: -r.seconds)[:10]
+            mean = sum(r.seconds for r in self.results.values()) / len(self.results)
+            lines += ["", f"== The slowest scenarios (seconds, both clients at once; the mean is {mean:.1f})"]
+            lines += [f"{r.seconds:6.1f} {r.scenario.name}" for r in slowest]
             temporary = self.path + ".tmp"
             with open(temporary, "w") as handle:
                 handle.write("\n".join(lines) + "\n")

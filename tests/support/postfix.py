@@ -125,8 +125,10 @@ class PostfixInstance:
             handle.write(MASTER_CF.format(smtpd_address=f"127.0.0.1:{self.smtpd_port}"))
 
     def postfix(self, *words: str) -> None:
+        """Run postfix(1) on this instance; a failure raises CalledProcessError
+        with what it printed in ``stderr``."""
         subprocess.run([POSTFIX, "-c", self.etc, *words], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def start(self) -> None:
         self.postfix("set-permissions")
