@@ -26,8 +26,8 @@ so what the server records is each client's alone, and a destination
 (``<scenario>.test``, routed by ``transport_maps``) of its own in each
 client: a failure in one scenario cannot mark another's destination dead
 or hand it a cached connection.  (One scenario per class goes through
-``relayhost = [127.0.0.1]:port`` instead, since Postfix treats some
-failures of the relayhost differently.)  The scenario then submits one message
+``relayhost = [127.0.0.42]:port`` instead, since Postfix treats some
+failures of the relayhost differently.)  A scenario submits one message
 to each (Postfix's sendmail; relayagent's spool and trigger) and waits,
 bounded, for the first ``status=`` line of each recipient in each
 maillog.  Postfix retries deferred mail; only the first attempt counts
@@ -48,9 +48,15 @@ docs/architecture.rst, section "Where we differ from Postfix on purpose".
 Scenarios run several at a time (``RA_DIFF_CONCURRENCY``, default 16):
 the first test of a class to ask for its scenario queues it and every
 later one in method order, on the harness's own threads, so the trial
-reactor holds nothing between test methods.  With ``RA_DIFF_REPORT=path`` every
-scenario's comparison goes to that file, differences first (run without
--j, one process writing).
+reactor holds nothing between test methods.  A harness lives until the
+test process exits (trial runs no class-level teardown): an atexit hook
+stops the daemon, Postfix and the server and removes the directory
+(``RA_KEEP=1`` keeps it: both maillogs, twistd.out).  Both clients get
+the same settings (``COMMON_SETTINGS``: 3 s timeouts, retries hours
+away, TLS ``may``, AUTH PLAIN allowed in plaintext, connections from and
+to 127.0.0.42); everything else is at its default.  With ``RA_DIFF_REPORT=path`` every scenario's
+comparison goes to that file, differences first (run without -j: one
+process writes it).
 
 Skips when Postfix is not installed or the tests do not run as root.
 """
@@ -96,6 +102,11 @@ from tests.support.sink import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 SENDER = "sender@local.test"
+# The scripted server listens here and both clients connect from here:
+# each delivery leaves a socket in TIME_WAIT, and hundreds of those on
+# 127.0.0.1 would take ports that other tests (one listening on UDP and
+# TCP of the same port, say) are about to bind there.
+HOST = "127.0.0.42"
 
 # Small timeouts on both sides: a silent server costs seconds, not minutes.
 TIMEOUT = "3s"
@@ -113,6 +124,7 @@ COMMON_SETTINGS = [
     "smtp_tls_security_level = may",
     "smtp_sasl_auth_enable = yes",
     "smtp_sasl_security_options = noanonymous",
+    f"smtp_bind_address = {HOST}",
 ]
 CONCURRENCY = int(os.environ.get("RA_DIFF_CONCURRENCY", "16"))
 # The longest a scenario may take to give every recipient a status on
@@ -557,18 +569,18 @@ class Harness:
                     raise RuntimeError(self.failed)
                 return
             self.started = True
+            atexit.register(self.stop)  # also what a failed start left running
             try:
                 self._start()
             except Exception as error:
                 self.failed = f"the differential harness did not start: {error}"
                 raise
-            atexit.register(self.stop)
 
     def _start(self) -> None:
         # Under /tmp: short UNIX socket paths; reachable by Postfix's users.
         self.workdir = tempfile.mkdtemp(prefix="ra-diff-")
         os.chmod(self.workdir, 0o755)
-        self.server = ScriptedServer()
+        self.server = ScriptedServer(HOST)
         for scenario in self.scenarios:
             self.listeners[scenario.name] = (self.server.listen(scenario.script),
                                              self.server.listen(scenario.script))
@@ -581,7 +593,7 @@ class Harness:
         for name, (for_postfix, for_relayagent) in self.listeners.items():
             scenario = self.by_name[name]
             for client, listener in (("postfix", for_postfix), ("relayagent", for_relayagent)):
-                nexthop = f"[127.0.0.1]:{listener.port}"
+                nexthop = f"[{HOST}]:{listener.port}"
                 if scenario.via_relayhost:
                     relayhost[client].append(f"relayhost = {nexthop}")
                 else:
@@ -714,9 +726,10 @@ class Harness:
         # The sessions go on after the status lines (QUIT, RSET): wait for
         # them to end so that what the clients sent is all recorded.
         session_deadline = time.monotonic() + SESSION_END_WAIT
-        for listener in (for_postfix, for_relayagent):
-            for session in list(listener.sessions):
-                session.done.wait(max(0.0, session_deadline - time.monotonic()))
+        sessions = [*for_postfix.sessions, *for_relayagent.sessions]
+        while (not all(session.done.is_set() for session in sessions)
+               and time.monotonic() < session_deadline and not self.stopping.wait(0.05)):
+            pass
         return ScenarioResult(
             scenario,
             ClientRun(dict(outcomes["postfix"]), list(for_postfix.sessions), errors.get("postfix")),
