@@ -14,6 +14,10 @@ Debian's ``postfix`` package.
 
 By default ``defer_transports = smtp`` keeps accepted mail in the queue;
 ``allow_delivery()`` and ``flush()`` let it go (the benchmark uses that).
+A ``main_cf`` line naming a parameter set here by default replaces the
+default (no "overriding earlier entry" warnings), so
+``main_cf=["defer_transports ="]`` delivers at once.  ``sendmail()``
+submits a message with Postfix's own sendmail(1).
 ``start()`` blocks for a few seconds: tests run it in a thread.
 """
 
@@ -30,6 +34,7 @@ from tests.support.sink import free_port
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
+SENDMAIL = "/usr/sbin/sendmail"  # Postfix's (shutil.which might find the venv's relayagent)
 
 MASTER_CF = """\
 {smtpd_address} inet n - n - - smtpd
@@ -52,6 +57,7 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 """
 
 
@@ -80,7 +86,7 @@ def _check_listening(port: int) -> None:
 class PostfixInstance:
     """A private Postfix: own config and queue directories, no port 25."""
 
-    def __init__(self, workdir: str, main_cf: list[str] = ()) -> None:
+    def __init__(self, workdir: str, main_cf: list[str] | tuple[str, ...] = ()) -> None:
         self.base = os.path.join(workdir, "postfix")
         self.etc = os.path.join(self.base, "etc")
         self.queue = os.path.join(self.base, "spool")
@@ -109,16 +115,20 @@ class PostfixInstance:
             "smtpd_recipient_restrictions = permit_mynetworks, reject",
             f"maillog_file = {self.maillog}",
             f"maillog_file_prefixes = {self.base}",
-            *main_cf,
         ]
+        given = {line.partition("=")[0].strip() for line in main_cf}
+        settings = [line for line in settings if line.partition("=")[0].strip() not in given]
+        settings += main_cf
         with open(os.path.join(self.etc, "main.cf"), "w") as handle:
             handle.write("\n".join(settings) + "\n")
         with open(os.path.join(self.etc, "master.cf"), "w") as handle:
             handle.write(MASTER_CF.format(smtpd_address=f"127.0.0.1:{self.smtpd_port}"))
 
     def postfix(self, *words: str) -> None:
+        """Run postfix(1) on this instance; a failure raises CalledProcessError
+        with what it printed in ``stderr``."""
         subprocess.run([POSTFIX, "-c", self.etc, *words], check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def start(self) -> None:
         self.postfix("set-permissions")
@@ -135,6 +145,13 @@ class PostfixInstance:
         (The benchmark waits for the reloaded qmgr before its clock.)"""
         subprocess.run([POSTCONF, "-c", self.etc, "-e", "defer_transports ="], check=True, timeout=30)
         self.postfix("reload")
+
+    def sendmail(self, sender: str, recipients: list[str], content: bytes) -> None:
+        """Submit one message through Postfix's sendmail(1) (-i: a lone "."
+        line is content, not the end)."""
+        subprocess.run([SENDMAIL, "-C", self.etc, "-i", "-f", sender, "--", *recipients],
+                       input=content, check=True, timeout=30,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def flush(self) -> None:
         subprocess.run([POSTQUEUE, "-c", self.etc, "-f"], check=True, timeout=30)
