@@ -716,7 +716,10 @@ class SASLClient:
             # RFC 4954 4: an empty initial response is sent as "=".
             line += b" " + (base64.b64encode(initial) if initial else b"=")
         reply = await self._command(session, line)
-        while reply.code == 334:
+        # Any 3xx is a challenge, as for Postfix (smtp_sasl_glue.c loops
+        # while the reply class is 3): a 354 here is not base64 and gets
+        # "*", the exchange cancelled (4.7.0), as from Postfix.
+        while reply.code // 100 == 3:
             try:
                 challenge = base64.b64decode(_challenge_text(reply), validate=True)
                 response = mechanism.respond(challenge)
@@ -745,12 +748,16 @@ class SASLClient:
         )
 
     def _server_failure(self, server: Any, reply: ReplyLike) -> DeliveryFailure:
+        # The reply's own status as smtp_chat.c makes it (smtp_sasl_glue.c
+        # uses resp->dsn): its enhanced code when its class matches, else
+        # X.0.0, and 5.5.0 for a code of no class (199, 354 to AUTH).
         code_class = reply.code // 100
         if code_class not in (4, 5):
-            # A reply that is neither success nor failure is a protocol
-            # error: treat it as temporary.
-            code_class = 4
-        dsn = reply.enhanced if reply.enhanced and reply.enhanced[0] == str(code_class) else f"{code_class}.7.0"
+            dsn = "5.5.0"
+        elif reply.enhanced and reply.enhanced[0] == str(code_class):
+            dsn = reply.enhanced
+        else:
+            dsn = f"{code_class}.0.0"
         status = Status(
             dsn=dsn,
             text=f"SASL authentication failed; server {_peer_name(server)} said: {_reply_summary(reply)}",
@@ -759,8 +766,9 @@ class SASLClient:
             reply=_reply_summary(reply),
             remote_mta=server.host,
         )
-        if self.soft_bounce:
+        if self.soft_bounce and code_class == 5:
             # smtp_sasl_auth_soft_bounce: a 5xx AUTH failure is often a
             # local mistake (a wrong password); defer rather than bounce.
+            # Not a reply of no class: Postfix bounces that 5.5.0.
             status = status.softened()
         return DeliveryFailure(status, skip_to_next=status.soft)
