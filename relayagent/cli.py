@@ -24,7 +24,7 @@ Commands live in one table, ``COMMANDS``; a later phase adds one with
 
 Owns ``myorigin``'s use for unqualified addresses (Postfix's
 ``append_at_myorigin``, always on here), and the sendmail(1) options.
-Reads message_size_limit and queue_minfree for sendmail.
+Reads message_size_limit, queue_minfree and smtputf8_enable for sendmail.
 """
 
 from __future__ import annotations
@@ -503,8 +503,11 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
 
     header_bytes = b"".join(line for h in headers for line in h.lines) + b"".join(added)
     # Postfix's smtputf8_autodetect_classes includes sendmail: UTF-8 in
-    # the envelope or the headers asks for SMTPUTF8.
-    smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients) and header_bytes.isascii())
+    # the envelope or the headers asks for SMTPUTF8 (with smtputf8_enable
+    # off, as in Postfix, nothing asks for it).
+    smtputf8 = config["smtputf8_enable"] and not (
+        sender.isascii() and all(r.isascii() for r in recipients) and header_bytes.isascii()
+    )
 
     body = _body_pieces(context.stdin, first_body_line, ignore_dots) if not ended else iter(())
     message = _Submission(header_bytes + b"\n", body, limit)

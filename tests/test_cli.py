@@ -287,6 +287,13 @@ class SendmailTests(CommandTestCase):
         self.assertEqual(len(envelope.recipients), 5)
         self.assertTrue(envelope.smtputf8)
 
+    def test_no_smtputf8_when_smtputf8_enable_is_off(self) -> None:
+        self.write_config(self.extra_config + "smtputf8_enable = no\n")
+        code, _, err = self.run_command("sendmail", "é@exämple.net", stdin=b"Subject: \xc3\xa9\n\n")
+        self.assertEqual((code, err), (0, ""))
+        envelope, _ = self.only_message()
+        self.assertFalse(envelope.smtputf8)
+
     def test_address_of_254_octets_accepted(self) -> None:
         address = "x" * (254 - len("@example.net")) + "@example.net"
         code, _, _ = self.run_command("sendmail", address, stdin=b"\n")

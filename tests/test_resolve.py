@@ -222,6 +222,16 @@ class AddressTests(SynchronousTestCase):
         result = self.addresses(make_resolver(self.fake), domain_nexthop("example.com"))
         self.assertEqual([a.address for a in result], ["192.0.2.2"])
 
+    def test_no_mx_host_with_an_address_bounces_or_defers(self) -> None:
+        # smtp_defer_if_no_mx_address_found (Postfix, smtp_addr.c): the same
+        # text, the hard status made soft.
+        self.fake.mx("example.com", (10, "gone1.example.com"), (20, "gone2.example.com"))
+        status = self.failure(make_resolver(self.fake), domain_nexthop("example.com")).status
+        self.assertTrue(status.hard, status)
+        deferred = self.failure(make_resolver(self.fake, smtp_defer_if_no_mx_address_found="yes"),
+                                domain_nexthop("example.com")).status
+        self.assertEqual((deferred.dsn, deferred.text), ("4" + status.dsn[1:], status.text))
+
     def test_no_mx_falls_back_to_address(self) -> None:
         self.fake.records[("example.com", dns.MX)] = []
         self.fake.a("example.com", "192.0.2.7")

@@ -33,11 +33,12 @@ smtp_fallback_relay, fallback_relay, smtp_tcp_port, inet_protocols,
 inet_interfaces, proxy_interfaces, smtp_address_preference,
 smtp_randomize_addresses, smtp_mx_address_limit, ignore_mx_lookup_error,
 disable_dns_lookups, smtp_dns_support_level, smtp_host_lookup,
-best_mx_transport, dns_nameservers.
+best_mx_transport, dns_nameservers, smtp_defer_if_no_mx_address_found.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import ipaddress
@@ -656,7 +657,11 @@ class NexthopResolver:
             log.warn("no MX host for {name} has a valid address record", name=name)
             # Postfix: a soft error dominates hard ones.
             soft = [status for status in errors if status.soft]
-            raise DeliveryFailure((soft or errors)[-1] if errors else _no_data_status(name, "A"))
+            status = (soft or errors)[-1] if errors else _no_data_status(name, "A")
+            if self.config["smtp_defer_if_no_mx_address_found"]:
+                # smtp_addr.c: the text stays, a hard status becomes soft.
+                status = dataclasses.replace(status, dsn="4" + status.dsn[1:]) if status.hard else status
+            raise DeliveryFailure(status)
 
         result = AddressList(self._order(found))
         if nexthop.port == SMTP_PORT:

@@ -285,10 +285,7 @@ def _header_is_ascii(envelope: Envelope) -> bool:
 
 def _debug_level(config: Any, server: ServerInfo) -> int:
     """``debug_peer_level`` when the server is in ``debug_peer_list``."""
-    try:
-        listed = config["debug_peer_list"]
-    except KeyError:
-        return 0
+    listed = config["debug_peer_list"]
     if not listed:
         return 0
     try:
@@ -476,11 +473,8 @@ class SMTPSession(ESMTPClient):
 
     def _timeout_of(self, stage: _Stage) -> float:
         if stage.timeout_parameter is None:
-            return 300.0
-        try:
-            return float(self.config[stage.timeout_parameter])
-        except KeyError:
-            return 300.0
+            return 300.0  # a stage with no parameter of its own (none waits)
+        return float(self.config[stage.timeout_parameter])
 
     def _current_stage(self) -> _Stage:
         if self._body is not None:
