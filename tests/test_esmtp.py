@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import io
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.defer import succeed
 from twisted.internet.testing import StringTransport
@@ -1260,6 +1262,16 @@ class CommandAndTranscriptTests(unittest.SynchronousTestCase):
 class HelperTests(unittest.SynchronousTestCase):
     def test_xtext(self):
         self.assertEqual(xtext("a+b=c d\u00e9"), "a+2Bb+3Dc+20d+C3+A9")
+        self.assertEqual(xtext("rfc822;u0@example.com"), "rfc822;u0@example.com")
+
+    @given(st.text(max_size=40))
+    def test_xtext_is_rfc_3461_xtext(self, value):
+        # RFC 3461 4: xchar is "!" to "~" but "+" and "="; anything else +HH.
+        expected = "".join(
+            chr(octet) if 33 <= octet <= 126 and octet not in (0x2B, 0x3D) else f"+{octet:02X}"
+            for octet in value.encode("utf-8")
+        )
+        self.assertEqual(xtext(value), expected)
 
     def test_smtp_path(self):
         self.assertEqual(smtp_path(""), "<>")

@@ -188,15 +188,19 @@ class _Expectation:
     deferred: Deferred[Reply | _Broken]
 
 
+# What xtext (RFC 3461 4) leaves alone: "!" to "~" but "+" and "=".
+_XCHAR_RE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*")
+_NOT_XCHAR_RE = re.compile(rb"[^\x21-\x2a\x2c-\x3c\x3e-\x7e]")
+
+
 def xtext(value: str) -> str:
-    """RFC 3461 xtext: "+" "=" controls, space and non-ASCII as +HH."""
-    out = []
-    for octet in value.encode("utf-8"):
-        if 33 <= octet <= 126 and octet not in (0x2B, 0x3D):
-            out.append(chr(octet))
-        else:
-            out.append(f"+{octet:02X}")
-    return "".join(out)
+    """RFC 3461 xtext: "+" "=" controls, space and non-ASCII as +HH.
+    (Once per recipient of every transaction: the common all-plain value
+    costs one regex match.)"""
+    raw = value.encode("utf-8")
+    if _XCHAR_RE.fullmatch(raw):
+        return value
+    return _NOT_XCHAR_RE.sub(lambda m: b"+%02X" % m.group()[0], raw).decode("ascii")
 
 
 def smtp_path(address: str) -> str:
@@ -229,11 +233,12 @@ def uxtext(value: str) -> str:
     return "".join(out)
 
 
-def orcpt_parameter(recipient: Recipient) -> str | None:
+def orcpt_parameter(recipient: Recipient, quoted: str | None = None) -> str | None:
     """The ORCPT= value for ``recipient``: the one it was queued with, else
     its own address as the original one (Postfix's orig_addr; nothing
     here rewrites addresses), ``rfc822;`` or, for a UTF-8 address,
-    ``utf-8;`` (RFC 6533)."""
+    ``utf-8;`` (RFC 6533).  ``quoted``: the address as in its RCPT TO
+    path, when the caller has it."""
     if recipient.orcpt:
         addr_type, _, address = recipient.orcpt.partition(";")
         if addr_type.strip().lower() == "utf-8":
@@ -241,7 +246,8 @@ def orcpt_parameter(recipient: Recipient) -> str | None:
         return xtext(recipient.orcpt)
     if not recipient.address:
         return None
-    quoted = smtp_path(recipient.address)[1:-1]
+    if quoted is None:
+        quoted = smtp_path(recipient.address)[1:-1]
     if quoted.isascii():
         return xtext("rfc822;" + quoted)
     return "utf-8;" + uxtext(quoted)
@@ -941,9 +947,10 @@ class SMTPSession(ESMTPClient):
         return " ".join(parts).encode("utf-8")
 
     def _rcpt_to(self, recipient: Recipient) -> bytes:
-        parts = ["RCPT TO:" + smtp_path(recipient.address)]
+        path = smtp_path(recipient.address)
+        parts = ["RCPT TO:" + path]
         if self.has("DSN"):
-            orcpt = orcpt_parameter(recipient)
+            orcpt = orcpt_parameter(recipient, path[1:-1])
             if orcpt is not None:
                 parts.append("ORCPT=" + orcpt)
             notify = recipient.notify.esmtp_value()
