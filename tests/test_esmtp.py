@@ -24,6 +24,7 @@ from twisted.trial import unittest
 from relayagent.common.config import Config
 from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.ehlo import parse_ehlo
 from relayagent.smtp.session import ServerInfo, SMTPSessionFactory, smtp_path, xtext
 from relayagent.spool.queuefile import CorruptQueueFile
 
@@ -1221,9 +1222,13 @@ class CommandAndTranscriptTests(unittest.SynchronousTestCase):
         self.assertLessEqual(len(lines), 100)
         self.assertEqual(lines[-1], "In: 250 " + "r" * 150)
 
-    def test_debug_off(self):
+    def test_no_twisted_line_log(self):
+        # twisted.mail's SMTPClient keeps every line in a LineLog when its
+        # debug is on, AUTH included: the session is none of it.
+        from twisted.mail.smtp import SMTPClient
+
         h = Harness(self)
-        self.assertFalse(h.session.debug)
+        self.assertNotIsInstance(h.session, SMTPClient)
 
     def _debug_events(self, **overrides):
         events = []
@@ -1272,6 +1277,12 @@ class HelperTests(unittest.SynchronousTestCase):
             for octet in value.encode("utf-8")
         )
         self.assertEqual(xtext(value), expected)
+
+    def test_parse_ehlo_is_a_pure_function_of_the_lines(self):
+        offered = parse_ehlo(["mx.example", "pipelining", "Size 5000", "AUTH PLAIN", "AUTH=LOGIN", "", "8BITMIME"])
+        self.assertEqual(offered.extensions, {"PIPELINING": "", "SIZE": "5000", "AUTH": "LOGIN PLAIN", "8BITMIME": ""})
+        self.assertEqual(offered.auth_mechanisms, frozenset({"PLAIN", "LOGIN"}))
+        self.assertEqual(parse_ehlo(["mx.example"]).extensions, {})
 
     def test_smtp_path(self):
         self.assertEqual(smtp_path(""), "<>")

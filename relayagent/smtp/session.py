@@ -1,11 +1,10 @@
 """
 The ESMTP client protocol engine: one ``SMTPSession`` per connection.
 
-This is smtp(8)'s smtp_proto.c and smtp_chat.c for Twisted: a subclass of
-``twisted.mail.smtp.ESMTPClient`` that keeps Twisted's line handling and
-connection plumbing but replaces its one-reply-at-a-time state machine
-(which cannot pipeline, has one idle timeout, and stuffs dots per chunk)
-with:
+This is smtp(8)'s smtp_proto.c and smtp_chat.c for Twisted, on a plain
+``LineReceiver`` (twisted.mail's ``ESMTPClient`` answers one reply at a
+time, cannot pipeline, has one idle timeout and stuffs dots per chunk;
+nothing of it is used), with:
 
 - a FIFO of expected replies, so MAIL, every RCPT and DATA go out in one
   write when the server offers PIPELINING (RFC 2920), replies matched in
@@ -21,8 +20,10 @@ with:
   the transport's back-pressure, through ``relayagent.smtp.mime``'s 8bit-to-7bit
   converter when the server lacks 8BITMIME, and ``smtp.body.BodyEncoder``
   (CRLF, dot-stuffing across chunk boundaries, long lines);
-- bounded reply parsing (``smtp_reply``): a malformed or oversized reply is
-  a protocol error with the transcript kept, never a traceback;
+- reply parsing as Postfix's smtp_chat_resp() (``smtp.reply``): garbage
+  skipped, long lines cut, the last line's code, bounded memory; a reply
+  of the wrong kind is Postfix's outcome (5.5.0), never a traceback; the
+  EHLO keywords by ``smtp.ehlo.parse_ehlo``;
 - per-recipient ``Status`` results worded as Postfix words them, RSET after
   a refused transaction, 421 ending the session, RSET probes and several
   transactions per session for the connection cache;
@@ -51,7 +52,7 @@ from twisted.internet import protocol, task
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPClient
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -61,6 +62,7 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
 from relayagent.smtp import mime
 from relayagent.smtp.body import BodyEncoder
+from relayagent.smtp.ehlo import parse_ehlo
 from relayagent.smtp.reply import (
     MAX_LINE_OCTETS,
     Reply,
@@ -301,14 +303,9 @@ def _debug_level(config: Any, server: ServerInfo) -> int:
 
 
 @implementer(IHandshakeListener)
-class SMTPSession(ESMTPClient):
+class SMTPSession(LineReceiver):
     """One ESMTP client connection (see the module docstring)."""
 
-    # Twisted's LineLog would keep every line, AUTH included: never.
-    debug = False
-    # ESMTPClient's __setattr__ (for a deprecated attribute) would run in
-    # Python for every attribute set, the line buffer's included.
-    __setattr__ = object.__setattr__
     # Servers end lines with CRLF; a bare LF is accepted and the CR stripped.
     delimiter = b"\n"
 
@@ -322,7 +319,8 @@ class SMTPSession(ESMTPClient):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         helo_name = config["smtp_helo_name"]
-        super().__init__(secret=None, contextFactory=None, identity=helo_name.encode("idna") if not helo_name.isascii() else helo_name.encode("ascii"))
+        # What EHLO and HELO name us as: an IDN in its ASCII form.
+        self.identity = helo_name.encode("ascii") if helo_name.isascii() else helo_name.encode("idna")
         self.config = config
         self.clock = clock
         self.server = server
@@ -381,9 +379,6 @@ class SMTPSession(ESMTPClient):
     # -- connection events -------------------------------------------------
 
     def connectionMade(self) -> None:
-        # Not ESMTPClient's: it would start the single idle timeout and its
-        # own state machine.
-        self._tlsMode = False
         self._connected = True
         greeting = self._expect("greeting")
         self._start_timer()
@@ -412,11 +407,8 @@ class SMTPSession(ESMTPClient):
                 Status(dsn="4.4.2", text=f"connection with {self.namaddr} closed", remote_mta=self.server.host),
                 close=False,
             )
-        super().connectionLost(reason)
-
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the STARTTLS handshake finished."""
-        self._tlsMode = True
         if self._handshake is not None:
             handshake, self._handshake = self._handshake, None
             handshake.callback(None)
@@ -721,19 +713,9 @@ class SMTPSession(ESMTPClient):
         return None
 
     def _take_extensions(self, reply: Reply) -> None:
-        extensions: dict[str, str] = {}
-        mechanisms: set[str] = set()
-        for text in reply.message_lines()[1:]:
-            match = re.match(r"\s*([^\s=]+)[\s=]?(.*)$", text)
-            if match is None:
-                continue
-            keyword, argument = match.group(1).upper(), match.group(2).strip()
-            if keyword == "AUTH":
-                mechanisms.update(m.upper() for m in argument.split())
-                argument = " ".join(sorted(mechanisms))
-            extensions[keyword] = argument
-        self.extensions = extensions
-        self.auth_mechanisms = frozenset(mechanisms)
+        offered = parse_ehlo(reply.message_lines())
+        self.extensions = offered.extensions
+        self.auth_mechanisms = offered.auth_mechanisms
 
     def _refusal(self, reply: Reply, stage: _Stage) -> Status:
         """The greeting, EHLO (421) or HELO said no.  ``stage`` tells the
