@@ -381,7 +381,7 @@ class PostmasterNoticeTests(DeliveryTestCase):
 
         return Status("5.5.0", "protocol error: host mx[127.0.0.1] said something that is not an SMTP reply "
                       "while receiving the RCPT TO response: '2x0 ok'", stage="RCPT TO",
-                      remote_mta="mx", extra={"notify_class": "protocol"})
+                      remote_mta="mx", notify_class="protocol")
 
     def transport(self):
         transport = FakeTransport({"a@example.net": self.protocol_error()})

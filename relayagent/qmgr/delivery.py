@@ -306,7 +306,7 @@ class DeliveryAgent:
         session transcript, to ``error_notice_recipient``."""
         raised: dict[str, Status] = {}
         for status in statuses:
-            cls = status.extra.get("notify_class")
+            cls = status.notify_class
             if cls and cls not in raised:
                 raised[cls] = status
         if not raised:

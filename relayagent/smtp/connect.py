@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayagent.common.config import Config, ConfigError
-from relayagent.common.status import RETRY_PLAINTEXT, DeliveryFailure, Status
+from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.session import ServerInfo
 
@@ -208,7 +208,7 @@ class _Attempt:
             return
         if (
             isinstance(failure.value, DeliveryFailure)
-            and failure.value.status.extra.get(RETRY_PLAINTEXT) == "yes"
+            and failure.value.status.retry_plaintext
             and not self._retried_in_plaintext
         ):
             # Level may: a failed handshake is retried once, on a new
