@@ -33,6 +33,7 @@ from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.smtp.connect import Connector
+from relayagent.smtp.deliver import SessionFactories
 from relayagent.smtp.resolve import MailExchangerAddress
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
@@ -430,8 +431,6 @@ class SecurityInteropTests(unittest.TestCase):
 
         # The connection layer, with the daemon's factories, retries the
         # same address once without STARTTLS.
-        from relayagent.master.service import SessionFactories
-
         connector = Connector(reactor, config, SessionFactories(config, reactor, SecurityPolicy(config)))
         address = MailExchangerAddress("mx.example.com", "127.0.0.2", socket.AF_INET, 10, port)
         session = await connector.connect([address], "example.com")
