@@ -1,6 +1,7 @@
 """Tests for relayagent.qmgr.delivery: recipient outcomes, the end of a message
 (remove, defer, expire, bounce and delay notices) and connection reuse,
-with fake sessions, a fake transport and a task.Clock."""
+through smtp's entry point (relayagent.smtp.deliver.SmtpAgent) with fake
+sessions, a fake connector and a task.Clock."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config
-from relayagent.qmgr.delivery import Attempt, DeliveryAgent, Outcome
+from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest
 from relayagent.smtp.conncache import ConnectionCache
+from relayagent.smtp.deliver import SmtpAgent
+from relayagent.smtp.result import RecipientOutcome, SmtpResult
 from relayagent.smtp.session import ServerInfo, TransactionResult
 from relayagent.spool import ACTIVE, BOUNCE_LOG, DEFER_LOG, DEFERRED, INCOMING, Spool
 
@@ -79,21 +82,23 @@ class FakeSession:
         return succeed(None)
 
 
-class FakeTransport:
-    """Makes a new FakeSession per call, or fails the site."""
+class FakeConnector:
+    """The connector: makes a new FakeSession per call (and runs smtp's
+    transaction step on it), or fails the site."""
 
     def __init__(self, answers: dict[str, object] | None = None, site_failure=None) -> None:
         self.answers = answers or {}
         self.site_failure = site_failure
         self.sessions: list[FakeSession] = []
 
-    def __call__(self, nexthops, indexes, transact) -> Deferred[Attempt]:
+    def deliver(self, resolver, nexthops, indexes, transact) -> Deferred[SmtpResult]:
         if self.site_failure is not None:
-            return succeed(Attempt({i: Outcome(self.site_failure) for i in indexes}, sessions=0))
+            return succeed(SmtpResult({i: RecipientOutcome(self.site_failure, None) for i in indexes}))
         session = FakeSession(self.answers)
         self.sessions.append(session)
         return transact(session, indexes).addCallback(
-            lambda statuses: Attempt({i: Outcome(s, session.server) for i, s in statuses.items()}, 1)
+            lambda statuses: SmtpResult({i: RecipientOutcome(s, session.server) for i, s in statuses.items()},
+                                        sessions=1)
         )
 
 
@@ -108,11 +113,13 @@ class DeliveryTestCase(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.config = Config.defaults().replace(myhostname="relay.test")
 
+    def smtp(self, config, transport=None, cache=None) -> SmtpAgent:
+        return SmtpAgent(config, self.clock, nexthops=lambda domain: ["[127.0.0.1]:25"],
+                         connector=transport or FakeConnector(), cache=cache)
+
     def agent(self, transport=None, cache=None, **overrides: object) -> DeliveryAgent:
         config = self.config.replace(**{k: str(v) for k, v in overrides.items()}) if overrides else self.config
-        return DeliveryAgent(config, self.spool, self.clock,
-                             nexthops=lambda domain: ["[127.0.0.1]:25"],
-                             transport=transport or FakeTransport(), cache=cache)
+        return DeliveryAgent(config, self.spool, self.clock, smtp=self.smtp(config, transport, cache))
 
     def message(self, recipients=("a@example.net",), sender="s@example.org",
                 body=b"Subject: hello\nMessage-ID: <m1@example.org>\n\nbody\n") -> ActiveMessage:
@@ -165,9 +172,8 @@ class OutcomeTests(DeliveryTestCase):
         from tests.test_remover import RecordingReactor
 
         reactor = RecordingReactor()
-        agent = DeliveryAgent(self.config, self.spool, self.clock,
-                              nexthops=lambda domain: ["[127.0.0.1]:25"],
-                              transport=FakeTransport(), removal_reactor=reactor)
+        agent = DeliveryAgent(self.config, self.spool, self.clock, smtp=self.smtp(self.config),
+                              removal_reactor=reactor)
         message = self.message()
         self.attempt(agent, message)
         agent.finish(message)
@@ -179,7 +185,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(kinds, ["delivery", "removed"])
 
     def test_deferred_goes_to_deferred_with_next_attempt(self) -> None:
-        agent = self.agent(FakeTransport({"b@example.net": soft()}))
+        agent = self.agent(FakeConnector({"b@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.attempt(agent, message)
         self.assertTrue(message.queue_file.is_done(0))
@@ -196,7 +202,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual([e["status"] for e in self.lines("delivery")], ["sent", "deferred"])
 
     def test_bounced_gets_one_dsn_for_the_message(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": hard(), "b@example.net": hard()}))
+        agent = self.agent(FakeConnector({"a@example.net": hard(), "b@example.net": hard()}))
         message = self.message(["a@example.net", "b@example.net", "c@example.net"])
         self.attempt(agent, message)
         self.assertTrue(all(message.queue_file.is_done(i) for i in range(3)))
@@ -218,7 +224,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(self.spool.read_log(BOUNCE_LOG, message.queue_id), [])
 
     def test_soft_bounce_defers_instead(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": hard()}), soft_bounce="yes")
+        agent = self.agent(FakeConnector({"a@example.net": hard()}), soft_bounce="yes")
         message = self.message()
         self.attempt(agent, message)
         self.assertFalse(message.queue_file.is_done(0))
@@ -232,7 +238,7 @@ class OutcomeTests(DeliveryTestCase):
         from relayagent.common.status import Status
 
         refused = Status("4.4.1", "connect to mx[127.0.0.1]:25: Connection refused")
-        agent = self.agent(FakeTransport(site_failure=refused))
+        agent = self.agent(FakeConnector(site_failure=refused))
         message = self.message()
         result = self.attempt(agent, message)
         self.assertEqual(result.site_failure, refused)
@@ -240,7 +246,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual((event["relay"], event["status"]), ("none", "deferred"))
 
     def test_done_recipients_are_not_sent_again(self) -> None:
-        transport = FakeTransport()
+        transport = FakeConnector()
         agent = self.agent(transport)
         message = self.message(["a@example.net", "b@example.net"])
         message.queue_file.mark_done(0)
@@ -267,7 +273,7 @@ class MessageEndTests(DeliveryTestCase):
                              activated=self.clock.seconds())
 
     def test_backoff_grows_per_attempt(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        agent = self.agent(FakeConnector({"a@example.net": soft()}))
         message = self.message()
         waits = []
         for _ in range(6):
@@ -279,7 +285,7 @@ class MessageEndTests(DeliveryTestCase):
         self.assertEqual(waits, [300, 600, 1200, 2400, 4000, 4000])
 
     def test_expired_recipient_bounced_with_its_last_reason(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        agent = self.agent(FakeConnector({"a@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.clock.advance(5 * DAY)
         self.deferred_once(agent, message)
@@ -292,14 +298,14 @@ class MessageEndTests(DeliveryTestCase):
         self.assertIn("Action: failed", text)
 
     def test_not_expired_before_the_lifetime(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        agent = self.agent(FakeConnector({"a@example.net": soft()}))
         message = self.message()
         self.clock.advance(5 * DAY - 1)
         self.deferred_once(agent, message)
         self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
 
     def test_bounce_queue_lifetime_for_null_sender(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}), bounce_queue_lifetime="1d")
+        agent = self.agent(FakeConnector({"a@example.net": soft()}), bounce_queue_lifetime="1d")
         bounce = self.message(sender="")
         ordinary = self.message()
         self.clock.advance(2 * DAY)
@@ -309,7 +315,7 @@ class MessageEndTests(DeliveryTestCase):
         self.assertEqual(self.spool.find(ordinary.queue_id), DEFERRED)
 
     def test_delay_warning_sent_once(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}), delay_warning_time="1h",
+        agent = self.agent(FakeConnector({"a@example.net": soft()}), delay_warning_time="1h",
                            minimal_backoff_time="1000s", maximal_backoff_time="1000s")
         message = self.message()
         warnings = []
@@ -331,7 +337,7 @@ class ConnectionReuseTests(DeliveryTestCase):
         return ConnectionCache(self.clock, **options)
 
     def test_backlog_keeps_the_session_and_the_next_request_reuses_it(self) -> None:
-        transport = FakeTransport()
+        transport = FakeConnector()
         cache = self.cache()
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=3)
@@ -347,7 +353,7 @@ class ConnectionReuseTests(DeliveryTestCase):
         self.assertEqual(uses, [None, 2])
 
     def test_no_backlog_no_caching(self) -> None:
-        transport = FakeTransport()
+        transport = FakeConnector()
         cache = self.cache()
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=0)
@@ -355,14 +361,14 @@ class ConnectionReuseTests(DeliveryTestCase):
         self.assertEqual(transport.sessions[0].transactions[0][1], True)
 
     def test_cache_destinations_always_cached(self) -> None:
-        transport = FakeTransport()
+        transport = FakeConnector()
         cache = self.cache(always_cache=("127.0.0.1",))
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=0)
         self.assertEqual(len(cache), 1)
 
     def test_failed_probe_means_a_new_connection(self) -> None:
-        transport = FakeTransport()
+        transport = FakeConnector()
         cache = self.cache()
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=3)
@@ -381,21 +387,22 @@ class PostmasterNoticeTests(DeliveryTestCase):
 
         return Status("5.5.0", "protocol error: host mx[127.0.0.1] said something that is not an SMTP reply "
                       "while receiving the RCPT TO response: '2x0 ok'", stage="RCPT TO",
-                      remote_mta="mx", extra={"notify_class": "protocol"})
+                      remote_mta="mx", notify_class="protocol")
 
     def transport(self):
-        transport = FakeTransport({"a@example.net": self.protocol_error()})
-        make = transport.__call__
+        transport = FakeConnector({"a@example.net": self.protocol_error()})
+        make = transport.deliver
 
-        def with_transcript(nexthops, indexes, transact):
+        def with_transcript(resolver, nexthops, indexes, transact):
             def transact_with_transcript(session, indexes):
                 session.transcript = type("T", (), {"lines": lambda self: [
                     "Out: MAIL FROM:<s@example.org>", "In: 250 2.1.0 Ok",
                     "Out: RCPT TO:<a@example.net>", "In: 2x0 ok"]})()
                 return transact(session, indexes)
-            return make(nexthops, indexes, transact_with_transcript)
+            return make(resolver, nexthops, indexes, transact_with_transcript)
 
-        return with_transcript
+        transport.deliver = with_transcript
+        return transport
 
     def test_protocol_notice_with_transcript(self) -> None:
         agent = self.agent(self.transport(), notify_classes="protocol, resource, software")
@@ -465,7 +472,7 @@ class DiskFullTests(DeliveryTestCase):
     def test_failure_notice_that_cannot_be_queued_is_sent_next_time(self) -> None:
         from relayagent.spool import spool as spool_module
 
-        agent = self.agent(FakeTransport({"a@example.net": hard()}))
+        agent = self.agent(FakeConnector({"a@example.net": hard()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.attempt(agent, message)
         self.assertTrue(message.queue_file.is_done(0) and message.queue_file.is_done(1))
@@ -498,7 +505,7 @@ class DiskFullTests(DeliveryTestCase):
     def test_bounce_log_that_cannot_be_written_defers_the_recipient(self) -> None:
         from relayagent.spool import logs as logs_module
 
-        agent = self.agent(FakeTransport({"a@example.net": hard(), "c@example.net": hard()}))
+        agent = self.agent(FakeConnector({"a@example.net": hard(), "c@example.net": hard()}))
         message = self.message(["a@example.net", "b@example.net", "c@example.net"])
         real_append = logs_module.append_record
         self.full_disk(logs_only=BOUNCE_LOG)
@@ -533,7 +540,7 @@ class DiskFullTests(DeliveryTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_defer_log_that_cannot_be_written_costs_only_the_reason(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft(), "b@example.net": soft()}))
+        agent = self.agent(FakeConnector({"a@example.net": soft(), "b@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.full_disk(logs_only=DEFER_LOG)
         self.attempt(agent, message)
@@ -563,7 +570,7 @@ class DiskFullTests(DeliveryTestCase):
         self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
 
     def test_expiry_that_cannot_write_its_bounce_log(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        agent = self.agent(FakeConnector({"a@example.net": soft()}))
         message = self.message()
         self.clock.advance(5 * DAY)
         self.attempt(agent, message)
@@ -574,7 +581,7 @@ class DiskFullTests(DeliveryTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_delay_warning_that_cannot_be_queued(self) -> None:
-        agent = self.agent(FakeTransport({"a@example.net": soft()}), delay_warning_time="1h")
+        agent = self.agent(FakeConnector({"a@example.net": soft()}), delay_warning_time="1h")
         message = self.message()
         self.clock.advance(2 * HOUR)
         self.attempt(agent, message)
@@ -589,7 +596,7 @@ class DiskFullTests(DeliveryTestCase):
     def test_move_that_fails_raises_for_the_scheduler(self) -> None:
         import errno
 
-        agent = self.agent(FakeTransport({"a@example.net": soft()}))
+        agent = self.agent(FakeConnector({"a@example.net": soft()}))
         message = self.message()
         self.attempt(agent, message)
 

@@ -33,10 +33,10 @@ from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.smtp.connect import Connector
+from relayagent.smtp.deliver import SessionFactories
 from relayagent.smtp.resolve import MailExchangerAddress
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
-from relayagent.smtp.tls import RETRY_PLAINTEXT
 from tests.support.certs import CertificateAuthority
 from tests.support.sink import free_port
 from tests.test_sasl import LogCapture, secret_forms
@@ -177,7 +177,7 @@ class SecurityInteropTests(unittest.TestCase):
         )
         haystack = [self.logs.text()]
         haystack += ["\n".join(session.transcript.lines()) for session in self.sessions]
-        haystack += [f"{failure} {failure.status!r} {failure.status.extra}" for failure in self.failures]
+        haystack += [f"{failure} {failure.status!r} {failure.status.notify_class}" for failure in self.failures]
         # Case-insensitive: an upper-cased base64 payload is still a leak.
         text = "\n".join(haystack).lower()
         self.assertTrue(text)  # something was logged or transcribed
@@ -426,13 +426,11 @@ class SecurityInteropTests(unittest.TestCase):
         security = SecurityPolicy(config).for_nexthop("example.com")
         failure = await self.expect_failure(self.session(port, security=security))
         self.assertEqual(failure.status.dsn, "4.7.5")
-        self.assertEqual(failure.status.extra.get(RETRY_PLAINTEXT), "yes")
+        self.assertTrue(failure.status.retry_plaintext)
         self.assertIn("Out: STARTTLS", self.sessions[0].transcript.lines())
 
         # The connection layer, with the daemon's factories, retries the
         # same address once without STARTTLS.
-        from relayagent.master.service import SessionFactories
-
         connector = Connector(reactor, config, SessionFactories(config, reactor, SecurityPolicy(config)))
         address = MailExchangerAddress("mx.example.com", "127.0.0.2", socket.AF_INET, 10, port)
         session = await connector.connect([address], "example.com")

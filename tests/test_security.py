@@ -16,7 +16,7 @@ from relayagent.common.config import Config
 from relayagent.common.status import DeliveryFailure
 from relayagent.smtp.reply import Reply
 from relayagent.smtp.security import SecurityConfigError, SecurityPolicy, SessionSecurity
-from relayagent.smtp.tls import RETRY_PLAINTEXT, TLSLevel
+from relayagent.smtp.tls import TLSLevel
 from tests.support.certs import CertificateAuthority
 from tests.test_sasl import LogCapture, secret_forms
 from tests.test_tls import FakeTLSSession
@@ -147,7 +147,7 @@ class SecurityTests(SynchronousTestCase):
         context.set_max_proto_version(0x0303)
         session = AuthServerSession(context)
         failure = self.failureResultOf(self.negotiate(security, session), DeliveryFailure)
-        self.assertEqual(failure.value.status.extra.get(RETRY_PLAINTEXT), "yes")
+        self.assertTrue(failure.value.status.retry_plaintext)
         retry = security.plaintext_fallback()
         self.assertEqual(retry.tls_level, TLSLevel.NONE)
         self.assertEqual(retry.nexthop, "example.com")

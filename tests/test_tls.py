@@ -22,7 +22,6 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.reply import Reply
 from relayagent.smtp.session import ServerInfo
 from relayagent.smtp.tls import (
-    RETRY_PLAINTEXT,
     ContextCache,
     PolicyLookup,
     TLSConfigError,
@@ -383,7 +382,7 @@ class NegotiationTests(SynchronousTestCase):
         failure = self.failureResultOf(self.negotiate(session, level, **kwargs), DeliveryFailure)
         self.assertEqual(failure.value.status.dsn, "4.7.5")
         self.assertEqual(failure.value.status.text, "Server certificate not verified")
-        self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+        self.assertFalse(failure.value.status.retry_plaintext)
         # The connection was aborted before any EHLO went over it.
         self.assertIsNotNone(session.tls_protocol.verification_failure)
         self.assertEqual(session.sent, [b"STARTTLS"])
@@ -448,14 +447,14 @@ class NegotiationTests(SynchronousTestCase):
         status = failure.value.status
         self.assertEqual(status.dsn, "4.7.5")
         self.assertEqual(status.text, "Cannot start TLS: handshake failure with host mx.example.com[192.0.2.1]")
-        self.assertEqual(status.extra[RETRY_PLAINTEXT], "yes")
+        self.assertTrue(status.retry_plaintext)
         self.assertTrue(failure.value.skip_to_next)
 
     def test_failed_handshake_at_encrypt_does_not_retry(self) -> None:
         session = self._failing_handshake()
         failure = self.failureResultOf(self.negotiate(session, TLSLevel.ENCRYPT, protocols=("TLSv1.3",)), DeliveryFailure)
         self.assertEqual(failure.value.status.dsn, "4.7.5")
-        self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+        self.assertFalse(failure.value.status.retry_plaintext)
 
     def test_protocol_floor(self) -> None:
         # Our default floor is TLS 1.2: a TLS 1.1-only server fails.
@@ -477,7 +476,7 @@ class NegotiationTests(SynchronousTestCase):
         session = self.session_for(["mx.example.com"], ehlo_after_tls=lost)
         failure = self.failureResultOf(self.negotiate(session, TLSLevel.MAY), DeliveryFailure)
         self.assertIs(failure.value, lost)
-        self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+        self.assertFalse(failure.value.status.retry_plaintext)
 
     def test_client_certificate(self) -> None:
         client_cert = CA.issue(["client.example.com"], client=True)
@@ -700,7 +699,7 @@ class CertificateMatrixTests(SynchronousTestCase):
             for starttls_reply in (reply(454, "4.7.0 TLS not available"), reply(554, "5.7.0 no")):
                 session = self.session_for(["mx.example.com"], starttls_reply=starttls_reply)
                 failure = self.failureResultOf(self.negotiate(session, level), DeliveryFailure)
-                self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+                self.assertFalse(failure.value.status.retry_plaintext)
                 self.assertEqual(session.sent, [b"STARTTLS"])
             # The connection dropped at STARTTLS: the session's failure
             # is passed on as it is, with no plaintext retry flag.
@@ -709,4 +708,4 @@ class CertificateMatrixTests(SynchronousTestCase):
             session.command = lambda line, lost=lost, **kwargs: fail(lost)  # type: ignore[method-assign]
             failure = self.failureResultOf(self.negotiate(session, level), DeliveryFailure)
             self.assertIs(failure.value, lost)
-            self.assertNotIn(RETRY_PLAINTEXT, failure.value.status.extra)
+            self.assertFalse(failure.value.status.retry_plaintext)

@@ -10,6 +10,10 @@ Postfix would show in parentheses after ``status=`` in its log line, the
 SMTP reply code when a server gave one, and the stage of the session it
 came from.
 
+SYNOPSIS: ``Status``, ``DeliveryFailure``, ``is_enhanced_status``.
+
+DIAGNOSTICS: ``Status`` raises ValueError for a malformed enhanced code.
+
 Owns no parameters.
 """
 
@@ -19,11 +23,6 @@ import re
 from dataclasses import dataclass, field
 
 # RFC 3463: class.subject.detail, class 2, 4 or 5, subject and detail 0-999.
-# Status.extra keys that are contracts between phases.
-# The TLS layer sets it on a failed handshake at level may; the connection
-# layer then retries the same address once without STARTTLS.
-RETRY_PLAINTEXT = "tls_retry_plaintext"
-
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 
 
@@ -45,6 +44,13 @@ class Status:
     or None for local failures.
     ``reply``: the server's reply text alone (for Diagnostic-Code), if any.
     ``remote_mta``: the server's host name (for Remote-MTA), if any.
+
+    Two contracts between phases, not part of the outcome (not compared):
+    ``notify_class``: the ``notify_classes`` class of the problem (e.g.
+    ``"protocol"``, set by the session on a protocol error), for the
+    postmaster notice; None for none.  ``retry_plaintext``: set by the TLS
+    layer on a failed handshake at level may; the connection layer then
+    tries the same address once more without STARTTLS.
     """
 
     dsn: str
@@ -53,7 +59,8 @@ class Status:
     stage: str | None = None
     reply: str | None = None
     remote_mta: str | None = None
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    notify_class: str | None = field(default=None, compare=False, repr=False)
+    retry_plaintext: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not is_enhanced_status(self.dsn):
@@ -89,7 +96,8 @@ class Status:
             stage=self.stage,
             reply=self.reply,
             remote_mta=self.remote_mta,
-            extra=dict(self.extra),
+            notify_class=self.notify_class,
+            retry_plaintext=self.retry_plaintext,
         )
 
 

@@ -7,12 +7,14 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 - the maillog (``relayagent.common.maillog.MailLog``) on ``maillog_file``;
   without one, relayagent's lines go into twistd's log;
 - the spool (``relayagent.spool.Spool``);
-- the delivery agent (``relayagent.qmgr.delivery.DeliveryAgent``) over the
-  real resolver (``resolve.NexthopResolver``), connector
-  (``connect.Connector``), ESMTP session factory
-  (``esmtp.SMTPSessionFactory``), security policy
-  (``security.SecurityPolicy``) and connection cache (``conncache``);
-- the queue manager (``scheduler.QueueManager``);
+- smtp(8)'s entry point (``relayagent.smtp.deliver.SmtpAgent``), which
+  owns the real resolver (``resolve.NexthopResolver``), the connector
+  (``connect.Connector``), the ESMTP session factory
+  (``session.SMTPSessionFactory``) with the security policy
+  (``security.SecurityPolicy``) and the connection cache (``conncache``);
+- the delivery agent (``relayagent.qmgr.delivery.DeliveryAgent``) over it;
+- the queue manager (``scheduler.QueueManager``), routing with the smtp
+  agent's ``route``;
 - the trigger socket (``control``: ``$queue_directory/public/qmgr``).
 
 Privileges (twistd ``--uid``, ``--gid``, ``--chroot``): twistd loads the
@@ -39,6 +41,13 @@ taking or children of its own.  The maillog is written in whole lines,
 one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
+SYNOPSIS: ``build_service``, ``RelayagentService``, ``LineAppender``,
+``open_log``.
+
+DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
+parameter; ``startService`` raises ``control.DaemonRunning`` when another
+queue manager holds the spool.
+
 Owns no parameters; reads queue_directory, maillog_file, log_format,
 relayagent_workers.
 """
@@ -47,7 +56,6 @@ from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - "xn--" names after a chroot need the codec loaded
 import os
-from collections import OrderedDict
 from typing import Any, TextIO
 
 from twisted.application.service import MultiService
@@ -56,98 +64,15 @@ from twisted.logger import Logger
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
-from relayagent.common.envelope import Recipient
-from relayagent.common.status import DeliveryFailure, Status
 from relayagent.master import worker
-from relayagent.qmgr.delivery import Attempt, DeliveryAgent, Outcome, Transact
+from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager
-from relayagent.smtp.conncache import ConnectionCache
-from relayagent.smtp.connect import Connector
+from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
 from relayagent.spool import Spool, control
 
 log = Logger(namespace="relayagent.master.service")
-
-# Domains whose destination key is remembered (route); an LRU bound.
-ROUTE_CACHE_SIZE = 10000
-
-
-class Router:
-    """``route(recipient) -> destination key``: the first nexthop of the
-    recipient's domain, as written (``[127.0.0.1]:2525``, ``example.com``);
-    ``nexthops(domain)``: the resolver's nexthop list.  Both remembered
-    per domain (an LRU): the answer depends only on main.cf and its
-    tables, and the delivery agent asks once per request."""
-
-    def __init__(self, resolver: NexthopResolver, size: int = ROUTE_CACHE_SIZE) -> None:
-        self.resolver = resolver
-        self.size = size
-        self._known: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
-
-    def nexthops(self, domain: str) -> tuple[Any, ...]:
-        known = self._known.get(domain)
-        if known is not None:
-            self._known.move_to_end(domain)
-            return known
-        # Failures (a bad domain, a table problem) are not remembered.
-        known = tuple(self.resolver.nexthops(domain))
-        self._known[domain] = known
-        if len(self._known) > self.size:
-            self._known.popitem(last=False)
-        return known
-
-    def __call__(self, recipient: Recipient) -> str:
-        try:
-            nexthops = self.nexthops(recipient.domain)
-        except DeliveryFailure:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a table problem defers, never crashes the queue
-            raise DeliveryFailure(Status("4.3.0", f"mail transport unavailable: {exc}")) from None
-        if not nexthops:
-            raise DeliveryFailure(Status("4.3.0", "mail transport unavailable: no nexthop"))
-        return str(nexthops[0])
-
-
-class ConnectorTransport:
-    """The delivery agent's transport over ``connect.Connector.deliver``."""
-
-    def __init__(self, connector: Connector, resolver: NexthopResolver) -> None:
-        self.connector = connector
-        self.resolver = resolver
-
-    def __call__(self, nexthops: Any, indexes: list[int], transact: Transact) -> Deferred[Attempt]:
-        deferred = self.connector.deliver(self.resolver, nexthops, indexes, transact)
-        return deferred.addCallback(
-            lambda result: Attempt(
-                {index: Outcome(o.status, o.server) for index, o in result.outcomes.items()},
-                sessions=result.sessions,
-            )
-        )
-
-
-class SessionFactories:
-    """``session_factory_for(server)`` for the connector: one security
-    hook per nexthop, shared by its sessions."""
-
-    def __init__(self, config: Config, reactor: Any, security: SecurityPolicy | None) -> None:
-        self.config = config
-        self.reactor = reactor
-        self.security = security
-        self._hooks: dict[str, Any] = {}
-
-    def __call__(self, server: ServerInfo, *, plaintext: bool = False) -> SMTPSessionFactory:
-        hook = None
-        if self.security is not None:
-            hook = self._hooks.get(server.nexthop)
-            if hook is None:
-                hook = self._hooks[server.nexthop] = self.security.for_nexthop(server.nexthop)
-            if plaintext:
-                # The retry after a failed handshake at TLS level may.
-                hook = hook.plaintext_fallback()
-        return SMTPSessionFactory(self.config, self.reactor, server, security=hook)
-
 
 class RelayagentService(MultiService):
     """Spool, queue manager, delivery agent, trigger socket, log observers."""
@@ -173,9 +98,7 @@ class RelayagentService(MultiService):
         self.maillog: ralog.MailLog | None = None
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
-        self.cache = ConnectionCache.from_config(config, reactor)
-        self.connector = Connector(reactor, config, SessionFactories(config, reactor, security))
-        self.router = Router(self.resolver)
+        self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
         # Under --chroot the path above means nothing after the chroot: keep
         # a descriptor to find the directory again (module docstring).
         self._directory_fd: int | None = None
@@ -252,15 +175,13 @@ class RelayagentService(MultiService):
 
         self.agent = DeliveryAgent(
             self.config, self.spool, self.reactor,
-            nexthops=self.router.nexthops,
-            transport=ConnectorTransport(self.connector, self.resolver),
-            cache=self.cache,
+            smtp=self.smtp,
             new_mail=new_mail,
             # Unlinking delivered files off the reactor thread.
             removal_reactor=self.reactor,
         )
         queue_manager = QueueManager(
-            self.config, self.spool, self.agent, self.reactor, self.router,
+            self.config, self.spool, self.agent, self.reactor, self.smtp.route,
             owns=worker.partition_filter(index, self.workers),
             on_trigger=on_trigger if self.role is None and self.workers > 1 else None,
         )
@@ -316,7 +237,7 @@ class RelayagentService(MultiService):
         def after(_: Any) -> None:
             if self.agent is not None:
                 self.agent.stop()
-            self.cache.close_all()
+            self.smtp.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None

@@ -1,14 +1,16 @@
 """
-One delivery request end to end, and what becomes of each recipient and
-of the message (Postfix: smtp.c's deliver_message, smtp_rcpt.c, the
-deliver_completed/bounce_append/defer_append calls of smtp_trouble.c, and
+What becomes of each recipient and of the message after a delivery
+request (Postfix: the deliver_completed/bounce_append/defer_append calls
+of smtp_trouble.c and smtp_rcpt.c, qmgr_deliver.c's end of a request, and
 qmgr_active.c's end of a message: remove, defer, expire).
 
 A request (``relayagent.qmgr.scheduler.DeliveryRequest``: recipients of one
-message for one destination) goes nexthop -> addresses -> session ->
-ESMTP transaction(s), through ``connect.Connector.deliver`` (next-MX
-rules) or a cached session (``conncache``, probed with RSET).  Each
-recipient's outcome is acted on as soon as it is known:
+message for one destination) becomes an ``SmtpRequest`` for smtp's one
+entry point, ``relayagent.smtp.deliver.SmtpAgent.deliver`` (routing,
+addresses, the connection cache, sessions, the fallback across
+addresses: all smtp's), which hands back one ``SmtpResult``.  Then the
+``notify_classes`` problems it reports go to the postmaster, and each
+recipient's outcome is acted on:
 
 - sent: marked done in the queue file, then logged (``status=sent``);
 - bounced: written to the message's bounce log, marked done, logged
@@ -60,15 +62,21 @@ of the one attempt during which the message's age crossed
 queue file (``next_attempt - backoff(attempts)``).  A crash between the
 warning and the attempt record can send it twice, never zero times.
 
+SYNOPSIS: ``DeliveryAgent`` (``deliver``, ``defer_unsent``, ``finish``,
+``stop``).
+
+DIAGNOSTICS: ``deliver`` fires with a ``RequestResult`` (its
+``site_failure`` is smtp's); write errors are warning lines (above); a
+queue file found corrupt is moved to ``corrupt/`` by ``finish``.
+
 Owns: soft_bounce, maximal_queue_lifetime, bounce_queue_lifetime,
 delay_warning_time (the timing; dsn.py writes the text).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -77,9 +85,10 @@ from twisted.logger import Logger
 from relayagent.bounce import dsn
 from relayagent.common import maillog as ralog
 from relayagent.common.envelope import Envelope, Recipient
-from relayagent.common.status import DeliveryFailure, Status
+from relayagent.common.status import Status
 from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest, RequestResult, backoff_time
-from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
+from relayagent.smtp.deliver import SmtpRequest
+from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult, Transmission
 from relayagent.spool import (
     ACTIVE,
     BOUNCE_LOG,
@@ -95,48 +104,17 @@ from relayagent.spool.remover import BackgroundRemover
 log = Logger(namespace="relayagent.qmgr.delivery")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One recipient's final status from a delivery, and the server that
-    gave it (None: no session, ``relay=none``)."""
+class SmtpDeliverer(Protocol):
+    """smtp's entry point (``relayagent.smtp.deliver.SmtpAgent``)."""
 
-    status: Status
-    server: Any = None
-
-
-@dataclass
-class Attempt:
-    """What the transport reports for a request: an outcome per recipient
-    index, and whether any session was made."""
-
-    outcomes: dict[int, Outcome] = field(default_factory=dict)
-    sessions: int = 0
-
-
-# ``transport(nexthops, indexes, transact) -> Deferred[Attempt]``: runs
-# ``transact(session, indexes) -> Deferred[dict[int, Status]]`` over the
-# sessions it makes, with the next-MX rules (connect.Connector.deliver,
-# adapted in daemon.py; fakes in tests).
-Transact = Callable[[Any, list[int]], "Deferred[dict[int, Status]]"]
-Transport = Callable[[Sequence[Any], list[int], Transact], "Deferred[Attempt]"]
-
-
-@dataclass
-class _Timing:
-    started: float
-    connected: float | None = None
-    conn_use: dict[int, int] = field(default_factory=dict)
-    dsn_offered: dict[int, bool] = field(default_factory=dict)
-    transmitted: dict[int, tuple[float, float]] = field(default_factory=dict)  # index -> (c, d)
+    def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]: ...
 
 
 class DeliveryAgent:
     """Runs delivery requests and ends messages (the scheduler's agent).
 
-    ``nexthops(domain) -> list[Nexthop]`` (``NexthopResolver.nexthops``),
-    ``transport`` as above, ``cache`` the connection cache (None: no
-    caching), ``new_mail()`` is called when notices were queued (the
-    queue manager's wakeup).
+    ``smtp``: smtp's entry point (``SmtpAgent``); ``new_mail()`` is
+    called when notices were queued (the queue manager's wakeup).
     """
 
     def __init__(
@@ -145,9 +123,7 @@ class DeliveryAgent:
         spool: Spool,
         clock: IReactorTime,
         *,
-        nexthops: Callable[[str], Sequence[Any]],
-        transport: Transport,
-        cache: ConnectionCache | None = None,
+        smtp: SmtpDeliverer,
         new_mail: Callable[[], None] | None = None,
         on_corrupt: Callable[[ActiveMessage, str], None] | None = None,
         removal_reactor: Any = None,
@@ -155,12 +131,9 @@ class DeliveryAgent:
         self.config = config
         self.spool = spool
         self.clock = clock
-        self.nexthops = nexthops
-        self.transport = transport
-        self.cache = cache
+        self.smtp = smtp
         self.new_mail = new_mail
         self.soft_bounce: bool = config["soft_bounce"]
-        self.authenticating: bool = config["smtp_sasl_auth_enable"]
         self.corrupt: dict[str, str] = {}  # queue id -> reason, found during delivery
         # removal_reactor (a reactor with callFromThread): delivered
         # messages are unlinked by a worker thread (spool.remover); None:
@@ -186,136 +159,34 @@ class DeliveryAgent:
         recipients = [r for r in request.recipients if not queue_file.is_done(r.index)]
         if not recipients or message.queue_id in self.corrupt:
             return RequestResult()
-        timing = _Timing(started=self.clock.seconds())
-        try:
-            nexthops = list(self.nexthops(request.domain))
-        except DeliveryFailure as failure:
-            self._record_all(request, recipients, Outcome(failure.status), timing)
-            return RequestResult()
-        if not nexthops:
-            self._record_all(request, recipients, Outcome(Status("4.3.0", "no nexthop")), timing)
-            return RequestResult()
-        nexthop_key = str(nexthops[0])
-        by_index = {r.index: r for r in recipients}
-
-        def transact(session: Any, indexes: list[int]) -> Deferred[dict[int, Status]]:
-            entry = self._entry_for(session, nexthop_key)
-            return Deferred.fromCoroutine(
-                self._transact(request, entry, [by_index[i] for i in indexes], timing)
-            )
-
-        try:
-            attempt: Attempt | None = None
-            while self.cache is not None and (cached := self.cache.take(nexthop_key)) is not None:
-                # A reused session is the final server for this request
-                # (Postfix would try the next MX on a soft error; with a
-                # session cached the destination was just working).  The
-                # RSET probe goes in the transaction's first write; a
-                # session that fails it delivered nothing and is dropped.
-                statuses = await self._transact(request, cached, recipients, timing, probe=True)
-                if statuses is None:
-                    continue
-                attempt = Attempt(
-                    {index: Outcome(status, cached.session.server) for index, status in statuses.items()},
-                    sessions=1,
-                )
-                break
-            if attempt is None:
-                attempt = await self.transport(nexthops, list(by_index), transact)
-        except CorruptQueueFile as exc:
-            self._corrupt_found(message, exc.reason)
+        started = self.clock.seconds()
+        result = await self.smtp.deliver(
+            SmtpRequest(message.envelope, request.domain, tuple(recipients), request.backlog)
+        )
+        self._notify_postmaster(message.envelope, result.problems)
+        if result.corrupt is not None:
+            self._corrupt_found(message, result.corrupt)
             return RequestResult()
         if message.queue_id in self.corrupt:
             return RequestResult()
         try:
-            return self._outcomes(request, recipients, attempt, timing)
+            self._record_many(request, [(r, result.outcomes[r.index]) for r in recipients],
+                              started, result.transmissions)
         except CorruptQueueFile as exc:
             # The file's name no longer leads to the file opened (a link or
             # another file put in its place): nothing was written to it.
             self._corrupt_found(message, exc.reason)
             return RequestResult()
+        return RequestResult(site_failure=result.site_failure)
 
-    def _outcomes(self, request: DeliveryRequest, recipients: list[Recipient], attempt: Attempt,
-                  timing: _Timing) -> RequestResult:
-        """Record what the attempt did to each recipient."""
-        site_failure: Status | None = None
-        outcomes: list[tuple[Recipient, Outcome]] = []
-        for recipient in recipients:
-            outcome = attempt.outcomes.get(recipient.index) or Outcome(
-                Status("4.3.0", "mail system error: no delivery status for this recipient")
-            )
-            outcomes.append((recipient, outcome))
-            if attempt.sessions == 0 and outcome.server is None and site_failure is None and outcome.status.soft:
-                site_failure = outcome.status
-        self._record_many(request, outcomes, timing)
-        return RequestResult(site_failure=site_failure)
-
-    def _entry_for(self, session: Any, nexthop_key: str) -> CachedSession:
-        server = session.server
-        return CachedSession(
-            session,
-            nexthop=nexthop_key,
-            address=address_key(server.address, server.port),
-            created=self.clock.seconds(),
-            # Which sessions AUTHed is the security layer's business; with
-            # SASL on, treat every session as authenticated: kept under
-            # its nexthop only (never wrong, at worst less reuse).
-            authenticated=self.authenticating,
-        )
-
-    async def _transact(self, request: DeliveryRequest, entry: CachedSession,
-                        recipients: list[Recipient], timing: _Timing,
-                        *, probe: bool = False) -> dict[int, Status] | None:
-        """One transaction on a greeted session; keeps or closes it.
-        ``probe``: a cached session, RSET first; None when that failed
-        (the session is closed and nothing was delivered)."""
-        connected = self.clock.seconds()
-        cache = self.cache
-        keep = (
-            cache is not None
-            and cache.wants_caching(entry.nexthop, request.domain, request.backlog)
-            and cache.reusable(entry)
-            and (cache.reuse_count_limit <= 0 or entry.uses < cache.reuse_count_limit)
-        )
-        session = entry.session
-        try:
-            result = await session.deliver(request.message.envelope, recipients, last=not keep, probe=probe)
-        except BaseException:
-            _quit_quietly(session)
-            raise
-        if result.probe_failed:
-            _quit_quietly(session)
-            return None
-        if timing.connected is None:
-            timing.connected = connected
-        done = self.clock.seconds()
-        self._notify_postmaster(request, session, result.recipients.values())
-        offers_dsn = "DSN" in getattr(session, "extensions", {})
-        for recipient in recipients:
-            timing.conn_use[recipient.index] = entry.uses
-            timing.dsn_offered[recipient.index] = offers_dsn
-            timing.transmitted[recipient.index] = (connected - timing.started, done - connected)
-        if not (keep and result.session_usable and cache is not None and cache.store(entry)):
-            _quit_quietly(session)
-        return dict(result.recipients)
-
-    def _notify_postmaster(self, request: DeliveryRequest, session: Any,
-                           statuses: Iterable[Status]) -> None:
+    def _notify_postmaster(self, envelope: Envelope, problems: Sequence[SessionProblem]) -> None:
         """smtp(8)'s ``notify_classes`` notices (protocol, resource,
         software, data): one per class a transaction raised, with its
         session transcript, to ``error_notice_recipient``."""
-        raised: dict[str, Status] = {}
-        for status in statuses:
-            cls = status.extra.get("notify_class")
-            if cls and cls not in raised:
-                raised[cls] = status
-        if not raised:
-            return
-        envelope = request.message.envelope
-        transcript = session.transcript.lines()
-        for cls, status in sorted(raised.items()):
-            notice = dsn.postmaster_notice(cls, envelope, status, transcript, self.config,
-                                           clock=self.clock, server=session.server.namaddr)
+        for problem in problems:
+            cls = problem.notify_class
+            notice = dsn.postmaster_notice(cls, envelope, problem.status, list(problem.transcript),
+                                           self.config, clock=self.clock, server=problem.server)
             if notice is None:
                 continue  # notify_classes does not ask for it, or mail from a notice
             sender, recipients, content = notice
@@ -332,16 +203,8 @@ class DeliveryAgent:
 
     # -- recipient outcomes
 
-    def _record_all(self, request: DeliveryRequest, recipients: Sequence[Recipient],
-                    outcome: Outcome, timing: _Timing) -> None:
-        self._record_many(request, [(recipient, outcome) for recipient in recipients], timing)
-
-    def _record(self, request: DeliveryRequest, recipient: Recipient, outcome: Outcome,
-                timing: _Timing) -> None:
-        self._record_many(request, [(recipient, outcome)], timing)
-
-    def _record_many(self, request: DeliveryRequest, outcomes: Sequence[tuple[Recipient, Outcome]],
-                     timing: _Timing) -> None:
+    def _record_many(self, request: DeliveryRequest, outcomes: Sequence[tuple[Recipient, RecipientOutcome]],
+                     started: float, transmissions: Mapping[int, Transmission]) -> None:
         """Act on the recipients' outcomes at once (see the module
         docstring), in three passes so that the queue file is opened once
         for all the marks: each recipient's bounce or defer record, then
@@ -350,7 +213,7 @@ class DeliveryAgent:
         log line."""
         message = request.message
         queue_file = message.queue_file
-        decided: list[tuple[Recipient, Outcome, Status, str]] = []
+        decided: list[tuple[Recipient, RecipientOutcome, Status, str]] = []
         done: list[int] = []
         troubles = _Troubles(message.queue_id)
         for recipient, outcome in outcomes:
@@ -392,25 +255,29 @@ class DeliveryAgent:
         now = self.clock.seconds()
         envelope = message.envelope
         before_qmgr = max(0.0, message.activated - envelope.arrival_time)
-        in_qmgr = max(0.0, (request.dispatched or timing.started) - message.activated)
+        in_qmgr = max(0.0, (request.dispatched or started) - message.activated)
         delay = max(0.0, now - envelope.arrival_time)
-        not_transmitted = (max(0.0, now - timing.started), 0.0)
+        not_transmitted = (max(0.0, now - started), 0.0)
         for recipient, outcome, status, verdict in decided:
-            setup, transmission = timing.transmitted.get(recipient.index, not_transmitted)
+            sent = transmissions.get(recipient.index)
+            if sent is None:
+                setup, transmission = not_transmitted
+            else:
+                setup, transmission = sent.connected - started, sent.done - sent.connected
             server = outcome.server
             ralog.log_delivery(
                 log,
                 queue_id=message.queue_id,
                 recipient=recipient,
                 relay=str(server) if server is not None else None,
-                conn_use=timing.conn_use.get(recipient.index),
+                conn_use=sent.conn_use if sent is not None else None,
                 delay=delay,
                 delays=(before_qmgr, in_qmgr, setup, transmission),
                 status=status,
                 outcome=verdict,
             )
             if status.ok and server is not None:
-                self._success_notice(message, recipient, status, timing.dsn_offered.get(recipient.index, False))
+                self._success_notice(message, recipient, status, sent is not None and sent.dsn_offered)
 
     def _success_notice(self, message: ActiveMessage, recipient: Recipient, status: Status,
                         offers_dsn: bool) -> None:
@@ -426,9 +293,9 @@ class DeliveryAgent:
         """Recipients not tried (dead destination, no route, a crash):
         each gets ``status`` (deferred, or bounced when hard)."""
         queue_file = request.message.queue_file
-        timing = _Timing(started=self.clock.seconds())
-        self._record_all(request, [r for r in request.recipients if not queue_file.is_done(r.index)],
-                         Outcome(status), timing)
+        outcome = RecipientOutcome(status, None)
+        self._record_many(request, [(r, outcome) for r in request.recipients if not queue_file.is_done(r.index)],
+                          self.clock.seconds(), {})
 
     def _corrupt_found(self, message: ActiveMessage, reason: str) -> None:
         self.corrupt[message.queue_id] = reason
@@ -652,12 +519,3 @@ def _status_of(record: LogRecord) -> Status:
         # A record cut short or edited by hand: keep its class if we can.
         dsn_code = "5.0.0" if record.action == "failed" else "4.0.0"
         return Status(dsn_code, record.reason or "unknown reason")
-
-
-def _quit_quietly(session: Any) -> None:
-    try:
-        closing = session.quit()
-    except Exception:  # noqa: BLE001 - the session is gone either way
-        return
-    if isinstance(closing, Deferred):
-        closing.addErrback(lambda _failure: None)

@@ -27,9 +27,10 @@ its own addresses; the first session to greet wins and the others are
 cancelled (a connection in progress is dropped, a late greeted session
 gets QUIT), and their addresses stay available for a later session.
 
-``deliver_with_fallback`` is the loop the delivery layer runs for one
-nexthop: connect, hand the session and the pending recipients to a
-``transact`` callable, and send the recipients whose status is soft to the
+``deliver_with_fallback`` is the loop smtp(8)'s delivery step
+(``relayagent.smtp.deliver``) runs for one nexthop: connect, hand the
+session and the pending recipients to its ``transact`` step (the mail
+transaction, in the same package), and send the recipients whose status is soft to the
 next address while this is not the final server (the last address, or
 ``smtp_mx_session_limit`` sessions reached).  Hard errors are final at
 once.  ``deliver`` runs that over the nexthop list (the destination, then
@@ -37,6 +38,18 @@ once.  ``deliver`` runs that over the nexthop list (the destination, then
 ``relayhost`` or a fallback relay that was not reached (not found, no
 address) becomes 4.3.5 (deferred as a configuration problem, not
 bounced); a relay that answered and refused (5xx HELO) bounces.
+
+SYNOPSIS: ``Connector`` (``connect``, ``plan``, ``deliver_with_fallback``,
+``deliver``), ``ConnectionPlan``, ``ConnectFailure``, ``Transact``,
+``relay_configuration_status``, ``describe_connect_error``.
+
+DIAGNOSTICS: ``connect`` fails with ``ConnectFailure`` (the last
+address's status, every skipped address in ``attempts``);
+``deliver_with_fallback`` and ``deliver`` never fail for a delivery
+problem: an ``SmtpResult`` (``relayagent.smtp.result``) with a status for
+every recipient (4.4.1/4.4.2 unreachable, 4.3.5 relay problem, the
+server's own status otherwise); an exception of the transaction step
+other than ``DeliveryFailure`` (a corrupt queue file) goes through.
 
 Owns: smtp_connect_timeout, smtp_bind_address, smtp_bind_address6,
 smtp_skip_5xx_greeting, smtp_skip_4xx_greeting, smtp_mx_session_limit,
@@ -51,7 +64,6 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import error as net_error
@@ -62,8 +74,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayagent.common.config import Config, ConfigError
-from relayagent.common.status import RETRY_PLAINTEXT, DeliveryFailure, Status
+from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
+from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
 from relayagent.smtp.session import ServerInfo
 
 log = Logger(namespace="relayagent.smtp.connect")
@@ -75,16 +88,10 @@ GREETING_STAGE = "CONNECT"
 # plaintext retry at TLS level may calls session_factory_for(server,
 # plaintext=True).
 SessionFactoryFor = Callable[..., IProtocolFactory]
+# The transaction step of this package (relayagent.smtp.deliver, as
+# smtp_connect.c calls smtp_xfer): ``transact(session, indexes) ->
+# Deferred[{index: Status}]`` on a greeted session.
 Transact = Callable[[Any, list[int]], "Deferred[dict[int, Status]]"]
-
-
-@dataclass(frozen=True)
-class AttemptFailure:
-    """Why one address (or one nexthop's lookup, ``server`` None) was
-    skipped: for the log, in the order it happened."""
-
-    server: ServerInfo | None
-    status: Status
 
 
 class ConnectFailure(DeliveryFailure):
@@ -100,31 +107,6 @@ class ConnectFailure(DeliveryFailure):
         super().__init__(status, skip_to_next=not final_server)
         self.attempts = tuple(attempts)
         self.final_server = final_server
-
-
-@dataclass(frozen=True)
-class RecipientOutcome:
-    """The final status of one recipient and the server that gave it
-    (None: no session, ``relay=none``)."""
-
-    status: Status
-    server: ServerInfo | None
-
-
-@dataclass
-class FallbackResult:
-    """What ``deliver_with_fallback`` and ``deliver`` hand back.
-
-    ``outcomes``: by recipient index, every recipient passed in.
-    ``attempts``: every skipped address, lookup failure and soft session
-    failure, in order, for the log.  ``sessions``: sessions that got past
-    EHLO.  ``found_myself``: this machine is an MX host of the nexthop.
-    """
-
-    outcomes: dict[int, RecipientOutcome] = field(default_factory=dict)
-    attempts: list[AttemptFailure] = field(default_factory=list)
-    sessions: int = 0
-    found_myself: bool = False
 
 
 def relay_configuration_status(status: Status) -> Status:
@@ -208,7 +190,7 @@ class _Attempt:
             return
         if (
             isinstance(failure.value, DeliveryFailure)
-            and failure.value.status.extra.get(RETRY_PLAINTEXT) == "yes"
+            and failure.value.status.retry_plaintext
             and not self._retried_in_plaintext
         ):
             # Level may: a failed handshake is retried once, on a new
@@ -446,7 +428,7 @@ class Connector:
         nexthop: Nexthop,
         recipients: Iterable[int],
         transact: Transact,
-    ) -> Deferred[FallbackResult]:
+    ) -> Deferred[SmtpResult]:
         """Deliver ``recipients`` (indexes) through the addresses of one nexthop.
 
         ``transact(session, indexes)`` runs one mail transaction on a greeted
@@ -460,9 +442,9 @@ class Connector:
 
     async def _deliver_with_fallback(
         self, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop, pending: list[int], transact: Transact
-    ) -> FallbackResult:
+    ) -> SmtpResult:
         plan = self.plan(addresses, nexthop)
-        result = FallbackResult(found_myself=bool(getattr(addresses, "found_myself", False)))
+        result = SmtpResult(found_myself=bool(getattr(addresses, "found_myself", False)))
         session_limit = self.config["smtp_mx_session_limit"]
         try:
             while pending:
@@ -513,7 +495,7 @@ class Connector:
         nexthops: Sequence[Nexthop],
         recipients: Iterable[int],
         transact: Transact,
-    ) -> Deferred[FallbackResult]:
+    ) -> Deferred[SmtpResult]:
         """Deliver ``recipients`` through a nexthop list (``resolver.nexthops(domain)``).
 
         Each nexthop's addresses are looked up and delivered to with
@@ -527,8 +509,8 @@ class Connector:
 
     async def _deliver(
         self, resolver: NexthopResolver, nexthops: list[Nexthop], pending: list[int], transact: Transact
-    ) -> FallbackResult:
-        result = FallbackResult()
+    ) -> SmtpResult:
+        result = SmtpResult()
         leftover: dict[int, RecipientOutcome] = {}
         tried: Nexthop | None = None
         for position, nexthop in enumerate(nexthops):

@@ -58,8 +58,8 @@ MAX_REPLY_LINES = 100
 _LINE_RE = re.compile(rb"^([0-9]{3})([ -]|$)")
 _ENHANCED_RE = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
 
-# Status.extra's notify_class: a protocol error for notify_classes.
-PROTOCOL = {"notify_class": "protocol"}
+# Status.notify_class of a protocol error (a notify_classes class).
+PROTOCOL = "protocol"
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def reply_status(reply: Reply, *, host: str, namaddr: str, request: str, stage: 
         stage=stage,
         reply=reply.text,
         remote_mta=host,
-        extra=dict(PROTOCOL) if is_protocol_error(reply.code) else {},
+        notify_class=PROTOCOL if is_protocol_error(reply.code) else None,
     )
 
 

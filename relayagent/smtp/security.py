@@ -15,7 +15,7 @@ may be sent, or fails with ``DeliveryFailure``:
 
 - 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
   configuration problem, or a failed handshake.  At level ``may`` a failed
-  handshake carries ``status.extra["tls_retry_plaintext"] == "yes"``: the
+  handshake carries ``status.retry_plaintext``: the
   connection layer then connects to the same address again with
   ``security.plaintext_fallback()``.
 - AUTH: 4.7.0 no usable mechanism or a local SASL error; the server's reply

@@ -65,6 +65,7 @@ from relayagent.smtp.body import BodyEncoder
 from relayagent.smtp.ehlo import parse_ehlo
 from relayagent.smtp.reply import (
     MAX_LINE_OCTETS,
+    PROTOCOL,
     Reply,
     ReplyAssembler,
     reply_status,
@@ -610,7 +611,7 @@ class SMTPSession(LineReceiver):
             if not status.soft:
                 status = Status(dsn="4.4.2", text=f"{status.text}: unexpected replies, no command was pending",
                                 code=status.code, stage="idle", reply=status.reply,
-                                remote_mta=self.server.host, extra={"notify_class": "protocol"})
+                                remote_mta=self.server.host, notify_class=PROTOCOL)
             self._break(status)
             return
         self._unclaimed.append(reply)
@@ -811,7 +812,7 @@ class SMTPSession(LineReceiver):
                 "to STARTTLS",
                 stage=stage.name,
                 remote_mta=self.server.host,
-                extra={"notify_class": "protocol"},
+                notify_class=PROTOCOL,
             )
             self._break(status)
             raise DeliveryFailure(status)

@@ -9,7 +9,7 @@ Levels, weakest first:
 - ``may``: STARTTLS when the server offers it; the certificate is not
   checked.  A server that refuses STARTTLS gets the mail in plaintext on
   the same connection; a failed handshake is a ``DeliveryFailure`` with
-  ``status.extra["tls_retry_plaintext"] == "yes"``: the connection layer
+  ``status.retry_plaintext`` set: the connection layer
   reconnects to the same address without TLS (``SessionSecurity
   .plaintext_fallback()``), as Postfix does.
 - ``encrypt``: STARTTLS is required (4.7.4 "TLS is required, but was not
@@ -66,13 +66,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayagent.common.status import RETRY_PLAINTEXT, DeliveryFailure, Status
+from relayagent.common.status import DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.smtp.tls")
 
 STARTTLS_STAGE = "STARTTLS"
 STARTTLS_WHILE = "sending the STARTTLS command"
-# The status.extra flag that asks the connection layer for a plaintext retry.
 
 
 class TLSConfigError(ValueError):
@@ -706,11 +705,10 @@ async def negotiate_tls(
             text=f"Cannot start TLS: handshake failure with host {_peer(server)}",
             stage=STARTTLS_STAGE,
             remote_mta=server.host,
-        )
-        if not level.mandatory:
             # Postfix retries opportunistic TLS in plaintext on a new
             # connection; the connection layer does that on this flag.
-            status.extra[RETRY_PLAINTEXT] = "yes"
+            retry_plaintext=not level.mandatory,
+        )
         raise DeliveryFailure(status) from None
     if not outcomes:
         raise DeliveryFailure(
