@@ -61,6 +61,7 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
 from relayagent.smtp import mime
 from relayagent.smtp.body import BodyEncoder
+from relayagent.smtp.interfaces import ISMTPSession
 from relayagent.smtp.reply import (
     MAX_LINE_OCTETS,
     Reply,
@@ -297,7 +298,7 @@ def _debug_level(config: Any, server: ServerInfo) -> int:
         return 0  # an unreadable pattern file: no debug logging rather than no session
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, ISMTPSession)
 class SMTPSession(ESMTPClient):
     """One ESMTP client connection (see the module docstring)."""
 
