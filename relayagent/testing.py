@@ -403,10 +403,12 @@ class FakeTLSSession(FakeSession):
         self.tls = False
         self.after_tls_extensions = {"PIPELINING": "", "AUTH": "PLAIN LOGIN"}
 
-    def respond(self, line: bytes) -> defer.Deferred[Reply]:
+    def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> defer.Deferred[Reply]:
         if line == b"STARTTLS":
+            self.commands.append(Command(line, stage, timeout, redact))
+            self.sent.append(line)
             return defer.succeed(self.starttls_reply)
-        return super().respond(line)
+        return super().command(line, stage=stage, timeout=timeout, redact=redact)
 
     def start_tls(self, connection_creator: Any) -> defer.Deferred[None]:
         creator = connection_creator
