@@ -3,21 +3,12 @@ limits of idle sessions, on a task.Clock."""
 
 from __future__ import annotations
 
-from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config
 from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
-
-
-class Session:
-    def __init__(self) -> None:
-        self.quits = 0
-
-    def quit(self):
-        self.quits += 1
-        return succeed(None)
+from relayagent.testing import FakeSession
 
 
 class ConnectionCacheTests(SynchronousTestCase):
@@ -31,7 +22,7 @@ class ConnectionCacheTests(SynchronousTestCase):
         return ConnectionCache(self.clock, **options)
 
     def entry(self, authenticated: bool = False) -> CachedSession:
-        return CachedSession(Session(), nexthop="[relay.example]:587", address="192.0.2.1:587",
+        return CachedSession(FakeSession(), nexthop="[relay.example]:587", address="192.0.2.1:587",
                              created=self.clock.seconds(), authenticated=authenticated)
 
     def test_from_config_defaults(self) -> None:

@@ -10,7 +10,6 @@ import socket
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,44 +18,7 @@ from relayagent.common.config import Config, ConfigError
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.connect import ConnectFailure, Connector
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
-from relayagent.smtp.session import ServerInfo
-from tests.test_resolve import FakeResolver
-
-
-class FakeSession(Protocol):
-    """Stands in for esmtp.SMTPSession: ``greeted`` is fired by the test."""
-
-    def __init__(self, server: ServerInfo) -> None:
-        self.server = server
-        self.greeted: defer.Deferred = defer.Deferred()
-        self.quits = 0
-
-    def quit(self):
-        self.quits += 1
-        self.transport.loseConnection()
-        return defer.succeed(None)
-
-    def greet(self) -> None:
-        self.greeted.callback(self)
-
-    def refuse(self, code: int, stage: str = "CONNECT") -> None:
-        dsn = f"{code // 100}.0.0"
-        self.greeted.errback(
-            DeliveryFailure(
-                Status(dsn, f"host {self.server.namaddr} refused to talk to me: {code} go away", code=code, stage=stage)
-            )
-        )
-
-
-class FakeSessionFactory(Factory):
-    def __init__(self, server: ServerInfo, sessions: list[FakeSession]) -> None:
-        self.server = server
-        self.sessions = sessions
-
-    def buildProtocol(self, addr):
-        session = FakeSession(self.server)
-        self.sessions.append(session)
-        return session
+from relayagent.testing import FakeDNSResolver, FakeSession, FakeSessionFactory
 
 
 def v4(host: str, address: str, preference: int = 10, port: int = 25) -> MailExchangerAddress:
@@ -366,7 +328,7 @@ class DeliverTests(ConnectorTestBase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.fake = FakeResolver()
+        self.fake = FakeDNSResolver()
         self.replies: list[dict[int, str]] = []
 
     def transact(self, session, indexes):

@@ -37,9 +37,9 @@ from relayagent.smtp.deliver import SessionFactories
 from relayagent.smtp.resolve import MailExchangerAddress
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
+from relayagent.testing import LogCapture, secret_forms
 from tests.support.certs import CertificateAuthority
 from tests.support.sink import free_port
-from tests.test_sasl import LogCapture, secret_forms
 
 try:
     from aiosmtpd.controller import Controller

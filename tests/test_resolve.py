@@ -10,8 +10,8 @@ import socket
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.names import common, dns
-from twisted.names.error import DNSNameError, DNSServerError
+from twisted.names import dns
+from twisted.names.error import DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config, ConfigError
@@ -22,44 +22,7 @@ from relayagent.smtp.resolve import (
     NexthopResolver,
     parse_nexthop,
 )
-
-
-class FakeResolver(common.ResolverBase):
-    """Answers from a table: ``records[(name, type)]`` is a list of RRHeader
-    (empty: NODATA), ``errors[(name, type)]`` an exception to fail with.
-    Anything else is NXDOMAIN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: dict[tuple[str, int], list[dns.RRHeader]] = {}
-        self.errors: dict[tuple[str, int], Exception] = {}
-        self.queries: list[tuple[str, int]] = []
-
-    def _lookup(self, name, cls, type, timeout):
-        name = name.decode() if isinstance(name, bytes) else name
-        self.queries.append((name, type))
-        key = (name.lower(), type)
-        if key in self.errors:
-            return defer.fail(self.errors[key])
-        if key in self.records:
-            return defer.succeed((self.records[key], [], []))
-        if any(owner == key[0] for owner, _ in self.records):
-            return defer.succeed(([], [], []))
-        return defer.fail(DNSNameError(name))
-
-    def mx(self, domain: str, *pairs: tuple[int, str]) -> None:
-        self.records[(domain, dns.MX)] = [
-            dns.RRHeader(domain, dns.MX, payload=dns.Record_MX(preference, host)) for preference, host in pairs
-        ]
-
-    def a(self, host: str, *addresses: str) -> None:
-        self.records[(host, dns.A)] = [dns.RRHeader(host, dns.A, payload=dns.Record_A(a)) for a in addresses]
-
-    def aaaa(self, host: str, *addresses: str) -> None:
-        self.records[(host, dns.AAAA)] = [dns.RRHeader(host, dns.AAAA, payload=dns.Record_AAAA(a)) for a in addresses]
-
-    def cname(self, alias: str, target: str, rrtype: int, *extra: dns.RRHeader) -> None:
-        self.records[(alias, rrtype)] = [dns.RRHeader(alias, dns.CNAME, payload=dns.Record_CNAME(target)), *extra]
+from relayagent.testing import FakeDNSResolver
 
 
 def make_config(**overrides: str) -> Config:
@@ -166,7 +129,7 @@ class NexthopTests(SynchronousTestCase):
 
 class AddressTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.fake = FakeResolver()
+        self.fake = FakeDNSResolver()
 
     def addresses(self, resolver: NexthopResolver, nexthop: Nexthop) -> list[MailExchangerAddress]:
         return self.successResultOf(resolver.addresses(nexthop))

@@ -10,8 +10,7 @@ import base64
 import os
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.maps import open_maps
@@ -37,6 +36,7 @@ from relayagent.smtp.sasl import (
     warn_if_world_readable,
 )
 from relayagent.smtp.session import ServerInfo
+from relayagent.testing import FakeSession, LogCapture, secret_forms
 
 DEFAULT_OPTIONS = SecurityOptions.parse(["noplaintext", "noanonymous"])
 NO_OPTIONS = SecurityOptions()
@@ -74,25 +74,15 @@ def challenge(data: bytes) -> Reply:
     return reply(334, base64.b64encode(data).decode("ascii"))
 
 
-class ScriptedSession:
-    """The part of relayagent.smtp.session.SMTPSession that AUTH uses."""
-
-    def __init__(
-        self,
-        mechanisms: list[str],
-        respond: Callable[[bytes], Reply],
-        host: str = "mx.example.com",
-        nexthop: str = "example.com",
-    ) -> None:
-        self.server = ServerInfo(host, "192.0.2.1", 25, nexthop)
-        self.auth_mechanisms = frozenset(mechanisms)
-        self.extensions = {"AUTH": " ".join(mechanisms)} if mechanisms else {}
-        self.sent: list[tuple[bytes, str, float, bool]] = []
-        self._respond = respond
-
-    def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> Deferred[Reply]:
-        self.sent.append((line, stage, timeout, redact))
-        return succeed(self._respond(line))
+def ScriptedSession(  # noqa: N802 - it stood for a class of that name
+    mechanisms: list[str],
+    respond: Callable[[bytes], Reply],
+    host: str = "mx.example.com",
+    nexthop: str = "example.com",
+) -> FakeSession:
+    """The session AUTH talks to: offers ``mechanisms``, answers with ``respond``."""
+    return FakeSession(ServerInfo(host, "192.0.2.1", 25, nexthop),
+                       extensions={"AUTH": " ".join(mechanisms)} if mechanisms else {}, respond=respond)
 
 
 def inline_table(entries: dict[str, str]):
@@ -125,29 +115,6 @@ def client(
         timeout=42.0,
         mechanism_factory=make,
     )
-
-
-class LogCapture:
-    """Every log event, formatted, while a test runs."""
-
-    def __init__(self, case: SynchronousTestCase) -> None:
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def text(self) -> str:
-        """Each event formatted, and its repr (every field): for greps."""
-        return "\n".join(str(formatEvent(event)) + " " + repr(event) for event in self.events)
-
-    def messages(self) -> list[str]:
-        return [str(formatEvent(event)) for event in self.events]
-
-
-def secret_forms(password: str, *extra: bytes) -> list[str]:
-    """The password and every base64 form it could leak in."""
-    forms = [password, base64.b64encode(password.encode()).decode()]
-    forms += [base64.b64encode(item).decode() for item in extra]
-    return forms
 
 
 class MechanismVectorTests(SynchronousTestCase):
@@ -452,7 +419,7 @@ class ExchangeTests(SynchronousTestCase):
             haystack += str(failure.value) + repr(failure.value) + repr(failure.value.status)
         for form in forms:
             self.assertNotIn(form, haystack)
-        self.assertTrue(all(redact for _, _, _, redact in session.sent), "every AUTH line is redacted")
+        self.assertTrue(all(redact for _, _, _, redact in session.commands), "every AUTH line is redacted")
 
     def test_plain_over_tls_when_tls_options_allow_it(self) -> None:
         server = SASLServer()
@@ -460,7 +427,7 @@ class ExchangeTests(SynchronousTestCase):
         sasl = client(tls_options=SecurityOptions.parse(["noanonymous"]))
         self.assertTrue(self.successResultOf(self.run_auth(sasl, session, tls=True)))
         expected = base64.b64encode(b"\0alice\0s3cret:with:colons")
-        self.assertEqual(session.sent, [(b"AUTH PLAIN " + expected, "performing the SASL authentication", 42.0, True)])
+        self.assertEqual(session.commands, [(b"AUTH PLAIN " + expected, "performing the SASL authentication", 42.0, True)])
         self.assertIn("SASL authenticated to mx.example.com[192.0.2.1] with mechanism PLAIN as alice", self.logs.text())
         self.assert_no_secret(session, None, "s3cret:with:colons")
 
@@ -477,14 +444,14 @@ class ExchangeTests(SynchronousTestCase):
             "no mechanism available (server offered LOGIN PLAIN; smtp_sasl_security_options refused "
             "PLAIN (noplaintext), LOGIN (noplaintext))",
         )
-        self.assertEqual(session.sent, [])
+        self.assertEqual(session.commands, [])
 
     def test_login(self) -> None:
         server = SASLServer()
         session = ScriptedSession(["LOGIN"], server.login)
         self.assertTrue(self.successResultOf(self.run_auth(client(options=NO_OPTIONS), session)))
         self.assertEqual(
-            [line for line, *_ in session.sent],
+            [line for line, *_ in session.commands],
             [b"AUTH LOGIN", base64.b64encode(b"alice"), base64.b64encode(b"s3cret:with:colons")],
         )
         self.assert_no_secret(session, None, "s3cret:with:colons")
@@ -500,7 +467,7 @@ class ExchangeTests(SynchronousTestCase):
         session = ScriptedSession(["CRAM-MD5", "PLAIN"], respond)
         sasl = client({"mx.example.com": "tim:tanstaaftanstaaf"})
         self.assertTrue(self.successResultOf(self.run_auth(sasl, session)))
-        self.assertEqual(len(session.sent), 2)
+        self.assertEqual(len(session.commands), 2)
         self.assert_no_secret(session, None, "tanstaaftanstaaf")
 
     def test_scram_sha256_exchange(self) -> None:
@@ -570,7 +537,7 @@ class ExchangeTests(SynchronousTestCase):
     def test_no_password_entry_means_no_auth(self) -> None:
         session = ScriptedSession(["PLAIN"], lambda line: self.fail("nothing may be sent"))
         self.assertFalse(self.successResultOf(self.run_auth(client({"other": "a:b"}), session)))
-        self.assertEqual(session.sent, [])
+        self.assertEqual(session.commands, [])
 
     def test_nexthop_entry_is_used(self) -> None:
         server = SASLServer()
@@ -587,4 +554,4 @@ class ExchangeTests(SynchronousTestCase):
         session = ScriptedSession(["CRAM-MD5", "LOGIN"], server.login)
         sasl = client(options=NO_OPTIONS, mechanism_filter=MechanismFilter(["login"]))
         self.assertTrue(self.successResultOf(self.run_auth(sasl, session)))
-        self.assertEqual(session.sent[0][0], b"AUTH LOGIN")
+        self.assertEqual(session.commands[0][0], b"AUTH LOGIN")

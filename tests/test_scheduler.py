@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -13,47 +12,15 @@ from relayagent.common.config import Config
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.qmgr import scheduler
 from relayagent.qmgr.scheduler import (
-    DeliveryRequest,
     Feedback,
     QueueManager,
-    RequestResult,
     backoff_time,
 )
 from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, Spool
+from relayagent.testing import FakeDeliveryAgent
 
 START = 1_700_000_000.0
 FAILED = Status("4.4.1", "connect to mx[192.0.2.1]:25: Connection refused")
-
-
-class FakeAgent:
-    """Records requests; the test decides when and how each ends."""
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self.requests: list[tuple[DeliveryRequest, Deferred[RequestResult]]] = []
-        self.unsent: list[tuple[DeliveryRequest, Status]] = []
-        self.finished: list[str] = []
-
-    def deliver(self, request: DeliveryRequest) -> Deferred[RequestResult]:
-        deferred: Deferred[RequestResult] = Deferred()
-        self.requests.append((request, deferred))
-        return deferred
-
-    def defer_unsent(self, request: DeliveryRequest, status: Status) -> None:
-        self.unsent.append((request, status))
-
-    def finish(self, message) -> None:
-        self.finished.append(message.queue_id)
-        message.close()
-        self.spool.remove(message.queue_id, ACTIVE)
-
-    def complete(self, position: int = 0, failure: Status | None = None) -> DeliveryRequest:
-        request, deferred = self.requests.pop(position)
-        deferred.callback(RequestResult(site_failure=failure))
-        return request
-
-    def destinations(self) -> list[str]:
-        return [request.destination for request, _ in self.requests]
 
 
 def by_domain(recipient) -> str:
@@ -67,7 +34,7 @@ class SchedulerTestCase(SynchronousTestCase):
         directory = self.mktemp()
         self.spool = Spool(directory, clock=self.clock.seconds)
         self.spool.ensure_layout()
-        self.agent = FakeAgent(self.spool)
+        self.agent = FakeDeliveryAgent(self.spool)
 
     def manager(self, route=by_domain, **overrides: object) -> QueueManager:
         config = Config.defaults().replace(**{k: str(v) for k, v in overrides.items()})

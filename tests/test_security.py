@@ -17,9 +17,8 @@ from relayagent.common.status import DeliveryFailure
 from relayagent.smtp.reply import Reply
 from relayagent.smtp.security import SecurityConfigError, SecurityPolicy, SessionSecurity
 from relayagent.smtp.tls import TLSLevel
+from relayagent.testing import FakeTLSSession, LogCapture, secret_forms
 from tests.support.certs import CertificateAuthority
-from tests.test_sasl import LogCapture, secret_forms
-from tests.test_tls import FakeTLSSession
 
 CA = CertificateAuthority()
 PASSWORD = "correct horse:battery"

@@ -11,8 +11,7 @@ import os
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,7 +19,6 @@ from relayagent.common.config import Config
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.reply import Reply
-from relayagent.smtp.session import ServerInfo
 from relayagent.smtp.tls import (
     ContextCache,
     PolicyLookup,
@@ -39,110 +37,14 @@ from relayagent.smtp.tls import (
     parse_protocols,
     policy_keys,
 )
+from relayagent.testing import FakeTLSSession, LogCapture
 from tests.support.certs import CertificateAuthority, self_signed
-from tests.test_sasl import LogCapture
 
 CA = CertificateAuthority()
 
 
 def reply(code: int, text: str = "") -> Reply:
     return Reply(code=code, enhanced=None, lines=(f"{code} {text}".rstrip(),))
-
-
-class FakeTLSProtocol:
-    """Stands in for Twisted's TLSMemoryBIOProtocol."""
-
-    def __init__(self) -> None:
-        self.verification_failure: Any = None
-
-    def failVerification(self, reason: Any) -> None:
-        self.verification_failure = reason
-
-
-def handshake(client: SSL.Connection, server: SSL.Connection, protocol: FakeTLSProtocol) -> None:
-    """Run a TLS handshake between two memory-BIO connections."""
-    done = {id(client): False, id(server): False}
-    for _ in range(50):
-        moved = False
-        for connection, peer in ((client, server), (server, client)):
-            if not done[id(connection)]:
-                try:
-                    connection.do_handshake()
-                    done[id(connection)] = True
-                except SSL.WantReadError:
-                    pass
-            if protocol.verification_failure is not None:
-                raise ConnectionLost("aborted: certificate refused")
-            try:
-                data = connection.bio_read(65536)
-            except SSL.WantReadError:
-                data = b""
-            if data:
-                peer.bio_write(data)
-                moved = True
-        if all(done.values()) and not moved:
-            return
-    raise AssertionError("the handshake did not finish")
-
-
-class FakeTLSSession:
-    """The parts of relayagent.smtp.session.SMTPSession STARTTLS uses."""
-
-    def __init__(
-        self,
-        server_context: SSL.Context | None,
-        *,
-        host: str = "mx.example.com",
-        nexthop: str = "example.com",
-        offer_starttls: bool = True,
-        starttls_reply: Reply | None = None,
-        ehlo_after_tls: Exception | None = None,
-    ) -> None:
-        self.server = ServerInfo(host, "192.0.2.1", 25, nexthop)
-        self.extensions = {"PIPELINING": ""}
-        if offer_starttls:
-            self.extensions["STARTTLS"] = ""
-        self.auth_mechanisms: frozenset[str] = frozenset()
-        self.sent: list[bytes] = []
-        self.server_context = server_context
-        self.starttls_reply = starttls_reply or reply(220, "2.0.0 Ready to start TLS")
-        self.ehlo_after_tls = ehlo_after_tls
-        self.sni: list[bytes | None] = []
-        self.client_certificate: Any = None
-        self.tls_protocol = FakeTLSProtocol()
-        self.tls = False
-        self.after_tls_extensions = {"PIPELINING": "", "AUTH": "PLAIN LOGIN"}
-
-    def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> Deferred[Reply]:
-        self.sent.append(line)
-        if line == b"STARTTLS":
-            return succeed(self.starttls_reply)
-        return self.respond(line)
-
-    def respond(self, line: bytes) -> Deferred[Reply]:
-        return succeed(reply(500, "unexpected"))
-
-    def start_tls(self, creator: Any) -> Deferred[None]:
-        assert self.server_context is not None
-        self.server_context.set_tlsext_servername_callback(lambda conn: self.sni.append(conn.get_servername()))
-        client = creator.clientConnectionForTLS(self.tls_protocol)
-        client.set_connect_state()
-        server = SSL.Connection(self.server_context, None)
-        server.set_accept_state()
-        try:
-            handshake(client, server, self.tls_protocol)
-        except (SSL.Error, ConnectionLost) as error:
-            return fail(
-                DeliveryFailure(Status("4.4.2", f"lost connection with {self.server.namaddr}: {error}"))
-            )
-        self.client_certificate = server.get_peer_certificate()
-        self.tls = True
-        self.sent.append(b"EHLO client.example.com")
-        if self.ehlo_after_tls is not None:
-            return fail(self.ehlo_after_tls)
-        self.extensions = dict(self.after_tls_extensions)
-        self.auth_mechanisms = frozenset(self.extensions["AUTH"].split())
-        return succeed(None)
 
 
 def settings(ca_file: str = "", **overrides: Any) -> TLSSettings:

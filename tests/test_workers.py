@@ -25,8 +25,9 @@ from relayagent.master.service import LineAppender
 from relayagent.qmgr.scheduler import QueueManager
 from relayagent.spool import ACTIVE, DEFERRED, INCOMING, control
 from relayagent.spool.queueid import QueueIdGenerator, partition_of
+from relayagent.testing import FakeDeliveryAgent
 from tests.helpers_spool import make_spool
-from tests.test_scheduler import START, FakeAgent, by_domain
+from tests.test_scheduler import START, by_domain
 
 
 class PartitionTests(SynchronousTestCase):
@@ -87,7 +88,7 @@ class PartitionedQueueManagerTests(SynchronousTestCase):
         workers = 3
         claimed: dict[int, list[str]] = {}
         for index in range(workers):
-            agent = FakeAgent(self.spool)
+            agent = FakeDeliveryAgent(self.spool)
             manager = QueueManager(Config.defaults(), self.spool, agent, self.clock, by_domain,
                                    owns=worker.partition_filter(index, workers))
             manager.start()
@@ -104,7 +105,7 @@ class PartitionedQueueManagerTests(SynchronousTestCase):
 
     def test_recover_leaves_other_workers_active_files(self) -> None:
         crashed = self.enqueue(20, ACTIVE)
-        agent = FakeAgent(self.spool)
+        agent = FakeDeliveryAgent(self.spool)
         manager = QueueManager(Config.defaults(), self.spool, agent, self.clock, by_domain,
                                owns=worker.partition_filter(1, 2))
         manager.start()
@@ -118,7 +119,7 @@ class PartitionedQueueManagerTests(SynchronousTestCase):
 
     def test_triggers_reach_the_hook_and_the_poll_does_not(self) -> None:
         heard: list[str] = []
-        manager = QueueManager(Config.defaults(), self.spool, FakeAgent(self.spool), self.clock,
+        manager = QueueManager(Config.defaults(), self.spool, FakeDeliveryAgent(self.spool), self.clock,
                                by_domain, on_trigger=heard.append)
         manager.start()
         self.addCleanup(manager.stop)
@@ -265,7 +266,7 @@ class WorkerRuntimeTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(START)
         spool = make_spool(self, clock=clock.seconds)
-        queue_manager = QueueManager(Config.defaults(), spool, FakeAgent(spool), clock, by_domain)
+        queue_manager = QueueManager(Config.defaults(), spool, FakeDeliveryAgent(spool), clock, by_domain)
         queue_manager.start()
         self.assertTrue(queue_manager.running)
         service = FakeService(queue_manager)

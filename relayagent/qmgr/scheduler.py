@@ -61,10 +61,10 @@ file without a call per file.  ``on_trigger(command)`` hears the
 triggers from outside (``wakeup``, ``flush``; never the poll), so the
 first process can pass them on to the others.
 
-The delivery agent is anything with ``deliver(request) ->
-Deferred[RequestResult]``, ``defer_unsent(request, status)`` and
-``finish(message)`` (``relayagent.qmgr.delivery.DeliveryAgent``; tests use
-fakes).  All timing is on the injected clock.
+The delivery agent provides ``relayagent.qmgr.interfaces.IDeliveryAgent``:
+``deliver(request) -> Deferred[RequestResult]``, ``defer_unsent(request,
+status)`` and ``finish(message)`` (``relayagent.qmgr.delivery.DeliveryAgent``;
+tests use ``relayagent.testing.FakeDeliveryAgent``).  All timing is on the injected clock.
 
 Owns: queue_run_delay, minimal_backoff_time, maximal_backoff_time,
 qmgr_message_active_limit, qmgr_message_recipient_limit (read: Postfix's
@@ -83,7 +83,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -94,6 +94,7 @@ from twisted.python.failure import Failure
 from relayagent.common import maillog as ralog
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.spool import (
     ACTIVE,
     DEFERRED,
@@ -216,14 +217,6 @@ class RequestResult:
     site_failure: Status | None = None
 
 
-class DeliveryAgentLike(Protocol):
-    def deliver(self, request: DeliveryRequest) -> Deferred[RequestResult]: ...
-
-    def defer_unsent(self, request: DeliveryRequest, status: Status) -> None: ...
-
-    def finish(self, message: ActiveMessage) -> None: ...
-
-
 Route = Callable[[Recipient], str]
 
 
@@ -264,7 +257,7 @@ class QueueManager:
         self,
         config: Any,
         spool: Spool,
-        agent: DeliveryAgentLike,
+        agent: IDeliveryAgent,
         clock: IReactorTime,
         route: Route,
         *,

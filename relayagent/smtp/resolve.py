@@ -60,10 +60,12 @@ from twisted.names.error import (
     DNSNameError,
     DNSNotImplementedError,
 )
+from zope.interface import implementer
 
 from relayagent.common.config import Config, ConfigError, split_list
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.interfaces import INexthopResolver
 
 log = Logger(namespace="relayagent.smtp.resolve")
 
@@ -433,6 +435,7 @@ def _records_through_cnames(name: str, answers: Sequence[dns.RRHeader], rrtype: 
 # The resolver
 
 
+@implementer(INexthopResolver)
 class NexthopResolver:
     """Nexthops for a domain and addresses for a nexthop.
 

@@ -63,6 +63,7 @@ from relayagent.common.transcript import Transcript
 from relayagent.smtp import mime
 from relayagent.smtp.body import BodyEncoder
 from relayagent.smtp.ehlo import parse_ehlo
+from relayagent.smtp.interfaces import ISMTPSession
 from relayagent.smtp.reply import (
     MAX_LINE_OCTETS,
     PROTOCOL,
@@ -303,7 +304,7 @@ def _debug_level(config: Any, server: ServerInfo) -> int:
         return 0  # an unreadable pattern file: no debug logging rather than no session
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, ISMTPSession)
 class SMTPSession(LineReceiver):
     """One ESMTP client connection (see the module docstring)."""
 
