@@ -58,9 +58,8 @@ class RealClassesProvideTheInterfacesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(INexthopResolver, resolver))
 
     def test_delivery_agent(self) -> None:
-        # tentative: relayagent/qmgr/delivery.py does not declare it yet
-        # (it is being reworked on another branch); the methods match.
-        self.assertTrue(verifyClass(IDeliveryAgent, DeliveryAgent, tentative=True))
+        self.assertTrue(verifyClass(IDeliveryAgent, DeliveryAgent))
+        self.assertTrue(IDeliveryAgent.implementedBy(DeliveryAgent))
 
 
 class DoublesProvideTheInterfacesTests(SynchronousTestCase):

@@ -81,11 +81,13 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from relayagent.bounce import dsn
 from relayagent.common import maillog as ralog
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import Status
+from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest, RequestResult, backoff_time
 from relayagent.smtp.deliver import SmtpRequest
 from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult, Transmission
@@ -110,6 +112,7 @@ class SmtpDeliverer(Protocol):
     def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]: ...
 
 
+@implementer(IDeliveryAgent)
 class DeliveryAgent:
     """Runs delivery requests and ends messages (the scheduler's agent).
 
