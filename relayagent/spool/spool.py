@@ -224,6 +224,7 @@ class Spool:
         self._strays: dict[str, dict[str, str]] = {}
         self._strays_untold: set[str] = set()
         self._tmp_owner: tuple[int, int] | None = None
+        self._queue_owners: dict[str, int] = {}
         # "<queue_directory>/<queue>/" for every queue, log and tmp/ (path()
         # runs several times per message).
         self._prefixes = {
@@ -263,6 +264,14 @@ class Spool:
         return prefix + queue_id
 
     # -- enqueue
+
+    def _owner_of(self, queue: str) -> int:
+        """The uid that owns ``queue``'s directory, looked up once (three
+        opens a message made it an lstat each)."""
+        owner = self._queue_owners.get(queue)
+        if owner is None:
+            owner = self._queue_owners[queue] = os.lstat(self._prefixes[queue]).st_uid
+        return owner
 
     def _give_to_queue_owner(self, fd: int) -> None:
         """Root queueing into the spool of an unprivileged daemon (root's
@@ -468,7 +477,7 @@ class Spool:
             writable=writable,
             # A file belongs to whoever owns its queue directory (the
             # daemon's user), whoever runs this (root's mailq, say).
-            owner=os.lstat(self._prefixes[queue]).st_uid,
+            owner=self._owner_of(queue),
             twin=self.path(TMP, queue_id),
         )
         absent: frozenset[str] = frozenset()
