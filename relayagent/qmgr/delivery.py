@@ -128,7 +128,6 @@ class DeliveryAgent:
         *,
         smtp: SmtpDeliverer,
         new_mail: Callable[[], None] | None = None,
-        on_corrupt: Callable[[ActiveMessage, str], None] | None = None,
         removal_reactor: Any = None,
     ) -> None:
         self.config = config
