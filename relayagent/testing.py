@@ -100,6 +100,7 @@ from relayagent.common.transcript import Transcript
 from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.qmgr.scheduler import RequestResult
 from relayagent.smtp.connect import Connector
+from relayagent.smtp.ehlo import announced_size
 from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
 from relayagent.smtp.reply import Reply, ReplyAssembler
 from relayagent.smtp.resolve import AddressList
@@ -244,10 +245,7 @@ class FakeSession(protocol.Protocol):
 
     @property
     def size_limit(self) -> int | None:
-        value = self.extensions.get("SIZE", "").split()
-        if value and value[0].isdigit() and int(value[0]) > 0:
-            return int(value[0])
-        return None
+        return announced_size(self.extensions)
 
     def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> defer.Deferred[Reply]:
         self.commands.append(Command(line, stage, timeout, redact))

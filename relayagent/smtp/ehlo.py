@@ -11,6 +11,7 @@ SYNOPSIS
 
     offered = parse_ehlo(reply.message_lines())
     offered.extensions["SIZE"], offered.auth_mechanisms
+    announced_size(offered.extensions)    # SIZE's limit, or None
 
 DIAGNOSTICS: none; whatever the lines say is what is offered.
 
@@ -36,6 +37,14 @@ class Extensions:
 
 
 NONE = Extensions({}, frozenset())
+
+
+def announced_size(extensions: dict[str, str]) -> int | None:
+    """The SIZE a server announced, None when absent, zero or bad."""
+    value = extensions.get("SIZE", "").split()
+    if value and value[0].isdigit() and int(value[0]) > 0:
+        return int(value[0])
+    return None
 
 
 def parse_ehlo(lines: Sequence[str]) -> Extensions:

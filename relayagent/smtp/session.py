@@ -62,7 +62,7 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
 from relayagent.smtp import mime
 from relayagent.smtp.body import BodyEncoder
-from relayagent.smtp.ehlo import parse_ehlo
+from relayagent.smtp.ehlo import announced_size, parse_ehlo
 from relayagent.smtp.interfaces import ISMTPSession
 from relayagent.smtp.reply import (
     MAX_LINE_OCTETS,
@@ -373,10 +373,7 @@ class SMTPSession(LineReceiver):
     @property
     def size_limit(self) -> int | None:
         """The SIZE the server announced, None when absent, zero or bad."""
-        value = self.extensions.get("SIZE", "").split()
-        if value and value[0].isdigit() and int(value[0]) > 0:
-            return int(value[0])
-        return None
+        return announced_size(self.extensions)
 
     # -- connection events -------------------------------------------------
 

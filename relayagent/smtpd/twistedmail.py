@@ -18,33 +18,14 @@ relayagent's spool, through the doors twisted.mail leaves open:
   ``relay.DomainQueuer`` for authenticated clients whenever
   ``service.queue`` is set.
 
-Whatever the door, one SMTP transaction (MAIL, its RCPTs, DATA) becomes
-one queue file holding every relayed recipient: Twisted's server asks for
-one message receiver per recipient and feeds each the same lines, so the
-receivers of one transaction share a ``_Transaction`` that writes the
-content once, to a temporary file (memory does not grow with the
-message), and enqueues it once at the final ".".  The client gets 250
-only after the queue file is durable (the spool fsyncs before it
-returns), and 451 4.3.0 when the spool cannot take the message.
+Whatever the door, one SMTP transaction becomes one queue file holding
+every relayed recipient, 250 only once it is durable, Postfix's replies
+for a full disk and for relaying refused: all of that is
+``relayagent.smtpd.intake``'s.
 
-A full disk is an ordinary condition, answered as Postfix answers it:
-MAIL FROM gets "452 4.3.1 Insufficient system storage" while the queue
-file system is below ``queue_minfree`` or 1.5 x ``message_size_limit``
-(``relayagent.spool.space``); a write that fails later (the temporary
-file, the queue file) ends the transaction with "451 4.3.0 Error: queue
-file write error" at the final ".", nothing of it kept.  Each is one
-warning line, never a traceback, and the next transaction tries again.
-
-We relay for a client when it is authenticated, connected over a UNIX
-socket, or its address is in ``mynetworks``: the rule of twisted.mail's
-``DomainQueuer.willRelay``, with ``mynetworks`` in place of its
-hard-coded 127.0.0.1.  Anyone else gets "554 5.7.1 <rcpt>: Relay access
-denied", as from Postfix's smtpd.
-
-The receiving itself (one queue file per transaction, the relay rule,
-the full-disk replies) is ``relayagent.smtpd.intake``'s; this module
-holds what is twisted.mail's alone: the domain delivery that works
-around ``validateTo``, the Maildir domain, and ``install_relayagent``.
+This module holds what is twisted.mail's alone: the domain delivery that
+works around ``validateTo``, the Maildir domain, and
+``install_relayagent``.
 
 Owns no parameters (``intake`` owns mynetworks, message_size_limit and
 hopcount_limit).
