@@ -133,12 +133,13 @@ def entry_problem(entry: os.DirEntry[str]) -> str | None:
     return f"not a regular file: {kind}" if kind else None
 
 
-def _judge(queue_id: str, info: os.stat_result, owner: int | None, where: str) -> None:
+def _judge(queue_id: str, info: os.stat_result, owner: int | None, path: str) -> None:
     """The checks of an lstat or fstat result that need no other file."""
     kind = describe(info.st_mode)
     if kind is not None:
         raise NotAQueueFile(queue_id, f"not a regular file: {kind}")
     if owner is not None and info.st_uid != owner:
+        where = os.path.dirname(path)
         raise NotAQueueFile(
             queue_id, f"owned by uid {info.st_uid}, not by the owner of {where} (uid {owner})"
         )
@@ -190,7 +191,7 @@ def open_queue_file(
     """
     # lstat first: a FIFO, device or link is refused without being
     # opened at all (opening a device can have effects of its own).
-    _judge(queue_id, os.lstat(path), owner, os.path.dirname(path))
+    _judge(queue_id, os.lstat(path), owner, path)
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | SAFE_FLAGS)
     except OSError as error:
@@ -199,7 +200,7 @@ def open_queue_file(
         # What the descriptor is, not what the name was: the entry may
         # have been swapped since the lstat.
         info = os.fstat(fd)
-        _judge(queue_id, info, owner, os.path.dirname(path))
+        _judge(queue_id, info, owner, path)
         links = info.st_nlink
         if links > 1 and twin is not None and _same_inode(twin, info):
             if writable:
