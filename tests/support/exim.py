@@ -37,14 +37,13 @@ import grp
 import os
 import pwd
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass, field
 
 from twisted.internet import task
 
 from tests.support.certs import IssuedCertificate
-from tests.support.sink import free_port
+from tests.support.sink import free_port, wait_until_listening
 
 PEERS = os.environ.get("RELAYAGENT_PEERS", "/opt/relayagent-peers")
 EXIM = os.path.join(PEERS, "exim", "usr", "sbin", "exim4")
@@ -307,22 +306,8 @@ class EximServer:
                 start_new_session=True,
                 **kwargs,
             )
-        waited = 0.0
-        while not self._accepts():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Exim exited ({self.process.returncode}): {self.problems()}")
-            if waited >= timeout:
-                await self.stop(reactor)
-                raise RuntimeError(f"Exim did not listen on {self.host}:{self.port} within {timeout}s: {self.problems()}")
-            await task.deferLater(reactor, POLL, lambda: None)
-            waited += POLL
-
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        await wait_until_listening(reactor, self.process, self.host, self.port, timeout, "Exim",
+                                   exited=self.problems, stop=self.stop, detail=self.problems)
 
     def problems(self) -> str:
         """Exim's stderr and the end of its panic and main logs."""

@@ -46,14 +46,13 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass
 
 from twisted.internet import task
 
 from tests.support.certs import IssuedCertificate
-from tests.support.sink import free_port
+from tests.support.sink import free_port, wait_until_listening
 
 PEERS = os.environ.get("RELAYAGENT_PEERS", "/opt/relayagent-peers")
 ROOT = os.path.join(PEERS, "opensmtpd")
@@ -228,22 +227,8 @@ class OpenSMTPDServer:
                 # Its own process group: stop() ends smtpd and its children.
                 start_new_session=True,
             )
-        waited = 0.0
-        while not self._accepts():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"OpenSMTPD exited ({self.process.returncode}): {self.log_tail()}")
-            if waited >= timeout:
-                await self.stop(reactor)
-                raise RuntimeError(f"OpenSMTPD did not listen on {self.host}:{self.port} within {timeout}s")
-            await task.deferLater(reactor, POLL, lambda: None)
-            waited += POLL
-
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        await wait_until_listening(reactor, self.process, self.host, self.port, timeout, "OpenSMTPD",
+                                   exited=self.log_tail, stop=self.stop)
 
     async def stop(self, reactor, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
         process, self.process = self.process, None

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from twisted.internet import task
@@ -32,6 +33,40 @@ from twisted.internet.defer import Deferred
 SMTP_SINK = shutil.which("smtp-sink") or (
     "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
 )
+
+
+# Seconds between two looks at a server that is starting.
+POLL = 0.05
+
+
+def accepts(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+async def wait_until_listening(  # type: ignore[no-untyped-def]
+    reactor, process: subprocess.Popen, host: str, port: int, timeout: float, what: str,
+    *, exited: Callable[[], str], stop: Callable[..., Awaitable[None]],
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Poll, on the reactor, until a server just started as ``process``
+    accepts on ``host:port``.  Raises RuntimeError when it exits first
+    (``exited()`` says why) or after ``timeout`` seconds (then ``stop``
+    first; ``detail()``, if given, says more)."""
+    waited = 0.0
+    while not accepts(host, port):
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({process.returncode}): {exited()}")
+        if waited >= timeout:
+            await stop(reactor)
+            extra = f": {detail()}" if detail is not None else ""
+            raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout}s{extra}")
+        await task.deferLater(reactor, POLL, lambda: None)
+        waited += POLL
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -111,25 +146,13 @@ class SmtpSink:
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        waited = 0.0
-        while True:
-            if self.process.poll() is not None:
-                error = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise RuntimeError(f"smtp-sink exited: {error.strip()}")
-            if self._accepts():
-                return
-            if waited >= timeout:
-                await self.stop(reactor)
-                raise RuntimeError(f"smtp-sink did not listen on {self.host}:{self.port} within {timeout}s")
-            await task.deferLater(reactor, 0.05, lambda: None)
-            waited += 0.05
+        process = self.process
 
-    def _accepts(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        def exited() -> str:
+            return process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+
+        await wait_until_listening(reactor, process, self.host, self.port, timeout, "smtp-sink",
+                                   exited=exited, stop=self.stop)
 
     async def stop(self, reactor, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
         process, self.process = self.process, None
