@@ -18,8 +18,8 @@ What it does:
   At most ``ACTIVATION_BATCH`` messages are taken in at a time, the rest
   on the reactor's next turn: a full queue's first deliveries start after
   the first batch, not after the whole active queue is read in (Postfix's
-  qmgr takes in one message per event-loop turn).  20,000 queued: the
-  first body octet 0.5 s after start instead of 1.7 s.
+  qmgr takes in one message per event-loop turn; the figures are in
+  docs/performance.rst).
 - Splits each message's pending recipients by destination (``route``:
   recipient -> destination key, the first nexthop) into delivery requests
   of at most ``smtp_destination_recipient_limit`` recipients, queued per
