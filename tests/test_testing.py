@@ -19,6 +19,7 @@ from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.interfaces import IDeliveryAgent
+from relayagent.smtp.deliver import Router, SmtpAgent, SmtpRequest
 from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.session import ServerInfo, SMTPSession, SMTPSessionFactory
@@ -197,3 +198,24 @@ class ThroughTheConnectorTests(SynchronousTestCase):
         session = run.run(run.connector.connect(addresses, "x"))
         self.assertEqual((session.server.host, session.usable), ("mx2.x", True))
         self.assertEqual(run.refused, ["192.0.2.1"])
+
+
+class ThroughTheSmtpEntryPointTests(SynchronousTestCase):
+    """The issue's example through the real smtp entry point (routing,
+    address lookup, connector, session): a scripted MX answers RCPT 452
+    for the second of three recipients and 421 at DATA."""
+
+    def test_452_for_the_second_and_421_at_data(self) -> None:
+        dns_ = FakeDNSResolver()
+        dns_.mx("x.test", (10, "mx.x.test"))
+        dns_.a("mx.x.test", "192.0.2.1")
+        server = ScriptedServer(rcpt={"b@x.test": "452 4.2.2 full"}, data="421 4.3.2 bye")
+        run = connect_through_connector({"192.0.2.1": server}, inet_protocols="ipv4")
+        resolver = NexthopResolver(run.config, dns_, run.reactor, local_addresses=set)
+        agent = SmtpAgent(run.config, run.reactor, nexthops=Router(resolver).nexthops,
+                          connector=run.connector, resolver=resolver)
+        env = envelope("a@x.test", "b@x.test", "c@x.test")
+        result = run.run(agent.deliver(SmtpRequest(env, "x.test", env.recipients)))
+        self.assertEqual({i: o.status.dsn for i, o in result.outcomes.items()}, {0: "4.3.2", 1: "4.2.2", 2: "4.3.2"})
+        self.assertEqual({o.server.host for o in result.outcomes.values()}, {"mx.x.test"})
+        self.assertIn("(in reply to DATA command)", result.outcomes[0].status.text)
