@@ -23,6 +23,24 @@ is a warning naming the file and line; a bad value is a ``ConfigError``
 naming the file, line, parameter and expected form, and relayagent does not
 start.
 
+SYNOPSIS
+
+    config = Config.load("/etc/relayagent/main.cf")   # or from_text(text), defaults()
+    config["smtp_helo_timeout"]          # typed: 300.0
+    config.raw("myorigin"), config.warnings, config.replace(relayhost="[mx]:25")
+    postconf_lines(config, "non-default")               # what relayagent -n prints
+    parse_time("5m"), split_list("a, b c")
+
+DIAGNOSTICS
+
+``Config.load``, ``from_text`` and ``replace`` raise ``ConfigError`` (one
+line per problem: file, line, parameter, expected form) for an
+unreadable or non-UTF-8 file, a syntax error, a bad ``$name`` expansion
+or a bad value; unknown names are only ``warnings``.  ``config[name]``
+of a name not in ``PARAMETERS`` is ``KeyError``; ``parse_time`` and
+``convert`` raise ``ValueError``; ``postconf_lines`` raises ``KeyError``
+for an unknown name.
+
 Owns: myhostname, mydomain, myorigin, mail_name, queue_directory, and the
 table itself.  The phase modules own the rest (see each module's header).
 """

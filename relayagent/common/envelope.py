@@ -6,6 +6,17 @@ MAIL FROM / RCPT TO parameters; the delivery layer and the DSN writer act
 on them.  They are plain, immutable data: no phase reaches into another's
 internals through them.
 
+SYNOPSIS
+
+    envelope = Envelope(queue_id, sender, (Recipient("b@example.net"),),
+                        arrival_time, content_size, open_content)
+    envelope.pending(), recipient.domain, envelope.open_content()
+    Notify.parse("SUCCESS,FAILURE").esmtp_value(), notify.wants(Notify.DELAY)
+    address_problem(address)               # None, or why it cannot be queued
+
+DIAGNOSTICS: ``Notify.parse`` raises ``ValueError`` for a bad NOTIFY
+value; ``address_problem`` returns its answer instead of raising.
+
 Owns no parameters.
 """
 

@@ -4,53 +4,60 @@ Postfix-format log lines over twisted.logger.
 Every delivery event is a ``twisted.logger`` event carrying structured
 fields (``queue_id``, ``to``, ``orig_to``, ``relay``, ``conn_use``,
 ``delay``, ``delays``, ``dsn``, ``status``, ``reason``, ...) and a field
-``ralog_event`` naming its kind.  The small ``log_*`` functions below are
-what the delivery layer, the queue manager and the TLS layer call; they only
-build the event dict.  Text is made by observers, so an event nobody
-observes costs a dict and nothing more (no string formatting at all):
+``ralog_event`` naming its kind.  The ``log_*`` functions only build the
+event dict; text is made by observers, so an event nobody observes costs
+a dict and no formatting:
 
 - ``PostfixFormatObserver`` writes syslog-style lines exactly as Postfix's
-  log_adhoc.c and friends do, e.g. ::
+  log_adhoc.c and friends do, e.g. (one line) ::
 
     Nov 24 20:33:01 mx relayagent/smtp[4242]: 4B3F2A1C0D: to=<b@example.net>,
     relay=mx.example.net[192.0.2.1]:25, delay=0.52, delays=0.03/0.01/0.3/0.18,
     dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 12345)
 
-  (one line), so tools written for Postfix logs read them.  pflogsumm
-  counts lines whose program is ``postfix/...`` or ``<syslog_name>/...``
-  when run with ``--syslog-name=<syslog_name>``: with our default
-  ``syslog_name = relayagent`` run ``pflogsumm --syslog-name=relayagent``,
-  or set ``syslog_name = postfix``.
+  pflogsumm counts lines of ``postfix/...`` or, with
+  ``--syslog-name=<syslog_name>``, of ``<syslog_name>/...``: run
+  ``pflogsumm --syslog-name=relayagent`` or set ``syslog_name = postfix``.
 - ``JsonObserver`` writes one JSON object per line with the same fields
   and the Postfix text (``log_format = json``).  Twisted's own
-  ``jsonFileLogObserver`` (twistd ``--logger``) also works: the events hold
-  only JSON-friendly values besides Twisted's own keys.
-
-Events also carry a ``log_format`` string for Twisted's generic observers
-(twistd's default text log); those render raw numbers, not Postfix's
-rounding.
+  ``jsonFileLogObserver`` also works: the events hold only JSON-friendly
+  values besides Twisted's keys.  Events also carry a ``log_format``
+  string for Twisted's generic observers (raw numbers, not Postfix's
+  rounding).
 
 Where the events go: with ``maillog_file`` set, a running ``MailLog``
 takes the mail events straight to its observer (not through Twisted's
-global publisher: one rendering, and twistd's log does not repeat them),
-and takes relayagent's other events, never Twisted's own, from the
-publisher.  With ``maillog_file`` empty they go through the publisher
-into twistd's log.
+global publisher, so twistd's log does not repeat them) and relayagent's
+other events, never Twisted's own, from the publisher.  With
+``maillog_file`` empty they go through the publisher into twistd's log.
 
-``DebugPeers`` implements ``debug_peer_list`` / ``debug_peer_level``:
-sessions with a listed peer log verbosely.  Code that talks to a peer asks
-``level_for(nexthop, host, address)`` and, when it is above zero, emits its
-debug events with ``debug_peer=True``; ``make_observers`` lets those
-through while other debug events are dropped.
-
-Owns these main.cf parameters: debug_peer_list, debug_peer_level,
-delay_logging_resolution_limit, syslog_name (ours: Postfix has it too, with
-default "postfix"; ours is "relayagent"), log_format (ours: postfix or
-json), maillog_file is read by the twistd plugin.  Reads myhostname.
+``DebugPeers`` implements ``debug_peer_list`` / ``debug_peer_level``: code
+that talks to a peer asks ``level_for(nexthop, host, address)`` and, above
+zero, emits its debug events with ``debug_peer=True``; ``make_observers``
+lets those through and drops other debug events.
 
 Inside the package import this module as
-``from relayagent import logging as ralog``; it never imports the
+``from relayagent.common import maillog as ralog``; it never imports the
 standard library's ``logging``.
+
+SYNOPSIS
+
+    ralog.log_delivery(log, queue_id=..., to=..., relay=..., status="sent", ...)
+    ralog.log_removed(log, queue_id)       # and log_queue_active, log_expired, ...
+    maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
+    observers = make_observers(config, out, verbose=False)
+    DebugPeers(config).level_for(nexthop, host, address)
+    format_delay(0.52), render(event)
+
+DIAGNOSTICS: logging never raises for an event.  ``DebugPeers`` raises
+``ValueError`` when a ``debug_peer_list`` file cannot be read;
+``MailLog.start`` raises ``RuntimeError`` when another maillog is already
+running in the process.
+
+Owns: debug_peer_list, debug_peer_level, delay_logging_resolution_limit,
+syslog_name (Postfix has it too, default "postfix"; ours is
+"relayagent"), log_format (ours: postfix or json).  Reads myhostname;
+maillog_file is read by ``relayagent.master.service``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,17 @@ searched, as Postfix does for its indexed tables.  Any other type
 need Postfix's libraries or a rebuilt index, and ``texthash:`` reads the
 same source files.
 
+SYNOPSIS
+
+    tables = open_maps(config["transport_maps"], base_dir=config.base_dir)
+    tables.lookup("example.net")           # the first table's value, or None
+    open_map("inline:{ a=b }").lookup("a")
+
+DIAGNOSTICS: ``open_map`` and ``open_maps`` raise ``ConfigError`` for a
+bad ``type:name``, an unsupported type, an unreadable or non-UTF-8
+texthash file, or a bad line in it (source and line named); ``lookup``
+never raises.
+
 Owns no parameters; ``transport_maps``, ``smtp_sasl_password_maps`` and
 ``smtp_tls_policy_maps`` are opened with ``open_maps``.
 """

@@ -8,6 +8,14 @@ postmaster with a "protocol" notice (smtp_chat.c: "Out:"/"In:" lines).
 server cannot make it grow.  Lines the caller marks as secret (AUTH
 payloads) are stored already redacted: "Out: AUTH <redacted>".
 
+SYNOPSIS
+
+    transcript = Transcript()
+    transcript.sent(b"MAIL FROM:<a@x>"), transcript.received(b"250 Ok")
+    transcript.note("..."), transcript.lines()   # for the notice
+
+DIAGNOSTICS: none; over the limits the oldest lines are dropped.
+
 Owns no parameters.
 """
 

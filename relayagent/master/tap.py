@@ -7,6 +7,18 @@ spool (creating its directories), recovers what a crash left, and logs the
 state of each queue.  The queue manager and the listener join the same
 ``MultiService`` when the configuration asks for them.
 
+SYNOPSIS
+
+    twistd -n relayagent -c /etc/relayagent/main.cf
+    service = makeService(options)         # what twistd's plugin calls
+
+DIAGNOSTICS: a main.cf that does not load, or a spool another daemon
+holds, is ``usage.UsageError`` (twistd prints it and exits).  Several
+workers under ``--chroot``, or a setting the service cannot be built with
+(``ConfigError``, ``ValueError`` such as a bad TLS or SASL setting), is
+``SystemExit("relayagent: fatal: ...")``.  ``--version`` prints the
+version and exits 0.
+
 Owns no parameters; reads queue_directory.
 """
 

@@ -7,70 +7,64 @@ qmgr_active.c's end of a message: remove, defer, expire).
 A request (``relayagent.qmgr.scheduler.DeliveryRequest``: recipients of one
 message for one destination) becomes an ``SmtpRequest`` for smtp's one
 entry point, ``relayagent.smtp.deliver.SmtpAgent.deliver`` (routing,
-addresses, the connection cache, sessions, the fallback across
-addresses: all smtp's), which hands back one ``SmtpResult``.  Then the
-``notify_classes`` problems it reports go to the postmaster, and each
-recipient's outcome is acted on:
+addresses, the connection cache, sessions, fallback: all smtp's), which
+hands back one ``SmtpResult``.  Its ``notify_classes`` problems go to the
+postmaster, and each recipient's outcome is acted on:
 
 - sent: marked done in the queue file, then logged (``status=sent``);
-- bounced: written to the message's bounce log, marked done, logged
-  (``status=bounced``); the DSN for all of a message's bounced
-  recipients is sent when the message's attempt ends (``finish``), built
-  by ``relayagent.bounce.dsn`` from the bounce log, queued with the null sender;
+- bounced: written to the bounce log, marked done, logged
+  (``status=bounced``); the DSN for the message's bounced recipients is
+  built by ``relayagent.bounce.dsn`` from the bounce log when the attempt
+  ends (``finish``) and queued with the null sender;
 - deferred: written to the defer log with the reason, logged
   (``status=deferred``).  ``soft_bounce = yes`` turns bounces into
   deferrals.
 
 The order is the crash-safety argument: the bounce log before the mark
 (a crash between them retries the recipient: at worst two records for
-one recipient, and they are merged), the mark before the log line and
-before any notice, and the queue file removed only when no recipient is
-pending.  A crash between the server's "250" and the mark sends the
-recipient again (at-least-once, as Postfix).
+one recipient, merged), the mark before the log line and any notice, the
+queue file removed only when no recipient is pending.  A crash between
+the server's "250" and the mark sends the recipient again
+(at-least-once, as Postfix).
 
-When the last request of a message is over (``finish``): recipients
-still pending past ``maximal_queue_lifetime`` (``bounce_queue_lifetime``
-for mail from the null sender) are bounced with their last deferral
-reason ("status=expired, returned to sender"); the bounce notice goes
-out; one delay warning is sent when the message has just passed
-``delay_warning_time``; then the file is removed, or its attempt is
-recorded and it moves to ``deferred/`` with its next-attempt time as the
-file's mtime (the queue manager's cheap scan).
+``finish``, when the message's last request is over: recipients still
+pending past ``maximal_queue_lifetime`` (``bounce_queue_lifetime`` for
+the null sender) bounce with their last deferral reason
+("status=expired, returned to sender"); the bounce notice goes out; one
+delay warning is sent when the message has just passed
+``delay_warning_time`` (no flag in the queue file: the previous
+attempt's end is ``next_attempt - backoff(attempts)``; a crash between
+warning and attempt record can send it twice, never zero times); then
+the file is removed, or its attempt recorded and it moves to
+``deferred/`` with its next-attempt time as its mtime.
 
-A full disk (or any other write error) never loses a recipient, never
-delivers one twice for want of a mark, and costs one warning line per
-message and kind of trouble, not a traceback:
+SYNOPSIS
 
-- a bounce record that cannot be written leaves its recipient pending,
-  deferred with 4.3.0 (Postfix's bounce_append does the same: "bounce
-  or trace service failure"); it bounces on a later attempt;
-- a defer record that cannot be written costs its reason (``mailq``
-  shows none), not the recipient;
-- the marks of the recipients that were done are made whatever happened
-  to the records of the others;
-- a failure notice that cannot be queued leaves the message deferred
-  with its bounce log, so the notice is sent on the next attempt
-  (Postfix's qmgr defers a message whose bounce flush failed); the
-  notices of one plan are queued in one batch, all or none, so none goes
-  twice;
-- a delay warning, a success notice or a postmaster notice that cannot
-  be queued is one warning, and the message goes on.
-
-The delay warning needs no flag in the queue file: it is due at the end
-of the one attempt during which the message's age crossed
-``delay_warning_time``, and the previous attempt's end is known from the
-queue file (``next_attempt - backoff(attempts)``).  A crash between the
-warning and the attempt record can send it twice, never zero times.
-
-SYNOPSIS: ``DeliveryAgent`` (``deliver``, ``defer_unsent``, ``finish``,
-``stop``).
+    agent = DeliveryAgent(config, spool, reactor, smtp=smtp_agent,
+                          new_mail=wake_the_queue, removal_reactor=reactor)
+    d = agent.deliver(request)             # Deferred[RequestResult]
+    agent.defer_unsent(request, status); agent.finish(message); agent.stop()
 
 DIAGNOSTICS: ``deliver`` fires with a ``RequestResult`` (its
-``site_failure`` is smtp's); write errors are warning lines (above); a
-queue file found corrupt is moved to ``corrupt/`` by ``finish``.
+``site_failure`` is smtp's).  A write error (a full disk) never loses a
+recipient nor delivers one twice, and costs one warning line per message
+and kind of trouble, not a traceback:
+
+- a bounce record that cannot be written leaves its recipient pending,
+  deferred with 4.3.0 "... (not bounced: cannot write the bounce log:
+  ...)" (Postfix's "bounce or trace service failure"); it bounces later;
+- a defer record that cannot be written costs its reason, not the
+  recipient; the marks of the done recipients are made regardless;
+- a failure notice that cannot be queued leaves the message deferred
+  with its bounce log, to be sent on the next attempt; one plan's
+  notices are queued in one batch, all or none, so none goes twice;
+- a delay warning, success notice or postmaster notice that cannot be
+  queued is one warning, and the message goes on.
+
+A queue file found corrupt is moved to ``corrupt/`` by ``finish``.
 
 Owns: soft_bounce, maximal_queue_lifetime, bounce_queue_lifetime,
-delay_warning_time (the timing; dsn.py writes the text).
+delay_warning_time (the timing; ``relayagent.bounce.dsn`` writes the text).
 """
 
 from __future__ import annotations

@@ -3,68 +3,61 @@ The queue manager: which message goes where, when, and how many at once
 (Postfix: qmgr(8), qmgr_active.c, qmgr_queue.c, qmgr_entry.c,
 qmgr_feedback.c, qmgr_deliver.c, qmgr_scan.c).
 
-What it does:
-
 - Takes messages into the active queue by renaming them into ``active/``
-  (the rename is the claim: exactly one process wins it), from
-  ``incoming/`` at once when woken (``wakeup``: the control socket) and on
-  a short poll, and from ``deferred/`` when their next-attempt time has
-  come (a scan every ``queue_run_delay``, or now with ``flush``).  A
-  deferred file's modification time is its next-attempt time (as in
-  Postfix), so the scan needs a ``stat`` per file, never a read, and
-  streams the directory.  At most ``qmgr_message_active_limit`` messages
-  are active; on start, what a dead process left in ``active/`` comes
-  back first, with its done recipients skipped (the queue file knows).
-  At most ``ACTIVATION_BATCH`` messages are taken in at a time, the rest
-  on the reactor's next turn: a full queue's first deliveries start after
-  the first batch, not after the whole active queue is read in (Postfix's
-  qmgr takes in one message per event-loop turn; the figures are in
-  docs/performance.rst).
+  (the rename is the claim: exactly one process wins it): from
+  ``incoming/`` when woken (``wakeup``) and on a short poll, from
+  ``deferred/`` when their next-attempt time, the file's mtime (as in
+  Postfix: a ``stat`` per file, never a read), has come (a scan every
+  ``queue_run_delay``, or now with ``flush``).  At most
+  ``qmgr_message_active_limit`` messages are active, taken in
+  ``ACTIVATION_BATCH`` at a time, the rest on the reactor's next turn
+  (Postfix's qmgr takes one per event-loop turn; docs/performance.rst
+  has the figures).  On start, what a dead process left in ``active/``
+  comes back first, its done recipients skipped.
 - Splits each message's pending recipients by destination (``route``:
-  recipient -> destination key, the first nexthop) into delivery requests
-  of at most ``smtp_destination_recipient_limit`` recipients, queued per
-  destination.
-- Runs requests round-robin across destinations (one busy domain does not
-  starve the others), at most ``default_process_limit`` at once, and per
-  destination at most a window that starts at
-  ``smtp_initial_destination_concurrency`` and moves with Postfix's
-  feedback: +``positive_feedback`` per delivery that reached the site, up
-  to ``smtp_destination_concurrency_limit``; -``negative_feedback`` per
-  delivery that could not (no session).  After
-  ``smtp_destination_concurrency_failed_cohort_limit`` failed cohorts
-  (1/window per failure) with no success between, the destination is
-  dead: what waits for it and what arrives for it is deferred without
-  trying ("delivery temporarily suspended: ...") until the next deferred
-  queue run.  ``smtp_destination_rate_delay`` > 0 means one delivery at a
-  time with that pause between them.
-- When the last request of a message is done, hands the message to the
-  delivery agent's ``finish`` (remove it, or defer it with its backoff:
-  ``backoff_time``).
+  recipient -> destination key, the first nexthop) into requests of at
+  most ``smtp_destination_recipient_limit`` recipients.
+- Runs requests round-robin across destinations, at most
+  ``default_process_limit`` at once, and per destination within a window
+  that starts at ``smtp_initial_destination_concurrency`` and moves with
+  Postfix's feedback: +``positive_feedback`` per delivery that reached
+  the site, up to ``smtp_destination_concurrency_limit``;
+  -``negative_feedback`` per one that could not.  After
+  ``smtp_destination_concurrency_failed_cohort_limit`` failed cohorts with
+  no success between, the destination is dead: its mail is deferred
+  untried ("delivery temporarily suspended: ...") until the next deferred
+  queue run.  ``smtp_destination_rate_delay`` > 0: one delivery at a
+  time, with that pause between them.
+- When a message's last request is done, hands it to the delivery
+  agent's ``finish`` (remove, or defer with ``backoff_time``).
 
-What is in a queue directory and is not a queue file (a FIFO, a
-symbolic link, a directory, a name that is no queue id) is never taken
-in: the spool's scans skip it and report it once (``Spool(on_stray=)``,
-left alone as Postfix leaves it).  One that takes a file's place after
-the scan, and a file that fails the checks at open (``spool/safeopen.py``:
-a hard link, another user's file; ``queuefile.py``: truncated, garbled),
-moves to ``corrupt/`` with one warning.  A file that cannot be opened
-for a reason not its own (permissions, descriptors, I/O) is deferred to
-``minimal_backoff_time`` from now, never left in active/ to be recovered
-at every start.  The queue manager's lines are logged as
-``<syslog_name>/qmgr``.
+Several worker processes (``relayagent_workers``,
+``relayagent/master/worker.py``) share one spool by partition:
+``owns(queue_id)`` limits this queue manager to its own files (None, the
+default: every file, with no call per file); ``on_trigger(command)``
+hears the outside triggers (never the poll) so the first process can pass
+them on.  The agent provides ``relayagent.qmgr.interfaces.IDeliveryAgent``
+(``relayagent.qmgr.delivery.DeliveryAgent``; tests use
+``relayagent.testing.FakeDeliveryAgent``).  All timing is on the injected
+clock; lines are logged as ``<syslog_name>/qmgr``.
 
-Several worker processes (``relayagent_workers``, ``relayagent/master/worker.py``)
-share one spool by partition: ``owns(queue_id) -> bool`` limits this
-queue manager to its own queue files (in ``incoming/``, ``deferred/``,
-and what it recovers from ``active/``); None, the default, takes every
-file without a call per file.  ``on_trigger(command)`` hears the
-triggers from outside (``wakeup``, ``flush``; never the poll), so the
-first process can pass them on to the others.
+SYNOPSIS
 
-The delivery agent provides ``relayagent.qmgr.interfaces.IDeliveryAgent``:
-``deliver(request) -> Deferred[RequestResult]``, ``defer_unsent(request,
-status)`` and ``finish(message)`` (``relayagent.qmgr.delivery.DeliveryAgent``;
-tests use ``relayagent.testing.FakeDeliveryAgent``).  All timing is on the injected clock.
+    qmgr = QueueManager(config, spool, agent, reactor, route, owns=None)
+    qmgr.start(); qmgr.wakeup(); qmgr.flush(); qmgr.queue_run()
+    d = qmgr.stop()                        # fires when deliveries are over
+    backoff_time(attempts, minimal, maximal)
+
+DIAGNOSTICS: ``QueueManager()`` raises ``ValueError`` for a feedback
+value that is not > 0 and <= 1.  Then nothing is raised to callers.  An
+entry that is not a queue file (a FIFO, a link, a directory, a name that
+is no queue id) is skipped and reported once (``Spool(on_stray=)``); a
+file that fails the checks at open (``spool/safeopen.py``,
+``spool/queuefile.py``) moves to ``corrupt/`` with one warning; one that
+cannot be opened for a reason not its own (permissions, descriptors,
+I/O) is deferred to ``minimal_backoff_time`` from now.  A delivery that
+fails its Deferred (a bug) is logged and its recipients deferred with
+4.3.0 "mail system software error".
 
 Owns: queue_run_delay, minimal_backoff_time, maximal_backoff_time,
 qmgr_message_active_limit, qmgr_message_recipient_limit (read: Postfix's

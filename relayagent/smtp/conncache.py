@@ -16,9 +16,20 @@ A session is not stored again once it is older than
 that many transactions.  Whoever takes a session from the cache probes it
 with ``session.reset()`` (RSET) before use; this module only keeps them.
 
-Taking and storing are O(1) (a dict of deques): with 20 deliveries in
+Taking and storing are O(1) (a dict of deques): with many deliveries in
 parallel through one relayhost, every transaction does one take and one
 store.
+
+SYNOPSIS
+
+    cache = ConnectionCache.from_config(config, reactor)
+    if cache.wants_caching(nexthop, destination, backlog): cache.store(entry)
+    entry = cache.take(nexthop) or cache.take(address_key(address, port))
+    cache.close_all()                      # at shutdown
+
+DIAGNOSTICS: none raised.  ``store`` answers False (nothing kept: the
+caller closes the session) when the reuse limits say it has served
+enough; ``take`` answers None when nothing idle is kept under the key.
 
 Owns: smtp_connection_cache_time_limit, smtp_connection_reuse_time_limit,
 smtp_connection_reuse_count_limit, smtp_connection_cache_destinations,

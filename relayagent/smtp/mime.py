@@ -27,11 +27,10 @@ streaming implementation of the same behaviour:
   have already been written by the time such octets show up, and Postfix
   does not convert them either.  ``SevenBitConverter.unconverted_8bit``
   tells the caller when that happened, so it can log it.
-- More than ``mime_nesting_limit`` nested multiparts: ``MimeError`` 5.6.0
-  "MIME nesting exceeds safety limit" (the message bounces).  Postfix counts
-  from -1, so it takes up to limit + 2 nested multiparts and refuses the
-  next one; we count the same way.  message/rfc822 levels are not counted
-  (they cost no memory here either).
+- More than ``mime_nesting_limit`` nested multiparts is refused
+  (DIAGNOSTICS).  Postfix counts from -1, so it takes up to limit + 2
+  nested multiparts and refuses the next one; we count the same way.
+  message/rfc822 levels are not counted (they cost no memory here either).
 - A boundary is matched on at most ``mime_boundary_length_limit`` octets;
   a delimiter line matches when it starts with "--" and the (possibly cut)
   boundary, whatever follows, innermost multipart first; a delimiter of an
@@ -65,11 +64,20 @@ one; empty input stays empty.
 
 Memory does not depend on the size of the message: a line longer than
 ``SevenBitConverter.LINE_PIECE`` (64 KiB) is handled in pieces (Postfix's
-REC_TYPE_CONT records).  The quoted-printable encoder carries its partial
-output line from one piece to the next, so the output is the same as if the
-line had been handled whole, and so is everything else: a boundary or a
-header name is recognised in the first piece, which always holds more than
-``mime_boundary_length_limit`` + 4 octets.
+REC_TYPE_CONT records), with the same output as if handled whole (a
+boundary or header name is always within the first piece).
+
+SYNOPSIS
+
+    if needs_conversion(body_type, server_has_8bitmime, disable_conversion):
+        converter = SevenBitConverter(nesting_limit=..., boundary_length_limit=...)
+        out = converter.feed(chunk) ... + converter.close()
+        converter.unconverted_8bit         # 8-bit octets left as they were
+    convert_to_7bit(whole_message)
+
+DIAGNOSTICS: ``feed`` and ``close`` raise ``MimeError`` (its ``dsn``,
+5.6.0 "MIME nesting exceeds safety limit": the message bounces) and keep
+raising it; use after ``close`` and bad limits are ``ValueError``.
 
 Owns: mime_nesting_limit, mime_boundary_length_limit,
 disable_mime_output_conversion (the caller passes their values in; see

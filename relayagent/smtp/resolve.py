@@ -24,9 +24,21 @@ Two questions are answered here, both before any connection is made:
    ``getHostByName`` is never used: its ANY query is refused by many
    servers (RFC 8482).
 
-Failures are ``DeliveryFailure`` with Postfix's statuses and texts:
-5.4.4 not found, 4.4.3 temporary DNS failure, 5.1.0 null MX, 5.4.6 "loops
-back to myself", 4.4.4 "unable to find primary relay".
+SYNOPSIS
+
+    resolver = NexthopResolver(config, make_dns_resolver(config, reactor), reactor,
+                               system_resolver=make_system_resolver(reactor))
+    for nexthop in resolver.nexthops("example.net"):
+        addresses = yield resolver.addresses(nexthop)   # AddressList
+    parse_nexthop(text, destination=..., default_port=25, mx_lookup_allowed=True, where=...)
+
+DIAGNOSTICS: delivery failures are ``DeliveryFailure`` with Postfix's
+statuses and texts: 5.4.4 not found, 4.4.3 temporary DNS failure, 5.4.3
+non-recoverable DNS error, 5.1.0 null MX, 5.1.2 bad destination domain,
+5.4.6 "loops back to myself", 4.4.4 "unable to find primary relay"; a
+loop or a null MX has ``skip_to_next=False`` (no fallback relay).  A
+transport we do not run, a malformed nexthop, port or ``dns_nameservers``
+entry is ``ConfigError``; ``to_a_label`` raises ``ValueError``.
 
 Owns: relayhost, transport_maps, default_transport (its nexthop part),
 smtp_fallback_relay, fallback_relay, smtp_tcp_port, inet_protocols,

@@ -30,6 +30,19 @@ Credentials never reach a log, a transcript, an exception text or a repr:
 every AUTH line goes through ``session.command(..., redact=True)`` and
 ``Credentials`` hides its password.
 
+SYNOPSIS
+
+    choice = choose_mechanism(offered, options, mechanism_filter)
+    client = SASLClient(passwords, options, tls_options, mechanism_filter)
+    authenticated = await client.authenticate(session, nexthop, tls_active=True)
+
+DIAGNOSTICS: a bad ``smtp_sasl_*`` setting is ``SASLConfigError`` (a
+``ValueError``); a mechanism's trouble with a challenge, SASLprep or the
+server's proof is ``SASLError``.  ``authenticate`` fails with
+``DeliveryFailure``: 4.7.0 for no usable mechanism or a local SASL
+error, or "SASL authentication failed; server X said: ..." with the
+reply's code (5xx made 4xx by ``smtp_sasl_auth_soft_bounce``).
+
 Owns: smtp_sasl_auth_enable (read by relayagent.smtp.security),
 smtp_sasl_password_maps, smtp_sasl_mechanism_filter,
 smtp_sasl_security_options, smtp_sasl_tls_security_options,

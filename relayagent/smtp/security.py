@@ -5,13 +5,23 @@ the TLS and SASL steps of smtp_helo() in smtp_proto.c).
 ``SecurityPolicy(config)`` reads the TLS and SASL parameters
 once (lookup tables, OpenSSL contexts, the password-file permission check);
 ``policy.for_nexthop(nexthop)`` gives the ``SessionSecurity`` that
-``relayagent.smtp.session.SMTPSessionFactory(..., security=...)`` calls after EHLO:
+``relayagent.smtp.session.SMTPSessionFactory(..., security=...)`` calls
+after EHLO.
 
+A plaintext mechanism (PLAIN, LOGIN) is never used on a connection without
+TLS unless smtp_sasl_security_options allows it; over TLS
+smtp_sasl_tls_security_options decides.
+
+SYNOPSIS
+
+    policy = SecurityPolicy(config)
     security = policy.for_nexthop("[smtp.example.com]:587")
     factory = SMTPSessionFactory(config, clock, server, security=security)
+    d = security.negotiate(session)        # None: MAIL may be sent
 
-``negotiate(session)`` returns a Deferred that fires with None when MAIL
-may be sent, or fails with ``DeliveryFailure``:
+DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
+``ValueError``) for a bad TLS or SASL setting.  ``negotiate`` fails with
+``DeliveryFailure``:
 
 - 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
   configuration problem, or a failed handshake.  At level ``may`` a failed
@@ -21,9 +31,7 @@ may be sent, or fails with ``DeliveryFailure``:
 - AUTH: 4.7.0 no usable mechanism or a local SASL error; the server's reply
   when it refuses us (5xx made 4xx by smtp_sasl_auth_soft_bounce).
 
-A plaintext mechanism (PLAIN, LOGIN) is never used on a connection without
-TLS unless smtp_sasl_security_options allows it; over TLS
-smtp_sasl_tls_security_options decides.
+``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
 Owns no parameters of its own: it combines relayagent.smtp.tls and
 relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).

@@ -41,6 +41,21 @@ Protocols: Postfix 3.7 allows ``>=TLSv1``; our default for both
 smtp_tls_protocols and smtp_tls_mandatory_protocols is ``>=TLSv1.2``, since
 RFC 8996 deprecates TLS 1.0 and 1.1.
 
+SYNOPSIS
+
+    settings = TLSSettings.from_config(config)        # contexts built once
+    policy = PolicyLookup(config["smtp_tls_security_level"], tables).policy_for(nexthop)
+    outcome = await negotiate_tls(session, policy, settings, nexthop=nexthop)
+
+DIAGNOSTICS: a bad level, protocol list, cipher grade, policy entry or
+certificate/key setting raises ``TLSConfigError`` (a ``ValueError``);
+a policy-table entry found bad at lookup is ``TLSPolicyError``.
+``negotiate_tls`` fails with ``DeliveryFailure``: 4.7.4 "TLS is
+required, but was not offered by host X", the server's STARTTLS
+refusal (X.7.4), 4.7.5 "Server certificate not verified", 4.7.5
+"client TLS configuration problem", 4.7.5 "Cannot start TLS: ..."
+(``retry_plaintext`` at level ``may``).
+
 Owns: smtp_tls_security_level, smtp_tls_policy_maps, smtp_tls_CAfile,
 smtp_tls_CApath, smtp_tls_cert_file, smtp_tls_key_file, smtp_tls_protocols,
 smtp_tls_mandatory_protocols, smtp_tls_ciphers, smtp_tls_mandatory_ciphers,

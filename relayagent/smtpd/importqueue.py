@@ -20,9 +20,17 @@ between leaves at worst an orphan ``-D`` and never a message imported
 twice.  A file that is refused stays where it is, with one line on
 standard error saying why.  Stop twisted.mail before importing its queue.
 
-Exit codes (sysexits): 0 everything imported, 65 some files refused,
-66 no such directory, 75 the spool failed (what was imported stays
-imported; run the command again).
+SYNOPSIS
+
+    relayagent import-twisted-queue /var/spool/mail/relay
+    report = import_twisted_queue(directory, spool); report.exit_code
+    sender, recipient = read_envelope(data)  # never unpickles
+
+DIAGNOSTICS: ``read_envelope`` and ``open_queue_file`` raise
+``UnsafeEnvelope`` (a ``ValueError``) with the reason a file is refused.
+Exit codes (sysexits): 0 everything imported, 65 (EX_DATAERR) some files
+refused, 66 (EX_NOINPUT) no such directory, 75 (EX_TEMPFAIL) the spool
+failed (what was imported stays imported; run the command again).
 
 Owns no parameters; reads queue_directory (through the spool).
 """

@@ -6,13 +6,15 @@ RCPT fails with a TypeError in ``relay.DomainQueuer.exists``), queues one
 copy per recipient and unpickles its queue.  This module replaces it with
 relayagent's spool, through the doors twisted.mail leaves open:
 
-- ``RelayDomain``: an ``IDomain`` for ``MailService.domains`` (the default
-  domain: every domain that is not local), whose ``exists(user)`` decides
-  whether we relay for the client and hands back a message receiver.
-- ``RelayDelivery`` / ``RelayDeliveryFactory``: an ``IMessageDelivery`` and
-  an ``IMessageDeliveryFactory`` for servers built directly on
-  ``twisted.mail.smtp.ESMTPFactory`` (the built-in listener is one).
-- ``install_relayagent(mail_service, config)``: both of the above wired
+- ``relayagent.smtpd.intake.RelayDomain``: an ``IDomain`` for
+  ``MailService.domains`` (the default domain: every domain that is not
+  local), whose ``exists(user)`` decides whether we relay for the client
+  and hands back a message receiver.
+- ``intake.RelayDelivery`` / ``RelayDeliveryFactory``: an
+  ``IMessageDelivery`` and an ``IMessageDeliveryFactory`` for servers built
+  directly on ``twisted.mail.smtp.ESMTPFactory`` (the built-in listener is
+  one).
+- ``install_relayagent(mail_service, config, spool, trigger)``: both wired
   into a ``twisted.mail.mail.MailService``, working around
   ``DomainDeliveryBase.validateTo``, which hard-codes the broken
   ``relay.DomainQueuer`` for authenticated clients whenever
@@ -24,8 +26,17 @@ for a full disk and for relaying refused: all of that is
 ``relayagent.smtpd.intake``'s.
 
 This module holds what is twisted.mail's alone: the domain delivery that
-works around ``validateTo``, the Maildir domain, and
-``install_relayagent``.
+works around ``validateTo`` (``RelayagentDomainDelivery``), the Maildir
+domain (``MaildirDomain``), ``RelayTransport`` and ``install_relayagent``.
+
+SYNOPSIS
+
+    transport = install_relayagent(mail_service, config, spool, trigger)
+    mail_service.addDomain("example.org", MaildirDomain(root, users=["alice"]))
+
+DIAGNOSTICS: the SMTP replies are ``intake``'s; ``MaildirDomain.exists``
+raises ``smtp.SMTPBadRcpt`` (550 5.1.1 "User unknown") for an unknown
+local user.
 
 Owns no parameters (``intake`` owns mynetworks, message_size_limit and
 hopcount_limit).

@@ -1,7 +1,9 @@
 """
 The spool: queue directories, queue ids, queue files and their updates.
 
-The public API (see ``spool.py`` and ``queuefile.py``)::
+The public API (``spool.py`` and ``queuefile.py`` say more).
+
+SYNOPSIS
 
     from relayagent.spool import Spool, CorruptQueueFile
 
@@ -11,6 +13,13 @@ The public API (see ``spool.py`` and ``queuefile.py``)::
     with spool.open(queue_id, "incoming") as queue_file:
         envelope = queue_file.envelope
         queue_file.mark_done(0)
+
+DIAGNOSTICS: ``Spool.open`` raises ``CorruptQueueFile`` for a file that
+fails its checks and ``FileNotFoundError`` when the message is not in that
+queue.  ``enqueue`` raises ``ValueError`` for a bad sender or recipient
+(or none) and ``OSError`` when the file cannot be written
+(``QueueIdCollision``, an EAGAIN, when its id is taken: try again).
+``spool.py``'s header has the rest.
 
 Owns ``queue_directory`` (the layout under it).
 """

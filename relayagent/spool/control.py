@@ -20,6 +20,19 @@ blocking and free of the reactor so a command-line program can call it
 after enqueuing: it writes one AMP box on a plain socket, waits (briefly)
 for the answer, and returns False, quietly, when no daemon listens.
 
+SYNOPSIS
+
+    port = listen(reactor, queue_directory, queue_manager)   # the daemon
+    trigger(queue_directory, "wakeup")     # or "flush"; True when answered
+    lock = lock_spool(queue_directory); spool_locked(...), daemon_running(...)
+
+DIAGNOSTICS: ``listen`` raises ``DaemonRunning`` when the socket path is
+not a socket or another queue manager listens on it; ``lock_spool``
+raises ``DaemonRunning`` when another daemon holds ``master.lock`` and
+``OSError`` when the lock is not a regular file.  ``trigger`` returns
+False when no daemon answers and raises ``ValueError`` for a command
+other than wakeup or flush.
+
 Owns no parameters; reads queue_directory (through its callers).
 """
 

@@ -7,6 +7,13 @@ entry that is not a queue file of ours at all (``safeopen.py``).  Both
 are answered the same way: the queue manager moves the entry to
 ``corrupt/``; ``mailq`` lists it as unreadable.
 
+SYNOPSIS
+
+    raise CorruptQueueFile(queue_id, "envelope checksum mismatch")
+    except CorruptQueueFile as exc: exc.queue_id, exc.reason
+
+DIAGNOSTICS: these are the diagnostics; nothing here fails.
+
 Owns no parameters.
 """
 

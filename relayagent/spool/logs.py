@@ -33,6 +33,18 @@ takes back what it wrote: a bounce record cut short would read as a
 failure of a recipient that is still pending, and a log it just created
 is removed, so that it is not left behind, empty, after its message.
 
+SYNOPSIS
+
+    data = format_record(DEFER_LOG, recipient, status, when)
+    append_record(path, data)
+    for record in read_records(path): record.recipient, record.status, ...
+
+DIAGNOSTICS: ``append_record`` raises ``OSError`` (a short write is
+ENOSPC) after taking back what it wrote.  ``read_records`` gives no
+records for a log that does not exist and raises ``OSError`` for one
+that is a link or not a regular file.  ``parse_records`` never raises:
+junk lines are skipped, a record without ``recipient=`` is dropped.
+
 Owns no parameters.
 """
 

@@ -14,7 +14,7 @@ description)::
     48      1     body type           0 = 7BIT, 1 = 8BITMIME
     49      1     SMTPUTF8            0 or 1
     50      1     RET                 0 = none, 1 = FULL, 2 = HDRS
-    51      1     content form        bit 0: plain lines (spool.plain), else 0
+    51      1     content form        bit 0: plain lines, bit 1: body undeclared
     52      4     content CRC-32
     56      4     envelope CRC-32     of bytes 0-55 and the variable section
     60      4     attempt count       uint32     } the mutable block,
@@ -32,10 +32,11 @@ file that fails any check raises ``CorruptQueueFile``, the only error the
 reader raises for bad data.
 
 The content form octet records what was learnt about the content when it
-was queued, so that no delivery attempt has to look again: bit 0 set means
-*plain lines* (``spool.plain.PlainLineScanner``: no CR, no line starting with
-".", none over 998 octets), whose wire form is just LF turned into CRLF.
-A writer that did not look leaves it 0, which is always correct.
+was queued, so that no attempt looks again: bit 0, *plain lines*
+(``spool.plain.PlainLineScanner``: no CR, no line starting with ".", none
+over 998 octets), whose wire form is just LF turned into CRLF; bit 1, the
+body type was detected, not declared (a 7-bit message then goes out with
+no BODY=, as Postfix sends none).  0 is always correct.
 
 The status bytes and the mutable block sit outside the envelope CRC so
 that marking a recipient done or recording an attempt is one small
@@ -46,6 +47,19 @@ over the content region.  A small file (the first read gets all of it) has
 its content CRC checked when opened; a large one when its content stream
 is read to the end, so a garbled body is caught before the final "."
 would be sent.
+
+SYNOPSIS (``Spool.open`` makes a ``QueueFile``)
+
+    with spool.open(queue_id, "active") as queue_file:
+        queue_file.envelope, queue_file.pending_count(), queue_file.open_content()
+        queue_file.mark_done_many([0, 1]); queue_file.defer(2, status)
+        queue_file.record_attempt(next_attempt)
+    head = build_head(...)                 # the writer's side, for Spool.enqueue
+
+DIAGNOSTICS: bad data is ``CorruptQueueFile`` (at open, or from the
+content stream when a large content is cut short or fails its CRC); a
+failed in-place update is ``OSError``; using a closed file is
+``ValueError`` and a recipient index out of range ``IndexError``.
 
 Owns no parameters.
 """

@@ -23,6 +23,16 @@ time first, then something that tells processes apart.
 worker processes owns a queue file (``relayagent/master/worker.py``): a pure
 function of the id, so every process agrees without talking.
 
+SYNOPSIS
+
+    queue_id, arrival_time = QueueIdGenerator(time.time).next()
+    is_queue_id(name), queue_id_time(queue_id), queue_id_pid(queue_id)
+    partition_of(queue_id, workers)        # 0 .. workers - 1
+
+DIAGNOSTICS: none in use: ``is_queue_id`` answers False for a name that
+is not an id (the other functions expect one); only a time past the
+year 3111 would raise ``ValueError``.
+
 Owns no parameters.
 """
 

@@ -1,13 +1,13 @@
 """
 Removing delivered messages off the reactor thread.
 
-Unlinking a queue file that was written and fsynced costs the kernel about
-100 microseconds (ext4 frees its blocks and journals it): on a busy queue
-that is an eighth of the delivery agent's time, spent while the reactor
-can do nothing else.  ``BackgroundRemover`` hands the unlinks to one worker
-thread (the GIL is released during the system call, so the work moves to
-the other core) and reports each removal back on the reactor thread, in
-batches, where the caller logs "removed".
+Unlinking a queue file that was written and fsynced is real kernel work
+(ext4 frees its blocks and journals it), done while the reactor can do
+nothing else; docs/performance.rst has the figures.
+``BackgroundRemover`` hands the unlinks to one worker thread (the GIL is
+released during the system call, so the work moves to another core) and
+reports each removal back on the reactor thread, in batches, where the
+caller logs "removed".
 
 Safety: only a message whose every recipient is marked done is handed
 over.  Until its file is gone it sits in ``active/``; should the process
@@ -18,6 +18,16 @@ it then.  Nothing is delivered twice and nothing is lost; at worst a
 Bounded: at most ``max_backlog`` removals wait for the worker; past that
 the caller's thread removes the file itself (a disk slower than the
 deliveries slows the deliveries down, as before).
+
+SYNOPSIS
+
+    remover = BackgroundRemover(spool, reactor, on_removed=..., on_error=...)
+    remover.remove(queue_id, "active", log_kinds)   # every recipient done
+    remover.stop()                                  # at shutdown; blocks
+
+DIAGNOSTICS: ``remove`` does not raise for the file system: an unlink of
+the queue file that fails is ``on_error(queue_id, OSError)``, on the
+reactor thread; a log that cannot be unlinked is left behind silently.
 
 Owns no parameters.
 """

@@ -46,7 +46,10 @@ DIAGNOSTICS: ``open`` raises ``CorruptQueueFile`` for a bad file
 ``FileNotFoundError`` when the message is not there.  ``mark_corrupt``
 logs ``QUEUEID: corrupt queue file moved from QUEUE to corrupt: REASON``
 (a warning).  ``on_stray(queue, name, problem)`` hears once of each
-entry skipped; the spool logs nothing else.
+entry skipped; the spool logs nothing else.  ``enqueue`` raises
+``ValueError`` for a bad sender or recipient (or none) and ``OSError``
+for a write that fails (``QueueIdCollision`` when the id is taken).
+A bad queue or log name is ``ValueError``.
 
 Owns ``queue_directory`` (its layout; config.py holds its value).
 """
