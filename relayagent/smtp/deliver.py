@@ -43,9 +43,10 @@ said.  A queue file found corrupt while the body was sent is
 ``route`` (the queue manager's) raises ``DeliveryFailure``: the
 resolver's, or 4.3.0 "mail transport unavailable".
 
-Owns: smtp_sasl_auth_enable (read: with SASL every session is treated as
-authenticated, kept under its nexthop only); the connection cache's
-parameters are ``conncache``'s, the connection's ``connect``'s.
+Owns no parameters.  Reads smtp_sasl_auth_enable (``sasl`` owns it):
+with SASL every session is treated as authenticated, kept under its
+nexthop only.  The connection cache's parameters are ``conncache``'s, the
+connection's ``connect``'s.
 """
 
 from __future__ import annotations
