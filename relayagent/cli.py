@@ -22,6 +22,17 @@ stops reading at the first octet past ``message_size_limit``.
 Commands live in one table, ``COMMANDS``; a later phase adds one with
 ``register(Command(...))``.
 
+SYNOPSIS
+
+    relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID] [RCPT ...]
+    relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
+    relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
+    main(argv) -> exit status;  register(Command(...));  trigger_hook(config, command)
+
+DIAGNOSTICS: the sysexits codes above, each with one line on standard
+error (``Failure(code, text)`` inside); ``flush`` says so when no daemon
+answers.
+
 Owns ``myorigin``'s use for unqualified addresses (Postfix's
 ``append_at_myorigin``, always on here), and the sendmail(1) options.
 Reads message_size_limit, queue_minfree and smtputf8_enable for sendmail.

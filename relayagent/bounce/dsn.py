@@ -15,20 +15,23 @@ before they get there, the way Postfix's printable() does).  The returned
 original is spliced in verbatim after generation, so its octets (8-bit ones
 included) are never re-encoded or re-folded.
 
-What the caller (the delivery layer) does with this module:
+SYNOPSIS
 
-- ``notices(kind, envelope, reports, config=..., clock=...)`` returns a
-  ``NoticePlan``: the notices to enqueue (each with its envelope sender,
-  recipients, content, body type and the label for the log line) and the
-  warnings to log for notices that are discarded (a failed double bounce).
-  The caller enqueues each with the spool and logs
-  ``ralog.log_notice(log, queue_id, new_id, notice.label)``.
-- ``success_report(...)`` says whether a delivered recipient earns a
-  "relayed" success notice (NOTIFY=SUCCESS and the server lacked DSN).
-- ``postmaster_notice(cls, ...)`` builds a notice for ``notify_classes``
-  (protocol, resource, software, data with the session transcript).
-- ``build_report(...)`` and ``bounce_recipient_for(...)`` are the pieces
-  ``notices`` is made of, exported for tests and special uses.
+    plan = notices("failure", envelope, reports, config=config, clock=clock)
+    for notice in plan.notices:          # sender, recipients, content, body type, label
+        new_id = spool.enqueue(notice.sender, notice.recipients, notice.content, ...)
+        ralog.log_notice(log, envelope.queue_id, new_id, notice.label)
+    for warning in plan.warnings: ...    # notices discarded (a failed double bounce)
+    success_report(...)                  # a "relayed" notice earned? (NOTIFY=SUCCESS, no DSN at the server)
+    postmaster_notice(cls, ...)          # notify_classes: protocol, resource, software, data
+    build_report(...), bounce_recipient_for(...)   # the pieces notices() is made of
+
+DIAGNOSTICS: building a notice does not fail for bad data: control
+characters are stripped (``printable``) and long lines wrapped; a bounce
+that cannot be returned (the null sender, a double bounce without
+``2bounce`` in notify_classes) is a warning in ``NoticePlan.warnings``,
+not an exception.  ``RuntimeError`` only for a bug (a part lost while the
+report is spliced).
 
 Owns these main.cf parameters: notify_classes, error_notice_recipient,
 bounce_notice_recipient, 2bounce_notice_recipient, delay_notice_recipient,

@@ -56,6 +56,19 @@ be started inside a chroot that does not hold one.  The children start
 as the unprivileged user, so main.cf and the tables it names must be
 readable by that user.
 
+SYNOPSIS
+
+    pool = WorkerPool(...); pool.start(); pool.send(WAKEUP); pool.stop() -> Deferred
+    partition_filter(index, workers) -> owns(queue_id) | None
+    split_limits(config, workers) -> Config;  refuse_chroot(config, chroot)
+    check_lock(lock_fd, queue_directory);  WorkerRole, ParentLink, WorkerRuntime
+    (a child's entry point is ``relayagent.master.child``)
+
+DIAGNOSTICS: ``WorkerError`` (one line) for ``--chroot`` with more than one
+worker and for a lock descriptor that is not this spool's locked
+``master.lock``; a child that exits is one warning line (``exit status
+N`` or ``killed by signal N``) and is started again after RESTART_DELAY.
+
 Owns: relayagent_workers.
 """
 

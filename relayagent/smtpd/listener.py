@@ -4,8 +4,7 @@ The built-in SMTP listener: twisted.mail's ESMTP server feeding the spool.
 ``smtpd_endpoints`` (ours: Twisted server endpoint strings such as
 ``tcp:10025:interface=127.0.0.1``; empty, the default, means no listener)
 makes ``twistd -n relayagent`` accept mail for relaying.  The server is
-``twisted.mail.smtp.ESMTP`` with the glue of ``relayagent.smtpd.twistedmail``
-behind it, and a subclass (``RelayagentESMTP``) that adds what the stock
+``twisted.mail.smtp.ESMTP`` with ``relayagent.smtpd.intake`` behind it, and a subclass (``RelayagentESMTP``) that adds what the stock
 server lacks:
 
 - SIZE (RFC 1870): advertised with ``message_size_limit``; ``MAIL FROM``
@@ -33,8 +32,22 @@ server lacks:
 - An over-long line ends the session with a 5xx reply (Twisted's server
   keeps buffering a line that never ends).
 
-Relaying is the glue's rule: clients in ``mynetworks`` (default loopback
-only) or authenticated; anyone else gets 554 5.7.1 for every recipient.
+Relaying is the intake's rule: clients in ``mynetworks`` (default
+loopback only) or authenticated; anyone else gets 554 5.7.1 for every
+recipient.
+
+SYNOPSIS
+
+    services = daemon_listener_services(config, daemon, reactor)   # one per smtpd_endpoints entry
+    make_listener_services(config, spool, trigger, reactor=reactor)
+    ListenerFactory(intake, config);  MailServiceESMTPFactory(service, portal, config)
+    RelayagentESMTP (the server protocol);  parse_esmtp_parameters(text)
+
+DIAGNOSTICS: replies to the client, never exceptions: 552 5.3.4 (size),
+555 5.5.4 (unknown parameter), 452 4.3.1 (short of space), 451 4.3.0 (the
+spool failed), 554 5.7.1 (relaying denied), 5xx for an over-long line.
+A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
+``strports.service`` (``ValueError``).
 
 Owns: smtpd_endpoints, smtpd_banner.  Reads message_size_limit,
 myhostname (and, through the glue, mynetworks, hopcount_limit and
