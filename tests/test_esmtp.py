@@ -1019,7 +1019,7 @@ class CorruptContentTests(unittest.SynchronousTestCase):
         self.assertNotIn(b"\r\n.\r\n", h.sent())
         self.assertTrue(h.transport.disconnecting)
         self.assertFalse(h.session.usable)
-        self.assertIsNone(h.session._body)
+        self.assertIsNone(h.session.body)
 
 
 class WrongReplyAtEachStageTests(unittest.SynchronousTestCase):
