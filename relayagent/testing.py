@@ -99,12 +99,14 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
 from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.qmgr.scheduler import RequestResult
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.ehlo import announced_size
 from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
 from relayagent.smtp.reply import Reply, ReplyAssembler
 from relayagent.smtp.resolve import AddressList
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory, TransactionResult
+from relayagent.smtp.session import SMTPSessionFactory
+from relayagent.smtp.transaction import TransactionResult
 from relayagent.spool import ACTIVE
 
 __all__ = [

@@ -17,10 +17,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from relayagent.common.config import Config
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.conncache import ConnectionCache
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.result import RecipientOutcome, SmtpResult
-from relayagent.smtp.session import ServerInfo, TransactionResult
+from relayagent.smtp.transaction import TransactionResult
 from relayagent.spool import ACTIVE, BOUNCE_LOG, DEFER_LOG, DEFERRED, INCOMING, Spool
 
 START = 1_700_000_000.0

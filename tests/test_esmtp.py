@@ -24,8 +24,10 @@ from twisted.trial import unittest
 from relayagent.common.config import Config
 from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.address import smtp_path, xtext
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.ehlo import parse_ehlo
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory, smtp_path, xtext
+from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.spool.queuefile import CorruptQueueFile
 
 SERVER = ServerInfo("mx.example", "192.0.2.1", 25, "example.com")
@@ -1019,7 +1021,7 @@ class CorruptContentTests(unittest.SynchronousTestCase):
         self.assertNotIn(b"\r\n.\r\n", h.sent())
         self.assertTrue(h.transport.disconnecting)
         self.assertFalse(h.session.usable)
-        self.assertIsNone(h.session._body)
+        self.assertIsNone(h.session.body)
 
 
 class WrongReplyAtEachStageTests(unittest.SynchronousTestCase):

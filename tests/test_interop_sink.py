@@ -68,7 +68,7 @@ class SinkTestCase(unittest.TestCase):
         )
         endpoint = TCP4ClientEndpoint(reactor, sink.host, sink.port, timeout=5)
         session = await endpoint.connect(factory)
-        self.addCleanup(lambda: session.transport.loseConnection() if session._connected else None)
+        self.addCleanup(lambda: session.transport.loseConnection() if session.connection_open else None)
         await session.greeted
         return sink, session
 

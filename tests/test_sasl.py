@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.reply import Reply
 from relayagent.smtp.sasl import (
     AnonymousMechanism,
@@ -35,7 +36,6 @@ from relayagent.smtp.sasl import (
     saslprep,
     warn_if_world_readable,
 )
-from relayagent.smtp.session import ServerInfo
 from relayagent.testing import FakeSession, LogCapture, secret_forms
 
 DEFAULT_OPTIONS = SecurityOptions.parse(["noplaintext", "noanonymous"])

@@ -10,9 +10,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.deliver import SmtpAgent, SmtpRequest
 from relayagent.smtp.result import RecipientOutcome, SmtpResult
-from relayagent.smtp.session import ServerInfo, TransactionResult
+from relayagent.smtp.transaction import TransactionResult
 from relayagent.spool import CorruptQueueFile
 
 SERVER = ServerInfo("mx", "127.0.0.1", 25, "[127.0.0.1]:25")

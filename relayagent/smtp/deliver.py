@@ -62,12 +62,13 @@ from twisted.internet.interfaces import IReactorTime
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.resolve import NexthopResolver
 from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult, Transmission
 from relayagent.smtp.security import SecurityPolicy
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
+from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.spool import CorruptQueueFile
 
 # Domains whose destination key is remembered (route); an LRU bound.

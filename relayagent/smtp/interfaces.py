@@ -39,7 +39,7 @@ class ISMTPSession(Interface):
     """
 
     server = Attribute(
-        "The peer: a relayagent.smtp.session.ServerInfo (host, address, port, nexthop, namaddr)."
+        "The peer: a relayagent.smtp.channel.ServerInfo (host, address, port, nexthop, namaddr)."
     )
     namaddr = Attribute("``host[address]`` of the peer, as in Postfix's status texts.")
     greeted = Attribute(
@@ -61,7 +61,7 @@ class ISMTPSession(Interface):
     def deliver(envelope, recipients, *, last=False, probe=False):
         """One mail transaction for ``recipients`` (a sequence of
         relayagent.common.envelope.Recipient): a Deferred that fires with a
-        relayagent.smtp.session.TransactionResult (one Status per recipient
+        relayagent.smtp.transaction.TransactionResult (one Status per recipient
         index, the message-level status, whether the session can be reused,
         and ``probe_failed``).  ``last``: QUIT after it.  ``probe``: RSET
         first (a session from the connection cache).  One transaction at a

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relayagent.common.status import Status
-from relayagent.smtp.session import ServerInfo
+from relayagent.smtp.channel import ServerInfo
 
 
 @dataclass(frozen=True)

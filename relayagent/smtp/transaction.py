@@ -1,0 +1,410 @@
+"""
+The mail transaction of an ESMTP session, as smtp(8)'s smtp_xfer() does
+it: MAIL FROM, every RCPT TO, DATA, the body, "." (and QUIT after the
+last), RSET after a refusal, the RSET probe of a cached session.
+
+- with PIPELINING (RFC 2920) [RSET,] MAIL, the RCPTs and DATA go in one
+  write, replies matched in order, stopping to read when about 4 KB of
+  commands are unanswered (``channel.PIPELINE_BUFFER_OCTETS``); QUIT goes
+  with "." after the last transaction; lock-step otherwise;
+- SIZE, BODY=8BITMIME/7BIT, DSN (RET, ENVID, NOTIFY, ORCPT) and SMTPUTF8
+  parameters (``smtp.address``); the 5.3.4 size refusal and the 5.6.7
+  SMTPUTF8 refusal, decided before any command;
+- per-recipient ``Status`` results (``Outcome``) worded as Postfix words
+  them; a reply of the wrong kind is Postfix's outcome (5.5.0), never a
+  traceback, and the session is not cached after it; 421 ends the
+  session; an empty 354 (nothing accepted) gets "." at once;
+- the PIX ``delay_dotcrlf`` workaround and ``smtp_skip_quit_response``.
+
+SYNOPSIS
+    result = await transact(session, envelope, recipients, last, probe)  # TransactionResult
+    ok = await reset_session(session)       # the RSET probe
+    await quit_session(session)
+
+DIAGNOSTICS
+    None logged here; every outcome is a Status in the TransactionResult.
+    ``transact`` lets CorruptQueueFile through (the body failed its
+    checksum on the way: no "." went, the connection is dropped).
+
+Owns: smtp_pix_workaround_delay_time, smtp_pix_workaround_threshold_time,
+smtp_skip_quit_response, disable_mime_output_conversion; the MAIL, RCPT,
+DATA, ".", RSET and QUIT replies wait smtp_mail_timeout ...
+smtp_quit_timeout (the channel's stage table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+
+from relayagent.common.envelope import BodyType, Envelope, Recipient
+from relayagent.common.status import Status
+from relayagent.smtp import mime
+from relayagent.smtp.address import orcpt_parameter, requires_smtputf8, smtp_path, xtext
+from relayagent.smtp.channel import PIPELINE_BUFFER_OCTETS, STAGES, Broken, Stage
+from relayagent.smtp.data import send_body
+from relayagent.smtp.reply import Reply, reply_status, sent_status
+from relayagent.spool.queuefile import CorruptQueueFile
+
+if TYPE_CHECKING:
+    from relayagent.smtp.session import SMTPSession
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    """The outcome of one mail transaction.
+
+    ``recipients``: one Status per recipient passed in, by
+    ``Recipient.index``.  ``status_of_transaction``: the message-level
+    outcome (the reply to ".", or the MAIL/DATA refusal, size refusal,
+    lost connection ...), None when only RCPT replies decided.
+    ``session_usable``: whether another transaction may follow.
+    ``probe_failed``: ``deliver(..., probe=True)`` found the session dead
+    (the RSET probe failed): nothing was tried, the statuses mean
+    nothing, and the session is closed; deliver on another session.
+    """
+
+    recipients: dict[int, Status]
+    status_of_transaction: Status | None
+    session_usable: bool
+    probe_failed: bool = False
+
+
+async def reset_session(session: SMTPSession) -> bool:
+    """The RSET probe: whether the session can be reused."""
+    if session.broken is not None or not session.usable:
+        return False
+    reply = await session.command_reply(b"RSET", "probe")
+    if isinstance(reply, Broken) or not reply.positive:
+        session.usable = False
+        return False
+    return True
+
+
+async def quit_session(session: SMTPSession) -> None:
+    """QUIT and close (the reply awaited unless smtp_skip_quit_response)."""
+    session.usable = False
+    if session.broken is not None or not session.connection_open:
+        if session.connection_open:
+            session.transport.loseConnection()
+        return
+    deferred = session.queue_command(b"QUIT", "quit")
+    session.quitting()
+    session.flush()
+    if not session.config["smtp_skip_quit_response"]:
+        await deferred
+    session.close_quietly()
+
+
+def mail_from(session: SMTPSession, envelope: Envelope, converting: bool) -> bytes:
+    """The MAIL FROM command with the parameters the server takes."""
+    parts = ["MAIL FROM:" + smtp_path(envelope.sender)]
+    if session.has("SIZE") and not converting:
+        parts.append(f"SIZE={envelope.content_size}")
+    if session.has("8BITMIME"):
+        if envelope.body_type is BodyType.EIGHT_BIT_MIME:
+            parts.append("BODY=8BITMIME")
+        elif envelope.body_declared:
+            parts.append("BODY=7BIT")
+        # An undeclared 7-bit body: no BODY=, as from Postfix.
+    if envelope.smtputf8 and session.has("SMTPUTF8"):
+        parts.append("SMTPUTF8")
+    if session.has("DSN"):
+        if envelope.envid:
+            parts.append("ENVID=" + xtext(envelope.envid))
+        if envelope.ret is not None:
+            parts.append("RET=" + envelope.ret.value)
+    return " ".join(parts).encode("utf-8")
+
+
+def rcpt_to(session: SMTPSession, recipient: Recipient) -> bytes:
+    """The RCPT TO command with the DSN parameters when the server takes them."""
+    path = smtp_path(recipient.address)
+    parts = ["RCPT TO:" + path]
+    if session.has("DSN"):
+        orcpt = orcpt_parameter(recipient, path[1:-1])
+        if orcpt is not None:
+            parts.append("ORCPT=" + orcpt)
+        notify = recipient.notify.esmtp_value()
+        if notify is not None:
+            parts.append("NOTIFY=" + notify)
+    return " ".join(parts).encode("utf-8")
+
+
+def _probe_failed(session: SMTPSession, outcome: Outcome) -> TransactionResult:
+    """The session is dead or out of step: drop it; nothing was sent
+    that could deliver anything."""
+    session.usable = False
+    if session.broken is None:
+        session.break_session(session.local_status("4.4.2", f"RSET probe to {session.namaddr} failed"))
+    result = outcome.finish(session.broken.status if session.broken else None, usable=False)
+    return TransactionResult(result.recipients, result.status_of_transaction, False, probe_failed=True)
+
+
+async def transact(
+    session: SMTPSession, envelope: Envelope, recipients: tuple[Recipient, ...], last: bool, probe: bool = False
+) -> TransactionResult:
+    outcome = Outcome(session, recipients)
+    if probe and (session.broken is not None or not session.usable):
+        return _probe_failed(session, outcome)
+    if session.broken is not None or not session.usable:
+        status = session.broken.status if session.broken is not None else session.local_status(
+            "4.4.2", f"session with {session.namaddr} is not usable"
+        )
+        return outcome.finish(status.softened() if status.hard else status, usable=False)
+
+    # Checks that need no command (smtp_xfer).
+    if not session.has("SMTPUTF8") and requires_smtputf8(envelope, recipients):
+        status = session.local_status(
+            "5.6.7", f"SMTPUTF8 is required, but was not offered by host {session.namaddr}"
+        )
+        return await _after_local_refusal(session, outcome, status, last)
+    limit = session.size_limit
+    if limit is not None and limit < envelope.content_size:
+        status = session.local_status(
+            "5.3.4",
+            f"message size {envelope.content_size} exceeds size limit {limit} of server {session.namaddr}",
+        )
+        return await _after_local_refusal(session, outcome, status, last)
+
+    converting = mime.needs_conversion(
+        envelope.body_type, session.has("8BITMIME"), session.config["disable_mime_output_conversion"]
+    )
+    pipelining = session.has("PIPELINING")
+
+    probe_d: Deferred[Reply | Broken] | None = None
+    if probe:
+        probe_d = session.queue_command(b"RSET", "probe")
+        if not pipelining:
+            session.flush()
+            if not _positive(await probe_d):
+                return _probe_failed(session, outcome)
+            probe_d = None
+    # [RSET,] MAIL, RCPT..., DATA: one write when pipelining, else lock-step.
+    mail_reply_d = session.queue_command(mail_from(session, envelope, converting), "mail")
+    if not pipelining:
+        session.flush()
+        if not outcome.take_mail(await mail_reply_d):
+            return await _abort(session, outcome, last)
+    rcpt_reply_ds: list[tuple[Recipient, Deferred[Reply | Broken]]] = []
+    for recipient in recipients:
+        line = rcpt_to(session, recipient)
+        if pipelining and session.unanswered_octets + len(line) + 2 > PIPELINE_BUFFER_OCTETS:
+            # Read what is due before writing more (see PIPELINE_BUFFER_OCTETS).
+            session.flush()
+            await session.drained()
+            if session.broken is not None:
+                break
+        reply_d = session.queue_command(line, "rcpt")
+        if pipelining:
+            rcpt_reply_ds.append((recipient, reply_d))
+        else:
+            session.flush()
+            if not outcome.take_rcpt(recipient, await reply_d):
+                break
+    data_reply_d: Deferred[Reply | Broken] | None = None
+    if session.broken is None and (pipelining or outcome.accepted):
+        data_reply_d = session.queue_command(b"DATA", "data")
+    session.flush()
+    if pipelining:
+        # Replies come in order (or the session breaks and every waiter
+        # hears it at once): wait once, for the last, then read the
+        # others, which are in by then.
+        last_d = data_reply_d or (rcpt_reply_ds[-1][1] if rcpt_reply_ds else mail_reply_d)
+        await _reply(last_d)
+    if probe_d is not None and not _positive(await _reply(probe_d)):
+        # The commands after it are void: the connection goes.
+        return _probe_failed(session, outcome)
+    if pipelining:
+        outcome.take_mail(await _reply(mail_reply_d))
+        for recipient, reply_d in rcpt_reply_ds:
+            outcome.take_rcpt(recipient, await _reply(reply_d))
+    data_reply = await _reply(data_reply_d) if data_reply_d is not None else None
+
+    if isinstance(data_reply, Broken):
+        return outcome.finish(data_reply.status, usable=False)
+    if session.broken is not None and data_reply is None:
+        return outcome.finish(session.broken.status, usable=False)
+    if data_reply is None or not outcome.accepted or outcome.mail_refused:
+        if data_reply is not None and data_reply.intermediate:
+            # RFC 2920 3.1: DATA got 354 although nothing was accepted:
+            # end the empty message at once.
+            dot = await session.command_reply(b".", "dot")
+            if isinstance(dot, Broken):
+                return outcome.finish(dot.status, usable=False)
+            return await _maybe_quit(session, outcome.finish(None, usable=True), last)
+        return await _abort(session, outcome, last)
+    if not data_reply.intermediate:
+        outcome.message_failed(data_reply, STAGES["data"])
+        return await _abort(session, outcome, last)
+
+    # 354: the body, then "." (and QUIT when this is the last transaction).
+    try:
+        body_result = await send_body(session, envelope, converting, session.chunk_size)
+    except CorruptQueueFile as corrupt:
+        # The content failed its checksum on the way: no "." goes, so
+        # the server keeps nothing of it; the connection drops and the
+        # queue manager moves the file to corrupt/.
+        session.break_session(session.local_status("4.3.0", f"queue file {envelope.queue_id} is corrupt: {corrupt.reason}"))
+        raise
+    if isinstance(body_result, Status):
+        # A MIME or queue file error: there is no way to cancel DATA
+        # but to drop the connection (as Postfix does).
+        session.break_session(body_result)
+        return outcome.finish(body_result, usable=False)
+    if isinstance(body_result, Broken):
+        early = session.take_early_reply()
+        if early is not None and not early.positive:
+            outcome.message_failed(early, STAGES["dot"])
+        return outcome.finish(body_result.status, usable=False)
+    if "delay_dotcrlf" in session.pix_workarounds and (
+        session.clock.seconds() - envelope.arrival_time >= session.config["smtp_pix_workaround_threshold_time"]
+    ):
+        # PIX firewalls lose a ".CRLF" that shares a packet with the body.
+        await task.deferLater(session.clock, session.config["smtp_pix_workaround_delay_time"], lambda: None)
+        if session.broken is not None:
+            return outcome.finish(session.broken.status, usable=False)
+    early = session.take_early_reply()
+    dot_d = session.queue_command(b".", "dot")
+    # QUIT goes in the same write as "." only to a server that
+    # pipelines: any other may take it as a pipelining violation and
+    # refuse the message (OpenSMTPD: "500 5.5.1 Invalid command:
+    # Pipelining not supported").  Without PIPELINING nothing is
+    # written before the previous reply is in.
+    quit_d = session.queue_command(b"QUIT", "quit") if last and pipelining else None
+    session.flush()
+    if early is not None:
+        # The server answered before "."; it is out of step from now on.
+        dot_reply: Reply | Broken = early
+        session.close_quietly()
+    else:
+        dot_reply = await dot_d
+        if quit_d is not None and isinstance(dot_reply, Reply) and dot_reply.code != 421:
+            if not session.config["smtp_skip_quit_response"]:
+                await quit_d
+            session.close_quietly()
+    if isinstance(dot_reply, Broken):
+        return outcome.finish(dot_reply.status, usable=False)
+    if dot_reply.positive:
+        outcome.message_sent(dot_reply)
+    else:
+        outcome.message_failed(dot_reply, STAGES["dot"])
+    if last and quit_d is None and early is None:
+        return await _maybe_quit(session, outcome.finish(None, usable=False), last)
+    return outcome.finish(None, usable=session.broken is None and not last)
+
+
+async def _after_local_refusal(session: SMTPSession, outcome: Outcome, status: Status, last: bool) -> TransactionResult:
+    result = outcome.finish(status, usable=True)
+    return await _maybe_quit(session, result, last)
+
+
+async def _maybe_quit(session: SMTPSession, result: TransactionResult, last: bool) -> TransactionResult:
+    if last and session.broken is None:
+        await quit_session(session)
+        return TransactionResult(result.recipients, result.status_of_transaction, False)
+    return result
+
+
+async def _abort(session: SMTPSession, outcome: Outcome, last: bool) -> TransactionResult:
+    """MAIL, every RCPT or DATA refused: RSET, and the session lives on."""
+    if session.broken is not None:
+        return outcome.finish(session.broken.status, usable=False)
+    reply = await session.command_reply(b"RSET", "rset")
+    usable = isinstance(reply, Reply) and reply.positive and session.broken is None
+    if isinstance(reply, Reply) and not reply.positive:
+        session.usable = False
+    result = outcome.finish(None, usable=usable)
+    if last or not usable:
+        await quit_session(session)
+        return TransactionResult(result.recipients, result.status_of_transaction, False)
+    return result
+
+
+async def _reply(deferred: Deferred[Reply | Broken]) -> Reply | Broken:
+    """A reply, without a trip through the coroutine machinery when it is
+    already in (a reply Deferred never fails and has no callbacks)."""
+    if deferred.called:
+        return deferred.result  # type: ignore[no-any-return]
+    return await deferred
+
+
+def _positive(reply: Reply | Broken) -> bool:
+    return isinstance(reply, Reply) and reply.positive
+
+
+class Outcome:
+    """The per-recipient bookkeeping of one transaction."""
+
+    def __init__(self, session: SMTPSession, recipients: tuple[Recipient, ...]) -> None:
+        self.session = session
+        self.recipients = recipients
+        self.statuses: dict[int, Status] = {}
+        self.accepted: list[Recipient] = []
+        self.mail_reply: Reply | None = None
+        self.mail_taken = False
+        self.mail_refused = False
+        self.message_status: Status | None = None
+
+    def _reply_status(self, reply: Reply, stage: Stage) -> Status:
+        server = self.session.server
+        status = reply_status(reply, host=server.host, namaddr=server.namaddr, request=stage.request, stage=stage.name)
+        if reply.dsn[0] not in "45":
+            # A yes or a 3xx where a failure was read: Postfix's protocol
+            # error, after which the session is never cached.
+            self.session.out_of_step = True
+        return status
+
+    def take_mail(self, reply: Reply | Broken) -> bool:
+        if self.mail_taken:
+            return not self.mail_refused
+        self.mail_taken = True
+        if isinstance(reply, Broken):
+            self.mail_refused = True
+            return False
+        self.mail_reply = reply
+        if not reply.positive:
+            self.mail_refused = True
+            self.message_status = self._reply_status(reply, STAGES["mail"])
+            for recipient in self.recipients:
+                self.statuses.setdefault(recipient.index, self.message_status)
+            return False
+        return True
+
+    def take_rcpt(self, recipient: Recipient, reply: Reply | Broken) -> bool:
+        if isinstance(reply, Broken) or self.mail_refused:
+            return not isinstance(reply, Broken)
+        if reply.positive:
+            self.accepted.append(recipient)
+        else:
+            self.statuses[recipient.index] = self._reply_status(reply, STAGES["rcpt"])
+        return reply.code != 421
+
+    def message_failed(self, reply: Reply, stage: Stage) -> None:
+        self.message_status = self._reply_status(reply, stage)
+        for recipient in self.accepted:
+            self.statuses.setdefault(recipient.index, self.message_status)
+
+    def message_sent(self, reply: Reply) -> None:
+        self.message_status = sent_status(reply, host=self.session.server.host)
+        for recipient in self.accepted:
+            self.statuses.setdefault(recipient.index, self.message_status)
+
+    def finish(self, status: Status | None, *, usable: bool) -> TransactionResult:
+        """Every recipient still without a status gets ``status``."""
+        if status is not None:
+            self.message_status = self.message_status or status
+            for recipient in self.recipients:
+                self.statuses.setdefault(recipient.index, status)
+        fallback = self.message_status or Status(
+            dsn="4.4.2",
+            text=f"conversation with {self.session.namaddr} ended before a reply",
+            remote_mta=self.session.server.host,
+        )
+        for recipient in self.recipients:
+            self.statuses.setdefault(recipient.index, fallback)
+        return TransactionResult({r.index: self.statuses[r.index] for r in self.recipients}, self.message_status,
+                                 usable and self.session.broken is None and not self.session.out_of_step)
