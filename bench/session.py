@@ -26,7 +26,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 from relayagent.common.config import Config  # noqa: E402
 from relayagent.common.envelope import Envelope, Recipient  # noqa: E402
 from relayagent.smtp.body import BodyEncoder  # noqa: E402
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory  # noqa: E402
+from relayagent.smtp.channel import ServerInfo  # noqa: E402
+from relayagent.smtp.session import SMTPSessionFactory  # noqa: E402
 from tests.support.sink import SmtpSink  # noqa: E402
 
 

@@ -32,11 +32,12 @@ from twisted.trial import unittest
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.deliver import SessionFactories
 from relayagent.smtp.resolve import MailExchangerAddress
 from relayagent.smtp.security import SecurityPolicy
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
+from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.testing import LogCapture, secret_forms
 from tests.support.certs import CertificateAuthority
 from tests.support.sink import free_port

@@ -21,7 +21,8 @@ from twisted.trial import unittest
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
-from relayagent.smtp.session import ServerInfo, SMTPSessionFactory
+from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.session import SMTPSessionFactory
 from tests.support import postfix
 from tests.support.sink import free_port
 

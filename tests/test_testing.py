@@ -19,10 +19,11 @@ from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.interfaces import IDeliveryAgent
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.deliver import Router, SmtpAgent, SmtpRequest
 from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
-from relayagent.smtp.session import ServerInfo, SMTPSession, SMTPSessionFactory
+from relayagent.smtp.session import SMTPSession, SMTPSessionFactory
 from relayagent.testing import (
     HANGUP,
     SILENT,

@@ -75,9 +75,9 @@ from twisted.python.failure import Failure
 
 from relayagent.common.config import Config, ConfigError
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
-from relayagent.smtp.session import ServerInfo
 
 log = Logger(namespace="relayagent.smtp.connect")
 

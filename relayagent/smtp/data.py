@@ -24,9 +24,10 @@ DIAGNOSTICS
     message body", "queue file read error: ..." (4.3.0), and the MIME
     converter's errors (``mime.MimeError``, 5.6.x) as Status values.
 
-Owns: smtp_data_xfer_timeout (its stage, via the channel);
-passes smtp_line_length_limit to the encoder, mime_nesting_limit and
-mime_boundary_length_limit to the converter.
+Owns no parameters: reads smtp_data_xfer_timeout through its stage
+(``smtp.channel`` owns the timeouts); passes smtp_line_length_limit to
+the encoder, mime_nesting_limit and mime_boundary_length_limit to the
+converter.
 """
 
 from __future__ import annotations

@@ -49,11 +49,7 @@ from zope.interface import implementer
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp import setup, transaction
-from relayagent.smtp.address import orcpt_parameter, requires_smtputf8, smtp_path, uxtext, xtext
 from relayagent.smtp.channel import (
-    MAX_UNCLAIMED_REPLIES,
-    PIPELINE_BUFFER_OCTETS,
-    STAGES,
     Broken,
     ServerInfo,
     SMTPChannel,
@@ -63,23 +59,6 @@ from relayagent.smtp.ehlo import announced_size
 from relayagent.smtp.interfaces import ISMTPSession
 from relayagent.smtp.reply import Reply
 from relayagent.smtp.transaction import TransactionResult
-
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "MAX_UNCLAIMED_REPLIES",
-    "PIPELINE_BUFFER_OCTETS",
-    "STAGES",
-    "SMTPSession",
-    "SMTPSessionFactory",
-    "SecurityNegotiator",
-    "ServerInfo",
-    "TransactionResult",
-    "orcpt_parameter",
-    "requires_smtputf8",
-    "smtp_path",
-    "uxtext",
-    "xtext",
-]
 
 DEFAULT_CHUNK_SIZE = 65536
 
