@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from twisted.internet import task
 
 from tests.support.certs import IssuedCertificate
-from tests.support.sink import free_port, wait_until_listening
+from tests.support.sink import end_process, free_port, wait_until_listening
 
 PEERS = os.environ.get("RELAYAGENT_PEERS", "/opt/relayagent-peers")
 EXIM = os.path.join(PEERS, "exim", "usr", "sbin", "exim4")
@@ -328,17 +328,10 @@ class EximServer:
         process, self.process = self.process, None
         if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        waited = 0.0
-        while process.poll() is None and waited < timeout:
-            await task.deferLater(reactor, POLL, lambda: None)
-            waited += POLL
-        # The daemon's group: a delivery process may outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        if process.poll() is None:
-            process.wait(timeout)
+        # The daemon's group, both times: a delivery process may outlive it.
+        await end_process(reactor, process, timeout,
+                          terminate=lambda: os.killpg(process.pid, signal.SIGTERM),
+                          kill=lambda: os.killpg(process.pid, signal.SIGKILL))
 
     # -- what arrived --------------------------------------------------
 

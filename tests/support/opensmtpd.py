@@ -40,7 +40,6 @@ SMTPUTF8 at all; AUTH only after STARTTLS.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import re
@@ -52,7 +51,7 @@ from dataclasses import dataclass
 from twisted.internet import task
 
 from tests.support.certs import IssuedCertificate
-from tests.support.sink import free_port, wait_until_listening
+from tests.support.sink import end_process, free_port, wait_until_listening
 
 PEERS = os.environ.get("RELAYAGENT_PEERS", "/opt/relayagent-peers")
 ROOT = os.path.join(PEERS, "opensmtpd")
@@ -235,16 +234,9 @@ class OpenSMTPDServer:
         if process is None:
             return
         # SIGTERM to smtpd's parent process: it ends its own children.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        waited = 0.0
-        while process.poll() is None and waited < timeout:
-            await task.deferLater(reactor, POLL, lambda: None)
-            waited += POLL
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        if process.poll() is None:
-            process.wait(timeout)
+        await end_process(reactor, process, timeout,
+                          terminate=lambda: os.kill(process.pid, signal.SIGTERM),
+                          kill=lambda: os.killpg(process.pid, signal.SIGKILL))
 
     # -- what it saw and stored ----------------------------------------
 

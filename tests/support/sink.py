@@ -19,6 +19,7 @@ one extra LF; ``SinkMessage`` splits these apart.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -67,6 +68,25 @@ async def wait_until_listening(  # type: ignore[no-untyped-def]
             raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout}s{extra}")
         await task.deferLater(reactor, POLL, lambda: None)
         waited += POLL
+
+
+async def end_process(  # type: ignore[no-untyped-def]
+    reactor, process: subprocess.Popen, timeout: float,
+    *, terminate: Callable[[], object], kill: Callable[[], object],
+) -> None:
+    """Stop a server started for a test: ``terminate()``, wait (polling on
+    the reactor) up to ``timeout`` seconds for it to exit, then ``kill()``
+    whatever is left (a process group may outlive its leader) and reap."""
+    with contextlib.suppress(ProcessLookupError):
+        terminate()
+    waited = 0.0
+    while process.poll() is None and waited < timeout:
+        await task.deferLater(reactor, POLL, lambda: None)
+        waited += POLL
+    with contextlib.suppress(ProcessLookupError):
+        kill()
+    if process.poll() is None:
+        process.wait(timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -156,15 +176,8 @@ class SmtpSink:
 
     async def stop(self, reactor, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            waited = 0.0
-            while process.poll() is None and waited < timeout:
-                await task.deferLater(reactor, 0.05, lambda: None)
-                waited += 0.05
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout)
+        if process is not None:
+            await end_process(reactor, process, timeout, terminate=process.terminate, kill=process.kill)
         if process is not None and process.stderr is not None:
             process.stderr.close()
         if self.dump_dir is not None:
