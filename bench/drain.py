@@ -727,6 +727,7 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
             result["deferred_lines"] = counts[b"status=deferred"]
             result["suspended_lines"] = counts[b"delivery temporarily suspended"]
             result["queued"] = relayagent_queued(queue_directory)
+            result["fill_peak_rss_mib"] = sum(peak_rss_kib(pid) for pid in process_tree(process.pid)) / 1024
             if not complete:
                 result.update(complete=False, phase="fill")
                 return result
@@ -839,7 +840,8 @@ def report_backlog(result: dict) -> None:
             f"{name}: whole {whole:.2f} s, CPU {cpu:.2f} s: {per_unit(cpu, messages)}/msg, "
             f"{per_unit(cpu, recipients)}/rcpt")
     if "peak_rss_mib" in result:
-        line += f"; peak RSS {result['peak_rss_mib']:.0f} MiB"
+        line += (f"; peak RSS {result['peak_rss_mib']:.0f} MiB "
+                 f"({result['fill_peak_rss_mib']:.0f} MiB at the end of the fill)")
     if result.get("threads"):
         line += f"\n{'':>12}threads: {result['threads']}"
     if not result["complete"]:
@@ -862,8 +864,8 @@ def report_syscalls(result: dict, top: int = 8) -> None:
 def run_backlog(args: argparse.Namespace, workdir: str) -> int:
     print(f"workload (backlog): {args.messages} messages of {args.size} bytes, {args.recipients} "
           f"recipient(s), through the listener (smtp-source, {args.source_sessions} sessions), "
-          f"relayhost down; then smtp-sink on it and one flush; relayagent_workers = {args.workers}",
-          flush=True)
+          f"relayhost down; then smtp-sink on it and one flush; relayagent_workers = {args.workers}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if args.vs_postfix and (os.geteuid() != 0 or not os.path.exists(POSTFIX)):
         print("drain: --vs-postfix needs root and Debian's postfix", file=sys.stderr)
         return 69
@@ -891,6 +893,8 @@ def run_backlog(args: argparse.Namespace, workdir: str) -> int:
                   f"flush {theirs['flush_cpu'] / ours['flush_cpu']:.2f}, whole {theirs_cpu / ours_cpu:.2f}")
         else:
             print("ratio postfix/relayagent: not computed, a run did not complete")
+    # Anything else running meanwhile shows here (both sides want both cores).
+    print(f"load average after the timed runs: {os.getloadavg()[0]:.2f}", flush=True)
     if args.strace:
         if STRACE is None:
             print("drain: strace is not installed: no system call counts (Debian package strace)")
