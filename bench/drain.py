@@ -507,6 +507,14 @@ def backlog_config(workdir: str, listen_port: int, next_hop_port: int, extra: li
     return path
 
 
+def backlog_log_path(config_path: str, twistd_log: str) -> str:
+    """Where the daemon's delivery lines go: ``maillog_file`` when a
+    ``--set`` line names one, else twistd's log."""
+    from relayagent.common.config import Config
+
+    return Config.load(config_path).path_of("maillog_file") or twistd_log
+
+
 class LogCounter:
     """How many lines of a growing log contain each of some strings, read
     incrementally: each ``update()`` reads only what was appended since the
@@ -696,7 +704,7 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
     extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
     config_path = backlog_config(workdir, listen_port, next_hop_port, extra + (args.set or []))
     queue_directory = os.path.join(workdir, "spool")
-    log_path = os.path.join(workdir, "twistd.log")
+    log_path = backlog_log_path(config_path, os.path.join(workdir, "twistd.log"))
     recipients = messages * args.recipients
     result: dict = {"name": "relayagent", "messages": messages, "recipients": recipients, "log": log_path}
     sink = None

@@ -106,6 +106,18 @@ class BacklogConfigTests(unittest.TestCase):
         self.assertEqual(config["maillog_file"], "")
 
 
+    def test_log_path(self) -> None:
+        """The delivery lines are counted where they go: twistd's log by
+        default, the maillog_file a --set line names."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        twistd_log = os.path.join(directory, "twistd.log")
+        path = drain.backlog_config(directory, 10025, 2526, [])
+        self.assertEqual(drain.backlog_log_path(path, twistd_log), twistd_log)
+        path = drain.backlog_config(directory, 10025, 2526, ["maillog_file = maillog"])
+        self.assertEqual(drain.backlog_log_path(path, twistd_log), os.path.join(os.path.abspath(directory), "maillog"))
+
+
 class LogCounterTests(unittest.TestCase):
     def test_incremental(self) -> None:
         path = self.mktemp()
