@@ -71,6 +71,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
@@ -333,13 +335,23 @@ class TLSFiles:
 
 
 class ContextCache:
-    """OpenSSL contexts, one per (protocols, cipher list); built once."""
+    """OpenSSL contexts, one per (protocols, cipher list); built once.
+
+    The client certificate chain and its key are read here, once: a
+    context built later (for a policy entry's ``protocols=`` or
+    ``ciphers=``) is built from what was read, since the key is often
+    readable by root only and, under twistd ``--chroot``, neither path
+    means anything any more.  (The CA file and directory are OpenSSL's
+    to read when a context is built; the default contexts are built at
+    start, see ``TLSSettings.from_config``.)
+    """
 
     def __init__(self, files: TLSFiles) -> None:
         self._files = files
         self._contexts: dict[tuple[tuple[str, ...], str], SSL.Context] = {}
         if files.cert_file and not files.key_file:
             raise TLSConfigError("smtp_tls_cert_file is set but smtp_tls_key_file is empty")
+        self._client = _load_client_certificate(files) if files.cert_file else None
 
     def context(self, protocols: tuple[str, ...], ciphers: str) -> SSL.Context:
         key = (protocols, ciphers)
@@ -372,10 +384,13 @@ class ContextCache:
             raise TLSConfigError(
                 f"cannot load smtp_tls_CAfile {files.ca_file!r} / smtp_tls_CApath {files.ca_path!r}: {exc}"
             ) from None
-        if files.cert_file:
+        if self._client is not None:
+            certificate, chain, key = self._client
             try:
-                context.use_certificate_chain_file(files.cert_file)
-                context.use_privatekey_file(files.key_file)
+                context.use_certificate(certificate)
+                for extra in chain:
+                    context.add_extra_chain_cert(extra)
+                context.use_privatekey(key)
                 context.check_privatekey()
             except SSL.Error as exc:
                 raise TLSConfigError(
@@ -383,6 +398,25 @@ class ContextCache:
                     f"{files.key_file!r}: {exc}"
                 ) from None
         return context
+
+
+def _load_client_certificate(files: TLSFiles) -> tuple[x509.Certificate, list[x509.Certificate], Any]:
+    """smtp_tls_cert_file (the certificate, then its chain, PEM) and
+    smtp_tls_key_file (an unencrypted PEM key, as Postfix requires; it
+    may be the same file), read now; raises TLSConfigError."""
+    problem = f"cannot use smtp_tls_cert_file {files.cert_file!r} with smtp_tls_key_file {files.key_file!r}"
+    try:
+        with open(files.cert_file, "rb") as handle:
+            certificates = x509.load_pem_x509_certificates(handle.read())
+        with open(files.key_file, "rb") as handle:
+            # Other PEM blocks (the certificate, in one file with the key) are skipped.
+            key = serialization.load_pem_private_key(handle.read(), password=None)
+    except OSError as exc:
+        raise TLSConfigError(f"{problem}: cannot read {exc.filename}: {exc.strerror}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # Never the file's content: only what the parser says is wrong.
+        raise TLSConfigError(f"{problem}: {exc}") from None
+    return certificates[0], certificates[1:], key
 
 
 class CertificateRejected(Exception):
