@@ -31,14 +31,19 @@ trigger socket and the queue manager start in ``startService``, as the
 unprivileged user, so that what they create belongs to that user; under
 a chroot the queue directory is found again through the kept descriptor.
 
-With ``relayagent_workers = N > 1`` (``relayagent/master/worker.py``) this
-process is worker 0: it keeps all of the above, owns the queue files of
-partition 0, and after the privilege drop starts workers 1..N-1
-(``worker.WorkerPool``), passing them the locked ``master.lock`` and
-maillog descriptors; each child calls ``build_service`` with its
-``WorkerRole`` and gets the same stack without trigger socket, lock
-taking or children of its own.  The maillog is written in whole lines,
-one ``write`` per flush, on an ``O_APPEND`` descriptor
+With ``relayagent_workers = N > 1`` (``relayagent/master/worker.py``;
+the default, ``auto``, is one per CPU) this process is worker 0: it
+keeps all of the above and owns the queue files of partition 0.  In
+``privilegedStartService``, after the chroot and before the privilege
+drop, it forks the worker spawner (``relayagent/master/spawner.py``),
+which drops privileges and forks workers 1..N-1 when ``startService``
+asks (``worker.WorkerPool``).  A worker is a copy of this process as
+``build_service`` left it, so the tables, passwords and keys read here
+are its own without being read again: it runs under ``--chroot`` and
+with files only root may read.  Each worker becomes one of the service
+(``become_worker``) and gets the same stack without trigger socket,
+lock taking or workers of its own.  The maillog is written in whole
+lines, one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
 SYNOPSIS: ``build_service``, ``RelayagentService``, ``LineAppender``,
@@ -48,8 +53,8 @@ DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
 parameter; ``startService`` raises ``control.DaemonRunning`` when another
 queue manager holds the spool.
 
-Owns no parameters; reads queue_directory, maillog_file, log_format,
-relayagent_workers.
+Owns no parameters; reads queue_directory, maillog_file, log_format;
+the number of workers from ``worker.worker_count``.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from twisted.logger import Logger
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
-from relayagent.master import worker
+from relayagent.master import child, worker
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager
 from relayagent.smtp.deliver import SmtpAgent
@@ -80,12 +85,14 @@ class RelayagentService(MultiService):
     def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
                  security: SecurityPolicy | None = None, dns_resolver: Any = None,
                  resolver: NexthopResolver | None = None,
-                 role: worker.WorkerRole | None = None) -> None:
+                 privileges: worker.Privileges | None = None) -> None:
         super().__init__()
         # role: None in the twistd process (worker 0 of relayagent_workers);
-        # a child worker's otherwise (relayagent.master.worker).
-        self.role = role
-        self.workers: int = role.workers if role is not None else config["relayagent_workers"]
+        # a worker's after become_worker (relayagent.master.worker).
+        self.role: worker.WorkerRole | None = None
+        self.workers: int = worker.worker_count(config)
+        # twistd's --uid/--gid, for the worker spawner to drop to.
+        self.privileges = privileges or worker.Privileges()
         # Each worker's share of the queue manager's limits.
         self.config = config = worker.split_limits(config, self.workers)
         self.reactor = reactor
@@ -111,9 +118,9 @@ class RelayagentService(MultiService):
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
         self.listening: Any = None
-        self._lock_fd: int | None = role.lock_fd if role is not None else None
+        self._lock_fd: int | None = None
         self.pool: worker.WorkerPool | None = None
-        # A child's pipe to its parent (relayagent.master.worker.ParentLink).
+        # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
 
     def spool_directory(self) -> str:
@@ -133,15 +140,41 @@ class RelayagentService(MultiService):
         self._resolved_directory = directory
         return directory
 
+    def become_worker(self, role: worker.WorkerRole) -> None:
+        """In a worker process (``relayagent.master.child``): this copy of
+        worker 0's service becomes worker ``role.index``, holding worker
+        0's lock, with no workers of its own."""
+        self.role = role
+        self.workers = role.workers
+        self._lock_fd = role.lock_fd
+        self.pool = None
+
     def privilegedStartService(self) -> None:
         # Two queue managers on one spool would each recover the other's
         # active/ files and deliver them twice: the second refuses to
         # start.  Locked here, before a chroot or privilege drop, when the
-        # spool exists; a new spool is locked in startService.  A child
-        # worker holds its parent's lock (relayagent.master.worker).
+        # spool exists; a new spool is locked in startService.  A worker
+        # holds worker 0's lock (relayagent.master.worker).
         if self.role is None and os.path.isdir(self.queue_directory):
             self._lock_fd = control.lock_spool(self.queue_directory)
         super().privilegedStartService()
+        if self.role is None and self.workers > 1:
+            # Still root, in the chroot: the spawner drops privileges itself.
+            self._prepare_workers()
+
+    def _prepare_workers(self) -> None:
+        self.pool = worker.WorkerPool(
+            self.reactor,
+            workers=self.workers,
+            on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
+            on_fatal=self._fatal,
+        )
+        self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
+
+    def _fatal(self, text: str) -> None:
+        """The workers cannot go on: the daemon stops (the queue stays)."""
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
 
     def startService(self) -> None:
         if self.log_out is not None and self.maillog is None:
@@ -208,19 +241,13 @@ class RelayagentService(MultiService):
         queue_manager.start()
 
     def _start_workers(self) -> None:
-        if self.config.path is None:
-            raise RuntimeError("relayagent_workers > 1 needs main.cf as a file (the workers read it)")
         assert self._lock_fd is not None
-        self.pool = worker.WorkerPool(
-            self.reactor,
-            # Absolute: base_dir is where main.cf is, made absolute at load.
-            config_path=os.path.join(self.config.base_dir, os.path.basename(self.config.path)),
-            workers=self.workers,
-            lock_fd=self._lock_fd,
-            log_fd=self.log_out.fileno() if self.log_out is not None else None,
-            on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
-        )
-        self.pool.start()
+        if self.pool is None:
+            # Started without privilegedStartService (not by twistd): the
+            # spawner is forked now, as whoever runs this.
+            self._prepare_workers()
+        assert self.pool is not None
+        self.pool.start(self._lock_fd)
 
     def stopService(self) -> Deferred[Any]:
         waits: list[Deferred[Any]] = []
@@ -311,26 +338,22 @@ def open_log(config: Config) -> LineAppender | None:
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
-def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None) -> RelayagentService:
+def build_service(config: Config, reactor: Any, *,
+                  privileges: worker.Privileges | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
-    (module docstring); the rest starts with the service.  ``role``: a
-    child worker's (``relayagent.master.worker``), which is given the maillog's
-    descriptor instead of opening the file."""
+    (module docstring); the rest starts with the service.  ``privileges``:
+    twistd's ``--uid``/``--gid``, which the worker spawner drops to."""
     # Bad scheduler values stop the start, not the first delivery.
     for name in ("smtp_destination_concurrency_positive_feedback",
                  "smtp_destination_concurrency_negative_feedback"):
         Feedback.parse(config[name], name=name)
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
-    if role is None:
-        log_out = open_log(config)
-    else:
-        log_out = LineAppender(role.log_fd) if role.log_fd is not None else None
     return RelayagentService(
         config,
         reactor,
-        log_out=log_out,
+        log_out=open_log(config),
         security=SecurityPolicy(config),
         dns_resolver=dns_resolver,
-        role=role,
+        privileges=privileges,
     )

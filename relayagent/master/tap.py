@@ -13,11 +13,10 @@ SYNOPSIS
     service = makeService(options)         # what twistd's plugin calls
 
 DIAGNOSTICS: a main.cf that does not load, or a spool another daemon
-holds, is ``usage.UsageError`` (twistd prints it and exits).  Several
-workers under ``--chroot``, or a setting the service cannot be built with
-(``ConfigError``, ``ValueError`` such as a bad TLS or SASL setting), is
-``SystemExit("relayagent: fatal: ...")``.  ``--version`` prints the
-version and exits 0.
+holds, is ``usage.UsageError`` (twistd prints it and exits).  A setting
+the service cannot be built with (``ConfigError``, ``ValueError`` such as
+a bad TLS or SASL setting) is ``SystemExit("relayagent: fatal: ...")``.
+``--version`` prints the version and exits 0.
 
 Owns no parameters; reads queue_directory.
 """
@@ -114,19 +113,16 @@ def makeService(options: Options) -> IServiceCollection:
     from twisted.internet import reactor
 
     from relayagent.master.service import build_service
+    from relayagent.master.worker import Privileges
 
     config: Config = options["configuration"]
-    from relayagent.master.worker import WorkerError, refuse_chroot
-
-    try:
-        # twistd's own options (--chroot) are the parent of ours.
-        refuse_chroot(config, (getattr(options, "parent", None) or {}).get("chroot"))
-    except WorkerError as exc:
-        raise SystemExit(f"relayagent: fatal: {exc}") from None
     top = MultiService()
-    # Built now, before twistd's --chroot and --uid/--gid: see relayagent.master.service.
+    # Built now, before twistd's --chroot and --uid/--gid: see
+    # relayagent.master.service.  twistd's own options (--uid, --gid)
+    # are the parent of ours: the worker spawner drops to them.
     try:
-        relayagent_service = build_service(config, reactor)
+        relayagent_service = build_service(
+            config, reactor, privileges=Privileges.from_twistd(getattr(options, "parent", None)))
     except (ConfigError, ValueError) as exc:  # SecurityConfigError is a ValueError
         raise SystemExit(f"relayagent: fatal: {exc}") from None
     SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
