@@ -158,16 +158,30 @@ class LimitTests(SynchronousTestCase):
         self.assertIs(worker.split_limits(config, 1), config)
 
     def test_parameter(self) -> None:
-        self.assertEqual(Config.defaults()["relayagent_workers"], 1)
+        self.assertEqual(Config.defaults()["relayagent_workers"], "auto")
+        self.assertEqual(Config.from_text("relayagent_workers = AUTO\n")["relayagent_workers"], "auto")
         self.assertEqual(Config.from_text("relayagent_workers = 4\n")["relayagent_workers"], 4)
         from relayagent.common.config import ConfigError
-        self.assertRaises(ConfigError, Config.from_text, "relayagent_workers = 0\n")
+        for bad in ("0", "many", "2.5"):
+            with self.assertRaises(ConfigError) as caught:
+                Config.from_text(f"relayagent_workers = {bad}\n")
+            self.assertIn("parameter relayagent_workers: bad value", str(caught.exception))
+            self.assertIn("expected auto or an integer >= 1", str(caught.exception))
 
     def test_worker_count(self) -> None:
         self.patch(os, "sched_getaffinity", lambda pid: {0, 2, 5})
         self.assertEqual(worker.available_cpus(), 3)
+        self.assertEqual(worker.worker_count(Config.defaults()), 3)
         self.assertEqual(worker.worker_count(Config.from_text("relayagent_workers = 1\n")), 1)
         self.assertEqual(worker.worker_count(Config.from_text("relayagent_workers = 8\n")), 8)
+
+    def test_worker_count_without_an_affinity_mask(self) -> None:
+        def unsupported(pid: int) -> set[int]:
+            raise OSError("not here")
+
+        self.patch(os, "sched_getaffinity", unsupported)
+        self.patch(os, "cpu_count", lambda: None)
+        self.assertEqual(worker.worker_count(Config.defaults()), 1)
 
     def test_exit_text(self) -> None:
         self.assertEqual(worker.exit_text(0), "exit status 0")

@@ -79,7 +79,7 @@ class Parameter:
     kind: Kind
     doc: str
     unit: str = "s"  # default time unit, for Kind.TIME
-    choices: tuple[str, ...] | None = None  # allowed words (STRING or each LIST item)
+    choices: tuple[str, ...] | None = None  # allowed words (STRING, each LIST item, or instead of an INT)
     minimum: int | None = None  # for Kind.INT and Kind.TIME (in seconds)
     ours: bool = False  # an extension of relayagent's, not a Postfix parameter
     path: bool = False  # a file or directory name, resolved against base_dir
@@ -90,7 +90,8 @@ class Parameter:
             return "yes or no"
         if self.kind is Kind.INT:
             floor = "" if self.minimum is None else f" >= {self.minimum}"
-            return f"an integer{floor}"
+            words = "".join(f"{word} or " for word in self.choices or ())
+            return f"{words}an integer{floor}"
         if self.kind is Kind.TIME:
             return (
                 "a time: a number with an optional unit s (seconds), m (minutes), "
@@ -248,7 +249,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
     # --- worker processes (relayagent/master/worker.py)
-    _p("relayagent_workers", "1", N, "Worker processes sharing the queue; each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits (1: one process).", minimum=1, ours=True),
+    _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
 )
 
 PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in _TABLE}
@@ -387,6 +388,8 @@ def convert(param: Parameter, value: str) -> Any:
             return False
         raise ValueError(value)
     if param.kind is Kind.INT:
+        if param.choices and value.strip().lower() in param.choices:
+            return value.strip().lower()  # a word instead of a number (relayagent_workers = auto)
         number = int(value.strip())
         if param.minimum is not None and number < param.minimum:
             raise ValueError(value)
