@@ -211,33 +211,68 @@ class SpawnerTests(SpawnerCase):
 
 
 class FreshReactorTests(SynchronousTestCase):
-    def test_a_fork_gets_a_reactor_of_its_own(self) -> None:
-        from twisted.internet import reactor
-
+    def check_fork(self, reactor) -> None:  # noqa: ANN001
+        """In a fork, after fresh_reactor: a timer fires and a socket is
+        read on the reactor; here, nothing changed."""
         readers = set(reactor.getReaders())
         report_read, report_write = os.pipe()
+        here, there = socket.socketpair()
+        self.addCleanup(here.close)
+        self.addCleanup(there.close)
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
                 os.close(report_read)
-                before = reactor.waker
                 child.fresh_reactor(reactor)
-                fired: list[str] = []
-                reactor.callLater(0, fired.append, "timer")
-                reactor.callLater(0.01, reactor.stop)
+                from twisted.internet.protocol import Factory, Protocol
+
+                seen: list[object] = []
+
+                def saw(what: object) -> None:
+                    seen.append(what)
+                    if len(seen) == 2:
+                        reactor.stop()
+
+                class Reader(Protocol):
+                    def dataReceived(self, data: bytes) -> None:
+                        saw(data)
+
+                factory = Factory()
+                factory.buildProtocol = lambda addr: Reader()
+                reactor.callLater(0, saw, "timer")
+                reactor.adoptStreamConnection(there.fileno(), socket.AF_UNIX, factory)
+                reactor.callLater(TIMEOUT, reactor.stop)
                 reactor.run(installSignalHandlers=False)
-                if fired == ["timer"] and reactor.waker is not before:
-                    status = 0
-                os.write(report_write, b"ok" if status == 0 else b"bad")
+                status = 0 if sorted(map(str, seen)) == ["b'ping'", "timer"] else 2
+                os.write(report_write, repr(sorted(map(str, seen))).encode())
             finally:
                 os._exit(status)
         os.close(report_write)
+        here.sendall(b"ping")
         with os.fdopen(report_read, "rb") as report:
-            self.assertEqual(report.read(), b"ok")
+            self.assertEqual(report.read(), repr(["b'ping'", "timer"]).encode())
         self.assertEqual(wait_for_exit(pid), 0)
-        # This process's reactor is untouched.
-        self.assertEqual(set(reactor.getReaders()), readers)
+        self.assertEqual(set(reactor.getReaders()), readers)  # this process's is untouched
+
+    def test_epoll(self) -> None:
+        from twisted.internet import reactor  # the installed one, not running here
+
+        self.check_fork(reactor)
+
+    def test_poll(self) -> None:
+        from twisted.internet.pollreactor import PollReactor
+
+        self.check_fork(PollReactor())
+
+    def test_asyncio(self) -> None:
+        import asyncio
+
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        self.check_fork(AsyncioSelectorReactor(loop))
 
     def test_building_the_service_leaves_nothing_on_the_reactor(self) -> None:
         # What fresh_reactor drops (timers, readers, triggers) must be

@@ -55,7 +55,10 @@ def fresh_reactor(reactor: Any) -> None:
     shares (registering a descriptor on the inherited epoll instance
     would register it in worker 0's).  Nothing else is lost: the service
     was built before any timer, reader or system event trigger was
-    added."""
+    added.  Tested with the epoll, poll and asyncio reactors (an asyncio
+    reactor made again takes a new event loop; the old one is left
+    alone, never closed: closing it would unregister its descriptors
+    from the shared epoll instance)."""
     poller = getattr(reactor, "_poller", None)
     waker = getattr(reactor, "waker", None)
     type(reactor).__init__(reactor)
