@@ -55,11 +55,14 @@ import select
 import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import NoReturn, Protocol
 
-from twisted.logger import globalLogPublisher, textFileLogObserver
+from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
+
+log = Logger(namespace="relayagent.master.spawner")
 
 EX_SOFTWARE = 70
 # The longest line on the spawner's socket or a worker's link.
@@ -112,6 +115,10 @@ def fork_spawner(
     then the fork.  Returns the spawner's pid, worker 0's end of its
     socket and worker 0's ends of the links.  The spawner's side never
     returns (``os._exit``)."""
+    if threading.active_count() > 1:
+        # Only the forking thread goes on in the fork: a lock another
+        # thread held stays locked there.  twistd has started none yet.
+        log.warn("forking the worker spawner with {count} threads running", count=threading.active_count())
     control, spawner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pairs = {index: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for index in indices}
     _flush_stdio()
