@@ -138,14 +138,19 @@ def stat_of(path: str) -> tuple[str, list[str]] | None:
 
 
 def worker_pids(pid: int) -> list[int]:
-    """The daemon and its worker processes (relayagent_workers > 1)."""
-    pids = [pid]
+    """The daemon and every process under it (relayagent_workers > 1:
+    the spawner is its child, the workers are the spawner's)."""
+    children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 stat = stat_of(f"/proc/{entry}/stat")
-                if stat is not None and int(stat[1][1]) == pid:
-                    pids.append(int(entry))
+                if stat is not None:
+                    children.setdefault(int(stat[1][1]), []).append(int(entry))
+    pids, todo = [], [pid]
+    while todo:
+        pids.append(todo.pop(0))
+        todo.extend(children.get(pids[-1], ()))
     return pids
 
 
@@ -306,7 +311,8 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
     sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
              for i in range(args.destinations)]
     try:
-        extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
+        # Always said: relayagent's own default is auto (one per CPU).
+        extra = [f"relayagent_workers = {args.workers}"]
         config_path = relayagent_config(workdir, sinks, domains, extra + (args.set or []))
         queue_directory = os.path.join(workdir, "spool")
         enqueue_seconds = fill_spool(queue_directory, args, domains, "deferred" if args.warm else "incoming")
@@ -355,7 +361,8 @@ def run_latency(args: argparse.Namespace, workdir: str) -> None:
 
     sink = Sink(workdir)
     try:
-        config_path = relayagent_config(workdir, [sink], destination_domains(1), args.set or [])
+        config_path = relayagent_config(workdir, [sink], destination_domains(1),
+                                        [f"relayagent_workers = {args.workers}", *(args.set or [])])
         spool = Spool(os.path.join(workdir, "spool"))
         spool.ensure_layout()
         try:
@@ -466,7 +473,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=int, default=0, metavar="K",
                         help="latency mode: K messages one at a time")
     parser.add_argument("--workers", type=int, default=1,
-                        help="relayagent_workers for relayagent (default 1, its default)")
+                        help="relayagent_workers for relayagent (default 1; relayagent's own default is auto)")
     parser.add_argument("--warm", action="store_true",
                         help="relayagent as Postfix is measured: started first, its queue deferred, "
                              "the clock from the flush (default: from the start of twistd)")
