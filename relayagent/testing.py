@@ -99,7 +99,7 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
 from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.qmgr.scheduler import RequestResult
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.ehlo import announced_size
 from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
@@ -801,7 +801,7 @@ def connect_session(
     ``parameters``: main.cf parameters for the session (smtp_*_timeout ...)."""
     clock = clock if clock is not None else Clock()
     config = _config(config, parameters)
-    factory = SMTPSessionFactory(config, clock, server_info or DEFAULT_SERVER, security)
+    factory = SMTPSessionFactory(SessionSettings.from_config(config), clock, server_info or DEFAULT_SERVER, security)
     session = factory.buildProtocol(None)
     server_protocol = server.buildProtocol(None)
     pump = iosim.connect(
@@ -877,8 +877,9 @@ def connect_through_connector(
     port).  A connection to an address without a server is refused."""
     reactor = MemoryReactorClock()
     config = _config(config, parameters)
+    settings = SessionSettings.from_config(config)
 
     def session_factory_for(server_info: ServerInfo, plaintext: bool = False) -> SMTPSessionFactory:
-        return SMTPSessionFactory(config, reactor, server_info, None if plaintext else security)
+        return SMTPSessionFactory(settings, reactor, server_info, None if plaintext else security)
 
     return ConnectorRun(Connector(reactor, config, session_factory_for), reactor, config, servers)

@@ -115,7 +115,7 @@ class DeliveryTestCase(SynchronousTestCase):
         self.config = Config.defaults().replace(myhostname="relay.test")
 
     def smtp(self, config, transport=None, cache=None) -> SmtpAgent:
-        return SmtpAgent(config, self.clock, nexthops=lambda domain: ["[127.0.0.1]:25"],
+        return SmtpAgent(self.clock, nexthops=lambda domain: ["[127.0.0.1]:25"],
                          connector=transport or FakeConnector(), cache=cache)
 
     def agent(self, transport=None, cache=None, **overrides: object) -> DeliveryAgent:

@@ -473,7 +473,7 @@ class FlushTests(unittest.TestCase):
 class DebugPeersTests(unittest.TestCase):
     def peers(self, patterns: str, level: str = "3") -> ralog.DebugPeers:
         config = Config.defaults().replace(debug_peer_list=patterns, debug_peer_level=level)
-        return ralog.DebugPeers(config)
+        return ralog.DebugPeers(config["debug_peer_level"], config["debug_peer_list"])
 
     def test_empty_list(self) -> None:
         self.assertEqual(self.peers("").level_for("example.com", "mx.example.com", "192.0.2.1"), 0)
@@ -531,7 +531,7 @@ class DebugPeersTests(unittest.TestCase):
                 return "yes" if key == "example.net" else None
 
         config = Config.defaults().replace(debug_peer_list="texthash:/nowhere")
-        peers = ralog.DebugPeers(config, open_table=lambda spec: Table())
+        peers = ralog.DebugPeers(config["debug_peer_level"], config["debug_peer_list"], open_table=lambda spec: Table())
         self.assertEqual(peers.level_for(None, "mx.example.net", "192.0.2.1"), 2)
         self.assertIn("mx.example.net", lookups)
         self.assertEqual(peers.level_for(None, "mx.example.org", "192.0.2.1"), 0)

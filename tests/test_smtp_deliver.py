@@ -63,7 +63,7 @@ class SmtpAgentTests(SynchronousTestCase):
         self.request = SmtpRequest(envelope, "example.net", self.recipients)
 
     def agent(self, connector, nexthops=lambda domain: ["[127.0.0.1]:25"]) -> SmtpAgent:
-        return SmtpAgent(self.config, self.clock, nexthops=nexthops, connector=connector)
+        return SmtpAgent(self.clock, nexthops=nexthops, connector=connector)
 
     def test_outcomes_and_transmissions(self) -> None:
         ok = Status("2.0.0", "250 Ok")

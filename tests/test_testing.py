@@ -19,7 +19,7 @@ from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.interfaces import IDeliveryAgent
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.deliver import Router, SmtpAgent, SmtpRequest
 from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
@@ -51,7 +51,7 @@ def envelope(*addresses: str, content: bytes = b"Subject: t\n\nbody\n") -> Envel
 class RealClassesProvideTheInterfacesTests(SynchronousTestCase):
     def test_smtp_session(self) -> None:
         self.assertTrue(verifyClass(ISMTPSession, SMTPSession))
-        factory = SMTPSessionFactory(Config.defaults(), Clock(), ServerInfo("mx", "192.0.2.1", 25, "x"))
+        factory = SMTPSessionFactory(SessionSettings.from_config(Config.defaults()), Clock(), ServerInfo("mx", "192.0.2.1", 25, "x"))
         self.assertTrue(verifyObject(ISMTPSession, factory.buildProtocol(None)))
 
     def test_nexthop_resolver(self) -> None:
@@ -213,7 +213,7 @@ class ThroughTheSmtpEntryPointTests(SynchronousTestCase):
         server = ScriptedServer(rcpt={"b@x.test": "452 4.2.2 full"}, data="421 4.3.2 bye")
         run = connect_through_connector({"192.0.2.1": server}, inet_protocols="ipv4")
         resolver = NexthopResolver(run.config, dns_, run.reactor, local_addresses=set)
-        agent = SmtpAgent(run.config, run.reactor, nexthops=Router(resolver).nexthops,
+        agent = SmtpAgent(run.reactor, nexthops=Router(resolver).nexthops,
                           connector=run.connector, resolver=resolver)
         env = envelope("a@x.test", "b@x.test", "c@x.test")
         result = run.run(agent.deliver(SmtpRequest(env, "x.test", env.recipients)))

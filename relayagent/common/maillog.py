@@ -46,7 +46,7 @@ SYNOPSIS
     ralog.log_removed(log, queue_id)       # and log_queue_active, log_expired, ...
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
-    DebugPeers(config).level_for(nexthop, host, address)
+    DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
     format_delay(0.52), render(event)
 
 DIAGNOSTICS: logging never raises for an event.  ``DebugPeers`` raises
@@ -68,6 +68,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from twisted.logger import (
@@ -80,7 +81,9 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Recipient
+from relayagent.common.maps import open_maps
 from relayagent.common.status import Status
 
 # Where a maillog that cannot be written says so (see _Writer).
@@ -684,19 +687,26 @@ class DebugPeers:
     ``type:table`` looked up by host name, its parent domains and address.
     """
 
-    def __init__(self, config: Any, *, open_table: Callable[[str], Any] | None = None) -> None:
-        self.level = int(config["debug_peer_level"])
-        self._opener = open_table or self._default_opener(config)
+    def __init__(
+        self,
+        level: int,
+        patterns: Iterable[str],
+        *,
+        base_dir: str | None = None,
+        open_table: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``level``: debug_peer_level; ``patterns``: debug_peer_list;
+        ``base_dir``: what relative table names resolve against."""
+        self.level = level
+        self._opener = open_table or self._default_opener(base_dir)
         self._patterns: list[tuple[bool, Any]] = []
-        for item in config["debug_peer_list"]:
+        for item in patterns:
             self._add(item, depth=0)
 
     @staticmethod
-    def _default_opener(config: Any) -> Callable[[str], Any]:
+    def _default_opener(base_dir: str | None) -> Callable[[str], Any]:
         def opener(spec: str) -> Any:
-            from relayagent.common.maps import open_maps  # only when a table is named
-
-            return open_maps([spec], base_dir=getattr(config, "base_dir", None))
+            return open_maps([spec], base_dir=base_dir)
 
         return opener
 
@@ -804,14 +814,26 @@ class _DebugPeerPredicate:
         return PredicateResult.maybe
 
 
-def _format_observer(config: Any, out: TextIO, clock: Any,
+@dataclass(frozen=True, slots=True)
+class MaillogSettings(Settings):
+    """The mail log's parameters, bound once."""
+
+    maillog_file: str
+    log_format: str
+    syslog_name: str
+    myhostname: str
+    delay_logging_resolution_limit: int
+
+
+def _format_observer(config: Config, out: TextIO, clock: Any,
                      flush_later: Callable[[Callable[[], None]], object] | None = None) -> Any:
     """Postfix lines or JSON (``log_format``) to ``out``, program
     ``<syslog_name>/smtp``."""
-    program = f"{config['syslog_name']}/smtp"
-    kwargs = dict(hostname=config["myhostname"], program=program, clock=clock,
-                  resolution=int(config["delay_logging_resolution_limit"]), flush_later=flush_later)
-    if config["log_format"] == "json":
+    settings = MaillogSettings.from_config(config)
+    program = f"{settings.syslog_name}/smtp"
+    kwargs = dict(hostname=settings.myhostname, program=program, clock=clock,
+                  resolution=settings.delay_logging_resolution_limit, flush_later=flush_later)
+    if settings.log_format == "json":
         return JsonObserver(out, **kwargs)
     return PostfixFormatObserver(out, **kwargs)
 

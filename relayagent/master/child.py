@@ -38,6 +38,7 @@ from relayagent.master.worker import (
     WorkerRuntime,
     check_lock,
 )
+from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.worker")
 
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relayagent: fatal: {exc}", file=sys.stderr)
         return EX_CONFIG
     try:
-        check_lock(args.lock_fd, config.path_of("queue_directory"))
+        check_lock(args.lock_fd, SpoolSettings.from_config(config).queue_directory)
     except WorkerError as exc:
         print(f"relayagent: fatal: worker {args.index}: {exc}", file=sys.stderr)
         return EX_USAGE

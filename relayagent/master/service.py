@@ -66,11 +66,12 @@ from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
 from relayagent.master import worker
 from relayagent.qmgr.delivery import DeliveryAgent
-from relayagent.qmgr.scheduler import Feedback, QueueManager
+from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.spool import Spool, control
+from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.service")
 
@@ -85,11 +86,11 @@ class RelayagentService(MultiService):
         # role: None in the twistd process (worker 0 of relayagent_workers);
         # a child worker's otherwise (relayagent.master.worker).
         self.role = role
-        self.workers: int = role.workers if role is not None else config["relayagent_workers"]
+        self.workers: int = role.workers if role is not None else worker.SharedLimits.from_config(config).relayagent_workers
         # Each worker's share of the queue manager's limits.
         self.config = config = worker.split_limits(config, self.workers)
         self.reactor = reactor
-        self.queue_directory = config.path_of("queue_directory")
+        self.queue_directory = SpoolSettings.from_config(config).queue_directory
         # maillog_file: relayagent's lines only, in log_format; else they
         # go into twistd's log (relayagent.common.maillog.MailLog).  Made at
         # start: the pid in its lines is the running process's, not that
@@ -303,10 +304,9 @@ class LineAppender:
 def open_log(config: Config) -> LineAppender | None:
     """``maillog_file``, opened now (before privileges are dropped); None
     when it is empty: the lines then go into twistd's log."""
-    path = config["maillog_file"]
+    path = ralog.MaillogSettings.from_config(config).maillog_file
     if not path:
         return None
-    path = config.path_of("maillog_file")
     # O_APPEND: every write lands at the end, whoever else writes.
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
@@ -317,9 +317,11 @@ def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | Non
     child worker's (``relayagent.master.worker``), which is given the maillog's
     descriptor instead of opening the file."""
     # Bad scheduler values stop the start, not the first delivery.
-    for name in ("smtp_destination_concurrency_positive_feedback",
-                 "smtp_destination_concurrency_negative_feedback"):
-        Feedback.parse(config[name], name=name)
+    limits = SchedulerSettings.from_config(config)
+    Feedback.parse(limits.smtp_destination_concurrency_positive_feedback,
+                   name="smtp_destination_concurrency_positive_feedback")
+    Feedback.parse(limits.smtp_destination_concurrency_negative_feedback,
+                   name="smtp_destination_concurrency_negative_feedback")
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
     if role is None:

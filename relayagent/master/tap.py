@@ -34,6 +34,7 @@ from twisted.python import usage
 
 from relayagent import __version__
 from relayagent.common.config import Config, ConfigError
+from relayagent.spool.spool import SpoolSettings
 
 DEFAULT_CONFIG = "/etc/relayagent/main.cf"
 
@@ -69,7 +70,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
         from relayagent.spool import control
 
-        queue_directory = self["configuration"].path_of("queue_directory")
+        queue_directory = SpoolSettings.from_config(self["configuration"]).queue_directory
         if control.spool_locked(queue_directory):
             # The lock itself is taken at start-up (control.lock_spool);
             # this says it before twistd goes any further.
@@ -86,7 +87,7 @@ class SpoolStateService(Service):
         self.spool = None
         # Where the queue directory is at start time (after a chroot:
         # relayagent.master.service finds it again); default: from the config.
-        self.directory = directory or (lambda: config.path_of("queue_directory"))
+        self.directory = directory or (lambda: SpoolSettings.from_config(config).queue_directory)
 
     def startService(self) -> None:
         from relayagent.spool import Spool

@@ -91,7 +91,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from relayagent.common import maillog as ralog
-from relayagent.common.config import Config
+from relayagent.common.config import Config, Settings
 from relayagent.spool.queueid import partition_of
 
 log = Logger(namespace="relayagent.master.worker")
@@ -115,6 +115,19 @@ SPLIT_LIMITS = (
     "smtp_destination_concurrency_limit",
     "smtp_initial_destination_concurrency",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SharedLimits(Settings):
+    """How many workers, and the limits they share out."""
+
+    relayagent_workers: int
+    qmgr_message_active_limit: int
+    qmgr_message_recipient_limit: int
+    default_process_limit: int
+    smtp_destination_concurrency_limit: int
+    smtp_initial_destination_concurrency: int
+    smtp_destination_rate_delay: float
 # Where the relayagent package is: the children find it on PYTHONPATH.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EX_USAGE = 64
@@ -157,10 +170,11 @@ def split_limits(config: Config, workers: int) -> Config:
     ``workers``.  One worker: ``config`` itself."""
     if workers <= 1:
         return config
+    limits = SharedLimits.from_config(config)
     overrides: dict[str, Any] = {
-        name: max(1, math.ceil(config[name] / workers)) for name in SPLIT_LIMITS
+        name: max(1, math.ceil(getattr(limits, name) / workers)) for name in SPLIT_LIMITS
     }
-    rate_delay = config["smtp_destination_rate_delay"]
+    rate_delay = limits.smtp_destination_rate_delay
     if rate_delay > 0:
         overrides["smtp_destination_rate_delay"] = f"{rate_delay * workers:g}s"
     return config.replace(**overrides)
@@ -169,9 +183,10 @@ def split_limits(config: Config, workers: int) -> Config:
 def refuse_chroot(config: Config, chroot: str | None) -> None:
     """Raise ``WorkerError`` for ``relayagent_workers`` > 1 under
     twistd ``--chroot``."""
-    if chroot and config["relayagent_workers"] > 1:
+    workers = SharedLimits.from_config(config).relayagent_workers
+    if chroot and workers > 1:
         raise WorkerError(
-            f"relayagent_workers = {config['relayagent_workers']} is not supported with "
+            f"relayagent_workers = {workers} is not supported with "
             "twistd --chroot (workers are new Python processes); set relayagent_workers = 1"
         )
 
