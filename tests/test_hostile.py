@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -32,8 +32,16 @@ from relayagent.common.status import Status
 from relayagent.master import tap
 from relayagent.qmgr import scheduler as scheduler_module
 from relayagent.qmgr.scheduler import DeliveryRequest, QueueManager, RequestResult
-from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, CorruptQueueFile, Spool, control
-from relayagent.spool import safeopen
+from relayagent.spool import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    INCOMING,
+    CorruptQueueFile,
+    Spool,
+    control,
+    safeopen,
+)
 from relayagent.spool import spool as spool_module
 from relayagent.spool.errors import NotAQueueFile
 from relayagent.spool.queueid import QueueIdGenerator
@@ -281,7 +289,8 @@ class LinkAndOwnerTests(HostileSpoolTestCase):
             os.link(queue_path(self.spool, INCOMING, queue_id), twin)
             original = safeopen._same_inode
 
-            def writer_unlinks_first(path: str, info: os.stat_result) -> bool:
+            def writer_unlinks_first(path: str, info: os.stat_result, twin: str = twin,
+                                     original: Callable[..., bool] = original) -> bool:
                 os.unlink(twin)
                 return original(path, info)
 
