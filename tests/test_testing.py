@@ -20,17 +20,20 @@ from relayagent.common.status import DeliveryFailure
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.smtp.channel import ServerInfo, SessionSettings
+from relayagent.smtp.connect import Connector
 from relayagent.smtp.deliver import Router, SmtpAgent, SmtpRequest
-from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
+from relayagent.smtp.interfaces import IConnector, INexthopResolver, ISMTPSession
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.session import SMTPSession, SMTPSessionFactory
 from relayagent.testing import (
     HANGUP,
     SILENT,
+    FakeConnector,
     FakeDeliveryAgent,
     FakeDNSResolver,
     FakeNexthopResolver,
     FakeSession,
+    FakeSessionFactory,
     FakeTLSSession,
     ScriptedServer,
     Series,
@@ -63,6 +66,10 @@ class RealClassesProvideTheInterfacesTests(SynchronousTestCase):
         self.assertTrue(verifyClass(IDeliveryAgent, DeliveryAgent))
         self.assertTrue(IDeliveryAgent.implementedBy(DeliveryAgent))
 
+    def test_connector(self) -> None:
+        self.assertTrue(verifyClass(IConnector, Connector))
+        self.assertTrue(verifyObject(IConnector, Connector(Clock(), Config.defaults(), FakeSessionFactory)))
+
 
 class DoublesProvideTheInterfacesTests(SynchronousTestCase):
     def test_fake_session(self) -> None:
@@ -85,6 +92,14 @@ class DoublesProvideTheInterfacesTests(SynchronousTestCase):
 
     def test_delivery_agent(self) -> None:
         self.assertTrue(verifyObject(IDeliveryAgent, FakeDeliveryAgent()))
+
+    def test_connector(self) -> None:
+        self.assertTrue(verifyObject(IConnector, FakeConnector()))
+
+    def test_fake_connector_takes_the_real_arguments(self) -> None:
+        real = inspect.signature(Connector.deliver)
+        fake = inspect.signature(FakeConnector.deliver)
+        self.assertEqual(list(real.parameters), list(fake.parameters))
 
 
 class FakeSessionTests(SynchronousTestCase):

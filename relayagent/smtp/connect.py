@@ -74,10 +74,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.interfaces import IConnector
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
 
@@ -386,6 +388,7 @@ class ConnectionPlan:
         raise ConnectFailure(status, self.attempts)
 
 
+@implementer(IConnector)
 class Connector:
     """Connects to mail exchangers, for one delivery agent.
 
