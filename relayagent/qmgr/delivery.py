@@ -171,6 +171,19 @@ class DeliveryAgent:
         recipients = [r for r in request.recipients if not queue_file.is_done(r.index)]
         if not recipients or message.queue_id in self.corrupt:
             return RequestResult()
+        try:
+            with queue_file.held():
+                return await self._deliver_held(request, recipients)
+        except CorruptQueueFile as exc:
+            # Reopened by name at the start of the hold, and found to be
+            # another file (a link or a file put in its place).
+            self._corrupt_found(message, exc.reason)
+            return RequestResult()
+
+    async def _deliver_held(self, request: DeliveryRequest, recipients: list[Recipient]) -> RequestResult:
+        """The request, the queue file's descriptor held: one open for
+        the body and every mark (``QueueFile.held``)."""
+        message = request.message
         started = self.clock.seconds()
         result = await self.smtp.deliver(
             SmtpRequest(message.envelope, request.domain, tuple(recipients), request.backlog)
