@@ -151,18 +151,21 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
     ``resolution`` (delay_logging_resolution_limit, 0..6) digits after the
     point, no trailing zeros.  0.5234 -> "0.52", 0.0312 -> "0.03",
     12.3 -> "12", 0.0001 -> "0"."""
-    if resolution == 2 and significant == 2 and 0.0 <= seconds < 0.995:
+    if not seconds > 0:  # zero, negative (a clock stepped back) or NaN
+        seconds = 0.0
+    # Whole microseconds first, as log_adhoc.c has them (a timeval).
+    total = int(round(seconds * _MILLION))
+    if resolution == 2 and significant == 2 and total < 995_000:
         # The usual case (the defaults, under a second), in a few integer
-        # operations; the same answer as the general way below.
-        hundredths = (int(round(seconds * _MILLION)) + 5000) // 10000
+        # operations; the same answer as the general way below.  The test
+        # is on the microseconds: 0.9949999 s is 995000 us, which rounds
+        # up to "1", not to "0.100".
+        hundredths = (total + 5000) // 10000
         if not hundredths:
             return "0"
         return f"0.{hundredths:02d}" if hundredths % 10 else f"0.{hundredths // 10}"
     resolution = min(max(int(resolution), 0), 6)
     significant = min(max(int(significant), 1), 6)
-    if not seconds or seconds < 0:
-        seconds = 0.0
-    total = int(round(seconds * _MILLION))
     sec, usec = divmod(total, _MILLION)
     unit = _MILLION // 10 ** resolution  # the finest digit we may show, in us
     width = 10 ** significant
