@@ -21,9 +21,15 @@ a dict and no formatting:
 - ``JsonObserver`` writes one JSON object per line with the same fields
   and the Postfix text (``log_format = json``).  Twisted's own
   ``jsonFileLogObserver`` also works: the events hold only JSON-friendly
-  values besides Twisted's keys.  Events also carry a ``log_format``
-  string for Twisted's generic observers (raw numbers, not Postfix's
-  rounding).
+  values besides Twisted's keys.
+- Twisted's own observers (``formatEvent``, ``textFileLogObserver``,
+  twistd's ``--syslog`` and ``--logger``) render an event's
+  ``log_format``, and that renders Postfix's text as well, ``render``'s
+  text: ``delay`` and ``delays`` are ``Delay`` and ``Delays``, numbers
+  that print as format_tv.c rounds them (``delay=0.52,
+  delays=0.03/0.01/0.3/0.18``) and stay numbers for JSON; a warning's
+  format begins with "warning: ".  Still nothing is formatted until an
+  observer prints the event.
 
 Where the events go: with ``maillog_file`` set, a running ``MailLog``
 takes the mail events straight to its observer (not through Twisted's
@@ -47,7 +53,7 @@ SYNOPSIS
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
     DebugPeers(config).level_for(nexthop, host, address)
-    format_delay(0.52), render(event)
+    format_delay(0.52), render(event), set_resolution(limit)
 
 DIAGNOSTICS: logging never raises for an event.  ``DebugPeers`` raises
 ``ValueError`` when a ``debug_peer_list`` file cannot be read;
@@ -191,6 +197,52 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
     return f"{sec}.{usec // unit:0{places}d}".rstrip("0")
 
 
+# What delay_logging_resolution_limit says for the text of the delays in
+# the events (``Delay``): the observers here are given theirs, but
+# Twisted's (twistd's --logger and --syslog, jsonFileLogObserver, a test's
+# formatEvent) know nothing of relayagent.  Set at start-up
+# (``set_resolution``); Postfix's default until then.
+_resolution = 2
+
+
+def set_resolution(limit: int) -> None:
+    """delay_logging_resolution_limit for the text of ``Delay`` values."""
+    global _resolution
+    _resolution = min(max(int(limit), 0), 6)
+
+
+class Delay(float):
+    """A delay in seconds that prints as Postfix logs it: ``str`` and
+    ``format`` with no spec give ``format_delay``'s text, so an event's
+    ``log_format`` (``delay={delay}``) renders Postfix's line in any
+    observer that uses Twisted's ``formatEvent`` (or flattens the event
+    with ``str``, as ``jsonFileLogObserver`` does).  Otherwise a float:
+    JSON writes the number, arithmetic and ``repr`` are the float's, and
+    nothing is formatted unless someone prints it."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return format_delay(self, _resolution)
+
+    def __format__(self, spec: str) -> str:
+        return format_delay(self, _resolution) if not spec else float.__format__(self, spec)
+
+
+class Delays(list):  # type: ignore[type-arg]  # of float
+    """``delays=a/b/c/d``: before the queue manager, in it, connection
+    set-up, transmission; prints as Postfix does (``0.03/0.01/0.3/0.18``),
+    is a list of numbers to JSON and to anyone who reads it."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "/".join([format_delay(value, _resolution) for value in self])
+
+    def __format__(self, spec: str) -> str:
+        return str(self) if not spec else format(list(self), spec)
+
+
 # ---------------------------------------------------------------------------
 # Emitting events (what the other phases call)
 
@@ -276,8 +328,11 @@ def log_delivery(
         orig_to=orig_to,
         relay=relay or "none",
         conn_use=conn_use if conn_use and conn_use > 1 else None,
-        delay=delay,
-        delays=list(delays),
+        # For Twisted's observers, numbers that print as Postfix's
+        # (Delay); a running maillog renders them itself and they stay
+        # plain, which is cheaper.
+        delay=delay if _maillog is not None else Delay(delay),
+        delays=list(delays) if _maillog is not None else Delays(delays),
         dsn=status.dsn,
         status=outcome,
         reason=status.text,
@@ -334,10 +389,13 @@ def log_delay_notice(log: Logger, queue_id: str, new_queue_id: str) -> None:
 def log_warning(log: Logger, text: str, *, queue_id: str | None = None, service: str | None = None) -> None:
     """``warning: [QUEUEID: ]text``; ``service`` names the Postfix daemon
     that would have said it, when not smtp (``master`` for the workers)."""
+    # "warning: " in the format too: Postfix's text is the same in
+    # observers that render log_format and do not know the levels
+    # (render() makes it from the level).
     _emit(
         log,
         LogLevel.warn,
-        "{queue_id}: {text}" if queue_id else "{text}",
+        "warning: {queue_id}: {text}" if queue_id else "warning: {text}",
         ralog_event=WARNING, ralog_service=service, queue_id=queue_id, text=text,
     )
 
@@ -378,11 +436,22 @@ def log_tls(
 
     ``trust``: Anonymous, Untrusted, Trusted or Verified (tls_client.c).
     """
+    # The optional parts as render() writes them, so that the format
+    # renders the same text.
+    fmt = ("{trust} TLS connection established to {host}[{address}]:{port}: "
+           "{protocol} with cipher {cipher} ({cipher_bits}/{algorithm_bits} bits)")
+    if key_exchange:
+        fmt += " key-exchange {key_exchange}"
+    if signature:
+        fmt += " server-signature {signature}"
+        if signature_bits:
+            fmt += " ({signature_bits} bits)"
+    if digest:
+        fmt += " server-digest {digest}"
     _emit(
         log,
         LogLevel.info,
-        "{trust} TLS connection established to {host}[{address}]:{port}: "
-        "{protocol} with cipher {cipher} ({cipher_bits}/{algorithm_bits} bits)",
+        fmt,
         ralog_event=TLS, trust=trust, host=host, address=address, port=port,
         protocol=protocol, cipher=cipher, cipher_bits=cipher_bits,
         algorithm_bits=algorithm_bits, key_exchange=key_exchange, signature=signature,
@@ -892,6 +961,8 @@ class MailLog:
 
 __all__ = [
     "DebugPeers",
+    "Delay",
+    "Delays",
     "JsonObserver",
     "MailLog",
     "PostfixFormatObserver",
@@ -908,5 +979,6 @@ __all__ = [
     "log_warning",
     "make_observers",
     "render",
+    "set_resolution",
     "syslog_time",
 ]

@@ -49,7 +49,8 @@ parameter; ``startService`` raises ``control.DaemonRunning`` when another
 queue manager holds the spool.
 
 Owns no parameters; reads queue_directory, maillog_file, log_format,
-relayagent_workers.
+relayagent_workers, delay_logging_resolution_limit (for the text of
+Twisted's observers: ``maillog.set_resolution``).
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class RelayagentService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        # The delays' text in events that Twisted's observers render
+        # (twistd's log without maillog_file, --logger, --syslog).
+        ralog.set_resolution(self.config["delay_logging_resolution_limit"])
         if self.log_out is not None and self.maillog is None:
             reactor = self.reactor
             self.maillog = ralog.MailLog(self.config, self.log_out,
