@@ -12,10 +12,12 @@ printed as it did.
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from twisted.logger import (
     Logger,
+    LogLevel,
     eventsFromJSONLogFile,
     formatEvent,
     jsonFileLogObserver,
@@ -227,3 +229,399 @@ class JsonLoggerTests(unittest.TestCase):
         self.assertEqual((events[0]["sender"], events[0]["size"], events[0]["nrcpt"]), ("s@sender.test", 274, 1))
         self.assertEqual(events[5]["new_queue_id"], "1530B2126C9")
         self.assertEqual([formatEvent(event) for event in events], POSTFIX_TEXT)
+
+
+class Out(io.StringIO):
+    """A text file that counts its writes and flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def twisted_events(log_for) -> None:  # type: ignore[no-untyped-def]
+    """Events of Twisted's kinds, each through ``log_for(namespace)``."""
+    log_for("twisted.scripts._twistd_unix.UnixAppLogger").info(
+        "twistd {version} ({exe}) starting up.", version="26.10.0", exe="/usr/bin/python3")
+    log_for("twisted.internet.base").info("Main loop terminated.")
+    log_for("twisted.internet.base").warn("two\nlines")
+    log_for("twisted.internet.base").info("Starting factory {factory!r}", factory=object,
+                                          log_system="ControlFactory,server")
+    try:
+        1 / 0  # noqa: B018 - the failure to log
+    except ZeroDivisionError:
+        log_for("twisted.internet.defer").failure("Unhandled error in Deferred:")
+    try:
+        {}["x"]  # noqa: B018
+    except KeyError:
+        log_for("relayagent.qmgr").failure("deferring {queue_id}", queue_id="4B3F2A1C0D")
+    log_for("twisted.internet.base").info("{missing}")
+    log_for("twisted.internet.base").emit(LogLevel.info, None)  # no text: no line
+
+
+class TwistdLogObserverTests(unittest.TestCase):
+    """relayagent's observer for twistd's log."""
+
+    def lines(self, emit, **kwargs) -> list[str]:  # type: ignore[no-untyped-def]
+        out = io.StringIO()
+        observer = ralog.TwistdLogObserver(out, **kwargs)
+        emit(Logger(namespace="relayagent.qmgr.delivery", observer=observer))
+        return out.getvalue().splitlines()
+
+    def test_postfix_text_after_twistds_prefix(self) -> None:
+        lines = self.lines(emit_postfix_fixtures)
+        self.assertEqual(len(lines), len(POSTFIX_TEXT))
+        for line, theirs in zip(lines, POSTFIX_TEXT, strict=True):
+            match = TWISTD_LINE.match(line)
+            self.assertIsNotNone(match, line)
+            self.assertEqual(match.group(2), "relayagent.qmgr.delivery#info")
+            self.assertEqual(fields(match.group(3)), fields(theirs))
+            self.assertEqual(match.group(3), theirs)
+
+    def test_same_lines_as_twistds_observer(self) -> None:
+        # Where both write the same text (relayagent's mail events with
+        # the default resolution, Twisted's events, tracebacks), the lines
+        # are the same, byte for byte.
+        stock, ours = io.StringIO(), io.StringIO()
+        observers = [textFileLogObserver(stock), ralog.TwistdLogObserver(ours)]
+
+        def both(event: dict) -> None:
+            for observer in observers:
+                observer(dict(event))
+
+        emit_postfix_fixtures(Logger(namespace="relayagent.qmgr.delivery", observer=both))
+        twisted_events(lambda namespace: Logger(namespace=namespace, observer=both))
+        for when in (None, 1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0):
+            both({"log_format": "at {t}", "t": when, "log_time": when, "log_level": LogLevel.info,
+                  "log_namespace": "twisted.test"})
+        self.assertIn("Traceback (most recent call last):", ours.getvalue())
+        self.assertIn("\tbuiltins.KeyError: 'x'", ours.getvalue())
+        self.assertEqual(ours.getvalue().splitlines(), stock.getvalue().splitlines())
+
+    def test_relayagent_warnings_read_as_postfix(self) -> None:
+        def emit(log: Logger) -> None:
+            log.warn("{source}: level dane is treated as may", source="smtp_tls_policy_maps")
+            log.error("TLS policy for {nexthop}: {reason}", nexthop="example.com", reason="bad")
+            ralog.log_warning(log, "cannot listen on /x: in use")
+
+        texts = [TWISTD_LINE.match(line).group(3) for line in self.lines(emit)]
+        self.assertEqual(texts, [
+            "warning: smtp_tls_policy_maps: level dane is treated as may",
+            "error: TLS policy for example.com: bad",
+            "warning: cannot listen on /x: in use",
+        ])
+
+    def test_no_line_forged_by_a_reply(self) -> None:
+        def emit(log: Logger) -> None:
+            ralog.log_delivery(
+                log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+                delay=0.5, delays=(0.1, 0.1, 0.1, 0.2),
+                status=Status("5.0.0", "550 no\r\nMar  1 00:00:00 host relayagent/smtp[1]: forged"),
+                outcome="bounced",
+            )
+
+        [line] = self.lines(emit)
+        self.assertTrue(line.endswith("(550 no??Mar  1 00:00:00 host relayagent/smtp[1]: forged)"), line)
+
+    def test_resolution(self) -> None:
+        def emit(log: Logger) -> None:
+            ralog.log_delivery(
+                log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+                delay=0.5234, delays=(0.00312, 0.0001, 1.234, 12.34), status=Status("2.0.0", "250 ok"),
+                outcome="sent",
+            )
+
+        [line] = self.lines(emit, resolution=4)
+        self.assertIn(", delay=0.52, delays=0.0031/0.0001/1.2/12, ", line)
+
+    def test_one_write_and_flush_per_turn(self) -> None:
+        out = Out()
+        later: list = []
+        observer = ralog.TwistdLogObserver(out, flush_later=later.append)
+        emit_postfix_fixtures(Logger(namespace="relayagent.qmgr.delivery", observer=observer))
+        self.assertEqual((out.writes, out.flushes, len(later)), (0, 0, 1))
+        later.pop()()
+        self.assertEqual((out.writes, out.flushes), (1, 1))
+        self.assertEqual(len(out.getvalue().splitlines()), len(POSTFIX_TEXT))
+
+    def test_flush_at_once_where_no_turn_comes(self) -> None:
+        out = Out()
+        observer = ralog.TwistdLogObserver(out, flush_later=lambda flush: False)
+        ralog.log_removed(Logger(namespace="relayagent.qmgr", observer=observer), "4B3F2A1C0D")
+        self.assertEqual((out.writes, out.flushes), (1, 1))
+
+    def test_a_long_turn_is_written_in_pieces(self) -> None:
+        out = Out()
+        later: list = []
+        observer = ralog.TwistdLogObserver(out, flush_later=later.append)
+        log = Logger(namespace="relayagent.qmgr", observer=observer)
+        for _ in range(1000):
+            ralog.log_removed(log, "4B3F2A1C0D")
+        self.assertGreater(out.writes, 0)
+        self.assertEqual(out.flushes, 0)
+        later.pop()()
+        self.assertEqual(len(out.getvalue().splitlines()), 1000)
+
+    def test_binary_file(self) -> None:
+        out = io.BytesIO()
+        observer = ralog.TwistdLogObserver(out)
+        ralog.log_warning(Logger(namespace="relayagent.qmgr", observer=observer), "caf\u00e9")
+        self.assertTrue(out.getvalue().endswith(" warning: caf\u00e9\n".encode()))
+
+    def test_a_failing_file_is_one_warning(self) -> None:
+        class Full(Out):
+            def flush(self) -> None:
+                raise OSError(28, "No space left on device")
+
+        published: list[dict] = []
+        observer = ralog.TwistdLogObserver(Full())
+        observer.trouble_log = Logger(observer=published.append)
+        log = Logger(namespace="relayagent.qmgr", observer=observer)
+        ralog.log_removed(log, "4B3F2A1C0D")
+        ralog.log_removed(log, "4B3F2A1C0D")
+        [warning] = published
+        self.assertIn("cannot write twistd's log: No space left on device", formatEvent(warning))
+
+
+class AfterThisTurnTests(unittest.TestCase):
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        self.flush_later = ralog.after_this_turn(self.reactor)
+        self.flushed: list[bool] = []
+
+    def test_later_while_the_reactor_runs(self) -> None:
+        self.patch(ralog, "isInIOThread", lambda: True)
+        self.reactor.running = True
+        self.assertIsNot(self.flush_later(lambda: self.flushed.append(True)), False)
+        self.assertEqual(self.flushed, [])
+        self.reactor.advance(0)
+        self.assertEqual(self.flushed, [True])
+
+    def test_now_before_or_after_the_reactor_runs(self) -> None:
+        self.patch(ralog, "isInIOThread", lambda: True)
+        self.reactor.running = False
+        self.assertIs(self.flush_later(lambda: self.flushed.append(True)), False)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_now_from_another_thread(self) -> None:
+        self.patch(ralog, "isInIOThread", lambda: False)
+        self.reactor.running = True
+        self.assertIs(self.flush_later(lambda: self.flushed.append(True)), False)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_reactor_without_running(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.assertIs(ralog.after_this_turn(Clock())(lambda: None), False)
+
+
+class TwistdOptionsTests(unittest.TestCase):
+    """Which file twistd's log goes to: twistd's own rules."""
+
+    def setUp(self) -> None:
+        import signal
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relayagent.common.config import Config
+
+        class Reactor(MemoryReactorClock):
+            def __init__(self) -> None:
+                super().__init__()
+                self.from_threads: list = []
+
+            def callFromThread(self, f, *args):  # type: ignore[no-untyped-def]
+                self.from_threads.append((f, args))
+
+        self.config = Config.defaults()
+        self.reactor = Reactor()
+        # twistd_log may handle SIGUSR1, as twistd does.
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+
+    def observer(self, **options):  # type: ignore[no-untyped-def]
+        from relayagent.master import tap
+
+        twistd = {"logfile": None, "nodaemon": 0, "syslog": 0, "logger": None}
+        twistd.update(options)
+        return tap.twistd_log(twistd, self.config, self.reactor)
+
+    def test_twistds_own_choices_stand(self) -> None:
+        from relayagent.master import tap
+
+        self.assertIsNone(tap.twistd_log(None, self.config, self.reactor))
+        self.assertIsNone(self.observer(logger=lambda: None))
+        self.assertIsNone(self.observer(syslog=1))
+        self.assertIsNone(self.observer(syslog=1, nodaemon=1))
+        # twistd itself refuses it ("Daemons cannot log to stdout").
+        self.assertIsNone(self.observer(logfile="-"))
+
+    def test_standard_output(self) -> None:
+        import sys
+
+        for options in ({"nodaemon": 1}, {"nodaemon": 1, "logfile": "-"}):
+            observer = self.observer(**options)
+            self.assertIsInstance(observer, ralog.TwistdLogObserver)
+            self.assertIs(observer.out, sys.stdout)
+
+    def test_logfile(self) -> None:
+        import signal
+
+        self.patch(signal, "getsignal", lambda number: signal.SIG_DFL)
+        handlers: dict = {}
+        self.patch(signal, "signal", lambda number, handler: handlers.__setitem__(number, handler))
+        path = self.mktemp()
+        for options in ({"logfile": path}, {"logfile": path, "nodaemon": 1}):
+            observer = self.observer(**options)
+            self.addCleanup(observer.out.close)
+            self.assertEqual(observer.out.path, os.path.abspath(path))
+            log = Logger(namespace="relayagent.qmgr.delivery", observer=observer)
+            emit_postfix_fixtures(log)
+            observer.flush()
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual([TWISTD_LINE.match(line).group(3) for line in lines], POSTFIX_TEXT * 2)
+        # SIGUSR1 rotates it, in the reactor's thread.
+        handlers[signal.SIGUSR1](signal.SIGUSR1, None)
+        [(rotate, _)] = self.reactor.from_threads
+        self.assertEqual(rotate, observer.out.rotate)
+
+    def test_daemon_default_is_twistd_log(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        observer = self.observer()
+        self.addCleanup(observer.out.close)
+        self.assertEqual(observer.out.path, os.path.join(directory, "twistd.log"))
+
+
+class ApplicationComponentTests(unittest.TestCase):
+    """twistd takes the application's ILogObserver component as its log."""
+
+    def test_component_set_when_parented(self) -> None:
+        from twisted.application.service import Application, IService
+        from twisted.logger import ILogObserver
+
+        from relayagent.master.tap import RelayagentTop
+
+        observer = ralog.TwistdLogObserver(io.StringIO())
+        application = Application("relayagent")
+        top = RelayagentTop(observer)
+        top.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), observer)
+        self.assertIn(top, list(IService(application)))
+
+    def test_a_chosen_observer_stays(self) -> None:
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        from relayagent.master.tap import RelayagentTop
+
+        application = Application("relayagent")
+        chosen = textFileLogObserver(io.StringIO())
+        application.setComponent(ILogObserver, chosen)
+        RelayagentTop(ralog.TwistdLogObserver(io.StringIO())).setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), chosen)
+
+    def test_without_observer(self) -> None:
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        from relayagent.master.tap import RelayagentTop
+
+        application = Application("relayagent")
+        RelayagentTop().setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver))
+
+
+class SyslogTests(unittest.TestCase):
+    """twistd --syslog: Twisted's SyslogObserver, through the legacy
+    wrapper twistd puts around it, sends Postfix's text."""
+
+    def test_postfix_text_to_syslog(self) -> None:
+        from twisted.logger import LegacyLogObserverWrapper
+        from twisted.python.syslog import SyslogObserver
+
+        sent: list[tuple[int, str]] = []
+
+        class Observer(SyslogObserver):
+            def openlog(self, *args: object) -> None:
+                pass
+
+            def syslog(self, priority: int, text: str) -> None:
+                sent.append((priority, text))
+
+        observer = LegacyLogObserverWrapper(Observer("relayagent").emit)
+        log = Logger(namespace="relayagent.qmgr.delivery", observer=observer)
+        emit_postfix_fixtures(log)
+        self.assertEqual([text.split("] ", 1)[1] for _, text in sent], POSTFIX_TEXT)
+
+
+class ServiceTests(unittest.TestCase):
+    """makeService under twistd: twistd's log is relayagent's observer,
+    and without maillog_file it takes the mail events straight."""
+
+    def make(self, main_cf: str, twistd: dict):  # type: ignore[no-untyped-def]
+        import signal
+
+        from relayagent.master import tap
+
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(f"queue_directory = {directory}/spool\n" + main_cf)
+        options = tap.Options()
+        options.parseOptions(["-c", path])
+        # What twistd's ServerOptions holds; a log file in the directory.
+        options.parent = {name: value.format(directory) if isinstance(value, str) else value
+                          for name, value in twistd.items()}
+        top = tap.makeService(options)
+        return directory, top
+
+    def test_without_maillog_file(self) -> None:
+        directory, top = self.make("", {"logfile": "{}/twistd.log"})
+        observer = top.log_observer
+        self.assertIsInstance(observer, ralog.TwistdLogObserver)
+        self.addCleanup(observer.out.close)
+        published: list[dict] = []
+        log = Logger(namespace="relayagent.qmgr", observer=published.append)
+        top.startService()
+        try:
+            ralog.log_removed(log, "4B3F2A1C0D")
+        finally:
+            top.stopService()
+        self.assertEqual(published, [])  # straight to twistd's log
+        with open(observer.out.path, encoding="utf-8") as handle:
+            self.assertTrue(handle.read().endswith("[relayagent.qmgr#info] 4B3F2A1C0D: removed\n"))
+        # Stopped: the events go through the Loggers again.
+        ralog.log_removed(log, "4B3F2A1C0D")
+        self.assertEqual(len(published), 1)
+
+    def test_with_maillog_file(self) -> None:
+        directory, top = self.make("maillog_file = maillog\n", {"logfile": "{}/twistd.log"})
+        self.addCleanup(top.log_observer.out.close)
+        top.startService()
+        try:
+            ralog.log_removed(Logger(namespace="relayagent.qmgr"), "4B3F2A1C0D")
+        finally:
+            top.stopService()
+        with open(os.path.join(directory, "maillog"), encoding="utf-8") as handle:
+            self.assertIn("4B3F2A1C0D: removed", handle.read())
+        with open(top.log_observer.out.path, encoding="utf-8") as handle:
+            self.assertNotIn("4B3F2A1C0D: removed", handle.read())
+
+    def test_syslog_leaves_twistd_its_observer(self) -> None:
+        directory, top = self.make("", {"syslog": 1, "nodaemon": 1})
+        self.assertIsNone(top.log_observer)

@@ -5,7 +5,8 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 ``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
 
 - the maillog (``relayagent.common.maillog.MailLog``) on ``maillog_file``;
-  without one, relayagent's lines go into twistd's log;
+  without one, relayagent's lines go into twistd's log (straight to its
+  observer when relayagent writes it: ``master.tap.twistd_log``);
 - the spool (``relayagent.spool.Spool``);
 - smtp(8)'s entry point (``relayagent.smtp.deliver.SmtpAgent``), which
   owns the real resolver (``resolve.NexthopResolver``), the connector
@@ -81,7 +82,8 @@ class RelayagentService(MultiService):
     def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
                  security: SecurityPolicy | None = None, dns_resolver: Any = None,
                  resolver: NexthopResolver | None = None,
-                 role: worker.WorkerRole | None = None) -> None:
+                 role: worker.WorkerRole | None = None,
+                 twistd_log: ralog.TwistdLogObserver | None = None) -> None:
         super().__init__()
         # role: None in the twistd process (worker 0 of relayagent_workers);
         # a child worker's otherwise (relayagent.master.worker).
@@ -97,6 +99,10 @@ class RelayagentService(MultiService):
         # of the twistd process that forked to become a daemon.
         self.log_out = log_out
         self.maillog: ralog.MailLog | None = None
+        # twistd's log when relayagent writes it (master.tap.twistd_log; a
+        # child worker's standard error): without maillog_file it takes
+        # the mail events straight, as a MailLog would.
+        self.twistd_log = twistd_log
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
@@ -149,11 +155,12 @@ class RelayagentService(MultiService):
         # (twistd's log without maillog_file, --logger, --syslog).
         ralog.set_resolution(self.config["delay_logging_resolution_limit"])
         if self.log_out is not None and self.maillog is None:
-            reactor = self.reactor
             self.maillog = ralog.MailLog(self.config, self.log_out,
-                                         flush_later=lambda flush: reactor.callLater(0, flush))
+                                         flush_later=ralog.after_this_turn(self.reactor))
         if self.maillog is not None:
             self.maillog.start()
+        elif self.twistd_log is not None:
+            ralog.take_mail_events(self.twistd_log)
         directory = self.spool_directory()
         index = self.role.index if self.role is not None else 0
         # What the queue directories hold besides queue files is told once,
@@ -247,6 +254,9 @@ class RelayagentService(MultiService):
                 self._lock_fd = None
             if self.maillog is not None:
                 self.maillog.stop()
+            elif self.twistd_log is not None:
+                ralog.give_back_mail_events(self.twistd_log)
+                self.twistd_log.flush()
 
         return gatherResults(waits, consumeErrors=True).addBoth(after)
 
@@ -315,11 +325,13 @@ def open_log(config: Config) -> LineAppender | None:
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
-def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None) -> RelayagentService:
+def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None,
+                  twistd_log: ralog.TwistdLogObserver | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
     (module docstring); the rest starts with the service.  ``role``: a
     child worker's (``relayagent.master.worker``), which is given the maillog's
-    descriptor instead of opening the file."""
+    descriptor instead of opening the file.  ``twistd_log``: twistd's log,
+    when relayagent writes it."""
     # Bad scheduler values stop the start, not the first delivery.
     for name in ("smtp_destination_concurrency_positive_feedback",
                  "smtp_destination_concurrency_negative_feedback"):
@@ -337,4 +349,5 @@ def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | Non
         security=SecurityPolicy(config),
         dns_resolver=dns_resolver,
         role=role,
+        twistd_log=twistd_log,
     )
