@@ -475,7 +475,9 @@ class UpdateTests(SynchronousTestCase):
     def test_held_refuses_a_swapped_file(self) -> None:
         with self.spool.open(self.queue_id, "incoming") as queue_file:
             content = read_file(self.path)
-            os.unlink(self.path)
+            # Moved aside, not unlinked: a freed inode number could come
+            # back for the new file at once.
+            os.rename(self.path, self.path + ".old")
             write_file(self.path, content)  # the same bytes, another inode
             with self.assertRaises(CorruptQueueFile):
                 with queue_file.held():

@@ -78,15 +78,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The entry point chooses the reactor: imported here, when it runs.
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
+
+    from relayagent.common import maillog as ralog
 
     # Twisted's and relayagent's other events go to standard error, which
     # is the parent's (its terminal, or its log with twistd --logfile
-    # when one is given as stderr); the mail lines to maillog_file.
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # when one is given as stderr), in twistd's layout with Postfix's
+    # text; the mail lines to maillog_file, or there too without one.
+    resolution = ralog.MaillogSettings.from_config(config).delay_logging_resolution_limit
+    stderr = ralog.TwistdLogObserver(sys.stderr, resolution=resolution, flush_later=ralog.after_this_turn(reactor))
+    globalLogBeginner.beginLoggingTo([stderr], redirectStandardIO=False)
     role = WorkerRole(args.index, args.workers, args.lock_fd, args.log_fd)
     try:
-        service = build_service(config, reactor, role=role)
+        service = build_service(config, reactor, role=role, twistd_log=stderr)
     except (ConfigError, ValueError) as exc:
         print(f"relayagent: fatal: {exc}", file=sys.stderr)
         return EX_CONFIG

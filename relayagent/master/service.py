@@ -5,7 +5,8 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 ``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
 
 - the maillog (``relayagent.common.maillog.MailLog``) on ``maillog_file``;
-  without one, relayagent's lines go into twistd's log;
+  without one, relayagent's lines go into twistd's log (straight to its
+  observer when relayagent writes it: ``master.tap.twistd_log``);
 - the spool (``relayagent.spool.Spool``);
 - smtp(8)'s entry point (``relayagent.smtp.deliver.SmtpAgent``), which
   owns the real resolver (``resolve.NexthopResolver``), the connector
@@ -49,7 +50,8 @@ parameter; ``startService`` raises ``control.DaemonRunning`` when another
 queue manager holds the spool.
 
 Owns no parameters; reads queue_directory, maillog_file, log_format,
-relayagent_workers.
+relayagent_workers, delay_logging_resolution_limit (for the text of
+Twisted's observers: ``maillog.set_resolution``).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class RelayagentService(MultiService):
     def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
                  security: SecurityPolicy | None = None, dns_resolver: Any = None,
                  resolver: NexthopResolver | None = None,
-                 role: worker.WorkerRole | None = None) -> None:
+                 role: worker.WorkerRole | None = None,
+                 twistd_log: ralog.TwistdLogObserver | None = None) -> None:
         super().__init__()
         # role: None in the twistd process (worker 0 of relayagent_workers);
         # a child worker's otherwise (relayagent.master.worker).
@@ -97,6 +100,10 @@ class RelayagentService(MultiService):
         # of the twistd process that forked to become a daemon.
         self.log_out = log_out
         self.maillog: ralog.MailLog | None = None
+        # twistd's log when relayagent writes it (master.tap.twistd_log; a
+        # child worker's standard error): without maillog_file it takes
+        # the mail events straight, as a MailLog would.
+        self.twistd_log = twistd_log
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
@@ -145,12 +152,16 @@ class RelayagentService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        # The delays' text in events that Twisted's observers render
+        # (twistd's log without maillog_file, --logger, --syslog).
+        ralog.set_resolution(ralog.MaillogSettings.from_config(self.config).delay_logging_resolution_limit)
         if self.log_out is not None and self.maillog is None:
-            reactor = self.reactor
             self.maillog = ralog.MailLog(self.config, self.log_out,
-                                         flush_later=lambda flush: reactor.callLater(0, flush))
+                                         flush_later=ralog.after_this_turn(self.reactor))
         if self.maillog is not None:
             self.maillog.start()
+        elif self.twistd_log is not None:
+            ralog.take_mail_events(self.twistd_log)
         directory = self.spool_directory()
         index = self.role.index if self.role is not None else 0
         # What the queue directories hold besides queue files is told once,
@@ -244,6 +255,9 @@ class RelayagentService(MultiService):
                 self._lock_fd = None
             if self.maillog is not None:
                 self.maillog.stop()
+            elif self.twistd_log is not None:
+                ralog.give_back_mail_events(self.twistd_log)
+                self.twistd_log.flush()
 
         return gatherResults(waits, consumeErrors=True).addBoth(after)
 
@@ -311,11 +325,13 @@ def open_log(config: Config) -> LineAppender | None:
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
-def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None) -> RelayagentService:
+def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None,
+                  twistd_log: ralog.TwistdLogObserver | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
     (module docstring); the rest starts with the service.  ``role``: a
     child worker's (``relayagent.master.worker``), which is given the maillog's
-    descriptor instead of opening the file."""
+    descriptor instead of opening the file.  ``twistd_log``: twistd's log,
+    when relayagent writes it."""
     # Bad scheduler values stop the start, not the first delivery.
     limits = SchedulerSettings.from_config(config)
     Feedback.parse(limits.smtp_destination_concurrency_positive_feedback,
@@ -335,4 +351,5 @@ def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | Non
         security=SecurityPolicy(config),
         dns_resolver=dns_resolver,
         role=role,
+        twistd_log=twistd_log,
     )
