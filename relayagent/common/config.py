@@ -53,9 +53,9 @@ import os
 import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Any, Self
 
 
 class ConfigError(Exception):
@@ -706,6 +706,65 @@ class Config:
             self._values[name] = value
         if errors:
             raise ConfigError("\n".join(errors))
+
+
+# ---------------------------------------------------------------------------
+# Settings bound once
+
+
+# The field of a settings object that is no parameter: the directory
+# relative file names in tables resolve against (main.cf's).
+BASE_DIR = "base_dir"
+_PARAMETER = "parameter"
+
+
+def parameter(name: str) -> Any:
+    """A settings field for a parameter whose name is no Python name
+    (``2bounce_notice_recipient``)."""
+    return field(metadata={_PARAMETER: name})
+
+
+def _parameter_of(item: Any) -> str:
+    name: str = item.metadata.get(_PARAMETER, item.name)
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A phase's parameters, bound once at start-up (as Postfix's
+    ``smtp_params.c`` binds its variables): a frozen dataclass whose
+    fields are named after the parameters they hold, typed as the table
+    types them (path parameters resolved against main.cf's directory).
+    A field named ``base_dir`` gets that directory.
+
+    A phase subclasses it with the parameters it reads and nothing else;
+    tests/test_parameters.py holds the union of every subclass's fields
+    against the table.  ``from_config`` is the only reader of ``Config``
+    by name: a field that is not a parameter fails there (``KeyError``),
+    at start-up rather than at the first message.
+    """
+
+    @classmethod
+    def from_config(cls, config: Config, **given: Any) -> Self:
+        """Bind every field from ``config``; ``given`` sets fields
+        directly (tests; a value the caller already parsed)."""
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            name = _parameter_of(item)
+            if item.name in given:
+                values[item.name] = given[item.name]
+            elif item.name == BASE_DIR:
+                values[item.name] = config.base_dir
+            elif PARAMETERS[name].path:
+                values[item.name] = config.path_of(name)
+            else:
+                values[item.name] = config[name]
+        return cls(**values)
+
+
+def parameters_of(settings: type[Settings]) -> frozenset[str]:
+    """The parameters a settings class binds."""
+    return frozenset(_parameter_of(item) for item in fields(settings) if item.name != BASE_DIR)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ descriptor and the waker pipe of worker 0's reactor are shared with
 worker 0 after a fork; everything built on the reactor keeps working,
 since it is the same object), checks the spool lock it holds, makes the
 service worker ``index`` (``RelayagentService.become_worker``), puts its
-link to worker 0 on the reactor, and runs until worker 0 goes away
+link to worker 0 on the reactor, logs to its standard error (worker
+0's), and runs until worker 0 goes away
 (``worker.ParentLink``, ``worker.WorkerRuntime``) or SIGTERM.
 
 SYNOPSIS
@@ -35,7 +36,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from relayagent.master.spawner import EX_SOFTWARE
+from relayagent.common import maillog as ralog
+from relayagent.master.spawner import EX_SOFTWARE, log_to_stderr
 from relayagent.master.worker import (
     EX_USAGE,
     ParentLink,
@@ -74,16 +76,24 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
     status (0, or a sysexits code with one line on standard error)."""
     reactor = service.reactor
     fresh_reactor(reactor)
+    runtime = WorkerRuntime(service, reactor)
+    parent = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
+    # Twisted's and relayagent's other events (and the mail lines without
+    # maillog_file) to standard error (worker 0's), in twistd's layout
+    # with Postfix's text; never to the observers inherited from worker 0
+    # (worker 0 alone writes and rotates twistd's log file).
+    out: Any = sys.__stderr__
+    resolution = ralog.MaillogSettings.from_config(service.config).delay_logging_resolution_limit
+    twistd_log = ralog.TwistdLogObserver(out, resolution=resolution, flush_later=ralog.after_this_turn(reactor))
+    log_to_stderr(twistd_log)
+    adopt(reactor, link, parent)
     try:
         check_lock(lock_fd, service.spool_directory())
     except WorkerError as exc:
         print(f"relayagent: fatal: worker {index}: {exc}", file=sys.stderr)
         return EX_USAGE
-    service.become_worker(WorkerRole(index, service.workers, lock_fd))
-    runtime = WorkerRuntime(service, reactor)
-    parent = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
+    service.become_worker(WorkerRole(index, service.workers, lock_fd), twistd_log=twistd_log)
     service.parent_link = parent
-    adopt(reactor, link, parent)
     reactor.addSystemEventTrigger("before", "shutdown", runtime.stop_service)
     status = [0]
 

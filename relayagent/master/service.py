@@ -5,7 +5,8 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 ``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
 
 - the maillog (``relayagent.common.maillog.MailLog``) on ``maillog_file``;
-  without one, relayagent's lines go into twistd's log;
+  without one, relayagent's lines go into twistd's log (straight to its
+  observer when relayagent writes it: ``master.tap.twistd_log``);
 - the spool (``relayagent.spool.Spool``);
 - smtp(8)'s entry point (``relayagent.smtp.deliver.SmtpAgent``), which
   owns the real resolver (``resolve.NexthopResolver``), the connector
@@ -53,8 +54,10 @@ DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
 parameter; ``startService`` raises ``control.DaemonRunning`` when another
 queue manager holds the spool.
 
-Owns no parameters; reads queue_directory, maillog_file, log_format;
-the number of workers from ``worker.worker_count``.
+Owns no parameters; reads queue_directory, maillog_file, log_format,
+delay_logging_resolution_limit (for the text of Twisted's observers:
+``maillog.set_resolution``); the number of workers from
+``worker.worker_count``.
 """
 
 from __future__ import annotations
@@ -71,11 +74,12 @@ from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
 from relayagent.master import child, worker
 from relayagent.qmgr.delivery import DeliveryAgent
-from relayagent.qmgr.scheduler import Feedback, QueueManager
+from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.spool import Spool, control
+from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.service")
 
@@ -85,7 +89,8 @@ class RelayagentService(MultiService):
     def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
                  security: SecurityPolicy | None = None, dns_resolver: Any = None,
                  resolver: NexthopResolver | None = None,
-                 privileges: worker.Privileges | None = None) -> None:
+                 privileges: worker.Privileges | None = None,
+                 twistd_log: ralog.TwistdLogObserver | None = None) -> None:
         super().__init__()
         # role: None in the twistd process (worker 0 of relayagent_workers);
         # a worker's after become_worker (relayagent.master.worker).
@@ -96,13 +101,17 @@ class RelayagentService(MultiService):
         # Each worker's share of the queue manager's limits.
         self.config = config = worker.split_limits(config, self.workers)
         self.reactor = reactor
-        self.queue_directory = config.path_of("queue_directory")
+        self.queue_directory = SpoolSettings.from_config(config).queue_directory
         # maillog_file: relayagent's lines only, in log_format; else they
         # go into twistd's log (relayagent.common.maillog.MailLog).  Made at
         # start: the pid in its lines is the running process's, not that
         # of the twistd process that forked to become a daemon.
         self.log_out = log_out
         self.maillog: ralog.MailLog | None = None
+        # twistd's log when relayagent writes it (master.tap.twistd_log; a
+        # child worker's standard error): without maillog_file it takes
+        # the mail events straight, as a MailLog would.
+        self.twistd_log = twistd_log
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
@@ -140,11 +149,14 @@ class RelayagentService(MultiService):
         self._resolved_directory = directory
         return directory
 
-    def become_worker(self, role: worker.WorkerRole) -> None:
+    def become_worker(self, role: worker.WorkerRole, *,
+                      twistd_log: ralog.TwistdLogObserver | None = None) -> None:
         """In a worker process (``relayagent.master.child``): this copy of
         worker 0's service becomes worker ``role.index``, holding worker
-        0's lock, with no workers of its own."""
+        0's lock, with no workers of its own; ``twistd_log`` takes the
+        place of worker 0's (the worker's standard error)."""
         self.role = role
+        self.twistd_log = twistd_log
         self.workers = role.workers
         self._lock_fd = role.lock_fd
         self.pool = None
@@ -177,12 +189,16 @@ class RelayagentService(MultiService):
             self.reactor.stop()
 
     def startService(self) -> None:
+        # The delays' text in events that Twisted's observers render
+        # (twistd's log without maillog_file, --logger, --syslog).
+        ralog.set_resolution(ralog.MaillogSettings.from_config(self.config).delay_logging_resolution_limit)
         if self.log_out is not None and self.maillog is None:
-            reactor = self.reactor
             self.maillog = ralog.MailLog(self.config, self.log_out,
-                                         flush_later=lambda flush: reactor.callLater(0, flush))
+                                         flush_later=ralog.after_this_turn(self.reactor))
         if self.maillog is not None:
             self.maillog.start()
+        elif self.twistd_log is not None:
+            ralog.take_mail_events(self.twistd_log)
         directory = self.spool_directory()
         index = self.role.index if self.role is not None else 0
         # What the queue directories hold besides queue files is told once,
@@ -270,6 +286,9 @@ class RelayagentService(MultiService):
                 self._lock_fd = None
             if self.maillog is not None:
                 self.maillog.stop()
+            elif self.twistd_log is not None:
+                ralog.give_back_mail_events(self.twistd_log)
+                self.twistd_log.flush()
 
         return gatherResults(waits, consumeErrors=True).addBoth(after)
 
@@ -330,23 +349,26 @@ class LineAppender:
 def open_log(config: Config) -> LineAppender | None:
     """``maillog_file``, opened now (before privileges are dropped); None
     when it is empty: the lines then go into twistd's log."""
-    path = config["maillog_file"]
+    path = ralog.MaillogSettings.from_config(config).maillog_file
     if not path:
         return None
-    path = config.path_of("maillog_file")
     # O_APPEND: every write lands at the end, whoever else writes.
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
 def build_service(config: Config, reactor: Any, *,
-                  privileges: worker.Privileges | None = None) -> RelayagentService:
+                  privileges: worker.Privileges | None = None,
+                  twistd_log: ralog.TwistdLogObserver | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
     (module docstring); the rest starts with the service.  ``privileges``:
-    twistd's ``--uid``/``--gid``, which the worker spawner drops to."""
+    twistd's ``--uid``/``--gid``, which the worker spawner drops to.
+    ``twistd_log``: twistd's log, when relayagent writes it."""
     # Bad scheduler values stop the start, not the first delivery.
-    for name in ("smtp_destination_concurrency_positive_feedback",
-                 "smtp_destination_concurrency_negative_feedback"):
-        Feedback.parse(config[name], name=name)
+    limits = SchedulerSettings.from_config(config)
+    Feedback.parse(limits.smtp_destination_concurrency_positive_feedback,
+                   name="smtp_destination_concurrency_positive_feedback")
+    Feedback.parse(limits.smtp_destination_concurrency_negative_feedback,
+                   name="smtp_destination_concurrency_negative_feedback")
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
     return RelayagentService(
@@ -356,4 +378,5 @@ def build_service(config: Config, reactor: Any, *,
         security=SecurityPolicy(config),
         dns_resolver=dns_resolver,
         privileges=privileges,
+        twistd_log=twistd_log,
     )

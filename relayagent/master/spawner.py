@@ -29,9 +29,10 @@ End of file on the socket (worker 0 stopped, or died) ends the spawner
 at once; the workers see end of file on their own links and stop by
 themselves.  It ignores SIGINT and SIGTERM: ^C on a terminal or a
 service manager's stop reaches worker 0 and the workers, which stop in
-order, and the spawner goes with worker 0.  A worker starts with the
-default SIGINT, SIGTERM and SIGCHLD handling (its reactor installs its
-own).
+order, and the spawner goes with worker 0.  It and the workers ignore
+SIGUSR1 (worker 0's signal to rotate twistd's log file).  A worker
+starts with the default SIGINT, SIGTERM and SIGCHLD handling (its
+reactor installs its own).
 
 SYNOPSIS
 
@@ -58,7 +59,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 
@@ -91,17 +92,20 @@ def _flush_stdio() -> None:
             pass
 
 
-def log_to_stderr() -> None:
-    """This process's Twisted events to its standard error, and no longer
-    to the observers it inherited: twistd's (its log file, rotated by
-    worker 0) is written by worker 0 alone."""
+def log_to_stderr(observer: Any = None) -> None:
+    """This process's Twisted events to ``observer`` (default: a text
+    observer on its standard error), and no longer to the observers it
+    inherited: twistd's log file is written, and rotated, by worker 0
+    alone."""
     # LogPublisher has no public "remove all"; its list is read, not changed.
-    for observer in list(getattr(globalLogPublisher, "_observers", ())):
-        globalLogPublisher.removeObserver(observer)
+    for inherited in list(getattr(globalLogPublisher, "_observers", ())):
+        globalLogPublisher.removeObserver(inherited)
     # twistd points sys.stdout and sys.stderr at the log; back to the files.
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-    if sys.__stderr__ is not None:
-        globalLogPublisher.addObserver(textFileLogObserver(sys.__stderr__))
+    if observer is None and sys.__stderr__ is not None:
+        observer = textFileLogObserver(sys.__stderr__)
+    if observer is not None:
+        globalLogPublisher.addObserver(observer)
 
 
 def fork_spawner(
@@ -151,6 +155,9 @@ def _spawner_process(control: socket.socket, worker_zero_end: socket.socket,
         # Ignored from the start: worker 0's ^C must not end it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Worker 0 rotates twistd's log file on SIGUSR1 (master.tap); in
+        # the spawner and the workers that handler would rotate it too.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_zero_end.close()
         for sock in worker_zero_links:

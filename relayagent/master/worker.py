@@ -110,7 +110,7 @@ from twisted.python.failure import Failure
 from twisted.python.util import switchUID
 
 from relayagent.common import maillog as ralog
-from relayagent.common.config import Config
+from relayagent.common.config import Config, Settings
 from relayagent.master.spawner import MAX_LINE, fork_spawner
 from relayagent.spool.queueid import partition_of
 
@@ -136,6 +136,19 @@ SPLIT_LIMITS = (
     "smtp_initial_destination_concurrency",
 )
 EX_USAGE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SharedLimits(Settings):
+    """How many workers (``auto`` or a number), and the limits they share out."""
+
+    relayagent_workers: int | str
+    qmgr_message_active_limit: int
+    qmgr_message_recipient_limit: int
+    default_process_limit: int
+    smtp_destination_concurrency_limit: int
+    smtp_initial_destination_concurrency: int
+    smtp_destination_rate_delay: float
 
 
 class WorkerError(Exception):
@@ -190,7 +203,7 @@ def available_cpus() -> int:
 
 def worker_count(config: Config) -> int:
     """``relayagent_workers`` as a number: ``auto`` is ``available_cpus()``."""
-    value = config["relayagent_workers"]
+    value = SharedLimits.from_config(config).relayagent_workers
     return available_cpus() if value == "auto" else int(value)
 
 
@@ -213,10 +226,11 @@ def split_limits(config: Config, workers: int) -> Config:
     ``workers``.  One worker: ``config`` itself."""
     if workers <= 1:
         return config
+    limits = SharedLimits.from_config(config)
     overrides: dict[str, Any] = {
-        name: max(1, math.ceil(config[name] / workers)) for name in SPLIT_LIMITS
+        name: max(1, math.ceil(getattr(limits, name) / workers)) for name in SPLIT_LIMITS
     }
-    rate_delay = config["smtp_destination_rate_delay"]
+    rate_delay = limits.smtp_destination_rate_delay
     if rate_delay > 0:
         overrides["smtp_destination_rate_delay"] = f"{rate_delay * workers:g}s"
     return config.replace(**overrides)
@@ -309,23 +323,25 @@ def adopt(reactor: Any, sock: socket.socket, protocol: Protocol) -> None:
 
 
 class _Lines(Protocol):
-    """Lines of at most MAX_LINE octets; a longer one is dropped with a warning."""
+    """Lines of at most ``limit`` octets (UTF-8), without their line end;
+    a longer one is dropped with a warning."""
 
     what = "a worker"
+    limit = MAX_LINE
 
     def __init__(self) -> None:
         self._buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
         *lines, self._buffer = (self._buffer + data).split(b"\n")
-        if len(self._buffer) > MAX_LINE:
+        if len(self._buffer) > self.limit:
             self._buffer = b""
             ralog.log_warning(log, f"overlong line from {self.what} ignored", service="master")
         for line in lines:
-            if len(line) > MAX_LINE:
+            if len(line) > self.limit:
                 ralog.log_warning(log, f"overlong line from {self.what} ignored", service="master")
                 continue
-            self.line(line.strip().decode("ascii", "replace"))
+            self.line(line.rstrip(b"\r").decode("utf-8", "replace"))
 
     def line(self, text: str) -> None:
         raise NotImplementedError
@@ -425,7 +441,7 @@ class _Link(_Lines):
         self.what = f"worker {index}"
 
     def line(self, text: str) -> None:
-        self.pool.child_said(self.index, text)
+        self.pool.child_said(self.index, text.strip())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.pool.link_lost(self.index)

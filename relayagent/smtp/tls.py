@@ -44,7 +44,7 @@ RFC 8996 deprecates TLS 1.0 and 1.1.
 SYNOPSIS
 
     settings = TLSSettings.from_config(config)        # contexts built once
-    policy = PolicyLookup(config["smtp_tls_security_level"], tables).policy_for(nexthop)
+    policy = PolicyLookup(level, tables).policy_for(nexthop)      # smtp_tls_security_level
     outcome = await negotiate_tls(session, policy, settings, nexthop=nexthop)
 
 DIAGNOSTICS: a bad level, protocol list, cipher grade, policy entry or
@@ -83,6 +83,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayagent.common.config import Settings
 from relayagent.common.status import DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.smtp.tls")
@@ -558,6 +559,25 @@ def certificate_matches(
 # --------------------------------------------------------------- negotiation
 
 
+@dataclass(frozen=True, slots=True)
+class TLSParameters(Settings):
+    """The TLS parameters as main.cf gives them, bound once; ``TLSSettings``
+    is what they make (contexts built, protocol lists parsed)."""
+
+    smtp_tls_CAfile: str
+    smtp_tls_CApath: str
+    smtp_tls_cert_file: str
+    smtp_tls_key_file: str
+    smtp_tls_protocols: tuple[str, ...]
+    smtp_tls_mandatory_protocols: tuple[str, ...]
+    smtp_tls_ciphers: str
+    smtp_tls_mandatory_ciphers: str
+    smtp_tls_verify_cert_match: tuple[str, ...]
+    smtp_tls_secure_cert_match: tuple[str, ...]
+    smtp_starttls_timeout: float
+    smtp_tls_loglevel: int
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """Everything about TLS that comes from main.cf, for every nexthop."""
@@ -575,28 +595,23 @@ class TLSSettings:
     @classmethod
     def from_config(cls, config: Any) -> TLSSettings:
         """Read the TLS parameters; raises TLSConfigError naming the bad one."""
-
-        def path(name: str) -> str:
-            return config.path_of(name) if config[name] else ""
-
+        given = TLSParameters.from_config(config)
         files = TLSFiles(
-            ca_file=path("smtp_tls_CAfile"),
-            ca_path=path("smtp_tls_CApath"),
-            cert_file=path("smtp_tls_cert_file"),
-            key_file=path("smtp_tls_key_file"),
+            ca_file=given.smtp_tls_CAfile,
+            ca_path=given.smtp_tls_CApath,
+            cert_file=given.smtp_tls_cert_file,
+            key_file=given.smtp_tls_key_file,
         )
         settings = cls(
             contexts=ContextCache(files),
-            protocols=parse_protocols(config["smtp_tls_protocols"], "smtp_tls_protocols"),
-            mandatory_protocols=parse_protocols(
-                config["smtp_tls_mandatory_protocols"], "smtp_tls_mandatory_protocols"
-            ),
-            ciphers=config["smtp_tls_ciphers"],
-            mandatory_ciphers=config["smtp_tls_mandatory_ciphers"],
-            verify_cert_match=tuple(config["smtp_tls_verify_cert_match"]),
-            secure_cert_match=tuple(config["smtp_tls_secure_cert_match"]),
-            starttls_timeout=float(config["smtp_starttls_timeout"]),
-            loglevel=int(config["smtp_tls_loglevel"]),
+            protocols=parse_protocols(given.smtp_tls_protocols, "smtp_tls_protocols"),
+            mandatory_protocols=parse_protocols(given.smtp_tls_mandatory_protocols, "smtp_tls_mandatory_protocols"),
+            ciphers=given.smtp_tls_ciphers,
+            mandatory_ciphers=given.smtp_tls_mandatory_ciphers,
+            verify_cert_match=given.smtp_tls_verify_cert_match,
+            secure_cert_match=given.smtp_tls_secure_cert_match,
+            starttls_timeout=given.smtp_starttls_timeout,
+            loglevel=given.smtp_tls_loglevel,
         )
         # Build the default contexts now, so a bad certificate or CA file
         # stops relayagent at start-up rather than deferring mail later.
