@@ -397,8 +397,7 @@ class TwistdLogTests(DaemonTestCase):
         await self.start_sink()
         queue_id = self.spool.enqueue("sender@example.org", ["rcpt@example.net"], body(1, "twistd"))
         path = os.path.join(self.base, "twistd.log")
-        # One process: the workers' lines go to their standard error.
-        self.start_daemon(self.write_config("maillog_file =\nrelayagent_workers = 1\n"), "--logfile", path)
+        self.start_daemon(self.config_without_maillog(), "--logfile", path)
         await self.wait_for(lambda: os.path.exists(path) and f"{queue_id}: removed" in open(path).read(),
                             60, "the delivery in --logfile")
         texts = self.twistd_texts(path)
@@ -414,8 +413,8 @@ class TwistdLogTests(DaemonTestCase):
         queue_id = self.spool.enqueue("sender@example.org", ["rcpt@example.net"], body(1, "twistd"))
         path = os.path.join(self.base, "twistd.json")
         self.patch(os, "environ", dict(os.environ, RA_JSON_LOG=path))
-        # One process: the workers' lines go to their standard error, not
-        # to twistd's observer (README, "Several worker processes").
+        # One process: with --logger the workers' lines go to their standard
+        # error, not to twistd's observer (README, "Several worker processes").
         self.start_daemon(self.write_config("maillog_file =\nrelayagent_workers = 1\n"),
                           "--logger", "tests.support.jsonlog.observer")
 

@@ -11,6 +11,7 @@ tests/test_workers_e2e.py.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import socket
 import zlib
@@ -238,6 +239,35 @@ class ParentLinkTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")  # nothing written after
 
 
+class LogToWorkerZeroTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.link = worker.ParentLink(lambda: None, self.clock, lambda: None)
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+        self.fallback = io.StringIO()
+        self.out = worker.LogToWorkerZero(self.link, fallback=self.fallback)
+
+    def test_whole_lines_of_a_flush_go_to_worker_zero(self) -> None:
+        self.out.write("2026-12-02T00:00:00+0000 [relayagent.qmgr#info] 1A2B: removed\n\tmore\npart")
+        self.assertEqual(self.transport.value(), b"")
+        self.out.flush()
+        self.assertEqual(self.transport.value(),
+                         b"log 2026-12-02T00:00:00+0000 [relayagent.qmgr#info] 1A2B: removed\nlog \tmore\n")
+        self.transport.clear()
+        self.out.write("ial caf\u00e9\n")
+        self.out.flush()
+        self.assertEqual(self.transport.value(), "log partial caf\u00e9\n".encode())
+        self.assertEqual(self.fallback.getvalue(), "")
+
+    def test_standard_error_once_the_link_is_gone(self) -> None:
+        self.link.connectionLost(None)
+        self.out.write("Main loop terminated.\n")
+        self.out.flush()
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.fallback.getvalue(), "Main loop terminated.\n")
+
+
 class FakeService:
     def __init__(self, queue_manager: QueueManager) -> None:
         self.queue_manager = queue_manager
@@ -322,8 +352,10 @@ class WorkerPoolTests(SynchronousTestCase):
         self.reactor = FakeReactor()
         self.woken: list[bool] = []
         self.fatal: list[str] = []
+        self.logged: list[str] = []
         self.pool = worker.WorkerPool(
             self.reactor, workers=3, on_wakeup=lambda: self.woken.append(True), on_fatal=self.fatal.append,
+            on_log=self.logged.append,
         )
         self.warnings: list[str] = []
         self.infos: list[str] = []
@@ -376,8 +408,16 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(self.woken, [])
         link.dataReceived(b"eup\n")
         self.assertEqual(self.woken, [True])
-        link.dataReceived(b"rm -rf /\n" + b"x" * 2000)
+        link.dataReceived(b"rm -rf /\n" + b"x" * (worker.MAX_LOG_LINE + 1))
         self.assertEqual(len(self.warnings), 2)  # the unknown line, the overlong one
+
+    def test_lines_of_twistds_log_from_a_worker(self) -> None:
+        link = self.reactor.adopted[2][1]
+        long = "x" * 5000  # a mail log line may be longer than a command
+        link.dataReceived(f"log 1A2B: to=<r@example.net>, status=sent\nlog \tcontinued\nlog {long}\n".encode())
+        link.dataReceived("log caf\u00e9\n".encode())
+        self.assertEqual(self.logged, ["1A2B: to=<r@example.net>, status=sent", "\tcontinued", long, "caf\u00e9"])
+        self.assertEqual(self.warnings, [])
 
     def test_unexpected_exit_is_logged_and_restarted_later(self) -> None:
         self.said("started 1 1001", "started 2 1002")

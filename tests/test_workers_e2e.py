@@ -99,6 +99,27 @@ class WorkersTests(DaemonTestCase):
         await self.wait_for(lambda: process_gone(child), 30, "the worker to stop")
         self.assertFalse(control.spool_locked(self.spool_directory))
 
+    async def test_without_maillog_file_every_line_is_in_twistds_log(self) -> None:
+        # Worker 1's lines reach twistd's --logfile through worker 0.
+        await self.start_sink()
+        expected = self.enqueue(60, "twistdlog")
+        path = os.path.join(self.base, "twistd.log")
+        daemon = self.start_daemon(self.write_config("relayagent_workers = 2\nmaillog_file =\n"), "--logfile", path)
+        await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= len(expected), 60,
+                            "the queue to empty")
+        sent = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[relayagent[.\w]*#info\] ([0-9A-V]{16}): to=<.*status=sent")
+
+        def sent_ids() -> set[str]:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return {m.group(1) for m in map(sent.match, handle) if m}
+
+        await self.wait_for(lambda: len(sent_ids()) >= len(expected), 10, "the lines in twistd's log")
+        ids = sent_ids()
+        self.assertEqual({partition_of(queue_id, 2) for queue_id in ids}, {0, 1})  # both workers' lines
+        self.assertIn("worker 1 started: pid", open(path).read())
+        daemon.send_signal(signal.SIGTERM)
+        await self.wait_for(lambda: daemon.poll() is not None, 60, "the daemon to stop")
+
     async def test_flush_reaches_the_child_worker(self) -> None:
         await self.start_sink()
         self.spool.enqueue_many(

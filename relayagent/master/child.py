@@ -11,8 +11,8 @@ descriptor and the waker pipe of worker 0's reactor are shared with
 worker 0 after a fork; everything built on the reactor keeps working,
 since it is the same object), checks the spool lock it holds, makes the
 service worker ``index`` (``RelayagentService.become_worker``), puts its
-link to worker 0 on the reactor, logs to its standard error (worker
-0's), and runs until worker 0 goes away
+link to worker 0 on the reactor, logs through worker 0 (or to its
+standard error), and runs until worker 0 goes away
 (``worker.ParentLink``, ``worker.WorkerRuntime``) or SIGTERM.
 
 SYNOPSIS
@@ -40,6 +40,7 @@ from relayagent.common import maillog as ralog
 from relayagent.master.spawner import EX_SOFTWARE, log_to_stderr
 from relayagent.master.worker import (
     EX_USAGE,
+    LogToWorkerZero,
     ParentLink,
     WorkerError,
     WorkerRole,
@@ -79,10 +80,13 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
     runtime = WorkerRuntime(service, reactor)
     parent = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
     # Twisted's and relayagent's other events (and the mail lines without
-    # maillog_file) to standard error (worker 0's), in twistd's layout
-    # with Postfix's text; never to the observers inherited from worker 0
-    # (worker 0 alone writes and rotates twistd's log file).
+    # maillog_file) in twistd's layout with Postfix's text: into twistd's
+    # log through worker 0 when relayagent writes that log (worker 0 alone
+    # writes and rotates the file), else to standard error.  Never to the
+    # observers inherited from worker 0.
     out: Any = sys.__stderr__
+    if service.twistd_log is not None:
+        out = LogToWorkerZero(parent, fallback=sys.__stderr__)
     resolution = ralog.MaillogSettings.from_config(service.config).delay_logging_resolution_limit
     twistd_log = ralog.TwistdLogObserver(out, resolution=resolution, flush_later=ralog.after_this_turn(reactor))
     log_to_stderr(twistd_log)

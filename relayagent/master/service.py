@@ -131,6 +131,7 @@ class RelayagentService(MultiService):
         self.pool: worker.WorkerPool | None = None
         # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
+        self._worker_log_flush = False
 
     def spool_directory(self) -> str:
         """The queue directory as this process sees it now (after a chroot
@@ -180,8 +181,28 @@ class RelayagentService(MultiService):
             workers=self.workers,
             on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
             on_fatal=self._fatal,
+            on_log=self._worker_log,
         )
         self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
+
+    def _worker_log(self, text: str) -> None:
+        """A line of twistd's log from a worker (``worker.LogToWorkerZero``),
+        written by this process, which alone writes (and rotates) the file;
+        flushed once per reactor turn."""
+        if self.twistd_log is None:
+            return
+        try:
+            self.twistd_log.out.write(text + "\n")
+        except OSError:
+            return  # as the observer does: a full disk loses lines, not deliveries
+        if not self._worker_log_flush:
+            self._worker_log_flush = True
+            self.reactor.callLater(0, self._flush_worker_log)
+
+    def _flush_worker_log(self) -> None:
+        self._worker_log_flush = False
+        if self.twistd_log is not None:
+            self.twistd_log.flush()
 
     def _fatal(self, text: str) -> None:
         """The workers cannot go on: the daemon stops (the queue stays)."""

@@ -60,6 +60,11 @@ with nothing of this module at work.
   inherited), in whole lines, one ``write`` per flush on an ``O_APPEND``
   descriptor (``service.LineAppender``): lines of two processes never
   mix.  Each process names its own pid (``relayagent/smtp[pid]``).
+  twistd's log (where the mail lines go without ``maillog_file``) is
+  written by worker 0 alone, which rotates it: a worker sends its lines
+  of it over its link (``log TEXT``, ``LogToWorkerZero``), and worker 0
+  writes them.  With twistd's ``--logger`` or ``--syslog`` (twistd's
+  observer, not relayagent's) a worker's lines go to its standard error.
 - **Limits.**  Each worker gets ceil(limit / N), at least 1, of the
   queue manager's limits (``split_limits``), so the whole daemon keeps
   Postfix's meaning of them; ``smtp_destination_rate_delay`` is
@@ -126,6 +131,10 @@ STOP_TIMEOUT = 30.0
 WAKEUP = "wakeup"
 FLUSH = "flush"
 COMMANDS = (WAKEUP, FLUSH)
+# A line of twistd's log from a worker, for worker 0 to write: "log TEXT"
+# (one per line of text; a continuation line keeps its tab).
+LOG_PREFIX = "log "
+MAX_LOG_LINE = 65536
 # The queue manager's per-process limits that are shared out among the
 # workers (see split_limits).
 SPLIT_LIMITS = (
@@ -400,6 +409,39 @@ class ParentLink(LineOnlyReceiver):
         self._on_gone()
 
 
+class LogToWorkerZero:
+    """A worker's twistd log "file" (the ``out`` of its
+    ``maillog.TwistdLogObserver``): the whole lines of each flush go to
+    worker 0 over the link, as ``log TEXT`` lines, and worker 0 writes
+    them into twistd's log, which it alone writes and rotates (a file
+    this process cannot reach under a chroot).  Standard error, or
+    nothing, once the link is gone."""
+
+    def __init__(self, link: ParentLink, fallback: Any = None) -> None:
+        self._link = link
+        self._fallback = fallback
+        self._pending: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._pending.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        text = "".join(self._pending)
+        whole = text.rfind("\n") + 1
+        rest = text[whole:]
+        self._pending = [rest] if rest else []
+        if not whole:
+            return
+        text = text[:whole]
+        if self._link.transport is not None and not self._link.gone:
+            lines = text[:-1].split("\n")
+            self._link.transport.write("".join(f"{LOG_PREFIX}{line}\n" for line in lines).encode("utf-8", "replace"))
+        elif self._fallback is not None:
+            self._fallback.write(text)
+            self._fallback.flush()
+
+
 class WorkerRuntime:
     """Stops a worker once, whatever asks first: end of file on its
     link, or SIGTERM/SIGINT (the reactor's shutdown)."""
@@ -432,7 +474,10 @@ class WorkerRuntime:
 
 
 class _Link(_Lines):
-    """Worker 0's end of one worker's link: the worker's lines."""
+    """Worker 0's end of one worker's link: the worker's lines (commands,
+    and its lines of twistd's log)."""
+
+    limit = MAX_LOG_LINE
 
     def __init__(self, pool: WorkerPool, index: int) -> None:
         super().__init__()
@@ -441,7 +486,10 @@ class _Link(_Lines):
         self.what = f"worker {index}"
 
     def line(self, text: str) -> None:
-        self.pool.child_said(self.index, text.strip())
+        if text.startswith(LOG_PREFIX):
+            self.pool.on_log(text[len(LOG_PREFIX):])
+        else:
+            self.pool.child_said(self.index, text.strip())
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.pool.link_lost(self.index)
@@ -489,7 +537,8 @@ class WorkerPool:
     ``on_wakeup()`` is called when a worker queued mail (worker 0 wakes
     its own queue manager, whose trigger hook sends ``wakeup`` back to
     every worker); ``on_fatal(text)`` when the spawner is gone while the
-    pool runs.  ``reactor`` adopts the sockets and is the clock.
+    pool runs; ``on_log(text)`` for each line of twistd's log a worker
+    sends (``LogToWorkerZero``).  ``reactor`` adopts the sockets and is the clock.
     """
 
     def __init__(
@@ -499,6 +548,7 @@ class WorkerPool:
         workers: int,
         on_wakeup: Callable[[], None],
         on_fatal: Callable[[str], None] | None = None,
+        on_log: Callable[[str], None] | None = None,
         restart_delay: float = RESTART_DELAY,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
@@ -507,6 +557,7 @@ class WorkerPool:
         self.workers = workers
         self.on_wakeup = on_wakeup
         self.on_fatal = on_fatal or (lambda text: None)
+        self.on_log = on_log or (lambda text: None)
         self.restart_delay = restart_delay
         self.stop_timeout = stop_timeout
         self.children = {index: _Worker(index) for index in range(1, workers)}
