@@ -7,6 +7,7 @@ Drain benchmark: how fast does relayagent empty a full queue into smtp-sink?
     python bench/drain.py --messages 5000 --recipients 10
     python bench/drain.py --messages 10000 --destinations 10
     python bench/drain.py --latency 200
+    python bench/drain.py --backlog --messages 20000 --size 2000 --vs-postfix
 
 It fills a private spool through the enqueue API with N messages of S bytes
 and R recipients (one destination through relayhost, or D destinations
@@ -27,6 +28,40 @@ relayagent clock runs from the start of twistd (start-up included).
 ``--latency K``: one message at a time into a running daemon, from the
 enqueue call to the sink's count; prints the median and 99th percentile.
 
+``--backlog``: what a user sees when the next hop was down and comes back.
+``twistd -n relayagent`` runs with its defaults but for three lines: a
+listener (``smtpd_endpoints``, as the README configures it), ``relayhost``
+at a loopback port where nothing listens, and its queue directory; no
+``maillog_file``, so its log lines go to twistd's log (standard output
+with ``-n``, as the README's run command).  Two phases, nothing stopped
+between them:
+
+1. fill: ``smtp-source`` sends N messages of S bytes (R recipients, 20
+   sessions: ``--source-sessions``) into the listener; the queue manager
+   tries each and defers it.  The clock runs from the start of smtp-source
+   until twistd's log has N x R ``status=deferred`` lines and ``deferred/``
+   holds N files (nothing in ``incoming/`` or ``active/``).
+2. flush: smtp-sink starts on the dead port, one ``flush`` command goes to
+   the trigger socket (as ``relayagent flush`` sends it); the clock runs
+   until the spool is empty and the sink has counted N.
+
+With ``--vs-postfix`` the same for a private Postfix in the same run:
+its defaults (``tests/support/postfix.py``'s instance, with
+``defer_transports`` empty) and ``relayhost`` at its own dead port,
+smtp-source into its smtpd, the same wait until all is deferred, then the
+sink and ``postqueue -f``.  Printed for each side and phase: the time,
+CPU (user + system of the daemon's process tree, read from /proc: for
+Postfix, master with its children, the exited ones through master's
+``cutime``/``cstime``) per message and per recipient, how many deferrals
+were "delivery temporarily suspended" (a dead destination: both defer the
+rest of the queue without a connection after the first failed cohort),
+relayagent's peak RSS; then the ratios Postfix / relayagent of the times
+(fill, flush, whole = fill + flush; above 1: relayagent faster) and of the
+CPU.  Last, unless ``--strace 0``, a smaller run (``--strace N``, default
+1000 messages) of each side with ``strace -c -f`` attached to the daemon's
+processes (every thread, and what they fork) for each phase: system calls
+per message, and the most frequent ones.
+
 Speed is measured here, never asserted in tests.
 """
 
@@ -43,7 +78,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -67,9 +102,9 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 class Sink:
     """smtp-sink with running counters (-c) written to a file."""
 
-    def __init__(self, workdir: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
-        self.port = free_port(host)
+        self.port = free_port(host) if port is None else port
         self.counter_path = os.path.join(workdir, f"sink-{host}-{self.port}.out")
         command = [SMTP_SINK, "-c", f"{host}:{self.port}", "1000"]
         if os.geteuid() == 0:
@@ -441,6 +476,450 @@ def run_postfix(args: argparse.Namespace, workdir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Backlog: what a user sees when the next hop was down and comes back
+
+SENDER = "bench@bench.localdomain"
+RECIPIENT = "u@d0.bench.example"
+STRACE = shutil.which("strace")
+
+
+def smtp_source_command(port: int, messages: int, size: int, recipients: int = 1,
+                        sessions: int = 20, sender: str = SENDER, recipient: str = RECIPIENT) -> list[str]:
+    """smtp-source sending ``messages`` of ``size`` payload bytes over
+    ``sessions`` parallel sessions into 127.0.0.1:port (``-c``: a running
+    count on its standard output; ``-r``: recipients per message, named by
+    prefixing a number to ``recipient``)."""
+    command = [SMTP_SOURCE, "-c", "-l", str(size), "-m", str(messages), "-s", str(sessions),
+               "-f", sender, "-t", recipient]
+    if recipients > 1:
+        command += ["-r", str(recipients)]
+    return command + [f"127.0.0.1:{port}"]
+
+
+def backlog_config(workdir: str, listen_port: int, next_hop_port: int, extra: list[str]) -> str:
+    """relayagent's main.cf for the backlog: its defaults, the listener as
+    the README configures it (``smtpd_endpoints``; ``mynetworks`` stays the
+    loopback default), ``relayhost`` at a port where nothing listens yet,
+    no ``maillog_file`` (the lines go into twistd's log, as with the
+    README's ``twistd -n relayagent -c conf/main.cf``)."""
+    lines = [
+        "queue_directory = spool",
+        f"smtpd_endpoints = tcp:{listen_port}:interface=127.0.0.1",
+        f"relayhost = [127.0.0.1]:{next_hop_port}",
+        *extra,
+    ]
+    path = os.path.join(workdir, "main.cf")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
+
+
+class LogCounter:
+    """How many lines of a growing log contain each of some strings, read
+    incrementally: each ``update()`` reads only what was appended since the
+    last one, and counts only complete lines (a line being written is
+    counted once it ends)."""
+
+    def __init__(self, path: str, needles: list[bytes]) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+        self.counts = dict.fromkeys(needles, 0)
+
+    def update(self) -> dict[bytes, int]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return self.counts
+        self.offset += len(data)
+        data = self.partial + data
+        end = data.rfind(b"\n") + 1
+        complete, self.partial = data[:end], data[end:]
+        for line in complete.splitlines():
+            for needle in self.counts:
+                if needle in line:
+                    self.counts[needle] += 1
+        return self.counts
+
+
+def process_table() -> dict[int, int]:
+    """Every process's parent: {pid: ppid}, from /proc."""
+    table = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = stat_of(f"/proc/{entry}/stat")
+                if stat is not None:
+                    table[int(entry)] = int(stat[1][1])
+    return table
+
+
+def process_tree(pid: int, table: dict[int, int] | None = None) -> list[int]:
+    """``pid`` and all its live descendants (``table``: {pid: ppid}, read
+    from /proc when not given), parents before children."""
+    if table is None:
+        table = process_table()
+    children: dict[int, list[int]] = {}
+    for child, parent in sorted(table.items()):
+        children.setdefault(parent, []).append(child)
+    tree, index = [pid], 0
+    while index < len(tree):
+        tree.extend(children.get(tree[index], []))
+        index += 1
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process tree so far: of each live
+    process, its own time and that of its reaped children (``cutime``,
+    ``cstime``), so that a Postfix smtp(8) or smtpd(8) that has exited
+    still counts, in its master's figures."""
+    total = 0
+    for member in process_tree(pid):
+        stat = stat_of(f"/proc/{member}/stat")
+        if stat is not None:
+            total += sum(int(field) for field in stat[1][11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def parse_strace_summary(text: str) -> tuple[int, list[tuple[str, int]]]:
+    """The total number of system calls in ``strace -c`` output, and the
+    calls of each system call, most frequent first.  The columns are
+    located from the header (their values are right-aligned under it),
+    since the usecs/call and errors columns may be blank."""
+    lines = text.splitlines()
+    header = next((line for line in lines if line.lstrip().startswith("% time")), None)
+    if header is None:
+        return 0, []
+    calls_end = header.index("calls") + len("calls")
+    errors_end = header.index("errors") + len("errors")
+    total, per_call = 0, []
+    for line in lines[lines.index(header) + 1:]:
+        if not line.strip() or line.lstrip().startswith("-"):
+            continue
+        count = line[:calls_end].split()
+        name = line[errors_end:].strip()
+        if not count or not count[-1].isdigit() or not name:
+            continue
+        if name == "total":
+            total = int(count[-1])
+        else:
+            per_call.append((name, int(count[-1])))
+    per_call.sort(key=lambda item: (-item[1], item[0]))
+    if not total:
+        total = sum(calls for _, calls in per_call)
+    return total, per_call
+
+
+class Strace:
+    """``strace -c -f`` attached to running processes (all their threads,
+    and every process they fork from now on) until ``stop()``, which
+    returns the summary: (total calls, calls per system call)."""
+
+    def __init__(self, pids: list[int], output: str, timeout: float = 30.0) -> None:
+        self.output = output
+        command = [STRACE, "-c", "-f", "-o", output]
+        for pid in pids:
+            command += ["-p", str(pid)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        threads = []
+        for pid in pids:
+            with contextlib.suppress(OSError):  # a process that has just exited
+                threads += [f"/proc/{pid}/task/{tid}/status" for tid in os.listdir(f"/proc/{pid}/task")]
+        if not wait_until(lambda: all(self._traced(path) for path in threads), timeout, self.process):
+            self.process.kill()
+            raise RuntimeError("strace did not attach to " + ", ".join(map(str, pids)))
+
+    def _traced(self, status_path: str) -> bool:
+        try:
+            with open(status_path) as handle:
+                for line in handle:
+                    if line.startswith("TracerPid:"):
+                        return int(line.split()[1]) == self.process.pid
+        except OSError:
+            return True  # the thread is gone
+        return False
+
+    def stop(self) -> tuple[int, list[tuple[str, int]]]:
+        self.process.send_signal(signal.SIGINT)  # detach and write the summary
+        self.process.wait(60)
+        with open(self.output) as handle:
+            return parse_strace_summary(handle.read())
+
+
+@contextlib.contextmanager
+def maybe_strace(trace: bool, pids: Callable[[], list[int]], output: str, result: dict, key: str):
+    """Under ``trace``, the block runs with strace attached to ``pids()``;
+    the summary goes into ``result[key]``."""
+    if not trace:
+        yield
+        return
+    tracer = Strace(pids(), output)
+    try:
+        yield
+    finally:
+        result[key] = tracer.stop()
+
+
+def wait_for_deferred(counter: LogCounter, lines: int, messages: int, queued: Callable[[], tuple[int, int]],
+                      timeout: float, process: subprocess.Popen | None = None) -> bool:
+    """Until the log shows ``lines`` status=deferred lines (one per
+    recipient) and the queue (``queued()``: deferred, everything else)
+    holds all ``messages``, deferred."""
+    def everything_deferred() -> bool:
+        if counter.update()[b"status=deferred"] < lines:
+            return False
+        deferred, others = queued()
+        return deferred >= messages and others == 0
+    return wait_until(everything_deferred, timeout, process, interval=0.05)
+
+
+def relayagent_queued(queue_directory: str) -> tuple[int, int]:
+    counts = {}
+    for queue in ("incoming", "active", "deferred"):
+        try:
+            counts[queue] = sum(1 for _ in os.scandir(os.path.join(queue_directory, queue)))
+        except FileNotFoundError:
+            counts[queue] = 0
+    return counts["deferred"], counts["incoming"] + counts["active"]
+
+
+def postfix_queued(instance: PostfixInstance) -> tuple[int, int]:
+    others = sum(instance.queued(queue) for queue in ("maildrop", "incoming", "active"))
+    return instance.queued("deferred"), others
+
+
+def postfix_master_pid(instance: PostfixInstance) -> int:
+    with open(os.path.join(instance.queue, "pid", "master.pid")) as handle:
+        return int(handle.read().split()[0])
+
+
+def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int, trace: bool = False) -> dict:
+    listen_port, next_hop_port = free_port(), free_port()
+    while next_hop_port == listen_port:
+        next_hop_port = free_port()
+    extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
+    config_path = backlog_config(workdir, listen_port, next_hop_port, extra + (args.set or []))
+    queue_directory = os.path.join(workdir, "spool")
+    log_path = os.path.join(workdir, "twistd.log")
+    recipients = messages * args.recipients
+    result: dict = {"name": "relayagent", "messages": messages, "recipients": recipients, "log": log_path}
+    sink = None
+    try:
+        with twistd(config_path, workdir) as process:
+            from relayagent.spool.control import daemon_running, trigger
+
+            if not wait_until(lambda: daemon_running(queue_directory), 30, process):
+                raise RuntimeError("the daemon did not start; see " + log_path)
+            wait_for_port("127.0.0.1", listen_port, 30)
+            time.sleep(0.5)  # its first (empty) queue run is over
+            counter = LogCounter(log_path, [b"status=deferred", b"delivery temporarily suspended"])
+            tree = lambda: process_tree(process.pid)  # noqa: E731
+
+            # Fill: through the listener, the next hop down.
+            cpu = tree_cpu_seconds(process.pid)
+            started = time.perf_counter()
+            with maybe_strace(trace, tree, os.path.join(workdir, "strace-fill"), result, "strace_fill"):
+                with open(os.path.join(workdir, "smtp-source.out"), "wb") as out:
+                    subprocess.run(smtp_source_command(listen_port, messages, args.size, args.recipients,
+                                                       args.source_sessions), check=True, stdout=out)
+                result["source_seconds"] = time.perf_counter() - started
+                complete = wait_for_deferred(counter, recipients, messages,
+                                             lambda: relayagent_queued(queue_directory), args.timeout, process)
+            result["fill_seconds"] = time.perf_counter() - started
+            result["fill_cpu"] = tree_cpu_seconds(process.pid) - cpu
+            counts = counter.update()
+            result["deferred_lines"] = counts[b"status=deferred"]
+            result["suspended_lines"] = counts[b"delivery temporarily suspended"]
+            result["queued"] = relayagent_queued(queue_directory)
+            result["fill_peak_rss_mib"] = sum(peak_rss_kib(pid) for pid in process_tree(process.pid)) / 1024
+            if not complete:
+                result.update(complete=False, phase="fill")
+                return result
+
+            # Flush: the next hop back, one flush command on the trigger
+            # socket (as "postqueue -f" is one trigger).
+            sink = Sink(workdir, port=next_hop_port)
+            cpu = tree_cpu_seconds(process.pid)
+            started = time.perf_counter()
+            with maybe_strace(trace, tree, os.path.join(workdir, "strace-flush"), result, "strace_flush"):
+                if not trigger(queue_directory, "flush"):
+                    raise RuntimeError("the daemon did not answer the flush command; see " + log_path)
+                complete = wait_until(
+                    lambda: sink.messages() >= messages and spool_is_empty(queue_directory),
+                    args.timeout, process,
+                )
+            result["flush_seconds"] = time.perf_counter() - started
+            pids = process_tree(process.pid)
+            result["flush_cpu"] = tree_cpu_seconds(process.pid) - cpu
+            result["peak_rss_mib"] = sum(peak_rss_kib(pid) for pid in pids) / 1024
+            result["threads"] = "; ".join(thread_cpu(pid) for pid in pids)
+            result["sink_cpu"] = cpu_seconds(sink.process.pid)
+            result["delivered"] = sink.messages()
+            result.update(complete=complete, phase="flush")
+            return result
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def run_backlog_postfix(args: argparse.Namespace, workdir: str, messages: int, trace: bool = False) -> dict:
+    next_hop_port = free_port()
+    recipients = messages * args.recipients
+    # Its defaults, but for the instance's own directories and ports and
+    # delivery allowed (the instance defers by default).
+    instance = PostfixInstance(workdir, [f"relayhost = [127.0.0.1]:{next_hop_port}", "defer_transports ="])
+    result: dict = {"name": "postfix", "messages": messages, "recipients": recipients, "log": instance.maillog}
+    sink = None
+    try:
+        instance.start()
+        master = postfix_master_pid(instance)
+        time.sleep(0.5)
+        counter = LogCounter(instance.maillog, [b"status=deferred", b"delivery temporarily suspended"])
+        tree = lambda: process_tree(master)  # noqa: E731
+
+        cpu = tree_cpu_seconds(master)
+        started = time.perf_counter()
+        with maybe_strace(trace, tree, os.path.join(workdir, "strace-fill"), result, "strace_fill"):
+            with open(os.path.join(workdir, "smtp-source.out"), "wb") as out:
+                subprocess.run(smtp_source_command(instance.smtpd_port, messages, args.size, args.recipients,
+                                                   args.source_sessions), check=True, stdout=out)
+            result["source_seconds"] = time.perf_counter() - started
+            complete = wait_for_deferred(counter, recipients, messages, lambda: postfix_queued(instance),
+                                         args.timeout)
+        result["fill_seconds"] = time.perf_counter() - started
+        result["fill_cpu"] = tree_cpu_seconds(master) - cpu
+        counts = counter.update()
+        result["deferred_lines"] = counts[b"status=deferred"]
+        result["suspended_lines"] = counts[b"delivery temporarily suspended"]
+        result["queued"] = postfix_queued(instance)
+        if not complete:
+            result.update(complete=False, phase="fill")
+            return result
+
+        sink = Sink(workdir, port=next_hop_port)
+        cpu = tree_cpu_seconds(master)
+        started = time.perf_counter()
+        with maybe_strace(trace, tree, os.path.join(workdir, "strace-flush"), result, "strace_flush"):
+            instance.flush()
+            complete = wait_until(
+                lambda: sink.messages() >= messages and postfix_queued(instance) == (0, 0), args.timeout,
+            )
+        result["flush_seconds"] = time.perf_counter() - started
+        result["flush_cpu"] = tree_cpu_seconds(master) - cpu
+        # No peak RSS: the sum of its processes' VmHWM counts the shared
+        # pages once per process and misses the processes that have exited.
+        result["sink_cpu"] = cpu_seconds(sink.process.pid)
+        result["delivered"] = sink.messages()
+        result.update(complete=complete, phase="flush")
+        return result
+    finally:
+        instance.stop()
+        if sink is not None:
+            sink.close()
+
+
+def per_unit(cpu: float, count: int) -> str:
+    """CPU seconds per item, in milliseconds."""
+    return f"{cpu / count * 1000:.2f} ms" if count else "-"
+
+
+def report_backlog(result: dict) -> None:
+    name, messages, recipients = f"{result['name']:>10}", result["messages"], result["recipients"]
+    fill = result["fill_seconds"]
+    print(f"{name}: fill  {messages} messages in {fill:.2f} s ({messages / fill:.0f} msg/s; "
+          f"smtp-source done at {result['source_seconds']:.2f} s), CPU {result['fill_cpu']:.2f} s: "
+          f"{per_unit(result['fill_cpu'], messages)}/msg, {per_unit(result['fill_cpu'], recipients)}/rcpt; "
+          f"{result['deferred_lines']} status=deferred ({result['suspended_lines']} of them "
+          f"\"delivery temporarily suspended\"), queue: {result['queued'][0]} deferred, "
+          f"{result['queued'][1]} elsewhere", flush=True)
+    if result["phase"] == "fill" and not result["complete"]:
+        print(f"{name}: INCOMPLETE: not everything was deferred within the timeout; see {result['log']}")
+        return
+    flush = result["flush_seconds"]
+    whole, cpu = fill + flush, result["fill_cpu"] + result["flush_cpu"]
+    line = (f"{name}: flush {result['delivered']} messages in {flush:.2f} s ({messages / flush:.0f} msg/s, "
+            f"{recipients / flush:.0f} rcpt/s), CPU {result['flush_cpu']:.2f} s: "
+            f"{per_unit(result['flush_cpu'], messages)}/msg, {per_unit(result['flush_cpu'], recipients)}/rcpt; "
+            f"sink CPU {result['sink_cpu']:.1f} s\n"
+            f"{name}: whole {whole:.2f} s, CPU {cpu:.2f} s: {per_unit(cpu, messages)}/msg, "
+            f"{per_unit(cpu, recipients)}/rcpt")
+    if "peak_rss_mib" in result:
+        line += (f"; peak RSS {result['peak_rss_mib']:.0f} MiB "
+                 f"({result['fill_peak_rss_mib']:.0f} MiB at the end of the fill)")
+    if result.get("threads"):
+        line += f"\n{'':>12}threads: {result['threads']}"
+    if not result["complete"]:
+        line += f"\n{name}: INCOMPLETE: the flush timed out; see {result['log']}"
+    print(line, flush=True)
+
+
+def report_syscalls(result: dict, top: int = 8) -> None:
+    name, messages = f"{result['name']:>10}", result["messages"]
+    for phase in ("fill", "flush"):
+        summary = result.get(f"strace_{phase}")
+        if summary is None:
+            continue
+        total, per_call = summary
+        common = ", ".join(f"{call} {count / messages:.1f}" for call, count in per_call[:top])
+        print(f"{name}: {phase:<5} {total / messages:.1f} system calls per message ({total} for {messages}): "
+              f"{common}", flush=True)
+
+
+def run_backlog(args: argparse.Namespace, workdir: str) -> int:
+    print(f"workload (backlog): {args.messages} messages of {args.size} bytes, {args.recipients} "
+          f"recipient(s), through the listener (smtp-source, {args.source_sessions} sessions), "
+          f"relayhost down; then smtp-sink on it and one flush; relayagent_workers = {args.workers}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.vs_postfix and (os.geteuid() != 0 or not os.path.exists(POSTFIX)):
+        print("drain: --vs-postfix needs root and Debian's postfix", file=sys.stderr)
+        return 69
+    os.chmod(workdir, 0o755)  # Postfix's unprivileged processes must reach it
+    runs = [run_backlog_relayagent] + ([run_backlog_postfix] if args.vs_postfix else [])
+    results = []
+    for run in runs:
+        directory = os.path.join(workdir, run.__name__)
+        os.makedirs(directory)
+        results.append(run(args, directory, args.messages))
+        report_backlog(results[-1])
+    status = 0 if all(result["complete"] for result in results) else 1
+    if len(results) == 2:
+        ours, theirs = results
+        if status == 0:
+            ours_whole = ours["fill_seconds"] + ours["flush_seconds"]
+            theirs_whole = theirs["fill_seconds"] + theirs["flush_seconds"]
+            ours_cpu, theirs_cpu = ours["fill_cpu"] + ours["flush_cpu"], theirs["fill_cpu"] + theirs["flush_cpu"]
+            print(f"ratio postfix/relayagent time (above 1: relayagent faster): "
+                  f"fill {theirs['fill_seconds'] / ours['fill_seconds']:.2f}, "
+                  f"flush {theirs['flush_seconds'] / ours['flush_seconds']:.2f}, "
+                  f"whole {theirs_whole / ours_whole:.2f}")
+            print(f"ratio postfix/relayagent CPU (above 1: relayagent cheaper): "
+                  f"fill {theirs['fill_cpu'] / ours['fill_cpu']:.2f}, "
+                  f"flush {theirs['flush_cpu'] / ours['flush_cpu']:.2f}, whole {theirs_cpu / ours_cpu:.2f}")
+        else:
+            print("ratio postfix/relayagent: not computed, a run did not complete")
+    # Anything else running meanwhile shows here (both sides want both cores).
+    print(f"load average after the timed runs: {os.getloadavg()[0]:.2f}", flush=True)
+    if args.strace:
+        if STRACE is None:
+            print("drain: strace is not installed: no system call counts (Debian package strace)")
+        else:
+            print(f"system calls (strace -c -f, attached for each phase, on a run of {args.strace} messages; "
+                  "times under strace mean nothing):", flush=True)
+            for run in runs:
+                directory = os.path.join(workdir, run.__name__ + "-strace")
+                os.makedirs(directory)
+                result = run(args, directory, args.strace, trace=True)
+                if not result["complete"]:
+                    print(f"{result['name']:>10}: the traced run did not complete ({result['phase']}); "
+                          f"see {result['log']}")
+                report_syscalls(result)
+    return status
+
+
+# ---------------------------------------------------------------------------
 
 
 def report(result: dict, args: argparse.Namespace) -> None:
@@ -477,6 +956,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warm", action="store_true",
                         help="relayagent as Postfix is measured: started first, its queue deferred, "
                              "the clock from the flush (default: from the start of twistd)")
+    parser.add_argument("--backlog", action="store_true",
+                        help="backlog mode: fill through the listener with the next hop down (every message "
+                             "deferred), then start the sink, flush and time until the queue is empty")
+    parser.add_argument("--source-sessions", type=int, default=20, metavar="N",
+                        help="parallel smtp-source sessions filling the queue (default 20)")
+    parser.add_argument("--strace", type=int, default=None, metavar="N",
+                        help="with --backlog: count system calls (strace -c -f) on an extra run of N "
+                             "messages (default 1000; 0: no traced run)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="extra main.cf line for relayagent (repeatable)")
@@ -484,7 +971,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="FILE", help="save the daemon's cProfile stats to FILE")
     parser.add_argument("--py-spy", metavar="FILE", dest="py_spy",
                         help="sample the daemon with py-spy (pip install py-spy); collapsed stacks to FILE")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.backlog:
+        if args.latency or args.warm or args.destinations != 1:
+            parser.error("--backlog goes with neither --latency, --warm nor --destinations")
+        if args.strace is None:
+            args.strace = 1000
+    elif args.strace:
+        parser.error("--strace goes with --backlog")
+    if args.strace is not None and args.strace < 0:
+        parser.error("--strace takes a number of messages, 0 or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,11 +993,16 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(SMTP_SINK):
         print("drain: smtp-sink is not installed (Debian package postfix)", file=sys.stderr)
         return 69
+    if args.backlog and not os.path.exists(SMTP_SOURCE):
+        print("drain: smtp-source is not installed (Debian package postfix)", file=sys.stderr)
+        return 69
     workdir = tempfile.mkdtemp(prefix="relayagent-drain-")
     try:
         if args.latency:
             run_latency(args, workdir)
             return 0
+        if args.backlog:
+            return run_backlog(args, workdir)
         print(f"workload: {args.messages} messages of {args.size} bytes, {args.recipients} "
               f"recipient(s), {args.destinations} destination(s); relayagent_workers = {args.workers}"
               f"{', warm (clock from the flush)' if args.warm else ''}", flush=True)

@@ -395,6 +395,29 @@ class PipeliningTests(SynchronousTestCase):
         self.assertEqual(session.spool.messages, [])
 
 
+class SessionLifetimeTests(SynchronousTestCase):
+    def test_a_closed_session_is_not_kept(self):
+        """Once its connection is lost, nothing of a session stays in the
+        intake: its protocol is the key of a weak map whose value (the
+        transaction) must not hold it, or every session that queued mail
+        stays in memory for the daemon's life."""
+        import gc
+        import weakref
+
+        session = Session(self)
+        session.replies()
+        lines = session.send(TRANSACTION + b"QUIT\r\n")
+        self.assertEqual(codes(lines)[-2:], [250, 221])
+        intake, server = session.intake, weakref.ref(session.server)
+        session.close()
+        # The cleanup's close finds a closed session.
+        session.server = types.SimpleNamespace(setTimeout=lambda timeout: None)
+        session.transport = types.SimpleNamespace(disconnecting=True)
+        gc.collect()
+        self.assertIsNone(server(), "the protocol outlived its connection")
+        self.assertEqual(len(intake._transactions), 0)
+
+
 class ServicesTests(SynchronousTestCase):
     def test_no_endpoints_no_services(self):
         self.assertEqual(make_listener_services(make_config(), spool=FakeSpool()), [])

@@ -521,7 +521,7 @@ class _Transaction:
         seen: dict[str, None] = {}
         for receiver in self.receivers:
             # Postfix's cleanup drops exact duplicates; so do we.
-            seen.setdefault(str(receiver.user.dest), None)
+            seen.setdefault(str(receiver.dest), None)
         return list(seen)
 
     def _start(self) -> None:
@@ -684,7 +684,10 @@ class _RecipientReceiver:
 
     def __init__(self, transaction: _Transaction, user: smtp.User) -> None:
         self.transaction = transaction
-        self.user = user
+        # Only the address: the User holds the protocol, which is the key
+        # of the intake's weak _transactions map, and a value that holds
+        # its key keeps the entry (and the whole session) alive for ever.
+        self.dest = user.dest
 
     def lineReceived(self, line: bytes) -> None:
         self.transaction.line(self, line)
