@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import types
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
