@@ -241,7 +241,8 @@ def relayagent_config(workdir: str, sinks: list[Sink], domains: list[str], extra
     lines = [
         "queue_directory = spool",
         "myhostname = bench.localdomain",
-        "maillog_file = maillog",
+        # No maillog_file: the lines go to twistd's log, as with the
+        # README's command (--set maillog_file=maillog for the other path).
         "smtp_tls_security_level = none",
     ]
     if len(sinks) == 1:
@@ -346,7 +347,7 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
     sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
              for i in range(args.destinations)]
     try:
-        # Always said: relayagent's own default is auto (one per CPU).
+        # Always said, so that the figures name it (auto: one per CPU).
         extra = [f"relayagent_workers = {args.workers}"]
         config_path = relayagent_config(workdir, sinks, domains, extra + (args.set or []))
         queue_directory = os.path.join(workdir, "spool")
@@ -700,7 +701,7 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
     listen_port, next_hop_port = free_port(), free_port()
     while next_hop_port == listen_port:
         next_hop_port = free_port()
-    extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
+    extra = [f"relayagent_workers = {args.workers}"]
     config_path = backlog_config(workdir, listen_port, next_hop_port, extra + (args.set or []))
     queue_directory = os.path.join(workdir, "spool")
     log_path = os.path.join(workdir, "twistd.log")
@@ -951,8 +952,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vs-postfix", action="store_true", help="also run a private Postfix")
     parser.add_argument("--latency", type=int, default=0, metavar="K",
                         help="latency mode: K messages one at a time")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="relayagent_workers for relayagent (default 1; relayagent's own default is auto)")
+    parser.add_argument("--workers", default="auto",
+                        help="relayagent_workers for relayagent (default: auto, relayagent's own default)")
     parser.add_argument("--warm", action="store_true",
                         help="relayagent as Postfix is measured: started first, its queue deferred, "
                              "the clock from the flush (default: from the start of twistd)")
