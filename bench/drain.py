@@ -173,14 +173,19 @@ def stat_of(path: str) -> tuple[str, list[str]] | None:
 
 
 def worker_pids(pid: int) -> list[int]:
-    """The daemon and its worker processes (relayagent_workers > 1)."""
-    pids = [pid]
+    """The daemon and every process under it (relayagent_workers > 1:
+    the spawner is its child, the workers are the spawner's)."""
+    children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 stat = stat_of(f"/proc/{entry}/stat")
-                if stat is not None and int(stat[1][1]) == pid:
-                    pids.append(int(entry))
+                if stat is not None:
+                    children.setdefault(int(stat[1][1]), []).append(int(entry))
+    pids, todo = [], [pid]
+    while todo:
+        pids.append(todo.pop(0))
+        todo.extend(children.get(pids[-1], ()))
     return pids
 
 
@@ -236,7 +241,8 @@ def relayagent_config(workdir: str, sinks: list[Sink], domains: list[str], extra
     lines = [
         "queue_directory = spool",
         "myhostname = bench.localdomain",
-        "maillog_file = maillog",
+        # No maillog_file: the lines go to twistd's log, as with the
+        # README's command (--set maillog_file=maillog for the other path).
         "smtp_tls_security_level = none",
     ]
     if len(sinks) == 1:
@@ -341,7 +347,8 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
     sinks = [Sink(workdir, f"127.0.0.{2 + i}" if args.destinations > 1 else "127.0.0.1")
              for i in range(args.destinations)]
     try:
-        extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
+        # Always said, so that the figures name it (auto: one per CPU).
+        extra = [f"relayagent_workers = {args.workers}"]
         config_path = relayagent_config(workdir, sinks, domains, extra + (args.set or []))
         queue_directory = os.path.join(workdir, "spool")
         enqueue_seconds = fill_spool(queue_directory, args, domains, "deferred" if args.warm else "incoming")
@@ -390,7 +397,8 @@ def run_latency(args: argparse.Namespace, workdir: str) -> None:
 
     sink = Sink(workdir)
     try:
-        config_path = relayagent_config(workdir, [sink], destination_domains(1), args.set or [])
+        config_path = relayagent_config(workdir, [sink], destination_domains(1),
+                                        [f"relayagent_workers = {args.workers}", *(args.set or [])])
         spool = Spool(os.path.join(workdir, "spool"))
         spool.ensure_layout()
         try:
@@ -701,7 +709,7 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
     listen_port, next_hop_port = free_port(), free_port()
     while next_hop_port == listen_port:
         next_hop_port = free_port()
-    extra = [f"relayagent_workers = {args.workers}"] if args.workers != 1 else []
+    extra = [f"relayagent_workers = {args.workers}"]
     config_path = backlog_config(workdir, listen_port, next_hop_port, extra + (args.set or []))
     queue_directory = os.path.join(workdir, "spool")
     log_path = backlog_log_path(config_path, os.path.join(workdir, "twistd.log"))
@@ -952,8 +960,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vs-postfix", action="store_true", help="also run a private Postfix")
     parser.add_argument("--latency", type=int, default=0, metavar="K",
                         help="latency mode: K messages one at a time")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="relayagent_workers for relayagent (default 1, its default)")
+    parser.add_argument("--workers", default="auto",
+                        help="relayagent_workers for relayagent (default: auto, relayagent's own default)")
     parser.add_argument("--warm", action="store_true",
                         help="relayagent as Postfix is measured: started first, its queue deferred, "
                              "the clock from the flush (default: from the start of twistd)")

@@ -26,7 +26,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 from relayagent.common.config import Config  # noqa: E402
 from relayagent.common.envelope import Envelope, Recipient  # noqa: E402
 from relayagent.smtp.body import BodyEncoder  # noqa: E402
-from relayagent.smtp.channel import ServerInfo  # noqa: E402
+from relayagent.smtp.channel import ServerInfo, SessionSettings  # noqa: E402
 from relayagent.smtp.session import SMTPSessionFactory  # noqa: E402
 from tests.support.sink import SmtpSink  # noqa: E402
 
@@ -47,7 +47,7 @@ async def run(flags: list[str], transactions: int, recipients: int, content_path
     try:
         config = Config.defaults().replace(smtp_helo_name="bench.example")
         factory = SMTPSessionFactory(
-            config, reactor, ServerInfo("sink", sink.host, sink.port, "sink"), chunk_size=chunk
+            SessionSettings.from_config(config), reactor, ServerInfo("sink", sink.host, sink.port, "sink"), chunk_size=chunk
         )
         session = await TCP4ClientEndpoint(reactor, sink.host, sink.port).connect(factory)
         await session.greeted

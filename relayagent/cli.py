@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
-from relayagent.common.config import Config, ConfigError
+from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.envelope import Notify, Recipient, Ret, address_problem
 from relayagent.spool import CorruptQueueFile, Spool, is_queue_id, space
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
@@ -124,7 +124,7 @@ def notify_queue_manager(config: Config, command: str = "wakeup") -> bool:
     # start-up does not need before it has queued the message.
     from relayagent.spool import control
 
-    return control.trigger(config.path_of("queue_directory"), command)
+    return control.trigger(CommandSettings.from_config(config).queue_directory, command)
 
 
 # The hook sendmail and flush call; a test or an embedding program may
@@ -134,6 +134,20 @@ trigger_hook: Callable[..., object] = notify_queue_manager
 
 # ---------------------------------------------------------------------------
 # The command table
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSettings(Settings):
+    """What the commands read of main.cf, bound once per command."""
+
+    queue_directory: str
+    myhostname: str
+    myorigin: str
+    message_size_limit: int
+    queue_minfree: int
+    smtputf8_enable: bool
+    smtp_sasl_password_maps: tuple[str, ...]
+    base_dir: str
 
 
 @dataclass
@@ -427,13 +441,13 @@ def _configure_sendmail(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
-    config = context.config
+    settings = CommandSettings.from_config(context.config)
     if args.mode == "p":
         return _run_mailq(context, argparse.Namespace(json=False))
     if args.mode != "m":
         raise Failure(EX_USAGE, f"sendmail: unsupported mode -b{args.mode}")
     ignore_dots = args.ignore_dots or "i" in args.options
-    myorigin = config["myorigin"]
+    myorigin = settings.myorigin
     try:
         if args.sender is None:
             sender = check_address(_default_user(), myorigin, sender=True)
@@ -467,9 +481,9 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise Failure(EX_USAGE, "sendmail: no recipients given (name them, or use -t)")
 
     spool = context.spool()
-    limit = config["message_size_limit"]
+    limit = settings.message_size_limit
     # Before reading anything, as Postfix's smtpd looks at MAIL FROM.
-    problem = space.queue_space_problem(spool.directory, queue_minfree=config["queue_minfree"],
+    problem = space.queue_space_problem(spool.directory, queue_minfree=settings.queue_minfree,
                                         message_size_limit=limit, statvfs=statvfs)
     if problem is not None:
         raise Failure(EX_TEMPFAIL, f"sendmail: cannot queue the message in {spool.directory}: "
@@ -498,7 +512,7 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
     present = {h.name.lower() for h in headers}
     added: list[bytes] = []
     if "from" not in present:
-        origin = sender or f"MAILER-DAEMON@{config['myhostname']}"
+        origin = sender or f"MAILER-DAEMON@{settings.myhostname}"
         added.append(
             b"From: "
             + email.utils.formataddr((args.full_name or "", origin), charset="utf-8").encode("utf-8")
@@ -509,14 +523,14 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
     if "message-id" not in present:
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(clock()))
         added.append(
-            f"Message-ID: <{stamp}.{secrets.token_hex(6).upper()}@{config['myhostname']}>\n".encode()
+            f"Message-ID: <{stamp}.{secrets.token_hex(6).upper()}@{settings.myhostname}>\n".encode()
         )
 
     header_bytes = b"".join(line for h in headers for line in h.lines) + b"".join(added)
     # Postfix's smtputf8_autodetect_classes includes sendmail: UTF-8 in
     # the envelope or the headers asks for SMTPUTF8 (with smtputf8_enable
     # off, as in Postfix, nothing asks for it).
-    smtputf8 = config["smtputf8_enable"] and not (
+    smtputf8 = settings.smtputf8_enable and not (
         sender.isascii() and all(r.isascii() for r in recipients) and header_bytes.isascii()
     )
 
@@ -547,7 +561,7 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise _spool_failure(spool, exc) from None
     except ValueError as exc:
         raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
-    trigger_hook(config)
+    trigger_hook(context.config)
     return EX_OK
 
 
@@ -760,7 +774,7 @@ _FILE_TABLE_TYPES = ("texthash", "hash", "btree", "lmdb", "cdb", "dbm", "sdbm")
 def spool_problems(config: Config) -> list[str]:
     """What is wrong with the spool's layout and permissions."""
     problems = []
-    directory = config.path_of("queue_directory")
+    directory = CommandSettings.from_config(config).queue_directory
     if not os.path.isdir(directory):
         return [f"queue_directory {directory}: not a directory (create it, or run relayagent once)"]
     uid = os.geteuid()
@@ -786,7 +800,8 @@ def spool_problems(config: Config) -> list[str]:
 def secret_file_problems(config: Config) -> list[str]:
     """Password tables that others may read."""
     problems = []
-    for spec in config["smtp_sasl_password_maps"]:
+    settings = CommandSettings.from_config(config)
+    for spec in settings.smtp_sasl_password_maps:
         kind, colon, name = spec.partition(":")
         if not colon or kind not in _FILE_TABLE_TYPES:
             continue

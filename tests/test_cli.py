@@ -21,6 +21,7 @@ from relayagent import cli
 from relayagent.common.envelope import BodyType, Notify, Ret
 from relayagent.common.status import Status
 from relayagent.spool import Message, Spool
+from relayagent.testing import FakeStatvfs
 from tests.helpers_spool import StepClock, write_file
 
 NOW = 1_700_000_000.0
@@ -385,16 +386,6 @@ class EndlessInput(io.RawIOBase):
         buffer[:len(data)] = data
         self.consumed += len(data)
         return len(data)
-
-
-class FakeStatvfs:
-    def __init__(self, free_bytes: int, block_size: int = 4096) -> None:
-        self.free_bytes = free_bytes
-        self.block_size = block_size
-
-    def __call__(self, path: str):
-        return os.statvfs_result((self.block_size, self.block_size, 10**6, self.free_bytes // self.block_size,
-                                  self.free_bytes // self.block_size, 10**6, 10**5, 10**5, 0, 255))
 
 
 class SendmailLimitsTests(CommandTestCase):

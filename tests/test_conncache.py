@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config
-from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
+from relayagent.smtp.conncache import CachedSession, ConnectionCache
 from relayagent.testing import FakeSession
 
 
@@ -21,9 +21,8 @@ class ConnectionCacheTests(SynchronousTestCase):
         options.update(kwargs)
         return ConnectionCache(self.clock, **options)
 
-    def entry(self, authenticated: bool = False) -> CachedSession:
-        return CachedSession(FakeSession(), nexthop="[relay.example]:587", address="192.0.2.1:587",
-                             created=self.clock.seconds(), authenticated=authenticated)
+    def entry(self) -> CachedSession:
+        return CachedSession(FakeSession(), nexthop="[relay.example]:587", created=self.clock.seconds())
 
     def test_from_config_defaults(self) -> None:
         cache = ConnectionCache.from_config(Config.defaults(), self.clock)
@@ -31,22 +30,16 @@ class ConnectionCacheTests(SynchronousTestCase):
                          (2.0, 300.0, 0))
         self.assertTrue(cache.on_demand)
 
-    def test_take_by_nexthop_or_address_counts_uses(self) -> None:
+    def test_take_by_nexthop_counts_uses(self) -> None:
         cache = self.cache()
         entry = self.entry()
         self.assertTrue(cache.store(entry))
-        self.assertIs(cache.take("192.0.2.1:587"), entry)
-        self.assertEqual(entry.uses, 2)
-        # Taken under one key, gone under the other.
-        self.assertIsNone(cache.take("[relay.example]:587"))
-        self.assertEqual(len(cache), 0)
-
-    def test_authenticated_session_never_under_its_address(self) -> None:
-        cache = self.cache()
-        entry = self.entry(authenticated=True)
-        cache.store(entry)
+        # Only under its nexthop: no session is found by server address.
         self.assertIsNone(cache.take("192.0.2.1:587"))
         self.assertIs(cache.take("[relay.example]:587"), entry)
+        self.assertEqual(entry.uses, 2)
+        self.assertIsNone(cache.take("[relay.example]:587"))
+        self.assertEqual(len(cache), 0)
 
     def test_idle_session_closed_after_the_time_limit(self) -> None:
         cache = self.cache()
@@ -108,7 +101,3 @@ class ConnectionCacheTests(SynchronousTestCase):
         self.assertEqual(len(cache), 0)
         self.clock.advance(5)
         self.assertEqual([e.session.quits for e in entries], [1, 1])
-
-    def test_address_key(self) -> None:
-        self.assertEqual(address_key("192.0.2.1", 25), "192.0.2.1:25")
-        self.assertEqual(address_key("2001:db8::1", 25), "[2001:db8::1]:25")

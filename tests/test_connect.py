@@ -154,13 +154,16 @@ class ConnectTests(ConnectorTestBase):
         self.assertRaises(ConfigError, self.make_connector, self.config.replace(smtp_bind_address="2001:db8::1"))
         self.assertRaises(ConfigError, self.make_connector, self.config.replace(smtp_bind_address="not-an-address"))
 
-    def test_address_limit(self) -> None:
+    def test_every_address_given_is_tried(self) -> None:
+        # smtp_mx_address_limit cuts the list in smtp.resolve (test_resolve
+        # test_address_limit*), once: the connector tries what it is given.
         connector = self.make_connector(self.config.replace(smtp_mx_address_limit="2"))
         d = connector.connect([v4("mx1", "192.0.2.1"), v4("mx2", "192.0.2.2"), v4("mx3", "192.0.2.3")], NEXTHOP)
         self.refuse(0)
         self.refuse(1)
+        self.refuse(2)
         self.failureResultOf(d, ConnectFailure)
-        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
 
 
 class HeadStartTests(ConnectorTestBase):

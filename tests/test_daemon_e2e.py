@@ -339,3 +339,98 @@ class PrivilegeTests(DaemonTestCase):
     async def test_chroot(self) -> None:
         self.chroot_files()
         await self.run_unprivileged("--chroot", self.base)
+
+
+# twistd's classic line, and the delays of a delivery line.
+TWISTD_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[([^\]]+)\] (.*)$")
+DELAYS = re.compile(r", delay=([0-9.]+), delays=([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+), dsn=")
+
+
+class TwistdLogTests(DaemonTestCase):
+    """Without maillog_file the mail lines are in twistd's own log, in
+    Postfix's text: on standard output with -n, in --logfile, and through
+    --logger (Twisted's JSON observer here) with their fields."""
+
+    def config_without_maillog(self) -> str:
+        return self.write_config("maillog_file =\n")
+
+    def assert_postfix_text(self, texts: list[str]) -> None:
+        from relayagent.common.maillog import format_delay
+
+        deliveries = [text for text in texts if ": to=<" in text]
+        self.assertTrue(deliveries, texts)
+        for text in deliveries:
+            match = DELAYS.search(text)
+            self.assertIsNotNone(match, text)
+            for number in match.groups():
+                # Postfix's numbers are their own rounding.
+                self.assertEqual(format_delay(float(number)), number, text)
+
+    def twistd_texts(self, path: str) -> list[str]:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+        return [match.group(2) for match in map(TWISTD_LINE.match, lines) if match]
+
+    async def test_standard_output(self) -> None:
+        # A bounce: queue active, bounced, the notice, removed, and the
+        # notice itself deferred (nothing listens for local.test).
+        await self.start_sink("-f", "RCPT")
+        queue_id = self.spool.enqueue("sender@local.test", ["rcpt@example.net"], body(1, "twistd"))
+        self.start_daemon(self.config_without_maillog())
+        out = os.path.join(self.base, "twistd.out")
+        await self.wait_for(lambda: "status=deferred" in open(out).read(), 60, "the deferred notice")
+        texts = self.twistd_texts(out)
+        self.assertIn(f"{queue_id}: removed", texts)
+        self.assertTrue(any(t.startswith(f"{queue_id}: from=<sender@local.test>, size=") and
+                            t.endswith(", nrcpt=1 (queue active)") for t in texts), texts)
+        [bounced] = [t for t in texts if t.startswith(f"{queue_id}: to=<rcpt@example.net>")]
+        self.assertIn(", dsn=5.", bounced)
+        self.assertIn(", status=bounced (host 127.0.0.1[127.0.0.1] said: ", bounced)
+        [notice] = [t for t in texts if t.startswith(f"{queue_id}: sender non-delivery notification: ")]
+        dsn_id = notice.rsplit(" ", 1)[1]
+        [deferred] = [t for t in texts if t.startswith(f"{dsn_id}: to=<sender@local.test>")]
+        self.assertIn(", status=deferred (connect to 127.0.0.1[127.0.0.1]:", deferred)
+        self.assert_postfix_text(texts)
+        self.assertFalse(os.path.exists(self.maillog))
+
+    async def test_logfile(self) -> None:
+        await self.start_sink()
+        queue_id = self.spool.enqueue("sender@example.org", ["rcpt@example.net"], body(1, "twistd"))
+        path = os.path.join(self.base, "twistd.log")
+        self.start_daemon(self.config_without_maillog(), "--logfile", path)
+        await self.wait_for(lambda: os.path.exists(path) and f"{queue_id}: removed" in open(path).read(),
+                            60, "the delivery in --logfile")
+        texts = self.twistd_texts(path)
+        [sent] = [t for t in texts if t.startswith(f"{queue_id}: to=<rcpt@example.net>, relay=127.0.0.1")]
+        self.assertIn(", dsn=2.0.0, status=sent (250 2.0.0 Ok", sent)
+        self.assert_postfix_text(texts)
+        self.assertTrue(any("relayagent.qmgr.delivery#info" in line for line in open(path)))
+
+    async def test_logger_json(self) -> None:
+        from twisted.logger import eventsFromJSONLogFile, formatEvent
+
+        await self.start_sink()
+        queue_id = self.spool.enqueue("sender@example.org", ["rcpt@example.net"], body(1, "twistd"))
+        path = os.path.join(self.base, "twistd.json")
+        self.patch(os, "environ", dict(os.environ, RA_JSON_LOG=path))
+        # One process: with --logger the workers' lines go to their standard
+        # error, not to twistd's observer (README, "Several worker processes").
+        self.start_daemon(self.write_config("maillog_file =\nrelayagent_workers = 1\n"),
+                          "--logger", "tests.support.jsonlog.observer")
+
+        def read_events() -> list[dict]:
+            if not os.path.exists(path):
+                return []
+            with open(path, encoding="utf-8") as handle:
+                return list(eventsFromJSONLogFile(handle))
+
+        await self.wait_for(lambda: f"{queue_id}: removed" in map(formatEvent, read_events()), 60,
+                            "the delivery in the JSON log")
+        events = read_events()
+        [sent] = [e for e in events if e.get("ralog_event") == "delivery"]
+        self.assertEqual((sent["queue_id"], sent["to"], sent["dsn"], sent["status"]),
+                         (queue_id, "rcpt@example.net", "2.0.0", "sent"))
+        self.assertIsInstance(sent["delay"], float)
+        self.assertEqual(len(sent["delays"]), 4)
+        self.assertTrue(all(isinstance(value, float) for value in sent["delays"]))
+        self.assert_postfix_text([formatEvent(e) for e in events])

@@ -9,19 +9,17 @@ import email
 import email.policy
 import os
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from relayagent import testing
 from relayagent.common.config import Config
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import ActiveMessage, DeliveryRequest
 from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.conncache import ConnectionCache
 from relayagent.smtp.deliver import SmtpAgent
-from relayagent.smtp.result import RecipientOutcome, SmtpResult
-from relayagent.smtp.transaction import TransactionResult
 from relayagent.spool import ACTIVE, BOUNCE_LOG, DEFER_LOG, DEFERRED, INCOMING, Spool
 
 START = 1_700_000_000.0
@@ -50,57 +48,12 @@ def hard() -> object:
                   code=550, reply="550 5.1.1 no such user", remote_mta="mx")
 
 
-class FakeSession:
-    """A greeted session: answers per recipient from ``answers``."""
-
-    def __init__(self, answers: dict[str, object], *, usable: bool = True, probe: bool = True,
-                 extensions: dict[str, str] | None = None) -> None:
-        self.server = ServerInfo("mx", "127.0.0.1", 25, "[127.0.0.1]:25")
-        self.answers = answers
-        self.usable = usable
-        self.probe = probe
-        self.extensions = extensions if extensions is not None else {"DSN": ""}
-        self.transactions: list[tuple[list[str], bool]] = []
-        self.resets = 0
-        self.quits = 0
-
-    def deliver(self, envelope, recipients, *, last=False, probe=False):
-        if probe:
-            self.resets += 1
-            if not self.probe:
-                return succeed(TransactionResult({}, None, False, probe_failed=True))
-        self.transactions.append(([r.address for r in recipients], last))
-        return succeed(TransactionResult(
-            {r.index: self.answers.get(r.address, sent()) for r in recipients}, None, self.usable
-        ))
-
-    def reset(self):
-        self.resets += 1
-        return succeed(self.probe)
-
-    def quit(self):
-        self.quits += 1
-        return succeed(None)
+SERVER = ServerInfo("mx", "127.0.0.1", 25, "[127.0.0.1]:25")
 
 
-class FakeConnector:
-    """The connector: makes a new FakeSession per call (and runs smtp's
-    transaction step on it), or fails the site."""
-
-    def __init__(self, answers: dict[str, object] | None = None, site_failure=None) -> None:
-        self.answers = answers or {}
-        self.site_failure = site_failure
-        self.sessions: list[FakeSession] = []
-
-    def deliver(self, resolver, nexthops, indexes, transact) -> Deferred[SmtpResult]:
-        if self.site_failure is not None:
-            return succeed(SmtpResult({i: RecipientOutcome(self.site_failure, None) for i in indexes}))
-        session = FakeSession(self.answers)
-        self.sessions.append(session)
-        return transact(session, indexes).addCallback(
-            lambda statuses: SmtpResult({i: RecipientOutcome(s, session.server) for i, s in statuses.items()},
-                                        sessions=1)
-        )
+def fake_connector(answers: dict[str, object] | None = None, **options: object) -> testing.FakeConnector:
+    """The shipped connector double with this module's server, which offers DSN."""
+    return testing.FakeConnector(answers, server=SERVER, extensions={"DSN": ""}, **options)
 
 
 class DeliveryTestCase(SynchronousTestCase):
@@ -115,8 +68,8 @@ class DeliveryTestCase(SynchronousTestCase):
         self.config = Config.defaults().replace(myhostname="relay.test")
 
     def smtp(self, config, transport=None, cache=None) -> SmtpAgent:
-        return SmtpAgent(config, self.clock, nexthops=lambda domain: ["[127.0.0.1]:25"],
-                         connector=transport or FakeConnector(), cache=cache)
+        return SmtpAgent(self.clock, nexthops=lambda domain: ["[127.0.0.1]:25"],
+                         connector=transport or fake_connector(), cache=cache)
 
     def agent(self, transport=None, cache=None, **overrides: object) -> DeliveryAgent:
         config = self.config.replace(**{k: str(v) for k, v in overrides.items()}) if overrides else self.config
@@ -170,9 +123,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(len(self.lines("removed")), 1)
 
     def test_removal_in_a_worker_thread(self) -> None:
-        from tests.test_remover import RecordingReactor
-
-        reactor = RecordingReactor()
+        reactor = testing.ThreadCallReactor()
         agent = DeliveryAgent(self.config, self.spool, self.clock, smtp=self.smtp(self.config),
                               removal_reactor=reactor)
         message = self.message()
@@ -186,7 +137,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(kinds, ["delivery", "removed"])
 
     def test_deferred_goes_to_deferred_with_next_attempt(self) -> None:
-        agent = self.agent(FakeConnector({"b@example.net": soft()}))
+        agent = self.agent(fake_connector({"b@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.attempt(agent, message)
         self.assertTrue(message.queue_file.is_done(0))
@@ -203,7 +154,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual([e["status"] for e in self.lines("delivery")], ["sent", "deferred"])
 
     def test_bounced_gets_one_dsn_for_the_message(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": hard(), "b@example.net": hard()}))
+        agent = self.agent(fake_connector({"a@example.net": hard(), "b@example.net": hard()}))
         message = self.message(["a@example.net", "b@example.net", "c@example.net"])
         self.attempt(agent, message)
         self.assertTrue(all(message.queue_file.is_done(i) for i in range(3)))
@@ -225,7 +176,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(self.spool.read_log(BOUNCE_LOG, message.queue_id), [])
 
     def test_soft_bounce_defers_instead(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": hard()}), soft_bounce="yes")
+        agent = self.agent(fake_connector({"a@example.net": hard()}), soft_bounce="yes")
         message = self.message()
         self.attempt(agent, message)
         self.assertFalse(message.queue_file.is_done(0))
@@ -239,7 +190,7 @@ class OutcomeTests(DeliveryTestCase):
         from relayagent.common.status import Status
 
         refused = Status("4.4.1", "connect to mx[127.0.0.1]:25: Connection refused")
-        agent = self.agent(FakeConnector(site_failure=refused))
+        agent = self.agent(fake_connector(site_failure=refused))
         message = self.message()
         result = self.attempt(agent, message)
         self.assertEqual(result.site_failure, refused)
@@ -247,12 +198,12 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual((event["relay"], event["status"]), ("none", "deferred"))
 
     def test_done_recipients_are_not_sent_again(self) -> None:
-        transport = FakeConnector()
+        transport = fake_connector()
         agent = self.agent(transport)
         message = self.message(["a@example.net", "b@example.net"])
         message.queue_file.mark_done(0)
         self.attempt(agent, message)
-        self.assertEqual(transport.sessions[0].transactions[0][0], ["b@example.net"])
+        self.assertEqual(transport.sessions[0].deliveries[0].addresses, ["b@example.net"])
 
     def test_defer_unsent_skips_done_and_bounces_hard(self) -> None:
         agent = self.agent()
@@ -274,7 +225,7 @@ class MessageEndTests(DeliveryTestCase):
                              activated=self.clock.seconds())
 
     def test_backoff_grows_per_attempt(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}))
+        agent = self.agent(fake_connector({"a@example.net": soft()}))
         message = self.message()
         waits = []
         for _ in range(6):
@@ -286,7 +237,7 @@ class MessageEndTests(DeliveryTestCase):
         self.assertEqual(waits, [300, 600, 1200, 2400, 4000, 4000])
 
     def test_expired_recipient_bounced_with_its_last_reason(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}))
+        agent = self.agent(fake_connector({"a@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.clock.advance(5 * DAY)
         self.deferred_once(agent, message)
@@ -299,14 +250,14 @@ class MessageEndTests(DeliveryTestCase):
         self.assertIn("Action: failed", text)
 
     def test_not_expired_before_the_lifetime(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}))
+        agent = self.agent(fake_connector({"a@example.net": soft()}))
         message = self.message()
         self.clock.advance(5 * DAY - 1)
         self.deferred_once(agent, message)
         self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
 
     def test_bounce_queue_lifetime_for_null_sender(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}), bounce_queue_lifetime="1d")
+        agent = self.agent(fake_connector({"a@example.net": soft()}), bounce_queue_lifetime="1d")
         bounce = self.message(sender="")
         ordinary = self.message()
         self.clock.advance(2 * DAY)
@@ -316,7 +267,7 @@ class MessageEndTests(DeliveryTestCase):
         self.assertEqual(self.spool.find(ordinary.queue_id), DEFERRED)
 
     def test_delay_warning_sent_once(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}), delay_warning_time="1h",
+        agent = self.agent(fake_connector({"a@example.net": soft()}), delay_warning_time="1h",
                            minimal_backoff_time="1000s", maximal_backoff_time="1000s")
         message = self.message()
         warnings = []
@@ -338,42 +289,42 @@ class ConnectionReuseTests(DeliveryTestCase):
         return ConnectionCache(self.clock, **options)
 
     def test_backlog_keeps_the_session_and_the_next_request_reuses_it(self) -> None:
-        transport = FakeConnector()
+        transport = fake_connector()
         cache = self.cache()
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=3)
         (session,) = transport.sessions
-        self.assertEqual(session.transactions[0][1], False)  # no QUIT pipelined
+        self.assertEqual(session.deliveries[0].last, False)  # no QUIT pipelined
         self.assertEqual(len(cache), 1)
         self.attempt(agent, self.message(), backlog=0)
         self.assertEqual(len(transport.sessions), 1)
         self.assertEqual(session.resets, 1)
-        self.assertEqual(len(session.transactions), 2)
-        self.assertEqual(session.transactions[1][1], True)  # last use: QUIT after "."
+        self.assertEqual(len(session.deliveries), 2)
+        self.assertEqual(session.deliveries[1].last, True)  # last use: QUIT after "."
         uses = [e["conn_use"] for e in self.lines("delivery")]
         self.assertEqual(uses, [None, 2])
 
     def test_no_backlog_no_caching(self) -> None:
-        transport = FakeConnector()
+        transport = fake_connector()
         cache = self.cache()
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=0)
         self.assertEqual(len(cache), 0)
-        self.assertEqual(transport.sessions[0].transactions[0][1], True)
+        self.assertEqual(transport.sessions[0].deliveries[0].last, True)
 
     def test_cache_destinations_always_cached(self) -> None:
-        transport = FakeConnector()
+        transport = fake_connector()
         cache = self.cache(always_cache=("127.0.0.1",))
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=0)
         self.assertEqual(len(cache), 1)
 
     def test_failed_probe_means_a_new_connection(self) -> None:
-        transport = FakeConnector()
+        transport = fake_connector()
         cache = self.cache()
         agent = self.agent(transport, cache)
         self.attempt(agent, self.message(), backlog=3)
-        transport.sessions[0].probe = False
+        transport.sessions[0].probe_ok = False
         self.attempt(agent, self.message(), backlog=3)
         self.assertEqual(len(transport.sessions), 2)
         self.assertEqual(transport.sessions[0].quits, 1)
@@ -391,7 +342,7 @@ class PostmasterNoticeTests(DeliveryTestCase):
                       remote_mta="mx", notify_class="protocol")
 
     def transport(self):
-        transport = FakeConnector({"a@example.net": self.protocol_error()})
+        transport = fake_connector({"a@example.net": self.protocol_error()})
         make = transport.deliver
 
         def with_transcript(resolver, nexthops, indexes, transact):
@@ -473,7 +424,7 @@ class DiskFullTests(DeliveryTestCase):
     def test_failure_notice_that_cannot_be_queued_is_sent_next_time(self) -> None:
         from relayagent.spool import spool as spool_module
 
-        agent = self.agent(FakeConnector({"a@example.net": hard()}))
+        agent = self.agent(fake_connector({"a@example.net": hard()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.attempt(agent, message)
         self.assertTrue(message.queue_file.is_done(0) and message.queue_file.is_done(1))
@@ -506,7 +457,7 @@ class DiskFullTests(DeliveryTestCase):
     def test_bounce_log_that_cannot_be_written_defers_the_recipient(self) -> None:
         from relayagent.spool import logs as logs_module
 
-        agent = self.agent(FakeConnector({"a@example.net": hard(), "c@example.net": hard()}))
+        agent = self.agent(fake_connector({"a@example.net": hard(), "c@example.net": hard()}))
         message = self.message(["a@example.net", "b@example.net", "c@example.net"])
         real_append = logs_module.append_record
         self.full_disk(logs_only=BOUNCE_LOG)
@@ -541,7 +492,7 @@ class DiskFullTests(DeliveryTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_defer_log_that_cannot_be_written_costs_only_the_reason(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft(), "b@example.net": soft()}))
+        agent = self.agent(fake_connector({"a@example.net": soft(), "b@example.net": soft()}))
         message = self.message(["a@example.net", "b@example.net"])
         self.full_disk(logs_only=DEFER_LOG)
         self.attempt(agent, message)
@@ -571,7 +522,7 @@ class DiskFullTests(DeliveryTestCase):
         self.assertEqual(self.spool.find(message.queue_id), DEFERRED)
 
     def test_expiry_that_cannot_write_its_bounce_log(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}))
+        agent = self.agent(fake_connector({"a@example.net": soft()}))
         message = self.message()
         self.clock.advance(5 * DAY)
         self.attempt(agent, message)
@@ -582,7 +533,7 @@ class DiskFullTests(DeliveryTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_delay_warning_that_cannot_be_queued(self) -> None:
-        agent = self.agent(FakeConnector({"a@example.net": soft()}), delay_warning_time="1h")
+        agent = self.agent(fake_connector({"a@example.net": soft()}), delay_warning_time="1h")
         message = self.message()
         self.clock.advance(2 * HOUR)
         self.attempt(agent, message)
@@ -597,7 +548,7 @@ class DiskFullTests(DeliveryTestCase):
     def test_move_that_fails_raises_for_the_scheduler(self) -> None:
         import errno
 
-        agent = self.agent(FakeConnector({"a@example.net": soft()}))
+        agent = self.agent(fake_connector({"a@example.net": soft()}))
         message = self.message()
         self.attempt(agent, message)
 

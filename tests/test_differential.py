@@ -419,6 +419,10 @@ class ClientRun:
     outcomes: dict[str, Outcome | None]
     sessions: list[Session]
     error: str | None = None
+    # When a status line is missing: where the message is, and what the
+    # daemon said meanwhile (so that a failure on a far machine explains
+    # itself).
+    whereabouts: str | None = None
 
     def not_commands(self) -> list[str]:
         """Lines sent outside a body that are no SMTP command (a body after a
@@ -515,6 +519,8 @@ class ScenarioResult:
             rows.append(f"  {label}:")
             if run.error:
                 rows.append(f"    error: {run.error}")
+            if run.whereabouts:
+                rows.append(run.whereabouts)
             for local in self.scenario.recipients:
                 outcome = run.outcomes.get(local)
                 rows.append(f"    {local}: {_show(outcome, text=True)}")
@@ -719,8 +725,9 @@ class Harness:
             self.instance.sendmail(SENDER, scenario.addresses(), scenario.content())
         except subprocess.SubprocessError as error:
             errors["postfix"] = f"sendmail failed: {error}"
+        queue_id = None
         try:
-            self.spool.enqueue(SENDER, scenario.addresses(), scenario.content())
+            queue_id = self.spool.enqueue(SENDER, scenario.addresses(), scenario.content())
             control.trigger(self.spool_directory, "wakeup")
         except OSError as error:
             errors["relayagent"] = f"enqueue failed: {error}"
@@ -740,12 +747,29 @@ class Harness:
         while (not all(session.done.is_set() for session in sessions)
                and time.monotonic() < session_deadline and not self.stopping.wait(0.05)):
             pass
+        whereabouts = None
+        if queue_id is not None and len(outcomes["relayagent"]) < len(addresses):
+            whereabouts = self._whereabouts(queue_id)
         return ScenarioResult(
             scenario,
             ClientRun(dict(outcomes["postfix"]), list(for_postfix.sessions), errors.get("postfix")),
-            ClientRun(dict(outcomes["relayagent"]), list(for_relayagent.sessions), errors.get("relayagent")),
+            ClientRun(dict(outcomes["relayagent"]), list(for_relayagent.sessions), errors.get("relayagent"),
+                      whereabouts),
             time.monotonic() - started,
         )
+
+    def _whereabouts(self, queue_id: str) -> str:
+        """Which queue directory holds ``queue_id`` now, its lines in the
+        maillog, and the daemon's last words."""
+        queues = [queue for queue in sorted(os.listdir(self.spool_directory))
+                  if os.path.lexists(os.path.join(self.spool_directory, queue, queue_id))]
+        rows = [f"    queue file {queue_id}: in {', '.join(queues) or 'no queue directory'}"]
+        with open(self.maillog, errors="replace") as handle:
+            rows += [f"    maillog: {line.rstrip()}" for line in handle if queue_id in line]
+        with open(os.path.join(self.workdir, "twistd.out"), errors="replace") as handle:
+            said = [line.rstrip() for line in handle if "ControlProtocol connection" not in line]
+        rows += [f"    twistd: {line}" for line in said[-15:]]
+        return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------

@@ -35,8 +35,8 @@ CONTENT = (
 )
 
 
-def make_config(**overrides: str) -> Config:
-    return Config.defaults().replace(myhostname="relay.example.org", **overrides)
+def make_config(**overrides: str) -> dsn.BounceSettings:
+    return dsn.BounceSettings.from_config(Config.defaults().replace(myhostname="relay.example.org", **overrides))
 
 
 def make_envelope(
@@ -110,7 +110,7 @@ class BuildReportTests(unittest.TestCase):
         if reports is None:
             reports = [dsn.RecipientReport(envelope.recipients[0], rejected(), "failed",
                                            last_attempt=NOW - 60)]
-        data = dsn.build_report(kind, envelope, reports, config=kwargs.pop("config", self.config),
+        data = dsn.build_report(kind, envelope, reports, settings=kwargs.pop("settings", self.config),
                                 clock=kwargs.pop("clock", lambda: NOW), **kwargs)
         return data, parse(data)
 
@@ -237,7 +237,7 @@ class BuildReportTests(unittest.TestCase):
         envelope = make_envelope(content=big, ret=Ret.FULL)
         config = make_config(bounce_size_limit="100")
         report = dsn.RecipientReport(envelope.recipients[0], rejected(), "failed")
-        data, message = self.report(envelope=envelope, reports=[report], config=config)
+        data, message = self.report(envelope=envelope, reports=[report], settings=config)
         self.assertEqual(parts(message)[2].get_content_type(), "text/rfc822-headers")
         self.assertNotIn(b"xxxxxxxx", data)
 
@@ -246,7 +246,7 @@ class BuildReportTests(unittest.TestCase):
         envelope = make_envelope(content=headers + b"\r\nbody\r\n", ret=Ret.HDRS)
         config = make_config(bounce_size_limit="2000")
         report = dsn.RecipientReport(envelope.recipients[0], rejected(), "failed")
-        _, message = self.report(envelope=envelope, reports=[report], config=config)
+        _, message = self.report(envelope=envelope, reports=[report], settings=config)
         returned = parts(message)[2].get_content()
         self.assertLess(len(returned), 2200)
         self.assertIn("X-Filler-0:", returned)
@@ -285,7 +285,7 @@ class BuildReportTests(unittest.TestCase):
         envelope = make_envelope()
         report = dsn.RecipientReport(envelope.recipients[0], deferred(), "delayed",
                                      last_attempt=NOW - 10)
-        _, message = self.report("delay", envelope=envelope, reports=[report], config=config)
+        _, message = self.report("delay", envelope=envelope, reports=[report], settings=config)
         self.assertEqual(message["Subject"], "Delayed Mail (still being retried)")
         text = text_of(parts(message)[0])
         self.assertIn("# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #", text)
@@ -477,7 +477,7 @@ class NoticesTests(unittest.TestCase):
 
     def test_bounce_to_sender(self) -> None:
         envelope = make_envelope()
-        plan = dsn.notices("failure", envelope, self.failed(envelope), config=make_config(),
+        plan = dsn.notices("failure", envelope, self.failed(envelope), settings=make_config(),
                            clock=lambda: NOW)
         self.assertEqual(len(plan.notices), 1)
         notice = plan.notices[0]
@@ -489,13 +489,13 @@ class NoticesTests(unittest.TestCase):
 
     def test_notify_never_sends_nothing(self) -> None:
         envelope = make_envelope(recipients=(Recipient("b@example.net", 0, notify=Notify.NEVER),))
-        plan = dsn.notices("failure", envelope, self.failed(envelope), config=make_config())
+        plan = dsn.notices("failure", envelope, self.failed(envelope), settings=make_config())
         self.assertEqual(plan.notices, ())
 
     def test_bounce_class_adds_postmaster_copy(self) -> None:
         envelope = make_envelope(recipients=(Recipient("b@example.net", 0, notify=Notify.NEVER),))
         plan = dsn.notices("failure", envelope, self.failed(envelope),
-                           config=make_config(notify_classes="bounce"))
+                           settings=make_config(notify_classes="bounce"))
         self.assertEqual(len(plan.notices), 1)
         copy = plan.notices[0]
         self.assertEqual(copy.sender, "double-bounce@relay.example.org")
@@ -509,7 +509,7 @@ class NoticesTests(unittest.TestCase):
     def test_double_bounce(self) -> None:
         envelope = make_envelope(sender="")
         plan = dsn.notices("failure", envelope, self.failed(envelope),
-                           config=make_config(notify_classes="2bounce"))
+                           settings=make_config(notify_classes="2bounce"))
         self.assertEqual(len(plan.notices), 1)
         notice = plan.notices[0]
         self.assertEqual(notice.sender, "double-bounce@relay.example.org")
@@ -519,20 +519,20 @@ class NoticesTests(unittest.TestCase):
     def test_failed_double_bounce_discarded_with_warning(self) -> None:
         envelope = make_envelope(sender="double-bounce@relay.example.org")
         plan = dsn.notices("failure", envelope, self.failed(envelope),
-                           config=make_config(notify_classes="bounce, 2bounce"))
+                           settings=make_config(notify_classes="bounce, 2bounce"))
         self.assertEqual(plan.notices, ())
         self.assertEqual(plan.warnings, ("undeliverable postmaster notification discarded",))
 
     def test_failed_bounce_discarded_by_default(self) -> None:
         envelope = make_envelope(sender="")
-        plan = dsn.notices("failure", envelope, self.failed(envelope), config=make_config())
+        plan = dsn.notices("failure", envelope, self.failed(envelope), settings=make_config())
         self.assertEqual(plan.notices, ())
         self.assertEqual(len(plan.warnings), 1)
 
     def test_delay_notice(self) -> None:
         envelope = make_envelope()
         reports = [dsn.RecipientReport(envelope.recipients[0], deferred(), "delayed")]
-        plan = dsn.notices("delay", envelope, reports, config=make_config(notify_classes="delay"))
+        plan = dsn.notices("delay", envelope, reports, settings=make_config(notify_classes="delay"))
         labels = [n.label for n in plan.notices]
         self.assertEqual(labels, ["sender delay notification", "postmaster delay notification"])
         self.assertEqual(parse(plan.notices[0].content)["Subject"], "Delayed Mail (still being retried)")
@@ -541,13 +541,13 @@ class NoticesTests(unittest.TestCase):
     def test_no_delay_notice_for_bounces(self) -> None:
         envelope = make_envelope(sender="")
         reports = [dsn.RecipientReport(envelope.recipients[0], deferred(), "delayed")]
-        self.assertEqual(dsn.notices("delay", envelope, reports, config=make_config()).notices, ())
+        self.assertEqual(dsn.notices("delay", envelope, reports, settings=make_config()).notices, ())
 
     def test_delayed_bounce_warns_postmaster_with_delay_class(self) -> None:
         envelope = make_envelope(sender="")
         reports = [dsn.RecipientReport(envelope.recipients[0], deferred(), "delayed")]
         config = make_config(notify_classes="delay", delay_notice_recipient="late@example.org")
-        [notice] = dsn.notices("delay", envelope, reports, config=config).notices
+        [notice] = dsn.notices("delay", envelope, reports, settings=config).notices
         self.assertEqual(notice.recipients, ("late@example.org",))
         self.assertEqual(notice.sender, "double-bounce@relay.example.org")
         self.assertEqual(notice.label, "postmaster delay notification")
@@ -556,10 +556,10 @@ class NoticesTests(unittest.TestCase):
         recipient = Recipient("b@example.net", 0, notify=Notify.SUCCESS)
         envelope = make_envelope(recipients=(recipient,))
         report = dsn.success_report(recipient, Status("2.0.0", "250 ok"), server_offers_dsn=False)
-        plan = dsn.notices("success", envelope, [report], config=make_config())
+        plan = dsn.notices("success", envelope, [report], settings=make_config())
         self.assertEqual([n.label for n in plan.notices], ["sender delivery status notification"])
         self.assertEqual(dsn.notices("success", make_envelope(sender=""), [report],
-                                     config=make_config()).notices, ())
+                                     settings=make_config()).notices, ())
 
 
 class PostmasterNoticeTests(unittest.TestCase):

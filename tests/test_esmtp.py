@@ -25,7 +25,7 @@ from relayagent.common.config import Config
 from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.address import smtp_path, xtext
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.ehlo import parse_ehlo
 from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.spool.queuefile import CorruptQueueFile
@@ -69,7 +69,7 @@ class Harness:
     def __init__(self, test, *, transport=None, security=None, chunk_size=65536, **overrides):
         self.clock = task.Clock()
         self.config = Config.defaults().replace(smtp_helo_name="client.example", **overrides)
-        factory = SMTPSessionFactory(self.config, self.clock, SERVER, security, chunk_size=chunk_size)
+        factory = SMTPSessionFactory(SessionSettings.from_config(self.config), self.clock, SERVER, security, chunk_size=chunk_size)
         self.session = factory.buildProtocol(None)
         self.transport = transport or StringTransport()
         self.session.makeConnection(self.transport)

@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -32,7 +32,16 @@ from relayagent.common.status import Status
 from relayagent.master import tap
 from relayagent.qmgr import scheduler as scheduler_module
 from relayagent.qmgr.scheduler import DeliveryRequest, QueueManager, RequestResult
-from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, CorruptQueueFile, Spool, control
+from relayagent.spool import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    INCOMING,
+    CorruptQueueFile,
+    Spool,
+    control,
+    safeopen,
+)
 from relayagent.spool import spool as spool_module
 from relayagent.spool.errors import NotAQueueFile
 from relayagent.spool.queueid import QueueIdGenerator
@@ -268,6 +277,28 @@ class LinkAndOwnerTests(HostileSpoolTestCase):
         with self.spool.open(queue_id, INCOMING) as queue_file:
             queue_file.mark_done(0)
         self.assertFalse(os.path.exists(twin))  # the queue manager finished the publish
+
+    def test_writer_unlinks_its_tmp_name_while_the_reader_looks(self) -> None:
+        # The CI race: the reader's fstat counts two links, then the
+        # writer (sendmail, another process) unlinks tmp/ID before the
+        # reader looks at it.  The file is ours, not a hard link: it must
+        # open, for the queue manager and for mailq, never go to corrupt/.
+        for writable in (True, False):
+            queue_id = self.enqueue()
+            twin = os.path.join(self.spool.directory, "tmp", queue_id)
+            os.link(queue_path(self.spool, INCOMING, queue_id), twin)
+            original = safeopen._same_inode
+
+            def writer_unlinks_first(path: str, info: os.stat_result, twin: str = twin,
+                                     original: Callable[..., bool] = original) -> bool:
+                os.unlink(twin)
+                return original(path, info)
+
+            self.patch(safeopen, "_same_inode", writer_unlinks_first)
+            with self.spool.open(queue_id, INCOMING, writable=writable) as queue_file:
+                self.assertEqual(queue_file.queue_id, queue_id)
+            self.assertFalse(os.path.exists(twin))
+            self.patch(safeopen, "_same_inode", original)
 
     def test_tmp_name_of_another_file_is_no_excuse(self) -> None:
         queue_id = self.place("hardlink")

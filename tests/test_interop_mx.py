@@ -21,8 +21,10 @@ from twisted.trial import unittest
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.channel import SessionSettings
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
+from relayagent.smtp.session import SMTPSessionFactory
 from tests.support.dnsserver import LoopbackDNSServer
 from tests.support.sink import SmtpSink
 
@@ -130,12 +132,11 @@ class MXInteropTests(unittest.TestCase):
         return Config.defaults().replace(**settings)
 
     def make(self, config: Config):
-        from relayagent.smtp.session import SMTPSessionFactory
 
         greeting_times: dict[str, float] = {}
 
         def factory_for(server):
-            factory = SMTPSessionFactory(config, reactor, server)
+            factory = SMTPSessionFactory(SessionSettings.from_config(config), reactor, server)
             build = factory.buildProtocol
 
             def build_and_time(addr):

@@ -32,7 +32,7 @@ from twisted.trial import unittest
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.deliver import SessionFactories
 from relayagent.smtp.resolve import MailExchangerAddress
@@ -237,7 +237,7 @@ class SecurityInteropTests(unittest.TestCase):
         if security is None:
             security = SecurityPolicy(config).for_nexthop("example.com")
         server = ServerInfo(host, address, port, "example.com")
-        factory = SMTPSessionFactory(config, reactor, server, security=security)
+        factory = SMTPSessionFactory(SessionSettings.from_config(config), reactor, server, security=security)
         session = await TCP4ClientEndpoint(reactor, address, port, timeout=5).connect(factory)
         self.sessions.append(session)
         self.addCleanup(lambda: session.transport.loseConnection())
@@ -353,7 +353,7 @@ class SecurityInteropTests(unittest.TestCase):
         created: list[Any] = []
 
         def factory_for(server: ServerInfo):
-            factory = SMTPSessionFactory(config, reactor, server, security=security)
+            factory = SMTPSessionFactory(SessionSettings.from_config(config), reactor, server, security=security)
             build = factory.buildProtocol
 
             def recording(addr):

@@ -83,6 +83,8 @@ class Relay:
             f"queue_directory = {base}/spool\n"
             f"relayhost = [127.0.0.1]:{port}\n"
             f"maillog_file = {self.maillog}\n"
+            # One process: this one (workers would be forks of the test runner).
+            "relayagent_workers = 1\n"
             "myhostname = relay.test\n"
             "smtp_connect_timeout = 5s\n"
             # Shorter than Postfix's minutes: a stuck session fails the

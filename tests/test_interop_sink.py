@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import BodyType, Envelope, Recipient
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.session import SMTPSessionFactory
 from tests.support.sink import SmtpSink
 
@@ -65,7 +65,7 @@ class SinkTestCase(unittest.TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop(reactor)))
         config = Config.defaults().replace(smtp_helo_name="client.example", **overrides)
         factory = SMTPSessionFactory(
-            config, reactor, ServerInfo("sink.test", sink.host, sink.port, "sink.test")
+            SessionSettings.from_config(config), reactor, ServerInfo("sink.test", sink.host, sink.port, "sink.test")
         )
         endpoint = TCP4ClientEndpoint(reactor, sink.host, sink.port, timeout=5)
         session = await endpoint.connect(factory)

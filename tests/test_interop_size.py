@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.session import SMTPSessionFactory
 from tests.support import postfix
 from tests.support.sink import free_port
@@ -52,7 +52,7 @@ class SizeCases:
 
     async def session(self, port: int):
         config = Config.defaults().replace(smtp_helo_name="client.example")
-        factory = SMTPSessionFactory(config, reactor, ServerInfo("size.test", "127.0.0.1", port, "size.test"))
+        factory = SMTPSessionFactory(SessionSettings.from_config(config), reactor, ServerInfo("size.test", "127.0.0.1", port, "size.test"))
         session = await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5).connect(factory)
         self.addCleanup(lambda: session.transport.loseConnection())
         await session.greeted

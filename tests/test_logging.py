@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -44,6 +45,38 @@ BOUNCED = Status(
     "User unknown (in reply to RCPT TO command)",
     code=550,
 )
+
+
+def format_tv(sec: int, usec: int, sig_dig: int, max_dig: int) -> str:
+    """Postfix's src/util/format_tv.c, statement by statement: the oracle
+    for ``format_delay``."""
+    pow10 = [1, 10, 100, 1000, 10000, 100000, 1000000]
+    million = 1000000
+    ures = million // pow10[max_dig]
+    wid = pow10[sig_dig]
+    if ures < million:
+        if sec > 0:
+            n = 1
+            while sec >= n and n <= wid // 10:
+                n *= 10
+            ures = (million // wid) * n
+        else:
+            while usec >= wid * ures:
+                ures *= 10
+    if ures > 1:
+        usec += ures // 2
+        if usec >= million:
+            sec += 1
+            usec -= million
+    buf = str(sec)
+    if usec >= ures:
+        buf += "."
+        rem, n = usec, million // 10
+        while rem >= ures and n > 0:
+            buf += "0123456789"[rem // n]
+            rem %= n
+            n //= 10
+    return buf
 
 
 class Capture:
@@ -105,6 +138,37 @@ class FormatDelayTests(unittest.TestCase):
     def test_resolution_zero(self) -> None:
         self.assertEqual(ralog.format_delay(0.7, 0), "1")
         self.assertEqual(ralog.format_delay(0.2, 0), "0")
+
+    def test_rounding_as_log_adhoc(self) -> None:
+        # log_adhoc.c: format_tv(..., SIG_DIGS = 2, var_delay_max_res = 2).
+        cases = [
+            (0.004, "0"), (0.005, "0.01"), (0.05, "0.05"), (0.52, "0.52"), (0.994999, "0.99"),
+            (0.9949999, "1"), (0.995, "1"), (6.305, "6.3"), (9.96, "10"), (12.7, "13"),
+            (130.2, "130"), (0.0995, "0.1"), (0.1, "0.1"),
+        ]
+        for value, expected in cases:
+            self.assertEqual(ralog.format_delay(value), expected, value)
+            self.assertEqual(format_tv(*divmod(round(value * 1e6), 1_000_000), 2, 2), expected, value)
+
+    def test_same_as_format_tv_everywhere(self) -> None:
+        # format_delay takes shortcuts (integer arithmetic for the usual
+        # case, one format call for the digits); format_tv below is
+        # format_tv.c line by line.  They agree on every resolution and on
+        # values around each rounding boundary.
+        rng = random.Random(14)
+        values = [(0, 0), (0, 1), (0, 999_999), (1, 0), (99, 999_999), (100_000, 5)]
+        for sec in (0, 1, 9, 12, 99, 130, 999, 4000):
+            for usec in (4_999, 5_000, 49_999, 50_000, 94_999, 95_000, 994_999, 995_000, 999_499, 999_500):
+                values.append((sec, usec))
+        values += [(rng.choice((0, 0, 1, 7, 42, 3600)), rng.randrange(1_000_000)) for _ in range(2000)]
+        for resolution in range(7):
+            for significant in (1, 2, 3):
+                for sec, usec in values:
+                    self.assertEqual(
+                        ralog.format_delay(sec + usec / 1e6, resolution, significant),
+                        format_tv(sec, usec, significant, resolution),
+                        (sec, usec, significant, resolution),
+                    )
 
 
 class PostfixLineTests(unittest.TestCase):
@@ -473,7 +537,7 @@ class FlushTests(unittest.TestCase):
 class DebugPeersTests(unittest.TestCase):
     def peers(self, patterns: str, level: str = "3") -> ralog.DebugPeers:
         config = Config.defaults().replace(debug_peer_list=patterns, debug_peer_level=level)
-        return ralog.DebugPeers(config)
+        return ralog.DebugPeers(config["debug_peer_level"], config["debug_peer_list"])
 
     def test_empty_list(self) -> None:
         self.assertEqual(self.peers("").level_for("example.com", "mx.example.com", "192.0.2.1"), 0)
@@ -531,7 +595,7 @@ class DebugPeersTests(unittest.TestCase):
                 return "yes" if key == "example.net" else None
 
         config = Config.defaults().replace(debug_peer_list="texthash:/nowhere")
-        peers = ralog.DebugPeers(config, open_table=lambda spec: Table())
+        peers = ralog.DebugPeers(config["debug_peer_level"], config["debug_peer_list"], open_table=lambda spec: Table())
         self.assertEqual(peers.level_for(None, "mx.example.net", "192.0.2.1"), 2)
         self.assertIn("mx.example.net", lookups)
         self.assertEqual(peers.level_for(None, "mx.example.org", "192.0.2.1"), 0)

@@ -5,6 +5,7 @@ corrupt form, in-place updates, the defer and bounce logs, streaming.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import struct
@@ -444,6 +445,60 @@ class UpdateTests(SynchronousTestCase):
         after = read_file(path)
         changed = [i for i in range(len(before)) if before[i] != after[i]]
         self.assertEqual(changed, [qf.STATUS_OFFSET + i for i in (0, 1, 4)])
+
+    def test_held_one_open_for_the_body_and_the_marks(self) -> None:
+        opened = []
+        real_open = os.open
+        self.patch(os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            opened.clear()
+            with queue_file.held():
+                with queue_file.held():  # a second request of the same message
+                    with queue_file.envelope.open_content() as stream:
+                        self.assertEqual(stream.read(), MESSAGE)
+                    queue_file.mark_done(0)
+                queue_file.mark_done_many([1])
+                self.assertEqual(len(opened), 1)  # the hold's own reopen, nothing more
+            self.assertEqual(queue_file.pending_count(), 0)
+            opened.clear()
+            queue_file.mark_done(0)  # after the hold: reopened by name again
+            self.assertEqual(len(opened), 1)
+
+    def test_held_releases_the_descriptor_when_the_last_hold_ends(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            with queue_file.held():
+                fd = queue_file._fd
+                self.assertIsNotNone(fd)
+            self.assertIsNone(queue_file._fd)
+            self.assertRaises(OSError, os.fstat, fd)
+
+    def test_held_refuses_a_swapped_file(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            content = read_file(self.path)
+            # Moved aside, not unlinked: a freed inode number could come
+            # back for the new file at once.
+            os.rename(self.path, self.path + ".old")
+            write_file(self.path, content)  # the same bytes, another inode
+            with self.assertRaises(CorruptQueueFile):
+                with queue_file.held():
+                    pass
+
+    def test_held_without_a_descriptor_to_spare_reopens_each_time(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            real_reopen = qf.safeopen.reopen
+            calls = []
+
+            def no_descriptors_left(*args):
+                calls.append(args)
+                if len(calls) == 1:
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return real_reopen(*args)
+
+            self.patch(qf.safeopen, "reopen", no_descriptors_left)
+            with queue_file.held():
+                queue_file.mark_done(0)
+            self.assertEqual(len(calls), 2)  # the failed hold, then the mark's own
+            self.assertTrue(queue_file.is_done(0))
 
     def test_read_only_file_refuses_updates(self) -> None:
         with self.spool.open(self.queue_id, "incoming", writable=False) as queue_file:

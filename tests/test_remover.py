@@ -11,26 +11,14 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.spool.remover import BackgroundRemover
+from relayagent.testing import ThreadCallReactor
 from tests.helpers_spool import make_spool, write_file
-
-
-class RecordingReactor:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def callFromThread(self, function, *args) -> None:  # noqa: N802 - Twisted's name
-        self.calls.append((function, args))
-
-    def run_calls(self) -> None:
-        calls, self.calls = self.calls, []
-        for function, args in calls:
-            function(*args)
 
 
 class BackgroundRemoverTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.spool = make_spool(self)
-        self.reactor = RecordingReactor()
+        self.reactor = ThreadCallReactor()
         self.removed: list[str] = []
         self.errors: list[tuple[str, OSError]] = []
 

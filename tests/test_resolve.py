@@ -327,6 +327,14 @@ class AddressTests(SynchronousTestCase):
         result = self.addresses(make_resolver(self.fake, smtp_mx_address_limit="0", inet_protocols="ipv4"), domain_nexthop("example.com"))
         self.assertEqual(len(result), 8)
 
+    def test_address_limit_of_a_host_without_mx_lookup(self) -> None:
+        # [host]: no MX lookup, the host's own addresses, cut the same way.
+        self.fake.a("relay.example.net", "192.0.2.1", "192.0.2.2", "192.0.2.3")
+        result = self.addresses(make_resolver(self.fake, smtp_mx_address_limit="2", inet_protocols="ipv4"),
+                                Nexthop(destination="relay.example.net", host="relay.example.net", port=25,
+                                        mx_lookup=False, is_relay=True, as_written="[relay.example.net]"))
+        self.assertEqual(len(result), 2)
+
     def test_bracketed_host_skips_mx(self) -> None:
         self.fake.mx("relay.example.net", (10, "other.example.net"))
         self.fake.a("relay.example.net", "192.0.2.50")

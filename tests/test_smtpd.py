@@ -8,7 +8,6 @@ import os
 import re
 import types
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -23,29 +22,8 @@ from relayagent.smtpd.listener import (
     make_listener_services,
     parse_esmtp_parameters,
 )
-
-
-class FakeSpool:
-    """Records each enqueue; reads the content stream as the spool would."""
-
-    def __init__(self, fail: Exception | None = None, deferred: bool = False) -> None:
-        self.messages: list[dict] = []
-        self.fail = fail
-        self.deferred = deferred
-        self.pending: list[defer.Deferred] = []
-
-    def enqueue(self, sender, recipients, content, *, body_type=None, **kw):
-        if self.fail is not None:
-            raise self.fail
-        data = content.read()
-        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data,
-                                  body_type=body_type))
-        queue_id = f"Q{len(self.messages):05d}"
-        if self.deferred:
-            d = defer.Deferred()
-            self.pending.append((d, queue_id))
-            return d
-        return queue_id
+from relayagent.testing import FailingFile, FakeSpool, FakeStatvfs
+from tests.support.smtpd import capture_events, codes, warnings_in
 
 
 def make_config(**overrides: str) -> Config:
@@ -103,27 +81,6 @@ class Session:
         lines = self.transport.value().split(b"\r\n")
         self.transport.clear()
         return [line for line in lines if line]
-
-
-def capture_events(testcase) -> list[dict]:
-    """The log events published while the test runs."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
-def warnings_in(events: list[dict]) -> list[str]:
-    from twisted.logger import LogLevel
-
-    from relayagent.common import maillog as ralog
-
-    return [ralog.render(e) for e in events if e.get("log_level") is LogLevel.warn]
-
-
-def codes(lines: list[bytes]) -> list[int]:
-    """The code of each final reply line."""
-    return [int(line[:3]) for line in lines if line[3:4] == b" "]
 
 
 TRANSACTION = (
@@ -549,59 +506,6 @@ class AddressSyntaxTests(SynchronousTestCase):
             self.assertEqual(session.spool.messages, [], rcpt)
 
 
-class FakeStatvfs:
-    """os.statvfs with the free blocks a test wants (4 kB blocks)."""
-
-    def __init__(self, free_bytes: int, block_size: int = 4096) -> None:
-        self.free_bytes = free_bytes
-        self.block_size = block_size
-        self.asked: list[str] = []
-
-    def __call__(self, path: str):
-        self.asked.append(path)
-        return types.SimpleNamespace(f_frsize=self.block_size, f_bsize=self.block_size,
-                                     f_bavail=self.free_bytes // self.block_size)
-
-
-class SpoolWithDirectory(FakeSpool):
-    """A FakeSpool with a directory (for the space check and the
-    glue's temporary file)."""
-
-    def __init__(self, directory: str) -> None:
-        super().__init__()
-        os.makedirs(directory)
-        self.directory = directory
-
-
-class FailingFile:
-    """A temporary file whose writes fail once ``room`` octets are used,
-    as a file on a full disk does (a buffered file fails at its flush)."""
-
-    def __init__(self, room: int, error: int = errno.ENOSPC) -> None:
-        self.room = room
-        self.error = error
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        if len(self.data) + len(data) > self.room:
-            raise OSError(self.error, os.strerror(self.error))
-        self.data += data
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def seek(self, offset: int) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return bytes(self.data)
-
-    def close(self) -> None:
-        self.closed = True
-
-
 class DiskFullTests(SynchronousTestCase):
     """The queue file system short of space: 452 4.3.1 at MAIL FROM, as
     Postfix's smtpd_check_queue; a write failing later: 451 4.3.0 at the
@@ -611,7 +515,7 @@ class DiskFullTests(SynchronousTestCase):
 
     def session(self, free_bytes: int, **config: str) -> Session:
         self.statvfs = FakeStatvfs(free_bytes)
-        session = Session(self, spool=SpoolWithDirectory(self.mktemp()), statvfs=self.statvfs, **config)
+        session = Session(self, spool=FakeSpool(directory=self.mktemp()), statvfs=self.statvfs, **config)
         session.replies()
         return session
 
@@ -669,7 +573,7 @@ class DiskFullTests(SynchronousTestCase):
         def failing(path):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
 
-        session = Session(self, spool=SpoolWithDirectory(self.mktemp()), statvfs=failing)
+        session = Session(self, spool=FakeSpool(directory=self.mktemp()), statvfs=failing)
         session.replies()
         self.assertEqual(codes(session.send(self.MAIL)), [250, 250])
 

@@ -58,7 +58,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["configuration"].relayhost, "[127.0.0.1]:2525")
 
     def test_service_opens_the_spool(self):
-        path = self.write_config("queue_directory = spool\n")
+        # One process: workers would be forks of the test runner.
+        path = self.write_config("queue_directory = spool\nrelayagent_workers = 1\n")
         options = tap.Options()
         options.parseOptions(["-c", path])
         service = tap.makeService(options)

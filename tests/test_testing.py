@@ -19,18 +19,21 @@ from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.interfaces import IDeliveryAgent
-from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.channel import ServerInfo, SessionSettings
+from relayagent.smtp.connect import Connector
 from relayagent.smtp.deliver import Router, SmtpAgent, SmtpRequest
-from relayagent.smtp.interfaces import INexthopResolver, ISMTPSession
+from relayagent.smtp.interfaces import IConnector, INexthopResolver, ISMTPSession
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.session import SMTPSession, SMTPSessionFactory
 from relayagent.testing import (
     HANGUP,
     SILENT,
+    FakeConnector,
     FakeDeliveryAgent,
     FakeDNSResolver,
     FakeNexthopResolver,
     FakeSession,
+    FakeSessionFactory,
     FakeTLSSession,
     ScriptedServer,
     Series,
@@ -51,7 +54,7 @@ def envelope(*addresses: str, content: bytes = b"Subject: t\n\nbody\n") -> Envel
 class RealClassesProvideTheInterfacesTests(SynchronousTestCase):
     def test_smtp_session(self) -> None:
         self.assertTrue(verifyClass(ISMTPSession, SMTPSession))
-        factory = SMTPSessionFactory(Config.defaults(), Clock(), ServerInfo("mx", "192.0.2.1", 25, "x"))
+        factory = SMTPSessionFactory(SessionSettings.from_config(Config.defaults()), Clock(), ServerInfo("mx", "192.0.2.1", 25, "x"))
         self.assertTrue(verifyObject(ISMTPSession, factory.buildProtocol(None)))
 
     def test_nexthop_resolver(self) -> None:
@@ -62,6 +65,10 @@ class RealClassesProvideTheInterfacesTests(SynchronousTestCase):
     def test_delivery_agent(self) -> None:
         self.assertTrue(verifyClass(IDeliveryAgent, DeliveryAgent))
         self.assertTrue(IDeliveryAgent.implementedBy(DeliveryAgent))
+
+    def test_connector(self) -> None:
+        self.assertTrue(verifyClass(IConnector, Connector))
+        self.assertTrue(verifyObject(IConnector, Connector(Clock(), Config.defaults(), FakeSessionFactory)))
 
 
 class DoublesProvideTheInterfacesTests(SynchronousTestCase):
@@ -85,6 +92,14 @@ class DoublesProvideTheInterfacesTests(SynchronousTestCase):
 
     def test_delivery_agent(self) -> None:
         self.assertTrue(verifyObject(IDeliveryAgent, FakeDeliveryAgent()))
+
+    def test_connector(self) -> None:
+        self.assertTrue(verifyObject(IConnector, FakeConnector()))
+
+    def test_fake_connector_takes_the_real_arguments(self) -> None:
+        real = inspect.signature(Connector.deliver)
+        fake = inspect.signature(FakeConnector.deliver)
+        self.assertEqual(list(real.parameters), list(fake.parameters))
 
 
 class FakeSessionTests(SynchronousTestCase):
@@ -213,7 +228,7 @@ class ThroughTheSmtpEntryPointTests(SynchronousTestCase):
         server = ScriptedServer(rcpt={"b@x.test": "452 4.2.2 full"}, data="421 4.3.2 bye")
         run = connect_through_connector({"192.0.2.1": server}, inet_protocols="ipv4")
         resolver = NexthopResolver(run.config, dns_, run.reactor, local_addresses=set)
-        agent = SmtpAgent(run.config, run.reactor, nexthops=Router(resolver).nexthops,
+        agent = SmtpAgent(run.reactor, nexthops=Router(resolver).nexthops,
                           connector=run.connector, resolver=resolver)
         env = envelope("a@x.test", "b@x.test", "c@x.test")
         result = run.run(agent.deliver(SmtpRequest(env, "x.test", env.recipients)))

@@ -433,6 +433,43 @@ class SettingsTests(SynchronousTestCase):
         error = self.assertRaises(TLSConfigError, TLSSettings.from_config, self.config("smtp_tls_cert_file = junk.pem\n"))
         self.assertIn("smtp_tls_cert_file", str(error))
 
+    def test_key_read_once_for_contexts_built_later(self) -> None:
+        # A context for a policy's own ciphers is built at its first use,
+        # after the privilege drop or the chroot: from the key read at start.
+        leaf = CA.issue(["client.example.com"], client=True)
+        cert_path, key_path = leaf.write(self.directory, stem="client")
+        with open(cert_path, "ab") as handle:  # a chain after the certificate
+            handle.write(CA.cert_pem)
+        tls_settings = TLSSettings.from_config(
+            self.config("smtp_tls_cert_file = client.crt\nsmtp_tls_key_file = client.key\n")
+        )
+        os.unlink(key_path)
+        os.unlink(cert_path)
+        context = tls_settings.context_for(TLSPolicy(TLSLevel.ENCRYPT, ciphers="high", source="test"))
+        connection = SSL.Connection(context, None)
+        self.assertEqual(connection.get_certificate().get_subject().CN, "client.example.com")
+
+    def test_key_and_certificate_in_one_file(self) -> None:
+        leaf = CA.issue(["client.example.com"], client=True)
+        path = os.path.join(self.directory, "client.pem")
+        with open(path, "wb") as handle:
+            handle.write(leaf.key_pem + leaf.cert_pem)
+        tls_settings = TLSSettings.from_config(self.config("smtp_tls_cert_file = client.pem\n"))
+        self.assertIsNotNone(tls_settings.context_for(TLSPolicy(TLSLevel.MAY)))
+
+    def test_a_key_that_does_not_load_is_named_not_shown(self) -> None:
+        leaf = CA.issue(["client.example.com"], client=True)
+        cert_path, key_path = leaf.write(self.directory, stem="client")
+        with open(key_path, "wb") as handle:
+            handle.write(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWJ1dC1icm9rZW4=\n-----END PRIVATE KEY-----\n")
+        config = self.config("smtp_tls_cert_file = client.crt\nsmtp_tls_key_file = client.key\n")
+        error = self.assertRaises(TLSConfigError, TLSSettings.from_config, config)
+        self.assertIn("smtp_tls_key_file", str(error))
+        self.assertNotIn("c2VjcmV0", str(error))
+        os.unlink(key_path)
+        error = self.assertRaises(TLSConfigError, TLSSettings.from_config, config)
+        self.assertIn("cannot read", str(error))
+
     def test_bad_protocols(self) -> None:
         error = self.assertRaises(TLSConfigError, TLSSettings.from_config, self.config("smtp_tls_protocols = TLSv1.4\n"))
         self.assertIn("smtp_tls_protocols", str(error))

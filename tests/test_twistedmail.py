@@ -18,15 +18,8 @@ from relayagent.common.config import Config
 from relayagent.smtpd.intake import ClientInfo, Intake, RelayDomain, RelayPolicy, received_header
 from relayagent.smtpd.listener import RelayagentESMTP
 from relayagent.smtpd.twistedmail import MaildirDomain, install_relayagent
-from tests.test_smtpd import (
-    FailingFile,
-    FakeSpool,
-    FakeStatvfs,
-    SpoolWithDirectory,
-    capture_events,
-    codes,
-    warnings_in,
-)
+from relayagent.testing import FailingFile, FakeSpool, FakeStatvfs
+from tests.support.smtpd import capture_events, codes, warnings_in
 
 
 def make_config() -> Config:
@@ -260,7 +253,7 @@ class DiskFullAndSizeTests(SynchronousTestCase):
     ESMTP server and Twisted's stock one."""
 
     def server(self, free_bytes: int = 10**9, **kwargs) -> MailServer:
-        spool = SpoolWithDirectory(self.mktemp())
+        spool = FakeSpool(directory=self.mktemp())
         server = MailServer(self, spool=spool, **kwargs)
         self.statvfs = FakeStatvfs(free_bytes)
         server.transport_glue.intake.statvfs = self.statvfs

@@ -1,18 +1,22 @@
 """Tests for relayagent.master.worker (several worker processes on one spool):
-the partition, the partitioned queue manager, the limits, the lines on
-the pipes, the parent's pool, the lock check and the maillog's writer;
-all deterministic (task.Clock, StringTransport, a fake process reactor).
-The end-to-end tests with real processes are in tests/test_workers_e2e.py.
+the partition, the partitioned queue manager, the limits and the
+parameter, the lines on the links, worker 0's pool and what the spawner
+tells it, the lock check and the maillog's writer; all deterministic
+(task.Clock, StringTransport, a fake reactor that adopts sockets).  The
+spawner, the fork and the hand-over of what was read as root are in
+tests/test_spawner.py; the end-to-end tests with real processes in
+tests/test_workers_e2e.py.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import os
+import socket
 import zlib
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -155,18 +159,35 @@ class LimitTests(SynchronousTestCase):
         self.assertIs(worker.split_limits(config, 1), config)
 
     def test_parameter(self) -> None:
-        self.assertEqual(Config.defaults()["relayagent_workers"], 1)
+        self.assertEqual(Config.defaults()["relayagent_workers"], "auto")
+        self.assertEqual(Config.from_text("relayagent_workers = AUTO\n")["relayagent_workers"], "auto")
         self.assertEqual(Config.from_text("relayagent_workers = 4\n")["relayagent_workers"], 4)
         from relayagent.common.config import ConfigError
-        self.assertRaises(ConfigError, Config.from_text, "relayagent_workers = 0\n")
+        for bad in ("0", "many", "2.5"):
+            with self.assertRaises(ConfigError) as caught:
+                Config.from_text(f"relayagent_workers = {bad}\n")
+            self.assertIn("parameter relayagent_workers: bad value", str(caught.exception))
+            self.assertIn("expected auto or an integer >= 1", str(caught.exception))
 
-    def test_chroot_refused(self) -> None:
-        config = Config.from_text("relayagent_workers = 2\n")
-        with self.assertRaises(worker.WorkerError) as caught:
-            worker.refuse_chroot(config, "/var/spool/chroot")
-        self.assertIn("--chroot", str(caught.exception))
-        worker.refuse_chroot(config, None)
-        worker.refuse_chroot(Config.defaults(), "/var/spool/chroot")
+    def test_worker_count(self) -> None:
+        self.patch(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+        self.assertEqual(worker.available_cpus(), 3)
+        self.assertEqual(worker.worker_count(Config.defaults()), 3)
+        self.assertEqual(worker.worker_count(Config.from_text("relayagent_workers = 1\n")), 1)
+        self.assertEqual(worker.worker_count(Config.from_text("relayagent_workers = 8\n")), 8)
+
+    def test_worker_count_without_an_affinity_mask(self) -> None:
+        def unsupported(pid: int) -> set[int]:
+            raise OSError("not here")
+
+        self.patch(os, "sched_getaffinity", unsupported)
+        self.patch(os, "cpu_count", lambda: None)
+        self.assertEqual(worker.worker_count(Config.defaults()), 1)
+
+    def test_exit_text(self) -> None:
+        self.assertEqual(worker.exit_text(0), "exit status 0")
+        self.assertEqual(worker.exit_text(3 << 8), "exit status 3")
+        self.assertEqual(worker.exit_text(9), "killed by signal 9 (SIGKILL)")
 
 
 class FakeQueueManager:
@@ -218,6 +239,35 @@ class ParentLinkTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")  # nothing written after
 
 
+class LogToWorkerZeroTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.link = worker.ParentLink(lambda: None, self.clock, lambda: None)
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+        self.fallback = io.StringIO()
+        self.out = worker.LogToWorkerZero(self.link, fallback=self.fallback)
+
+    def test_whole_lines_of_a_flush_go_to_worker_zero(self) -> None:
+        self.out.write("2026-12-02T00:00:00+0000 [relayagent.qmgr#info] 1A2B: removed\n\tmore\npart")
+        self.assertEqual(self.transport.value(), b"")
+        self.out.flush()
+        self.assertEqual(self.transport.value(),
+                         b"log 2026-12-02T00:00:00+0000 [relayagent.qmgr#info] 1A2B: removed\nlog \tmore\n")
+        self.transport.clear()
+        self.out.write("ial caf\u00e9\n")
+        self.out.flush()
+        self.assertEqual(self.transport.value(), "log partial caf\u00e9\n".encode())
+        self.assertEqual(self.fallback.getvalue(), "")
+
+    def test_standard_error_once_the_link_is_gone(self) -> None:
+        self.link.connectionLost(None)
+        self.out.write("Main loop terminated.\n")
+        self.out.flush()
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.fallback.getvalue(), "Main loop terminated.\n")
+
+
 class FakeService:
     def __init__(self, queue_manager: QueueManager) -> None:
         self.queue_manager = queue_manager
@@ -230,35 +280,38 @@ class FakeService:
         return self.queue_manager.stop()
 
 
+class FakeUnixTransport(StringTransport):
+    """An adopted UNIX socket: what was written, the descriptors sent
+    with it, and the half-close."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.descriptors: list[int] = []
+        self.write_closed = False
+
+    def sendFileDescriptor(self, fd: int) -> None:
+        self.descriptors.append(fd)
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
 class FakeReactor(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.running = False
         self.stopped = 0
-        self.spawned: list[tuple] = []
+        self.adopted: list[tuple[int, object, FakeUnixTransport]] = []
 
     def stop(self) -> None:
         self.stopped += 1
 
-    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None):  # noqa: ANN001
-        transport = FakeProcessTransport(1000 + len(self.spawned))
-        self.spawned.append((protocol, executable, args, env, childFDs, transport))
+    def adoptStreamConnection(self, fd: int, family: int, factory):  # noqa: ANN001
+        assert family == socket.AF_UNIX
+        protocol = factory.buildProtocol(None)
+        transport = FakeUnixTransport()
         protocol.makeConnection(transport)
-        return transport
-
-
-class FakeProcessTransport(StringTransport):
-    def __init__(self, pid: int) -> None:
-        super().__init__()
-        self.pid = pid
-        self.stdin_closed = False
-        self.signals: list[str] = []
-
-    def closeStdin(self) -> None:
-        self.stdin_closed = True
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
+        self.adopted.append((fd, protocol, transport))
 
 
 class WorkerRuntimeTests(SynchronousTestCase):
@@ -292,88 +345,157 @@ class WorkerRuntimeTests(SynchronousTestCase):
 
 
 class WorkerPoolTests(SynchronousTestCase):
+    """Worker 0's pool against a pretend spawner: the lines it sends, the
+    reports it gets back, restarts and the stop."""
+
     def setUp(self) -> None:
         self.reactor = FakeReactor()
         self.woken: list[bool] = []
+        self.fatal: list[str] = []
+        self.logged: list[str] = []
         self.pool = worker.WorkerPool(
-            self.reactor, config_path="/etc/relayagent/main.cf", workers=3, lock_fd=7, log_fd=9,
-            on_wakeup=lambda: self.woken.append(True), executable="/usr/bin/python3",
+            self.reactor, workers=3, on_wakeup=lambda: self.woken.append(True), on_fatal=self.fatal.append,
+            on_log=self.logged.append,
         )
         self.warnings: list[str] = []
+        self.infos: list[str] = []
 
         def observe(event: dict) -> None:
             if event.get("ralog_event") == "warning":
                 self.warnings.append(event["text"])
+            elif event.get("ralog_service") == "master":
+                from twisted.logger import formatEvent
+                self.infos.append(formatEvent(event))
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        self.pool.start()
+        # A pretend fork: this is worker 0's side, with real sockets.
+        self.pool.prepare(lambda index, link, lock_fd: 0, worker.Privileges(), fork=lambda: 4242)
+        self.assertEqual(self.pool.spawner_pid, 4242)
+        self.lock_fd = 7
+        self.pool.start(self.lock_fd)
+        (_, self.spawner, self.control), *links = self.reactor.adopted
+        self.links = {index: transport for index, (_, _, transport) in enumerate(links, 1)}
 
-    def test_children_started_with_the_lock_and_log_descriptors(self) -> None:
-        self.assertEqual(len(self.reactor.spawned), 2)
-        for index, (_, executable, args, env, child_fds, _) in enumerate(self.reactor.spawned, 1):
-            self.assertEqual(executable, "/usr/bin/python3")
-            self.assertEqual(args[1:3], ["-m", "relayagent.master.child"])
-            self.assertIn("--index", args)
-            self.assertEqual(args[args.index("--index") + 1], str(index))
-            self.assertEqual(args[args.index("--workers") + 1], "3")
-            self.assertEqual(args[args.index("--lock-fd") + 1], "7")
-            self.assertEqual(args[args.index("--log-fd") + 1], "9")
-            self.assertEqual(child_fds, {0: "w", 1: "r", 2: 2, 7: 7, 9: 9})
-            self.assertTrue(env["PYTHONPATH"].startswith(worker._PACKAGE_ROOT))
+    def said(self, *lines: str) -> None:
+        self.spawner.dataReceived("".join(line + "\n" for line in lines).encode("ascii"))
 
-    def test_triggers_go_to_every_child_once_per_turn(self) -> None:
+    def commands(self) -> list[str]:
+        sent = self.control.value().decode("ascii").splitlines()
+        self.control.clear()
+        return sent
+
+    def test_lock_handed_over_then_every_worker_started(self) -> None:
+        self.assertEqual(len(self.reactor.adopted), 3)  # the spawner's socket, two links
+        self.assertEqual(self.control.descriptors, [self.lock_fd])
+        self.assertEqual(self.commands(), ["lock", "start 1", "start 2"])
+        self.said("started 1 1001", "started 2 1002")
+        self.assertEqual(self.infos, ["worker 1 started: pid 1001", "worker 2 started: pid 1002"])
+        self.assertEqual(self.warnings, [])
+
+    def test_triggers_go_to_every_running_worker_once_per_turn(self) -> None:
+        self.said("started 1 1001")
         self.pool.send("wakeup")
         self.pool.send("wakeup")
         self.pool.send("flush")
         self.reactor.advance(0)
-        for *_, transport in self.reactor.spawned:
-            self.assertEqual(transport.value(), b"wakeup\nflush\n")
+        self.assertEqual(self.links[1].value(), b"wakeup\nflush\n")
+        self.assertEqual(self.links[2].value(), b"")  # not started yet
 
-    def test_wakeup_from_a_child(self) -> None:
-        protocol = self.reactor.spawned[0][0]
-        protocol.outReceived(b"wak")
+    def test_wakeup_from_a_worker(self) -> None:
+        link = self.reactor.adopted[1][1]
+        link.dataReceived(b"wak")
         self.assertEqual(self.woken, [])
-        protocol.outReceived(b"eup\n")
+        link.dataReceived(b"eup\n")
         self.assertEqual(self.woken, [True])
+        link.dataReceived(b"rm -rf /\n" + b"x" * (worker.MAX_LOG_LINE + 1))
+        self.assertEqual(len(self.warnings), 2)  # the unknown line, the overlong one
+
+    def test_lines_of_twistds_log_from_a_worker(self) -> None:
+        link = self.reactor.adopted[2][1]
+        long = "x" * 5000  # a mail log line may be longer than a command
+        link.dataReceived(f"log 1A2B: to=<r@example.net>, status=sent\nlog \tcontinued\nlog {long}\n".encode())
+        link.dataReceived("log caf\u00e9\n".encode())
+        self.assertEqual(self.logged, ["1A2B: to=<r@example.net>, status=sent", "\tcontinued", long, "caf\u00e9"])
+        self.assertEqual(self.warnings, [])
 
     def test_unexpected_exit_is_logged_and_restarted_later(self) -> None:
-        protocol = self.reactor.spawned[0][0]
-        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
-        self.assertIn("process /usr/bin/python3 -m relayagent.master.worker pid 1000 exit status 1",
-                      self.warnings)
-        self.assertEqual(len(self.reactor.spawned), 2)
+        self.said("started 1 1001", "started 2 1002")
+        self.commands()
+        self.said(f"ended 1 1001 {1 << 8}")
+        self.assertIn("process worker 1 pid 1001 exit status 1", self.warnings)
+        self.assertIn("worker 1: starting it again in 10s", self.warnings)
         self.reactor.advance(worker.RESTART_DELAY - 0.1)
-        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.commands(), [])
         self.reactor.advance(0.1)
-        self.assertEqual(len(self.reactor.spawned), 3)
-        args = self.reactor.spawned[2][2]
-        self.assertEqual(args[args.index("--index") + 1], "1")
+        self.assertEqual(self.commands(), ["start 1"])
+        self.said("started 1 1003")
+        self.assertIn("worker 1 started: pid 1003", self.infos)
 
     def test_killed_by_signal(self) -> None:
-        protocol = self.reactor.spawned[1][0]
-        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
-        self.assertTrue(any("pid 1001 killed by signal 9" in text for text in self.warnings))
+        self.said("started 2 1002", "ended 2 1002 9")
+        self.assertTrue(any("pid 1002 killed by signal 9 (SIGKILL)" in text for text in self.warnings))
 
-    def test_stop_closes_stdin_and_waits(self) -> None:
+    def test_a_report_for_another_pid_is_ignored(self) -> None:
+        self.said("started 1 1001", "ended 1 999 0")
+        self.assertEqual(self.warnings, [])
+
+    def test_fork_failure_is_tried_again(self) -> None:
+        self.commands()
+        self.said("failed 1 fork: Resource temporarily unavailable")
+        self.assertIn("cannot start worker 1: fork: Resource temporarily unavailable", self.warnings)
+        self.reactor.advance(worker.RESTART_DELAY)
+        self.assertEqual(self.commands(), ["start 1"])
+
+    def test_unknown_lines_from_the_spawner(self) -> None:
+        self.said("started one 1001", "hello")
+        self.assertEqual(len(self.warnings), 2)
+
+    def test_stop_half_closes_the_links_and_waits_for_the_spawner(self) -> None:
+        self.said("started 1 1001", "started 2 1002")
+        self.commands()
         stopped = self.pool.stop()
-        transports = [spawned[5] for spawned in self.reactor.spawned]
-        self.assertTrue(all(t.stdin_closed for t in transports))
+        self.assertTrue(all(link.write_closed for link in self.links.values()))
+        self.assertFalse(self.control.write_closed)
+        self.said("ended 1 1001 0")
         self.assertNoResult(stopped)
-        for protocol, *_ in self.reactor.spawned:
-            protocol.processEnded(Failure(ProcessDone(0)))
+        self.said("ended 2 1002 0")
+        # Every worker ended: end of file for the spawner, which leaves.
+        self.assertTrue(self.control.write_closed)
+        self.assertNoResult(stopped)
+        self.spawner.connectionLost(None)
         self.successResultOf(stopped)
-        self.assertEqual(self.warnings, [])  # an exit at stop is expected
+        self.assertEqual(self.warnings, [])  # exits at stop are expected
+        self.assertEqual(self.fatal, [])
         self.reactor.advance(worker.RESTART_DELAY * 2)
-        self.assertEqual(len(self.reactor.spawned), 2)  # no restart
+        self.assertEqual(self.commands(), [])  # no restart
+
+    def test_stop_waits_for_a_worker_asked_for_but_not_yet_reported(self) -> None:
+        stopped = self.pool.stop()
+        self.said("started 1 1001", "ended 1 1001 0", "failed 2 fork: no memory")
+        self.spawner.connectionLost(None)
+        self.successResultOf(stopped)
 
     def test_stop_kills_after_the_timeout(self) -> None:
+        self.said("started 1 1001", "started 2 1002")
+        self.commands()
         stopped = self.pool.stop()
         self.reactor.advance(worker.STOP_TIMEOUT)
-        transports = [spawned[5] for spawned in self.reactor.spawned]
-        self.assertEqual([t.signals for t in transports], [["KILL"], ["KILL"]])
-        for protocol, *_ in self.reactor.spawned:
-            protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.commands(), ["kill 1", "kill 2"])
+        self.said("ended 1 1001 9", "ended 2 1002 9")
+        self.spawner.connectionLost(None)
+        self.successResultOf(stopped)
+
+    def test_spawner_gone_while_running_stops_the_daemon(self) -> None:
+        self.said("started 1 1001")
+        self.spawner.connectionLost(None)
+        self.assertEqual(len(self.fatal), 1)
+        self.assertIn("the worker spawner (pid 4242) is gone", self.fatal[0])
+        self.assertIn(self.fatal[0], self.warnings)
+        stopped = self.pool.stop()
+        self.assertNoResult(stopped)  # worker 1 still runs
+        # Only worker 1 holds its end of the link now: end of file is its exit.
+        self.reactor.adopted[1][1].connectionLost(None)
         self.successResultOf(stopped)
 
 
@@ -460,13 +582,16 @@ class LineAppenderTests(SynchronousTestCase):
 
 
 
-class ChrootRefusedAtStartTests(SynchronousTestCase):
-    def test_make_service_stops_with_one_line(self) -> None:
+class MakeServiceTests(SynchronousTestCase):
+    def test_twistd_privileges_reach_the_service(self) -> None:
         from relayagent.master import tap
 
         options = tap.Options()
         options["configuration"] = Config.from_text(f"relayagent_workers = 2\nqueue_directory = {self.mktemp()}\n")
-        options.parent = {"chroot": "/var/spool/chroot"}  # twistd's options
-        with self.assertRaises(SystemExit) as caught:
-            tap.makeService(options)
-        self.assertTrue(str(caught.exception).startswith("relayagent: fatal: relayagent_workers = 2"))
+        options.parent = {"chroot": "/var/spool/chroot", "uid": 65534, "gid": None, "euid": False}
+        top = tap.makeService(options)
+        service = next(s for s in top if hasattr(s, "privileges"))
+        self.addCleanup(service.smtp.close)
+        self.assertEqual(service.privileges, worker.Privileges(65534, None, False))
+        self.assertEqual(service.workers, 2)
+        self.assertIsNone(service.pool)  # nothing forked before privilegedStartService

@@ -17,7 +17,7 @@ included) are never re-encoded or re-folded.
 
 SYNOPSIS
 
-    plan = notices("failure", envelope, reports, config=config, clock=clock)
+    plan = notices("failure", envelope, reports, settings=settings, clock=clock)
     for notice in plan.notices:          # sender, recipients, content, body type, label
         new_id = spool.enqueue(notice.sender, notice.recipients, notice.content, ...)
         ralog.log_notice(log, envelope.queue_id, new_id, notice.label)
@@ -58,6 +58,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any, Literal
 
+from relayagent.common.config import Settings, parameter
 from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
 from relayagent.common.status import Status
 
@@ -137,6 +138,25 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _NON_ASCII_RE = re.compile(r"[^\x00-\x7f]")
 # RFC 5322 atom characters: what a diagnostic-type or an X- name may hold.
 _NON_ATOM_RE = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~-]")
+
+
+@dataclass(frozen=True, slots=True)
+class BounceSettings(Settings):
+    """What the notices are made of, bound once (the queue manager's
+    ``qmgr.delivery`` holds one)."""
+
+    notify_classes: tuple[str, ...]
+    error_notice_recipient: str
+    bounce_notice_recipient: str
+    double_bounce_notice_recipient: str = parameter("2bounce_notice_recipient")
+    delay_notice_recipient: str
+    double_bounce_sender: str
+    delay_warning_time: float
+    bounce_size_limit: int
+    myhostname: str
+    myorigin: str
+    mail_name: str
+    maximal_queue_lifetime: float
 
 
 # ---------------------------------------------------------------------------
@@ -243,25 +263,25 @@ def line_wrap(text: str, width: int = _WRAP_WIDTH, indent: int = _WRAP_INDENT) -
     return lines
 
 
-def is_double_bounce_address(address: str, config: Any) -> bool:
+def is_double_bounce_address(address: str, settings: BounceSettings) -> bool:
     """Whether ``address`` is our double-bounce sender."""
-    return address.lower() == double_bounce_address(config).lower()
+    return address.lower() == double_bounce_address(settings).lower()
 
 
-def double_bounce_address(config: Any) -> str:
+def double_bounce_address(settings: BounceSettings) -> str:
     """``double_bounce_sender@myhostname`` (mail_addr.c), or the parameter
     itself when it already names a domain."""
-    sender = config["double_bounce_sender"]
-    return sender if "@" in sender else f"{sender}@{config['myhostname']}"
+    sender = settings.double_bounce_sender
+    return sender if "@" in sender else f"{sender}@{settings.myhostname}"
 
 
-def qualify(address: str, config: Any) -> str:
+def qualify(address: str, settings: BounceSettings) -> str:
     """An unqualified notice recipient such as ``postmaster`` gets
     ``@$myorigin`` (Postfix's cleanup does the same); we deliver by SMTP
     only, so a bare local part would go nowhere."""
     if "@" in address or not address:
         return address
-    origin = config["myorigin"] if "myorigin" in config else config["myhostname"]
+    origin = settings.myorigin
     return f"{address}@{origin}"
 
 
@@ -319,7 +339,7 @@ def success_report(
     )
 
 
-def bounce_recipient_for(envelope: Envelope, config: Any) -> BounceRoute | None:
+def bounce_recipient_for(envelope: Envelope, settings: BounceSettings) -> BounceRoute | None:
     """Where the failure notice for ``envelope`` goes, or None to drop it.
 
     The rules of bounce_notify_service.c:
@@ -334,15 +354,15 @@ def bounce_recipient_for(envelope: Envelope, config: Any) -> BounceRoute | None:
     - anything else goes to its sender from the null sender, returning
       what RET asked for (FULL when not given).
     """
-    if envelope.sender and is_double_bounce_address(envelope.sender, config):
+    if envelope.sender and is_double_bounce_address(envelope.sender, settings):
         return None
     if not envelope.sender:
-        classes = set(config["notify_classes"])
+        classes = set(settings.notify_classes)
         if not classes & {"bounce", "2bounce"}:
             return None
         return BounceRoute(
-            sender=double_bounce_address(config),
-            recipient=qualify(config["2bounce_notice_recipient"], config),
+            sender=double_bounce_address(settings),
+            recipient=qualify(settings.double_bounce_notice_recipient, settings),
             postmaster_copy=True,
             ret=Ret.FULL,
             label="postmaster non-delivery notification",
@@ -356,7 +376,7 @@ def bounce_recipient_for(envelope: Envelope, config: Any) -> BounceRoute | None:
     )
 
 
-def _discard_reason(envelope: Envelope, config: Any) -> str:
+def _discard_reason(envelope: Envelope, settings: BounceSettings) -> str:
     if envelope.sender:
         return "undeliverable postmaster notification discarded"
     return "undeliverable bounce discarded (notify_classes has neither bounce nor 2bounce)"
@@ -467,20 +487,20 @@ def _delivery_status_part(
     reports: Sequence[RecipientReport],
     *,
     kind: Kind,
-    config: Any,
+    settings: BounceSettings,
     policy: email.policy.EmailPolicy,
     global_type: bool,
 ) -> tuple[MIMEBase, bytes]:
     """The delivery-status part (its payload still to be spliced in) and
     the octets of its fields."""
     smtputf8 = envelope.smtputf8
-    mail_name = _atom(config["mail_name"])
+    mail_name = _atom(settings.mail_name)
     part = MIMEBase("message", "global-delivery-status" if global_type else "delivery-status", policy=policy)
     del part["MIME-Version"]
     part["Content-Description"] = "Delivery report"
 
     per_message: dict[str, str] = {}
-    per_message["Reporting-MTA"] = f"dns; {printable(config['myhostname'])}"
+    per_message["Reporting-MTA"] = f"dns; {printable(settings.myhostname)}"
     if envelope.envid:
         per_message["Original-Envelope-Id"] = printable(envelope.envid)
     per_message[f"X-{mail_name}-Queue-ID"] = printable(envelope.queue_id)
@@ -492,7 +512,7 @@ def _delivery_status_part(
         per_message["Arrival-Date"] = _mail_date(envelope.arrival_time)
     blocks: list[dict[str, str]] = [per_message]
 
-    lifetime = float(config["maximal_queue_lifetime"])
+    lifetime = float(settings.maximal_queue_lifetime)
     for report in reports:
         rcpt = report.recipient
         block: dict[str, str] = {}
@@ -510,7 +530,7 @@ def _delivery_status_part(
         remote = report.remote_mta or report.status.remote_mta
         if remote:
             block["Remote-MTA"] = f"dns; {printable(remote)}"
-        block["Diagnostic-Code"] = _diagnostic_code(report.status, config["mail_name"], smtputf8)
+        block["Diagnostic-Code"] = _diagnostic_code(report.status, settings.mail_name, smtputf8)
         if report.last_attempt:
             block["Last-Attempt-Date"] = _mail_date(report.last_attempt)
         if kind == "delay":
@@ -543,7 +563,7 @@ def _human_text(
     envelope: Envelope,
     reports: Sequence[RecipientReport],
     *,
-    config: Any,
+    settings: BounceSettings,
     postmaster_copy: bool,
     transcript: Sequence[str] | None,
 ) -> str:
@@ -553,10 +573,10 @@ def _human_text(
         template = {"failure": _FAILURE_TEXT, "delay": _DELAY_TEXT, "success": _SUCCESS_TEXT}[kind]
         lines.extend(
             template.format(
-                myhostname=printable(config["myhostname"]),
+                myhostname=printable(settings.myhostname),
                 # bounce_template.c: integer division, as $name_hours does.
-                warn_hours=int(float(config["delay_warning_time"]) // 3600),
-                lifetime_days=int(float(config["maximal_queue_lifetime"]) // 86400),
+                warn_hours=int(float(settings.delay_warning_time) // 3600),
+                lifetime_days=int(float(settings.maximal_queue_lifetime) // 86400),
             ).splitlines()
         )
     for report in reports:
@@ -585,7 +605,7 @@ def build_report(
     envelope: Envelope,
     reports: Sequence[RecipientReport],
     *,
-    config: Any,
+    settings: BounceSettings,
     clock: Any = time.time,
     transcript: Sequence[str] | None = None,
     to: str | None = None,
@@ -610,7 +630,7 @@ def build_report(
     smtputf8 = envelope.smtputf8
     policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
     global_type = smtputf8
-    myhostname = printable(config["myhostname"])
+    myhostname = printable(settings.myhostname)
     now = _now(clock)
     recipient = envelope.sender if to is None else to
 
@@ -626,7 +646,7 @@ def build_report(
                            f".{printable(envelope.queue_id, replacement='_')}@{myhostname}>"
     report.preamble = "This is a MIME-encapsulated message."
 
-    text = _human_text(kind, envelope, reports, config=config,
+    text = _human_text(kind, envelope, reports, settings=settings,
                        postmaster_copy=postmaster_copy, transcript=transcript)
     charset = "utf-8" if _NON_ASCII_RE.search(text) else "us-ascii"
     notification = MIMEText(text, "plain", charset, policy=policy)
@@ -634,14 +654,14 @@ def build_report(
     notification["Content-Description"] = "Notification"
     report.attach(notification)
 
-    status_part, status_fields = _delivery_status_part(envelope, reports, kind=kind, config=config,
+    status_part, status_fields = _delivery_status_part(envelope, reports, kind=kind, settings=settings,
                                                        policy=policy, global_type=global_type)
     status_marker = f"RELAYAGENT-STATUS-{os.urandom(16).hex()}"
     status_part.set_payload(status_marker + "\r\n")
     report.attach(status_part)
 
     # The original: RET=HDRS, or too big for bounce_size_limit -> headers.
-    limit = int(config["bounce_size_limit"])
+    limit = int(settings.bounce_size_limit)
     wanted = ret or envelope.ret or Ret.FULL
     headers_only = wanted is Ret.HDRS or (limit > 0 and not 0 < envelope.content_size <= limit)
     original, eight_bit = _original_lines(envelope, headers_only=headers_only, limit=limit)
@@ -700,7 +720,7 @@ def notices(
     envelope: Envelope,
     reports: Sequence[RecipientReport],
     *,
-    config: Any,
+    settings: BounceSettings,
     clock: Any = time.time,
 ) -> NoticePlan:
     """Every notice due when recipients of ``envelope`` failed (``kind``
@@ -711,7 +731,7 @@ def notices(
     double bounces and ``notify_classes`` postmaster copies happen here.
     An empty plan means nothing is to be sent.
     """
-    classes = set(config["notify_classes"])
+    classes = set(settings.notify_classes)
     found: list[Notice] = []
     warnings: list[str] = []
 
@@ -727,16 +747,16 @@ def notices(
         ))
 
     def build(to: str, chosen: Sequence[RecipientReport], *, postmaster: bool, ret: Ret | None) -> bytes:
-        return build_report(kind, envelope, chosen, config=config, clock=clock,
+        return build_report(kind, envelope, chosen, settings=settings, clock=clock,
                             to=to, postmaster_copy=postmaster, ret=ret)
 
     if kind == "failure":
         failed = [r for r in reports if r.action == "failed"]
         if not failed:
             return NoticePlan()
-        route = bounce_recipient_for(envelope, config)
+        route = bounce_recipient_for(envelope, settings)
         if route is None:
-            warnings.append(_discard_reason(envelope, config))
+            warnings.append(_discard_reason(envelope, settings))
             return NoticePlan((), tuple(warnings))
         if route.postmaster_copy:
             add(route.sender, route.recipient,
@@ -747,22 +767,22 @@ def notices(
             add(route.sender, route.recipient,
                 build(route.recipient, chosen, postmaster=False, ret=route.ret), route.label)
         if "bounce" in classes:
-            to = qualify(config["bounce_notice_recipient"], config)
-            add(double_bounce_address(config), to,
+            to = qualify(settings.bounce_notice_recipient, settings)
+            add(double_bounce_address(settings), to,
                 build(to, failed, postmaster=True, ret=Ret.HDRS),
                 "postmaster non-delivery notification")
         return NoticePlan(tuple(found), ())
 
     if kind == "delay":
         delayed = [r for r in reports if r.action == "delayed"]
-        if not delayed or (envelope.sender and is_double_bounce_address(envelope.sender, config)):
+        if not delayed or (envelope.sender and is_double_bounce_address(envelope.sender, settings)):
             return NoticePlan()
         if not envelope.sender:
             # bounce_warn_service.c: a delayed bounce warns the postmaster,
             # when notify_classes has delay.
             if "delay" in classes:
-                to = qualify(config["delay_notice_recipient"], config)
-                add(double_bounce_address(config), to,
+                to = qualify(settings.delay_notice_recipient, settings)
+                add(double_bounce_address(settings), to,
                     build(to, delayed, postmaster=True, ret=Ret.HDRS),
                     "postmaster delay notification")
             return NoticePlan(tuple(found), ())
@@ -772,14 +792,14 @@ def notices(
                 build(envelope.sender, chosen, postmaster=False, ret=Ret.HDRS),
                 "sender delay notification")
         if "delay" in classes:
-            to = qualify(config["delay_notice_recipient"], config)
-            add(double_bounce_address(config), to,
+            to = qualify(settings.delay_notice_recipient, settings)
+            add(double_bounce_address(settings), to,
                 build(to, delayed, postmaster=True, ret=Ret.HDRS),
                 "postmaster delay notification")
         return NoticePlan(tuple(found), ())
 
     # success: only to a real sender (bounce_trace_service.c).
-    if not envelope.sender or is_double_bounce_address(envelope.sender, config):
+    if not envelope.sender or is_double_bounce_address(envelope.sender, settings):
         return NoticePlan()
     chosen = notifications_for("success", envelope, reports)
     if chosen:
@@ -798,7 +818,7 @@ def postmaster_notice(
     envelope: Envelope,
     status: Status,
     transcript: Sequence[str] | None,
-    config: Any,
+    settings: BounceSettings,
     *,
     clock: Any = time.time,
     server: str | None = None,
@@ -820,25 +840,26 @@ def postmaster_notice(
     function never does since a bounce has the null sender); call this
     one for smtp(8)'s classes.
     """
-    if cls not in config["notify_classes"]:
+    if cls not in settings.notify_classes:
         return None
-    if not envelope.sender or is_double_bounce_address(envelope.sender, config):
+    if not envelope.sender or is_double_bounce_address(envelope.sender, settings):
         return None
-    sender = double_bounce_address(config)
+    sender = double_bounce_address(settings)
     if cls in ("bounce", "2bounce", "delay"):
         kind: Kind = "delay" if cls == "delay" else "failure"
         action: Action = "delayed" if kind == "delay" else "failed"
-        parameter = {"bounce": "bounce_notice_recipient", "2bounce": "2bounce_notice_recipient",
-                     "delay": "delay_notice_recipient"}[cls]
-        to = qualify(config[parameter], config)
+        notice_recipient = {"bounce": settings.bounce_notice_recipient,
+                            "2bounce": settings.double_bounce_notice_recipient,
+                            "delay": settings.delay_notice_recipient}[cls]
+        to = qualify(notice_recipient, settings)
         chosen = list(reports) if reports is not None else [
             RecipientReport(recipient=r, status=status, action=action) for r in envelope.pending()
         ]
-        content = build_report(kind, envelope, chosen, config=config, clock=clock, to=to,
+        content = build_report(kind, envelope, chosen, settings=settings, clock=clock, to=to,
                                postmaster_copy=True, ret=Ret.HDRS, transcript=transcript)
         return sender, [to], content
 
-    to = qualify(config["error_notice_recipient"], config)
+    to = qualify(settings.error_notice_recipient, settings)
     peer = printable(server or status.remote_mta or "the remote server")
     policy = email.policy.SMTP
     body = [f"Unexpected response from {peer}.", ""]
@@ -848,13 +869,13 @@ def postmaster_notice(
         body.extend(["Transcript of session follows.", ""])
         body.extend(_transcript_lines(transcript))
     message = MIMEText("\n".join(body) + "\n", "plain", "us-ascii", policy=policy)
-    message["From"] = f"MAILER-DAEMON@{printable(config['myhostname'])} (Mail Delivery System)"
+    message["From"] = f"MAILER-DAEMON@{printable(settings.myhostname)} (Mail Delivery System)"
     message["To"] = f"{_header_address(to, False)} (Postmaster)"
-    message["Subject"] = f"{_atom(config['mail_name'])} SMTP client: errors from {peer}"
+    message["Subject"] = f"{_atom(settings.mail_name)} SMTP client: errors from {peer}"
     message["Auto-Submitted"] = "auto-generated"
     message["Date"] = _mail_date(_now(clock))
     message["Message-ID"] = f"<{os.urandom(8).hex()}.{printable(envelope.queue_id, replacement='_')}" \
-                            f"@{printable(config['myhostname'])}>"
+                            f"@{printable(settings.myhostname)}>"
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=policy).flatten(message)
     return sender, [to], buffer.getvalue()

@@ -53,9 +53,9 @@ import os
 import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Any, Self
 
 
 class ConfigError(Exception):
@@ -79,7 +79,7 @@ class Parameter:
     kind: Kind
     doc: str
     unit: str = "s"  # default time unit, for Kind.TIME
-    choices: tuple[str, ...] | None = None  # allowed words (STRING or each LIST item)
+    choices: tuple[str, ...] | None = None  # allowed words (STRING, each LIST item, or instead of an INT)
     minimum: int | None = None  # for Kind.INT and Kind.TIME (in seconds)
     ours: bool = False  # an extension of relayagent's, not a Postfix parameter
     path: bool = False  # a file or directory name, resolved against base_dir
@@ -90,7 +90,8 @@ class Parameter:
             return "yes or no"
         if self.kind is Kind.INT:
             floor = "" if self.minimum is None else f" >= {self.minimum}"
-            return f"an integer{floor}"
+            words = "".join(f"{word} or " for word in self.choices or ())
+            return f"{words}an integer{floor}"
         if self.kind is Kind.TIME:
             return (
                 "a time: a number with an optional unit s (seconds), m (minutes), "
@@ -248,7 +249,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
     # --- worker processes (relayagent/master/worker.py)
-    _p("relayagent_workers", "1", N, "Worker processes sharing the queue; each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits (1: one process).", minimum=1, ours=True),
+    _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
 )
 
 PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in _TABLE}
@@ -387,6 +388,8 @@ def convert(param: Parameter, value: str) -> Any:
             return False
         raise ValueError(value)
     if param.kind is Kind.INT:
+        if param.choices and value.strip().lower() in param.choices:
+            return value.strip().lower()  # a word instead of a number (relayagent_workers = auto)
         number = int(value.strip())
         if param.minimum is not None and number < param.minimum:
             raise ValueError(value)
@@ -703,6 +706,65 @@ class Config:
             self._values[name] = value
         if errors:
             raise ConfigError("\n".join(errors))
+
+
+# ---------------------------------------------------------------------------
+# Settings bound once
+
+
+# The field of a settings object that is no parameter: the directory
+# relative file names in tables resolve against (main.cf's).
+BASE_DIR = "base_dir"
+_PARAMETER = "parameter"
+
+
+def parameter(name: str) -> Any:
+    """A settings field for a parameter whose name is no Python name
+    (``2bounce_notice_recipient``)."""
+    return field(metadata={_PARAMETER: name})
+
+
+def _parameter_of(item: Any) -> str:
+    name: str = item.metadata.get(_PARAMETER, item.name)
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A phase's parameters, bound once at start-up (as Postfix's
+    ``smtp_params.c`` binds its variables): a frozen dataclass whose
+    fields are named after the parameters they hold, typed as the table
+    types them (path parameters resolved against main.cf's directory).
+    A field named ``base_dir`` gets that directory.
+
+    A phase subclasses it with the parameters it reads and nothing else;
+    tests/test_parameters.py holds the union of every subclass's fields
+    against the table.  ``from_config`` is the only reader of ``Config``
+    by name: a field that is not a parameter fails there (``KeyError``),
+    at start-up rather than at the first message.
+    """
+
+    @classmethod
+    def from_config(cls, config: Config, **given: Any) -> Self:
+        """Bind every field from ``config``; ``given`` sets fields
+        directly (tests; a value the caller already parsed)."""
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            name = _parameter_of(item)
+            if item.name in given:
+                values[item.name] = given[item.name]
+            elif item.name == BASE_DIR:
+                values[item.name] = config.base_dir
+            elif PARAMETERS[name].path:
+                values[item.name] = config.path_of(name)
+            else:
+                values[item.name] = config[name]
+        return cls(**values)
+
+
+def parameters_of(settings: type[Settings]) -> frozenset[str]:
+    """The parameters a settings class binds."""
+    return frozenset(_parameter_of(item) for item in fields(settings) if item.name != BASE_DIR)
 
 
 # ---------------------------------------------------------------------------

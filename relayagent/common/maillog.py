@@ -21,9 +21,15 @@ a dict and no formatting:
 - ``JsonObserver`` writes one JSON object per line with the same fields
   and the Postfix text (``log_format = json``).  Twisted's own
   ``jsonFileLogObserver`` also works: the events hold only JSON-friendly
-  values besides Twisted's keys.  Events also carry a ``log_format``
-  string for Twisted's generic observers (raw numbers, not Postfix's
-  rounding).
+  values besides Twisted's keys.
+- Twisted's own observers (``formatEvent``, ``textFileLogObserver``,
+  twistd's ``--syslog`` and ``--logger``) render an event's
+  ``log_format``, and that renders Postfix's text as well, ``render``'s
+  text: ``delay`` and ``delays`` are ``Delay`` and ``Delays``, numbers
+  that print as format_tv.c rounds them (``delay=0.52,
+  delays=0.03/0.01/0.3/0.18``) and stay numbers for JSON; a warning's
+  format begins with "warning: ".  Still nothing is formatted until an
+  observer prints the event.
 
 Where the events go: with ``maillog_file`` set, a running ``MailLog``
 takes the mail events straight to its observer (not through Twisted's
@@ -46,8 +52,8 @@ SYNOPSIS
     ralog.log_removed(log, queue_id)       # and log_queue_active, log_expired, ...
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
-    DebugPeers(config).level_for(nexthop, host, address)
-    format_delay(0.52), render(event)
+    DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
+    format_delay(0.52), render(event), set_resolution(limit)
 
 DIAGNOSTICS: logging never raises for an event.  ``DebugPeers`` raises
 ``ValueError`` when a ``debug_peer_list`` file cannot be read;
@@ -68,6 +74,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from twisted.logger import (
@@ -76,11 +83,18 @@ from twisted.logger import (
     Logger,
     LogLevel,
     PredicateResult,
+    eventAsText,
     formatEvent,
+    formatTime,
+    timeFormatRFC3339,
 )
+from twisted.python.compat import ioType
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Recipient
+from relayagent.common.maps import open_maps
 from relayagent.common.status import Status
 
 # Where a maillog that cannot be written says so (see _Writer).
@@ -151,18 +165,21 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
     ``resolution`` (delay_logging_resolution_limit, 0..6) digits after the
     point, no trailing zeros.  0.5234 -> "0.52", 0.0312 -> "0.03",
     12.3 -> "12", 0.0001 -> "0"."""
-    if resolution == 2 and significant == 2 and 0.0 <= seconds < 0.995:
+    if not seconds > 0:  # zero, negative (a clock stepped back) or NaN
+        seconds = 0.0
+    # Whole microseconds first, as log_adhoc.c has them (a timeval).
+    total = int(round(seconds * _MILLION))
+    if resolution == 2 and significant == 2 and total < 995_000:
         # The usual case (the defaults, under a second), in a few integer
-        # operations; the same answer as the general way below.
-        hundredths = (int(round(seconds * _MILLION)) + 5000) // 10000
+        # operations; the same answer as the general way below.  The test
+        # is on the microseconds: 0.9949999 s is 995000 us, which rounds
+        # up to "1", not to "0.100".
+        hundredths = (total + 5000) // 10000
         if not hundredths:
             return "0"
         return f"0.{hundredths:02d}" if hundredths % 10 else f"0.{hundredths // 10}"
     resolution = min(max(int(resolution), 0), 6)
     significant = min(max(int(significant), 1), 6)
-    if not seconds or seconds < 0:
-        seconds = 0.0
-    total = int(round(seconds * _MILLION))
     sec, usec = divmod(total, _MILLION)
     unit = _MILLION // 10 ** resolution  # the finest digit we may show, in us
     width = 10 ** significant
@@ -188,6 +205,52 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
     return f"{sec}.{usec // unit:0{places}d}".rstrip("0")
 
 
+# What delay_logging_resolution_limit says for the text of the delays in
+# the events (``Delay``): the observers here are given theirs, but
+# Twisted's (twistd's --logger and --syslog, jsonFileLogObserver, a test's
+# formatEvent) know nothing of relayagent.  Set at start-up
+# (``set_resolution``); Postfix's default until then.
+_resolution = 2
+
+
+def set_resolution(limit: int) -> None:
+    """delay_logging_resolution_limit for the text of ``Delay`` values."""
+    global _resolution
+    _resolution = min(max(int(limit), 0), 6)
+
+
+class Delay(float):
+    """A delay in seconds that prints as Postfix logs it: ``str`` and
+    ``format`` with no spec give ``format_delay``'s text, so an event's
+    ``log_format`` (``delay={delay}``) renders Postfix's line in any
+    observer that uses Twisted's ``formatEvent`` (or flattens the event
+    with ``str``, as ``jsonFileLogObserver`` does).  Otherwise a float:
+    JSON writes the number, arithmetic and ``repr`` are the float's, and
+    nothing is formatted unless someone prints it."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return format_delay(self, _resolution)
+
+    def __format__(self, spec: str) -> str:
+        return format_delay(self, _resolution) if not spec else float.__format__(self, spec)
+
+
+class Delays(list):  # type: ignore[type-arg]  # of float
+    """``delays=a/b/c/d``: before the queue manager, in it, connection
+    set-up, transmission; prints as Postfix does (``0.03/0.01/0.3/0.18``),
+    is a list of numbers to JSON and to anyone who reads it."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "/".join([format_delay(value, _resolution) for value in self])
+
+    def __format__(self, spec: str) -> str:
+        return str(self) if not spec else format(list(self), spec)
+
+
 # ---------------------------------------------------------------------------
 # Emitting events (what the other phases call)
 
@@ -196,8 +259,28 @@ def format_delay(seconds: float, resolution: int = 2, significant: int = 2) -> s
 # ``MailLog`` that is running (``maillog_file`` set) takes them straight
 # to its observer instead, as Postfix's maillog_file takes its lines away
 # from syslog: one rendering per event, and none by observers that would
-# only format it to throw it away.  One process, one maillog.
+# only format it to throw it away.  Without one, twistd's log takes them
+# so when relayagent writes it (``TwistdLogObserver``): the same cost as
+# the maillog's.  One process, one taker (``take_mail_events``).
 _maillog: ILogObserver | None = None
+
+
+def take_mail_events(observer: ILogObserver) -> None:
+    """The mail events (the ``log_*`` functions) go straight to
+    ``observer`` from now on, not through the caller's Logger and the
+    global publisher.  ``RuntimeError`` when another observer has them."""
+    global _maillog
+    if _maillog is not None and _maillog is not observer:
+        raise RuntimeError("another maillog is running in this process")
+    _maillog = observer
+
+
+def give_back_mail_events(observer: ILogObserver) -> None:
+    """The mail events go through the callers' Loggers again (if
+    ``observer`` had them)."""
+    global _maillog
+    if _maillog is observer:
+        _maillog = None
 
 
 def _emit(log: Logger, level: LogLevel, fmt: str, **fields: Any) -> None:
@@ -273,8 +356,11 @@ def log_delivery(
         orig_to=orig_to,
         relay=relay or "none",
         conn_use=conn_use if conn_use and conn_use > 1 else None,
-        delay=delay,
-        delays=list(delays),
+        # For Twisted's observers, numbers that print as Postfix's
+        # (Delay); a running maillog renders them itself and they stay
+        # plain, which is cheaper.
+        delay=delay if _maillog is not None else Delay(delay),
+        delays=list(delays) if _maillog is not None else Delays(delays),
         dsn=status.dsn,
         status=outcome,
         reason=status.text,
@@ -331,10 +417,13 @@ def log_delay_notice(log: Logger, queue_id: str, new_queue_id: str) -> None:
 def log_warning(log: Logger, text: str, *, queue_id: str | None = None, service: str | None = None) -> None:
     """``warning: [QUEUEID: ]text``; ``service`` names the Postfix daemon
     that would have said it, when not smtp (``master`` for the workers)."""
+    # "warning: " in the format too: Postfix's text is the same in
+    # observers that render log_format and do not know the levels
+    # (render() makes it from the level).
     _emit(
         log,
         LogLevel.warn,
-        "{queue_id}: {text}" if queue_id else "{text}",
+        "warning: {queue_id}: {text}" if queue_id else "warning: {text}",
         ralog_event=WARNING, ralog_service=service, queue_id=queue_id, text=text,
     )
 
@@ -375,11 +464,22 @@ def log_tls(
 
     ``trust``: Anonymous, Untrusted, Trusted or Verified (tls_client.c).
     """
+    # The optional parts as render() writes them, so that the format
+    # renders the same text.
+    fmt = ("{trust} TLS connection established to {host}[{address}]:{port}: "
+           "{protocol} with cipher {cipher} ({cipher_bits}/{algorithm_bits} bits)")
+    if key_exchange:
+        fmt += " key-exchange {key_exchange}"
+    if signature:
+        fmt += " server-signature {signature}"
+        if signature_bits:
+            fmt += " ({signature_bits} bits)"
+    if digest:
+        fmt += " server-digest {digest}"
     _emit(
         log,
         LogLevel.info,
-        "{trust} TLS connection established to {host}[{address}]:{port}: "
-        "{protocol} with cipher {cipher} ({cipher_bits}/{algorithm_bits} bits)",
+        fmt,
         ralog_event=TLS, trust=trust, host=host, address=address, port=port,
         protocol=protocol, cipher=cipher, cipher_bits=cipher_bits,
         algorithm_bits=algorithm_bits, key_exchange=key_exchange, signature=signature,
@@ -504,11 +604,29 @@ def _one_line(text: str) -> str:
     return text if text.isprintable() else _clean(text)
 
 
+def after_this_turn(reactor: Any) -> Callable[[Callable[[], None]], object]:
+    """``flush_later`` for the observers here: ``flush`` runs once the
+    reactor is done with this turn (``callLater(0, flush)``).  It answers
+    False, and the caller flushes at once, where no later turn may come or
+    the reactor must not be touched: before the reactor runs, after it
+    stopped (twistd's "Server Shut Down." is logged then) and in another
+    thread."""
+
+    def flush_later(flush: Callable[[], None]) -> object:
+        if getattr(reactor, "running", False) and isInIOThread():
+            return reactor.callLater(0, flush)
+        return False
+
+    return flush_later
+
+
 class _Writer:
     """Writes lines to ``out`` and flushes: at once, or with
-    ``flush_later`` (``lambda f: reactor.callLater(0, f)``) once after the
-    lines of one reactor turn, so that a busy queue does not pay a system
-    call per line (a line reaches the file within that turn).
+    ``flush_later`` (``after_this_turn(reactor)``) once after the lines of
+    one reactor turn, so that a busy queue does not pay a system call per
+    line (a line reaches the file within that turn).  A ``flush_later``
+    that answers False has not scheduled anything: the line is flushed at
+    once.
 
     A write that fails (a full disk) never reaches the caller: the mail
     events are written from inside the delivery code, which must go on
@@ -527,17 +645,22 @@ class _Writer:
         # MailLog takes its events from.
         self.trouble_log = _writer_log
 
+    # What the warning calls the file.
+    what = "the mail log"
+
     def _write(self, text: str) -> None:
         try:
             self._out.write(text)
         except OSError as error:
             self._failed(error)
             return
-        if self._flush_later is None:
-            self.flush()
-        elif not self._flush_pending:
+        if self._flush_pending:
+            return
+        if self._flush_later is not None:
             self._flush_pending = True
-            self._flush_later(self.flush)
+            if self._flush_later(self.flush) is not False:
+                return
+        self.flush()
 
     def flush(self) -> None:
         self._flush_pending = False
@@ -556,8 +679,9 @@ class _Writer:
         self._failing = True
         name = getattr(self._out, "name", None)
         self.trouble_log.warn(
-            "cannot write the mail log{where}: {reason}; its lines are lost until it can be written again",
-            where=f" {name}" if isinstance(name, str) else "", reason=error.strerror or str(error),
+            "cannot write {what}{where}: {reason}; its lines are lost until it can be written again",
+            what=self.what, where=f" {name}" if isinstance(name, str) else "",
+            reason=error.strerror or str(error),
         )
 
 
@@ -669,6 +793,124 @@ class JsonObserver(_Writer):
         self._write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
 
 
+class _Pending:
+    """A file's text held until ``flush`` and then written in one call:
+    twistd's ``LogFile`` is unbuffered (a system call per ``write``).
+    More than ``limit`` characters are written at once."""
+
+    def __init__(self, out: Any, *, limit: int = 65536) -> None:
+        self.out = out
+        self.name = getattr(out, "name", None)
+        self.limit = limit
+        # Text or, for a file that takes bytes, UTF-8 (as Twisted's
+        # FileLogObserver decides).
+        self._encode = ioType(out) is not str
+        self._pending: list[str] = []
+        self._size = 0
+
+    def write(self, text: str) -> None:
+        self._pending.append(text)
+        self._size += len(text)
+        if self._size >= self.limit:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        # Taken before the write: lines that cannot be written are lost,
+        # not kept to pile up (_Writer says so once).
+        pending, self._pending, self._size = self._pending, [], 0
+        if pending:
+            text = "".join(pending)
+            self.out.write(text.encode("utf-8") if self._encode else text)
+
+    def flush(self) -> None:
+        self._write_pending()
+        self.out.flush()
+
+
+def _is_relayagents(namespace: object) -> bool:
+    return isinstance(namespace, str) and (namespace == "relayagent" or namespace.startswith("relayagent."))
+
+
+@implementer(ILogObserver)
+class TwistdLogObserver(_Writer):
+    """twistd's log as twistd's own observer (``textFileLogObserver``)
+    writes it, ``<stamp> [<namespace>#<level>] <text>`` with continuation
+    lines indented by a tab, but with relayagent's events in Postfix's
+    text (``render``: ``4B3F2A1C0D: to=<b@example.net>, relay=..., delay=0.52,
+    delays=0.03/0.01/0.3/0.18, dsn=2.0.0, status=sent (...)``, "warning: "
+    before a warning) and as cheaply as the maillog: the text made once
+    per event without ``string.Formatter``, the stamp once a second, the
+    ``[namespace#level]`` once per logger and level, the file written and
+    flushed once per reactor turn (``flush_later``) instead of per line.
+    Other events (Twisted's, and tracebacks) read as twistd writes them.
+    ``relayagent.master.tap`` makes it twistd's log."""
+
+    what = "twistd's log"
+
+    def __init__(
+        self,
+        out: Any,
+        *,
+        resolution: int = 2,
+        time_format: str | None = timeFormatRFC3339,
+        flush_later: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        super().__init__(_Pending(out), flush_later)  # type: ignore[arg-type]
+        self.out = out
+        self._resolution = resolution
+        self._time_format = time_format
+        self._second: int | None = None
+        self._stamp = ""
+        self._systems: dict[tuple[Any, Any], str] = {}
+
+    def _time(self, when: float | None) -> str:
+        if when is None or self._time_format is None:
+            return formatTime(None, self._time_format)
+        second = int(when)
+        if second != self._second:
+            # The format has no fraction of a second: the same text for
+            # the whole second, made by Twisted's formatTime.
+            self._stamp = formatTime(second, self._time_format)
+            self._second = second
+        return self._stamp
+
+    def _system(self, event: Mapping[str, Any]) -> str:
+        system = event.get("log_system")
+        if system is not None:
+            try:
+                return str(system)
+            except Exception:  # noqa: BLE001 - as Twisted's _formatSystem
+                return "UNFORMATTABLE"
+        key = (event.get("log_namespace", "-"), event.get("log_level"))
+        text = self._systems.get(key)
+        if text is None:
+            level = key[1]
+            text = self._systems[key] = f"{key[0]}#{level.name if level is not None else '-'}"
+        return text
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        try:
+            if event.get("ralog_event"):
+                # One line, as in the maillog: a CR or LF from a reply
+                # becomes "?".
+                text = _one_line(render(event, resolution=self._resolution))
+            elif "log_failure" not in event and _is_relayagents(event.get("log_namespace")):
+                # relayagent's other lines, "warning: " and all.
+                text = render(event, resolution=self._resolution)
+            else:
+                # Twisted's, and tracebacks (no Postfix line has one), as
+                # twistd writes them.
+                text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        except Exception as error:  # noqa: BLE001 - an event that cannot be rendered is still a line
+            text = f"Unable to format event: {error!r}"
+        if not text:
+            return
+        line = f"{self._time(event.get('log_time'))} [{self._system(event)}] {text}"
+        if "\n" in line:
+            line = line.replace("\n", "\n\t")
+        self._write(line + "\n")
+
+
 # ---------------------------------------------------------------------------
 # debug_peer_list
 
@@ -684,19 +926,26 @@ class DebugPeers:
     ``type:table`` looked up by host name, its parent domains and address.
     """
 
-    def __init__(self, config: Any, *, open_table: Callable[[str], Any] | None = None) -> None:
-        self.level = int(config["debug_peer_level"])
-        self._opener = open_table or self._default_opener(config)
+    def __init__(
+        self,
+        level: int,
+        patterns: Iterable[str],
+        *,
+        base_dir: str | None = None,
+        open_table: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``level``: debug_peer_level; ``patterns``: debug_peer_list;
+        ``base_dir``: what relative table names resolve against."""
+        self.level = level
+        self._opener = open_table or self._default_opener(base_dir)
         self._patterns: list[tuple[bool, Any]] = []
-        for item in config["debug_peer_list"]:
+        for item in patterns:
             self._add(item, depth=0)
 
     @staticmethod
-    def _default_opener(config: Any) -> Callable[[str], Any]:
+    def _default_opener(base_dir: str | None) -> Callable[[str], Any]:
         def opener(spec: str) -> Any:
-            from relayagent.common.maps import open_maps  # only when a table is named
-
-            return open_maps([spec], base_dir=getattr(config, "base_dir", None))
+            return open_maps([spec], base_dir=base_dir)
 
         return opener
 
@@ -804,14 +1053,26 @@ class _DebugPeerPredicate:
         return PredicateResult.maybe
 
 
-def _format_observer(config: Any, out: TextIO, clock: Any,
+@dataclass(frozen=True, slots=True)
+class MaillogSettings(Settings):
+    """The mail log's parameters, bound once."""
+
+    maillog_file: str
+    log_format: str
+    syslog_name: str
+    myhostname: str
+    delay_logging_resolution_limit: int
+
+
+def _format_observer(config: Config, out: TextIO, clock: Any,
                      flush_later: Callable[[Callable[[], None]], object] | None = None) -> Any:
     """Postfix lines or JSON (``log_format``) to ``out``, program
     ``<syslog_name>/smtp``."""
-    program = f"{config['syslog_name']}/smtp"
-    kwargs = dict(hostname=config["myhostname"], program=program, clock=clock,
-                  resolution=int(config["delay_logging_resolution_limit"]), flush_later=flush_later)
-    if config["log_format"] == "json":
+    settings = MaillogSettings.from_config(config)
+    program = f"{settings.syslog_name}/smtp"
+    kwargs = dict(hostname=settings.myhostname, program=program, clock=clock,
+                  resolution=settings.delay_logging_resolution_limit, flush_later=flush_later)
+    if settings.log_format == "json":
         return JsonObserver(out, **kwargs)
     return PostfixFormatObserver(out, **kwargs)
 
@@ -847,8 +1108,10 @@ class MailLog:
     unless ``verbose``.
 
     Without a running MailLog (``maillog_file`` empty) the mail events
-    go through the global publisher into twistd's log (``--logfile``,
-    standard output with ``-n``, or ``--logger``), rendered once there.
+    go into twistd's log (``--logfile``, standard output with ``-n``, or
+    ``--logger``), rendered once there: straight to its observer when
+    relayagent writes it (``TwistdLogObserver``), else through the global
+    publisher.
     """
 
     def __init__(self, config: Any, out: TextIO, *, verbose: bool = False, clock: Any = time.time,
@@ -867,32 +1130,32 @@ class MailLog:
         self.running = False
 
     def start(self) -> None:
-        global _maillog
         if self.running:
             return
-        if _maillog is not None:
-            raise RuntimeError("another maillog is running in this process")
+        take_mail_events(self.observer)
         self.running = True
-        _maillog = self.observer
         self._publisher.addObserver(self._from_publisher)
 
     def stop(self) -> None:
-        global _maillog
         if not self.running:
             return
         self.running = False
-        if _maillog is self.observer:
-            _maillog = None
+        give_back_mail_events(self.observer)
         self._publisher.removeObserver(self._from_publisher)
         self.observer.flush()
 
 
 __all__ = [
     "DebugPeers",
+    "Delay",
+    "Delays",
     "JsonObserver",
     "MailLog",
     "PostfixFormatObserver",
+    "TwistdLogObserver",
+    "after_this_turn",
     "format_delay",
+    "give_back_mail_events",
     "log_bounce_notice",
     "log_connect_failure",
     "log_delay_notice",
@@ -905,5 +1168,7 @@ __all__ = [
     "log_warning",
     "make_observers",
     "render",
+    "set_resolution",
     "syslog_time",
+    "take_mail_events",
 ]

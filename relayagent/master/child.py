@@ -1,113 +1,114 @@
 """
-The entry point of a child worker process (``relayagent_workers`` > 1):
-``python -m relayagent.master.child -c MAIN.CF --index K --workers N
---lock-fd F [--log-fd L]``, started by ``worker.WorkerPool``, never by
-hand.  It checks the spool lock it was given, builds the same delivery
-stack as the twistd process (``service.build_service`` with a
-``WorkerRole``), and runs until its parent goes away.
+A worker process of a daemon with ``relayagent_workers`` > 1, from its
+fork on: ``run(service, index, link, lock_fd)`` is what the spawner
+(``relayagent.master.spawner``) calls in the new process, where
+``service`` is this process's copy of worker 0's ``RelayagentService``
+as ``makeService`` built it (as root, outside any chroot: tables, SASL
+passwords, TLS keys and contexts already in memory).
+
+It gives the reactor new kernel objects (``fresh_reactor``: the epoll
+descriptor and the waker pipe of worker 0's reactor are shared with
+worker 0 after a fork; everything built on the reactor keeps working,
+since it is the same object), checks the spool lock it holds, makes the
+service worker ``index`` (``RelayagentService.become_worker``), puts its
+link to worker 0 on the reactor, logs through worker 0 (or to its
+standard error), and runs until worker 0 goes away
+(``worker.ParentLink``, ``worker.WorkerRuntime``) or SIGTERM.
 
 SYNOPSIS
 
-    sys.exit(main(argv))
+    status = run(service, index, link, lock_fd)
+    fresh_reactor(reactor)
 
-DIAGNOSTICS: the exit status is 0, or a sysexits code with one line on
-standard error: 78 (EX_CONFIG) for a bad configuration, 64 (EX_USAGE) for
-a bad or foreign lock descriptor, 70 (EX_SOFTWARE) when the service could
-not start.
+DIAGNOSTICS: ``run`` returns 0, or a sysexits code with one line on
+standard error: 64 (EX_USAGE) for a bad or foreign lock descriptor, 70
+(EX_SOFTWARE) when the service could not start (with the traceback in
+the log).
 
 Owns no parameters (``worker`` owns relayagent_workers).
 """
 
 from __future__ import annotations
 
-import argparse
+import socket
 import sys
-from collections.abc import Sequence
+from typing import Any
 
 from twisted.logger import Logger
 
-from relayagent.common.config import Config, ConfigError
-from relayagent.master.service import build_service
+from relayagent.common import maillog as ralog
+from relayagent.master.spawner import EX_SOFTWARE, log_to_stderr
 from relayagent.master.worker import (
-    EX_CONFIG,
-    EX_SOFTWARE,
     EX_USAGE,
+    LogToWorkerZero,
     ParentLink,
     WorkerError,
     WorkerRole,
     WorkerRuntime,
+    adopt,
     check_lock,
 )
 
 log = Logger(namespace="relayagent.master.worker")
 
 
-def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m relayagent.master.child",
-        description="One worker of a relayagent daemon (started by it; not for use by hand).",
-    )
-    parser.add_argument("-c", "--config", required=True, help="the main.cf file")
-    parser.add_argument("--index", type=int, required=True, help="this worker's number, 1..N-1")
-    parser.add_argument("--workers", type=int, required=True, help="N, the number of workers")
-    parser.add_argument("--lock-fd", type=int, required=True,
-                        help="the parent's locked descriptor of master.lock")
-    parser.add_argument("--log-fd", type=int, default=None, help="the maillog_file descriptor")
-    args = parser.parse_args(list(argv))
-    if not 1 <= args.index < args.workers:
-        parser.error(f"--index must be between 1 and {args.workers - 1}")
-    return args
+def fresh_reactor(reactor: Any) -> None:
+    """After a fork: the reactor made again in place, with a poller and
+    a waker of its own.  Worker 0's are kernel objects this process
+    shares (registering a descriptor on the inherited epoll instance
+    would register it in worker 0's).  Nothing else is lost: the service
+    was built before any timer, reader or system event trigger was
+    added.  Tested with the epoll, poll and asyncio reactors (an asyncio
+    reactor made again takes a new event loop; the old one is left
+    alone, never closed: closing it would unregister its descriptors
+    from the shared epoll instance)."""
+    poller = getattr(reactor, "_poller", None)
+    waker = getattr(reactor, "waker", None)
+    type(reactor).__init__(reactor)
+    # This process's copies only; worker 0's are untouched.
+    if poller is not None and hasattr(poller, "close"):
+        poller.close()
+    if waker is not None:
+        waker.connectionLost(None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """A child worker: runs until its parent goes away; returns the exit
+def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
+    """Worker ``index``: runs until worker 0 goes away; returns the exit
     status (0, or a sysexits code with one line on standard error)."""
-    args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    try:
-        config = Config.load(args.config)
-    except ConfigError as exc:
-        print(f"relayagent: fatal: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    try:
-        check_lock(args.lock_fd, config.path_of("queue_directory"))
-    except WorkerError as exc:
-        print(f"relayagent: fatal: worker {args.index}: {exc}", file=sys.stderr)
-        return EX_USAGE
-
-    # The entry point chooses the reactor: imported here, when it runs.
-    from twisted.internet import reactor
-    from twisted.internet.stdio import StandardIO
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    # Twisted's and relayagent's other events go to standard error, which
-    # is the parent's (its terminal, or its log with twistd --logfile
-    # when one is given as stderr); the mail lines to maillog_file.
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    role = WorkerRole(args.index, args.workers, args.lock_fd, args.log_fd)
-    try:
-        service = build_service(config, reactor, role=role)
-    except (ConfigError, ValueError) as exc:
-        print(f"relayagent: fatal: {exc}", file=sys.stderr)
-        return EX_CONFIG
+    reactor = service.reactor
+    fresh_reactor(reactor)
     runtime = WorkerRuntime(service, reactor)
-    link = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
-    service.parent_link = link
-    StandardIO(link, reactor=reactor)
+    parent = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
+    # Twisted's and relayagent's other events (and the mail lines without
+    # maillog_file) in twistd's layout with Postfix's text: into twistd's
+    # log through worker 0 when relayagent writes that log (worker 0 alone
+    # writes and rotates the file), else to standard error.  Never to the
+    # observers inherited from worker 0.
+    out: Any = sys.__stderr__
+    if service.twistd_log is not None:
+        out = LogToWorkerZero(parent, fallback=sys.__stderr__)
+    resolution = ralog.MaillogSettings.from_config(service.config).delay_logging_resolution_limit
+    twistd_log = ralog.TwistdLogObserver(out, resolution=resolution, flush_later=ralog.after_this_turn(reactor))
+    log_to_stderr(twistd_log)
+    adopt(reactor, link, parent)
+    try:
+        check_lock(lock_fd, service.spool_directory())
+    except WorkerError as exc:
+        print(f"relayagent: fatal: worker {index}: {exc}", file=sys.stderr)
+        return EX_USAGE
+    service.become_worker(WorkerRole(index, service.workers, lock_fd), twistd_log=twistd_log)
+    service.parent_link = parent
     reactor.addSystemEventTrigger("before", "shutdown", runtime.stop_service)
     status = [0]
 
     def start() -> None:
         try:
             service.startService()
-        except Exception:  # noqa: BLE001 - one logged failure, then exit for the parent to see
-            log.failure("worker {index} could not start", index=args.index)
+        except Exception:  # noqa: BLE001 - one logged failure, then exit for worker 0 to see
+            log.failure("worker {index} could not start", index=index)
             status[0] = EX_SOFTWARE
             reactor.stop()
 
     reactor.callWhenRunning(start)
     reactor.run()
     return status[0]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

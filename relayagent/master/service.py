@@ -5,7 +5,8 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 ``build_service(config, reactor)`` returns a ``RelayagentService`` holding:
 
 - the maillog (``relayagent.common.maillog.MailLog``) on ``maillog_file``;
-  without one, relayagent's lines go into twistd's log;
+  without one, relayagent's lines go into twistd's log (straight to its
+  observer when relayagent writes it: ``master.tap.twistd_log``);
 - the spool (``relayagent.spool.Spool``);
 - smtp(8)'s entry point (``relayagent.smtp.deliver.SmtpAgent``), which
   owns the real resolver (``resolve.NexthopResolver``), the connector
@@ -31,14 +32,19 @@ trigger socket and the queue manager start in ``startService``, as the
 unprivileged user, so that what they create belongs to that user; under
 a chroot the queue directory is found again through the kept descriptor.
 
-With ``relayagent_workers = N > 1`` (``relayagent/master/worker.py``) this
-process is worker 0: it keeps all of the above, owns the queue files of
-partition 0, and after the privilege drop starts workers 1..N-1
-(``worker.WorkerPool``), passing them the locked ``master.lock`` and
-maillog descriptors; each child calls ``build_service`` with its
-``WorkerRole`` and gets the same stack without trigger socket, lock
-taking or children of its own.  The maillog is written in whole lines,
-one ``write`` per flush, on an ``O_APPEND`` descriptor
+With ``relayagent_workers = N > 1`` (``relayagent/master/worker.py``;
+the default, ``auto``, is one per CPU) this process is worker 0: it
+keeps all of the above and owns the queue files of partition 0.  In
+``privilegedStartService``, after the chroot and before the privilege
+drop, it forks the worker spawner (``relayagent/master/spawner.py``),
+which drops privileges and forks workers 1..N-1 when ``startService``
+asks (``worker.WorkerPool``).  A worker is a copy of this process as
+``build_service`` left it, so the tables, passwords and keys read here
+are its own without being read again: it runs under ``--chroot`` and
+with files only root may read.  Each worker becomes one of the service
+(``become_worker``) and gets the same stack without trigger socket,
+lock taking or workers of its own.  The maillog is written in whole
+lines, one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
 SYNOPSIS: ``build_service``, ``RelayagentService``, ``LineAppender``,
@@ -49,7 +55,9 @@ parameter; ``startService`` raises ``control.DaemonRunning`` when another
 queue manager holds the spool.
 
 Owns no parameters; reads queue_directory, maillog_file, log_format,
-relayagent_workers.
+delay_logging_resolution_limit (for the text of Twisted's observers:
+``maillog.set_resolution``); the number of workers from
+``worker.worker_count``.
 """
 
 from __future__ import annotations
@@ -64,13 +72,14 @@ from twisted.logger import Logger
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
-from relayagent.master import worker
+from relayagent.master import child, worker
 from relayagent.qmgr.delivery import DeliveryAgent
-from relayagent.qmgr.scheduler import Feedback, QueueManager
+from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.spool import Spool, control
+from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.service")
 
@@ -80,22 +89,29 @@ class RelayagentService(MultiService):
     def __init__(self, config: Config, reactor: Any, *, log_out: TextIO | None = None,
                  security: SecurityPolicy | None = None, dns_resolver: Any = None,
                  resolver: NexthopResolver | None = None,
-                 role: worker.WorkerRole | None = None) -> None:
+                 privileges: worker.Privileges | None = None,
+                 twistd_log: ralog.TwistdLogObserver | None = None) -> None:
         super().__init__()
         # role: None in the twistd process (worker 0 of relayagent_workers);
-        # a child worker's otherwise (relayagent.master.worker).
-        self.role = role
-        self.workers: int = role.workers if role is not None else config["relayagent_workers"]
+        # a worker's after become_worker (relayagent.master.worker).
+        self.role: worker.WorkerRole | None = None
+        self.workers: int = worker.worker_count(config)
+        # twistd's --uid/--gid, for the worker spawner to drop to.
+        self.privileges = privileges or worker.Privileges()
         # Each worker's share of the queue manager's limits.
         self.config = config = worker.split_limits(config, self.workers)
         self.reactor = reactor
-        self.queue_directory = config.path_of("queue_directory")
+        self.queue_directory = SpoolSettings.from_config(config).queue_directory
         # maillog_file: relayagent's lines only, in log_format; else they
         # go into twistd's log (relayagent.common.maillog.MailLog).  Made at
         # start: the pid in its lines is the running process's, not that
         # of the twistd process that forked to become a daemon.
         self.log_out = log_out
         self.maillog: ralog.MailLog | None = None
+        # twistd's log when relayagent writes it (master.tap.twistd_log; a
+        # child worker's standard error): without maillog_file it takes
+        # the mail events straight, as a MailLog would.
+        self.twistd_log = twistd_log
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
         self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
@@ -111,10 +127,11 @@ class RelayagentService(MultiService):
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
         self.listening: Any = None
-        self._lock_fd: int | None = role.lock_fd if role is not None else None
+        self._lock_fd: int | None = None
         self.pool: worker.WorkerPool | None = None
-        # A child's pipe to its parent (relayagent.master.worker.ParentLink).
+        # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
+        self._worker_log_flush = False
 
     def spool_directory(self) -> str:
         """The queue directory as this process sees it now (after a chroot
@@ -133,23 +150,76 @@ class RelayagentService(MultiService):
         self._resolved_directory = directory
         return directory
 
+    def become_worker(self, role: worker.WorkerRole, *,
+                      twistd_log: ralog.TwistdLogObserver | None = None) -> None:
+        """In a worker process (``relayagent.master.child``): this copy of
+        worker 0's service becomes worker ``role.index``, holding worker
+        0's lock, with no workers of its own; ``twistd_log`` takes the
+        place of worker 0's (the worker's standard error)."""
+        self.role = role
+        self.twistd_log = twistd_log
+        self.workers = role.workers
+        self._lock_fd = role.lock_fd
+        self.pool = None
+
     def privilegedStartService(self) -> None:
         # Two queue managers on one spool would each recover the other's
         # active/ files and deliver them twice: the second refuses to
         # start.  Locked here, before a chroot or privilege drop, when the
-        # spool exists; a new spool is locked in startService.  A child
-        # worker holds its parent's lock (relayagent.master.worker).
+        # spool exists; a new spool is locked in startService.  A worker
+        # holds worker 0's lock (relayagent.master.worker).
         if self.role is None and os.path.isdir(self.queue_directory):
             self._lock_fd = control.lock_spool(self.queue_directory)
         super().privilegedStartService()
+        if self.role is None and self.workers > 1:
+            # Still root, in the chroot: the spawner drops privileges itself.
+            self._prepare_workers()
+
+    def _prepare_workers(self) -> None:
+        self.pool = worker.WorkerPool(
+            self.reactor,
+            workers=self.workers,
+            on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
+            on_fatal=self._fatal,
+            on_log=self._worker_log,
+        )
+        self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
+
+    def _worker_log(self, text: str) -> None:
+        """A line of twistd's log from a worker (``worker.LogToWorkerZero``),
+        written by this process, which alone writes (and rotates) the file;
+        flushed once per reactor turn."""
+        if self.twistd_log is None:
+            return
+        try:
+            self.twistd_log.out.write(text + "\n")
+        except OSError:
+            return  # as the observer does: a full disk loses lines, not deliveries
+        if not self._worker_log_flush:
+            self._worker_log_flush = True
+            self.reactor.callLater(0, self._flush_worker_log)
+
+    def _flush_worker_log(self) -> None:
+        self._worker_log_flush = False
+        if self.twistd_log is not None:
+            self.twistd_log.flush()
+
+    def _fatal(self, text: str) -> None:
+        """The workers cannot go on: the daemon stops (the queue stays)."""
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
 
     def startService(self) -> None:
+        # The delays' text in events that Twisted's observers render
+        # (twistd's log without maillog_file, --logger, --syslog).
+        ralog.set_resolution(ralog.MaillogSettings.from_config(self.config).delay_logging_resolution_limit)
         if self.log_out is not None and self.maillog is None:
-            reactor = self.reactor
             self.maillog = ralog.MailLog(self.config, self.log_out,
-                                         flush_later=lambda flush: reactor.callLater(0, flush))
+                                         flush_later=ralog.after_this_turn(self.reactor))
         if self.maillog is not None:
             self.maillog.start()
+        elif self.twistd_log is not None:
+            ralog.take_mail_events(self.twistd_log)
         directory = self.spool_directory()
         index = self.role.index if self.role is not None else 0
         # What the queue directories hold besides queue files is told once,
@@ -208,19 +278,13 @@ class RelayagentService(MultiService):
         queue_manager.start()
 
     def _start_workers(self) -> None:
-        if self.config.path is None:
-            raise RuntimeError("relayagent_workers > 1 needs main.cf as a file (the workers read it)")
         assert self._lock_fd is not None
-        self.pool = worker.WorkerPool(
-            self.reactor,
-            # Absolute: base_dir is where main.cf is, made absolute at load.
-            config_path=os.path.join(self.config.base_dir, os.path.basename(self.config.path)),
-            workers=self.workers,
-            lock_fd=self._lock_fd,
-            log_fd=self.log_out.fileno() if self.log_out is not None else None,
-            on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
-        )
-        self.pool.start()
+        if self.pool is None:
+            # Started without privilegedStartService (not by twistd): the
+            # spawner is forked now, as whoever runs this.
+            self._prepare_workers()
+        assert self.pool is not None
+        self.pool.start(self._lock_fd)
 
     def stopService(self) -> Deferred[Any]:
         waits: list[Deferred[Any]] = []
@@ -243,6 +307,9 @@ class RelayagentService(MultiService):
                 self._lock_fd = None
             if self.maillog is not None:
                 self.maillog.stop()
+            elif self.twistd_log is not None:
+                ralog.give_back_mail_events(self.twistd_log)
+                self.twistd_log.flush()
 
         return gatherResults(waits, consumeErrors=True).addBoth(after)
 
@@ -303,34 +370,34 @@ class LineAppender:
 def open_log(config: Config) -> LineAppender | None:
     """``maillog_file``, opened now (before privileges are dropped); None
     when it is empty: the lines then go into twistd's log."""
-    path = config["maillog_file"]
+    path = ralog.MaillogSettings.from_config(config).maillog_file
     if not path:
         return None
-    path = config.path_of("maillog_file")
     # O_APPEND: every write lands at the end, whoever else writes.
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
-def build_service(config: Config, reactor: Any, *, role: worker.WorkerRole | None = None) -> RelayagentService:
+def build_service(config: Config, reactor: Any, *,
+                  privileges: worker.Privileges | None = None,
+                  twistd_log: ralog.TwistdLogObserver | None = None) -> RelayagentService:
     """Everything that needs root or the world outside a chroot, done now
-    (module docstring); the rest starts with the service.  ``role``: a
-    child worker's (``relayagent.master.worker``), which is given the maillog's
-    descriptor instead of opening the file."""
+    (module docstring); the rest starts with the service.  ``privileges``:
+    twistd's ``--uid``/``--gid``, which the worker spawner drops to.
+    ``twistd_log``: twistd's log, when relayagent writes it."""
     # Bad scheduler values stop the start, not the first delivery.
-    for name in ("smtp_destination_concurrency_positive_feedback",
-                 "smtp_destination_concurrency_negative_feedback"):
-        Feedback.parse(config[name], name=name)
+    limits = SchedulerSettings.from_config(config)
+    Feedback.parse(limits.smtp_destination_concurrency_positive_feedback,
+                   name="smtp_destination_concurrency_positive_feedback")
+    Feedback.parse(limits.smtp_destination_concurrency_negative_feedback,
+                   name="smtp_destination_concurrency_negative_feedback")
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
-    if role is None:
-        log_out = open_log(config)
-    else:
-        log_out = LineAppender(role.log_fd) if role.log_fd is not None else None
     return RelayagentService(
         config,
         reactor,
-        log_out=log_out,
+        log_out=open_log(config),
         security=SecurityPolicy(config),
         dns_resolver=dns_resolver,
-        role=role,
+        privileges=privileges,
+        twistd_log=twistd_log,
     )

@@ -5,7 +5,10 @@ thing, though Postfix has one qmgr and many smtp processes).
 
 One process spends most of its time in Python on small messages; with
 ``relayagent_workers = N`` the daemon runs N processes, each a whole
-queue manager and delivery agent, each on its own core:
+queue manager and delivery agent, each on its own core.  The default,
+``auto``, is one worker per CPU this process may run on
+(``os.sched_getaffinity``); a number overrides it, and 1 is one process
+with nothing of this module at work.
 
 - **Partition.**  Worker k of N owns the queue files whose id maps to k
   (``spool.queueid.partition_of``: CRC-32 of the id, modulo N).  It takes
@@ -15,59 +18,79 @@ queue manager and delivery agent, each on its own core:
   ``mailq``, ``postsuper`` and the other commands still see everything.
 - **Processes.**  The twistd process is worker 0: it keeps the maillog,
   the trigger socket, the listener (``smtpd_endpoints``) and the spool
-  lock (``control.lock_spool``).  After the privilege drop it starts
-  workers 1..N-1 (``WorkerPool``) as ``python -m relayagent.master.child -c
-  MAIN.CF --index k --workers N --lock-fd F [--log-fd L]``; each builds
-  the same delivery stack (``service.build_service`` with a
-  ``WorkerRole``) without trigger socket or listener.
-- **Lock.**  The parent's locked descriptor of ``master.lock`` is passed
-  to each child at the same number: an ``flock`` belongs to the open
-  file description, so the spool stays locked while any worker of this
-  run lives, and a new daemon cannot start (and recover ``active/``)
-  beside an orphaned worker.  A child refuses to run unless the
-  descriptor it is given is ``master.lock`` and is locked by it.
-- **Parent gone, child stops.**  A child's standard input is a pipe from
-  the parent; end of file on it (the parent stopped, or died, even by
-  SIGKILL) stops the child the way twistd stops: no new work, the
+  lock (``control.lock_spool``).  Workers 1..N-1 are forks, not new
+  programs: in ``privilegedStartService`` (after twistd's ``--chroot``,
+  before its ``--uid``/``--gid``) worker 0 forks the *spawner*
+  (``relayagent.master.spawner``), which drops to twistd's user and
+  group at once and then forks each worker when worker 0 asks.  A
+  worker is a copy of worker 0's memory as ``makeService`` left it, as
+  root and outside the chroot: main.cf and its tables, the SASL password
+  maps, the TLS keys and contexts, the name servers.  So a worker needs
+  neither root, nor a file outside the chroot, nor a Python interpreter
+  inside it, and a worker started again after an exit has the same
+  configuration and secrets as the first.  Nothing is read a second
+  time, serialised, or passed on a command line, in the environment or
+  through a file (Postfix reads its tables in each smtp(8) before the
+  chroot, as root, and master(8) stays root to start them; here nothing
+  stays root).  Each worker makes its own reactor (``child.fresh_reactor``:
+  the epoll descriptor and waker of worker 0's are shared kernel
+  objects) and logs Twisted's events to its standard error.
+- **Lock.**  Worker 0's locked descriptor of ``master.lock`` is handed
+  to the spawner over its socket when worker 0 starts (``SCM_RIGHTS``)
+  and inherited by every worker: an ``flock`` belongs to the open file
+  description, so the spool stays locked while any process of this run
+  lives, and a new daemon cannot start (and recover ``active/``) beside
+  an orphaned worker.  A worker refuses to run unless the descriptor it
+  holds is ``master.lock`` and is locked by it (``check_lock``).
+- **Parent gone, child stops.**  Each worker has a socket to worker 0
+  (its *link*, made before the spawner is forked and kept for the life
+  of the daemon); end of file on it (worker 0 stopped, or died, even by
+  SIGKILL) stops the worker the way twistd stops: no new work, the
   transactions in flight finish, the active files stay for the next
-  start, exit.  The parent closes the pipes at stop and waits for the
-  children (``STOP_TIMEOUT``, then SIGKILL) before it lets go of the lock.
-- **Triggers.**  Lines on the pipes.  Parent to child: ``wakeup`` (new
-  mail in ``incoming/``) and ``flush``, whenever worker 0's queue
-  manager hears them from outside.  Child to parent (its standard
-  output): ``wakeup`` when it queued a notice (a bounce), which the
-  parent passes on to every worker, itself included.  The lines of one
-  reactor turn are sent once.  A child's standard error is the parent's.
-- **Logs.**  A child writes its mail log lines to the parent's
-  ``maillog_file`` descriptor (opened before the privilege drop), in
-  whole lines, one ``write`` per flush on an ``O_APPEND`` descriptor
-  (``service.LineAppender``): lines of two processes never mix.  Each
-  process names its own pid (``relayagent/smtp[pid]``).
+  start, exit.  Worker 0 half-closes the links at stop and waits for the
+  spawner to report every worker's exit (``STOP_TIMEOUT``, then SIGKILL)
+  and for the spawner to leave, before it lets go of the lock.
+- **Triggers.**  Lines on the links.  Worker 0 to a worker: ``wakeup``
+  (new mail in ``incoming/``) and ``flush``, whenever worker 0's queue
+  manager hears them from outside.  A worker to worker 0: ``wakeup``
+  when it queued a notice (a bounce), which worker 0 passes on to every
+  worker, itself included.  The lines of one reactor turn are sent once.
+- **Logs.**  A worker writes its mail log lines to worker 0's
+  ``maillog_file`` descriptor (opened before the privilege drop, and
+  inherited), in whole lines, one ``write`` per flush on an ``O_APPEND``
+  descriptor (``service.LineAppender``): lines of two processes never
+  mix.  Each process names its own pid (``relayagent/smtp[pid]``).
+  twistd's log (where the mail lines go without ``maillog_file``) is
+  written by worker 0 alone, which rotates it: a worker sends its lines
+  of it over its link (``log TEXT``, ``LogToWorkerZero``), and worker 0
+  writes them.  With twistd's ``--logger`` or ``--syslog`` (twistd's
+  observer, not relayagent's) a worker's lines go to its standard error.
 - **Limits.**  Each worker gets ceil(limit / N), at least 1, of the
   queue manager's limits (``split_limits``), so the whole daemon keeps
   Postfix's meaning of them; ``smtp_destination_rate_delay`` is
   multiplied by N so that the sum of the workers keeps the rate.
-- **Restart.**  A child that exits while the parent runs is logged
-  (``warning: process ... pid N exit status S``) and started again after
-  ``RESTART_DELAY`` seconds, as master(8) throttles a failing service.
-
-Not under ``--chroot`` (``refuse_chroot``): a Python interpreter cannot
-be started inside a chroot that does not hold one.  The children start
-as the unprivileged user, so main.cf and the tables it names must be
-readable by that user.
+- **Restart.**  A worker that exits while worker 0 runs is logged
+  (``warning: process worker K pid N exit status S``) and started again
+  after ``RESTART_DELAY`` seconds, as master(8) throttles a failing
+  service.  A spawner that goes away while worker 0 runs stops the
+  daemon: no worker could be started again (the queue stays as it is).
 
 SYNOPSIS
 
-    pool = WorkerPool(...); pool.start(); pool.send(WAKEUP); pool.stop() -> Deferred
-    partition_filter(index, workers) -> owns(queue_id) | None
-    split_limits(config, workers) -> Config;  refuse_chroot(config, chroot)
-    check_lock(lock_fd, queue_directory);  WorkerRole, ParentLink, WorkerRuntime
-    (a child's entry point is ``relayagent.master.child``)
+    pool = WorkerPool(reactor, workers=N, on_wakeup=..., on_fatal=...)
+    pool.prepare(run_worker, privileges)   # privileged: forks the spawner
+    pool.start(lock_fd); pool.send(WAKEUP); pool.stop() -> Deferred
+    worker_count(config) -> int;  partition_filter(index, workers) -> owns | None
+    split_limits(config, workers) -> Config;  check_lock(lock_fd, queue_directory)
+    WorkerRole, Privileges, ParentLink, WorkerRuntime
+    (a worker's side after the fork is ``relayagent.master.child``)
 
-DIAGNOSTICS: ``WorkerError`` (one line) for ``--chroot`` with more than one
-worker and for a lock descriptor that is not this spool's locked
-``master.lock``; a child that exits is one warning line (``exit status
-N`` or ``killed by signal N``) and is started again after RESTART_DELAY.
+DIAGNOSTICS: ``WorkerError`` (one line) for a lock descriptor that is not
+this spool's locked ``master.lock``; a worker that exits is one warning
+line (``exit status N`` or ``killed by signal N``) and is started again
+after RESTART_DELAY; a worker the spawner cannot fork is a warning and
+is tried again after RESTART_DELAY; a spawner that cannot drop
+privileges, or that goes away, is a warning and the daemon stops.
 
 Owns: relayagent_workers.
 """
@@ -77,35 +100,41 @@ from __future__ import annotations
 import fcntl
 import math
 import os
+import pwd
 import signal
-import sys
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.python.util import switchUID
 
 from relayagent.common import maillog as ralog
-from relayagent.common.config import Config
+from relayagent.common.config import Config, Settings
+from relayagent.master.spawner import MAX_LINE, fork_spawner
 from relayagent.spool.queueid import partition_of
 
 log = Logger(namespace="relayagent.master.worker")
 
-# Seconds before a child that exited is started again (master(8)'s
+# Seconds before a worker that exited is started again (master(8)'s
 # throttle is 60s for a failing service; a worker is the queue itself).
 RESTART_DELAY = 10.0
-# Seconds the parent waits for its children at stop before SIGKILL (what
-# is in flight then is delivered again by the next start: at least once).
+# Seconds worker 0 waits for the workers at stop before SIGKILL (what is
+# in flight then is delivered again by the next start: at least once).
 STOP_TIMEOUT = 30.0
-# The commands on the pipes.
+# The commands on the links.
 WAKEUP = "wakeup"
 FLUSH = "flush"
 COMMANDS = (WAKEUP, FLUSH)
+# A line of twistd's log from a worker, for worker 0 to write: "log TEXT"
+# (one per line of text; a continuation line keeps its tab).
+LOG_PREFIX = "log "
+MAX_LOG_LINE = 65536
 # The queue manager's per-process limits that are shared out among the
 # workers (see split_limits).
 SPLIT_LIMITS = (
@@ -115,11 +144,20 @@ SPLIT_LIMITS = (
     "smtp_destination_concurrency_limit",
     "smtp_initial_destination_concurrency",
 )
-# Where the relayagent package is: the children find it on PYTHONPATH.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EX_USAGE = 64
-EX_SOFTWARE = 70
-EX_CONFIG = 78
+
+
+@dataclass(frozen=True, slots=True)
+class SharedLimits(Settings):
+    """How many workers (``auto`` or a number), and the limits they share out."""
+
+    relayagent_workers: int | str
+    qmgr_message_active_limit: int
+    qmgr_message_recipient_limit: int
+    default_process_limit: int
+    smtp_destination_concurrency_limit: int
+    smtp_initial_destination_concurrency: int
+    smtp_destination_rate_delay: float
 
 
 class WorkerError(Exception):
@@ -128,14 +166,54 @@ class WorkerError(Exception):
 
 @dataclass
 class WorkerRole:
-    """What makes a process a child worker: its index (1 .. workers-1),
-    the number of workers, the passed lock descriptor and maillog
-    descriptor (None: no maillog_file)."""
+    """What makes a process worker ``index`` (1 .. workers-1): its index,
+    the number of workers, and the locked ``master.lock`` descriptor it
+    holds."""
 
     index: int
     workers: int
     lock_fd: int
-    log_fd: int | None = None
+
+
+@dataclass(frozen=True)
+class Privileges:
+    """twistd's ``--uid``, ``--gid`` and ``--euid``: what the spawner drops
+    to, as twistd drops worker 0 right after ``privilegedStartService``
+    (``_twistd_unix.UnixApplicationRunner.startApplication``)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    euid: bool = False
+
+    @classmethod
+    def from_twistd(cls, options: Mapping[str, Any] | None) -> Privileges:
+        """From twistd's own options (the parent of ours); none outside twistd."""
+        if not options:
+            return cls()
+        return cls(options.get("uid"), options.get("gid"), bool(options.get("euid")))
+
+    def drop(self) -> None:
+        """As twistd does: a uid without a gid takes the user's group."""
+        uid, gid = self.uid, self.gid
+        if uid is not None and gid is None:
+            gid = pwd.getpwuid(uid).pw_gid
+        if uid is not None or gid is not None:
+            switchUID(uid, gid, self.euid)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset
+    and cpusets narrow; all of the machine's where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(config: Config) -> int:
+    """``relayagent_workers`` as a number: ``auto`` is ``available_cpus()``."""
+    value = SharedLimits.from_config(config).relayagent_workers
+    return available_cpus() if value == "auto" else int(value)
 
 
 def partition_filter(index: int, workers: int) -> Callable[[str], bool] | None:
@@ -157,28 +235,19 @@ def split_limits(config: Config, workers: int) -> Config:
     ``workers``.  One worker: ``config`` itself."""
     if workers <= 1:
         return config
+    limits = SharedLimits.from_config(config)
     overrides: dict[str, Any] = {
-        name: max(1, math.ceil(config[name] / workers)) for name in SPLIT_LIMITS
+        name: max(1, math.ceil(getattr(limits, name) / workers)) for name in SPLIT_LIMITS
     }
-    rate_delay = config["smtp_destination_rate_delay"]
+    rate_delay = limits.smtp_destination_rate_delay
     if rate_delay > 0:
         overrides["smtp_destination_rate_delay"] = f"{rate_delay * workers:g}s"
     return config.replace(**overrides)
 
 
-def refuse_chroot(config: Config, chroot: str | None) -> None:
-    """Raise ``WorkerError`` for ``relayagent_workers`` > 1 under
-    twistd ``--chroot``."""
-    if chroot and config["relayagent_workers"] > 1:
-        raise WorkerError(
-            f"relayagent_workers = {config['relayagent_workers']} is not supported with "
-            "twistd --chroot (workers are new Python processes); set relayagent_workers = 1"
-        )
-
-
 def check_lock(lock_fd: int, queue_directory: str) -> None:
-    """The passed descriptor must be ``$queue_directory/master.lock``,
-    exclusively locked through it (the parent's open file description:
+    """The descriptor must be ``$queue_directory/master.lock``,
+    exclusively locked through it (worker 0's open file description:
     locking again through it succeeds at once; a descriptor of another
     file, or a spool that another daemon holds, is refused)."""
     from relayagent.spool import control
@@ -197,6 +266,21 @@ def check_lock(lock_fd: int, queue_directory: str) -> None:
         raise WorkerError(f"{path} is locked by another relayagent daemon") from None
     except OSError as exc:
         raise WorkerError(f"cannot lock {path}: {exc.strerror}") from None
+
+
+def exit_text(status: int) -> str:
+    """A ``waitpid`` status in Postfix master(8)'s words: ``exit status N``
+    or ``killed by signal N (NAME)``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = str(number)
+        return f"killed by signal {number} ({name})"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return f"wait status {status}"
 
 
 class _LineSender:
@@ -227,16 +311,61 @@ class _LineSender:
         self._pending = []
 
 
+class _Given(Factory):
+    """The factory of one connection whose protocol is already made
+    (``reactor.adoptStreamConnection`` asks a factory)."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def adopt(reactor: Any, sock: socket.socket, protocol: Protocol) -> None:
+    """Hand a connected UNIX socket to the reactor with ``protocol`` on it
+    (the reactor takes a duplicate; ours is closed)."""
+    try:
+        reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _Given(protocol))
+    finally:
+        sock.close()
+
+
+class _Lines(Protocol):
+    """Lines of at most ``limit`` octets (UTF-8), without their line end;
+    a longer one is dropped with a warning."""
+
+    what = "a worker"
+    limit = MAX_LINE
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        if len(self._buffer) > self.limit:
+            self._buffer = b""
+            ralog.log_warning(log, f"overlong line from {self.what} ignored", service="master")
+        for line in lines:
+            if len(line) > self.limit:
+                ralog.log_warning(log, f"overlong line from {self.what} ignored", service="master")
+                continue
+            self.line(line.rstrip(b"\r").decode("utf-8", "replace"))
+
+    def line(self, text: str) -> None:
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------
-# The child's side
+# A worker's side (after the fork: relayagent.master.child)
 
 
 class ParentLink(LineOnlyReceiver):
-    """A child's standard input and output: the parent's commands in,
-    ``wakeup`` out; ``on_gone`` when the parent closes the pipe or dies."""
+    """A worker's link to worker 0: its commands in, ``wakeup`` out;
+    ``on_gone`` when worker 0 closes the link or dies."""
 
     delimiter = b"\n"
-    MAX_LENGTH = 1024
+    MAX_LENGTH = MAX_LINE
 
     def __init__(self, queue_manager: Callable[[], Any], clock: Any,
                  on_gone: Callable[[], object]) -> None:
@@ -251,7 +380,7 @@ class ParentLink(LineOnlyReceiver):
             self.transport.write(data)
 
     def send(self, command: str) -> None:
-        """Tell the parent (``wakeup``: this worker queued mail)."""
+        """Tell worker 0 (``wakeup``: this worker queued mail)."""
         if not self.gone:
             self._sender.send(command)
 
@@ -280,9 +409,42 @@ class ParentLink(LineOnlyReceiver):
         self._on_gone()
 
 
+class LogToWorkerZero:
+    """A worker's twistd log "file" (the ``out`` of its
+    ``maillog.TwistdLogObserver``): the whole lines of each flush go to
+    worker 0 over the link, as ``log TEXT`` lines, and worker 0 writes
+    them into twistd's log, which it alone writes and rotates (a file
+    this process cannot reach under a chroot).  Standard error, or
+    nothing, once the link is gone."""
+
+    def __init__(self, link: ParentLink, fallback: Any = None) -> None:
+        self._link = link
+        self._fallback = fallback
+        self._pending: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._pending.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        text = "".join(self._pending)
+        whole = text.rfind("\n") + 1
+        rest = text[whole:]
+        self._pending = [rest] if rest else []
+        if not whole:
+            return
+        text = text[:whole]
+        if self._link.transport is not None and not self._link.gone:
+            lines = text[:-1].split("\n")
+            self._link.transport.write("".join(f"{LOG_PREFIX}{line}\n" for line in lines).encode("utf-8", "replace"))
+        elif self._fallback is not None:
+            self._fallback.write(text)
+            self._fallback.flush()
+
+
 class WorkerRuntime:
-    """Stops a child once, whatever asks first: end of file from the
-    parent, or SIGTERM/SIGINT (the reactor's shutdown)."""
+    """Stops a worker once, whatever asks first: end of file on its
+    link, or SIGTERM/SIGINT (the reactor's shutdown)."""
 
     def __init__(self, service: Any, reactor: Any) -> None:
         self.service = service
@@ -299,7 +461,7 @@ class WorkerRuntime:
         return self._stopping
 
     def parent_gone(self) -> None:
-        """End of file on standard input: stop, as on SIGTERM."""
+        """End of file on the link: stop, as on SIGTERM."""
         log.info("the parent process is gone: stopping")
         if self.reactor.running:
             self.reactor.stop()  # runs stop_service first (a shutdown trigger)
@@ -308,128 +470,166 @@ class WorkerRuntime:
 
 
 # ---------------------------------------------------------------------------
-# The parent's side
+# Worker 0's side
 
 
-class _ChildProtocol(ProcessProtocol):
-    """One child seen from the parent: its standard output's lines, its end."""
+class _Link(_Lines):
+    """Worker 0's end of one worker's link: the worker's lines (commands,
+    and its lines of twistd's log)."""
+
+    limit = MAX_LOG_LINE
 
     def __init__(self, pool: WorkerPool, index: int) -> None:
+        super().__init__()
         self.pool = pool
         self.index = index
-        self.pid: int | None = None
-        self._buffer = b""
-        self.ended: Deferred[None] = Deferred()
+        self.what = f"worker {index}"
+
+    def line(self, text: str) -> None:
+        if text.startswith(LOG_PREFIX):
+            self.pool.on_log(text[len(LOG_PREFIX):])
+        else:
+            self.pool.child_said(self.index, text.strip())
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.pool.link_lost(self.index)
+
+
+class _SpawnerLink(_Lines):
+    """Worker 0's end of the spawner's socket."""
+
+    what = "the worker spawner"
+
+    def __init__(self, pool: WorkerPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def command(self, text: str) -> None:
+        if self.transport is not None:
+            self.transport.write(text.encode("ascii") + b"\n")
+
+    def line(self, text: str) -> None:
+        self.pool.spawner_said(text)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.pool.spawner_gone()
+
+
+class _Worker:
+    """Worker k as worker 0 sees it: its link (for the life of the daemon)
+    and its current process."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.link: _Link | None = None
         self.sender: _LineSender | None = None
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        self.sender = _LineSender(self.pool.clock, self._write)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and self.pid is not None:
-            try:
-                self.transport.write(data)
-            except (OSError, AttributeError):
-                pass  # it is ending; processEnded says so
-
-    def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        if len(self._buffer) > 1024:
-            self._buffer = b""  # not ours: no command is that long
-        for line in lines:
-            self.pool.child_said(self.index, line.strip().decode("ascii", "replace"))
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.sender is not None:
-            self.sender.cancel()
-        self.pool.child_ended(self, reason)
-        self.ended.callback(None)
+        self.pid: int | None = None
+        # Fires when the process asked for with "start" has ended (or
+        # could not be started).
+        self.ended: Deferred[None] | None = None
+        self.restart: Any = None
 
 
 class WorkerPool:
-    """Workers 1 .. N-1, from the parent: started, told, restarted, stopped.
+    """Workers 1 .. N-1, from worker 0: the spawner forked (``prepare``),
+    the workers started, told, restarted and stopped.
 
-    ``on_wakeup()`` is called when a child queued mail (the parent wakes
+    ``on_wakeup()`` is called when a worker queued mail (worker 0 wakes
     its own queue manager, whose trigger hook sends ``wakeup`` back to
-    every child).  ``reactor`` spawns and is the clock.
+    every worker); ``on_fatal(text)`` when the spawner is gone while the
+    pool runs; ``on_log(text)`` for each line of twistd's log a worker
+    sends (``LogToWorkerZero``).  ``reactor`` adopts the sockets and is the clock.
     """
 
     def __init__(
         self,
         reactor: Any,
         *,
-        config_path: str,
         workers: int,
-        lock_fd: int,
-        log_fd: int | None,
         on_wakeup: Callable[[], None],
-        executable: str = sys.executable,
+        on_fatal: Callable[[str], None] | None = None,
+        on_log: Callable[[str], None] | None = None,
         restart_delay: float = RESTART_DELAY,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
-        self.config_path = os.path.abspath(config_path)
         self.workers = workers
-        self.lock_fd = lock_fd
-        self.log_fd = log_fd
         self.on_wakeup = on_wakeup
-        self.executable = executable
+        self.on_fatal = on_fatal or (lambda text: None)
+        self.on_log = on_log or (lambda text: None)
         self.restart_delay = restart_delay
         self.stop_timeout = stop_timeout
-        self.children: dict[int, _ChildProtocol] = {}
+        self.children = {index: _Worker(index) for index in range(1, workers)}
         self.running = False
-        self._restarts: dict[int, Any] = {}
+        self.spawner_pid: int | None = None
+        self.spawner: _SpawnerLink | None = None
+        self._sockets: tuple[socket.socket, dict[int, socket.socket]] | None = None
+        self._spawner_gone = False
+        self._spawner_ended: Deferred[None] = Deferred()
 
-    def command_line(self, index: int) -> list[str]:
-        args = [self.executable, "-m", "relayagent.master.child", "-c", self.config_path,
-                "--index", str(index), "--workers", str(self.workers),
-                "--lock-fd", str(self.lock_fd)]
-        if self.log_fd is not None:
-            args += ["--log-fd", str(self.log_fd)]
-        return args
+    # -- before the privilege drop
 
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        path = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
-        return env
+    def prepare(self, run_worker: Callable[[int, socket.socket, int], int],
+                privileges: Privileges = Privileges(), *, fork: Callable[[], int] = os.fork) -> None:
+        """Make the sockets and fork the spawner (worker 0's
+        ``privilegedStartService``: still root, already in the chroot).
+        ``run_worker(index, link, lock_fd)`` is what a worker process
+        runs; it returns the exit status."""
+        self.spawner_pid, control, links = fork_spawner(sorted(self.children), run_worker, privileges, fork=fork)
+        self._sockets = (control, links)
 
-    def start(self) -> None:
+    # -- after it
+
+    def start(self, lock_fd: int) -> None:
+        """Take the sockets into the reactor, hand the spool lock to the
+        spawner and start workers 1 .. N-1."""
+        if self._sockets is None:
+            raise RuntimeError("WorkerPool.start before prepare")
+        control, links = self._sockets
+        self._sockets = None
         self.running = True
-        for index in range(1, self.workers):
-            self._spawn(index)
+        self.spawner = _SpawnerLink(self)
+        adopt(self.reactor, control, self.spawner)
+        for index, child in self.children.items():
+            child.link = _Link(self, index)
+            adopt(self.reactor, links[index], child.link)
+            child.sender = _LineSender(self.clock, self._writer(child))
+        # The descriptor goes with the first octet of the line after it.
+        self.spawner.transport.sendFileDescriptor(lock_fd)
+        self.spawner.command("lock")
+        for index in self.children:
+            self._start(index)
 
-    def _spawn(self, index: int) -> None:
-        self._restarts.pop(index, None)
-        if not self.running:
+    @staticmethod
+    def _writer(child: _Worker) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            if child.link is not None and child.link.transport is not None:
+                child.link.transport.write(data)
+
+        return write
+
+    def _start(self, index: int) -> None:
+        child = self.children[index]
+        child.restart = None
+        if not self.running or self._spawner_gone or self.spawner is None:
             return
-        child = _ChildProtocol(self, index)
-        # The same descriptor numbers in the child: it is told them.
-        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2, self.lock_fd: self.lock_fd}
-        if self.log_fd is not None:
-            child_fds[self.log_fd] = self.log_fd
-        try:
-            self.reactor.spawnProcess(child, self.executable, self.command_line(index),
-                                      env=self.environment(), childFDs=child_fds)
-        except OSError as exc:
-            ralog.log_warning(log, f"cannot start worker {index}: {exc}", service="master")
-            self._schedule_restart(index)
-            return
-        self.children[index] = child
-        log.info("worker {index} started: pid {pid}", index=index, pid=child.pid, ralog_service="master")
+        if child.ended is None:
+            child.ended = Deferred()
+        self.spawner.command(f"start {index}")
 
     def _schedule_restart(self, index: int) -> None:
-        if self.running and index not in self._restarts:
-            self._restarts[index] = self.clock.callLater(self.restart_delay, self._spawn, index)
+        child = self.children[index]
+        if self.running and child.restart is None:
+            child.restart = self.clock.callLater(self.restart_delay, self._start, index)
 
     def send(self, command: str) -> None:
-        """``wakeup`` or ``flush`` to every child (once per reactor turn)."""
+        """``wakeup`` or ``flush`` to every running worker (once per reactor turn)."""
         for child in self.children.values():
-            if child.sender is not None:
+            if child.pid is not None and child.sender is not None:
                 child.sender.send(command)
+
+    # -- what comes back
 
     def child_said(self, index: int, line: str) -> None:
         if line == WAKEUP:
@@ -437,67 +637,146 @@ class WorkerPool:
         elif line:
             ralog.log_warning(log, f"unknown line from worker {index}: {line[:100]!r}", service="master")
 
-    def child_ended(self, child: _ChildProtocol, reason: Failure) -> None:
-        if self.children.get(child.index) is child:
-            del self.children[child.index]
-        if not self.running:
+    def spawner_said(self, line: str) -> None:
+        words = line.split(" ", 3)
+        try:
+            if words[0] == "started" and len(words) == 3:
+                self._started(int(words[1]), int(words[2]))
+                return
+            if words[0] == "ended" and len(words) == 4:
+                self._ended(int(words[1]), int(words[2]), exit_text(int(words[3])))
+                return
+            if words[0] == "failed" and len(words) >= 3:
+                self._failed(int(words[1]), line.split(" ", 2)[2])
+                return
+        except (ValueError, KeyError):
+            pass
+        if words[0] == "fatal":
+            ralog.log_warning(log, f"worker spawner: {line[6:]}", service="master")
+        elif line:
+            ralog.log_warning(log, f"unknown line from the worker spawner: {line[:100]!r}", service="master")
+
+    def _started(self, index: int, pid: int) -> None:
+        child = self.children[index]
+        child.pid = pid
+        log.info("worker {index} started: pid {pid}", index=index, pid=pid, ralog_service="master")
+
+    def _ended(self, index: int, pid: int, how: str) -> None:
+        child = self.children[index]
+        if child.pid != pid:
             return
-        ralog.log_warning(
-            log, f"process {self.executable} -m relayagent.master.worker pid {child.pid} {_exit_text(reason)}",
-            service="master",
-        )
-        ralog.log_warning(log, f"worker {child.index}: starting it again in {self.restart_delay:g}s", service="master")
-        self._schedule_restart(child.index)
+        child.pid = None
+        ended, child.ended = child.ended, None
+        if self.running:
+            ralog.log_warning(log, f"process worker {index} pid {pid} {how}", service="master")
+            ralog.log_warning(log, f"worker {index}: starting it again in {self.restart_delay:g}s",
+                              service="master")
+            self._schedule_restart(index)
+        if ended is not None:
+            ended.callback(None)
+
+    def _failed(self, index: int, reason: str) -> None:
+        child = self.children[index]
+        ended, child.ended = child.ended, None
+        ralog.log_warning(log, f"cannot start worker {index}: {reason}", service="master")
+        if self.running:
+            ralog.log_warning(log, f"worker {index}: trying again in {self.restart_delay:g}s", service="master")
+            self._schedule_restart(index)
+        if ended is not None:
+            ended.callback(None)
+
+    def link_lost(self, index: int) -> None:
+        # While the spawner lives it holds the workers' ends of the links
+        # too: end of file here then means the spawner is gone as well,
+        # and the worker has exited (its exit status is unknown).
+        child = self.children[index]
+        if self._spawner_gone and child.pid is not None:
+            self._ended(index, child.pid, "ended")
+
+    def spawner_gone(self) -> None:
+        self._spawner_gone = True
+        self._reap_spawner()
+        for child in self.children.values():
+            if child.pid is None and child.ended is not None:
+                # Asked for, never reported: it will not come.
+                ended, child.ended = child.ended, None
+                ended.callback(None)
+        if self.running:
+            text = (f"the worker spawner (pid {self.spawner_pid}) is gone: no worker can be started "
+                    "again; stopping")
+            ralog.log_warning(log, text, service="master")
+            self.on_fatal(text)
+        if not self._spawner_ended.called:
+            self._spawner_ended.callback(None)
+
+    def _reap_spawner(self, tries: int = 50) -> None:
+        # Forked by os.fork, not spawnProcess: the reactor does not reap it.
+        if self.spawner_pid is None:
+            return
+        try:
+            pid, _ = os.waitpid(self.spawner_pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0 and tries > 0:
+            # Its socket closed a moment before the process ended.
+            self.clock.callLater(0.1, self._reap_spawner, tries - 1)
+
+    # -- stop
 
     def stop(self) -> Deferred[Any]:
-        """Close every child's standard input (it stops as on SIGTERM) and
-        fire when all have exited; SIGKILL after ``stop_timeout``."""
+        """End of file on every link (a worker stops as on SIGTERM); fire
+        when every worker has ended and the spawner is gone; SIGKILL
+        after ``stop_timeout``."""
         self.running = False
-        for call in self._restarts.values():
-            if call.active():
-                call.cancel()
-        self._restarts.clear()
-        children = list(self.children.values())
-        if not children:
+        if self._sockets is not None:
+            # Prepared, never started: closing its socket ends the spawner.
+            control, links = self._sockets
+            self._sockets = None
+            for sock in (control, *links.values()):
+                sock.close()
+            self._reap_spawner()
             return succeed(None)
-        for child in children:
+        for child in self.children.values():
+            if child.restart is not None and child.restart.active():
+                child.restart.cancel()
+            child.restart = None
             if child.sender is not None:
                 child.sender.cancel()
-            try:
-                child.transport.closeStdin()
-            except (OSError, AttributeError):
-                pass
+            if child.link is not None and child.link.transport is not None:
+                child.link.transport.loseWriteConnection()
+        waiting = [child for child in self.children.values() if child.ended is not None]
 
         def kill() -> None:
-            for child in children:
-                if not child.ended.called:
-                    ralog.log_warning(log, f"worker {child.index} pid {child.pid} did not stop "
-                                      f"in {self.stop_timeout:g}s: killing it", service="master")
+            for child in waiting:
+                if child.pid is None:
+                    continue
+                ralog.log_warning(log, f"worker {child.index} pid {child.pid} did not stop "
+                                  f"in {self.stop_timeout:g}s: killing it", service="master")
+                if not self._spawner_gone and self.spawner is not None:
+                    self.spawner.command(f"kill {child.index}")
+                else:
                     try:
-                        child.transport.signalProcess("KILL")
-                    except ProcessExitedAlready:
+                        os.kill(child.pid, signal.SIGKILL)
+                    except OSError:
                         pass
 
         deadline = self.clock.callLater(self.stop_timeout, kill)
-        done = DeferredList([child.ended for child in children])
+        done = DeferredList([child.ended for child in waiting if child.ended is not None])
 
-        def finished(result: Any) -> Any:
+        def workers_ended(_: Any) -> Deferred[None]:
             if deadline.active():
                 deadline.cancel()
+            if self.spawner is None or self._spawner_gone:
+                return succeed(None)
+            # End of file for the spawner: it leaves (holding the lock
+            # until then: wait for it).
+            self.spawner.transport.loseWriteConnection()
+            return self._spawner_ended
+
+        def close_links(result: Any) -> Any:
+            for child in self.children.values():
+                if child.link is not None and child.link.transport is not None:
+                    child.link.transport.loseConnection()
             return result
 
-        return done.addBoth(finished)
-
-
-def _exit_text(reason: Failure) -> str:
-    """Postfix master(8)'s words: ``exit status N`` or ``killed by signal N``."""
-    value = reason.value
-    if isinstance(value, ProcessTerminated) and value.signal is not None:
-        try:
-            name = signal.Signals(value.signal).name
-        except ValueError:
-            name = str(value.signal)
-        return f"killed by signal {value.signal} ({name})"
-    if isinstance(value, (ProcessDone, ProcessTerminated)):
-        return f"exit status {value.exitCode}"
-    return f"ended: {value}"
+        return done.addCallback(workers_ended).addBoth(close_links)

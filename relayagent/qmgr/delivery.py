@@ -70,6 +70,7 @@ delay_warning_time (the timing; ``relayagent.bounce.dsn`` writes the text).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -78,7 +79,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relayagent.bounce import dsn
+from relayagent.bounce.dsn import BounceSettings
 from relayagent.common import maillog as ralog
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import Status
 from relayagent.qmgr.interfaces import IDeliveryAgent
@@ -106,6 +109,18 @@ class SmtpDeliverer(Protocol):
     def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class EndSettings(Settings):
+    """The end of a message's attempt: its parameters, bound once."""
+
+    soft_bounce: bool
+    maximal_queue_lifetime: float
+    bounce_queue_lifetime: float
+    minimal_backoff_time: float
+    maximal_backoff_time: float
+    delay_warning_time: float
+
+
 @implementer(IDeliveryAgent)
 class DeliveryAgent:
     """Runs delivery requests and ends messages (the scheduler's agent).
@@ -116,7 +131,7 @@ class DeliveryAgent:
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         spool: Spool,
         clock: IReactorTime,
         *,
@@ -124,12 +139,13 @@ class DeliveryAgent:
         new_mail: Callable[[], None] | None = None,
         removal_reactor: Any = None,
     ) -> None:
-        self.config = config
+        self.settings = EndSettings.from_config(config)
+        self.bounce_settings = BounceSettings.from_config(config)
         self.spool = spool
         self.clock = clock
         self.smtp = smtp
         self.new_mail = new_mail
-        self.soft_bounce: bool = config["soft_bounce"]
+        self.soft_bounce = self.settings.soft_bounce
         self.corrupt: dict[str, str] = {}  # queue id -> reason, found during delivery
         # removal_reactor (a reactor with callFromThread): delivered
         # messages are unlinked by a worker thread (spool.remover); None:
@@ -155,6 +171,19 @@ class DeliveryAgent:
         recipients = [r for r in request.recipients if not queue_file.is_done(r.index)]
         if not recipients or message.queue_id in self.corrupt:
             return RequestResult()
+        try:
+            with queue_file.held():
+                return await self._deliver_held(request, recipients)
+        except CorruptQueueFile as exc:
+            # Reopened by name at the start of the hold, and found to be
+            # another file (a link or a file put in its place).
+            self._corrupt_found(message, exc.reason)
+            return RequestResult()
+
+    async def _deliver_held(self, request: DeliveryRequest, recipients: list[Recipient]) -> RequestResult:
+        """The request, the queue file's descriptor held: one open for
+        the body and every mark (``QueueFile.held``)."""
+        message = request.message
         started = self.clock.seconds()
         result = await self.smtp.deliver(
             SmtpRequest(message.envelope, request.domain, tuple(recipients), request.backlog)
@@ -182,7 +211,7 @@ class DeliveryAgent:
         for problem in problems:
             cls = problem.notify_class
             notice = dsn.postmaster_notice(cls, envelope, problem.status, list(problem.transcript),
-                                           self.config, clock=self.clock, server=problem.server)
+                                           self.bounce_settings, clock=self.clock, server=problem.server)
             if notice is None:
                 continue  # notify_classes does not ask for it, or mail from a notice
             sender, recipients, content = notice
@@ -282,7 +311,7 @@ class DeliveryAgent:
                                     when=self.clock.seconds())
         if report is None:
             return
-        plan = dsn.notices("success", message.envelope, [report], config=self.config, clock=self.clock)
+        plan = dsn.notices("success", message.envelope, [report], settings=self.bounce_settings, clock=self.clock)
         self._send_notices(message.queue_id, plan)
 
     def defer_unsent(self, request: DeliveryRequest, status: Status) -> None:
@@ -330,7 +359,7 @@ class DeliveryAgent:
         # Still queued: recipients pending, or a failure notice that could
         # not be queued (its bounce log stays; the next attempt sends it).
         attempts = queue_file.attempts + 1
-        minimal, maximal = self.config["minimal_backoff_time"], self.config["maximal_backoff_time"]
+        minimal, maximal = self.settings.minimal_backoff_time, self.settings.maximal_backoff_time
         if pending and self._delay_warning_due(queue_file, envelope, now, minimal, maximal):
             self._send_delay_warning(message, envelope, pending, now)
         next_attempt = now + backoff_time(attempts, minimal, maximal)
@@ -369,8 +398,8 @@ class DeliveryAgent:
 
     def _lifetime(self, envelope: Envelope) -> float:
         if envelope.sender:
-            return self.config["maximal_queue_lifetime"]
-        return self.config["bounce_queue_lifetime"]
+            return self.settings.maximal_queue_lifetime
+        return self.settings.bounce_queue_lifetime
 
     def _expired(self, envelope: Envelope, now: float) -> bool:
         # soft_bounce: nothing is ever returned, expiry included.
@@ -417,7 +446,7 @@ class DeliveryAgent:
             for index, record in sorted(records.items())
             if index in by_index
         ]
-        plan = dsn.notices("failure", envelope, reports, config=self.config, clock=self.clock)
+        plan = dsn.notices("failure", envelope, reports, settings=self.bounce_settings, clock=self.clock)
         if not self._send_notices(message.queue_id, plan):
             return False
         self.spool.remove_log(BOUNCE_LOG, message.queue_id)
@@ -426,7 +455,7 @@ class DeliveryAgent:
 
     def _delay_warning_due(self, queue_file: Any, envelope: Envelope, now: float,
                            minimal: float, maximal: float) -> bool:
-        warn_after = self.config["delay_warning_time"]
+        warn_after = self.settings.delay_warning_time
         if warn_after <= 0 or now - envelope.arrival_time < warn_after:
             return False
         if queue_file.attempts <= 0:
@@ -448,7 +477,7 @@ class DeliveryAgent:
             )
             for recipient in pending
         ]
-        plan = dsn.notices("delay", envelope, reports, config=self.config, clock=self.clock)
+        plan = dsn.notices("delay", envelope, reports, settings=self.bounce_settings, clock=self.clock)
         self._send_notices(message.queue_id, plan)
 
     def _send_notices(self, queue_id: str, plan: dsn.NoticePlan) -> bool:

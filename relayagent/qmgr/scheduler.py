@@ -76,7 +76,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -85,6 +84,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayagent.common import maillog as ralog
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.qmgr.interfaces import IDeliveryAgent
@@ -243,12 +243,29 @@ class Counters:
     corrupt: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings(Settings):
+    """The queue manager's limits and timers, bound once."""
+
+    qmgr_message_active_limit: int
+    smtp_destination_recipient_limit: int
+    smtp_destination_concurrency_limit: int
+    smtp_initial_destination_concurrency: int
+    smtp_destination_concurrency_failed_cohort_limit: int
+    smtp_destination_concurrency_positive_feedback: str
+    smtp_destination_concurrency_negative_feedback: str
+    smtp_destination_rate_delay: float
+    default_process_limit: int
+    queue_run_delay: float
+    minimal_backoff_time: float
+
+
 class QueueManager:
     """The active queue and its per-destination scheduling (module docstring)."""
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         spool: Spool,
         agent: IDeliveryAgent,
         clock: IReactorTime,
@@ -258,7 +275,8 @@ class QueueManager:
         owns: Callable[[str], bool] | None = None,
         on_trigger: Callable[[str], None] | None = None,
     ) -> None:
-        self.config = config
+        settings = SchedulerSettings.from_config(config)
+        self.settings = settings
         self.spool = spool
         self.agent = agent
         self.clock = clock
@@ -266,24 +284,24 @@ class QueueManager:
         self.incoming_poll = incoming_poll
         self.owns = owns
         self.on_trigger = on_trigger
-        self.active_limit: int = config["qmgr_message_active_limit"]
-        self.recipient_limit: int = config["smtp_destination_recipient_limit"]
-        self.concurrency_limit: int = config["smtp_destination_concurrency_limit"]
+        self.active_limit: int = settings.qmgr_message_active_limit
+        self.recipient_limit: int = settings.smtp_destination_recipient_limit
+        self.concurrency_limit: int = settings.smtp_destination_concurrency_limit
         self.initial_concurrency: int = min(
-            config["smtp_initial_destination_concurrency"], self.concurrency_limit
+            settings.smtp_initial_destination_concurrency, self.concurrency_limit
         )
-        self.failed_cohort_limit: int = config["smtp_destination_concurrency_failed_cohort_limit"]
+        self.failed_cohort_limit: int = settings.smtp_destination_concurrency_failed_cohort_limit
         self.positive_feedback = Feedback.parse(
-            config["smtp_destination_concurrency_positive_feedback"],
+            settings.smtp_destination_concurrency_positive_feedback,
             name="smtp_destination_concurrency_positive_feedback",
         )
         self.negative_feedback = Feedback.parse(
-            config["smtp_destination_concurrency_negative_feedback"],
+            settings.smtp_destination_concurrency_negative_feedback,
             name="smtp_destination_concurrency_negative_feedback",
         )
-        self.rate_delay: float = config["smtp_destination_rate_delay"]
-        self.process_limit: int = config["default_process_limit"]
-        self.queue_run_delay: float = config["queue_run_delay"]
+        self.rate_delay: float = settings.smtp_destination_rate_delay
+        self.process_limit: int = settings.default_process_limit
+        self.queue_run_delay: float = settings.queue_run_delay
 
         self.active: dict[str, ActiveMessage] = {}
         self.destinations: dict[str, Destination] = {}
@@ -507,7 +525,7 @@ class QueueManager:
             return
         try:
             self.spool.set_next_attempt(
-                queue_id, DEFERRED, self.clock.seconds() + self.config["minimal_backoff_time"]
+                queue_id, DEFERRED, self.clock.seconds() + self.settings.minimal_backoff_time
             )
         except OSError:
             pass  # then it is due at the next deferred queue run

@@ -59,11 +59,11 @@ DIAGNOSTICS
     ..." and "host[addr]:port: unexpected reply from server: ...".
     Commands are logged (debug) for peers in ``debug_peer_list``.
 
-Owns (timeouts by stage, read from the config): smtp_helo_timeout,
-smtp_mail_timeout, smtp_rcpt_timeout, smtp_data_init_timeout,
-smtp_data_xfer_timeout, smtp_data_done_timeout, smtp_rset_timeout,
-smtp_quit_timeout; reads smtp_starttls_timeout (owned by
-``smtp.tls``), debug_peer_list and debug_peer_level (``common.maillog``).
+Owns (timeouts by stage): smtp_helo_timeout, smtp_mail_timeout,
+smtp_rcpt_timeout, smtp_data_init_timeout, smtp_data_xfer_timeout,
+smtp_data_done_timeout, smtp_rset_timeout, smtp_quit_timeout; binds
+them with the other parameters of the session's steps in
+``SessionSettings`` (one object per agent, built at start-up).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from relayagent.common.config import Settings
 from relayagent.common.maillog import DebugPeers
 from relayagent.common.status import Status
 from relayagent.common.transcript import Transcript
@@ -173,13 +174,43 @@ class _Expectation:
     deferred: Deferred[Reply | Broken]
 
 
-def debug_level_of(config: Any, server: ServerInfo) -> int:
+@dataclass(frozen=True, slots=True)
+class SessionSettings(Settings):
+    """What the channel and the session's steps (``smtp.setup``,
+    ``smtp.transaction``, ``smtp.data``) read, bound once."""
+
+    smtp_helo_timeout: float
+    smtp_mail_timeout: float
+    smtp_rcpt_timeout: float
+    smtp_data_init_timeout: float
+    smtp_data_xfer_timeout: float
+    smtp_data_done_timeout: float
+    smtp_rset_timeout: float
+    smtp_quit_timeout: float
+    smtp_starttls_timeout: float
+    debug_peer_list: tuple[str, ...]
+    debug_peer_level: int
+    smtp_helo_name: str
+    smtp_pix_workarounds: tuple[str, ...]
+    smtp_pix_workaround_threshold_time: float
+    smtp_pix_workaround_delay_time: float
+    smtp_always_send_ehlo: bool
+    smtp_never_send_ehlo: bool
+    smtp_skip_quit_response: bool
+    disable_mime_output_conversion: bool
+    mime_nesting_limit: int
+    mime_boundary_length_limit: int
+    smtp_line_length_limit: int
+    base_dir: str  # for a debug_peer_list table
+
+
+def debug_level_of(settings: SessionSettings, server: ServerInfo) -> int:
     """``debug_peer_level`` when the server is in ``debug_peer_list``."""
-    listed = config["debug_peer_list"]
-    if not listed:
+    if not settings.debug_peer_list:
         return 0
     try:
-        return DebugPeers(config).level_for(server.nexthop, server.host, server.address)
+        peers = DebugPeers(settings.debug_peer_level, settings.debug_peer_list, base_dir=settings.base_dir)
+        return peers.level_for(server.nexthop, server.host, server.address)
     except ValueError:
         return 0  # an unreadable pattern file: no debug logging rather than no session
 
@@ -200,14 +231,14 @@ class SMTPChannel(LineReceiver):
     # Servers end lines with CRLF; a bare LF is accepted and the CR stripped.
     delimiter = b"\n"
 
-    def __init__(self, config: Any, clock: IReactorTime, server: ServerInfo) -> None:
-        self.config = config
+    def __init__(self, settings: SessionSettings, clock: IReactorTime, server: ServerInfo) -> None:
+        self.settings = settings
         self.clock = clock
         self.server = server
         self.transcript = Transcript()
         # debug_peer_list: commands are logged (debug) for listed peers
         # only; nobody else pays for the events.
-        self.debug_level = debug_level_of(config, server)
+        self.debug_level = debug_level_of(settings, server)
         # Whether another transaction may be started: the session sets it
         # once greeted; the end of the session clears it.
         self.usable = False
@@ -271,7 +302,8 @@ class SMTPChannel(LineReceiver):
     def timeout_of(self, stage: Stage) -> float:
         if stage.timeout_parameter is None:
             return 300.0  # a stage with no parameter of its own (none waits)
-        return float(self.config[stage.timeout_parameter])
+        timeout: float = getattr(self.settings, stage.timeout_parameter)
+        return timeout
 
     # -- connection events -------------------------------------------------
 

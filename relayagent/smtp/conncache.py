@@ -4,10 +4,9 @@ same nexthop (Postfix: scache(8), smtp_reuse.c, the caching half of
 smtp_connect.c).
 
 A session whose transaction ended well is stored, idle, under its nexthop
-(``[relay.example]:587``, ``example.com``) and, unless it used AUTH, under
-its server address (``192.0.2.1:25``) too: Postfix never hands an
-authenticated session to a request that merely happens to resolve to the
-same address, because the credentials belong to the nexthop.
+(``[relay.example]:587``, ``example.com``).  Postfix also finds sessions
+by server address (smtp_reuse_addr, for unauthenticated sessions); we do
+not: a request reuses only its own nexthop's sessions.
 
 An idle session is closed (QUIT) after ``smtp_connection_cache_time_limit``.
 A session is not stored again once it is older than
@@ -24,7 +23,7 @@ SYNOPSIS
 
     cache = ConnectionCache.from_config(config, reactor)
     if cache.wants_caching(nexthop, destination, backlog): cache.store(entry)
-    entry = cache.take(nexthop) or cache.take(address_key(address, port))
+    entry = cache.take(nexthop)
     cache.close_all()                      # at shutdown
 
 DIAGNOSTICS: none raised.  ``store`` answers False (nothing kept: the
@@ -45,6 +44,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from relayagent.common.config import Config, Settings
+
 log = Logger(namespace="relayagent.smtp.conncache")
 
 
@@ -55,28 +56,28 @@ class CachedSession:
     ``created``: when the connection was made (clock seconds).
     ``uses``: how many transactions it has carried, the current one
     included once it is handed out again (the log's ``conn_use``).
-    ``authenticated``: it used AUTH, so it is kept under its nexthop only.
     """
 
     session: Any
     nexthop: str
-    address: str | None
     created: float
     uses: int = 1
-    authenticated: bool = False
-    _keys: tuple[str, ...] = field(default=(), repr=False)
     _timer: IDelayedCall | None = field(default=None, repr=False)
 
 
-def address_key(address: str, port: int) -> str:
-    """The cache key of a server address."""
-    if ":" in address:
-        return f"[{address}]:{port}"
-    return f"{address}:{port}"
+@dataclass(frozen=True, slots=True)
+class CacheSettings(Settings):
+    """The cache's parameters, bound once."""
+
+    smtp_connection_cache_time_limit: float
+    smtp_connection_reuse_time_limit: float
+    smtp_connection_reuse_count_limit: int
+    smtp_connection_cache_destinations: tuple[str, ...]
+    smtp_connection_cache_on_demand: bool
 
 
 class ConnectionCache:
-    """Idle sessions by nexthop and by address, each closed when idle too long."""
+    """Idle sessions by nexthop, each closed when idle too long."""
 
     def __init__(
         self,
@@ -99,14 +100,15 @@ class ConnectionCache:
         self.reused = 0
 
     @classmethod
-    def from_config(cls, config: Any, clock: IReactorTime) -> ConnectionCache:
+    def from_config(cls, config: Config, clock: IReactorTime) -> ConnectionCache:
+        settings = CacheSettings.from_config(config)
         return cls(
             clock,
-            idle_limit=config["smtp_connection_cache_time_limit"],
-            reuse_time_limit=config["smtp_connection_reuse_time_limit"],
-            reuse_count_limit=config["smtp_connection_reuse_count_limit"],
-            always_cache=tuple(config["smtp_connection_cache_destinations"]),
-            on_demand=config["smtp_connection_cache_on_demand"],
+            idle_limit=settings.smtp_connection_cache_time_limit,
+            reuse_time_limit=settings.smtp_connection_reuse_time_limit,
+            reuse_count_limit=settings.smtp_connection_reuse_count_limit,
+            always_cache=settings.smtp_connection_cache_destinations,
+            on_demand=settings.smtp_connection_cache_on_demand,
         )
 
     # -- policy
@@ -146,26 +148,21 @@ class ConnectionCache:
         limits say it has served enough: the caller then closes it."""
         if not self.reusable(entry) or self.idle_limit <= 0:
             return False
-        keys = [entry.nexthop]
-        if entry.address is not None and not entry.authenticated and entry.address != entry.nexthop:
-            keys.append(entry.address)
-        entry._keys = tuple(keys)
-        for key in keys:
-            self._idle.setdefault(key, deque()).append(entry)
+        self._idle.setdefault(entry.nexthop, deque()).append(entry)
         entry._timer = self.clock.callLater(self.idle_limit, self._expire, entry)
         self.stored += 1
         return True
 
     def take(self, key: str) -> CachedSession | None:
-        """The most recently stored idle session under ``key`` (a nexthop
-        or an ``address_key``), removed from the cache; None when there is
-        none.  Probe it with ``session.reset()`` before use."""
+        """The most recently stored idle session of the nexthop ``key``,
+        removed from the cache; None when there is none.  Probe it with
+        ``session.reset()`` before use."""
         idle = self._idle.get(key)
         while idle:
             entry = idle.pop()  # the freshest: least likely to be timed out by the server
             if not idle:
                 del self._idle[key]
-            self._forget(entry, except_key=key)
+            self._stop_timer(entry)
             if self.reusable(entry):
                 entry.uses += 1
                 self.reused += 1
@@ -175,34 +172,35 @@ class ConnectionCache:
         return None
 
     def __len__(self) -> int:
-        return len({id(entry) for idle in self._idle.values() for entry in idle})
+        return sum(len(idle) for idle in self._idle.values())
 
     def close_all(self) -> None:
         """Close every idle session (service stop)."""
-        for entry in {id(e): e for idle in self._idle.values() for e in idle}.values():
-            self._forget(entry)
-            self._close(entry)
+        for idle in self._idle.values():
+            for entry in idle:
+                self._stop_timer(entry)
+                self._close(entry)
         self._idle.clear()
 
     # -- internals
 
-    def _forget(self, entry: CachedSession, except_key: str | None = None) -> None:
+    @staticmethod
+    def _stop_timer(entry: CachedSession) -> None:
         if entry._timer is not None and entry._timer.active():
             entry._timer.cancel()
         entry._timer = None
-        for key in entry._keys:
-            if key == except_key:
-                continue
-            idle = self._idle.get(key)
-            if idle is None:
-                continue
-            try:
-                idle.remove(entry)  # short: bounded by the destination's concurrency
-            except ValueError:
-                pass
-            if not idle:
-                del self._idle[key]
-        entry._keys = ()
+
+    def _forget(self, entry: CachedSession) -> None:
+        self._stop_timer(entry)
+        idle = self._idle.get(entry.nexthop)
+        if idle is None:
+            return
+        try:
+            idle.remove(entry)  # short: bounded by the destination's concurrency
+        except ValueError:
+            pass
+        if not idle:
+            del self._idle[entry.nexthop]
 
     def _expire(self, entry: CachedSession) -> None:
         entry._timer = None

@@ -51,9 +51,11 @@ every recipient (4.4.1/4.4.2 unreachable, 4.3.5 relay problem, the
 server's own status otherwise); an exception of the transaction step
 other than ``DeliveryFailure`` (a corrupt queue file) goes through.
 
-Owns: smtp_connect_timeout, smtp_bind_address, smtp_bind_address6,
-smtp_skip_5xx_greeting, smtp_skip_4xx_greeting, smtp_mx_session_limit,
-smtp_mx_address_limit (with resolve.py), smtp_connection_attempt_delay.
+Owns (``ConnectSettings``): smtp_connect_timeout, smtp_bind_address,
+smtp_bind_address6, smtp_skip_5xx_greeting, smtp_mx_session_limit,
+smtp_connection_attempt_delay; smtp_skip_4xx_greeting is fixed to yes.
+The address list comes already cut to smtp_mx_address_limit
+(``smtp.resolve``): every address given is tried.
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from relayagent.common.config import Config, ConfigError
+from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.interfaces import IConnector
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
 
@@ -339,8 +343,7 @@ class ConnectionPlan:
     def __init__(self, connector: Connector, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop | str) -> None:
         self.connector = connector
         self.nexthop = nexthop
-        limit = connector.config["smtp_mx_address_limit"]
-        chosen = list(addresses)[:limit] if limit > 0 else list(addresses)
+        chosen = list(addresses)
         self.addresses = chosen
         self.remaining: list[int] = list(range(len(chosen)))
         self.attempts: list[AttemptFailure] = []
@@ -385,6 +388,7 @@ class ConnectionPlan:
         raise ConnectFailure(status, self.attempts)
 
 
+@implementer(IConnector)
 class Connector:
     """Connects to mail exchangers, for one delivery agent.
 
@@ -395,14 +399,15 @@ class Connector:
     """
 
     def __init__(self, reactor: Any, config: Config, session_factory_for: SessionFactoryFor) -> None:
+        settings = ConnectSettings.from_config(config)
         self.reactor = reactor
-        self.config = config
         self.session_factory_for = session_factory_for
-        self.connect_timeout = config["smtp_connect_timeout"]
-        self.attempt_delay = config["smtp_connection_attempt_delay"]
-        self.skip_5xx_greeting = config["smtp_skip_5xx_greeting"]
-        self.bind4 = _bind_address(config, "smtp_bind_address", 4)
-        self.bind6 = _bind_address(config, "smtp_bind_address6", 6)
+        self.connect_timeout = settings.smtp_connect_timeout
+        self.attempt_delay = settings.smtp_connection_attempt_delay
+        self.skip_5xx_greeting = settings.smtp_skip_5xx_greeting
+        self.session_limit = settings.smtp_mx_session_limit
+        self.bind4 = _bind_address(settings.smtp_bind_address, "smtp_bind_address", 4)
+        self.bind6 = _bind_address(settings.smtp_bind_address6, "smtp_bind_address6", 6)
 
     def endpoint_for(self, address: MailExchangerAddress) -> Any:
         """An explicit endpoint: no name lookup, our timeout and source address."""
@@ -445,7 +450,7 @@ class Connector:
     ) -> SmtpResult:
         plan = self.plan(addresses, nexthop)
         result = SmtpResult(found_myself=bool(getattr(addresses, "found_myself", False)))
-        session_limit = self.config["smtp_mx_session_limit"]
+        session_limit = self.session_limit
         try:
             while pending:
                 try:
@@ -553,8 +558,20 @@ class Connector:
         return result
 
 
-def _bind_address(config: Config, name: str, version: int) -> str | None:
-    value = config[name].strip()
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectSettings(Settings):
+    """The connector's parameters, bound once."""
+
+    smtp_connect_timeout: float
+    smtp_connection_attempt_delay: float
+    smtp_skip_5xx_greeting: bool
+    smtp_mx_session_limit: int
+    smtp_bind_address: str
+    smtp_bind_address6: str
+
+
+def _bind_address(value: str, name: str, version: int) -> str | None:
+    value = value.strip()
     if not value:
         return None
     try:

@@ -57,8 +57,8 @@ def send_body(
     converter = None
     if converting:
         converter = mime.SevenBitConverter(
-            nesting_limit=channel.config["mime_nesting_limit"],
-            boundary_length_limit=channel.config["mime_boundary_length_limit"],
+            nesting_limit=channel.settings.mime_nesting_limit,
+            boundary_length_limit=channel.settings.mime_boundary_length_limit,
         )
     channel.transcript.note(f"Out: <message body, {envelope.content_size} octets>")
     producer = BodyProducer(
@@ -66,7 +66,7 @@ def send_body(
         stream,
         # Plain content (found so when queued) needs only CRLF; not
         # when it is converted, as the converter writes new lines.
-        BodyEncoder(channel.config["smtp_line_length_limit"], plain=envelope.plain_lines and converter is None),
+        BodyEncoder(channel.settings.smtp_line_length_limit, plain=envelope.plain_lines and converter is None),
         converter,
         chunk_size,
         channel.timeout_of(STAGES["body"]),

@@ -43,10 +43,8 @@ said.  A queue file found corrupt while the body was sent is
 ``route`` (the queue manager's) raises ``DeliveryFailure``: the
 resolver's, or 4.3.0 "mail transport unavailable".
 
-Owns no parameters.  Reads smtp_sasl_auth_enable (``sasl`` owns it):
-with SASL every session is treated as authenticated, kept under its
-nexthop only.  The connection cache's parameters are ``conncache``'s, the
-connection's ``connect``'s.
+Owns no parameters: the connection cache's are ``conncache``'s, the
+connection's ``connect``'s, the session's ``channel.SessionSettings``.
 """
 
 from __future__ import annotations
@@ -62,8 +60,8 @@ from twisted.internet.interfaces import IReactorTime
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
-from relayagent.smtp.channel import ServerInfo
-from relayagent.smtp.conncache import CachedSession, ConnectionCache, address_key
+from relayagent.smtp.channel import ServerInfo, SessionSettings
+from relayagent.smtp.conncache import CachedSession, ConnectionCache
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.resolve import NexthopResolver
 from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult, Transmission
@@ -117,7 +115,7 @@ class SessionFactories:
     hook per nexthop, shared by its sessions."""
 
     def __init__(self, config: Config, reactor: Any, security: SecurityPolicy | None) -> None:
-        self.config = config
+        self.settings = SessionSettings.from_config(config)
         self.reactor = reactor
         self.security = security
         self._hooks: dict[str, Any] = {}
@@ -131,7 +129,7 @@ class SessionFactories:
             if plaintext:
                 # The retry after a failed handshake at TLS level may.
                 hook = hook.plaintext_fallback()
-        return SMTPSessionFactory(self.config, self.reactor, server, security=hook)
+        return SMTPSessionFactory(self.settings, self.reactor, server, security=hook)
 
 
 class _Job:
@@ -156,7 +154,6 @@ class SmtpAgent:
 
     def __init__(
         self,
-        config: Config,
         clock: IReactorTime,
         *,
         nexthops: Callable[[str], Sequence[Any]],
@@ -169,7 +166,6 @@ class SmtpAgent:
         self.connector = connector
         self.resolver = resolver
         self.cache = cache
-        self.authenticating: bool = config["smtp_sasl_auth_enable"]
 
     @classmethod
     def from_config(cls, config: Config, reactor: Any, *, resolver: NexthopResolver,
@@ -178,7 +174,7 @@ class SmtpAgent:
         factory and the security policy, connection cache, router."""
         router = Router(resolver)
         return cls(
-            config, reactor,
+            reactor,
             nexthops=router.nexthops,
             connector=Connector(reactor, config, SessionFactories(config, reactor, security)),
             resolver=resolver,
@@ -264,17 +260,7 @@ class SmtpAgent:
         return job.result
 
     def _entry_for(self, session: Any, nexthop_key: str) -> CachedSession:
-        server = session.server
-        return CachedSession(
-            session,
-            nexthop=nexthop_key,
-            address=address_key(server.address, server.port),
-            created=self.clock.seconds(),
-            # Which sessions AUTHed is the security layer's business; with
-            # SASL on, treat every session as authenticated: kept under
-            # its nexthop only (never wrong, at worst less reuse).
-            authenticated=self.authenticating,
-        )
+        return CachedSession(session, nexthop=nexthop_key, created=self.clock.seconds())
 
     async def _transact(self, job: _Job, entry: CachedSession, recipients: list[Recipient],
                         *, probe: bool = False) -> dict[int, Status] | None:

@@ -14,6 +14,8 @@ resolver is Twisted's own ``twisted.internet.interfaces.IResolver``
 SYNOPSIS
     ISMTPSession        one greeted (or greeting) ESMTP client connection
     INexthopResolver    nexthops(domain), addresses(nexthop)
+    IConnector          deliver(resolver, nexthops, indexes, transact): the
+                        sessions and the fallback for one request
 
 DIAGNOSTICS
     None: these are declarations.  ``zope.interface.verify.verifyObject``
@@ -102,3 +104,18 @@ class INexthopResolver(Interface):
     def addresses(nexthop):
         """A Deferred firing with the relayagent.smtp.resolve.AddressList
         to try for ``nexthop``, best first, or failing with DeliveryFailure."""
+
+
+class IConnector(Interface):
+    """What smtp's entry point (relayagent.smtp.deliver.SmtpAgent) asks of
+    the connection layer (relayagent.smtp.connect.Connector): sessions for
+    a request, across its nexthops and their addresses."""
+
+    def deliver(resolver, nexthops, recipients, transact):
+        """Deliver ``recipients`` (indexes) through ``nexthops``, looking
+        addresses up with ``resolver``; ``transact(session, indexes)`` runs
+        one transaction on each greeted session and returns a Deferred
+        ``{index: Status}``.  A Deferred firing with an
+        relayagent.smtp.result.SmtpResult that has an outcome for every
+        recipient; it fails only for what is no SMTP outcome (a corrupt
+        queue file out of ``transact``)."""

@@ -74,7 +74,7 @@ from twisted.names.error import (
 )
 from zope.interface import implementer
 
-from relayagent.common.config import Config, ConfigError, split_list
+from relayagent.common.config import Config, ConfigError, Settings, split_list
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.interfaces import INexthopResolver
@@ -308,6 +308,31 @@ def _addresses_of(names: Iterable[str], where: str) -> set[str]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class ResolveSettings(Settings):
+    """The nexthop and address lookup's parameters, bound once."""
+
+    relayhost: str
+    transport_maps: tuple[str, ...]
+    default_transport: str
+    smtp_fallback_relay: tuple[str, ...]
+    smtp_tcp_port: str
+    inet_protocols: tuple[str, ...]
+    inet_interfaces: tuple[str, ...]
+    proxy_interfaces: tuple[str, ...]
+    smtp_address_preference: str
+    smtp_randomize_addresses: bool
+    smtp_mx_address_limit: int
+    ignore_mx_lookup_error: bool
+    disable_dns_lookups: bool
+    smtp_dns_support_level: str
+    smtp_host_lookup: tuple[str, ...]
+    best_mx_transport: str
+    dns_nameservers: tuple[str, ...]
+    smtp_defer_if_no_mx_address_found: bool
+    base_dir: str  # for transport_maps
+
+
 def own_addresses(config: Config) -> set[str]:
     """The addresses this mail system receives mail on, for self-detection.
 
@@ -315,8 +340,9 @@ def own_addresses(config: Config) -> set[str]:
     names) plus ``proxy_interfaces``.  Host names are resolved once, with
     the system resolver, as Postfix does at start-up.
     """
+    settings = ResolveSettings.from_config(config)
     found: set[str] = set()
-    interfaces = [item.lower() for item in config["inet_interfaces"]]
+    interfaces = [item.lower() for item in settings.inet_interfaces]
     if "all" in interfaces:
         found |= {"127.0.0.1", "::1"}
         found |= _ipv4_interface_addresses()
@@ -324,8 +350,8 @@ def own_addresses(config: Config) -> set[str]:
     elif "loopback-only" in interfaces:
         found |= {"127.0.0.1", "::1"}
     else:
-        found |= _addresses_of(config["inet_interfaces"], "inet_interfaces")
-    found |= _addresses_of(config["proxy_interfaces"], "proxy_interfaces")
+        found |= _addresses_of(settings.inet_interfaces, "inet_interfaces")
+    found |= _addresses_of(settings.proxy_interfaces, "proxy_interfaces")
     return found
 
 
@@ -362,7 +388,7 @@ def make_dns_resolver(config: Config, reactor: Any, *, resolv_conf: str = "/etc/
     from twisted.names import client  # imported here: it is slow to import
 
     servers: list[tuple[str, int]] = []
-    for item in config["dns_nameservers"]:
+    for item in ResolveSettings.from_config(config).dns_nameservers:
         where = f"dns_nameservers: {item}"
         if item.startswith("["):
             close = item.find("]")
@@ -471,7 +497,7 @@ class NexthopResolver:
         local_addresses: Callable[[], set[str]] | None = None,
         system_resolver: SystemResolver | None = None,
     ) -> None:
-        self.config = config
+        self.settings = settings = ResolveSettings.from_config(config)
         self.dns_resolver = dns_resolver
         self.clock = clock
         self.random = random if random is not None else random_module.Random()
@@ -480,18 +506,18 @@ class NexthopResolver:
         if system_resolver is None and hasattr(clock, "getThreadPool"):
             system_resolver = make_system_resolver(clock)
         self.system_resolver = system_resolver
-        self.default_port = parse_port(config["smtp_tcp_port"], where="smtp_tcp_port")
-        self.transport_maps = open_maps(config["transport_maps"], base_dir=config.base_dir)
+        self.default_port = parse_port(settings.smtp_tcp_port, where="smtp_tcp_port")
+        self.transport_maps = open_maps(settings.transport_maps, base_dir=settings.base_dir)
 
-        protocols = {item.lower() for item in config["inet_protocols"]}
+        protocols = {item.lower() for item in settings.inet_protocols}
         if "all" in protocols or not protocols:
             protocols = {"ipv4", "ipv6"}
         self.families: tuple[int, ...] = tuple(
             family for name, family in (("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6)) if name in protocols
         )
-        support = config["smtp_dns_support_level"]
-        self.dns_enabled = not (support == "disabled" or (support == "" and config["disable_dns_lookups"]))
-        lookup = set(config["smtp_host_lookup"])
+        support = settings.smtp_dns_support_level
+        self.dns_enabled = not (support == "disabled" or (support == "" and settings.disable_dns_lookups))
+        lookup = set(settings.smtp_host_lookup)
         self.host_lookup_dns = self.dns_enabled and "dns" in lookup and dns_resolver is not None
         # With DNS disabled (or no resolver given), the system resolver is
         # all there is, whatever smtp_host_lookup says.
@@ -510,7 +536,7 @@ class NexthopResolver:
             a_label = to_a_label(domain)
         except ValueError as exc:
             raise DeliveryFailure(Status("5.1.2", f"bad destination domain: {exc}"), skip_to_next=False) from None
-        relayhost = self.config["relayhost"].strip()
+        relayhost = self.settings.relayhost.strip()
         relay_items = split_list(relayhost)
         mx_allowed = self.dns_enabled
 
@@ -555,7 +581,7 @@ class NexthopResolver:
                     as_written=a_label,
                 )
             )
-        for item in self.config["smtp_fallback_relay"]:
+        for item in self.settings.smtp_fallback_relay:
             result.append(
                 parse_nexthop(
                     item,
@@ -570,7 +596,7 @@ class NexthopResolver:
         return result
 
     def _default_transport(self) -> tuple[str, str]:
-        transport, nexthop = split_transport(self.config["default_transport"], where="default_transport")
+        transport, nexthop = split_transport(self.settings.default_transport, where="default_transport")
         self._check_transport(transport or "smtp", "default_transport")
         return transport, nexthop
 
@@ -624,7 +650,7 @@ class NexthopResolver:
             result = await self._domain_addresses(nexthop)
         else:
             result = await self._host_addresses(nexthop)
-        limit = self.config["smtp_mx_address_limit"]
+        limit = self.settings.smtp_mx_address_limit
         if limit > 0 and len(result) > limit:
             del result[limit:]
         return result
@@ -640,7 +666,7 @@ class NexthopResolver:
             raise DeliveryFailure(_dns_error_status(name, "MX", exc, hard_dsn="5.4.4")) from None
         except Exception as exc:  # SERVFAIL, REFUSED, timeout, FORMERR...
             status = _dns_error_status(name, "MX", exc, hard_dsn="5.4.4")
-            if not self.config["ignore_mx_lookup_error"]:
+            if not self.settings.ignore_mx_lookup_error:
                 raise DeliveryFailure(status) from None
             log.info("{name}: {reason}; ignore_mx_lookup_error=yes: looking up its address instead", name=name, reason=status.text)
             return await self._host_addresses(nexthop)
@@ -673,7 +699,7 @@ class NexthopResolver:
             # Postfix: a soft error dominates hard ones.
             soft = [status for status in errors if status.soft]
             status = (soft or errors)[-1] if errors else _no_data_status(name, "A")
-            if self.config["smtp_defer_if_no_mx_address_found"]:
+            if self.settings.smtp_defer_if_no_mx_address_found:
                 # smtp_addr.c: the text stays, a hard status becomes soft.
                 status = dataclasses.replace(status, dsn="4" + status.dsn[1:]) if status.hard else status
             raise DeliveryFailure(status)
@@ -700,7 +726,7 @@ class NexthopResolver:
             return
         if best_preference != best_found:
             raise DeliveryFailure(Status("4.4.4", f"unable to find primary relay for {name}"), skip_to_next=False)
-        transport = self.config["best_mx_transport"].strip()
+        transport = self.settings.best_mx_transport.strip()
         if transport:
             # Postfix hands the request to best_mx_transport; we run no other
             # transport, so this is a configuration problem: defer.
@@ -732,11 +758,11 @@ class NexthopResolver:
         by_preference: dict[int, list[MailExchangerAddress]] = {}
         for item in found:
             by_preference.setdefault(item.preference, []).append(item)
-        preferred = self.config["smtp_address_preference"]
+        preferred = self.settings.smtp_address_preference
         ordered: list[MailExchangerAddress] = []
         for preference in sorted(by_preference):
             level = by_preference[preference]
-            if self.config["smtp_randomize_addresses"]:
+            if self.settings.smtp_randomize_addresses:
                 self.random.shuffle(level)
             if preferred in ("ipv4", "ipv6"):
                 first = socket.AF_INET if preferred == "ipv4" else socket.AF_INET6

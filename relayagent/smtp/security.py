@@ -16,7 +16,7 @@ SYNOPSIS
 
     policy = SecurityPolicy(config)
     security = policy.for_nexthop("[smtp.example.com]:587")
-    factory = SMTPSessionFactory(config, clock, server, security=security)
+    factory = SMTPSessionFactory(session_settings, clock, server, security=security)
     d = security.negotiate(session)        # None: MAIL may be sent
 
 DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
@@ -39,11 +39,13 @@ relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.sasl import (
@@ -72,22 +74,40 @@ class SecurityConfigError(ValueError):
     """A TLS or SASL parameter relayagent cannot run with."""
 
 
+@dataclass(frozen=True, slots=True)
+class SecuritySettings(Settings):
+    """The TLS policy's and SASL's parameters, bound once (the TLS
+    contexts' are ``tls.TLSParameters``)."""
+
+    smtp_tls_security_level: str
+    smtp_tls_policy_maps: tuple[str, ...]
+    smtp_sasl_auth_enable: bool
+    smtp_sasl_password_maps: tuple[str, ...]
+    smtp_sasl_security_options: tuple[str, ...]
+    smtp_sasl_tls_security_options: tuple[str, ...]
+    smtp_sasl_mechanism_filter: tuple[str, ...]
+    smtp_sasl_auth_soft_bounce: bool
+    smtp_helo_timeout: float
+    base_dir: str
+
+
 class SecurityPolicy:
     """TLS and SASL settings from main.cf, shared by every session."""
 
-    def __init__(self, config: Any) -> None:
-        base_dir = getattr(config, "base_dir", None)
+    def __init__(self, config: Config) -> None:
+        settings = SecuritySettings.from_config(config)
+        base_dir = settings.base_dir
         try:
             self.tls = TLSSettings.from_config(config)
             self.tls_policies = PolicyLookup(
-                config["smtp_tls_security_level"],
-                open_maps(config["smtp_tls_policy_maps"], base_dir=base_dir) or None,
+                settings.smtp_tls_security_level,
+                open_maps(settings.smtp_tls_policy_maps, base_dir=base_dir) or None,
             )
         except TLSConfigError as exc:
             raise SecurityConfigError(str(exc)) from None
         self.sasl: SASLClient | None = None
-        if config["smtp_sasl_auth_enable"]:
-            tables = open_maps(config["smtp_sasl_password_maps"], base_dir=base_dir)
+        if settings.smtp_sasl_auth_enable:
+            tables = open_maps(settings.smtp_sasl_password_maps, base_dir=base_dir)
             if not tables:
                 log.warn("smtp_sasl_auth_enable = yes but smtp_sasl_password_maps is empty: no AUTH")
             warn_if_world_readable(tables.files())
@@ -95,18 +115,18 @@ class SecurityPolicy:
                 self.sasl = SASLClient(
                     passwords=PasswordLookup(tables),
                     options=SecurityOptions.parse(
-                        config["smtp_sasl_security_options"], "smtp_sasl_security_options"
+                        settings.smtp_sasl_security_options, "smtp_sasl_security_options"
                     ),
                     tls_options=SecurityOptions.parse(
-                        config["smtp_sasl_tls_security_options"], "smtp_sasl_tls_security_options"
+                        settings.smtp_sasl_tls_security_options, "smtp_sasl_tls_security_options"
                     ),
                     mechanism_filter=MechanismFilter(
-                        config["smtp_sasl_mechanism_filter"],
+                        settings.smtp_sasl_mechanism_filter,
                         open_table=lambda spec: open_maps([spec], base_dir=base_dir),
                     ),
-                    soft_bounce=config["smtp_sasl_auth_soft_bounce"],
+                    soft_bounce=settings.smtp_sasl_auth_soft_bounce,
                     # Postfix runs the SASL exchange under the HELO timeout.
-                    timeout=float(config["smtp_helo_timeout"]),
+                    timeout=settings.smtp_helo_timeout,
                 )
             except SASLConfigError as exc:
                 raise SecurityConfigError(str(exc)) from None

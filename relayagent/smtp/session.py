@@ -23,7 +23,8 @@ is where they become the interface's exceptions: ``greeted``,
 ``command`` and ``start_tls_handshake`` fail with ``DeliveryFailure``.
 
 SYNOPSIS
-    factory = SMTPSessionFactory(config, clock, ServerInfo(host, addr, port, nexthop), security)
+    settings = SessionSettings.from_config(config)      # once, at start-up
+    factory = SMTPSessionFactory(settings, clock, ServerInfo(host, addr, port, nexthop), security)
     session = await endpoint.connect(factory); await session.greeted
     result = await session.deliver(envelope, recipients, last=True)
 
@@ -31,9 +32,10 @@ DIAGNOSTICS
     Those of its parts (``smtp.channel``, ``smtp.setup``); ``deliver``
     raises RuntimeError when a transaction is already running.
 
-Owns no parameters of its own: smtp_helo_name ... are owned by
-``smtp.setup``, the timeouts by ``smtp.channel``, the transaction's by
-``smtp.transaction``, the body's by ``smtp.data``.
+Owns no parameters of its own: the session and its steps read theirs
+from ``smtp.channel.SessionSettings`` (smtp_helo_name ... for
+``smtp.setup``, the timeouts for ``smtp.channel``, the transaction's for
+``smtp.transaction``, the body's for ``smtp.data``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from relayagent.smtp import setup, transaction
 from relayagent.smtp.channel import (
     Broken,
     ServerInfo,
+    SessionSettings,
     SMTPChannel,
     Stage,
 )
@@ -75,15 +78,15 @@ class SMTPSession(SMTPChannel):
 
     def __init__(
         self,
-        config: Any,
+        settings: SessionSettings,
         clock: IReactorTime,
         server: ServerInfo,
         security: SecurityNegotiator | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        super().__init__(config, clock, server)
-        self.identity = setup.helo_identity(config)
+        super().__init__(settings, clock, server)
+        self.identity = setup.helo_identity(settings.smtp_helo_name)
         self.security = security
         self.chunk_size = chunk_size
         self.greeted: Deferred[SMTPSession] = Deferred()
@@ -198,14 +201,14 @@ class SMTPSessionFactory(protocol.ClientFactory):
 
     def __init__(
         self,
-        config: Any,
+        settings: SessionSettings,
         clock: IReactorTime,
         server: ServerInfo,
         security: SecurityNegotiator | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        self.config = config
+        self.settings = settings
         self.clock = clock
         self.server = server
         self.security = security
@@ -213,7 +216,7 @@ class SMTPSessionFactory(protocol.ClientFactory):
         self.session: SMTPSession | None = None
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
-        session = SMTPSession(self.config, self.clock, self.server, self.security, chunk_size=self.chunk_size)
+        session = SMTPSession(self.settings, self.clock, self.server, self.security, chunk_size=self.chunk_size)
         session.factory = self
         self.session = session
         return session

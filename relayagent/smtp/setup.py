@@ -55,9 +55,8 @@ log = Logger()
 _PIX_GREETING_RE = re.compile(r"^[20 *\t\n]*$")
 
 
-def helo_identity(config: Any) -> bytes:
-    """What EHLO and HELO name us as: an IDN in its ASCII form."""
-    helo_name = config["smtp_helo_name"]
+def helo_identity(helo_name: str) -> bytes:
+    """What EHLO and HELO name us as (``smtp_helo_name``): an IDN in its ASCII form."""
     return helo_name.encode("ascii") if helo_name.isascii() else helo_name.encode("idna")
 
 
@@ -70,7 +69,7 @@ async def set_up(session: SMTPSession, greeting_reply: Deferred[Reply | Broken])
     if not greeting.positive:
         _fail_greeting(session, _refusal(session, greeting, STAGES["greeting"]))
         return
-    workarounds = frozenset(w.lower() for w in session.config["smtp_pix_workarounds"])
+    workarounds = frozenset(w.lower() for w in session.settings.smtp_pix_workarounds)
     if workarounds and _PIX_GREETING_RE.match("\n".join(greeting.lines)):
         session.pix_workarounds = workarounds
         log.info(
@@ -80,9 +79,9 @@ async def set_up(session: SMTPSession, greeting_reply: Deferred[Reply | Broken])
         )
     words = greeting.lines[0][4:].split()[1:]
     session.esmtp = any(w.upper() == "ESMTP" for w in words)
-    if session.config["smtp_always_send_ehlo"]:
+    if session.settings.smtp_always_send_ehlo:
         session.esmtp = True
-    if session.config["smtp_never_send_ehlo"] or "disable_esmtp" in session.pix_workarounds:
+    if session.settings.smtp_never_send_ehlo or "disable_esmtp" in session.pix_workarounds:
         session.esmtp = False
     refused = await hello(session, use_ehlo=session.esmtp)
     if refused is not None:

@@ -44,7 +44,7 @@ RFC 8996 deprecates TLS 1.0 and 1.1.
 SYNOPSIS
 
     settings = TLSSettings.from_config(config)        # contexts built once
-    policy = PolicyLookup(config["smtp_tls_security_level"], tables).policy_for(nexthop)
+    policy = PolicyLookup(level, tables).policy_for(nexthop)      # smtp_tls_security_level
     outcome = await negotiate_tls(session, policy, settings, nexthop=nexthop)
 
 DIAGNOSTICS: a bad level, protocol list, cipher grade, policy entry or
@@ -71,6 +71,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
@@ -81,6 +83,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayagent.common.config import Settings
 from relayagent.common.status import DeliveryFailure, Status
 
 log = Logger(namespace="relayagent.smtp.tls")
@@ -333,13 +336,23 @@ class TLSFiles:
 
 
 class ContextCache:
-    """OpenSSL contexts, one per (protocols, cipher list); built once."""
+    """OpenSSL contexts, one per (protocols, cipher list); built once.
+
+    The client certificate chain and its key are read here, once: a
+    context built later (for a policy entry's ``protocols=`` or
+    ``ciphers=``) is built from what was read, since the key is often
+    readable by root only and, under twistd ``--chroot``, neither path
+    means anything any more.  (The CA file and directory are OpenSSL's
+    to read when a context is built; the default contexts are built at
+    start, see ``TLSSettings.from_config``.)
+    """
 
     def __init__(self, files: TLSFiles) -> None:
         self._files = files
         self._contexts: dict[tuple[tuple[str, ...], str], SSL.Context] = {}
         if files.cert_file and not files.key_file:
             raise TLSConfigError("smtp_tls_cert_file is set but smtp_tls_key_file is empty")
+        self._client = _load_client_certificate(files) if files.cert_file else None
 
     def context(self, protocols: tuple[str, ...], ciphers: str) -> SSL.Context:
         key = (protocols, ciphers)
@@ -372,10 +385,13 @@ class ContextCache:
             raise TLSConfigError(
                 f"cannot load smtp_tls_CAfile {files.ca_file!r} / smtp_tls_CApath {files.ca_path!r}: {exc}"
             ) from None
-        if files.cert_file:
+        if self._client is not None:
+            certificate, chain, key = self._client
             try:
-                context.use_certificate_chain_file(files.cert_file)
-                context.use_privatekey_file(files.key_file)
+                context.use_certificate(certificate)
+                for extra in chain:
+                    context.add_extra_chain_cert(extra)
+                context.use_privatekey(key)
                 context.check_privatekey()
             except SSL.Error as exc:
                 raise TLSConfigError(
@@ -383,6 +399,25 @@ class ContextCache:
                     f"{files.key_file!r}: {exc}"
                 ) from None
         return context
+
+
+def _load_client_certificate(files: TLSFiles) -> tuple[x509.Certificate, list[x509.Certificate], Any]:
+    """smtp_tls_cert_file (the certificate, then its chain, PEM) and
+    smtp_tls_key_file (an unencrypted PEM key, as Postfix requires; it
+    may be the same file), read now; raises TLSConfigError."""
+    problem = f"cannot use smtp_tls_cert_file {files.cert_file!r} with smtp_tls_key_file {files.key_file!r}"
+    try:
+        with open(files.cert_file, "rb") as handle:
+            certificates = x509.load_pem_x509_certificates(handle.read())
+        with open(files.key_file, "rb") as handle:
+            # Other PEM blocks (the certificate, in one file with the key) are skipped.
+            key = serialization.load_pem_private_key(handle.read(), password=None)
+    except OSError as exc:
+        raise TLSConfigError(f"{problem}: cannot read {exc.filename}: {exc.strerror}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # Never the file's content: only what the parser says is wrong.
+        raise TLSConfigError(f"{problem}: {exc}") from None
+    return certificates[0], certificates[1:], key
 
 
 class CertificateRejected(Exception):
@@ -524,6 +559,25 @@ def certificate_matches(
 # --------------------------------------------------------------- negotiation
 
 
+@dataclass(frozen=True, slots=True)
+class TLSParameters(Settings):
+    """The TLS parameters as main.cf gives them, bound once; ``TLSSettings``
+    is what they make (contexts built, protocol lists parsed)."""
+
+    smtp_tls_CAfile: str
+    smtp_tls_CApath: str
+    smtp_tls_cert_file: str
+    smtp_tls_key_file: str
+    smtp_tls_protocols: tuple[str, ...]
+    smtp_tls_mandatory_protocols: tuple[str, ...]
+    smtp_tls_ciphers: str
+    smtp_tls_mandatory_ciphers: str
+    smtp_tls_verify_cert_match: tuple[str, ...]
+    smtp_tls_secure_cert_match: tuple[str, ...]
+    smtp_starttls_timeout: float
+    smtp_tls_loglevel: int
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """Everything about TLS that comes from main.cf, for every nexthop."""
@@ -541,28 +595,23 @@ class TLSSettings:
     @classmethod
     def from_config(cls, config: Any) -> TLSSettings:
         """Read the TLS parameters; raises TLSConfigError naming the bad one."""
-
-        def path(name: str) -> str:
-            return config.path_of(name) if config[name] else ""
-
+        given = TLSParameters.from_config(config)
         files = TLSFiles(
-            ca_file=path("smtp_tls_CAfile"),
-            ca_path=path("smtp_tls_CApath"),
-            cert_file=path("smtp_tls_cert_file"),
-            key_file=path("smtp_tls_key_file"),
+            ca_file=given.smtp_tls_CAfile,
+            ca_path=given.smtp_tls_CApath,
+            cert_file=given.smtp_tls_cert_file,
+            key_file=given.smtp_tls_key_file,
         )
         settings = cls(
             contexts=ContextCache(files),
-            protocols=parse_protocols(config["smtp_tls_protocols"], "smtp_tls_protocols"),
-            mandatory_protocols=parse_protocols(
-                config["smtp_tls_mandatory_protocols"], "smtp_tls_mandatory_protocols"
-            ),
-            ciphers=config["smtp_tls_ciphers"],
-            mandatory_ciphers=config["smtp_tls_mandatory_ciphers"],
-            verify_cert_match=tuple(config["smtp_tls_verify_cert_match"]),
-            secure_cert_match=tuple(config["smtp_tls_secure_cert_match"]),
-            starttls_timeout=float(config["smtp_starttls_timeout"]),
-            loglevel=int(config["smtp_tls_loglevel"]),
+            protocols=parse_protocols(given.smtp_tls_protocols, "smtp_tls_protocols"),
+            mandatory_protocols=parse_protocols(given.smtp_tls_mandatory_protocols, "smtp_tls_mandatory_protocols"),
+            ciphers=given.smtp_tls_ciphers,
+            mandatory_ciphers=given.smtp_tls_mandatory_ciphers,
+            verify_cert_match=given.smtp_tls_verify_cert_match,
+            secure_cert_match=given.smtp_tls_secure_cert_match,
+            starttls_timeout=given.smtp_starttls_timeout,
+            loglevel=given.smtp_tls_loglevel,
         )
         # Build the default contexts now, so a bad certificate or CA file
         # stops relayagent at start-up rather than deferring mail later.

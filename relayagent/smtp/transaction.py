@@ -94,7 +94,7 @@ async def quit_session(session: SMTPSession) -> None:
     deferred = session.queue_command(b"QUIT", "quit")
     session.quitting()
     session.flush()
-    if not session.config["smtp_skip_quit_response"]:
+    if not session.settings.smtp_skip_quit_response:
         await deferred
     session.close_quietly()
 
@@ -171,7 +171,7 @@ async def transact(
         return await _after_local_refusal(session, outcome, status, last)
 
     converting = mime.needs_conversion(
-        envelope.body_type, session.has("8BITMIME"), session.config["disable_mime_output_conversion"]
+        envelope.body_type, session.has("8BITMIME"), session.settings.disable_mime_output_conversion
     )
     pipelining = session.has("PIPELINING")
 
@@ -261,10 +261,10 @@ async def transact(
             outcome.message_failed(early, STAGES["dot"])
         return outcome.finish(body_result.status, usable=False)
     if "delay_dotcrlf" in session.pix_workarounds and (
-        session.clock.seconds() - envelope.arrival_time >= session.config["smtp_pix_workaround_threshold_time"]
+        session.clock.seconds() - envelope.arrival_time >= session.settings.smtp_pix_workaround_threshold_time
     ):
         # PIX firewalls lose a ".CRLF" that shares a packet with the body.
-        await task.deferLater(session.clock, session.config["smtp_pix_workaround_delay_time"], lambda: None)
+        await task.deferLater(session.clock, session.settings.smtp_pix_workaround_delay_time, lambda: None)
         if session.broken is not None:
             return outcome.finish(session.broken.status, usable=False)
     early = session.take_early_reply()
@@ -283,7 +283,7 @@ async def transact(
     else:
         dot_reply = await dot_d
         if quit_d is not None and isinstance(dot_reply, Reply) and dot_reply.code != 421:
-            if not session.config["smtp_skip_quit_response"]:
+            if not session.settings.smtp_skip_quit_response:
                 await quit_d
             session.close_quietly()
     if isinstance(dot_reply, Broken):

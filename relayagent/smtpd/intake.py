@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayagent.common import maillog as ralog
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import BodyType
 from relayagent.spool import space
 
@@ -169,6 +170,17 @@ def _peer_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return address
 
 
+@dataclass(frozen=True, slots=True)
+class IntakeSettings(Settings):
+    """What the intake checks mail against, bound once."""
+
+    myhostname: str
+    mynetworks: tuple[str, ...]
+    message_size_limit: int
+    hopcount_limit: int
+    queue_minfree: int
+
+
 class RelayPolicy:
     """Who may relay: authenticated clients, UNIX-socket clients and
     clients whose address is in ``mynetworks``."""
@@ -177,8 +189,8 @@ class RelayPolicy:
         self.networks = tuple(networks)
 
     @classmethod
-    def from_config(cls, config: Any) -> RelayPolicy:
-        return cls(parse_mynetworks(config["mynetworks"]))
+    def from_config(cls, config: Config) -> RelayPolicy:
+        return cls(parse_mynetworks(IntakeSettings.from_config(config).mynetworks))
 
     def in_mynetworks(self, peer: object) -> bool:
         if isinstance(peer, UNIXAddress):
@@ -352,21 +364,22 @@ class Intake:
     @classmethod
     def from_config(
         cls,
-        config: Any,
+        config: Config,
         spool: Any,
         *,
         trigger: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Intake:
+        settings = IntakeSettings.from_config(config)
         return cls(
             spool,
-            hostname=config["myhostname"],
-            relay_policy=RelayPolicy.from_config(config),
-            message_size_limit=config["message_size_limit"],
-            hopcount_limit=config["hopcount_limit"],
+            hostname=settings.myhostname,
+            relay_policy=RelayPolicy(parse_mynetworks(settings.mynetworks)),
+            message_size_limit=settings.message_size_limit,
+            hopcount_limit=settings.hopcount_limit,
             trigger=trigger,
             clock=clock,
-            queue_minfree=config["queue_minfree"],
+            queue_minfree=settings.queue_minfree,
         )
 
     def check_queue_space(self) -> None:

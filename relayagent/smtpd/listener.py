@@ -60,6 +60,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import strports
@@ -69,12 +70,14 @@ from twisted.logger import Logger
 from twisted.mail import protocols, smtp
 from twisted.python.compat import networkString
 
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import BodyType
 from relayagent.smtpd.intake import (
     QUEUE_WRITE_ERROR,
     Intake,
     RelayDeliveryFactory,
 )
+from relayagent.spool import Spool
 
 log = Logger(namespace="relayagent.smtpd.listener")
 
@@ -307,11 +310,22 @@ class RelayagentESMTP(smtp.ESMTP):
         super().connectionLost(reason)
 
 
-def configure_protocol(server: RelayagentESMTP, config: Any) -> RelayagentESMTP:
+@dataclass(frozen=True, slots=True)
+class ListenerSettings(Settings):
+    """The listener's parameters, bound once."""
+
+    smtpd_endpoints: tuple[str, ...]
+    smtpd_banner: str
+    myhostname: str
+    message_size_limit: int
+    queue_directory: str
+
+
+def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings) -> RelayagentESMTP:
     """Apply main.cf to one server protocol instance."""
-    server.message_size_limit = config["message_size_limit"]
-    server.host = config["myhostname"].encode("idna")
-    server.banner = config["smtpd_banner"].encode("utf-8", "replace")
+    server.message_size_limit = settings.message_size_limit
+    server.host = settings.myhostname.encode("idna")
+    server.banner = settings.smtpd_banner.encode("utf-8", "replace")
     return server
 
 
@@ -323,15 +337,15 @@ class ListenerFactory(protocol.ServerFactory):
     # namespace they would land in the maillog, where Postfix has none.
     noisy = False
 
-    def __init__(self, intake: Intake, config: Any) -> None:
+    def __init__(self, intake: Intake, config: Config) -> None:
         self.intake = intake
-        self.config = config
+        self.settings = ListenerSettings.from_config(config)
 
     def buildProtocol(self, addr: object) -> RelayagentESMTP:
         server = RelayagentESMTP()
         server.factory = self
         server.deliveryFactory = RelayDeliveryFactory(self.intake)
-        configure_protocol(server, self.config)
+        configure_protocol(server, self.settings)
         return server
 
 
@@ -341,19 +355,19 @@ class MailServiceESMTPFactory(protocols.ESMTPFactory):
 
     protocol = RelayagentESMTP
 
-    def __init__(self, service: Any, portal: Any, config: Any) -> None:
+    def __init__(self, service: Any, portal: Any, config: Config) -> None:
         super().__init__(service, portal)
-        self.config = config
-        self.domain = config["myhostname"].encode("idna")
+        self.settings = ListenerSettings.from_config(config)
+        self.domain = self.settings.myhostname.encode("idna")
 
     def buildProtocol(self, addr: object) -> RelayagentESMTP:
         server = super().buildProtocol(addr)
-        configure_protocol(server, self.config)
+        configure_protocol(server, self.settings)
         return server
 
 
 def make_listener_services(
-    config: Any,
+    config: Config,
     spool: Any = None,
     trigger: Callable[[], object] | None = None,
     *,
@@ -365,16 +379,14 @@ def make_listener_services(
     ``spool`` defaults to ``Spool(queue_directory)``; ``trigger`` is called
     with no arguments after each queued message.
     """
-    endpoints = config["smtpd_endpoints"]
-    if not endpoints:
+    settings = ListenerSettings.from_config(config)
+    if not settings.smtpd_endpoints:
         return []
     if spool is None:
-        from relayagent.spool import Spool
-
-        spool = Spool(config.path_of("queue_directory"))
+        spool = Spool(settings.queue_directory)
     intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
     factory = ListenerFactory(intake, config)
-    return [strports.service(description, factory, reactor=reactor) for description in endpoints]
+    return [strports.service(description, factory, reactor=reactor) for description in settings.smtpd_endpoints]
 
 
 class _DaemonSpool:

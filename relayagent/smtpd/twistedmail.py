@@ -60,7 +60,8 @@ from twisted.mail.interfaces import IDomain, IMessageSMTP
 from zope.interface import implementer
 
 from relayagent.smtpd.intake import Intake, RelayDomain, check_recipient, check_sender
-from relayagent.smtpd.listener import MailServiceESMTPFactory
+from relayagent.smtpd.listener import ListenerSettings, MailServiceESMTPFactory
+from relayagent.spool import Spool, control
 
 log = Logger(namespace="relayagent.smtpd.twistedmail")
 
@@ -235,15 +236,12 @@ def install_relayagent(
     Call it before ``getESMTPFactory()`` (or use the returned object's
     ``esmtp_factory()``).
     """
+    queue_directory = ListenerSettings.from_config(config).queue_directory
     if spool is None:
-        from relayagent.spool import Spool
-
-        spool = Spool(config.path_of("queue_directory"))
+        spool = Spool(queue_directory)
         spool.ensure_layout()
     if trigger is None:
-        from relayagent.spool import control
-
-        trigger = functools.partial(control.trigger, config.path_of("queue_directory"))
+        trigger = functools.partial(control.trigger, queue_directory)
     if getattr(mail_service, "queue", None) is not None:
         log.warn("the MailService's twisted.mail relay queue is ignored: relayagent relays instead")
     intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)

@@ -328,6 +328,7 @@ class QueueFile:
         # (safeopen.reopen), never one put in its place.
         self._identity = identity or (0, 0)
         self._closed = False
+        self._holds = 0  # the delivery requests running with a held descriptor
         self._log_directory = log_directory
         self._clock = clock
         try:
@@ -559,6 +560,37 @@ class QueueFile:
     def reset_attempts(self) -> None:
         """Forget earlier attempts (``postsuper -r``)."""
         self._write_mutable(0, 0.0)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold one descriptor while a delivery request runs: its content
+        stream (a ``dup``) and its updates use it instead of reopening the
+        file by name each time.  The file is reopened and checked once, at
+        the start; what is written during the hold goes to that inode.
+        Requests of one message may overlap: the descriptor is closed when
+        the last hold ends.  At most as many files are held as deliveries
+        run (``default_process_limit``), not as messages are active."""
+        if self._path is None:  # a file opened without a path holds its descriptor anyway
+            yield
+            return
+        if self._holds == 0:
+            if self._closed:
+                raise ValueError(f"queue file {self.queue_id} is closed")
+            try:
+                self._fd = safeopen.reopen(self._path, self.queue_id, self._open_flags, self._identity)
+            except OSError:
+                # Not held (EMFILE, EIO ...): each use reopens the file
+                # and meets the error there, as without a hold.
+                yield
+                return
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if self._holds == 0 and self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
 
     def close(self) -> None:
         self._closed = True

@@ -202,8 +202,13 @@ def open_queue_file(
         info = os.fstat(fd)
         _judge(queue_id, info, owner, path)
         links = info.st_nlink
-        if links > 1 and twin is not None and _same_inode(twin, info):
-            if writable:
+        if links > 1 and twin is not None:
+            if not _same_inode(twin, info):
+                # No twin now; but the writer may have unlinked it since
+                # our fstat, so the count read then is stale: count again.
+                info = os.fstat(fd)
+                links = info.st_nlink
+            elif writable:
                 try:
                     os.unlink(twin)
                 except FileNotFoundError:

@@ -67,6 +67,7 @@ from typing import BinaryIO
 
 from twisted.logger import Logger
 
+from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
 from relayagent.spool import logs, safeopen
 from relayagent.spool.plain import PlainLineScanner, is_plain
@@ -203,6 +204,13 @@ def _publish(tmp_path: str, final_path: str, queue_id: str) -> None:
         pass  # a second name under tmp/ is debris for recover(), not a message
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolSettings(Settings):
+    """Where the spool is."""
+
+    queue_directory: str
+
+
 class Spool:
     """The queue directories under ``queue_directory``.
 
@@ -241,13 +249,13 @@ class Spool:
     @classmethod
     def from_config(
         cls,
-        config: object,
+        config: Config,
         *,
         clock: Callable[[], float] = time.time,
         on_stray: StrayReport | None = None,
     ) -> Spool:
         """The spool at a configuration's ``queue_directory``."""
-        return cls(config.path_of("queue_directory"), clock=clock, on_stray=on_stray)  # type: ignore[attr-defined]
+        return cls(SpoolSettings.from_config(config).queue_directory, clock=clock, on_stray=on_stray)
 
     # -- layout
 

@@ -1,0 +1,372 @@
+"""Tests for relayagent.master.spawner and relayagent.master.child with real
+forks of this process: the spawner's lines (lock, start, kill, ended,
+failed), a restart being the same copy of memory, the signals it
+ignores and the end of file that ends it; a fresh reactor after a fork;
+and the hand-over itself: a worker forked by a spawner that dropped to
+nobody uses the SASL password map and the TLS key worker 0 read as root,
+files it cannot open itself (root only).
+
+Every wait is bounded (socket timeouts); every process forked here is
+ended and reaped in cleanup.  No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import secrets
+import signal
+import socket
+import tempfile
+import time
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from relayagent.common.config import Config
+from relayagent.master import child, spawner, worker
+from relayagent.master.service import build_service
+from relayagent.smtp.tls import TLSLevel, TLSPolicy
+from tests.support.certs import CertificateAuthority
+
+TIMEOUT = 20.0
+NOBODY = 65534
+
+
+class Lines:
+    """Blocking line reads from a socket, with a timeout."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.settimeout(TIMEOUT)
+        self.buffer = b""
+
+    def next(self) -> str:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError("end of file")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("ascii")
+
+
+def wait_for_exit(pid: int) -> int:
+    """Reap ``pid`` (a child of this process); its waitpid status."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already
+            return -1
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+class SpawnerCase(SynchronousTestCase):
+    def fork_spawner(self, run_worker, privileges: worker.Privileges | None = None,  # noqa: ANN001
+                     indices: tuple[int, ...] = (1, 2)) -> None:
+        self.addCleanup(gc.unfreeze)  # fork_spawner froze this process's objects
+        pid, control, links = spawner.fork_spawner(indices, run_worker, privileges or worker.Privileges())
+        self.spawner_pid = pid
+        self.control = control
+        self.replies = Lines(control)
+        self.links = links
+        self.link_lines = {index: Lines(link) for index, link in links.items()}
+        self.workers: list[int] = []
+
+        def cleanup() -> None:
+            for worker_pid in self.workers:
+                if not process_gone(worker_pid):
+                    os.kill(worker_pid, signal.SIGKILL)
+            for sock in (control, *links.values()):
+                sock.close()
+            wait_for_exit(pid)
+            deadline = time.monotonic() + TIMEOUT
+            while any(not process_gone(p) for p in self.workers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        self.addCleanup(cleanup)
+
+    def hand_lock(self) -> os.stat_result:
+        handle = tempfile.TemporaryFile()
+        self.addCleanup(handle.close)
+        socket.send_fds(self.control, [b"lock\n"], [handle.fileno()])
+        return os.fstat(handle.fileno())
+
+    def start(self, index: int) -> int:
+        self.control.sendall(f"start {index}\n".encode())
+        reply = self.replies.next().split()
+        self.assertEqual(reply[:2], ["started", str(index)])
+        pid = int(reply[2])
+        self.workers.append(pid)
+        return pid
+
+
+def echo_worker(marker: str):  # noqa: ANN201
+    """A worker that says who it is and what it holds, then does what its
+    link says: ``exit N``, ``sleep``, or end of file (exit 0)."""
+
+    def run(index: int, link: socket.socket, lock_fd: int) -> int:
+        lock = os.fstat(lock_fd)
+        link.sendall(f"hello {index} {os.getpid()} {os.getppid()} {lock.st_ino} {marker}\n".encode())
+        command = link.recv(100).decode()
+        if command.startswith("exit "):
+            return int(command.split()[1])
+        if command.startswith("sleep"):
+            time.sleep(TIMEOUT * 3)
+        return 0
+
+    return run
+
+
+class SpawnerTests(SpawnerCase):
+    def setUp(self) -> None:
+        # In this process's memory before the fork: every worker has it.
+        self.marker = secrets.token_hex(8)
+        self.fork_spawner(echo_worker(self.marker))
+
+    def test_start_hand_over_and_exit_status(self) -> None:
+        lock = self.hand_lock()
+        pid = self.start(1)
+        words = self.link_lines[1].next().split()
+        self.assertEqual(words, ["hello", "1", str(pid), str(self.spawner_pid), str(lock.st_ino), self.marker])
+        self.links[1].sendall(b"exit 3\n")
+        self.assertEqual(self.replies.next(), f"ended 1 {pid} {3 << 8}")
+
+    def test_a_restart_is_a_new_fork_of_the_same_memory(self) -> None:
+        self.hand_lock()
+        first = self.start(1)
+        self.link_lines[1].next()
+        self.links[1].sendall(b"exit 0\n")
+        self.assertEqual(self.replies.next(), f"ended 1 {first} 0")
+        second = self.start(1)
+        self.assertNotEqual(first, second)
+        self.assertTrue(self.link_lines[1].next().endswith(self.marker))
+        self.links[1].sendall(b"exit 0\n")
+        self.assertEqual(self.replies.next(), f"ended 1 {second} 0")
+
+    def test_two_workers_each_on_its_own_link(self) -> None:
+        self.hand_lock()
+        one, two = self.start(1), self.start(2)
+        self.assertEqual(self.link_lines[1].next().split()[2], str(one))
+        self.assertEqual(self.link_lines[2].next().split()[2], str(two))
+        self.links[2].sendall(b"exit 2\n")
+        self.assertEqual(self.replies.next(), f"ended 2 {two} {2 << 8}")
+        self.links[1].sendall(b"exit 1\n")
+        self.assertEqual(self.replies.next(), f"ended 1 {one} {1 << 8}")
+
+    def test_kill(self) -> None:
+        self.hand_lock()
+        pid = self.start(2)
+        self.link_lines[2].next()
+        self.links[2].sendall(b"sleep\n")
+        self.control.sendall(b"kill 2\n")
+        self.assertEqual(self.replies.next(), f"ended 2 {pid} {signal.SIGKILL}")
+
+    def test_refusals(self) -> None:
+        self.control.sendall(b"start 1\n")
+        self.assertEqual(self.replies.next(), "failed 1 no lock descriptor")
+        self.hand_lock()
+        self.control.sendall(b"start 7\n")
+        self.assertEqual(self.replies.next(), "failed 7 no such worker")
+        self.start(1)
+        self.control.sendall(b"start 1\nwhatever\n")
+        self.assertEqual(self.replies.next(), "failed 1 already running")
+
+    def test_signals_are_ignored_and_end_of_file_ends_it(self) -> None:
+        self.hand_lock()
+        os.kill(self.spawner_pid, signal.SIGTERM)
+        os.kill(self.spawner_pid, signal.SIGINT)
+        pid = self.start(1)
+        self.link_lines[1].next()
+        self.control.close()
+        self.assertEqual(wait_for_exit(self.spawner_pid), 0)
+        # The worker does not go with it: it stops at the end of its link.
+        self.assertFalse(process_gone(pid))
+        self.links[1].close()
+        deadline = time.monotonic() + TIMEOUT
+        while not process_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertTrue(process_gone(pid))
+
+
+class FreshReactorTests(SynchronousTestCase):
+    def check_fork(self, reactor) -> None:  # noqa: ANN001
+        """In a fork, after fresh_reactor: a timer fires and a socket is
+        read on the reactor; here, nothing changed."""
+        readers = set(reactor.getReaders())
+        report_read, report_write = os.pipe()
+        here, there = socket.socketpair()
+        self.addCleanup(here.close)
+        self.addCleanup(there.close)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(report_read)
+                child.fresh_reactor(reactor)
+                from twisted.internet.protocol import Factory, Protocol
+
+                seen: list[object] = []
+
+                def saw(what: object) -> None:
+                    seen.append(what)
+                    if len(seen) == 2:
+                        reactor.stop()
+
+                class Reader(Protocol):
+                    def dataReceived(self, data: bytes) -> None:
+                        saw(data)
+
+                factory = Factory()
+                factory.buildProtocol = lambda addr: Reader()
+                reactor.callLater(0, saw, "timer")
+                reactor.adoptStreamConnection(there.fileno(), socket.AF_UNIX, factory)
+                reactor.callLater(TIMEOUT, reactor.stop)
+                reactor.run(installSignalHandlers=False)
+                status = 0 if sorted(map(str, seen)) == ["b'ping'", "timer"] else 2
+                os.write(report_write, repr(sorted(map(str, seen))).encode())
+            finally:
+                os._exit(status)
+        os.close(report_write)
+        here.sendall(b"ping")
+        with os.fdopen(report_read, "rb") as report:
+            self.assertEqual(report.read(), repr(["b'ping'", "timer"]).encode())
+        self.assertEqual(wait_for_exit(pid), 0)
+        self.assertEqual(set(reactor.getReaders()), readers)  # this process's is untouched
+
+    def test_epoll(self) -> None:
+        from twisted.internet import reactor  # the installed one, not running here
+
+        self.check_fork(reactor)
+
+    def test_poll(self) -> None:
+        from twisted.internet.pollreactor import PollReactor
+
+        self.check_fork(PollReactor())
+
+    def test_asyncio(self) -> None:
+        import asyncio
+
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        self.check_fork(AsyncioSelectorReactor(loop))
+
+    def test_building_the_service_leaves_nothing_on_the_reactor(self) -> None:
+        # What fresh_reactor drops (timers, readers, triggers) must be
+        # nothing the service needs: build_service adds none.
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        directory = self.mktemp()
+        config = Config.from_text(f"queue_directory = {directory}\nrelayagent_workers = 2\n")
+        service = build_service(config, reactor)
+        self.addCleanup(service.smtp.close)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertEqual(reactor.getReaders() + reactor.getWriters(), [])
+        self.assertEqual((reactor.triggers, reactor.whenRunningHooks), ({}, []))
+
+
+class HandOverTests(SpawnerCase):
+    """What worker 0 read as root is the worker's, after the spawner
+    dropped to nobody: the files themselves it cannot open."""
+
+    def setUp(self) -> None:
+        if os.getuid() != 0:
+            raise SkipTest("dropping privileges needs root")
+        self.directory = tempfile.mkdtemp(prefix="ra-handover-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.directory, True))
+        os.chmod(self.directory, 0o755)
+        self.password = secrets.token_urlsafe(12)
+        self.passwords = os.path.join(self.directory, "sasl_passwd")
+        with open(self.passwords, "w") as handle:
+            handle.write(f"[127.0.0.1]:2525 alice:{self.password}\n")
+        ca = CertificateAuthority()
+        _, self.key_path = ca.issue(["client.example"], client=True).write(self.directory, stem="client")
+        for path in (self.passwords, self.key_path):
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o600)
+
+    def test_the_worker_uses_what_was_read_as_root(self) -> None:
+        config = Config.from_text(
+            f"queue_directory = {self.directory}/spool\n"
+            "relayagent_workers = 2\n"
+            "smtp_sasl_auth_enable = yes\n"
+            "smtp_sasl_password_maps = texthash:sasl_passwd\n"
+            "smtp_tls_cert_file = client.crt\n"
+            "smtp_tls_key_file = client.key\n",
+            base_dir=self.directory,
+        )
+        from twisted.internet import reactor
+
+        service = build_service(config, reactor)  # as root, as makeService does
+        self.addCleanup(service.smtp.close)
+        files = (self.passwords, self.key_path)
+        password = self.password
+
+        def run(index: int, link: socket.socket, lock_fd: int) -> int:
+            report: dict[str, object] = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+            report["unreadable"] = []
+            for path in files:
+                try:
+                    open(path, "rb").close()
+                except PermissionError:
+                    report["unreadable"].append(path)  # type: ignore[union-attr]
+            found = service.security.sasl.passwords.credentials_for("127.0.0.1", "[127.0.0.1]:2525")
+            report["user"] = found.username
+            report["password matches"] = found.password == password
+            # A context built now, after the drop, for a policy's own ciphers.
+            policy = TLSPolicy(TLSLevel.ENCRYPT, ciphers="high", source="test")
+            from OpenSSL import SSL
+
+            connection = SSL.Connection(service.security.tls.context_for(policy), None)
+            # (.CN would import the charmap codec, which nobody cannot read
+            # where Python lives under /root.)
+            report["certificate"] = connection.get_certificate().to_cryptography().subject.rfc4514_string()
+            link.sendall(json.dumps(report).encode() + b"\n")
+            return 0
+
+        self.fork_spawner(run, worker.Privileges(NOBODY, NOBODY), indices=(1,))
+        self.hand_lock()
+        self.start(1)
+        report = json.loads(self.link_lines[1].next())
+        self.assertEqual(report["uid"], NOBODY)
+        self.assertEqual(report["gid"], NOBODY)
+        self.assertNotIn(0, report["groups"])
+        self.assertEqual(sorted(report["unreadable"]), sorted(files))
+        self.assertEqual(report["user"], "alice")
+        self.assertTrue(report["password matches"])
+        self.assertEqual(report["certificate"], "CN=client.example")
+        self.assertEqual(uid_of(self.spawner_pid), NOBODY)
+        self.assertEqual(os.getuid(), 0)  # this process (worker 0) is still root
+
+    def test_a_spawner_that_cannot_drop_says_so(self) -> None:
+        def unused(index: int, link: socket.socket, lock_fd: int) -> int:
+            return 0
+
+        # A user no passwd entry names (its gid is looked up).
+        self.fork_spawner(unused, worker.Privileges(4_000_000_000 - 7, None), indices=(1,))
+        self.assertTrue(self.replies.next().startswith("fatal cannot drop privileges: "))
+        self.assertEqual(os.WEXITSTATUS(wait_for_exit(self.spawner_pid)), 1)

@@ -1,0 +1,628 @@
+"""
+twistd's own log in Postfix's format: relayagent's events rendered by
+Twisted's observers (``formatEvent``, ``textFileLogObserver``, the JSON
+logger), compared with lines of Postfix's own log.
+
+The fixtures are lines Postfix 3.7.11 wrote (a private instance, three
+smtp-sink destinations: one accepting, one with ``-f rcpt``, one with
+``-r rcpt``); the events are made with delays that Postfix would have
+printed as it did.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    eventsFromJSONLogFile,
+    formatEvent,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.trial import unittest
+
+from relayagent.common import maillog as ralog
+from relayagent.common.envelope import Recipient
+from relayagent.common.status import Status
+
+# Postfix's maillog_file, as written (the syslog prefix and the text).
+POSTFIX_LOG = """\
+Dec 01 23:42:41 postfix postfix/qmgr[23257]: F34AC21220B: from=<s@sender.test>, size=274, nrcpt=1 (queue active)
+Dec 01 23:42:41 postfix postfix/smtp[23269]: F34AC21220B: to=<a@ok.test>, relay=127.0.0.1[127.0.0.1]:51267, \
+delay=0.11, delays=0.07/0.03/0.01/0, dsn=2.0.0, status=sent (250 2.0.0 Ok)
+Dec 01 23:42:41 postfix postfix/qmgr[23257]: F34AC21220B: removed
+Dec 01 23:42:41 postfix postfix/smtp[23269]: 06DF82124ED: to=<b@hard.test>, relay=127.0.0.1[127.0.0.1]:59509, \
+delay=0.09, delays=0.04/0.03/0/0.02, dsn=5.3.0, status=bounced (host 127.0.0.1[127.0.0.1] said: 500 5.3.0 Error: \
+command failed (in reply to RCPT TO command))
+Dec 01 23:42:41 postfix postfix/smtp[23270]: 078B921220A: to=<c@soft.test>, relay=127.0.0.1[127.0.0.1]:37847, \
+delay=0.07, delays=0.02/0.04/0/0.01, dsn=4.3.0, status=deferred (host 127.0.0.1[127.0.0.1] said: 450 4.3.0 Error: \
+command failed (in reply to RCPT TO command))
+Dec 01 23:42:41 postfix postfix/bounce[23271]: 06DF82124ED: sender non-delivery notification: 1530B2126C9
+Dec 01 23:42:41 postfix postfix/smtp[23269]: 1530B2126C9: to=<s@sender.test>, relay=none, delay=0.01, \
+delays=0/0/0/0, dsn=5.4.4, status=bounced (Host or domain name not found. Name service error for name=sender.test \
+type=A: Host not found)
+"""
+POSTFIX_TEXT = [line.split("]: ", 1)[1] for line in POSTFIX_LOG.splitlines()]
+
+# twistd's classic line: "<RFC 3339 stamp> [<namespace>#<level>] <text>".
+TWISTD_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) \[([^\]]+)\] (.*)$")
+
+
+def emit_postfix_fixtures(log: Logger) -> None:
+    """The events of POSTFIX_LOG, in its order, with raw delays (what the
+    queue manager measures) that Postfix rounds to the values it printed."""
+    ralog.log_queue_active(log, "F34AC21220B", "s@sender.test", 274, 1)
+    ralog.log_delivery(
+        log, queue_id="F34AC21220B", recipient=Recipient("a@ok.test", 0),
+        relay="127.0.0.1[127.0.0.1]:51267", conn_use=None,
+        delay=0.1093, delays=(0.0721, 0.0268, 0.0095, 0.0044),
+        status=Status("2.0.0", "250 2.0.0 Ok", code=250), outcome="sent",
+    )
+    ralog.log_removed(log, "F34AC21220B")
+    ralog.log_delivery(
+        log, queue_id="06DF82124ED", recipient="b@hard.test",
+        relay="127.0.0.1[127.0.0.1]:59509", conn_use=1,
+        delay=0.0912, delays=(0.0351, 0.0349, 0.0049, 0.0162),
+        status=Status("5.3.0", "host 127.0.0.1[127.0.0.1] said: 500 5.3.0 Error: command failed "
+                      "(in reply to RCPT TO command)", code=500),
+        outcome="bounced",
+    )
+    ralog.log_delivery(
+        log, queue_id="078B921220A", recipient="c@soft.test",
+        relay="127.0.0.1[127.0.0.1]:37847", conn_use=None,
+        delay=0.0651, delays=(0.0249, 0.0351, 0.0012, 0.0050),
+        status=Status("4.3.0", "host 127.0.0.1[127.0.0.1] said: 450 4.3.0 Error: command failed "
+                      "(in reply to RCPT TO command)", code=450),
+        outcome="deferred",
+    )
+    ralog.log_bounce_notice(log, "06DF82124ED", "1530B2126C9")
+    ralog.log_delivery(
+        log, queue_id="1530B2126C9", recipient="s@sender.test", relay=None, conn_use=None,
+        delay=0.0081, delays=(0.0021, 0.0013, 0.0, 0.0),
+        status=Status("5.4.4", "Host or domain name not found. Name service error for "
+                      "name=sender.test type=A: Host not found"),
+        outcome="bounced",
+    )
+
+
+def fields(text: str) -> list[str]:
+    """A line's text cut at its ", " separators: the fields one by one, so
+    that a difference names the field."""
+    return text.split(", ")
+
+
+class Events:
+    """A Logger whose events are kept, as an observer of twistd's sees them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.log = Logger(namespace="relayagent.qmgr.delivery", observer=self.events.append)
+
+
+class FormatEventTests(unittest.TestCase):
+    """Twisted's formatEvent, which every observer of Twisted's uses."""
+
+    def test_postfix_lines(self) -> None:
+        captured = Events()
+        emit_postfix_fixtures(captured.log)
+        texts = [formatEvent(event) for event in captured.events]
+        self.assertEqual(len(texts), len(POSTFIX_TEXT))
+        for ours, theirs in zip(texts, POSTFIX_TEXT, strict=True):
+            self.assertEqual(fields(ours), fields(theirs))
+            self.assertEqual(ours, theirs)
+
+    def test_same_text_as_the_maillog(self) -> None:
+        # One formatting, whichever observer: render (the maillog) and
+        # the events' own log_format agree on every kind of event.
+        captured = Events()
+        emit_postfix_fixtures(captured.log)
+        ralog.log_expired(captured.log, "4B3F2A1C0D", "s@sender.test")
+        ralog.log_delay_notice(captured.log, "4B3F2A1C0D", "5C4A3B2D1E")
+        ralog.log_warning(captured.log, "no MX host has a valid address", queue_id="4B3F2A1C0D")
+        ralog.log_warning(captured.log, "process 4242 exit status 1", service="master")
+        ralog.log_connect_failure(captured.log, host="mx.example.net", address="192.0.2.1", port=25,
+                                  reason="Connection refused", queue_id="4B3F2A1C0D")
+        ralog.log_connect_failure(captured.log, host="mx.example.net", address="192.0.2.1", port=25,
+                                  reason="Connection refused")
+        ralog.log_tls(captured.log, trust="Untrusted", host="mx.example.net", address="192.0.2.1",
+                      port=25, protocol="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", cipher_bits=256,
+                      algorithm_bits=256, key_exchange="X25519", signature="RSA-PSS",
+                      signature_bits=2048, digest="SHA256")
+        ralog.log_tls(captured.log, trust="Anonymous", host="mx.example.net", address="192.0.2.1",
+                      port=25, protocol="TLSv1.2", cipher="ECDHE-RSA-AES256-GCM-SHA384",
+                      cipher_bits=256, algorithm_bits=256)
+        ralog.log_delivery(
+            captured.log, queue_id="4B3F2A1C0D",
+            recipient=Recipient("b@example.net", 0, orcpt="rfc822;B@Example.ORG"),
+            relay="mx.example.net[192.0.2.1]:25", conn_use=3, delay=12.7, delays=(6.305, 0.004, 0.05, 130.2),
+            status=Status("2.0.0", "250 ok"), outcome="sent",
+        )
+        self.assertEqual(len(captured.events), 16)
+        for event in captured.events:
+            self.assertEqual(formatEvent(event), ralog.render(event))
+
+    def test_warnings_read_as_postfix_warnings(self) -> None:
+        captured = Events()
+        ralog.log_warning(captured.log, "cannot listen on /x/public/qmgr: in use")
+        ralog.log_warning(captured.log, "unreadable queue file", queue_id="4B3F2A1C0D")
+        self.assertEqual([formatEvent(e) for e in captured.events], [
+            "warning: cannot listen on /x/public/qmgr: in use",
+            "warning: 4B3F2A1C0D: unreadable queue file",
+        ])
+
+    def test_rounding_field_by_field(self) -> None:
+        captured = Events()
+        ralog.log_delivery(
+            captured.log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+            delay=0.52, delays=(0.004, 0.05, 6.305, 12.7), status=Status("2.0.0", "250 ok"),
+            outcome="sent",
+        )
+        ralog.log_delivery(
+            captured.log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+            delay=130.2, delays=(0.9949999, 0.0996, 99.6, 0.0), status=Status("2.0.0", "250 ok"),
+            outcome="sent",
+        )
+        first, second = (fields(formatEvent(e)) for e in captured.events)
+        self.assertEqual(first[2:4], ["delay=0.52", "delays=0/0.05/6.3/13"])
+        self.assertEqual(second[2:4], ["delay=130", "delays=1/0.1/100/0"])
+
+    def test_resolution_limit(self) -> None:
+        self.addCleanup(ralog.set_resolution, 2)
+        ralog.set_resolution(4)
+        captured = Events()
+        ralog.log_delivery(
+            captured.log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+            delay=0.5234, delays=(0.00312, 0.0001, 1.234, 12.34), status=Status("2.0.0", "250 ok"),
+            outcome="sent",
+        )
+        self.assertIn(", delay=0.52, delays=0.0031/0.0001/1.2/12, ", formatEvent(captured.events[0]))
+
+    def test_delays_stay_numbers(self) -> None:
+        captured = Events()
+        emit_postfix_fixtures(captured.log)
+        event = captured.events[1]
+        self.assertEqual(event["delay"], 0.1093)
+        self.assertEqual(event["delays"], [0.0721, 0.0268, 0.0095, 0.0044])
+        self.assertEqual(repr(event["delay"]), "0.1093")
+        self.assertEqual(event["delay"] * 2, 0.2186)
+        self.assertEqual(f"{event['delay']:.3f}", "0.109")
+
+
+class TextFileLogObserverTests(unittest.TestCase):
+    """The observer twistd writes its log with (--logfile, -n's standard
+    output): its prefix, then Postfix's text."""
+
+    def test_postfix_text_after_twistds_prefix(self) -> None:
+        out = io.StringIO()
+        log = Logger(namespace="relayagent.qmgr.delivery", observer=textFileLogObserver(out))
+        emit_postfix_fixtures(log)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), len(POSTFIX_TEXT))
+        for line, theirs in zip(lines, POSTFIX_TEXT, strict=True):
+            match = TWISTD_LINE.match(line)
+            self.assertIsNotNone(match, line)
+            self.assertEqual(match.group(2), "relayagent.qmgr.delivery#info")
+            self.assertEqual(fields(match.group(3)), fields(theirs))
+
+
+class JsonLoggerTests(unittest.TestCase):
+    """twistd --logger with Twisted's JSON observer: the fields as numbers
+    and strings, and the text rendered back as Postfix's."""
+
+    def test_fields_and_text(self) -> None:
+        out = io.StringIO()
+        log = Logger(namespace="relayagent.qmgr.delivery", observer=jsonFileLogObserver(out))
+        emit_postfix_fixtures(log)
+        events = list(eventsFromJSONLogFile(io.StringIO(out.getvalue())))
+        self.assertEqual(len(events), len(POSTFIX_TEXT))
+        sent = events[1]
+        self.assertEqual(sent["ralog_event"], "delivery")
+        self.assertEqual((sent["queue_id"], sent["to"], sent["relay"]),
+                         ("F34AC21220B", "a@ok.test", "127.0.0.1[127.0.0.1]:51267"))
+        self.assertEqual(sent["delay"], 0.1093)
+        self.assertEqual(sent["delays"], [0.0721, 0.0268, 0.0095, 0.0044])
+        self.assertEqual((sent["dsn"], sent["status"], sent["reason"]), ("2.0.0", "sent", "250 2.0.0 Ok"))
+        self.assertEqual((events[0]["sender"], events[0]["size"], events[0]["nrcpt"]), ("s@sender.test", 274, 1))
+        self.assertEqual(events[5]["new_queue_id"], "1530B2126C9")
+        self.assertEqual([formatEvent(event) for event in events], POSTFIX_TEXT)
+
+
+class Out(io.StringIO):
+    """A text file that counts its writes and flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+def twisted_events(log_for) -> None:  # type: ignore[no-untyped-def]
+    """Events of Twisted's kinds, each through ``log_for(namespace)``."""
+    log_for("twisted.scripts._twistd_unix.UnixAppLogger").info(
+        "twistd {version} ({exe}) starting up.", version="26.10.0", exe="/usr/bin/python3")
+    log_for("twisted.internet.base").info("Main loop terminated.")
+    log_for("twisted.internet.base").warn("two\nlines")
+    log_for("twisted.internet.base").info("Starting factory {factory!r}", factory=object,
+                                          log_system="ControlFactory,server")
+    try:
+        1 / 0  # noqa: B018 - the failure to log
+    except ZeroDivisionError:
+        log_for("twisted.internet.defer").failure("Unhandled error in Deferred:")
+    try:
+        {}["x"]  # noqa: B018
+    except KeyError:
+        log_for("relayagent.qmgr").failure("deferring {queue_id}", queue_id="4B3F2A1C0D")
+    log_for("twisted.internet.base").info("{missing}")
+    log_for("twisted.internet.base").emit(LogLevel.info, None)  # no text: no line
+
+
+class TwistdLogObserverTests(unittest.TestCase):
+    """relayagent's observer for twistd's log."""
+
+    def lines(self, emit, **kwargs) -> list[str]:  # type: ignore[no-untyped-def]
+        out = io.StringIO()
+        observer = ralog.TwistdLogObserver(out, **kwargs)
+        emit(Logger(namespace="relayagent.qmgr.delivery", observer=observer))
+        return out.getvalue().splitlines()
+
+    def test_postfix_text_after_twistds_prefix(self) -> None:
+        lines = self.lines(emit_postfix_fixtures)
+        self.assertEqual(len(lines), len(POSTFIX_TEXT))
+        for line, theirs in zip(lines, POSTFIX_TEXT, strict=True):
+            match = TWISTD_LINE.match(line)
+            self.assertIsNotNone(match, line)
+            self.assertEqual(match.group(2), "relayagent.qmgr.delivery#info")
+            self.assertEqual(fields(match.group(3)), fields(theirs))
+            self.assertEqual(match.group(3), theirs)
+
+    def test_same_lines_as_twistds_observer(self) -> None:
+        # Where both write the same text (relayagent's mail events with
+        # the default resolution, Twisted's events, tracebacks), the lines
+        # are the same, byte for byte.
+        stock, ours = io.StringIO(), io.StringIO()
+        observers = [textFileLogObserver(stock), ralog.TwistdLogObserver(ours)]
+
+        def both(event: dict) -> None:
+            for observer in observers:
+                observer(dict(event))
+
+        emit_postfix_fixtures(Logger(namespace="relayagent.qmgr.delivery", observer=both))
+        twisted_events(lambda namespace: Logger(namespace=namespace, observer=both))
+        for when in (None, 1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0):
+            both({"log_format": "at {t}", "t": when, "log_time": when, "log_level": LogLevel.info,
+                  "log_namespace": "twisted.test"})
+        self.assertIn("Traceback (most recent call last):", ours.getvalue())
+        self.assertIn("\tbuiltins.KeyError: 'x'", ours.getvalue())
+        self.assertEqual(ours.getvalue().splitlines(), stock.getvalue().splitlines())
+
+    def test_relayagent_warnings_read_as_postfix(self) -> None:
+        def emit(log: Logger) -> None:
+            log.warn("{source}: level dane is treated as may", source="smtp_tls_policy_maps")
+            log.error("TLS policy for {nexthop}: {reason}", nexthop="example.com", reason="bad")
+            ralog.log_warning(log, "cannot listen on /x: in use")
+
+        texts = [TWISTD_LINE.match(line).group(3) for line in self.lines(emit)]
+        self.assertEqual(texts, [
+            "warning: smtp_tls_policy_maps: level dane is treated as may",
+            "error: TLS policy for example.com: bad",
+            "warning: cannot listen on /x: in use",
+        ])
+
+    def test_no_line_forged_by_a_reply(self) -> None:
+        def emit(log: Logger) -> None:
+            ralog.log_delivery(
+                log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+                delay=0.5, delays=(0.1, 0.1, 0.1, 0.2),
+                status=Status("5.0.0", "550 no\r\nMar  1 00:00:00 host relayagent/smtp[1]: forged"),
+                outcome="bounced",
+            )
+
+        [line] = self.lines(emit)
+        self.assertTrue(line.endswith("(550 no??Mar  1 00:00:00 host relayagent/smtp[1]: forged)"), line)
+
+    def test_resolution(self) -> None:
+        def emit(log: Logger) -> None:
+            ralog.log_delivery(
+                log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay=None, conn_use=None,
+                delay=0.5234, delays=(0.00312, 0.0001, 1.234, 12.34), status=Status("2.0.0", "250 ok"),
+                outcome="sent",
+            )
+
+        [line] = self.lines(emit, resolution=4)
+        self.assertIn(", delay=0.52, delays=0.0031/0.0001/1.2/12, ", line)
+
+    def test_one_write_and_flush_per_turn(self) -> None:
+        out = Out()
+        later: list = []
+        observer = ralog.TwistdLogObserver(out, flush_later=later.append)
+        emit_postfix_fixtures(Logger(namespace="relayagent.qmgr.delivery", observer=observer))
+        self.assertEqual((out.writes, out.flushes, len(later)), (0, 0, 1))
+        later.pop()()
+        self.assertEqual((out.writes, out.flushes), (1, 1))
+        self.assertEqual(len(out.getvalue().splitlines()), len(POSTFIX_TEXT))
+
+    def test_flush_at_once_where_no_turn_comes(self) -> None:
+        out = Out()
+        observer = ralog.TwistdLogObserver(out, flush_later=lambda flush: False)
+        ralog.log_removed(Logger(namespace="relayagent.qmgr", observer=observer), "4B3F2A1C0D")
+        self.assertEqual((out.writes, out.flushes), (1, 1))
+
+    def test_a_long_turn_is_written_in_pieces(self) -> None:
+        out = Out()
+        later: list = []
+        observer = ralog.TwistdLogObserver(out, flush_later=later.append)
+        log = Logger(namespace="relayagent.qmgr", observer=observer)
+        for _ in range(1000):
+            ralog.log_removed(log, "4B3F2A1C0D")
+        self.assertGreater(out.writes, 0)
+        self.assertEqual(out.flushes, 0)
+        later.pop()()
+        self.assertEqual(len(out.getvalue().splitlines()), 1000)
+
+    def test_binary_file(self) -> None:
+        out = io.BytesIO()
+        observer = ralog.TwistdLogObserver(out)
+        ralog.log_warning(Logger(namespace="relayagent.qmgr", observer=observer), "caf\u00e9")
+        self.assertTrue(out.getvalue().endswith(" warning: caf\u00e9\n".encode()))
+
+    def test_a_failing_file_is_one_warning(self) -> None:
+        class Full(Out):
+            def flush(self) -> None:
+                raise OSError(28, "No space left on device")
+
+        published: list[dict] = []
+        observer = ralog.TwistdLogObserver(Full())
+        observer.trouble_log = Logger(observer=published.append)
+        log = Logger(namespace="relayagent.qmgr", observer=observer)
+        ralog.log_removed(log, "4B3F2A1C0D")
+        ralog.log_removed(log, "4B3F2A1C0D")
+        [warning] = published
+        self.assertIn("cannot write twistd's log: No space left on device", formatEvent(warning))
+
+
+class AfterThisTurnTests(unittest.TestCase):
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        self.flush_later = ralog.after_this_turn(self.reactor)
+        self.flushed: list[bool] = []
+
+    def test_later_while_the_reactor_runs(self) -> None:
+        self.patch(ralog, "isInIOThread", lambda: True)
+        self.reactor.running = True
+        self.assertIsNot(self.flush_later(lambda: self.flushed.append(True)), False)
+        self.assertEqual(self.flushed, [])
+        self.reactor.advance(0)
+        self.assertEqual(self.flushed, [True])
+
+    def test_now_before_or_after_the_reactor_runs(self) -> None:
+        self.patch(ralog, "isInIOThread", lambda: True)
+        self.reactor.running = False
+        self.assertIs(self.flush_later(lambda: self.flushed.append(True)), False)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_now_from_another_thread(self) -> None:
+        self.patch(ralog, "isInIOThread", lambda: False)
+        self.reactor.running = True
+        self.assertIs(self.flush_later(lambda: self.flushed.append(True)), False)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_a_reactor_without_running(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.assertIs(ralog.after_this_turn(Clock())(lambda: None), False)
+
+
+class TwistdOptionsTests(unittest.TestCase):
+    """Which file twistd's log goes to: twistd's own rules."""
+
+    def setUp(self) -> None:
+        import signal
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relayagent.common.config import Config
+
+        class Reactor(MemoryReactorClock):
+            def __init__(self) -> None:
+                super().__init__()
+                self.from_threads: list = []
+
+            def callFromThread(self, f, *args):  # type: ignore[no-untyped-def]
+                self.from_threads.append((f, args))
+
+        self.config = Config.defaults()
+        self.reactor = Reactor()
+        # twistd_log may handle SIGUSR1, as twistd does.
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+
+    def observer(self, **options):  # type: ignore[no-untyped-def]
+        from relayagent.master import tap
+
+        twistd = {"logfile": None, "nodaemon": 0, "syslog": 0, "logger": None}
+        twistd.update(options)
+        return tap.twistd_log(twistd, self.config, self.reactor)
+
+    def test_twistds_own_choices_stand(self) -> None:
+        from relayagent.master import tap
+
+        self.assertIsNone(tap.twistd_log(None, self.config, self.reactor))
+        self.assertIsNone(self.observer(logger=lambda: None))
+        self.assertIsNone(self.observer(syslog=1))
+        self.assertIsNone(self.observer(syslog=1, nodaemon=1))
+        # twistd itself refuses it ("Daemons cannot log to stdout").
+        self.assertIsNone(self.observer(logfile="-"))
+
+    def test_standard_output(self) -> None:
+        import sys
+
+        for options in ({"nodaemon": 1}, {"nodaemon": 1, "logfile": "-"}):
+            observer = self.observer(**options)
+            self.assertIsInstance(observer, ralog.TwistdLogObserver)
+            self.assertIs(observer.out, sys.stdout)
+
+    def test_logfile(self) -> None:
+        import signal
+
+        self.patch(signal, "getsignal", lambda number: signal.SIG_DFL)
+        handlers: dict = {}
+        self.patch(signal, "signal", lambda number, handler: handlers.__setitem__(number, handler))
+        path = self.mktemp()
+        for options in ({"logfile": path}, {"logfile": path, "nodaemon": 1}):
+            observer = self.observer(**options)
+            self.addCleanup(observer.out.close)
+            self.assertEqual(observer.out.path, os.path.abspath(path))
+            log = Logger(namespace="relayagent.qmgr.delivery", observer=observer)
+            emit_postfix_fixtures(log)
+            observer.flush()
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual([TWISTD_LINE.match(line).group(3) for line in lines], POSTFIX_TEXT * 2)
+        # SIGUSR1 rotates it, in the reactor's thread.
+        handlers[signal.SIGUSR1](signal.SIGUSR1, None)
+        [(rotate, _)] = self.reactor.from_threads
+        self.assertEqual(rotate, observer.out.rotate)
+
+    def test_daemon_default_is_twistd_log(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        observer = self.observer()
+        self.addCleanup(observer.out.close)
+        self.assertEqual(observer.out.path, os.path.join(directory, "twistd.log"))
+
+
+class ApplicationComponentTests(unittest.TestCase):
+    """twistd takes the application's ILogObserver component as its log."""
+
+    def test_component_set_when_parented(self) -> None:
+        from twisted.application.service import Application, IService
+        from twisted.logger import ILogObserver
+
+        from relayagent.master.tap import RelayagentTop
+
+        observer = ralog.TwistdLogObserver(io.StringIO())
+        application = Application("relayagent")
+        top = RelayagentTop(observer)
+        top.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), observer)
+        self.assertIn(top, list(IService(application)))
+
+    def test_a_chosen_observer_stays(self) -> None:
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        from relayagent.master.tap import RelayagentTop
+
+        application = Application("relayagent")
+        chosen = textFileLogObserver(io.StringIO())
+        application.setComponent(ILogObserver, chosen)
+        RelayagentTop(ralog.TwistdLogObserver(io.StringIO())).setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), chosen)
+
+    def test_without_observer(self) -> None:
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        from relayagent.master.tap import RelayagentTop
+
+        application = Application("relayagent")
+        RelayagentTop().setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver))
+
+
+class SyslogTests(unittest.TestCase):
+    """twistd --syslog: Twisted's SyslogObserver, through the legacy
+    wrapper twistd puts around it, sends Postfix's text."""
+
+    def test_postfix_text_to_syslog(self) -> None:
+        from twisted.logger import LegacyLogObserverWrapper
+        from twisted.python.syslog import SyslogObserver
+
+        sent: list[tuple[int, str]] = []
+
+        class Observer(SyslogObserver):
+            def openlog(self, *args: object) -> None:
+                pass
+
+            def syslog(self, priority: int, text: str) -> None:
+                sent.append((priority, text))
+
+        observer = LegacyLogObserverWrapper(Observer("relayagent").emit)
+        log = Logger(namespace="relayagent.qmgr.delivery", observer=observer)
+        emit_postfix_fixtures(log)
+        self.assertEqual([text.split("] ", 1)[1] for _, text in sent], POSTFIX_TEXT)
+
+
+class ServiceTests(unittest.TestCase):
+    """makeService under twistd: twistd's log is relayagent's observer,
+    and without maillog_file it takes the mail events straight."""
+
+    def make(self, main_cf: str, twistd: dict):  # type: ignore[no-untyped-def]
+        import signal
+
+        from relayagent.master import tap
+
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "main.cf")
+        with open(path, "w") as handle:
+            # One process: workers would be forks of the test runner.
+            handle.write(f"queue_directory = {directory}/spool\nrelayagent_workers = 1\n" + main_cf)
+        options = tap.Options()
+        options.parseOptions(["-c", path])
+        # What twistd's ServerOptions holds; a log file in the directory.
+        options.parent = {name: value.format(directory) if isinstance(value, str) else value
+                          for name, value in twistd.items()}
+        top = tap.makeService(options)
+        return directory, top
+
+    def test_without_maillog_file(self) -> None:
+        directory, top = self.make("", {"logfile": "{}/twistd.log"})
+        observer = top.log_observer
+        self.assertIsInstance(observer, ralog.TwistdLogObserver)
+        self.addCleanup(observer.out.close)
+        published: list[dict] = []
+        log = Logger(namespace="relayagent.qmgr", observer=published.append)
+        top.startService()
+        try:
+            ralog.log_removed(log, "4B3F2A1C0D")
+        finally:
+            top.stopService()
+        self.assertEqual(published, [])  # straight to twistd's log
+        with open(observer.out.path, encoding="utf-8") as handle:
+            self.assertTrue(handle.read().endswith("[relayagent.qmgr#info] 4B3F2A1C0D: removed\n"))
+        # Stopped: the events go through the Loggers again.
+        ralog.log_removed(log, "4B3F2A1C0D")
+        self.assertEqual(len(published), 1)
+
+    def test_with_maillog_file(self) -> None:
+        directory, top = self.make("maillog_file = maillog\n", {"logfile": "{}/twistd.log"})
+        self.addCleanup(top.log_observer.out.close)
+        top.startService()
+        try:
+            ralog.log_removed(Logger(namespace="relayagent.qmgr"), "4B3F2A1C0D")
+        finally:
+            top.stopService()
+        with open(os.path.join(directory, "maillog"), encoding="utf-8") as handle:
+            self.assertIn("4B3F2A1C0D: removed", handle.read())
+        with open(top.log_observer.out.path, encoding="utf-8") as handle:
+            self.assertNotIn("4B3F2A1C0D: removed", handle.read())
+
+    def test_syslog_leaves_twistd_its_observer(self) -> None:
+        directory, top = self.make("", {"syslog": 1, "nodaemon": 1})
+        self.assertIsNone(top.log_observer)
