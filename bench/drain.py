@@ -764,7 +764,7 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
             pids = process_tree(process.pid)
             result["flush_cpu"] = tree_cpu_seconds(process.pid) - cpu
             result["peak_rss_mib"] = sum(peak_rss_kib(pid) for pid in pids) / 1024
-            result["threads"] = "; ".join(thread_cpu(pid) for pid in pids)
+            result["threads"] = "; ".join(filter(None, (thread_cpu(pid) for pid in pids)))
             result["sink_cpu"] = cpu_seconds(sink.process.pid)
             result["delivered"] = sink.messages()
             result.update(complete=complete, phase="flush")
