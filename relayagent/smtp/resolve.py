@@ -333,14 +333,13 @@ class ResolveSettings(Settings):
     base_dir: str  # for transport_maps
 
 
-def own_addresses(config: Config) -> set[str]:
+def own_addresses(settings: ResolveSettings) -> set[str]:
     """The addresses this mail system receives mail on, for self-detection.
 
     ``inet_interfaces`` (``all``, ``loopback-only`` or addresses and host
     names) plus ``proxy_interfaces``.  Host names are resolved once, with
     the system resolver, as Postfix does at start-up.
     """
-    settings = ResolveSettings.from_config(config)
     found: set[str] = set()
     interfaces = [item.lower() for item in settings.inet_interfaces]
     if "all" in interfaces:
@@ -501,7 +500,7 @@ class NexthopResolver:
         self.dns_resolver = dns_resolver
         self.clock = clock
         self.random = random if random is not None else random_module.Random()
-        self._local_addresses_source = local_addresses or (lambda: own_addresses(config))
+        self._local_addresses_source = local_addresses or (lambda: own_addresses(settings))
         self._local_addresses: set[str] | None = None
         if system_resolver is None and hasattr(clock, "getThreadPool"):
             system_resolver = make_system_resolver(clock)

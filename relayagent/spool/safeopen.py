@@ -203,20 +203,19 @@ def open_queue_file(
         _judge(queue_id, info, owner, path)
         links = info.st_nlink
         if links > 1 and twin is not None:
-            if not _same_inode(twin, info):
-                # No twin now; but the writer may have unlinked it since
-                # our fstat, so the count read then is stale: count again.
-                info = os.fstat(fd)
-                links = info.st_nlink
-            elif writable:
-                try:
-                    os.unlink(twin)
-                except FileNotFoundError:
-                    pass  # the writer unlinked it first
-                info = os.fstat(fd)
-                links = info.st_nlink
+            twin_is_ours = _same_inode(twin, info)
+            if twin_is_ours and not writable:
+                links -= 1  # mailq changes nothing
             else:
-                links -= 1
+                if twin_is_ours:
+                    try:
+                        os.unlink(twin)
+                    except FileNotFoundError:
+                        pass  # the writer unlinked it first
+                # Counted again: after our unlink, or because the writer
+                # may have unlinked its tmp name since our fstat.
+                info = os.fstat(fd)
+                links = info.st_nlink
         if links == 0:
             raise FileNotFoundError(errno.ENOENT, "removed while being opened", path)
         if links != 1:
