@@ -112,6 +112,10 @@ class ServerInfo:
     address: str
     port: int
     nexthop: str
+    # DNSSEC status of the lookups that gave this server (resolve's
+    # MailExchangerAddress), for DANE; False when unknown.
+    mx_dnssec_valid: bool = False
+    host_dnssec_valid: bool = False
 
     @property
     def namaddr(self) -> str:

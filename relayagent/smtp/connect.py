@@ -152,7 +152,10 @@ class _Attempt:
         on_connected: Callable[[], None],
     ) -> None:
         self.address = address
-        self.server = ServerInfo(address.host, address.address, address.port, str(nexthop))
+        self.server = ServerInfo(
+            address.host, address.address, address.port, str(nexthop),
+            mx_dnssec_valid=address.mx_dnssec_valid, host_dnssec_valid=address.host_dnssec_valid,
+        )
         self.result: Deferred[Any] = Deferred()
         self.cancelled = False
         self.session: Any = None

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.dane import DaneResolver, TLSALookup
 from relayagent.smtp.sasl import (
     MechanismFilter,
     PasswordLookup,
@@ -64,6 +65,7 @@ from relayagent.smtp.tls import (
     TLSPolicy,
     TLSPolicyError,
     TLSSettings,
+    dane_policy,
     negotiate_tls,
 )
 
@@ -89,14 +91,40 @@ class SecuritySettings(Settings):
     smtp_sasl_auth_soft_bounce: bool
     smtp_helo_timeout: float
     base_dir: str
+    # What DANE needs of the DNS lookups (Postfix's dane_init checks).
+    smtp_dns_support_level: str
+    disable_dns_lookups: bool
+    smtp_host_lookup: tuple[str, ...]
+    ignore_mx_lookup_error: bool
+
+
+def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None) -> DaneResolver:
+    """DANE is possible with dnssec lookups through DNS, and MX lookup
+    errors not ignored (Postfix: dane_init)."""
+    support = settings.smtp_dns_support_level
+    dns_enabled = not (support == "disabled" or (support == "" and settings.disable_dns_lookups))
+    if not (dns_enabled and support == "dnssec" and "dns" in settings.smtp_host_lookup):
+        return DaneResolver(None, enabled=False, disabled_reason="configured with dnssec lookups disabled")
+    if settings.ignore_mx_lookup_error:
+        return DaneResolver(None, enabled=False, disabled_reason="configured with MX lookup errors ignored")
+    if dns_resolver is None:
+        return DaneResolver(None, enabled=False, disabled_reason="configured without a DNS resolver")
+    return DaneResolver(dns_resolver, enabled=True)
 
 
 class SecurityPolicy:
-    """TLS and SASL settings from main.cf, shared by every session."""
+    """TLS and SASL settings from main.cf, shared by every session.
 
-    def __init__(self, config: Config) -> None:
+    ``dns_resolver``: the resolver of the MX lookups
+    (``resolve.make_dns_resolver``), for the TLSA lookups of the levels
+    ``dane`` and ``dane-only``; ``dane`` (a ``dane.DaneResolver``) says
+    for one MX host whether DANE applies.
+    """
+
+    def __init__(self, config: Config, *, dns_resolver: Any | None = None) -> None:
         settings = SecuritySettings.from_config(config)
         base_dir = settings.base_dir
+        self.dane = _dane_resolver(settings, dns_resolver)
         try:
             self.tls = TLSSettings.from_config(config)
             self.tls_policies = PolicyLookup(
@@ -159,9 +187,11 @@ class SessionSecurity:
         self.tls_policy = tls_policy
         # A broken policy entry for this nexthop: every session defers.
         self.problem = problem
-        # The TLS outcome of the most recent negotiation, for tests and
-        # diagnostics only: one SessionSecurity serves concurrent sessions.
+        # The TLS outcome (and TLSA lookup) of the most recent negotiation,
+        # for tests and diagnostics only: one SessionSecurity serves
+        # concurrent sessions.
         self.last_tls: TLSOutcome | None = None
+        self.last_tlsa: TLSALookup | None = None
 
     @classmethod
     def for_nexthop(cls, config: Any, nexthop: str) -> SessionSecurity:
@@ -175,8 +205,9 @@ class SessionSecurity:
 
     def plaintext_fallback(self) -> SessionSecurity:
         """The same, without STARTTLS: for the retry after a failed
-        opportunistic handshake (only ever used at level ``may``)."""
-        if self.tls_policy is None or self.tls_policy.level.mandatory:
+        opportunistic handshake (only ever used at level ``may``, which
+        ``dane`` is for a host without TLSA records)."""
+        if self.tls_policy is None or (self.tls_policy.level.mandatory and self.tls_policy.level is not TLSLevel.DANE):
             raise ValueError("a plaintext retry is only allowed at TLS level may")
         return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"))
 
@@ -189,9 +220,19 @@ class SessionSecurity:
                 Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
                 skip_to_next=False,
             )
-        outcome = await negotiate_tls(
-            session, self.tls_policy, self._policy.tls, nexthop=self.nexthop
-        )
+        tls_policy = self.tls_policy
+        if tls_policy.level.is_dane:
+            # Per MX host: the TLSA records decide what dane means here.
+            server = session.server
+            lookup = await self._policy.dane.lookup(
+                server.host,
+                server.port,
+                mx_dnssec_valid=getattr(server, "mx_dnssec_valid", False),
+                host_dnssec_valid=getattr(server, "host_dnssec_valid", False),
+            )
+            self.last_tlsa = lookup
+            tls_policy = dane_policy(tls_policy, lookup)
+        outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
         self.last_tls = outcome
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)

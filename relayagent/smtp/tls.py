@@ -65,6 +65,7 @@ smtp_starttls_timeout, smtp_tls_loglevel.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ from zope.interface import implementer
 
 from relayagent.common.config import Settings
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.dane import DaneMatch, DaneState, TLSALookup, TLSARecord, match_chain
 
 log = Logger(namespace="relayagent.smtp.tls")
 
@@ -97,40 +99,53 @@ class TLSConfigError(ValueError):
 
 
 class TLSLevel(enum.IntEnum):
+    """Postfix's TLS security levels (the values are ours, not Postfix's)."""
+
     NONE = 0
     MAY = 1
     ENCRYPT = 2
     VERIFY = 3
     SECURE = 4
+    # Resolved per MX host (dane_policy): to MAY, ENCRYPT, a deferral, or
+    # DANE with the host's TLSA records in TLSPolicy.tlsa.
+    DANE = 5
+    DANE_ONLY = 6
 
     @property
     def mandatory(self) -> bool:
-        """TLS is required (Postfix's TLS_REQUIRED)."""
-        return self >= TLSLevel.ENCRYPT
+        """TLS is required (Postfix's TLS_REQUIRED); for the DANE levels,
+        once usable TLSA records are in hand."""
+        return self is not TLSLevel.NONE and self is not TLSLevel.MAY
 
     @property
     def checks_names(self) -> bool:
-        return self >= TLSLevel.VERIFY
+        """The certificate must chain to a CA and match a name (WebPKI)."""
+        return self in (TLSLevel.VERIFY, TLSLevel.SECURE)
+
+    @property
+    def is_dane(self) -> bool:
+        """``dane`` or ``dane-only``."""
+        return self in (TLSLevel.DANE, TLSLevel.DANE_ONLY)
 
     def __str__(self) -> str:
-        return self.name.lower()
+        return self.name.lower().replace("_", "-")
 
 
 def parse_level(word: str, source: str = "smtp_tls_security_level") -> TLSLevel:
+    """A level word (``may``, ``dane-only``...) to its ``TLSLevel``."""
     word = word.strip().lower()
     if word in ("", "none"):
         return TLSLevel.NONE
-    if word == "dane":
-        # Without DNSSEC-validated TLSA records Postfix's dane is may.
-        log.warn("{source}: level dane is treated as may (no DANE support)", source=source)
-        return TLSLevel.MAY
     try:
-        return TLSLevel[word.upper()]
+        return TLSLevel[word.upper().replace("-", "_")]
     except KeyError:
         pass
-    if word in ("dane-only", "fingerprint"):
+    if word == "fingerprint":
         raise TLSConfigError(f"{source}: TLS security level {word!r} is not supported")
-    raise TLSConfigError(f"{source}: unknown TLS security level {word!r}; expected none, may, encrypt, verify or secure")
+    raise TLSConfigError(
+        f"{source}: unknown TLS security level {word!r}; "
+        "expected none, may, encrypt, dane, dane-only, verify or secure"
+    )
 
 
 # ----------------------------------------------------------------- protocols
@@ -225,6 +240,45 @@ class TLSPolicy:
     ciphers: str | None = None  # a grade; None: the level's parameter
     exclude: tuple[str, ...] = ()
     source: str = "smtp_tls_security_level"
+    # Level dane/dane-only resolved for one MX host: its usable TLSA
+    # records (relayagent.smtp.dane), which the certificate must match.
+    tlsa: tuple[TLSARecord, ...] = ()
+
+
+def dane_policy(policy: TLSPolicy, lookup: TLSALookup) -> TLSPolicy:
+    """The effective policy of level ``dane``/``dane-only`` for one MX
+    host, given its TLSA lookup (Postfix: dane_init/dane_incompat).
+
+    ``dane`` becomes ``may`` without DNSSEC or TLSA records and
+    ``encrypt`` when the records are all unusable; ``dane-only`` defers
+    then (4.7.5 with Postfix's reason); a failed lookup defers both
+    (4.7.5 "TLSA lookup error for HOST:PORT").  With usable records the
+    level stays (TLS mandatory) and the records come along.  Raises
+    ``DeliveryFailure``.
+    """
+    if not policy.level.is_dane:
+        return policy
+    state, reason = lookup.state, lookup.reason
+    if state is DaneState.USABLE:
+        return dataclasses.replace(policy, tlsa=lookup.records)
+    if state is DaneState.ERROR:
+        raise DeliveryFailure(Status(dsn="4.7.5", text=reason, remote_mta=lookup.host or None))
+    if lookup.config_problem:
+        # Our configuration, not the destination: Postfix warns.
+        log.warn("{nexthop}: {level} {reason}", nexthop=lookup.host, level=str(policy.level), reason=reason)
+        if policy.level is TLSLevel.DANE_ONLY:
+            raise DeliveryFailure(
+                Status(dsn="4.7.5", text="client TLS configuration problem"), skip_to_next=False
+            )
+        return dataclasses.replace(policy, level=TLSLevel.MAY)
+    if policy.level is TLSLevel.DANE_ONLY:
+        raise DeliveryFailure(Status(dsn="4.7.5", text=reason, remote_mta=lookup.host or None))
+    log.debug("{host}: {reason}: level dane is may", host=lookup.host, reason=reason)
+    if state is DaneState.UNUSABLE:
+        # RFC 7672 section 2.2: TLSA records, none usable: TLS is
+        # mandatory but cannot be authenticated.
+        return dataclasses.replace(policy, level=TLSLevel.ENCRYPT)
+    return dataclasses.replace(policy, level=TLSLevel.MAY)
 
 
 def parse_policy(value: str, source: str) -> TLSPolicy:
@@ -644,10 +698,22 @@ class TLSOutcome:
     cipher: str = ""
     bits: int = 0
     verify_errors: list[str] = field(default_factory=list)
+    # The policy that authenticated (or was to authenticate) the server:
+    # "tlsa" for DANE (RFC 8460's policy-type); "" for none or WebPKI.
+    policy_type: str = ""
+    # DANE: "Matched DANE EE certificate at depth 0: 3 1 1 ..." when matched.
+    dane_match: str = ""
 
     @classmethod
     def plaintext(cls) -> TLSOutcome:
+        """No TLS on this session."""
         return cls(active=False)
+
+    @property
+    def verified_by_dane(self) -> bool:
+        """The server's certificate matched its DNSSEC-validated TLSA
+        records (trust ``Verified`` under policy type ``tlsa``)."""
+        return self.active and self.trust == "Verified" and self.policy_type == "tlsa"
 
 
 def _peer(server: Any) -> str:
@@ -686,6 +752,13 @@ async def negotiate_tls(
     level = policy.level
     if level is TLSLevel.NONE:
         return TLSOutcome.plaintext()
+    if level.is_dane and not policy.tlsa:
+        # dane_policy() resolves the DANE levels per MX host first; never
+        # let an unresolved one pass as something weaker.
+        raise DeliveryFailure(
+            Status(dsn="4.7.5", text="client TLS configuration problem", stage=STARTTLS_STAGE),
+            skip_to_next=False,
+        )
     if "STARTTLS" not in session.extensions:
         if level.mandatory:
             raise DeliveryFailure(
@@ -741,7 +814,7 @@ async def negotiate_tls(
         outcome = _examine(connection, errors, policy, settings, server=server, nexthop=nexthop)
         outcomes.append(outcome)
         _log_established(outcome, server, settings.loglevel)
-        if level.checks_names and outcome.trust != "Verified":
+        if (level.checks_names or policy.tlsa) and outcome.trust != "Verified":
             raise CertificateRejected("; ".join(outcome.verify_errors))
 
     server_name = None if is_ip_literal(server.host) else server.host
@@ -796,6 +869,8 @@ def _examine(
     server: Any,
     nexthop: str,
 ) -> TLSOutcome:
+    if policy.tlsa:
+        return _examine_dane(connection, policy, server=server, nexthop=nexthop)
     certificate = connection.get_peer_certificate(as_cryptography=True)
     errors = [
         f"depth {depth}: {_VERIFY_ERRORS.get(errno, f'verification error {errno}')}"
@@ -821,6 +896,35 @@ def _examine(
     )
 
 
+def _examine_dane(connection: SSL.Connection, policy: TLSPolicy, *, server: Any, nexthop: str) -> TLSOutcome:
+    """DANE: the peer chain against the host's TLSA records (dane.py);
+    OpenSSL's own chain verdict does not count here."""
+    chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+    if not chain:
+        leaf = connection.get_peer_certificate(as_cryptography=True)
+        chain = [leaf] if leaf is not None else []
+    # RFC 7672 section 3.2.2: the TLSA base domain (the MX host) and the
+    # nexthop domain are the reference identifiers for DANE-TA.
+    match: DaneMatch = match_chain(
+        chain,
+        policy.tlsa,
+        name_matches=lambda leaf: certificate_matches(
+            leaf, ("hostname", "nexthop"), hostname=server.host, nexthop=nexthop_domain(nexthop)
+        ),
+    )
+    trust = "Verified" if match.verified else "Trusted" if match.trusted else "Untrusted"
+    return TLSOutcome(
+        active=True,
+        trust=trust,
+        protocol=connection.get_protocol_version_name(),
+        cipher=connection.get_cipher_name() or "",
+        bits=connection.get_cipher_bits() or 0,
+        verify_errors=[] if match.verified else [match.reason],
+        policy_type="tlsa",
+        dane_match=match.description if match.verified else "",
+    )
+
+
 def _log_established(outcome: TLSOutcome, server: Any, loglevel: int) -> None:
     # Postfix logs this line from smtp_tls_loglevel 1; at 0 it is a debug
     # event, so an observer that wants it can still have it.
@@ -834,6 +938,17 @@ def _log_established(outcome: TLSOutcome, server: Any, loglevel: int) -> None:
         bits=outcome.bits,
         postfix_tls=True,
     )
+    if outcome.policy_type == "tlsa":
+        # Postfix's tls_dane.c/tls_verify.c lines.
+        if outcome.dane_match:
+            emit("{peer}: {match}", peer=_peer_port(server), match=outcome.dane_match)
+        elif outcome.verify_errors:
+            log.info(
+                "certificate verification failed for {peer}: {reason}",
+                peer=_peer_port(server),
+                reason="; ".join(outcome.verify_errors),
+            )
+        return
     if outcome.verify_errors and (loglevel >= 1 or outcome.trust != "Verified"):
         emit(
             "certificate verification for {peer}: {errors}",
