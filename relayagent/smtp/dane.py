@@ -135,10 +135,10 @@ class TLSARecord:
         return self.usable and self.association(certificate) == self.data
 
     def __str__(self) -> str:
-        # Postfix's form: "3 1 1 ABCD..." (long data shortened in the middle).
-        text = self.data.hex().upper()
-        if len(text) > 64:
-            text = f"{text[:32]}...{text[-32:]}"
+        # Postfix's form: "3 1 1 ABCD..."; data longer than 64 octets is
+        # shown as its first and last 32 (tls_dane.c's MAX_DUMP_BYTES).
+        data = self.data
+        text = data.hex().upper() if len(data) <= 64 else f"{data[:32].hex().upper()}...{data[-32:].hex().upper()}"
         return f"{self.usage} {self.selector} {self.matching} {text}"
 
 

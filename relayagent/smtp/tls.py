@@ -265,7 +265,7 @@ def dane_policy(policy: TLSPolicy, lookup: TLSALookup) -> TLSPolicy:
         raise DeliveryFailure(Status(dsn="4.7.5", text=reason, remote_mta=lookup.host or None))
     if lookup.config_problem:
         # Our configuration, not the destination: Postfix warns.
-        log.warn("{nexthop}: {level} {reason}", nexthop=lookup.host, level=str(policy.level), reason=reason)
+        log.warn("{nexthop}: {tls_level} {reason}", nexthop=lookup.host, tls_level=str(policy.level), reason=reason)
         if policy.level is TLSLevel.DANE_ONLY:
             raise DeliveryFailure(
                 Status(dsn="4.7.5", text="client TLS configuration problem"), skip_to_next=False

@@ -1,0 +1,397 @@
+"""
+DANE without a network: TLSA parsing, chain matching, the TLSA lookup
+over a fake resolver, the level decisions of dane/dane-only, the
+DNSSEC-asking queries and the validation flags of the MX lookup.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.names import dns
+from twisted.names.error import DNSServerError
+from twisted.trial.unittest import SynchronousTestCase
+
+from relayagent.common.config import Config
+from relayagent.common.status import DeliveryFailure
+from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.dane import (
+    DaneResolver,
+    DaneState,
+    TLSALookup,
+    TLSARecord,
+    match_chain,
+    record_for,
+    tlsa_name,
+)
+from relayagent.smtp.dnssec import DNSSECResolver, ask_for_dnssec, is_authentic
+from relayagent.smtp.resolve import Nexthop, NexthopResolver
+from relayagent.smtp.security import SecurityPolicy
+from relayagent.smtp.tls import TLSLevel, TLSOutcome, TLSPolicy, certificate_matches, dane_policy
+from relayagent.testing import FakeDNSResolver
+from tests.support.certs import CertificateAuthority
+
+CA = CertificateAuthority(common_name="unit CA")
+OTHER_CA = CertificateAuthority(common_name="other CA")
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+def names(*accepted: str):
+    return lambda leaf: any(certificate_matches(leaf, [name], hostname=name, nexthop=name) for name in accepted)
+
+
+def der(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def spki(certificate: x509.Certificate) -> bytes:
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def forged_leaf(issuer_name: x509.Name, dns_name: str) -> x509.Certificate:
+    """A leaf naming the CA as issuer but signed by another key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+class TLSARecordTests(SynchronousTestCase):
+    def test_parse_rdata(self) -> None:
+        record = TLSARecord.from_rdata(b"\x03\x01\x01" + bytes(range(32)))
+        self.assertEqual((record.usage, record.selector, record.matching), (3, 1, 1))
+        self.assertEqual(record.data, bytes(range(32)))
+        self.assertTrue(record.usable)
+        self.assertEqual(str(record), "3 1 1 000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F")
+        full = TLSARecord(2, 0, 0, bytes(range(100)))
+        self.assertEqual(str(full), f"2 0 0 {bytes(range(32)).hex().upper()}...{bytes(range(68, 100)).hex().upper()}")
+
+    def test_truncated_rdata(self) -> None:
+        error = self.assertRaises(ValueError, TLSARecord.from_rdata, b"\x03\x01\x01")
+        self.assertEqual(str(error), "truncated TLSA RR length == 3")
+
+    def test_unusable_records(self) -> None:
+        self.assertEqual(TLSARecord(0, 0, 1, b"x").problem, "unsupported TLSA certificate usage")
+        self.assertEqual(TLSARecord(1, 1, 1, b"x").problem, "unsupported TLSA certificate usage")
+        self.assertEqual(TLSARecord(3, 2, 1, b"x").problem, "unsupported TLSA selector")
+        self.assertEqual(TLSARecord(3, 1, 255, b"x").problem, "unsupported TLSA matching type")
+        # An unusable record matches nothing, even with the right data.
+        leaf = CA.issue(["mx.example.com"]).certificate
+        self.assertFalse(TLSARecord(1, 1, 1, hashlib.sha256(spki(leaf)).digest()).matches(leaf))
+
+    def test_selectors_and_matching_types(self) -> None:
+        leaf = CA.issue(["mx.example.com"]).certificate
+        cases = {
+            (0, 0): der(leaf),
+            (0, 1): hashlib.sha256(der(leaf)).digest(),
+            (0, 2): hashlib.sha512(der(leaf)).digest(),
+            (1, 0): spki(leaf),
+            (1, 1): hashlib.sha256(spki(leaf)).digest(),
+            (1, 2): hashlib.sha512(spki(leaf)).digest(),
+        }
+        for (selector, matching), data in cases.items():
+            self.assertTrue(TLSARecord(3, selector, matching, data).matches(leaf), (selector, matching))
+            self.assertEqual(record_for(leaf, 3, selector, matching).data, data)
+        other = CA.issue(["mx.example.com"]).certificate
+        self.assertFalse(record_for(other).matches(leaf))
+
+    def test_tlsa_name(self) -> None:
+        self.assertEqual(tlsa_name("MX.Example.COM.", 25), "_25._tcp.mx.example.com")
+
+
+class MatchChainTests(SynchronousTestCase):
+    def test_dane_ee_ignores_names_and_dates(self) -> None:
+        leaf = CA.issue(["elsewhere.example"], expired=True).certificate
+        match = match_chain([leaf], [record_for(leaf)], name_matches=names("mx.example.com"), now=NOW)
+        self.assertTrue(match.verified)
+        self.assertEqual(match.depth, 0)
+        self.assertTrue(match.description.startswith("Matched DANE EE certificate at depth 0: 3 1 1 "))
+
+    def test_dane_ee_mismatch(self) -> None:
+        leaf = CA.issue(["mx.example.com"]).certificate
+        other = CA.issue(["mx.example.com"]).certificate
+        match = match_chain([leaf], [record_for(other)], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted or match.verified)
+        self.assertEqual(match.reason, "not trusted by local or TLSA policy")
+        self.assertEqual(match.description, "")
+
+    def test_dane_ta_in_the_chain(self) -> None:
+        leaf = CA.issue(["mx.example.com"]).certificate
+        anchor = record_for(CA.certificate, 2, 0, 1)
+        match = match_chain([leaf, CA.certificate], [anchor], name_matches=names("mx.example.com"), now=NOW)
+        self.assertTrue(match.verified)
+        self.assertEqual(match.depth, 1)
+        self.assertTrue(match.description.startswith("Matched DANE TA certificate at depth 1: 2 0 1 "))
+        # By its public key as well.
+        spki_anchor = record_for(CA.certificate, 2, 1, 2)
+        self.assertTrue(
+            match_chain([leaf, CA.certificate], [spki_anchor], name_matches=names("mx.example.com"), now=NOW).verified
+        )
+
+    def test_dane_ta_checks_the_name(self) -> None:
+        leaf = CA.issue(["other.example"]).certificate
+        anchor = record_for(CA.certificate, 2, 0, 1)
+        match = match_chain([leaf, CA.certificate], [anchor], name_matches=names("mx.example.com"), now=NOW)
+        self.assertTrue(match.trusted)
+        self.assertFalse(match.verified)
+        self.assertEqual(match.reason, "server certificate name does not match")
+
+    def test_dane_ta_checks_dates_below_the_anchor(self) -> None:
+        leaf = CA.issue(["mx.example.com"], expired=True).certificate
+        anchor = record_for(CA.certificate, 2, 0, 1)
+        match = match_chain([leaf, CA.certificate], [anchor], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+        self.assertIn("certificate at depth 0 is expired", match.reason)
+
+    def test_dane_ta_needs_a_signature_chain(self) -> None:
+        leaf = forged_leaf(CA.certificate.subject, "mx.example.com")
+        anchor = record_for(CA.certificate, 2, 0, 1)
+        match = match_chain([leaf, CA.certificate], [anchor], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+        self.assertIn("does not verify", match.reason)
+
+    def test_dane_ta_does_not_match_the_leaf(self) -> None:
+        # A TA record naming the leaf itself is no trust anchor (depth 0).
+        leaf = CA.issue(["mx.example.com"]).certificate
+        match = match_chain([leaf], [record_for(leaf, 2, 1, 1)], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+
+    def test_full_trust_anchor_not_sent_by_the_server(self) -> None:
+        leaf = CA.issue(["mx.example.com"]).certificate
+        anchor = TLSARecord(2, 0, 0, der(CA.certificate))
+        self.assertTrue(match_chain([leaf], [anchor], name_matches=names("mx.example.com"), now=NOW).verified)
+        other = TLSARecord(2, 0, 0, der(OTHER_CA.certificate))
+        self.assertFalse(match_chain([leaf], [other], name_matches=names("mx.example.com"), now=NOW).trusted)
+
+    def test_other_ca_does_not_match(self) -> None:
+        leaf = CA.issue(["mx.example.com"]).certificate
+        anchor = record_for(OTHER_CA.certificate, 2, 0, 1)
+        match = match_chain([leaf, CA.certificate], [anchor], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+
+    def test_no_certificate(self) -> None:
+        match = match_chain([], [TLSARecord(3, 1, 1, b"x")], name_matches=names(), now=NOW)
+        self.assertEqual(match.reason, "no server certificate")
+
+
+OWNER = "_25._tcp.mx.example.com"
+
+
+class DaneResolverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dns = FakeDNSResolver()
+        self.dns.validate_all = True
+        self.dane = DaneResolver(self.dns, enabled=True)
+        self.warnings: list[dict] = []
+        globalLogPublisher.addObserver(self.warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.warnings.append)
+
+    def lookup(self, mx: bool = True, host: bool = True, port: int = 25) -> TLSALookup:
+        return self.successResultOf(
+            self.dane.lookup("mx.example.com", port, mx_dnssec_valid=mx, host_dnssec_valid=host)
+        )
+
+    def test_usable(self) -> None:
+        self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32, b"\x00\x00\x01" + b"\xbb" * 32)
+        lookup = self.lookup()
+        self.assertIs(lookup.state, DaneState.USABLE)
+        self.assertTrue(lookup.applies)
+        self.assertEqual([r.usage for r in lookup.records], [3])  # PKIX-TA dropped
+        self.assertEqual(self.dns.queries, [(OWNER, 52)])
+        self.assertTrue(any("unsupported TLSA certificate usage" in str(e.get("problem")) for e in self.warnings))
+
+    def test_relayhost_port(self) -> None:
+        self.dns.tlsa("_587._tcp.mx.example.com", b"\x03\x01\x01" + b"\xaa" * 32)
+        self.assertTrue(self.lookup(port=587).applies)
+
+    def test_unusable(self) -> None:
+        self.dns.tlsa(OWNER, b"\x01\x01\x01" + b"\xaa" * 32, b"\x03\x01")
+        lookup = self.lookup()
+        self.assertEqual((lookup.state, lookup.reason), (DaneState.UNUSABLE, "TLSA records unusable"))
+        self.assertFalse(lookup.applies)
+
+    def test_not_found(self) -> None:
+        lookup = self.lookup()  # NXDOMAIN
+        self.assertEqual((lookup.state, lookup.reason), (DaneState.NOT_FOUND, "no TLSA records found"))
+        self.dns.records[(OWNER, dns.TXT)] = []
+        self.assertIs(self.lookup().state, DaneState.NOT_FOUND)  # NODATA
+
+    def test_unvalidated_tlsa_is_none(self) -> None:
+        self.dns.validate_all = False
+        self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32)
+        self.assertIs(self.lookup().state, DaneState.NOT_FOUND)
+
+    def test_lookup_failure(self) -> None:
+        self.dns.errors[(OWNER, 52)] = DNSServerError("bogus")
+        lookup = self.lookup()
+        self.assertEqual((lookup.state, lookup.reason), (DaneState.ERROR, "TLSA lookup error for mx.example.com:25"))
+        self.assertFalse(lookup.applies)
+        self.assertTrue(any(e.get("log_format", "").startswith("DANE TLSA lookup problem") for e in self.warnings))
+
+    def test_insecure_mx_and_host(self) -> None:
+        self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32)
+        lookup = self.lookup(mx=False)
+        self.assertEqual((lookup.state, lookup.reason), (DaneState.INSECURE, "non DNSSEC destination"))
+        self.assertIs(self.lookup(host=False).state, DaneState.NOT_FOUND)
+        self.assertEqual(self.dns.queries, [])  # no TLSA query for either
+
+    def test_disabled(self) -> None:
+        lookup = self.successResultOf(
+            DaneResolver(None, enabled=False).lookup("mx.example.com", 25, mx_dnssec_valid=True, host_dnssec_valid=True)
+        )
+        self.assertTrue(lookup.config_problem)
+        self.assertEqual(lookup.reason, "configured with dnssec lookups disabled")
+
+    def test_applies_for_a_server(self) -> None:
+        self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32)
+        secure = ServerInfo("mx.example.com", "192.0.2.1", 25, "example.com", True, True)
+        insecure = ServerInfo("mx.example.com", "192.0.2.1", 25, "example.com", False, True)
+        self.assertTrue(self.successResultOf(self.dane.applies(secure)))
+        self.assertFalse(self.successResultOf(self.dane.applies(insecure)))
+
+
+def looked_up(state: DaneState, reason: str = "why", records=(), config_problem: bool = False) -> TLSALookup:
+    return TLSALookup(state, tuple(records), reason, "mx.example.com", 25, config_problem=config_problem)
+
+
+class DanePolicyTests(SynchronousTestCase):
+    DANE = TLSPolicy(TLSLevel.DANE)
+    DANE_ONLY = TLSPolicy(TLSLevel.DANE_ONLY)
+    RECORD = TLSARecord(3, 1, 1, b"\xaa" * 32)
+
+    def deferral(self, policy: TLSPolicy, lookup: TLSALookup) -> tuple[str, str]:
+        failure = self.assertRaises(DeliveryFailure, dane_policy, policy, lookup)
+        return failure.status.dsn, failure.status.text
+
+    def test_usable_records_keep_the_level(self) -> None:
+        for policy in (self.DANE, self.DANE_ONLY):
+            effective = dane_policy(policy, looked_up(DaneState.USABLE, "", [self.RECORD]))
+            self.assertEqual(effective.tlsa, (self.RECORD,))
+            self.assertTrue(effective.level.mandatory)
+
+    def test_dane_falls_back(self) -> None:
+        for state in (DaneState.INSECURE, DaneState.NOT_FOUND):
+            self.assertIs(dane_policy(self.DANE, looked_up(state)).level, TLSLevel.MAY)
+        self.assertIs(dane_policy(self.DANE, looked_up(DaneState.UNUSABLE)).level, TLSLevel.ENCRYPT)
+        self.assertIs(dane_policy(self.DANE, looked_up(DaneState.NOT_FOUND, config_problem=True)).level, TLSLevel.MAY)
+
+    def test_dane_only_defers(self) -> None:
+        for state, reason in (
+            (DaneState.INSECURE, "non DNSSEC destination"),
+            (DaneState.NOT_FOUND, "no TLSA records found"),
+            (DaneState.UNUSABLE, "TLSA records unusable"),
+        ):
+            self.assertEqual(self.deferral(self.DANE_ONLY, looked_up(state, reason)), ("4.7.5", reason))
+        self.assertEqual(
+            self.deferral(self.DANE_ONLY, looked_up(DaneState.NOT_FOUND, config_problem=True)),
+            ("4.7.5", "client TLS configuration problem"),
+        )
+
+    def test_lookup_errors_defer_both(self) -> None:
+        reason = "TLSA lookup error for mx.example.com:25"
+        for policy in (self.DANE, self.DANE_ONLY):
+            self.assertEqual(self.deferral(policy, looked_up(DaneState.ERROR, reason)), ("4.7.5", reason))
+
+    def test_other_levels_pass(self) -> None:
+        policy = TLSPolicy(TLSLevel.VERIFY)
+        self.assertIs(dane_policy(policy, looked_up(DaneState.ERROR)), policy)
+
+    def test_outcome_says_dane(self) -> None:
+        self.assertTrue(TLSOutcome(active=True, trust="Verified", policy_type="tlsa").verified_by_dane)
+        self.assertFalse(TLSOutcome(active=True, trust="Verified").verified_by_dane)
+        self.assertFalse(TLSOutcome(active=True, trust="Untrusted", policy_type="tlsa").verified_by_dane)
+
+    def test_plaintext_retry_allowed_for_dane_only_as_may(self) -> None:
+        policy = SecurityPolicy(Config.defaults().replace(smtp_tls_security_level="dane"))
+        self.assertIs(policy.for_nexthop("example.com").plaintext_fallback().tls_level, TLSLevel.NONE)
+        strict = SecurityPolicy(Config.defaults().replace(smtp_tls_security_level="dane-only"))
+        self.assertRaises(ValueError, strict.for_nexthop("example.com").plaintext_fallback)
+
+    def test_security_policy_needs_dnssec(self) -> None:
+        dns_resolver = FakeDNSResolver()
+        plain = SecurityPolicy(Config.defaults().replace(smtp_tls_security_level="dane"), dns_resolver=dns_resolver)
+        self.assertFalse(plain.dane.enabled)
+        config = Config.defaults().replace(smtp_tls_security_level="dane", smtp_dns_support_level="dnssec")
+        self.assertTrue(SecurityPolicy(config, dns_resolver=dns_resolver).dane.enabled)
+        ignoring = config.replace(ignore_mx_lookup_error="yes")
+        self.assertEqual(
+            SecurityPolicy(ignoring, dns_resolver=dns_resolver).dane.disabled_reason,
+            "configured with MX lookup errors ignored",
+        )
+
+
+class DNSSECQueryTests(SynchronousTestCase):
+    def test_query_asks_for_dnssec(self) -> None:
+        message = dns.Message(id=7, recDes=1)
+        message.queries = [dns.Query("example.com", dns.MX)]
+        wire = ask_for_dnssec(message).toStr()
+        parsed = dns._EDNSMessage()
+        parsed.fromStr(wire)
+        self.assertTrue(parsed.authenticData)
+        self.assertTrue(parsed.dnssecOK)
+        self.assertEqual(parsed.maxSize, 1232)
+        # Twice is once.
+        self.assertEqual(len(ask_for_dnssec(message).additional), 1)
+
+    def test_answers_keep_the_ad_bit(self) -> None:
+        resolver = DNSSECResolver(servers=[("127.0.0.1", 53)], reactor=Clock())
+        for bit in (0, 1):
+            reply = dns.Message(id=1, answer=1, authenticData=bit)
+            reply.answers = [dns.RRHeader("example.com", dns.A, payload=dns.Record_A("192.0.2.1"))]
+            result = resolver.filterAnswers(reply)
+            self.assertEqual(is_authentic(result), bool(bit))
+            answers, _authority, _additional = result
+            self.assertEqual(len(answers), 1)
+        self.assertFalse(is_authentic(([], [], [])))
+
+
+class ValidationFlagTests(SynchronousTestCase):
+    def resolver(self, support: str = "dnssec") -> tuple[NexthopResolver, FakeDNSResolver]:
+        dns_resolver = FakeDNSResolver()
+        dns_resolver.mx("example.com", (10, "mx1.example.com"), (20, "mx2.example.com"))
+        dns_resolver.a("mx1.example.com", "192.0.2.1")
+        dns_resolver.a("mx2.example.com", "192.0.2.2")
+        dns_resolver.aaaa("mx1.example.com", "2001:db8::1")
+        config = Config.defaults().replace(smtp_dns_support_level=support, smtp_randomize_addresses="no")
+        return NexthopResolver(config, dns_resolver, Clock(), local_addresses=set), dns_resolver
+
+    def addresses(self, resolver: NexthopResolver, nexthop: Nexthop | None = None):
+        nexthop = nexthop or Nexthop("example.com", "example.com", 25, True, False)
+        return {(a.address, a.mx_dnssec_valid, a.host_dnssec_valid) for a in self.successResultOf(resolver.addresses(nexthop))}
+
+    def test_each_address_says_what_was_validated(self) -> None:
+        resolver, dns_resolver = self.resolver()
+        dns_resolver.validated = {("example.com", dns.MX), ("mx1.example.com", dns.A)}
+        self.assertEqual(
+            self.addresses(resolver),
+            {("192.0.2.1", True, True), ("2001:db8::1", True, False), ("192.0.2.2", True, False)},
+        )
+        dns_resolver.validated = {("mx1.example.com", dns.A)}
+        self.assertIn(("192.0.2.1", False, True), self.addresses(resolver))
+
+    def test_a_host_nexthop_has_no_mx_to_validate(self) -> None:
+        resolver, dns_resolver = self.resolver()
+        dns_resolver.validate_all = True
+        nexthop = Nexthop("example.com", "mx2.example.com", 587, False, True)
+        self.assertEqual(self.addresses(resolver, nexthop), {("192.0.2.2", True, True)})
+
+    def test_without_dnssec_nothing_is_validated(self) -> None:
+        resolver, dns_resolver = self.resolver("enabled")
+        dns_resolver.validate_all = True
+        self.assertTrue(all(not mx and not host for _, mx, host in self.addresses(resolver)))
