@@ -94,7 +94,9 @@ class DaneInteropTests(unittest.TestCase):
 
     # -- the world -------------------------------------------------------
 
-    def start_server(self, leaf: IssuedCertificate, *, with_ca: bool = False) -> Deferred[Handler]:
+    def start_server(
+        self, leaf: IssuedCertificate, *, with_ca: bool = False, starttls: bool = True
+    ) -> Deferred[Handler]:
         cert_path, key_path = leaf.write(self.directory, stem=f"mx-{leaf.certificate.serial_number}")
         if with_ca:
             with open(cert_path, "ab") as handle:
@@ -102,7 +104,9 @@ class DaneInteropTests(unittest.TestCase):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert_path, key_path)
         handler = Handler()
-        controller = Controller(handler, hostname=ADDRESS, port=self.port, tls_context=context)
+        controller = Controller(
+            handler, hostname=ADDRESS, port=self.port, tls_context=context if starttls else None
+        )
         self.addCleanup(lambda: threads.deferToThread(controller.stop))
         return threads.deferToThread(controller.start).addCallback(lambda _: handler)
 
@@ -255,3 +259,19 @@ class DaneInteropTests(unittest.TestCase):
 
     def test_bogus_tlsa_signature_defers(self):
         return Deferred.fromCoroutine(self._bogus())
+
+    async def _stripped(self) -> None:
+        # TLSA records published, but the server (or an attacker in the
+        # path) offers no STARTTLS: TLS is mandatory under DANE.
+        leaf = CA.issue(["mx.strip.dane.test"])
+        handler = await self.start_server(leaf, starttls=False)
+        chain = await self.start_dns("strip", [tlsa(record_for(leaf.certificate))])
+        status = await self.deliver(chain, "strip.dane.test", "smtp_tls_security_level = dane\n")
+        self.assertEqual(
+            (status.dsn, status.text),
+            ("4.7.4", f"TLS is required, but was not offered by host mx.strip.dane.test[{ADDRESS}]"),
+        )
+        self.assertEqual(handler.messages, [])
+
+    def test_stripped_starttls_defers_when_tlsa_exists(self):
+        return Deferred.fromCoroutine(self._stripped())

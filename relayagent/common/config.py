@@ -164,7 +164,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tcp_port", "smtp", S, "The default TCP port (a number or a service name)."),
     _p("best_mx_transport", "", S, "The transport to use when this machine is the best MX (empty: a mail loop is reported)."),
     _p("disable_dns_lookups", "no", B, "Disable DNS lookups: use the system resolver only."),
-    _p("smtp_dns_support_level", "", S, "DNS use: empty (enabled), disabled, enabled, dnssec.", choices=("", "disabled", "enabled", "dnssec")),
+    _p("smtp_dns_support_level", "", S, "DNS use: empty (enabled), disabled, enabled, dnssec (ask for DNSSEC and trust the AD bit: the name server must be a local validating resolver; needed for DANE).", choices=("", "disabled", "enabled", "dnssec")),
     _p("smtp_host_lookup", "dns", L, "How to look up host addresses: dns, native.", choices=("dns", "native")),
     _p("ignore_mx_lookup_error", "no", B, "On a failed MX lookup, look up the A record instead of deferring."),
     _p("smtp_address_preference", "any", S, "The address family preferred within one MX preference.", choices=("any", "ipv4", "ipv6")),
@@ -216,7 +216,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_sasl_tls_security_options", "$smtp_sasl_security_options", L, "SASL restrictions over TLS.", choices=("noplaintext", "noactive", "nodictionary", "noanonymous", "mutual_auth")),
     _p("smtp_sasl_auth_soft_bounce", "yes", B, "Treat a 5xx AUTH failure as temporary."),
     # --- TLS (relayagent/smtp/tls.py)
-    _p("smtp_tls_security_level", "", S, "The default TLS security level: none, may, encrypt, verify, secure (empty: none).", choices=_TLS_LEVELS),
+    _p("smtp_tls_security_level", "", S, "The default TLS security level: none, may, encrypt, dane, dane-only, verify, secure (empty: none).", choices=_TLS_LEVELS),
     _p("smtp_tls_policy_maps", "", L, "Per-nexthop TLS policy lookup tables."),
     _p("smtp_tls_CAfile", "", S, "File of trusted CA certificates (PEM).", path=True),
     _p("smtp_tls_CApath", "", S, "Directory of trusted CA certificates (PEM).", path=True),

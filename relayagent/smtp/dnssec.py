@@ -76,11 +76,13 @@ def ask_for_dnssec(message: dns.Message) -> dns.Message:
 
 class _DNSSECDatagramProtocol(dns.DNSDatagramProtocol):
     def writeMessage(self, message: dns.Message, address: tuple[str, int]) -> None:
+        """Send ``message`` with the AD and DO bits."""
         super().writeMessage(ask_for_dnssec(message), address)
 
 
 class _DNSSECStreamProtocol(dns.DNSProtocol):
     def writeMessage(self, message: dns.Message) -> None:
+        """Send ``message`` with the AD and DO bits."""
         super().writeMessage(ask_for_dnssec(message))
 
 

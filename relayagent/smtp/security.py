@@ -14,8 +14,9 @@ smtp_sasl_tls_security_options decides.
 
 SYNOPSIS
 
-    policy = SecurityPolicy(config)
+    policy = SecurityPolicy(config, dns_resolver=make_dns_resolver(config, reactor))
     security = policy.for_nexthop("[smtp.example.com]:587")
+    applies = await policy.dane.applies(server)      # DANE for this MX host?
     factory = SMTPSessionFactory(session_settings, clock, server, security=security)
     d = security.negotiate(session)        # None: MAIL may be sent
 
@@ -24,7 +25,11 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 ``DeliveryFailure``:
 
 - 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
-  configuration problem, or a failed handshake.  At level ``may`` a failed
+  configuration problem, or a failed handshake.  At level ``dane`` or
+  ``dane-only`` the TLSA records of the session's MX host are looked up
+  first (``relayagent.smtp.dane``): 4.7.5 "TLSA lookup error for
+  HOST:PORT", and for ``dane-only`` "no TLSA records found" or "non
+  DNSSEC destination".  At level ``may`` a failed
   handshake carries ``status.retry_plaintext``: the
   connection layer then connects to the same address again with
   ``security.plaintext_fallback()``.
@@ -33,8 +38,10 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
-Owns no parameters of its own: it combines relayagent.smtp.tls and
-relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
+Owns no parameters of its own: it combines relayagent.smtp.tls,
+relayagent.smtp.dane and relayagent.smtp.sasl (smtp_sasl_auth_enable is
+read here; smtp_dns_support_level, smtp_host_lookup, disable_dns_lookups
+and ignore_mx_lookup_error too, to know whether DANE can work).
 """
 
 from __future__ import annotations

@@ -20,12 +20,27 @@ Levels, weakest first:
 - ``secure``: the same, matching smtp_tls_secure_cert_match (default: the
   nexthop domain and its subdomains).
 
-A certificate that fails ``verify`` or ``secure`` is 4.7.5 "Server
-certificate not verified".  ``dane`` is treated as ``may`` (we have no
-DNSSEC-validated TLSA records, and Postfix downgrades DANE to ``may`` when
-it has none); ``dane-only`` and ``fingerprint`` are not supported and defer
-the mail with 4.7.5 "client TLS configuration problem", as an invalid
-policy does in Postfix.
+- ``dane``, ``dane-only`` (RFC 7672): per MX host, the DNSSEC-validated
+  TLSA records at ``_PORT._tcp.HOST`` (``relayagent.smtp.dane``) decide
+  (``dane_policy``, Postfix's dane_init): usable records make TLS
+  mandatory and the certificate must match them (DANE-EE: the leaf's key
+  or certificate, names and dates ignored; DANE-TA: a trust anchor of the
+  chain, the leaf matching the MX host or the nexthop domain).  Without
+  DNSSEC (``smtp_dns_support_level = dnssec``, a validated MX RRset and
+  host addresses) or TLSA records, ``dane`` is ``may`` and ``dane-only``
+  defers (4.7.5 "non DNSSEC destination", "no TLSA records found");
+  records that are all unusable make ``dane`` ``encrypt``; a failed TLSA
+  lookup (SERVFAIL, bogus) defers both (4.7.5 "TLSA lookup error for
+  HOST:PORT"), never plaintext.  A match logs "Verified TLS connection
+  established" and "Matched DANE EE certificate at depth 0: 3 1 1 ...";
+  a mismatch "certificate verification failed for HOST[ADDR]:PORT: not
+  trusted by local or TLSA policy" and defers.  The outcome says
+  ``policy_type = "tlsa"`` (``TLSOutcome.verified_by_dane``).
+
+A certificate that fails ``verify``, ``secure`` or the TLSA records is
+4.7.5 "Server certificate not verified".  ``fingerprint`` is not supported
+and defers the mail with 4.7.5 "client TLS configuration problem", as an
+invalid policy does in Postfix.
 
 ``smtp_tls_policy_maps`` is looked up with the nexthop as written
 (``[mx.example.net]:587``, ``example.com``); for a plain domain the parent
@@ -45,7 +60,9 @@ SYNOPSIS
 
     settings = TLSSettings.from_config(config)        # contexts built once
     policy = PolicyLookup(level, tables).policy_for(nexthop)      # smtp_tls_security_level
+    policy = dane_policy(policy, tlsa_lookup)    # dane/dane-only, per MX host
     outcome = await negotiate_tls(session, policy, settings, nexthop=nexthop)
+    outcome.trust, outcome.policy_type, outcome.verified_by_dane
 
 DIAGNOSTICS: a bad level, protocol list, cipher grade, policy entry or
 certificate/key setting raises ``TLSConfigError`` (a ``ValueError``);
@@ -54,7 +71,8 @@ a policy-table entry found bad at lookup is ``TLSPolicyError``.
 required, but was not offered by host X", the server's STARTTLS
 refusal (X.7.4), 4.7.5 "Server certificate not verified", 4.7.5
 "client TLS configuration problem", 4.7.5 "Cannot start TLS: ..."
-(``retry_plaintext`` at level ``may``).
+(``retry_plaintext`` at level ``may``).  ``dane_policy`` fails with
+``DeliveryFailure`` 4.7.5 and Postfix's DANE reasons (above).
 
 Owns: smtp_tls_security_level, smtp_tls_policy_maps, smtp_tls_CAfile,
 smtp_tls_CApath, smtp_tls_cert_file, smtp_tls_key_file, smtp_tls_protocols,
