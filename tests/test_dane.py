@@ -6,12 +6,15 @@ DNSSEC-asking queries and the validation flags of the MX lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import crypto
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.names import dns
@@ -33,9 +36,16 @@ from relayagent.smtp.dane import (
 from relayagent.smtp.dnssec import DNSSECResolver, ask_for_dnssec, is_authentic
 from relayagent.smtp.resolve import Nexthop, NexthopResolver
 from relayagent.smtp.security import SecurityPolicy
-from relayagent.smtp.tls import TLSLevel, TLSOutcome, TLSPolicy, certificate_matches, dane_policy
-from relayagent.testing import FakeDNSResolver
-from tests.support.certs import CertificateAuthority
+from relayagent.smtp.tls import (
+    TLSLevel,
+    TLSOutcome,
+    TLSPolicy,
+    certificate_matches,
+    dane_policy,
+    negotiate_tls,
+)
+from relayagent.testing import FakeDNSResolver, FakeTLSSession, LogCapture
+from tests.support.certs import CertificateAuthority, IssuedCertificate
 
 CA = CertificateAuthority(common_name="unit CA")
 OTHER_CA = CertificateAuthority(common_name="other CA")
@@ -395,3 +405,102 @@ class ValidationFlagTests(SynchronousTestCase):
         resolver, dns_resolver = self.resolver("enabled")
         dns_resolver.validate_all = True
         self.assertTrue(all(not mx and not host for _, mx, host in self.addresses(resolver)))
+
+
+class DaneNegotiationTests(SynchronousTestCase):
+    """SessionSecurity with a fake DNS resolver and a real in-memory
+    handshake (FakeTLSSession)."""
+
+    def setUp(self) -> None:
+        self.logs = LogCapture(self)
+        self.dns = FakeDNSResolver()
+        self.dns.validate_all = True
+
+    def security(self, level: str):
+        config = Config.defaults().replace(
+            smtp_tls_security_level=level, smtp_dns_support_level="dnssec", smtp_tls_loglevel="1"
+        )
+        return SecurityPolicy(config, dns_resolver=self.dns).for_nexthop("example.com")
+
+    def session(self, leaf: IssuedCertificate, *, secure: bool = True, with_ca: bool = False, **kwargs):
+        context = leaf.server_context()
+        if with_ca:
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(CA.certificate))
+        session = FakeTLSSession(context, **kwargs)
+        session.server = dataclasses.replace(session.server, mx_dnssec_valid=secure, host_dnssec_valid=secure)
+        return session
+
+    def publish(self, record: TLSARecord) -> None:
+        self.dns.tlsa(OWNER, bytes([record.usage, record.selector, record.matching]) + record.data)
+
+    def test_dane_ee_verified(self) -> None:
+        leaf = CA.issue(["anything.example"])
+        self.publish(record_for(leaf.certificate))
+        security, session = self.security("dane"), self.session(leaf)
+        self.successResultOf(security.negotiate(session))
+        self.assertTrue(session.tls_outcome.verified_by_dane)
+        self.assertEqual(session.tls_outcome.policy_type, "tlsa")
+        self.assertEqual(session.sent, [b"STARTTLS", b"EHLO client.example.com"])
+        messages = self.logs.messages()
+        self.assertTrue(any(m.startswith("Verified TLS connection established to mx.example.com[192.0.2.1]:25: ")
+                            for m in messages), messages)
+        self.assertTrue(any(m.startswith("mx.example.com[192.0.2.1]:25: Matched DANE EE certificate at depth 0: ")
+                            for m in messages), messages)
+
+    def test_dane_ta_verified_with_the_chain(self) -> None:
+        leaf = CA.issue(["mx.example.com"])
+        self.publish(record_for(CA.certificate, 2, 0, 1))
+        session = self.session(leaf, with_ca=True)
+        self.successResultOf(self.security("dane-only").negotiate(session))
+        self.assertTrue(session.tls_outcome.verified_by_dane)
+
+    def test_dane_ta_accepts_the_nexthop_domain(self) -> None:
+        leaf = CA.issue(["example.com"])
+        self.publish(record_for(CA.certificate, 2, 1, 1))
+        session = self.session(leaf, with_ca=True)
+        self.successResultOf(self.security("dane").negotiate(session))
+        self.assertTrue(session.tls_outcome.verified_by_dane)
+
+    def test_mismatch_defers(self) -> None:
+        leaf = CA.issue(["mx.example.com"])
+        self.publish(record_for(CA.issue(["mx.example.com"]).certificate))
+        session = self.session(leaf)
+        failure = self.failureResultOf(self.security("dane").negotiate(session), DeliveryFailure)
+        self.assertEqual((failure.value.status.dsn, failure.value.status.text), ("4.7.5", "Server certificate not verified"))
+        self.assertFalse(failure.value.status.retry_plaintext)
+        self.assertEqual(session.sent, [b"STARTTLS"])
+        self.assertIn(
+            "certificate verification failed for mx.example.com[192.0.2.1]:25: not trusted by local or TLSA policy",
+            self.logs.messages(),
+        )
+
+    def test_tlsa_makes_tls_mandatory(self) -> None:
+        leaf = CA.issue(["mx.example.com"])
+        self.publish(record_for(leaf.certificate))
+        session = self.session(leaf, offer_starttls=False)
+        failure = self.failureResultOf(self.security("dane").negotiate(session), DeliveryFailure)
+        self.assertEqual(failure.value.status.dsn, "4.7.4")
+
+    def test_insecure_destination(self) -> None:
+        leaf = CA.issue(["mx.example.com"])
+        self.publish(record_for(leaf.certificate))
+        session = self.session(leaf, secure=False)
+        failure = self.failureResultOf(self.security("dane-only").negotiate(session), DeliveryFailure)
+        self.assertEqual((failure.value.status.dsn, failure.value.status.text), ("4.7.5", "non DNSSEC destination"))
+        self.assertEqual(session.sent, [])  # decided before STARTTLS
+        # dane: opportunistic TLS, nothing verified.
+        session = self.session(leaf, secure=False)
+        self.successResultOf(self.security("dane").negotiate(session))
+        self.assertEqual((session.tls_outcome.trust, session.tls_outcome.policy_type), ("Untrusted", ""))
+        self.assertEqual(self.dns.queries, [])
+
+    def test_unresolved_dane_policy_is_refused(self) -> None:
+        leaf = CA.issue(["mx.example.com"])
+        session = self.session(leaf)
+        tls = SecurityPolicy(Config.defaults()).tls
+        failure = self.failureResultOf(
+            Deferred.fromCoroutine(negotiate_tls(session, TLSPolicy(TLSLevel.DANE), tls, nexthop="example.com")),
+            DeliveryFailure,
+        )
+        self.assertEqual(failure.value.status.text, "client TLS configuration problem")
+        self.assertEqual(session.sent, [])

@@ -241,6 +241,9 @@ class SessionSecurity:
             tls_policy = dane_policy(tls_policy, lookup)
         outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
         self.last_tls = outcome
+        # This session's own outcome (trust, policy_type "tlsa" for DANE),
+        # for the layers that decide on it later (REQUIRETLS, TLSRPT).
+        session.tls_outcome = outcome
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 
