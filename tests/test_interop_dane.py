@@ -275,3 +275,33 @@ class DaneInteropTests(unittest.TestCase):
 
     def test_stripped_starttls_defers_when_tlsa_exists(self):
         return Deferred.fromCoroutine(self._stripped())
+
+    async def start_insecure_dns(self, tlsa_record: str) -> DNSSECChain:
+        """``insecure.dane.test``: an unsigned child of the signed zone,
+        with an MX host that publishes (unvalidated) TLSA records."""
+        chain = DNSSECChain(
+            os.path.join(self.directory, "dns"), ZONE, [],
+            insecure=["@ IN MX 10 mx", f"mx IN A {ADDRESS}", f"_{self.port}._tcp.mx IN {tlsa_record}"],
+        )
+        os.makedirs(chain.directory)
+        self.addCleanup(chain.stop, reactor)
+        await chain.start(reactor)
+        return chain
+
+    async def _insecure_mx(self) -> None:
+        leaf = CA.issue(["mx.insecure.dane.test"])
+        handler = await self.start_server(leaf)
+        chain = await self.start_insecure_dns(tlsa(record_for(leaf.certificate)))
+        status = await self.deliver(chain, "insecure.dane.test", "smtp_tls_security_level = dane-only\n")
+        self.assertEqual((status.dsn, status.text), ("4.7.5", "non DNSSEC destination"))
+        self.assertEqual(handler.messages, [])
+        # At level dane the same host gets opportunistic TLS: its TLSA
+        # records, unvalidated, count for nothing.
+        status = await self.deliver(chain, "insecure.dane.test", "smtp_tls_security_level = dane\n")
+        self.assertEqual(status.dsn[0], "2", status)
+        self.assertEqual(len(handler.messages), 1)
+        self.assertTrue(self.logged("Untrusted TLS connection established to mx.insecure.dane.test"))
+        self.assertFalse(self.logged("Verified TLS connection"))
+
+    def test_unsigned_mx_gets_no_dane(self):
+        return Deferred.fromCoroutine(self._insecure_mx())

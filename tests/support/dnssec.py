@@ -19,6 +19,9 @@ a free port; unbound on another, with a ``stub-zone`` for the zone
 pointing at NSD and ``do-not-query-localhost: no``.  A record whose owner
 is listed in ``tamper`` has its rdata changed after signing, so that its
 signature no longer verifies: unbound answers SERVFAIL for it (bogus).
+``insecure=[...]`` adds a child zone ``insecure.<zone>`` with those
+records, delegated without a DS record and not signed: its answers are
+insecure (no AD bit), as an unsigned domain's are.
 
 ``DNSSECChain.missing_reason`` is None when nsd, unbound, ldns-keygen and
 ldns-signzone are all installed, else the text for ``SkipTest``.
@@ -78,6 +81,12 @@ zone:
   zonefile: "{dir}/{zone}.zone.signed"
 """
 
+NSD_CHILD_ZONE = """\
+zone:
+  name: "insecure.{zone}"
+  zonefile: "{dir}/insecure.{zone}.zone"
+"""
+
 UNBOUND_CONF = """\
 server:
   interface: 127.0.0.1
@@ -104,16 +113,26 @@ stub-zone:
   stub-addr: 127.0.0.1@{nsd_port}
 """
 
+UNBOUND_CHILD_STUB = """\
+stub-zone:
+  name: "insecure.{zone}"
+  stub-addr: 127.0.0.1@{nsd_port}
+"""
+
 
 class DNSSECChain:
     """NSD + unbound over one signed zone (module docstring)."""
 
     missing_reason = _missing()
 
-    def __init__(self, directory: str, zone: str, records: Sequence[str], *, tamper: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: str, zone: str, records: Sequence[str], *, tamper: Sequence[str] = (),
+        insecure: Sequence[str] = (),
+    ) -> None:
         self.directory = os.path.abspath(directory)
         self.zone = zone.rstrip(".")
         self.records = list(records)
+        self.insecure = list(insecure)
         self.tamper = [f"{owner.rstrip('.')}.{self.zone}." for owner in tamper]
         self.nsd_port = 0
         self.unbound_port = 0
@@ -140,6 +159,17 @@ class DNSSECChain:
             handle.write(f"@ IN NS ns.{self.zone}.\nns IN A 127.0.0.1\n")
             for line in self.records:
                 handle.write(line + "\n")
+            if self.insecure:
+                # A delegation without DS: the child is provably unsigned.
+                handle.write(f"insecure IN NS ns.{self.zone}.\n")
+        if self.insecure:
+            child = f"insecure.{self.zone}"
+            with open(os.path.join(self.directory, f"{child}.zone"), "w", encoding="ascii") as handle:
+                handle.write(f"$ORIGIN {child}.\n$TTL 300\n")
+                handle.write(f"@ IN SOA ns.{self.zone}. hostmaster.{self.zone}. 1 3600 600 86400 300\n")
+                handle.write(f"@ IN NS ns.{self.zone}.\n")
+                for line in self.insecure:
+                    handle.write(line + "\n")
         # One key as KSK and ZSK (a CSK): enough for a validator.
         key = self._run(LDNS_KEYGEN, "-a", "ECDSAP256SHA256", "-k", self.zone)
         self._run(LDNS_SIGNZONE, zone_file, key)
@@ -172,6 +202,8 @@ class DNSSECChain:
         nsd_conf = os.path.join(self.directory, "nsd.conf")
         with open(nsd_conf, "w", encoding="ascii") as handle:
             handle.write(NSD_CONF.format(port=self.nsd_port, dir=self.directory, zone=self.zone))
+            if self.insecure:
+                handle.write(NSD_CHILD_ZONE.format(dir=self.directory, zone=self.zone))
         await self._spawn(reactor, [NSD, "-d", "-c", nsd_conf], self.nsd_port, "nsd", "nsd.log")
         self.unbound_port = free_port()
         unbound_conf = os.path.join(self.directory, "unbound.conf")
@@ -186,6 +218,8 @@ class DNSSECChain:
                     nsd_port=self.nsd_port,
                 )
             )
+            if self.insecure:
+                handle.write(UNBOUND_CHILD_STUB.format(zone=self.zone, nsd_port=self.nsd_port))
         await self._spawn(reactor, [UNBOUND, "-d", "-c", unbound_conf], self.unbound_port, "unbound", "unbound.log")
 
     async def _spawn(self, reactor, argv: list[str], port: int, what: str, log_name: str) -> None:  # type: ignore[no-untyped-def]
