@@ -261,6 +261,15 @@ class DaneResolverTests(SynchronousTestCase):
         self.assertIs(self.lookup(host=False).state, DaneState.NOT_FOUND)
         self.assertEqual(self.dns.queries, [])  # no TLSA query for either
 
+    def test_insecure_mx_allowed_for_half_dane(self) -> None:
+        self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32)
+        lookup = self.successResultOf(
+            self.dane.lookup("mx.example.com", 25, mx_dnssec_valid=False, host_dnssec_valid=True, insecure_mx_ok=True)
+        )
+        self.assertIs(lookup.state, DaneState.USABLE)
+        self.assertFalse(lookup.mx_secure)
+        self.assertFalse(lookup.applies)  # the MX could be forged: not DANE for MTA-STS
+
     def test_disabled(self) -> None:
         lookup = self.successResultOf(
             DaneResolver(None, enabled=False).lookup("mx.example.com", 25, mx_dnssec_valid=True, host_dnssec_valid=True)
@@ -312,6 +321,14 @@ class DanePolicyTests(SynchronousTestCase):
             self.deferral(self.DANE_ONLY, looked_up(DaneState.NOT_FOUND, config_problem=True)),
             ("4.7.5", "client TLS configuration problem"),
         )
+
+    def test_insecure_mx_policy(self) -> None:
+        half = TLSALookup(DaneState.USABLE, (self.RECORD,), "", "mx.example.com", 25, mx_secure=False)
+        effective = dane_policy(self.DANE, half)  # Postfix's default: dane
+        self.assertEqual((effective.tlsa, effective.half_dane), ((self.RECORD,), True))
+        self.assertIs(dane_policy(self.DANE, half, "encrypt").level, TLSLevel.ENCRYPT)
+        self.assertIs(dane_policy(self.DANE, half, "may").level, TLSLevel.MAY)
+        self.assertEqual(self.deferral(self.DANE_ONLY, half), ("4.7.5", "non DNSSEC destination"))
 
     def test_lookup_errors_defer_both(self) -> None:
         reason = "TLSA lookup error for mx.example.com:25"
@@ -416,18 +433,23 @@ class DaneNegotiationTests(SynchronousTestCase):
         self.dns = FakeDNSResolver()
         self.dns.validate_all = True
 
-    def security(self, level: str):
+    def security(self, level: str, **extra: str):
         config = Config.defaults().replace(
-            smtp_tls_security_level=level, smtp_dns_support_level="dnssec", smtp_tls_loglevel="1"
+            smtp_tls_security_level=level, smtp_dns_support_level="dnssec", smtp_tls_loglevel="1", **extra
         )
         return SecurityPolicy(config, dns_resolver=self.dns).for_nexthop("example.com")
 
-    def session(self, leaf: IssuedCertificate, *, secure: bool = True, with_ca: bool = False, **kwargs):
+    def session(
+        self, leaf: IssuedCertificate, *, secure: bool = True, mx_secure: bool | None = None,
+        with_ca: bool = False, **kwargs,
+    ):
         context = leaf.server_context()
         if with_ca:
             context.add_extra_chain_cert(crypto.X509.from_cryptography(CA.certificate))
         session = FakeTLSSession(context, **kwargs)
-        session.server = dataclasses.replace(session.server, mx_dnssec_valid=secure, host_dnssec_valid=secure)
+        session.server = dataclasses.replace(
+            session.server, mx_dnssec_valid=secure if mx_secure is None else mx_secure, host_dnssec_valid=secure
+        )
         return session
 
     def publish(self, record: TLSARecord) -> None:
@@ -493,6 +515,32 @@ class DaneNegotiationTests(SynchronousTestCase):
         self.successResultOf(self.security("dane").negotiate(session))
         self.assertEqual((session.tls_outcome.trust, session.tls_outcome.policy_type), ("Untrusted", ""))
         self.assertEqual(self.dns.queries, [])
+
+    def test_half_dane(self) -> None:
+        # Insecure MX, secure host with TLSA records: enforced (Postfix's
+        # smtp_tls_dane_insecure_mx_policy = dane), a match only Trusted.
+        leaf = CA.issue(["mx.example.com"])
+        self.publish(record_for(leaf.certificate))
+        session = self.session(leaf, mx_secure=False)
+        self.successResultOf(self.security("dane").negotiate(session))
+        outcome = session.tls_outcome
+        self.assertEqual((outcome.trust, outcome.policy_type), ("Trusted", "tlsa"))
+        self.assertFalse(outcome.verified_by_dane)
+        self.assertTrue(outcome.dane_match)
+        self.assertIn("Trusted TLS connection established", "\n".join(self.logs.messages()))
+        # A mismatch defers.
+        self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32)
+        session = self.session(leaf, mx_secure=False)
+        failure = self.failureResultOf(self.security("dane").negotiate(session), DeliveryFailure)
+        self.assertEqual(failure.value.status.text, "Server certificate not verified")
+        # With the policy at may, the records are not even looked up.
+        queries = len(self.dns.queries)
+        session = self.session(leaf, mx_secure=False)
+        self.successResultOf(
+            self.security("dane", smtp_tls_dane_insecure_mx_policy="may").negotiate(session)
+        )
+        self.assertEqual(session.tls_outcome.policy_type, "")
+        self.assertEqual(len(self.dns.queries), queries)
 
     def test_unresolved_dane_policy_is_refused(self) -> None:
         leaf = CA.issue(["mx.example.com"])

@@ -305,3 +305,28 @@ class DaneInteropTests(unittest.TestCase):
 
     def test_unsigned_mx_gets_no_dane(self):
         return Deferred.fromCoroutine(self._insecure_mx())
+
+    async def _half_dane(self) -> None:
+        # The MX record is in the unsigned child zone, the MX host and its
+        # TLSA records in the signed zone: Postfix's "half-dane"
+        # (smtp_tls_dane_insecure_mx_policy = dane): enforced, a match is
+        # only Trusted.
+        leaf = CA.issue(["mx.half.dane.test"])
+        handler = await self.start_server(leaf)
+        owner = f"_{self.port}._tcp.mx.half"
+        chain = DNSSECChain(
+            os.path.join(self.directory, "dns"), ZONE,
+            [f"mx.half IN A {ADDRESS}", f"{owner} IN {tlsa(record_for(leaf.certificate))}"],
+            insecure=[f"@ IN MX 10 mx.half.{ZONE}."],
+        )
+        os.makedirs(chain.directory)
+        self.addCleanup(chain.stop, reactor)
+        await chain.start(reactor)
+        status = await self.deliver(chain, "insecure.dane.test", "smtp_tls_security_level = dane\n")
+        self.assertEqual(status.dsn[0], "2", status)
+        self.assertEqual(len(handler.messages), 1)
+        self.assertTrue(self.logged("Trusted TLS connection established to mx.half.dane.test"), self.logs.messages())
+        self.assertTrue(self.logged("Matched DANE EE certificate at depth 0"))
+
+    def test_insecure_mx_with_a_secure_tlsa_host_is_half_dane(self):
+        return Deferred.fromCoroutine(self._half_dane())

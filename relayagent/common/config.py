@@ -218,6 +218,7 @@ _TABLE: tuple[Parameter, ...] = (
     # --- TLS (relayagent/smtp/tls.py)
     _p("smtp_tls_security_level", "", S, "The default TLS security level: none, may, encrypt, dane, dane-only, verify, secure (empty: none).", choices=_TLS_LEVELS),
     _p("smtp_tls_policy_maps", "", L, "Per-nexthop TLS policy lookup tables."),
+    _p("smtp_tls_dane_insecure_mx_policy", "dane", S, "Level dane, MX found by an insecure MX lookup, host with secure TLSA records: may (ignore them), encrypt (TLS, no authentication) or dane (enforce them, logged as Trusted). Postfix writes the default as an expression that yields dane at level dane, the only level it is used at.", choices=("may", "encrypt", "dane")),
     _p("smtp_tls_CAfile", "", S, "File of trusted CA certificates (PEM).", path=True),
     _p("smtp_tls_CApath", "", S, "Directory of trusted CA certificates (PEM).", path=True),
     _p("smtp_tls_cert_file", "", S, "Client certificate (PEM).", path=True),

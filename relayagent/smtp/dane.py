@@ -179,12 +179,16 @@ class TLSALookup:
     # Our configuration rules DANE out (no dnssec lookups), not the
     # destination's DNS.
     config_problem: bool = False
+    # The MX RRset that named the host was validated (False: the TLSA
+    # records of a secure host found through an insecure MX lookup,
+    # Postfix's "half-dane").
+    mx_secure: bool = True
 
     @property
     def applies(self) -> bool:
         """DANE authenticates this server: validated MX and host, usable
         TLSA records (MTA-STS must yield then, RFC 8461 section 2)."""
-        return self.state is DaneState.USABLE
+        return self.state is DaneState.USABLE and self.mx_secure
 
 
 class DaneResolver:
@@ -202,13 +206,18 @@ class DaneResolver:
         self.enabled = enabled and dns_resolver is not None
         self.disabled_reason = disabled_reason or "configured with dnssec lookups disabled"
 
-    def lookup(self, host: str, port: int, *, mx_dnssec_valid: bool, host_dnssec_valid: bool) -> Deferred[TLSALookup]:
+    def lookup(
+        self, host: str, port: int, *, mx_dnssec_valid: bool, host_dnssec_valid: bool, insecure_mx_ok: bool = False
+    ) -> Deferred[TLSALookup]:
         """The TLSA records of ``host``'s ``port`` (Postfix's dane_init
         and tls_dane_resolve): insecure when the MX RRset was not
-        validated, notfound when the host's addresses were not (no
-        lookup is made), else what the validated lookup gives."""
+        validated (unless ``insecure_mx_ok``: level dane with
+        smtp_tls_dane_insecure_mx_policy encrypt or dane; the outcome then
+        has ``mx_secure`` False), notfound when the host's addresses were
+        not validated (no lookup is made), else what the validated
+        lookup gives."""
         return Deferred.fromCoroutine(
-            self._lookup(host.rstrip(".").lower(), port, mx_dnssec_valid, host_dnssec_valid)
+            self._lookup(host.rstrip(".").lower(), port, mx_dnssec_valid, host_dnssec_valid, insecure_mx_ok)
         )
 
     def applies(self, server: Any) -> Deferred[bool]:
@@ -224,13 +233,13 @@ class DaneResolver:
         )
         return d.addCallback(lambda lookup: lookup.applies)
 
-    async def _lookup(self, host: str, port: int, mx_valid: bool, host_valid: bool) -> TLSALookup:
+    async def _lookup(self, host: str, port: int, mx_valid: bool, host_valid: bool, insecure_mx_ok: bool) -> TLSALookup:
         def outcome(state: DaneState, reason: str, records: tuple[TLSARecord, ...] = ()) -> TLSALookup:
-            return TLSALookup(state, records, reason, host, port)
+            return TLSALookup(state, records, reason, host, port, mx_secure=mx_valid)
 
         if not self.enabled:
             return TLSALookup(DaneState.NOT_FOUND, (), self.disabled_reason, host, port, config_problem=True)
-        if not mx_valid:
+        if not mx_valid and not insecure_mx_ok:
             return outcome(DaneState.INSECURE, "non DNSSEC destination")
         if not host_valid:
             # Postfix: no TLSA lookup for a host in an unsigned zone.

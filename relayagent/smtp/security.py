@@ -41,7 +41,9 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 Owns no parameters of its own: it combines relayagent.smtp.tls,
 relayagent.smtp.dane and relayagent.smtp.sasl (smtp_sasl_auth_enable is
 read here; smtp_dns_support_level, smtp_host_lookup, disable_dns_lookups
-and ignore_mx_lookup_error too, to know whether DANE can work).
+and ignore_mx_lookup_error too, to know whether DANE can work).  Owns
+smtp_tls_dane_insecure_mx_policy (level dane, an MX host found through
+an insecure MX lookup: may, encrypt, or dane as Postfix's "half-dane").
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class SecuritySettings(Settings):
     disable_dns_lookups: bool
     smtp_host_lookup: tuple[str, ...]
     ignore_mx_lookup_error: bool
+    smtp_tls_dane_insecure_mx_policy: str
 
 
 def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None) -> DaneResolver:
@@ -132,6 +135,7 @@ class SecurityPolicy:
         settings = SecuritySettings.from_config(config)
         base_dir = settings.base_dir
         self.dane = _dane_resolver(settings, dns_resolver)
+        self.dane_insecure_mx_policy = settings.smtp_tls_dane_insecure_mx_policy
         try:
             self.tls = TLSSettings.from_config(config)
             self.tls_policies = PolicyLookup(
@@ -231,14 +235,16 @@ class SessionSecurity:
         if tls_policy.level.is_dane:
             # Per MX host: the TLSA records decide what dane means here.
             server = session.server
+            insecure_mx_policy = self._policy.dane_insecure_mx_policy
             lookup = await self._policy.dane.lookup(
                 server.host,
                 server.port,
                 mx_dnssec_valid=getattr(server, "mx_dnssec_valid", False),
                 host_dnssec_valid=getattr(server, "host_dnssec_valid", False),
+                insecure_mx_ok=tls_policy.level is TLSLevel.DANE and insecure_mx_policy != "may",
             )
             self.last_tlsa = lookup
-            tls_policy = dane_policy(tls_policy, lookup)
+            tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
         outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
         self.last_tls = outcome
         # This session's own outcome (trust, policy_type "tlsa" for DANE),

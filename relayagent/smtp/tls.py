@@ -28,7 +28,10 @@ Levels, weakest first:
   chain, the leaf matching the MX host or the nexthop domain).  Without
   DNSSEC (``smtp_dns_support_level = dnssec``, a validated MX RRset and
   host addresses) or TLSA records, ``dane`` is ``may`` and ``dane-only``
-  defers (4.7.5 "non DNSSEC destination", "no TLSA records found");
+  defers (4.7.5 "non DNSSEC destination", "no TLSA records found";
+  at level ``dane`` a secure host with TLSA records found through an
+  insecure MX lookup follows smtp_tls_dane_insecure_mx_policy: by default
+  its records are enforced, a match logged as "Trusted");
   records that are all unusable make ``dane`` ``encrypt``; a failed TLSA
   lookup (SERVFAIL, bogus) defers both (4.7.5 "TLSA lookup error for
   HOST:PORT"), never plaintext.  A match logs "Verified TLS connection
@@ -261,9 +264,12 @@ class TLSPolicy:
     # Level dane/dane-only resolved for one MX host: its usable TLSA
     # records (relayagent.smtp.dane), which the certificate must match.
     tlsa: tuple[TLSARecord, ...] = ()
+    # The TLSA records came through an insecure MX lookup (Postfix's
+    # half-dane): enforced, but a match is only "Trusted".
+    half_dane: bool = False
 
 
-def dane_policy(policy: TLSPolicy, lookup: TLSALookup) -> TLSPolicy:
+def dane_policy(policy: TLSPolicy, lookup: TLSALookup, insecure_mx_policy: str = "dane") -> TLSPolicy:
     """The effective policy of level ``dane``/``dane-only`` for one MX
     host, given its TLSA lookup (Postfix: dane_init/dane_incompat).
 
@@ -271,12 +277,25 @@ def dane_policy(policy: TLSPolicy, lookup: TLSALookup) -> TLSPolicy:
     ``encrypt`` when the records are all unusable; ``dane-only`` defers
     then (4.7.5 with Postfix's reason); a failed lookup defers both
     (4.7.5 "TLSA lookup error for HOST:PORT").  With usable records the
-    level stays (TLS mandatory) and the records come along.  Raises
+    level stays (TLS mandatory) and the records come along.  Records of
+    a host found through an insecure MX lookup (``lookup.mx_secure``
+    False, level ``dane`` only) follow ``insecure_mx_policy``
+    (smtp_tls_dane_insecure_mx_policy): ``encrypt``, or ``dane``:
+    enforced as "half-dane", a match logged as Trusted.  Raises
     ``DeliveryFailure``.
     """
     if not policy.level.is_dane:
         return policy
     state, reason = lookup.state, lookup.reason
+    if state is DaneState.USABLE and not lookup.mx_secure:
+        if policy.level is TLSLevel.DANE_ONLY or insecure_mx_policy == "may":
+            # DaneResolver.lookup does not get here for these; be safe.
+            state, reason = DaneState.INSECURE, "non DNSSEC destination"
+        elif insecure_mx_policy == "encrypt":
+            log.debug("{host}: Verification not possible, MX RRset is insecure", host=lookup.host)
+            return dataclasses.replace(policy, level=TLSLevel.ENCRYPT)
+        else:
+            return dataclasses.replace(policy, tlsa=lookup.records, half_dane=True)
     if state is DaneState.USABLE:
         return dataclasses.replace(policy, tlsa=lookup.records)
     if state is DaneState.ERROR:
@@ -832,7 +851,9 @@ async def negotiate_tls(
         outcome = _examine(connection, errors, policy, settings, server=server, nexthop=nexthop)
         outcomes.append(outcome)
         _log_established(outcome, server, settings.loglevel)
-        if (level.checks_names or policy.tlsa) and outcome.trust != "Verified":
+        # Under DANE a TLSA match is what counts (half-dane's is Trusted).
+        authenticated = bool(outcome.dane_match) if policy.tlsa else outcome.trust == "Verified"
+        if (level.checks_names or policy.tlsa) and not authenticated:
             raise CertificateRejected("; ".join(outcome.verify_errors))
 
     server_name = None if is_ip_literal(server.host) else server.host
@@ -930,7 +951,9 @@ def _examine_dane(connection: SSL.Connection, policy: TLSPolicy, *, server: Any,
             leaf, ("hostname", "nexthop"), hostname=server.host, nexthop=nexthop_domain(nexthop)
         ),
     )
-    trust = "Verified" if match.verified else "Trusted" if match.trusted else "Untrusted"
+    # Postfix: half-dane is never "Verified", only "Trusted": the MX host
+    # name could have been forged.
+    trust = "Verified" if match.verified and not policy.half_dane else "Trusted" if match.trusted else "Untrusted"
     return TLSOutcome(
         active=True,
         trust=trust,
