@@ -491,6 +491,8 @@ class DaneNegotiationTests(SynchronousTestCase):
         self.assertEqual((failure.value.status.dsn, failure.value.status.text), ("4.7.5", "Server certificate not verified"))
         self.assertFalse(failure.value.status.retry_plaintext)
         self.assertEqual(session.sent, [b"STARTTLS"])
+        self.assertEqual((session.tls_outcome.trust, session.tls_outcome.policy_type), ("Untrusted", "tlsa"))
+        self.assertIs(session.tlsa_lookup.state, DaneState.USABLE)
         self.assertIn(
             "certificate verification failed for mx.example.com[192.0.2.1]:25: not trusted by local or TLSA policy",
             self.logs.messages(),

@@ -244,8 +244,15 @@ class SessionSecurity:
                 insecure_mx_ok=tls_policy.level is TLSLevel.DANE and insecure_mx_policy != "may",
             )
             self.last_tlsa = lookup
+            # This session's TLSA lookup (state, records), for TLSRPT.
+            session.tlsa_lookup = lookup
             tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
-        outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
+        try:
+            outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
+        except DeliveryFailure as failure:
+            # A refused certificate still says what it was (trust, "tlsa").
+            session.tls_outcome = getattr(failure, "tls_outcome", None)
+            raise
         self.last_tls = outcome
         # This session's own outcome (trust, policy_type "tlsa" for DANE),
         # for the layers that decide on it later (REQUIRETLS, TLSRPT).

@@ -864,14 +864,18 @@ async def negotiate_tls(
         await _start_tls_method(session)(creator)
     except Exception as exc:  # noqa: BLE001 - every handshake failure is reported alike
         if creator.rejected is not None:
-            raise DeliveryFailure(
+            rejected = DeliveryFailure(
                 Status(
                     dsn="4.7.5",
                     text="Server certificate not verified",
                     stage=STARTTLS_STAGE,
                     remote_mta=server.host,
                 )
-            ) from None
+            )
+            # What the refused handshake gave (trust, policy_type), for
+            # the layers that count failures (TLSRPT).
+            rejected.tls_outcome = outcomes[0] if outcomes else None  # type: ignore[attr-defined]
+            raise rejected from None
         if creator.handshake_done:
             # TLS is up; what failed is the conversation after it (EHLO).
             raise
