@@ -330,3 +330,19 @@ class DaneInteropTests(unittest.TestCase):
 
     def test_insecure_mx_with_a_secure_tlsa_host_is_half_dane(self):
         return Deferred.fromCoroutine(self._half_dane())
+
+    async def _large_rrset(self) -> None:
+        # Full-certificate records of other keys make the signed answer
+        # larger than our EDNS0 UDP size (1232): it comes truncated and
+        # the TCP retry must ask for DNSSEC too, or DANE would be lost.
+        leaf = CA.issue(["mx.big.dane.test"])
+        handler = await self.start_server(leaf)
+        others = [tlsa(record_for(CA.issue([f"other{i}.example"]).certificate, 3, 0, 0)) for i in range(5)]
+        chain = await self.start_dns("big", [*others, tlsa(record_for(leaf.certificate))])
+        status = await self.deliver(chain, "big.dane.test", "smtp_tls_security_level = dane-only\n")
+        self.assertEqual(status.dsn[0], "2", status)
+        self.assertEqual(len(handler.messages), 1)
+        self.assertTrue(self.logged("Verified TLS connection established to mx.big.dane.test"), self.logs.messages())
+
+    def test_a_large_tlsa_rrset_comes_over_tcp_validated(self):
+        return Deferred.fromCoroutine(self._large_rrset())

@@ -86,6 +86,15 @@ class _DNSSECStreamProtocol(dns.DNSProtocol):
         super().writeMessage(ask_for_dnssec(message))
 
 
+class _DNSSECClientFactory(client.DNSClientFactory):
+    def buildProtocol(self, addr: Any) -> _DNSSECStreamProtocol:
+        """client.DNSClientFactory's, with our protocol (it names
+        dns.DNSProtocol itself)."""
+        protocol = _DNSSECStreamProtocol(self.controller)
+        protocol.factory = self
+        return protocol
+
+
 class DNSSECResolver(client.Resolver):
     """A ``client.Resolver`` whose queries ask for DNSSEC and whose
     answers say whether they were validated (``AuthenticatedAnswer``)."""
@@ -93,7 +102,10 @@ class DNSSECResolver(client.Resolver):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """As ``twisted.names.client.Resolver``."""
         super().__init__(*args, **kwargs)
-        self.factory.protocol = _DNSSECStreamProtocol
+        # The TCP retry of a truncated answer must ask for DNSSEC too.
+        factory = _DNSSECClientFactory(self, self.factory.timeout)
+        factory.noisy = False
+        self.factory = factory
 
     def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
         # As client.Resolver's, with our protocol; port 0 lets the kernel
