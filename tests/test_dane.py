@@ -34,7 +34,7 @@ from relayagent.smtp.dane import (
     tlsa_name,
 )
 from relayagent.smtp.dnssec import DNSSECResolver, ask_for_dnssec, is_authentic
-from relayagent.smtp.resolve import Nexthop, NexthopResolver
+from relayagent.smtp.resolve import Nexthop, NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tls import (
     TLSLevel,
@@ -386,6 +386,19 @@ class DNSSECQueryTests(SynchronousTestCase):
             answers, _authority, _additional = result
             self.assertEqual(len(answers), 1)
         self.assertFalse(is_authentic(([], [], [])))
+
+
+class MakeResolverTests(SynchronousTestCase):
+    def test_dnssec_resolver_and_the_remote_server_warning(self) -> None:
+        logs = LogCapture(self)
+        local = Config.defaults().replace(smtp_dns_support_level="dnssec", dns_nameservers="127.0.0.1:5353")
+        self.assertIsInstance(make_dns_resolver(local, Clock()), DNSSECResolver)
+        self.assertFalse(any("not on this host" in m for m in logs.messages()))
+        remote = local.replace(dns_nameservers="192.0.2.53")
+        self.assertIsInstance(make_dns_resolver(remote, Clock()), DNSSECResolver)
+        self.assertTrue(any("name server 192.0.2.53 is not on this host" in m for m in logs.messages()))
+        plain = Config.defaults().replace(dns_nameservers="127.0.0.1")
+        self.assertNotIsInstance(make_dns_resolver(plain, Clock()), DNSSECResolver)
 
 
 class ValidationFlagTests(SynchronousTestCase):

@@ -419,6 +419,13 @@ def make_dns_resolver(config: Config, reactor: Any, *, resolv_conf: str = "/etc/
         # Queries with the AD and DO bits; answers keep the AD bit.
         from relayagent.smtp.dnssec import DNSSECResolver
 
+        for host, port in servers:
+            if not ipaddress.ip_address(host).is_loopback:
+                log.warn(
+                    "smtp_dns_support_level = dnssec: name server {host} is not on this host; "
+                    "the AD bit of its answers is trusted as if it were (use a local validating resolver)",
+                    host=f"{host}:{port}" if port != dns.PORT else host,
+                )
         return DNSSECResolver(servers=servers, reactor=reactor)
     return client.Resolver(servers=servers, reactor=reactor)
 
