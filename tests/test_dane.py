@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.names.error import DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
@@ -224,7 +224,8 @@ class DaneResolverTests(SynchronousTestCase):
         self.assertTrue(lookup.applies)
         self.assertEqual([r.usage for r in lookup.records], [3])  # PKIX-TA dropped
         self.assertEqual(self.dns.queries, [(OWNER, 52)])
-        self.assertTrue(any("unsupported TLSA certificate usage" in str(e.get("problem")) for e in self.warnings))
+        texts = [formatEvent(event) for event in self.warnings]
+        self.assertIn(f"{OWNER} unsupported TLSA certificate usage: 0 0 1 {'BB' * 32}", texts)
 
     def test_relayhost_port(self) -> None:
         self.dns.tlsa("_587._tcp.mx.example.com", b"\x03\x01\x01" + b"\xaa" * 32)

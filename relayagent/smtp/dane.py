@@ -267,7 +267,9 @@ class DaneResolver:
                 log.warn("{name}: {reason}", name=name, reason=str(exc))
                 continue
             if record.problem:
-                log.warn("{name}: {problem}: {record}", name=name, problem=record.problem, record=str(record))
+                # Postfix (tlsa_carp): "_25._tcp.mx.example.com unsupported TLSA
+                # certificate usage: 1 1 1 ABCD..."
+                log.warn("{name} {problem}: {record}", name=name, problem=record.problem, record=str(record))
                 continue
             usable.append(record)
         if not usable:
