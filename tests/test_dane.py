@@ -176,6 +176,32 @@ class MatchChainTests(SynchronousTestCase):
         self.assertFalse(match.trusted)
         self.assertIn("does not verify", match.reason)
 
+    def test_dane_ta_issuers_must_be_cas(self) -> None:
+        # A certificate the anchor issued to someone else, used to sign a
+        # certificate for our MX host: the signatures verify, but a leaf
+        # certificate may not issue.
+        other = CA.issue(["other.example"])
+        key = ec.generate_private_key(ec.SECP256R1())
+        forged = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(other.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1))
+            .not_valid_after(NOW + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.example.com")]), critical=False)
+            .sign(other.key, hashes.SHA256())
+        )
+        anchor = record_for(CA.certificate, 2, 0, 1)
+        chain = [forged, other.certificate, CA.certificate]
+        match = match_chain(chain, [anchor], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+        self.assertIn("certificate at depth 1 is not a CA", match.reason)
+        # Nor may a TA record name a leaf certificate as the anchor.
+        match = match_chain(chain[:2], [record_for(other.certificate, 2, 1, 1)], name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+
     def test_dane_ta_does_not_match_the_leaf(self) -> None:
         # A TA record naming the leaf itself is no trust anchor (depth 0).
         leaf = CA.issue(["mx.example.com"]).certificate

@@ -21,8 +21,10 @@ certificate chain, since pyOpenSSL does not expose OpenSSL's SSL_dane_*:
 - DANE-TA: a certificate of the chain above the leaf matches (or a full
   ``2 0 0`` certificate that issued the top of the chain); each
   certificate below it is signed by the next one and within its dates;
-  the leaf's name must then match one of the reference names (the MX
-  host name and the nexthop domain, RFC 7672 section 3.2.2).
+  each issuer up to the anchor is a CA certificate (basicConstraints,
+  keyCertSign); the leaf's name must then match one of the reference
+  names (the MX host name and the nexthop domain, RFC 7672 section
+  3.2.2).  Path length constraints and name constraints are not checked.
 
 SYNOPSIS
 
@@ -328,6 +330,23 @@ def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _may_issue(certificate: x509.Certificate) -> bool:
+    """A CA certificate (basicConstraints CA, keyCertSign when it has a
+    key usage): without this check any holder of a certificate under the
+    trust anchor could sign a certificate for any name with its key."""
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    if not constraints.ca:
+        return False
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage.key_cert_sign
+
+
 def _in_dates(certificate: x509.Certificate, now: datetime.datetime) -> bool:
     return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
 
@@ -377,6 +396,10 @@ def match_chain(
         path = list(chain[:depth]) + [anchor]
         if not all(_signed_by(path[i], path[i + 1]) for i in range(depth)):
             reasons.append(f"chain to the trust anchor at depth {depth} does not verify")
+            continue
+        not_ca = [i for i in range(1, depth + 1) if not _may_issue(path[i])]
+        if not_ca:
+            reasons.append(f"certificate at depth {not_ca[0]} is not a CA")
             continue
         expired = [i for i in range(depth) if not _in_dates(path[i], now)]
         if expired:
