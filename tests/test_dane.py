@@ -13,6 +13,7 @@ import hashlib
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -197,10 +198,52 @@ class MatchChainTests(SynchronousTestCase):
         chain = [forged, other.certificate, CA.certificate]
         match = match_chain(chain, [anchor], name_matches=names("mx.example.com"), now=NOW)
         self.assertFalse(match.trusted)
-        self.assertIn("certificate at depth 1 is not a CA", match.reason)
+        self.assertIn("certificate at depth 1 is not a CA that may issue here", match.reason)
         # Nor may a TA record name a leaf certificate as the anchor.
         match = match_chain(chain[:2], [record_for(other.certificate, 2, 1, 1)], name_matches=names("mx.example.com"), now=NOW)
         self.assertFalse(match.trusted)
+
+    def test_dane_ta_path_length_and_purpose(self) -> None:
+        # tests.support.certs' CA has pathLenConstraint 0: a CA under it
+        # may not issue.
+        sub_key = ec.generate_private_key(ec.SECP256R1())
+        sub_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sub CA")])
+        sub = (
+            x509.CertificateBuilder()
+            .subject_name(sub_name)
+            .issuer_name(CA.certificate.subject)
+            .public_key(sub_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1))
+            .not_valid_after(NOW + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(CA.key, hashes.SHA256())
+        )
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(sub_name)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1))
+            .not_valid_after(NOW + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.example.com")]), critical=False)
+            .sign(sub_key, hashes.SHA256())
+        )
+        chain = [leaf, sub, CA.certificate]
+        self.assertFalse(
+            match_chain(chain, [record_for(CA.certificate, 2, 0, 1)], name_matches=names("mx.example.com"), now=NOW).trusted
+        )
+        # The sub CA itself as the anchor is fine.
+        self.assertTrue(
+            match_chain(chain, [record_for(sub, 2, 1, 1)], name_matches=names("mx.example.com"), now=NOW).verified
+        )
+        # A client-only certificate is no server's.
+        client = CA.issue(["mx.example.com"], client=True).certificate
+        match = match_chain([client, CA.certificate], [record_for(CA.certificate, 2, 0, 1)],
+                            name_matches=names("mx.example.com"), now=NOW)
+        self.assertFalse(match.trusted)
+        self.assertIn("not for TLS servers", match.reason)
 
     def test_dane_ta_does_not_match_the_leaf(self) -> None:
         # A TA record naming the leaf itself is no trust anchor (depth 0).

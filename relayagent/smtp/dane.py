@@ -22,9 +22,10 @@ certificate chain, since pyOpenSSL does not expose OpenSSL's SSL_dane_*:
   ``2 0 0`` certificate that issued the top of the chain); each
   certificate below it is signed by the next one and within its dates;
   each issuer up to the anchor is a CA certificate (basicConstraints,
-  keyCertSign); the leaf's name must then match one of the reference
-  names (the MX host name and the nexthop domain, RFC 7672 section
-  3.2.2).  Path length constraints and name constraints are not checked.
+  keyCertSign, path length), the leaf's extended key usage (if any)
+  allows TLS servers; the leaf's name must then match one of the
+  reference names (the MX host name and the nexthop domain, RFC 7672
+  section 3.2.2).  Name constraints are not checked.
 
 SYNOPSIS
 
@@ -60,6 +61,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.names import dns
@@ -330,21 +332,34 @@ def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _may_issue(certificate: x509.Certificate) -> bool:
-    """A CA certificate (basicConstraints CA, keyCertSign when it has a
-    key usage): without this check any holder of a certificate under the
-    trust anchor could sign a certificate for any name with its key."""
+def _may_issue(certificate: x509.Certificate, cas_below: int) -> bool:
+    """A CA certificate (basicConstraints CA, a path length that allows
+    ``cas_below`` CA certificates under it, keyCertSign when it has a key
+    usage): without this check any holder of a certificate under the trust
+    anchor could sign a certificate for any name with its key."""
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return False
     if not constraints.ca:
         return False
+    if constraints.path_length is not None and cas_below > constraints.path_length:
+        return False
     try:
         usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return True
     return usage.key_cert_sign
+
+
+def _for_servers(certificate: x509.Certificate) -> bool:
+    """No extended key usage, or one that allows TLS servers (OpenSSL's
+    purpose check, which DANE-TA keeps)."""
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.SERVER_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
 
 
 def _in_dates(certificate: x509.Certificate, now: datetime.datetime) -> bool:
@@ -397,9 +412,12 @@ def match_chain(
         if not all(_signed_by(path[i], path[i + 1]) for i in range(depth)):
             reasons.append(f"chain to the trust anchor at depth {depth} does not verify")
             continue
-        not_ca = [i for i in range(1, depth + 1) if not _may_issue(path[i])]
+        not_ca = [i for i in range(1, depth + 1) if not _may_issue(path[i], i - 1)]
         if not_ca:
-            reasons.append(f"certificate at depth {not_ca[0]} is not a CA")
+            reasons.append(f"certificate at depth {not_ca[0]} is not a CA that may issue here")
+            continue
+        if not _for_servers(leaf):
+            reasons.append("certificate at depth 0 is not for TLS servers (extended key usage)")
             continue
         expired = [i for i in range(depth) if not _in_dates(path[i], now)]
         if expired:
