@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.names.error import DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
@@ -517,8 +517,9 @@ class DaneNegotiationTests(SynchronousTestCase):
         self.dns.validate_all = True
 
     def security(self, level: str, **extra: str):
+        settings = {"smtp_tls_loglevel": "2", **extra}
         config = Config.defaults().replace(
-            smtp_tls_security_level=level, smtp_dns_support_level="dnssec", smtp_tls_loglevel="1", **extra
+            smtp_tls_security_level=level, smtp_dns_support_level="dnssec", **settings
         )
         return SecurityPolicy(config, dns_resolver=self.dns).for_nexthop("example.com")
 
@@ -551,6 +552,18 @@ class DaneNegotiationTests(SynchronousTestCase):
                             for m in messages), messages)
         self.assertTrue(any(m.startswith("mx.example.com[192.0.2.1]:25: Matched DANE EE certificate at depth 0: ")
                             for m in messages), messages)
+
+    def test_the_match_is_logged_from_loglevel_2(self) -> None:
+        leaf = CA.issue(["mx.example.com"])
+        self.publish(record_for(leaf.certificate))
+        self.successResultOf(self.security("dane", smtp_tls_loglevel="1").negotiate(self.session(leaf)))
+        levels = {
+            formatEvent(event).split(":")[0]: event["log_level"]
+            for event in self.logs.events
+            if "Matched DANE" in formatEvent(event) or "TLS connection established" in formatEvent(event)
+        }
+        self.assertEqual(levels["mx.example.com[192.0.2.1]"], LogLevel.debug)
+        self.assertEqual(levels["Verified TLS connection established to mx.example.com[192.0.2.1]"], LogLevel.info)
 
     def test_dane_ta_verified_with_the_chain(self) -> None:
         leaf = CA.issue(["mx.example.com"])

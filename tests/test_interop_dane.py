@@ -129,7 +129,7 @@ class DaneInteropTests(unittest.TestCase):
             f"smtp_tcp_port = {self.port}\n"
             "inet_protocols = ipv4\n"
             "smtp_helo_name = client.example\n"
-            "smtp_tls_loglevel = 1\n"
+            "smtp_tls_loglevel = 2\n"
             "smtp_connect_timeout = 5s\n"
             "smtp_helo_timeout = 10s\n"
             "smtp_starttls_timeout = 10s\n" + extra

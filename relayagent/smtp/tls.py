@@ -35,7 +35,8 @@ Levels, weakest first:
   records that are all unusable make ``dane`` ``encrypt``; a failed TLSA
   lookup (SERVFAIL, bogus) defers both (4.7.5 "TLSA lookup error for
   HOST:PORT"), never plaintext.  A match logs "Verified TLS connection
-  established" and "Matched DANE EE certificate at depth 0: 3 1 1 ...";
+  established" and (smtp_tls_loglevel 2) "Matched DANE EE certificate at
+  depth 0: 3 1 1 ...";
   a mismatch "certificate verification failed for HOST[ADDR]:PORT: not
   trusted by local or TLSA policy" and defers.  The outcome says
   ``policy_type = "tlsa"`` (``TLSOutcome.verified_by_dane``).
@@ -984,11 +985,15 @@ def _log_established(outcome: TLSOutcome, server: Any, loglevel: int) -> None:
         postfix_tls=True,
     )
     if outcome.policy_type == "tlsa":
-        # Postfix's tls_dane.c/tls_verify.c lines.
+        # Postfix's tls_dane.c/tls_verify.c lines: the match from
+        # smtp_tls_loglevel 2 (TLS_LOG_VERBOSE), the failure from 1
+        # (TLS_LOG_UNTRUSTED).
         if outcome.dane_match:
-            emit("{peer}: {match}", peer=_peer_port(server), match=outcome.dane_match)
+            (log.info if loglevel >= 2 else log.debug)(
+                "{peer}: {match}", peer=_peer_port(server), match=outcome.dane_match
+            )
         elif outcome.verify_errors:
-            log.info(
+            emit(
                 "certificate verification failed for {peer}: {reason}",
                 peer=_peer_port(server),
                 reason="; ".join(outcome.verify_errors),
