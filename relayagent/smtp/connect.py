@@ -80,6 +80,7 @@ from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.interfaces import IConnector
+from relayagent.smtp.mtasts import sts_policy_domain
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
 
@@ -152,7 +153,8 @@ class _Attempt:
         on_connected: Callable[[], None],
     ) -> None:
         self.address = address
-        self.server = ServerInfo(address.host, address.address, address.port, str(nexthop))
+        self.server = ServerInfo(address.host, address.address, address.port, str(nexthop),
+                                 policy_domain=sts_policy_domain(nexthop))
         self.result: Deferred[Any] = Deferred()
         self.cancelled = False
         self.session: Any = None
