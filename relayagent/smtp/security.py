@@ -303,7 +303,7 @@ class _Report:
             return
         self.done = True
         self.recorder.record_failure(self.domain, self.policy, result_type,
-                                     additional_information=information, **self._details())
+                                     failure_reason_code=information, **self._details())
 
     def failure(self, result_type: str, information: str = "") -> None:
         """A failure of this session (an MX outside the policy)."""
