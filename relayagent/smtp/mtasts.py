@@ -76,6 +76,8 @@ log = Logger(namespace="relayagent.smtp.mtasts")
 MAX_AGE_LIMIT = 31557600
 # How long a TXT answer (or its absence) is believed without asking again.
 TXT_RECHECK_INTERVAL = 300.0
+# The most TXT answers and failed fetches remembered.
+MAX_REMEMBERED = 10000
 # How often the service looks for policies near their expiry.
 REFRESH_CHECK_INTERVAL = 3600.0
 WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"
@@ -543,7 +545,14 @@ class PolicyStore:
         if known is not None and now - known.checked < TXT_RECHECK_INTERVAL:
             return known
         answer = await self._lookup_txt(domain, now)
+        self._txt.pop(domain, None)
         self._txt[domain] = answer
+        # Memory does not grow with the number of domains mailed: the
+        # oldest answers go first (dicts keep insertion order).
+        while len(self._txt) > MAX_REMEMBERED:
+            del self._txt[next(iter(self._txt))]
+        while len(self._failed) > MAX_REMEMBERED:
+            del self._failed[next(iter(self._failed))]
         return answer
 
     async def _lookup_txt(self, domain: str, now: float) -> _TxtAnswer:

@@ -285,6 +285,8 @@ class _Report:
             self.policy = ReportPolicy.no_policy()
         self.skip = tls_policy.source == "plaintext retry" or bool(policy.dane_applies(server.host))
         self.done = False
+        # While the connection is up (a refused handshake closes it).
+        self._details_now = self._details()
         if self.recorder is not None and state is not None and state.failure is not None and not self.skip:
             # The policy could not be had: that is this session's failure.
             self._failure(state.failure, state.failure_text)
@@ -292,8 +294,10 @@ class _Report:
     def _details(self) -> dict[str, str]:
         server = self.session.server
         details = {"receiving_mx_hostname": server.host, "receiving_ip": server.address}
-        transport = getattr(self.session, "transport", None)
-        host = getattr(transport.getHost(), "host", "") if transport is not None else ""
+        try:
+            host = self.session.transport.getHost().host
+        except Exception:  # noqa: BLE001 - a fake or closed transport: no sending address
+            host = ""
         if isinstance(host, str) and host:
             details["sending_mta_ip"] = host
         return details
@@ -302,8 +306,11 @@ class _Report:
         if self.recorder is None or self.done or self.skip:
             return
         self.done = True
-        self.recorder.record_failure(self.domain, self.policy, result_type,
-                                     failure_reason_code=information, **self._details())
+        try:
+            self.recorder.record_failure(self.domain, self.policy, result_type,
+                                         failure_reason_code=information, **self._details_now)
+        except Exception:  # noqa: BLE001 - counting never stops a delivery
+            log.failure("TLSRPT counting failed for {domain}", domain=self.domain)
 
     def failure(self, result_type: str, information: str = "") -> None:
         """A failure of this session (an MX outside the policy)."""
@@ -342,4 +349,7 @@ class _Report:
                 self._failure("starttls-not-supported")
             return
         self.done = True
-        self.recorder.record_success(self.domain, self.policy)
+        try:
+            self.recorder.record_success(self.domain, self.policy)
+        except Exception:  # noqa: BLE001 - counting never stops a delivery
+            log.failure("TLSRPT counting failed for {domain}", domain=self.domain)
