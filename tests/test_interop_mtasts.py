@@ -28,6 +28,7 @@ from typing import Any
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.logger import globalLogPublisher
 from twisted.names import dns
 from twisted.trial import unittest
 from twisted.web import resource, server
@@ -35,13 +36,21 @@ from zope.interface import implementer
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
+from relayagent.master.service import build_service
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.deliver import SessionFactories
 from relayagent.smtp.https import HTTPError, HTTPSClient
-from relayagent.smtp.mtasts import MTASTSSettings, PolicyStore
+from relayagent.smtp.mtasts import (
+    CachedPolicy,
+    MTASTSSettings,
+    PolicyCache,
+    PolicyStore,
+    parse_policy,
+)
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import Recorder, Reporter, ReportPolicy, TLSRPTSettings
+from relayagent.spool import Spool
 from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority
 from tests.support.dnsserver import LoopbackDNSServer, RecordsAuthority
@@ -144,7 +153,9 @@ def envelope(domain: str) -> Envelope:
     )
 
 
-class MTASTSInteropTests(unittest.TestCase):
+class _LoopbackServers(unittest.TestCase):
+    """DNS, the HTTPS policy server and the mail exchangers (module docstring)."""
+
     timeout = 60
 
     if Controller is None:
@@ -187,10 +198,12 @@ class MTASTSInteropTests(unittest.TestCase):
             await threads.deferToThread(controller.start)
             self.addCleanup(lambda c=controller: threads.deferToThread(c.stop))
 
-    # -- the client -------------------------------------------------------
 
     def config(self) -> Config:
-        return Config.defaults().replace(
+        return Config.defaults().replace(**self.client_settings())
+
+    def client_settings(self) -> dict[str, str]:
+        return dict(
             dns_nameservers=self.dns_server.nameserver,
             smtp_tcp_port=str(self.smtp_port),
             inet_protocols="ipv4",
@@ -203,6 +216,12 @@ class MTASTSInteropTests(unittest.TestCase):
             smtp_tls_CAfile=self.ca_file,
             smtp_tls_loglevel="1",
         )
+
+
+class MTASTSInteropTests(_LoopbackServers):
+    """The smtp layer (connector, sessions, security hook) with a policy store."""
+
+    # -- the client -------------------------------------------------------
 
     def http_client(self) -> HTTPSClient:
         port = self.https.getHost().port if self.https is not None else free_port("127.0.0.1")
@@ -362,3 +381,56 @@ class MTASTSInteropTests(unittest.TestCase):
 
     def test_the_https_client_verifies_and_follows_no_redirect(self):
         return Deferred.fromCoroutine(self._https_client_rules())
+
+
+class DaemonInteropTests(_LoopbackServers):
+    """The service tree ``twistd -n relayagent`` runs (build_service), with
+    smtp_mta_sts_enable and smtp_tlsrpt_enable in main.cf: started on a
+    spool whose MTA-STS cache (left by an earlier run) knows plain.test's
+    enforce policy, with the HTTPS server gone, it defers the mail for the
+    plaintext-only MX instead of sending it in the clear; the TLSRPT
+    counters are on disk after the stop."""
+
+    async def _restart_holds(self) -> None:
+        base = self.directory
+        spool = Spool(os.path.join(base, "spool"))
+        spool.ensure_layout()
+        # What an earlier run left in the cache.
+        policy = parse_policy(POLICY.format(mode="enforce"))
+        now = reactor.seconds()
+        PolicyCache(os.path.join(base, "spool", "mta-sts")).write(
+            CachedPolicy("plain.test", "20261202", policy, fetched=now - 3600, expires=now + 86400))
+        await self.stop_https()
+        settings = "".join(f"{name} = {value}\n" for name, value in self.client_settings().items())
+        config = Config.from_text(
+            f"queue_directory = {base}/spool\nrelayagent_workers = 1\nmyhostname = relay.test\n"
+            "smtp_mta_sts_enable = yes\nsmtp_tlsrpt_enable = yes\n" + settings, base_dir=base)
+        content = b"From: a@example.org\nTo: u@plain.test\nSubject: sts\n\nhello\n"
+        queue_id = spool.enqueue("a@example.org", ["u@plain.test"], content)
+        outcome: Deferred[dict] = Deferred()
+
+        def watch(event: dict) -> None:
+            if event.get("queue_id") == queue_id and event.get("dsn") and not outcome.called:
+                outcome.callback(event)
+
+        globalLogPublisher.addObserver(watch)
+        self.addCleanup(globalLogPublisher.removeObserver, watch)
+        service = build_service(config, reactor)
+        self.assertIsNotNone(service.mta_sts)
+        service.privilegedStartService()
+        service.startService()
+        try:
+            event = await outcome
+        finally:
+            await service.stopService()
+        self.assertEqual((event["dsn"], event["status"]), ("4.7.4", "deferred"), event.get("reason"))
+        self.assertIn("TLS is required, but was not offered by host plain.mx.test", event["reason"])
+        self.assertEqual(self.handlers["plain.mx.test"].messages, [])
+        self.assertIn("MTA-STS: 1 cached policies loaded", self.logs.text())
+        counters = os.listdir(os.path.join(base, "spool", "tlsrpt"))
+        self.assertEqual(len(counters), 1, counters)
+        with open(os.path.join(base, "spool", "tlsrpt", counters[0])) as handle:
+            self.assertIn("plain.test", json.load(handle)["domains"])
+
+    def test_a_restarted_daemon_keeps_the_cached_policy(self):
+        return Deferred.fromCoroutine(self._restart_holds())
