@@ -324,3 +324,41 @@ class InterfaceTests(unittest.TestCase):
 
         self.assertTrue(verifyObject(IHTTPClient, FakeHTTPClient()))
         self.assertTrue(verifyObject(IHTTPClient, HTTPSClient(reactor)))
+
+
+class WorkerTests(unittest.TestCase):
+    """Two stores on one cache directory, as two worker processes."""
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.dns = FakeDNSResolver()
+        self.http = FakeHTTPClient()
+        self.dns.txt("_mta-sts.example.com", "v=STSv1; id=one")
+        self.http.serve(URL, RFC_POLICY)
+
+    def store(self) -> PolicyStore:
+        return PolicyStore(settings(self.directory), self.dns, self.http, self.clock)
+
+    def test_a_policy_refreshed_by_one_worker_is_not_expired_by_the_other(self):
+        first, second = self.store(), self.store()
+        first.policy_for("example.com")
+        second.policy_for("example.com")
+        self.assertEqual(len(self.http.gets), 1)  # the second read the first's file
+        self.clock.advance(604800 - 3600)
+        first.refresh_expiring()
+        self.clock.advance(7200)  # the second's memory is now expired
+        self.assertIsNotNone(second.current("example.com"))
+        self.assertTrue(os.path.exists(os.path.join(self.directory, "example.com.json")))
+
+    def test_a_new_id_fetched_by_one_worker_is_read_by_the_other(self):
+        first, second = self.store(), self.store()
+        first.policy_for("example.com")
+        second.policy_for("example.com")
+        self.dns.txt("_mta-sts.example.com", "v=STSv1; id=two")
+        self.clock.advance(mtasts.TXT_RECHECK_INTERVAL + 1)
+        first.policy_for("example.com")
+        second.policy_for("example.com")
+        self.assertEqual(len(self.http.gets), 2)
+        self.assertEqual(second.policies["example.com"].policy_id, "two")

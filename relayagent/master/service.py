@@ -295,13 +295,18 @@ class RelayagentService(MultiService):
         """MTA-STS's cache and refresh, TLSRPT's counters, and (worker 0)
         the TLSRPT reports."""
         if self.mta_sts is not None:
-            self.mta_sts.start()
+            # Worker 0 alone refreshes in the background; the others find
+            # its refreshed files (PolicyStore.current).
+            self.mta_sts.start(refresh=index == 0)
         if self.tlsrpt is not None:
             self.tlsrpt.worker = index
             self.tlsrpt.start()
             if index == 0 and self.spool is not None:
+                # The MTA-STS client when there is one: made before a chroot,
+                # with the same trust anchors.
                 self.tlsrpt_reporter = Reporter.from_config(
-                    self.config, self.tlsrpt, self.reactor, self.dns_resolver, self.spool.enqueue, wakeup=new_mail)
+                    self.config, self.tlsrpt, self.reactor, self.dns_resolver, self.spool.enqueue, wakeup=new_mail,
+                    http=getattr(self.mta_sts, "http", None))
                 self.tlsrpt_reporter.start()
 
     def _start_workers(self) -> None:

@@ -463,10 +463,10 @@ class PolicyStore:
             log.info("MTA-STS: {count} cached policies loaded from {path}",
                      count=len(self.policies), path=self.cache.directory)
 
-    def start(self) -> None:
-        """Load the cache and refresh expiring policies hourly."""
+    def start(self, *, refresh: bool = True) -> None:
+        """Load the cache and (``refresh``) refresh expiring policies hourly."""
         self.load()
-        if self._timer is None:
+        if refresh and self._timer is None:
             self._timer = LoopingCall(self.refresh_expiring)
             self._timer.clock = self.clock
             self._timer.start(REFRESH_CHECK_INTERVAL, now=False)
@@ -484,8 +484,9 @@ class PolicyStore:
         cache file another worker may have written)."""
         now = self.clock.seconds()
         entry = self.policies.get(domain)
-        if entry is None:
-            entry = self.cache.read(domain)
+        if entry is None or entry.expires <= now:
+            # Another worker may have fetched it, or refreshed what we hold.
+            entry = self.cache.read(domain) or entry
             if entry is not None:
                 self.policies[domain] = entry
         if entry is not None and entry.expires <= now:
@@ -494,6 +495,15 @@ class PolicyStore:
             log.info("MTA-STS policy of {domain} expired", domain=domain)
             return None
         return entry
+
+    def _newer_on_disk(self, domain: str, policy_id: str) -> CachedPolicy | None:
+        """The cache file's policy when it has ``policy_id`` (another
+        worker fetched it already)."""
+        entry = self.cache.read(domain)
+        if entry is not None and entry.policy_id == policy_id and entry.expires > self.clock.seconds():
+            self.policies[domain] = entry
+            return entry
+        return None
 
     def policy_for(self, domain: str) -> Deferred[PolicyState]:
         """The policy in force for ``domain`` (never fails)."""
@@ -521,6 +531,8 @@ class PolicyStore:
                 # No record, or the lookup failed: a cached policy holds
                 # until it expires (RFC 8461 section 5.1).
                 return PolicyState(domain, cached)
+            if cached is not None and cached.policy_id != answer.policy_id:
+                cached = self._newer_on_disk(domain, answer.policy_id) or cached
             if cached is not None and cached.policy_id == answer.policy_id:
                 self._maybe_refresh(cached)
                 return PolicyState(domain, cached)
