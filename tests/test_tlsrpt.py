@@ -203,3 +203,15 @@ class ReportTests(unittest.TestCase):
         self.successResultOf(self.reporter.send_due())
         self.assertEqual(self.http.posts, [])
         self.assertEqual(os.listdir(os.path.join(self.spool.directory, "incoming")), [])
+
+
+class ClassificationTests(unittest.TestCase):
+    def test_certificate_result_types(self):
+        from relayagent.smtp.security import classify_certificate
+        from relayagent.smtp.tls import TLSOutcome
+
+        self.assertEqual(classify_certificate(TLSOutcome(True, "Untrusted", verify_codes=(10,))), "certificate-expired")
+        self.assertEqual(classify_certificate(TLSOutcome(True, "Untrusted", verify_codes=(20,))),
+                         "certificate-not-trusted")
+        self.assertEqual(classify_certificate(TLSOutcome(True, "Trusted")), "certificate-host-mismatch")
+        self.assertEqual(classify_certificate(None), "validation-failure")

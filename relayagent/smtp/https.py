@@ -83,6 +83,7 @@ class _LimitedBody(Protocol):
         self.size = 0
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        """Keep ``data``, or give up past the limit."""
         if self.done.called:
             return
         self.size += len(data)
@@ -93,6 +94,7 @@ class _LimitedBody(Protocol):
         self.parts.append(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        """The body is complete (or cut short)."""
         if self.done.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
@@ -112,6 +114,7 @@ class _Endpoints:
         self.timeout = timeout
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 - twisted.web's name
+        """TLS (verified for the URL's host) over TCP to where it goes."""
         host = uri.host.decode("ascii")
         if uri.scheme != b"https":
             raise HTTPError(f"{uri.toBytes().decode('ascii', 'replace')}: only https is allowed")
@@ -185,6 +188,7 @@ class HTTPSClient:
         done.addTimeout(timeout, self.reactor)
 
         def failed(failure: Failure) -> Failure:
+            """Every failure as HTTPError, saying why."""
             if failure.check(HTTPError):
                 return failure
             return Failure(HTTPError(f"{url}: {_describe(failure)}", webpki=_is_webpki(failure)))
@@ -195,7 +199,10 @@ class HTTPSClient:
         response = await self._client.get(url, allow_redirects=False)
         length = response.length
         if isinstance(length, int) and length > max_size:
-            response.deliverBody(Protocol())  # drop the connection's body
+            # Read none of it: the connection is dropped at the first byte.
+            discarded: Deferred[bytes] = Deferred()
+            discarded.addErrback(lambda _failure: None)
+            response.deliverBody(_LimitedBody(-1, discarded))
             raise HTTPError(f"{url}: response body larger than {max_size} bytes")
         body: Deferred[bytes] = Deferred()
         response.deliverBody(_LimitedBody(max_size, body))

@@ -517,6 +517,7 @@ class PolicyStore:
         self._busy[domain] = work
 
         def done(result: Any) -> Any:
+            """The next lookup of the domain starts afresh."""
             self._busy.pop(domain, None)
             return result
 
