@@ -33,6 +33,16 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
+MTA-STS (``relayagent.smtp.mtasts``) is decided here, per session, before
+STARTTLS: for an MX of a recipient domain (``ServerInfo.policy_domain``)
+whose TLS policy is the default (not an smtp_tls_policy_maps entry) and
+where ``dane_applies(mx_host)`` says no, the domain's policy in mode
+enforce skips an MX outside its patterns (4.7.5 "MX host X does not match
+the MTA-STS policy of D") and demands a verified certificate for the MX
+host name; in mode testing the session goes on as before and what the
+policy would have refused is logged.  Every session is counted for
+TLSRPT (``relayagent.smtp.tlsrpt.Recorder``) when a recorder is given.
+
 Owns no parameters of its own: it combines relayagent.smtp.tls and
 relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
 """
