@@ -33,6 +33,16 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
+MTA-STS (``relayagent.smtp.mtasts``) is decided here, per session, before
+STARTTLS: for an MX of a recipient domain (``ServerInfo.policy_domain``)
+whose TLS policy is the default (not an smtp_tls_policy_maps entry) and
+where ``dane_applies(mx_host)`` says no, the domain's policy in mode
+enforce skips an MX outside its patterns (4.7.5 "MX host X does not match
+the MTA-STS policy of D") and demands a verified certificate for the MX
+host name; in mode testing the session goes on as before and what the
+policy would have refused is logged.  Every session is counted for
+TLSRPT (``relayagent.smtp.tlsrpt.Recorder``) when a recorder is given.
+
 Owns no parameters of its own: it combines relayagent.smtp.tls and
 relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
 """
@@ -48,6 +58,7 @@ from twisted.logger import Logger
 from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp import mtasts
 from relayagent.smtp.sasl import (
     MechanismFilter,
     PasswordLookup,
@@ -65,7 +76,9 @@ from relayagent.smtp.tls import (
     TLSPolicyError,
     TLSSettings,
     negotiate_tls,
+    nexthop_domain,
 )
+from relayagent.smtp.tlsrpt import ReportPolicy
 
 log = Logger(namespace="relayagent.smtp.security")
 
@@ -92,9 +105,21 @@ class SecuritySettings(Settings):
 
 
 class SecurityPolicy:
-    """TLS and SASL settings from main.cf, shared by every session."""
+    """TLS and SASL settings from main.cf, shared by every session.
 
-    def __init__(self, config: Config) -> None:
+    ``mta_sts``: the MTA-STS policy store (``mtasts.PolicyStore``), or
+    None; ``tlsrpt``: the TLSRPT ``Recorder`` sessions are counted in, or
+    None.  ``dane_applies(mx_host) -> bool``: whether DANE decides the TLS
+    of that MX (usable TLSA records); where it does, MTA-STS stands aside
+    (RFC 8461 section 2).  Default: never.
+    """
+
+    def __init__(self, config: Config, *, mta_sts: Any = None, tlsrpt: Any = None,
+                 dane_applies: Any = None) -> None:
+        self.mta_sts = mta_sts
+        self.tlsrpt = tlsrpt
+        # The DANE code (issue 15, item 1) plugs its predicate in here.
+        self.dane_applies = dane_applies or (lambda mx_host: False)
         settings = SecuritySettings.from_config(config)
         base_dir = settings.base_dir
         try:
@@ -189,13 +214,152 @@ class SessionSecurity:
                 Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
                 skip_to_next=False,
             )
-        outcome = await negotiate_tls(
-            session, self.tls_policy, self._policy.tls, nexthop=self.nexthop
-        )
+        decision = await self._sts_decision(session.server)
+        tls_policy = decision.tls_policy or self.tls_policy
+        report = _Report(self._policy, session, decision, self.nexthop, tls_policy)
+        if decision.refusal is not None:
+            log.warn("{reason}: deferred (MTA-STS mode enforce)", reason=decision.refusal.text)
+            report.failure("validation-failure", "MX host does not match the MTA-STS policy")
+            raise DeliveryFailure(decision.refusal)
+        try:
+            outcome = await negotiate_tls(
+                session, tls_policy, self._policy.tls, nexthop=self.nexthop
+            )
+        except DeliveryFailure as failure:
+            report.tls_failed(failure)
+            if decision.applies and not decision.testing:
+                log.warn("{server}: {reason} (MTA-STS policy of {domain}, mode enforce)",
+                         server=str(session.server), reason=failure.status.text, domain=session.server.policy_domain)
+            raise
         self.last_tls = outcome
+        report.tls_done(outcome)
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
+
+    async def _sts_decision(self, server: Any) -> mtasts.STSDecision:
+        """MTA-STS's say for this MX (``mtasts.decide``): only for an
+        MX-resolved recipient domain, with the store enabled and the TLS
+        policy not from smtp_tls_policy_maps and DANE not applying."""
+        store = self._policy.mta_sts
+        domain = getattr(server, "policy_domain", "")
+        if store is None or not domain or self.tls_policy is None:
+            return mtasts.STSDecision(None)
+        if self.tls_policy.source != "smtp_tls_security_level":
+            return mtasts.STSDecision(None)
+        dane = bool(self._policy.dane_applies(server.host))
+        if dane:
+            return mtasts.STSDecision(None)
+        state = await store.policy_for(domain)
+        return mtasts.decide(state, server.host, self.tls_policy, dane=dane)
 
     def __repr__(self) -> str:
         level = self.tls_policy.level if self.tls_policy else "invalid"
         return f"<SessionSecurity {self.nexthop} tls={level} auth={self._policy.sasl is not None}>"
+
+
+# OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED and X509_V_ERR_CERT_NOT_YET_VALID.
+_EXPIRED_CODES = (10, 9)
+
+
+def classify_certificate(outcome: TLSOutcome | None) -> str:
+    """The RFC 8460 result type of a certificate that did not pass."""
+    if outcome is None:
+        return "validation-failure"
+    if any(code in _EXPIRED_CODES for code in outcome.verify_codes):
+        return "certificate-expired"
+    if outcome.verify_codes or outcome.trust == "Untrusted":
+        return "certificate-not-trusted"
+    return "certificate-host-mismatch"
+
+
+class _Report:
+    """One session's TLSRPT counting: under the MTA-STS policy when one
+    applies, else as ``no-policy-found`` (DANE's sessions are counted by
+    the DANE code, as ``tlsa``).  Counts at most once per session; does
+    nothing without a recorder."""
+
+    def __init__(self, policy: SecurityPolicy, session: Any, decision: mtasts.STSDecision,
+                 nexthop: str, tls_policy: TLSPolicy) -> None:
+        self.recorder = policy.tlsrpt
+        self.session = session
+        self.decision = decision
+        self.tls_policy = tls_policy
+        server = session.server
+        self.domain = getattr(server, "policy_domain", "") or nexthop_domain(nexthop)
+        state = decision.state
+        if decision.applies and state is not None and state.policy is not None:
+            self.policy = ReportPolicy.sts(state.policy.policy)
+        elif state is not None and state.failure is not None:
+            self.policy = ReportPolicy.sts(None)
+        else:
+            self.policy = ReportPolicy.no_policy()
+        self.skip = tls_policy.source == "plaintext retry" or bool(policy.dane_applies(server.host))
+        self.done = False
+        # While the connection is up (a refused handshake closes it).
+        self._details_now = self._details()
+        if self.recorder is not None and state is not None and state.failure is not None and not self.skip:
+            # The policy could not be had: that is this session's failure.
+            self._failure(state.failure, state.failure_text)
+
+    def _details(self) -> dict[str, str]:
+        server = self.session.server
+        details = {"receiving_mx_hostname": server.host, "receiving_ip": server.address}
+        try:
+            host = self.session.transport.getHost().host
+        except Exception:  # noqa: BLE001 - a fake or closed transport: no sending address
+            host = ""
+        if isinstance(host, str) and host:
+            details["sending_mta_ip"] = host
+        return details
+
+    def _failure(self, result_type: str, information: str = "") -> None:
+        if self.recorder is None or self.done or self.skip:
+            return
+        self.done = True
+        try:
+            self.recorder.record_failure(self.domain, self.policy, result_type,
+                                         failure_reason_code=information, **self._details_now)
+        except Exception:  # noqa: BLE001 - counting never stops a delivery
+            log.failure("TLSRPT counting failed for {domain}", domain=self.domain)
+
+    def failure(self, result_type: str, information: str = "") -> None:
+        """A failure of this session (an MX outside the policy)."""
+        self._failure(result_type, information)
+
+    def tls_failed(self, failure: DeliveryFailure) -> None:
+        """``negotiate_tls`` refused the session."""
+        status = failure.status
+        if status.dsn.endswith(".7.4"):
+            self._failure("starttls-not-supported")
+        elif status.text == "Server certificate not verified":
+            self._failure(classify_certificate(getattr(failure, "tls_outcome", None)))
+        else:
+            self._failure("validation-failure", status.text)
+
+    def tls_done(self, outcome: TLSOutcome) -> None:
+        """The session may go on: count it (mode testing: as the policy
+        would have judged it)."""
+        if self.recorder is None or self.done or self.skip:
+            return
+        if self.decision.applies and self.decision.testing:
+            problem = None
+            if not outcome.active:
+                problem = "starttls-not-supported"
+            elif not outcome.host_verified:
+                problem = classify_certificate(outcome)
+            elif not self.decision.state.policy.policy.matches(self.session.server.host):
+                problem = "validation-failure"
+            if problem is not None:
+                log.info("{server}: MTA-STS policy of {domain} (mode testing) not met: {problem}; delivering",
+                         server=str(self.session.server), domain=self.domain, problem=problem)
+                self._failure(problem)
+                return
+        elif not outcome.active:
+            if self.tls_policy.level >= TLSLevel.MAY:
+                self._failure("starttls-not-supported")
+            return
+        self.done = True
+        try:
+            self.recorder.record_success(self.domain, self.policy)
+        except Exception:  # noqa: BLE001 - counting never stops a delivery
+            log.failure("TLSRPT counting failed for {domain}", domain=self.domain)
