@@ -349,8 +349,8 @@ class DaneResolverTests(SynchronousTestCase):
 
     def test_applies_for_a_server(self) -> None:
         self.dns.tlsa(OWNER, b"\x03\x01\x01" + b"\xaa" * 32)
-        secure = ServerInfo("mx.example.com", "192.0.2.1", 25, "example.com", True, True)
-        insecure = ServerInfo("mx.example.com", "192.0.2.1", 25, "example.com", False, True)
+        secure = ServerInfo("mx.example.com", "192.0.2.1", 25, "example.com", mx_dnssec_valid=True, host_dnssec_valid=True)
+        insecure = ServerInfo("mx.example.com", "192.0.2.1", 25, "example.com", mx_dnssec_valid=False, host_dnssec_valid=True)
         self.assertTrue(self.successResultOf(self.dane.applies(secure)))
         self.assertFalse(self.successResultOf(self.dane.applies(insecure)))
 

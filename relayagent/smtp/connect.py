@@ -54,6 +54,9 @@ other than ``DeliveryFailure`` (a corrupt queue file) goes through.
 Owns (``ConnectSettings``): smtp_connect_timeout, smtp_bind_address,
 smtp_bind_address6, smtp_skip_5xx_greeting, smtp_mx_session_limit,
 smtp_connection_attempt_delay; smtp_skip_4xx_greeting is fixed to yes.
+Each server's ``ServerInfo.policy_domain`` names the recipient domain
+whose MTA-STS policy applies to it (``mtasts.sts_policy_domain``: MX
+delivery to the domain itself only), for the security hook.
 The address list comes already cut to smtp_mx_address_limit
 (``smtp.resolve``): every address given is tried.
 """
@@ -80,6 +83,7 @@ from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.interfaces import IConnector
+from relayagent.smtp.mtasts import sts_policy_domain
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
 
@@ -154,6 +158,7 @@ class _Attempt:
         self.address = address
         self.server = ServerInfo(
             address.host, address.address, address.port, str(nexthop),
+            policy_domain=sts_policy_domain(nexthop),
             mx_dnssec_valid=address.mx_dnssec_valid, host_dnssec_valid=address.host_dnssec_valid,
         )
         self.result: Deferred[Any] = Deferred()

@@ -38,12 +38,30 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
-Owns no parameters of its own: it combines relayagent.smtp.tls,
+MTA-STS (``relayagent.smtp.mtasts``) is decided here, per session, before
+STARTTLS: for an MX of a recipient domain (``ServerInfo.policy_domain``)
+whose TLS policy is the default (not an smtp_tls_policy_maps entry) and
+where DANE does not apply, the domain's policy in mode
+enforce skips an MX outside its patterns (4.7.5 "MX host X does not match
+the MTA-STS policy of D") and demands a verified certificate for the MX
+host name; in mode testing the session goes on as before and what the
+policy would have refused is logged.  DANE applies (RFC 8461 section 2:
+MTA-STS stands aside) where the level is ``dane``/``dane-only`` and the
+MX host has DNSSEC-validated MX and address records and usable TLSA
+records (``dane.TLSALookup.applies``); a host whose TLSA records came
+through an insecure MX lookup ("half-dane") still gets the MTA-STS
+policy's MX check when the domain has one.  Every session is counted for
+TLSRPT (``relayagent.smtp.tlsrpt.Recorder``) when a recorder is given:
+DANE sessions under policy type ``tlsa``, and the DANE deferrals as
+``dnssec-invalid`` (a failed TLSA lookup), ``tlsa-invalid`` (no usable
+record) or ``dane-required`` (dane-only, no DANE).
+
+Owns smtp_tls_dane_insecure_mx_policy (level dane, an MX host found
+through an insecure MX lookup: may, encrypt, or dane as Postfix's
+"half-dane"); otherwise it combines relayagent.smtp.tls,
 relayagent.smtp.dane and relayagent.smtp.sasl (smtp_sasl_auth_enable is
 read here; smtp_dns_support_level, smtp_host_lookup, disable_dns_lookups
-and ignore_mx_lookup_error too, to know whether DANE can work).  Owns
-smtp_tls_dane_insecure_mx_policy (level dane, an MX host found through
-an insecure MX lookup: may, encrypt, or dane as Postfix's "half-dane").
+and ignore_mx_lookup_error too, to know whether DANE can work).
 """
 
 from __future__ import annotations
@@ -57,7 +75,8 @@ from twisted.logger import Logger
 from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
-from relayagent.smtp.dane import DaneResolver, TLSALookup
+from relayagent.smtp import mtasts
+from relayagent.smtp.dane import DaneResolver, DaneState, TLSALookup
 from relayagent.smtp.sasl import (
     MechanismFilter,
     PasswordLookup,
@@ -76,7 +95,9 @@ from relayagent.smtp.tls import (
     TLSSettings,
     dane_policy,
     negotiate_tls,
+    nexthop_domain,
 )
+from relayagent.smtp.tlsrpt import ReportPolicy
 
 log = Logger(namespace="relayagent.smtp.security")
 
@@ -125,13 +146,21 @@ def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None) -> Dane
 class SecurityPolicy:
     """TLS and SASL settings from main.cf, shared by every session.
 
-    ``dns_resolver``: the resolver of the MX lookups
+    ``mta_sts``: the MTA-STS policy store (``mtasts.PolicyStore``), or
+    None; ``tlsrpt``: the TLSRPT ``Recorder`` sessions are counted in, or
+    None.  ``dns_resolver``: the resolver of the MX lookups
     (``resolve.make_dns_resolver``), for the TLSA lookups of the levels
     ``dane`` and ``dane-only``; ``dane`` (a ``dane.DaneResolver``) says
-    for one MX host whether DANE applies.
+    for one MX host whether DANE applies (``dane.applies(server)``).
+    ``dane_applies(mx_host) -> bool``: a predicate that overrides the
+    TLSA lookup's verdict for MTA-STS (for tests; default: none).
     """
 
-    def __init__(self, config: Config, *, dns_resolver: Any | None = None) -> None:
+    def __init__(self, config: Config, *, mta_sts: Any = None, tlsrpt: Any = None,
+                 dane_applies: Any = None, dns_resolver: Any | None = None) -> None:
+        self.mta_sts = mta_sts
+        self.tlsrpt = tlsrpt
+        self.dane_applies = dane_applies
         settings = SecuritySettings.from_config(config)
         base_dir = settings.base_dir
         self.dane = _dane_resolver(settings, dns_resolver)
@@ -231,10 +260,12 @@ class SessionSecurity:
                 Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
                 skip_to_next=False,
             )
+        server = session.server
         tls_policy = self.tls_policy
+        lookup: TLSALookup | None = None
+        dane_refusal: DeliveryFailure | None = None
         if tls_policy.level.is_dane:
             # Per MX host: the TLSA records decide what dane means here.
-            server = session.server
             insecure_mx_policy = self._policy.dane_insecure_mx_policy
             lookup = await self._policy.dane.lookup(
                 server.host,
@@ -246,20 +277,193 @@ class SessionSecurity:
             self.last_tlsa = lookup
             # This session's TLSA lookup (state, records), for TLSRPT.
             session.tlsa_lookup = lookup
-            tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
+            try:
+                tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
+            except DeliveryFailure as failure:
+                dane_refusal = failure
+        override = self._policy.dane_applies
+        dane = bool(override(server.host)) if override is not None else bool(lookup and lookup.applies)
+        if dane_refusal is not None:
+            _Report(self._policy, session, mtasts.STSDecision(None), self.nexthop, tls_policy,
+                    dane=_dane_report(lookup, dane_refusal))
+            raise dane_refusal
+        decision = await self._sts_decision(server, dane=dane)
+        tls_policy = decision.tls_policy or tls_policy
+        report = _Report(self._policy, session, decision, self.nexthop, tls_policy,
+                         dane=None if decision.applies else _dane_report(lookup, None))
+        if decision.refusal is not None:
+            log.warn("{reason}: deferred (MTA-STS mode enforce)", reason=decision.refusal.text)
+            report.failure("validation-failure", "MX host does not match the MTA-STS policy")
+            raise DeliveryFailure(decision.refusal)
         try:
             outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
         except DeliveryFailure as failure:
             # A refused certificate still says what it was (trust, "tlsa").
             session.tls_outcome = getattr(failure, "tls_outcome", None)
+            report.tls_failed(failure)
+            if decision.applies and not decision.testing:
+                log.warn("{server}: {reason} (MTA-STS policy of {domain}, mode enforce)",
+                         server=str(session.server), reason=failure.status.text, domain=session.server.policy_domain)
             raise
         self.last_tls = outcome
         # This session's own outcome (trust, policy_type "tlsa" for DANE),
         # for the layers that decide on it later (REQUIRETLS, TLSRPT).
         session.tls_outcome = outcome
+        report.tls_done(outcome)
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
+
+    async def _sts_decision(self, server: Any, *, dane: bool) -> mtasts.STSDecision:
+        """MTA-STS's say for this MX (``mtasts.decide``): only for an
+        MX-resolved recipient domain, with the store enabled and the TLS
+        policy not from smtp_tls_policy_maps and DANE (``dane``) not
+        applying."""
+        store = self._policy.mta_sts
+        domain = getattr(server, "policy_domain", "")
+        if store is None or not domain or self.tls_policy is None:
+            return mtasts.STSDecision(None)
+        if self.tls_policy.source != "smtp_tls_security_level":
+            return mtasts.STSDecision(None)
+        if dane:
+            return mtasts.STSDecision(None)
+        state = await store.policy_for(domain)
+        return mtasts.decide(state, server.host, self.tls_policy, dane=dane)
 
     def __repr__(self) -> str:
         level = self.tls_policy.level if self.tls_policy else "invalid"
         return f"<SessionSecurity {self.nexthop} tls={level} auth={self._policy.sasl is not None}>"
+
+
+# OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED and X509_V_ERR_CERT_NOT_YET_VALID.
+_EXPIRED_CODES = (10, 9)
+
+
+def classify_certificate(outcome: TLSOutcome | None) -> str:
+    """The RFC 8460 result type of a certificate that did not pass."""
+    if outcome is None:
+        return "validation-failure"
+    if any(code in _EXPIRED_CODES for code in outcome.verify_codes):
+        return "certificate-expired"
+    if outcome.verify_codes or outcome.trust == "Untrusted":
+        return "certificate-not-trusted"
+    return "certificate-host-mismatch"
+
+
+def _dane_report(lookup: TLSALookup | None, refusal: DeliveryFailure | None) -> tuple[ReportPolicy, str] | None:
+    """How TLSRPT counts a session at level dane/dane-only: the report
+    policy, and the RFC 8460 failure already known before STARTTLS ("" for
+    none); None when DANE has no say (MTA-STS or no policy counts it)."""
+    if lookup is None:
+        return None
+    records = ReportPolicy.tlsa(tuple(str(record) for record in lookup.records), lookup.host)
+    if lookup.state is DaneState.ERROR:
+        return ReportPolicy.tlsa((), lookup.host), "dnssec-invalid"
+    if lookup.state is DaneState.UNUSABLE:
+        # dane goes on as encrypt, dane-only defers: a failure either way.
+        return ReportPolicy.tlsa((), lookup.host), "tlsa-invalid"
+    if refusal is not None:
+        # dane-only without DANE (no records, not DNSSEC, configuration).
+        return ReportPolicy.no_policy(), "dane-required"
+    if lookup.state is DaneState.USABLE:
+        return records, ""
+    return None
+
+
+class _Report:
+    """One session's TLSRPT counting: under the MTA-STS policy when one
+    applies, under the TLSA records when DANE does (``dane``: the report
+    policy and a failure found before STARTTLS), else as
+    ``no-policy-found``.  Counts at most once per session; does nothing
+    without a recorder."""
+
+    def __init__(self, policy: SecurityPolicy, session: Any, decision: mtasts.STSDecision,
+                 nexthop: str, tls_policy: TLSPolicy, *, dane: tuple[ReportPolicy, str] | None = None) -> None:
+        self.recorder = policy.tlsrpt
+        self.session = session
+        self.decision = decision
+        self.tls_policy = tls_policy
+        server = session.server
+        self.domain = getattr(server, "policy_domain", "") or nexthop_domain(nexthop)
+        state = decision.state
+        if decision.applies and state is not None and state.policy is not None:
+            self.policy = ReportPolicy.sts(state.policy.policy)
+        elif state is not None and state.failure is not None:
+            self.policy = ReportPolicy.sts(None)
+        else:
+            self.policy = ReportPolicy.no_policy()
+        if dane is not None:
+            self.policy = dane[0]
+        # A dane_applies override (tests) has no records to count under.
+        override = policy.dane_applies is not None and dane is None and bool(policy.dane_applies(server.host))
+        self.skip = tls_policy.source == "plaintext retry" or override
+        self.done = False
+        # While the connection is up (a refused handshake closes it).
+        self._details_now = self._details()
+        if self.recorder is not None and state is not None and state.failure is not None and not self.skip:
+            # The policy could not be had: that is this session's failure.
+            self._failure(state.failure, state.failure_text)
+        if dane is not None and dane[1]:
+            self._failure(dane[1])
+
+    def _details(self) -> dict[str, str]:
+        server = self.session.server
+        details = {"receiving_mx_hostname": server.host, "receiving_ip": server.address}
+        try:
+            host = self.session.transport.getHost().host
+        except Exception:  # noqa: BLE001 - a fake or closed transport: no sending address
+            host = ""
+        if isinstance(host, str) and host:
+            details["sending_mta_ip"] = host
+        return details
+
+    def _failure(self, result_type: str, information: str = "") -> None:
+        if self.recorder is None or self.done or self.skip:
+            return
+        self.done = True
+        try:
+            self.recorder.record_failure(self.domain, self.policy, result_type,
+                                         failure_reason_code=information, **self._details_now)
+        except Exception:  # noqa: BLE001 - counting never stops a delivery
+            log.failure("TLSRPT counting failed for {domain}", domain=self.domain)
+
+    def failure(self, result_type: str, information: str = "") -> None:
+        """A failure of this session (an MX outside the policy)."""
+        self._failure(result_type, information)
+
+    def tls_failed(self, failure: DeliveryFailure) -> None:
+        """``negotiate_tls`` refused the session."""
+        status = failure.status
+        if status.dsn.endswith(".7.4"):
+            self._failure("starttls-not-supported")
+        elif status.text == "Server certificate not verified":
+            self._failure(classify_certificate(getattr(failure, "tls_outcome", None)))
+        else:
+            self._failure("validation-failure", status.text)
+
+    def tls_done(self, outcome: TLSOutcome) -> None:
+        """The session may go on: count it (mode testing: as the policy
+        would have judged it)."""
+        if self.recorder is None or self.done or self.skip:
+            return
+        if self.decision.applies and self.decision.testing:
+            problem = None
+            if not outcome.active:
+                problem = "starttls-not-supported"
+            elif not outcome.host_verified:
+                problem = classify_certificate(outcome)
+            elif not self.decision.state.policy.policy.matches(self.session.server.host):
+                problem = "validation-failure"
+            if problem is not None:
+                log.info("{server}: MTA-STS policy of {domain} (mode testing) not met: {problem}; delivering",
+                         server=str(self.session.server), domain=self.domain, problem=problem)
+                self._failure(problem)
+                return
+        elif not outcome.active:
+            if self.tls_policy.level >= TLSLevel.MAY:
+                self._failure("starttls-not-supported")
+            return
+        self.done = True
+        try:
+            self.recorder.record_success(self.domain, self.policy)
+        except Exception:  # noqa: BLE001 - counting never stops a delivery
+            log.failure("TLSRPT counting failed for {domain}", domain=self.domain)
