@@ -230,6 +230,10 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tls_verify_cert_match", "hostname", L, "Names a certificate must match at level verify."),
     _p("smtp_tls_secure_cert_match", "nexthop, dot-nexthop", L, "Names a certificate must match at level secure."),
     _p("smtp_tls_loglevel", "0", N, "TLS logging verbosity (1: one line per session).", minimum=0),
+    # --- REQUIRETLS and TLS-Required (RFC 8689; relayagent/smtp/requiretls.py)
+    _p("requiretls_enable", "yes", B, "Support REQUIRETLS (RFC 8689): the listener offers it over TLS, sendmail -O requiretls=yes asks for it, and delivery enforces it."),
+    _p("tls_required_enable", "yes", B, "Honour a \"TLS-Required: No\" header (RFC 8689) in a message without REQUIRETLS: a mandatory TLS level becomes may for its delivery."),
+    _p("requiretls_redact_dsn", "yes", B, "A delivery status notice of a REQUIRETLS message returns its header only, and is not itself sent with REQUIRETLS (RFC 8689 section 5)."),
     # --- bounces and notices (relayagent/bounce/dsn.py)
     _p("double_bounce_sender", "double-bounce", S, "The sender of postmaster notices of undeliverable bounces."),
     _p("notify_classes", "resource, software", L, "Problem classes reported to the postmaster.", choices=("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")),

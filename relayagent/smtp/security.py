@@ -31,7 +31,19 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 - AUTH: 4.7.0 no usable mechanism or a local SASL error; the server's reply
   when it refuses us (5xx made 4xx by smtp_sasl_auth_soft_bounce).
 
+- REQUIRETLS (a hook made by ``for_demand(TLSDemand.REQUIRETLS)``,
+  ``smtp.requiretls``): 4.7.30 (5.7.30 at the last server) when the
+  server offers no STARTTLS, its certificate is not verified, or it
+  does not offer REQUIRETLS after STARTTLS; 5.7.30 at level none.
+
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
+
+``for_demand(demand)`` gives the hook for a message's TLS demand
+(``smtp.requiretls.TLSDemand``): the policy raised for REQUIRETLS,
+lowered to ``may`` for ``TLS-Required: No``.  Each negotiation leaves the
+TLS outcome on the session (``session.tls_outcome``, a
+``tls.TLSOutcome``) and the demand it was made for
+(``session.tls_demand``).
 
 Owns no parameters of its own: it combines relayagent.smtp.tls and
 relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
@@ -48,6 +60,14 @@ from twisted.logger import Logger
 from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.requiretls import (
+    TLSDemand,
+    effective_policy,
+    level_none_status,
+    not_offered_status,
+    not_verified_status,
+    session_problem,
+)
 from relayagent.smtp.sasl import (
     MechanismFilter,
     PasswordLookup,
@@ -153,10 +173,18 @@ class SessionSecurity:
         tls_policy: TLSPolicy | None,
         *,
         problem: str | None = None,
+        demand: TLSDemand = TLSDemand.POLICY,
+        configured_level: TLSLevel | None = None,
     ) -> None:
         self._policy = policy
         self.nexthop = nexthop
         self.tls_policy = tls_policy
+        # What the message asks (smtp.requiretls); the level the nexthop's
+        # policy gave before that demand changed it.
+        self.demand = demand
+        self.configured_level = configured_level if configured_level is not None else (
+            tls_policy.level if tls_policy else None
+        )
         # A broken policy entry for this nexthop: every session defers.
         self.problem = problem
         # The TLS outcome of the most recent negotiation, for tests and
@@ -176,9 +204,18 @@ class SessionSecurity:
     def plaintext_fallback(self) -> SessionSecurity:
         """The same, without STARTTLS: for the retry after a failed
         opportunistic handshake (only ever used at level ``may``)."""
-        if self.tls_policy is None or self.tls_policy.level.mandatory:
+        if self.tls_policy is None or self.tls_policy.level.mandatory or self.demand is TLSDemand.REQUIRETLS:
             raise ValueError("a plaintext retry is only allowed at TLS level may")
-        return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"))
+        return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"),
+                               demand=self.demand, configured_level=self.configured_level)
+
+    def for_demand(self, demand: TLSDemand) -> SessionSecurity:
+        """The hook for a message with this TLS demand (``smtp.requiretls``)."""
+        if demand is self.demand:
+            return self
+        tls_policy = effective_policy(self.tls_policy, demand) if self.tls_policy is not None else None
+        return SessionSecurity(self._policy, self.nexthop, tls_policy, problem=self.problem,
+                               demand=demand, configured_level=self.configured_level)
 
     def negotiate(self, session: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(self._negotiate(session))
@@ -189,10 +226,35 @@ class SessionSecurity:
                 Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
                 skip_to_next=False,
             )
-        outcome = await negotiate_tls(
-            session, self.tls_policy, self._policy.tls, nexthop=self.nexthop
-        )
+        session.tls_demand = self.demand
+        requiretls = self.demand is TLSDemand.REQUIRETLS
+        if requiretls and self.tls_policy.level is TLSLevel.NONE:
+            raise DeliveryFailure(level_none_status(session.server), skip_to_next=False)
+        if requiretls and "STARTTLS" not in session.extensions:
+            raise DeliveryFailure(not_offered_status(session.server))
+        if self.demand is TLSDemand.NOT_REQUIRED and self.configured_level is not None \
+                and self.configured_level.mandatory:
+            log.info(
+                "{peer}: TLS-Required: No: ignoring the mandatory TLS level {level} of {nexthop}; TLS is "
+                "opportunistic", peer=str(session.server), level=str(self.configured_level), nexthop=self.nexthop,
+            )
+        try:
+            outcome = await negotiate_tls(
+                session, self.tls_policy, self._policy.tls, nexthop=self.nexthop
+            )
+        except DeliveryFailure as failure:
+            # The certificate check of the raised level failed: for
+            # REQUIRETLS that is the message's requirement, not the
+            # destination's policy (smtp.requiretls).
+            if requiretls and failure.status.text == "Server certificate not verified":
+                raise DeliveryFailure(not_verified_status(session.server)) from None
+            raise
         self.last_tls = outcome
+        session.tls_outcome = outcome
+        if requiretls:
+            problem = session_problem(session, outcome)
+            if problem is not None:
+                raise DeliveryFailure(problem)
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 

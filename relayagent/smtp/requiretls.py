@@ -1,0 +1,168 @@
+"""
+What a message asks of the TLS of its delivery (RFC 8689): REQUIRETLS, or
+a ``TLS-Required: No`` header, and how that changes a destination's TLS
+policy (Postfix 3.11: smtp_connect.c's smtp_get_effective_tls_level,
+smtp_proto.c's REQUIRETLS checks, smtp_tls_policy.c for TLS-Required).
+
+- ``TLSDemand.REQUIRETLS`` (the sender asked for REQUIRETLS and
+  ``requiretls_enable = yes``): the delivery's TLS level is at least
+  ``verify`` (``may`` and ``encrypt`` are raised to it; a level that
+  already checks the certificate stays); level ``none`` cannot satisfy
+  it.  A server may get the message only when, after STARTTLS, its TLS
+  outcome is ``Verified`` (``tls.TLSOutcome.trust``: the certificate
+  chains to a trust anchor and matches the policy's names; DANE and
+  MTA-STS report their verified connections through the same field)
+  and its EHLO offers REQUIRETLS; MAIL FROM then carries REQUIRETLS.
+  Otherwise the server is skipped with a 4.7.30 status marked
+  ``hard_when_final``: the other MX hosts are tried first, and at the
+  last one it becomes 5.7.30 and the message is returned (RFC 8689
+  section 4.2.1; Postfix's SOFT_NON_FINAL).  A ``none`` level is 5.7.30
+  at once.  Postfix says 5.7.10 for the two certificate cases; RFC 8689
+  registers 5.7.30 "REQUIRETLS support required" for this failure, and
+  we use it for all of them.
+- ``TLSDemand.NOT_REQUIRED`` (a ``TLS-Required: No`` header, no
+  REQUIRETLS, ``tls_required_enable = yes``): a mandatory level
+  (``encrypt``, ``verify``, ``secure``) becomes ``may`` for this
+  delivery, as in Postfix 3.10, and that is logged for each session.
+- ``TLSDemand.POLICY``: the destination's policy, unchanged.
+
+Sessions set up under a demand are cached apart (``demand.value`` is the
+connection cache's pool), so a REQUIRETLS message never reuses a session
+that was not checked for it, and a session downgraded for a
+``TLS-Required: No`` message is never reused for other mail.
+
+SYNOPSIS
+
+    settings = RequireTLSSettings.from_config(config)
+    demand = demand_of(envelope, settings)
+    policy = effective_policy(policy, demand)        # tls.TLSPolicy
+    status = session_problem(session, outcome)       # None: may carry the message
+
+DIAGNOSTICS: ``session_problem`` and ``requiretls_status`` return a
+``Status`` (4.7.30, ``hard_when_final``); ``level_none_status`` a 5.7.30.
+
+Owns: requiretls_enable (the listener and the delivery read it),
+tls_required_enable.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Any
+
+from relayagent.common.config import Settings
+from relayagent.common.envelope import Envelope
+from relayagent.common.status import Status
+from relayagent.smtp.tls import TLSLevel, TLSOutcome, TLSPolicy
+
+REQUIRETLS_KEYWORD = "REQUIRETLS"
+REQUIRETLS_STAGE = "STARTTLS"
+VERIFIED = "Verified"  # tls.TLSOutcome.trust of a verified connection
+
+
+@dataclass(frozen=True, slots=True)
+class RequireTLSSettings(Settings):
+    """The delivery's REQUIRETLS and TLS-Required parameters, bound once."""
+
+    requiretls_enable: bool
+    tls_required_enable: bool
+
+
+class TLSDemand(enum.Enum):
+    """What one message asks of the TLS of its delivery."""
+
+    POLICY = "policy"
+    REQUIRETLS = "requiretls"
+    NOT_REQUIRED = "tls-not-required"
+
+
+def demand_of(envelope: Envelope, settings: RequireTLSSettings) -> TLSDemand:
+    """The demand of a queued message.  REQUIRETLS wins over the header
+    (RFC 8689 section 4.1: with REQUIRETLS, TLS-Required is ignored)."""
+    if envelope.requiretls and settings.requiretls_enable:
+        return TLSDemand.REQUIRETLS
+    if envelope.tls_not_required and not envelope.requiretls and settings.tls_required_enable:
+        return TLSDemand.NOT_REQUIRED
+    return TLSDemand.POLICY
+
+
+def effective_policy(policy: TLSPolicy, demand: TLSDemand) -> TLSPolicy:
+    """The destination's policy as this message's demand changes it."""
+    if demand is TLSDemand.REQUIRETLS and TLSLevel.NONE < policy.level < TLSLevel.VERIFY:
+        return replace(policy, level=TLSLevel.VERIFY, source=f"{policy.source} raised to verify by REQUIRETLS")
+    if demand is TLSDemand.NOT_REQUIRED and policy.level > TLSLevel.MAY:
+        return replace(policy, level=TLSLevel.MAY, source=f"{policy.source} lowered to may by TLS-Required: No")
+    return policy
+
+
+def requiretls_status(text: str, server: Any = None) -> Status:
+    """A REQUIRETLS failure at one server: soft while other servers
+    remain, 5.7.30 at the last (``Status.final``)."""
+    return Status(
+        dsn="4.7.30",
+        text=text,
+        stage=REQUIRETLS_STAGE,
+        remote_mta=getattr(server, "host", None),
+        hard_when_final=True,
+    )
+
+
+def level_none_status(server: Any) -> Status:
+    """Level ``none`` for a REQUIRETLS message: returned at once (every
+    server of the nexthop has the same policy)."""
+    return Status(
+        dsn="5.7.30",
+        text=(
+            "Sender requested REQUIRETLS, but my configured TLS security level 'none' "
+            f"disables encryption. The last attempted server was {_namaddr(server)}"
+        ),
+        stage=REQUIRETLS_STAGE,
+        remote_mta=getattr(server, "host", None),
+    )
+
+
+def not_offered_status(server: Any) -> Status:
+    """No STARTTLS at a server, for a REQUIRETLS message."""
+    return requiretls_status(
+        f"Sender requested REQUIRETLS, but TLS service was not offered by host {_namaddr(server)}", server
+    )
+
+
+def not_verified_status(server: Any) -> Status:
+    """A certificate that failed verification, for a REQUIRETLS message."""
+    return requiretls_status(
+        "Sender requested REQUIRETLS, but no matching server certificate was found. "
+        f"The last attempted server was {_namaddr(server)}",
+        server,
+    )
+
+
+def session_problem(session: Any, outcome: TLSOutcome | None) -> Status | None:
+    """Why ``session`` may not carry a REQUIRETLS message, or None.
+
+    Reads ``outcome.active`` and ``outcome.trust`` (``"Verified"``: the
+    certificate was verified and matched, by the policy's names or by
+    DANE/MTA-STS) and the EHLO keywords the server sent after STARTTLS.
+    """
+    server = getattr(session, "server", None)
+    if outcome is None or not outcome.active:
+        return not_offered_status(server)
+    if outcome.trust != VERIFIED:
+        return not_verified_status(server)
+    if not session.has(REQUIRETLS_KEYWORD):
+        return requiretls_status(
+            "Sender requested REQUIRETLS, but no server was found that supports REQUIRETLS. "
+            f"The last attempted server was {_namaddr(server)}",
+            server,
+        )
+    return None
+
+
+def _namaddr(server: Any) -> str:
+    namaddr = getattr(server, "namaddr", None)
+    if namaddr:
+        return str(namaddr)
+    if server is None:
+        return "unknown"
+    return f"{getattr(server, 'host', server)}[{getattr(server, 'address', '')}]"
