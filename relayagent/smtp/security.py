@@ -235,8 +235,8 @@ class SessionSecurity:
         if self.demand is TLSDemand.NOT_REQUIRED and self.configured_level is not None \
                 and self.configured_level.mandatory:
             log.info(
-                "{peer}: TLS-Required: No: ignoring the mandatory TLS level {level} of {nexthop}; TLS is "
-                "opportunistic", peer=str(session.server), level=str(self.configured_level), nexthop=self.nexthop,
+                "{peer}: TLS-Required: No: ignoring the mandatory TLS level {tls_level} of {nexthop}; TLS is "
+                "opportunistic", peer=str(session.server), tls_level=str(self.configured_level), nexthop=self.nexthop,
             )
         try:
             outcome = await negotiate_tls(

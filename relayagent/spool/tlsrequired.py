@@ -72,7 +72,7 @@ class TLSRequiredScanner:
     def _line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
-        overlong, self._overlong = self._overlong, False
+        overlong, self._overlong = self._overlong or len(line) > MAX_LINE, False
         if not line and not overlong:
             self._end_field()
             self._done = True  # the end of the header section
