@@ -340,7 +340,12 @@ class AgentTests(SynchronousTestCase):
         self.deliver(agent, envelope(requiretls=True))
         self.assertEqual(plain.deliveries, [])
         self.assertEqual(len(connector.calls), 1)
-        self.assertIs(cache.take("example.com").session, plain)
+        # Ordinary mail reuses it.
+        ordinary = self.deliver(agent, envelope())
+        self.assertTrue(ordinary.outcomes[0].status.ok)
+        self.assertEqual(len(plain.deliveries), 1)
+        self.assertEqual(len(connector.calls), 1)
+        cache.take("example.com")
         # A session downgraded for TLS-Required: No is kept apart.
         downgraded = testing.FakeSession(greeted=True)
         cache.store(CachedSession(downgraded, nexthop="example.com", created=0.0,
@@ -367,6 +372,7 @@ class ListenerTests(SynchronousTestCase):
         config = Config.defaults().replace(myhostname="relay.test", queue_directory=spool.directory)
         factory = ListenerFactory(Intake.from_config(config, spool), config)
         server = factory.buildProtocol(None)
+        server.callLater = Clock().callLater  # the server's idle timeout: not on the global reactor
         transport = StringTransport(peerAddress=None)
         server.makeConnection(transport)
         return server, transport

@@ -238,7 +238,7 @@ class SmtpAgent:
         options = {} if demand is TLSDemand.POLICY else {"tls_demand": demand}
         try:
             reused = False
-            while self.cache is not None and (cached := self.cache.take(nexthop_key, demand.value)) is not None:
+            while self.cache is not None and (cached := self.cache.take(nexthop_key, _pool(demand))) is not None:
                 # A reused session is the final server for this request
                 # (Postfix would try the next MX on a soft error; with a
                 # session cached the destination was just working).
@@ -279,7 +279,7 @@ class SmtpAgent:
         return job.result
 
     def _entry_for(self, session: Any, nexthop_key: str, demand: TLSDemand = TLSDemand.POLICY) -> CachedSession:
-        return CachedSession(session, nexthop=nexthop_key, created=self.clock.seconds(), pool=demand.value)
+        return CachedSession(session, nexthop=nexthop_key, created=self.clock.seconds(), pool=_pool(demand))
 
     async def _transact(self, job: _Job, entry: CachedSession, recipients: list[Recipient],
                         *, probe: bool = False) -> dict[int, Status] | None:
@@ -324,6 +324,12 @@ class SmtpAgent:
         if not (keep and result.session_usable and cache is not None and cache.store(entry)):
             _quit_quietly(session)
         return dict(result.recipients)
+
+
+def _pool(demand: TLSDemand) -> str:
+    """The connection cache pool of a message's sessions: ordinary mail
+    in the default one, each TLS demand in its own."""
+    return "" if demand is TLSDemand.POLICY else demand.value
 
 
 def _problems(session: Any, statuses: Any) -> list[SessionProblem]:

@@ -27,7 +27,7 @@ smtp_proto.c's REQUIRETLS checks, smtp_tls_policy.c for TLS-Required).
 - ``TLSDemand.POLICY``: the destination's policy, unchanged.
 
 Sessions set up under a demand are cached apart (``demand.value`` is the
-connection cache's pool), so a REQUIRETLS message never reuses a session
+connection cache's pool; ordinary mail's is the default, ``""``), so a REQUIRETLS message never reuses a session
 that was not checked for it, and a session downgraded for a
 ``TLS-Required: No`` message is never reused for other mail.
 
