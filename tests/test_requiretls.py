@@ -456,6 +456,12 @@ class RedactedNoticeTests(SynchronousTestCase):
         self.assertNotIn(b"must not leak", report.as_bytes())
         self.assertIn("5.7.30", report.get_payload()[1].as_string())
 
+    def test_tls_required_no_is_copied(self) -> None:
+        self.assertEqual(self.report(envelope(tls_not_required=True))["TLS-Required"], "No")
+        self.assertIsNone(self.report(envelope())["TLS-Required"])
+        self.assertIsNone(self.report(envelope(tls_not_required=True, requiretls=True))["TLS-Required"])
+        self.assertIsNone(self.report(envelope(tls_not_required=True), tls_required_enable="no")["TLS-Required"])
+
     def test_full_without_requiretls_or_redaction(self) -> None:
         self.assertIn(b"must not leak", self.report(envelope()).as_bytes())
         unredacted = self.report(envelope(requiretls=True), requiretls_redact_dsn="no")

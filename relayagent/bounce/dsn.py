@@ -36,7 +36,9 @@ report is spliced).
 Owns these main.cf parameters: notify_classes, error_notice_recipient,
 bounce_notice_recipient, 2bounce_notice_recipient, delay_notice_recipient,
 double_bounce_sender, delay_warning_time (the text of the warning; the
-scheduler decides when), bounce_size_limit, requiretls_redact_dsn.  Reads myhostname, myorigin,
+scheduler decides when), bounce_size_limit, requiretls_redact_dsn.
+Reads tls_required_enable (a notice about a message with ``TLS-Required:
+No`` has it too).  Reads myhostname, myorigin,
 mail_name and maximal_queue_lifetime.
 """
 
@@ -158,6 +160,7 @@ class BounceSettings(Settings):
     mail_name: str
     maximal_queue_lifetime: float
     requiretls_redact_dsn: bool
+    tls_required_enable: bool
 
 
 # ---------------------------------------------------------------------------
@@ -642,6 +645,11 @@ def build_report(
     subjects = _POSTMASTER_SUBJECTS if postmaster_copy else _SUBJECTS
     report["Subject"] = subjects[kind]
     report["To"] = _header_address(recipient, smtputf8)
+    if envelope.tls_not_required and not envelope.requiretls and settings.tls_required_enable:
+        # As Postfix's bounce(8): the notice of a message that waived TLS
+        # waives it too (RFC 8689 4.1), so it reaches a sender whose TLS
+        # trouble may be why the message failed.
+        report["TLS-Required"] = "No"
     report["Auto-Submitted"] = "auto-generated" if postmaster_copy else "auto-replied"
     report["Date"] = _mail_date(now)
     report["Message-ID"] = f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{os.urandom(6).hex()}" \
