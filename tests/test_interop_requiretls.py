@@ -249,6 +249,25 @@ class DeliveryTests(InteropTestCase):
     def test_level_none_bounces(self):
         return Deferred.fromCoroutine(self._none_policy())
 
+    async def _opportunistic_starttls(self) -> None:
+        # smtp_requiretls_policy relaxes it for example.com: TLS (any
+        # certificate) is enough, REQUIRETLS sent only where offered.
+        await self.servers(False, True, second_names=["other.example.net"])
+        self.addresses[0] = MailExchangerAddress("mx1.example.org", "127.0.0.2", socket.AF_INET, 10,
+                                                 self.addresses[0].port)
+        await self.deliver(requiretls=True, extra=(
+            "smtp_tls_security_level = may\n"
+            "smtp_requiretls_policy = inline:{ {example.com = opportunistic+starttls} }, enforce\n"
+        ))
+        self.assertEqual(len(self.mx1.received), 1)
+        self.assertNotIn("REQUIRETLS", self.mx1.received[0][0])
+        self.assertEqual(self.bounces(), [])
+        self.assertTrue(any("REQUIRETLS support was not offered by host mx1.example.org[127.0.0.2]" in line
+                            for line in self.logs.messages()))
+
+    def test_smtp_requiretls_policy_opportunistic_starttls(self):
+        return Deferred.fromCoroutine(self._opportunistic_starttls())
+
     async def _tls_required_no(self) -> None:
         # Level verify and certificates for other names: ordinary mail is
         # deferred (4.7.5), a TLS-Required: No message is delivered.

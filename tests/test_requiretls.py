@@ -23,12 +23,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent import testing
 from relayagent.bounce import dsn
-from relayagent.common.config import Config
-from relayagent.common.envelope import Envelope, Recipient
+from relayagent.common.config import Config, ConfigError
+from relayagent.common.envelope import Envelope, Recipient, Ret
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.conncache import CachedSession, ConnectionCache
 from relayagent.smtp.deliver import SmtpAgent, SmtpRequest
 from relayagent.smtp.requiretls import (
+    RequireTLSAction,
+    RequireTLSPolicy,
     RequireTLSSettings,
     TLSDemand,
     demand_of,
@@ -265,6 +267,37 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(session.tls_outcome.trust, "Untrusted")
         self.assertIn("TLS-Required: No: ignoring the mandatory TLS level verify of example.com", self.logs.text())
 
+    def policy_hook(self, action: str, level: str = "may"):
+        return self.hook(level, extra=f"smtp_requiretls_policy = {action}\n")
+
+    def test_opportunistic_starttls(self) -> None:
+        session = self.session(requiretls_offered=False,
+                               context=self_signed(["mx.example.com"]).server_context())
+        self.successResultOf(self.policy_hook("opportunistic+starttls").negotiate(session))
+        self.assertTrue(session.requiretls_cleared)
+        self.assertIs(session.tls_demand, TLSDemand.REQUIRETLS)
+        self.assertIn("Sender requested REQUIRETLS, but REQUIRETLS support was not offered by host "
+                      "mx.example.com[192.0.2.1]", self.logs.text())
+        status = self.failure(self.policy_hook("opportunistic+starttls"), self.session(offer_starttls=False))
+        self.assertEqual(status.dsn, "4.7.30")
+        none = self.failure(self.policy_hook("opportunistic+starttls", "none"), self.session())
+        self.assertEqual(none.dsn, "5.7.30")
+
+    def test_opportunistic(self) -> None:
+        session = self.session(offer_starttls=False)
+        self.successResultOf(self.policy_hook("opportunistic").negotiate(session))
+        self.assertTrue(session.requiretls_cleared)
+        self.assertFalse(session.tls_outcome.active)
+
+    def test_disable_and_error(self) -> None:
+        session = self.session(offer_starttls=False)
+        self.successResultOf(self.policy_hook("disable").negotiate(session))
+        self.assertIs(session.tls_demand, TLSDemand.POLICY)
+        self.assertTrue(session.requiretls_cleared)
+        status = self.failure(self.policy_hook("error"), self.session())
+        self.assertEqual((status.dsn, status.soft), ("4.7.10", True))
+        self.assertFalse(status.hard_when_final)
+
     def test_tls_required_no_plaintext_retry_allowed(self) -> None:
         hook = self.hook("secure", TLSDemand.NOT_REQUIRED)
         self.assertIs(hook.plaintext_fallback().tls_policy.level, TLSLevel.NONE)
@@ -274,10 +307,49 @@ class NegotiationTests(SynchronousTestCase):
 class MailFromTests(SynchronousTestCase):
     def test_requiretls_only_on_a_checked_session(self) -> None:
         session = testing.FakeSession(extensions={"REQUIRETLS": "", "SIZE": "1000000"})
+        session.tls_outcome = TLSOutcome(active=True, trust="Verified")
         self.assertNotIn(b"REQUIRETLS", mail_from(session, envelope(requiretls=True), False))
         session.tls_demand = TLSDemand.REQUIRETLS
         self.assertTrue(mail_from(session, envelope(requiretls=True), False).endswith(b" REQUIRETLS"))
         self.assertNotIn(b"REQUIRETLS", mail_from(session, envelope(), False))
+        session.tls_outcome = TLSOutcome.plaintext()  # opportunistic: never in plaintext
+        self.assertNotIn(b"REQUIRETLS", mail_from(session, envelope(requiretls=True), False))
+
+    def test_ret_hdrs_when_requested_but_not_sent(self) -> None:
+        session = testing.FakeSession(extensions={"DSN": ""})
+        session.tls_outcome = TLSOutcome(active=True, trust="Untrusted")
+        session.tls_demand = TLSDemand.REQUIRETLS
+        self.assertEqual(mail_from(session, envelope(requiretls=True), False), b"MAIL FROM:<a@example.org> RET=HDRS")
+        session.extensions["REQUIRETLS"] = ""
+        self.assertEqual(mail_from(session, envelope(requiretls=True, ret=Ret.FULL), False),
+                         b"MAIL FROM:<a@example.org> REQUIRETLS RET=FULL")
+        self.assertEqual(mail_from(session, envelope(ret=Ret.FULL), False), b"MAIL FROM:<a@example.org> RET=FULL")
+
+
+class PolicyTableTests(SynchronousTestCase):
+    def test_actions_and_tables(self) -> None:
+        policy = RequireTLSPolicy([
+            "inline:{ {example.com = opportunistic}, {.example.net = Opportunistic+STARTTLS}, {bad.example = weird} }",
+            "enforce",
+        ])
+        self.assertIs(policy.action_for("example.com"), RequireTLSAction.OPPORTUNISTIC)
+        self.assertIs(policy.action_for("[example.com]:587"), RequireTLSAction.OPPORTUNISTIC)
+        self.assertIs(policy.action_for("mx.sub.example.net"), RequireTLSAction.OPPORTUNISTIC_STARTTLS)
+        self.assertIs(policy.action_for("example.net"), RequireTLSAction.ENFORCE)  # only .parent
+        self.assertIs(policy.action_for("example.org"), RequireTLSAction.ENFORCE)
+        self.assertIs(policy.action_for("bad.example"), RequireTLSAction.ERROR)
+        self.assertIs(RequireTLSPolicy(["disable", "enforce"]).action_for("x.example"), RequireTLSAction.DISABLE)
+        self.assertIs(RequireTLSPolicy([]).action_for("x.example"), RequireTLSAction.ENFORCE)
+        self.assertIs(RequireTLSPolicy(["static:opportunistic"]).action_for("[192.0.2.1]"),
+                      RequireTLSAction.OPPORTUNISTIC)
+
+    def test_bad_action(self) -> None:
+        error = self.assertRaises(ConfigError, RequireTLSPolicy, ["enforced"])
+        self.assertIn("unknown action 'enforced'", str(error))
+
+    def test_default_parameter(self) -> None:
+        policy = RequireTLSPolicy.from_config(Config.defaults())
+        self.assertIs(policy.action_for("example.com"), RequireTLSAction.ENFORCE)
 
 
 def verified_session(server=None, **kwargs) -> testing.FakeSession:

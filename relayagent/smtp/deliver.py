@@ -296,7 +296,7 @@ class SmtpAgent:
             and (cache.reuse_count_limit <= 0 or entry.uses < cache.reuse_count_limit)
         )
         session = entry.session
-        if job.demand is TLSDemand.REQUIRETLS:
+        if job.demand is TLSDemand.REQUIRETLS and not getattr(session, "requiretls_cleared", False):
             problem = session_problem(session, getattr(session, "tls_outcome", None))
             if problem is not None:
                 # Not this server (nothing was sent): the connector tries

@@ -5,7 +5,10 @@ policy (Postfix 3.11: smtp_connect.c's smtp_get_effective_tls_level,
 smtp_proto.c's REQUIRETLS checks, smtp_tls_policy.c for TLS-Required).
 
 - ``TLSDemand.REQUIRETLS`` (the sender asked for REQUIRETLS and
-  ``requiretls_enable = yes``): the delivery's TLS level is at least
+  ``requiretls_enable = yes``), enforced as ``smtp_requiretls_policy``
+  says for the nexthop (``RequireTLSPolicy``; the action ``enforce`` is
+  the default and what follows; ``opportunistic+starttls``,
+  ``opportunistic``, ``disable`` and ``error`` below): the delivery's TLS level is at least
   ``verify`` (``may`` and ``encrypt`` are raised to it; a level that
   already checks the certificate stays); level ``none`` cannot satisfy
   it.  A server may get the message only when, after STARTTLS, its TLS
@@ -26,6 +29,17 @@ smtp_proto.c's REQUIRETLS checks, smtp_tls_policy.c for TLS-Required).
   delivery, as in Postfix 3.10, and that is logged for each session.
 - ``TLSDemand.POLICY``: the destination's policy, unchanged.
 
+The weaker ``smtp_requiretls_policy`` actions, as Postfix 3.11's:
+``opportunistic+starttls`` raises ``may`` to ``encrypt`` (STARTTLS
+required, any certificate; ``none`` and no STARTTLS fail as above) and
+sends REQUIRETLS where offered; ``opportunistic`` changes no level and
+sends REQUIRETLS where TLS is up and the server offers it; where
+REQUIRETLS is not sent, both log it and ask for ``RET=HDRS`` (Postfix:
+limit what a later bounce exposes); ``disable`` delivers the message as
+ordinary mail; ``error`` defers it (4.7.10, a configuration problem).
+The table is searched with the nexthop domain (no ``[ ]``, no port) and
+then its ``.parent`` domains; no match is ``enforce``.
+
 Sessions set up under a demand are cached apart (``demand.value`` is the
 connection cache's pool; ordinary mail's is the default, ``""``), so a REQUIRETLS message never reuses a session
 that was not checked for it, and a session downgraded for a
@@ -35,26 +49,36 @@ SYNOPSIS
 
     settings = RequireTLSSettings.from_config(config)
     demand = demand_of(envelope, settings)
-    policy = effective_policy(policy, demand)        # tls.TLSPolicy
+    action = RequireTLSPolicy.from_config(config).action_for(nexthop)
+    policy = effective_policy(policy, demand, action)    # tls.TLSPolicy
     status = session_problem(session, outcome)       # None: may carry the message
 
 DIAGNOSTICS: ``session_problem`` and ``requiretls_status`` return a
-``Status`` (4.7.30, ``hard_when_final``); ``level_none_status`` a 5.7.30.
+``Status`` (4.7.30, ``hard_when_final``); ``level_none_status`` a 5.7.30;
+``policy_error_status`` 4.7.10.  ``RequireTLSPolicy`` raises
+``ConfigError`` for an unknown action or a bad table; a table answer that
+is no action is logged and taken as ``error``.
 
 Owns: requiretls_enable (the listener and the delivery read it),
-tls_required_enable.
+tls_required_enable, smtp_requiretls_policy.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from relayagent.common.config import Settings
+from twisted.logger import Logger
+
+from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.envelope import Envelope
+from relayagent.common.maps import ILookupTable, open_map
 from relayagent.common.status import Status
-from relayagent.smtp.tls import TLSLevel, TLSOutcome, TLSPolicy
+from relayagent.smtp.tls import TLSLevel, TLSOutcome, TLSPolicy, is_ip_literal, nexthop_domain
+
+log = Logger(namespace="relayagent.smtp.requiretls")
 
 REQUIRETLS_KEYWORD = "REQUIRETLS"
 REQUIRETLS_STAGE = "STARTTLS"
@@ -67,6 +91,84 @@ class RequireTLSSettings(Settings):
 
     requiretls_enable: bool
     tls_required_enable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequireTLSPolicySettings(Settings):
+    """smtp_requiretls_policy, bound once (with the tables' directory)."""
+
+    smtp_requiretls_policy: tuple[str, ...]
+    base_dir: str
+
+
+class RequireTLSAction(enum.Enum):
+    """How REQUIRETLS is enforced for one nexthop (smtp_requiretls_policy)."""
+
+    ENFORCE = "enforce"
+    OPPORTUNISTIC_STARTTLS = "opportunistic+starttls"
+    OPPORTUNISTIC = "opportunistic"
+    DISABLE = "disable"
+    ERROR = "error"
+
+    @property
+    def needs_tls(self) -> bool:
+        """STARTTLS is required (enforce, opportunistic+starttls)."""
+        return self in (RequireTLSAction.ENFORCE, RequireTLSAction.OPPORTUNISTIC_STARTTLS)
+
+
+def parse_action(word: str) -> RequireTLSAction | None:
+    """An action word in any case, or None."""
+    try:
+        return RequireTLSAction(word.strip().lower())
+    except ValueError:
+        return None
+
+
+class RequireTLSPolicy:
+    """smtp_requiretls_policy: actions and tables, tried in order; the
+    first action, or table answer, wins; no match is ``enforce``."""
+
+    def __init__(self, items: Sequence[str], *, base_dir: str | None = None) -> None:
+        self.items: list[RequireTLSAction | ILookupTable] = []
+        for item in items:
+            action = parse_action(item)
+            if action is not None:
+                self.items.append(action)
+            elif ":" in item:
+                self.items.append(open_map(item, base_dir=base_dir))
+            else:
+                raise ConfigError(
+                    f"smtp_requiretls_policy: unknown action {item!r}; expected enforce, "
+                    "opportunistic+starttls, opportunistic, disable, error or a type:table"
+                )
+
+    @classmethod
+    def from_config(cls, config: Config) -> RequireTLSPolicy:
+        """The policy of main.cf; raises ConfigError."""
+        settings = RequireTLSPolicySettings.from_config(config)
+        return cls(settings.smtp_requiretls_policy, base_dir=settings.base_dir)
+
+    def action_for(self, nexthop: str) -> RequireTLSAction:
+        """The action for a nexthop as written (``example.com``,
+        ``[mx.example.com]:587``)."""
+        domain = nexthop_domain(nexthop).lower().rstrip(".")
+        keys = [domain]
+        if not is_ip_literal(domain):
+            keys += ["." + domain.split(".", index)[-1] for index in range(1, domain.count(".") + 1)]
+        for item in self.items:
+            if isinstance(item, RequireTLSAction):
+                return item
+            for key in keys:
+                value = item.lookup(key)
+                if value is None:
+                    continue
+                action = parse_action(value)
+                if action is None:
+                    log.warn("smtp_requiretls_policy: {table}: bad action {value!r} for {key}",
+                             table=item.spec, value=value, key=key)
+                    return RequireTLSAction.ERROR
+                return action
+        return RequireTLSAction.ENFORCE
 
 
 class TLSDemand(enum.Enum):
@@ -87,10 +189,16 @@ def demand_of(envelope: Envelope, settings: RequireTLSSettings) -> TLSDemand:
     return TLSDemand.POLICY
 
 
-def effective_policy(policy: TLSPolicy, demand: TLSDemand) -> TLSPolicy:
-    """The destination's policy as this message's demand changes it."""
-    if demand is TLSDemand.REQUIRETLS and TLSLevel.NONE < policy.level < TLSLevel.VERIFY:
-        return replace(policy, level=TLSLevel.VERIFY, source=f"{policy.source} raised to verify by REQUIRETLS")
+def effective_policy(policy: TLSPolicy, demand: TLSDemand,
+                     action: RequireTLSAction = RequireTLSAction.ENFORCE) -> TLSPolicy:
+    """The destination's policy as this message's demand (and, for
+    REQUIRETLS, the nexthop's smtp_requiretls_policy action) changes it."""
+    if demand is TLSDemand.REQUIRETLS:
+        if action is RequireTLSAction.ENFORCE and TLSLevel.NONE < policy.level < TLSLevel.VERIFY:
+            return replace(policy, level=TLSLevel.VERIFY, source=f"{policy.source} raised to verify by REQUIRETLS")
+        if action is RequireTLSAction.OPPORTUNISTIC_STARTTLS and policy.level is TLSLevel.MAY:
+            return replace(policy, level=TLSLevel.ENCRYPT, source=f"{policy.source} raised to encrypt by REQUIRETLS")
+        return policy
     if demand is TLSDemand.NOT_REQUIRED and policy.level > TLSLevel.MAY:
         return replace(policy, level=TLSLevel.MAY, source=f"{policy.source} lowered to may by TLS-Required: No")
     return policy
@@ -117,6 +225,17 @@ def level_none_status(server: Any) -> Status:
             "Sender requested REQUIRETLS, but my configured TLS security level 'none' "
             f"disables encryption. The last attempted server was {_namaddr(server)}"
         ),
+        stage=REQUIRETLS_STAGE,
+        remote_mta=getattr(server, "host", None),
+    )
+
+
+def policy_error_status(server: Any) -> Status:
+    """smtp_requiretls_policy said ``error`` (or a table gave no action):
+    deferred, as a configuration problem."""
+    return Status(
+        dsn="4.7.10",
+        text=f"REQUIRETLS policy configuration error. The last attempted server was {_namaddr(server)}",
         stage=REQUIRETLS_STAGE,
         remote_mta=getattr(server, "host", None),
     )

@@ -32,9 +32,12 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
   when it refuses us (5xx made 4xx by smtp_sasl_auth_soft_bounce).
 
 - REQUIRETLS (a hook made by ``for_demand(TLSDemand.REQUIRETLS)``,
-  ``smtp.requiretls``): 4.7.30 (5.7.30 at the last server) when the
-  server offers no STARTTLS, its certificate is not verified, or it
-  does not offer REQUIRETLS after STARTTLS; 5.7.30 at level none.
+  ``smtp.requiretls``; with the nexthop's smtp_requiretls_policy action
+  ``enforce``): 4.7.30 (5.7.30 at the last server) when the server
+  offers no STARTTLS, its certificate is not verified, or it does not
+  offer REQUIRETLS after STARTTLS; 5.7.30 at level none.  With
+  ``opportunistic+starttls`` only the first and the last; with the
+  action ``error``, 4.7.10.
 
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
@@ -42,8 +45,10 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 (``smtp.requiretls.TLSDemand``): the policy raised for REQUIRETLS,
 lowered to ``may`` for ``TLS-Required: No``.  Each negotiation leaves the
 TLS outcome on the session (``session.tls_outcome``, a
-``tls.TLSOutcome``) and the demand it was made for
-(``session.tls_demand``).
+``tls.TLSOutcome``), the demand it was made for (``session.tls_demand``;
+``POLICY`` for a REQUIRETLS message whose action is ``disable``) and
+``session.requiretls_cleared`` (the session meets the nexthop's
+smtp_requiretls_policy).
 
 Owns no parameters of its own: it combines relayagent.smtp.tls and
 relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
@@ -61,11 +66,15 @@ from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.requiretls import (
+    REQUIRETLS_KEYWORD,
+    RequireTLSAction,
+    RequireTLSPolicy,
     TLSDemand,
     effective_policy,
     level_none_status,
     not_offered_status,
     not_verified_status,
+    policy_error_status,
     session_problem,
 )
 from relayagent.smtp.sasl import (
@@ -125,6 +134,7 @@ class SecurityPolicy:
             )
         except TLSConfigError as exc:
             raise SecurityConfigError(str(exc)) from None
+        self.requiretls_policy = RequireTLSPolicy.from_config(config)
         self.sasl: SASLClient | None = None
         if settings.smtp_sasl_auth_enable:
             tables = open_maps(settings.smtp_sasl_password_maps, base_dir=base_dir)
@@ -160,7 +170,8 @@ class SecurityPolicy:
         except TLSPolicyError as exc:
             log.error("TLS policy for {nexthop}: {reason}", nexthop=nexthop, reason=str(exc))
             tls_policy, problem = None, str(exc)
-        return SessionSecurity(self, nexthop, tls_policy, problem=problem)
+        return SessionSecurity(self, nexthop, tls_policy, problem=problem,
+                               requiretls_action=self.requiretls_policy.action_for(nexthop))
 
 
 class SessionSecurity:
@@ -175,6 +186,7 @@ class SessionSecurity:
         problem: str | None = None,
         demand: TLSDemand = TLSDemand.POLICY,
         configured_level: TLSLevel | None = None,
+        requiretls_action: RequireTLSAction = RequireTLSAction.ENFORCE,
     ) -> None:
         self._policy = policy
         self.nexthop = nexthop
@@ -182,6 +194,7 @@ class SessionSecurity:
         # What the message asks (smtp.requiretls); the level the nexthop's
         # policy gave before that demand changed it.
         self.demand = demand
+        self.requiretls_action = requiretls_action  # smtp_requiretls_policy for this nexthop
         self.configured_level = configured_level if configured_level is not None else (
             tls_policy.level if tls_policy else None
         )
@@ -204,18 +217,20 @@ class SessionSecurity:
     def plaintext_fallback(self) -> SessionSecurity:
         """The same, without STARTTLS: for the retry after a failed
         opportunistic handshake (only ever used at level ``may``)."""
-        if self.tls_policy is None or self.tls_policy.level.mandatory or self.demand is TLSDemand.REQUIRETLS:
+        if self.tls_policy is None or self.tls_policy.level.mandatory:
             raise ValueError("a plaintext retry is only allowed at TLS level may")
         return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"),
-                               demand=self.demand, configured_level=self.configured_level)
+                               demand=self.demand, configured_level=self.configured_level,
+                               requiretls_action=self.requiretls_action)
 
     def for_demand(self, demand: TLSDemand) -> SessionSecurity:
         """The hook for a message with this TLS demand (``smtp.requiretls``)."""
         if demand is self.demand:
             return self
-        tls_policy = effective_policy(self.tls_policy, demand) if self.tls_policy is not None else None
+        action = self.requiretls_action
+        tls_policy = effective_policy(self.tls_policy, demand, action) if self.tls_policy is not None else None
         return SessionSecurity(self._policy, self.nexthop, tls_policy, problem=self.problem,
-                               demand=demand, configured_level=self.configured_level)
+                               demand=demand, configured_level=self.configured_level, requiretls_action=action)
 
     def negotiate(self, session: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(self._negotiate(session))
@@ -226,12 +241,19 @@ class SessionSecurity:
                 Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
                 skip_to_next=False,
             )
-        session.tls_demand = self.demand
-        requiretls = self.demand is TLSDemand.REQUIRETLS
-        if requiretls and self.tls_policy.level is TLSLevel.NONE:
+        action = self.requiretls_action
+        requested = self.demand is TLSDemand.REQUIRETLS and action is not RequireTLSAction.DISABLE
+        # What MAIL FROM and the delivery's last check read: REQUIRETLS
+        # semantics for this session (not with the action disable).
+        session.tls_demand = self.demand if requested or self.demand is not TLSDemand.REQUIRETLS else TLSDemand.POLICY
+        session.requiretls_cleared = False
+        if requested and action is RequireTLSAction.ERROR:
+            raise DeliveryFailure(policy_error_status(session.server))
+        if requested and action.needs_tls and self.tls_policy.level is TLSLevel.NONE:
             raise DeliveryFailure(level_none_status(session.server), skip_to_next=False)
-        if requiretls and "STARTTLS" not in session.extensions:
+        if requested and action.needs_tls and "STARTTLS" not in session.extensions:
             raise DeliveryFailure(not_offered_status(session.server))
+        requiretls = requested and action is RequireTLSAction.ENFORCE
         if self.demand is TLSDemand.NOT_REQUIRED and self.configured_level is not None \
                 and self.configured_level.mandatory:
             log.info(
@@ -255,6 +277,12 @@ class SessionSecurity:
             problem = session_problem(session, outcome)
             if problem is not None:
                 raise DeliveryFailure(problem)
+        elif requested and not (outcome.active and session.has(REQUIRETLS_KEYWORD)):
+            log.info("Sender requested REQUIRETLS, but REQUIRETLS support was not offered by host {namaddr} "
+                     "(smtp_requiretls_policy {action}: delivered without it)",
+                     namaddr=session.server.namaddr, action=action.value)
+        # The session meets what smtp_requiretls_policy asks for this nexthop.
+        session.requiretls_cleared = True
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 

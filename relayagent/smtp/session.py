@@ -101,6 +101,7 @@ class SMTPSession(SMTPChannel):
         # and the message demand it was negotiated for (smtp.requiretls).
         self.tls_outcome: TLSOutcome | None = None
         self.tls_demand = TLSDemand.POLICY
+        self.requiretls_cleared = False  # meets smtp_requiretls_policy (smtp.security)
         self._busy = False
 
     # -- what the layers above read ---------------------------------------

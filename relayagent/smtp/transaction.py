@@ -114,13 +114,19 @@ def mail_from(session: SMTPSession, envelope: Envelope, converting: bool) -> byt
         # An undeclared 7-bit body: no BODY=, as from Postfix.
     if envelope.smtputf8 and session.has("SMTPUTF8"):
         parts.append("SMTPUTF8")
-    if (envelope.requiretls and getattr(session, "tls_demand", None) is TLSDemand.REQUIRETLS
-            and session.has(REQUIRETLS_KEYWORD)):
+    requested = envelope.requiretls and getattr(session, "tls_demand", None) is TLSDemand.REQUIRETLS
+    outcome = getattr(session, "tls_outcome", None)
+    requiretls = requested and session.has(REQUIRETLS_KEYWORD) and outcome is not None and outcome.active
+    if requiretls:
         parts.append(REQUIRETLS_KEYWORD)
     if session.has("DSN"):
         if envelope.envid:
             parts.append("ENVID=" + xtext(envelope.envid))
-        if envelope.ret is not None:
+        if requested and not requiretls:
+            # smtp_requiretls_policy let it go without REQUIRETLS: ask
+            # that a bounce return only the header (Postfix 3.11).
+            parts.append("RET=HDRS")
+        elif envelope.ret is not None:
             parts.append("RET=" + envelope.ret.value)
     return " ".join(parts).encode("utf-8")
 
