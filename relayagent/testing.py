@@ -556,7 +556,8 @@ class FakeSpool:
         if self.fail is not None:
             raise self.fail
         data = content.read()
-        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data, body_type=body_type))
+        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data, body_type=body_type,
+                                  **({"requiretls": True} if options.get("requiretls") else {})))
         queue_id = f"Q{len(self.messages):05d}"
         if self.deferred:
             waiting: defer.Deferred[str] = defer.Deferred()
@@ -643,11 +644,15 @@ class FakeConnector:
         self.session_options = session_options
         self.sessions: list[Any] = []
         self.calls: list[list[int]] = []
+        self.demands: list[Any] = []  # each request's tls_demand (None: none given)
 
     def deliver(self, resolver: Any, nexthops: Sequence[Any], recipients: Iterable[int],
-                transact: Callable[[Any, list[int]], defer.Deferred[dict[int, Status]]]) -> defer.Deferred[SmtpResult]:
+                transact: Callable[[Any, list[int]], defer.Deferred[dict[int, Status]]],
+                *, tls_demand: Any = None) -> defer.Deferred[SmtpResult]:
+        """One session (the only, hence final, server) for ``recipients``."""
         indexes = list(recipients)
         self.calls.append(indexes)
+        self.demands.append(tls_demand)
         if self.site_failure is not None:
             return defer.succeed(SmtpResult({i: RecipientOutcome(self.site_failure, None) for i in indexes}))
         session = self.session
@@ -656,7 +661,8 @@ class FakeConnector:
         self.sessions.append(session)
         server = getattr(session, "server", self.server)
         return transact(session, indexes).addCallback(
-            lambda statuses: SmtpResult({i: RecipientOutcome(s, server) for i, s in statuses.items()}, sessions=1)
+            lambda statuses: SmtpResult({i: RecipientOutcome(s.final(), server) for i, s in statuses.items()},
+                                        sessions=1)
         )
 
 

@@ -242,6 +242,11 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tlsrpt_interval", "1d", T, "The TLSRPT report period (periods are aligned to multiples of it in UTC).", minimum=3600, ours=True),
     _p("smtp_tlsrpt_organization", "$mydomain", S, "The organization-name of TLSRPT reports.", ours=True),
     _p("smtp_tlsrpt_contact", "postmaster@$mydomain", S, "The contact-info of TLSRPT reports and the sender of mailto: reports.", ours=True),
+    # --- REQUIRETLS and TLS-Required (RFC 8689; relayagent/smtp/requiretls.py)
+    _p("requiretls_enable", "yes", B, "Support REQUIRETLS (RFC 8689): the listener offers it over TLS, sendmail -O requiretls=yes asks for it, and delivery enforces it."),
+    _p("tls_required_enable", "yes", B, "Honour a \"TLS-Required: No\" header (RFC 8689) in a message without REQUIRETLS: a mandatory TLS level becomes may for its delivery."),
+    _p("smtp_requiretls_policy", "enforce", L, "How REQUIRETLS is enforced per nexthop domain: actions (enforce, opportunistic+starttls, opportunistic, disable, error) and type:table lookups answering one, tried in order; no match: enforce (Postfix's default also makes $mydomain, localhost and IP addresses opportunistic)."),
+    _p("requiretls_redact_dsn", "yes", B, "A delivery status notice of a REQUIRETLS message returns its header only, and is not itself sent with REQUIRETLS (RFC 8689 section 5)."),
     # --- bounces and notices (relayagent/bounce/dsn.py)
     _p("double_bounce_sender", "double-bounce", S, "The sender of postmaster notices of undeliverable bounces."),
     _p("notify_classes", "resource, software", L, "Problem classes reported to the postmaster.", choices=("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")),

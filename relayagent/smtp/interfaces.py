@@ -113,9 +113,11 @@ class IConnector(Interface):
     the connection layer (relayagent.smtp.connect.Connector): sessions for
     a request, across its nexthops and their addresses."""
 
-    def deliver(resolver, nexthops, recipients, transact):
+    def deliver(resolver, nexthops, recipients, transact, *, tls_demand=None):
         """Deliver ``recipients`` (indexes) through ``nexthops``, looking
-        addresses up with ``resolver``; ``transact(session, indexes)`` runs
+        addresses up with ``resolver``; ``tls_demand`` (given only when the
+        message has one, relayagent.smtp.requiretls.TLSDemand) goes to each
+        session's security hook; ``transact(session, indexes)`` runs
         one transaction on each greeted session and returns a Deferred
         ``{index: Status}``.  A Deferred firing with an
         relayagent.smtp.result.SmtpResult that has an outcome for every

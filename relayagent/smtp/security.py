@@ -36,6 +36,14 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 - AUTH: 4.7.0 no usable mechanism or a local SASL error; the server's reply
   when it refuses us (5xx made 4xx by smtp_sasl_auth_soft_bounce).
 
+- REQUIRETLS (a hook made by ``for_demand(TLSDemand.REQUIRETLS)``,
+  ``smtp.requiretls``; with the nexthop's smtp_requiretls_policy action
+  ``enforce``): 4.7.30 (5.7.30 at the last server) when the server
+  offers no STARTTLS, its certificate is not verified, or it does not
+  offer REQUIRETLS after STARTTLS; 5.7.30 at level none.  With
+  ``opportunistic+starttls`` only the first and the last; with the
+  action ``error``, 4.7.10.
+
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
 MTA-STS (``relayagent.smtp.mtasts``) is decided here, per session, before
@@ -55,6 +63,19 @@ TLSRPT (``relayagent.smtp.tlsrpt.Recorder``) when a recorder is given:
 DANE sessions under policy type ``tlsa``, and the DANE deferrals as
 ``dnssec-invalid`` (a failed TLSA lookup), ``tlsa-invalid`` (no usable
 record) or ``dane-required`` (dane-only, no DANE).
+A ``TLS-Required: No`` message is left out of MTA-STS (RFC 8689 4.1), and
+out of DANE (its level is lowered to ``may``).
+
+``for_demand(demand)`` gives the hook for a message's TLS demand
+(``smtp.requiretls.TLSDemand``): the policy raised for REQUIRETLS,
+lowered to ``may`` for ``TLS-Required: No``; a REQUIRETLS message at level
+``dane`` for a host without DANE is raised to ``verify``.  Each
+negotiation leaves the TLS outcome on the session
+(``session.tls_outcome``, a ``tls.TLSOutcome``; ``verified_by_dane``), the
+TLSA lookup at the DANE levels (``session.tlsa_lookup``), the demand it
+was made for (``session.tls_demand``; ``POLICY`` for a REQUIRETLS message
+whose action is ``disable``) and ``session.requiretls_cleared`` (the
+session meets the nexthop's smtp_requiretls_policy).
 
 Owns smtp_tls_dane_insecure_mx_policy (level dane, an MX host found
 through an insecure MX lookup: may, encrypt, or dane as Postfix's
@@ -77,6 +98,18 @@ from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp import mtasts
 from relayagent.smtp.dane import DaneResolver, DaneState, TLSALookup
+from relayagent.smtp.requiretls import (
+    REQUIRETLS_KEYWORD,
+    RequireTLSAction,
+    RequireTLSPolicy,
+    TLSDemand,
+    effective_policy,
+    level_none_status,
+    not_offered_status,
+    not_verified_status,
+    policy_error_status,
+    session_problem,
+)
 from relayagent.smtp.sasl import (
     MechanismFilter,
     PasswordLookup,
@@ -173,6 +206,7 @@ class SecurityPolicy:
             )
         except TLSConfigError as exc:
             raise SecurityConfigError(str(exc)) from None
+        self.requiretls_policy = RequireTLSPolicy.from_config(config)
         self.sasl: SASLClient | None = None
         if settings.smtp_sasl_auth_enable:
             tables = open_maps(settings.smtp_sasl_password_maps, base_dir=base_dir)
@@ -208,7 +242,8 @@ class SecurityPolicy:
         except TLSPolicyError as exc:
             log.error("TLS policy for {nexthop}: {reason}", nexthop=nexthop, reason=str(exc))
             tls_policy, problem = None, str(exc)
-        return SessionSecurity(self, nexthop, tls_policy, problem=problem)
+        return SessionSecurity(self, nexthop, tls_policy, problem=problem,
+                               requiretls_action=self.requiretls_policy.action_for(nexthop))
 
 
 class SessionSecurity:
@@ -221,10 +256,20 @@ class SessionSecurity:
         tls_policy: TLSPolicy | None,
         *,
         problem: str | None = None,
+        demand: TLSDemand = TLSDemand.POLICY,
+        configured_level: TLSLevel | None = None,
+        requiretls_action: RequireTLSAction = RequireTLSAction.ENFORCE,
     ) -> None:
         self._policy = policy
         self.nexthop = nexthop
         self.tls_policy = tls_policy
+        # What the message asks (smtp.requiretls); the level the nexthop's
+        # policy gave before that demand changed it.
+        self.demand = demand
+        self.requiretls_action = requiretls_action  # smtp_requiretls_policy for this nexthop
+        self.configured_level = configured_level if configured_level is not None else (
+            tls_policy.level if tls_policy else None
+        )
         # A broken policy entry for this nexthop: every session defers.
         self.problem = problem
         # The TLS outcome (and TLSA lookup) of the most recent negotiation,
@@ -249,7 +294,18 @@ class SessionSecurity:
         ``dane`` is for a host without TLSA records)."""
         if self.tls_policy is None or (self.tls_policy.level.mandatory and self.tls_policy.level is not TLSLevel.DANE):
             raise ValueError("a plaintext retry is only allowed at TLS level may")
-        return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"))
+        return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"),
+                               demand=self.demand, configured_level=self.configured_level,
+                               requiretls_action=self.requiretls_action)
+
+    def for_demand(self, demand: TLSDemand) -> SessionSecurity:
+        """The hook for a message with this TLS demand (``smtp.requiretls``)."""
+        if demand is self.demand:
+            return self
+        action = self.requiretls_action
+        tls_policy = effective_policy(self.tls_policy, demand, action) if self.tls_policy is not None else None
+        return SessionSecurity(self._policy, self.nexthop, tls_policy, problem=self.problem,
+                               demand=demand, configured_level=self.configured_level, requiretls_action=action)
 
     def negotiate(self, session: Any) -> Deferred[None]:
         return Deferred.fromCoroutine(self._negotiate(session))
@@ -259,6 +315,25 @@ class SessionSecurity:
             raise DeliveryFailure(
                 Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
                 skip_to_next=False,
+            )
+        action = self.requiretls_action
+        requested = self.demand is TLSDemand.REQUIRETLS and action is not RequireTLSAction.DISABLE
+        # What MAIL FROM and the delivery's last check read: REQUIRETLS
+        # semantics for this session (not with the action disable).
+        session.tls_demand = self.demand if requested or self.demand is not TLSDemand.REQUIRETLS else TLSDemand.POLICY
+        session.requiretls_cleared = False
+        if requested and action is RequireTLSAction.ERROR:
+            raise DeliveryFailure(policy_error_status(session.server))
+        if requested and action.needs_tls and self.tls_policy.level is TLSLevel.NONE:
+            raise DeliveryFailure(level_none_status(session.server), skip_to_next=False)
+        if requested and action.needs_tls and "STARTTLS" not in session.extensions:
+            raise DeliveryFailure(not_offered_status(session.server))
+        requiretls = requested and action is RequireTLSAction.ENFORCE
+        if self.demand is TLSDemand.NOT_REQUIRED and self.configured_level is not None \
+                and self.configured_level.mandatory:
+            log.info(
+                "{peer}: TLS-Required: No: ignoring the mandatory TLS level {tls_level} of {nexthop}; TLS is "
+                "opportunistic", peer=str(session.server), tls_level=str(self.configured_level), nexthop=self.nexthop,
             )
         server = session.server
         tls_policy = self.tls_policy
@@ -281,6 +356,9 @@ class SessionSecurity:
                 tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
             except DeliveryFailure as failure:
                 dane_refusal = failure
+            else:
+                # A REQUIRETLS message to a host without DANE: verify.
+                tls_policy = effective_policy(tls_policy, self.demand, action)
         override = self._policy.dane_applies
         dane = bool(override(server.host)) if override is not None else bool(lookup and lookup.applies)
         if dane_refusal is not None:
@@ -304,12 +382,27 @@ class SessionSecurity:
             if decision.applies and not decision.testing:
                 log.warn("{server}: {reason} (MTA-STS policy of {domain}, mode enforce)",
                          server=str(session.server), reason=failure.status.text, domain=session.server.policy_domain)
+            # The certificate check of the raised level failed: for
+            # REQUIRETLS that is the message's requirement, not the
+            # destination's policy (smtp.requiretls).
+            if requiretls and failure.status.text == "Server certificate not verified":
+                raise DeliveryFailure(not_verified_status(session.server)) from None
             raise
         self.last_tls = outcome
         # This session's own outcome (trust, policy_type "tlsa" for DANE),
         # for the layers that decide on it later (REQUIRETLS, TLSRPT).
         session.tls_outcome = outcome
         report.tls_done(outcome)
+        if requiretls:
+            problem = session_problem(session, outcome)
+            if problem is not None:
+                raise DeliveryFailure(problem)
+        elif requested and not (outcome.active and session.has(REQUIRETLS_KEYWORD)):
+            log.info("Sender requested REQUIRETLS, but REQUIRETLS support was not offered by host {namaddr} "
+                     "(smtp_requiretls_policy {action}: delivered without it)",
+                     namaddr=session.server.namaddr, action=action.value)
+        # The session meets what smtp_requiretls_policy asks for this nexthop.
+        session.requiretls_cleared = True
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 
@@ -322,7 +415,11 @@ class SessionSecurity:
         domain = getattr(server, "policy_domain", "")
         if store is None or not domain or self.tls_policy is None:
             return mtasts.STSDecision(None)
-        if self.tls_policy.source != "smtp_tls_security_level":
+        # Not for a smtp_tls_policy_maps entry; a level raised for a
+        # REQUIRETLS message still takes the domain's policy (its MX
+        # patterns), one lowered by TLS-Required: No does not.
+        if not self.tls_policy.source.startswith("smtp_tls_security_level") \
+                or self.demand is TLSDemand.NOT_REQUIRED:
             return mtasts.STSDecision(None)
         if dane:
             return mtasts.STSDecision(None)
