@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
+import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +37,8 @@ from relayagent.smtp.dane import (
     tlsa_name,
 )
 from relayagent.smtp.dnssec import DNSSECResolver, ask_for_dnssec, is_authentic
+from relayagent.smtp.mtasts import MTASTSSettings, PolicyStore
+from relayagent.smtp.requiretls import TLSDemand
 from relayagent.smtp.resolve import Nexthop, NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tls import (
@@ -45,7 +49,8 @@ from relayagent.smtp.tls import (
     dane_policy,
     negotiate_tls,
 )
-from relayagent.testing import FakeDNSResolver, FakeTLSSession, LogCapture
+from relayagent.smtp.tlsrpt import Recorder
+from relayagent.testing import FakeDNSResolver, FakeHTTPClient, FakeTLSSession, LogCapture
 from tests.support.certs import CertificateAuthority, IssuedCertificate
 
 CA = CertificateAuthority(common_name="unit CA")
@@ -650,3 +655,117 @@ class DaneNegotiationTests(SynchronousTestCase):
         )
         self.assertEqual(failure.value.status.text, "client TLS configuration problem")
         self.assertEqual(session.sent, [])
+
+
+STS_POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 604800\r\n"
+STS_URL = "https://mta-sts.example.com/.well-known/mta-sts.txt"
+
+
+class DaneWithTheOtherPoliciesTests(SynchronousTestCase):
+    """DANE beside MTA-STS (RFC 8461 section 2), TLSRPT and REQUIRETLS,
+    through SessionSecurity with fakes."""
+
+    def setUp(self) -> None:
+        self.logs = LogCapture(self)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.dns = FakeDNSResolver()
+        self.dns.validate_all = True
+        self.dns.txt("_mta-sts.example.com", "v=STSv1; id=one")
+        self.http = FakeHTTPClient()
+        self.http.serve(STS_URL, STS_POLICY)
+        cache = os.path.abspath(self.mktemp())
+        store_settings = MTASTSSettings(
+            smtp_mta_sts_enable=True, smtp_mta_sts_cache_directory=cache, smtp_mta_sts_fetch_timeout=10.0,
+            smtp_mta_sts_max_policy_size=65536, smtp_mta_sts_CAfile="", smtp_mta_sts_refresh_margin=86400.0,
+            queue_directory=cache,
+        )
+        self.store = PolicyStore(store_settings, self.dns, self.http, self.clock)
+        self.recorder = Recorder(self.mktemp(), self.clock)
+        self.leaf = CA.issue(["mx.example.com"])
+
+    def security(self, level: str):
+        config = Config.defaults().replace(smtp_tls_security_level=level, smtp_dns_support_level="dnssec")
+        policy = SecurityPolicy(config, mta_sts=self.store, tlsrpt=self.recorder, dns_resolver=self.dns)
+        return policy.for_nexthop("example.com")
+
+    def session(self, *, mx_secure: bool = True) -> FakeTLSSession:
+        session = FakeTLSSession(self.leaf.server_context())
+        session.server = dataclasses.replace(
+            session.server, policy_domain="example.com", mx_dnssec_valid=mx_secure, host_dnssec_valid=True
+        )
+        return session
+
+    def publish(self, record: TLSARecord) -> None:
+        self.dns.tlsa(OWNER, bytes([record.usage, record.selector, record.matching]) + record.data)
+
+    def counts(self) -> dict[str, dict]:
+        period = self.recorder.periods[self.recorder.period_of(self.clock.seconds())]
+        return {json.loads(key)[0]: value for key, value in period["example.com"].items()}
+
+    def test_dane_wins_over_mta_sts(self) -> None:
+        # mx.example.com is outside the MTA-STS policy (mail.example.com):
+        # MTA-STS enforce would refuse it; DANE applies, so it does not ask.
+        self.publish(record_for(self.leaf.certificate))
+        session = self.session()
+        self.successResultOf(self.security("dane").negotiate(session))
+        self.assertTrue(session.tls_outcome.verified_by_dane)
+        self.assertEqual(self.http.gets, [])
+        counts = self.counts()["tlsa"]
+        self.assertEqual((counts["success"], counts["failure"]), (1, 0))
+
+    def test_mta_sts_governs_where_dane_does_not_apply(self) -> None:
+        # No TLSA records: dane is may, and the MTA-STS policy refuses
+        # the MX outside its patterns.
+        failure = self.failureResultOf(self.security("dane").negotiate(self.session()), DeliveryFailure)
+        self.assertIn("does not match the MTA-STS policy of example.com", failure.value.status.text)
+        self.assertEqual(len(self.http.gets), 1)
+
+    def test_half_dane_still_gets_the_mta_sts_mx_check(self) -> None:
+        # The MX RRset was not validated: it may be forged, so MTA-STS's
+        # MX patterns still count.
+        self.publish(record_for(self.leaf.certificate))
+        failure = self.failureResultOf(self.security("dane").negotiate(self.session(mx_secure=False)), DeliveryFailure)
+        self.assertIn("does not match the MTA-STS policy of example.com", failure.value.status.text)
+
+    def test_tlsrpt_counts_dane_failures(self) -> None:
+        self.publish(record_for(CA.issue(["mx.example.com"]).certificate))
+        self.failureResultOf(self.security("dane").negotiate(self.session()), DeliveryFailure)
+        counts = self.counts()["tlsa"]
+        self.assertEqual(counts["failure"], 1)
+        self.assertIn('"result-type": "certificate-not-trusted"', next(iter(counts["details"])))
+
+    def test_tlsrpt_counts_a_failed_lookup_and_dane_required(self) -> None:
+        self.dns.errors[(OWNER, 52)] = DNSServerError("bogus")
+        self.failureResultOf(self.security("dane").negotiate(self.session()), DeliveryFailure)
+        self.assertIn('"result-type": "dnssec-invalid"', next(iter(self.counts()["tlsa"]["details"])))
+        del self.dns.errors[(OWNER, 52)]
+        self.failureResultOf(self.security("dane-only").negotiate(self.session()), DeliveryFailure)
+        self.assertIn('"result-type": "dane-required"', next(iter(self.counts()["no-policy-found"]["details"])))
+
+    def test_requiretls_is_satisfied_by_dane(self) -> None:
+        self.publish(record_for(self.leaf.certificate))
+        session = self.session()
+        session.after_tls_extensions = {"PIPELINING": "", "AUTH": "PLAIN", "REQUIRETLS": ""}
+        self.successResultOf(self.security("dane").for_demand(TLSDemand.REQUIRETLS).negotiate(session))
+        self.assertTrue(session.tls_outcome.verified_by_dane)
+        self.assertTrue(session.requiretls_cleared)
+
+    def test_requiretls_without_dane_needs_a_verified_certificate(self) -> None:
+        # No TLSA records: dane would be may; REQUIRETLS raises it to
+        # verify, and the test CA is not trusted.
+        session = self.session()
+        session.after_tls_extensions = {"PIPELINING": "", "AUTH": "PLAIN", "REQUIRETLS": ""}
+        config = Config.defaults().replace(smtp_tls_security_level="dane", smtp_dns_support_level="dnssec")
+        security = SecurityPolicy(config, dns_resolver=self.dns).for_nexthop("example.com")
+        failure = self.failureResultOf(security.for_demand(TLSDemand.REQUIRETLS).negotiate(session), DeliveryFailure)
+        self.assertIn("REQUIRETLS", failure.value.status.text)
+        # Refused in the handshake (verify), not after EHLO (may).
+        self.assertEqual(session.sent, [b"STARTTLS"])
+
+    def test_tls_required_no_gets_no_dane(self) -> None:
+        self.publish(record_for(CA.issue(["mx.example.com"]).certificate))  # would not match
+        session = self.session()
+        self.successResultOf(self.security("dane-only").for_demand(TLSDemand.NOT_REQUIRED).negotiate(session))
+        self.assertEqual(session.tls_outcome.policy_type, "")
+        self.assertEqual(self.dns.queries.count((OWNER, 52)), 0)
