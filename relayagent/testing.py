@@ -123,6 +123,7 @@ from relayagent.qmgr.interfaces import IDeliveryAgent
 from relayagent.qmgr.scheduler import RequestResult
 from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
+from relayagent.smtp.dnssec import AuthenticatedAnswer
 from relayagent.smtp.ehlo import announced_size
 from relayagent.smtp.https import HTTPError, HTTPResponse
 from relayagent.smtp.interfaces import IConnector, IHTTPClient, INexthopResolver, ISMTPSession
@@ -479,13 +480,17 @@ class FakeDNSResolver(common.ResolverBase):
     type)]`` is a list of RRHeader (empty: NODATA), ``errors[(name, type)]``
     an exception to fail with.  A name with no record of any type is
     NXDOMAIN; one with records of other types only is NODATA.  Every
-    query is kept in ``queries``."""
+    query is kept in ``queries``.  ``validated`` (a set of ``(name,
+    type)``, or ``validate_all``) makes answers carry the AD bit, as
+    ``relayagent.smtp.dnssec.DNSSECResolver``'s do."""
 
     def __init__(self) -> None:
         super().__init__()
         self.records: dict[tuple[str, int], list[dns.RRHeader]] = {}
         self.errors: dict[tuple[str, int], Exception] = {}
         self.queries: list[tuple[str, int]] = []
+        self.validated: set[tuple[str, int]] = set()
+        self.validate_all = False
 
     def _lookup(self, name, cls, type, timeout):  # noqa: A002 - ResolverBase's signature
         name = name.decode() if isinstance(name, bytes) else name
@@ -493,11 +498,19 @@ class FakeDNSResolver(common.ResolverBase):
         key = (name.lower(), type)
         if key in self.errors:
             return defer.fail(self.errors[key])
+        authentic = self.validate_all or key in self.validated
         if key in self.records:
-            return defer.succeed((self.records[key], [], []))
+            return defer.succeed(AuthenticatedAnswer((self.records[key], [], []), authentic))
         if any(owner == key[0] for owner, _ in self.records):
-            return defer.succeed(([], [], []))
+            return defer.succeed(AuthenticatedAnswer(([], [], []), authentic))
         return defer.fail(DNSNameError(name))
+
+    def tlsa(self, owner: str, *rdata: bytes) -> None:
+        """TLSA records (raw rdata: usage, selector, matching type, data)
+        at ``owner`` (``_25._tcp.mx.example.com``)."""
+        self.records[(owner, 52)] = [
+            dns.RRHeader(owner, 52, payload=dns.UnknownRecord(data)) for data in rdata
+        ]
 
     def mx(self, domain: str, *pairs: tuple[int, str]) -> None:
         self.records[(domain, dns.MX)] = [

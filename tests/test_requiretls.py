@@ -171,11 +171,15 @@ class DemandTests(SynchronousTestCase):
         levels = {level: effective_policy(TLSPolicy(level), TLSDemand.REQUIRETLS).level for level in TLSLevel}
         self.assertEqual(levels, {TLSLevel.NONE: TLSLevel.NONE, TLSLevel.MAY: TLSLevel.VERIFY,
                                   TLSLevel.ENCRYPT: TLSLevel.VERIFY, TLSLevel.VERIFY: TLSLevel.VERIFY,
-                                  TLSLevel.SECURE: TLSLevel.SECURE})
+                                  TLSLevel.SECURE: TLSLevel.SECURE,
+                                  # Resolved per MX host: raised to verify
+                                  # where DANE does not apply (security).
+                                  TLSLevel.DANE: TLSLevel.DANE, TLSLevel.DANE_ONLY: TLSLevel.DANE_ONLY})
         lowered = {level: effective_policy(TLSPolicy(level), TLSDemand.NOT_REQUIRED).level for level in TLSLevel}
         self.assertEqual(lowered, {TLSLevel.NONE: TLSLevel.NONE, TLSLevel.MAY: TLSLevel.MAY,
                                    TLSLevel.ENCRYPT: TLSLevel.MAY, TLSLevel.VERIFY: TLSLevel.MAY,
-                                   TLSLevel.SECURE: TLSLevel.MAY})
+                                   TLSLevel.SECURE: TLSLevel.MAY,
+                                   TLSLevel.DANE: TLSLevel.MAY, TLSLevel.DANE_ONLY: TLSLevel.MAY})
         policy = TLSPolicy(TLSLevel.SECURE, match=("nexthop",))
         self.assertIs(effective_policy(policy, TLSDemand.POLICY), policy)
 

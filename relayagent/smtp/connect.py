@@ -165,8 +165,11 @@ class _Attempt:
     ) -> None:
         self.address = address
         self._factory_options = factory_options or {}
-        self.server = ServerInfo(address.host, address.address, address.port, str(nexthop),
-                                 policy_domain=sts_policy_domain(nexthop))
+        self.server = ServerInfo(
+            address.host, address.address, address.port, str(nexthop),
+            policy_domain=sts_policy_domain(nexthop),
+            mx_dnssec_valid=address.mx_dnssec_valid, host_dnssec_valid=address.host_dnssec_valid,
+        )
         self.result: Deferred[Any] = Deferred()
         self.cancelled = False
         self.session: Any = None

@@ -14,8 +14,9 @@ smtp_sasl_tls_security_options decides.
 
 SYNOPSIS
 
-    policy = SecurityPolicy(config)
+    policy = SecurityPolicy(config, dns_resolver=make_dns_resolver(config, reactor))
     security = policy.for_nexthop("[smtp.example.com]:587")
+    applies = await policy.dane.applies(server)      # DANE for this MX host?
     factory = SMTPSessionFactory(session_settings, clock, server, security=security)
     d = security.negotiate(session)        # None: MAIL may be sent
 
@@ -24,7 +25,11 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 ``DeliveryFailure``:
 
 - 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
-  configuration problem, or a failed handshake.  At level ``may`` a failed
+  configuration problem, or a failed handshake.  At level ``dane`` or
+  ``dane-only`` the TLSA records of the session's MX host are looked up
+  first (``relayagent.smtp.dane``): 4.7.5 "TLSA lookup error for
+  HOST:PORT", and for ``dane-only`` "no TLSA records found" or "non
+  DNSSEC destination".  At level ``may`` a failed
   handshake carries ``status.retry_plaintext``: the
   connection layer then connects to the same address again with
   ``security.plaintext_fallback()``.
@@ -44,25 +49,40 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 MTA-STS (``relayagent.smtp.mtasts``) is decided here, per session, before
 STARTTLS: for an MX of a recipient domain (``ServerInfo.policy_domain``)
 whose TLS policy is the default (not an smtp_tls_policy_maps entry) and
-where ``dane_applies(mx_host)`` says no, the domain's policy in mode
+where DANE does not apply, the domain's policy in mode
 enforce skips an MX outside its patterns (4.7.5 "MX host X does not match
 the MTA-STS policy of D") and demands a verified certificate for the MX
 host name; in mode testing the session goes on as before and what the
-policy would have refused is logged.  Every session is counted for
-TLSRPT (``relayagent.smtp.tlsrpt.Recorder``) when a recorder is given.
-A ``TLS-Required: No`` message is left out of MTA-STS (RFC 8689 4.1).
+policy would have refused is logged.  DANE applies (RFC 8461 section 2:
+MTA-STS stands aside) where the level is ``dane``/``dane-only`` and the
+MX host has DNSSEC-validated MX and address records and usable TLSA
+records (``dane.TLSALookup.applies``); a host whose TLSA records came
+through an insecure MX lookup ("half-dane") still gets the MTA-STS
+policy's MX check when the domain has one.  Every session is counted for
+TLSRPT (``relayagent.smtp.tlsrpt.Recorder``) when a recorder is given:
+DANE sessions under policy type ``tlsa``, and the DANE deferrals as
+``dnssec-invalid`` (a failed TLSA lookup), ``tlsa-invalid`` (no usable
+record) or ``dane-required`` (dane-only, no DANE).
+A ``TLS-Required: No`` message is left out of MTA-STS (RFC 8689 4.1), and
+out of DANE (its level is lowered to ``may``).
 
 ``for_demand(demand)`` gives the hook for a message's TLS demand
 (``smtp.requiretls.TLSDemand``): the policy raised for REQUIRETLS,
-lowered to ``may`` for ``TLS-Required: No``.  Each negotiation leaves the
-TLS outcome on the session (``session.tls_outcome``, a
-``tls.TLSOutcome``), the demand it was made for (``session.tls_demand``;
-``POLICY`` for a REQUIRETLS message whose action is ``disable``) and
-``session.requiretls_cleared`` (the session meets the nexthop's
-smtp_requiretls_policy).
+lowered to ``may`` for ``TLS-Required: No``; a REQUIRETLS message at level
+``dane`` for a host without DANE is raised to ``verify``.  Each
+negotiation leaves the TLS outcome on the session
+(``session.tls_outcome``, a ``tls.TLSOutcome``; ``verified_by_dane``), the
+TLSA lookup at the DANE levels (``session.tlsa_lookup``), the demand it
+was made for (``session.tls_demand``; ``POLICY`` for a REQUIRETLS message
+whose action is ``disable``) and ``session.requiretls_cleared`` (the
+session meets the nexthop's smtp_requiretls_policy).
 
-Owns no parameters of its own: it combines relayagent.smtp.tls and
-relayagent.smtp.sasl (smtp_sasl_auth_enable is read here).
+Owns smtp_tls_dane_insecure_mx_policy (level dane, an MX host found
+through an insecure MX lookup: may, encrypt, or dane as Postfix's
+"half-dane"); otherwise it combines relayagent.smtp.tls,
+relayagent.smtp.dane and relayagent.smtp.sasl (smtp_sasl_auth_enable is
+read here; smtp_dns_support_level, smtp_host_lookup, disable_dns_lookups
+and ignore_mx_lookup_error too, to know whether DANE can work).
 """
 
 from __future__ import annotations
@@ -77,6 +97,7 @@ from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp import mtasts
+from relayagent.smtp.dane import DaneResolver, DaneState, TLSALookup
 from relayagent.smtp.requiretls import (
     REQUIRETLS_KEYWORD,
     RequireTLSAction,
@@ -105,6 +126,7 @@ from relayagent.smtp.tls import (
     TLSPolicy,
     TLSPolicyError,
     TLSSettings,
+    dane_policy,
     negotiate_tls,
     nexthop_domain,
 )
@@ -132,6 +154,26 @@ class SecuritySettings(Settings):
     smtp_sasl_auth_soft_bounce: bool
     smtp_helo_timeout: float
     base_dir: str
+    # What DANE needs of the DNS lookups (Postfix's dane_init checks).
+    smtp_dns_support_level: str
+    disable_dns_lookups: bool
+    smtp_host_lookup: tuple[str, ...]
+    ignore_mx_lookup_error: bool
+    smtp_tls_dane_insecure_mx_policy: str
+
+
+def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None) -> DaneResolver:
+    """DANE is possible with dnssec lookups through DNS, and MX lookup
+    errors not ignored (Postfix: dane_init)."""
+    support = settings.smtp_dns_support_level
+    dns_enabled = not (support == "disabled" or (support == "" and settings.disable_dns_lookups))
+    if not (dns_enabled and support == "dnssec" and "dns" in settings.smtp_host_lookup):
+        return DaneResolver(None, enabled=False, disabled_reason="configured with dnssec lookups disabled")
+    if settings.ignore_mx_lookup_error:
+        return DaneResolver(None, enabled=False, disabled_reason="configured with MX lookup errors ignored")
+    if dns_resolver is None:
+        return DaneResolver(None, enabled=False, disabled_reason="configured without a DNS resolver")
+    return DaneResolver(dns_resolver, enabled=True)
 
 
 class SecurityPolicy:
@@ -139,19 +181,23 @@ class SecurityPolicy:
 
     ``mta_sts``: the MTA-STS policy store (``mtasts.PolicyStore``), or
     None; ``tlsrpt``: the TLSRPT ``Recorder`` sessions are counted in, or
-    None.  ``dane_applies(mx_host) -> bool``: whether DANE decides the TLS
-    of that MX (usable TLSA records); where it does, MTA-STS stands aside
-    (RFC 8461 section 2).  Default: never.
+    None.  ``dns_resolver``: the resolver of the MX lookups
+    (``resolve.make_dns_resolver``), for the TLSA lookups of the levels
+    ``dane`` and ``dane-only``; ``dane`` (a ``dane.DaneResolver``) says
+    for one MX host whether DANE applies (``dane.applies(server)``).
+    ``dane_applies(mx_host) -> bool``: a predicate that overrides the
+    TLSA lookup's verdict for MTA-STS (for tests; default: none).
     """
 
     def __init__(self, config: Config, *, mta_sts: Any = None, tlsrpt: Any = None,
-                 dane_applies: Any = None) -> None:
+                 dane_applies: Any = None, dns_resolver: Any | None = None) -> None:
         self.mta_sts = mta_sts
         self.tlsrpt = tlsrpt
-        # The DANE code (issue 15, item 1) plugs its predicate in here.
-        self.dane_applies = dane_applies or (lambda mx_host: False)
+        self.dane_applies = dane_applies
         settings = SecuritySettings.from_config(config)
         base_dir = settings.base_dir
+        self.dane = _dane_resolver(settings, dns_resolver)
+        self.dane_insecure_mx_policy = settings.smtp_tls_dane_insecure_mx_policy
         try:
             self.tls = TLSSettings.from_config(config)
             self.tls_policies = PolicyLookup(
@@ -226,9 +272,11 @@ class SessionSecurity:
         )
         # A broken policy entry for this nexthop: every session defers.
         self.problem = problem
-        # The TLS outcome of the most recent negotiation, for tests and
-        # diagnostics only: one SessionSecurity serves concurrent sessions.
+        # The TLS outcome (and TLSA lookup) of the most recent negotiation,
+        # for tests and diagnostics only: one SessionSecurity serves
+        # concurrent sessions.
         self.last_tls: TLSOutcome | None = None
+        self.last_tlsa: TLSALookup | None = None
 
     @classmethod
     def for_nexthop(cls, config: Any, nexthop: str) -> SessionSecurity:
@@ -242,8 +290,9 @@ class SessionSecurity:
 
     def plaintext_fallback(self) -> SessionSecurity:
         """The same, without STARTTLS: for the retry after a failed
-        opportunistic handshake (only ever used at level ``may``)."""
-        if self.tls_policy is None or self.tls_policy.level.mandatory:
+        opportunistic handshake (only ever used at level ``may``, which
+        ``dane`` is for a host without TLSA records)."""
+        if self.tls_policy is None or (self.tls_policy.level.mandatory and self.tls_policy.level is not TLSLevel.DANE):
             raise ValueError("a plaintext retry is only allowed at TLS level may")
         return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"),
                                demand=self.demand, configured_level=self.configured_level,
@@ -286,18 +335,49 @@ class SessionSecurity:
                 "{peer}: TLS-Required: No: ignoring the mandatory TLS level {tls_level} of {nexthop}; TLS is "
                 "opportunistic", peer=str(session.server), tls_level=str(self.configured_level), nexthop=self.nexthop,
             )
-        decision = await self._sts_decision(session.server)
-        tls_policy = decision.tls_policy or self.tls_policy
-        report = _Report(self._policy, session, decision, self.nexthop, tls_policy)
+        server = session.server
+        tls_policy = self.tls_policy
+        lookup: TLSALookup | None = None
+        dane_refusal: DeliveryFailure | None = None
+        if tls_policy.level.is_dane:
+            # Per MX host: the TLSA records decide what dane means here.
+            insecure_mx_policy = self._policy.dane_insecure_mx_policy
+            lookup = await self._policy.dane.lookup(
+                server.host,
+                server.port,
+                mx_dnssec_valid=getattr(server, "mx_dnssec_valid", False),
+                host_dnssec_valid=getattr(server, "host_dnssec_valid", False),
+                insecure_mx_ok=tls_policy.level is TLSLevel.DANE and insecure_mx_policy != "may",
+            )
+            self.last_tlsa = lookup
+            # This session's TLSA lookup (state, records), for TLSRPT.
+            session.tlsa_lookup = lookup
+            try:
+                tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
+            except DeliveryFailure as failure:
+                dane_refusal = failure
+            else:
+                # A REQUIRETLS message to a host without DANE: verify.
+                tls_policy = effective_policy(tls_policy, self.demand, action)
+        override = self._policy.dane_applies
+        dane = bool(override(server.host)) if override is not None else bool(lookup and lookup.applies)
+        if dane_refusal is not None:
+            _Report(self._policy, session, mtasts.STSDecision(None), self.nexthop, tls_policy,
+                    dane=_dane_report(lookup, dane_refusal))
+            raise dane_refusal
+        decision = await self._sts_decision(server, dane=dane)
+        tls_policy = decision.tls_policy or tls_policy
+        report = _Report(self._policy, session, decision, self.nexthop, tls_policy,
+                         dane=None if decision.applies else _dane_report(lookup, None))
         if decision.refusal is not None:
             log.warn("{reason}: deferred (MTA-STS mode enforce)", reason=decision.refusal.text)
             report.failure("validation-failure", "MX host does not match the MTA-STS policy")
             raise DeliveryFailure(decision.refusal)
         try:
-            outcome = await negotiate_tls(
-                session, tls_policy, self._policy.tls, nexthop=self.nexthop
-            )
+            outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
         except DeliveryFailure as failure:
+            # A refused certificate still says what it was (trust, "tlsa").
+            session.tls_outcome = getattr(failure, "tls_outcome", None)
             report.tls_failed(failure)
             if decision.applies and not decision.testing:
                 log.warn("{server}: {reason} (MTA-STS policy of {domain}, mode enforce)",
@@ -309,6 +389,8 @@ class SessionSecurity:
                 raise DeliveryFailure(not_verified_status(session.server)) from None
             raise
         self.last_tls = outcome
+        # This session's own outcome (trust, policy_type "tlsa" for DANE),
+        # for the layers that decide on it later (REQUIRETLS, TLSRPT).
         session.tls_outcome = outcome
         report.tls_done(outcome)
         if requiretls:
@@ -324,10 +406,11 @@ class SessionSecurity:
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 
-    async def _sts_decision(self, server: Any) -> mtasts.STSDecision:
+    async def _sts_decision(self, server: Any, *, dane: bool) -> mtasts.STSDecision:
         """MTA-STS's say for this MX (``mtasts.decide``): only for an
         MX-resolved recipient domain, with the store enabled and the TLS
-        policy not from smtp_tls_policy_maps and DANE not applying."""
+        policy not from smtp_tls_policy_maps and DANE (``dane``) not
+        applying."""
         store = self._policy.mta_sts
         domain = getattr(server, "policy_domain", "")
         if store is None or not domain or self.tls_policy is None:
@@ -338,7 +421,6 @@ class SessionSecurity:
         if not self.tls_policy.source.startswith("smtp_tls_security_level") \
                 or self.demand is TLSDemand.NOT_REQUIRED:
             return mtasts.STSDecision(None)
-        dane = bool(self._policy.dane_applies(server.host))
         if dane:
             return mtasts.STSDecision(None)
         state = await store.policy_for(domain)
@@ -364,14 +446,35 @@ def classify_certificate(outcome: TLSOutcome | None) -> str:
     return "certificate-host-mismatch"
 
 
+def _dane_report(lookup: TLSALookup | None, refusal: DeliveryFailure | None) -> tuple[ReportPolicy, str] | None:
+    """How TLSRPT counts a session at level dane/dane-only: the report
+    policy, and the RFC 8460 failure already known before STARTTLS ("" for
+    none); None when DANE has no say (MTA-STS or no policy counts it)."""
+    if lookup is None:
+        return None
+    records = ReportPolicy.tlsa(tuple(str(record) for record in lookup.records), lookup.host)
+    if lookup.state is DaneState.ERROR:
+        return ReportPolicy.tlsa((), lookup.host), "dnssec-invalid"
+    if lookup.state is DaneState.UNUSABLE:
+        # dane goes on as encrypt, dane-only defers: a failure either way.
+        return ReportPolicy.tlsa((), lookup.host), "tlsa-invalid"
+    if refusal is not None:
+        # dane-only without DANE (no records, not DNSSEC, configuration).
+        return ReportPolicy.no_policy(), "dane-required"
+    if lookup.state is DaneState.USABLE:
+        return records, ""
+    return None
+
+
 class _Report:
     """One session's TLSRPT counting: under the MTA-STS policy when one
-    applies, else as ``no-policy-found`` (DANE's sessions are counted by
-    the DANE code, as ``tlsa``).  Counts at most once per session; does
-    nothing without a recorder."""
+    applies, under the TLSA records when DANE does (``dane``: the report
+    policy and a failure found before STARTTLS), else as
+    ``no-policy-found``.  Counts at most once per session; does nothing
+    without a recorder."""
 
     def __init__(self, policy: SecurityPolicy, session: Any, decision: mtasts.STSDecision,
-                 nexthop: str, tls_policy: TLSPolicy) -> None:
+                 nexthop: str, tls_policy: TLSPolicy, *, dane: tuple[ReportPolicy, str] | None = None) -> None:
         self.recorder = policy.tlsrpt
         self.session = session
         self.decision = decision
@@ -385,13 +488,19 @@ class _Report:
             self.policy = ReportPolicy.sts(None)
         else:
             self.policy = ReportPolicy.no_policy()
-        self.skip = tls_policy.source == "plaintext retry" or bool(policy.dane_applies(server.host))
+        if dane is not None:
+            self.policy = dane[0]
+        # A dane_applies override (tests) has no records to count under.
+        override = policy.dane_applies is not None and dane is None and bool(policy.dane_applies(server.host))
+        self.skip = tls_policy.source == "plaintext retry" or override
         self.done = False
         # While the connection is up (a refused handshake closes it).
         self._details_now = self._details()
         if self.recorder is not None and state is not None and state.failure is not None and not self.skip:
             # The policy could not be had: that is this session's failure.
             self._failure(state.failure, state.failure_text)
+        if dane is not None and dane[1]:
+            self._failure(dane[1])
 
     def _details(self) -> dict[str, str]:
         server = self.session.server
