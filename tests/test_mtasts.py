@@ -257,6 +257,12 @@ class DecisionTests(unittest.TestCase):
         self.assertEqual(allowed.tls_policy.level, TLSLevel.VERIFY)
         self.assertEqual(allowed.tls_policy.match, ("hostname",))
 
+    def test_a_level_raised_for_requiretls_keeps_the_mx_patterns(self):
+        raised = TLSPolicy(TLSLevel.VERIFY, source="smtp_tls_security_level raised to verify by REQUIRETLS")
+        refused = decide(self.state(), "mx.evil.test", raised, dane=False)
+        self.assertEqual(refused.refusal.text,
+                         "MX host mx.evil.test does not match the MTA-STS policy of example.com")
+
     def test_precedence(self):
         mapped = TLSPolicy(TLSLevel.ENCRYPT, source="smtp_tls_policy_maps entry for example.com")
         self.assertFalse(decide(self.state(), "mx.evil.test", mapped, dane=False).applies)

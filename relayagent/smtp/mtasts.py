@@ -222,8 +222,10 @@ def decide(state: PolicyState | None, mx_host: str, tls_policy: TLSPolicy, *, da
     """The precedence of RFC 8461 section 2 and the brief: an
     smtp_tls_policy_maps entry (any ``tls_policy`` whose source is not
     smtp_tls_security_level) wins, then DANE (``dane``: the MX has usable
-    TLSA records), then the MTA-STS policy in ``state``."""
-    if state is None or tls_policy.source != "smtp_tls_security_level" or dane:
+    TLSA records), then the MTA-STS policy in ``state``.  The default
+    level raised for a REQUIRETLS message (its source says so) is still
+    the default: the policy's MX patterns apply to it too."""
+    if state is None or not tls_policy.source.startswith("smtp_tls_security_level") or dane:
         return STSDecision(state)
     entry = state.policy
     if entry is None or entry.policy.mode is Mode.NONE:
