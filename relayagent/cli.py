@@ -28,11 +28,15 @@ SYNOPSIS
         [-O requiretls=yes] [RCPT ...]
     relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
     relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
+    relayagent [-c CONFIG] reload | logrotate
     main(argv) -> exit status;  register(Command(...));  trigger_hook(config, command)
 
 DIAGNOSTICS: the sysexits codes above, each with one line on standard
 error (``Failure(code, text)`` inside); ``flush`` says so when no daemon
-answers.
+answers; ``reload`` and ``logrotate`` fail with 69 (EX_UNAVAILABLE,
+"the mail system is down") when none answers, 77 when the trigger
+socket is not the caller's to use, and ``reload`` with 78 when the
+daemon refused the new main.cf (it keeps the old one).
 
 Owns ``myorigin``'s use for unqualified addresses (Postfix's
 ``append_at_myorigin``, always on here), and the sendmail(1) options.
@@ -908,6 +912,50 @@ def _run_flush(context: Context, args: argparse.Namespace) -> int:
 
 register(Command("flush", "ask the queue manager to try every deferred message now",
                  _no_options, _run_flush))
+
+
+# ---------------------------------------------------------------------------
+# reload, logrotate (the daemon's side: relayagent.master.reload)
+
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+
+def _ask_daemon(context: Context, command: str) -> tuple[bool, str]:
+    """The daemon's answer to ``command`` on the trigger socket, found
+    as ``flush`` finds it; "mail system is down" when none answers."""
+    from relayagent.spool import control
+
+    directory = CommandSettings.from_config(context.config).queue_directory
+    try:
+        answer = control.ask(directory, command)
+    except PermissionError:
+        raise Failure(EX_NOPERM, f"{command}: permission denied: only the mail system's user "
+                      f"and root may use {control.socket_path(directory)}") from None
+    if answer is None:
+        raise Failure(EX_UNAVAILABLE, f"fatal: {command}: the mail system is down")
+    return answer
+
+
+def _run_reload(context: Context, args: argparse.Namespace) -> int:
+    ok, text = _ask_daemon(context, "reload")
+    if not ok:
+        raise Failure(EX_CONFIG, f"reload: {text}")
+    print("relayagent: refreshing the mail system", file=context.stderr)
+    return EX_OK
+
+
+def _run_logrotate(context: Context, args: argparse.Namespace) -> int:
+    ok, text = _ask_daemon(context, "logrotate")
+    if not ok:
+        raise Failure(EX_CANTCREAT, f"logrotate: {text}")
+    return EX_OK
+
+
+register(Command("reload", "re-read main.cf and the tables in the running daemon (as SIGHUP)",
+                 _no_options, _run_reload))
+register(Command("logrotate", "reopen maillog_file in the running daemon (as SIGUSR1)",
+                 _no_options, _run_logrotate))
 
 
 # ---------------------------------------------------------------------------
