@@ -17,6 +17,8 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 - the queue manager (``scheduler.QueueManager``), routing with the smtp
   agent's ``route``;
 - the trigger socket (``control``: ``$queue_directory/public/qmgr``);
+- the pickup of ``maildrop/`` (``relayagent.smtpd.pickup``: what local
+  users who are not the mail system submit), made at start (mode 1733);
 - SIGHUP and SIGUSR1: reload and reopen the maillog (``reload``,
   ``logrotate``, ``relayagent.master.reload``).
 
@@ -83,7 +85,8 @@ from relayagent.smtp.mtasts import PolicyCache, PolicyStore
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import Recorder, Reporter, TLSRPTSettings
-from relayagent.spool import Spool, control
+from relayagent.smtpd.pickup import Pickup, PickupSettings
+from relayagent.spool import Spool, control, maildrop
 from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.service")
@@ -150,6 +153,8 @@ class RelayagentService(MultiService):
         self._worker_log_flush = False
         # SIGHUP and SIGUSR1 (worker 0): put back at stop.
         self._uninstall_signals: Any = None
+        # maildrop/ into incoming/ (worker 0: relayagent.smtpd.pickup).
+        self.pickup: Pickup | None = None
 
     def reload(self) -> tuple[bool, str]:
         """Re-read main.cf and the tables (SIGHUP, ``relayagent reload``;
@@ -263,6 +268,13 @@ class RelayagentService(MultiService):
         self.spool = Spool(directory, clock=self.reactor.seconds,
                            on_stray=_log_stray if index == 0 else None)
         self.spool.ensure_layout()
+        if index == 0:
+            try:
+                maildrop.ensure(directory)  # as the daemon's user: others submit through it
+            except OSError as exc:
+                ralog.log_warning(log, f"cannot make {maildrop.maildrop_directory(directory)}: "
+                                  f"{exc.strerror or exc}; only the mail system's user can submit",
+                                  service="pickup")
         if self._lock_fd is None:
             self._lock_fd = control.lock_spool(directory)
         queue_manager: QueueManager | None = None
@@ -308,12 +320,15 @@ class RelayagentService(MultiService):
             ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
         super().startService()
         self._uninstall_signals = reloading.install_signals(self)
+        self.pickup = Pickup(self.spool, self.reactor, settings=PickupSettings.from_config(self.config),
+                             on_queued=queue_manager.wakeup)
         if self.workers > 1:
             # First: a child needs about half a second to import and read
             # its configuration, time this process spends activating its
             # own share of the queue.  Their files never overlap.
             self._start_workers()
         queue_manager.start()
+        self.pickup.start()
 
     def _start_transport_security(self, index: int, new_mail: Any) -> None:
         """MTA-STS's cache and refresh, TLSRPT's counters, and (worker 0)
@@ -347,6 +362,9 @@ class RelayagentService(MultiService):
         if self._uninstall_signals is not None:
             self._uninstall_signals()
             self._uninstall_signals = None
+        if self.pickup is not None:
+            self.pickup.stop()
+            self.pickup = None
         if self.listening is not None:
             waits.append(maybeDeferred(self.listening.stopListening))
             self.listening = None
