@@ -21,7 +21,9 @@ one warning names it: the queue directory and its lock, the listener
 (``smtpd_endpoints`` and what it reads), the maillog (``maillog_file``,
 ``log_format``, ``syslog_name``), ``relayagent_workers``, the name
 servers (``dns_nameservers``, read once at start-up as Postfix's resolver
-does) and, since twistd dropped them, the privileges (``--uid``).  A
+does), MTA-STS's policy store and TLSRPT's recorder (their parameters:
+the running store, cache and counters go on, handed to the new security
+policy) and, since twistd dropped them, the privileges (``--uid``).  A
 main.cf that does not load, or a setting the phases refuse (a bad TLS
 file, an unreadable table), is one warning, and the running
 configuration stays whole.  The daemon re-reads the files as the user it
@@ -78,8 +80,10 @@ from relayagent.common.config import PARAMETERS, Config, ConfigError
 from relayagent.master import worker
 from relayagent.qmgr.scheduler import Feedback, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
+from relayagent.smtp.mtasts import MTASTSSettings
 from relayagent.smtp.resolve import NexthopResolver
 from relayagent.smtp.security import SecurityPolicy
+from relayagent.smtp.tlsrpt import TLSRPTSettings
 from relayagent.smtpd.intake import IntakeSettings
 from relayagent.smtpd.listener import ListenerSettings
 from relayagent.spool.spool import SpoolSettings
@@ -87,7 +91,8 @@ from relayagent.spool.spool import SpoolSettings
 log = Logger(namespace="relayagent.master.reload")
 
 # The settings of the phases a reload does not rebuild (module docstring).
-_KEPT_SETTINGS = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings)
+_KEPT_SETTINGS = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings,
+                  MTASTSSettings, TLSRPTSettings)
 _KEPT_NAMES = ("relayagent_workers", "dns_nameservers")
 
 
@@ -146,7 +151,12 @@ def reload(service: Any) -> tuple[bool, str]:
             Feedback.parse(getattr(scheduler, name), name=name)
         # The tables are opened and the TLS files read here: a file
         # that cannot be read refuses the whole reload.
-        security = SecurityPolicy(new)
+        old_security = service.security
+        # MTA-STS's store and TLSRPT's recorder run on (their cache,
+        # refresh and counters): the new policy takes the running ones.
+        security = SecurityPolicy(new, mta_sts=getattr(old_security, "mta_sts", None),
+                                  tlsrpt=getattr(old_security, "tlsrpt", None),
+                                  dane_applies=getattr(old_security, "dane_applies", None))
         resolver = NexthopResolver(new, service.resolver.dns_resolver, service.reactor)
         smtp = SmtpAgent.from_config(new, service.reactor, resolver=resolver, security=security)
     except (ConfigError, ValueError, OSError) as exc:
