@@ -119,7 +119,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _refuse(path: str, reason: str) -> tuple[bool, str]:
+def _refuse(reason: str) -> tuple[bool, str]:
     text = f"reload refused: {reason}; the running configuration stays"
     ralog.log_warning(log, text, service="master")
     return False, text
@@ -130,12 +130,12 @@ def reload(service: Any) -> tuple[bool, str]:
     (module docstring); ``(ok, text)``."""
     path = service.config.path
     if not path:
-        return _refuse("?", "the daemon was not started from a main.cf file")
+        return _refuse("the daemon was not started from a main.cf file")
     worker_zero = service.role is None
     try:
         loaded = Config.load(path)
     except ConfigError as exc:
-        return _refuse(path, _first_line(exc))
+        return _refuse(_first_line(exc))
     old = service.config
     new = worker.split_limits(loaded, service.workers)
     kept = [name for name in _changed(old, new) if name in restart_only_names()]
@@ -143,7 +143,7 @@ def reload(service: Any) -> tuple[bool, str]:
         try:
             new = new.replace(**{name: old.raw(name) for name in kept})
         except ConfigError as exc:
-            return _refuse(path, _first_line(exc))
+            return _refuse(_first_line(exc))
     try:
         scheduler = SchedulerSettings.from_config(new)
         for name in ("smtp_destination_concurrency_positive_feedback",
@@ -160,7 +160,7 @@ def reload(service: Any) -> tuple[bool, str]:
         resolver = NexthopResolver(new, service.resolver.dns_resolver, service.reactor)
         smtp = SmtpAgent.from_config(new, service.reactor, resolver=resolver, security=security)
     except (ConfigError, ValueError, OSError) as exc:
-        return _refuse(path, _first_line(exc))
+        return _refuse(_first_line(exc))
 
     old_smtp = service.smtp
     service.config, service.security, service.resolver, service.smtp = new, security, resolver, smtp
