@@ -137,7 +137,8 @@ class ReloadTests(ReloadTestCase):
         self.addCleanup(old_port.stopListening)
         old = old_port.getHost().port
         config = self.config(old)
-        daemon = await self.started(config)
+        pidfile = os.path.join(self.base, "twistd.pid")
+        daemon = await self.started(config, "--pidfile", pidfile)
         in_flight = self.enqueue(1, "old")
         await holding.data_started  # the transaction is in DATA, held
         self.config(self.port)
@@ -155,9 +156,12 @@ class ReloadTests(ReloadTestCase):
         self.assertIn(b"old-1@example.org", holding.messages[0])
         self.assertEqual(len(self.dump_files()), 1)
         self.assertIsNone(daemon.poll())  # SIGHUP did not end it
+        with open(pidfile) as handle:
+            self.assertEqual(int(handle.read()), daemon.pid)
         self.assertEqual(self.queued(), 0)
         daemon.send_signal(signal.SIGTERM)
         await self.wait_for(lambda: daemon.poll() is not None, 60, "the daemon to stop")
+        self.assertFalse(os.path.exists(pidfile))  # no stale twistd.pid
 
     async def test_reload_command_and_a_broken_main_cf(self) -> None:
         await self.start_sink()
@@ -189,6 +193,16 @@ class ReloadTests(ReloadTestCase):
         result = self.command(config, "reload")
         self.assertEqual(result.returncode, 78, result.stderr)
         self.assertIsNone(daemon.poll())
+
+        # One the command reads but the daemon refuses (a table it cannot open): 78, the reason.
+        self.config(dead, f"transport_maps = texthash:{self.base}/no-such-table\n")
+        result = self.command(config, "reload")
+        self.assertEqual(result.returncode, 78, result.stderr)
+        self.assertIn("reload refused: ", result.stderr)
+        self.assertIn("the running configuration stays", result.stderr)
+        third = self.enqueue(3, "cmd")
+        await self.wait_for(lambda: third in self.sent(), 30, "a delivery on the old configuration")
+        self.assertEqual(self.sent()[third], self.port)
 
         # What needs a restart is kept, and said.
         self.config(self.port, "smtpd_endpoints = tcp:0:interface=127.0.0.1\n")
