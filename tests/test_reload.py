@@ -55,6 +55,17 @@ class ReloadTests(TestCase):
         self.assertEqual(service.config["smtp_helo_timeout"], 30.0)
         self.assertEqual(self.warnings(), [])
 
+    def test_mta_sts_store_runs_on(self) -> None:
+        service = self.service("smtp_mta_sts_enable = yes\n")
+        store = service.security.mta_sts
+        self.assertIsNotNone(store)
+        self.write("smtp_mta_sts_enable = no\nrelayhost = [127.0.0.9]\n")
+        ok, _ = service.reload()
+        self.assertTrue(ok)
+        self.assertIs(service.security.mta_sts, store)  # its cache and refresh go on
+        self.assertTrue(service.config["smtp_mta_sts_enable"])  # until a restart
+        self.assertIn("smtp_mta_sts_enable changed", self.warnings()[0])
+
     def test_a_broken_main_cf_keeps_everything(self) -> None:
         service = self.service("relayhost = [127.0.0.1]:2525\n")
         config, smtp = service.config, service.smtp
