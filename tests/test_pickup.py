@@ -136,9 +136,17 @@ class PickupTests(PickupTestCase):
     def test_a_file_being_written_is_left_alone(self) -> None:
         with open(self.drop_path("." + "0" * 32), "wb") as handle:
             handle.write(maildrop.FORMAT)
+        now = self.clock.seconds()
+        os.utime(self.drop_path("." + "0" * 32), (now, now))
         self.assertEqual(self.pickup.scan(), 0)
         self.assertEqual(self.corrupt(), [])
         self.assertEqual(self.events, [])
+        # A day later its sendmail has surely died: removed.
+        self.clock.advance(pickup_module.STALE_PARTIAL + 3600)
+        self.assertEqual(self.pickup.scan(), 0)
+        self.assertEqual(os.listdir(maildrop.maildrop_directory(self.spool.directory)), [])
+        self.assertEqual(len(self.lines()), 1)
+        self.assertIn("an unfinished submission of 25 hours ago; removed", self.lines()[0])
 
     def test_hostile_entries_are_set_aside_and_the_rest_is_picked_up(self) -> None:
         good = [self.submit(sender=f"good{n}@example.org") for n in range(2)]

@@ -24,7 +24,8 @@ A file that fails a check (not a regular file, a symbolic link, a hard
 link, too big, not our format, a bad address) is set aside in
 ``corrupt/`` under a new queue id, with one warning, and the scan goes
 on: it is never fatal, and never read twice.  Names being written (a
-leading dot) are left alone; a queue that cannot take the message (a
+leading dot) are left alone, and removed after a day (their sendmail
+died without reporting success); a queue that cannot take the message (a
 full disk) leaves the file where it is for the next scan.
 
 SYNOPSIS
@@ -65,6 +66,8 @@ log = Logger(namespace="relayagent.smtpd.pickup")
 # not the mail system cannot reach the trigger socket, and an empty
 # directory costs one getdents).
 POLL = 1.0
+# A partial file (a dot name) this old was left by a sendmail that died.
+STALE_PARTIAL = 86400.0
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -134,7 +137,8 @@ class Pickup:
         queued = 0
         for name in names:
             if name.startswith("."):
-                continue  # being written
+                self._stale(name)  # being written, or left by a sendmail that died
+                continue
             try:
                 if self._one(name):
                     queued += 1
@@ -143,6 +147,22 @@ class Pickup:
         if queued and self.on_queued is not None:
             self.on_queued()
         return queued
+
+    def _stale(self, name: str) -> None:
+        """A partial submission older than ``STALE_PARTIAL`` is removed
+        (its sendmail died: it never reported success)."""
+        path = os.path.join(self.directory, name)
+        try:
+            age = self.clock.seconds() - os.lstat(path).st_mtime
+            if age > STALE_PARTIAL:
+                os.unlink(path)
+        except OSError:
+            return
+        else:
+            if age > STALE_PARTIAL:
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+                ralog.log_warning(log, f"maildrop/{shown}: an unfinished submission of "
+                                  f"{age / 3600:.0f} hours ago; removed", service="pickup")
 
     def _one(self, name: str) -> bool:
         path = os.path.join(self.directory, name)
