@@ -8,7 +8,8 @@ last), RSET after a refusal, the RSET probe of a cached session.
   commands are unanswered (``channel.PIPELINE_BUFFER_OCTETS``); QUIT goes
   with "." after the last transaction; lock-step otherwise;
 - SIZE, BODY=8BITMIME/7BIT, DSN (RET, ENVID, NOTIFY, ORCPT) and SMTPUTF8
-  parameters (``smtp.address``); the 5.3.4 size refusal and the 5.6.7
+  parameters (``smtp.address``), and ARRIVAL= to a relayagent listener
+  that offers XRELAYAGENT-ARRIVAL (only to an authenticated peer); the 5.3.4 size refusal and the 5.6.7
   SMTPUTF8 refusal, decided before any command;
 - per-recipient ``Status`` results (``Outcome``) worded as Postfix words
   them; a reply of the wrong kind is Postfix's outcome (5.5.0), never a
@@ -51,6 +52,10 @@ from relayagent.spool.queuefile import CorruptQueueFile
 
 if TYPE_CHECKING:
     from relayagent.smtp.session import SMTPSession
+
+# The EHLO keyword of relayagent's listener, after AUTH, for MAIL FROM's
+# ARRIVAL=<unix-time> (docs/fleet.rst, "Moving a queue to another node").
+ARRIVAL_KEYWORD = "XRELAYAGENT-ARRIVAL"
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ def mail_from(session: SMTPSession, envelope: Envelope, converting: bool) -> byt
             parts.append("ENVID=" + xtext(envelope.envid))
         if envelope.ret is not None:
             parts.append("RET=" + envelope.ret.value)
+    if session.has(ARRIVAL_KEYWORD):
+        # Our listener's extension (docs/fleet.rst), offered only to an
+        # authenticated relayagent peer: the first arrival, so that the
+        # queue lifetimes and delay warnings go on counting from it.
+        parts.append(f"ARRIVAL={int(envelope.arrival_time)}")
     return " ".join(parts).encode("utf-8")
 
 

@@ -119,6 +119,7 @@ class Message:
     ret: Ret | None = None
     body_type: BodyType | None = None
     smtputf8: bool = False
+    arrival_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,7 @@ class Spool:
         body_type: BodyType | None = None,
         smtputf8: bool = False,
         queue: str = INCOMING,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue one message; return its queue id once it is on disk.
 
@@ -317,8 +319,11 @@ class Spool:
         position here).  ``content`` is the message (header and body) as
         bytes or a binary stream, which is read in chunks, never whole.
         ``body_type`` None means: 8BITMIME if any octet is above 127, else
-        7BIT.  Raises ValueError for a bad argument, OSError for trouble
-        with the disk; in both cases nothing is queued.
+        7BIT.  ``arrival_time`` (a Unix time) is the message's first
+        arrival when it was queued elsewhere before (``relayagent
+        transfer``): lifetimes and delay warnings count from it; None
+        means now.  Raises ValueError for a bad argument, OSError for
+        trouble with the disk; in both cases nothing is queued.
         """
         with self.batch() as batch:
             queue_id = batch.enqueue(
@@ -330,6 +335,7 @@ class Spool:
                 body_type=body_type,
                 smtputf8=smtputf8,
                 queue=queue,
+                arrival_time=arrival_time,
             )
         return queue_id
 
@@ -371,6 +377,7 @@ class Spool:
                     body_type=message.body_type,
                     smtputf8=message.smtputf8,
                     queue=queue,
+                    arrival_time=message.arrival_time,
                 )
                 for message in messages
             ]
@@ -385,6 +392,7 @@ class Spool:
         ret: Ret | None,
         body_type: BodyType | None,
         smtputf8: bool,
+        arrival_time: float | None = None,
     ) -> str:
         """Write and fsync one queue file under tmp/; return its id."""
         normalized = _normalize_recipients(recipients)
@@ -396,7 +404,7 @@ class Spool:
                 raise ValueError(f"{what} address {address!r} {problem}")
         variable, count = build_envelope(sender, normalized, envid)
         while True:
-            queue_id, arrival_time = self._ids.next()
+            queue_id, now = self._ids.next()
             tmp_path = self.path(TMP, queue_id)
             try:
                 fd = os.open(
@@ -410,7 +418,7 @@ class Spool:
         try:
             self._give_to_queue_owner(fd)
             head_args = dict(
-                arrival_time=arrival_time,
+                arrival_time=now if arrival_time is None else arrival_time,
                 variable=variable,
                 recipient_count=count,
                 smtputf8=smtputf8,
@@ -797,6 +805,7 @@ class EnqueueBatch:
         body_type: BodyType | None = None,
         smtputf8: bool = False,
         queue: str = INCOMING,
+        arrival_time: float | None = None,
     ) -> str:
         """Write one message; it is queued when the batch commits."""
         if self._done:
@@ -811,6 +820,7 @@ class EnqueueBatch:
             ret=ret,
             body_type=body_type,
             smtputf8=smtputf8,
+            arrival_time=arrival_time,
         )
         self._written.append((queue_id, queue))
         return queue_id
