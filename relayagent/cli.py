@@ -27,6 +27,7 @@ SYNOPSIS
     relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID] [RCPT ...]
     relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
     relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
+    relayagent [-c CONFIG] transfer --to HOST:PORT [ID ...|ALL] [--destination DOMAIN]
     main(argv) -> exit status;  register(Command(...));  trigger_hook(config, command)
 
 DIAGNOSTICS: the sysexits codes above, each with one line on standard
@@ -895,6 +896,16 @@ from relayagent.smtpd import importqueue  # noqa: E402 - kept next to its table 
 register(Command("import-twisted-queue",
                  "move a twisted.mail relay queue (-H/-D files) into the spool, never unpickling",
                  importqueue.configure_parser, importqueue.run_command))
+
+
+# ---------------------------------------------------------------------------
+# transfer (relayagent.qmgr.transfer)
+
+from relayagent.qmgr import transfer  # noqa: E402 - kept next to its table entry
+
+register(Command("transfer",
+                 "hand queued messages to another relayagent's listener over authenticated SMTP",
+                 transfer.configure_parser, transfer.run_command))
 
 
 # ---------------------------------------------------------------------------
