@@ -779,7 +779,8 @@ class FlushAndTriggerTests(CommandTestCase):
     def test_command_table(self) -> None:
         self.assertEqual(
             sorted(cli.COMMANDS),
-            ["check", "flush", "import-twisted-queue", "mailq", "postconf", "postsuper", "sendmail"],
+            ["check", "flush", "import-twisted-queue", "mailq", "postconf", "postsuper", "sendmail",
+             "transfer"],
         )
         calls = []
 
