@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import FilteringLogObserver, Logger, PredicateResult
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, ConfigError, Settings
@@ -354,7 +354,8 @@ class Transfer:
             report.moved += 1
             return
         if len(sent) < len(selected):
-            report.kept += 1
+            if report.stopped is None:
+                report.kept += 1
         else:
             report.moved += 1  # what was selected went; the others stay
         self._put_back(queue_id, home, report)
@@ -454,6 +455,13 @@ def _selection(args: argparse.Namespace) -> list[str] | None:
     return list(args.ids)
 
 
+def _relayagent_events(event: Any) -> PredicateResult:
+    namespace = event.get("log_namespace") or ""
+    if namespace == "relayagent" or namespace.startswith("relayagent."):
+        return PredicateResult.maybe
+    return PredicateResult.no
+
+
 def run_command(context: Any, args: argparse.Namespace) -> int:
     """The command: a reactor of its own for the run, the Postfix lines
     on standard error (and in ``maillog_file`` when set)."""
@@ -480,15 +488,18 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogPublisher
 
-    observers = ralog.make_observers(config, context.stderr)
+    outputs: list[Any] = [context.stderr]
     maillog_file = settings.maillog_file
     opened = None
     if maillog_file:
         try:
             opened = open(maillog_file, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-            observers += ralog.make_observers(config, opened)
+            outputs.append(opened)
         except OSError as exc:
             print(f"relayagent: warning: cannot open maillog_file {maillog_file}: {exc}", file=context.stderr)
+    # relayagent's lines only: not the reactor's "Main loop terminated".
+    observers = [FilteringLogObserver(observer, [_relayagent_events])
+                 for out in outputs for observer in ralog.make_observers(config, out)]
     for observer in observers:
         globalLogPublisher.addObserver(observer)
     spool = Spool.from_config(config, clock=reactor.seconds)
