@@ -148,6 +148,7 @@ class CommandSettings(Settings):
     queue_minfree: int
     smtputf8_enable: bool
     smtp_sasl_password_maps: tuple[str, ...]
+    smtpd_sasl_password_maps: tuple[str, ...]
     base_dir: str
 
 
@@ -802,21 +803,23 @@ def secret_file_problems(config: Config) -> list[str]:
     """Password tables that others may read."""
     problems = []
     settings = CommandSettings.from_config(config)
-    for spec in settings.smtp_sasl_password_maps:
-        kind, colon, name = spec.partition(":")
-        if not colon or kind not in _FILE_TABLE_TYPES:
-            continue
-        path = config.resolve_path(name)
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            problems.append(f"smtp_sasl_password_maps: {path}: {exc.strerror}")
-            continue
-        if info.st_mode & stat.S_IROTH:
-            problems.append(
-                f"smtp_sasl_password_maps: {path}: world-readable (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
-            )
+    for parameter, specs in (("smtp_sasl_password_maps", settings.smtp_sasl_password_maps),
+                             ("smtpd_sasl_password_maps", settings.smtpd_sasl_password_maps)):
+        for spec in specs:
+            kind, colon, name = spec.partition(":")
+            if not colon or kind not in _FILE_TABLE_TYPES:
+                continue
+            path = config.resolve_path(name)
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                problems.append(f"{parameter}: {path}: {exc.strerror}")
+                continue
+            if info.st_mode & stat.S_IROTH:
+                problems.append(
+                    f"{parameter}: {path}: world-readable (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
+                )
     return problems
 
 

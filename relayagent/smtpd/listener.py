@@ -103,6 +103,7 @@ from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import BodyType, Notify, Ret
 from relayagent.common.maps import MapList, open_maps
+from relayagent.smtp.sasl import warn_if_world_readable
 from relayagent.smtpd.intake import (
     QUEUE_WRITE_ERROR,
     Intake,
@@ -563,6 +564,7 @@ class ListenerFactory(protocol.ServerFactory):
                 ralog.log_warning(log, "smtpd_sasl_auth_enable = yes but smtpd_sasl_password_maps "
                                   "is empty: no AUTH", service="smtpd")
             else:
+                warn_if_world_readable(tables.files(), "smtpd_sasl_password_maps")
                 self.portal = portal.Portal(_RelayRealm(intake), [PasswordTableChecker(tables)])
                 host = self.settings.myhostname.encode("idna")
                 self.challengers = {b"CRAM-MD5": functools.partial(_CramMD5, host=host)}
