@@ -223,6 +223,52 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(self.spool.find(queue_id), "corrupt")
 
 
+class StopTests(SynchronousTestCase):
+    def test_stop_waits_for_the_message_in_flight(self):
+        spool = make_spool(self)
+        ids = sorted(queue_message(spool, [f"r{i}@b.example"]) for i in range(3))
+        pending = []
+
+        class SlowAgent(ScriptedAgent):
+            def deliver(self, request):
+                answer = super().deliver(request)
+                later = defer.Deferred()
+                pending.append((later, answer))
+                return later
+
+        agent = SlowAgent(sent)
+        transfer = Transfer(spool, agent, "[node-b.example]:10025", clock=Clock())
+        reports = []
+        defer.Deferred.fromCoroutine(transfer.run()).addCallback(reports.append)
+        self.assertEqual(transfer.in_flight, ids[0])
+        stopped = []
+        transfer.stop().addCallback(stopped.append)
+        self.assertEqual((stopped, reports), ([], []))
+        later, answer = pending.pop()
+        answer.addCallback(later.callback)
+        self.assertEqual(stopped, [None])
+        (report,) = reports
+        self.assertEqual((report.moved, report.interrupted, report.exit_code), (1, True, EX_TEMPFAIL))
+        self.assertEqual(len(agent.requests), 1)
+        self.assertEqual(sorted(spool.queue_ids("deferred")), ids[1:])
+        self.assertEqual(list(spool.queue_ids("hold")), [])
+        self.assertIsNone(transfer.in_flight)
+
+    def test_a_failing_agent_puts_the_message_back(self):
+        spool = make_spool(self)
+        queue_id = queue_message(spool, ["b@b.example"])
+
+        class BrokenAgent(ScriptedAgent):
+            def deliver(self, request):
+                return defer.fail(RuntimeError("a bug"))
+
+        transfer = Transfer(spool, BrokenAgent(sent), "[node-b.example]:10025", clock=Clock())
+        failures = []
+        defer.Deferred.fromCoroutine(transfer.run()).addErrback(failures.append)
+        self.assertEqual(len(failures), 1)
+        self.assertEqual(spool.find(queue_id), "deferred")
+
+
 class TargetTests(SynchronousTestCase):
     def test_forms(self):
         self.assertEqual(str(parse_target("node-b.example:10025")), "[node-b.example]:10025")

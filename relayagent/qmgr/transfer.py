@@ -76,7 +76,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import FilteringLogObserver, Logger, PredicateResult
 
 from relayagent.common import maillog as ralog
@@ -139,13 +140,14 @@ class TransferReport:
     stopped: Status | None = None
     auth_refused: bool = False
     held: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def exit_code(self) -> int:
         """The command's sysexits code for this outcome."""
         if self.auth_refused:
             return EX_NOPERM
-        if self.stopped is not None or self.kept:
+        if self.stopped is not None or self.kept or self.interrupted:
             return EX_TEMPFAIL
         return EX_OK
 
@@ -256,6 +258,12 @@ class Transfer:
         self.clock = clock
         self.destination = destination.lower().rstrip(".") if destination else None
         self.queues = (ACTIVE, *_QUEUES) if take_active else _QUEUES
+        # The message in hold/ being handed over, if any (a run stopped
+        # by a signal names it).
+        self.in_flight: str | None = None
+        self._stopping = False
+        self._running = False
+        self._stopped_waiters: list[Deferred[None]] = []
 
     def candidates(self, ids: Sequence[str] | None) -> Iterator[tuple[str, str]]:
         """(queue id, queue) of each message to try: the named ones
@@ -280,15 +288,34 @@ class Transfer:
         """Transfer the named messages (None: every one); stop at the
         first failure of the other node itself."""
         report = TransferReport()
+        self._running = True
         try:
             todo = list(self.candidates(ids))
             for position, (queue_id, queue) in enumerate(todo):
+                if self._stopping:
+                    report.interrupted = True
+                    break
                 await self._one(queue_id, queue, len(todo) - position - 1, report)
                 if report.stopped is not None:
                     break
         finally:
+            self._running = False
             self.agent.close()
+            waiters, self._stopped_waiters = self._stopped_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         return report
+
+    def stop(self) -> Deferred[None]:
+        """Stop after the message in flight (SIGTERM, SIGINT: the
+        reactor's shutdown waits for it), so that none is left on hold;
+        fires when the run has ended."""
+        self._stopping = True
+        if not self._running:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stopped_waiters.append(waiter)
+        return waiter
 
     async def _one(self, queue_id: str, queue: str, backlog: int, report: TransferReport) -> None:
         if queue != HOLD:
@@ -297,6 +324,13 @@ class Transfer:
             except FileNotFoundError:
                 report.skipped += 1  # delivered or claimed meanwhile
                 return
+        self.in_flight = queue_id
+        try:
+            await self._claimed(queue_id, queue, backlog, report)
+        finally:
+            self.in_flight = None
+
+    async def _claimed(self, queue_id: str, queue: str, backlog: int, report: TransferReport) -> None:
         # Back to where it was when not everything went; a stale claim
         # from active/ goes to incoming/, as the daemon's recovery would.
         home = INCOMING if queue == ACTIVE else DEFERRED if queue == HOLD else queue
@@ -320,7 +354,14 @@ class Transfer:
             request = SmtpRequest(envelope, domain=selected[0].domain, recipients=tuple(selected),
                                   backlog=backlog)
             started = self.clock.seconds()
-            result = await self.agent.deliver(request)
+            try:
+                result = await self.agent.deliver(request)
+            except BaseException:
+                # A bug below, or the run cancelled: nothing was crossed
+                # off, so the message goes back as it was.
+                queue_file.close()
+                self._put_back(queue_id, home, report)
+                raise
             if result.corrupt is not None:
                 queue_file.close()
                 self.spool.mark_corrupt(queue_id, HOLD, result.corrupt)
@@ -516,9 +557,13 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
 
         def finish(result: Any) -> None:
             outcome["result"] = result
-            reactor.stop()
+            try:
+                reactor.stop()
+            except ReactorNotRunning:
+                pass  # a signal is stopping it, and waited for us
 
         reactor.callWhenRunning(start)
+        reactor.addSystemEventTrigger("before", "shutdown", transfer.stop)
         reactor.run()
     finally:
         for observer in observers:
@@ -528,8 +573,11 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     result = outcome.get("result")
     if not isinstance(result, TransferReport):
         text = result.getErrorMessage() if hasattr(result, "getErrorMessage") else "interrupted"
+        held = transfer.in_flight
+        if held is not None and spool.find(held, (HOLD,)) == HOLD:
+            text += f"; {held} is left on hold: run the transfer again naming it, or relayagent postsuper -H {held}"
         print(f"relayagent: transfer: fatal: {text}", file=context.stderr)
-        return EX_SOFTWARE
+        return EX_SOFTWARE if hasattr(result, "getErrorMessage") else EX_TEMPFAIL
     if result.kept or result.held:
         # What went back to deferred/ or incoming/: the daemon's next scan
         # finds it; a wakeup makes it sooner.
@@ -540,6 +588,8 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
         summary += f", {result.kept} kept here with recipients the other node refused"
     if result.stopped is not None:
         summary += f"; stopped: {result.stopped.text}"
+    if result.interrupted:
+        summary += "; interrupted: the rest is still queued here"
     if result.held:
         summary += f"; left on hold: {' '.join(result.held)}"
     print(summary, file=context.stderr if result.exit_code else context.stdout)
