@@ -53,13 +53,15 @@ SYNOPSIS
 
     transfer = Transfer(spool, agent, nexthop, clock=reactor, destination=None)
     report = await transfer.run(["4B3F2A1C0D", ...])   # None: ALL
+    transfer.stop()                                      # after the message in flight
     agent = make_agent(config, reactor, nexthop)         # SmtpAgent with PeerSecurity
     configure_parser(parser);  run_command(context, args)   # the command
 
 DIAGNOSTICS: per message, Postfix-format lines (``log_delivery``,
 ``removed``, warnings).  ``run`` returns a ``TransferReport``; the
 command exits 0 when every selected recipient went, 75 (EX_TEMPFAIL)
-when some were kept or the other node could not be reached, 77
+when some were kept, the other node could not be reached or a signal
+stopped the run (after the message in flight: ``Transfer.stop``), 77
 (EX_NOPERM) when it refused our AUTH or did not offer
 XRELAYAGENT-ARRIVAL, 78 (EX_CONFIG) with no password for the target, 64
 for bad usage.
