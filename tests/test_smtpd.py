@@ -794,6 +794,9 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(lines[-1], b"554 5.7.1 <b@y.example>: Relay access denied")
 
     def test_authenticated_peer_relays_with_its_arrival_time(self):
+        from relayagent.common import maillog as ralog
+
+        events = capture_events(self)
         spool = dsn_spool(self)
         session = self.auth_session(spool=spool)
         session.replies()
@@ -808,6 +811,8 @@ class AuthTests(SynchronousTestCase):
                              b"RCPT TO:<b@y.example>\r\nDATA\r\n\r\nbody\r\n.\r\n")
         self.assertEqual(codes(lines), [250, 250, 354, 250])
         self.assertEqual(queued_envelope(spool).arrival_time, 1_600_000_000.0)
+        self.assertIn("client=unknown[192.0.2.9], sasl_method=CRAM-MD5, sasl_username=node-a, from=<a@x.example>",
+                      "\n".join(ralog.render(e) for e in events))
 
     def test_arrival_in_the_future_is_now(self):
         spool = dsn_spool(self)

@@ -466,6 +466,8 @@ class _Transaction:
         self.client = ClientInfo.of(protocol, helo)
         self.body_type = _declared_body_type(protocol)
         self.envid, self.ret, self.arrival_time = _declared_dsn(protocol)
+        username = getattr(protocol, "relayagent_sasl_username", None)
+        self.sasl_username = username if isinstance(username, str) else None
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
         self._file: IO[bytes] | None = None
@@ -655,9 +657,11 @@ class _Transaction:
 
     def _queued(self, queue_id: str) -> str:
         self._close_file()
+        # Postfix's smtpd names the SASL login on the client= line.
+        sasl = f", sasl_method=CRAM-MD5, sasl_username={self.sasl_username}" if self.sasl_username else ""
         log.info(
-            "{queue_id}: client={client}, from=<{sender}>, nrcpt={count}",
-            queue_id=queue_id, client=_describe_peer_info(self.client), sender=str(self.origin),
+            "{queue_id}: client={client}{sasl}, from=<{sender}>, nrcpt={count}",
+            queue_id=queue_id, client=_describe_peer_info(self.client), sasl=sasl, sender=str(self.origin),
             count=len(self.recipients),
         )
         self.intake.wake_queue_manager(queue_id)

@@ -190,6 +190,7 @@ class RelayagentESMTP(smtp.ESMTP):
     relayagent_envid: str | None = None
     relayagent_ret: Ret | None = None
     relayagent_arrival: float | None = None
+    relayagent_sasl_username: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -329,6 +330,12 @@ class RelayagentESMTP(smtp.ESMTP):
         super().do_RCPT(rest)
 
     # -- AUTH
+
+    def _cbAuthenticated(self, login: Any) -> Any:
+        username = getattr(self.challenger, "username", None)
+        if isinstance(username, bytes):
+            self.relayagent_sasl_username = _printable(username)
+        return super()._cbAuthenticated(login)
 
     def _ebAuthenticated(self, reason: Any) -> None:
         if reason.check(error.UnauthorizedLogin):
