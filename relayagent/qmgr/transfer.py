@@ -18,7 +18,8 @@ rename, as ``postsuper -h`` does): a running daemon never touches hold/,
 and of the daemon's rename into ``active/`` and ours exactly one wins.  So
 the daemon may keep running; a message in ``active/`` is in its hands and
 is left alone (with a stopped daemon, ``active/`` holds stale claims and
-is taken as well).  One message at a time, so that a transfer killed
+is taken as well, the spool lock held so that no daemon starts
+meanwhile).  One message at a time, so that a transfer killed
 midway leaves at most one message in ``hold/`` (its line says so;
 ``relayagent postsuper -H ID`` releases it, or a transfer naming its id
 moves it).  A message that could not be handed over goes back to the
@@ -74,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +98,7 @@ from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.setup import hello
 from relayagent.smtp.transaction import ARRIVAL_KEYWORD
 from relayagent.spool import CorruptQueueFile, Spool, is_queue_id
-from relayagent.spool.control import spool_locked, trigger
+from relayagent.spool.control import DaemonRunning, lock_spool, trigger
 from relayagent.spool.spool import ACTIVE, DEFERRED, HOLD, INCOMING
 
 log = Logger(namespace="relayagent.qmgr.transfer")
@@ -546,7 +548,14 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     for observer in observers:
         globalLogPublisher.addObserver(observer)
     spool = Spool.from_config(config, clock=reactor.seconds)
-    take_active = not spool_locked(settings.queue_directory)
+    # With no daemon, active/ holds stale claims, ours to take; the lock,
+    # held to the end, keeps a daemon from starting meanwhile and
+    # delivering them from active/ while we do.
+    try:
+        lock: int | None = lock_spool(settings.queue_directory)
+    except (DaemonRunning, OSError):
+        lock = None
+    take_active = lock is not None
     outcome: dict[str, Any] = {}
     try:
         agent = make_agent(config, reactor, nexthop)
@@ -572,6 +581,8 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
             globalLogPublisher.removeObserver(observer)
         if opened is not None:
             opened.close()
+        if lock is not None:
+            os.close(lock)
     result = outcome.get("result")
     if not isinstance(result, TransferReport):
         text = result.getErrorMessage() if hasattr(result, "getErrorMessage") else "interrupted"
