@@ -302,6 +302,39 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("no password for node-b.example or [node-b.example]:10025", err)
 
 
+class CommandProcessTests(TestCase):
+    """The command in a process of its own (it runs a reactor): with no
+    daemon it takes ``active/`` too, holding the spool lock meanwhile."""
+
+    def test_stale_active_message_to_a_down_node(self):
+        import subprocess
+        import sys
+
+        from relayagent.spool import control
+        from tests.support.sink import free_port
+
+        spool = make_spool(self)
+        queue_id = queue_message(spool, ["b@b.example"], queue="active")
+        path = os.path.join(spool.directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(f"queue_directory = {spool.directory}\nsmtp_connect_timeout = 5s\n"
+                         "smtp_sasl_password_maps = inline:{ 127.0.0.1=node-a:s3cret }\n")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from relayagent.cli import main; sys.exit(main())",
+             "-c", path, "transfer", "--to", f"127.0.0.1:{free_port()}", "ALL"],
+            env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, EX_TEMPFAIL, result.stderr)
+        self.assertIn(f"{queue_id}: to=<b@b.example>, relay=none", result.stderr)
+        self.assertIn("Connection refused", result.stderr)
+        self.assertNotIn("Main loop terminated", result.stderr)
+        # A stale claim goes back to incoming/, as the daemon's recovery
+        # would put it; the lock is free again.
+        self.assertEqual(spool.find(queue_id), "incoming")
+        self.assertFalse(control.spool_locked(spool.directory))
+
+
 # ---------------------------------------------------------------------------
 # Over the wire, against our own listener
 
