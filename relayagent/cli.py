@@ -24,7 +24,8 @@ Commands live in one table, ``COMMANDS``; a later phase adds one with
 
 SYNOPSIS
 
-    relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID] [RCPT ...]
+    relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID]
+        [-O requiretls=yes] [RCPT ...]
     relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
     relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
     relayagent [-c CONFIG] transfer --to HOST:PORT [ID ...|ALL] [--destination DOMAIN]
@@ -436,6 +437,10 @@ def _configure_sendmail(parser: argparse.ArgumentParser) -> None:
                         help="NOTIFY: never, or a comma list of success, failure, delay")
     parser.add_argument("-R", dest="ret", metavar="RET", help="RET: full or hdrs")
     parser.add_argument("-V", dest="envid", metavar="ENVID", help="the DSN envelope id")
+    parser.add_argument("-O", dest="named_options", action="append", default=[], metavar="OPTION=VALUE",
+                        help="-O requiretls=yes: deliver only over verified TLS to servers that offer "
+                        "REQUIRETLS (RFC 8689), else return the message; other options are ignored, "
+                        "as by Postfix's sendmail")
     parser.add_argument("-B", dest="body_type", metavar="TYPE", help="accepted for compatibility; the body type is detected")
     parser.add_argument("-b", dest="mode", default="m", metavar="MODE",
                         help="m (deliver, the default) or p (list the queue, as mailq)")
@@ -481,6 +486,7 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise Failure(EX_USAGE, f"sendmail: bad -F value {args.full_name!r}: control character in the full name")
     if not recipients and not args.extract:
         raise Failure(EX_USAGE, "sendmail: no recipients given (name them, or use -t)")
+    requiretls = _requiretls_option(args.named_options)
 
     spool = context.spool()
     limit = settings.message_size_limit
@@ -549,6 +555,7 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
             envid=args.envid,
             ret=ret,
             smtputf8=smtputf8,
+            requiretls=requiretls,
         )
     except _MessageTooBig:
         # Postfix's words.  Its sendmail exits 75 here, an accident of
@@ -565,6 +572,22 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
     trigger_hook(context.config)
     return EX_OK
+
+
+def _requiretls_option(options: Iterable[str]) -> bool:
+    """``-O requiretls=yes|no`` (Postfix 3.11's sendmail; name and value
+    in any case; the last one counts).  Other ``-O`` options are ignored,
+    as Postfix's sendmail ignores them."""
+    requiretls = False
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.strip().lower() != "requiretls":
+            continue
+        word = value.strip().lower()
+        if word not in ("yes", "no"):
+            raise Failure(EX_USAGE, f"sendmail: bad -O value {option!r}: expected requiretls=yes or requiretls=no")
+        requiretls = word == "yes"
+    return requiretls
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:

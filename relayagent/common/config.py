@@ -230,6 +230,22 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tls_verify_cert_match", "hostname", L, "Names a certificate must match at level verify."),
     _p("smtp_tls_secure_cert_match", "nexthop, dot-nexthop", L, "Names a certificate must match at level secure."),
     _p("smtp_tls_loglevel", "0", N, "TLS logging verbosity (1: one line per session).", minimum=0),
+    # --- MTA-STS (relayagent/smtp/mtasts.py) and TLSRPT (relayagent/smtp/tlsrpt.py)
+    _p("smtp_mta_sts_enable", "no", B, "Look up and apply recipient domains' MTA-STS policies (RFC 8461): TXT _mta-sts.<domain>, then an HTTPS fetch.", ours=True),
+    _p("smtp_mta_sts_cache_directory", "mta-sts", S, "Where MTA-STS policies are kept across restarts, relative to queue_directory when not absolute.", ours=True),
+    _p("smtp_mta_sts_fetch_timeout", "10s", T, "Time limit for fetching one MTA-STS policy over HTTPS.", minimum=1, ours=True),
+    _p("smtp_mta_sts_max_policy_size", "65536", N, "The largest MTA-STS policy file fetched, in bytes.", minimum=512, ours=True),
+    _p("smtp_mta_sts_CAfile", "", S, "CA certificates (PEM) that MTA-STS policy servers are verified against (empty: the system trust store).", path=True, ours=True),
+    _p("smtp_mta_sts_refresh_margin", "1d", T, "Fetch a cached MTA-STS policy again in the background when it expires within this time.", unit="s", minimum=0, ours=True),
+    _p("smtp_tlsrpt_enable", "no", B, "Count TLS outcomes per policy domain and send RFC 8460 TLSRPT aggregate reports to the rua of _smtp._tls.<domain>.", ours=True),
+    _p("smtp_tlsrpt_interval", "1d", T, "The TLSRPT report period (periods are aligned to multiples of it in UTC).", minimum=3600, ours=True),
+    _p("smtp_tlsrpt_organization", "$mydomain", S, "The organization-name of TLSRPT reports.", ours=True),
+    _p("smtp_tlsrpt_contact", "postmaster@$mydomain", S, "The contact-info of TLSRPT reports and the sender of mailto: reports.", ours=True),
+    # --- REQUIRETLS and TLS-Required (RFC 8689; relayagent/smtp/requiretls.py)
+    _p("requiretls_enable", "yes", B, "Support REQUIRETLS (RFC 8689): the listener offers it over TLS, sendmail -O requiretls=yes asks for it, and delivery enforces it."),
+    _p("tls_required_enable", "yes", B, "Honour a \"TLS-Required: No\" header (RFC 8689) in a message without REQUIRETLS: a mandatory TLS level becomes may for its delivery."),
+    _p("smtp_requiretls_policy", "enforce", L, "How REQUIRETLS is enforced per nexthop domain: actions (enforce, opportunistic+starttls, opportunistic, disable, error) and type:table lookups answering one, tried in order; no match: enforce (Postfix's default also makes $mydomain, localhost and IP addresses opportunistic)."),
+    _p("requiretls_redact_dsn", "yes", B, "A delivery status notice of a REQUIRETLS message returns its header only, and is not itself sent with REQUIRETLS (RFC 8689 section 5)."),
     # --- bounces and notices (relayagent/bounce/dsn.py)
     _p("double_bounce_sender", "double-bounce", S, "The sender of postmaster notices of undeliverable bounces."),
     _p("notify_classes", "resource, software", L, "Problem classes reported to the postmaster.", choices=("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")),

@@ -76,8 +76,10 @@ from relayagent.master import child, worker
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
+from relayagent.smtp.mtasts import PolicyCache, PolicyStore
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
+from relayagent.smtp.tlsrpt import Recorder, Reporter, TLSRPTSettings
 from relayagent.spool import Spool, control
 from relayagent.spool.spool import SpoolSettings
 
@@ -114,7 +116,18 @@ class RelayagentService(MultiService):
         self.twistd_log = twistd_log
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
+        self.dns_resolver = dns_resolver
         self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
+        # MTA-STS's cache and TLSRPT's counters live in the queue
+        # directory, found again after a chroot (spool_directory).
+        self.mta_sts: PolicyStore | None = getattr(security, "mta_sts", None)
+        self.tlsrpt: Recorder | None = getattr(security, "tlsrpt", None)
+        self.tlsrpt_reporter: Reporter | None = None
+        if self.mta_sts is not None:
+            cache_name = self.mta_sts.settings.smtp_mta_sts_cache_directory
+            self.mta_sts.cache = PolicyCache(lambda: os.path.join(self.spool_directory(), cache_name))
+        if self.tlsrpt is not None:
+            self.tlsrpt.directory_source = lambda: os.path.join(self.spool_directory(), "tlsrpt")
         # Under --chroot the path above means nothing after the chroot: keep
         # a descriptor to find the directory again (module docstring).
         self._directory_fd: int | None = None
@@ -256,6 +269,7 @@ class RelayagentService(MultiService):
             on_trigger=on_trigger if self.role is None and self.workers > 1 else None,
         )
         self.queue_manager = queue_manager
+        self._start_transport_security(index, new_mail)
         if self.role is not None:
             # A child: no trigger socket (the parent's pipe brings them).
             super().startService()
@@ -276,6 +290,24 @@ class RelayagentService(MultiService):
             # own share of the queue.  Their files never overlap.
             self._start_workers()
         queue_manager.start()
+
+    def _start_transport_security(self, index: int, new_mail: Any) -> None:
+        """MTA-STS's cache and refresh, TLSRPT's counters, and (worker 0)
+        the TLSRPT reports."""
+        if self.mta_sts is not None:
+            # Worker 0 alone refreshes in the background; the others find
+            # its refreshed files (PolicyStore.current).
+            self.mta_sts.start(refresh=index == 0)
+        if self.tlsrpt is not None:
+            self.tlsrpt.worker = index
+            self.tlsrpt.start()
+            if index == 0 and self.spool is not None:
+                # The MTA-STS client when there is one: made before a chroot,
+                # with the same trust anchors.
+                self.tlsrpt_reporter = Reporter.from_config(
+                    self.config, self.tlsrpt, self.reactor, self.dns_resolver, self.spool.enqueue, wakeup=new_mail,
+                    http=getattr(self.mta_sts, "http", None))
+                self.tlsrpt_reporter.start()
 
     def _start_workers(self) -> None:
         assert self._lock_fd is not None
@@ -301,6 +333,9 @@ class RelayagentService(MultiService):
         def after(_: Any) -> None:
             if self.agent is not None:
                 self.agent.stop()
+            for part in (self.mta_sts, self.tlsrpt, self.tlsrpt_reporter):
+                if part is not None:
+                    part.stop()
             self.smtp.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -392,11 +427,15 @@ def build_service(config: Config, reactor: Any, *,
                    name="smtp_destination_concurrency_negative_feedback")
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
+    tlsrpt = TLSRPTSettings.from_config(config)
+    recorder = (Recorder(os.path.join(tlsrpt.queue_directory, "tlsrpt"), reactor,
+                         interval=tlsrpt.smtp_tlsrpt_interval) if tlsrpt.smtp_tlsrpt_enable else None)
     return RelayagentService(
         config,
         reactor,
         log_out=open_log(config),
-        security=SecurityPolicy(config),
+        security=SecurityPolicy(config, mta_sts=PolicyStore.from_config(config, reactor, dns_resolver),
+                                tlsrpt=recorder),
         dns_resolver=dns_resolver,
         privileges=privileges,
         twistd_log=twistd_log,

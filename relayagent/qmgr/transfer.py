@@ -184,6 +184,17 @@ class PeerSessionSecurity:
         """The inner hook's plaintext retry, with the same checks after it."""
         return PeerSessionSecurity(self.inner.plaintext_fallback())
 
+    def for_demand(self, demand: Any) -> PeerSessionSecurity:
+        """The inner hook for a message's TLS demand (REQUIRETLS), with
+        the same checks after it."""
+        hook = self.inner.for_demand(demand)
+        return self if hook is self.inner else PeerSessionSecurity(hook)
+
+    def __getattr__(self, name: str) -> Any:
+        # Whatever else the connection layer asks of a hook (its TLS
+        # level, its demand) is the inner hook's.
+        return getattr(self.inner, name)
+
     def negotiate(self, session: Any) -> Deferred[None]:
         """STARTTLS and AUTH as configured, EHLO again, the keyword check."""
         return Deferred.fromCoroutine(self._negotiate(session))

@@ -112,6 +112,9 @@ class ServerInfo:
     address: str
     port: int
     nexthop: str
+    # The recipient domain whose MTA-STS policy applies to this MX host
+    # ("" for none: a [host] nexthop, a relay; smtp.mtasts.sts_policy_domain).
+    policy_domain: str = ""
 
     @property
     def namaddr(self) -> str:

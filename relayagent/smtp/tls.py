@@ -644,6 +644,11 @@ class TLSOutcome:
     cipher: str = ""
     bits: int = 0
     verify_errors: list[str] = field(default_factory=list)
+    # For MTA-STS and TLSRPT, whatever the level: the X509_V_ERR codes of
+    # the chain check, and whether the chain verified and a name matched
+    # the MX host name (what an MTA-STS policy demands).
+    verify_codes: tuple[int, ...] = ()
+    host_verified: bool = False
 
     @classmethod
     def plaintext(cls) -> TLSOutcome:
@@ -752,14 +757,17 @@ async def negotiate_tls(
         await _start_tls_method(session)(creator)
     except Exception as exc:  # noqa: BLE001 - every handshake failure is reported alike
         if creator.rejected is not None:
-            raise DeliveryFailure(
+            rejected = DeliveryFailure(
                 Status(
                     dsn="4.7.5",
                     text="Server certificate not verified",
                     stage=STARTTLS_STAGE,
                     remote_mta=server.host,
                 )
-            ) from None
+            )
+            # What was wrong with it, for TLSRPT (relayagent.smtp.security).
+            rejected.tls_outcome = outcomes[0] if outcomes else None  # type: ignore[attr-defined]
+            raise rejected from None
         if creator.handshake_done:
             # TLS is up; what failed is the conversation after it (EHLO).
             raise
@@ -805,6 +813,9 @@ def _examine(
     if certificate is None:
         errors.append("no server certificate")
     trust = "Trusted" if chain_ok else "Untrusted"
+    host_verified = chain_ok and certificate_matches(
+        certificate, ("hostname",), hostname=server.host, nexthop=nexthop_domain(nexthop)
+    )
     if chain_ok and policy.level.checks_names:
         patterns = settings.match_patterns(policy)
         if certificate_matches(certificate, patterns, hostname=server.host, nexthop=nexthop_domain(nexthop)):
@@ -818,6 +829,8 @@ def _examine(
         cipher=connection.get_cipher_name() or "",
         bits=connection.get_cipher_bits() or 0,
         verify_errors=errors,
+        verify_codes=tuple(errno for _depth, errno in verify_errors),
+        host_verified=host_verified,
     )
 
 

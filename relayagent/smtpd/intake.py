@@ -236,7 +236,7 @@ class ClientInfo:
             peer=peer,
             esmtp=bool(esmtp),
             authenticated=bool(getattr(protocol, "authenticated", False)),
-            tls=bool(getattr(protocol, "startedTLS", False)),
+            tls=bool(getattr(protocol, "encrypted", getattr(protocol, "startedTLS", False))),
         )
 
     def with_protocol(self) -> str:
@@ -468,6 +468,7 @@ class _Transaction:
         self.envid, self.ret, self.arrival_time = _declared_dsn(protocol)
         username = getattr(protocol, "relayagent_sasl_username", None)
         self.sasl_username = username if isinstance(username, str) else None
+        self.requiretls = _requested_requiretls(protocol)
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
         self._file: IO[bytes] | None = None
@@ -646,6 +647,9 @@ class _Transaction:
             # A first arrival in the future (a peer's clock ahead of
             # ours) would keep the message for longer than its lifetime.
             extra["arrival_time"] = min(self.arrival_time, self.intake.clock())
+        # Only when asked: other spools (twisted.mail glue) need not know it.
+        if self.requiretls:
+            extra["requiretls"] = True
         if any(r.orcpt is not None or r.notify is not Notify.DEFAULT for r in self.envelope_recipients):
             queued_recipients = self.envelope_recipients
         result = defer.maybeDeferred(
@@ -698,6 +702,12 @@ def _describe_peer_info(client: ClientInfo) -> str:
     # "unknown", as in Postfix when there is no PTR record.
     literal = _address_literal(client.peer)
     return f"unknown{literal}" if literal else str(client.peer)
+
+
+def _requested_requiretls(protocol: object) -> bool:
+    """MAIL FROM carried REQUIRETLS (RFC 8689), when the protocol
+    records it (ours does, and takes it only over TLS)."""
+    return getattr(protocol, "relayagent_requiretls", False) is True
 
 
 def _declared_body_type(protocol: object) -> BodyType | None:

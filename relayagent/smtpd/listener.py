@@ -30,8 +30,8 @@ server lacks:
   request was taken.
 - AUTH (RFC 4954) with ``smtpd_sasl_auth_enable``: CRAM-MD5 (RFC 2195)
   against ``smtpd_sasl_password_maps`` (username -> password).  The
-  listener has no TLS, so no mechanism that sends the password itself
-  (PLAIN, LOGIN) is offered.  Failures are 535 5.7.8 and one warning
+  listener has no STARTTLS of its own, so no mechanism that sends the
+  password itself (PLAIN, LOGIN) is offered.  Failures are 535 5.7.8 and one warning
   line naming the client and the username, never the response.
 - XRELAYAGENT-ARRIVAL (ours, docs/fleet.rst): offered in the EHLO reply
   to an authenticated client only (it says EHLO again after AUTH), it
@@ -49,6 +49,15 @@ server lacks:
   ``message_size_limit``), as from Postfix's smtpd.
 - An over-long line ends the session with a 5xx reply (Twisted's server
   keeps buffering a line that never ends).
+- REQUIRETLS (RFC 8689), with ``requiretls_enable``: offered in EHLO and
+  taken on MAIL FROM only in an encrypted session, and recorded in the
+  queue file.  The listener has no STARTTLS of its own (no server
+  certificate parameters), so "encrypted" means an implicit-TLS
+  endpoint in ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
+  certKey=cert.pem``), or a session where Twisted's own STARTTLS ran
+  (a MailService factory given a context factory).  In plaintext,
+  REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
+  555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
 Relaying is the intake's rule: clients in ``mynetworks`` (default
 loopback only) or authenticated; anyone else gets 554 5.7.1 for every
@@ -62,15 +71,15 @@ SYNOPSIS
     RelayagentESMTP (the server protocol);  parse_esmtp_parameters(text)
 
 DIAGNOSTICS: replies to the client, never exceptions: 552 5.3.4 (size),
-555 5.5.4 (unknown parameter), 501 5.5.4 (a malformed DSN or ARRIVAL
-parameter), 535 5.7.8 (AUTH failed), 452 4.3.1 (short of space), 451
-4.3.0 (the spool failed), 554 5.7.1 (relaying denied), 5xx for an
-over-long line.
+555 5.5.4 (unknown parameter, REQUIRETLS in plaintext), 501 5.5.4 (a
+malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 452 4.3.1
+(short of space), 451 4.3.0 (the spool failed), 554 5.7.1 (relaying
+denied), 5xx for an over-long line.
 A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
 ``strports.service`` (``ValueError``).
 
 Owns: smtpd_endpoints, smtpd_banner, smtpd_sasl_auth_enable,
-smtpd_sasl_password_maps.  Reads message_size_limit,
+smtpd_sasl_password_maps.  Reads message_size_limit, requiretls_enable,
 myhostname (and, through the glue, mynetworks, hopcount_limit and
 queue_minfree).
 """
@@ -93,6 +102,7 @@ from twisted.application.service import IService
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import protocols, smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
@@ -191,6 +201,9 @@ class RelayagentESMTP(smtp.ESMTP):
     relayagent_ret: Ret | None = None
     relayagent_arrival: float | None = None
     relayagent_sasl_username: str | None = None
+    # Read by relayagent.smtpd.intake: MAIL FROM carried REQUIRETLS.
+    relayagent_requiretls = False
+    requiretls_enable = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -218,7 +231,16 @@ class RelayagentESMTP(smtp.ESMTP):
         extensions[b"DSN"] = None
         if self.authenticated:
             extensions[ARRIVAL_KEYWORD] = None
+        if self.requiretls_enable and self.encrypted:
+            # RFC 8689 section 3: only in a session protected by TLS.
+            extensions[b"REQUIRETLS"] = None
         return extensions
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the session runs over TLS: an implicit-TLS endpoint
+        (``ssl:``), or Twisted's STARTTLS done."""
+        return bool(self.startedTLS) or ISSLTransport.providedBy(self.transport)
 
     def do_EHLO(self, rest: bytes) -> None:
         self.relayagent_esmtp = True
@@ -245,6 +267,7 @@ class RelayagentESMTP(smtp.ESMTP):
         ret: Ret | None = None
         arrival: float | None = None
         seen: set[str] = set()
+        requiretls = False
         for key, value in parameters:
             if key in seen:
                 self.sendCode(501, networkString(f"5.5.4 Duplicate MAIL parameter: {key}"))
@@ -284,6 +307,8 @@ class RelayagentESMTP(smtp.ESMTP):
                     return
             elif key == "AUTH" and self.challengers:
                 pass  # RFC 4954 5: we may ignore the AUTH= identity
+            elif key == "REQUIRETLS" and value is None and self.requiretls_enable and self.encrypted:
+                requiretls = True  # RFC 8689 section 4: no value
             else:
                 self.sendCode(555, networkString(f"5.5.4 Unsupported option: {key}"))
                 return
@@ -291,6 +316,7 @@ class RelayagentESMTP(smtp.ESMTP):
         self.relayagent_envid = envid
         self.relayagent_ret = ret
         self.relayagent_arrival = arrival
+        self.relayagent_requiretls = requiretls
         super().do_MAIL(rest)
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -539,6 +565,7 @@ class ListenerSettings(Settings):
     myhostname: str
     message_size_limit: int
     queue_directory: str
+    requiretls_enable: bool
     smtpd_sasl_auth_enable: bool
     smtpd_sasl_password_maps: tuple[str, ...]
     base_dir: str | None = None
@@ -547,6 +574,7 @@ class ListenerSettings(Settings):
 def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings) -> RelayagentESMTP:
     """Apply main.cf to one server protocol instance."""
     server.message_size_limit = settings.message_size_limit
+    server.requiretls_enable = settings.requiretls_enable
     server.host = settings.myhostname.encode("idna")
     server.banner = settings.smtpd_banner.encode("utf-8", "replace")
     return server

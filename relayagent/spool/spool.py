@@ -79,6 +79,7 @@ from relayagent.spool.queuefile import (
     build_head,
 )
 from relayagent.spool.queueid import QueueIdGenerator, is_queue_id, queue_id_pid
+from relayagent.spool.tlsrequired import TLSRequiredScanner, has_tls_required_no
 
 INCOMING = "incoming"
 ACTIVE = "active"
@@ -120,6 +121,7 @@ class Message:
     body_type: BodyType | None = None
     smtputf8: bool = False
     arrival_time: float | None = None
+    requiretls: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,12 @@ def _fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _finished(scanner: TLSRequiredScanner) -> TLSRequiredScanner:
+    """The scanner told the content ended (a header without a newline)."""
+    scanner.close()
+    return scanner
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -308,6 +316,7 @@ class Spool:
         ret: Ret | None = None,
         body_type: BodyType | None = None,
         smtputf8: bool = False,
+        requiretls: bool = False,
         queue: str = INCOMING,
         arrival_time: float | None = None,
     ) -> str:
@@ -319,11 +328,13 @@ class Spool:
         position here).  ``content`` is the message (header and body) as
         bytes or a binary stream, which is read in chunks, never whole.
         ``body_type`` None means: 8BITMIME if any octet is above 127, else
-        7BIT.  ``arrival_time`` (a Unix time) is the message's first
-        arrival when it was queued elsewhere before (``relayagent
-        transfer``): lifetimes and delay warnings count from it; None
-        means now.  Raises ValueError for a bad argument, OSError for
-        trouble with the disk; in both cases nothing is queued.
+        7BIT.  ``requiretls``: the sender asked for REQUIRETLS (RFC 8689).
+        Whether the header has ``TLS-Required: No`` is found here
+        (``spool.tlsrequired``).  ``arrival_time`` (a Unix time) is the
+        message's first arrival when it was queued elsewhere before
+        (``relayagent transfer``): lifetimes and delay warnings count from
+        it; None means now.  Raises ValueError for a bad argument, OSError
+        for trouble with the disk; in both cases nothing is queued.
         """
         with self.batch() as batch:
             queue_id = batch.enqueue(
@@ -334,6 +345,7 @@ class Spool:
                 ret=ret,
                 body_type=body_type,
                 smtputf8=smtputf8,
+                requiretls=requiretls,
                 queue=queue,
                 arrival_time=arrival_time,
             )
@@ -376,6 +388,7 @@ class Spool:
                     ret=message.ret,
                     body_type=message.body_type,
                     smtputf8=message.smtputf8,
+                    requiretls=message.requiretls,
                     queue=queue,
                     arrival_time=message.arrival_time,
                 )
@@ -393,6 +406,7 @@ class Spool:
         body_type: BodyType | None,
         smtputf8: bool,
         arrival_time: float | None = None,
+        requiretls: bool = False,
     ) -> str:
         """Write and fsync one queue file under tmp/; return its id."""
         normalized = _normalize_recipients(recipients)
@@ -422,6 +436,7 @@ class Spool:
                 variable=variable,
                 recipient_count=count,
                 smtputf8=smtputf8,
+                requiretls=requiretls,
                 ret=ret,
             )
             if isinstance(content, (bytes, bytearray, memoryview)):
@@ -433,6 +448,7 @@ class Spool:
                     body_type=body_type or detected,
                     body_declared=body_type is not None,
                     plain_lines=is_plain(data),
+                    tls_not_required=has_tls_required_no(data),
                     **head_args,
                 )
                 # One write for the whole file.
@@ -447,6 +463,7 @@ class Spool:
                 _write_all(fd, provisional)
                 size, crc, ascii_only = 0, 0, True
                 lines = PlainLineScanner()
+                tls_header = TLSRequiredScanner()
                 while True:
                     chunk = content.read(CONTENT_CHUNK)
                     if not chunk:
@@ -457,6 +474,7 @@ class Spool:
                     crc = zlib.crc32(chunk, crc)
                     ascii_only = ascii_only and chunk.isascii()
                     lines.feed(chunk)
+                    tls_header.feed(chunk)
                     _write_all(fd, chunk)
                 detected = BodyType.SEVEN_BIT if ascii_only else BodyType.EIGHT_BIT_MIME
                 head = build_head(
@@ -465,6 +483,7 @@ class Spool:
                     body_type=body_type or detected,
                     body_declared=body_type is not None,
                     plain_lines=lines.plain,
+                    tls_not_required=_finished(tls_header).found,
                     **head_args,
                 )
                 if os.pwrite(fd, head, 0) != len(head):
@@ -804,6 +823,7 @@ class EnqueueBatch:
         ret: Ret | None = None,
         body_type: BodyType | None = None,
         smtputf8: bool = False,
+        requiretls: bool = False,
         queue: str = INCOMING,
         arrival_time: float | None = None,
     ) -> str:
@@ -821,6 +841,7 @@ class EnqueueBatch:
             body_type=body_type,
             smtputf8=smtputf8,
             arrival_time=arrival_time,
+            requiretls=requiretls,
         )
         self._written.append((queue_id, queue))
         return queue_id
