@@ -165,6 +165,22 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(sorted(self.spool.queue_ids("deferred")), ids)
         self.assertEqual(list(self.spool.queue_ids("hold")), [])
 
+    def test_requiretls_message_is_kept_without_stopping_the_run(self):
+        # Over a session without TLS a REQUIRETLS message cannot go; the
+        # next ones can.
+        kept = queue_message(self.spool, ["b@b.example"], requiretls=True)
+        queue_message(self.spool, ["c@b.example"])
+
+        def answer(recipient):
+            if recipient.address == "b@b.example":
+                return Status("5.7.10", "REQUIRETLS support required", stage="STARTTLS")
+            return sent(recipient)
+
+        transfer, agent = self.transfer(answer)
+        report = run(transfer)
+        self.assertEqual((len(agent.requests), report.moved, report.kept, report.stopped), (2, 1, 1, None))
+        self.assertEqual(self.spool.find(kept), "deferred")
+
     def test_auth_refused_is_noperm(self):
         queue_id = queue_message(self.spool, ["b@b.example"])
         transfer, _ = self.transfer(auth_refused)

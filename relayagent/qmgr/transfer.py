@@ -392,7 +392,10 @@ class Transfer:
                     ralog.log_warning(log, f"cannot mark transferred recipients done: {exc}; they may be "
                                       "delivered twice", queue_id=queue_id)
             self._log(envelope, selected, sent, result, started)
-            if not sent and self._node_failed(result, selected):
+            # A REQUIRETLS message fails over a session without TLS on its
+            # own account (kept here, delivered from here): no reason to
+            # stop for the others.
+            if not sent and not envelope.requiretls and self._node_failed(result, selected):
                 status = self._status(result, selected[0])
                 report.stopped = status
                 report.auth_refused = status.stage == AUTH_STAGE
