@@ -29,6 +29,7 @@ SYNOPSIS
     relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
     relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
     relayagent [-c CONFIG] reload | logrotate
+    relayagent [-c CONFIG] transfer --to HOST:PORT [ID ...|ALL] [--destination DOMAIN]
     main(argv) -> exit status;  register(Command(...));  trigger_hook(config, command)
 
 DIAGNOSTICS: the sysexits codes above, each with one line on standard
@@ -152,6 +153,7 @@ class CommandSettings(Settings):
     queue_minfree: int
     smtputf8_enable: bool
     smtp_sasl_password_maps: tuple[str, ...]
+    smtpd_sasl_password_maps: tuple[str, ...]
     base_dir: str
 
 
@@ -870,21 +872,23 @@ def secret_file_problems(config: Config) -> list[str]:
     """Password tables that others may read."""
     problems = []
     settings = CommandSettings.from_config(config)
-    for spec in settings.smtp_sasl_password_maps:
-        kind, colon, name = spec.partition(":")
-        if not colon or kind not in _FILE_TABLE_TYPES:
-            continue
-        path = config.resolve_path(name)
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            problems.append(f"smtp_sasl_password_maps: {path}: {exc.strerror}")
-            continue
-        if info.st_mode & stat.S_IROTH:
-            problems.append(
-                f"smtp_sasl_password_maps: {path}: world-readable (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
-            )
+    for parameter, specs in (("smtp_sasl_password_maps", settings.smtp_sasl_password_maps),
+                             ("smtpd_sasl_password_maps", settings.smtpd_sasl_password_maps)):
+        for spec in specs:
+            kind, colon, name = spec.partition(":")
+            if not colon or kind not in _FILE_TABLE_TYPES:
+                continue
+            path = config.resolve_path(name)
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                problems.append(f"{parameter}: {path}: {exc.strerror}")
+                continue
+            if info.st_mode & stat.S_IROTH:
+                problems.append(
+                    f"{parameter}: {path}: world-readable (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
+                )
     return problems
 
 
@@ -1024,6 +1028,16 @@ from relayagent.smtpd import importqueue  # noqa: E402 - kept next to its table 
 register(Command("import-twisted-queue",
                  "move a twisted.mail relay queue (-H/-D files) into the spool, never unpickling",
                  importqueue.configure_parser, importqueue.run_command))
+
+
+# ---------------------------------------------------------------------------
+# transfer (relayagent.qmgr.transfer)
+
+from relayagent.qmgr import transfer  # noqa: E402 - kept next to its table entry
+
+register(Command("transfer",
+                 "hand queued messages to another relayagent's listener over authenticated SMTP",
+                 transfer.configure_parser, transfer.run_command))
 
 
 # ---------------------------------------------------------------------------

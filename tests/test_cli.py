@@ -749,6 +749,17 @@ class CheckTests(CommandTestCase):
         code, out, _ = self.run_command("check")
         self.assertEqual(code, 0, out)
 
+    def test_listener_password_file_permissions(self) -> None:
+        self.spool.ensure_layout()
+        self.write_config("smtpd_sasl_password_maps = texthash:smtpd_passwords\n")
+        password_file = os.path.join(self.base, "smtpd_passwords")
+        write_file(password_file, b"node-a secret\n")
+        os.chmod(password_file, 0o644)
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("smtpd_sasl_password_maps: " + password_file + ": world-readable (mode 0644)", out)
+        self.assertNotIn("secret", out)
+
     def test_unknown_parameter_is_a_problem(self) -> None:
         self.spool.ensure_layout()
         self.write_config("no_such_parameter = 1\n")
@@ -824,7 +835,7 @@ class FlushAndTriggerTests(CommandTestCase):
         self.assertEqual(
             sorted(cli.COMMANDS),
             ["check", "flush", "import-twisted-queue", "logrotate", "mailq", "postconf", "postsuper",
-             "reload", "sendmail"],
+             "reload", "sendmail", "transfer"],
         )
         calls = []
 

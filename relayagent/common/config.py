@@ -265,6 +265,8 @@ _TABLE: tuple[Parameter, ...] = (
     # --- the listener (relayagent/smtpd/twistedmail.py)
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
+    _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH (CRAM-MD5) in the listener; authenticated clients may relay."),
+    _p("smtpd_sasl_password_maps", "", L, "The listener's SASL accounts: lookup tables from username to password (keep them readable by the daemon only).", ours=True),
     # --- worker processes (relayagent/master/worker.py)
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
 )

@@ -9,7 +9,9 @@ last), RSET after a refusal, the RSET probe of a cached session.
   with "." after the last transaction; lock-step otherwise;
 - SIZE, BODY=8BITMIME/7BIT, DSN (RET, ENVID, NOTIFY, ORCPT), SMTPUTF8
   and REQUIRETLS (RFC 8689, on a session the security hook checked for
-  it: ``smtp.requiretls``) parameters (``smtp.address``); the 5.3.4 size refusal and the 5.6.7
+  it: ``smtp.requiretls``) parameters (``smtp.address``), and ARRIVAL= to
+  a relayagent listener that offers XRELAYAGENT-ARRIVAL (only to an
+  authenticated peer); the 5.3.4 size refusal and the 5.6.7
   SMTPUTF8 refusal, decided before any command;
 - per-recipient ``Status`` results (``Outcome``) worded as Postfix words
   them; a reply of the wrong kind is Postfix's outcome (5.5.0), never a
@@ -53,6 +55,10 @@ from relayagent.spool.queuefile import CorruptQueueFile
 
 if TYPE_CHECKING:
     from relayagent.smtp.session import SMTPSession
+
+# The EHLO keyword of relayagent's listener, after AUTH, for MAIL FROM's
+# ARRIVAL=<unix-time> (docs/fleet.rst, "Moving a queue to another node").
+ARRIVAL_KEYWORD = "XRELAYAGENT-ARRIVAL"
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,11 @@ def mail_from(session: SMTPSession, envelope: Envelope, converting: bool) -> byt
             parts.append("RET=HDRS")
         elif envelope.ret is not None:
             parts.append("RET=" + envelope.ret.value)
+    if session.has(ARRIVAL_KEYWORD):
+        # Our listener's extension (docs/fleet.rst), offered only to an
+        # authenticated relayagent peer: the first arrival, so that the
+        # queue lifetimes and delay warnings go on counting from it.
+        parts.append(f"ARRIVAL={int(envelope.arrival_time)}")
     return " ".join(parts).encode("utf-8")
 
 

@@ -120,6 +120,7 @@ class Message:
     ret: Ret | None = None
     body_type: BodyType | None = None
     smtputf8: bool = False
+    arrival_time: float | None = None
     requiretls: bool = False
 
 
@@ -317,6 +318,7 @@ class Spool:
         smtputf8: bool = False,
         requiretls: bool = False,
         queue: str = INCOMING,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue one message; return its queue id once it is on disk.
 
@@ -328,8 +330,11 @@ class Spool:
         ``body_type`` None means: 8BITMIME if any octet is above 127, else
         7BIT.  ``requiretls``: the sender asked for REQUIRETLS (RFC 8689).
         Whether the header has ``TLS-Required: No`` is found here
-        (``spool.tlsrequired``).  Raises ValueError for a bad argument,
-        OSError for trouble with the disk; in both cases nothing is queued.
+        (``spool.tlsrequired``).  ``arrival_time`` (a Unix time) is the
+        message's first arrival when it was queued elsewhere before
+        (``relayagent transfer``): lifetimes and delay warnings count from
+        it; None means now.  Raises ValueError for a bad argument, OSError
+        for trouble with the disk; in both cases nothing is queued.
         """
         with self.batch() as batch:
             queue_id = batch.enqueue(
@@ -342,6 +347,7 @@ class Spool:
                 smtputf8=smtputf8,
                 requiretls=requiretls,
                 queue=queue,
+                arrival_time=arrival_time,
             )
         return queue_id
 
@@ -384,6 +390,7 @@ class Spool:
                     smtputf8=message.smtputf8,
                     requiretls=message.requiretls,
                     queue=queue,
+                    arrival_time=message.arrival_time,
                 )
                 for message in messages
             ]
@@ -398,6 +405,7 @@ class Spool:
         ret: Ret | None,
         body_type: BodyType | None,
         smtputf8: bool,
+        arrival_time: float | None = None,
         requiretls: bool = False,
     ) -> str:
         """Write and fsync one queue file under tmp/; return its id."""
@@ -410,7 +418,7 @@ class Spool:
                 raise ValueError(f"{what} address {address!r} {problem}")
         variable, count = build_envelope(sender, normalized, envid)
         while True:
-            queue_id, arrival_time = self._ids.next()
+            queue_id, now = self._ids.next()
             tmp_path = self.path(TMP, queue_id)
             try:
                 fd = os.open(
@@ -424,7 +432,7 @@ class Spool:
         try:
             self._give_to_queue_owner(fd)
             head_args = dict(
-                arrival_time=arrival_time,
+                arrival_time=now if arrival_time is None else arrival_time,
                 variable=variable,
                 recipient_count=count,
                 smtputf8=smtputf8,
@@ -817,6 +825,7 @@ class EnqueueBatch:
         smtputf8: bool = False,
         requiretls: bool = False,
         queue: str = INCOMING,
+        arrival_time: float | None = None,
     ) -> str:
         """Write one message; it is queued when the batch commits."""
         if self._done:
@@ -831,6 +840,7 @@ class EnqueueBatch:
             ret=ret,
             body_type=body_type,
             smtputf8=smtputf8,
+            arrival_time=arrival_time,
             requiretls=requiretls,
         )
         self._written.append((queue_id, queue))
