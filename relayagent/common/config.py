@@ -243,6 +243,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("debug_peer_level", "2", N, "Verbosity increment for debug_peer_list matches.", minimum=0),
     _p("delay_logging_resolution_limit", "2", N, "The most digits after the decimal point of delay= and delays= in log lines (0-6).", minimum=0),
     _p("syslog_name", "relayagent", S, "The program name prefix in log lines (Postfix's is postfix).", ours=True),
+    _p("syslog_facility", "mail", S, "The syslog facility of the lines sent to syslog (twistd --syslog).", choices=("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7")),
     _p("log_format", "postfix", S, "The log format: postfix (syslog-style lines) or json (one object per line).", choices=("postfix", "json"), ours=True),
     _p("maillog_file", "", S, "relayagent's log lines (only those), in log_format, go to this file instead of twistd's log (empty: into twistd's log: --logfile, standard output with -n, or --logger).", path=True),
     # --- the listener (relayagent/smtpd/twistedmail.py)

@@ -189,10 +189,11 @@ class RelayagentService(MultiService):
         """A line of twistd's log from a worker (``worker.LogToWorkerZero``),
         written by this process, which alone writes (and rotates) the file;
         flushed once per reactor turn."""
-        if self.twistd_log is None:
+        out = getattr(self.twistd_log, "out", None)  # a SyslogObserver has none
+        if out is None:
             return
         try:
-            self.twistd_log.out.write(text + "\n")
+            out.write(text + "\n")
         except OSError:
             return  # as the observer does: a full disk loses lines, not deliveries
         if not self._worker_log_flush:
@@ -373,6 +374,17 @@ def open_log(config: Config) -> LineAppender | None:
     path = ralog.MaillogSettings.from_config(config).maillog_file
     if not path:
         return None
+    inherited = ralog.inherited_descriptor(path)
+    if inherited is not None:
+        # /dev/stdout (a container's log): the descriptor twistd writes
+        # too, not a new open of the file behind it, which would have an
+        # offset of its own (twistd's lines would overwrite ours).
+        # O_APPEND on the shared description, for both writers.
+        import fcntl
+
+        fd = os.dup(inherited)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        return LineAppender(fd)
     # O_APPEND: every write lands at the end, whoever else writes.
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 

@@ -121,19 +121,28 @@ class SpoolStateService(Service):
 
 
 def twistd_log(twistd: Mapping[str, Any] | None, config: Config, reactor: Any) -> Any:
-    """twistd's log written by relayagent's observer
-    (``maillog.TwistdLogObserver``: Postfix's text, written once per
-    reactor turn), on the file twistd itself would open: ``--logfile``
-    (``-`` for standard output), standard output with ``-n``, else
-    ``twistd.log``, rotated on SIGUSR1 as twistd does.  None where
-    twistd's own choice stands: ``--logger`` (twistd prefers it to any
-    other observer), ``--syslog``, ``--logfile=-`` without ``-n`` (twistd
-    refuses it), or not run by twistd (``twistd`` is None).  Those render
-    the events' ``log_format``, which is Postfix's text too."""
-    if twistd is None or twistd.get("logger") or twistd.get("syslog"):
+    """twistd's log written by relayagent's observer, relayagent's lines
+    in Postfix's layout: ``maillog.TwistdLogObserver`` on the file twistd
+    itself would open (``--logfile``, ``-`` for standard output, standard
+    output with ``-n``, else ``twistd.log``, rotated on SIGUSR1 as twistd
+    does), or with ``--syslog`` a ``maillog.SyslogObserver`` (facility
+    ``syslog_facility``, the tag ``<syslog_name>/<daemon>[pid]``; a
+    ``--prefix`` other than twistd's default replaces syslog_name).  None
+    where twistd's own choice stands: ``--logger`` (twistd prefers it to
+    any other observer), ``--logfile=-`` without ``-n`` (twistd refuses
+    it), or not run by twistd (``twistd`` is None)."""
+    if twistd is None or twistd.get("logger"):
         return None
     from relayagent.common import maillog as ralog
 
+    settings = ralog.MaillogSettings.from_config(config)
+    program = f"{settings.syslog_name}/smtp"
+    if twistd.get("syslog"):
+        prefix = twistd.get("prefix")
+        if prefix and prefix != "twisted":
+            program = f"{prefix}/smtp"
+        return ralog.SyslogObserver(facility=settings.syslog_facility, program=program,
+                                    resolution=settings.delay_logging_resolution_limit)
     logfile = twistd.get("logfile")
     nodaemon = twistd.get("nodaemon")
     if logfile == "-" and not nodaemon:
@@ -150,8 +159,10 @@ def twistd_log(twistd: Mapping[str, Any] | None, config: Config, reactor: Any) -
         _rotate_on_sigusr1(out, reactor)
     return ralog.TwistdLogObserver(
         out,
-        resolution=ralog.MaillogSettings.from_config(config).delay_logging_resolution_limit,
+        resolution=settings.delay_logging_resolution_limit,
         flush_later=ralog.after_this_turn(reactor),
+        hostname=settings.myhostname,
+        program=program,
     )
 
 
