@@ -540,7 +540,7 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         spool.ensure_layout()
         # No ORCPT: sendmail has no way to give one, and none is invented
         # (the ESMTP client and the DSN writer derive rfc822;<address>).
-        spool.enqueue(
+        queue_id = spool.enqueue(
             sender,
             [Recipient(address, notify=notify) for address in _unique(recipients)],
             message,
@@ -561,8 +561,28 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise _spool_failure(spool, exc) from None
     except ValueError as exc:
         raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
+    # pickup's and cleanup's lines (Postfix's, for a message from its
+    # sendmail), before the queue manager is woken to log its own.
+    _log_submission(context.config, queue_id, sender, headers, added)
     trigger_hook(context.config)
     return EX_OK
+
+
+def _log_submission(config: Config, queue_id: str, sender: str, headers: list, added: list[bytes]) -> None:
+    from relayagent.common import maillog as ralog
+
+    message_id = ""
+    for header in headers:
+        if header.name.lower() == "message-id":
+            message_id = header.value().strip()
+            break
+    else:
+        for line in added:
+            if line.lower().startswith(b"message-id:"):
+                message_id = line[11:].strip().decode("utf-8", "replace")
+    log = ralog.submission_logger(config)
+    ralog.log_pickup(log, queue_id, os.getuid(), sender)
+    ralog.log_message_id(log, queue_id, message_id)
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:
