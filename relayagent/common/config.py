@@ -247,7 +247,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("log_format", "postfix", S, "The log format: postfix (syslog-style lines) or json (one object per line).", choices=("postfix", "json"), ours=True),
     _p("maillog_file", "", S, "relayagent's log lines (only those), in log_format, go to this file instead of twistd's log (empty: into twistd's log: --logfile, standard output with -n, or --logger).", path=True),
     # --- the listener (relayagent/smtpd/twistedmail.py)
-    _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
+    _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10587:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
     # --- worker processes (relayagent/master/worker.py)
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),

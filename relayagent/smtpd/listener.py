@@ -2,7 +2,7 @@
 The built-in SMTP listener: twisted.mail's ESMTP server feeding the spool.
 
 ``smtpd_endpoints`` (ours: Twisted server endpoint strings such as
-``tcp:10025:interface=127.0.0.1``; empty, the default, means no listener)
+``tcp:10587:interface=127.0.0.1``; empty, the default, means no listener)
 makes ``twistd -n relayagent`` accept mail for relaying.  The server is
 ``twisted.mail.smtp.ESMTP`` with ``relayagent.smtpd.intake`` behind it, and a subclass (``RelayagentESMTP``) that adds what the stock
 server lacks:
