@@ -250,6 +250,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10587:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
     # --- worker processes (relayagent/master/worker.py)
+    _p("relayagent_stop_timeout", "30s", T, "How long a stop (SIGTERM, Ctrl-C) waits for the deliveries in flight before it stops anyway (they stay queued); a second signal stops at once.", ours=True),
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
 )
 

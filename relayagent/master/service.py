@@ -72,7 +72,7 @@ from twisted.logger import Logger
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
-from relayagent.master import child, worker
+from relayagent.master import child, stop, worker
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
@@ -128,6 +128,7 @@ class RelayagentService(MultiService):
         self.agent: DeliveryAgent | None = None
         self.listening: Any = None
         self._lock_fd: int | None = None
+        self._stopping: stop.BoundedStop | None = None
         self.pool: worker.WorkerPool | None = None
         # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
@@ -298,6 +299,10 @@ class RelayagentService(MultiService):
             # The children hold the lock too: wait for them before it goes.
             waits.append(self.pool.stop())
         waits.append(maybeDeferred(super().stopService))
+        # At most relayagent_stop_timeout, said in the log (master.stop).
+        in_flight = self.queue_manager.busy_total if self.queue_manager is not None else 0
+        self._stopping = stop.bounded_stop(self.reactor, gatherResults(waits, consumeErrors=True),
+                                           in_flight=in_flight, settings=stop.StopSettings.from_config(self.config))
 
         def after(_: Any) -> None:
             if self.agent is not None:
@@ -312,7 +317,13 @@ class RelayagentService(MultiService):
                 ralog.give_back_mail_events(self.twistd_log)
                 self.twistd_log.flush()
 
-        return gatherResults(waits, consumeErrors=True).addBoth(after)
+        return self._stopping.done.addBoth(after)
+
+    def stop_now(self) -> None:
+        """A second stop signal: the stop waits no longer for the
+        deliveries in flight (they stay queued)."""
+        if self._stopping is not None:
+            self._stopping.now()
 
 
 def _log_stray(queue: str, name: str, problem: str) -> None:
