@@ -119,7 +119,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("myhostname", "", S, "The internet host name of this mail system (default: the FQDN of the machine)."),
     _p("mydomain", "", S, "The internet domain name of this mail system (default: $myhostname minus its first label)."),
     _p("myorigin", "$myhostname", S, "The domain that locally-posted mail appears to come from."),
-    _p("mail_name", "Postfix", S, "The mail system name shown in greetings and bounces (Postfix's default, kept so log readers feel at home)."),
+    _p("mail_name", "relayagent", S, "The mail system name shown in the listener's greeting ($smtpd_banner) and in bounces (Postfix's default is Postfix)."),
     _p("compatibility_level", "3.6", S, "Postfix compatibility level; relayagent always behaves as Postfix 3.6+ does."),
     _p("mynetworks", "127.0.0.0/8 [::1]/128", L, "Networks whose clients may relay (Postfix computes its default from the interfaces; ours is loopback only)."),
     _p("inet_interfaces", "all", L, "The network interface addresses this mail system receives mail on (for MX self-detection)."),
@@ -463,7 +463,11 @@ class Config:
         self.warnings: list[str] = list(warnings)
         for name, setting in self._settings.items():
             if name not in PARAMETERS:
-                self.warnings.append(f"{setting.where()}: unknown parameter: {name}")
+                from relayagent.common.postfix_parameters import is_postfix_parameter
+
+                # A copied Postfix main.cf holds Postfix's other parameters.
+                what = "Postfix parameter not used by relayagent" if is_postfix_parameter(name) else "unknown parameter"
+                self.warnings.append(f"{setting.where()}: {what}: {name}")
         self._values: dict[str, Any] = {}
         self._validate()
         self._check_queue_minfree()
