@@ -852,25 +852,14 @@ def _no_options(parser: argparse.ArgumentParser) -> None:
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class CheckSettings(Settings):
-    """What ``check`` looks at besides the spool."""
-
-    relayhost: str
-
-
 def relayhost_problems(config: Config) -> list[str]:
-    """``relayhost`` that does not parse as a destination (``[host]``,
-    ``[host]:port``, ``host:port``): the daemon would refuse every
-    delivery."""
-    from relayagent.smtp.resolve import parse_nexthop
+    """``relayhost`` or ``smtp_fallback_relay`` that does not parse as a
+    destination (``[host]``, ``[host]:port``, ``host:port``): the daemon
+    refuses to start."""
+    from relayagent.smtp.resolve import ResolveSettings, check_relays
 
-    relayhost = CheckSettings.from_config(config).relayhost
-    if not relayhost:
-        return []
     try:
-        parse_nexthop(relayhost, destination=relayhost, default_port=25, mx_lookup_allowed=True,
-                      is_relay=True, where="relayhost")
+        check_relays(ResolveSettings.from_config(config))
     except ConfigError as exc:
         return [str(exc)]
     return []

@@ -84,6 +84,10 @@ class StartupFailureTests(SynchronousTestCase):
         result = self.twistd("queue_directory = spool\nsmtp_connect_timeout = soon\n")
         self.assertFatal(result, 78, "main.cf, line 2: parameter smtp_connect_timeout")
 
+    def test_relayhost_syntax(self) -> None:
+        result = self.twistd("queue_directory = spool\nrelayhost = [127.0.4.1:43001\n")
+        self.assertFatal(result, 78, "relayhost: missing ']' in destination '[127.0.4.1:43001'")
+
     def test_missing_config(self) -> None:
         result = self.twistd(None)
         self.assertFatal(result, 78, "cannot read configuration")

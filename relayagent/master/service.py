@@ -76,7 +76,12 @@ from relayagent.master import child, stop, worker
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
-from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
+from relayagent.smtp.resolve import (
+    NexthopResolver,
+    ResolveSettings,
+    check_relays,
+    make_dns_resolver,
+)
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.spool import Spool, control
 from relayagent.spool.spool import SpoolSettings
@@ -413,6 +418,8 @@ def build_service(config: Config, reactor: Any, *,
                    name="smtp_destination_concurrency_positive_feedback")
     Feedback.parse(limits.smtp_destination_concurrency_negative_feedback,
                    name="smtp_destination_concurrency_negative_feedback")
+    # A relayhost that does not parse stops the start (ConfigError).
+    check_relays(ResolveSettings.from_config(config))
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
     return RelayagentService(
