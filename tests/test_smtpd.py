@@ -691,3 +691,59 @@ class OriginalRecipientTests(SynchronousTestCase):
             ("carol@remote.example", None),
             ("dave@elsewhere.example", None),
         ])
+
+
+class SmtpdLogLineTests(SynchronousTestCase):
+    """smtpd's and cleanup's lines, as Postfix's smtpd.c, smtpd_check.c
+    and cleanup_message.c write them."""
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self):
+        from relayagent.common import maillog as ralog
+
+        return [(event["ralog_service"], ralog.render(event)) for event in self.events
+                if event.get("ralog_event") == ralog.LINE]
+
+    def test_a_relayed_transaction(self):
+        session = Session(self)
+        session.send(TRANSACTION + b"QUIT\r\n")
+        session.server.connectionLost(None)  # the client hung up after QUIT
+        (queue_id,) = [text.split(":")[0] for _, text in self.lines() if "client=" in text]
+        self.assertEqual(self.lines(), [
+            ("smtpd", "connect from unknown[127.0.0.1]"),
+            ("smtpd", f"{queue_id}: client=unknown[127.0.0.1]"),
+            ("cleanup", f"{queue_id}: message-id=<>"),
+            ("smtpd", "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=3 data=1 quit=1 commands=7"),
+        ])
+
+    def test_relay_denied(self):
+        session = Session(self, peer="2001:db8::7")
+        session.send(b"EHLO stranger.example\r\nMAIL FROM:<s@stranger.example>\r\n"
+                     b"RCPT TO:<b@remote.example>\r\nBOGUS\r\nQUIT\r\n")
+        session.server.connectionLost(None)
+        self.assertEqual(self.lines(), [
+            ("smtpd", "connect from unknown[2001:db8::7]"),
+            ("smtpd", "NOQUEUE: reject: RCPT from unknown[2001:db8::7]: 554 5.7.1 <b@remote.example>: "
+                      "Relay access denied; from=<s@stranger.example> to=<b@remote.example> proto=ESMTP "
+                      "helo=<stranger.example>"),
+            ("smtpd", "disconnect from unknown[2001:db8::7] ehlo=1 mail=1 rcpt=0/1 quit=1 unknown=0/1 "
+                      "commands=3/5"),
+        ])
+
+    def test_message_id(self):
+        session = Session(self)
+        session.send(TRANSACTION.replace(b"Subject: hello\r\n", b"Subject: hello\r\nMessage-ID: <m@x.example>\r\n"))
+        self.assertIn("message-id=<m@x.example>", " ".join(text for _, text in self.lines()))
+
+    def test_command_stats(self):
+        from relayagent.smtpd.listener import format_command_stats
+
+        self.assertEqual(format_command_stats({}), " commands=0/0")
+        self.assertEqual(format_command_stats({"quit": [1, 1], "ehlo": [1, 1], "rcpt": [2, 3]}),
+                         " ehlo=1 rcpt=2/3 quit=1 commands=4/5")
