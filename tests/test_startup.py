@@ -66,6 +66,29 @@ class StartupFailureTests(SynchronousTestCase):
                                  f"smtpd_endpoints = tcp:{port}:interface=127.0.0.1\n")
         self.assertFatal(result, 69, f"bind 127.0.0.1 port {port}: Address already in use")
 
+    def test_port_in_use_daemonized(self) -> None:
+        # twistd's parent waits for the daemon's word: it prints our line
+        # (its own way, and exits 1), and the pid file goes.
+        pidfile = os.path.join(self.base, "twistd.pid")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with open(os.path.join(self.base, "main.cf"), "w", encoding="utf-8") as handle:
+                handle.write(f"queue_directory = spool\nrelayagent_workers = 1\n"
+                             f"smtpd_endpoints = tcp:{port}:interface=127.0.0.1\n")
+            result = subprocess.run(
+                [TWISTD, f"--pidfile={pidfile}", "--logfile=twistd.log", "relayagent",
+                 "-c", os.path.join(self.base, "main.cf")],
+                cwd=self.base, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                timeout=120)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"relayagent: fatal: bind 127.0.0.1 port {port}: Address already in use", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        with open(os.path.join(self.base, "twistd.log"), encoding="utf-8") as handle:
+            self.assertRegex(handle.read(), rf"relayagent/master\[\d+\]: fatal: bind 127.0.0.1 port {port}: ")
+        self.assertFalse(os.path.exists(pidfile))
+
     def test_unwritable_spool(self) -> None:
         spool = os.path.join(self.base, "closed", "spool")
         os.makedirs(spool)

@@ -31,7 +31,8 @@ cannot listen (``CannotListenError``: ``bind 127.0.0.1 port 10587:
 Address already in use``); 73 (EX_CANTCREAT) for a spool that cannot be
 made or written (``PermissionError`` and other ``OSError``).  Where
 twistd's log is not the terminal (a file, syslog) the line is logged
-there too.  ``--version`` prints the version and exits 0.
+there too.  Daemonized (no ``-n``), twistd's waiting parent prints the
+line its own way and exits 1.  ``--version`` prints the version and exits 0.
 
 Owns no parameters; reads queue_directory, delay_logging_resolution_limit.
 """
@@ -242,12 +243,15 @@ class RelayagentTop(MultiService):
     (unless ``--logger`` names one), the way a ``.tac`` file chooses its
     log: this sets that component."""
 
-    def __init__(self, log_observer: Any = None, pidfile: str | None = None) -> None:
+    def __init__(self, log_observer: Any = None, pidfile: str | None = None,
+                 twistd: Any = None) -> None:
         super().__init__()
         self.log_observer = log_observer
         # twistd's --pidfile, removed when the start fails (twistd
         # removes it only for the exceptions it prints).
         self.pidfile = pidfile
+        # twistd's options: a daemon's parent waits on their statusPipe.
+        self.twistd = twistd
 
     def privilegedStartService(self) -> None:
         try:
@@ -269,7 +273,8 @@ class RelayagentTop(MultiService):
             raise error
         code, text = described
         # On a terminal (-n without --logfile) standard error says it.
-        to_terminal = getattr(self.log_observer, "out", None) is sys.stdout and sys.stdout.isatty()
+        out = getattr(self.log_observer, "out", None)
+        to_terminal = out is not None and out is sys.__stdout__ and out.isatty()
         failure = fatal(code, text, log_too=not to_terminal)
         flush = getattr(self.log_observer, "flush", None)
         if flush is not None:
@@ -282,6 +287,16 @@ class RelayagentTop(MultiService):
                     os.unlink(self.pidfile)
             except OSError:
                 pass
+        pipe = self.twistd.get("statusPipe") if self.twistd is not None else None
+        if pipe is not None:
+            # Daemonized: twistd's waiting parent prints this and exits 1
+            # (use -n, as under systemd, for the sysexits status).
+            try:
+                os.write(pipe, b"1 " + f"relayagent: fatal: {text}".encode("utf-8", "replace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+            self.twistd["statusPipe"] = None
         raise failure from None
 
     def setServiceParent(self, parent: Any) -> None:
@@ -302,7 +317,8 @@ def makeService(options: Options) -> IServiceCollection:
     # the starting user, before the daemon forks).
     twistd = getattr(options, "parent", None)
     log_observer = twistd_log(twistd, config, reactor)
-    top = RelayagentTop(log_observer, pidfile=twistd.get("pidfile") if twistd is not None else None)
+    top = RelayagentTop(log_observer, pidfile=twistd.get("pidfile") if twistd is not None else None,
+                        twistd=twistd)
     # Built now, before twistd's --chroot and --uid/--gid: see
     # relayagent.master.service.  twistd's own options (--uid, --gid)
     # are the parent of ours: the worker spawner drops to them.
