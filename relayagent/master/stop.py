@@ -93,24 +93,28 @@ def bounded_stop(reactor: Any, waiting: Deferred[Any], *, in_flight: int, settin
 
 
 def install_stop_signals(reactor: Any, stop_now: Callable[[], None]) -> None:
-    """SIGINT and SIGTERM: the first stops the reactor (as Twisted's own
-    handlers do), a later one calls ``stop_now`` (the stop waits no
-    longer) instead of stopping a reactor that is already stopping.
-    Installed once the reactor runs (its own handlers are installed as it
-    starts)."""
+    """SIGINT and SIGTERM: the first goes to the handler they had (the
+    reactor's: "Received SIGTERM, shutting down.", the reactor stopped,
+    and twistd ends with that signal), a later one calls ``stop_now``
+    (the stop waits no longer) instead of stopping a reactor that is
+    already stopping.  Installed once the reactor runs (its own handlers
+    are installed as it starts)."""
     state = {"signals": 0}
+    previous: dict[int, Any] = {}
 
     def handler(number: int, frame: Any) -> None:
         state["signals"] += 1
-        if state["signals"] == 1:
-            # Postfix's master: "terminating on signal 15".
-            reactor.callFromThread(log.info, "terminating on signal {number}", number=number)
+        first = previous.get(number)
+        if state["signals"] == 1 and callable(first):
+            first(number, frame)
+        elif state["signals"] == 1:
             reactor.callFromThread(_stop_reactor, reactor)
         else:
             reactor.callFromThread(stop_now)
 
     def install() -> None:
         for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.getsignal(number)
             signal.signal(number, handler)
 
     reactor.callWhenRunning(install)
