@@ -60,7 +60,7 @@ class Session:
         self.peer = address_type("TCP", peer, 40000)
         self.server = factory.buildProtocol(self.peer)
         self.transport = StringTransport(
-            hostAddress=address_type("TCP", "127.0.0.1" if ":" not in peer else "::1", 10025),
+            hostAddress=address_type("TCP", "127.0.0.1" if ":" not in peer else "::1", 10587),
             peerAddress=self.peer,
         )
         self.server.makeConnection(self.transport)
@@ -424,7 +424,7 @@ class ServicesTests(SynchronousTestCase):
         self.assertEqual(make_listener_services(make_config(), spool=FakeSpool()), [])
 
     def test_one_service_per_endpoint(self):
-        config = make_config(smtpd_endpoints="tcp:10025:interface=127.0.0.1, unix:/tmp/x.sock")
+        config = make_config(smtpd_endpoints="tcp:10587:interface=127.0.0.1, unix:/tmp/x.sock")
         services = make_listener_services(config, spool=FakeSpool())
         self.assertEqual(len(services), 2)
         self.assertTrue(all(re.match("StreamServerEndpointService", type(s).__name__)
