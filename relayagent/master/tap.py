@@ -254,12 +254,16 @@ class RelayagentTop(MultiService):
         self.twistd = twistd
 
     def privilegedStartService(self) -> None:
+        """Start as root (bind the listeners, lock the spool); a failure
+        we know is one fatal line and a sysexits status."""
         try:
             super().privilegedStartService()
         except Exception as error:
             self._failed(error)
 
     def startService(self) -> None:
+        """Start the services (the spool, the queue manager); a failure
+        we know is one fatal line and a sysexits status."""
         try:
             super().startService()
         except Exception as error:

@@ -159,10 +159,12 @@ class RelayagentESMTP(smtp.ESMTP):
         self._command_counts: dict[str, list[int]] = {}
 
     def connectionMade(self) -> None:
+        """smtpd's ``connect from host[addr]``, then the greeting."""
         ralog.log_connect(log, describe_client(self.transport.getPeer()))
         super().connectionMade()
 
     def state_COMMAND(self, line: bytes) -> None:
+        """Count the command for the ``disconnect from`` line, then run it."""
         verb = line.split(None, 1)[0].decode("ascii", "replace").lower() if line.strip() else ""
         name = verb if verb in _COUNTED_COMMANDS else "unknown"
         self._command_counts.setdefault(name, [0, 0])[1] += 1
@@ -170,6 +172,8 @@ class RelayagentESMTP(smtp.ESMTP):
         super().state_COMMAND(line)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
+        """Send a reply; the first one to a command decides its success
+        (below 400) in the counts."""
         name, self._counting = self._counting, None
         if name is not None and code < 400:
             self._command_counts[name][0] += 1
