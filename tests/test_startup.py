@@ -122,18 +122,20 @@ class StopTests(DaemonTestCase):
 
     timeout = 120
 
-    async def start(self, stop_timeout: str) -> subprocess.Popen:
+    async def start(self, stop_timeout: str, workers: int = 1, messages: int = 1) -> subprocess.Popen:
         # Silent after the message's ".": the delivery stays in flight.
         server = ScriptedServer()
         listener = server.listen(Script(dot=Answer((), SILENT_AFTER)))
         server.start()
         self.addCleanup(server.stop)
         self.port = listener.port
-        self.queue_id = self.spool.enqueue("sender@example.org", ["rcpt@example.net"], body(1))
+        self.queue_ids = sorted(self.spool.enqueue("sender@example.org", [f"rcpt{n}@example.net"], body(n))
+                                for n in range(messages))
+        self.queue_id = self.queue_ids[0]
         daemon = self.start_daemon(self.write_config(
-            f"relayagent_stop_timeout = {stop_timeout}\nrelayagent_workers = 1\n"))
-        await self.wait_for(lambda: bool(listener.sessions) and "." in listener.sessions[0].commands,
-                            30, "the message data at the server")
+            f"relayagent_stop_timeout = {stop_timeout}\nrelayagent_workers = {workers}\n"))
+        await self.wait_for(lambda: sum("." in session.commands for session in list(listener.sessions)) >= messages,
+                            60, "the message data at the server")
         return daemon
 
     def twistd_output(self) -> str:
@@ -175,6 +177,20 @@ class StopTests(DaemonTestCase):
         self.assertNotIn("ReactorNotRunning", output)
         self.assertNotIn("Traceback", output)
         self.assertEqual(self.still_queued(), [self.queue_id])
+
+
+    async def test_a_second_signal_stops_the_workers_too(self) -> None:
+        daemon = await self.start("60s", workers=2, messages=4)
+        started = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        await self.wait_for(lambda: "deliveries in flight" in self.log_text(), 10, "the stop to begin")
+        daemon.send_signal(signal.SIGTERM)
+        status = await threads.deferToThread(daemon.wait, 60)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual(status, -signal.SIGTERM)
+        output = self.twistd_output() + self.log_text()
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(sorted(self.still_queued()), self.queue_ids)
 
 
 class BoundedStopTests(SynchronousTestCase):

@@ -188,6 +188,7 @@ class RelayagentService(MultiService):
             on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
             on_fatal=self._fatal,
             on_log=self._worker_log,
+            stop_timeout=stop.StopSettings.from_config(self.config).relayagent_stop_timeout,
         )
         self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
 
@@ -329,6 +330,8 @@ class RelayagentService(MultiService):
         deliveries in flight (they stay queued)."""
         if self._stopping is not None:
             self._stopping.now()
+        if self.pool is not None:
+            self.pool.stop_now()
 
 
 def _log_stray(queue: str, name: str, problem: str) -> None:
