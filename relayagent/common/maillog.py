@@ -22,8 +22,20 @@ a dict and no formatting:
   and the Postfix text (``log_format = json``).  Twisted's own
   ``jsonFileLogObserver`` also works: the events hold only JSON-friendly
   values besides Twisted's keys.
+- ``TwistdLogObserver`` is twistd's log (``-n``, ``--logfile``):
+  relayagent's lines as ``<RFC 3339 stamp> <host>
+  relayagent/<daemon>[pid]: <text>``, Twisted's as twistd writes them.
+- ``SyslogObserver`` is ``twistd --syslog``'s: datagrams to /dev/log,
+  facility ``syslog_facility``, the tag ``relayagent/<daemon>[pid]``.
+- ``submission_logger`` is ``relayagent sendmail``'s (pickup's and
+  cleanup's lines): ``maillog_file``, else syslog.
+- The daemon of each line is Postfix's: ``smtpd`` (the listener's
+  ``connect from``, ``client=``, ``NOQUEUE: reject:``, ``disconnect
+  from``), ``pickup``, ``cleanup`` (``message-id=``), ``qmgr``, ``smtp``,
+  ``bounce``, ``master``; ``log_line`` makes the lines of smtpd, cleanup
+  and pickup.
 - Twisted's own observers (``formatEvent``, ``textFileLogObserver``,
-  twistd's ``--syslog`` and ``--logger``) render an event's
+  twistd's ``--logger``) render an event's
   ``log_format``, and that renders Postfix's text as well, ``render``'s
   text: ``delay`` and ``delays`` are ``Delay`` and ``Delays``, numbers
   that print as format_tv.c rounds them (``delay=0.52,
@@ -50,6 +62,9 @@ SYNOPSIS
 
     ralog.log_delivery(log, queue_id=..., to=..., relay=..., status="sent", ...)
     ralog.log_removed(log, queue_id)       # and log_queue_active, log_expired, ...
+    ralog.log_connect(log, client); ralog.log_client(log, queue_id, client); ralog.log_reject(log, ...)
+    ralog.log_pickup(log, queue_id, uid, sender); ralog.log_message_id(log, queue_id, message_id)
+    TwistdLogObserver(out, hostname=..., program=...); SyslogObserver(facility="mail", program=...)
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
     DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
@@ -62,8 +77,9 @@ running in the process.
 
 Owns: debug_peer_list, debug_peer_level, delay_logging_resolution_limit,
 syslog_name (Postfix has it too, default "postfix"; ours is
-"relayagent"), syslog_facility (Postfix's, default mail), log_format (ours: postfix or json).  Reads myhostname;
-maillog_file is read by ``relayagent.master.service``.
+"relayagent"), syslog_facility (Postfix's, default mail), log_format
+(ours: postfix or json).  Reads myhostname; maillog_file is read by
+``relayagent.master.service`` (and ``submission_logger``).
 """
 
 from __future__ import annotations
