@@ -96,7 +96,10 @@ class QueueShape:
             size = max(len(str(totals[column])), len(head))
             widths.append(size + 1 if size > 2 else 3)
         domain_width = max(width - sum(widths), _DOMAIN_WIDTH)
-        rows = sorted(self.counts.items(), key=lambda item: (-item[1][0], len(item[0]), item[0]))
+        # TOTAL first (qshape.pl sorts it with the rest, so that a short
+        # domain with every message could come before it).
+        rows = sorted(self.counts.items(),
+                      key=lambda item: (item[0] != "TOTAL", -item[1][0], len(item[0]), item[0]))
         lines = [_row("", heads, widths, domain_width)]
         lines.extend(_row(domain, [str(n) for n in counts], widths, domain_width) for domain, counts in rows)
         return lines
