@@ -25,6 +25,7 @@ from relayagent.common.config import Config
 from relayagent.master import stop
 from relayagent.spool import Spool
 from tests.support.scripted_server import SILENT_AFTER, Answer, Script, ScriptedServer
+from tests.support.sink import free_port
 from tests.test_daemon_e2e import ROOT, TWISTD, DaemonTestCase, body
 
 
@@ -227,3 +228,40 @@ class BoundedStopTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         bounded.now()  # a third signal: nothing more
 
+
+
+class SampleConfigTests(DaemonTestCase):
+    """The README's run command on the sample conf/main.cf (a copy, laid
+    out as in the checkout, on a free port) writes Postfix's lines to
+    standard output."""
+
+    async def test_postfix_lines_on_standard_output(self) -> None:
+        conf = os.path.join(self.base, "checkout", "conf")
+        os.makedirs(conf)
+        with open(os.path.join(ROOT, "conf", "main.cf"), encoding="utf-8") as handle:
+            sample = handle.read()
+        self.assertIn("smtpd_endpoints = tcp:10587:interface=127.0.0.1\n", sample)
+        port = free_port()
+        path = os.path.join(conf, "main.cf")
+        with open(path, "w", encoding="utf-8") as handle:
+            # Nothing goes out: the recipient's domain does not resolve.
+            handle.write(sample.replace("tcp:10587:", f"tcp:{port}:") + "relayagent_workers = 1\n")
+        self.start_daemon(path)
+        out = os.path.join(self.base, "twistd.out")
+        await self.wait_for(lambda: f"starting on {port}" in open(out).read(), 60, "the listener")
+        await threads.deferToThread(self.send, port)
+        await self.wait_for(lambda: "(queue active)" in open(out).read(), 60, "the queue manager's line")
+        text = open(out).read()
+        for pattern in (r" relayagent/smtpd\[\d+\]: connect from unknown\[127\.0\.0\.1\]",
+                        r" relayagent/smtpd\[\d+\]: \w{16}: client=unknown\[127\.0\.0\.1\]",
+                        r" relayagent/cleanup\[\d+\]: \w{16}: message-id=<sample@example.org>",
+                        r" relayagent/qmgr\[\d+\]: \w{16}: from=<a@example.org>, size=\d+, nrcpt=1 \(queue active\)"):
+            self.assertRegex(text, pattern)
+        self.assertTrue(os.path.isdir(os.path.join(self.base, "checkout", "var", "spool", "incoming")))
+
+    def send(self, port: int) -> None:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("a@example.org", ["b@nowhere.invalid"],
+                            b"Message-ID: <sample@example.org>\r\nSubject: x\r\n\r\nx\r\n")
