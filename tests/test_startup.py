@@ -10,6 +10,7 @@ and a second signal ends the wait, with no traceback and nothing lost
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -265,3 +266,40 @@ class SampleConfigTests(DaemonTestCase):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.sendmail("a@example.org", ["b@nowhere.invalid"],
                             b"Message-ID: <sample@example.org>\r\nSubject: x\r\n\r\nx\r\n")
+
+
+class MaillogOnStandardOutputTests(DaemonTestCase):
+    """``maillog_file = /dev/stdout`` with standard output a file opened
+    as ``> file`` (no O_APPEND): twistd's lines and the maillog's both
+    stay whole (a new open of /dev/stdout had an offset of its own, and
+    twistd's writes overwrote the maillog's lines)."""
+
+    async def test_no_line_overwritten(self) -> None:
+        await self.start_sink()
+        config = self.write_config("relayagent_workers = 1\n")
+        with open(config, encoding="utf-8") as handle:
+            text = handle.read().replace(f"maillog_file = {self.maillog}", "maillog_file = /dev/stdout")
+        with open(config, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        ids = [self.spool.enqueue("sender@example.org", [f"rcpt{n}@example.net"], body(n)) for n in range(5)]
+        out_path = os.path.join(self.base, "stdout")
+        with open(out_path, "wb") as out:  # as the shell's "> file"
+            daemon = subprocess.Popen(
+                [TWISTD, "-n", "--pidfile=", "relayagent", "-c", config], cwd=self.base,
+                env=dict(os.environ, PYTHONPATH=ROOT), stdout=out, stderr=subprocess.STDOUT)
+        self.processes.append(daemon)
+
+        def text_now() -> str:
+            with open(out_path, encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+
+        await self.wait_for(lambda: text_now().count(": removed") == len(ids), 60, "the deliveries")
+        daemon.send_signal(signal.SIGTERM)
+        await threads.deferToThread(daemon.wait, 60)
+        lines = text_now().splitlines()
+        self.assertIn("Server Shut Down.", lines[-1])
+        for queue_id in ids:
+            self.assertEqual(sum(f"{queue_id}: removed" in line for line in lines), 1, queue_id)
+        # Every line whole: twistd's layout or the maillog's.
+        pattern = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d |\w{3} [ \d]\d \d\d:\d\d:\d\d )")
+        self.assertEqual([line for line in lines if not pattern.match(line)], [])

@@ -413,6 +413,21 @@ class AfterThisTurnTests(unittest.TestCase):
         self.reactor.advance(0)
         self.assertEqual(self.flushed, [True])
 
+    def test_a_flush_the_stopped_reactor_never_ran(self) -> None:
+        # The stop's lines: written with a flush scheduled, then the
+        # reactor stops without running it; the next line flushes all.
+        self.patch(ralog, "isInIOThread", lambda: True)
+        out = Out()
+        observer = ralog.TwistdLogObserver(out, flush_later=self.flush_later)
+        log = Logger(namespace="twisted.internet.base", observer=observer)
+        self.reactor.running = True
+        log.info("(UNIX Port Closed)")
+        self.assertEqual(out.getvalue(), "")
+        self.reactor.running = False  # the scheduled flush never runs
+        log.info("Main loop terminated.")
+        self.assertEqual([line.split("] ", 1)[1] for line in out.getvalue().splitlines()],
+                         ["(UNIX Port Closed)", "Main loop terminated."])
+
     def test_now_before_or_after_the_reactor_runs(self) -> None:
         self.patch(ralog, "isInIOThread", lambda: True)
         self.reactor.running = False

@@ -717,11 +717,17 @@ def after_this_turn(reactor: Any) -> Callable[[Callable[[], None]], object]:
     stopped (twistd's "Server Shut Down." is logged then) and in another
     thread."""
 
+    def can_wait() -> bool:
+        return bool(getattr(reactor, "running", False)) and isInIOThread()
+
     def flush_later(flush: Callable[[], None]) -> object:
-        if getattr(reactor, "running", False) and isInIOThread():
+        if can_wait():
             return reactor.callLater(0, flush)
         return False
 
+    # Asked by a writer with a flush already scheduled: a reactor that
+    # stopped since will not run it (the lines of a stop were lost).
+    flush_later.can_wait = can_wait  # type: ignore[attr-defined]
     return flush_later
 
 
@@ -760,8 +766,12 @@ class _Writer:
             self._failed(error)
             return
         if self._flush_pending:
-            return
-        if self._flush_later is not None:
+            can_wait = getattr(self._flush_later, "can_wait", None)
+            if can_wait is None or can_wait():
+                return
+            # The turn that was to flush will never come (the reactor
+            # stopped with it scheduled): now, this line and those before.
+        elif self._flush_later is not None:
             self._flush_pending = True
             if self._flush_later(self.flush) is not False:
                 return
