@@ -27,17 +27,23 @@ SYNOPSIS
     relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID]
         [-O requiretls=yes] [RCPT ...]
     relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
-    relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
+    relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | postconf -e NAME=VALUE ...
+    relayagent [-c CONFIG] check | flush | qshape [-s] [QUEUE ...] | import-twisted-queue
     relayagent [-c CONFIG] reload | logrotate
     relayagent [-c CONFIG] transfer --to HOST:PORT [ID ...|ALL] [--destination DOMAIN]
+    relayagent --version
     main(argv) -> exit status;  register(Command(...));  trigger_hook(config, command)
 
 DIAGNOSTICS: the sysexits codes above, each with one line on standard
-error (``Failure(code, text)`` inside); ``flush`` says so when no daemon
-answers; ``reload`` and ``logrotate`` fail with 69 (EX_UNAVAILABLE,
-"the mail system is down") when none answers, 77 when the trigger
-socket is not the caller's to use, and ``reload`` with 78 when the
-daemon refused the new main.cf (it keeps the old one).
+error (``Failure(code, text)`` inside); ``flush`` exits 69
+(EX_UNAVAILABLE, "mail system is down") when no daemon answers;
+``check`` exits 78 for a configuration problem, 73 for a spool problem;
+``reload`` and ``logrotate`` fail with 69 (EX_UNAVAILABLE, "the mail
+system is down") when none answers, 77 when the trigger socket is not
+the caller's to use, and ``reload`` with 78 when the daemon refused the
+new main.cf (it keeps the old one).  A reader that goes away
+(``relayagent postconf | head``) ends the command quietly with 0, as
+Postfix's.
 
 Owns ``myorigin``'s use for unqualified addresses (Postfix's
 ``append_at_myorigin``, always on here), and the sendmail(1) options.
@@ -72,6 +78,7 @@ from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_IOERR = 74
@@ -93,6 +100,9 @@ BODY_CHUNK = 64 * 1024
 clock: Callable[[], float] = time.time
 # How sendmail asks the queue file system for its free space (likewise).
 statvfs: Callable[[str], os.statvfs_result] = os.statvfs
+# Where sendmail's pickup and cleanup lines go (likewise); None:
+# maillog.submission_logger (maillog_file, else syslog).
+submission_logger: Callable[[Config], object] | None = None
 
 
 class Failure(Exception):
@@ -558,13 +568,14 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         # No ORCPT: sendmail has no way to give one, and none is invented
         # (the ESMTP client and the DSN writer derive rfc822;<address>).
         envelope_recipients = [Recipient(address, notify=notify) for address in _unique(recipients)]
+        queue_id = None
         if dropped:
             maildrop.submit(spool.directory, sender, envelope_recipients, message,
                             envid=args.envid, ret=ret, smtputf8=smtputf8, requiretls=requiretls)
         else:
             spool.ensure_layout()
-            spool.enqueue(sender, envelope_recipients, message, envid=args.envid, ret=ret,
-                          smtputf8=smtputf8, requiretls=requiretls)
+            queue_id = spool.enqueue(sender, envelope_recipients, message, envid=args.envid, ret=ret,
+                                     smtputf8=smtputf8, requiretls=requiretls)
     except _MessageTooBig:
         # Postfix's words.  Its sendmail exits 75 here, an accident of
         # how postdrop meets the limit (a write failing with EFBIG under
@@ -582,8 +593,30 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise _spool_failure(spool, exc) from None
     except ValueError as exc:
         raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
+    # pickup's and cleanup's lines (Postfix's, for a message from its
+    # sendmail), before the queue manager is woken to log its own.  A
+    # message left in maildrop/ has them from the daemon's pickup.
+    if queue_id is not None:
+        _log_submission(context.config, queue_id, sender, headers, added)
     trigger_hook(context.config)
     return EX_OK
+
+
+def _log_submission(config: Config, queue_id: str, sender: str, headers: list, added: list[bytes]) -> None:
+    from relayagent.common import maillog as ralog
+
+    message_id = ""
+    for header in headers:
+        if header.name.lower() == "message-id":
+            message_id = header.value().strip()
+            break
+    else:
+        for line in added:
+            if line.lower().startswith(b"message-id:"):
+                message_id = line[11:].strip().decode("utf-8", "replace")
+    log = (submission_logger or ralog.submission_logger)(config)
+    ralog.log_pickup(log, queue_id, os.getuid(), sender)
+    ralog.log_message_id(log, queue_id, message_id)
 
 
 def _requiretls_option(options: Iterable[str]) -> bool:
@@ -911,15 +944,41 @@ def _maildrop_problems(config: Config) -> list[str]:
     return maildrop.problems(directory)
 
 
+def relayhost_problems(config: Config) -> list[str]:
+    """``relayhost`` or ``smtp_fallback_relay`` that does not parse as a
+    destination (``[host]``, ``[host]:port``, ``host:port``): the daemon
+    refuses to start."""
+    from relayagent.smtp.resolve import ResolveSettings, check_relays
+
+    try:
+        check_relays(ResolveSettings.from_config(config))
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+# How ``check`` tells the warnings that are no problem.
+_NOT_USED = "Postfix parameter not used by relayagent"
+
+
 def _run_check(context: Context, args: argparse.Namespace) -> int:
-    problems = list(context.config.warnings) + spool_problems(context.config) + secret_file_problems(context.config)
-    problems += _maildrop_problems(context.config)
+    """Exit 0 when all is well; EX_CONFIG (78) for a problem of the
+    configuration (an unknown parameter, a bad relayhost, a password file
+    others may read); EX_CANTCREAT (73) for a problem of the spool only.
+    Postfix parameters relayagent does not use are warnings, no problem."""
+    config = context.config
+    notes = [warning for warning in config.warnings if _NOT_USED in warning]
+    config_problems = ([warning for warning in config.warnings if _NOT_USED not in warning]
+                       + relayhost_problems(config) + secret_file_problems(config))
+    problems = config_problems + spool_problems(config) + _maildrop_problems(config)
+    for note in notes:
+        print(f"relayagent: warning: {note}", file=context.stdout)
     for problem in problems:
         print(f"relayagent: {problem}", file=context.stdout)
     if problems:
         plural = "" if len(problems) == 1 else "s"
         print(f"relayagent: check: {len(problems)} problem{plural} found", file=context.stdout)
-        return 1
+        return EX_CONFIG if config_problems else EX_CANTCREAT
     print(f"relayagent: check: {context.config_path} and the spool are in order", file=context.stdout)
     return EX_OK
 
@@ -937,6 +996,8 @@ def _configure_postconf(parser: argparse.ArgumentParser) -> None:
                        help="only parameters set in main.cf")
     modes.add_argument("-d", dest="mode", action="store_const", const="defaults",
                        help="default values")
+    modes.add_argument("-e", dest="mode", action="store_const", const="edit",
+                       help="edit main.cf: set each name=value in place (comments kept, atomically)")
     parser.add_argument("names", nargs="*", metavar="NAME")
 
 
@@ -944,6 +1005,18 @@ def _run_postconf(context: Context, args: argparse.Namespace) -> int:
     from relayagent.common.config import postconf_lines
 
     mode = args.mode or "effective"
+    if mode == "edit":
+        from relayagent.common.postconf_edit import edit_main_cf
+
+        if not args.names:
+            raise Failure(EX_USAGE, "postconf: -e needs name=value arguments")
+        try:
+            edited = edit_main_cf(context.config_path, args.names)
+        except ConfigError as exc:
+            raise Failure(EX_CONFIG, f"fatal: {exc}") from None
+        for warning in edited.warnings:
+            context.warn(warning)
+        return EX_OK
     if not args.names:
         lines = postconf_lines(context.config, mode, ())
     else:
@@ -968,7 +1041,9 @@ register(Command("postconf", "print parameters (effective, -n set in main.cf, -d
 
 def _run_flush(context: Context, args: argparse.Namespace) -> int:
     if not trigger_hook(context.config, "flush"):
-        context.warn("the queue manager is not running; the queue is delivered when it starts")
+        # Postfix's postqueue -f: EX_UNAVAILABLE.  The queue is delivered
+        # when the daemon starts.
+        raise Failure(EX_UNAVAILABLE, "fatal: Cannot flush mail queue - mail system is down")
     return EX_OK
 
 
@@ -977,9 +1052,46 @@ register(Command("flush", "ask the queue manager to try every deferred message n
 
 
 # ---------------------------------------------------------------------------
+# qshape (relayagent.spool.qshape)
+
+
+def _configure_qshape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-s", dest="by_sender", action="store_true", help="sender domains, not recipient domains")
+    parser.add_argument("-b", dest="bucket_count", type=int, default=10, metavar="COUNT",
+                        help="age columns (default 10)")
+    parser.add_argument("-t", dest="bucket_time", type=float, default=5, metavar="MINUTES",
+                        help="the first column's age in minutes (default 5)")
+    parser.add_argument("-l", dest="linear", action="store_true", help="linear ages, not doubling")
+    parser.add_argument("-w", dest="width", type=int, default=80, metavar="WIDTH", help="terminal width")
+    parser.add_argument("queues", nargs="*", metavar="QUEUE",
+                        help="incoming, active, deferred, hold (default: incoming active)")
+
+
+def _run_qshape(context: Context, args: argparse.Namespace) -> int:
+    from relayagent.spool import qshape
+
+    queues = args.queues or list(qshape.DEFAULT_QUEUES)
+    for queue in queues:
+        if queue not in LISTED_QUEUES:
+            raise Failure(EX_USAGE, f"qshape: unknown queue {queue!r}: expected {', '.join(LISTED_QUEUES)}")
+    if args.bucket_count < 1 or args.bucket_time <= 0:
+        raise Failure(EX_USAGE, "qshape: -b and -t must be above 0")
+    shape = qshape.QueueShape(bucket_time=args.bucket_time, bucket_count=args.bucket_count, linear=args.linear)
+    shape, unreadable = qshape.queue_shape(context.spool(), queues, now=clock(), by_sender=args.by_sender,
+                                           shape=shape)
+    if unreadable:
+        context.warn(f"{unreadable} unreadable queue file(s) not counted")
+    for line in shape.table(width=max(args.width, 80)):
+        print(line, file=context.stdout)
+    return EX_OK
+
+
+register(Command("qshape", "messages per domain by age (Postfix's qshape)", _configure_qshape, _run_qshape))
+
+
+# ---------------------------------------------------------------------------
 # reload, logrotate (the daemon's side: relayagent.master.reload)
 
-EX_UNAVAILABLE = 69
 EX_NOPERM = 77
 
 
@@ -1050,6 +1162,7 @@ def _top_parser() -> _Parser:
         description="Postfix's smtp(8) for Twisted: queue, list and manage mail.",
         epilog="commands: " + "; ".join(f"{c.name}: {c.summary}" for c in COMMANDS.values()),
     )
+    parser.add_argument("--version", action="store_true", help="print relayagent's version and exit")
     parser.add_argument("-c", dest="config", metavar="CONFIG",
                         help=f"main.cf to read (default: ${CONFIG_ENVIRONMENT}, else {DEFAULT_CONFIG})")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
@@ -1076,6 +1189,11 @@ def run(
 ) -> int:
     """Run one command with the given streams; return the exit code."""
     environ = os.environ if environ is None else environ
+    if list(argv)[:1] == ["--version"]:
+        from relayagent import __version__
+
+        print(f"relayagent {__version__}", file=stdout)
+        return EX_OK
     try:
         top = _top_parser().parse_args(list(argv))
         command = COMMANDS[top.command]
@@ -1109,6 +1227,11 @@ def run(
     except KeyboardInterrupt:
         print("relayagent: interrupted", file=stderr)
         return EX_TEMPFAIL
+    except BrokenPipeError:
+        # "relayagent postconf | head": the reader has had enough; quiet,
+        # and a success, as Postfix's commands.
+        _output_gone(stdout)
+        return EX_OK
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         print(f"relayagent: fatal: internal error: {type(exc).__name__}: {exc}", file=stderr)
         return EX_SOFTWARE
@@ -1126,7 +1249,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if invoked_as in ("sendmail", "mailq"):
             argv = [invoked_as, *argv]
     stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
-    return run(argv, stdin=stdin, stdout=sys.stdout, stderr=sys.stderr)
+    code = run(argv, stdin=stdin, stdout=sys.stdout, stderr=sys.stderr)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _output_gone(sys.stdout)
+        return EX_OK
+    return code
+
+
+def _output_gone(stdout: TextIO) -> None:
+    """Standard output's reader went away: what is still buffered goes
+    nowhere, so that the flush at exit does not fail (and print a
+    traceback of its own)."""
+    try:
+        fd = stdout.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

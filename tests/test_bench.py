@@ -83,13 +83,13 @@ class BacklogConfigTests(unittest.TestCase):
         no maillog_file, so the lines go into twistd's log."""
         directory = self.mktemp()
         os.makedirs(directory)
-        path = drain.backlog_config(directory, 10025, 2526, ["relayagent_workers = 2"])
+        path = drain.backlog_config(directory, 10587, 2526, ["relayagent_workers = 2"])
         self.assertEqual(path, os.path.join(directory, "main.cf"))
         with open(path) as handle:
             lines = handle.read().splitlines()
         self.assertEqual(lines, [
             "queue_directory = spool",
-            "smtpd_endpoints = tcp:10025:interface=127.0.0.1",
+            "smtpd_endpoints = tcp:10587:interface=127.0.0.1",
             "relayhost = [127.0.0.1]:2526",
             "relayagent_workers = 2",
         ])
@@ -99,10 +99,10 @@ class BacklogConfigTests(unittest.TestCase):
 
         directory = self.mktemp()
         os.makedirs(directory)
-        config = Config.load(drain.backlog_config(directory, 10025, 2526, []))
+        config = Config.load(drain.backlog_config(directory, 10587, 2526, []))
         self.assertEqual(config.warnings, [])
         self.assertEqual(config["relayhost"], "[127.0.0.1]:2526")
-        self.assertEqual(config["smtpd_endpoints"], ("tcp:10025:interface=127.0.0.1",))
+        self.assertEqual(config["smtpd_endpoints"], ("tcp:10587:interface=127.0.0.1",))
         self.assertEqual(config["maillog_file"], "")
 
 
@@ -112,9 +112,9 @@ class BacklogConfigTests(unittest.TestCase):
         directory = self.mktemp()
         os.makedirs(directory)
         twistd_log = os.path.join(directory, "twistd.log")
-        path = drain.backlog_config(directory, 10025, 2526, [])
+        path = drain.backlog_config(directory, 10587, 2526, [])
         self.assertEqual(drain.backlog_log_path(path, twistd_log), twistd_log)
-        path = drain.backlog_config(directory, 10025, 2526, ["maillog_file = maillog"])
+        path = drain.backlog_config(directory, 10587, 2526, ["maillog_file = maillog"])
         self.assertEqual(drain.backlog_log_path(path, twistd_log), os.path.join(os.path.abspath(directory), "maillog"))
 
 

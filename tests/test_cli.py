@@ -11,14 +11,17 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import time
 from unittest import mock
 
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from relayagent import cli
+from relayagent.common import maillog as ralog
 from relayagent.common.envelope import BodyType, Notify, Ret
 from relayagent.common.status import Status
 from relayagent.spool import Message, Spool
@@ -48,6 +51,10 @@ class CommandTestCase(SynchronousTestCase):
 
         self.patch(cli, "trigger_hook", trigger)
         self.patch(cli, "clock", lambda: NOW)
+        # sendmail's pickup and cleanup lines, here and not in syslog.
+        self.submission_events: list[dict] = []
+        self.patch(cli, "submission_logger",
+                   lambda config: Logger(namespace="relayagent.cli", observer=self.submission_events.append))
         environ = mock.patch.dict(os.environ, {"USER": "joe"})
         environ.start()
         self.addCleanup(environ.stop)
@@ -696,7 +703,7 @@ class CheckTests(CommandTestCase):
         os.chown(maildrop, 12345, -1)
         os.chmod(maildrop, 0o1777)
         code, out, _ = self.run_command("check")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, cli.EX_CANTCREAT)
         self.assertIn("maildrop: mode 1777, expected 1733", out)
         self.assertIn("owned by uid 12345, not by the queue's owner", out)
 
@@ -722,7 +729,7 @@ class CheckTests(CommandTestCase):
 
     def test_missing_spool(self) -> None:
         code, out, _ = self.run_command("check")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, cli.EX_CANTCREAT)
         self.assertIn("not a directory", out)
 
     def test_missing_and_world_writable_directories(self) -> None:
@@ -730,7 +737,7 @@ class CheckTests(CommandTestCase):
         os.rmdir(os.path.join(self.spool.directory, "hold"))
         os.chmod(os.path.join(self.spool.directory, "incoming"), 0o777)
         code, out, _ = self.run_command("check")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, cli.EX_CANTCREAT)
         self.assertIn("hold: missing", out)
         self.assertIn("incoming: world-writable (mode 0777)", out)
         self.assertIn("2 problems found", out)
@@ -742,7 +749,7 @@ class CheckTests(CommandTestCase):
         write_file(password_file, b"[smtp.example.com]:587 user:secret\n")
         os.chmod(password_file, 0o644)
         code, out, _ = self.run_command("check")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, cli.EX_CONFIG)
         self.assertIn("sasl_passwd: world-readable (mode 0644)", out)
         self.assertNotIn("secret", out)
         os.chmod(password_file, 0o600)
@@ -756,7 +763,7 @@ class CheckTests(CommandTestCase):
         write_file(password_file, b"node-a secret\n")
         os.chmod(password_file, 0o644)
         code, out, _ = self.run_command("check")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, cli.EX_CONFIG)
         self.assertIn("smtpd_sasl_password_maps: " + password_file + ": world-readable (mode 0644)", out)
         self.assertNotIn("secret", out)
 
@@ -764,8 +771,37 @@ class CheckTests(CommandTestCase):
         self.spool.ensure_layout()
         self.write_config("no_such_parameter = 1\n")
         code, out, _ = self.run_command("check")
-        self.assertEqual(code, 1)
-        self.assertIn("no_such_parameter", out)
+        self.assertEqual(code, cli.EX_CONFIG)
+        self.assertIn("unknown parameter: no_such_parameter", out)
+
+    def test_postfix_parameters_are_not_used_not_unknown(self) -> None:
+        # A copied Postfix main.cf.
+        self.spool.ensure_layout()
+        self.write_config("mydestination = $myhostname, localhost\nalias_maps = hash:/etc/aliases\n")
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 0, out)
+        self.assertIn("main.cf, line 4: Postfix parameter not used by relayagent: mydestination", out)
+        self.assertTrue(out.startswith("relayagent: warning: "), out)
+        self.assertIn("not used by relayagent: alias_maps", out)
+        self.assertNotIn("unknown parameter", out)
+
+    def test_relayhost_syntax(self) -> None:
+        self.spool.ensure_layout()
+        for bad in ("[127.0.4.1:43001", "[127.0.4.1]x", "[::1", "mx.example.com:port", "[127.0.0.1]:99999"):
+            self.write_config(f"relayhost = {bad}\n")
+            code, out, _ = self.run_command("check")
+            self.assertEqual(code, cli.EX_CONFIG, (bad, out))
+            self.assertIn("relayhost: ", out)
+        for good in ("[127.0.4.1]:43001", "mx.example.com", "[ipv6:2001:db8::1]:587", "smtp.example.com:2525"):
+            self.write_config(f"relayhost = {good}\n")
+            code, out, _ = self.run_command("check")
+            self.assertEqual(code, 0, (good, out))
+
+    def test_a_config_error_is_ex_config(self) -> None:
+        self.write_config("smtp_connect_timeout = soon\n")
+        code, _, err = self.run_command("check")
+        self.assertEqual(code, cli.EX_CONFIG)
+        self.assertOneLine(err, "smtp_connect_timeout")
 
 
 class PostconfTests(CommandTestCase):
@@ -799,11 +835,12 @@ class FlushAndTriggerTests(CommandTestCase):
         self.assertEqual(self.triggers[0][1], ("flush",))
         self.assertEqual(self.triggers[0][0]["myorigin"], "example.org")
 
-    def test_flush_without_daemon_warns(self) -> None:
+    def test_flush_without_daemon_fails(self) -> None:
+        # Postfix's postqueue -f: EX_UNAVAILABLE.
         self.trigger_result = False
         code, _, err = self.run_command("flush")
-        self.assertEqual(code, 0)
-        self.assertOneLine(err, "queue manager is not running")
+        self.assertEqual(code, cli.EX_UNAVAILABLE)
+        self.assertEqual(err, "relayagent: fatal: Cannot flush mail queue - mail system is down\n")
 
     def test_notify_queue_manager_sends_wakeup_or_flush(self) -> None:
         # The AMP exchange itself is tested with the real listener in
@@ -835,7 +872,7 @@ class FlushAndTriggerTests(CommandTestCase):
         self.assertEqual(
             sorted(cli.COMMANDS),
             ["check", "flush", "import-twisted-queue", "logrotate", "mailq", "postconf", "postsuper",
-             "reload", "sendmail", "transfer"],
+             "qshape", "reload", "sendmail", "transfer"],
         )
         calls = []
 
@@ -871,3 +908,134 @@ class FlushAndTriggerTests(CommandTestCase):
         self.assertEqual((code, stderr.getvalue()), (0, ""))
         _, content = self.only_message()
         self.assertTrue(content.startswith(b"Subject: via main\n"))
+
+
+class ConventionsTests(CommandTestCase):
+    """--version, a closed pipe, sendmail's log lines."""
+
+    def test_version(self) -> None:
+        from relayagent import __version__
+
+        self.assertEqual(cli.run(["--version"], stdin=io.BytesIO(), stdout=(out := io.StringIO()),
+                                 stderr=io.StringIO()), 0)
+        self.assertEqual(out.getvalue(), f"relayagent {__version__}\n")
+
+    def test_closed_pipe_is_quiet_success(self) -> None:
+        # A real pipe whose reader goes away after one line, as "| head -1".
+        environment = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        for command in (["postconf", "-d"], ["mailq"]):
+            if command == ["mailq"]:
+                self.spool.ensure_layout()
+                self.spool.enqueue_many(Message("a@example.org", [f"r{n}@example.net"], b"x\n") for n in range(3000))
+            writer = subprocess.Popen(
+                [sys.executable, "-c", "from relayagent.cli import main; import sys; sys.exit(main())",
+                 "-c", self.config_path, *command],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+            writer.stdout.readline()
+            writer.stdout.close()
+            _, err = writer.communicate(timeout=120)
+            writer.stderr.close()
+            self.assertEqual((writer.returncode, err), (0, b""), command)
+
+    def test_sendmail_logs_pickup_and_cleanup(self) -> None:
+        code, _, _ = self.run_command("sendmail", "-f", "root@example.org", "b@example.net",
+                                      stdin=b"Message-ID: <m1@example.org>\n\nbody\n")
+        self.assertEqual(code, 0)
+        (queue_id,) = self.queued()
+        texts = [(event["ralog_service"], ralog.render(event)) for event in self.submission_events]
+        self.assertEqual(texts, [
+            ("pickup", f"{queue_id}: uid={os.getuid()} from=<root@example.org>"),
+            ("cleanup", f"{queue_id}: message-id=<m1@example.org>"),
+        ])
+
+    def test_sendmail_logs_to_maillog_file(self) -> None:
+        self.patch(cli, "submission_logger", None)
+        maillog = os.path.join(self.base, "maillog")
+        self.write_config(f"maillog_file = {maillog}\nsyslog_name = ra\n")
+        code, _, _ = self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n\nbody\n")
+        self.assertEqual(code, 0)
+        (queue_id,) = self.queued()
+        with open(maillog, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertRegex(lines[0], rf" host\.example\.org ra/pickup\[\d+\]: {queue_id}: uid=\d+ from=<joe@example\.org>$")
+        self.assertRegex(lines[1], rf" ra/cleanup\[\d+\]: {queue_id}: message-id=<\d+\.\w+@host\.example\.org>$")
+
+
+class PostconfEditTests(CommandTestCase):
+    def read(self) -> str:
+        with open(self.config_path, encoding="utf-8") as handle:
+            return handle.read()
+
+    def test_replaces_in_place_keeping_comments(self) -> None:
+        write_file(self.config_path, (
+            "# the queue\nqueue_directory = spool\n\n# where mail goes\nrelayhost = [old.example]\n"
+            "mynetworks = 127.0.0.0/8,\n    [::1]/128\n# the end\n").encode())
+        code, _, err = self.run_command("postconf", "-e", "relayhost=[mx.example.com]:587",
+                                        "mynetworks = 10.0.0.0/8", "smtp_tls_security_level=may")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.read(), (
+            "# the queue\nqueue_directory = spool\n\n# where mail goes\nrelayhost = [mx.example.com]:587\n"
+            "mynetworks = 10.0.0.0/8\n# the end\nsmtp_tls_security_level = may\n"))
+        code, out, _ = self.run_command("postconf", "relayhost")
+        self.assertEqual(out, "relayhost = [mx.example.com]:587\n")
+
+    def test_bad_value_changes_nothing(self) -> None:
+        before = self.read()
+        code, _, err = self.run_command("postconf", "-e", "smtp_connect_timeout=soon")
+        self.assertEqual(code, cli.EX_CONFIG)
+        self.assertOneLine(err, "smtp_connect_timeout")
+        self.assertEqual(self.read(), before)
+        self.assertEqual([n for n in os.listdir(self.base) if n.startswith(".main.cf")], [])
+
+    def test_bad_argument(self) -> None:
+        code, _, err = self.run_command("postconf", "-e", "relayhost")
+        self.assertEqual(code, cli.EX_CONFIG)
+        self.assertOneLine(err, "expected name=value")
+        code, _, err = self.run_command("postconf", "-e")
+        self.assertEqual(code, cli.EX_USAGE)
+
+    def test_mode_kept(self) -> None:
+        os.chmod(self.config_path, 0o640)
+        self.assertEqual(self.run_command("postconf", "-e", "relayhost=[a.example]")[0], 0)
+        self.assertEqual(os.stat(self.config_path).st_mode & 0o777, 0o640)
+
+
+class QshapeTests(CommandTestCase):
+    def test_empty(self) -> None:
+        self.spool.ensure_layout()
+        code, out, _ = self.run_command("qshape")
+        self.assertEqual(code, 0)
+        # qshape.pl's layout: 80 columns, the domain right-aligned.
+        self.assertEqual(out.splitlines(), [
+            " " * 39 + "  T  5 10 20 40 80 160 320 640 1280 1280+",
+            " " * 34 + "TOTAL  0  0  0  0  0  0   0   0   0    0     0",
+        ])
+
+    def test_domains_by_age(self) -> None:
+        minute = 60
+        ages = {"a@example.com": 1 * minute, "b@example.com": 7 * minute,
+                "c@example.net": 30 * minute, "d@EXAMPLE.com": 3000 * minute}
+        self.spool.ensure_layout()
+        for address, age in ages.items():
+            Spool(self.spool.directory, clock=StepClock(NOW - age)).enqueue("s@sender.org", [address], b"x\n")
+        self.spool.enqueue("", ["e@example.net", "f@example.org"], b"x\n", queue="deferred")
+        code, out, _ = self.run_command("qshape", "incoming", "deferred")
+        self.assertEqual(code, 0, out)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"])
+        rows = {line.split()[0]: [int(n) for n in line.split()[1:]] for line in lines[1:]}
+        self.assertEqual(rows["TOTAL"], [6, 3, 1, 0, 1, 0, 0, 0, 0, 0, 1])
+        self.assertEqual(rows["example.com"], [3, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1])
+        self.assertEqual(rows["example.net"], [2, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+        self.assertEqual(rows["example.org"], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        self.assertEqual([line.split()[0] for line in lines[1:]], ["TOTAL", "example.com", "example.net", "example.org"])
+        # By sender domain, the null sender as MAILER-DAEMON.
+        code, out, _ = self.run_command("qshape", "-s", "incoming", "deferred")
+        rows = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()[1:]}
+        self.assertEqual(rows, {"TOTAL": 5, "sender.org": 4, "MAILER-DAEMON": 1})
+
+    def test_unknown_queue(self) -> None:
+        code, _, err = self.run_command("qshape", "maildrop")
+        self.assertEqual(code, cli.EX_USAGE)
+        self.assertOneLine(err, "unknown queue 'maildrop'")

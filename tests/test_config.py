@@ -133,7 +133,7 @@ class ExpansionTests(SynchronousTestCase):
         self.assertEqual(config.smtp_helo_name, "hasrelayx")
         self.assertEqual(config.error_notice_recipient, "empty")
         self.assertEqual(config.bounce_notice_recipient, "unset-a, b")
-        self.assertEqual(config.delay_notice_recipient, "Postfix")
+        self.assertEqual(config.delay_notice_recipient, "relayagent")
 
     def test_bad_expansions_are_errors(self):
         for value in ("${relayhost", "${relayhost?{x}", "${relayhost!x}", "${}", "$(relayhost"):
@@ -215,7 +215,7 @@ class TableTests(SynchronousTestCase):
         # Where we differ on purpose, the table's doc says why.
         deliberate = {"mynetworks", "queue_directory", "smtp_tls_protocols",
                       "smtp_tls_mandatory_protocols", "compatibility_level",
-                      "myhostname", "mydomain", "syslog_name",
+                      "myhostname", "mydomain", "syslog_name", "mail_name",
                       # Postfix writes this one as a compatibility_level
                       # expression; ours is what it yields at level 3.6.
                       "smtputf8_enable",

@@ -3,6 +3,7 @@ and poked by the blocking client from a thread."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 
@@ -116,7 +117,6 @@ class SecondDaemonTests(TestCase):
         self.assertFalse(control.spool_locked(self.directory))
 
     def test_twistd_options_refuse_a_second_daemon(self) -> None:
-        from twisted.python import usage
 
         from relayagent.master import tap
 
@@ -129,9 +129,11 @@ class SecondDaemonTests(TestCase):
         with open(config_path, "w") as handle:
             handle.write("queue_directory = .\n")
         options = tap.Options()
-        with self.assertRaises(usage.UsageError) as caught:
+        self.patch(tap, "fatal_stream", io.StringIO())
+        with self.assertRaises(tap.StartupFailure) as caught:
             options.parseOptions(["-c", config_path])
-        self.assertIn("already running", str(caught.exception))
+        self.assertEqual(caught.exception.code, tap.EX_TEMPFAIL)
+        self.assertIn("already running", caught.exception.text)
 
     async def test_stale_socket_is_not_a_daemon(self) -> None:
         await self.port.stopListening()

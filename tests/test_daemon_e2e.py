@@ -341,8 +341,11 @@ class PrivilegeTests(DaemonTestCase):
         await self.run_unprivileged("--chroot", self.base)
 
 
-# twistd's classic line, and the delays of a delivery line.
-TWISTD_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[([^\]]+)\] (.*)$")
+# A line of twistd's log: Twisted's "<stamp> [<system>] <text>", or
+# relayagent's "<stamp> <host> relayagent/<daemon>[pid]: <text>"; and the
+# delays of a delivery line.
+TWISTD_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:?\d\d "
+                         r"(?:\[([^\]]+)\]|\S+ (\S+/\w+)\[\d+\]:) (.*)$")
 DELAYS = re.compile(r", delay=([0-9.]+), delays=([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+), dsn=")
 
 
@@ -369,7 +372,7 @@ class TwistdLogTests(DaemonTestCase):
     def twistd_texts(self, path: str) -> list[str]:
         with open(path, encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
-        return [match.group(2) for match in map(TWISTD_LINE.match, lines) if match]
+        return [match.group(3) for match in map(TWISTD_LINE.match, lines) if match]
 
     async def test_standard_output(self) -> None:
         # A bounce: queue active, bounced, the notice, removed, and the
@@ -404,7 +407,7 @@ class TwistdLogTests(DaemonTestCase):
         [sent] = [t for t in texts if t.startswith(f"{queue_id}: to=<rcpt@example.net>, relay=127.0.0.1")]
         self.assertIn(", dsn=2.0.0, status=sent (250 2.0.0 Ok", sent)
         self.assert_postfix_text(texts)
-        self.assertTrue(any("relayagent.qmgr.delivery#info" in line for line in open(path)))
+        self.assertTrue(any(re.search(r" relayagent/smtp\[\d+\]: " + queue_id, line) for line in open(path)))
 
     async def test_logger_json(self) -> None:
         from twisted.logger import eventsFromJSONLogFile, formatEvent

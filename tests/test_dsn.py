@@ -147,8 +147,8 @@ class BuildReportTests(unittest.TestCase):
         _, message = self.report(envid="ENV-42")
         per_message = status_blocks(message)[0]
         self.assertEqual(per_message["Reporting-MTA"], "dns; relay.example.org")
-        self.assertEqual(per_message["X-Postfix-Queue-ID"], "4B3F2A1C0D")
-        self.assertEqual(per_message["X-Postfix-Sender"], "rfc822; a@example.org")
+        self.assertEqual(per_message["X-relayagent-Queue-ID"], "4B3F2A1C0D")
+        self.assertEqual(per_message["X-relayagent-Sender"], "rfc822; a@example.org")
         self.assertEqual(per_message["Original-Envelope-Id"], "ENV-42")
         self.assertEqual(email.utils.parsedate_to_datetime(per_message["Arrival-Date"]).timestamp(), ARRIVAL)
 
@@ -189,7 +189,7 @@ class BuildReportTests(unittest.TestCase):
         _, message = self.report(envelope=envelope, reports=[report])
         block = status_blocks(message)[1]
         self.assertIsNone(block["Remote-MTA"])
-        self.assertTrue(block["Diagnostic-Code"].startswith("X-Postfix; Host or domain name not found."))
+        self.assertTrue(block["Diagnostic-Code"].startswith("X-relayagent; Host or domain name not found."))
         self.assertEqual(block["Status"], "5.4.4")
 
     def test_several_recipients(self) -> None:
@@ -295,7 +295,7 @@ class BuildReportTests(unittest.TestCase):
         self.assertEqual(block["Action"], "delayed")
         self.assertEqual(block["Status"], "4.4.1")
         self.assertEqual(block["Diagnostic-Code"],
-                         "X-Postfix; connect to mx.example.net[192.0.2.1]:25: Connection refused")
+                         "X-relayagent; connect to mx.example.net[192.0.2.1]:25: Connection refused")
         until = email.utils.parsedate_to_datetime(block["Will-Retry-Until"]).timestamp()
         self.assertEqual(until, ARRIVAL + 5 * 86400)
         self.assertEqual(parts(message)[2]["Content-Description"], "Undelivered Message")
@@ -587,7 +587,7 @@ class PostmasterNoticeTests(unittest.TestCase):
         self.assertEqual(sender, "double-bounce@relay.example.org")
         self.assertEqual(recipients, ["ops@example.org"])
         message = parse(content)
-        self.assertEqual(message["Subject"], "Postfix SMTP client: errors from mx.example.net[192.0.2.1]")
+        self.assertEqual(message["Subject"], "relayagent SMTP client: errors from mx.example.net[192.0.2.1]")
         self.assertIn(b"\r\nFrom: MAILER-DAEMON@relay.example.org (Mail Delivery System)\r\n", content)
         self.assertIsNone(message["Injected"])
         body = text_of(message)

@@ -121,6 +121,18 @@ class ReloadTests(TestCase):
         with open(maillog + ".1") as old, open(maillog) as new:
             self.assertEqual((old.read(), new.read()), ("first\npending\n", "second\n"))
 
+    def test_logrotate_keeps_standard_output(self) -> None:
+        # maillog_file = /dev/stdout shares twistd's descriptor; reopening
+        # the name would make one with an offset of its own.
+        service = self.service("maillog_file = /dev/stdout\n")
+        appender = service.log_out
+        self.addCleanup(appender.close)
+        self.assertTrue(os.path.samestat(os.fstat(appender.fd), os.fstat(1)))
+        fd_flags_before = os.fstat(appender.fd)
+        ok, text = service.logrotate()
+        self.assertEqual((ok, text), (True, "/dev/stdout is a descriptor of the daemon's own: nothing to reopen"))
+        self.assertTrue(os.path.samestat(os.fstat(appender.fd), fd_flags_before))
+
     def test_logrotate_without_maillog_file(self) -> None:
         service = self.service("maillog_file =\n")
         self.assertEqual(service.logrotate(), (True, "no maillog_file: nothing to reopen"))

@@ -60,7 +60,7 @@ class Session:
         self.peer = address_type("TCP", peer, 40000)
         self.server = factory.buildProtocol(self.peer)
         self.transport = StringTransport(
-            hostAddress=address_type("TCP", "127.0.0.1" if ":" not in peer else "::1", 10025),
+            hostAddress=address_type("TCP", "127.0.0.1" if ":" not in peer else "::1", 10587),
             peerAddress=self.peer,
         )
         self.server.makeConnection(self.transport)
@@ -424,7 +424,7 @@ class ServicesTests(SynchronousTestCase):
         self.assertEqual(make_listener_services(make_config(), spool=FakeSpool()), [])
 
     def test_one_service_per_endpoint(self):
-        config = make_config(smtpd_endpoints="tcp:10025:interface=127.0.0.1, unix:/tmp/x.sock")
+        config = make_config(smtpd_endpoints="tcp:10587:interface=127.0.0.1, unix:/tmp/x.sock")
         services = make_listener_services(config, spool=FakeSpool())
         self.assertEqual(len(services), 2)
         self.assertTrue(all(re.match("StreamServerEndpointService", type(s).__name__)
@@ -811,8 +811,8 @@ class AuthTests(SynchronousTestCase):
                              b"RCPT TO:<b@y.example>\r\nDATA\r\n\r\nbody\r\n.\r\n")
         self.assertEqual(codes(lines), [250, 250, 354, 250])
         self.assertEqual(queued_envelope(spool).arrival_time, 1_600_000_000.0)
-        self.assertIn("client=unknown[192.0.2.9], sasl_method=CRAM-MD5, sasl_username=node-a, from=<a@x.example>",
-                      "\n".join(ralog.render(e) for e in events))
+        self.assertIn("client=unknown[192.0.2.9], sasl_method=CRAM-MD5, sasl_username=node-a\n",
+                      "".join(ralog.render(e) + "\n" for e in events))
 
     def test_arrival_in_the_future_is_now(self):
         spool = dsn_spool(self)
@@ -837,3 +837,57 @@ class AuthTests(SynchronousTestCase):
         reply = session.send(base64.b64encode(b"nospace") + b"\r\n")
         self.assertEqual(codes(reply), [535])
         self.assertEqual(self.flushLoggedErrors(), [])
+class SmtpdLogLineTests(SynchronousTestCase):
+    """smtpd's and cleanup's lines, as Postfix's smtpd.c, smtpd_check.c
+    and cleanup_message.c write them."""
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self):
+        from relayagent.common import maillog as ralog
+
+        return [(event["ralog_service"], ralog.render(event)) for event in self.events
+                if event.get("ralog_event") == ralog.LINE]
+
+    def test_a_relayed_transaction(self):
+        session = Session(self)
+        session.send(TRANSACTION + b"QUIT\r\n")
+        session.server.connectionLost(None)  # the client hung up after QUIT
+        (queue_id,) = [text.split(":")[0] for _, text in self.lines() if "client=" in text]
+        self.assertEqual(self.lines(), [
+            ("smtpd", "connect from unknown[127.0.0.1]"),
+            ("smtpd", f"{queue_id}: client=unknown[127.0.0.1]"),
+            ("cleanup", f"{queue_id}: message-id=<>"),
+            ("smtpd", "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=3 data=1 quit=1 commands=7"),
+        ])
+
+    def test_relay_denied(self):
+        session = Session(self, peer="2001:db8::7")
+        session.send(b"EHLO stranger.example\r\nMAIL FROM:<s@stranger.example>\r\n"
+                     b"RCPT TO:<b@remote.example>\r\nBOGUS\r\nQUIT\r\n")
+        session.server.connectionLost(None)
+        self.assertEqual(self.lines(), [
+            ("smtpd", "connect from unknown[2001:db8::7]"),
+            ("smtpd", "NOQUEUE: reject: RCPT from unknown[2001:db8::7]: 554 5.7.1 <b@remote.example>: "
+                      "Relay access denied; from=<s@stranger.example> to=<b@remote.example> proto=ESMTP "
+                      "helo=<stranger.example>"),
+            ("smtpd", "disconnect from unknown[2001:db8::7] ehlo=1 mail=1 rcpt=0/1 quit=1 unknown=0/1 "
+                      "commands=3/5"),
+        ])
+
+    def test_message_id(self):
+        session = Session(self)
+        session.send(TRANSACTION.replace(b"Subject: hello\r\n", b"Subject: hello\r\nMessage-ID: <m@x.example>\r\n"))
+        self.assertIn("message-id=<m@x.example>", " ".join(text for _, text in self.lines()))
+
+    def test_command_stats(self):
+        from relayagent.smtpd.listener import format_command_stats
+
+        self.assertEqual(format_command_stats({}), " commands=0/0")
+        self.assertEqual(format_command_stats({"quit": [1, 1], "ehlo": [1, 1], "rcpt": [2, 3]}),
+                         " ehlo=1 rcpt=2/3 quit=1 commands=4/5")

@@ -1,12 +1,12 @@
 """Tests for the twistd plugin and relayagent.master.tap."""
 
+import io
 import os
 import subprocess
 import sys
 
 from twisted.application.service import IService
 from twisted.plugin import IPlugin, getPlugins
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.master import tap
@@ -46,9 +46,12 @@ class OptionsTests(SynchronousTestCase):
     def test_bad_parameter_stops_start_up_with_the_location(self):
         path = self.write_config("smtp_connect_timeout = soon\n")
         options = tap.Options()
-        with self.assertRaises(usage.UsageError) as caught:
+        self.patch(tap, "fatal_stream", io.StringIO())
+        with self.assertRaises(tap.StartupFailure) as caught:
             options.parseOptions(["-c", path])
-        self.assertIn(f"{path}, line 1: parameter smtp_connect_timeout", str(caught.exception))
+        self.assertEqual(caught.exception.code, tap.EX_CONFIG)
+        self.assertIn(f"{path}, line 1: parameter smtp_connect_timeout", caught.exception.text)
+        self.assertEqual(tap.fatal_stream.getvalue(), f"relayagent: fatal: {caught.exception.text}\n")
 
     def test_environment_variable_names_the_default(self):
         path = self.write_config("relayhost = [127.0.0.1]:2525\n")

@@ -49,7 +49,13 @@ type=A: Host not found)
 POSTFIX_TEXT = [line.split("]: ", 1)[1] for line in POSTFIX_LOG.splitlines()]
 
 # twistd's classic line: "<RFC 3339 stamp> [<namespace>#<level>] <text>".
-TWISTD_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) \[([^\]]+)\] (.*)$")
+TWISTD_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:?\d\d) \[([^\]]+)\] (.*)$")
+# relayagent's lines in twistd's log: "<RFC 3339 stamp> <host> <program>[<pid>]: <text>",
+# as rsyslog writes Postfix's with RFC 3339 stamps (pflogsumm reads them).
+POSTFIX_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d) (\S+) (relayagent/\w+)\[(\d+)\]: (.*)$")
+POSTFIX_PROGRAMS = [line.split()[4].split("[")[0].replace("postfix/", "relayagent/")
+                    for line in POSTFIX_LOG.splitlines()]
 
 
 def emit_postfix_fixtures(log: Logger) -> None:
@@ -276,20 +282,20 @@ class TwistdLogObserverTests(unittest.TestCase):
         emit(Logger(namespace="relayagent.qmgr.delivery", observer=observer))
         return out.getvalue().splitlines()
 
-    def test_postfix_text_after_twistds_prefix(self) -> None:
-        lines = self.lines(emit_postfix_fixtures)
+    def test_postfix_lines_in_twistds_log(self) -> None:
+        lines = self.lines(emit_postfix_fixtures, hostname="relay.test", pid=4242)
         self.assertEqual(len(lines), len(POSTFIX_TEXT))
-        for line, theirs in zip(lines, POSTFIX_TEXT, strict=True):
-            match = TWISTD_LINE.match(line)
+        for line, theirs, program in zip(lines, POSTFIX_TEXT, POSTFIX_PROGRAMS, strict=True):
+            match = POSTFIX_LINE.match(line)
             self.assertIsNotNone(match, line)
-            self.assertEqual(match.group(2), "relayagent.qmgr.delivery#info")
-            self.assertEqual(fields(match.group(3)), fields(theirs))
-            self.assertEqual(match.group(3), theirs)
+            self.assertEqual(match.group(2, 3, 4), ("relay.test", program, "4242"))
+            self.assertEqual(fields(match.group(5)), fields(theirs))
+            self.assertEqual(match.group(5), theirs)
 
-    def test_same_lines_as_twistds_observer(self) -> None:
-        # Where both write the same text (relayagent's mail events with
-        # the default resolution, Twisted's events, tracebacks), the lines
-        # are the same, byte for byte.
+    def test_twisteds_lines_as_twistds_observer(self) -> None:
+        # Twisted's events and tracebacks (relayagent's too) read as
+        # twistd's own observer writes them, but for the colon of the
+        # RFC 3339 offset.
         stock, ours = io.StringIO(), io.StringIO()
         observers = [textFileLogObserver(stock), ralog.TwistdLogObserver(ours)]
 
@@ -297,14 +303,14 @@ class TwistdLogObserverTests(unittest.TestCase):
             for observer in observers:
                 observer(dict(event))
 
-        emit_postfix_fixtures(Logger(namespace="relayagent.qmgr.delivery", observer=both))
         twisted_events(lambda namespace: Logger(namespace=namespace, observer=both))
         for when in (None, 1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0):
             both({"log_format": "at {t}", "t": when, "log_time": when, "log_level": LogLevel.info,
                   "log_namespace": "twisted.test"})
         self.assertIn("Traceback (most recent call last):", ours.getvalue())
         self.assertIn("\tbuiltins.KeyError: 'x'", ours.getvalue())
-        self.assertEqual(ours.getvalue().splitlines(), stock.getvalue().splitlines())
+        expected = [re.sub(r"^(\S+[+-]\d\d)(\d\d) ", r"\1:\2 ", line) for line in stock.getvalue().splitlines()]
+        self.assertEqual(ours.getvalue().splitlines(), expected)
 
     def test_relayagent_warnings_read_as_postfix(self) -> None:
         def emit(log: Logger) -> None:
@@ -312,7 +318,7 @@ class TwistdLogObserverTests(unittest.TestCase):
             log.error("TLS policy for {nexthop}: {reason}", nexthop="example.com", reason="bad")
             ralog.log_warning(log, "cannot listen on /x: in use")
 
-        texts = [TWISTD_LINE.match(line).group(3) for line in self.lines(emit)]
+        texts = [POSTFIX_LINE.match(line).group(5) for line in self.lines(emit)]
         self.assertEqual(texts, [
             "warning: smtp_tls_policy_maps: level dane is treated as may",
             "error: TLS policy for example.com: bad",
@@ -407,6 +413,21 @@ class AfterThisTurnTests(unittest.TestCase):
         self.reactor.advance(0)
         self.assertEqual(self.flushed, [True])
 
+    def test_a_flush_the_stopped_reactor_never_ran(self) -> None:
+        # The stop's lines: written with a flush scheduled, then the
+        # reactor stops without running it; the next line flushes all.
+        self.patch(ralog, "isInIOThread", lambda: True)
+        out = Out()
+        observer = ralog.TwistdLogObserver(out, flush_later=self.flush_later)
+        log = Logger(namespace="twisted.internet.base", observer=observer)
+        self.reactor.running = True
+        log.info("(UNIX Port Closed)")
+        self.assertEqual(out.getvalue(), "")
+        self.reactor.running = False  # the scheduled flush never runs
+        log.info("Main loop terminated.")
+        self.assertEqual([line.split("] ", 1)[1] for line in out.getvalue().splitlines()],
+                         ["(UNIX Port Closed)", "Main loop terminated."])
+
     def test_now_before_or_after_the_reactor_runs(self) -> None:
         self.patch(ralog, "isInIOThread", lambda: True)
         self.reactor.running = False
@@ -460,10 +481,18 @@ class TwistdOptionsTests(unittest.TestCase):
 
         self.assertIsNone(tap.twistd_log(None, self.config, self.reactor))
         self.assertIsNone(self.observer(logger=lambda: None))
-        self.assertIsNone(self.observer(syslog=1))
-        self.assertIsNone(self.observer(syslog=1, nodaemon=1))
         # twistd itself refuses it ("Daemons cannot log to stdout").
         self.assertIsNone(self.observer(logfile="-"))
+
+    def test_syslog(self) -> None:
+        # Facility mail and the tag relayagent/<daemon>, not twistd's
+        # user and "twisted"; another --prefix replaces syslog_name.
+        for options, program in (({"syslog": 1, "prefix": "twisted"}, "relayagent/smtp"),
+                                 ({"syslog": 1, "nodaemon": 1}, "relayagent/smtp"),
+                                 ({"syslog": 1, "prefix": "relay2"}, "relay2/smtp")):
+            observer = self.observer(**options)
+            self.assertIsInstance(observer, ralog.SyslogObserver)
+            self.assertEqual(observer.program, program)
 
     def test_standard_output(self) -> None:
         import sys
@@ -489,7 +518,7 @@ class TwistdOptionsTests(unittest.TestCase):
             observer.flush()
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
-        self.assertEqual([TWISTD_LINE.match(line).group(3) for line in lines], POSTFIX_TEXT * 2)
+        self.assertEqual([POSTFIX_LINE.match(line).group(5) for line in lines], POSTFIX_TEXT * 2)
         # SIGUSR1 rotates it, in the reactor's thread.
         handlers[signal.SIGUSR1](signal.SIGUSR1, None)
         [(rotate, _)] = self.reactor.from_threads
@@ -605,7 +634,7 @@ class ServiceTests(unittest.TestCase):
             top.stopService()
         self.assertEqual(published, [])  # straight to twistd's log
         with open(observer.out.path, encoding="utf-8") as handle:
-            self.assertTrue(handle.read().endswith("[relayagent.qmgr#info] 4B3F2A1C0D: removed\n"))
+            self.assertRegex(handle.read(), r" relayagent/qmgr\[\d+\]: 4B3F2A1C0D: removed\n$")
         # Stopped: the events go through the Loggers again.
         ralog.log_removed(log, "4B3F2A1C0D")
         self.assertEqual(len(published), 1)
@@ -623,6 +652,61 @@ class ServiceTests(unittest.TestCase):
         with open(top.log_observer.out.path, encoding="utf-8") as handle:
             self.assertNotIn("4B3F2A1C0D: removed", handle.read())
 
-    def test_syslog_leaves_twistd_its_observer(self) -> None:
-        directory, top = self.make("", {"syslog": 1, "nodaemon": 1})
-        self.assertIsNone(top.log_observer)
+    def test_syslog_is_relayagents_observer(self) -> None:
+        directory, top = self.make("syslog_facility = local3\n", {"syslog": 1, "nodaemon": 1})
+        self.assertIsInstance(top.log_observer, ralog.SyslogObserver)
+
+
+class SyslogObserverTests(unittest.TestCase):
+    """``SyslogObserver``: datagrams as syslog(3) sends them, to a socket
+    of the test's own in place of /dev/log."""
+
+    def setUp(self) -> None:
+        import socket
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="ra-syslog-")
+        self.addCleanup(__import__("shutil").rmtree, directory, True)
+        self.address = os.path.join(directory, "log")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.server.bind(self.address)
+        self.server.settimeout(5)
+        self.addCleanup(self.server.close)
+
+    def received(self, count: int) -> list[str]:
+        return [self.server.recv(65536).decode() for _ in range(count)]
+
+    def test_postfix_lines(self) -> None:
+        observer = ralog.SyslogObserver(address=self.address, pid=4242)
+        self.addCleanup(observer.close)
+        emit_postfix_fixtures(Logger(namespace="relayagent.qmgr.delivery", observer=observer))
+        datagrams = self.received(len(POSTFIX_TEXT))
+        pattern = re.compile(r"^<(\d+)>(\w{3} [ \d]\d \d\d:\d\d:\d\d) (relayagent/\w+)\[4242\]: (.*)$")
+        for datagram, theirs, program in zip(datagrams, POSTFIX_TEXT, POSTFIX_PROGRAMS, strict=True):
+            match = pattern.match(datagram)
+            self.assertIsNotNone(match, datagram)
+            # mail.info: 2 * 8 + 6.
+            self.assertEqual((match.group(1), match.group(3), match.group(4)), ("22", program, theirs))
+
+    def test_facility_severity_and_twisteds_lines(self) -> None:
+        observer = ralog.SyslogObserver(address=self.address, facility="local3", pid=1)
+        self.addCleanup(observer.close)
+        ralog.log_warning(Logger(namespace="relayagent.qmgr", observer=observer), "disk full",
+                          service="qmgr")
+        Logger(namespace="twisted.internet.base", observer=observer).info("Main loop terminated.")
+        warning, twisted = self.received(2)
+        # local3 is 19: 19 * 8 + 4 (warning), 19 * 8 + 6 (info).
+        self.assertTrue(warning.startswith("<156>"), warning)
+        self.assertTrue(warning.endswith(" relayagent/qmgr[1]: warning: disk full"), warning)
+        self.assertTrue(twisted.startswith("<158>"), twisted)
+        self.assertTrue(twisted.endswith(" relayagent/twistd[1]: Main loop terminated."), twisted)
+
+    def test_no_syslog_daemon_loses_lines_not_the_caller(self) -> None:
+        observer = ralog.SyslogObserver(address=self.address + ".absent")
+        ralog.log_removed(Logger(namespace="relayagent.qmgr", observer=observer), "4B3F2A1C0D")
+        # Once it is there, the next line goes through.
+        observer._address = self.address
+        ralog.log_removed(Logger(namespace="relayagent.qmgr", observer=observer), "4B3F2A1C0D")
+        self.addCleanup(observer.close)
+        [line] = self.received(1)
+        self.assertTrue(line.endswith(": 4B3F2A1C0D: removed"), line)

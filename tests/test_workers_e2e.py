@@ -107,7 +107,8 @@ class WorkersTests(DaemonTestCase):
         daemon = self.start_daemon(self.write_config("relayagent_workers = 2\nmaillog_file =\n"), "--logfile", path)
         await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= len(expected), 60,
                             "the queue to empty")
-        sent = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[relayagent[.\w]*#info\] ([0-9A-V]{16}): to=<.*status=sent")
+        sent = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d\d:\d\d \S+ relayagent/smtp\[\d+\]: ([0-9A-V]{16}): "
+                          r"to=<.*status=sent")
 
         def sent_ids() -> set[str]:
             with open(path, encoding="utf-8", errors="replace") as handle:

@@ -119,7 +119,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("myhostname", "", S, "The internet host name of this mail system (default: the FQDN of the machine)."),
     _p("mydomain", "", S, "The internet domain name of this mail system (default: $myhostname minus its first label)."),
     _p("myorigin", "$myhostname", S, "The domain that locally-posted mail appears to come from."),
-    _p("mail_name", "Postfix", S, "The mail system name shown in greetings and bounces (Postfix's default, kept so log readers feel at home)."),
+    _p("mail_name", "relayagent", S, "The mail system name shown in the listener's greeting ($smtpd_banner) and in bounces (Postfix's default is Postfix)."),
     _p("compatibility_level", "3.6", S, "Postfix compatibility level; relayagent always behaves as Postfix 3.6+ does."),
     _p("mynetworks", "127.0.0.0/8 [::1]/128", L, "Networks whose clients may relay (Postfix computes its default from the interfaces; ours is loopback only)."),
     _p("inet_interfaces", "all", L, "The network interface addresses this mail system receives mail on (for MX self-detection)."),
@@ -260,14 +260,16 @@ _TABLE: tuple[Parameter, ...] = (
     _p("debug_peer_level", "2", N, "Verbosity increment for debug_peer_list matches.", minimum=0),
     _p("delay_logging_resolution_limit", "2", N, "The most digits after the decimal point of delay= and delays= in log lines (0-6).", minimum=0),
     _p("syslog_name", "relayagent", S, "The program name prefix in log lines (Postfix's is postfix).", ours=True),
+    _p("syslog_facility", "mail", S, "The syslog facility of the lines sent to syslog (twistd --syslog).", choices=("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7")),
     _p("log_format", "postfix", S, "The log format: postfix (syslog-style lines) or json (one object per line).", choices=("postfix", "json"), ours=True),
     _p("maillog_file", "", S, "relayagent's log lines (only those), in log_format, go to this file instead of twistd's log (empty: into twistd's log: --logfile, standard output with -n, or --logger).", path=True),
     # --- the listener (relayagent/smtpd/twistedmail.py)
-    _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
+    _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10587:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
     _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH (CRAM-MD5) in the listener; authenticated clients may relay."),
     _p("smtpd_sasl_password_maps", "", L, "The listener's SASL accounts: lookup tables from username to password (keep them readable by the daemon only).", ours=True),
     # --- worker processes (relayagent/master/worker.py)
+    _p("relayagent_stop_timeout", "30s", T, "How long a stop (SIGTERM, Ctrl-C) waits for the deliveries in flight before it stops anyway (they stay queued); a second signal stops at once.", ours=True),
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
 )
 
@@ -480,7 +482,11 @@ class Config:
         self.warnings: list[str] = list(warnings)
         for name, setting in self._settings.items():
             if name not in PARAMETERS:
-                self.warnings.append(f"{setting.where()}: unknown parameter: {name}")
+                from relayagent.common.postfix_parameters import is_postfix_parameter
+
+                # A copied Postfix main.cf holds Postfix's other parameters.
+                what = "Postfix parameter not used by relayagent" if is_postfix_parameter(name) else "unknown parameter"
+                self.warnings.append(f"{setting.where()}: {what}: {name}")
         self._values: dict[str, Any] = {}
         self._validate()
         self._check_queue_minfree()

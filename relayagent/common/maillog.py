@@ -22,8 +22,20 @@ a dict and no formatting:
   and the Postfix text (``log_format = json``).  Twisted's own
   ``jsonFileLogObserver`` also works: the events hold only JSON-friendly
   values besides Twisted's keys.
+- ``TwistdLogObserver`` is twistd's log (``-n``, ``--logfile``):
+  relayagent's lines as ``<RFC 3339 stamp> <host>
+  relayagent/<daemon>[pid]: <text>``, Twisted's as twistd writes them.
+- ``SyslogObserver`` is ``twistd --syslog``'s: datagrams to /dev/log,
+  facility ``syslog_facility``, the tag ``relayagent/<daemon>[pid]``.
+- ``submission_logger`` is ``relayagent sendmail``'s (pickup's and
+  cleanup's lines): ``maillog_file``, else syslog.
+- The daemon of each line is Postfix's: ``smtpd`` (the listener's
+  ``connect from``, ``client=``, ``NOQUEUE: reject:``, ``disconnect
+  from``), ``pickup``, ``cleanup`` (``message-id=``), ``qmgr``, ``smtp``,
+  ``bounce``, ``master``; ``log_line`` makes the lines of smtpd, cleanup
+  and pickup.
 - Twisted's own observers (``formatEvent``, ``textFileLogObserver``,
-  twistd's ``--syslog`` and ``--logger``) render an event's
+  twistd's ``--logger``) render an event's
   ``log_format``, and that renders Postfix's text as well, ``render``'s
   text: ``delay`` and ``delays`` are ``Delay`` and ``Delays``, numbers
   that print as format_tv.c rounds them (``delay=0.52,
@@ -50,6 +62,9 @@ SYNOPSIS
 
     ralog.log_delivery(log, queue_id=..., to=..., relay=..., status="sent", ...)
     ralog.log_removed(log, queue_id)       # and log_queue_active, log_expired, ...
+    ralog.log_connect(log, client); ralog.log_client(log, queue_id, client); ralog.log_reject(log, ...)
+    ralog.log_pickup(log, queue_id, uid, sender); ralog.log_message_id(log, queue_id, message_id)
+    TwistdLogObserver(out, hostname=..., program=...); SyslogObserver(facility="mail", program=...)
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
     DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
@@ -62,8 +77,9 @@ running in the process.
 
 Owns: debug_peer_list, debug_peer_level, delay_logging_resolution_limit,
 syslog_name (Postfix has it too, default "postfix"; ours is
-"relayagent"), log_format (ours: postfix or json).  Reads myhostname;
-maillog_file is read by ``relayagent.master.service``.
+"relayagent"), syslog_facility (Postfix's, default mail), log_format
+(ours: postfix or json).  Reads myhostname; maillog_file is read by
+``relayagent.master.service`` (and ``submission_logger``).
 """
 
 from __future__ import annotations
@@ -109,6 +125,9 @@ EXPIRED = "expired"
 TLS = "tls"
 CONNECT_FAILURE = "connect_failure"
 WARNING = "warning"
+# A line of one of the other Postfix daemons' (smtpd, cleanup, pickup):
+# its ``log_format`` is the text, its ``ralog_service`` the daemon.
+LINE = "line"
 
 # Which Postfix daemon would have logged each kind (the part after "/" in
 # the program name).
@@ -131,7 +150,20 @@ _SERVICE = {
 _NAMESPACE_SERVICE = {
     "relayagent.qmgr": "qmgr",
     "relayagent.spool": "qmgr",
+    "relayagent.smtpd": "smtpd",
+    "relayagent.master": "master",
 }
+
+
+def _namespace_service(namespace: object) -> str | None:
+    """The daemon of a logger's namespace: its own entry, else its
+    package's (``relayagent.smtpd.listener`` is smtpd's)."""
+    if not isinstance(namespace, str):
+        return None
+    service = _NAMESPACE_SERVICE.get(namespace)
+    if service is None and namespace.count(".") > 1:
+        service = _NAMESPACE_SERVICE.get(".".join(namespace.split(".", 2)[:2]))
+    return service
 
 # Postfix's severity prefixes (msg.c).
 _LEVEL_PREFIX = {
@@ -487,6 +519,76 @@ def log_tls(
     )
 
 
+def log_line(log: Logger, service: str, fmt: str, *, level: LogLevel = LogLevel.info, **fields: Any) -> None:
+    """A line of another Postfix daemon (``service``: smtpd, cleanup,
+    pickup): ``fmt`` with ``fields``, rendered as Twisted renders a
+    format (``formatEvent``)."""
+    _emit(log, level, fmt, ralog_event=LINE, ralog_service=service, **fields)
+
+
+def log_connect(log: Logger, client: str) -> None:
+    """smtpd's ``connect from host[addr]``."""
+    log_line(log, "smtpd", "connect from {client}", client=client)
+
+
+def log_disconnect(log: Logger, client: str, stats: str = "") -> None:
+    """smtpd's ``disconnect from host[addr] ehlo=1 mail=1 ... commands=N``
+    (``stats``: smtpd_format_cmd_stats's text, with its leading space)."""
+    log_line(log, "smtpd", "disconnect from {client}{stats}", client=client, stats=stats)
+
+
+def log_client(log: Logger, queue_id: str, client: str, *, sasl_method: str = "", sasl_username: str = "") -> None:
+    """smtpd's ``QUEUEID: client=host[addr]``, with ``, sasl_method=M,
+    sasl_username=U`` after an AUTH: pflogsumm counts it as a message
+    received."""
+    sasl = f", sasl_method={sasl_method}, sasl_username={sasl_username}" if sasl_username else ""
+    log_line(log, "smtpd", "{queue_id}: client={client}{sasl}", queue_id=queue_id, client=client, sasl=sasl)
+
+
+def log_message_id(log: Logger, queue_id: str, message_id: str) -> None:
+    """cleanup's ``QUEUEID: message-id=<...>`` (``message_id`` as the
+    header has it, or "" for none: ``message-id=<>``)."""
+    shown = message_id if message_id.startswith("<") else f"<{message_id}>"
+    log_line(log, "cleanup", "{queue_id}: message-id={message_id}", queue_id=queue_id,
+             message_id=shown)
+
+
+def log_pickup(log: Logger, queue_id: str, uid: int, sender: str) -> None:
+    """pickup's ``QUEUEID: uid=N from=<sender>`` (a message from
+    ``relayagent sendmail``): pflogsumm counts it as a message received."""
+    log_line(log, "pickup", "{queue_id}: uid={uid} from=<{sender}>", queue_id=queue_id, uid=uid,
+             sender=sender)
+
+
+def log_reject(
+    log: Logger,
+    *,
+    where: str,
+    client: str,
+    reply: str,
+    sender: str | None = None,
+    recipient: str | None = None,
+    protocol: str | None = None,
+    helo: str | None = None,
+    queue_id: str | None = None,
+) -> None:
+    """smtpd's reject, as log_whatsup in smtpd_check.c: ``NOQUEUE: reject:
+    RCPT from host[addr]: 554 5.7.1 <rcpt>: Relay access denied;
+    from=<s> to=<r> proto=ESMTP helo=<h>`` (``where``: CONNECT, MAIL,
+    RCPT, DATA, END-OF-MESSAGE)."""
+    fmt = "{queue_id}: reject: {where} from {client}: {reply};"
+    if sender is not None:
+        fmt += " from=<{sender}>"
+    if recipient is not None:
+        fmt += " to=<{recipient}>"
+    if protocol:
+        fmt += " proto={protocol}"
+    if helo is not None:
+        fmt += " helo=<{helo}>"
+    log_line(log, "smtpd", fmt, queue_id=queue_id or "NOQUEUE", where=where, client=client,
+             reply=reply, sender=sender, recipient=recipient, protocol=protocol, helo=helo)
+
+
 # ---------------------------------------------------------------------------
 # Rendering
 
@@ -524,6 +626,8 @@ def render(event: Mapping[str, Any], *, resolution: int = 2) -> str:
         text = f"{qid}: {event['notice']}: {event['new_queue_id']}"
     elif kind == WARNING:
         text = f"{qid}: {event['text']}" if qid else str(event["text"])
+    elif kind == LINE:
+        return prefix + formatEvent(dict(event))
     elif kind == CONNECT_FAILURE:
         text = f"connect to {event['host']}[{event['address']}]:{event['port']}: {event['reason']}"
         if qid:
@@ -581,11 +685,14 @@ def _service_program(program: str, event: Mapping[str, Any]) -> str:
     """``relayagent/qmgr`` for queue manager events when ``program`` is
     ``relayagent/smtp``: pflogsumm and friends look at the daemon name.
     The event's ``ralog_service`` decides, else its logger's namespace
-    (``_NAMESPACE_SERVICE``), else its kind (``_SERVICE``)."""
+    (``_NAMESPACE_SERVICE``), else its kind (``_SERVICE``), else its
+    logger's package (``relayagent.smtpd.listener`` is smtpd's)."""
+    namespace = event.get("log_namespace") or ""
     service = (
         event.get("ralog_service")
-        or _NAMESPACE_SERVICE.get(event.get("log_namespace") or "")
+        or _NAMESPACE_SERVICE.get(namespace)
         or _SERVICE.get(event.get("ralog_event", ""))
+        or _namespace_service(namespace)
     )
     if not service:
         return program
@@ -612,11 +719,17 @@ def after_this_turn(reactor: Any) -> Callable[[Callable[[], None]], object]:
     stopped (twistd's "Server Shut Down." is logged then) and in another
     thread."""
 
+    def can_wait() -> bool:
+        return bool(getattr(reactor, "running", False)) and isInIOThread()
+
     def flush_later(flush: Callable[[], None]) -> object:
-        if getattr(reactor, "running", False) and isInIOThread():
+        if can_wait():
             return reactor.callLater(0, flush)
         return False
 
+    # Asked by a writer with a flush already scheduled: a reactor that
+    # stopped since will not run it (the lines of a stop were lost).
+    flush_later.can_wait = can_wait  # type: ignore[attr-defined]
     return flush_later
 
 
@@ -655,8 +768,12 @@ class _Writer:
             self._failed(error)
             return
         if self._flush_pending:
-            return
-        if self._flush_later is not None:
+            can_wait = getattr(self._flush_later, "can_wait", None)
+            if can_wait is None or can_wait():
+                return
+            # The turn that was to flush will never come (the reactor
+            # stopped with it scheduled): now, this line and those before.
+        elif self._flush_later is not None:
             self._flush_pending = True
             if self._flush_later(self.flush) is not False:
                 return
@@ -744,7 +861,8 @@ _JSON_FIELDS = (
     "queue_id", "to", "orig_to", "relay", "conn_use", "delay", "delays", "dsn", "status",
     "reason", "sender", "size", "nrcpt", "new_queue_id", "notice", "text", "host", "address",
     "port", "trust", "protocol", "cipher", "cipher_bits", "algorithm_bits", "key_exchange",
-    "signature", "signature_bits", "digest",
+    "signature", "signature_bits", "digest", "client", "uid", "message_id", "where", "reply",
+    "recipient", "helo",
 )
 
 
@@ -833,16 +951,19 @@ def _is_relayagents(namespace: object) -> bool:
 
 @implementer(ILogObserver)
 class TwistdLogObserver(_Writer):
-    """twistd's log as twistd's own observer (``textFileLogObserver``)
-    writes it, ``<stamp> [<namespace>#<level>] <text>`` with continuation
-    lines indented by a tab, but with relayagent's events in Postfix's
-    text (``render``: ``4B3F2A1C0D: to=<b@example.net>, relay=..., delay=0.52,
-    delays=0.03/0.01/0.3/0.18, dsn=2.0.0, status=sent (...)``, "warning: "
-    before a warning) and as cheaply as the maillog: the text made once
-    per event without ``string.Formatter``, the stamp once a second, the
-    ``[namespace#level]`` once per logger and level, the file written and
-    flushed once per reactor turn (``flush_later``) instead of per line.
-    Other events (Twisted's, and tracebacks) read as twistd writes them.
+    """twistd's log, with relayagent's lines as Postfix writes them to
+    syslog: ``<stamp> <hostname> relayagent/<daemon>[<pid>]: <text>``
+    (``2026-12-01T23:48:56+00:00 relay relayagent/smtp[4242]: 4B3F2A1C0D:
+    to=<b@example.net>, relay=..., delay=0.52, ...``), the daemon as
+    Postfix's (smtpd, cleanup, pickup, qmgr, smtp, bounce), so that
+    pflogsumm (``--syslog-name=relayagent``) reads the file as it reads a
+    maillog with RFC 3339 stamps.  Twisted's own events (and tracebacks)
+    read as twistd's observer (``textFileLogObserver``) writes them,
+    ``<stamp> [<namespace>#<level>] <text>`` with continuation lines
+    indented by a tab.  As cheaply as the maillog: the text made once per
+    event without ``string.Formatter``, the stamp once a second, the
+    heads once per daemon or logger, the file written and flushed once
+    per reactor turn (``flush_later``) instead of per line.
     ``relayagent.master.tap`` makes it twistd's log."""
 
     what = "twistd's log"
@@ -854,6 +975,9 @@ class TwistdLogObserver(_Writer):
         resolution: int = 2,
         time_format: str | None = timeFormatRFC3339,
         flush_later: Callable[[Callable[[], None]], object] | None = None,
+        hostname: str = "localhost",
+        program: str = "relayagent/smtp",
+        pid: int | None = None,
     ) -> None:
         super().__init__(_Pending(out), flush_later)  # type: ignore[arg-type]
         self.out = out
@@ -862,17 +986,28 @@ class TwistdLogObserver(_Writer):
         self._second: int | None = None
         self._stamp = ""
         self._systems: dict[tuple[Any, Any], str] = {}
+        self._hostname = _clean(hostname) or "localhost"
+        self.program = self._program = _clean(program)
+        self._pid = os.getpid() if pid is None else pid
+        self._heads: dict[str, str] = {}
 
     def _time(self, when: float | None) -> str:
         if when is None or self._time_format is None:
-            return formatTime(None, self._time_format)
+            return _rfc3339_colon(formatTime(None, self._time_format))
         second = int(when)
         if second != self._second:
             # The format has no fraction of a second: the same text for
             # the whole second, made by Twisted's formatTime.
-            self._stamp = formatTime(second, self._time_format)
+            self._stamp = _rfc3339_colon(formatTime(second, self._time_format))
             self._second = second
         return self._stamp
+
+    def _head(self, event: Mapping[str, Any]) -> str:
+        program = _service_program(self._program, event)
+        head = self._heads.get(program)
+        if head is None:
+            head = self._heads[program] = f" {self._hostname} {program}[{self._pid}]: "
+        return head
 
     def _system(self, event: Mapping[str, Any]) -> str:
         system = event.get("log_system")
@@ -889,14 +1024,18 @@ class TwistdLogObserver(_Writer):
         return text
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        postfix = False
         try:
             if event.get("ralog_event"):
                 # One line, as in the maillog: a CR or LF from a reply
                 # becomes "?".
                 text = _one_line(render(event, resolution=self._resolution))
+                postfix = True
             elif "log_failure" not in event and _is_relayagents(event.get("log_namespace")):
-                # relayagent's other lines, "warning: " and all.
+                # relayagent's other lines, "warning: " and all, one
+                # Postfix line for each line of text.
                 text = render(event, resolution=self._resolution)
+                postfix = True
             else:
                 # Twisted's, and tracebacks (no Postfix line has one), as
                 # twistd writes them.
@@ -905,10 +1044,121 @@ class TwistdLogObserver(_Writer):
             text = f"Unable to format event: {error!r}"
         if not text:
             return
-        line = f"{self._time(event.get('log_time'))} [{self._system(event)}] {text}"
+        stamp = self._time(event.get("log_time"))
+        if postfix:
+            head = stamp + self._head(event)
+            if "\n" in text or not text.isprintable():
+                self._write("".join(head + _clean(line) + "\n" for line in text.splitlines()))
+            else:
+                self._write(head + text + "\n")
+            return
+        line = f"{stamp} [{self._system(event)}] {text}"
         if "\n" in line:
             line = line.replace("\n", "\n\t")
         self._write(line + "\n")
+
+
+def _rfc3339_colon(stamp: str) -> str:
+    """``...+0000`` -> ``...+00:00``: RFC 3339's offset has a colon
+    (twistd's ``timeFormatRFC3339`` writes none, and pflogsumm reads only
+    RFC 3339's)."""
+    if len(stamp) > 5 and stamp[-5] in "+-" and stamp[-4:].isdigit():
+        return f"{stamp[:-2]}:{stamp[-2:]}"
+    return stamp
+
+
+# syslog's facilities and Twisted's levels as syslog's severities.
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{n}": 16 + n for n in range(8)},
+}
+_SYSLOG_SEVERITY = {
+    LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2,
+}
+
+
+@implementer(ILogObserver)
+class SyslogObserver:
+    """Lines to the local syslog daemon as Postfix sends them (through
+    syslog(3)): facility ``syslog_facility`` (mail), the tag
+    ``relayagent/<daemon>[<pid>]`` per line (``relayagent/smtp[4242]:``,
+    ``relayagent/qmgr[4242]:``), the severity from the level.  twistd's
+    own ``--syslog`` observer opens syslog once with one tag
+    (``twisted``) and facility user; ``relayagent.master.tap`` puts this
+    one in its place.  Twisted's own events go under
+    ``relayagent/twistd``.
+
+    The datagram is RFC 3164's, as glibc's syslog(3) writes it:
+    ``<PRI>Mmm dd hh:mm:ss tag[pid]: text``, to ``address`` (/dev/log).
+    A syslog daemon that is down loses the lines (as syslog(3) does) and
+    never the caller: the socket is opened again at the next line."""
+
+    def __init__(
+        self,
+        *,
+        facility: str = "mail",
+        program: str = "relayagent/smtp",
+        address: str = "/dev/log",
+        pid: int | None = None,
+        resolution: int = 2,
+    ) -> None:
+        self._facility = SYSLOG_FACILITIES[facility] * 8
+        self.program = self._program = _clean(program)
+        self._address = address
+        self._pid = os.getpid() if pid is None else pid
+        self._resolution = resolution
+        self._socket: Any = None
+        self._stamp = _SyslogClock()
+
+    def _send(self, data: bytes) -> None:
+        import socket
+
+        for _ in range(2):
+            if self._socket is None:
+                try:
+                    self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self._socket.connect(self._address)
+                except OSError:
+                    self._close()
+                    return
+            try:
+                self._socket.send(data)
+                return
+            except OSError:
+                # The daemon restarted (a new socket at the same name):
+                # once more on a new connection.
+                self._close()
+
+    def _close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        try:
+            if event.get("ralog_event") or (
+                    "log_failure" not in event and _is_relayagents(event.get("log_namespace"))):
+                program = _service_program(self._program, event)
+                text = render(event, resolution=self._resolution)
+            else:
+                program = self._program.split("/", 1)[0] + "/twistd"
+                text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        except Exception as error:  # noqa: BLE001 - an event that cannot be rendered is still a line
+            program, text = self._program, f"Unable to format event: {error!r}"
+        if not text:
+            return
+        severity = _SYSLOG_SEVERITY.get(event.get("log_level"), 6)  # type: ignore[arg-type]
+        head = f"<{self._facility + severity}>{self._stamp(event.get('log_time') or time.time())} {program}[{self._pid}]: "
+        for line in text.splitlines():
+            self._send((head + _clean(line)).encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        """Nothing to flush: each line is sent as it comes."""
+
+    def close(self) -> None:
+        """Close the socket (opened again at the next line)."""
+        self._close()
 
 
 # ---------------------------------------------------------------------------
@@ -1060,6 +1310,7 @@ class MaillogSettings(Settings):
     maillog_file: str
     log_format: str
     syslog_name: str
+    syslog_facility: str
     myhostname: str
     delay_logging_resolution_limit: int
 
@@ -1091,6 +1342,55 @@ def _relayagent_only(event: Mapping[str, Any]) -> PredicateResult:
     if namespace == "relayagent" or namespace.startswith("relayagent."):
         return PredicateResult.maybe
     return PredicateResult.no
+
+
+_INHERITED = re.compile(r"^/(?:dev/(?:std(in|out|err)|fd/(\d+))|proc/self/fd/(\d+))$")
+
+
+def inherited_descriptor(path: str) -> int | None:
+    """The descriptor that ``maillog_file`` names when it is one of the
+    process's own (``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``), else None."""
+    match = _INHERITED.match(path)
+    if match is None:
+        return None
+    std, fd, proc_fd = match.groups()
+    if std:
+        return ("in", "out", "err").index(std)
+    return int(fd or proc_fd)
+
+
+def submission_logger(config: Config, *, syslog_address: str = "/dev/log") -> Logger:
+    """A ``Logger`` for a command's mail lines (``relayagent sendmail``'s
+    pickup and cleanup lines), as Postfix's commands log to syslog: to
+    ``maillog_file`` when it is set and this user may append to it (one
+    ``write`` per line on an ``O_APPEND`` descriptor, so the daemon's
+    lines and these never mix), else to syslog (facility
+    ``syslog_facility``).  Never raises: a log that cannot be written
+    loses the lines, not the message."""
+    settings = MaillogSettings.from_config(config)
+    program = f"{settings.syslog_name}/pickup"
+    observer: Any = None
+    # A maillog on the daemon's standard output is not this command's.
+    if settings.maillog_file and inherited_descriptor(settings.maillog_file) is None:
+        try:
+            out = open(settings.maillog_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - the process's life
+        except OSError:
+            out = None
+        if out is not None:
+            observer = PostfixFormatObserver(out, hostname=settings.myhostname, program=program,
+                                             resolution=settings.delay_logging_resolution_limit)
+    if observer is None:
+        observer = SyslogObserver(facility=settings.syslog_facility, program=program,
+                                  address=syslog_address)
+
+    def safe(event: Mapping[str, Any]) -> None:
+        try:
+            observer(event)
+        except Exception:  # noqa: BLE001, S110 - see the docstring
+            pass
+
+    return Logger(namespace="relayagent.cli", observer=safe)
 
 
 class MailLog:
@@ -1152,11 +1452,21 @@ __all__ = [
     "JsonObserver",
     "MailLog",
     "PostfixFormatObserver",
+    "SYSLOG_FACILITIES",
+    "SyslogObserver",
     "TwistdLogObserver",
     "after_this_turn",
     "format_delay",
     "give_back_mail_events",
+    "inherited_descriptor",
     "log_bounce_notice",
+    "log_client",
+    "log_connect",
+    "log_disconnect",
+    "log_line",
+    "log_message_id",
+    "log_pickup",
+    "log_reject",
     "log_connect_failure",
     "log_delay_notice",
     "log_delivery",
@@ -1169,6 +1479,7 @@ __all__ = [
     "make_observers",
     "render",
     "set_resolution",
+    "submission_logger",
     "syslog_time",
     "take_mail_events",
 ]

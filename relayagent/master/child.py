@@ -88,8 +88,18 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
     out: Any = sys.__stderr__
     if service.twistd_log is not None:
         out = LogToWorkerZero(parent, fallback=sys.__stderr__)
-    resolution = ralog.MaillogSettings.from_config(service.config).delay_logging_resolution_limit
-    twistd_log = ralog.TwistdLogObserver(out, resolution=resolution, flush_later=ralog.after_this_turn(reactor))
+    settings = ralog.MaillogSettings.from_config(service.config)
+    program = getattr(service.twistd_log, "program", f"{settings.syslog_name}/smtp")
+    twistd_log: Any
+    if isinstance(service.twistd_log, ralog.SyslogObserver):
+        # Each worker sends its own lines to syslog, with its own pid.
+        twistd_log = ralog.SyslogObserver(facility=settings.syslog_facility, program=program,
+                                          resolution=settings.delay_logging_resolution_limit)
+    else:
+        twistd_log = ralog.TwistdLogObserver(
+            out, resolution=settings.delay_logging_resolution_limit,
+            flush_later=ralog.after_this_turn(reactor), hostname=settings.myhostname,
+            program=program)
     log_to_stderr(twistd_log)
     adopt(reactor, link, parent)
     try:

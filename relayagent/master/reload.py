@@ -203,6 +203,10 @@ def logrotate(service: Any) -> tuple[bool, str]:
     path = ralog.MaillogSettings.from_config(service.config).maillog_file
     if not path or service.log_out is None or not hasattr(service.log_out, "fd"):
         return True, "no maillog_file: nothing to reopen"
+    if ralog.inherited_descriptor(path) is not None:
+        # /dev/stdout: the descriptor shared with twistd (service.open_log);
+        # a new open would write at an offset of its own, over twistd's.
+        return True, f"{path} is a descriptor of the daemon's own: nothing to reopen"
     try:
         reopen(service.log_out, path)
     except OSError as exc:

@@ -76,13 +76,18 @@ from twisted.logger import Logger
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
-from relayagent.master import child, worker
+from relayagent.master import child, stop, worker
 from relayagent.master import reload as reloading
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.mtasts import PolicyCache, PolicyStore
-from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
+from relayagent.smtp.resolve import (
+    NexthopResolver,
+    ResolveSettings,
+    check_relays,
+    make_dns_resolver,
+)
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import Recorder, Reporter, TLSRPTSettings
 from relayagent.smtpd.pickup import Pickup, PickupSettings
@@ -147,6 +152,7 @@ class RelayagentService(MultiService):
         self.agent: DeliveryAgent | None = None
         self.listening: Any = None
         self._lock_fd: int | None = None
+        self._stopping: stop.BoundedStop | None = None
         self.pool: worker.WorkerPool | None = None
         # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
@@ -223,6 +229,7 @@ class RelayagentService(MultiService):
             on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
             on_fatal=self._fatal,
             on_log=self._worker_log,
+            stop_timeout=stop.StopSettings.from_config(self.config).relayagent_stop_timeout,
         )
         self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
 
@@ -230,10 +237,11 @@ class RelayagentService(MultiService):
         """A line of twistd's log from a worker (``worker.LogToWorkerZero``),
         written by this process, which alone writes (and rotates) the file;
         flushed once per reactor turn."""
-        if self.twistd_log is None:
+        out = getattr(self.twistd_log, "out", None)  # a SyslogObserver has none
+        if out is None:
             return
         try:
-            self.twistd_log.out.write(text + "\n")
+            out.write(text + "\n")
         except OSError:
             return  # as the observer does: a full disk loses lines, not deliveries
         if not self._worker_log_flush:
@@ -374,6 +382,10 @@ class RelayagentService(MultiService):
             # The children hold the lock too: wait for them before it goes.
             waits.append(self.pool.stop())
         waits.append(maybeDeferred(super().stopService))
+        # At most relayagent_stop_timeout, said in the log (master.stop).
+        in_flight = self.queue_manager.busy_total if self.queue_manager is not None else 0
+        self._stopping = stop.bounded_stop(self.reactor, gatherResults(waits, consumeErrors=True),
+                                           in_flight=in_flight, settings=stop.StopSettings.from_config(self.config))
 
         def after(_: Any) -> None:
             if self.agent is not None:
@@ -391,7 +403,15 @@ class RelayagentService(MultiService):
                 ralog.give_back_mail_events(self.twistd_log)
                 self.twistd_log.flush()
 
-        return gatherResults(waits, consumeErrors=True).addBoth(after)
+        return self._stopping.done.addBoth(after)
+
+    def stop_now(self) -> None:
+        """A second stop signal: the stop waits no longer for the
+        deliveries in flight (they stay queued)."""
+        if self._stopping is not None:
+            self._stopping.now()
+        if self.pool is not None:
+            self.pool.stop_now()
 
 
 def _log_stray(queue: str, name: str, problem: str) -> None:
@@ -453,6 +473,17 @@ def open_log(config: Config) -> LineAppender | None:
     path = ralog.MaillogSettings.from_config(config).maillog_file
     if not path:
         return None
+    inherited = ralog.inherited_descriptor(path)
+    if inherited is not None:
+        # /dev/stdout (a container's log): the descriptor twistd writes
+        # too, not a new open of the file behind it, which would have an
+        # offset of its own (twistd's lines would overwrite ours).
+        # O_APPEND on the shared description, for both writers.
+        import fcntl
+
+        fd = os.dup(inherited)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        return LineAppender(fd)
     # O_APPEND: every write lands at the end, whoever else writes.
     return LineAppender(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
@@ -470,6 +501,8 @@ def build_service(config: Config, reactor: Any, *,
                    name="smtp_destination_concurrency_positive_feedback")
     Feedback.parse(limits.smtp_destination_concurrency_negative_feedback,
                    name="smtp_destination_concurrency_negative_feedback")
+    # A relayhost that does not parse stops the start (ConfigError).
+    check_relays(ResolveSettings.from_config(config))
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
     tlsrpt = TLSRPTSettings.from_config(config)

@@ -20,11 +20,19 @@ SYNOPSIS
     service = makeService(options)         # what twistd's plugin calls
     observer = twistd_log(options.parent, config, reactor)
 
-DIAGNOSTICS: a main.cf that does not load, or a spool another daemon
-holds, is ``usage.UsageError`` (twistd prints it and exits).  A setting
-the service cannot be built with (``ConfigError``, ``ValueError`` such as
-a bad TLS or SASL setting) is ``SystemExit("relayagent: fatal: ...")``.
-``--version`` prints the version and exits 0.
+DIAGNOSTICS: every start-up failure is one line on standard error,
+``relayagent: fatal: ...`` (as Postfix's), and a sysexits(3) exit status
+(``StartupFailure``, a ``SystemExit``), never twistd's usage block or a
+traceback: 78 (EX_CONFIG) for a main.cf that is missing or does not load
+and for a setting the service cannot be built with (``ConfigError``,
+``ValueError`` such as a bad TLS or SASL setting); 75 (EX_TEMPFAIL) for a
+spool another daemon holds; 69 (EX_UNAVAILABLE) for an endpoint that
+cannot listen (``CannotListenError``: ``bind 127.0.0.1 port 10587:
+Address already in use``); 73 (EX_CANTCREAT) for a spool that cannot be
+made or written (``PermissionError`` and other ``OSError``).  Where
+twistd's log is not the terminal (a file, syslog) the line is logged
+there too.  Daemonized (no ``-n``), twistd's waiting parent prints the
+line its own way and exits 1.  ``--version`` prints the version and exits 0.
 
 Owns no parameters; reads queue_directory, delay_logging_resolution_limit.
 """
@@ -46,6 +54,59 @@ from relayagent.common.config import Config, ConfigError
 from relayagent.spool.spool import SpoolSettings
 
 DEFAULT_CONFIG = "/etc/relayagent/main.cf"
+
+# sysexits(3)
+EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+# Where the fatal line is printed (the real standard error: twistd puts a
+# logging file in sys.stderr's place).  A parameter, for the tests.
+fatal_stream: Any = None
+
+
+class StartupFailure(SystemExit):
+    """relayagent cannot start: ``code`` is the sysexits status, ``text``
+    what the one ``relayagent: fatal: TEXT`` line said."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code)
+        self.text = text
+
+
+def fatal(code: int, text: str, *, log_too: bool = False) -> StartupFailure:
+    """Print ``relayagent: fatal: TEXT`` on standard error (and, with
+    ``log_too``, log it as a fatal line) and return the StartupFailure to
+    raise."""
+    stream = fatal_stream or sys.__stderr__ or sys.stderr
+    try:
+        print(f"relayagent: fatal: {text}", file=stream, flush=True)
+    except (OSError, ValueError):
+        pass  # no standard error (a daemon): the log, and the status, tell
+    if log_too:
+        Logger(namespace="relayagent.master.tap").critical("{text}", text=text)
+    return StartupFailure(code, text)
+
+
+def describe_startup_error(error: BaseException) -> tuple[int, str] | None:
+    """The exit status and the fatal line's text for an exception raised
+    while the services start, or None for one that is a bug."""
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(error, CannotListenError):
+        reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+        return EX_UNAVAILABLE, f"bind {error.interface or '*'} port {error.port}: {reason}"
+    from relayagent.spool.control import DaemonRunning
+
+    if isinstance(error, DaemonRunning):
+        return EX_TEMPFAIL, f"relayagent is already running: {error}"
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return EX_CANTCREAT, f"queue directory: {where}{error.strerror or error}"
+    if isinstance(error, (ConfigError, ValueError)):
+        return EX_CONFIG, str(error)
+    return None
 
 
 def default_config_path() -> str:
@@ -76,14 +137,14 @@ class Options(usage.Options):
         try:
             self["configuration"] = Config.load(path)
         except ConfigError as exc:
-            raise usage.UsageError(str(exc)) from None
+            raise fatal(EX_CONFIG, str(exc)) from None
         from relayagent.spool import control
 
         queue_directory = SpoolSettings.from_config(self["configuration"]).queue_directory
         if control.spool_locked(queue_directory):
             # The lock itself is taken at start-up (control.lock_spool);
             # this says it before twistd goes any further.
-            raise usage.UsageError(f"relayagent is already running on {queue_directory}")
+            raise fatal(EX_TEMPFAIL, f"relayagent is already running on {queue_directory}")
 
 
 class SpoolStateService(Service):
@@ -121,19 +182,28 @@ class SpoolStateService(Service):
 
 
 def twistd_log(twistd: Mapping[str, Any] | None, config: Config, reactor: Any) -> Any:
-    """twistd's log written by relayagent's observer
-    (``maillog.TwistdLogObserver``: Postfix's text, written once per
-    reactor turn), on the file twistd itself would open: ``--logfile``
-    (``-`` for standard output), standard output with ``-n``, else
-    ``twistd.log``, rotated on SIGUSR1 as twistd does.  None where
-    twistd's own choice stands: ``--logger`` (twistd prefers it to any
-    other observer), ``--syslog``, ``--logfile=-`` without ``-n`` (twistd
-    refuses it), or not run by twistd (``twistd`` is None).  Those render
-    the events' ``log_format``, which is Postfix's text too."""
-    if twistd is None or twistd.get("logger") or twistd.get("syslog"):
+    """twistd's log written by relayagent's observer, relayagent's lines
+    in Postfix's layout: ``maillog.TwistdLogObserver`` on the file twistd
+    itself would open (``--logfile``, ``-`` for standard output, standard
+    output with ``-n``, else ``twistd.log``, rotated on SIGUSR1 as twistd
+    does), or with ``--syslog`` a ``maillog.SyslogObserver`` (facility
+    ``syslog_facility``, the tag ``<syslog_name>/<daemon>[pid]``; a
+    ``--prefix`` other than twistd's default replaces syslog_name).  None
+    where twistd's own choice stands: ``--logger`` (twistd prefers it to
+    any other observer), ``--logfile=-`` without ``-n`` (twistd refuses
+    it), or not run by twistd (``twistd`` is None)."""
+    if twistd is None or twistd.get("logger"):
         return None
     from relayagent.common import maillog as ralog
 
+    settings = ralog.MaillogSettings.from_config(config)
+    program = f"{settings.syslog_name}/smtp"
+    if twistd.get("syslog"):
+        prefix = twistd.get("prefix")
+        if prefix and prefix != "twisted":
+            program = f"{prefix}/smtp"
+        return ralog.SyslogObserver(facility=settings.syslog_facility, program=program,
+                                    resolution=settings.delay_logging_resolution_limit)
     logfile = twistd.get("logfile")
     nodaemon = twistd.get("nodaemon")
     if logfile == "-" and not nodaemon:
@@ -150,8 +220,10 @@ def twistd_log(twistd: Mapping[str, Any] | None, config: Config, reactor: Any) -
         _rotate_on_sigusr1(out, reactor)
     return ralog.TwistdLogObserver(
         out,
-        resolution=ralog.MaillogSettings.from_config(config).delay_logging_resolution_limit,
+        resolution=settings.delay_logging_resolution_limit,
         flush_later=ralog.after_this_turn(reactor),
+        hostname=settings.myhostname,
+        program=program,
     )
 
 
@@ -171,9 +243,65 @@ class RelayagentTop(MultiService):
     (unless ``--logger`` names one), the way a ``.tac`` file chooses its
     log: this sets that component."""
 
-    def __init__(self, log_observer: Any = None) -> None:
+    def __init__(self, log_observer: Any = None, pidfile: str | None = None,
+                 twistd: Any = None) -> None:
         super().__init__()
         self.log_observer = log_observer
+        # twistd's --pidfile, removed when the start fails (twistd
+        # removes it only for the exceptions it prints).
+        self.pidfile = pidfile
+        # twistd's options: a daemon's parent waits on their statusPipe.
+        self.twistd = twistd
+
+    def privilegedStartService(self) -> None:
+        """Start as root (bind the listeners, lock the spool); a failure
+        we know is one fatal line and a sysexits status."""
+        try:
+            super().privilegedStartService()
+        except Exception as error:
+            self._failed(error)
+
+    def startService(self) -> None:
+        """Start the services (the spool, the queue manager); a failure
+        we know is one fatal line and a sysexits status."""
+        try:
+            super().startService()
+        except Exception as error:
+            self._failed(error)
+
+    def _failed(self, error: Exception) -> None:
+        """A start-up failure we know: one fatal line and the exit status
+        (``describe_startup_error``); anything else is twistd's to print."""
+        described = describe_startup_error(error)
+        if described is None:
+            raise error
+        code, text = described
+        # On a terminal (-n without --logfile) standard error says it.
+        out = getattr(self.log_observer, "out", None)
+        to_terminal = out is not None and out is sys.__stdout__ and out.isatty()
+        failure = fatal(code, text, log_too=not to_terminal)
+        flush = getattr(self.log_observer, "flush", None)
+        if flush is not None:
+            flush()
+        if self.pidfile:
+            try:
+                with open(self.pidfile, "rb") as handle:
+                    ours = handle.read().strip() == str(os.getpid()).encode()
+                if ours:
+                    os.unlink(self.pidfile)
+            except OSError:
+                pass
+        pipe = self.twistd.get("statusPipe") if self.twistd is not None else None
+        if pipe is not None:
+            # Daemonized: twistd's waiting parent prints this and exits 1
+            # (use -n, as under systemd, for the sysexits status).
+            try:
+                os.write(pipe, b"1 " + f"relayagent: fatal: {text}".encode("utf-8", "replace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+            self.twistd["statusPipe"] = None
+        raise failure from None
 
     def setServiceParent(self, parent: Any) -> None:
         if (self.log_observer is not None and isinstance(parent, Componentized)
@@ -191,8 +319,10 @@ def makeService(options: Options) -> IServiceCollection:
     config: Config = options["configuration"]
     # twistd's log file is opened now too, as twistd would open it (as
     # the starting user, before the daemon forks).
-    log_observer = twistd_log(getattr(options, "parent", None), config, reactor)
-    top = RelayagentTop(log_observer)
+    twistd = getattr(options, "parent", None)
+    log_observer = twistd_log(twistd, config, reactor)
+    top = RelayagentTop(log_observer, pidfile=twistd.get("pidfile") if twistd is not None else None,
+                        twistd=twistd)
     # Built now, before twistd's --chroot and --uid/--gid: see
     # relayagent.master.service.  twistd's own options (--uid, --gid)
     # are the parent of ours: the worker spawner drops to them.
@@ -201,7 +331,13 @@ def makeService(options: Options) -> IServiceCollection:
             config, reactor, twistd_log=log_observer,
             privileges=Privileges.from_twistd(getattr(options, "parent", None)))
     except (ConfigError, ValueError) as exc:  # SecurityConfigError is a ValueError
-        raise SystemExit(f"relayagent: fatal: {exc}") from None
+        raise fatal(EX_CONFIG, str(exc)) from None
+    from relayagent.master.stop import install_stop_signals
+
+    # A second SIGTERM or Ctrl-C ends the wait for deliveries in flight;
+    # only for twistd, which builds the service before the reactor runs.
+    if not getattr(reactor, "running", False):
+        install_stop_signals(reactor, relayagent_service.stop_now)
     SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
     relayagent_service.setServiceParent(top)
     from relayagent.smtpd.listener import daemon_listener_services  # smtpd_endpoints

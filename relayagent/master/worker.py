@@ -738,6 +738,14 @@ class WorkerPool:
 
     # -- stop
 
+    def stop_now(self) -> None:
+        """During ``stop``: kill the workers still running now instead of
+        after ``stop_timeout`` (what they had in flight stays queued)."""
+        deadline = getattr(self, "_stop_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+            self._kill_workers("still running at a second signal")
+
     def stop(self) -> Deferred[Any]:
         """End of file on every link (a worker stops as on SIGTERM); fire
         when every worker has ended and the spawner is gone; SIGKILL
@@ -761,12 +769,12 @@ class WorkerPool:
                 child.link.transport.loseWriteConnection()
         waiting = [child for child in self.children.values() if child.ended is not None]
 
-        def kill() -> None:
+        def kill(why: str = f"did not stop in {self.stop_timeout:g}s") -> None:
             for child in waiting:
-                if child.pid is None:
+                if child.pid is None or child.ended is None or child.ended.called:
                     continue
-                ralog.log_warning(log, f"worker {child.index} pid {child.pid} did not stop "
-                                  f"in {self.stop_timeout:g}s: killing it", service="master")
+                ralog.log_warning(log, f"worker {child.index} pid {child.pid} {why}: killing it",
+                                  service="master")
                 if not self._spawner_gone and self.spawner is not None:
                     self.spawner.command(f"kill {child.index}")
                 else:
@@ -776,6 +784,9 @@ class WorkerPool:
                         pass
 
         deadline = self.clock.callLater(self.stop_timeout, kill)
+        # A second stop signal (stop_now) kills them without waiting.
+        self._stop_deadline = deadline
+        self._kill_workers = kill
         done = DeferredList([child.ended for child in waiting if child.ended is not None])
 
         def workers_ended(_: Any) -> Deferred[None]:

@@ -344,6 +344,18 @@ class ResolveSettings(Settings):
     base_dir: str  # for transport_maps
 
 
+def check_relays(settings: ResolveSettings) -> None:
+    """``relayhost`` and ``smtp_fallback_relay`` parse as destinations
+    (``ConfigError`` naming the parameter otherwise), so that a typo such
+    as ``[127.0.4.1:43001`` stops the start (and ``relayagent check``)
+    instead of deferring every message."""
+    for name, items in (("relayhost", split_list(settings.relayhost)),
+                        ("smtp_fallback_relay", settings.smtp_fallback_relay)):
+        for item in items:
+            parse_nexthop(item, destination=item, default_port=25, mx_lookup_allowed=True,
+                          is_relay=True, where=name)
+
+
 def own_addresses(settings: ResolveSettings) -> set[str]:
     """The addresses this mail system receives mail on, for self-detection.
 

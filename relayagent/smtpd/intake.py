@@ -417,9 +417,11 @@ class Intake:
         check_recipient(user)
         address = str(user.dest)
         if not self.relay_policy.will_relay(user.protocol, authenticated=authenticated):
-            log.info(
-                "reject: RCPT from {client}: 554 5.7.1 <{rcpt}>: Relay access denied",
-                client=_describe_peer(user.protocol), rcpt=address,
+            client = ClientInfo.of(user.protocol, user.helo)
+            ralog.log_reject(
+                log, where="RCPT", client=describe_client(client.peer),
+                reply=f"554 5.7.1 <{address}>: Relay access denied", sender=str(user.orig),
+                recipient=address, protocol="ESMTP" if client.esmtp else "SMTP", helo=client.helo,
             )
             raise smtp.SMTPBadRcpt(user, 554, f"5.7.1 <{address}>: Relay access denied")
         if b"@" not in user.dest.addrstr or not user.dest.local:
@@ -441,13 +443,14 @@ class Intake:
             log.failure("{queue_id}: cannot trigger the queue manager", queue_id=queue_id)
 
 
-def _describe_peer(protocol: object) -> str:
-    transport = getattr(protocol, "transport", None)
-    if transport is None:
-        return "unknown"
-    peer = transport.getPeer()
-    literal = _address_literal(peer)
-    return f"unknown{literal}" if literal else str(peer)
+def describe_client(peer: object) -> str:
+    """A client as Postfix's smtpd names it in its log lines,
+    ``name[address]``: we do no reverse lookup, so the name is
+    ``unknown``, as in Postfix when there is no PTR record;
+    ``unknown[unknown]`` for a client with no IP address (a UNIX
+    socket)."""
+    address = _peer_ip(peer) if peer is not None else None
+    return f"unknown[{address.compressed}]" if address is not None else "unknown[unknown]"
 
 
 class _Transaction:
@@ -475,6 +478,7 @@ class _Transaction:
         self._size = 0
         self._in_header = True
         self._hops = 1  # our own Received header counts
+        self._message_id: str | None = None
         self._failed = False
         self._outcome: Any = None  # queue id, or a Failure
         self._waiters: list[defer.Deferred[Any]] = []
@@ -569,6 +573,9 @@ class _Transaction:
         if self._in_header:
             if not line:
                 self._in_header = False
+            elif line[:11].lower() == b"message-id:" and self._message_id is None:
+                # cleanup's "message-id=<...>" line (the first header).
+                self._message_id = _clean_header_value(line[11:])
             elif line[:9].lower() == b"received:":
                 self._hops += 1
                 # Postfix's cleanup rejects when the count, its own smtpd
@@ -583,8 +590,12 @@ class _Transaction:
         # receiver (which discards the file) and answers the final "."
         # with this reply.
         self.abort()
-        log.info("reject: DATA from {client}: {code} {text}", client=self.client.peer,
-                 code=reply[0], text=reply[1].decode())
+        ralog.log_reject(
+            log, where="DATA", client=describe_client(self.client.peer),
+            reply=f"{reply[0]} {reply[1].decode()}", sender=str(self.origin),
+            recipient=self.recipients[-1] if self.receivers else None,
+            protocol="ESMTP" if self.client.esmtp else "SMTP", helo=self.client.helo,
+        )
         raise smtp.SMTPServerError(*reply)
 
     def _write_failed(self, error: OSError) -> None:
@@ -661,13 +672,12 @@ class _Transaction:
 
     def _queued(self, queue_id: str) -> str:
         self._close_file()
+        # smtpd's and cleanup's lines, before the queue manager can see
+        # the message (pflogsumm counts the size of a message received);
         # Postfix's smtpd names the SASL login on the client= line.
-        sasl = f", sasl_method=CRAM-MD5, sasl_username={self.sasl_username}" if self.sasl_username else ""
-        log.info(
-            "{queue_id}: client={client}{sasl}, from=<{sender}>, nrcpt={count}",
-            queue_id=queue_id, client=_describe_peer_info(self.client), sasl=sasl, sender=str(self.origin),
-            count=len(self.recipients),
-        )
+        ralog.log_client(log, queue_id, describe_client(self.client.peer),
+                         sasl_method="CRAM-MD5" if self.sasl_username else "", sasl_username=self.sasl_username or "")
+        ralog.log_message_id(log, queue_id, self._message_id or "")
         self.intake.wake_queue_manager(queue_id)
         return queue_id
 
@@ -698,10 +708,13 @@ class _Transaction:
 
 
 def _describe_peer_info(client: ClientInfo) -> str:
-    # Postfix's "name[address]"; we do no reverse lookup, so the name is
-    # "unknown", as in Postfix when there is no PTR record.
-    literal = _address_literal(client.peer)
-    return f"unknown{literal}" if literal else str(client.peer)
+    return describe_client(client.peer)
+
+
+def _clean_header_value(value: bytes) -> str:
+    """A header's value for a log line: decoded, stripped, at most 200
+    characters (the line is made safe by the log)."""
+    return value.strip().decode("utf-8", "replace")[:200]
 
 
 def _requested_requiretls(protocol: object) -> bool:

@@ -2,7 +2,7 @@
 The built-in SMTP listener: twisted.mail's ESMTP server feeding the spool.
 
 ``smtpd_endpoints`` (ours: Twisted server endpoint strings such as
-``tcp:10025:interface=127.0.0.1``; empty, the default, means no listener)
+``tcp:10587:interface=127.0.0.1``; empty, the default, means no listener)
 makes ``twistd -n relayagent`` accept mail for relaying.  The server is
 ``twisted.mail.smtp.ESMTP`` with ``relayagent.smtpd.intake`` behind it, and a subclass (``RelayagentESMTP``) that adds what the stock
 server lacks:
@@ -118,6 +118,7 @@ from relayagent.smtpd.intake import (
     QUEUE_WRITE_ERROR,
     Intake,
     RelayDeliveryFactory,
+    describe_client,
 )
 from relayagent.spool import Spool
 
@@ -181,8 +182,32 @@ def parse_esmtp_parameters(text: bytes | None) -> list[tuple[str, str | None]]:
     return result
 
 
+# smtpd's commands in the order of its command table (smtpd.c), for the
+# counts of "disconnect from ... ehlo=1 mail=1 rcpt=1 data=1 quit=1
+# commands=5"; anything else counts as "unknown".
+_COUNTED_COMMANDS = ("helo", "ehlo", "xclient", "xforward", "starttls", "auth", "mail", "rcpt",
+                     "data", "bdat", "rset", "noop", "vrfy", "etrn", "quit", "help")
+
+
+def format_command_stats(counts: dict[str, list[int]]) -> str:
+    """smtpd_format_cmd_stats: `` ehlo=1 mail=1 rcpt=0/1 commands=2/3``
+    (successes, and the total where they differ), ``counts``: command ->
+    [successes, total]."""
+    parts = []
+    success = total = 0
+    for name in (*_COUNTED_COMMANDS, "unknown"):
+        ok, seen = counts.get(name, (0, 0))
+        if seen:
+            parts.append(f" {name}={ok}" if ok == seen else f" {name}={ok}/{seen}")
+            success += ok
+            total += seen
+    parts.append(f" commands={success}" if success == total and total else f" commands={success}/{total}")
+    return "".join(parts)
+
+
 class RelayagentESMTP(smtp.ESMTP):
-    """twisted.mail's ESMTP server with SIZE, 8BITMIME, safe PIPELINING."""
+    """twisted.mail's ESMTP server with SIZE, 8BITMIME, safe PIPELINING,
+    and smtpd's ``connect from`` / ``disconnect from`` lines."""
 
     message_size_limit = 0
     banner: bytes | None = None
@@ -214,6 +239,31 @@ class RelayagentESMTP(smtp.ESMTP):
         self._holding = False
         self._draining = False
         self._reading_paused = False
+        # The command whose first reply decides its success, and the
+        # counts for the "disconnect from" line.
+        self._counting: str | None = None
+        self._command_counts: dict[str, list[int]] = {}
+
+    def connectionMade(self) -> None:
+        """smtpd's ``connect from host[addr]``, then the greeting."""
+        ralog.log_connect(log, describe_client(self.transport.getPeer()))
+        super().connectionMade()
+
+    def state_COMMAND(self, line: bytes) -> None:
+        """Count the command for the ``disconnect from`` line, then run it."""
+        verb = line.split(None, 1)[0].decode("ascii", "replace").lower() if line.strip() else ""
+        name = verb if verb in _COUNTED_COMMANDS else "unknown"
+        self._command_counts.setdefault(name, [0, 0])[1] += 1
+        self._counting = name
+        super().state_COMMAND(line)
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """Send a reply; the first one to a command decides its success
+        (below 400) in the counts."""
+        name, self._counting = self._counting, None
+        if name is not None and code < 400:
+            self._command_counts[name][0] += 1
+        super().sendCode(code, message)
 
     # -- greeting and EHLO
 
@@ -487,6 +537,8 @@ class RelayagentESMTP(smtp.ESMTP):
 
     def connectionLost(self, reason: Any) -> None:
         self._held_lines.clear()
+        peer = self.transport.getPeer() if self.transport is not None else None
+        ralog.log_disconnect(log, describe_client(peer), format_command_stats(self._command_counts))
         super().connectionLost(reason)
 
 
