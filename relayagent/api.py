@@ -53,6 +53,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relayagent.common.config import Config, ConfigError
 from relayagent.common.envelope import BodyType, Recipient, Ret
+from relayagent.master.metrics import metrics_services
 from relayagent.master.service import RelayagentService as _DaemonService
 from relayagent.master.service import build_service
 from relayagent.smtpd.twistedmail import MaildirDomain, RelayTransport, install_relayagent
@@ -151,24 +152,30 @@ class RelayagentService(MultiService):
     ``config`` is a ``Config`` or the path of a ``main.cf``.  Everything
     that reads files (tables, TLS keys, ``/etc/resolv.conf``) is read
     here, as ``twistd relayagent`` reads it before dropping privileges;
-    the queue starts with the service.  Unless ``relayagent_workers`` is
-    set in ``config``, the service runs in this one process (``auto``, the
-    daemon's default, would fork copies of your application).
+    the queue starts with the service.
+
+    ``workers``: the service runs in this one process by default; None
+    takes ``relayagent_workers`` from ``config`` (whose default, ``auto``,
+    forks copies of your process, application included, one per CPU).
+    ``threadpool``: where ``enqueue`` writes (default: the reactor's).
     """
 
-    def __init__(self, config: Config | str, reactor: Any, *,
+    def __init__(self, config: Config | str, reactor: Any, *, workers: int | None = 1,
                  threadpool: ThreadPool | None = None) -> None:
         super().__init__()
         if not isinstance(config, Config):
             config = load_config(config)
-        if not config.is_set("relayagent_workers"):
-            config = config.replace(relayagent_workers="1")
+        if workers is not None:
+            config = config.replace(relayagent_workers=str(workers))
         self.config = config
         self.reactor = reactor
         self.threadpool = threadpool
         #: The daemon's own service tree (``relayagent.master.service``).
         self.daemon: _DaemonService = build_service(config, reactor)
         self.daemon.setServiceParent(self)
+        # metrics_endpoints, as under twistd.
+        for endpoint in metrics_services(config, lambda: self.daemon.metrics, reactor):
+            endpoint.setServiceParent(self)
         self._threaded: ThreadedSpool | None = None
 
     def wakeup(self) -> None:

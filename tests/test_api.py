@@ -274,6 +274,8 @@ class RelayagentServiceTests(TestCase):
         service = api.RelayagentService(self.config, reactor)
         self.assertEqual(service.daemon.workers, 1)
         self.assertEqual(service.daemon.parent, service)
+        told = api.RelayagentService(self.config.replace(relayagent_workers="3"), reactor, workers=None)
+        self.assertEqual(told.daemon.workers, 3)
 
     async def test_enqueue_before_start_fails_clearly(self):
         service = api.RelayagentService(self.config, reactor)

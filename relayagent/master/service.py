@@ -73,6 +73,7 @@ from twisted.logger import Logger
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
 from relayagent.master import child, worker
+from relayagent.master.metrics import DaemonMetrics, start_metrics
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
@@ -132,6 +133,8 @@ class RelayagentService(MultiService):
         # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
         self._worker_log_flush = False
+        # This process's metrics (metrics_endpoints; None when off).
+        self.metrics: DaemonMetrics | None = None
 
     def spool_directory(self) -> str:
         """The queue directory as this process sees it now (after a chroot
@@ -182,6 +185,7 @@ class RelayagentService(MultiService):
             on_wakeup=lambda: self.queue_manager.wakeup() if self.queue_manager is not None else None,
             on_fatal=self._fatal,
             on_log=self._worker_log,
+            on_exit=lambda pid: self.metrics.worker_exited(pid) if self.metrics is not None else None,
         )
         self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
 
@@ -230,6 +234,10 @@ class RelayagentService(MultiService):
         if self._lock_fd is None:
             self._lock_fd = control.lock_spool(directory)
         queue_manager: QueueManager | None = None
+        # Before the workers start: worker 0 empties the metrics' files.
+        self.metrics = start_metrics(self.config, directory, self.reactor, index=index,
+                                     workers=self.workers, queue_manager=lambda: self.queue_manager,
+                                     cache=lambda: self.smtp.cache)
 
         def new_mail() -> None:
             if self.parent_link is not None:
@@ -302,6 +310,9 @@ class RelayagentService(MultiService):
             if self.agent is not None:
                 self.agent.stop()
             self.smtp.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None

@@ -81,6 +81,7 @@ from zope.interface import implementer
 from relayagent.bounce import dsn
 from relayagent.bounce.dsn import BounceSettings
 from relayagent.common import maillog as ralog
+from relayagent.common import probes
 from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import Status
@@ -301,6 +302,9 @@ class DeliveryAgent:
                 status=status,
                 outcome=verdict,
             )
+            if probes.tap is not None:
+                probes.tap.delivery(request.destination, verdict, status.dsn, delay,
+                                    (before_qmgr, in_qmgr, setup, transmission))
             if status.ok and server is not None:
                 self._success_notice(message, recipient, status, sent is not None and sent.dsn_offered)
 
@@ -419,6 +423,8 @@ class DeliveryAgent:
             try:
                 queue_file.bounce(recipient.index, status)
                 queue_file.mark_done(recipient.index)
+                if probes.tap is not None:
+                    probes.tap.delivery(None, "expired", status.dsn, None, None)
             except OSError as exc:
                 # The rest stay pending and expire at the next attempt.
                 ralog.log_warning(log, f"cannot write the bounce log: {_reason(exc)}",

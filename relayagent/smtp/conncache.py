@@ -98,6 +98,9 @@ class ConnectionCache:
         self._idle: dict[str, deque[CachedSession]] = {}
         self.stored = 0
         self.reused = 0
+        # Lookups that found no usable session (the metrics' cache misses;
+        # ``reused`` counts the hits).
+        self.missed = 0
 
     @classmethod
     def from_config(cls, config: Config, clock: IReactorTime) -> ConnectionCache:
@@ -169,6 +172,7 @@ class ConnectionCache:
                 return entry
             self._close(entry)
             idle = self._idle.get(key)
+        self.missed += 1
         return None
 
     def __len__(self) -> int:

@@ -45,6 +45,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from relayagent.common import probes
 from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
@@ -193,6 +194,9 @@ class SessionSecurity:
             session, self.tls_policy, self._policy.tls, nexthop=self.nexthop
         )
         self.last_tls = outcome
+        if probes.tap is not None:
+            probes.tap.tls_session(str(self.tls_policy.level),
+                                   outcome.trust if outcome.active else "plaintext")
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 
