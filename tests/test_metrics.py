@@ -18,7 +18,7 @@ from twisted.web.client import Agent, readBody
 
 from relayagent.common import probes
 from relayagent.common.config import Config
-from relayagent.master import metrics
+from relayagent.master import metrics, metrics_http
 from relayagent.master.service import RelayagentService
 from relayagent.spool import Spool
 
@@ -210,7 +210,7 @@ class EndpointTests(TestCase):
         service = RelayagentService(config_text(self.mktemp()), clock)
         service.startService()
         self.addCleanup(service.stopService)
-        site = metrics.metrics_site(lambda: service.metrics, reactor)
+        site = metrics_http.metrics_site(lambda: service.metrics, reactor)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         probes.tap.delivery("[127.0.0.1]:2525", "sent", "2.0.0", 0.1, (0.0, 0.0, 0.05, 0.05))
@@ -223,7 +223,7 @@ class EndpointTests(TestCase):
         self.assertIn('relayagent_queue_messages{queue="incoming"} 0.0', body)
 
     async def test_before_start_is_503(self):
-        site = metrics.metrics_site(lambda: None, reactor)
+        site = metrics_http.metrics_site(lambda: None, reactor)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         url = f"http://127.0.0.1:{port.getHost().port}/metrics".encode()

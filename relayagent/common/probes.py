@@ -14,7 +14,7 @@ raise and must not block: it runs on the reactor thread, in the hot path.
 This module is in ``common`` so that every layer may call it; the tap
 itself (``relayagent.master.metrics.Metrics``) lives above them all.
 
-SYNOPSIS
+SYNOPSIS::
 
     from relayagent.common import probes
     if probes.tap is not None:

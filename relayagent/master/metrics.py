@@ -46,19 +46,20 @@ lines, and the merging rules are prometheus-client's, tested there.
 With one process there are no files: the values are in memory.
 
 A scrape renders in the reactor's thread pool: the queue-directory
-counts and the multiprocess files are read off the reactor thread.
+counts and the multiprocess files are read off the reactor thread
+(``relayagent.master.metrics_http``, imported only when metrics are on).
 
-SYNOPSIS
+SYNOPSIS::
 
     metrics = start_metrics(config, queue_directory, reactor, index=0, workers=N,
                             queue_manager=lambda: qm, cache=lambda: smtp.cache)
     services = metrics_services(config, lambda: daemon.metrics, reactor)  # worker 0
     metrics.worker_exited(pid); metrics.stop()
-    MetricsSettings, NexthopLabels, QueueCollector, MetricsResource
+    MetricsSettings, NexthopLabels, QueueCollector, Metrics, DaemonMetrics
 
 DIAGNOSTICS: a bad endpoint string stops start-up (twistd's error for
-a strports description); a scrape that fails is HTTP 500 and one logged
-failure; a queue directory that cannot be read counts as 0.
+a strports description); a queue directory that cannot be read counts
+as 0; the HTTP side's are ``metrics_http``'s.
 
 Owns: metrics_endpoints, metrics_nexthops.  Reads relayhost.
 """
@@ -73,17 +74,11 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
 
 from relayagent.common import probes
 from relayagent.common.config import Config, Settings, split_list
 from relayagent.spool.queueid import is_queue_id
 from relayagent.spool.spool import QUEUES
-
-log = Logger(namespace="relayagent.master.metrics")
 
 # The gauges of the queue manager's state are this old at most.
 SAMPLE_INTERVAL = 5.0
@@ -372,54 +367,6 @@ def start_metrics(config: Config, queue_directory: str, reactor: Any, *, index: 
     return daemon_metrics
 
 
-class MetricsResource(Resource):
-    """``GET /metrics``: the registry of ``metrics()`` (looked up at each
-    request: the metrics start with the service), rendered in the
-    reactor's thread pool."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: Callable[[], DaemonMetrics | None], reactor: Any) -> None:
-        super().__init__()
-        self.metrics = metrics
-        self.reactor = reactor
-
-    def render_GET(self, request: Any) -> Any:
-        """The exposition, or 503 before the daemon has started."""
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
-        current = self.metrics()
-        if current is None or current.registry is None:
-            request.setResponseCode(503)
-            return b"relayagent has not started\n"
-        rendering = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      generate_latest, current.registry)
-
-        def send(body: bytes) -> None:
-            request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-            request.write(body)
-            request.finish()
-
-        def failed(reason: Any) -> None:
-            log.failure("cannot render the metrics", reason)
-            request.setResponseCode(500)
-            request.finish()
-
-        rendering.addCallbacks(send, failed)
-        return NOT_DONE_YET
-
-
-def metrics_site(metrics: Callable[[], DaemonMetrics | None], reactor: Any) -> Site:
-    """The web site of ``metrics_endpoints``: ``/metrics``."""
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(metrics, reactor))
-    site = Site(root)
-    site.noisy = False
-    # No access log lines in the mail log.
-    site.log = lambda request: None  # type: ignore[method-assign]
-    return site
-
-
 def metrics_services(config: Config, metrics: Callable[[], DaemonMetrics | None],
                      reactor: Any) -> list[IService]:
     """One server service per ``metrics_endpoints`` string (none when
@@ -427,6 +374,10 @@ def metrics_services(config: Config, metrics: Callable[[], DaemonMetrics | None]
     settings = MetricsSettings.from_config(config)
     if not settings.metrics_endpoints:
         return []
+    # Imported only now: twisted.web costs start-up time that metrics off
+    # must not pay.
+    from relayagent.master.metrics_http import metrics_site
+
     site = metrics_site(metrics, reactor)
     return [strports.service(description, site, reactor=reactor)
             for description in settings.metrics_endpoints]

@@ -38,7 +38,7 @@ warning and attempt record can send it twice, never zero times); then
 the file is removed, or its attempt recorded and it moves to
 ``deferred/`` with its next-attempt time as its mtime.
 
-SYNOPSIS
+SYNOPSIS::
 
     agent = DeliveryAgent(config, spool, reactor, smtp=smtp_agent,
                           new_mail=wake_the_queue, removal_reactor=reactor)
@@ -107,7 +107,8 @@ log = Logger(namespace="relayagent.qmgr.delivery")
 class SmtpDeliverer(Protocol):
     """smtp's entry point (``relayagent.smtp.deliver.SmtpAgent``)."""
 
-    def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]: ...
+    def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]:
+        """Deliver one request: a Deferred of its ``SmtpResult``."""
 
 
 @dataclass(frozen=True, slots=True)

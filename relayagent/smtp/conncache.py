@@ -104,6 +104,7 @@ class ConnectionCache:
 
     @classmethod
     def from_config(cls, config: Config, clock: IReactorTime) -> ConnectionCache:
+        """The cache the ``smtp_connection_cache_*`` parameters describe."""
         settings = CacheSettings.from_config(config)
         return cls(
             clock,

@@ -24,7 +24,7 @@ Two questions are answered here, both before any connection is made:
    ``getHostByName`` is never used: its ANY query is refused by many
    servers (RFC 8482).
 
-SYNOPSIS
+SYNOPSIS::
 
     resolver = NexthopResolver(config, make_dns_resolver(config, reactor), reactor,
                                system_resolver=make_system_resolver(reactor))

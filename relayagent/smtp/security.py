@@ -172,6 +172,7 @@ class SessionSecurity:
 
     @property
     def tls_level(self) -> TLSLevel | None:
+        """The TLS level for this nexthop; None for a broken policy entry."""
         return self.tls_policy.level if self.tls_policy else None
 
     def plaintext_fallback(self) -> SessionSecurity:
@@ -182,6 +183,8 @@ class SessionSecurity:
         return SessionSecurity(self._policy, self.nexthop, TLSPolicy(TLSLevel.NONE, source="plaintext retry"))
 
     def negotiate(self, session: Any) -> Deferred[None]:
+        """STARTTLS and AUTH on a greeted session, as the policy demands;
+        fails with ``DeliveryFailure`` when its demands are not met."""
         return Deferred.fromCoroutine(self._negotiate(session))
 
     async def _negotiate(self, session: Any) -> None:

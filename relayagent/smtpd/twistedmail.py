@@ -127,6 +127,7 @@ class MaildirDomain:
         return lambda: _MaildirReceiver(path)
 
     def willRelay(self, address: smtp.Address, protocol: object) -> bool:
+        """Never: a local domain takes its own users' mail only."""
         return False
 
     def addUser(self, user: str, password: bytes | None = None) -> None:
