@@ -24,6 +24,7 @@ from relayagent import api
 from relayagent.common.config import Config
 from relayagent.spool import Spool, control
 from relayagent.spool.nonblocking import ReactorWakeup, ThreadedSpool
+from relayagent.testing import LogCapture
 
 MESSAGE = b"From: a@example.org\r\nSubject: api\r\n\r\nbody\r\n"
 
@@ -142,9 +143,13 @@ class ReactorWakeupTests(TestCase):
         manager = FakeQueueManager()
         port = control.listen(reactor, self.directory, manager)
         self.addCleanup(port.stopListening)
+        captured = LogCapture(self)
         answered = await ReactorWakeup(reactor, self.directory)()
         self.assertTrue(answered)
         self.assertEqual(manager.wakeups, 1)
+        # Once per queued message: no line of Twisted's from the client side.
+        client_lines = [m for m in captured.messages() if "_QuietAMP" in m or "factory" in m.lower()]
+        self.assertEqual(client_lines, [])
 
     async def test_no_daemon_is_false_without_error(self):
         self.assertFalse(await ReactorWakeup(reactor, self.directory)())

@@ -167,6 +167,21 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsNone(service.metrics)
 
 
+class WorkerExitTests(SynchronousTestCase):
+    def test_an_exited_workers_gauges_go_its_counts_stay(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        names = ["gauge_livesum_4242.db", "counter_4242.db", "histogram_4242.db", "gauge_livesum_4343.db"]
+        for name in names:
+            open(os.path.join(directory, name), "wb").close()
+        daemon = metrics.DaemonMetrics(None, Clock(), scrape_registry=None,
+                                       multiprocess_directory=directory,
+                                       queue_manager=lambda: None, cache=lambda: None)
+        daemon.worker_exited(4242)
+        self.assertEqual(sorted(os.listdir(directory)),
+                         ["counter_4242.db", "gauge_livesum_4343.db", "histogram_4242.db"])
+
+
 def dashboard_metric_names() -> set[str]:
     with open(DASHBOARD) as handle:
         dashboard = json.load(handle)

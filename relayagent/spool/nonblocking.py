@@ -47,7 +47,8 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -103,6 +104,26 @@ class ThreadedSpool:
         )
 
 
+class _QuietAMP(amp.AMP):
+    """AMP without its two log lines per connection: a wakeup per queued
+    message would put four lines of Twisted's into the mail server's log."""
+
+    def makeConnection(self, transport: Any) -> None:
+        """Connected: no log line."""
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        """Disconnected: no log line."""
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+_QUIET_FACTORY = Factory.forProtocol(_QuietAMP)
+_QUIET_FACTORY.noisy = False
+
+
 class ReactorWakeup:
     """``control.trigger(queue_directory, "wakeup")`` without blocking:
     a callable that returns a Deferred at once (module docstring)."""
@@ -134,9 +155,9 @@ class ReactorWakeup:
 
     def _send(self) -> Deferred[bool]:
         endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=self.timeout)
-        connecting = connectProtocol(endpoint, amp.AMP())
+        connecting = endpoint.connect(_QUIET_FACTORY)
 
-        def ask(protocol: amp.AMP) -> Deferred[bool]:
+        def ask(protocol: _QuietAMP) -> Deferred[bool]:
             answer = protocol.callRemote(control.Wakeup)
             answer.addTimeout(self.timeout, self.reactor)
 
