@@ -198,7 +198,8 @@ class RelayTransport:
     factory for an ESMTP server that does SIZE, 8BITMIME, safe PIPELINING
     and answers 451 when the spool fails."""
 
-    def __init__(self, mail_service: Any, intake: Intake, domain: RelayDomain, config: Any) -> None:
+    def __init__(self, mail_service: mail.MailService, intake: Intake, domain: RelayDomain,
+                 config: Config) -> None:
         self.mail_service = mail_service
         self.intake = intake
         self.domain = domain
