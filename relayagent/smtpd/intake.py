@@ -236,7 +236,7 @@ class ClientInfo:
             peer=peer,
             esmtp=bool(esmtp),
             authenticated=bool(getattr(protocol, "authenticated", False)),
-            tls=bool(getattr(protocol, "startedTLS", False)),
+            tls=bool(getattr(protocol, "encrypted", getattr(protocol, "startedTLS", False))),
         )
 
     def with_protocol(self) -> str:
@@ -465,6 +465,7 @@ class _Transaction:
         self.origin = origin
         self.client = ClientInfo.of(protocol, helo)
         self.body_type = _declared_body_type(protocol)
+        self.requiretls = _requested_requiretls(protocol)
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
         self._file: IO[bytes] | None = None
@@ -622,8 +623,10 @@ class _Transaction:
         sender = str(self.origin)
         recipients = self.recipients
         spool_file = self._file
+        # Only when asked: other spools (twisted.mail glue) need not know it.
+        options = {"requiretls": True} if self.requiretls else {}
         result = defer.maybeDeferred(
-            self.intake.spool.enqueue, sender, recipients, spool_file, body_type=self.body_type
+            self.intake.spool.enqueue, sender, recipients, spool_file, body_type=self.body_type, **options
         )
         result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
         result.addBoth(self._settle)
@@ -669,6 +672,12 @@ def _describe_peer_info(client: ClientInfo) -> str:
     # "unknown", as in Postfix when there is no PTR record.
     literal = _address_literal(client.peer)
     return f"unknown{literal}" if literal else str(client.peer)
+
+
+def _requested_requiretls(protocol: object) -> bool:
+    """MAIL FROM carried REQUIRETLS (RFC 8689), when the protocol
+    records it (ours does, and takes it only over TLS)."""
+    return getattr(protocol, "relayagent_requiretls", False) is True
 
 
 def _declared_body_type(protocol: object) -> BodyType | None:

@@ -31,6 +31,15 @@ server lacks:
   ``message_size_limit``), as from Postfix's smtpd.
 - An over-long line ends the session with a 5xx reply (Twisted's server
   keeps buffering a line that never ends).
+- REQUIRETLS (RFC 8689), with ``requiretls_enable``: offered in EHLO and
+  taken on MAIL FROM only in an encrypted session, and recorded in the
+  queue file.  The listener has no STARTTLS of its own (no server
+  certificate parameters), so "encrypted" means an implicit-TLS
+  endpoint in ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
+  certKey=cert.pem``), or a session where Twisted's own STARTTLS ran
+  (a MailService factory given a context factory).  In plaintext,
+  REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
+  555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
 Relaying is the intake's rule: clients in ``mynetworks`` (default
 loopback only) or authenticated; anyone else gets 554 5.7.1 for every
@@ -44,13 +53,13 @@ SYNOPSIS
     RelayagentESMTP (the server protocol);  parse_esmtp_parameters(text)
 
 DIAGNOSTICS: replies to the client, never exceptions: 552 5.3.4 (size),
-555 5.5.4 (unknown parameter), 452 4.3.1 (short of space), 451 4.3.0 (the
+555 5.5.4 (unknown parameter, REQUIRETLS in plaintext), 452 4.3.1 (short of space), 451 4.3.0 (the
 spool failed), 554 5.7.1 (relaying denied), 5xx for an over-long line.
 A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
 ``strports.service`` (``ValueError``).
 
 Owns: smtpd_endpoints, smtpd_banner.  Reads message_size_limit,
-myhostname (and, through the glue, mynetworks, hopcount_limit and
+requiretls_enable, myhostname (and, through the glue, mynetworks, hopcount_limit and
 queue_minfree).
 """
 
@@ -66,6 +75,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet import protocol
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import protocols, smtp
 from twisted.python.compat import networkString
@@ -119,6 +129,9 @@ class RelayagentESMTP(smtp.ESMTP):
     # Received header's "with") and what BODY= its MAIL declared.
     relayagent_esmtp = False
     relayagent_body_type: BodyType | None = None
+    # Read by relayagent.smtpd.intake: MAIL FROM carried REQUIRETLS.
+    relayagent_requiretls = False
+    requiretls_enable = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -141,7 +154,16 @@ class RelayagentESMTP(smtp.ESMTP):
         extensions[b"SIZE"] = [str(limit).encode("ascii")] if limit else None
         extensions[b"8BITMIME"] = None
         extensions[b"PIPELINING"] = None
+        if self.requiretls_enable and self.encrypted:
+            # RFC 8689 section 3: only in a session protected by TLS.
+            extensions[b"REQUIRETLS"] = None
         return extensions
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the session runs over TLS: an implicit-TLS endpoint
+        (``ssl:``), or Twisted's STARTTLS done."""
+        return bool(self.startedTLS) or ISSLTransport.providedBy(self.transport)
 
     def do_EHLO(self, rest: bytes) -> None:
         self.relayagent_esmtp = True
@@ -164,6 +186,7 @@ class RelayagentESMTP(smtp.ESMTP):
             self.sendCode(501, b"5.5.4 Bad MAIL parameter syntax")
             return
         body_type = None
+        requiretls = False
         for key, value in parameters:
             if key == "SIZE":
                 if value is None or not value.isdigit():
@@ -180,10 +203,13 @@ class RelayagentESMTP(smtp.ESMTP):
                     return
             elif key == "AUTH" and self.challengers:
                 pass  # RFC 4954 5: we may ignore the AUTH= identity
+            elif key == "REQUIRETLS" and value is None and self.requiretls_enable and self.encrypted:
+                requiretls = True  # RFC 8689 section 4: no value
             else:
                 self.sendCode(555, networkString(f"5.5.4 Unsupported option: {key}"))
                 return
         self.relayagent_body_type = body_type
+        self.relayagent_requiretls = requiretls
         super().do_MAIL(rest)
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -319,11 +345,13 @@ class ListenerSettings(Settings):
     myhostname: str
     message_size_limit: int
     queue_directory: str
+    requiretls_enable: bool
 
 
 def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings) -> RelayagentESMTP:
     """Apply main.cf to one server protocol instance."""
     server.message_size_limit = settings.message_size_limit
+    server.requiretls_enable = settings.requiretls_enable
     server.host = settings.myhostname.encode("idna")
     server.banner = settings.smtpd_banner.encode("utf-8", "replace")
     return server
