@@ -114,8 +114,14 @@ class CountingTests(SynchronousTestCase):
         # The next sample adds what happened since, and zeroes a
         # destination label that went away.
         manager = SimpleNamespace(active={}, busy_total=0, destinations={})
-        counted.sample(manager, SimpleNamespace(reused=10, missed=2))
-        self.assertEqual(value("relayagent_connection_cache_hits_total"), 10.0)
+        cache = SimpleNamespace(reused=7, missed=2)
+        counted.sample(manager, cache)
+        cache.reused = 10
+        counted.sample(manager, cache)
+        self.assertEqual(value("relayagent_connection_cache_hits_total"), 17.0)
+        # A reload's new cache counts from 0 again: its counts are added.
+        counted.sample(manager, SimpleNamespace(reused=1, missed=0))
+        self.assertEqual(value("relayagent_connection_cache_hits_total"), 18.0)
         self.assertEqual(value("relayagent_destination_concurrency", {"nexthop": "other"}), 0.0)
         self.assertEqual(value("relayagent_active_messages"), 0.0)
 
@@ -137,7 +143,9 @@ class QueueCollectorTests(SynchronousTestCase):
         self.assertEqual(value("relayagent_queue_messages", {"queue": "hold"}), 0.0)
         self.assertIsNone(value("relayagent_queue_messages", {"queue": "maildrop"}))
         os.makedirs(os.path.join(spool.directory, "maildrop"))
-        open(os.path.join(spool.directory, "maildrop", "12345.x"), "w").close()
+        open(os.path.join(spool.directory, "maildrop", "0123456789abcdef0123456789abcdef"), "w").close()
+        # A submission being written (a dot name) is not one yet.
+        open(os.path.join(spool.directory, "maildrop", ".0123456789abcdef0123456789abcdef"), "w").close()
         self.assertEqual(value("relayagent_queue_messages", {"queue": "maildrop"}), 1.0)
 
 
@@ -165,6 +173,26 @@ class ServiceTests(SynchronousTestCase):
             service.stopService()
         self.assertIsNone(probes.tap)
         self.assertIsNone(service.metrics)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_a_new_relayhost_names_the_label_from_the_next_sample(self):
+        running = [config_text(self.mktemp())]
+        counted, registry = filled_metrics()
+        daemon = metrics.DaemonMetrics(counted, Clock(), scrape_registry=registry,
+                                       multiprocess_directory=None, queue_manager=lambda: None,
+                                       cache=lambda: None, config=lambda: running[0])
+        running[0] = running[0].replace(relayhost="[192.0.2.7]:25")
+        daemon.sample()
+        counted.delivery("[192.0.2.7]:25", "sent", "2.0.0", 0.1, (0.0, 0.0, 0.05, 0.05))
+        self.assertEqual(registry.get_sample_value(
+            "relayagent_deliveries_total", {"status": "sent", "dsn_class": "2", "nexthop": "[192.0.2.7]:25"}), 1.0)
+
+    def test_a_reload_keeps_the_endpoints(self):
+        from relayagent.master.reload import restart_only_names
+
+        self.assertIn("metrics_endpoints", restart_only_names())
+        self.assertNotIn("metrics_nexthops", restart_only_names())
 
 
 class WorkerExitTests(SynchronousTestCase):

@@ -61,6 +61,10 @@ DIAGNOSTICS: a bad endpoint string stops start-up (twistd's error for
 a strports description); a queue directory that cannot be read counts
 as 0; the HTTP side's are ``metrics_http``'s.
 
+A reload (``relayagent.master.reload``) keeps ``metrics_endpoints``
+until a restart; a new relayhost or ``metrics_nexthops`` names the
+labels from the next sample on.
+
 Owns: metrics_endpoints, metrics_nexthops.  Reads relayhost.
 """
 
@@ -77,6 +81,7 @@ from twisted.internet.task import LoopingCall
 
 from relayagent.common import probes
 from relayagent.common.config import Config, Settings, split_list
+from relayagent.spool.maildrop import MAILDROP, is_maildrop_name
 from relayagent.spool.queueid import is_queue_id
 from relayagent.spool.spool import QUEUES
 
@@ -86,8 +91,6 @@ OTHER = "other"
 NONE = "none"
 # Under queue_directory: the multiprocess files (several workers only).
 MULTIPROCESS_DIRECTORY = "metrics"
-# Postfix's pickup queue, when submission makes one.
-MAILDROP = "maildrop"
 # Seconds: from a local relay's milliseconds to a day in the queue.
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                  300.0, 900.0, 3600.0, 14400.0, 86400.0)
@@ -134,11 +137,11 @@ def count_queue(path: str) -> int:
 
 
 def count_maildrop(path: str) -> int | None:
-    """The files in ``maildrop/`` (not hidden), or None when there is no
-    such directory."""
+    """The finished submissions in ``maildrop/`` (not those being
+    written), or None when there is no such directory."""
     try:
         with os.scandir(path) as entries:
-            return sum(1 for entry in entries if not entry.name.startswith("."))
+            return sum(1 for entry in entries if is_maildrop_name(entry.name))
     except OSError:
         return None
 
@@ -215,6 +218,9 @@ class Metrics:
         self._destinations_seen: set[str] = set()
         self._hits_seen = 0
         self._misses_seen = 0
+        # The cache the counts were read from: a reload makes a new one,
+        # whose counts start again at 0.
+        self._cache_seen: Any = None
 
     # -- the tap (probes.MetricsTap)
 
@@ -261,6 +267,8 @@ class Metrics:
                 self.destination_inflight.labels(label).set(busy[label])
             self._destinations_seen.update(windows)
         if cache is not None:
+            if cache is not self._cache_seen:
+                self._cache_seen, self._hits_seen, self._misses_seen = cache, 0, 0
             hits, misses = cache.reused, getattr(cache, "missed", 0)
             if hits > self._hits_seen:
                 self.cache_hits.inc(hits - self._hits_seen)
@@ -275,7 +283,8 @@ class DaemonMetrics:
 
     def __init__(self, metrics: Metrics, reactor: Any, *, scrape_registry: Any,
                  multiprocess_directory: str | None,
-                 queue_manager: Callable[[], Any], cache: Callable[[], Any]) -> None:
+                 queue_manager: Callable[[], Any], cache: Callable[[], Any],
+                 config: Callable[[], Config] | None = None) -> None:
         self.metrics = metrics
         self.reactor = reactor
         #: What worker 0 serves (None in the other workers).
@@ -283,6 +292,10 @@ class DaemonMetrics:
         self.multiprocess_directory = multiprocess_directory
         self._queue_manager = queue_manager
         self._cache = cache
+        # The running configuration (a reload swaps it): relayhost and
+        # metrics_nexthops name the labels.
+        self._config = config
+        self._settings = MetricsSettings.from_config(config()) if config is not None else None
         self._sampler = LoopingCall(self.sample)
         self._sampler.clock = reactor
 
@@ -292,7 +305,13 @@ class DaemonMetrics:
         self._sampler.start(SAMPLE_INTERVAL, now=False)
 
     def sample(self) -> None:
-        """Sample the queue manager and the cache now."""
+        """Sample the queue manager and the cache now; after a reload that
+        changed relayhost or metrics_nexthops, label by the new ones."""
+        if self._config is not None:
+            settings = MetricsSettings.from_config(self._config())
+            if settings != self._settings:
+                self._settings = settings
+                self.metrics.labels = NexthopLabels.from_settings(settings)
         self.metrics.sample(self._queue_manager(), self._cache())
 
     def stop(self) -> None:
@@ -333,11 +352,13 @@ def metrics_enabled(config: Config) -> bool:
 
 
 def start_metrics(config: Config, queue_directory: str, reactor: Any, *, index: int, workers: int,
-                  queue_manager: Callable[[], Any], cache: Callable[[], Any]) -> DaemonMetrics | None:
+                  queue_manager: Callable[[], Any], cache: Callable[[], Any],
+                  running_config: Callable[[], Config] | None = None) -> DaemonMetrics | None:
     """This process's metrics, started; None when metrics are off.
     ``index``: this worker's number (0: the twistd process, which serves
-    them); ``workers``: how many there are; ``queue_manager`` and
-    ``cache`` give the current queue manager and connection cache."""
+    them); ``workers``: how many there are; ``queue_manager``, ``cache``
+    and ``running_config`` give the current queue manager, connection
+    cache and configuration (each may change at a reload)."""
     settings = MetricsSettings.from_config(config)
     if not settings.metrics_endpoints:
         return None
@@ -362,7 +383,7 @@ def start_metrics(config: Config, queue_directory: str, reactor: Any, *, index: 
         scrape.register(QueueCollector(queue_directory))
     daemon_metrics = DaemonMetrics(metrics, reactor, scrape_registry=scrape,
                                    multiprocess_directory=directory,
-                                   queue_manager=queue_manager, cache=cache)
+                                   queue_manager=queue_manager, cache=cache, config=running_config)
     daemon_metrics.start()
     return daemon_metrics
 

@@ -285,7 +285,7 @@ class RelayagentService(MultiService):
         # Before the workers start: worker 0 empties the metrics' files.
         self.metrics = start_metrics(self.config, directory, self.reactor, index=index,
                                      workers=self.workers, queue_manager=lambda: self.queue_manager,
-                                     cache=lambda: self.smtp.cache)
+                                     cache=lambda: self.smtp.cache, running_config=lambda: self.config)
 
         def new_mail() -> None:
             if self.parent_link is not None:
