@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from twisted.cred.checkers import AllowAnonymousAccess
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.mail import mail, smtp
@@ -182,8 +182,12 @@ class Greeting(Protocol):
 
     def __init__(self) -> None:
         self.greeted: defer.Deferred[float] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
         self.started = time.monotonic()
         self.data = b""
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -234,7 +238,11 @@ class ReactorNeverBlockedTests(TestCase):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
         client = Greeting()
         await connectProtocol(endpoint, client)
-        return await client.greeted
+        elapsed = await client.greeted
+        # Closed on both sides before the test goes on (a clean reactor).
+        await client.closed
+        await task.deferLater(reactor, 0.05, lambda: None)
+        return elapsed
 
     async def test_greeting_within_bound_while_queueing_with_the_daemon_stopped(self):
         sending = smtp.sendmail("127.0.0.1", "alice@example.org", ["bob@remote.example"],
@@ -258,6 +266,66 @@ class ReactorNeverBlockedTests(TestCase):
         wakeup = self.relay.intake.trigger
         if wakeup._in_flight is not None:
             await wakeup._in_flight
+
+
+class DaemonListenerNeverBlockedTests(ReactorNeverBlockedTests):
+    """The same for the daemon's own listener (``smtpd_endpoints``): its
+    enqueue runs in the thread pool too (``listener._DaemonSpool``)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from relayagent.smtpd import listener
+        from relayagent.smtpd.intake import Intake
+
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+        closed.close()
+        config = Config.from_text(f"queue_directory = {self.directory}\nmyhostname = mx.example.org\n"
+                                  f"relayhost = [127.0.0.1]:{dead_port}\n")
+        self.stalled.close()  # the daemon runs here: its own trigger socket
+        self.mail_system = api.RelayagentService(config, reactor)
+        self.mail_system.startService()
+        self.addCleanup(self.mail_system.stopService)
+        self.woken: list[int] = []
+        intake = Intake.from_config(config, listener._DaemonSpool(self.mail_system.daemon, reactor),
+                                    trigger=lambda: self.woken.append(1))
+        self.port.stopListening()
+        factory = listener.ListenerFactory(intake, config)
+        # Each server connection's end, for a clean reactor at the end.
+        self.connections_closed: list[defer.Deferred[None]] = []
+        build = factory.buildProtocol
+
+        def tracked(address: Any) -> Any:
+            server = build(address)
+            closed: defer.Deferred[None] = defer.Deferred()
+            self.connections_closed.append(closed)
+            lost = server.connectionLost
+
+            def connection_lost(reason: Any) -> None:
+                lost(reason)
+                closed.callback(None)
+
+            server.connectionLost = connection_lost
+            return server
+
+        factory.buildProtocol = tracked
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    async def test_greeting_within_bound_while_queueing_with_the_daemon_stopped(self):
+        sending = smtp.sendmail("127.0.0.1", "alice@example.org", ["bob@remote.example"],
+                                MESSAGE, port=self.port.getHost().port,
+                                requireAuthentication=False, requireTransportSecurity=False)
+        sending.addErrback(lambda failure: self.fsync_started.called
+                           or self.fsync_started.errback(failure) or failure)
+        await self.fsync_started
+        during_fsync = await self.greeting_time()
+        await sending
+        await defer.gatherResults(self.connections_closed)
+        self.assertLess(during_fsync, self.BOUND)
+        self.assertFalse(self.fsync_on_reactor_thread)
+        self.assertEqual(self.woken, [1])
 
 
 class RelayagentServiceTests(TestCase):
