@@ -133,7 +133,7 @@ def enqueue(
     """
     threaded = spool if isinstance(spool, ThreadedSpool) else threaded_spool(spool, reactor, threadpool)
     if wakeup is None:
-        wakeup = ReactorWakeup(reactor, threaded.directory)
+        wakeup = _wakeup_for(reactor, threaded.directory)
     queued = threaded.enqueue(sender, recipients, content, envid=envid, ret=ret,
                               body_type=body_type, smtputf8=smtputf8)
 
@@ -142,6 +142,20 @@ def enqueue(
         return queue_id
 
     return queued.addCallback(woken)
+
+
+# One ReactorWakeup per reactor and queue directory: the wakeups of many
+# enqueues share one in flight (ReactorWakeup folds those that come
+# while one is on its way).
+_wakeups: dict[tuple[int, str], ReactorWakeup] = {}
+
+
+def _wakeup_for(reactor: Any, directory: str) -> ReactorWakeup:
+    key = (id(reactor), directory)
+    wakeup = _wakeups.get(key)
+    if wakeup is None or wakeup.reactor is not reactor:
+        wakeup = _wakeups[key] = ReactorWakeup(reactor, directory)
+    return wakeup
 
 
 class RelayagentService(MultiService):

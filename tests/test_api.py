@@ -101,6 +101,14 @@ class EnqueueOrderTests(SynchronousTestCase):
         self.assertEqual(wakeups, [])
         self.assertEqual(list(self.spool.queue_ids("incoming")), [])
 
+    def test_enqueues_share_one_wakeup(self):
+        from relayagent.api import _wakeup_for
+
+        threaded = ThreadedSpool(self.spool, ImmediateReactor(), self.pool)
+        first = _wakeup_for(reactor, threaded.directory)
+        self.assertIs(_wakeup_for(reactor, threaded.directory), first)
+        self.assertIsNot(_wakeup_for(reactor, threaded.directory + "x"), first)
+
     def test_threaded_spool_from_a_directory_makes_the_layout(self):
         directory = self.mktemp()
         threaded = api.threaded_spool(directory, ImmediateReactor(), self.pool)
