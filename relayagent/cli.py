@@ -22,7 +22,7 @@ stops reading at the first octet past ``message_size_limit``.
 Commands live in one table, ``COMMANDS``; a later phase adds one with
 ``register(Command(...))``.
 
-SYNOPSIS
+SYNOPSIS::
 
     relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID]
         [-O requiretls=yes] [RCPT ...]

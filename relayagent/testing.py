@@ -11,7 +11,8 @@ time is a ``task.Clock`` and the network is ``twisted.test.iosim``.
 No library module imports this one (the layering contract in .importlinter
 forbids it); it may import from every layer.
 
-SYNOPSIS
+SYNOPSIS::
+
     Doubles of the boundaries:
     FakeSession(server=None, *, extensions=None, respond=None, replies=(),
                 answers=None, reusable=True, probe_ok=True)

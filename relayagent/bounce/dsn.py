@@ -15,7 +15,7 @@ before they get there, the way Postfix's printable() does).  The returned
 original is spliced in verbatim after generation, so its octets (8-bit ones
 included) are never re-encoded or re-folded.
 
-SYNOPSIS
+SYNOPSIS::
 
     plan = notices("failure", envelope, reports, settings=settings, clock=clock)
     for notice in plan.notices:          # sender, recipients, content, body type, label

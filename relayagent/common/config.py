@@ -271,6 +271,9 @@ _TABLE: tuple[Parameter, ...] = (
     # --- worker processes (relayagent/master/worker.py)
     _p("relayagent_stop_timeout", "30s", T, "How long a stop (SIGTERM, Ctrl-C) waits for the deliveries in flight before it stops anyway (they stay queued); a second signal stops at once.", ours=True),
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
+    # --- metrics (relayagent/master/metrics.py)
+    _p("metrics_endpoints", "", L, "Twisted server endpoint strings for the Prometheus metrics (GET /metrics), e.g. tcp:9154:interface=127.0.0.1 (empty: no metrics, at no cost).", ours=True),
+    _p("metrics_nexthops", "", L, "Nexthops (as the queue manager names them: [mx.example]:25, example.com) that get their own nexthop label in the metrics, besides those of relayhost; every other is counted as other.", ours=True),
 )
 
 PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in _TABLE}

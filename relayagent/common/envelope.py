@@ -6,7 +6,7 @@ MAIL FROM / RCPT TO parameters; the delivery layer and the DSN writer act
 on them.  They are plain, immutable data: no phase reaches into another's
 internals through them.
 
-SYNOPSIS
+SYNOPSIS::
 
     envelope = Envelope(queue_id, sender, (Recipient("b@example.net"),),
                         arrival_time, content_size, open_content)

@@ -658,7 +658,8 @@ def render(event: Mapping[str, Any], *, resolution: int = 2) -> str:
 
 
 def syslog_time(when: float) -> str:
-    """``Nov  4 20:33:01``: the traditional syslog stamp, local time."""
+    """``Nov 24 20:33:01`` (a day below 10 padded with a space): the
+    traditional syslog stamp, local time."""
     t = time.localtime(when)
     return f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
 

@@ -21,7 +21,7 @@ one warning names it: the queue directory and its lock, the listener
 (``smtpd_endpoints`` and what it reads), the maillog (``maillog_file``,
 ``log_format``, ``syslog_name``), ``relayagent_workers``, the name
 servers (``dns_nameservers``, read once at start-up as Postfix's resolver
-does), MTA-STS's policy store and TLSRPT's recorder (their parameters:
+does), the metrics' endpoints (``metrics_endpoints``), MTA-STS's policy store and TLSRPT's recorder (their parameters:
 the running store, cache and counters go on, handed to the new security
 policy) and, since twistd dropped them, the privileges (``--uid``).  A
 main.cf that does not load, or a setting the phases refuse (a bad TLS
@@ -93,7 +93,7 @@ log = Logger(namespace="relayagent.master.reload")
 # The settings of the phases a reload does not rebuild (module docstring).
 _KEPT_SETTINGS = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings,
                   MTASTSSettings, TLSRPTSettings)
-_KEPT_NAMES = ("relayagent_workers", "dns_nameservers")
+_KEPT_NAMES = ("relayagent_workers", "dns_nameservers", "metrics_endpoints")
 
 
 def restart_only_names() -> frozenset[str]:

@@ -78,6 +78,7 @@ from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
 from relayagent.master import child, stop, worker
 from relayagent.master import reload as reloading
+from relayagent.master.metrics import DaemonMetrics, start_metrics
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.smtp.deliver import SmtpAgent
@@ -161,6 +162,8 @@ class RelayagentService(MultiService):
         self._uninstall_signals: Any = None
         # maildrop/ into incoming/ (worker 0: relayagent.smtpd.pickup).
         self.pickup: Pickup | None = None
+        # This process's metrics (metrics_endpoints; None when off).
+        self.metrics: DaemonMetrics | None = None
 
     def reload(self) -> tuple[bool, str]:
         """Re-read main.cf and the tables (SIGHUP, ``relayagent reload``;
@@ -230,6 +233,7 @@ class RelayagentService(MultiService):
             on_fatal=self._fatal,
             on_log=self._worker_log,
             stop_timeout=stop.StopSettings.from_config(self.config).relayagent_stop_timeout,
+            on_exit=lambda pid: self.metrics.worker_exited(pid) if self.metrics is not None else None,
         )
         self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
 
@@ -286,6 +290,10 @@ class RelayagentService(MultiService):
         if self._lock_fd is None:
             self._lock_fd = control.lock_spool(directory)
         queue_manager: QueueManager | None = None
+        # Before the workers start: worker 0 empties the metrics' files.
+        self.metrics = start_metrics(self.config, directory, self.reactor, index=index,
+                                     workers=self.workers, queue_manager=lambda: self.queue_manager,
+                                     cache=lambda: self.smtp.cache, running_config=lambda: self.config)
 
         def new_mail() -> None:
             if self.parent_link is not None:
@@ -394,6 +402,9 @@ class RelayagentService(MultiService):
                 if part is not None:
                     part.stop()
             self.smtp.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None

@@ -15,7 +15,7 @@ worker is a copy of that memory, so it needs neither root, nor a file
 outside the chroot, nor a Python interpreter inside it.  Nothing it
 holds is ever read again, serialised or written anywhere.
 
-Its input is lines on a UNIX socket from worker 0, its output lines back:
+Its input is lines on a UNIX socket from worker 0, its output lines back::
 
     lock                  with a descriptor (SCM_RIGHTS): the locked
                           master.lock, for the workers to hold

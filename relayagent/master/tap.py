@@ -344,4 +344,8 @@ def makeService(options: Options) -> IServiceCollection:
 
     for listener in daemon_listener_services(config, relayagent_service, reactor):
         listener.setServiceParent(top)
+    from relayagent.master.metrics import metrics_services  # metrics_endpoints
+
+    for endpoint in metrics_services(config, lambda: relayagent_service.metrics, reactor):
+        endpoint.setServiceParent(top)
     return top

@@ -563,6 +563,7 @@ class WorkerPool:
         on_wakeup: Callable[[], None],
         on_fatal: Callable[[str], None] | None = None,
         on_log: Callable[[str], None] | None = None,
+        on_exit: Callable[[int], None] | None = None,
         restart_delay: float = RESTART_DELAY,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
@@ -572,6 +573,8 @@ class WorkerPool:
         self.on_wakeup = on_wakeup
         self.on_fatal = on_fatal or (lambda text: None)
         self.on_log = on_log or (lambda text: None)
+        # on_exit(pid): a worker process ended (the metrics forget its gauges).
+        self.on_exit = on_exit or (lambda pid: None)
         self.restart_delay = restart_delay
         self.stop_timeout = stop_timeout
         self.children = {index: _Worker(index) for index in range(1, workers)}
@@ -681,6 +684,7 @@ class WorkerPool:
         if child.pid != pid:
             return
         child.pid = None
+        self.on_exit(pid)
         ended, child.ended = child.ended, None
         if self.running:
             ralog.log_warning(log, f"process worker {index} pid {pid} {how}", service="master")

@@ -38,7 +38,7 @@ warning and attempt record can send it twice, never zero times); then
 the file is removed, or its attempt recorded and it moves to
 ``deferred/`` with its next-attempt time as its mtime.
 
-SYNOPSIS
+SYNOPSIS::
 
     agent = DeliveryAgent(config, spool, reactor, smtp=smtp_agent,
                           new_mail=wake_the_queue, removal_reactor=reactor)
@@ -81,6 +81,7 @@ from zope.interface import implementer
 from relayagent.bounce import dsn
 from relayagent.bounce.dsn import BounceSettings
 from relayagent.common import maillog as ralog
+from relayagent.common import probes
 from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import Status
@@ -106,7 +107,8 @@ log = Logger(namespace="relayagent.qmgr.delivery")
 class SmtpDeliverer(Protocol):
     """smtp's entry point (``relayagent.smtp.deliver.SmtpAgent``)."""
 
-    def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]: ...
+    def deliver(self, request: SmtpRequest) -> Deferred[SmtpResult]:
+        """Deliver one request: a Deferred of its ``SmtpResult``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +313,9 @@ class DeliveryAgent:
                 status=status,
                 outcome=verdict,
             )
+            if probes.tap is not None:
+                probes.tap.delivery(request.destination, verdict, status.dsn, delay,
+                                    (before_qmgr, in_qmgr, setup, transmission))
             if status.ok and server is not None:
                 self._success_notice(message, recipient, status, sent is not None and sent.dsn_offered)
 
@@ -429,6 +434,8 @@ class DeliveryAgent:
             try:
                 queue_file.bounce(recipient.index, status)
                 queue_file.mark_done(recipient.index)
+                if probes.tap is not None:
+                    probes.tap.delivery(None, "expired", status.dsn, None, None)
             except OSError as exc:
                 # The rest stay pending and expire at the next attempt.
                 ralog.log_warning(log, f"cannot write the bounce log: {_reason(exc)}",

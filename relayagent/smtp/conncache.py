@@ -105,9 +105,13 @@ class ConnectionCache:
         self._idle: dict[tuple[str, str], deque[CachedSession]] = {}  # by (nexthop, pool)
         self.stored = 0
         self.reused = 0
+        # Lookups that found no usable session (the metrics' cache misses;
+        # ``reused`` counts the hits).
+        self.missed = 0
 
     @classmethod
     def from_config(cls, config: Config, clock: IReactorTime) -> ConnectionCache:
+        """The cache the ``smtp_connection_cache_*`` parameters describe."""
         settings = CacheSettings.from_config(config)
         return cls(
             clock,
@@ -177,6 +181,7 @@ class ConnectionCache:
                 return entry
             self._close(entry)
             idle = self._idle.get(key)
+        self.missed += 1
         return None
 
     def __len__(self) -> int:

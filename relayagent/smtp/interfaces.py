@@ -11,7 +11,8 @@ both with ``zope.interface.verify``.  The DNS boundary below the nexthop
 resolver is Twisted's own ``twisted.internet.interfaces.IResolver``
 (twisted.names' resolvers, ``relayagent.testing.FakeDNSResolver``).
 
-SYNOPSIS
+SYNOPSIS::
+
     ISMTPSession        one greeted (or greeting) ESMTP client connection
     INexthopResolver    nexthops(domain), addresses(nexthop)
     IConnector          deliver(resolver, nexthops, indexes, transact): the

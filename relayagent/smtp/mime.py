@@ -67,7 +67,7 @@ Memory does not depend on the size of the message: a line longer than
 REC_TYPE_CONT records), with the same output as if handled whole (a
 boundary or header name is always within the first piece).
 
-SYNOPSIS
+SYNOPSIS::
 
     if needs_conversion(body_type, server_has_8bitmime, disable_conversion):
         converter = SevenBitConverter(nesting_limit=..., boundary_length_limit=...)

@@ -28,7 +28,7 @@ Two questions are answered here, both before any connection is made:
    (``MailExchangerAddress.mx_dnssec_valid``/``host_dnssec_valid``),
    for DANE (``relayagent.smtp.dane``).
 
-SYNOPSIS
+SYNOPSIS::
 
     resolver = NexthopResolver(config, make_dns_resolver(config, reactor), reactor,
                                system_resolver=make_system_resolver(reactor))

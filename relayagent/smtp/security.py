@@ -93,6 +93,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from relayagent.common import probes
 from relayagent.common.config import Config, Settings
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
@@ -286,6 +287,7 @@ class SessionSecurity:
 
     @property
     def tls_level(self) -> TLSLevel | None:
+        """The TLS level for this nexthop; None for a broken policy entry."""
         return self.tls_policy.level if self.tls_policy else None
 
     def plaintext_fallback(self) -> SessionSecurity:
@@ -308,6 +310,8 @@ class SessionSecurity:
                                demand=demand, configured_level=self.configured_level, requiretls_action=action)
 
     def negotiate(self, session: Any) -> Deferred[None]:
+        """STARTTLS and AUTH on a greeted session, as the policy demands;
+        fails with ``DeliveryFailure`` when its demands are not met."""
         return Deferred.fromCoroutine(self._negotiate(session))
 
     async def _negotiate(self, session: Any) -> None:
@@ -403,6 +407,9 @@ class SessionSecurity:
                      namaddr=session.server.namaddr, action=action.value)
         # The session meets what smtp_requiretls_policy asks for this nexthop.
         session.requiretls_cleared = True
+        if probes.tap is not None:
+            # The level in force (after DANE, MTA-STS, REQUIRETLS).
+            probes.tap.tls_session(str(tls_policy.level), outcome.trust if outcome.active else "plaintext")
         if self._policy.sasl is not None:
             await self._policy.sasl.authenticate(session, self.nexthop, tls_active=outcome.active)
 

@@ -27,7 +27,7 @@ are removed once every domain is done (a domain without a record, or
 whose report failed to send, is dropped with a log line: reports are
 best effort).
 
-SYNOPSIS
+SYNOPSIS::
 
     recorder = Recorder(directory, clock, interval=86400, worker=0)
     recorder.record_success("example.com", ReportPolicy.sts(policy))

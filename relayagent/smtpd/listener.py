@@ -102,6 +102,7 @@ from twisted.application.service import IService
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import protocols, smtp
@@ -121,6 +122,7 @@ from relayagent.smtpd.intake import (
     describe_client,
 )
 from relayagent.spool import Spool
+from relayagent.spool.nonblocking import ThreadedSpool
 
 log = Logger(namespace="relayagent.smtpd.listener")
 
@@ -707,20 +709,25 @@ def make_listener_services(
 
 class _DaemonSpool:
     """The daemon's spool, which its service makes when it starts (after
-    twistd's chroot and uid change): looked up at each enqueue."""
+    twistd's chroot and uid change): looked up at each enqueue, which
+    runs in the reactor's thread pool (``spool.nonblocking``): the
+    fsyncs of one client's message hold neither the other clients nor
+    the deliveries."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Any, reactor: Any) -> None:
         self.daemon = daemon
+        self.reactor = reactor
 
     @property
     def directory(self) -> str | None:
         spool = self.daemon.spool
         return spool.directory if spool is not None else None
 
-    def enqueue(self, *args: Any, **kwargs: Any) -> str:
+    def enqueue(self, *args: Any, **kwargs: Any) -> Deferred[str]:
+        """``Spool.enqueue`` in the thread pool: a Deferred of the queue id."""
         if self.daemon.spool is None:
             raise OSError("the spool is not open yet")
-        return self.daemon.spool.enqueue(*args, **kwargs)
+        return ThreadedSpool(self.daemon.spool, self.reactor).enqueue(*args, **kwargs)
 
 
 def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[IService]:
@@ -731,5 +738,5 @@ def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[ISe
         if daemon.queue_manager is not None:
             daemon.queue_manager.wakeup()
 
-    return make_listener_services(config, _DaemonSpool(daemon), wake_queue_manager,
+    return make_listener_services(config, _DaemonSpool(daemon, reactor), wake_queue_manager,
                                   reactor=reactor, clock=reactor.seconds)

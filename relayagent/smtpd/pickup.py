@@ -28,7 +28,7 @@ leading dot) are left alone, and removed after a day (their sendmail
 died without reporting success); a queue that cannot take the message (a
 full disk) leaves the file where it is for the next scan.
 
-SYNOPSIS
+SYNOPSIS::
 
     pickup = Pickup(spool, reactor, settings=PickupSettings.from_config(config),
                     on_queued=queue_manager.wakeup)

@@ -44,7 +44,6 @@ hopcount_limit).
 
 from __future__ import annotations
 
-import functools
 import mailbox
 import os
 import tempfile
@@ -55,13 +54,16 @@ from typing import IO, Any
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.mail import protocols, smtp
+from twisted.mail import mail, protocols, smtp
 from twisted.mail.interfaces import IDomain, IMessageSMTP
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from relayagent.common.config import Config
 from relayagent.smtpd.intake import Intake, RelayDomain, check_recipient, check_sender
 from relayagent.smtpd.listener import ListenerSettings, MailServiceESMTPFactory
-from relayagent.spool import Spool, control
+from relayagent.spool import Spool
+from relayagent.spool.nonblocking import EnqueueingSpool, ReactorWakeup, ThreadedSpool
 
 log = Logger(namespace="relayagent.smtpd.twistedmail")
 
@@ -125,6 +127,7 @@ class MaildirDomain:
         return lambda: _MaildirReceiver(path)
 
     def willRelay(self, address: smtp.Address, protocol: object) -> bool:
+        """Never: a local domain takes its own users' mail only."""
         return False
 
     def addUser(self, user: str, password: bytes | None = None) -> None:
@@ -195,7 +198,8 @@ class RelayTransport:
     factory for an ESMTP server that does SIZE, 8BITMIME, safe PIPELINING
     and answers 451 when the spool fails."""
 
-    def __init__(self, mail_service: Any, intake: Intake, domain: RelayDomain, config: Any) -> None:
+    def __init__(self, mail_service: mail.MailService, intake: Intake, domain: RelayDomain,
+                 config: Config) -> None:
         self.mail_service = mail_service
         self.intake = intake
         self.domain = domain
@@ -212,12 +216,14 @@ class RelayTransport:
 
 
 def install_relayagent(
-    mail_service: Any,
-    config: Any,
-    spool: Any = None,
+    mail_service: mail.MailService,
+    config: Config,
+    spool: EnqueueingSpool | None = None,
     trigger: Callable[[], object] | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    reactor: Any = None,
+    threadpool: ThreadPool | None = None,
 ) -> RelayTransport:
     """Make relayagent the outbound transport of a twisted.mail MailService.
 
@@ -227,21 +233,33 @@ def install_relayagent(
     - the SMTP portal's realm hands out ``RelayagentDomainDelivery``, so
       authenticated clients relay too (Twisted's own delivery would pick
       the broken ``relay.DomainQueuer`` whenever ``service.queue`` is set);
-    - ``spool`` defaults to ``Spool(queue_directory)``; ``trigger`` wakes
-      the queue manager after each message (default: a ``Wakeup`` on the
-      relayagent daemon's trigger socket, ``relayagent.spool.control.trigger``,
-      which returns at once when no daemon listens; the queue manager also
-      polls ``incoming/``).
+    - ``spool`` defaults to ``Spool(queue_directory)`` written in a
+      thread pool (``relayagent.spool.nonblocking.ThreadedSpool`` with
+      ``reactor`` and ``threadpool``, by default the global reactor and
+      its pool): the reactor never waits for a write or an fsync, and the
+      client gets 250 once the file is durable.  A ``spool`` given is used
+      as it is: its ``enqueue`` may return the queue id or a Deferred of
+      it (``relayagent.api.threaded_spool`` makes one that does not block);
+    - ``trigger`` wakes the queue manager after each message (default: a
+      ``Wakeup`` on the relayagent daemon's trigger socket sent through
+      the reactor, ``relayagent.spool.nonblocking.ReactorWakeup``, which
+      never waits on the reactor thread, whether a daemon listens, is
+      stopped or is gone; the queue manager also polls ``incoming/``).
 
     Call it before ``getESMTPFactory()`` (or use the returned object's
     ``esmtp_factory()``).
     """
     queue_directory = ListenerSettings.from_config(config).queue_directory
+    if reactor is None and (spool is None or trigger is None):
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
     if spool is None:
-        spool = Spool(queue_directory)
-        spool.ensure_layout()
+        plain = Spool(queue_directory)
+        plain.ensure_layout()
+        spool = ThreadedSpool(plain, reactor, threadpool)
     if trigger is None:
-        trigger = functools.partial(control.trigger, queue_directory)
+        trigger = ReactorWakeup(reactor, queue_directory)
     if getattr(mail_service, "queue", None) is not None:
         log.warn("the MailService's twisted.mail relay queue is ignored: relayagent relays instead")
     intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)

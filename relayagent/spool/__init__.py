@@ -3,13 +3,13 @@ The spool: queue directories, queue ids, queue files and their updates.
 
 The public API (``spool.py`` and ``queuefile.py`` say more).
 
-SYNOPSIS
+SYNOPSIS::
 
     from relayagent.spool import Spool, CorruptQueueFile
 
     spool = Spool("/var/spool/relayagent")
     spool.ensure_layout()
-    queue_id = spool.enqueue("a@example.org", ["b@example.net"], b"Subject: x\n\nhi\n")
+    queue_id = spool.enqueue("a@example.org", ["b@example.net"], b"Subject: x\\n\\nhi\\n")
     with spool.open(queue_id, "incoming") as queue_file:
         envelope = queue_file.envelope
         queue_file.mark_done(0)

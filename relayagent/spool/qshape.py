@@ -7,13 +7,13 @@ their message.
 The ages are in buckets of ``bucket_time`` minutes (5), doubling:
 ``[0, 5)``, ``[5, 10)``, ``[10, 20)`` ... up to ``bucket_count`` (10)
 columns, the last one all that is older; ``linear`` makes them
-``[0, 5)``, ``[5, 10)``, ``[10, 15)``...  The table is qshape.pl's: a
+``[0, 5)``, ``[5, 10)``, ``[10, 15)`` and so on.  The table is qshape.pl's: a
 ``T`` (total) column, then one column per bucket headed with its upper
-bound (``T  5 10 20 40 80 160 320 640 1280 1280+``), a ``TOTAL`` row
+bound (``T 5 10 20 40 80 160 320 640 1280 1280+``), a ``TOTAL`` row
 first and the domains by count, most first.  The default queues are
 incoming and active, as qshape's.
 
-SYNOPSIS
+SYNOPSIS::
 
     shape = QueueShape(bucket_time=5, bucket_count=10)
     shape.add(arrival_time, ["a@example.com", ...], now=time.time())

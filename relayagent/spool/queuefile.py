@@ -54,7 +54,7 @@ its content CRC checked when opened; a large one when its content stream
 is read to the end, so a garbled body is caught before the final "."
 would be sent.
 
-SYNOPSIS (``Spool.open`` makes a ``QueueFile``)
+SYNOPSIS (``Spool.open`` makes a ``QueueFile``)::
 
     with spool.open(queue_id, "active") as queue_file:
         queue_file.envelope, queue_file.pending_count(), queue_file.open_content()
