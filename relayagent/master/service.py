@@ -75,6 +75,7 @@ from relayagent.common.config import Config
 from relayagent.master import child, worker
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
+from relayagent.qmgr.shared import check_limits, make_limiter, mx_hosts_from
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
@@ -126,6 +127,7 @@ class RelayagentService(MultiService):
         self.spool: Spool | None = None
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
+        self.limiter: Any = None
         self.listening: Any = None
         self._lock_fd: int | None = None
         self.pool: worker.WorkerPool | None = None
@@ -250,10 +252,16 @@ class RelayagentService(MultiService):
             # Unlinking delivered files off the reactor thread.
             removal_reactor=self.reactor,
         )
+        # Made here, in the process that runs it: a worker's Redis
+        # connection is its own (relayagent.qmgr.shared).
+        limiter, keyer = make_limiter(self.config, self.reactor,
+                                      mx_hosts=mx_hosts_from(self.resolver.dns_resolver))
+        self.limiter = limiter
         queue_manager = QueueManager(
             self.config, self.spool, self.agent, self.reactor, self.smtp.route,
             owns=worker.partition_filter(index, self.workers),
             on_trigger=on_trigger if self.role is None and self.workers > 1 else None,
+            limiter=limiter, keyer=keyer,
         )
         self.queue_manager = queue_manager
         if self.role is not None:
@@ -299,6 +307,8 @@ class RelayagentService(MultiService):
         waits.append(maybeDeferred(super().stopService))
 
         def after(_: Any) -> None:
+            if self.limiter is not None:
+                self.limiter.stop()
             if self.agent is not None:
                 self.agent.stop()
             self.smtp.close()
@@ -390,6 +400,7 @@ def build_service(config: Config, reactor: Any, *,
                    name="smtp_destination_concurrency_positive_feedback")
     Feedback.parse(limits.smtp_destination_concurrency_negative_feedback,
                    name="smtp_destination_concurrency_negative_feedback")
+    check_limits(config)
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
     return RelayagentService(
