@@ -57,12 +57,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
 from relayagent.common.status import Status
 from relayagent.qmgr.interfaces import ILimiter
@@ -257,6 +259,7 @@ class SharedLimiter:
         self.timeout = redis.relayagent_redis_timeout
         self.clock = clock
         self.local = LocalLimiter(settings, clock, rules=rules)
+        self._own_client = client is None
         self.client = client if client is not None else connect(self.address, self.timeout)
         self.node = node or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.up = True
@@ -267,29 +270,31 @@ class SharedLimiter:
 
     # -- life
 
-    def start(self) -> Deferred[Any]:
-        """Register this node and renew every third of the lease."""
+    def start(self) -> Deferred[None]:
+        """Register this node now (the Deferred fires when Redis has
+        answered, or not), then renew every third of the lease."""
         self._renewal = task.LoopingCall(self.renew)
         self._renewal.clock = self.clock
-        return self._renewal.start(max(0.05, self.lease / 3), now=True)
+        self._renewal.start(max(0.05, self.lease / 3), now=False)
+        return self.renew()
 
     def stop(self) -> Deferred[None]:
-        """Stop renewing and give back the slots held (best effort: what
-        is not given back expires with its lease)."""
+        """Stop renewing, give back the slots held (best effort: what is
+        not given back expires with its lease) and close the connection."""
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
         self.local.stop()
         calls = [self._eval(RELEASE, [self._key("slots", key), self._key("conn", key)],
                             [member, 0, 0]) for member, key in self.held.items()] if self.up else []
         self.held.clear()
-        done: Deferred[None] = Deferred()
-        if not calls:
-            done.callback(None)
-        else:
-            from twisted.internet.defer import DeferredList  # noqa: PLC0415 - only at stop
 
-            DeferredList(calls, consumeErrors=True).addBoth(lambda _: done.callback(None))
-        return done
+        def close(_: Any) -> Any:
+            if self._own_client:
+                return self.client.disconnect()
+            return None
+
+        done = DeferredList(calls, consumeErrors=True).addBoth(close)
+        return done.addBoth(lambda _: None)
 
     @property
     def on_change(self) -> Any:
@@ -321,9 +326,10 @@ class SharedLimiter:
         for member, key in self.held.items():
             self.local._state(key).busy += 1
             self._counted_locally.add(member)
-        log.warn("warning: cannot reach the shared limits at {address} ({why}); using this "
-                 "node's share, 1/{nodes} of each limit, until it answers again",
-                 address=str(self.address), why=_why(failure), nodes=self.nodes_seen)
+        ralog.log_warning(log, f"cannot reach the shared limits at {self.address} "
+                          f"({_why(failure, self.timeout)}); using this node's share, "
+                          f"1/{self.nodes_seen} of each limit, until it answers again",
+                          service="qmgr")
 
     def _back(self) -> None:
         if self.up:
@@ -422,7 +428,9 @@ class SharedLimiter:
         return rule
 
 
-def _why(failure: Failure) -> str:
+def _why(failure: Failure, timeout: float) -> str:
+    if failure.check(DeferredTimeout, CancelledError):
+        return f"no answer within {timeout:g}s"
     text = str(failure.value) or type(failure.value).__name__
     return " ".join(text.split())[:120]
 
