@@ -14,9 +14,11 @@ from zope.interface.verify import verifyObject
 from relayagent.common.config import Config, ConfigError
 from relayagent.common.status import Status
 from relayagent.master.worker import split_limits
+from relayagent.qmgr.delivery import connections_made, server_replies
 from relayagent.qmgr.interfaces import ILimiter
 from relayagent.qmgr.limits import (
     BUILTIN_PROVIDERS,
+    SLOT_RETRY,
     Keyer,
     LimitSettings,
     LocalLimiter,
@@ -25,9 +27,11 @@ from relayagent.qmgr.limits import (
 )
 from relayagent.qmgr.rates import Gcra, Rate
 from relayagent.qmgr.scheduler import QueueManager, RequestResult
-from relayagent.qmgr.shared import check_limits, make_limiter
+from relayagent.qmgr.shared import check_limits, make_limiter, mx_hosts_from
+from relayagent.smtp.channel import ServerInfo
+from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult, Transmission
 from relayagent.spool import Spool
-from relayagent.testing import FakeDeliveryAgent, LogCapture
+from relayagent.testing import FakeDeliveryAgent, FakeDNSResolver, FakeLimiter, LogCapture
 
 START = 1_700_000_000.0
 GMAIL_RATE = Status(
@@ -357,3 +361,98 @@ class WorkerShareTests(SynchronousTestCase):
             config.replace(relayagent_redis="redis://127.0.0.1:6379/0"), 4))
         self.assertEqual((shared.smtp_destination_rate_limit, shared.smtp_destination_concurrency_limit),
                          ("100/m", 20))
+
+
+class AdmissionTests(SynchronousTestCase):
+    """The queue manager's side of an asynchronous limiter (Redis's round
+    trip), with the FakeLimiter answering when the test says."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.spool = Spool(self.mktemp(), clock=self.clock.seconds)
+        self.spool.ensure_layout()
+        self.agent = FakeDeliveryAgent(self.spool)
+        self.limiter = FakeLimiter()
+        config = Config.defaults()
+        self.manager = QueueManager(config, self.spool, self.agent, self.clock,
+                                    lambda recipient: recipient.domain, limiter=self.limiter,
+                                    keyer=Keyer(settings(smtp_destination_rollup_maps="inline:{ b.example=shared }")))
+        self.addCleanup(self.manager.stop)
+
+    def enqueue(self, count: int, domain: str) -> None:
+        for _ in range(count):
+            self.spool.enqueue("s@example.org", [f"u@{domain}"], b"Subject: x\n\nbody\n")
+
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.limiter.asked]
+
+    def test_one_question_per_destination_at_a_time(self) -> None:
+        self.enqueue(3, "a.example")
+        self.enqueue(1, "b.example")
+        self.manager.start()
+        self.assertEqual(sorted(self.keys()), ["a.example", "shared"])
+        self.assertEqual(self.agent.requests, [])
+        self.limiter.grant(self.keys().index("a.example"))
+        # Granted: dispatched, and the destination asks for its next one.
+        self.assertEqual(self.agent.destinations(), ["a.example"])
+        self.assertEqual(sorted(self.keys()), ["a.example", "shared"])
+        request, deferred = self.agent.requests.pop(0)
+        self.assertEqual(request.limit_key, "a.example")
+        deferred.callback(RequestResult(replies=(GMAIL_RATE,), connections=1))
+        [(key, grant, connections)] = self.limiter.released
+        self.assertEqual((key, grant.ok, connections), ("a.example", True, 1))
+        self.assertEqual(self.limiter.shaped, [("a.example", GMAIL_RATE)])
+
+    def test_a_wait_is_not_a_failure_and_ends_on_the_clock(self) -> None:
+        self.enqueue(1, "a.example")
+        self.manager.start()
+        self.limiter.refuse(2.0)
+        self.assertEqual((self.keys(), self.agent.unsent), ([], []))
+        self.clock.advance(1.9)
+        self.assertEqual(self.keys(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.keys(), ["a.example"])
+
+    def test_no_slot_asks_again_soon_or_when_one_frees(self) -> None:
+        self.enqueue(2, "a.example")
+        self.manager.start()
+        self.limiter.grant()
+        self.limiter.refuse(None)
+        self.assertEqual(self.keys(), [])
+        _, deferred = self.agent.requests.pop(0)
+        deferred.callback(RequestResult())  # a slot of the key freed here
+        self.assertEqual(self.keys(), ["a.example"])
+        self.limiter.refuse(None)
+        self.clock.advance(SLOT_RETRY)  # another node's may have freed
+        self.assertEqual(self.keys(), ["a.example"])
+
+    def test_a_grant_after_stop_is_given_back(self) -> None:
+        self.enqueue(1, "a.example")
+        self.manager.start()
+        self.manager.stop()
+        self.limiter.grant()
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual([key for key, _, _ in self.limiter.released], ["a.example"])
+
+
+class ResultTests(SynchronousTestCase):
+    def test_replies_and_connections_of_a_result(self) -> None:
+        server = ServerInfo("mx.example", "192.0.2.1", 25, "example.net")
+        deferral = Status("4.7.28", "said 421", code=421, reply="421 4.7.28 slow down")
+        result = SmtpResult(
+            outcomes={0: RecipientOutcome(deferral, server), 1: RecipientOutcome(deferral, server),
+                      2: RecipientOutcome(Status("2.0.0", "ok", code=250), server)},
+            attempts=[AttemptFailure(server, Status("4.4.2", "lost connection")),
+                      AttemptFailure(None, Status("4.4.3", "lookup"))],
+            transmissions={0: Transmission(1, False, 5.0, 6.0), 1: Transmission(1, False, 5.0, 6.0),
+                           2: Transmission(2, False, 7.0, 8.0)},
+        )
+        self.assertEqual(server_replies(result), (deferral,))
+        self.assertEqual(connections_made(result), 2)  # one new session, one address tried
+
+    def test_mx_hosts_from_a_resolver(self) -> None:
+        resolver = FakeDNSResolver()
+        resolver.mx("gmail.com", (20, "alt1.gmail-smtp-in.l.google.com"), (5, "gmail-smtp-in.l.google.com"))
+        hosts = self.successResultOf(mx_hosts_from(resolver)("gmail.com"))
+        self.assertEqual(hosts, ["gmail-smtp-in.l.google.com", "alt1.gmail-smtp-in.l.google.com"])

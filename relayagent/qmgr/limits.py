@@ -83,6 +83,10 @@ SLOT_RETRY = 0.05
 # How long an MX host set is kept for a domain (the key of mx mode).
 MX_CACHE_TIME = 3600.0
 
+# Keys remembered before the idle ones are dropped (a key with a rate
+# debt outlives its last delivery until the debt is paid).
+KEYS_KEPT = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class LimitSettings(Settings):
@@ -174,6 +178,8 @@ class Keyer:
 
         def found(hosts: Sequence[str]) -> str:
             key = self.key_of_hosts(domain, hosts)
+            if len(self._mx_keys) >= 10 * KEYS_KEPT:
+                self._mx_keys.clear()  # bounded; the next lookups fill it again
             self._mx_keys[domain] = (key, now + MX_CACHE_TIME)
             return key
 
@@ -405,9 +411,12 @@ class LocalLimiter:
             limit = min(limit, state.shape.concurrency)
         return max(1, math.floor(limit * self.share))
 
-    def _state(self, key: str) -> KeyState:
+    def state(self, key: str) -> KeyState:
+        """``key``'s counters, made when first asked for."""
         state = self.keys.get(key)
         if state is None:
+            if len(self.keys) >= KEYS_KEPT:
+                self._forget_idle()
             state = KeyState()
             if self.message_rate is not None:
                 state.messages = Gcra(self.message_rate.scaled(self.share), self.clock)
@@ -424,7 +433,7 @@ class LocalLimiter:
 
     def acquire_now(self, key: str) -> Grant:
         """``acquire``, without the Deferred."""
-        state = self._state(key)
+        state = self.state(key)
         now = self.clock.seconds()
         if state.shape is not None and state.shape.action == "suspend":
             return Grant(False, max(0.0, state.shape.until - now))
@@ -450,6 +459,12 @@ class LocalLimiter:
         if state.connections is not None:
             state.connections.charge(connections)
         self._forget_if_idle(key, state)
+
+    def _forget_idle(self) -> None:
+        """Drop the keys with nothing to remember (memory stays bounded by
+        the keys in use, not by every key ever seen)."""
+        for key in [key for key, state in self.keys.items() if state.idle]:
+            del self.keys[key]
 
     def _forget_if_idle(self, key: str, state: KeyState) -> None:
         if state.idle and self.keys.get(key) is state:
@@ -477,7 +492,7 @@ class LocalLimiter:
               log_it: bool) -> bool:
         """Put ``rule``'s action in force for ``key`` until ``until``; False
         when an action is in force already (it stays as it is)."""
-        state = self._state(key)
+        state = self.state(key)
         if state.shape is not None:
             return False
         now = self.clock.seconds()

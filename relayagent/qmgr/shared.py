@@ -324,7 +324,7 @@ class SharedLimiter:
         # The slots held in Redis count against the local share until
         # their deliveries end.
         for member, key in self.held.items():
-            self.local._state(key).busy += 1
+            self.local.state(key).busy += 1
             self._counted_locally.add(member)
         ralog.log_warning(log, f"cannot reach the shared limits at {self.address} "
                           f"({_why(failure, self.timeout)}); using this node's share, "
