@@ -248,6 +248,19 @@ class LocalLimiterTests(SynchronousTestCase):
         self.assertEqual(lines[1:], ["destination google: rate back to 60/s"])
         self.assertTrue(self.acquire(limiter, "google").ok)
 
+    def test_a_shaped_rate_without_a_configured_one_follows_the_share(self) -> None:
+        rules = parse_shaping("/4\\.7\\.28/ rate 6/m 1h\n", "t")
+        limiter = LocalLimiter(settings(), self.clock, rules=rules)
+        self.assertTrue(self.acquire(limiter, "g").ok)
+        limiter.shape("g", GMAIL_RATE)
+        limiter.set_share(0.5)  # 3/m from now on
+        self.assertTrue(self.acquire(limiter, "g").ok)
+        self.assertTrue(self.acquire(limiter, "g").ok)
+        self.assertAlmostEqual(self.acquire(limiter, "g").wait, 20.0, places=3)
+        self.clock.advance(3600)
+        self.assertIn("destination g: rate limit lifted", self.logs.messages())
+        self.assertEqual([self.acquire(limiter, "g").ok for _ in range(3)], [True, True, True])
+
     def test_suspend_and_concurrency_actions(self) -> None:
         rules = parse_shaping("/TS03/ suspend 4h\n/4\\.7\\.650/ concurrency 1 10m\n", "t")
         limiter = LocalLimiter(settings(smtp_destination_concurrency_limit=5), self.clock, rules=rules)

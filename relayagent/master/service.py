@@ -254,8 +254,10 @@ class RelayagentService(MultiService):
         )
         # Made here, in the process that runs it: a worker's Redis
         # connection is its own (relayagent.qmgr.shared).
-        limiter, keyer = make_limiter(self.config, self.reactor,
-                                      mx_hosts=mx_hosts_from(self.resolver.dns_resolver))
+        dns_resolver = getattr(self.resolver, "dns_resolver", None)
+        limiter, keyer = make_limiter(
+            self.config, self.reactor,
+            mx_hosts=mx_hosts_from(dns_resolver) if dns_resolver is not None else None)
         self.limiter = limiter
         queue_manager = QueueManager(
             self.config, self.spool, self.agent, self.reactor, self.smtp.route,

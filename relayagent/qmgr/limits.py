@@ -390,19 +390,25 @@ class LocalLimiter:
             return
         self.share = share
         for state in self.keys.values():
-            for cell, rate in ((state.messages, self.message_rate),
-                               (state.connections, self.connection_rate)):
-                if cell is not None and rate is not None:
-                    cell.set_rate(self._shaped_rate(state, rate) if cell is state.messages
-                                  else rate.scaled(share))
+            if state.messages is not None:
+                rate = self.message_rate_of(state)
+                if rate is not None:
+                    state.messages.set_rate(rate)
+            if state.connections is not None and self.connection_rate is not None:
+                state.connections.set_rate(self.connection_rate.scaled(share))
 
-    def _shaped_rate(self, state: KeyState, rate: Rate) -> Rate:
-        shaped = rate.scaled(self.share)
+    def message_rate_of(self, state: KeyState) -> Rate | None:
+        """The message rate for a key now: this process's share of the
+        configured rate, or of a shaping action's if that is slower."""
+        shaped = None
         if state.shape is not None and state.shape.action == "rate" and state.shape.rate is not None:
-            lowered = state.shape.rate.scaled(self.share)
-            if lowered.interval > shaped.interval:
-                return lowered
-        return shaped
+            shaped = state.shape.rate.scaled(self.share)
+        if self.message_rate is None:
+            return shaped
+        rate = self.message_rate.scaled(self.share)
+        if shaped is not None and shaped.interval > rate.interval:
+            return shaped
+        return rate
 
     def concurrency_of(self, state: KeyState) -> int:
         """The cap on deliveries for a key now (at least 1)."""
@@ -498,10 +504,11 @@ class LocalLimiter:
         now = self.clock.seconds()
         shape = Shape(rule.action, until, rule.concurrency, rule.rate, logged=log_it)
         state.shape = shape
-        if state.messages is not None and self.message_rate is not None:
-            state.messages.set_rate(self._shaped_rate(state, self.message_rate))
-        elif rule.action == "rate" and rule.rate is not None:
-            state.messages = Gcra(rule.rate.scaled(self.share), self.clock)
+        rate = self.message_rate_of(state)
+        if state.messages is not None and rate is not None:
+            state.messages.set_rate(rate)
+        elif rate is not None:
+            state.messages = Gcra(rate, self.clock)
         shape.timer = self.clock.callLater(max(0.0, until - now), self._unshape, key, shape)
         if log_it:
             after = f' after "{short_reply(status)}"' if status is not None else ""
@@ -515,8 +522,9 @@ class LocalLimiter:
             return
         state.shape = None
         if state.messages is not None:
-            if self.message_rate is not None:
-                state.messages.set_rate(self.message_rate.scaled(self.share))
+            rate = self.message_rate_of(state)
+            if rate is not None:
+                state.messages.set_rate(rate)
             else:
                 state.messages = None
         if shape.logged:

@@ -637,8 +637,8 @@ class QueueManager:
             if not chosen.todo and chosen in self._ready:
                 self._ready.remove(chosen)
             self._dispatch(chosen, request, now)
-        if wake_at is not None and (self._resume_call is None or not self._resume_call.active()):
-            self._resume_call = self.clock.callLater(max(0.0, wake_at - now), self._pump)
+        if wake_at is not None:
+            self._schedule_pump(wake_at)
 
     def _schedule_pump(self, at: float) -> None:
         """A wake-up at ``at`` (the earliest one asked for wins)."""
