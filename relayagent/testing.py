@@ -720,17 +720,21 @@ class FakeLimiter:
         self.stopped = False
 
     def acquire(self, key: str) -> defer.Deferred[Grant]:
+        """A Deferred the test fires with ``grant`` or ``refuse``."""
         deferred: defer.Deferred[Grant] = defer.Deferred()
         self.asked.append((key, deferred))
         return deferred
 
     def release(self, key: str, grant: Grant, connections: int = 0) -> None:
+        """Recorded in ``released``."""
         self.released.append((key, grant, connections))
 
     def shape(self, key: str, status: Status) -> None:
+        """Recorded in ``shaped``; no rule applies."""
         self.shaped.append((key, status))
 
     def stop(self) -> defer.Deferred[None]:
+        """Sets ``stopped``."""
         self.stopped = True
         return defer.succeed(None)
 

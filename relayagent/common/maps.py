@@ -104,6 +104,7 @@ class RegexpTable:
         self.rules = rules
 
     def lookup(self, key: str) -> str | None:
+        """The result of the first pattern that matches ``key``, or None."""
         for pattern, result in self.rules:
             if pattern.search(key):
                 return result

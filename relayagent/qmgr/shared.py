@@ -303,6 +303,7 @@ class SharedLimiter:
 
     @on_change.setter
     def on_change(self, value: Any) -> None:
+        """Set by the queue manager."""
         self.local.on_change = value
 
     # -- Redis
