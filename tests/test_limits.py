@@ -219,6 +219,22 @@ class LocalLimiterTests(SynchronousTestCase):
         limiter.release("a", first)
         self.assertTrue(self.acquire(limiter, "a").ok)
 
+    def test_one_at_a_time_the_rate_holds(self) -> None:
+        # Each delivery ends before the next: the key's state outlives
+        # its last delivery while units are owed.
+        limiter = LocalLimiter(settings(smtp_destination_rate_limit="10/s"), self.clock)
+        sent = 0
+        for _ in range(100):
+            grant = self.acquire(limiter, "k")
+            if grant.ok:
+                sent += 1
+                limiter.release("k", grant)
+            self.clock.advance(0.02)
+        self.assertEqual(sent, 2 * 10 + 1)  # 2 s at 10/s, and the burst's second
+        self.assertFalse(limiter.keys["k"].idle)  # units owed: remembered
+        self.clock.advance(1)
+        self.assertTrue(limiter.keys["k"].idle)  # nothing owed: may be forgotten
+
     def test_message_and_connection_rates(self) -> None:
         limiter = LocalLimiter(settings(smtp_destination_rate_limit="2/s",
                                         smtp_connection_rate_limit="1/s"), self.clock)
@@ -240,10 +256,12 @@ class LocalLimiterTests(SynchronousTestCase):
         self.assertEqual(lines, ['destination google: rate lowered to 6/m for 1h after '
                                  '"421-4.7.28 Our system has detected an unusual rate of unsolicited '
                                  'mail origin..."'])
-        self.assertTrue(self.acquire(limiter, "google").ok)
+        # No burst right after the reply: one every 10 s from now.
+        self.assertAlmostEqual(self.acquire(limiter, "google").wait, 10.0, places=3)
+        self.clock.advance(10)
         self.assertTrue(self.acquire(limiter, "google").ok)
         self.assertAlmostEqual(self.acquire(limiter, "google").wait, 10.0, places=3)
-        self.clock.advance(3600)
+        self.clock.advance(3590)
         lines = [m for m in self.logs.messages() if m.startswith("destination google")]
         self.assertEqual(lines[1:], ["destination google: rate back to 60/s"])
         self.assertTrue(self.acquire(limiter, "google").ok)
@@ -253,8 +271,11 @@ class LocalLimiterTests(SynchronousTestCase):
         limiter = LocalLimiter(settings(), self.clock, rules=rules)
         self.assertTrue(self.acquire(limiter, "g").ok)
         limiter.shape("g", GMAIL_RATE)
+        self.assertAlmostEqual(self.acquire(limiter, "g").wait, 10.0, places=3)  # 6/m
         limiter.set_share(0.5)  # 3/m from now on
         self.assertTrue(self.acquire(limiter, "g").ok)
+        self.assertAlmostEqual(self.acquire(limiter, "g").wait, 20.0, places=3)
+        self.clock.advance(20)
         self.assertTrue(self.acquire(limiter, "g").ok)
         self.assertAlmostEqual(self.acquire(limiter, "g").wait, 20.0, places=3)
         self.clock.advance(3600)
@@ -340,14 +361,16 @@ class SchedulerLimitTests(SynchronousTestCase):
         manager.start()
         self.assertEqual(len(self.agent.requests), 1)
         self.finish_all(RequestResult(replies=(GMAIL_RATE,)))
-        # The next one goes (the burst), then one a minute.
-        self.finish_all()
-        self.clock.advance(1)
+        # No burst after the reply: the next one a minute later.
+        self.clock.advance(59)
         self.assertEqual(self.agent.requests, [])
+        self.clock.advance(1)
+        self.assertEqual(len(self.agent.requests), 1)
+        self.finish_all()
         self.clock.advance(60)
         self.assertEqual(len(self.agent.requests), 1)
         self.finish_all()
-        self.clock.advance(600)
+        self.clock.advance(600)  # the action ends: the last one at the full rate
         self.finish_all()
         self.assertEqual(len(self.agent.finished), 4)
         lines = [m for m in self.logs.messages() if m.startswith("destination gmail.com")]

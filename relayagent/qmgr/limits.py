@@ -349,7 +349,7 @@ class KeyState:
     def idle(self) -> bool:
         """Nothing to remember: no delivery, no rate debt, no action."""
         return self.busy == 0 and self.shape is None and all(
-            cell is None or cell.due() == 0 for cell in (self.messages, self.connections))
+            cell is None or cell.idle for cell in (self.messages, self.connections))
 
 
 def action_text(rule_or_shape: ShapingRule | Shape) -> str:
@@ -505,10 +505,13 @@ class LocalLimiter:
         shape = Shape(rule.action, until, rule.concurrency, rule.rate, logged=log_it)
         state.shape = shape
         rate = self.message_rate_of(state)
-        if state.messages is not None and rate is not None:
-            state.messages.set_rate(rate)
-        elif rate is not None:
-            state.messages = Gcra(rate, self.clock)
+        if rate is not None:
+            if state.messages is None:
+                state.messages = Gcra(rate, self.clock)
+            if rule.action == "rate":
+                state.messages.slow_down(rate)  # no burst right after the reply
+            else:
+                state.messages.set_rate(rate)
         shape.timer = self.clock.callLater(max(0.0, until - now), self._unshape, key, shape)
         if log_it:
             after = f' after "{short_reply(status)}"' if status is not None else ""

@@ -21,7 +21,9 @@ SYNOPSIS
     cell = Gcra(rate, clock)    # burst=BURST
     wait = cell.take()          # 0.0: go now (counted); > 0: seconds to wait
     cell.due()                  # seconds until one unit conforms, nothing taken
+    cell.idle                   # nothing owed: the cell can be forgotten
     cell.charge(2)              # count units after the fact (connections made)
+    cell.slow_down(rate)        # a lower rate now, the next unit one interval away
 
 DIAGNOSTICS: ``Rate.parse`` raises ``ValueError`` naming the parameter
 and the expected form; nothing else raises.
@@ -107,6 +109,12 @@ class Gcra:
         now = self.clock.seconds()
         return max(0.0, self.tat - self.tolerance - now)
 
+    @property
+    def idle(self) -> bool:
+        """No unit owed: a new cell would behave the same (a cell with a
+        unit of tolerance left is not idle: it remembers the units)."""
+        return self.tat <= self.clock.seconds()
+
     def take(self) -> float:
         """Count one unit if it conforms and return 0.0; else count
         nothing and return the seconds until it would."""
@@ -123,6 +131,12 @@ class Gcra:
         if units > 0:
             now = self.clock.seconds()
             self.tat = max(self.tat, now) + units * self.rate.interval
+
+    def slow_down(self, rate: Rate) -> None:
+        """A lower rate at once (a receiver asked for it): the next unit is
+        due one new interval from now, with no burst first."""
+        self.rate = rate
+        self.tat = max(self.tat, self.clock.seconds() + self.burst * rate.interval)
 
     def set_rate(self, rate: Rate) -> None:
         """Another rate from now on (shaping); the arrival time already

@@ -141,8 +141,10 @@ end
 return 1
 """
 
-# KEYS: shape.  ARGV: action, value, duration (ms).  Returns {1, ms}
-# when this call set it, {0, ms left} when an action was in force.
+# KEYS: shape, rate.  ARGV: action, value, duration (ms), burst.
+# Returns {1, ms} when this call set it, {0, ms left} when an action was
+# in force.  A lower rate starts at once: the next message is due one new
+# interval from now, with no burst first (as Gcra.slow_down).
 SHAPE = """
 local left = redis.call('PTTL', KEYS[1])
 if left > 0 then
@@ -150,6 +152,13 @@ if left > 0 then
 end
 redis.call('HSET', KEYS[1], 'action', ARGV[1], 'value', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[1] == 'rate' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local interval = tonumber(ARGV[2])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now + tonumber(ARGV[4]) * interval)
+  redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
 return {1, tonumber(ARGV[3])}
 """
 
@@ -414,8 +423,8 @@ class SharedLimiter:
             value: Any = int(rule.rate.interval * MICRO)
         else:
             value = rule.concurrency
-        deferred = self._eval(SHAPE, [self._key("shape", key)],
-                              [rule.action, value, int(rule.duration * 1000)])
+        deferred = self._eval(SHAPE, [self._key("shape", key), self._key("rate", key)],
+                              [rule.action, value, int(rule.duration * 1000), BURST])
 
         def set_(answer: Any) -> None:
             fresh, left = int(answer[0]), int(answer[1]) / 1000
