@@ -24,14 +24,20 @@ Commands live in one table, ``COMMANDS``; a later phase adds one with
 
 SYNOPSIS
 
-    relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID] [RCPT ...]
+    relayagent [-c CONFIG] sendmail [-f SENDER] [-t] [-i] [-N NOTIFY] [-R RET] [-V ENVID]
+        [-O requiretls=yes] [RCPT ...]
     relayagent [-c CONFIG] mailq [--json] | postsuper -d|-h|-H|-r ID|ALL
     relayagent [-c CONFIG] postconf [-n|-d] [NAME ...] | check | flush | import-twisted-queue
+    relayagent [-c CONFIG] reload | logrotate
+    relayagent [-c CONFIG] transfer --to HOST:PORT [ID ...|ALL] [--destination DOMAIN]
     main(argv) -> exit status;  register(Command(...));  trigger_hook(config, command)
 
 DIAGNOSTICS: the sysexits codes above, each with one line on standard
 error (``Failure(code, text)`` inside); ``flush`` says so when no daemon
-answers.
+answers; ``reload`` and ``logrotate`` fail with 69 (EX_UNAVAILABLE,
+"the mail system is down") when none answers, 77 when the trigger
+socket is not the caller's to use, and ``reload`` with 78 when the
+daemon refused the new main.cf (it keeps the old one).
 
 Owns ``myorigin``'s use for unqualified addresses (Postfix's
 ``append_at_myorigin``, always on here), and the sendmail(1) options.
@@ -147,6 +153,7 @@ class CommandSettings(Settings):
     queue_minfree: int
     smtputf8_enable: bool
     smtp_sasl_password_maps: tuple[str, ...]
+    smtpd_sasl_password_maps: tuple[str, ...]
     base_dir: str
 
 
@@ -434,6 +441,10 @@ def _configure_sendmail(parser: argparse.ArgumentParser) -> None:
                         help="NOTIFY: never, or a comma list of success, failure, delay")
     parser.add_argument("-R", dest="ret", metavar="RET", help="RET: full or hdrs")
     parser.add_argument("-V", dest="envid", metavar="ENVID", help="the DSN envelope id")
+    parser.add_argument("-O", dest="named_options", action="append", default=[], metavar="OPTION=VALUE",
+                        help="-O requiretls=yes: deliver only over verified TLS to servers that offer "
+                        "REQUIRETLS (RFC 8689), else return the message; other options are ignored, "
+                        "as by Postfix's sendmail")
     parser.add_argument("-B", dest="body_type", metavar="TYPE", help="accepted for compatibility; the body type is detected")
     parser.add_argument("-b", dest="mode", default="m", metavar="MODE",
                         help="m (deliver, the default) or p (list the queue, as mailq)")
@@ -479,6 +490,7 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise Failure(EX_USAGE, f"sendmail: bad -F value {args.full_name!r}: control character in the full name")
     if not recipients and not args.extract:
         raise Failure(EX_USAGE, "sendmail: no recipients given (name them, or use -t)")
+    requiretls = _requiretls_option(args.named_options)
 
     spool = context.spool()
     limit = settings.message_size_limit
@@ -536,18 +548,23 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
 
     body = _body_pieces(context.stdin, first_body_line, ignore_dots) if not ended else iter(())
     message = _Submission(header_bytes + b"\n", body, limit)
+    # Not the queue's owner (another user, or root beside a daemon run
+    # with --uid): through maildrop/, for the daemon's pickup to check and
+    # queue (relayagent.spool.maildrop says why this design).
+    from relayagent.spool import maildrop
+
+    dropped = maildrop.needed(spool.directory)
     try:
-        spool.ensure_layout()
         # No ORCPT: sendmail has no way to give one, and none is invented
         # (the ESMTP client and the DSN writer derive rfc822;<address>).
-        spool.enqueue(
-            sender,
-            [Recipient(address, notify=notify) for address in _unique(recipients)],
-            message,
-            envid=args.envid,
-            ret=ret,
-            smtputf8=smtputf8,
-        )
+        envelope_recipients = [Recipient(address, notify=notify) for address in _unique(recipients)]
+        if dropped:
+            maildrop.submit(spool.directory, sender, envelope_recipients, message,
+                            envid=args.envid, ret=ret, smtputf8=smtputf8, requiretls=requiretls)
+        else:
+            spool.ensure_layout()
+            spool.enqueue(sender, envelope_recipients, message, envid=args.envid, ret=ret,
+                          smtputf8=smtputf8, requiretls=requiretls)
     except _MessageTooBig:
         # Postfix's words.  Its sendmail exits 75 here, an accident of
         # how postdrop meets the limit (a write failing with EFBIG under
@@ -558,11 +575,31 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
     except _InputError as exc:
         raise Failure(EX_IOERR, f"sendmail: cannot read the message: {exc}") from None
     except OSError as exc:
+        if dropped:
+            raise Failure(EX_CANTCREAT if exc.errno in (errno.EACCES, errno.ENOENT) else EX_TEMPFAIL,
+                          f"sendmail: cannot submit to {maildrop.maildrop_directory(spool.directory)}: "
+                          f"{exc.strerror or exc}") from None
         raise _spool_failure(spool, exc) from None
     except ValueError as exc:
         raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
     trigger_hook(context.config)
     return EX_OK
+
+
+def _requiretls_option(options: Iterable[str]) -> bool:
+    """``-O requiretls=yes|no`` (Postfix 3.11's sendmail; name and value
+    in any case; the last one counts).  Other ``-O`` options are ignored,
+    as Postfix's sendmail ignores them."""
+    requiretls = False
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.strip().lower() != "requiretls":
+            continue
+        word = value.strip().lower()
+        if word not in ("yes", "no"):
+            raise Failure(EX_USAGE, f"sendmail: bad -O value {option!r}: expected requiretls=yes or requiretls=no")
+        requiretls = word == "yes"
+    return requiretls
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:
@@ -650,6 +687,7 @@ def _run_mailq(context: Context, args: argparse.Namespace) -> int:
             last_reason = reason
             out.write(f"{'':41}{address}\n")
         out.write("\n")
+    count, total_size = _mailq_maildrop(context, args, count, total_size)
     if not args.json:
         if count == 0:
             out.write("Mail queue is empty\n")
@@ -657,6 +695,39 @@ def _run_mailq(context: Context, args: argparse.Namespace) -> int:
             plural = "" if count == 1 else "s"
             out.write(f"-- {total_size // 1024} Kbytes in {count} Request{plural}.\n")
     return EX_OK
+
+
+def _mailq_maildrop(context: Context, args: argparse.Namespace, count: int, total_size: int) -> tuple[int, int]:
+    """The submissions waiting in ``maildrop/`` for the pickup, listed
+    after the queue as Postfix's showq lists them (no status mark); a
+    user who may not list the directory is told so."""
+    from relayagent.spool import maildrop
+
+    found = maildrop.entries(CommandSettings.from_config(context.config).queue_directory)
+    out = context.stdout
+    if found is None:
+        if not args.json:
+            context.warn("maildrop/ is not listable by this user: submissions waiting for "
+                         "the pickup are not shown")
+        return count, total_size
+    for entry in found:
+        if args.json:
+            out.write(json.dumps({"queue_name": "maildrop", "queue_id": entry.name,
+                                  "arrival_time": int(entry.arrival_time), "message_size": entry.size,
+                                  "forced_expire": False, "sender": entry.sender,
+                                  "recipients": [{"address": a} for a in entry.recipients]},
+                                 ensure_ascii=False) + "\n")
+            continue
+        if count == 0:
+            out.write("-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------\n")
+        count += 1
+        total_size += entry.size
+        arrival = time.asctime(time.localtime(entry.arrival_time))[:20]
+        out.write(f"{entry.name} {entry.size:8d} {arrival} {entry.sender or 'MAILER-DAEMON'}\n")
+        for address in entry.recipients:
+            out.write(f"{'':41}{address}\n")
+        out.write("\n")
+    return count, total_size
 
 
 register(Command("mailq", "list the queue (Postfix mailq format, or --json)", _configure_mailq, _run_mailq))
@@ -801,21 +872,23 @@ def secret_file_problems(config: Config) -> list[str]:
     """Password tables that others may read."""
     problems = []
     settings = CommandSettings.from_config(config)
-    for spec in settings.smtp_sasl_password_maps:
-        kind, colon, name = spec.partition(":")
-        if not colon or kind not in _FILE_TABLE_TYPES:
-            continue
-        path = config.resolve_path(name)
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            problems.append(f"smtp_sasl_password_maps: {path}: {exc.strerror}")
-            continue
-        if info.st_mode & stat.S_IROTH:
-            problems.append(
-                f"smtp_sasl_password_maps: {path}: world-readable (mode "
-                f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
-            )
+    for parameter, specs in (("smtp_sasl_password_maps", settings.smtp_sasl_password_maps),
+                             ("smtpd_sasl_password_maps", settings.smtpd_sasl_password_maps)):
+        for spec in specs:
+            kind, colon, name = spec.partition(":")
+            if not colon or kind not in _FILE_TABLE_TYPES:
+                continue
+            path = config.resolve_path(name)
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                problems.append(f"{parameter}: {path}: {exc.strerror}")
+                continue
+            if info.st_mode & stat.S_IROTH:
+                problems.append(
+                    f"{parameter}: {path}: world-readable (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}); passwords need mode 0600 or 0640"
+                )
     return problems
 
 
@@ -823,8 +896,24 @@ def _no_options(parser: argparse.ArgumentParser) -> None:
     pass
 
 
+def _maildrop_problems(config: Config) -> list[str]:
+    """``maildrop/``, made (mode 1733) when we own the queue, then checked."""
+    from relayagent.spool import maildrop
+
+    directory = CommandSettings.from_config(config).queue_directory
+    if not os.path.isdir(directory):
+        return []  # spool_problems says so
+    if not maildrop.needed(directory):
+        try:
+            maildrop.ensure(directory)
+        except OSError as exc:
+            return [f"cannot make {maildrop.maildrop_directory(directory)}: {exc.strerror or exc}"]
+    return maildrop.problems(directory)
+
+
 def _run_check(context: Context, args: argparse.Namespace) -> int:
     problems = list(context.config.warnings) + spool_problems(context.config) + secret_file_problems(context.config)
+    problems += _maildrop_problems(context.config)
     for problem in problems:
         print(f"relayagent: {problem}", file=context.stdout)
     if problems:
@@ -888,6 +977,50 @@ register(Command("flush", "ask the queue manager to try every deferred message n
 
 
 # ---------------------------------------------------------------------------
+# reload, logrotate (the daemon's side: relayagent.master.reload)
+
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
+
+
+def _ask_daemon(context: Context, command: str) -> tuple[bool, str]:
+    """The daemon's answer to ``command`` on the trigger socket, found
+    as ``flush`` finds it; "mail system is down" when none answers."""
+    from relayagent.spool import control
+
+    directory = CommandSettings.from_config(context.config).queue_directory
+    try:
+        answer = control.ask(directory, command)
+    except PermissionError:
+        raise Failure(EX_NOPERM, f"{command}: permission denied: only the mail system's user "
+                      f"and root may use {control.socket_path(directory)}") from None
+    if answer is None:
+        raise Failure(EX_UNAVAILABLE, f"fatal: {command}: the mail system is down")
+    return answer
+
+
+def _run_reload(context: Context, args: argparse.Namespace) -> int:
+    ok, text = _ask_daemon(context, "reload")
+    if not ok:
+        raise Failure(EX_CONFIG, f"reload: {text}")
+    print("relayagent: refreshing the mail system", file=context.stderr)
+    return EX_OK
+
+
+def _run_logrotate(context: Context, args: argparse.Namespace) -> int:
+    ok, text = _ask_daemon(context, "logrotate")
+    if not ok:
+        raise Failure(EX_CANTCREAT, f"logrotate: {text}")
+    return EX_OK
+
+
+register(Command("reload", "re-read main.cf and the tables in the running daemon (as SIGHUP)",
+                 _no_options, _run_reload))
+register(Command("logrotate", "reopen maillog_file in the running daemon (as SIGUSR1)",
+                 _no_options, _run_logrotate))
+
+
+# ---------------------------------------------------------------------------
 # import-twisted-queue (relayagent.smtpd.importqueue)
 
 from relayagent.smtpd import importqueue  # noqa: E402 - kept next to its table entry
@@ -895,6 +1028,16 @@ from relayagent.smtpd import importqueue  # noqa: E402 - kept next to its table 
 register(Command("import-twisted-queue",
                  "move a twisted.mail relay queue (-H/-D files) into the spool, never unpickling",
                  importqueue.configure_parser, importqueue.run_command))
+
+
+# ---------------------------------------------------------------------------
+# transfer (relayagent.qmgr.transfer)
+
+from relayagent.qmgr import transfer  # noqa: E402 - kept next to its table entry
+
+register(Command("transfer",
+                 "hand queued messages to another relayagent's listener over authenticated SMTP",
+                 transfer.configure_parser, transfer.run_command))
 
 
 # ---------------------------------------------------------------------------

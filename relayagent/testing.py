@@ -27,6 +27,8 @@ SYNOPSIS
     FakeDNSResolver()
         twisted.internet.interfaces.IResolver from a table of records
         (mx(), a(), aaaa(), cname(), ``errors``); anything else NXDOMAIN.
+    FakeHTTPClient()
+        IHTTPClient from a table (``serve(url, body)``; GETs and POSTs kept).
     FakeNexthopResolver(nexthops=None, addresses=None)
         INexthopResolver from tables; records what it was asked.
     FakeConnector(answers=None, *, site_failure=None, session=None, server=None,
@@ -125,8 +127,10 @@ from relayagent.qmgr.limits import Grant
 from relayagent.qmgr.scheduler import RequestResult
 from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
+from relayagent.smtp.dnssec import AuthenticatedAnswer
 from relayagent.smtp.ehlo import announced_size
-from relayagent.smtp.interfaces import IConnector, INexthopResolver, ISMTPSession
+from relayagent.smtp.https import HTTPError, HTTPResponse
+from relayagent.smtp.interfaces import IConnector, IHTTPClient, INexthopResolver, ISMTPSession
 from relayagent.smtp.reply import Reply, ReplyAssembler
 from relayagent.smtp.resolve import AddressList
 from relayagent.smtp.result import RecipientOutcome, SmtpResult
@@ -480,13 +484,17 @@ class FakeDNSResolver(common.ResolverBase):
     type)]`` is a list of RRHeader (empty: NODATA), ``errors[(name, type)]``
     an exception to fail with.  A name with no record of any type is
     NXDOMAIN; one with records of other types only is NODATA.  Every
-    query is kept in ``queries``."""
+    query is kept in ``queries``.  ``validated`` (a set of ``(name,
+    type)``, or ``validate_all``) makes answers carry the AD bit, as
+    ``relayagent.smtp.dnssec.DNSSECResolver``'s do."""
 
     def __init__(self) -> None:
         super().__init__()
         self.records: dict[tuple[str, int], list[dns.RRHeader]] = {}
         self.errors: dict[tuple[str, int], Exception] = {}
         self.queries: list[tuple[str, int]] = []
+        self.validated: set[tuple[str, int]] = set()
+        self.validate_all = False
 
     def _lookup(self, name, cls, type, timeout):  # noqa: A002 - ResolverBase's signature
         name = name.decode() if isinstance(name, bytes) else name
@@ -494,11 +502,19 @@ class FakeDNSResolver(common.ResolverBase):
         key = (name.lower(), type)
         if key in self.errors:
             return defer.fail(self.errors[key])
+        authentic = self.validate_all or key in self.validated
         if key in self.records:
-            return defer.succeed((self.records[key], [], []))
+            return defer.succeed(AuthenticatedAnswer((self.records[key], [], []), authentic))
         if any(owner == key[0] for owner, _ in self.records):
-            return defer.succeed(([], [], []))
+            return defer.succeed(AuthenticatedAnswer(([], [], []), authentic))
         return defer.fail(DNSNameError(name))
+
+    def tlsa(self, owner: str, *rdata: bytes) -> None:
+        """TLSA records (raw rdata: usage, selector, matching type, data)
+        at ``owner`` (``_25._tcp.mx.example.com``)."""
+        self.records[(owner, 52)] = [
+            dns.RRHeader(owner, 52, payload=dns.UnknownRecord(data)) for data in rdata
+        ]
 
     def mx(self, domain: str, *pairs: tuple[int, str]) -> None:
         self.records[(domain, dns.MX)] = [
@@ -510,6 +526,12 @@ class FakeDNSResolver(common.ResolverBase):
 
     def aaaa(self, host: str, *addresses: str) -> None:
         self.records[(host, dns.AAAA)] = [dns.RRHeader(host, dns.AAAA, payload=dns.Record_AAAA(a)) for a in addresses]
+
+    def txt(self, name: str, *texts: str) -> None:
+        """TXT records of ``name``, one per text (each one character string)."""
+        self.records[(name, dns.TXT)] = [
+            dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(text.encode())) for text in texts
+        ]
 
     def cname(self, alias: str, target: str, rrtype: int, *extra: dns.RRHeader) -> None:
         self.records[(alias, rrtype)] = [dns.RRHeader(alias, dns.CNAME, payload=dns.Record_CNAME(target)), *extra]
@@ -538,7 +560,8 @@ class FakeSpool:
         if self.fail is not None:
             raise self.fail
         data = content.read()
-        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data, body_type=body_type))
+        self.messages.append(dict(sender=sender, recipients=list(recipients), content=data, body_type=body_type,
+                                  **({"requiretls": True} if options.get("requiretls") else {})))
         queue_id = f"Q{len(self.messages):05d}"
         if self.deferred:
             waiting: defer.Deferred[str] = defer.Deferred()
@@ -625,11 +648,15 @@ class FakeConnector:
         self.session_options = session_options
         self.sessions: list[Any] = []
         self.calls: list[list[int]] = []
+        self.demands: list[Any] = []  # each request's tls_demand (None: none given)
 
     def deliver(self, resolver: Any, nexthops: Sequence[Any], recipients: Iterable[int],
-                transact: Callable[[Any, list[int]], defer.Deferred[dict[int, Status]]]) -> defer.Deferred[SmtpResult]:
+                transact: Callable[[Any, list[int]], defer.Deferred[dict[int, Status]]],
+                *, tls_demand: Any = None) -> defer.Deferred[SmtpResult]:
+        """One session (the only, hence final, server) for ``recipients``."""
         indexes = list(recipients)
         self.calls.append(indexes)
+        self.demands.append(tls_demand)
         if self.site_failure is not None:
             return defer.succeed(SmtpResult({i: RecipientOutcome(self.site_failure, None) for i in indexes}))
         session = self.session
@@ -638,7 +665,8 @@ class FakeConnector:
         self.sessions.append(session)
         server = getattr(session, "server", self.server)
         return transact(session, indexes).addCallback(
-            lambda statuses: SmtpResult({i: RecipientOutcome(s, server) for i, s in statuses.items()}, sessions=1)
+            lambda statuses: SmtpResult({i: RecipientOutcome(s.final(), server) for i, s in statuses.items()},
+                                        sessions=1)
         )
 
 
@@ -1086,3 +1114,40 @@ def connect_through_connector(
         return SMTPSessionFactory(settings, reactor, server_info, None if plaintext else security)
 
     return ConnectorRun(Connector(reactor, config, session_factory_for), reactor, config, servers)
+
+
+@implementer(IHTTPClient)
+class FakeHTTPClient:
+    """An ``IHTTPClient`` answering from a table: ``responses[url]`` is an
+    ``HTTPResponse`` or an exception (``HTTPError``) to fail with; any
+    other URL fails with ``HTTPError("connection refused")``.  Every GET
+    is kept in ``gets``, every POST as (url, body, content type) in
+    ``posts`` (answered with ``post_code``)."""
+
+    def __init__(self) -> None:
+        self.responses: dict[str, Any] = {}
+        self.gets: list[str] = []
+        self.posts: list[tuple[str, bytes, str]] = []
+        self.post_code = 200
+
+    def serve(self, url: str, body: str | bytes, *, code: int = 200, media_type: str = "text/plain") -> None:
+        """Answer GETs of ``url`` with ``body``."""
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self.responses[url] = HTTPResponse(code, media_type, data)
+
+    def get(self, url: str, *, timeout: float, max_size: int) -> defer.Deferred[Any]:
+        """IHTTPClient.get from the table (the size limit applies)."""
+        self.gets.append(url)
+        answer = self.responses.get(url)
+        if answer is None:
+            return defer.fail(HTTPError(f"{url}: connection refused"))
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        if len(answer.body) > max_size:
+            return defer.fail(HTTPError(f"{url}: response body larger than {max_size} bytes"))
+        return defer.succeed(answer)
+
+    def post(self, url: str, body: bytes, *, content_type: str, timeout: float) -> defer.Deferred[int]:
+        """IHTTPClient.post: kept in ``posts``."""
+        self.posts.append((url, body, content_type))
+        return defer.succeed(self.post_code)

@@ -10,12 +10,13 @@ import io
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from unittest import mock
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from relayagent import cli
 from relayagent.common.envelope import BodyType, Notify, Ret
@@ -676,6 +677,49 @@ class CheckTests(CommandTestCase):
         self.assertEqual(code, 0)
         self.assertIn("in order", out)
 
+    def test_makes_maildrop(self) -> None:
+        # Run as the queue's owner, check makes maildrop/ for the other
+        # users (relayagent.spool.maildrop) and the queue searchable.
+        self.spool.ensure_layout()
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 0, out)
+        info = os.stat(os.path.join(self.spool.directory, "maildrop"))
+        self.assertEqual(stat.S_IMODE(info.st_mode), 0o1733)
+        self.assertEqual(os.stat(self.spool.directory).st_mode & 0o011, 0o011)
+
+    def test_a_foreign_maildrop_is_a_problem(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("another owner needs root (chown)")
+        self.spool.ensure_layout()
+        maildrop = os.path.join(self.spool.directory, "maildrop")
+        os.mkdir(maildrop)
+        os.chown(maildrop, 12345, -1)
+        os.chmod(maildrop, 0o1777)
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("maildrop: mode 1777, expected 1733", out)
+        self.assertIn("owned by uid 12345, not by the queue's owner", out)
+
+    def test_sendmail_by_another_user_goes_to_maildrop(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("another queue owner needs root (chown)")
+        self.spool.ensure_layout()
+        for directory, _, _ in os.walk(self.spool.directory):
+            os.chown(directory, 65534, 65534)
+        code, _, err = self.run_command("sendmail", "-f", "a@example.org", "b@example.net", stdin=b"\nbody\n")
+        self.assertEqual(code, 73, err)  # no maildrop/ yet: nothing queued
+        self.assertIn("cannot submit to", err)
+        maildrop = os.path.join(self.spool.directory, "maildrop")
+        os.mkdir(maildrop, 0o1733)
+        os.chown(maildrop, 65534, 65534)
+        os.chmod(maildrop, 0o1733)
+        code, _, err = self.run_command("sendmail", "-f", "a@example.org", "b@example.net", stdin=b"\nbody\n")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.queued(), [])  # not into the daemon's queue as root
+        [name] = os.listdir(maildrop)
+        info = os.stat(os.path.join(maildrop, name))
+        self.assertEqual((info.st_uid, stat.S_IMODE(info.st_mode)), (0, 0o444))
+
     def test_missing_spool(self) -> None:
         code, out, _ = self.run_command("check")
         self.assertEqual(code, 1)
@@ -704,6 +748,17 @@ class CheckTests(CommandTestCase):
         os.chmod(password_file, 0o600)
         code, out, _ = self.run_command("check")
         self.assertEqual(code, 0, out)
+
+    def test_listener_password_file_permissions(self) -> None:
+        self.spool.ensure_layout()
+        self.write_config("smtpd_sasl_password_maps = texthash:smtpd_passwords\n")
+        password_file = os.path.join(self.base, "smtpd_passwords")
+        write_file(password_file, b"node-a secret\n")
+        os.chmod(password_file, 0o644)
+        code, out, _ = self.run_command("check")
+        self.assertEqual(code, 1)
+        self.assertIn("smtpd_sasl_password_maps: " + password_file + ": world-readable (mode 0644)", out)
+        self.assertNotIn("secret", out)
 
     def test_unknown_parameter_is_a_problem(self) -> None:
         self.spool.ensure_layout()
@@ -779,7 +834,8 @@ class FlushAndTriggerTests(CommandTestCase):
     def test_command_table(self) -> None:
         self.assertEqual(
             sorted(cli.COMMANDS),
-            ["check", "flush", "import-twisted-queue", "mailq", "postconf", "postsuper", "sendmail"],
+            ["check", "flush", "import-twisted-queue", "logrotate", "mailq", "postconf", "postsuper",
+             "reload", "sendmail", "transfer"],
         )
         calls = []
 

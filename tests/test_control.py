@@ -53,6 +53,46 @@ class ControlTests(TestCase):
         self.assertRaises(ValueError, control.trigger, self.directory, "reboot")
 
 
+class AnsweredCommandTests(TestCase):
+    """reload and logrotate: the service's answer comes back to ``ask``."""
+
+    def setUp(self) -> None:
+        self.directory = os.path.relpath(self.mktemp())
+        os.makedirs(self.directory)
+        self.asked: list[str] = []
+
+        def on_command(name: str) -> tuple[bool, str]:
+            self.asked.append(name)
+            if name == "reload":
+                return False, "reload refused: main.cf, line 3: bad value; the running configuration stays"
+            return True, ""
+
+        self.port = control.listen(reactor, self.directory, FakeQueueManager(), on_command)
+        self.addCleanup(self.port.stopListening)
+
+    async def test_answers(self) -> None:
+        answer = await threads.deferToThread(control.ask, self.directory, "reload")
+        self.assertEqual(answer, (False, "reload refused: main.cf, line 3: bad value; the running "
+                                         "configuration stays"))
+        answer = await threads.deferToThread(control.ask, self.directory, "logrotate")
+        self.assertEqual(answer, (True, ""))  # an empty text: the box still ends where it should
+        self.assertEqual(self.asked, ["reload", "logrotate"])
+
+    def test_no_daemon_is_none(self) -> None:
+        self.assertIsNone(control.ask(self.mktemp(), "reload"))
+
+    def test_unknown_command(self) -> None:
+        self.assertRaises(ValueError, control.ask, self.directory, "wakeup")
+
+    async def test_without_a_handler_the_daemon_says_so(self) -> None:
+        other = os.path.relpath(self.mktemp())
+        os.makedirs(other)
+        port = control.listen(reactor, other, FakeQueueManager())
+        self.addCleanup(port.stopListening)
+        answer = await threads.deferToThread(control.ask, other, "reload")
+        self.assertEqual(answer, (False, "reload is not supported here"))
+
+
 class SecondDaemonTests(TestCase):
     """Two queue managers on one spool would deliver each other's active
     mail twice: the second one must refuse to start."""

@@ -371,3 +371,30 @@ class ConcurrencyTests(SchedulerTestCase):
         self.assertNoResult(stopped)
         self.agent.complete()
         self.successResultOf(stopped)
+
+
+class ReconfigureTests(SchedulerTestCase):
+    """A reload (relayagent.master.reload): new limits and routing from
+    the next decision; a bad value changes nothing."""
+
+    def test_new_route_and_limits_for_what_comes_next(self) -> None:
+        self.enqueue(3)
+        manager = self.manager(smtp_initial_destination_concurrency=1)
+        manager.start()
+        self.assertEqual(self.agent.destinations(), ["example.net"])
+        config = Config.defaults().replace(smtp_initial_destination_concurrency="3", queue_run_delay="60s")
+        manager.reconfigure(config, lambda recipient: "[relay.test]:2525")
+        self.assertEqual(manager.initial_concurrency, 3)
+        self.assertEqual(manager.queue_run_delay, 60.0)
+        self.enqueue(1)
+        manager.wakeup()
+        # The new message routes by the new table; the old ones keep theirs.
+        self.assertIn("[relay.test]:2525", manager.destinations)
+        self.assertEqual(self.agent.destinations()[-1], "[relay.test]:2525")
+
+    def test_bad_feedback_changes_nothing(self) -> None:
+        manager = self.manager(smtp_destination_concurrency_limit=7)
+        bad = Config.defaults().replace(smtp_destination_concurrency_limit="2",
+                                        smtp_destination_concurrency_positive_feedback="2")
+        self.assertRaises(ValueError, manager.reconfigure, bad, by_domain)
+        self.assertEqual(manager.concurrency_limit, 7)

@@ -137,6 +137,24 @@ class SharedLimiterTests(TestCase):
         self.assertTrue((await b.acquire("google")).ok)
         self.assertIn("destination google: resumed", self.logs.messages())
 
+    async def test_a_rate_cut_holds_for_every_node_at_once(self) -> None:
+        rules = "/^421[ -]4\\.7\\.28 / rate 2/s 2s\n"
+        a = self.limiter(rules=rules, smtp_destination_rate_limit="100/s")
+        b = self.limiter(rules=rules, smtp_destination_rate_limit="100/s")
+        self.assertTrue((await b.acquire("google")).ok)
+        a.shape("google", Status("4.7.28", "x", code=421, reply="421 4.7.28 unusual rate"))
+        await sleep(0.05)
+        # No burst after the cut: b's next one half a second away.
+        grant = await b.acquire("google")
+        self.assertFalse(grant.ok)
+        self.assertTrue(0.3 < grant.wait <= 0.5, grant.wait)
+        await sleep(grant.wait)
+        self.assertTrue((await b.acquire("google")).ok)
+        self.assertFalse((await b.acquire("google")).ok)
+        await sleep(2.0)  # the action is over: 100/s again
+        self.assertTrue((await b.acquire("google")).ok)
+        self.assertTrue((await b.acquire("google")).ok)
+
     async def test_redis_away_local_share_then_back(self) -> None:
         a = self.limiter(smtp_destination_concurrency_limit=4)
         b = self.limiter(smtp_destination_concurrency_limit=4)

@@ -207,10 +207,10 @@ class TransactionTests(SynchronousTestCase):
     def test_unknown_parameters_are_refused(self):
         session = Session(self)
         session.replies()
-        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> RET=FULL\r\n")
-        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: RET")
-        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example> NOTIFY=NEVER\r\n")
-        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: NOTIFY")
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> FOO=BAR\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: FOO")
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example> XYZZY\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: XYZZY")
         lines = session.send(b"MAIL FROM:<a@x.example> BODY=BINARYMIME\r\n")
         self.assertEqual(codes(lines), [503])  # the sender is already set
 
@@ -657,22 +657,9 @@ class DiskFullTests(SynchronousTestCase):
 
 
 class OriginalRecipientTests(SynchronousTestCase):
-    """The listener offers no DSN (RFC 3461), so a client has no ORCPT to
-    give: ORCPT= is refused, and nothing is invented for the queue file
-    (the ESMTP client and the DSN writer derive rfc822;<address>)."""
-
-    def test_no_dsn_in_ehlo(self):
-        session = Session(self)
-        session.replies()
-        keywords = {line[4:].split(b" ")[0] for line in session.send(b"EHLO c\r\n")}
-        self.assertNotIn(b"DSN", keywords)
-
-    def test_orcpt_is_refused_not_dropped(self):
-        session = Session(self)
-        session.replies()
-        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n"
-                             b"RCPT TO:<b@y.example> ORCPT=rfc822;b@y.example\r\n")
-        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: ORCPT")
+    """The listener offers DSN (RFC 3461): what a client gives is kept, and
+    nothing is invented for the queue file when it gives nothing (the
+    ESMTP client and the DSN writer derive rfc822;<address>)."""
 
     def test_queued_recipients_have_no_invented_orcpt(self):
         from relayagent.spool import Spool
@@ -691,3 +678,162 @@ class OriginalRecipientTests(SynchronousTestCase):
             ("carol@remote.example", None),
             ("dave@elsewhere.example", None),
         ])
+
+
+def dsn_spool(testcase):
+    from relayagent.spool import Spool
+
+    spool = Spool(testcase.mktemp())
+    spool.ensure_layout()
+    return spool
+
+
+def queued_envelope(spool):
+    (queue_id,) = spool.queue_ids("incoming")
+    with spool.open(queue_id, "incoming") as queue_file:
+        return queue_file.envelope
+
+
+class DSNTests(SynchronousTestCase):
+    """RET, ENVID, NOTIFY and ORCPT are offered, checked and queued."""
+
+    def test_dsn_in_ehlo(self):
+        session = Session(self)
+        session.replies()
+        keywords = {line[4:].split(b" ")[0] for line in session.send(b"EHLO c\r\n")}
+        self.assertIn(b"DSN", keywords)
+        self.assertNotIn(b"XRELAYAGENT-ARRIVAL", keywords)
+
+    def test_parameters_reach_the_queue_file(self):
+        from relayagent.common.envelope import Notify, Ret
+
+        spool = dsn_spool(self)
+        session = Session(self, spool=spool)
+        session.replies()
+        lines = session.send(
+            b"EHLO c\r\nMAIL FROM:<a@x.example> RET=HDRS ENVID=QQ+2B1\r\n"
+            b"RCPT TO:<b@y.example> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;B+2Bold@y.example\r\n"
+            b"RCPT TO:<c@y.example> NOTIFY=NEVER\r\n"
+            b"RCPT TO:<d@y.example>\r\n"
+            b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354, 250])
+        envelope = queued_envelope(spool)
+        self.assertEqual(envelope.ret, Ret.HDRS)
+        self.assertEqual(envelope.envid, "QQ+1")
+        self.assertEqual([(r.address, r.orcpt, r.notify) for r in envelope.recipients], [
+            ("b@y.example", "rfc822;B+old@y.example", Notify.SUCCESS | Notify.DELAY),
+            ("c@y.example", None, Notify.NEVER),
+            ("d@y.example", None, Notify.DEFAULT),
+        ])
+
+    def test_malformed_parameters_are_501(self):
+        session = Session(self)
+        session.replies()
+        for command, reply in [
+            (b"MAIL FROM:<a@x.example> RET=SOME", b"501 5.5.4 Bad RET parameter syntax"),
+            (b"MAIL FROM:<a@x.example> ENVID=a+zz", b"501 5.5.4 Bad ENVID parameter syntax"),
+            (b"MAIL FROM:<a@x.example> RET=FULL RET=HDRS", b"501 5.5.4 Duplicate MAIL parameter: RET"),
+        ]:
+            self.assertEqual(session.send(b"RSET\r\n" + command + b"\r\n")[-1], reply)
+        session.send(b"RSET\r\nMAIL FROM:<a@x.example>\r\n")
+        for command, reply in [
+            (b"RCPT TO:<b@y.example> NOTIFY=NEVER,SUCCESS", b"501 5.5.4 Bad NOTIFY parameter syntax"),
+            (b"RCPT TO:<b@y.example> ORCPT=rfc822", b"501 5.5.4 Bad ORCPT parameter syntax"),
+            (b"RCPT TO:<b@y.example> ORCPT=rfc822;a+0Ab@y", b"501 5.5.4 Bad ORCPT parameter syntax"),
+        ]:
+            self.assertEqual(session.send(command + b"\r\n")[-1], reply)
+
+    def test_arrival_is_refused_without_auth(self):
+        session = Session(self)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example> ARRIVAL=1600000000\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: ARRIVAL")
+
+
+def cram_md5_response(challenge_line: bytes, username: bytes, password: bytes) -> bytes:
+    import base64
+    import hashlib
+    import hmac
+
+    challenge = base64.b64decode(challenge_line[4:])
+    digest = hmac.new(password, challenge, hashlib.md5).hexdigest().encode()
+    return base64.b64encode(username + b" " + digest)
+
+
+class AuthTests(SynchronousTestCase):
+    """AUTH CRAM-MD5 against smtpd_sasl_password_maps; an authenticated
+    client relays from outside mynetworks and may give ARRIVAL=."""
+
+    def auth_session(self, **config):
+        config.setdefault("smtpd_sasl_auth_enable", "yes")
+        config.setdefault("smtpd_sasl_password_maps", "inline:{ node-a=s3cret }")
+        return Session(self, peer="192.0.2.9", mynetworks="127.0.0.0/8", **config)
+
+    def test_auth_off_by_default(self):
+        session = Session(self)
+        session.replies()
+        keywords = {line[4:].split(b" ")[0] for line in session.send(b"EHLO c\r\n")}
+        self.assertNotIn(b"AUTH", keywords)
+        self.assertEqual(codes(session.send(b"AUTH CRAM-MD5\r\n")), [504])
+
+    def test_wrong_password_is_535_and_no_relay(self):
+        session = self.auth_session()
+        session.replies()
+        ehlo = session.send(b"EHLO c\r\n")
+        self.assertIn(b"250-AUTH CRAM-MD5", ehlo)
+        events = capture_events(self)
+        challenge = session.send(b"AUTH CRAM-MD5\r\n")[-1]
+        reply = session.send(cram_md5_response(challenge, b"node-a", b"wrong") + b"\r\n")
+        self.assertEqual(reply, [b"535 5.7.8 Error: authentication failed"])
+        text = "\n".join(warnings_in(events))
+        self.assertIn("SASL CRAM-MD5 authentication failed for user node-a", text)
+        self.assertNotIn("wrong", text)
+        lines = session.send(b"MAIL FROM:<a@x.example> ARRIVAL=1600000000\r\n")
+        self.assertEqual(lines[-1], b"555 5.5.4 Unsupported option: ARRIVAL")
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n")
+        self.assertEqual(lines[-1], b"554 5.7.1 <b@y.example>: Relay access denied")
+
+    def test_authenticated_peer_relays_with_its_arrival_time(self):
+        from relayagent.common import maillog as ralog
+
+        events = capture_events(self)
+        spool = dsn_spool(self)
+        session = self.auth_session(spool=spool)
+        session.replies()
+        self.assertNotIn(b"250 XRELAYAGENT-ARRIVAL", session.send(b"EHLO c\r\n"))
+        challenge = session.send(b"AUTH CRAM-MD5\r\n")[-1]
+        self.assertEqual(codes([challenge]), [334])
+        reply = session.send(cram_md5_response(challenge, b"node-a", b"s3cret") + b"\r\n")
+        self.assertEqual(codes(reply), [235])
+        ehlo = session.send(b"EHLO c\r\n")
+        self.assertIn(b"XRELAYAGENT-ARRIVAL", b"".join(line[4:] + b"|" for line in ehlo).split(b"|"))
+        lines = session.send(b"MAIL FROM:<a@x.example> ARRIVAL=1600000000\r\n"
+                             b"RCPT TO:<b@y.example>\r\nDATA\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        self.assertEqual(queued_envelope(spool).arrival_time, 1_600_000_000.0)
+        self.assertIn("client=unknown[192.0.2.9], sasl_method=CRAM-MD5, sasl_username=node-a, from=<a@x.example>",
+                      "\n".join(ralog.render(e) for e in events))
+
+    def test_arrival_in_the_future_is_now(self):
+        spool = dsn_spool(self)
+        session = self.auth_session(spool=spool)
+        session.replies()
+        session.send(b"EHLO c\r\n")
+        challenge = session.send(b"AUTH CRAM-MD5\r\n")[-1]
+        session.send(cram_md5_response(challenge, b"node-a", b"s3cret") + b"\r\n")
+        lines = session.send(b"MAIL FROM:<a@x.example> ARRIVAL=1800000000\r\n"
+                             b"RCPT TO:<b@y.example>\r\nDATA\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        self.assertEqual(queued_envelope(spool).arrival_time, 1_700_000_000.0)
+        self.assertEqual(codes(session.send(b"MAIL FROM:<a@x.example> ARRIVAL=12x\r\n")), [501])
+
+    def test_malformed_response_is_535(self):
+        import base64
+
+        session = self.auth_session()
+        session.replies()
+        session.send(b"EHLO c\r\n")
+        session.send(b"AUTH CRAM-MD5\r\n")
+        reply = session.send(base64.b64encode(b"nospace") + b"\r\n")
+        self.assertEqual(codes(reply), [535])
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -60,10 +60,12 @@ def settings(ca_file: str = "", **overrides: Any) -> TLSSettings:
 class LevelAndProtocolTests(SynchronousTestCase):
     def test_levels(self) -> None:
         self.assertIs(parse_level(""), TLSLevel.NONE)
-        for word in ("none", "may", "encrypt", "verify", "secure"):
+        for word in ("none", "may", "encrypt", "verify", "secure", "dane", "dane-only"):
             self.assertEqual(str(parse_level(word.upper())), word)
-        self.assertIs(parse_level("dane"), TLSLevel.MAY)
-        for word in ("dane-only", "fingerprint", "bogus"):
+        self.assertIs(parse_level("dane"), TLSLevel.DANE)
+        self.assertIs(parse_level("dane-only"), TLSLevel.DANE_ONLY)
+        self.assertFalse(TLSLevel.DANE.checks_names)
+        for word in ("fingerprint", "bogus"):
             error = self.assertRaises(TLSConfigError, parse_level, word)
             self.assertIn(word, str(error))
         self.assertTrue(TLSLevel.ENCRYPT.mandatory and not TLSLevel.MAY.mandatory)

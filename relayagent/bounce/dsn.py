@@ -36,7 +36,9 @@ report is spliced).
 Owns these main.cf parameters: notify_classes, error_notice_recipient,
 bounce_notice_recipient, 2bounce_notice_recipient, delay_notice_recipient,
 double_bounce_sender, delay_warning_time (the text of the warning; the
-scheduler decides when), bounce_size_limit.  Reads myhostname, myorigin,
+scheduler decides when), bounce_size_limit, requiretls_redact_dsn.
+Reads tls_required_enable (a notice about a message with ``TLS-Required:
+No`` has it too).  Reads myhostname, myorigin,
 mail_name and maximal_queue_lifetime.
 """
 
@@ -157,6 +159,8 @@ class BounceSettings(Settings):
     myorigin: str
     mail_name: str
     maximal_queue_lifetime: float
+    requiretls_redact_dsn: bool
+    tls_required_enable: bool
 
 
 # ---------------------------------------------------------------------------
@@ -625,7 +629,8 @@ def build_report(
     reading our session with another site's server.  ``ret``: how much of
     the original to return, default the envelope's RET, else FULL; a
     message larger than ``bounce_size_limit`` is returned as headers only
-    (so its MIME structure is not cut), as Postfix 3.x does.
+    (so its MIME structure is not cut), as Postfix 3.x does; so is a
+    REQUIRETLS message with ``requiretls_redact_dsn`` (RFC 8689 section 5).
     """
     smtputf8 = envelope.smtputf8
     policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
@@ -640,6 +645,11 @@ def build_report(
     subjects = _POSTMASTER_SUBJECTS if postmaster_copy else _SUBJECTS
     report["Subject"] = subjects[kind]
     report["To"] = _header_address(recipient, smtputf8)
+    if envelope.tls_not_required and not envelope.requiretls and settings.tls_required_enable:
+        # As Postfix's bounce(8): the notice of a message that waived TLS
+        # waives it too (RFC 8689 4.1), so it reaches a sender whose TLS
+        # trouble may be why the message failed.
+        report["TLS-Required"] = "No"
     report["Auto-Submitted"] = "auto-generated" if postmaster_copy else "auto-replied"
     report["Date"] = _mail_date(now)
     report["Message-ID"] = f"<{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}.{os.urandom(6).hex()}" \
@@ -663,6 +673,11 @@ def build_report(
     # The original: RET=HDRS, or too big for bounce_size_limit -> headers.
     limit = int(settings.bounce_size_limit)
     wanted = ret or envelope.ret or Ret.FULL
+    if envelope.requiretls and settings.requiretls_redact_dsn:
+        # RFC 8689 section 5 / Postfix's requiretls_redact_dsn: the notice
+        # goes without REQUIRETLS (a new message, not flagged), so it
+        # carries no more of the original than its header.
+        wanted = Ret.HDRS
     headers_only = wanted is Ret.HDRS or (limit > 0 and not 0 < envelope.content_size <= limit)
     original, eight_bit = _original_lines(envelope, headers_only=headers_only, limit=limit)
     return_path = f"Return-Path: <{printable(envelope.sender, allow_utf8=smtputf8)}>\r\n".encode("utf-8")

@@ -176,7 +176,7 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tcp_port", "smtp", S, "The default TCP port (a number or a service name)."),
     _p("best_mx_transport", "", S, "The transport to use when this machine is the best MX (empty: a mail loop is reported)."),
     _p("disable_dns_lookups", "no", B, "Disable DNS lookups: use the system resolver only."),
-    _p("smtp_dns_support_level", "", S, "DNS use: empty (enabled), disabled, enabled, dnssec.", choices=("", "disabled", "enabled", "dnssec")),
+    _p("smtp_dns_support_level", "", S, "DNS use: empty (enabled), disabled, enabled, dnssec (ask for DNSSEC and trust the AD bit: the name server must be a local validating resolver; needed for DANE).", choices=("", "disabled", "enabled", "dnssec")),
     _p("smtp_host_lookup", "dns", L, "How to look up host addresses: dns, native.", choices=("dns", "native")),
     _p("ignore_mx_lookup_error", "no", B, "On a failed MX lookup, look up the A record instead of deferring."),
     _p("smtp_address_preference", "any", S, "The address family preferred within one MX preference.", choices=("any", "ipv4", "ipv6")),
@@ -228,8 +228,9 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_sasl_tls_security_options", "$smtp_sasl_security_options", L, "SASL restrictions over TLS.", choices=("noplaintext", "noactive", "nodictionary", "noanonymous", "mutual_auth")),
     _p("smtp_sasl_auth_soft_bounce", "yes", B, "Treat a 5xx AUTH failure as temporary."),
     # --- TLS (relayagent/smtp/tls.py)
-    _p("smtp_tls_security_level", "", S, "The default TLS security level: none, may, encrypt, verify, secure (empty: none).", choices=_TLS_LEVELS),
+    _p("smtp_tls_security_level", "", S, "The default TLS security level: none, may, encrypt, dane, dane-only, verify, secure (empty: none).", choices=_TLS_LEVELS),
     _p("smtp_tls_policy_maps", "", L, "Per-nexthop TLS policy lookup tables."),
+    _p("smtp_tls_dane_insecure_mx_policy", "dane", S, "Level dane, MX found by an insecure MX lookup, host with secure TLSA records: may (ignore them), encrypt (TLS, no authentication) or dane (enforce them, logged as Trusted). Postfix writes the default as an expression that yields dane at level dane, the only level it is used at.", choices=("may", "encrypt", "dane")),
     _p("smtp_tls_CAfile", "", S, "File of trusted CA certificates (PEM).", path=True),
     _p("smtp_tls_CApath", "", S, "Directory of trusted CA certificates (PEM).", path=True),
     _p("smtp_tls_cert_file", "", S, "Client certificate (PEM).", path=True),
@@ -242,6 +243,22 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_tls_verify_cert_match", "hostname", L, "Names a certificate must match at level verify."),
     _p("smtp_tls_secure_cert_match", "nexthop, dot-nexthop", L, "Names a certificate must match at level secure."),
     _p("smtp_tls_loglevel", "0", N, "TLS logging verbosity (1: one line per session).", minimum=0),
+    # --- MTA-STS (relayagent/smtp/mtasts.py) and TLSRPT (relayagent/smtp/tlsrpt.py)
+    _p("smtp_mta_sts_enable", "no", B, "Look up and apply recipient domains' MTA-STS policies (RFC 8461): TXT _mta-sts.<domain>, then an HTTPS fetch.", ours=True),
+    _p("smtp_mta_sts_cache_directory", "mta-sts", S, "Where MTA-STS policies are kept across restarts, relative to queue_directory when not absolute.", ours=True),
+    _p("smtp_mta_sts_fetch_timeout", "10s", T, "Time limit for fetching one MTA-STS policy over HTTPS.", minimum=1, ours=True),
+    _p("smtp_mta_sts_max_policy_size", "65536", N, "The largest MTA-STS policy file fetched, in bytes.", minimum=512, ours=True),
+    _p("smtp_mta_sts_CAfile", "", S, "CA certificates (PEM) that MTA-STS policy servers are verified against (empty: the system trust store).", path=True, ours=True),
+    _p("smtp_mta_sts_refresh_margin", "1d", T, "Fetch a cached MTA-STS policy again in the background when it expires within this time.", unit="s", minimum=0, ours=True),
+    _p("smtp_tlsrpt_enable", "no", B, "Count TLS outcomes per policy domain and send RFC 8460 TLSRPT aggregate reports to the rua of _smtp._tls.<domain>.", ours=True),
+    _p("smtp_tlsrpt_interval", "1d", T, "The TLSRPT report period (periods are aligned to multiples of it in UTC).", minimum=3600, ours=True),
+    _p("smtp_tlsrpt_organization", "$mydomain", S, "The organization-name of TLSRPT reports.", ours=True),
+    _p("smtp_tlsrpt_contact", "postmaster@$mydomain", S, "The contact-info of TLSRPT reports and the sender of mailto: reports.", ours=True),
+    # --- REQUIRETLS and TLS-Required (RFC 8689; relayagent/smtp/requiretls.py)
+    _p("requiretls_enable", "yes", B, "Support REQUIRETLS (RFC 8689): the listener offers it over TLS, sendmail -O requiretls=yes asks for it, and delivery enforces it."),
+    _p("tls_required_enable", "yes", B, "Honour a \"TLS-Required: No\" header (RFC 8689) in a message without REQUIRETLS: a mandatory TLS level becomes may for its delivery."),
+    _p("smtp_requiretls_policy", "enforce", L, "How REQUIRETLS is enforced per nexthop domain: actions (enforce, opportunistic+starttls, opportunistic, disable, error) and type:table lookups answering one, tried in order; no match: enforce (Postfix's default also makes $mydomain, localhost and IP addresses opportunistic)."),
+    _p("requiretls_redact_dsn", "yes", B, "A delivery status notice of a REQUIRETLS message returns its header only, and is not itself sent with REQUIRETLS (RFC 8689 section 5)."),
     # --- bounces and notices (relayagent/bounce/dsn.py)
     _p("double_bounce_sender", "double-bounce", S, "The sender of postmaster notices of undeliverable bounces."),
     _p("notify_classes", "resource, software", L, "Problem classes reported to the postmaster.", choices=("bounce", "2bounce", "data", "delay", "policy", "protocol", "resource", "software")),
@@ -260,6 +277,8 @@ _TABLE: tuple[Parameter, ...] = (
     # --- the listener (relayagent/smtpd/twistedmail.py)
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10025:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
+    _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH (CRAM-MD5) in the listener; authenticated clients may relay."),
+    _p("smtpd_sasl_password_maps", "", L, "The listener's SASL accounts: lookup tables from username to password (keep them readable by the daemon only).", ours=True),
     # --- worker processes (relayagent/master/worker.py)
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),
 )

@@ -151,6 +151,12 @@ class Envelope:
     ``body_declared``: whoever queued it gave the body type (BODY=); when
     it was only detected, a 7-bit message goes out with no BODY=, as
     Postfix sends none for an undeclared one.
+    ``requiretls``: the sender asked for REQUIRETLS (RFC 8689: MAIL FROM
+    ... REQUIRETLS, or ``sendmail -O requiretls=yes``): the message goes
+    only over verified TLS to servers that offer REQUIRETLS.
+    ``tls_not_required``: the header has ``TLS-Required: No`` (RFC 8689
+    section 4.1), as found when the message was queued; it counts only
+    when ``requiretls`` is False.
     """
 
     queue_id: str
@@ -165,6 +171,8 @@ class Envelope:
     ret: Ret | None = None
     plain_lines: bool = False
     body_declared: bool = True
+    requiretls: bool = False
+    tls_not_required: bool = False
 
     def pending(self) -> tuple[Recipient, ...]:
         """The recipients not yet done."""

@@ -51,6 +51,10 @@ class Status:
     postmaster notice; None for none.  ``retry_plaintext``: set by the TLS
     layer on a failed handshake at level may; the connection layer then
     tries the same address once more without STARTTLS.
+    ``hard_when_final``: a soft status that becomes hard (``final()``)
+    when no other server remains to be tried: RFC 8689 section 4.2.1's
+    REQUIRETLS failures, which try the other MX hosts before the message
+    is returned (Postfix's SMTP_MISC_FAIL_SOFT_NON_FINAL).
     """
 
     dsn: str
@@ -61,6 +65,7 @@ class Status:
     remote_mta: str | None = None
     notify_class: str | None = field(default=None, compare=False, repr=False)
     retry_plaintext: bool = field(default=False, compare=False, repr=False)
+    hard_when_final: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not is_enhanced_status(self.dsn):
@@ -84,6 +89,21 @@ class Status:
     def hard(self) -> bool:
         """A permanent failure: the recipient is bounced."""
         return self.status_class == 5
+
+    def final(self) -> Status:
+        """The status as the outcome of the last server tried: hard when
+        ``hard_when_final`` says so, else unchanged."""
+        if not (self.hard_when_final and self.soft):
+            return self
+        return Status(
+            dsn="5" + self.dsn[1:],
+            text=self.text,
+            code=self.code,
+            stage=self.stage,
+            reply=self.reply,
+            remote_mta=self.remote_mta,
+            notify_class=self.notify_class,
+        )
 
     def softened(self) -> Status:
         """The same status made temporary (soft_bounce, relayhost 4.3.5...)."""

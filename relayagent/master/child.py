@@ -78,7 +78,8 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
     reactor = service.reactor
     fresh_reactor(reactor)
     runtime = WorkerRuntime(service, reactor)
-    parent = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone)
+    parent = ParentLink(lambda: service.queue_manager, reactor, runtime.parent_gone,
+                        on_command=service.control_command)
     # Twisted's and relayagent's other events (and the mail lines without
     # maillog_file) in twistd's layout with Postfix's text: into twistd's
     # log through worker 0 when relayagent writes that log (worker 0 alone

@@ -16,7 +16,11 @@ The running mail system: the service tree ``twistd -n relayagent`` starts
 - the delivery agent (``relayagent.qmgr.delivery.DeliveryAgent``) over it;
 - the queue manager (``scheduler.QueueManager``), routing with the smtp
   agent's ``route``;
-- the trigger socket (``control``: ``$queue_directory/public/qmgr``).
+- the trigger socket (``control``: ``$queue_directory/public/qmgr``);
+- the pickup of ``maildrop/`` (``relayagent.smtpd.pickup``: what local
+  users who are not the mail system submit), made at start (mode 1733);
+- SIGHUP and SIGUSR1: reload and reopen the maillog (``reload``,
+  ``logrotate``, ``relayagent.master.reload``).
 
 Privileges (twistd ``--uid``, ``--gid``, ``--chroot``): twistd loads the
 plugin (``makeService``, where this runs) as the starting user and
@@ -47,8 +51,8 @@ lock taking or workers of its own.  The maillog is written in whole
 lines, one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
-SYNOPSIS: ``build_service``, ``RelayagentService``, ``LineAppender``,
-``open_log``.
+SYNOPSIS: ``build_service``, ``RelayagentService`` (``reload``,
+``logrotate``), ``LineAppender``, ``open_log``.
 
 DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
 parameter; ``startService`` raises ``control.DaemonRunning`` when another
@@ -73,13 +77,17 @@ from twisted.logger import Logger
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
 from relayagent.master import child, worker
+from relayagent.master import reload as reloading
 from relayagent.qmgr.delivery import DeliveryAgent
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.qmgr.shared import check_limits, make_limiter, mx_hosts_from
 from relayagent.smtp.deliver import SmtpAgent
+from relayagent.smtp.mtasts import PolicyCache, PolicyStore
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
-from relayagent.spool import Spool, control
+from relayagent.smtp.tlsrpt import Recorder, Reporter, TLSRPTSettings
+from relayagent.smtpd.pickup import Pickup, PickupSettings
+from relayagent.spool import Spool, control, maildrop
 from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.service")
@@ -115,7 +123,18 @@ class RelayagentService(MultiService):
         self.twistd_log = twistd_log
         self.resolver = resolver or NexthopResolver(config, dns_resolver, reactor)
         self.security = security
+        self.dns_resolver = dns_resolver
         self.smtp = SmtpAgent.from_config(config, reactor, resolver=self.resolver, security=security)
+        # MTA-STS's cache and TLSRPT's counters live in the queue
+        # directory, found again after a chroot (spool_directory).
+        self.mta_sts: PolicyStore | None = getattr(security, "mta_sts", None)
+        self.tlsrpt: Recorder | None = getattr(security, "tlsrpt", None)
+        self.tlsrpt_reporter: Reporter | None = None
+        if self.mta_sts is not None:
+            cache_name = self.mta_sts.settings.smtp_mta_sts_cache_directory
+            self.mta_sts.cache = PolicyCache(lambda: os.path.join(self.spool_directory(), cache_name))
+        if self.tlsrpt is not None:
+            self.tlsrpt.directory_source = lambda: os.path.join(self.spool_directory(), "tlsrpt")
         # Under --chroot the path above means nothing after the chroot: keep
         # a descriptor to find the directory again (module docstring).
         self._directory_fd: int | None = None
@@ -134,6 +153,28 @@ class RelayagentService(MultiService):
         # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
         self._worker_log_flush = False
+        # SIGHUP and SIGUSR1 (worker 0): put back at stop.
+        self._uninstall_signals: Any = None
+        # maildrop/ into incoming/ (worker 0: relayagent.smtpd.pickup).
+        self.pickup: Pickup | None = None
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read main.cf and the tables (SIGHUP, ``relayagent reload``;
+        ``relayagent.master.reload``)."""
+        return reloading.reload(self)
+
+    def logrotate(self) -> tuple[bool, str]:
+        """Reopen ``maillog_file`` (SIGUSR1, ``relayagent logrotate``)."""
+        return reloading.logrotate(self)
+
+    def control_command(self, name: str) -> tuple[bool, str]:
+        """``reload`` or ``logrotate``, from the trigger socket or (in a
+        worker) from worker 0's link."""
+        if name == worker.RELOAD:
+            return self.reload()
+        if name == worker.LOGROTATE:
+            return self.logrotate()
+        return False, f"unknown command: {name}"
 
     def spool_directory(self) -> str:
         """The queue directory as this process sees it now (after a chroot
@@ -229,6 +270,13 @@ class RelayagentService(MultiService):
         self.spool = Spool(directory, clock=self.reactor.seconds,
                            on_stray=_log_stray if index == 0 else None)
         self.spool.ensure_layout()
+        if index == 0:
+            try:
+                maildrop.ensure(directory)  # as the daemon's user: others submit through it
+            except OSError as exc:
+                ralog.log_warning(log, f"cannot make {maildrop.maildrop_directory(directory)}: "
+                                  f"{exc.strerror or exc}; only the mail system's user can submit",
+                                  service="pickup")
         if self._lock_fd is None:
             self._lock_fd = control.lock_spool(directory)
         queue_manager: QueueManager | None = None
@@ -266,13 +314,14 @@ class RelayagentService(MultiService):
             limiter=limiter, keyer=keyer,
         )
         self.queue_manager = queue_manager
+        self._start_transport_security(index, new_mail)
         if self.role is not None:
             # A child: no trigger socket (the parent's pipe brings them).
             super().startService()
             queue_manager.start()
             return
         try:
-            self.listening = control.listen(self.reactor, directory, queue_manager)
+            self.listening = control.listen(self.reactor, directory, queue_manager, self.control_command)
         except control.DaemonRunning:
             # Two queue managers on one spool would each recover the other's
             # active/ files and deliver them twice: refuse to start.
@@ -280,12 +329,34 @@ class RelayagentService(MultiService):
         except Exception as exc:  # noqa: BLE001 - triggers are a hint; the poll still works
             ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
         super().startService()
+        self._uninstall_signals = reloading.install_signals(self)
+        self.pickup = Pickup(self.spool, self.reactor, settings=PickupSettings.from_config(self.config),
+                             on_queued=queue_manager.wakeup)
         if self.workers > 1:
             # First: a child needs about half a second to import and read
             # its configuration, time this process spends activating its
             # own share of the queue.  Their files never overlap.
             self._start_workers()
         queue_manager.start()
+        self.pickup.start()
+
+    def _start_transport_security(self, index: int, new_mail: Any) -> None:
+        """MTA-STS's cache and refresh, TLSRPT's counters, and (worker 0)
+        the TLSRPT reports."""
+        if self.mta_sts is not None:
+            # Worker 0 alone refreshes in the background; the others find
+            # its refreshed files (PolicyStore.current).
+            self.mta_sts.start(refresh=index == 0)
+        if self.tlsrpt is not None:
+            self.tlsrpt.worker = index
+            self.tlsrpt.start()
+            if index == 0 and self.spool is not None:
+                # The MTA-STS client when there is one: made before a chroot,
+                # with the same trust anchors.
+                self.tlsrpt_reporter = Reporter.from_config(
+                    self.config, self.tlsrpt, self.reactor, self.dns_resolver, self.spool.enqueue, wakeup=new_mail,
+                    http=getattr(self.mta_sts, "http", None))
+                self.tlsrpt_reporter.start()
 
     def _start_workers(self) -> None:
         assert self._lock_fd is not None
@@ -298,6 +369,12 @@ class RelayagentService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         waits: list[Deferred[Any]] = []
+        if self._uninstall_signals is not None:
+            self._uninstall_signals()
+            self._uninstall_signals = None
+        if self.pickup is not None:
+            self.pickup.stop()
+            self.pickup = None
         if self.listening is not None:
             waits.append(maybeDeferred(self.listening.stopListening))
             self.listening = None
@@ -313,6 +390,9 @@ class RelayagentService(MultiService):
                 self.limiter.stop()
             if self.agent is not None:
                 self.agent.stop()
+            for part in (self.mta_sts, self.tlsrpt, self.tlsrpt_reporter):
+                if part is not None:
+                    part.stop()
             self.smtp.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -405,11 +485,15 @@ def build_service(config: Config, reactor: Any, *,
     check_limits(config)
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
+    tlsrpt = TLSRPTSettings.from_config(config)
+    recorder = (Recorder(os.path.join(tlsrpt.queue_directory, "tlsrpt"), reactor,
+                         interval=tlsrpt.smtp_tlsrpt_interval) if tlsrpt.smtp_tlsrpt_enable else None)
     return RelayagentService(
         config,
         reactor,
         log_out=open_log(config),
-        security=SecurityPolicy(config),
+        security=SecurityPolicy(config, mta_sts=PolicyStore.from_config(config, reactor, dns_resolver),
+                                tlsrpt=recorder, dns_resolver=dns_resolver),
         dns_resolver=dns_resolver,
         privileges=privileges,
         twistd_log=twistd_log,

@@ -30,7 +30,8 @@ at once; the workers see end of file on their own links and stop by
 themselves.  It ignores SIGINT and SIGTERM: ^C on a terminal or a
 service manager's stop reaches worker 0 and the workers, which stop in
 order, and the spawner goes with worker 0.  It and the workers ignore
-SIGUSR1 (worker 0's signal to rotate twistd's log file).  A worker
+SIGUSR1 and SIGHUP (worker 0's signals to reopen the logs and to
+reload, which it passes on over the links: ``relayagent.master.reload``).  A worker
 starts with the default SIGINT, SIGTERM and SIGCHLD handling (its
 reactor installs its own).
 
@@ -158,6 +159,8 @@ def _spawner_process(control: socket.socket, worker_zero_end: socket.socket,
         # Worker 0 rotates twistd's log file on SIGUSR1 (master.tap); in
         # the spawner and the workers that handler would rotate it too.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        # SIGHUP is worker 0's to reload; it tells the workers.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_zero_end.close()
         for sock in worker_zero_links:

@@ -55,6 +55,8 @@ with nothing of this module at work.
   manager hears them from outside.  A worker to worker 0: ``wakeup``
   when it queued a notice (a bounce), which worker 0 passes on to every
   worker, itself included.  The lines of one reactor turn are sent once.
+  ``reload`` and ``logrotate`` from worker 0: the worker re-reads main.cf
+  and its tables, or reopens ``maillog_file`` (``relayagent.master.reload``).
 - **Logs.**  A worker writes its mail log lines to worker 0's
   ``maillog_file`` descriptor (opened before the privilege drop, and
   inherited), in whole lines, one ``write`` per flush on an ``O_APPEND``
@@ -130,7 +132,12 @@ STOP_TIMEOUT = 30.0
 # The commands on the links.
 WAKEUP = "wakeup"
 FLUSH = "flush"
-COMMANDS = (WAKEUP, FLUSH)
+# A reload (SIGHUP, ``relayagent reload``) and a maillog reopen
+# (SIGUSR1, ``relayagent logrotate``), passed on by worker 0
+# (relayagent.master.reload).
+RELOAD = "reload"
+LOGROTATE = "logrotate"
+COMMANDS = (WAKEUP, FLUSH, RELOAD, LOGROTATE)
 # A line of twistd's log from a worker, for worker 0 to write: "log TEXT"
 # (one per line of text; a continuation line keeps its tab).
 LOG_PREFIX = "log "
@@ -390,10 +397,13 @@ class ParentLink(LineOnlyReceiver):
     MAX_LENGTH = MAX_LINE
 
     def __init__(self, queue_manager: Callable[[], Any], clock: Any,
-                 on_gone: Callable[[], object]) -> None:
+                 on_gone: Callable[[], object],
+                 on_command: Callable[[str], object] | None = None) -> None:
         # queue_manager: a callable, since the service makes it at start.
         self._queue_manager = queue_manager
         self._on_gone = on_gone
+        # reload and logrotate: the service's (RelayagentService.control_command).
+        self._on_command = on_command
         self._sender = _LineSender(clock, self._write)
         self.gone = False
 
@@ -411,6 +421,10 @@ class ParentLink(LineOnlyReceiver):
         queue_manager = self._queue_manager()
         if command not in COMMANDS:
             ralog.log_warning(log, f"unknown command from the parent process: {command!r}")
+            return
+        if command in (RELOAD, LOGROTATE):
+            if self._on_command is not None:
+                self._on_command(command)
             return
         if queue_manager is None:
             return  # not started yet; the start looks at the queues anyway
@@ -646,7 +660,8 @@ class WorkerPool:
             child.restart = self.clock.callLater(self.restart_delay, self._start, index)
 
     def send(self, command: str) -> None:
-        """``wakeup`` or ``flush`` to every running worker (once per reactor turn)."""
+        """``wakeup``, ``flush``, ``reload`` or ``logrotate`` to every
+        running worker (once per reactor turn)."""
         for child in self.children.values():
             if child.pid is not None and child.sender is not None:
                 child.sender.send(command)

@@ -155,6 +155,16 @@ class DeliveryAgent:
             self.remover = BackgroundRemover(spool, removal_reactor, on_removed=self._removed,
                                              on_error=self._removal_failed)
 
+    def reconfigure(self, config: Config, smtp: SmtpDeliverer) -> None:
+        """A reload: the next request goes to ``smtp`` with the lifetimes,
+        backoff and notice settings of ``config``; a request in flight
+        finishes with what it began with (it holds its smtp agent)."""
+        settings = EndSettings.from_config(config)
+        bounce_settings = BounceSettings.from_config(config)
+        self.settings, self.bounce_settings = settings, bounce_settings
+        self.soft_bounce = settings.soft_bounce
+        self.smtp = smtp
+
     def stop(self) -> None:
         """Finish the removals handed to the worker thread (service stop)."""
         if self.remover is not None:

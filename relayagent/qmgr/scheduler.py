@@ -295,8 +295,6 @@ class QueueManager:
         limiter: ILimiter | None = None,
         keyer: Any = None,
     ) -> None:
-        settings = SchedulerSettings.from_config(config)
-        self.settings = settings
         self.spool = spool
         self.agent = agent
         self.clock = clock
@@ -304,24 +302,7 @@ class QueueManager:
         self.incoming_poll = incoming_poll
         self.owns = owns
         self.on_trigger = on_trigger
-        self.active_limit: int = settings.qmgr_message_active_limit
-        self.recipient_limit: int = settings.smtp_destination_recipient_limit
-        self.concurrency_limit: int = settings.smtp_destination_concurrency_limit
-        self.initial_concurrency: int = min(
-            settings.smtp_initial_destination_concurrency, self.concurrency_limit
-        )
-        self.failed_cohort_limit: int = settings.smtp_destination_concurrency_failed_cohort_limit
-        self.positive_feedback = Feedback.parse(
-            settings.smtp_destination_concurrency_positive_feedback,
-            name="smtp_destination_concurrency_positive_feedback",
-        )
-        self.negative_feedback = Feedback.parse(
-            settings.smtp_destination_concurrency_negative_feedback,
-            name="smtp_destination_concurrency_negative_feedback",
-        )
-        self.rate_delay: float = settings.smtp_destination_rate_delay
-        self.process_limit: int = settings.default_process_limit
-        self.queue_run_delay: float = settings.queue_run_delay
+        self._bind(SchedulerSettings.from_config(config))
 
         self.active: dict[str, ActiveMessage] = {}
         self.destinations: dict[str, Destination] = {}
@@ -353,6 +334,43 @@ class QueueManager:
         self._poll_loop: task.LoopingCall | None = None
         self._run_loop: task.LoopingCall | None = None
         self._stopped: Deferred[None] | None = None
+
+    def _bind(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.active_limit: int = settings.qmgr_message_active_limit
+        self.recipient_limit: int = settings.smtp_destination_recipient_limit
+        self.concurrency_limit: int = settings.smtp_destination_concurrency_limit
+        self.initial_concurrency: int = min(
+            settings.smtp_initial_destination_concurrency, self.concurrency_limit
+        )
+        self.failed_cohort_limit: int = settings.smtp_destination_concurrency_failed_cohort_limit
+        self.positive_feedback = Feedback.parse(
+            settings.smtp_destination_concurrency_positive_feedback,
+            name="smtp_destination_concurrency_positive_feedback",
+        )
+        self.negative_feedback = Feedback.parse(
+            settings.smtp_destination_concurrency_negative_feedback,
+            name="smtp_destination_concurrency_negative_feedback",
+        )
+        self.rate_delay: float = settings.smtp_destination_rate_delay
+        self.process_limit: int = settings.default_process_limit
+        self.queue_run_delay: float = settings.queue_run_delay
+
+    def reconfigure(self, config: Config, route: Route) -> None:
+        """A reload (``relayagent.master.reload``): the limits, timers and
+        routing of ``config`` from the next decision on.  Requests in
+        flight finish as they began; the destinations keep their state
+        (a window above the new concurrency limit shrinks as it is next
+        adjusted).  Raises ``ValueError`` for a bad feedback value, with
+        nothing changed."""
+        settings = SchedulerSettings.from_config(config)
+        for name in ("smtp_destination_concurrency_positive_feedback",
+                     "smtp_destination_concurrency_negative_feedback"):
+            Feedback.parse(getattr(settings, name), name=name)
+        self._bind(settings)
+        self.route = route
+        if self._run_loop is not None:
+            self._run_loop.interval = self.queue_run_delay
 
     # -- service life
 

@@ -112,6 +112,13 @@ class ServerInfo:
     address: str
     port: int
     nexthop: str
+    # The recipient domain whose MTA-STS policy applies to this MX host
+    # ("" for none: a [host] nexthop, a relay; smtp.mtasts.sts_policy_domain).
+    policy_domain: str = ""
+    # DNSSEC status of the lookups that gave this server (resolve's
+    # MailExchangerAddress), for DANE; False when unknown.
+    mx_dnssec_valid: bool = False
+    host_dnssec_valid: bool = False
 
     @property
     def namaddr(self) -> str:

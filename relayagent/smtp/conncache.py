@@ -6,7 +6,10 @@ smtp_connect.c).
 A session whose transaction ended well is stored, idle, under its nexthop
 (``[relay.example]:587``, ``example.com``).  Postfix also finds sessions
 by server address (smtp_reuse_addr, for unauthenticated sessions); we do
-not: a request reuses only its own nexthop's sessions.
+not: a request reuses only its own nexthop's sessions.  Within a nexthop,
+sessions are kept in pools (``CachedSession.pool``, default ``""``): a
+request takes only from its own pool (``smtp.requiretls``: the TLS demand
+a session was negotiated for).
 
 An idle session is closed (QUIT) after ``smtp_connection_cache_time_limit``.
 A session is not stored again once it is older than
@@ -23,7 +26,7 @@ SYNOPSIS
 
     cache = ConnectionCache.from_config(config, reactor)
     if cache.wants_caching(nexthop, destination, backlog): cache.store(entry)
-    entry = cache.take(nexthop)
+    entry = cache.take(nexthop)            # or cache.take(nexthop, pool)
     cache.close_all()                      # at shutdown
 
 DIAGNOSTICS: none raised.  ``store`` answers False (nothing kept: the
@@ -56,12 +59,16 @@ class CachedSession:
     ``created``: when the connection was made (clock seconds).
     ``uses``: how many transactions it has carried, the current one
     included once it is handed out again (the log's ``conn_use``).
+    ``pool``: the part of the nexthop's sessions it belongs to (the TLS
+    demand it was negotiated for, ``smtp.requiretls``); ``take`` finds it
+    only when asked for that pool.
     """
 
     session: Any
     nexthop: str
     created: float
     uses: int = 1
+    pool: str = ""
     _timer: IDelayedCall | None = field(default=None, repr=False)
 
 
@@ -95,7 +102,7 @@ class ConnectionCache:
         self.reuse_count_limit = reuse_count_limit
         self.always_cache = frozenset(name.lower() for name in always_cache)
         self.on_demand = on_demand
-        self._idle: dict[str, deque[CachedSession]] = {}
+        self._idle: dict[tuple[str, str], deque[CachedSession]] = {}  # by (nexthop, pool)
         self.stored = 0
         self.reused = 0
 
@@ -148,15 +155,16 @@ class ConnectionCache:
         limits say it has served enough: the caller then closes it."""
         if not self.reusable(entry) or self.idle_limit <= 0:
             return False
-        self._idle.setdefault(entry.nexthop, deque()).append(entry)
+        self._idle.setdefault((entry.nexthop, entry.pool), deque()).append(entry)
         entry._timer = self.clock.callLater(self.idle_limit, self._expire, entry)
         self.stored += 1
         return True
 
-    def take(self, key: str) -> CachedSession | None:
-        """The most recently stored idle session of the nexthop ``key``,
-        removed from the cache; None when there is none.  Probe it with
-        ``session.reset()`` before use."""
+    def take(self, nexthop: str, pool: str = "") -> CachedSession | None:
+        """The most recently stored idle session of ``nexthop`` in
+        ``pool``, removed from the cache; None when there is none.  Probe
+        it with ``session.reset()`` before use."""
+        key = (nexthop, pool)
         idle = self._idle.get(key)
         while idle:
             entry = idle.pop()  # the freshest: least likely to be timed out by the server
@@ -192,7 +200,7 @@ class ConnectionCache:
 
     def _forget(self, entry: CachedSession) -> None:
         self._stop_timer(entry)
-        idle = self._idle.get(entry.nexthop)
+        idle = self._idle.get((entry.nexthop, entry.pool))
         if idle is None:
             return
         try:
@@ -200,7 +208,7 @@ class ConnectionCache:
         except ValueError:
             pass
         if not idle:
-            del self._idle[entry.nexthop]
+            del self._idle[(entry.nexthop, entry.pool)]
 
     def _expire(self, entry: CachedSession) -> None:
         entry._timer = None

@@ -39,6 +39,13 @@ once.  ``deliver`` runs that over the nexthop list (the destination, then
 address) becomes 4.3.5 (deferred as a configuration problem, not
 bounced); a relay that answered and refused (5xx HELO) bounces.
 
+A status marked ``hard_when_final`` (REQUIRETLS, ``smtp.requiretls``)
+moves on to the next address like any soft one and becomes hard
+(``Status.final``) as the outcome of the final server.  ``tls_demand``
+(``deliver``, ``deliver_with_fallback``, ``plan``) is what the message
+asks of TLS; it is handed to ``session_factory_for(server,
+tls_demand=...)`` for each connection.
+
 SYNOPSIS: ``Connector`` (``connect``, ``plan``, ``deliver_with_fallback``,
 ``deliver``), ``ConnectionPlan``, ``ConnectFailure``, ``Transact``,
 ``relay_configuration_status``, ``describe_connect_error``.
@@ -54,6 +61,9 @@ other than ``DeliveryFailure`` (a corrupt queue file) goes through.
 Owns (``ConnectSettings``): smtp_connect_timeout, smtp_bind_address,
 smtp_bind_address6, smtp_skip_5xx_greeting, smtp_mx_session_limit,
 smtp_connection_attempt_delay; smtp_skip_4xx_greeting is fixed to yes.
+Each server's ``ServerInfo.policy_domain`` names the recipient domain
+whose MTA-STS policy applies to it (``mtasts.sts_policy_domain``: MX
+delivery to the domain itself only), for the security hook.
 The address list comes already cut to smtp_mx_address_limit
 (``smtp.resolve``): every address given is tried.
 """
@@ -80,6 +90,7 @@ from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.interfaces import IConnector
+from relayagent.smtp.mtasts import sts_policy_domain
 from relayagent.smtp.resolve import MailExchangerAddress, Nexthop, NexthopResolver
 from relayagent.smtp.result import AttemptFailure, RecipientOutcome, SmtpResult
 
@@ -150,9 +161,15 @@ class _Attempt:
         address: MailExchangerAddress,
         nexthop: Nexthop | str,
         on_connected: Callable[[], None],
+        factory_options: dict[str, Any] | None = None,
     ) -> None:
         self.address = address
-        self.server = ServerInfo(address.host, address.address, address.port, str(nexthop))
+        self._factory_options = factory_options or {}
+        self.server = ServerInfo(
+            address.host, address.address, address.port, str(nexthop),
+            policy_domain=sts_policy_domain(nexthop),
+            mx_dnssec_valid=address.mx_dnssec_valid, host_dnssec_valid=address.host_dnssec_valid,
+        )
         self.result: Deferred[Any] = Deferred()
         self.cancelled = False
         self.session: Any = None
@@ -160,7 +177,7 @@ class _Attempt:
         self._connector = connector
         self._retried_in_plaintext = False
         self._connecting: Deferred[Any] | None = None
-        self._start(connector.session_factory_for(self.server))
+        self._start(connector.session_factory_for(self.server, **self._factory_options))
 
     def _start(self, factory: Any) -> None:
         endpoint = self._connector.endpoint_for(self.address)
@@ -204,7 +221,7 @@ class _Attempt:
             self.session = None
             log.info("{server}: {reason}; trying again in plaintext",
                      server=str(self.server), reason=failure.value.status.text)
-            self._start(self._connector.session_factory_for(self.server, plaintext=True))
+            self._start(self._connector.session_factory_for(self.server, plaintext=True, **self._factory_options))
             return
         if not isinstance(failure.value, DeliveryFailure):
             log.failure("session setup with {server} failed unexpectedly", failure, server=str(self.server))
@@ -278,7 +295,7 @@ class _LevelRace:
         def connected() -> None:
             self.connected[lane] = True
 
-        attempt = _Attempt(self.plan.connector, address, self.plan.nexthop, connected)
+        attempt = _Attempt(self.plan.connector, address, self.plan.nexthop, connected, self.plan.factory_options)
         self.in_flight[lane] = (position, attempt)
         attempt.result.addCallbacks(self._won, self._lost, callbackArgs=(lane, attempt), errbackArgs=(lane, attempt))
 
@@ -340,9 +357,13 @@ class ConnectionPlan:
     ones were skipped.  ``next_session()`` may be called again after a
     session for the addresses that remain."""
 
-    def __init__(self, connector: Connector, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop | str) -> None:
+    def __init__(self, connector: Connector, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop | str,
+                 tls_demand: Any = None) -> None:
         self.connector = connector
         self.nexthop = nexthop
+        # Only when there is a demand: a session_factory_for without the
+        # keyword (a test's) keeps working.
+        self.factory_options: dict[str, Any] = {} if tls_demand is None else {"tls_demand": tls_demand}
         chosen = list(addresses)
         self.addresses = chosen
         self.remaining: list[int] = list(range(len(chosen)))
@@ -419,8 +440,10 @@ class Connector:
         bind4 = (self.bind4, 0) if self.bind4 else None
         return TCP4ClientEndpoint(self.reactor, address.address, address.port, timeout=timeout, bindAddress=bind4)
 
-    def plan(self, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop | str) -> ConnectionPlan:
-        return ConnectionPlan(self, addresses, nexthop)
+    def plan(self, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop | str,
+             tls_demand: Any = None) -> ConnectionPlan:
+        """The addresses of one nexthop to try, for a message with ``tls_demand``."""
+        return ConnectionPlan(self, addresses, nexthop, tls_demand)
 
     def connect(self, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop | str = "") -> Deferred[Any]:
         """The first session that greets, or ``ConnectFailure`` with every
@@ -433,6 +456,8 @@ class Connector:
         nexthop: Nexthop,
         recipients: Iterable[int],
         transact: Transact,
+        *,
+        tls_demand: Any = None,
     ) -> Deferred[SmtpResult]:
         """Deliver ``recipients`` (indexes) through the addresses of one nexthop.
 
@@ -443,12 +468,15 @@ class Connector:
         the next address while this is not the final server; the result
         has a final status for every recipient.
         """
-        return Deferred.fromCoroutine(self._deliver_with_fallback(addresses, nexthop, list(recipients), transact))
+        return Deferred.fromCoroutine(
+            self._deliver_with_fallback(addresses, nexthop, list(recipients), transact, tls_demand)
+        )
 
     async def _deliver_with_fallback(
-        self, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop, pending: list[int], transact: Transact
+        self, addresses: Sequence[MailExchangerAddress], nexthop: Nexthop, pending: list[int], transact: Transact,
+        tls_demand: Any = None,
     ) -> SmtpResult:
-        plan = self.plan(addresses, nexthop)
+        plan = self.plan(addresses, nexthop, tls_demand)
         result = SmtpResult(found_myself=bool(getattr(addresses, "found_myself", False)))
         session_limit = self.session_limit
         try:
@@ -456,7 +484,7 @@ class Connector:
                 try:
                     session, server = await plan.next_session()
                 except ConnectFailure as failure:
-                    status = failure.status
+                    status = failure.status.final()
                     if nexthop.is_relay and not failure.final_server:
                         # A relay that could not be reached is a configuration
                         # problem (4.3.5); one that answered and refused
@@ -486,7 +514,7 @@ class Connector:
                         kept.append(index)
                         soft_seen = soft_seen or status
                     else:
-                        result.outcomes[index] = RecipientOutcome(status, server)
+                        result.outcomes[index] = RecipientOutcome(status.final(), server)
                 if soft_seen is not None:
                     plan.record(server, soft_seen)
                 pending = kept
@@ -500,6 +528,8 @@ class Connector:
         nexthops: Sequence[Nexthop],
         recipients: Iterable[int],
         transact: Transact,
+        *,
+        tls_demand: Any = None,
     ) -> Deferred[SmtpResult]:
         """Deliver ``recipients`` through a nexthop list (``resolver.nexthops(domain)``).
 
@@ -510,10 +540,11 @@ class Connector:
         nexthop or the mail would loop.  Hard failures without a session
         from ``relayhost`` or a fallback relay become 4.3.5.
         """
-        return Deferred.fromCoroutine(self._deliver(resolver, list(nexthops), list(recipients), transact))
+        return Deferred.fromCoroutine(self._deliver(resolver, list(nexthops), list(recipients), transact, tls_demand))
 
     async def _deliver(
-        self, resolver: NexthopResolver, nexthops: list[Nexthop], pending: list[int], transact: Transact
+        self, resolver: NexthopResolver, nexthops: list[Nexthop], pending: list[int], transact: Transact,
+        tls_demand: Any = None,
     ) -> SmtpResult:
         result = SmtpResult()
         leftover: dict[int, RecipientOutcome] = {}
@@ -533,7 +564,7 @@ class Connector:
                 if not failure.skip_to_next:
                     break  # a loop or a null MX: no fallback relay
                 continue
-            part = await self.deliver_with_fallback(addresses, nexthop, pending, transact)
+            part = await self.deliver_with_fallback(addresses, nexthop, pending, transact, tls_demand=tls_demand)
             result.attempts.extend(part.attempts)
             result.sessions += part.sessions
             result.found_myself = result.found_myself or part.found_myself

@@ -28,7 +28,13 @@ The queue manager (``relayagent.qmgr.delivery``) builds an
   without a server (the queue manager throttles the destination).
 
 ``SessionFactories`` builds one connection's ESMTP session with the
-security hook of its nexthop (``security.SecurityPolicy``).
+security hook of its nexthop (``security.SecurityPolicy``), made for the
+message's TLS demand (``smtp.requiretls``: REQUIRETLS raises the level,
+``TLS-Required: No`` lowers it).  The demand also picks the connection
+cache's pool: a REQUIRETLS message reuses only sessions checked for
+REQUIRETLS, and a session downgraded for ``TLS-Required: No`` carries no
+other mail.  A REQUIRETLS message is checked once more before its
+transaction (verified TLS, REQUIRETLS offered), whatever session it got.
 
 SYNOPSIS: ``SmtpAgent`` (``from_config``, ``deliver``, ``route``,
 ``close``), ``SmtpRequest``, ``Router``, ``SessionFactories``; the result
@@ -44,7 +50,8 @@ said.  A queue file found corrupt while the body was sent is
 resolver's, or 4.3.0 "mail transport unavailable".
 
 Owns no parameters: the connection cache's are ``conncache``'s, the
-connection's ``connect``'s, the session's ``channel.SessionSettings``.
+connection's ``connect``'s, the session's ``channel.SessionSettings``;
+requiretls_enable and tls_required_enable are ``smtp.requiretls``'s.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from relayagent.common.status import DeliveryFailure, Status
 from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.conncache import CachedSession, ConnectionCache
 from relayagent.smtp.connect import Connector
+from relayagent.smtp.requiretls import RequireTLSSettings, TLSDemand, demand_of, session_problem
 from relayagent.smtp.resolve import NexthopResolver
 from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult, Transmission
 from relayagent.smtp.security import SecurityPolicy
@@ -120,12 +128,14 @@ class SessionFactories:
         self.security = security
         self._hooks: dict[str, Any] = {}
 
-    def __call__(self, server: ServerInfo, *, plaintext: bool = False) -> SMTPSessionFactory:
+    def __call__(self, server: ServerInfo, *, plaintext: bool = False,
+                 tls_demand: TLSDemand = TLSDemand.POLICY) -> SMTPSessionFactory:
         hook = None
         if self.security is not None:
             hook = self._hooks.get(server.nexthop)
             if hook is None:
                 hook = self._hooks[server.nexthop] = self.security.for_nexthop(server.nexthop)
+            hook = hook.for_demand(tls_demand)
             if plaintext:
                 # The retry after a failed handshake at TLS level may.
                 hook = hook.plaintext_fallback()
@@ -140,6 +150,7 @@ class _Job:
         self.request = request
         self.by_index = {r.index: r for r in request.recipients}
         self.result = SmtpResult()
+        self.demand = TLSDemand.POLICY  # what the message asks of TLS (smtp.requiretls)
 
 
 class SmtpAgent:
@@ -160,12 +171,14 @@ class SmtpAgent:
         connector: Any,
         resolver: NexthopResolver | None = None,
         cache: ConnectionCache | None = None,
+        requiretls: RequireTLSSettings | None = None,
     ) -> None:
         self.clock = clock
         self.nexthops = nexthops
         self.connector = connector
         self.resolver = resolver
         self.cache = cache
+        self.requiretls = requiretls or RequireTLSSettings(requiretls_enable=True, tls_required_enable=True)
 
     @classmethod
     def from_config(cls, config: Config, reactor: Any, *, resolver: NexthopResolver,
@@ -179,6 +192,7 @@ class SmtpAgent:
             connector=Connector(reactor, config, SessionFactories(config, reactor, security)),
             resolver=resolver,
             cache=ConnectionCache.from_config(config, reactor),
+            requiretls=RequireTLSSettings.from_config(config),
         )
 
     def route(self, recipient: Recipient) -> str:
@@ -214,14 +228,17 @@ class SmtpAgent:
         if not nexthops:
             return self._all(job, Status("4.3.0", "no nexthop"))
         nexthop_key = str(nexthops[0])
+        demand = job.demand = demand_of(request.envelope, self.requiretls)
 
         def transact(session: Any, indexes: list[int]) -> Deferred[dict[int, Status]]:
-            entry = self._entry_for(session, nexthop_key)
+            entry = self._entry_for(session, nexthop_key, demand)
             return Deferred.fromCoroutine(self._transact(job, entry, [job.by_index[i] for i in indexes]))
 
+        # Only with a demand: a connector without the keyword still works.
+        options = {} if demand is TLSDemand.POLICY else {"tls_demand": demand}
         try:
             reused = False
-            while self.cache is not None and (cached := self.cache.take(nexthop_key)) is not None:
+            while self.cache is not None and (cached := self.cache.take(nexthop_key, _pool(demand))) is not None:
                 # A reused session is the final server for this request
                 # (Postfix would try the next MX on a soft error; with a
                 # session cached the destination was just working).
@@ -229,12 +246,14 @@ class SmtpAgent:
                 if statuses is None:
                     continue
                 server = cached.session.server
-                result.outcomes = {index: RecipientOutcome(status, server) for index, status in statuses.items()}
+                result.outcomes = {
+                    index: RecipientOutcome(status.final(), server) for index, status in statuses.items()
+                }
                 result.sessions = 1
                 reused = True
                 break
             if not reused:
-                part = await self.connector.deliver(self.resolver, nexthops, list(job.by_index), transact)
+                part = await self.connector.deliver(self.resolver, nexthops, list(job.by_index), transact, **options)
                 result.outcomes = part.outcomes
                 result.attempts = part.attempts
                 result.sessions = part.sessions
@@ -259,8 +278,8 @@ class SmtpAgent:
         job.result.outcomes = {r.index: RecipientOutcome(status, None) for r in job.request.recipients}
         return job.result
 
-    def _entry_for(self, session: Any, nexthop_key: str) -> CachedSession:
-        return CachedSession(session, nexthop=nexthop_key, created=self.clock.seconds())
+    def _entry_for(self, session: Any, nexthop_key: str, demand: TLSDemand = TLSDemand.POLICY) -> CachedSession:
+        return CachedSession(session, nexthop=nexthop_key, created=self.clock.seconds(), pool=_pool(demand))
 
     async def _transact(self, job: _Job, entry: CachedSession, recipients: list[Recipient],
                         *, probe: bool = False) -> dict[int, Status] | None:
@@ -277,6 +296,13 @@ class SmtpAgent:
             and (cache.reuse_count_limit <= 0 or entry.uses < cache.reuse_count_limit)
         )
         session = entry.session
+        if job.demand is TLSDemand.REQUIRETLS and not getattr(session, "requiretls_cleared", False):
+            problem = session_problem(session, getattr(session, "tls_outcome", None))
+            if problem is not None:
+                # Not this server (nothing was sent): the connector tries
+                # the next one, and at the last the message is returned.
+                _quit_quietly(session)
+                return {recipient.index: problem for recipient in recipients}
         try:
             result = await session.deliver(request.envelope, recipients, last=not keep, probe=probe)
         except BaseException:
@@ -298,6 +324,12 @@ class SmtpAgent:
         if not (keep and result.session_usable and cache is not None and cache.store(entry)):
             _quit_quietly(session)
         return dict(result.recipients)
+
+
+def _pool(demand: TLSDemand) -> str:
+    """The connection cache pool of a message's sessions: ordinary mail
+    in the default one, each TLS demand in its own."""
+    return "" if demand is TLSDemand.POLICY else demand.value
 
 
 def _problems(session: Any, statuses: Any) -> list[SessionProblem]:

@@ -16,6 +16,8 @@ SYNOPSIS
     INexthopResolver    nexthops(domain), addresses(nexthop)
     IConnector          deliver(resolver, nexthops, indexes, transact): the
                         sessions and the fallback for one request
+    IHTTPClient         get(url, ...), post(url, body, ...): MTA-STS policy
+                        fetches and TLSRPT uploads
 
 DIAGNOSTICS
     None: these are declarations.  ``zope.interface.verify.verifyObject``
@@ -111,11 +113,30 @@ class IConnector(Interface):
     the connection layer (relayagent.smtp.connect.Connector): sessions for
     a request, across its nexthops and their addresses."""
 
-    def deliver(resolver, nexthops, recipients, transact):
+    def deliver(resolver, nexthops, recipients, transact, *, tls_demand=None):
         """Deliver ``recipients`` (indexes) through ``nexthops``, looking
-        addresses up with ``resolver``; ``transact(session, indexes)`` runs
+        addresses up with ``resolver``; ``tls_demand`` (given only when the
+        message has one, relayagent.smtp.requiretls.TLSDemand) goes to each
+        session's security hook; ``transact(session, indexes)`` runs
         one transaction on each greeted session and returns a Deferred
         ``{index: Status}``.  A Deferred firing with an
         relayagent.smtp.result.SmtpResult that has an outcome for every
         recipient; it fails only for what is no SMTP outcome (a corrupt
         queue file out of ``transact``)."""
+
+
+class IHTTPClient(Interface):
+    """The HTTPS client of MTA-STS (policy fetch) and TLSRPT (report
+    upload): ``relayagent.smtp.https.HTTPSClient`` over treq, and
+    ``relayagent.testing.FakeHTTPClient``.
+
+    Neither method follows redirects.  Both fail with
+    ``relayagent.smtp.https.HTTPError`` (its ``webpki`` attribute True when
+    the server's certificate did not verify)."""
+
+    def get(url, *, timeout, max_size):
+        """Fires with an ``HTTPResponse`` (code, media type, body of at
+        most ``max_size`` bytes) within ``timeout`` seconds."""
+
+    def post(url, body, *, content_type, timeout):
+        """POSTs ``body``; fires with the response code."""

@@ -22,7 +22,11 @@ Two questions are answered here, both before any connection is made:
    With DNS disabled, or for ``smtp_host_lookup = native``, host names go
    to the system resolver (getaddrinfo) through an injected callable.
    ``getHostByName`` is never used: its ANY query is refused by many
-   servers (RFC 8482).
+   servers (RFC 8482).  With ``smtp_dns_support_level = dnssec`` the
+   queries ask for DNSSEC (``relayagent.smtp.dnssec``) and each address
+   records whether its MX RRset and its A/AAAA RRset were validated
+   (``MailExchangerAddress.mx_dnssec_valid``/``host_dnssec_valid``),
+   for DANE (``relayagent.smtp.dane``).
 
 SYNOPSIS
 
@@ -77,6 +81,7 @@ from zope.interface import implementer
 from relayagent.common.config import Config, ConfigError, Settings, split_list
 from relayagent.common.maps import open_maps
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.dnssec import is_authentic
 from relayagent.smtp.interfaces import INexthopResolver
 
 log = Logger(namespace="relayagent.smtp.resolve")
@@ -140,6 +145,12 @@ class MailExchangerAddress:
     family: int  # socket.AF_INET or socket.AF_INET6
     preference: int
     port: int
+    # smtp_dns_support_level = dnssec: the MX RRset this host came from was
+    # validated (True when no MX lookup was made: a [host] nexthop or a
+    # domain without MX records), and so was the host's A/AAAA RRset that
+    # gave this address (Postfix's dnssec_valid of the MX and host RRs).
+    mx_dnssec_valid: bool = False
+    host_dnssec_valid: bool = False
 
     def __str__(self) -> str:
         return f"{self.host}[{self.address}]:{self.port}"
@@ -403,7 +414,20 @@ def make_dns_resolver(config: Config, reactor: Any, *, resolv_conf: str = "/etc/
         if not _is_address_literal(host):
             raise ConfigError(f"{where}: a name server must be given by its address")
         servers.append((host, port))
-    return client.Resolver(servers=servers or resolv_conf_servers(resolv_conf), reactor=reactor)
+    servers = servers or resolv_conf_servers(resolv_conf)
+    if ResolveSettings.from_config(config).smtp_dns_support_level == "dnssec":
+        # Queries with the AD and DO bits; answers keep the AD bit.
+        from relayagent.smtp.dnssec import DNSSECResolver
+
+        for host, port in servers:
+            if not ipaddress.ip_address(host).is_loopback:
+                log.warn(
+                    "smtp_dns_support_level = dnssec: name server {host} is not on this host; "
+                    "the AD bit of its answers is trusted as if it were (use a local validating resolver)",
+                    host=f"{host}:{port}" if port != dns.PORT else host,
+                )
+        return DNSSECResolver(servers=servers, reactor=reactor)
+    return client.Resolver(servers=servers, reactor=reactor)
 
 
 SystemResolver = Callable[[str], "Deferred[list[tuple[int, str]]]"]
@@ -435,6 +459,8 @@ class _HostLookup:
 
     addresses: list[tuple[int, str]] = field(default_factory=list)
     error: Status | None = None
+    # The address families whose RRset came validated (the AD bit).
+    secure_families: set[int] = field(default_factory=set)
 
 
 def _dns_error_status(name: str, rrtype: str, failure: BaseException, *, hard_dsn: str) -> Status:
@@ -516,6 +542,8 @@ class NexthopResolver:
         )
         support = settings.smtp_dns_support_level
         self.dns_enabled = not (support == "disabled" or (support == "" and settings.disable_dns_lookups))
+        # Trust the AD bit of the (local, validating) resolver.
+        self.dnssec = self.dns_enabled and support == "dnssec"
         lookup = set(settings.smtp_host_lookup)
         self.host_lookup_dns = self.dns_enabled and "dns" in lookup and dns_resolver is not None
         # With DNS disabled (or no resolver given), the system resolver is
@@ -658,7 +686,7 @@ class NexthopResolver:
         """smtp_domain_addr(): MX lookup, then each MX host's addresses."""
         name = nexthop.host
         try:
-            answers = await self._query(name, dns.MX)
+            answers, mx_secure = await self._query_validated(name, dns.MX)
         except DNSNameError as exc:
             # NXDOMAIN: the name has no records of any type (RFC 8020), so
             # an A/AAAA fallback query could only say the same.
@@ -689,7 +717,11 @@ class NexthopResolver:
         errors: list[Status] = []
         for (preference, host), lookup in zip(exchangers, lookups, strict=True):
             found.extend(
-                MailExchangerAddress(host, address, family, preference, nexthop.port) for family, address in lookup.addresses
+                MailExchangerAddress(
+                    host, address, family, preference, nexthop.port,
+                    mx_dnssec_valid=mx_secure, host_dnssec_valid=family in lookup.secure_families,
+                )
+                for family, address in lookup.addresses
             )
             if lookup.error is not None:
                 errors.append(lookup.error)
@@ -744,7 +776,13 @@ class NexthopResolver:
         lookup = await self._lookup_host(nexthop.host)
         if not lookup.addresses:
             raise DeliveryFailure(lookup.error or _no_data_status(nexthop.host, "A"))
-        found = [MailExchangerAddress(nexthop.host, address, family, 0, nexthop.port) for family, address in lookup.addresses]
+        found = [
+            MailExchangerAddress(
+                nexthop.host, address, family, 0, nexthop.port,
+                mx_dnssec_valid=True, host_dnssec_valid=family in lookup.secure_families,
+            )
+            for family, address in lookup.addresses
+        ]
         if nexthop.port == SMTP_PORT:
             mine = self.local_addresses()
             if any(_normalize(item.address) in mine for item in found):
@@ -784,7 +822,8 @@ class NexthopResolver:
         if self.host_lookup_dns:
             queries = [(family, dns.A if family == socket.AF_INET else dns.AAAA) for family in self.families]
             outcomes = await defer.gatherResults(
-                [Deferred.fromCoroutine(self._query_or_error(host, rrtype)) for _, rrtype in queries], consumeErrors=True
+                [Deferred.fromCoroutine(self._query_or_error(host, rrtype)) for _, rrtype in queries],
+                consumeErrors=True,
             )
             not_found = True
             for (family, rrtype), outcome in zip(queries, outcomes, strict=True):
@@ -794,10 +833,13 @@ class NexthopResolver:
                     if not isinstance(outcome, DNSNameError):
                         not_found = False
                     result.error = _dominant(result.error, status)
-                elif not outcome:
+                elif not outcome[0]:
                     result.error = _dominant(result.error, _no_data_status(host, type_name))
                 else:
-                    result.addresses.extend((family, _address_text(rr)) for rr in outcome)
+                    records, secure = outcome
+                    result.addresses.extend((family, _address_text(rr)) for rr in records)
+                    if secure:
+                        result.secure_families.add(family)
             if result.addresses or not (not_found and self.host_lookup_native):
                 if result.addresses:
                     result.error = None
@@ -836,23 +878,27 @@ class NexthopResolver:
             return _HostLookup(error=Status("5.4.4", f"{host}: host not found"))
         return _HostLookup(addresses)
 
-    async def _query(self, name: str, rrtype: int) -> list[dns.RRHeader]:
-        """Records of ``rrtype`` for ``name``, through CNAME chains; an empty
-        list is NODATA."""
+    async def _query_validated(self, name: str, rrtype: int) -> tuple[list[dns.RRHeader], bool]:
+        """Records of ``rrtype`` for ``name``, through CNAME chains (an
+        empty list is NODATA), and whether every reply on the way had the
+        AD bit (``smtp_dns_support_level = dnssec``; False otherwise)."""
         lookup = {dns.MX: "lookupMailExchange", dns.A: "lookupAddress", dns.AAAA: "lookupIPV6Address"}[rrtype]
         current = name
+        secure = self.dnssec
         for _ in range(MAX_CNAME_HOPS):
-            answers, _authority, _additional = await getattr(self.dns_resolver, lookup)(current)
+            reply = await getattr(self.dns_resolver, lookup)(current)
+            secure = secure and is_authentic(reply)
+            answers, _authority, _additional = reply
             records, last = _records_through_cnames(current, answers, rrtype)
             if records or last == current.lower().rstrip("."):
-                return records
+                return records, secure
             # The server gave a CNAME without chasing it: ask for the target.
             current = last
         raise DNSFormatError(f"too many CNAME indirections for {name}")
 
-    async def _query_or_error(self, name: str, rrtype: int) -> list[dns.RRHeader] | BaseException:
+    async def _query_or_error(self, name: str, rrtype: int) -> tuple[list[dns.RRHeader], bool] | BaseException:
         try:
-            return await self._query(name, rrtype)
+            return await self._query_validated(name, rrtype)
         except Exception as exc:
             return exc
 

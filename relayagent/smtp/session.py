@@ -61,6 +61,8 @@ from relayagent.smtp.channel import (
 from relayagent.smtp.ehlo import announced_size
 from relayagent.smtp.interfaces import ISMTPSession
 from relayagent.smtp.reply import Reply
+from relayagent.smtp.requiretls import TLSDemand
+from relayagent.smtp.tls import TLSOutcome
 from relayagent.smtp.transaction import TransactionResult
 
 DEFAULT_CHUNK_SIZE = 65536
@@ -95,6 +97,11 @@ class SMTPSession(SMTPChannel):
         self.esmtp = False
         self.pix_workarounds: frozenset[str] = frozenset()
         self.transactions = 0
+        # Left by the security hook: what STARTTLS gave (None: no hook ran)
+        # and the message demand it was negotiated for (smtp.requiretls).
+        self.tls_outcome: TLSOutcome | None = None
+        self.tls_demand = TLSDemand.POLICY
+        self.requiretls_cleared = False  # meets smtp_requiretls_policy (smtp.security)
         self._busy = False
 
     # -- what the layers above read ---------------------------------------

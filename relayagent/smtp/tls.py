@@ -20,12 +20,31 @@ Levels, weakest first:
 - ``secure``: the same, matching smtp_tls_secure_cert_match (default: the
   nexthop domain and its subdomains).
 
-A certificate that fails ``verify`` or ``secure`` is 4.7.5 "Server
-certificate not verified".  ``dane`` is treated as ``may`` (we have no
-DNSSEC-validated TLSA records, and Postfix downgrades DANE to ``may`` when
-it has none); ``dane-only`` and ``fingerprint`` are not supported and defer
-the mail with 4.7.5 "client TLS configuration problem", as an invalid
-policy does in Postfix.
+- ``dane``, ``dane-only`` (RFC 7672): per MX host, the DNSSEC-validated
+  TLSA records at ``_PORT._tcp.HOST`` (``relayagent.smtp.dane``) decide
+  (``dane_policy``, Postfix's dane_init): usable records make TLS
+  mandatory and the certificate must match them (DANE-EE: the leaf's key
+  or certificate, names and dates ignored; DANE-TA: a trust anchor of the
+  chain, the leaf matching the MX host or the nexthop domain).  Without
+  DNSSEC (``smtp_dns_support_level = dnssec``, a validated MX RRset and
+  host addresses) or TLSA records, ``dane`` is ``may`` and ``dane-only``
+  defers (4.7.5 "non DNSSEC destination", "no TLSA records found";
+  at level ``dane`` a secure host with TLSA records found through an
+  insecure MX lookup follows smtp_tls_dane_insecure_mx_policy: by default
+  its records are enforced, a match logged as "Trusted");
+  records that are all unusable make ``dane`` ``encrypt``; a failed TLSA
+  lookup (SERVFAIL, bogus) defers both (4.7.5 "TLSA lookup error for
+  HOST:PORT"), never plaintext.  A match logs "Verified TLS connection
+  established" and (smtp_tls_loglevel 2) "Matched DANE EE certificate at
+  depth 0: 3 1 1 ...";
+  a mismatch "certificate verification failed for HOST[ADDR]:PORT: not
+  trusted by local or TLSA policy" and defers.  The outcome says
+  ``policy_type = "tlsa"`` (``TLSOutcome.verified_by_dane``).
+
+A certificate that fails ``verify``, ``secure`` or the TLSA records is
+4.7.5 "Server certificate not verified".  ``fingerprint`` is not supported
+and defers the mail with 4.7.5 "client TLS configuration problem", as an
+invalid policy does in Postfix.
 
 ``smtp_tls_policy_maps`` is looked up with the nexthop as written
 (``[mx.example.net]:587``, ``example.com``); for a plain domain the parent
@@ -45,7 +64,9 @@ SYNOPSIS
 
     settings = TLSSettings.from_config(config)        # contexts built once
     policy = PolicyLookup(level, tables).policy_for(nexthop)      # smtp_tls_security_level
+    policy = dane_policy(policy, tlsa_lookup)    # dane/dane-only, per MX host
     outcome = await negotiate_tls(session, policy, settings, nexthop=nexthop)
+    outcome.trust, outcome.policy_type, outcome.verified_by_dane
 
 DIAGNOSTICS: a bad level, protocol list, cipher grade, policy entry or
 certificate/key setting raises ``TLSConfigError`` (a ``ValueError``);
@@ -54,7 +75,8 @@ a policy-table entry found bad at lookup is ``TLSPolicyError``.
 required, but was not offered by host X", the server's STARTTLS
 refusal (X.7.4), 4.7.5 "Server certificate not verified", 4.7.5
 "client TLS configuration problem", 4.7.5 "Cannot start TLS: ..."
-(``retry_plaintext`` at level ``may``).
+(``retry_plaintext`` at level ``may``).  ``dane_policy`` fails with
+``DeliveryFailure`` 4.7.5 and Postfix's DANE reasons (above).
 
 Owns: smtp_tls_security_level, smtp_tls_policy_maps, smtp_tls_CAfile,
 smtp_tls_CApath, smtp_tls_cert_file, smtp_tls_key_file, smtp_tls_protocols,
@@ -65,6 +87,7 @@ smtp_starttls_timeout, smtp_tls_loglevel.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +108,7 @@ from zope.interface import implementer
 
 from relayagent.common.config import Settings
 from relayagent.common.status import DeliveryFailure, Status
+from relayagent.smtp.dane import DaneMatch, DaneState, TLSALookup, TLSARecord, match_chain
 
 log = Logger(namespace="relayagent.smtp.tls")
 
@@ -97,40 +121,53 @@ class TLSConfigError(ValueError):
 
 
 class TLSLevel(enum.IntEnum):
+    """Postfix's TLS security levels (the values are ours, not Postfix's)."""
+
     NONE = 0
     MAY = 1
     ENCRYPT = 2
     VERIFY = 3
     SECURE = 4
+    # Resolved per MX host (dane_policy): to MAY, ENCRYPT, a deferral, or
+    # DANE with the host's TLSA records in TLSPolicy.tlsa.
+    DANE = 5
+    DANE_ONLY = 6
 
     @property
     def mandatory(self) -> bool:
-        """TLS is required (Postfix's TLS_REQUIRED)."""
-        return self >= TLSLevel.ENCRYPT
+        """TLS is required (Postfix's TLS_REQUIRED); for the DANE levels,
+        once usable TLSA records are in hand."""
+        return self is not TLSLevel.NONE and self is not TLSLevel.MAY
 
     @property
     def checks_names(self) -> bool:
-        return self >= TLSLevel.VERIFY
+        """The certificate must chain to a CA and match a name (WebPKI)."""
+        return self in (TLSLevel.VERIFY, TLSLevel.SECURE)
+
+    @property
+    def is_dane(self) -> bool:
+        """``dane`` or ``dane-only``."""
+        return self in (TLSLevel.DANE, TLSLevel.DANE_ONLY)
 
     def __str__(self) -> str:
-        return self.name.lower()
+        return self.name.lower().replace("_", "-")
 
 
 def parse_level(word: str, source: str = "smtp_tls_security_level") -> TLSLevel:
+    """A level word (``may``, ``dane-only``...) to its ``TLSLevel``."""
     word = word.strip().lower()
     if word in ("", "none"):
         return TLSLevel.NONE
-    if word == "dane":
-        # Without DNSSEC-validated TLSA records Postfix's dane is may.
-        log.warn("{source}: level dane is treated as may (no DANE support)", source=source)
-        return TLSLevel.MAY
     try:
-        return TLSLevel[word.upper()]
+        return TLSLevel[word.upper().replace("-", "_")]
     except KeyError:
         pass
-    if word in ("dane-only", "fingerprint"):
+    if word == "fingerprint":
         raise TLSConfigError(f"{source}: TLS security level {word!r} is not supported")
-    raise TLSConfigError(f"{source}: unknown TLS security level {word!r}; expected none, may, encrypt, verify or secure")
+    raise TLSConfigError(
+        f"{source}: unknown TLS security level {word!r}; "
+        "expected none, may, encrypt, dane, dane-only, verify or secure"
+    )
 
 
 # ----------------------------------------------------------------- protocols
@@ -225,6 +262,61 @@ class TLSPolicy:
     ciphers: str | None = None  # a grade; None: the level's parameter
     exclude: tuple[str, ...] = ()
     source: str = "smtp_tls_security_level"
+    # Level dane/dane-only resolved for one MX host: its usable TLSA
+    # records (relayagent.smtp.dane), which the certificate must match.
+    tlsa: tuple[TLSARecord, ...] = ()
+    # The TLSA records came through an insecure MX lookup (Postfix's
+    # half-dane): enforced, but a match is only "Trusted".
+    half_dane: bool = False
+
+
+def dane_policy(policy: TLSPolicy, lookup: TLSALookup, insecure_mx_policy: str = "dane") -> TLSPolicy:
+    """The effective policy of level ``dane``/``dane-only`` for one MX
+    host, given its TLSA lookup (Postfix: dane_init/dane_incompat).
+
+    ``dane`` becomes ``may`` without DNSSEC or TLSA records and
+    ``encrypt`` when the records are all unusable; ``dane-only`` defers
+    then (4.7.5 with Postfix's reason); a failed lookup defers both
+    (4.7.5 "TLSA lookup error for HOST:PORT").  With usable records the
+    level stays (TLS mandatory) and the records come along.  Records of
+    a host found through an insecure MX lookup (``lookup.mx_secure``
+    False, level ``dane`` only) follow ``insecure_mx_policy``
+    (smtp_tls_dane_insecure_mx_policy): ``encrypt``, or ``dane``:
+    enforced as "half-dane", a match logged as Trusted.  Raises
+    ``DeliveryFailure``.
+    """
+    if not policy.level.is_dane:
+        return policy
+    state, reason = lookup.state, lookup.reason
+    if state is DaneState.USABLE and not lookup.mx_secure:
+        if policy.level is TLSLevel.DANE_ONLY or insecure_mx_policy == "may":
+            # DaneResolver.lookup does not get here for these; be safe.
+            state, reason = DaneState.INSECURE, "non DNSSEC destination"
+        elif insecure_mx_policy == "encrypt":
+            log.debug("{host}: Verification not possible, MX RRset is insecure", host=lookup.host)
+            return dataclasses.replace(policy, level=TLSLevel.ENCRYPT)
+        else:
+            return dataclasses.replace(policy, tlsa=lookup.records, half_dane=True)
+    if state is DaneState.USABLE:
+        return dataclasses.replace(policy, tlsa=lookup.records)
+    if state is DaneState.ERROR:
+        raise DeliveryFailure(Status(dsn="4.7.5", text=reason, remote_mta=lookup.host or None))
+    if lookup.config_problem:
+        # Our configuration, not the destination: Postfix warns.
+        log.warn("{nexthop}: {tls_level} {reason}", nexthop=lookup.host, tls_level=str(policy.level), reason=reason)
+        if policy.level is TLSLevel.DANE_ONLY:
+            raise DeliveryFailure(
+                Status(dsn="4.7.5", text="client TLS configuration problem"), skip_to_next=False
+            )
+        return dataclasses.replace(policy, level=TLSLevel.MAY)
+    if policy.level is TLSLevel.DANE_ONLY:
+        raise DeliveryFailure(Status(dsn="4.7.5", text=reason, remote_mta=lookup.host or None))
+    log.debug("{host}: {reason}: level dane is may", host=lookup.host, reason=reason)
+    if state is DaneState.UNUSABLE:
+        # RFC 7672 section 2.2: TLSA records, none usable: TLS is
+        # mandatory but cannot be authenticated.
+        return dataclasses.replace(policy, level=TLSLevel.ENCRYPT)
+    return dataclasses.replace(policy, level=TLSLevel.MAY)
 
 
 def parse_policy(value: str, source: str) -> TLSPolicy:
@@ -644,10 +736,27 @@ class TLSOutcome:
     cipher: str = ""
     bits: int = 0
     verify_errors: list[str] = field(default_factory=list)
+    # For MTA-STS and TLSRPT, whatever the level: the X509_V_ERR codes of
+    # the chain check, and whether the chain verified and a name matched
+    # the MX host name (what an MTA-STS policy demands).
+    verify_codes: tuple[int, ...] = ()
+    host_verified: bool = False
+    # The policy that authenticated (or was to authenticate) the server:
+    # "tlsa" for DANE (RFC 8460's policy-type); "" for none or WebPKI.
+    policy_type: str = ""
+    # DANE: "Matched DANE EE certificate at depth 0: 3 1 1 ..." when matched.
+    dane_match: str = ""
 
     @classmethod
     def plaintext(cls) -> TLSOutcome:
+        """No TLS on this session."""
         return cls(active=False)
+
+    @property
+    def verified_by_dane(self) -> bool:
+        """The server's certificate matched its DNSSEC-validated TLSA
+        records (trust ``Verified`` under policy type ``tlsa``)."""
+        return self.active and self.trust == "Verified" and self.policy_type == "tlsa"
 
 
 def _peer(server: Any) -> str:
@@ -686,6 +795,13 @@ async def negotiate_tls(
     level = policy.level
     if level is TLSLevel.NONE:
         return TLSOutcome.plaintext()
+    if level.is_dane and not policy.tlsa:
+        # dane_policy() resolves the DANE levels per MX host first; never
+        # let an unresolved one pass as something weaker.
+        raise DeliveryFailure(
+            Status(dsn="4.7.5", text="client TLS configuration problem", stage=STARTTLS_STAGE),
+            skip_to_next=False,
+        )
     if "STARTTLS" not in session.extensions:
         if level.mandatory:
             raise DeliveryFailure(
@@ -741,7 +857,9 @@ async def negotiate_tls(
         outcome = _examine(connection, errors, policy, settings, server=server, nexthop=nexthop)
         outcomes.append(outcome)
         _log_established(outcome, server, settings.loglevel)
-        if level.checks_names and outcome.trust != "Verified":
+        # Under DANE a TLSA match is what counts (half-dane's is Trusted).
+        authenticated = bool(outcome.dane_match) if policy.tlsa else outcome.trust == "Verified"
+        if (level.checks_names or policy.tlsa) and not authenticated:
             raise CertificateRejected("; ".join(outcome.verify_errors))
 
     server_name = None if is_ip_literal(server.host) else server.host
@@ -752,14 +870,17 @@ async def negotiate_tls(
         await _start_tls_method(session)(creator)
     except Exception as exc:  # noqa: BLE001 - every handshake failure is reported alike
         if creator.rejected is not None:
-            raise DeliveryFailure(
+            rejected = DeliveryFailure(
                 Status(
                     dsn="4.7.5",
                     text="Server certificate not verified",
                     stage=STARTTLS_STAGE,
                     remote_mta=server.host,
                 )
-            ) from None
+            )
+            # What was wrong with it, for TLSRPT (relayagent.smtp.security).
+            rejected.tls_outcome = outcomes[0] if outcomes else None  # type: ignore[attr-defined]
+            raise rejected from None
         if creator.handshake_done:
             # TLS is up; what failed is the conversation after it (EHLO).
             raise
@@ -796,6 +917,8 @@ def _examine(
     server: Any,
     nexthop: str,
 ) -> TLSOutcome:
+    if policy.tlsa:
+        return _examine_dane(connection, policy, server=server, nexthop=nexthop)
     certificate = connection.get_peer_certificate(as_cryptography=True)
     errors = [
         f"depth {depth}: {_VERIFY_ERRORS.get(errno, f'verification error {errno}')}"
@@ -805,6 +928,9 @@ def _examine(
     if certificate is None:
         errors.append("no server certificate")
     trust = "Trusted" if chain_ok else "Untrusted"
+    host_verified = chain_ok and certificate_matches(
+        certificate, ("hostname",), hostname=server.host, nexthop=nexthop_domain(nexthop)
+    )
     if chain_ok and policy.level.checks_names:
         patterns = settings.match_patterns(policy)
         if certificate_matches(certificate, patterns, hostname=server.host, nexthop=nexthop_domain(nexthop)):
@@ -818,6 +944,39 @@ def _examine(
         cipher=connection.get_cipher_name() or "",
         bits=connection.get_cipher_bits() or 0,
         verify_errors=errors,
+        verify_codes=tuple(errno for _depth, errno in verify_errors),
+        host_verified=host_verified,
+    )
+
+
+def _examine_dane(connection: SSL.Connection, policy: TLSPolicy, *, server: Any, nexthop: str) -> TLSOutcome:
+    """DANE: the peer chain against the host's TLSA records (dane.py);
+    OpenSSL's own chain verdict does not count here."""
+    chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+    if not chain:
+        leaf = connection.get_peer_certificate(as_cryptography=True)
+        chain = [leaf] if leaf is not None else []
+    # RFC 7672 section 3.2.2: the TLSA base domain (the MX host) and the
+    # nexthop domain are the reference identifiers for DANE-TA.
+    match: DaneMatch = match_chain(
+        chain,
+        policy.tlsa,
+        name_matches=lambda leaf: certificate_matches(
+            leaf, ("hostname", "nexthop"), hostname=server.host, nexthop=nexthop_domain(nexthop)
+        ),
+    )
+    # Postfix: half-dane is never "Verified", only "Trusted": the MX host
+    # name could have been forged.
+    trust = "Verified" if match.verified and not policy.half_dane else "Trusted" if match.trusted else "Untrusted"
+    return TLSOutcome(
+        active=True,
+        trust=trust,
+        protocol=connection.get_protocol_version_name(),
+        cipher=connection.get_cipher_name() or "",
+        bits=connection.get_cipher_bits() or 0,
+        verify_errors=[] if match.verified else [match.reason],
+        policy_type="tlsa",
+        dane_match=match.description if match.verified else "",
     )
 
 
@@ -834,6 +993,21 @@ def _log_established(outcome: TLSOutcome, server: Any, loglevel: int) -> None:
         bits=outcome.bits,
         postfix_tls=True,
     )
+    if outcome.policy_type == "tlsa":
+        # Postfix's tls_dane.c/tls_verify.c lines: the match from
+        # smtp_tls_loglevel 2 (TLS_LOG_VERBOSE), the failure from 1
+        # (TLS_LOG_UNTRUSTED).
+        if outcome.dane_match:
+            (log.info if loglevel >= 2 else log.debug)(
+                "{peer}: {match}", peer=_peer_port(server), match=outcome.dane_match
+            )
+        elif outcome.verify_errors:
+            emit(
+                "certificate verification failed for {peer}: {reason}",
+                peer=_peer_port(server),
+                reason="; ".join(outcome.verify_errors),
+            )
+        return
     if outcome.verify_errors and (loglevel >= 1 or outcome.trust != "Verified"):
         emit(
             "certificate verification for {peer}: {errors}",

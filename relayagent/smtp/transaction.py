@@ -7,8 +7,11 @@ last), RSET after a refusal, the RSET probe of a cached session.
   write, replies matched in order, stopping to read when about 4 KB of
   commands are unanswered (``channel.PIPELINE_BUFFER_OCTETS``); QUIT goes
   with "." after the last transaction; lock-step otherwise;
-- SIZE, BODY=8BITMIME/7BIT, DSN (RET, ENVID, NOTIFY, ORCPT) and SMTPUTF8
-  parameters (``smtp.address``); the 5.3.4 size refusal and the 5.6.7
+- SIZE, BODY=8BITMIME/7BIT, DSN (RET, ENVID, NOTIFY, ORCPT), SMTPUTF8
+  and REQUIRETLS (RFC 8689, on a session the security hook checked for
+  it: ``smtp.requiretls``) parameters (``smtp.address``), and ARRIVAL= to
+  a relayagent listener that offers XRELAYAGENT-ARRIVAL (only to an
+  authenticated peer); the 5.3.4 size refusal and the 5.6.7
   SMTPUTF8 refusal, decided before any command;
 - per-recipient ``Status`` results (``Outcome``) worded as Postfix words
   them; a reply of the wrong kind is Postfix's outcome (5.5.0), never a
@@ -47,10 +50,15 @@ from relayagent.smtp.address import orcpt_parameter, requires_smtputf8, smtp_pat
 from relayagent.smtp.channel import PIPELINE_BUFFER_OCTETS, STAGES, Broken, Stage
 from relayagent.smtp.data import send_body
 from relayagent.smtp.reply import Reply, reply_status, sent_status
+from relayagent.smtp.requiretls import REQUIRETLS_KEYWORD, TLSDemand
 from relayagent.spool.queuefile import CorruptQueueFile
 
 if TYPE_CHECKING:
     from relayagent.smtp.session import SMTPSession
+
+# The EHLO keyword of relayagent's listener, after AUTH, for MAIL FROM's
+# ARRIVAL=<unix-time> (docs/fleet.rst, "Moving a queue to another node").
+ARRIVAL_KEYWORD = "XRELAYAGENT-ARRIVAL"
 
 
 @dataclass(frozen=True)
@@ -112,11 +120,25 @@ def mail_from(session: SMTPSession, envelope: Envelope, converting: bool) -> byt
         # An undeclared 7-bit body: no BODY=, as from Postfix.
     if envelope.smtputf8 and session.has("SMTPUTF8"):
         parts.append("SMTPUTF8")
+    requested = envelope.requiretls and getattr(session, "tls_demand", None) is TLSDemand.REQUIRETLS
+    outcome = getattr(session, "tls_outcome", None)
+    requiretls = requested and session.has(REQUIRETLS_KEYWORD) and outcome is not None and outcome.active
+    if requiretls:
+        parts.append(REQUIRETLS_KEYWORD)
     if session.has("DSN"):
         if envelope.envid:
             parts.append("ENVID=" + xtext(envelope.envid))
-        if envelope.ret is not None:
+        if requested and not requiretls:
+            # smtp_requiretls_policy let it go without REQUIRETLS: ask
+            # that a bounce return only the header (Postfix 3.11).
+            parts.append("RET=HDRS")
+        elif envelope.ret is not None:
             parts.append("RET=" + envelope.ret.value)
+    if session.has(ARRIVAL_KEYWORD):
+        # Our listener's extension (docs/fleet.rst), offered only to an
+        # authenticated relayagent peer: the first arrival, so that the
+        # queue lifetimes and delay warnings go on counting from it.
+        parts.append(f"ARRIVAL={int(envelope.arrival_time)}")
     return " ".join(parts).encode("utf-8")
 
 

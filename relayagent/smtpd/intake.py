@@ -63,7 +63,7 @@ from zope.interface import implementer
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
-from relayagent.common.envelope import BodyType
+from relayagent.common.envelope import BodyType, Notify, Recipient, Ret
 from relayagent.spool import space
 
 log = Logger(namespace="relayagent.smtpd.twistedmail")
@@ -236,7 +236,7 @@ class ClientInfo:
             peer=peer,
             esmtp=bool(esmtp),
             authenticated=bool(getattr(protocol, "authenticated", False)),
-            tls=bool(getattr(protocol, "startedTLS", False)),
+            tls=bool(getattr(protocol, "encrypted", getattr(protocol, "startedTLS", False))),
         )
 
     def with_protocol(self) -> str:
@@ -465,6 +465,10 @@ class _Transaction:
         self.origin = origin
         self.client = ClientInfo.of(protocol, helo)
         self.body_type = _declared_body_type(protocol)
+        self.envid, self.ret, self.arrival_time = _declared_dsn(protocol)
+        username = getattr(protocol, "relayagent_sasl_username", None)
+        self.sasl_username = username if isinstance(username, str) else None
+        self.requiretls = _requested_requiretls(protocol)
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
         self._file: IO[bytes] | None = None
@@ -523,6 +527,17 @@ class _Transaction:
             # Postfix's cleanup drops exact duplicates; so do we.
             seen.setdefault(str(receiver.dest), None)
         return list(seen)
+
+    @property
+    def envelope_recipients(self) -> list[Recipient]:
+        """The recipients with their ORCPT and NOTIFY, duplicates dropped
+        (the first RCPT of an address keeps its parameters)."""
+        seen: dict[str, Recipient] = {}
+        for receiver in self.receivers:
+            address = str(receiver.dest)
+            if address not in seen:
+                seen[address] = Recipient(address, orcpt=receiver.orcpt, notify=receiver.notify)
+        return list(seen.values())
 
     def _start(self) -> None:
         self.collecting = False
@@ -622,17 +637,35 @@ class _Transaction:
         sender = str(self.origin)
         recipients = self.recipients
         spool_file = self._file
+        queued_recipients: list[Any] = recipients
+        extra: dict[str, Any] = {}
+        if self.envid is not None:
+            extra["envid"] = self.envid
+        if self.ret is not None:
+            extra["ret"] = self.ret
+        if self.arrival_time is not None:
+            # A first arrival in the future (a peer's clock ahead of
+            # ours) would keep the message for longer than its lifetime.
+            extra["arrival_time"] = min(self.arrival_time, self.intake.clock())
+        # Only when asked: other spools (twisted.mail glue) need not know it.
+        if self.requiretls:
+            extra["requiretls"] = True
+        if any(r.orcpt is not None or r.notify is not Notify.DEFAULT for r in self.envelope_recipients):
+            queued_recipients = self.envelope_recipients
         result = defer.maybeDeferred(
-            self.intake.spool.enqueue, sender, recipients, spool_file, body_type=self.body_type
+            self.intake.spool.enqueue, sender, queued_recipients, spool_file, body_type=self.body_type,
+            **extra,
         )
         result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
         result.addBoth(self._settle)
 
     def _queued(self, queue_id: str) -> str:
         self._close_file()
+        # Postfix's smtpd names the SASL login on the client= line.
+        sasl = f", sasl_method=CRAM-MD5, sasl_username={self.sasl_username}" if self.sasl_username else ""
         log.info(
-            "{queue_id}: client={client}, from=<{sender}>, nrcpt={count}",
-            queue_id=queue_id, client=_describe_peer_info(self.client), sender=str(self.origin),
+            "{queue_id}: client={client}{sasl}, from=<{sender}>, nrcpt={count}",
+            queue_id=queue_id, client=_describe_peer_info(self.client), sasl=sasl, sender=str(self.origin),
             count=len(self.recipients),
         )
         self.intake.wake_queue_manager(queue_id)
@@ -671,10 +704,29 @@ def _describe_peer_info(client: ClientInfo) -> str:
     return f"unknown{literal}" if literal else str(client.peer)
 
 
+def _requested_requiretls(protocol: object) -> bool:
+    """MAIL FROM carried REQUIRETLS (RFC 8689), when the protocol
+    records it (ours does, and takes it only over TLS)."""
+    return getattr(protocol, "relayagent_requiretls", False) is True
+
+
 def _declared_body_type(protocol: object) -> BodyType | None:
     """BODY= of the MAIL command, when the protocol records it (ours does)."""
     declared = getattr(protocol, "relayagent_body_type", None)
     return declared if isinstance(declared, BodyType) else None
+
+
+def _declared_dsn(protocol: object) -> tuple[str | None, Ret | None, float | None]:
+    """ENVID=, RET= and ARRIVAL= of the MAIL command, when the protocol
+    records them (ours does; ARRIVAL only from an authenticated peer)."""
+    envid = getattr(protocol, "relayagent_envid", None)
+    ret = getattr(protocol, "relayagent_ret", None)
+    arrival = getattr(protocol, "relayagent_arrival", None)
+    return (
+        envid if isinstance(envid, str) else None,
+        ret if isinstance(ret, Ret) else None,
+        float(arrival) if isinstance(arrival, (int, float)) and not isinstance(arrival, bool) else None,
+    )
 
 
 @implementer(IMessageSMTP)
@@ -688,6 +740,10 @@ class _RecipientReceiver:
         # of the intake's weak _transactions map, and a value that holds
         # its key keeps the entry (and the whole session) alive for ever.
         self.dest = user.dest
+        orcpt = getattr(user, "relayagent_orcpt", None)
+        notify = getattr(user, "relayagent_notify", Notify.DEFAULT)
+        self.orcpt: str | None = orcpt if isinstance(orcpt, str) else None
+        self.notify: Notify = notify if isinstance(notify, Notify) else Notify.DEFAULT
 
     def lineReceived(self, line: bytes) -> None:
         self.transaction.line(self, line)

@@ -21,9 +21,27 @@ server lacks:
   closes the connection before the 250).  We hold further lines while
   such a Deferred is outstanding, and stop reading from the socket when
   too many lines are held.
+- DSN (RFC 3461): advertised; RET= and ENVID= of MAIL, NOTIFY= and
+  ORCPT= of each RCPT are checked (501 5.5.4 when malformed) and kept in
+  the queue file, so that the notices this node sends, and the next
+  hop's, are the ones the sender asked for.
 - Unknown MAIL and RCPT parameters get 555 5.5.4 (RFC 5321 4.1.1.11);
   Twisted's server ignores them silently, so a client could believe a
-  DSN request (NOTIFY=, RET=) was taken.
+  request was taken.
+- AUTH (RFC 4954) with ``smtpd_sasl_auth_enable``: CRAM-MD5 (RFC 2195)
+  against ``smtpd_sasl_password_maps`` (username -> password).  The
+  listener has no STARTTLS of its own, so no mechanism that sends the
+  password itself (PLAIN, LOGIN) is offered.  Failures are 535 5.7.8 and one warning
+  line naming the client and the username, never the response.
+- XRELAYAGENT-ARRIVAL (ours, docs/fleet.rst): offered in the EHLO reply
+  to an authenticated client only (it says EHLO again after AUTH), it
+  lets MAIL FROM carry ``ARRIVAL=<unix-time>``, the message's first
+  arrival on the node it comes from (``relayagent transfer``), which
+  the queue file keeps as its arrival time (a time in the future is
+  taken as now).  From anyone else ARRIVAL= is an unknown parameter
+  (555): an unauthenticated client cannot make its mail look old (and
+  expire or bounce at once), as Postfix trusts XCLIENT and XFORWARD only
+  from the hosts it is told to.
 - A failed enqueue answers 451 4.3.0 (Twisted's answers 550 to any
   failure of a message receiver, turning a full disk into bounces), and
   MAIL FROM gets 452 4.3.1 while the queue file system is short of
@@ -31,6 +49,15 @@ server lacks:
   ``message_size_limit``), as from Postfix's smtpd.
 - An over-long line ends the session with a 5xx reply (Twisted's server
   keeps buffering a line that never ends).
+- REQUIRETLS (RFC 8689), with ``requiretls_enable``: offered in EHLO and
+  taken on MAIL FROM only in an encrypted session, and recorded in the
+  queue file.  The listener has no STARTTLS of its own (no server
+  certificate parameters), so "encrypted" means an implicit-TLS
+  endpoint in ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
+  certKey=cert.pem``), or a session where Twisted's own STARTTLS ran
+  (a MailService factory given a context factory).  In plaintext,
+  REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
+  555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
 Relaying is the intake's rule: clients in ``mynetworks`` (default
 loopback only) or authenticated; anyone else gets 554 5.7.1 for every
@@ -44,18 +71,25 @@ SYNOPSIS
     RelayagentESMTP (the server protocol);  parse_esmtp_parameters(text)
 
 DIAGNOSTICS: replies to the client, never exceptions: 552 5.3.4 (size),
-555 5.5.4 (unknown parameter), 452 4.3.1 (short of space), 451 4.3.0 (the
-spool failed), 554 5.7.1 (relaying denied), 5xx for an over-long line.
+555 5.5.4 (unknown parameter, REQUIRETLS in plaintext), 501 5.5.4 (a
+malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 452 4.3.1
+(short of space), 451 4.3.0 (the spool failed), 554 5.7.1 (relaying
+denied), 5xx for an over-long line.
 A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
 ``strports.service`` (``ValueError``).
 
-Owns: smtpd_endpoints, smtpd_banner.  Reads message_size_limit,
+Owns: smtpd_endpoints, smtpd_banner, smtpd_sasl_auth_enable,
+smtpd_sasl_password_maps.  Reads message_size_limit, requiretls_enable,
 myhostname (and, through the glue, mynetworks, hopcount_limit and
 queue_minfree).
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
+import hashlib
+import hmac
 import re
 import time
 from collections import deque
@@ -65,13 +99,21 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService
-from twisted.internet import protocol
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import protocols, smtp
+from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.compat import networkString
+from zope.interface import implementer
 
+from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
-from relayagent.common.envelope import BodyType
+from relayagent.common.envelope import BodyType, Notify, Ret
+from relayagent.common.maps import MapList, open_maps
+from relayagent.smtp.sasl import warn_if_world_readable
 from relayagent.smtpd.intake import (
     QUEUE_WRITE_ERROR,
     Intake,
@@ -89,6 +131,40 @@ MAX_LINE_LENGTH = 65536
 MAX_HELD_LINES = 1000
 
 _PARAMETER = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
+
+
+# The EHLO keyword and MAIL parameter of the arrival-time extension.
+ARRIVAL_KEYWORD = b"XRELAYAGENT-ARRIVAL"
+ARRIVAL_PARAMETER = "ARRIVAL"
+# RFC 3461 4.4: ENVID is at most 100 characters.
+MAX_ENVID_LENGTH = 100
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+
+
+def decode_xtext(text: str) -> str:
+    """RFC 3461 xtext decoded (``+2B`` is "+").  Raises ValueError for a
+    "+" that is not followed by two upper-case hex digits, or for a
+    character xtext does not allow."""
+    if any(not 33 <= ord(c) <= 126 or c == "=" for c in text):
+        raise ValueError("bad xtext")
+    if "+" in _XTEXT_HEX.sub("", text):
+        raise ValueError("bad xtext")
+    return _XTEXT_HEX.sub(lambda match: chr(int(match.group(1), 16)), text)
+
+
+def parse_orcpt(value: str) -> str:
+    """An ORCPT= value as the queue file keeps it: ``addr-type;address``
+    with the address xtext-decoded.  Raises ValueError when malformed."""
+    addr_type, sep, address = value.partition(";")
+    if not sep or not addr_type or not address or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", addr_type):
+        raise ValueError("bad ORCPT")
+    if addr_type.lower() == "utf-8":
+        decoded = address  # RFC 6533 utf-8-addr-xtext: kept as given
+    else:
+        decoded = decode_xtext(address)
+    if any(ord(c) < 32 or ord(c) == 127 for c in decoded):
+        raise ValueError("bad ORCPT")
+    return f"{addr_type};{decoded}"
 
 
 def parse_esmtp_parameters(text: bytes | None) -> list[tuple[str, str | None]]:
@@ -119,9 +195,20 @@ class RelayagentESMTP(smtp.ESMTP):
     # Received header's "with") and what BODY= its MAIL declared.
     relayagent_esmtp = False
     relayagent_body_type: BodyType | None = None
+    # Read by relayagent.smtpd.intake: the DSN parameters of MAIL and the
+    # first arrival an authenticated peer gave (XRELAYAGENT-ARRIVAL).
+    relayagent_envid: str | None = None
+    relayagent_ret: Ret | None = None
+    relayagent_arrival: float | None = None
+    relayagent_sasl_username: str | None = None
+    # Read by relayagent.smtpd.intake: MAIL FROM carried REQUIRETLS.
+    relayagent_requiretls = False
+    requiretls_enable = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # ORCPT and NOTIFY of the RCPT being validated (validateTo).
+        self._rcpt_dsn: tuple[str | None, Notify] = (None, Notify.DEFAULT)
         self._unparsed = b""
         self._held_lines: deque[bytes] = deque()
         self._holding = False
@@ -141,7 +228,19 @@ class RelayagentESMTP(smtp.ESMTP):
         extensions[b"SIZE"] = [str(limit).encode("ascii")] if limit else None
         extensions[b"8BITMIME"] = None
         extensions[b"PIPELINING"] = None
+        extensions[b"DSN"] = None
+        if self.authenticated:
+            extensions[ARRIVAL_KEYWORD] = None
+        if self.requiretls_enable and self.encrypted:
+            # RFC 8689 section 3: only in a session protected by TLS.
+            extensions[b"REQUIRETLS"] = None
         return extensions
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the session runs over TLS: an implicit-TLS endpoint
+        (``ssl:``), or Twisted's STARTTLS done."""
+        return bool(self.startedTLS) or ISSLTransport.providedBy(self.transport)
 
     def do_EHLO(self, rest: bytes) -> None:
         self.relayagent_esmtp = True
@@ -164,8 +263,36 @@ class RelayagentESMTP(smtp.ESMTP):
             self.sendCode(501, b"5.5.4 Bad MAIL parameter syntax")
             return
         body_type = None
+        envid: str | None = None
+        ret: Ret | None = None
+        arrival: float | None = None
+        seen: set[str] = set()
+        requiretls = False
         for key, value in parameters:
-            if key == "SIZE":
+            if key in seen:
+                self.sendCode(501, networkString(f"5.5.4 Duplicate MAIL parameter: {key}"))
+                return
+            seen.add(key)
+            if key == "RET":
+                try:
+                    ret = Ret((value or "").upper())
+                except ValueError:
+                    self.sendCode(501, b"5.5.4 Bad RET parameter syntax")
+                    return
+            elif key == "ENVID":
+                try:
+                    envid = decode_xtext(value or "")
+                except ValueError:
+                    envid = None
+                if not envid or len(envid) > MAX_ENVID_LENGTH or not envid.isprintable():
+                    self.sendCode(501, b"5.5.4 Bad ENVID parameter syntax")
+                    return
+            elif key == ARRIVAL_PARAMETER and self.authenticated:
+                if value is None or not value.isdigit() or len(value) > 12:
+                    self.sendCode(501, b"5.5.4 Bad ARRIVAL parameter syntax")
+                    return
+                arrival = float(value)
+            elif key == "SIZE":
                 if value is None or not value.isdigit():
                     self.sendCode(501, b"5.5.4 Bad message size syntax")
                     return
@@ -180,10 +307,16 @@ class RelayagentESMTP(smtp.ESMTP):
                     return
             elif key == "AUTH" and self.challengers:
                 pass  # RFC 4954 5: we may ignore the AUTH= identity
+            elif key == "REQUIRETLS" and value is None and self.requiretls_enable and self.encrypted:
+                requiretls = True  # RFC 8689 section 4: no value
             else:
                 self.sendCode(555, networkString(f"5.5.4 Unsupported option: {key}"))
                 return
         self.relayagent_body_type = body_type
+        self.relayagent_envid = envid
+        self.relayagent_ret = ret
+        self.relayagent_arrival = arrival
+        self.relayagent_requiretls = requiretls
         super().do_MAIL(rest)
 
     def do_RCPT(self, rest: bytes) -> None:
@@ -194,12 +327,56 @@ class RelayagentESMTP(smtp.ESMTP):
             except ValueError:
                 self.sendCode(501, b"5.5.4 Bad RCPT parameter syntax")
                 return
-            if parameters:
-                # No DSN advertised, so no NOTIFY= or ORCPT=.
-                key = parameters[0][0]
-                self.sendCode(555, networkString(f"5.5.4 Unsupported option: {key}"))
-                return
+            orcpt: str | None = None
+            notify = Notify.DEFAULT
+            seen: set[str] = set()
+            for key, value in parameters:
+                if key in seen:
+                    self.sendCode(501, networkString(f"5.5.4 Duplicate RCPT parameter: {key}"))
+                    return
+                seen.add(key)
+                if key == "NOTIFY":
+                    try:
+                        notify = Notify.parse(value or "")
+                    except ValueError:
+                        self.sendCode(501, b"5.5.4 Bad NOTIFY parameter syntax")
+                        return
+                elif key == "ORCPT":
+                    try:
+                        orcpt = parse_orcpt(value or "")
+                    except ValueError:
+                        self.sendCode(501, b"5.5.4 Bad ORCPT parameter syntax")
+                        return
+                else:
+                    self.sendCode(555, networkString(f"5.5.4 Unsupported option: {key}"))
+                    return
+            self._rcpt_dsn = (orcpt, notify)
+        else:
+            self._rcpt_dsn = (None, Notify.DEFAULT)
         super().do_RCPT(rest)
+
+    # -- AUTH
+
+    def _cbAuthenticated(self, login: Any) -> Any:
+        username = getattr(self.challenger, "username", None)
+        if isinstance(username, bytes):
+            self.relayagent_sasl_username = _printable(username)
+        return super()._cbAuthenticated(login)
+
+    def _ebAuthenticated(self, reason: Any) -> None:
+        if reason.check(error.UnauthorizedLogin):
+            # Postfix's smtpd: one warning per failure, and 535 5.7.8.
+            username = getattr(self.challenger, "username", None)
+            ralog.log_warning(
+                log,
+                f"{_client_name(self)}: SASL CRAM-MD5 authentication failed"
+                + (f" for user {_printable(username)}" if username else ""),
+                service="smtpd",
+            )
+            self.challenger = None
+            self.sendCode(535, b"5.7.8 Error: authentication failed")
+            return
+        super()._ebAuthenticated(reason)
 
     # -- holding pipelined lines while a reply is pending
 
@@ -268,6 +445,9 @@ class RelayagentESMTP(smtp.ESMTP):
         self._release()
 
     def validateTo(self, user: smtp.User) -> Any:
+        # Twisted calls this from do_RCPT, synchronously: the parameters
+        # parsed there are this recipient's.
+        user.relayagent_orcpt, user.relayagent_notify = self._rcpt_dsn
         self._hold()
         return super().validateTo(user)
 
@@ -310,6 +490,72 @@ class RelayagentESMTP(smtp.ESMTP):
         super().connectionLost(reason)
 
 
+def _printable(value: bytes | str) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return "".join(c if c.isprintable() else "?" for c in text)[:100]
+
+
+def _client_name(server: Any) -> str:
+    transport = getattr(server, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    return f"unknown[{host}]" if host else "unknown"
+
+
+class _CramMD5(credentials.CramMD5Credentials):
+    """Twisted's CRAM-MD5 challenger, taking a malformed response as a
+    failed login rather than an exception."""
+
+    def setResponse(self, response: bytes) -> None:
+        username, _, digest = response.strip().partition(b" ")
+        self.username, self.response = username or None, digest.strip()
+
+
+@implementer(ICredentialsChecker)
+class PasswordTableChecker:
+    """CRAM-MD5 credentials against ``smtpd_sasl_password_maps``
+    (username -> password), compared in constant time."""
+
+    credentialInterfaces = (credentials.IUsernameHashedPassword,)
+
+    def __init__(self, tables: MapList) -> None:
+        self.tables = tables
+
+    def requestAvatarId(self, offered: Any) -> defer.Deferred[bytes]:
+        """The username when the response proves its password."""
+        username = offered.username
+        response = getattr(offered, "response", b"")
+        challenge = getattr(offered, "challenge", b"")
+        if not username or not response or not challenge:
+            return defer.fail(error.UnauthorizedLogin())
+        try:
+            password = self.tables.lookup(username.decode("utf-8"))
+        except (UnicodeDecodeError, OSError, ValueError):
+            password = None
+        if password is None:
+            return defer.fail(error.UnauthorizedLogin())
+        expected = binascii.hexlify(
+            hmac.new(password.encode("utf-8"), challenge, hashlib.md5).digest()
+        )
+        if not hmac.compare_digest(expected, response.lower()):
+            return defer.fail(error.UnauthorizedLogin())
+        return defer.succeed(username)
+
+
+@implementer(portal.IRealm)
+class _RelayRealm:
+    """An authenticated client gets the same relay delivery as anyone,
+    and the intake relays for it (``protocol.authenticated``)."""
+
+    def __init__(self, intake: Intake) -> None:
+        self.intake = intake
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Callable[[], None]]:
+        if IMessageDeliveryFactory not in interfaces:
+            raise NotImplementedError("only IMessageDeliveryFactory")
+        return IMessageDeliveryFactory, RelayDeliveryFactory(self.intake), lambda: None
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerSettings(Settings):
     """The listener's parameters, bound once."""
@@ -319,11 +565,16 @@ class ListenerSettings(Settings):
     myhostname: str
     message_size_limit: int
     queue_directory: str
+    requiretls_enable: bool
+    smtpd_sasl_auth_enable: bool
+    smtpd_sasl_password_maps: tuple[str, ...]
+    base_dir: str | None = None
 
 
 def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings) -> RelayagentESMTP:
     """Apply main.cf to one server protocol instance."""
     server.message_size_limit = settings.message_size_limit
+    server.requiretls_enable = settings.requiretls_enable
     server.host = settings.myhostname.encode("idna")
     server.banner = settings.smtpd_banner.encode("utf-8", "replace")
     return server
@@ -340,10 +591,23 @@ class ListenerFactory(protocol.ServerFactory):
     def __init__(self, intake: Intake, config: Config) -> None:
         self.intake = intake
         self.settings = ListenerSettings.from_config(config)
+        self.portal: portal.Portal | None = None
+        self.challengers: dict[bytes, Callable[[], Any]] = {}
+        if self.settings.smtpd_sasl_auth_enable:
+            tables = open_maps(self.settings.smtpd_sasl_password_maps, base_dir=self.settings.base_dir)
+            if not tables:
+                ralog.log_warning(log, "smtpd_sasl_auth_enable = yes but smtpd_sasl_password_maps "
+                                  "is empty: no AUTH", service="smtpd")
+            else:
+                warn_if_world_readable(tables.files(), "smtpd_sasl_password_maps")
+                self.portal = portal.Portal(_RelayRealm(intake), [PasswordTableChecker(tables)])
+                host = self.settings.myhostname.encode("idna")
+                self.challengers = {b"CRAM-MD5": functools.partial(_CramMD5, host=host)}
 
     def buildProtocol(self, addr: object) -> RelayagentESMTP:
-        server = RelayagentESMTP()
+        server = RelayagentESMTP(dict(self.challengers))
         server.factory = self
+        server.portal = self.portal
         server.deliveryFactory = RelayDeliveryFactory(self.intake)
         configure_protocol(server, self.settings)
         return server

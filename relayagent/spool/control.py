@@ -3,14 +3,19 @@ The queue manager's trigger socket: ``$queue_directory/public/qmgr``
 (Postfix: the qmgr FIFO in public/, and the triggers that sendmail(1),
 postqueue -f and pickup send through it).
 
-AMP over a UNIX-domain socket, two commands without arguments:
+AMP over a UNIX-domain socket, four commands without arguments:
 
 - ``Wakeup``: new mail in ``incoming/`` (``relayagent sendmail`` and the
   other intake paths send it after an enqueue);
-- ``Flush``: retry every deferred message now (``relayagent flush``).
+- ``Flush``: retry every deferred message now (``relayagent flush``);
+- ``Reload``: re-read main.cf and the tables (``relayagent reload``,
+  Postfix's ``postfix reload``); the answer carries ``ok`` and one line
+  (the reason when the new configuration is refused);
+- ``Logrotate``: reopen ``maillog_file`` (``relayagent logrotate``).
 
-The server side is ``ControlFactory(queue_manager)``, listened on by the
-daemon before it drops privileges.  The socket is made mode 0600 inside
+The server side is ``ControlFactory(queue_manager, on_command)``
+(``on_command(name)`` does ``reload`` and ``logrotate`` and returns
+``(ok, text)``), listened on by the daemon before it drops privileges.  The socket is made mode 0600 inside
 ``public/`` (mode 0700, made by the spool): only the mail system's own
 user may trigger it.  A trigger is a hint, never a requirement: the
 queue manager also polls, so a lost trigger only delays mail.
@@ -24,6 +29,7 @@ SYNOPSIS
 
     port = listen(reactor, queue_directory, queue_manager)   # the daemon
     trigger(queue_directory, "wakeup")     # or "flush"; True when answered
+    ask(queue_directory, "reload")         # or "logrotate": (ok, text), None when down
     lock = lock_spool(queue_directory); spool_locked(...), daemon_running(...)
 
 DIAGNOSTICS: ``listen`` raises ``DaemonRunning`` when the socket path is
@@ -43,6 +49,7 @@ import fcntl
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -75,7 +82,26 @@ class Flush(amp.Command):
     requiresAnswer = True
 
 
+class Reload(amp.Command):
+    """Re-read main.cf and the tables; ``ok`` false when refused."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
+    requiresAnswer = True
+
+
+class Logrotate(amp.Command):
+    """Reopen maillog_file."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
+    requiresAnswer = True
+
+
 COMMANDS: dict[str, type[amp.Command]] = {"wakeup": Wakeup, "flush": Flush}
+# The commands with an answer (``ask``), done by the service's on_command.
+ANSWERED: dict[str, type[amp.Command]] = {"reload": Reload, "logrotate": Logrotate}
+OnCommand = Callable[[str], tuple[bool, str]]
 
 
 def socket_path(queue_directory: str) -> str:
@@ -86,9 +112,10 @@ def socket_path(queue_directory: str) -> str:
 class ControlProtocol(amp.AMP):
     """One trigger connection: each command pokes the queue manager."""
 
-    def __init__(self, queue_manager: Any) -> None:
+    def __init__(self, queue_manager: Any, on_command: OnCommand | None = None) -> None:
         super().__init__()
         self.queue_manager = queue_manager
+        self.on_command = on_command
 
     @Wakeup.responder
     def wakeup(self) -> dict[str, Any]:
@@ -101,6 +128,22 @@ class ControlProtocol(amp.AMP):
         self.queue_manager.flush()
         return {}
 
+    def _answered(self, name: str) -> dict[str, Any]:
+        if self.on_command is None:
+            return {"ok": False, "text": f"{name} is not supported here"}
+        ok, text = self.on_command(name)
+        return {"ok": ok, "text": text}
+
+    @Reload.responder
+    def reload(self) -> dict[str, Any]:
+        """``relayagent reload``."""
+        return self._answered("reload")
+
+    @Logrotate.responder
+    def logrotate(self) -> dict[str, Any]:
+        """``relayagent logrotate``."""
+        return self._answered("logrotate")
+
 
 class ControlFactory(Factory):
     """Builds ``ControlProtocol`` for a queue manager."""
@@ -108,22 +151,25 @@ class ControlFactory(Factory):
     # Twisted's "Starting factory" lines are not mail log lines.
     noisy = False
 
-    def __init__(self, queue_manager: Any) -> None:
+    def __init__(self, queue_manager: Any, on_command: OnCommand | None = None) -> None:
         self.queue_manager = queue_manager
+        self.on_command = on_command
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        protocol = ControlProtocol(self.queue_manager)
+        protocol = ControlProtocol(self.queue_manager, self.on_command)
         protocol.factory = self
         return protocol
 
 
-def listen(reactor: Any, queue_directory: str, queue_manager: Any) -> Any:
+def listen(reactor: Any, queue_directory: str, queue_manager: Any,
+           on_command: OnCommand | None = None) -> Any:
     """Listen on the trigger socket (a stale one from a dead daemon is
-    replaced); returns the IListeningPort."""
+    replaced); returns the IListeningPort.  ``on_command(name)`` answers
+    ``reload`` and ``logrotate``."""
     path = socket_path(queue_directory)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     _remove_stale_socket(path)
-    return reactor.listenUNIX(path, ControlFactory(queue_manager), mode=SOCKET_MODE)
+    return reactor.listenUNIX(path, ControlFactory(queue_manager, on_command), mode=SOCKET_MODE)
 
 
 class DaemonRunning(Exception):
@@ -229,6 +275,63 @@ def trigger(queue_directory: str, command: str = "wakeup", *, timeout: float = C
             return False
     finally:
         sock.close()
+
+
+def ask(queue_directory: str, command: str, *, timeout: float = 30.0) -> tuple[bool, str] | None:
+    """Send ``command`` ("reload" or "logrotate") to a running daemon and
+    return its answer, ``(ok, text)``; None when no daemon listens.
+    Blocking, for command-line use.  Raises ``PermissionError`` when the
+    socket is not this user's to use (only the mail system's user and
+    root may), ``ValueError`` for another command."""
+    command_class = ANSWERED.get(command.lower())
+    if command_class is None:
+        raise ValueError(f"unknown daemon command: {command!r} (expected reload or logrotate)")
+    box = amp.AmpBox(_command=command_class.commandName, _ask=b"1")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(socket_path(queue_directory))
+        except PermissionError:
+            raise
+        except OSError:
+            return None
+        try:
+            sock.sendall(box.serialize())
+            data = b""
+            answer = None
+            while answer is None:
+                chunk = sock.recv(4096)
+                if not chunk or len(data) > 65536:
+                    return None
+                data += chunk
+                answer = _parse_box(data)
+        except OSError:
+            return None
+    finally:
+        sock.close()
+    if b"_answer" not in answer:
+        return None
+    return answer.get(b"ok") == b"True", answer.get(b"text", b"").decode("utf-8", "replace")
+
+
+def _parse_box(data: bytes) -> dict[bytes, bytes] | None:
+    """One AMP box (keys and values, each after a 16-bit length, ended
+    by an empty key); None when it is cut short."""
+    box: dict[bytes, bytes] = {}
+    at = 0
+    while at + 2 <= len(data):
+        size = int.from_bytes(data[at:at + 2], "big")
+        at += 2
+        if size == 0:
+            return box
+        key = data[at:at + size]
+        at += size
+        value_size = int.from_bytes(data[at:at + 2], "big")
+        at += 2
+        box[key] = data[at:at + value_size]
+        at += value_size
+    return None
 
 
 def _read_answer(sock: socket.socket) -> bool:

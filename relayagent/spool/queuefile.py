@@ -12,7 +12,8 @@ description)::
     40      4     recipient count     uint32
     44      4     envelope length     uint32 (the variable section)
     48      1     body type           0 = 7BIT, 1 = 8BITMIME
-    49      1     SMTPUTF8            0 or 1
+    49      1     options             bit 0 SMTPUTF8, bit 1 REQUIRETLS,
+                                      bit 2 "TLS-Required: No" header
     50      1     RET                 0 = none, 1 = FULL, 2 = HDRS
     51      1     content form        bit 0: plain lines, bit 1: body undeclared
     52      4     content CRC-32
@@ -37,6 +38,11 @@ was queued, so that no attempt looks again: bit 0, *plain lines*
 over 998 octets), whose wire form is just LF turned into CRLF; bit 1, the
 body type was detected, not declared (a 7-bit message then goes out with
 no BODY=, as Postfix sends none).  0 is always correct.
+
+The options octet (once just SMTPUTF8, 0 or 1, so older files read as
+before): bit 0 SMTPUTF8; bit 1 REQUIRETLS (RFC 8689), asked for at
+intake; bit 2, the header had ``TLS-Required: No`` when queued
+(``spool.tlsrequired``).  Other bits are corruption.
 
 The status bytes and the mutable block sit outside the envelope CRC so
 that marking a recipient done or recording an attempt is one small
@@ -118,6 +124,13 @@ _NOTIFY_BITS = (
     (Notify.DEFAULT, 8),
 )
 
+# The options octet's bits (octet 49; it held only SMTPUTF8, 0 or 1, before
+# REQUIRETLS, so files written then read unchanged).
+OPTION_SMTPUTF8 = 0x01
+OPTION_REQUIRETLS = 0x02  # RFC 8689 REQUIRETLS, asked for at intake
+OPTION_TLS_NOT_REQUIRED = 0x04  # a "TLS-Required: No" header (RFC 8689 4.1)
+_OPTION_BITS = OPTION_SMTPUTF8 | OPTION_REQUIRETLS | OPTION_TLS_NOT_REQUIRED
+
 # The content form octet's bits.
 CONTENT_PLAIN_LINES = 0x01
 CONTENT_BODY_UNDECLARED = 0x02  # the body type was detected, not declared
@@ -182,12 +195,16 @@ def build_head(
     ret: Ret | None,
     plain_lines: bool = False,
     body_declared: bool = True,
+    requiretls: bool = False,
+    tls_not_required: bool = False,
 ) -> bytes:
     """Everything before the content: header, CRC, mutable block, status
     table and variable section.  ``plain_lines`` only where the content
     was scanned and found plain (``spool.plain.PlainLineScanner``);
     ``body_declared`` False where nobody declared the body type (no
-    BODY= at intake) and the writer detected it."""
+    BODY= at intake) and the writer detected it.  ``requiretls``: the
+    sender asked for REQUIRETLS; ``tls_not_required``: the header has
+    ``TLS-Required: No``."""
     content_offset = STATUS_OFFSET + recipient_count + len(variable)
     fixed = MAGIC_LINE + _HEADER.pack(
         arrival_time,
@@ -196,7 +213,9 @@ def build_head(
         recipient_count,
         len(variable),
         _BODY_CODES[body_type],
-        1 if smtputf8 else 0,
+        (OPTION_SMTPUTF8 if smtputf8 else 0)
+        | (OPTION_REQUIRETLS if requiretls else 0)
+        | (OPTION_TLS_NOT_REQUIRED if tls_not_required else 0),
         _RET_CODES[ret],
         (CONTENT_PLAIN_LINES if plain_lines else 0) | (0 if body_declared else CONTENT_BODY_UNDECLARED),
         content_crc,
@@ -386,7 +405,7 @@ class QueueFile:
             recipient_count,
             variable_length,
             body_code,
-            smtputf8_code,
+            option_bits,
             ret_code,
             content_form,
             content_crc,
@@ -411,7 +430,8 @@ class QueueFile:
         computed = zlib.crc32(variable, zlib.crc32(head[:HEADER_END]))
         if computed != envelope_crc:
             raise self._corrupt("envelope checksum mismatch")
-        if content_form & ~_CONTENT_FORM_BITS or body_code not in _BODY_TYPES or smtputf8_code > 1 or ret_code not in _RETS:
+        if (content_form & ~_CONTENT_FORM_BITS or body_code not in _BODY_TYPES
+                or option_bits & ~_OPTION_BITS or ret_code not in _RETS):
             raise self._corrupt("bad flag values in the header")
         if not math.isfinite(arrival_time):
             raise self._corrupt("bad arrival time")
@@ -451,7 +471,9 @@ class QueueFile:
             content_size=content_size,
             open_content=self.open_content,
             body_type=_BODY_TYPES[body_code],
-            smtputf8=bool(smtputf8_code),
+            smtputf8=bool(option_bits & OPTION_SMTPUTF8),
+            requiretls=bool(option_bits & OPTION_REQUIRETLS),
+            tls_not_required=bool(option_bits & OPTION_TLS_NOT_REQUIRED),
             envid=envid,
             ret=_RETS[ret_code],
             plain_lines=bool(content_form & CONTENT_PLAIN_LINES),

@@ -79,6 +79,7 @@ from relayagent.spool.queuefile import (
     build_head,
 )
 from relayagent.spool.queueid import QueueIdGenerator, is_queue_id, queue_id_pid
+from relayagent.spool.tlsrequired import TLSRequiredScanner, has_tls_required_no
 
 INCOMING = "incoming"
 ACTIVE = "active"
@@ -119,6 +120,8 @@ class Message:
     ret: Ret | None = None
     body_type: BodyType | None = None
     smtputf8: bool = False
+    arrival_time: float | None = None
+    requiretls: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,12 @@ def _fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _finished(scanner: TLSRequiredScanner) -> TLSRequiredScanner:
+    """The scanner told the content ended (a header without a newline)."""
+    scanner.close()
+    return scanner
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -307,7 +316,9 @@ class Spool:
         ret: Ret | None = None,
         body_type: BodyType | None = None,
         smtputf8: bool = False,
+        requiretls: bool = False,
         queue: str = INCOMING,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue one message; return its queue id once it is on disk.
 
@@ -317,8 +328,13 @@ class Spool:
         position here).  ``content`` is the message (header and body) as
         bytes or a binary stream, which is read in chunks, never whole.
         ``body_type`` None means: 8BITMIME if any octet is above 127, else
-        7BIT.  Raises ValueError for a bad argument, OSError for trouble
-        with the disk; in both cases nothing is queued.
+        7BIT.  ``requiretls``: the sender asked for REQUIRETLS (RFC 8689).
+        Whether the header has ``TLS-Required: No`` is found here
+        (``spool.tlsrequired``).  ``arrival_time`` (a Unix time) is the
+        message's first arrival when it was queued elsewhere before
+        (``relayagent transfer``): lifetimes and delay warnings count from
+        it; None means now.  Raises ValueError for a bad argument, OSError
+        for trouble with the disk; in both cases nothing is queued.
         """
         with self.batch() as batch:
             queue_id = batch.enqueue(
@@ -329,7 +345,9 @@ class Spool:
                 ret=ret,
                 body_type=body_type,
                 smtputf8=smtputf8,
+                requiretls=requiretls,
                 queue=queue,
+                arrival_time=arrival_time,
             )
         return queue_id
 
@@ -370,7 +388,9 @@ class Spool:
                     ret=message.ret,
                     body_type=message.body_type,
                     smtputf8=message.smtputf8,
+                    requiretls=message.requiretls,
                     queue=queue,
+                    arrival_time=message.arrival_time,
                 )
                 for message in messages
             ]
@@ -385,6 +405,8 @@ class Spool:
         ret: Ret | None,
         body_type: BodyType | None,
         smtputf8: bool,
+        arrival_time: float | None = None,
+        requiretls: bool = False,
     ) -> str:
         """Write and fsync one queue file under tmp/; return its id."""
         normalized = _normalize_recipients(recipients)
@@ -396,7 +418,7 @@ class Spool:
                 raise ValueError(f"{what} address {address!r} {problem}")
         variable, count = build_envelope(sender, normalized, envid)
         while True:
-            queue_id, arrival_time = self._ids.next()
+            queue_id, now = self._ids.next()
             tmp_path = self.path(TMP, queue_id)
             try:
                 fd = os.open(
@@ -410,10 +432,11 @@ class Spool:
         try:
             self._give_to_queue_owner(fd)
             head_args = dict(
-                arrival_time=arrival_time,
+                arrival_time=now if arrival_time is None else arrival_time,
                 variable=variable,
                 recipient_count=count,
                 smtputf8=smtputf8,
+                requiretls=requiretls,
                 ret=ret,
             )
             if isinstance(content, (bytes, bytearray, memoryview)):
@@ -425,6 +448,7 @@ class Spool:
                     body_type=body_type or detected,
                     body_declared=body_type is not None,
                     plain_lines=is_plain(data),
+                    tls_not_required=has_tls_required_no(data),
                     **head_args,
                 )
                 # One write for the whole file.
@@ -439,6 +463,7 @@ class Spool:
                 _write_all(fd, provisional)
                 size, crc, ascii_only = 0, 0, True
                 lines = PlainLineScanner()
+                tls_header = TLSRequiredScanner()
                 while True:
                     chunk = content.read(CONTENT_CHUNK)
                     if not chunk:
@@ -449,6 +474,7 @@ class Spool:
                     crc = zlib.crc32(chunk, crc)
                     ascii_only = ascii_only and chunk.isascii()
                     lines.feed(chunk)
+                    tls_header.feed(chunk)
                     _write_all(fd, chunk)
                 detected = BodyType.SEVEN_BIT if ascii_only else BodyType.EIGHT_BIT_MIME
                 head = build_head(
@@ -457,6 +483,7 @@ class Spool:
                     body_type=body_type or detected,
                     body_declared=body_type is not None,
                     plain_lines=lines.plain,
+                    tls_not_required=_finished(tls_header).found,
                     **head_args,
                 )
                 if os.pwrite(fd, head, 0) != len(head):
@@ -796,7 +823,9 @@ class EnqueueBatch:
         ret: Ret | None = None,
         body_type: BodyType | None = None,
         smtputf8: bool = False,
+        requiretls: bool = False,
         queue: str = INCOMING,
+        arrival_time: float | None = None,
     ) -> str:
         """Write one message; it is queued when the batch commits."""
         if self._done:
@@ -811,6 +840,8 @@ class EnqueueBatch:
             ret=ret,
             body_type=body_type,
             smtputf8=smtputf8,
+            arrival_time=arrival_time,
+            requiretls=requiretls,
         )
         self._written.append((queue_id, queue))
         return queue_id
