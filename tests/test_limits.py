@@ -282,6 +282,21 @@ class LocalLimiterTests(SynchronousTestCase):
         self.assertIn("destination g: rate limit lifted", self.logs.messages())
         self.assertEqual([self.acquire(limiter, "g").ok for _ in range(3)], [True, True, True])
 
+    def test_reconfigure_keeps_what_was_earned(self) -> None:
+        limiter = LocalLimiter(settings(smtp_destination_rate_limit="1/s"), self.clock)
+        self.assertTrue(self.acquire(limiter, "k").ok)
+        self.assertTrue(self.acquire(limiter, "k").ok)
+        limiter.reconfigure(settings(smtp_destination_rate_limit="1/m", smtp_connection_rate_limit="1/h",
+                                     smtp_destination_concurrency_limit=5))
+        # The 2 s owed at 1/s stay owed: one more now (the burst), then 2 s.
+        self.assertTrue(self.acquire(limiter, "k").ok)
+        self.assertAlmostEqual(self.acquire(limiter, "k").wait, 2.0, places=3)
+        self.assertEqual((limiter.concurrency_limit, str(limiter.connection_rate)), (5, "1/h"))
+        self.assertRaises(ValueError, limiter.reconfigure, settings(smtp_destination_rate_limit="x"))
+        self.assertEqual(str(limiter.message_rate), "1/m")  # nothing changed by the refused one
+        limiter.reconfigure(settings())
+        self.assertTrue(self.acquire(limiter, "k").ok)  # no rate now
+
     def test_suspend_and_concurrency_actions(self) -> None:
         rules = parse_shaping("/TS03/ suspend 4h\n/4\\.7\\.650/ concurrency 1 10m\n", "t")
         limiter = LocalLimiter(settings(smtp_destination_concurrency_limit=5), self.clock, rules=rules)

@@ -79,6 +79,7 @@ from relayagent.common.config import Config
 from relayagent.master import child, worker
 from relayagent.master import reload as reloading
 from relayagent.qmgr.delivery import DeliveryAgent
+from relayagent.qmgr.limits import Keyer, LimitSettings
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
 from relayagent.qmgr.shared import check_limits, make_limiter, mx_hosts_from
 from relayagent.smtp.deliver import SmtpAgent
@@ -192,6 +193,24 @@ class RelayagentService(MultiService):
                 )
         self._resolved_directory = directory
         return directory
+
+    def reload_limits(self, config: Config) -> None:
+        """A reload's limits per destination key (``relayagent.master.
+        reload``; checked by ``check_limits`` before): the running limiter
+        takes the new rates, concurrency and shaping rules, the queue
+        manager a new keyer (rollup maps); a first limit makes a limiter.
+        Where Redis is stays until a restart (a parameter the reload keeps)."""
+        if self.queue_manager is None:
+            return  # not started: startService builds them from self.config
+        dns_resolver = getattr(self.resolver, "dns_resolver", None)
+        mx_hosts = mx_hosts_from(dns_resolver) if dns_resolver is not None else None
+        settings = LimitSettings.from_config(config)
+        if self.limiter is None:
+            self.limiter, keyer = make_limiter(config, self.reactor, mx_hosts=mx_hosts)
+            self.queue_manager.set_limits(self.limiter, keyer)
+            return
+        self.limiter.reconfigure(settings)
+        self.queue_manager.set_limits(self.limiter, Keyer(settings, mx_hosts=mx_hosts, clock=self.reactor))
 
     def become_worker(self, role: worker.WorkerRole, *,
                       twistd_log: ralog.TwistdLogObserver | None = None) -> None:

@@ -37,6 +37,7 @@ SYNOPSIS
     grant = limiter.acquire(key)                  # Deferred[Grant]: ok, or the wait
     limiter.release(key, grant, connections=1)
     limiter.shape(key, reply_status)              # a rule's action, logged once
+    limiter.reconfigure(new_settings)             # a reload
     rules = load_shaping(settings.smtp_shaping_maps, base_dir)
 
 DIAGNOSTICS: ``LimitSettings`` values that do not parse raise
@@ -380,6 +381,35 @@ class LocalLimiter:
         self.share = share
         self.keys: dict[str, KeyState] = {}
         self.on_change: Callable[[], None] | None = None  # the queue manager's pump
+
+    def reconfigure(self, settings: LimitSettings, *, rules: Sequence[ShapingRule] | None = None) -> None:
+        """A reload's limits from the next decision on: the rates, the
+        concurrency limit and the shaping rules (raises ``ValueError`` or
+        ``ConfigError`` with nothing changed).  The arrival times earned
+        stay, and so do the shaping actions in force until their end."""
+        message_rate = Rate.parse(settings.smtp_destination_rate_limit,
+                                  name="smtp_destination_rate_limit")
+        connection_rate = Rate.parse(settings.smtp_connection_rate_limit,
+                                     name="smtp_connection_rate_limit")
+        new_rules = list(rules) if rules is not None else load_shaping(
+            settings.smtp_shaping_maps, settings.base_dir)
+        self.message_rate, self.connection_rate = message_rate, connection_rate
+        self.concurrency_limit = settings.smtp_destination_concurrency_limit
+        self.rules = new_rules
+        for state in self.keys.values():
+            rate = self.message_rate_of(state)
+            if rate is None:
+                state.messages = None
+            elif state.messages is None:
+                state.messages = Gcra(rate, self.clock)
+            else:
+                state.messages.set_rate(rate)
+            if connection_rate is None:
+                state.connections = None
+            elif state.connections is None:
+                state.connections = Gcra(connection_rate.scaled(self.share), self.clock)
+            else:
+                state.connections.set_rate(connection_rate.scaled(self.share))
 
     # -- limits as they are now
 

@@ -372,6 +372,14 @@ class QueueManager:
         if self._run_loop is not None:
             self._run_loop.interval = self.queue_run_delay
 
+    def set_limits(self, limiter: ILimiter | None, keyer: Any) -> None:
+        """A keyer from the next admission on, and a limiter where there
+        was none (a reload that sets the first limit: the requests in
+        flight have no grant to give back)."""
+        self.limiter, self.keyer = limiter, keyer
+        if limiter is not None and hasattr(limiter, "on_change"):
+            limiter.on_change = self._pump
+
     # -- service life
 
     def start(self) -> None:

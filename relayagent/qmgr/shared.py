@@ -305,6 +305,12 @@ class SharedLimiter:
         done = DeferredList(calls, consumeErrors=True).addBoth(close)
         return done.addBoth(lambda _: None)
 
+    def reconfigure(self, settings: LimitSettings, *, rules: list[ShapingRule] | None = None) -> None:
+        """A reload's rates, concurrency limit and rules (the local
+        limiter's, which the decisions in Redis read too); where Redis is
+        and the lease stay until a restart."""
+        self.local.reconfigure(settings, rules=rules)
+
     @property
     def on_change(self) -> Any:
         """The queue manager's pump, called when a local shaping action ends."""
