@@ -12,7 +12,9 @@ shaping actions (KumoMTA's shared throttles; the spools stay local).
 - Rates: the GCRA's arrival time in ``PREFIX rate:KEY`` and
   ``PREFIX conn:KEY``.  The whole decision (shaping, slot, connection
   rate, message rate) is one Lua script run on the server: one round
-  trip, and no read-modify-write race between nodes.
+  trip, and no read-modify-write race between nodes.  The scripts read
+  Redis's clock (``TIME``) before they write, which needs Redis 5 or
+  later (scripts replicated by their effects).
 - Shaping: ``PREFIX shape:KEY``, a hash with a TTL; the first node that
   sets it logs the action, and every node's decisions obey it.
 - Nodes: ``PREFIX nodes``, a sorted set of the live processes (each
@@ -388,9 +390,8 @@ class SharedLimiter:
         def decided(answer: Any) -> Grant:
             granted, wait = int(answer[0]), int(answer[1])
             if granted:
-                if not self.up:  # lost meanwhile: the renewal will not see it
-                    return Grant(True, lease=member)
-                self.held[member] = key
+                if self.up:  # (lost meanwhile: not renewed, it expires by itself)
+                    self.held[member] = key
                 return Grant(True, lease=member)
             return Grant(False, None if wait < 0 else wait / MICRO)
 
