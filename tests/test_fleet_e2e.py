@@ -13,6 +13,7 @@ the sessions open at once and records each message's arrival).
   every message arrives once.
 - One daemon, a sink that answers ``421 4.7.28`` once: the shaping rule
   lowers the rate for its time, logged once, and the rate comes back.
+- One daemon with two workers: two nodes in Redis, one limit for both.
 
 Skips when redis-server or twistd is missing.  Every wait is bounded;
 every process started here is stopped in cleanup."""
@@ -311,3 +312,28 @@ class ShapingTests(FleetTestCase):
         after = [at for at, _ in self.sink.arrivals if at > rejected + 3.5]
         self.assertGreaterEqual(len(after), 10)  # the rest went at the full rate again
         self.assertLess(after[9] - after[0], 1.0)
+
+
+class WorkersTests(FleetTestCase):
+    async def test_two_workers_are_two_nodes_of_the_fleet(self) -> None:
+        [node] = self.fleet("smtp_destination_rate_limit = 40/s\n", names=("w",))
+        with open(node.config) as handle:
+            text = handle.read().replace("relayagent_workers = 1\n", "relayagent_workers = 2\n")
+        with open(node.config, "w") as handle:
+            handle.write(text)
+        expected = node.enqueue(200)
+        node.start(self)
+        nodes_key = f"fleet-{os.getpid()}:nodes"
+        await self.wait_for(lambda: int(redis_command(self.redis.port, "ZCARD", nodes_key)[0][1:]) == 2,
+                            30, "two workers registered")
+        await self.wait_for(lambda: len(self.sink.arrivals) >= len(expected), 60, "every message")
+        self.assert_each_once(expected)
+        self.assertLessEqual(self.sink.most_sessions, 4)
+        # Each worker asks Redis for the whole limit: the one key in Redis
+        # holds both to 40/s (split per worker, as without Redis, the key
+        # would hold them to 20/s together).
+        times = sorted(at for at, _ in self.sink.arrivals)
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        self.assertLess(abs(rate - 40) / 40, 0.05, f"{rate:.1f} messages a second")
+        senders = set(re.findall(r"relayagent/smtp\[(\d+)\]: \S+: to=<[^>]*>.*status=sent", node.log_text()))
+        self.assertEqual(len(senders), 2, senders)
