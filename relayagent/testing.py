@@ -41,6 +41,9 @@ SYNOPSIS::
     FakeDeliveryAgent(spool=None)
         IDeliveryAgent: keeps each request with a Deferred the test settles
         (complete()); records defer_unsent and finish.
+    FakeLimiter()
+        ILimiter: keeps each acquire with a Deferred the test settles
+        (grant(), refuse()); records releases and shaped replies.
     FakeSpool(fail=None, *, deferred=False, directory=None)
         what the intake (relayagent.smtpd.intake) queues into: records each
         enqueue (its content read as the spool reads it), or raises
@@ -120,7 +123,8 @@ from zope.interface import implementer
 from relayagent.common.config import Config
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.common.transcript import Transcript
-from relayagent.qmgr.interfaces import IDeliveryAgent
+from relayagent.qmgr.interfaces import IDeliveryAgent, ILimiter
+from relayagent.qmgr.limits import Grant
 from relayagent.qmgr.scheduler import RequestResult
 from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
@@ -731,6 +735,49 @@ class FakeDeliveryAgent:
 
     def destinations(self) -> list[str]:
         return [request.destination for request, _ in self.requests]
+
+
+@implementer(ILimiter)
+class FakeLimiter:
+    """Records the queue manager's questions; the test answers each
+    (``grant``, ``refuse``), in order."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, defer.Deferred[Grant]]] = []
+        self.released: list[tuple[str, Grant, int]] = []
+        self.shaped: list[tuple[str, Status]] = []
+        self.stopped = False
+
+    def acquire(self, key: str) -> defer.Deferred[Grant]:
+        """A Deferred the test fires with ``grant`` or ``refuse``."""
+        deferred: defer.Deferred[Grant] = defer.Deferred()
+        self.asked.append((key, deferred))
+        return deferred
+
+    def release(self, key: str, grant: Grant, connections: int = 0) -> None:
+        """Recorded in ``released``."""
+        self.released.append((key, grant, connections))
+
+    def shape(self, key: str, status: Status) -> None:
+        """Recorded in ``shaped``; no rule applies."""
+        self.shaped.append((key, status))
+
+    def stop(self) -> defer.Deferred[None]:
+        """Sets ``stopped``."""
+        self.stopped = True
+        return defer.succeed(None)
+
+    def grant(self, position: int = 0) -> str:
+        """Answer question ``position`` (the oldest by default) with a grant; its key."""
+        key, deferred = self.asked.pop(position)
+        deferred.callback(Grant(True, lease=f"lease-{len(self.released)}"))
+        return key
+
+    def refuse(self, wait: float | None, position: int = 0) -> str:
+        """Answer question ``position`` with "wait ``wait`` seconds"; its key."""
+        key, deferred = self.asked.pop(position)
+        deferred.callback(Grant(False, wait))
+        return key
 
 
 # ---------------------------------------------------------------------------

@@ -93,3 +93,32 @@ class InlineStaticTests(SynchronousTestCase):
     def test_unsupported_types(self):
         for spec in ("hash:/etc/postfix/x", "pcre:/x", "nocolon"):
             self.assertRaises(ConfigError, open_map, spec)
+
+
+class RegexpTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return path
+
+    def test_first_match_wins_and_case(self) -> None:
+        path = self.write("# rollup\n/\\.google\\.com$/ google\n/^MX\\./i exact\n"
+                          "/\\.example$/\n  continued value\n/./ other\n")
+        table = open_map(f"regexp:{path}")
+        self.assertTrue(verifyObject(ILookupTable, table))
+        self.assertEqual(table.lookup("ALT1.aspmx.l.Google.com"), "google")
+        self.assertEqual(table.lookup("MX.x"), "exact")
+        self.assertEqual(table.lookup("mx.x"), "other")  # "i" toggles: case-sensitive
+        self.assertEqual(table.lookup("a.example"), "continued value")
+        self.assertIsNone(open_map(f"regexp:{self.write('/^a$/ b')}").lookup("c"))
+
+    def test_bad_lines_name_the_file_and_line(self) -> None:
+        for text, what in (("google\n", "expected /pattern/flags result"),
+                           ("/a/\n", "expected /pattern/flags result"),
+                           ("/(/ x\n", "bad pattern")):
+            path = self.write("# c\n" + text)
+            with self.assertRaises(ConfigError) as caught:
+                open_map(f"regexp:{path}")
+            self.assertIn(f"{path}, line 2: {what}", str(caught.exception))
+        self.assertRaises(ConfigError, open_map, "regexp:/nonexistent/table")

@@ -48,6 +48,8 @@ THROUGH_EXPANSION = {
     "default_destination_rate_delay": "the default of smtp_destination_rate_delay",
     "default_destination_recipient_limit": "the default of smtp_destination_recipient_limit",
     "initial_destination_concurrency": "the default of smtp_initial_destination_concurrency",
+    "default_destination_rate_limit": "the default of smtp_destination_rate_limit",
+    "default_connection_rate_limit": "the default of smtp_connection_rate_limit",
 }
 # Read by the configuration itself, not by a phase.
 OUTSIDE_A_PHASE: dict[str, str] = {}

@@ -18,6 +18,19 @@ from relayagent.master.service import LineAppender, build_service
 from relayagent.smtp.resolve import ResolveSettings
 
 
+class QueueManagerStub:
+    """What a reload calls on a started service's queue manager."""
+
+    def __init__(self) -> None:
+        self.limits: list[tuple] = []
+
+    def reconfigure(self, config, route) -> None:  # noqa: ANN001
+        pass
+
+    def set_limits(self, limiter, keyer) -> None:  # noqa: ANN001
+        self.limits.append((limiter, keyer))
+
+
 class ReloadTests(TestCase):
     def setUp(self) -> None:
         self.base = os.path.abspath(self.mktemp())
@@ -136,3 +149,28 @@ class ReloadTests(TestCase):
     def test_logrotate_without_maillog_file(self) -> None:
         service = self.service("maillog_file =\n")
         self.assertEqual(service.logrotate(), (True, "no maillog_file: nothing to reopen"))
+
+    # -- the limits per destination key (relayagent.qmgr.limits)
+
+    def test_rates_and_rules_change_the_redis_server_needs_a_restart(self) -> None:
+        service = self.service("")
+        service.queue_manager = stub = QueueManagerStub()
+        self.write("smtp_destination_rate_limit = 10/s\n")
+        self.assertTrue(service.reload()[0])
+        [(limiter, keyer)] = stub.limits
+        self.assertEqual(str(limiter.message_rate), "10/s")  # a first limit: a limiter
+        self.write("smtp_destination_rate_limit = 20/m\nsmtp_destination_limit_key = domain\n"
+                   "relayagent_redis = redis://127.0.0.1:1/0\n")
+        self.assertTrue(service.reload()[0])
+        self.assertIs(stub.limits[-1][0], limiter)  # the same limiter, new limits
+        self.assertEqual((str(limiter.message_rate), stub.limits[-1][1].mode), ("20/m", "domain"))
+        self.assertEqual(service.config["relayagent_redis"], "")
+        self.assertIn("relayagent_redis", self.warnings()[-1])
+
+    def test_a_bad_rate_refuses_the_reload(self) -> None:
+        service = self.service("smtp_destination_rate_limit = 10/s\n")
+        self.write("smtp_destination_rate_limit = fast\n")
+        ok, text = service.reload()
+        self.assertFalse(ok)
+        self.assertIn("smtp_destination_rate_limit = fast", text)
+        self.assertEqual(service.config["smtp_destination_rate_limit"], "10/s")

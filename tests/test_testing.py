@@ -18,7 +18,9 @@ from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
 from relayagent.qmgr.delivery import DeliveryAgent
-from relayagent.qmgr.interfaces import IDeliveryAgent
+from relayagent.qmgr.interfaces import IDeliveryAgent, ILimiter
+from relayagent.qmgr.limits import LimitSettings, LocalLimiter
+from relayagent.qmgr.shared import RedisSettings, SharedLimiter
 from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.connect import Connector
 from relayagent.smtp.deliver import Router, SmtpAgent, SmtpRequest
@@ -31,6 +33,7 @@ from relayagent.testing import (
     FakeConnector,
     FakeDeliveryAgent,
     FakeDNSResolver,
+    FakeLimiter,
     FakeNexthopResolver,
     FakeSession,
     FakeSessionFactory,
@@ -95,6 +98,14 @@ class DoublesProvideTheInterfacesTests(SynchronousTestCase):
 
     def test_connector(self) -> None:
         self.assertTrue(verifyObject(IConnector, FakeConnector()))
+
+    def test_limiter(self) -> None:
+        self.assertTrue(verifyObject(ILimiter, FakeLimiter()))
+        self.assertTrue(verifyObject(ILimiter, LocalLimiter(LimitSettings.from_config(Config.defaults()),
+                                                            Clock())))
+        self.assertTrue(verifyClass(ILimiter, SharedLimiter))
+        config = Config.defaults().replace(relayagent_redis="redis://127.0.0.1:1/0")
+        self.assertTrue(RedisSettings.from_config(config).wanted)
 
     def test_fake_connector_takes_the_real_arguments(self) -> None:
         real = inspect.signature(Connector.deliver)

@@ -153,6 +153,18 @@ _TABLE: tuple[Parameter, ...] = (
     _p("smtp_destination_concurrency_negative_feedback", "$default_destination_concurrency_negative_feedback", S, "Concurrency decrease after a failed delivery."),
     _p("smtp_destination_concurrency_positive_feedback", "$default_destination_concurrency_positive_feedback", S, "Concurrency increase after a successful delivery."),
     _p("smtp_destination_rate_delay", "$default_destination_rate_delay", T, "The pause between deliveries to the same destination."),
+    # --- limits per destination key (relayagent/qmgr/limits.py, shared.py)
+    _p("default_destination_rate_limit", "", S, "The default most messages per unit of time to one destination key, e.g. 100/m (also /s, /h, /d; empty: no limit).", ours=True),
+    _p("smtp_destination_rate_limit", "$default_destination_rate_limit", S, "The most messages per unit of time to one destination key of the smtp transport, e.g. 100/m (empty: no limit).", ours=True),
+    _p("default_connection_rate_limit", "", S, "The default most new connections per unit of time to one destination key, e.g. 10/s (empty: no limit).", ours=True),
+    _p("smtp_connection_rate_limit", "$default_connection_rate_limit", S, "The most new connections per unit of time to one destination key of the smtp transport (empty: no limit).", ours=True),
+    _p("smtp_destination_limit_key", "nexthop", S, "What the rate, concurrency and shaping limits are counted by: nexthop, domain (the recipient domain) or mx (the MX host set), then rolled up through smtp_destination_rollup_maps.", choices=("nexthop", "domain", "mx"), ours=True),
+    _p("smtp_destination_rollup_maps", "", L, "Lookup tables from a nexthop, domain or MX host name (or its parent domain as .parent) to a shared limit key, e.g. .google.com -> google.", ours=True),
+    _p("smtp_shaping_maps", "", L, "Shaping tables: lines [KEY] /REGEX/ ACTION [VALUE] DURATION matched on a server's 4xx/5xx reply (suspend, concurrency N or rate N/UNIT, for a time); builtin:providers names the table shipped for the big providers.", ours=True),
+    _p("relayagent_redis", "", S, "The Redis server that shares the limits between nodes and workers: redis://host:port/db or unix:/path (empty: every process keeps its own share).", ours=True),
+    _p("relayagent_redis_prefix", "relayagent:", S, "The prefix of every Redis key: the nodes naming the same prefix share their limits.", ours=True),
+    _p("relayagent_redis_lease", "30s", T, "How long a concurrency slot held in Redis lasts unless renewed (renewed every third of it): a node that dies frees its slots within this time.", ours=True),
+    _p("relayagent_redis_timeout", "1s", T, "How long a decision waits for Redis before this node falls back to its own share of the limits.", ours=True),
     _p("default_process_limit", "100", N, "The most deliveries in progress at once, over all destinations.", minimum=1),
     _p("soft_bounce", "no", B, "Safety net: turn every bounce into a deferral, and 5xx replies into 4xx."),
     # --- nexthop and addresses (relayagent/smtp/resolve.py)

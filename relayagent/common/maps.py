@@ -10,6 +10,11 @@ Three types, behind one small interface (``ILookupTable``):
   in the parameter value itself.
 - ``static:value`` (or ``static:{ text with spaces }``): the same value for
   every key.
+- ``regexp:/path``: Postfix's regexp_table(5) lines, ``/pattern/flags
+  result``, tried in order, the first match wins; case-insensitive
+  unless the flags hold ``i`` (as in Postfix, ``i`` toggles it); Python's
+  ``re`` syntax, which agrees with POSIX extended expressions for the
+  common cases (no ``if``/``endif``, no ``$1`` substitution).
 
 Keys are folded to lower case when the table is built and when it is
 searched, as Postfix does for its indexed tables.  Any other type
@@ -35,6 +40,7 @@ Owns no parameters; ``transport_maps``, ``smtp_sasl_password_maps`` and
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 
 from zope.interface import Attribute, Interface, implementer
@@ -86,6 +92,68 @@ class StaticTable:
 
     def __repr__(self) -> str:
         return f"<StaticTable {_display_spec(self.spec)}>"
+
+
+@implementer(ILookupTable)
+class RegexpTable:
+    """``regexp:/path``: patterns tried in order; the first match's result."""
+
+    def __init__(self, spec: str, rules: list[tuple[re.Pattern[str], str]], path: str | None = None) -> None:
+        self.spec = spec
+        self.path = path
+        self.rules = rules
+
+    def lookup(self, key: str) -> str | None:
+        """The result of the first pattern that matches ``key``, or None."""
+        for pattern, result in self.rules:
+            if pattern.search(key):
+                return result
+        return None
+
+    def __repr__(self) -> str:
+        return f"<RegexpTable {self.spec} ({len(self.rules)} rules)>"
+
+
+_REGEXP_LINE = re.compile(r"^/((?:[^/\\]|\\.)*)/([a-zA-Z]*)\s*(.*)$")
+
+
+def parse_regexp(text: str, source: str) -> list[tuple[re.Pattern[str], str]]:
+    """regexp_table(5) lines: ``/pattern/flags result``; ``#`` comments and
+    blank lines skipped; a line starting with white space continues the
+    previous one.  Raises ConfigError naming the source and line."""
+    rules: list[tuple[re.Pattern[str], str]] = []
+    logical: list[tuple[int, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and logical:
+            logical[-1] = (logical[-1][0], logical[-1][1] + " " + line.strip())
+        else:
+            logical.append((number, line.strip()))
+    for number, line in logical:
+        match = _REGEXP_LINE.match(line)
+        if match is None or not match.group(3).strip():
+            raise ConfigError(f"{source}, line {number}: expected /pattern/flags result")
+        pattern, flags, result = match.groups()
+        case_insensitive = flags.lower().count("i") % 2 == 0
+        try:
+            compiled = re.compile(pattern, re.IGNORECASE if case_insensitive else 0)
+        except re.error as exc:
+            raise ConfigError(f"{source}, line {number}: bad pattern /{pattern}/: {exc}") from None
+        rules.append((compiled, result.strip()))
+    return rules
+
+
+def read_table_file(spec: str, name: str, base_dir: str | None) -> tuple[str, str]:
+    """The path and UTF-8 text of a table's file; raises ConfigError."""
+    path = os.path.join(base_dir or os.getcwd(), os.path.expanduser(name))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return path, handle.read()
+    except OSError as exc:
+        raise ConfigError(f"table {spec}: cannot open {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"table {spec}: {path} is not UTF-8 text") from None
 
 
 @implementer(ILookupTable)
@@ -199,7 +267,7 @@ def open_map(spec: str, *, base_dir: str | None = None) -> ILookupTable:
     """Open one table from its ``type:name`` form; raises ConfigError."""
     kind, sep, name = spec.partition(":")
     if not sep:
-        raise ConfigError(f"bad table {spec!r}: expected type:name (texthash:, inline: or static:)")
+        raise ConfigError(f"bad table {spec!r}: expected type:name (texthash:, regexp:, inline: or static:)")
     kind = kind.lower()
     if kind == "texthash":
         path = os.path.join(base_dir or os.getcwd(), os.path.expanduser(name))
@@ -211,13 +279,16 @@ def open_map(spec: str, *, base_dir: str | None = None) -> ILookupTable:
         except UnicodeDecodeError:
             raise ConfigError(f"table {spec}: {path} is not UTF-8 text") from None
         return DictTable(spec, parse_texthash(text, path), path=path)
+    if kind == "regexp":
+        path, text = read_table_file(spec, name, base_dir)
+        return RegexpTable(spec, parse_regexp(text, path), path=path)
     if kind == "inline":
         return DictTable(spec, parse_inline(name, spec))
     if kind == "static":
         return StaticTable(spec, _strip_braces(name, spec))
     raise ConfigError(
         f"unsupported table type {kind!r} in {spec!r}: relayagent supports texthash:, "
-        "inline: and static: (use texthash: with the same source file instead of "
+        "regexp:, inline: and static: (use texthash: with the same source file instead of "
         "hash: or lmdb:)"
     )
 

@@ -23,7 +23,9 @@ one warning names it: the queue directory and its lock, the listener
 servers (``dns_nameservers``, read once at start-up as Postfix's resolver
 does), the metrics' endpoints (``metrics_endpoints``), MTA-STS's policy store and TLSRPT's recorder (their parameters:
 the running store, cache and counters go on, handed to the new security
-policy) and, since twistd dropped them, the privileges (``--uid``).  A
+policy), the Redis server of the shared limits (``relayagent_redis`` and
+its prefix, lease and timeout: the rates, keys and shaping tables do
+change) and, since twistd dropped them, the privileges (``--uid``).  A
 main.cf that does not load, or a setting the phases refuse (a bad TLS
 file, an unreadable table), is one warning, and the running
 configuration stays whole.  The daemon re-reads the files as the user it
@@ -79,6 +81,7 @@ from relayagent.common import maillog as ralog
 from relayagent.common.config import PARAMETERS, Config, ConfigError
 from relayagent.master import worker
 from relayagent.qmgr.scheduler import Feedback, SchedulerSettings
+from relayagent.qmgr.shared import RedisSettings, check_limits
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.mtasts import MTASTSSettings
 from relayagent.smtp.resolve import NexthopResolver
@@ -92,7 +95,7 @@ log = Logger(namespace="relayagent.master.reload")
 
 # The settings of the phases a reload does not rebuild (module docstring).
 _KEPT_SETTINGS = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings,
-                  MTASTSSettings, TLSRPTSettings)
+                  MTASTSSettings, TLSRPTSettings, RedisSettings)
 _KEPT_NAMES = ("relayagent_workers", "dns_nameservers", "metrics_endpoints")
 
 
@@ -149,6 +152,7 @@ def reload(service: Any) -> tuple[bool, str]:
         for name in ("smtp_destination_concurrency_positive_feedback",
                      "smtp_destination_concurrency_negative_feedback"):
             Feedback.parse(getattr(scheduler, name), name=name)
+        check_limits(new)  # the rates, keys, rollup and shaping tables
         # The tables are opened and the TLS files read here: a file
         # that cannot be read refuses the whole reload.
         old_security = service.security
@@ -168,6 +172,7 @@ def reload(service: Any) -> tuple[bool, str]:
         service.agent.reconfigure(new, smtp)
     if service.queue_manager is not None:
         service.queue_manager.reconfigure(new, smtp.route)
+    service.reload_limits(new)
     # Its idle sessions go; a session in flight finishes on it, and is
     # closed at the end of its transaction or by the cache's timer.
     old_smtp.close()

@@ -80,7 +80,9 @@ from relayagent.master import child, stop, worker
 from relayagent.master import reload as reloading
 from relayagent.master.metrics import DaemonMetrics, start_metrics
 from relayagent.qmgr.delivery import DeliveryAgent
+from relayagent.qmgr.limits import Keyer, LimitSettings
 from relayagent.qmgr.scheduler import Feedback, QueueManager, SchedulerSettings
+from relayagent.qmgr.shared import check_limits, make_limiter, mx_hosts_from
 from relayagent.smtp.deliver import SmtpAgent
 from relayagent.smtp.mtasts import PolicyCache, PolicyStore
 from relayagent.smtp.resolve import (
@@ -151,6 +153,7 @@ class RelayagentService(MultiService):
         self.spool: Spool | None = None
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
+        self.limiter: Any = None
         self.listening: Any = None
         self._lock_fd: int | None = None
         self._stopping: stop.BoundedStop | None = None
@@ -199,6 +202,24 @@ class RelayagentService(MultiService):
                 )
         self._resolved_directory = directory
         return directory
+
+    def reload_limits(self, config: Config) -> None:
+        """A reload's limits per destination key (``relayagent.master.
+        reload``; checked by ``check_limits`` before): the running limiter
+        takes the new rates, concurrency and shaping rules, the queue
+        manager a new keyer (rollup maps); a first limit makes a limiter.
+        Where Redis is stays until a restart (a parameter the reload keeps)."""
+        if self.queue_manager is None:
+            return  # not started: startService builds them from self.config
+        dns_resolver = getattr(self.resolver, "dns_resolver", None)
+        mx_hosts = mx_hosts_from(dns_resolver) if dns_resolver is not None else None
+        settings = LimitSettings.from_config(config)
+        if self.limiter is None:
+            self.limiter, keyer = make_limiter(config, self.reactor, mx_hosts=mx_hosts)
+            self.queue_manager.set_limits(self.limiter, keyer)
+            return
+        self.limiter.reconfigure(settings)
+        self.queue_manager.set_limits(self.limiter, Keyer(settings, mx_hosts=mx_hosts, clock=self.reactor))
 
     def become_worker(self, role: worker.WorkerRole, *,
                       twistd_log: ralog.TwistdLogObserver | None = None) -> None:
@@ -314,10 +335,18 @@ class RelayagentService(MultiService):
             # Unlinking delivered files off the reactor thread.
             removal_reactor=self.reactor,
         )
+        # Made here, in the process that runs it: a worker's Redis
+        # connection is its own (relayagent.qmgr.shared).
+        dns_resolver = getattr(self.resolver, "dns_resolver", None)
+        limiter, keyer = make_limiter(
+            self.config, self.reactor,
+            mx_hosts=mx_hosts_from(dns_resolver) if dns_resolver is not None else None)
+        self.limiter = limiter
         queue_manager = QueueManager(
             self.config, self.spool, self.agent, self.reactor, self.smtp.route,
             owns=worker.partition_filter(index, self.workers),
             on_trigger=on_trigger if self.role is None and self.workers > 1 else None,
+            limiter=limiter, keyer=keyer,
         )
         self.queue_manager = queue_manager
         self._start_transport_security(index, new_mail)
@@ -396,6 +425,8 @@ class RelayagentService(MultiService):
                                            in_flight=in_flight, settings=stop.StopSettings.from_config(self.config))
 
         def after(_: Any) -> None:
+            if self.limiter is not None:
+                self.limiter.stop()
             if self.agent is not None:
                 self.agent.stop()
             for part in (self.mta_sts, self.tlsrpt, self.tlsrpt_reporter):
@@ -514,6 +545,7 @@ def build_service(config: Config, reactor: Any, *,
                    name="smtp_destination_concurrency_negative_feedback")
     # A relayhost that does not parse stops the start (ConfigError).
     check_relays(ResolveSettings.from_config(config))
+    check_limits(config)
     # Reads /etc/resolv.conf now, once, as Postfix does at start-up.
     dns_resolver = make_dns_resolver(config, reactor)
     tlsrpt = TLSRPTSettings.from_config(config)

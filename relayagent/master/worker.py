@@ -165,6 +165,14 @@ class SharedLimits(Settings):
     smtp_destination_concurrency_limit: int
     smtp_initial_destination_concurrency: int
     smtp_destination_rate_delay: float
+    smtp_destination_rate_limit: str
+    smtp_connection_rate_limit: str
+    relayagent_redis: str
+
+
+# Shared through Redis when relayagent_redis is set (relayagent.qmgr.shared):
+# each worker then asks for the whole limit, not a share of it.
+REDIS_SHARED = ("smtp_destination_concurrency_limit",)
 
 
 class WorkerError(Exception):
@@ -239,16 +247,30 @@ def split_limits(config: Config, workers: int) -> Config:
     """The configuration of one of ``workers`` workers: each of
     ``SPLIT_LIMITS`` becomes ceil(limit / workers), at least 1, and a
     non-zero ``smtp_destination_rate_delay`` is multiplied by
-    ``workers``.  One worker: ``config`` itself."""
+    ``workers``.  The rate limits (``smtp_destination_rate_limit``,
+    ``smtp_connection_rate_limit``) are divided by ``workers``, unless
+    ``relayagent_redis`` shares them: then every worker is a node of the
+    fleet, asks Redis for the whole limit (and for the whole
+    ``REDIS_SHARED``), and falls back to limit / nodes on its own.  One
+    worker: ``config`` itself."""
     if workers <= 1:
         return config
+    from relayagent.qmgr.rates import Rate  # noqa: PLC0415 - start-up time: only with workers
+
     limits = SharedLimits.from_config(config)
+    shared = bool(limits.relayagent_redis.strip())
     overrides: dict[str, Any] = {
         name: max(1, math.ceil(getattr(limits, name) / workers)) for name in SPLIT_LIMITS
+        if not (shared and name in REDIS_SHARED)
     }
     rate_delay = limits.smtp_destination_rate_delay
     if rate_delay > 0:
         overrides["smtp_destination_rate_delay"] = f"{rate_delay * workers:g}s"
+    if not shared:
+        for name in ("smtp_destination_rate_limit", "smtp_connection_rate_limit"):
+            rate = Rate.parse(getattr(limits, name), name=name)
+            if rate is not None:
+                overrides[name] = str(rate.scaled(1 / workers))
     return config.replace(**overrides)
 
 

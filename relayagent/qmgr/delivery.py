@@ -214,7 +214,8 @@ class DeliveryAgent:
             # another file put in its place): nothing was written to it.
             self._corrupt_found(message, exc.reason)
             return RequestResult()
-        return RequestResult(site_failure=result.site_failure)
+        return RequestResult(site_failure=result.site_failure, replies=server_replies(result),
+                             connections=connections_made(result))
 
     def _notify_postmaster(self, envelope: Envelope, problems: Sequence[SessionProblem]) -> None:
         """smtp(8)'s ``notify_classes`` notices (protocol, resource,
@@ -561,3 +562,30 @@ def _status_of(record: LogRecord) -> Status:
         # A record cut short or edited by hand: keep its class if we can.
         dsn_code = "5.0.0" if record.action == "failed" else "4.0.0"
         return Status(dsn_code, record.reason or "unknown reason")
+
+
+def server_replies(result: SmtpResult) -> tuple[Status, ...]:
+    """The servers' 4xx and 5xx replies of a request, in order, each once
+    (for the queue manager's shaping): the skipped addresses' first, then
+    the recipients'."""
+    seen: set[str] = set()
+    replies = []
+    statuses = [attempt.status for attempt in result.attempts]
+    statuses += [outcome.status for outcome in result.outcomes.values()]
+    for status in statuses:
+        if status.code is None or status.code < 400:
+            continue
+        text = status.reply or status.text
+        if text not in seen:
+            seen.add(text)
+            replies.append(status)
+    return tuple(replies)
+
+
+def connections_made(result: SmtpResult) -> int:
+    """New connections a request made (for the connection rate): the
+    sessions whose first transaction it was, and the addresses tried and
+    skipped after a connection (a greeting or EHLO that failed)."""
+    fresh = {(t.connected, t.conn_use) for t in result.transmissions.values() if t.conn_use == 1}
+    tried = sum(1 for attempt in result.attempts if attempt.server is not None)
+    return len(fresh) + tried

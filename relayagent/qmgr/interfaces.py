@@ -4,8 +4,11 @@ interface: what ``relayagent.qmgr.scheduler.QueueManager`` calls on the
 agent it is given.  The real one is ``relayagent.qmgr.delivery.
 DeliveryAgent``; the test double is ``relayagent.testing.FakeDeliveryAgent``.
 
-SYNOPSIS
+SYNOPSIS::
+
     IDeliveryAgent      deliver(request), defer_unsent(request, status), finish(message)
+    ILimiter            acquire(key), release(key, grant, connections), shape(key, status), stop()
+                        (``relayagent.qmgr.limits.LocalLimiter``, ``relayagent.qmgr.shared.SharedLimiter``)
 
 DIAGNOSTICS
     None: a declaration.  ``zope.interface.verify.verifyObject`` raises
@@ -38,3 +41,25 @@ class IDeliveryAgent(Interface):
     def finish(message):
         """Every recipient of the ActiveMessage ``message`` is done for this
         round: remove, defer or bounce the queue file, and close it."""
+
+
+class ILimiter(Interface):
+    """The limits per destination key (``relayagent.qmgr.limits``): this
+    process's own, or shared by a fleet through Redis."""
+
+    def acquire(key):
+        """A Deferred firing with a ``relayagent.qmgr.limits.Grant``: ok (a
+        concurrency slot and one message of the rate taken), or the seconds
+        to wait (None: until a slot frees).  Never fails."""
+
+    def release(key, grant, connections=0):
+        """The delivery that ``grant`` allowed is over; it opened
+        ``connections`` new connections (counted against the connection
+        rate)."""
+
+    def shape(key, status):
+        """A server reply (a ``Status`` with a code) for ``key``: apply the
+        shaping rule that matches it, if any; returns the rule or None."""
+
+    def stop():
+        """Cancel timers and give back what is held; a Deferred."""

@@ -28,6 +28,14 @@ qmgr_feedback.c, qmgr_deliver.c, qmgr_scan.c).
   untried ("delivery temporarily suspended: ...") until the next deferred
   queue run.  ``smtp_destination_rate_delay`` > 0: one delivery at a
   time, with that pause between them.
+- With a limiter (``relayagent.qmgr.limits``: rates, rollup keys,
+  shaping; ``relayagent.qmgr.shared`` for a fleet), a destination whose
+  window allows a delivery asks it for the key of its next request: a
+  grant dispatches the request; a key over its rate or concurrency waits
+  (not a failure: nothing is deferred, nothing logged per message) until
+  the time the limiter gives, while the other destinations are served.
+  The request's replies go back to the limiter for shaping, and its new
+  connections for the connection rate.
 - When a message's last request is done, hands it to the delivery
   agent's ``finish`` (remove, or defer with ``backoff_time``).
 
@@ -41,9 +49,10 @@ them on.  The agent provides ``relayagent.qmgr.interfaces.IDeliveryAgent``
 ``relayagent.testing.FakeDeliveryAgent``).  All timing is on the injected
 clock; lines are logged as ``<syslog_name>/qmgr``.
 
-SYNOPSIS
+SYNOPSIS::
 
-    qmgr = QueueManager(config, spool, agent, reactor, route, owns=None)
+    qmgr = QueueManager(config, spool, agent, reactor, route, owns=None,
+                        limiter=None, keyer=None)
     qmgr.start(); qmgr.wakeup(); qmgr.flush(); qmgr.queue_run()
     d = qmgr.stop()                        # fires when deliveries are over
     backoff_time(attempts, minimal, maximal)
@@ -76,6 +85,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -87,7 +97,8 @@ from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
-from relayagent.qmgr.interfaces import IDeliveryAgent
+from relayagent.qmgr.interfaces import IDeliveryAgent, ILimiter
+from relayagent.qmgr.limits import SLOT_RETRY
 from relayagent.spool import (
     ACTIVE,
     DEFERRED,
@@ -196,6 +207,8 @@ class DeliveryRequest:
     recipients: tuple[Recipient, ...]
     backlog: int = 0
     dispatched: float = 0.0
+    limit_key: str | None = None
+    grant: Any = None  # the limiter's Grant, released when the request ends
 
 
 @dataclass(frozen=True)
@@ -204,10 +217,14 @@ class RequestResult:
 
     ``site_failure``: the destination as a whole failed (no session could
     be made: DNS, connect, greeting); None when a session worked, whatever
-    became of the recipients.
+    became of the recipients.  ``replies``: the servers' 4xx and 5xx
+    replies (for shaping); ``connections``: new connections made (for the
+    connection rate).
     """
 
     site_failure: Status | None = None
+    replies: tuple[Status, ...] = ()
+    connections: int = 0
 
 
 Route = Callable[[Recipient], str]
@@ -226,6 +243,7 @@ class Destination:
     fail_cohorts: float = 0.0
     dead: Status | None = None
     resume_at: float = 0.0
+    admitting: bool = False  # the limiter's answer is awaited
 
     @property
     def idle(self) -> bool:
@@ -274,6 +292,8 @@ class QueueManager:
         incoming_poll: float = INCOMING_POLL,
         owns: Callable[[str], bool] | None = None,
         on_trigger: Callable[[str], None] | None = None,
+        limiter: ILimiter | None = None,
+        keyer: Any = None,
     ) -> None:
         self.spool = spool
         self.agent = agent
@@ -288,6 +308,14 @@ class QueueManager:
         self.destinations: dict[str, Destination] = {}
         self._ready: deque[Destination] = deque()  # destinations with todo, round-robin
         self.busy_total = 0
+        self.limiter = limiter
+        self.keyer = keyer
+        if limiter is not None and hasattr(limiter, "on_change"):
+            # A shaping action that ends lets waiting destinations go.
+            limiter.on_change = self._pump
+        self._admitting = 0
+        # Destinations waiting for a slot of a key: woken when one frees.
+        self._slot_waiters: dict[str, set[Destination]] = {}
         self.counters = Counters()
         self.running = False
 
@@ -343,6 +371,14 @@ class QueueManager:
         self.route = route
         if self._run_loop is not None:
             self._run_loop.interval = self.queue_run_delay
+
+    def set_limits(self, limiter: ILimiter | None, keyer: Any) -> None:
+        """A keyer from the next admission on, and a limiter where there
+        was none (a reload that sets the first limit: the requests in
+        flight have no grant to give back)."""
+        self.limiter, self.keyer = limiter, keyer
+        if limiter is not None and hasattr(limiter, "on_change"):
+            limiter.on_change = self._pump
 
     # -- service life
 
@@ -603,7 +639,7 @@ class QueueManager:
     def _pump_once(self) -> None:
         now = self.clock.seconds()
         wake_at: float | None = None
-        while self.running and self.busy_total < self.process_limit and self._ready:
+        while self.running and self.busy_total + self._admitting < self.process_limit and self._ready:
             chosen = None
             for _ in range(len(self._ready)):
                 destination = self._ready[0]
@@ -611,7 +647,7 @@ class QueueManager:
                 if not destination.todo:
                     self._ready.remove(destination)
                     continue
-                if destination.busy >= self._window_of(destination):
+                if destination.admitting or destination.busy >= self._window_of(destination):
                     continue
                 if destination.resume_at > now:
                     wake_at = min(wake_at or destination.resume_at, destination.resume_at)
@@ -620,12 +656,98 @@ class QueueManager:
                 break
             if chosen is None:
                 break
+            if self.limiter is not None:
+                self._admit(chosen)
+                continue
             request = chosen.todo.popleft()
             if not chosen.todo and chosen in self._ready:
                 self._ready.remove(chosen)
             self._dispatch(chosen, request, now)
-        if wake_at is not None and (self._resume_call is None or not self._resume_call.active()):
-            self._resume_call = self.clock.callLater(max(0.0, wake_at - now), self._pump)
+        if wake_at is not None:
+            self._schedule_pump(wake_at)
+
+    def _schedule_pump(self, at: float) -> None:
+        """A wake-up at ``at`` (the earliest one asked for wins)."""
+        now = self.clock.seconds()
+        call = self._resume_call
+        if call is not None and call.active():
+            if call.getTime() <= at:
+                return
+            call.cancel()
+        self._resume_call = self.clock.callLater(max(0.0, at - now), self._pump)
+
+    def _admit(self, destination: Destination) -> None:
+        """Ask the limiter for the key of the destination's next request."""
+        assert self.limiter is not None
+        head = destination.todo[0]
+        destination.admitting = True
+        self._admitting += 1
+        limiter = self.limiter
+        if self.keyer is not None:
+            keyed = self.keyer.key(destination.name, head.domain)
+        else:
+            keyed = succeed(destination.name)
+
+        def acquire(key: str) -> Deferred[Any]:
+            return limiter.acquire(key).addCallback(lambda grant: (key, grant))
+
+        keyed.addCallback(acquire)
+        keyed.addCallbacks(self._admitted, self._admission_failed,
+                           callbackArgs=(destination,), errbackArgs=(destination,))
+
+    def _admission_failed(self, failure: Failure, destination: Destination) -> None:
+        # A bug in a limiter: the destination tries again in a second.
+        log.failure("limits of {destination}", failure, destination=destination.name)
+        destination.admitting = False
+        self._admitting -= 1
+        destination.resume_at = self.clock.seconds() + 1.0
+        self._schedule_pump(destination.resume_at)
+
+    def _admitted(self, answer: tuple[str, Any], destination: Destination) -> None:
+        key, grant = answer
+        destination.admitting = False
+        self._admitting -= 1
+        now = self.clock.seconds()
+        if not grant.ok:
+            if grant.wait is None:
+                # Until a slot of the key frees here, or another node's
+                # does (nothing tells us that: ask again a little later).
+                self._slot_waiters.setdefault(key, set()).add(destination)
+                destination.resume_at = now + SLOT_RETRY
+            else:
+                # Never "now": a wait of 0 would be asked again in a loop.
+                destination.resume_at = now + max(grant.wait, 0.001)
+            if self.running:
+                self._schedule_pump(destination.resume_at)
+            return
+        if (not self.running or not destination.todo
+                or self.destinations.get(destination.name) is not destination):
+            # Stopped, or the destination died meanwhile: nothing to send.
+            assert self.limiter is not None
+            self.limiter.release(key, grant)
+            return
+        request = destination.todo.popleft()
+        if not destination.todo and destination in self._ready:
+            self._ready.remove(destination)
+        request.limit_key, request.grant = key, grant
+        self._dispatch(destination, request, now)
+        self._pump()
+
+    def _release(self, request: DeliveryRequest, result: RequestResult) -> None:
+        """Give the request's grant back, with what it learned."""
+        key = request.limit_key
+        if self.limiter is None or key is None or request.grant is None:
+            return
+        grant, request.grant = request.grant, None
+        try:
+            self.limiter.release(key, grant, connections=result.connections)
+            for status in result.replies:
+                if self.limiter.shape(key, status) is not None:
+                    break
+        except Exception:  # noqa: BLE001 - a limiter's bug must not stop the queue
+            log.failure("limits of {key}", key=key)
+        for waiter in self._slot_waiters.pop(key, ()):
+            waiter.resume_at = 0.0
 
     def _dispatch(self, destination: Destination, request: DeliveryRequest, now: float) -> None:
         destination.busy += 1
@@ -647,6 +769,7 @@ class QueueManager:
             status = Status("4.3.0", "mail system software error")
             self._defer_quietly(request, status)
             result = RequestResult()
+        self._release(request, result)
         if self.rate_delay > 0:
             destination.resume_at = self.clock.seconds() + self.rate_delay
         if result.site_failure is not None:
