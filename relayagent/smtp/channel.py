@@ -224,7 +224,7 @@ def debug_level_of(settings: SessionSettings, server: ServerInfo) -> int:
 
 class BodyStream(Protocol):
     """What the channel needs of the body producer it carries
-    (``smtp.body.BodyProducer``)."""
+    (``smtp.data.BodyProducer``)."""
 
     def abort(self, broken: Broken) -> None:
         """Stop sending the body because the session broke (``broken``): the
