@@ -102,6 +102,9 @@ class SMTPSession(SMTPChannel):
         self.tls_outcome: TLSOutcome | None = None
         self.tls_demand = TLSDemand.POLICY
         self.requiretls_cleared = False  # meets smtp_requiretls_policy (smtp.security)
+        # The TLS decision it was made under (smtp.security.Preparation),
+        # which a reuse from the connection cache must still meet.
+        self.tls_preparation: Any = None
         self._busy = False
 
     # -- what the layers above read ---------------------------------------
