@@ -152,9 +152,11 @@ class SessionFactories:
         prepare = getattr(hook, "prepare", None)
         if prepare is None:
             return SMTPSessionFactory(self.settings, self.reactor, server, security=hook)
+        # The decision travels with the session, not the hook: a hook
+        # that wraps ours (qmgr.transfer's) keeps its own negotiate.
         return prepare(server).addCallback(
-            lambda preparation: SMTPSessionFactory(self.settings, self.reactor, server,
-                                                   security=hook.prepared(preparation))
+            lambda preparation: SMTPSessionFactory(self.settings, self.reactor, server, security=hook,
+                                                   preparation=preparation)
         )
 
 

@@ -10,11 +10,12 @@ TLS decision for that server (Postfix: smtp_connect.c, which looks the
 TLS policy and the TLSA records up before connecting): the TLSA lookup
 at the DANE levels and the MTA-STS policy's MX patterns, and fails with
 ``DeliveryFailure`` for a server that must not be connected to (the
-connection layer skips it unconnected and tries the next);
-``security.prepared(preparation)`` is the hook that
-``relayagent.smtp.session.SMTPSessionFactory(..., security=...)`` calls
-after EHLO for STARTTLS and AUTH under that decision.  A hook that was not
-prepared makes the whole decision after EHLO.  A session kept in the
+connection layer skips it unconnected and tries the next).  The session
+of that connection carries the decision
+(``relayagent.smtp.session.SMTPSessionFactory(..., security=security,
+preparation=preparation)``), and ``security.negotiate(session)``, called
+after EHLO, does STARTTLS and AUTH under it.  For a session made without
+one, ``negotiate`` makes the whole decision after EHLO.  A session kept in the
 connection cache is reused only while ``security.still_holds(session)``:
 the decision made now for its server is the one it was made under.
 
@@ -28,7 +29,7 @@ SYNOPSIS
     security = policy.for_nexthop("[smtp.example.com]:587")
     applies = await policy.dane.applies(server)      # DANE for this MX host?
     preparation = await security.prepare(server)     # DeliveryFailure: skip it
-    factory = SMTPSessionFactory(session_settings, clock, server, security=security.prepared(preparation))
+    factory = SMTPSessionFactory(session_settings, clock, server, security=security, preparation=preparation)
     d = security.negotiate(session)        # None: MAIL may be sent
     ok = await security.still_holds(cached_session)  # reuse from the cache?
 
@@ -43,7 +44,7 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
   policy lookup for DEST/HOST: REASON"); MTA-STS enforce: 4.7.5 "MX host
   X does not match the MTA-STS policy of D" (logged "MX name 'X' does
   not match STS MX pattern for 'D'").  ``negotiate`` gives the same for
-  a hook that was not prepared.
+  a session made without a preparation.
 - 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
   configuration problem, or a failed handshake.  At level ``may`` a failed
   handshake carries ``status.retry_plaintext``: the
@@ -298,10 +299,10 @@ class SessionSecurity:
     """The ``security`` object of one nexthop's sessions.
 
     ``prepare(server)`` decides, before the connection, what TLS the
-    server must give (or skips it: ``DeliveryFailure``);
-    ``prepared(preparation)`` is the hook of that one connection, whose
-    ``negotiate`` uses the decision.  ``negotiate`` on a hook that was
-    not prepared decides after EHLO.
+    server must give (or skips it: ``DeliveryFailure``); the session made
+    for that connection carries the decision (``session.tls_preparation``,
+    from ``SMTPSessionFactory(..., preparation=...)``) and ``negotiate``
+    uses it.  For a session without one, ``negotiate`` decides after EHLO.
     """
 
     def __init__(
@@ -332,8 +333,6 @@ class SessionSecurity:
         # concurrent sessions.
         self.last_tls: TLSOutcome | None = None
         self.last_tlsa: TLSALookup | None = None
-        # The decision made before this hook's one connection (prepared()).
-        self.preparation: Preparation | None = None
 
     @classmethod
     def for_nexthop(cls, config: Any, nexthop: str) -> SessionSecurity:
@@ -380,15 +379,6 @@ class SessionSecurity:
             # negotiate() gives these refusals, as before.
             return Deferred.fromCoroutine(_undecided(server))
         return Deferred.fromCoroutine(self._decide(server))
-
-    def prepared(self, preparation: Preparation) -> SessionSecurity:
-        """The hook of one connection to ``preparation.server``: its
-        ``negotiate`` uses that decision."""
-        hook = SessionSecurity(self._policy, self.nexthop, self.tls_policy, problem=self.problem,
-                               demand=self.demand, configured_level=self.configured_level,
-                               requiretls_action=self.requiretls_action)
-        hook.preparation = preparation
-        return hook
 
     def still_holds(self, session: Any) -> Deferred[bool]:
         """Whether a cached ``session`` may carry more mail: a decision
@@ -507,7 +497,9 @@ class SessionSecurity:
                 "opportunistic", peer=str(session.server), tls_level=str(self.configured_level), nexthop=self.nexthop,
             )
         server = session.server
-        preparation = self.preparation
+        # The decision made before the connection, which the session
+        # factory gave the session (session.SMTPSessionFactory).
+        preparation = getattr(session, "tls_preparation", None)
         if preparation is None or preparation.tls_policy is None or preparation.server != server:
             # Not prepared before the connection: decide now (a refusal
             # is logged and counted here, after EHLO).
