@@ -419,6 +419,18 @@ class TLSACacheTests(unittest.SynchronousTestCase):
         self.assertEqual(self.successResultOf(first).records, (self.record,))
         self.assertEqual(self.successResultOf(second).records, (self.record,))
 
+    def test_a_cancelled_lookup_leaves_the_shared_query_to_the_others(self) -> None:
+        pending: defer.Deferred = defer.Deferred()
+        dane, dns_resolver = self.resolver(pending)
+        first = dane.lookup("mx.example.com", 25, mx_dnssec_valid=True, host_dnssec_valid=True)
+        second = dane.lookup("mx.example.com", 25, mx_dnssec_valid=True, host_dnssec_valid=True)
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertNoResult(pending)  # the query goes on
+        pending.callback(tlsa_answer(owner("mx.example.com"), 60, self.record))
+        self.assertEqual(self.successResultOf(second).records, (self.record,))
+        self.assertEqual(len(dane.cache), 1)
+
     def test_the_mx_state_is_applied_to_a_kept_answer(self) -> None:
         dane, dns_resolver = self.resolver(tlsa_answer(owner("mx.example.com"), 60, self.record))
         self.lookup(dane)

@@ -263,29 +263,35 @@ class TLSACache:
 
     async def get(self, name: str, query: Callable[[str], Awaitable[TLSAAnswer]]) -> TLSAAnswer:
         """The answer for ``name``: kept, or ``query(name)`` (which does
-        not fail; an exception from it reaches every waiter)."""
+        not fail; an exception from it reaches every waiter).  Cancelling
+        one caller leaves the query running for the others."""
         answer = self.cached(name)
         if answer is not None:
             self.hits += 1
             return answer
+        waiter: Deferred[TLSAAnswer] = Deferred()
         waiters = self._in_flight.get(name)
         if waiters is not None:
-            waiter: Deferred[TLSAAnswer] = Deferred()
             waiters.append(waiter)
-            return await waiter
-        self.misses += 1
-        waiters = self._in_flight[name] = []
+        else:
+            self.misses += 1
+            self._in_flight[name] = [waiter]
+            # Not awaited here: no caller's cancellation reaches the query.
+            Deferred.fromCoroutine(self._run(name, query))
+        return await waiter
+
+    async def _run(self, name: str, query: Callable[[str], Awaitable[TLSAAnswer]]) -> None:
         try:
             answer = await query(name)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - handed to every waiter
             failure = Failure()
             for waiter in self._in_flight.pop(name, []):
                 waiter.errback(failure)
-            raise
+            return
         self._keep(name, answer)
         for waiter in self._in_flight.pop(name, []):
+            # A cancelled waiter ignores this (Deferred.cancel).
             waiter.callback(answer)
-        return answer
 
     def _keep(self, name: str, answer: TLSAAnswer) -> None:
         if answer.state is DaneState.ERROR or answer.ttl is None or answer.ttl <= 0:
