@@ -598,3 +598,32 @@ class LoopbackTests(_World, unittest.TestCase):
 
     def test_no_connection_to_an_mx_outside_an_enforced_sts_policy(self):
         return defer.Deferred.fromCoroutine(self._sts_enforce())
+
+
+class ServiceTests(unittest.TestCase):
+    """The service gives the security policy its DNS resolver and clock,
+    at start-up and after a reload (DANE was off after a reload, with no
+    DNS resolver)."""
+
+    def test_dane_and_its_cache_survive_a_reload(self) -> None:
+        from relayagent.master.service import build_service
+
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = os.path.join(base, "main.cf")
+
+        def write(extra: str) -> None:
+            with open(path, "w") as handle:
+                handle.write(f"queue_directory = {base}/spool\nrelayagent_workers = 1\n"
+                             "smtp_dns_support_level = dnssec\ndns_nameservers = 127.0.0.1\n" + extra)
+
+        write("smtp_tls_security_level = dane\n")
+        service = build_service(Config.load(path), reactor)
+        self.addCleanup(lambda: service.smtp.close())
+        self.assertTrue(service.security.dane.enabled)
+        self.assertIs(service.security.dane.cache.clock, reactor)
+        write("smtp_tls_security_level = dane-only\n")
+        ok, text = service.reload()
+        self.assertTrue(ok, text)
+        self.assertTrue(service.security.dane.enabled, service.security.dane.disabled_reason)
+        self.assertIsNotNone(service.security.dane.cache)
