@@ -35,6 +35,7 @@ from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority, IssuedCertificate
+from tests.support.countingsink import CountingSink
 from tests.support.dnssec import DNSSECChain
 from tests.support.sink import free_port
 
@@ -346,3 +347,35 @@ class DaneInteropTests(unittest.TestCase):
 
     def test_a_large_tlsa_rrset_comes_over_tcp_validated(self):
         return Deferred.fromCoroutine(self._large_rrset())
+
+    async def _bogus_host_not_connected(self) -> None:
+        # Two MX hosts: the first one's TLSA records are bogus (SERVFAIL),
+        # the second has none.  The first must get no TCP connection at
+        # all (Postfix looks the TLSA records up before connecting); the
+        # mail goes to the second (dane without TLSA: may; the sink
+        # offers no STARTTLS).
+        sinks = []
+        for address in (ADDRESS, "127.0.0.3"):
+            sink = CountingSink()
+            sink.reactor = reactor
+            port = reactor.listenTCP(self.port, sink, interface=address)
+            self.addCleanup(port.stopListening)
+            self.addCleanup(sink.close_all)
+            sinks.append(sink)
+        leaf = CA.issue(["mx1.skip.dane.test"])
+        owner = f"_{self.port}._tcp.mx1.skip"
+        records = ["skip IN MX 10 mx1.skip", "skip IN MX 20 mx2.skip", f"mx1.skip IN A {ADDRESS}",
+                   "mx2.skip IN A 127.0.0.3", f"{owner} IN {tlsa(record_for(leaf.certificate))}"]
+        chain = DNSSECChain(os.path.join(self.directory, "dns"), ZONE, records, tamper=[owner])
+        os.makedirs(chain.directory)
+        self.addCleanup(chain.stop, reactor)
+        await chain.start(reactor)
+        status = await self.deliver(chain, "skip.dane.test", "smtp_tls_security_level = dane\n")
+        self.assertEqual(status.dsn[0], "2", status)
+        self.assertEqual([sink.accepted for sink in sinks], [0, 1])
+        self.assertEqual(len(sinks[1].arrivals), 1)
+        self.assertTrue(self.logged(f"TLS policy lookup for skip.dane.test/mx1.skip.dane.test: TLSA lookup error "
+                                    f"for mx1.skip.dane.test:{self.port}"), self.logs.messages())
+
+    def test_a_host_with_bogus_tlsa_gets_no_connection(self):
+        return Deferred.fromCoroutine(self._bogus_host_not_connected())

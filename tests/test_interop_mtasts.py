@@ -53,6 +53,7 @@ from relayagent.smtp.tlsrpt import Recorder, Reporter, ReportPolicy, TLSRPTSetti
 from relayagent.spool import Spool
 from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority
+from tests.support.countingsink import CountingSink
 from tests.support.dnsserver import LoopbackDNSServer, RecordsAuthority
 from tests.support.sink import free_port
 
@@ -76,12 +77,16 @@ DOMAINS = {
     "onlyoutside.test": (["outside.mx.test"], "enforce"),
     "wrongcert.test": (["wrongcert.mx.test"], "enforce"),
     "testing.test": (["plain.mx.test"], "testing"),
+    "counted.test": (["counted.mx.test", "good.mx.test"], "enforce"),
 }
+# An MX host outside the policy with a server that counts connections
+# (tests.support.countingsink), not an aiosmtpd one.
+COUNTED = ("counted.mx.test", "127.0.0.6")
 
 
 def zone_records() -> list[tuple[str, Any]]:
     records: list[tuple[str, Any]] = []
-    for host, address in MX.items():
+    for host, address in [*MX.items(), COUNTED]:
         records.append((host, dns.Record_A(address)))
     for domain, (hosts, _mode) in DOMAINS.items():
         for preference, host in enumerate(hosts, start=1):
@@ -294,6 +299,22 @@ class MTASTSInteropTests(_LoopbackServers):
 
     def test_enforce_delivers_only_to_mx_hosts_in_the_policy(self):
         return Deferred.fromCoroutine(self._enforce_skips_outside())
+
+    async def _outside_gets_no_connection(self) -> None:
+        sink = CountingSink()
+        sink.reactor = reactor
+        port = reactor.listenTCP(self.smtp_port, sink, interface=COUNTED[1])
+        self.addCleanup(port.stopListening)
+        self.addCleanup(sink.close_all)
+        outcome, _ = await self.deliver("counted.test")
+        self.assertEqual(outcome.status.dsn, "2.0.0", outcome.status.text)
+        self.assertEqual(outcome.server.host, "good.mx.test")
+        # Ruled out by the policy before connecting: not even a SYN.
+        self.assertEqual(sink.accepted, 0)
+        self.assertIn("MX name 'counted.mx.test' does not match STS MX pattern for 'counted.test'", self.logs.text())
+
+    def test_enforce_makes_no_connection_to_an_mx_outside_the_policy(self):
+        return Deferred.fromCoroutine(self._outside_gets_no_connection())
 
     async def _enforce_wrong_certificate(self) -> None:
         outcome, _ = await self.deliver("wrongcert.test")

@@ -160,7 +160,8 @@ def reload(service: Any) -> tuple[bool, str]:
         # refresh and counters): the new policy takes the running ones.
         security = SecurityPolicy(new, mta_sts=getattr(old_security, "mta_sts", None),
                                   tlsrpt=getattr(old_security, "tlsrpt", None),
-                                  dane_applies=getattr(old_security, "dane_applies", None))
+                                  dane_applies=getattr(old_security, "dane_applies", None),
+                                  dns_resolver=service.resolver.dns_resolver, clock=service.reactor)
         resolver = NexthopResolver(new, service.resolver.dns_resolver, service.reactor)
         smtp = SmtpAgent.from_config(new, service.reactor, resolver=resolver, security=security)
     except (ConfigError, ValueError, OSError) as exc:

@@ -16,7 +16,13 @@ finishes EHLO:
 - a 5xx greeting: the next address as if it were 4xx with
   ``smtp_skip_5xx_greeting = yes``, else it is the outcome (a bounce);
 - every other failure before the session is usable (EHLO/HELO refused,
-  TLS/AUTH failures) moves on when soft and is the outcome when hard.
+  TLS/AUTH failures) moves on when soft and is the outcome when hard;
+- a server that the security hook rules out before the connection
+  (``session_factory_for`` gave a Deferred that failed: a TLSA lookup
+  error, ``dane-only`` without usable TLSA records, an MX host outside
+  an enforced MTA-STS policy; ``smtp.security``'s ``prepare``) is
+  skipped unconnected, as Postfix's smtp_connect.c skips it, with that
+  reason.
 
 IPv4 and IPv6 side by side (RFC 8305 style, which Postfix does not do):
 within one MX preference that has addresses of both families, the family
@@ -177,7 +183,32 @@ class _Attempt:
         self._connector = connector
         self._retried_in_plaintext = False
         self._connecting: Deferred[Any] | None = None
-        self._start(connector.session_factory_for(self.server, **self._factory_options))
+        self._preparing: Deferred[Any] | None = None
+        self._begin(connector.session_factory_for(self.server, **self._factory_options))
+
+    def _begin(self, factory: Any) -> None:
+        """Connect with ``factory``, or with what a Deferred of one gives:
+        the security hook's decision before the connection, whose
+        ``DeliveryFailure`` skips this address unconnected."""
+        if isinstance(factory, Deferred):
+            self._preparing = factory
+            factory.addCallbacks(self._prepared, self._prepare_failed)
+        else:
+            self._start(factory)
+
+    def _prepared(self, factory: Any) -> None:
+        self._preparing = None
+        if not self.cancelled:
+            self._start(factory)
+
+    def _prepare_failed(self, failure: Failure) -> None:
+        self._preparing = None
+        if self.cancelled:
+            return
+        if not isinstance(failure.value, DeliveryFailure):
+            log.failure("TLS policy decision for {server} failed unexpectedly", failure, server=str(self.server))
+            failure = Failure(DeliveryFailure(Status("4.3.0", f"internal error talking to {self.server}")))
+        self.result.errback(failure)
 
     def _start(self, factory: Any) -> None:
         endpoint = self._connector.endpoint_for(self.address)
@@ -221,7 +252,7 @@ class _Attempt:
             self.session = None
             log.info("{server}: {reason}; trying again in plaintext",
                      server=str(self.server), reason=failure.value.status.text)
-            self._start(self._connector.session_factory_for(self.server, plaintext=True, **self._factory_options))
+            self._begin(self._connector.session_factory_for(self.server, plaintext=True, **self._factory_options))
             return
         if not isinstance(failure.value, DeliveryFailure):
             log.failure("session setup with {server} failed unexpectedly", failure, server=str(self.server))
@@ -232,7 +263,9 @@ class _Attempt:
         if self.cancelled or self.result.called:
             return
         self.cancelled = True
-        if self._connecting is not None:
+        if self._preparing is not None:
+            self._preparing.cancel()
+        elif self._connecting is not None:
             self._connecting.cancel()
         elif self.session is not None:
             _close(self.session)
@@ -421,7 +454,9 @@ class Connector:
     """Connects to mail exchangers, for one delivery agent.
 
     ``session_factory_for(server)`` gives the protocol factory of one
-    connection; the protocol it builds has ``greeted``, a Deferred that
+    connection, or a Deferred of it (decided before connecting; a
+    ``DeliveryFailure`` skips the address without a connection); the
+    protocol it builds has ``greeted``, a Deferred that
     fires with the session once greeting and EHLO are done, or fails with
     ``DeliveryFailure``.
     """

@@ -27,9 +27,15 @@ certificate chain, since pyOpenSSL does not expose OpenSSL's SSL_dane_*:
   reference names (the MX host name and the nexthop domain, RFC 7672
   section 3.2.2).  Name constraints are not checked.
 
+With a clock (``DaneResolver(..., clock=reactor)``) the TLSA answers are
+kept in a ``TLSACache`` per ``_PORT._tcp.HOST`` for their RRset's TTL
+(at most 100 seconds, as Postfix's tls_dane.c), so that the addresses of
+one MX host and the sessions that follow share one query; failed
+lookups are not kept.
+
 SYNOPSIS
 
-    dane = DaneResolver(dns_resolver, enabled=True)
+    dane = DaneResolver(dns_resolver, enabled=True, clock=reactor)
     lookup = await dane.lookup(host, port, mx_dnssec_valid=..., host_dnssec_valid=...)
     lookup.state       # insecure, notfound, unusable, usable, error
     lookup.applies     # usable TLSA records under a validated MX: DANE wins
@@ -54,7 +60,8 @@ from __future__ import annotations
 import datetime
 import enum
 import hashlib
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +70,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 
 from relayagent.smtp.dnssec import is_authentic
 
@@ -76,6 +85,13 @@ TLSA = 52
 USAGE_PKIX_TA, USAGE_PKIX_EE, USAGE_DANE_TA, USAGE_DANE_EE = 0, 1, 2, 3
 SELECTOR_CERT, SELECTOR_SPKI = 0, 1
 MATCHING_FULL, MATCHING_SHA256, MATCHING_SHA512 = 0, 1, 2
+
+# The TLSA cache (TLSACache): how many host:port names, and the longest
+# an answer is kept whatever its TTL (Postfix's TLS_DANE_CACHE_TTL_MAX,
+# "comparable to max_idle").  Postfix keeps 20 per delivery process; one
+# relayagent process delivers to many hosts at once.
+TLSA_CACHE_SIZE = 1000
+TLSA_CACHE_TTL_MAX = 100
 
 _USAGES = {USAGE_DANE_TA, USAGE_DANE_EE}
 _SELECTORS = {SELECTOR_CERT, SELECTOR_SPKI}
@@ -195,6 +211,98 @@ class TLSALookup:
         return self.state is DaneState.USABLE and self.mx_secure
 
 
+@dataclass(frozen=True)
+class TLSAAnswer:
+    """What one TLSA query gave, before the MX and host states are put
+    to it: ``state`` (notfound, unusable, usable or error), the usable
+    ``records``, Postfix's ``reason``, and ``ttl``: the seconds it may be
+    kept (None: not at all, as for an error)."""
+
+    state: DaneState
+    reason: str = ""
+    records: tuple[TLSARecord, ...] = ()
+    ttl: int | None = None
+
+
+class TLSACache:
+    """Recent TLSA answers by owner name (``_25._tcp.mx.example.com``:
+    one per host and port), so that the addresses of one MX host and the
+    sessions soon after share one lookup (Postfix: tls_dane.c's
+    ctable).
+
+    An answer is kept for its RRset's TTL (a negative one for the
+    zone's SOA negative TTL), at most ``TLSA_CACHE_TTL_MAX`` seconds as
+    in Postfix, on ``clock``; a TTL of 0 and a failed lookup are not
+    kept.  At most ``size`` names, the least recently used dropped
+    first.  Lookups of one name in flight at the same time share one
+    query.
+    """
+
+    def __init__(self, clock: IReactorTime, size: int = TLSA_CACHE_SIZE) -> None:
+        self.clock = clock
+        self.size = max(1, size)
+        self._answers: OrderedDict[str, tuple[float, TLSAAnswer]] = OrderedDict()
+        self._in_flight: dict[str, list[Deferred[TLSAAnswer]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def cached(self, name: str) -> TLSAAnswer | None:
+        """The kept answer for ``name`` while its TTL lasts, else None."""
+        kept = self._answers.get(name)
+        if kept is None:
+            return None
+        expires, answer = kept
+        if self.clock.seconds() >= expires:
+            del self._answers[name]
+            return None
+        self._answers.move_to_end(name)
+        return answer
+
+    async def get(self, name: str, query: Callable[[str], Awaitable[TLSAAnswer]]) -> TLSAAnswer:
+        """The answer for ``name``: kept, or ``query(name)`` (which does
+        not fail; an exception from it reaches every waiter).  Cancelling
+        one caller leaves the query running for the others."""
+        answer = self.cached(name)
+        if answer is not None:
+            self.hits += 1
+            return answer
+        waiter: Deferred[TLSAAnswer] = Deferred()
+        waiters = self._in_flight.get(name)
+        if waiters is not None:
+            waiters.append(waiter)
+        else:
+            self.misses += 1
+            self._in_flight[name] = [waiter]
+            # Not awaited here: no caller's cancellation reaches the query.
+            Deferred.fromCoroutine(self._run(name, query))
+        return await waiter
+
+    async def _run(self, name: str, query: Callable[[str], Awaitable[TLSAAnswer]]) -> None:
+        try:
+            answer = await query(name)
+        except BaseException:  # noqa: BLE001 - handed to every waiter
+            failure = Failure()
+            for waiter in self._in_flight.pop(name, []):
+                waiter.errback(failure)
+            return
+        self._keep(name, answer)
+        for waiter in self._in_flight.pop(name, []):
+            # A cancelled waiter ignores this (Deferred.cancel).
+            waiter.callback(answer)
+
+    def _keep(self, name: str, answer: TLSAAnswer) -> None:
+        if answer.state is DaneState.ERROR or answer.ttl is None or answer.ttl <= 0:
+            return
+        ttl = min(answer.ttl, TLSA_CACHE_TTL_MAX)
+        self._answers[name] = (self.clock.seconds() + ttl, answer)
+        self._answers.move_to_end(name)
+        while len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+
+
 class DaneResolver:
     """TLSA lookups for the servers of a delivery.
 
@@ -205,10 +313,13 @@ class DaneResolver:
     that cannot work.
     """
 
-    def __init__(self, dns_resolver: Any | None, *, enabled: bool, disabled_reason: str = "") -> None:
+    def __init__(self, dns_resolver: Any | None, *, enabled: bool, disabled_reason: str = "",
+                 clock: IReactorTime | None = None, cache_size: int = TLSA_CACHE_SIZE) -> None:
         self.dns_resolver = dns_resolver
         self.enabled = enabled and dns_resolver is not None
         self.disabled_reason = disabled_reason or "configured with dnssec lookups disabled"
+        # The TLSA answers of recent lookups (none without a clock).
+        self.cache = TLSACache(clock, cache_size) if clock is not None else None
 
     def lookup(
         self, host: str, port: int, *, mx_dnssec_valid: bool, host_dnssec_valid: bool, insecure_mx_ok: bool = False
@@ -249,20 +360,34 @@ class DaneResolver:
             # Postfix: no TLSA lookup for a host in an unsigned zone.
             return outcome(DaneState.NOT_FOUND, "no TLSA records found")
         name = tlsa_name(host, port)
+        if self.cache is None:
+            answer = await self._query(name)
+        else:
+            answer = await self.cache.get(name, self._query)
+        if answer.state is DaneState.ERROR:
+            return outcome(DaneState.ERROR, f"TLSA lookup error for {host}:{port}")
+        return outcome(answer.state, answer.reason, answer.records)
+
+    async def _query(self, name: str) -> TLSAAnswer:
+        """What the DNS says of one TLSA owner name, with how long it may
+        be kept (``TLSAAnswer.ttl``; an error is not kept)."""
         try:
             reply = await self.dns_resolver.query(dns.Query(name, TLSA, dns.IN))
-        except DNSNameError:
-            return outcome(DaneState.NOT_FOUND, "no TLSA records found")
+        except DNSNameError as exc:
+            return TLSAAnswer(DaneState.NOT_FOUND, "no TLSA records found", ttl=_negative_ttl(exc))
         except Exception as exc:  # noqa: BLE001 - SERVFAIL (bogus), timeout, refused: all defer
             log.warn("DANE TLSA lookup problem: {name}: {reason}", name=name, reason=_describe(exc))
-            return outcome(DaneState.ERROR, f"TLSA lookup error for {host}:{port}")
+            return TLSAAnswer(DaneState.ERROR, "TLSA lookup error")
         answers = reply[0]
+        ttl = min((rr.ttl for rr in answers), default=None)
         if not is_authentic(reply):
             # Postfix: an unvalidated TLSA RRset is as good as none.
-            return outcome(DaneState.NOT_FOUND, "no TLSA records found")
+            return TLSAAnswer(DaneState.NOT_FOUND, "no TLSA records found",
+                              ttl=ttl if answers else _soa_ttl(reply[1]))
         found = [rr for rr in answers if rr.type == TLSA]
         if not found:
-            return outcome(DaneState.NOT_FOUND, "no TLSA records found")
+            # NODATA: kept as long as the zone's negative TTL says.
+            return TLSAAnswer(DaneState.NOT_FOUND, "no TLSA records found", ttl=_soa_ttl(reply[1]))
         usable: list[TLSARecord] = []
         for rr in found:
             try:
@@ -277,8 +402,24 @@ class DaneResolver:
                 continue
             usable.append(record)
         if not usable:
-            return outcome(DaneState.UNUSABLE, "TLSA records unusable")
-        return outcome(DaneState.USABLE, "", tuple(usable))
+            return TLSAAnswer(DaneState.UNUSABLE, "TLSA records unusable", ttl=ttl)
+        return TLSAAnswer(DaneState.USABLE, "", tuple(usable), ttl=ttl)
+
+
+def _soa_ttl(authority: Sequence[Any]) -> int | None:
+    """The negative TTL of a NODATA or NXDOMAIN answer (RFC 2308
+    section 5: the smaller of the SOA record's TTL and its minimum),
+    or None without an SOA record."""
+    for rr in authority or ():
+        if getattr(rr, "type", None) == dns.SOA:
+            return min(rr.ttl, getattr(rr.payload, "minimum", rr.ttl))
+    return None
+
+
+def _negative_ttl(exc: DNSNameError) -> int | None:
+    """The negative TTL of an NXDOMAIN (its message's SOA), if any."""
+    message = exc.args[0] if exc.args else None
+    return _soa_ttl(getattr(message, "authority", ()))
 
 
 def _rdata(rr: dns.RRHeader) -> bytes:

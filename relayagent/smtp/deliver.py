@@ -11,8 +11,11 @@ The queue manager (``relayagent.qmgr.delivery``) builds an
 
 - route: the nexthop list of the domain (``resolve.NexthopResolver
   .nexthops``, remembered per domain by ``Router``);
-- a cached session for the first nexthop (``conncache``), if any: it is
-  the final server for the request (the destination was just working);
+- a cached session for the first nexthop (``conncache``), if any, whose
+  TLS decision still holds for its server (``SessionSecurity
+  .still_holds``: the TLSA records and MTA-STS policy it was made
+  under); it is the final server for the request (the destination was
+  just working);
   the RSET probe goes in the transaction's first write, and a session
   that fails it delivered nothing and is dropped (the next one, or a new
   connection, is tried);
@@ -63,6 +66,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
@@ -76,6 +80,8 @@ from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult,
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.spool import CorruptQueueFile
+
+log = Logger(namespace="relayagent.smtp.deliver")
 
 # Domains whose destination key is remembered (route); an LRU bound.
 ROUTE_CACHE_SIZE = 10000
@@ -133,7 +139,11 @@ class SessionFactories:
         self._hooks: dict[str, Any] = {}
 
     def __call__(self, server: ServerInfo, *, plaintext: bool = False,
-                 tls_demand: TLSDemand = TLSDemand.POLICY) -> SMTPSessionFactory:
+                 tls_demand: TLSDemand = TLSDemand.POLICY) -> SMTPSessionFactory | Deferred[SMTPSessionFactory]:
+        """The factory of one connection to ``server``; with a hook that
+        decides before connecting (``security.SessionSecurity.prepare``),
+        a Deferred of it, which fails with the hook's ``DeliveryFailure``
+        for a server not to connect to."""
         hook = None
         if self.security is not None:
             hook = self._hooks.get(server.nexthop)
@@ -143,7 +153,15 @@ class SessionFactories:
             if plaintext:
                 # The retry after a failed handshake at TLS level may.
                 hook = hook.plaintext_fallback()
-        return SMTPSessionFactory(self.settings, self.reactor, server, security=hook)
+        prepare = getattr(hook, "prepare", None)
+        if prepare is None:
+            return SMTPSessionFactory(self.settings, self.reactor, server, security=hook)
+        # The decision travels with the session, not the hook: a hook
+        # that wraps ours (qmgr.transfer's) keeps its own negotiate.
+        return prepare(server).addCallback(
+            lambda preparation: SMTPSessionFactory(self.settings, self.reactor, server, security=hook,
+                                                   preparation=preparation)
+        )
 
 
 class _Job:
@@ -243,6 +261,11 @@ class SmtpAgent:
         try:
             reused = False
             while self.cache is not None and (cached := self.cache.take(nexthop_key, _pool(demand))) is not None:
+                if not await _still_holds(cached.session):
+                    # Made under a TLS decision that no longer holds for
+                    # its server (TLSA records, an MTA-STS policy).
+                    _quit_quietly(cached.session)
+                    continue
                 # A reused session is the final server for this request
                 # (Postfix would try the next MX on a soft error; with a
                 # session cached the destination was just working).
@@ -349,6 +372,20 @@ def _problems(session: Any, statuses: Any) -> list[SessionProblem]:
     transcript = tuple(session.transcript.lines())
     namaddr = session.server.namaddr
     return [SessionProblem(cls, status, transcript, namaddr) for cls, status in sorted(raised.items())]
+
+
+async def _still_holds(session: Any) -> bool:
+    """Whether a cached session's security hook (``still_holds``) would
+    make the same TLS decision for its server now; True for a hook
+    without the check."""
+    check = getattr(getattr(session, "security", None), "still_holds", None)
+    if check is None:
+        return True
+    try:
+        return bool(await check(session))
+    except Exception:  # noqa: BLE001 - a broken check: make a new connection instead
+        log.failure("checking the TLS policy of a cached session to {server}", server=str(session.server))
+        return False
 
 
 def _quit_quietly(session: Any) -> None:

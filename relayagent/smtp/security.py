@@ -4,9 +4,20 @@ the TLS and SASL steps of smtp_helo() in smtp_proto.c).
 
 ``SecurityPolicy(config)`` reads the TLS and SASL parameters
 once (lookup tables, OpenSSL contexts, the password-file permission check);
-``policy.for_nexthop(nexthop)`` gives the ``SessionSecurity`` that
-``relayagent.smtp.session.SMTPSessionFactory(..., security=...)`` calls
-after EHLO.
+``policy.for_nexthop(nexthop)`` gives the ``SessionSecurity`` of a
+nexthop.  Before each connection, ``security.prepare(server)`` makes the
+TLS decision for that server (Postfix: smtp_connect.c, which looks the
+TLS policy and the TLSA records up before connecting): the TLSA lookup
+at the DANE levels and the MTA-STS policy's MX patterns, and fails with
+``DeliveryFailure`` for a server that must not be connected to (the
+connection layer skips it unconnected and tries the next).  The session
+of that connection carries the decision
+(``relayagent.smtp.session.SMTPSessionFactory(..., security=security,
+preparation=preparation)``), and ``security.negotiate(session)``, called
+after EHLO, does STARTTLS and AUTH under it.  For a session made without
+one, ``negotiate`` makes the whole decision after EHLO.  A session kept in the
+connection cache is reused only while ``security.still_holds(session)``:
+the decision made now for its server is the one it was made under.
 
 A plaintext mechanism (PLAIN, LOGIN) is never used on a connection without
 TLS unless smtp_sasl_security_options allows it; over TLS
@@ -14,22 +25,28 @@ smtp_sasl_tls_security_options decides.
 
 SYNOPSIS
 
-    policy = SecurityPolicy(config, dns_resolver=make_dns_resolver(config, reactor))
+    policy = SecurityPolicy(config, dns_resolver=make_dns_resolver(config, reactor), clock=reactor)
     security = policy.for_nexthop("[smtp.example.com]:587")
     applies = await policy.dane.applies(server)      # DANE for this MX host?
-    factory = SMTPSessionFactory(session_settings, clock, server, security=security)
+    preparation = await security.prepare(server)     # DeliveryFailure: skip it
+    factory = SMTPSessionFactory(session_settings, clock, server, security=security, preparation=preparation)
     d = security.negotiate(session)        # None: MAIL may be sent
+    ok = await security.still_holds(cached_session)  # reuse from the cache?
 
 DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 ``ValueError``) for a bad TLS or SASL setting.  ``negotiate`` fails with
 ``DeliveryFailure``:
 
+- ``prepare``: at level ``dane`` or ``dane-only`` the TLSA records of
+  the MX host are looked up (``relayagent.smtp.dane``): 4.7.5 "TLSA
+  lookup error for HOST:PORT", and for ``dane-only`` "no TLSA records
+  found" or "non DNSSEC destination", logged as Postfix does ("TLS
+  policy lookup for DEST/HOST: REASON"); MTA-STS enforce: 4.7.5 "MX host
+  X does not match the MTA-STS policy of D" (logged "MX name 'X' does
+  not match STS MX pattern for 'D'").  ``negotiate`` gives the same for
+  a session made without a preparation.
 - 4.7.4 TLS required but not offered; 4.7.5 certificate not verified, TLS
-  configuration problem, or a failed handshake.  At level ``dane`` or
-  ``dane-only`` the TLSA records of the session's MX host are looked up
-  first (``relayagent.smtp.dane``): 4.7.5 "TLSA lookup error for
-  HOST:PORT", and for ``dane-only`` "no TLSA records found" or "non
-  DNSSEC destination".  At level ``may`` a failed
+  configuration problem, or a failed handshake.  At level ``may`` a failed
   handshake carries ``status.retry_plaintext``: the
   connection layer then connects to the same address again with
   ``security.plaintext_fallback()``.
@@ -42,12 +59,14 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
   offers no STARTTLS, its certificate is not verified, or it does not
   offer REQUIRETLS after STARTTLS; 5.7.30 at level none.  With
   ``opportunistic+starttls`` only the first and the last; with the
-  action ``error``, 4.7.10.
+  action ``error``, 4.7.10.  These come after EHLO as before (``prepare``
+  leaves the action ``error`` and level none to ``negotiate``); a server
+  that ``prepare`` skips (DANE, MTA-STS) is skipped before them.
 
 ``plaintext_fallback()`` anywhere but at level ``may`` raises ``ValueError``.
 
-MTA-STS (``relayagent.smtp.mtasts``) is decided here, per session, before
-STARTTLS: for an MX of a recipient domain (``ServerInfo.policy_domain``)
+MTA-STS (``relayagent.smtp.mtasts``) is decided here, per server, before
+connecting: for an MX of a recipient domain (``ServerInfo.policy_domain``)
 whose TLS policy is the default (not an smtp_tls_policy_maps entry) and
 where DANE does not apply, the domain's policy in mode
 enforce skips an MX outside its patterns (4.7.5 "MX host X does not match
@@ -91,6 +110,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relayagent.common import probes
@@ -163,7 +183,8 @@ class SecuritySettings(Settings):
     smtp_tls_dane_insecure_mx_policy: str
 
 
-def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None) -> DaneResolver:
+def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None,
+                   clock: IReactorTime | None = None) -> DaneResolver:
     """DANE is possible with dnssec lookups through DNS, and MX lookup
     errors not ignored (Postfix: dane_init)."""
     support = settings.smtp_dns_support_level
@@ -174,7 +195,7 @@ def _dane_resolver(settings: SecuritySettings, dns_resolver: Any | None) -> Dane
         return DaneResolver(None, enabled=False, disabled_reason="configured with MX lookup errors ignored")
     if dns_resolver is None:
         return DaneResolver(None, enabled=False, disabled_reason="configured without a DNS resolver")
-    return DaneResolver(dns_resolver, enabled=True)
+    return DaneResolver(dns_resolver, enabled=True, clock=clock)
 
 
 class SecurityPolicy:
@@ -191,13 +212,14 @@ class SecurityPolicy:
     """
 
     def __init__(self, config: Config, *, mta_sts: Any = None, tlsrpt: Any = None,
-                 dane_applies: Any = None, dns_resolver: Any | None = None) -> None:
+                 dane_applies: Any = None, dns_resolver: Any | None = None,
+                 clock: IReactorTime | None = None) -> None:
         self.mta_sts = mta_sts
         self.tlsrpt = tlsrpt
         self.dane_applies = dane_applies
         settings = SecuritySettings.from_config(config)
         base_dir = settings.base_dir
-        self.dane = _dane_resolver(settings, dns_resolver)
+        self.dane = _dane_resolver(settings, dns_resolver, clock)
         self.dane_insecure_mx_policy = settings.smtp_tls_dane_insecure_mx_policy
         try:
             self.tls = TLSSettings.from_config(config)
@@ -247,8 +269,41 @@ class SecurityPolicy:
                                requiretls_action=self.requiretls_policy.action_for(nexthop))
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """The TLS decision for one server, made before connecting to it
+    (``SessionSecurity.prepare``).
+
+    ``tls_policy``: the policy in force for this host (after DANE,
+    MTA-STS and a REQUIRETLS message's raise); None when nothing could
+    be decided before the session (a broken policy entry, a REQUIRETLS
+    refusal that the session must give): ``negotiate`` then decides
+    everything after EHLO.  ``lookup``: the host's TLSA lookup at the
+    DANE levels; ``decision``: MTA-STS's say.
+    """
+
+    server: Any
+    tls_policy: TLSPolicy | None
+    lookup: TLSALookup | None = None
+    decision: mtasts.STSDecision = mtasts.STSDecision(None)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What a session made under this decision was made under: a
+        cached session is reused only while a new decision for its
+        server gives the same key."""
+        return (self.tls_policy, self.decision.applies, self.decision.testing)
+
+
 class SessionSecurity:
-    """The ``security`` object of one nexthop's sessions."""
+    """The ``security`` object of one nexthop's sessions.
+
+    ``prepare(server)`` decides, before the connection, what TLS the
+    server must give (or skips it: ``DeliveryFailure``); the session made
+    for that connection carries the decision (``session.tls_preparation``,
+    from ``SMTPSessionFactory(..., preparation=...)``) and ``negotiate``
+    uses it.  For a session without one, ``negotiate`` decides after EHLO.
+    """
 
     def __init__(
         self,
@@ -309,10 +364,112 @@ class SessionSecurity:
         return SessionSecurity(self._policy, self.nexthop, tls_policy, problem=self.problem,
                                demand=demand, configured_level=self.configured_level, requiretls_action=action)
 
+    def prepare(self, server: Any) -> Deferred[Preparation]:
+        """The TLS decision for ``server`` (a ``channel.ServerInfo``),
+        before connecting to it (Postfix: smtp_connect.c's
+        smtp_get_effective_tls_level and smtp_tls_authorize_mx_hostname):
+        at level ``dane``/``dane-only`` its TLSA lookup, then MTA-STS's
+        MX patterns.  Fails with ``DeliveryFailure`` for a server that
+        must not be connected to (4.7.5 "TLSA lookup error for
+        HOST:PORT", "no TLSA records found", "non DNSSEC destination"
+        for dane-only, "MX host X does not match the MTA-STS policy of
+        D"); the failure is logged as Postfix does and counted for
+        TLSRPT."""
+        if self.tls_policy is None or self._refused_after_ehlo():
+            # negotiate() gives these refusals, as before.
+            return Deferred.fromCoroutine(_undecided(server))
+        return Deferred.fromCoroutine(self._decide(server))
+
+    def still_holds(self, session: Any) -> Deferred[bool]:
+        """Whether a cached ``session`` may carry more mail: a decision
+        made now for its server (neither logged as a skip nor counted)
+        is the one it was made under (``session.tls_preparation``)."""
+        return Deferred.fromCoroutine(self._still_holds(session))
+
+    async def _still_holds(self, session: Any) -> bool:
+        made_under = getattr(session, "tls_preparation", None)
+        if made_under is None:
+            return True  # not made by a prepared hook: nothing to compare
+        if self.tls_policy is None or self._refused_after_ehlo():
+            return False
+        try:
+            now = await self._decide(session.server, report=False)
+        except DeliveryFailure as failure:
+            log.info("{server}: cached session not reused: {reason}", server=str(session.server),
+                     reason=failure.status.text)
+            return False
+        if now.key != made_under.key:
+            log.info("{server}: cached session not reused: the TLS policy for it changed",
+                     server=str(session.server))
+            return False
+        return True
+
     def negotiate(self, session: Any) -> Deferred[None]:
         """STARTTLS and AUTH on a greeted session, as the policy demands;
         fails with ``DeliveryFailure`` when its demands are not met."""
         return Deferred.fromCoroutine(self._negotiate(session))
+
+    def _refused_after_ehlo(self) -> bool:
+        """A REQUIRETLS message that the session refuses whatever the
+        server (the action error, level none): nothing to decide before."""
+        action = self.requiretls_action
+        if self.demand is not TLSDemand.REQUIRETLS or action is RequireTLSAction.DISABLE:
+            return False
+        return action is RequireTLSAction.ERROR or (
+            action.needs_tls and self.tls_policy is not None and self.tls_policy.level is TLSLevel.NONE
+        )
+
+    async def _decide(self, server: Any, *, session: Any = None, report: bool = True) -> Preparation:
+        """The decision of ``prepare`` (``session``: the greeted session
+        when made after EHLO; ``report``: log and count a refusal)."""
+        assert self.tls_policy is not None
+        tls_policy = self.tls_policy
+        action = self.requiretls_action
+        lookup: TLSALookup | None = None
+        dane_refusal: DeliveryFailure | None = None
+        if tls_policy.level.is_dane:
+            # Per MX host: the TLSA records decide what dane means here.
+            insecure_mx_policy = self._policy.dane_insecure_mx_policy
+            lookup = await self._policy.dane.lookup(
+                server.host,
+                server.port,
+                mx_dnssec_valid=getattr(server, "mx_dnssec_valid", False),
+                host_dnssec_valid=getattr(server, "host_dnssec_valid", False),
+                insecure_mx_ok=tls_policy.level is TLSLevel.DANE and insecure_mx_policy != "may",
+            )
+            self.last_tlsa = lookup
+            if session is not None:
+                # This session's TLSA lookup (state, records), for TLSRPT.
+                session.tlsa_lookup = lookup
+            try:
+                tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
+            except DeliveryFailure as failure:
+                dane_refusal = failure
+            else:
+                # A REQUIRETLS message to a host without DANE: verify.
+                tls_policy = effective_policy(tls_policy, self.demand, action)
+        override = self._policy.dane_applies
+        dane = bool(override(server.host)) if override is not None else bool(lookup and lookup.applies)
+        if dane_refusal is not None:
+            if report:
+                # Postfix skips the host: "TLS policy lookup for DEST/HOST: REASON".
+                log.warn("TLS policy lookup for {nexthop}/{host}: {reason}", nexthop=self.nexthop,
+                         host=server.host, reason=dane_refusal.status.text)
+                _Report(self._policy, server, session, mtasts.STSDecision(None), self.nexthop, tls_policy,
+                        dane=_dane_report(lookup, dane_refusal))
+            raise dane_refusal
+        decision = await self._sts_decision(server, dane=dane)
+        tls_policy = decision.tls_policy or tls_policy
+        if decision.refusal is not None:
+            if report:
+                # Postfix (smtp_tls_authorize_mx_hostname) skips the host.
+                log.warn("MX name '{host}' does not match STS MX pattern for '{domain}'",
+                         host=server.host, domain=decision.state.domain if decision.state else "")
+                failed = _Report(self._policy, server, session, decision, self.nexthop, tls_policy,
+                                 dane=None if decision.applies else _dane_report(lookup, None))
+                failed.failure("validation-failure", "MX host does not match the MTA-STS policy")
+            raise DeliveryFailure(decision.refusal)
+        return Preparation(server, tls_policy, lookup, decision)
 
     async def _negotiate(self, session: Any) -> None:
         if self.tls_policy is None:
@@ -340,43 +497,21 @@ class SessionSecurity:
                 "opportunistic", peer=str(session.server), tls_level=str(self.configured_level), nexthop=self.nexthop,
             )
         server = session.server
-        tls_policy = self.tls_policy
-        lookup: TLSALookup | None = None
-        dane_refusal: DeliveryFailure | None = None
-        if tls_policy.level.is_dane:
-            # Per MX host: the TLSA records decide what dane means here.
-            insecure_mx_policy = self._policy.dane_insecure_mx_policy
-            lookup = await self._policy.dane.lookup(
-                server.host,
-                server.port,
-                mx_dnssec_valid=getattr(server, "mx_dnssec_valid", False),
-                host_dnssec_valid=getattr(server, "host_dnssec_valid", False),
-                insecure_mx_ok=tls_policy.level is TLSLevel.DANE and insecure_mx_policy != "may",
-            )
-            self.last_tlsa = lookup
-            # This session's TLSA lookup (state, records), for TLSRPT.
-            session.tlsa_lookup = lookup
-            try:
-                tls_policy = dane_policy(tls_policy, lookup, insecure_mx_policy)
-            except DeliveryFailure as failure:
-                dane_refusal = failure
-            else:
-                # A REQUIRETLS message to a host without DANE: verify.
-                tls_policy = effective_policy(tls_policy, self.demand, action)
-        override = self._policy.dane_applies
-        dane = bool(override(server.host)) if override is not None else bool(lookup and lookup.applies)
-        if dane_refusal is not None:
-            _Report(self._policy, session, mtasts.STSDecision(None), self.nexthop, tls_policy,
-                    dane=_dane_report(lookup, dane_refusal))
-            raise dane_refusal
-        decision = await self._sts_decision(server, dane=dane)
-        tls_policy = decision.tls_policy or tls_policy
-        report = _Report(self._policy, session, decision, self.nexthop, tls_policy,
+        # The decision made before the connection, which the session
+        # factory gave the session (session.SMTPSessionFactory).
+        preparation = getattr(session, "tls_preparation", None)
+        if preparation is None or preparation.tls_policy is None or preparation.server != server:
+            # Not prepared before the connection: decide now (a refusal
+            # is logged and counted here, after EHLO).
+            preparation = await self._decide(server, session=session)
+        elif preparation.lookup is not None:
+            session.tlsa_lookup = preparation.lookup
+        session.tls_preparation = preparation
+        tls_policy = preparation.tls_policy
+        assert tls_policy is not None
+        lookup, decision = preparation.lookup, preparation.decision
+        report = _Report(self._policy, server, session, decision, self.nexthop, tls_policy,
                          dane=None if decision.applies else _dane_report(lookup, None))
-        if decision.refusal is not None:
-            log.warn("{reason}: deferred (MTA-STS mode enforce)", reason=decision.refusal.text)
-            report.failure("validation-failure", "MX host does not match the MTA-STS policy")
-            raise DeliveryFailure(decision.refusal)
         try:
             outcome = await negotiate_tls(session, tls_policy, self._policy.tls, nexthop=self.nexthop)
         except DeliveryFailure as failure:
@@ -438,6 +573,11 @@ class SessionSecurity:
         return f"<SessionSecurity {self.nexthop} tls={level} auth={self._policy.sasl is not None}>"
 
 
+async def _undecided(server: Any) -> Preparation:
+    """A preparation that leaves every decision to ``negotiate``."""
+    return Preparation(server, None)
+
+
 # OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED and X509_V_ERR_CERT_NOT_YET_VALID.
 _EXPIRED_CODES = (10, 9)
 
@@ -480,13 +620,14 @@ class _Report:
     ``no-policy-found``.  Counts at most once per session; does nothing
     without a recorder."""
 
-    def __init__(self, policy: SecurityPolicy, session: Any, decision: mtasts.STSDecision,
+    def __init__(self, policy: SecurityPolicy, server: Any, session: Any, decision: mtasts.STSDecision,
                  nexthop: str, tls_policy: TLSPolicy, *, dane: tuple[ReportPolicy, str] | None = None) -> None:
         self.recorder = policy.tlsrpt
+        # ``session`` is None for a server refused before connecting.
+        self.server = server
         self.session = session
         self.decision = decision
         self.tls_policy = tls_policy
-        server = session.server
         self.domain = getattr(server, "policy_domain", "") or nexthop_domain(nexthop)
         state = decision.state
         if decision.applies and state is not None and state.policy is not None:
@@ -510,11 +651,11 @@ class _Report:
             self._failure(dane[1])
 
     def _details(self) -> dict[str, str]:
-        server = self.session.server
+        server = self.server
         details = {"receiving_mx_hostname": server.host, "receiving_ip": server.address}
         try:
             host = self.session.transport.getHost().host
-        except Exception:  # noqa: BLE001 - a fake or closed transport: no sending address
+        except Exception:  # noqa: BLE001 - no session, a fake or closed transport: no sending address
             host = ""
         if isinstance(host, str) and host:
             details["sending_mta_ip"] = host
@@ -555,11 +696,11 @@ class _Report:
                 problem = "starttls-not-supported"
             elif not outcome.host_verified:
                 problem = classify_certificate(outcome)
-            elif not self.decision.state.policy.policy.matches(self.session.server.host):
+            elif not self.decision.state.policy.policy.matches(self.server.host):
                 problem = "validation-failure"
             if problem is not None:
                 log.info("{server}: MTA-STS policy of {domain} (mode testing) not met: {problem}; delivering",
-                         server=str(self.session.server), domain=self.domain, problem=problem)
+                         server=str(self.server), domain=self.domain, problem=problem)
                 self._failure(problem)
                 return
         elif not outcome.active:

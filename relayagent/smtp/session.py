@@ -25,6 +25,7 @@ is where they become the interface's exceptions: ``greeted``,
 SYNOPSIS
     settings = SessionSettings.from_config(config)      # once, at start-up
     factory = SMTPSessionFactory(settings, clock, ServerInfo(host, addr, port, nexthop), security)
+    factory = SMTPSessionFactory(..., security, preparation=await security.prepare(server))
     session = await endpoint.connect(factory); await session.greeted
     result = await session.deliver(envelope, recipients, last=True)
 
@@ -88,6 +89,7 @@ class SMTPSession(SMTPChannel):
         security: SecurityNegotiator | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        preparation: Any = None,
     ) -> None:
         super().__init__(settings, clock, server)
         self.identity = setup.helo_identity(settings.smtp_helo_name)
@@ -104,6 +106,10 @@ class SMTPSession(SMTPChannel):
         self.tls_outcome: TLSOutcome | None = None
         self.tls_demand = TLSDemand.POLICY
         self.requiretls_cleared = False  # meets smtp_requiretls_policy (smtp.security)
+        # The TLS decision made for it before connecting
+        # (smtp.security.Preparation, None: decided after EHLO), which the
+        # security hook uses and a reuse from the cache must still meet.
+        self.tls_preparation: Any = preparation
         self._busy = False
 
     # -- what the layers above read ---------------------------------------
@@ -216,16 +222,21 @@ class SMTPSessionFactory(protocol.ClientFactory):
         security: SecurityNegotiator | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        preparation: Any = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.server = server
         self.security = security
         self.chunk_size = chunk_size
+        # The security hook's decision for this server, made before
+        # connecting (smtp.security.SessionSecurity.prepare).
+        self.preparation = preparation
         self.session: SMTPSession | None = None
 
     def buildProtocol(self, addr: Any) -> SMTPSession:
-        session = SMTPSession(self.settings, self.clock, self.server, self.security, chunk_size=self.chunk_size)
+        session = SMTPSession(self.settings, self.clock, self.server, self.security, chunk_size=self.chunk_size,
+                              preparation=self.preparation)
         session.factory = self
         self.session = session
         return session

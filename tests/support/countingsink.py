@@ -8,6 +8,7 @@ when), and each message's arrival time and Message-ID.
     port = sink.listen(reactor)                # a free 127.0.0.1 port
     sink.sessions, sink.most_sessions, sink.arrivals   # [(time, message id)]
     sink.sessions_from("127.0.0.2")            # open sessions from one client address
+    sink.accepted                              # TCP connections accepted in all
     await port.stopListening(); sink.close_all()
 
 It speaks just enough ESMTP for relayagent: EHLO (PIPELINING, 8BITMIME),
@@ -121,6 +122,7 @@ class CountingSink(Factory):
         self.rejections: list[bytes] = []
         self.rejected: list[float] = []
         self.pending: set[Any] = set()  # the delayed replies
+        self.accepted = 0  # connections ever accepted
 
     def buildProtocol(self, addr: Any) -> SinkSession:
         return SinkSession(self)
@@ -143,6 +145,7 @@ class CountingSink(Factory):
 
     def opened(self, session: SinkSession) -> None:
         self.open.add(session)
+        self.accepted += 1
         now = time.monotonic()
         self.session_log.append((now, len(self.open)))
         if len(self.open) > self.most_sessions:
