@@ -753,3 +753,19 @@ class SubmissionTests(SynchronousTestCase):
         self.assertRaises(ValueError, self.enqueue, submission=qf.LocalSubmission(-1, ""))
         self.assertEqual(list(self.spool.queue_ids("incoming")), [])
         self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_requeue_keeps_the_lines_logged(self) -> None:
+        # postsuper -r forgets the attempts; an attempt meant the lines
+        # were logged, so the pickup octet says so before they go.
+        queue_id = self.enqueue(submission=SUBMISSION)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.record_attempt(1_700_000_300.0)
+        self.spool.requeue(queue_id, "incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.attempts, 0)
+            self.assertIsNone(queue_file.submission_to_log())
+        # Never attempted (never taken in): still due.
+        fresh = self.enqueue(submission=SUBMISSION)
+        self.spool.requeue(fresh, "incoming")
+        with self.spool.open(fresh, "incoming") as queue_file:
+            self.assertEqual(queue_file.submission_to_log(), SUBMISSION)

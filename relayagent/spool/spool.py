@@ -602,6 +602,10 @@ class Spool:
             # has no defer log (QueueFile relies on it), whenever a crash
             # comes.
             _unlink_quietly(self.path(logs.DEFER_LOG, queue_id))
+            if queue_file.attempts:
+                # An attempt means pickup's lines were logged; without the
+                # attempt, only the pickup octet can say so.
+                queue_file.mark_pickup_logged()
             queue_file.reset_attempts()
         if from_queue != INCOMING:
             self.move(queue_id, from_queue, INCOMING)
