@@ -953,7 +953,9 @@ class ConventionsTests(CommandTestCase):
         # whatever the configuration, so they are never there twice.
         maillog = os.path.join(self.base, "maillog")
         self.write_config(f"maillog_file = {maillog}\nsyslog_name = ra\n")
-        sent: list[bytes] = []
+        sent: list[object] = []
+        # Any datagram towards a syslog daemon, whether /dev/log exists here or not.
+        self.patch(socket.socket, "connect", lambda sock, address: sent.append(address))
         self.patch(socket.socket, "sendto", lambda sock, data, *args: sent.append(data))
         self.patch(socket.socket, "send", lambda sock, data, *args: sent.append(data))
         code, _, _ = self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n\nbody\n")
