@@ -72,7 +72,7 @@ from typing import BinaryIO, TextIO
 
 from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.common.envelope import Notify, Recipient, Ret, address_problem
-from relayagent.spool import CorruptQueueFile, Spool, is_queue_id, space
+from relayagent.spool import CorruptQueueFile, LocalSubmission, Spool, is_queue_id, space
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 
 EX_OK = 0
@@ -100,9 +100,6 @@ BODY_CHUNK = 64 * 1024
 clock: Callable[[], float] = time.time
 # How sendmail asks the queue file system for its free space (likewise).
 statvfs: Callable[[str], os.statvfs_result] = os.statvfs
-# Where sendmail's pickup and cleanup lines go (likewise); None:
-# maillog.submission_logger (maillog_file, else syslog).
-submission_logger: Callable[[Config], object] | None = None
 
 
 class Failure(Exception):
@@ -571,14 +568,17 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         # No ORCPT: sendmail has no way to give one, and none is invented
         # (the ESMTP client and the DSN writer derive rfc822;<address>).
         envelope_recipients = [Recipient(address, notify=notify) for address in _unique(recipients)]
-        queue_id = None
         if dropped:
             maildrop.submit(spool.directory, sender, envelope_recipients, message,
                             envid=args.envid, ret=ret, smtputf8=smtputf8, requiretls=requiretls)
         else:
             spool.ensure_layout()
-            queue_id = spool.enqueue(sender, envelope_recipients, message, envid=args.envid, ret=ret,
-                                     smtputf8=smtputf8, requiretls=requiretls)
+            # Who and which Message-ID, for the daemon to log pickup's and
+            # cleanup's lines when it takes the message in (Postfix's are
+            # daemons' lines: relayagent.qmgr.pickuplog).
+            submission = LocalSubmission(os.getuid(), _message_id(headers, added))
+            spool.enqueue(sender, envelope_recipients, message, envid=args.envid, ret=ret,
+                          smtputf8=smtputf8, requiretls=requiretls, submission=submission)
     except _MessageTooBig:
         # Postfix's words.  Its sendmail exits 75 here, an accident of
         # how postdrop meets the limit (a write failing with EFBIG under
@@ -596,30 +596,19 @@ def _run_sendmail(context: Context, args: argparse.Namespace) -> int:
         raise _spool_failure(spool, exc) from None
     except ValueError as exc:
         raise Failure(EX_DATAERR, f"sendmail: {exc}") from None
-    # pickup's and cleanup's lines (Postfix's, for a message from its
-    # sendmail), before the queue manager is woken to log its own.  A
-    # message left in maildrop/ has them from the daemon's pickup.
-    if queue_id is not None:
-        _log_submission(context.config, queue_id, sender, headers, added)
     trigger_hook(context.config)
     return EX_OK
 
 
-def _log_submission(config: Config, queue_id: str, sender: str, headers: list, added: list[bytes]) -> None:
-    from relayagent.common import maillog as ralog
-
-    message_id = ""
+def _message_id(headers: list, added: list[bytes]) -> str:
+    """The message's Message-ID, as its header has it or as we added it."""
     for header in headers:
         if header.name.lower() == "message-id":
-            message_id = header.value().strip()
-            break
-    else:
-        for line in added:
-            if line.lower().startswith(b"message-id:"):
-                message_id = line[11:].strip().decode("utf-8", "replace")
-    log = (submission_logger or ralog.submission_logger)(config)
-    ralog.log_pickup(log, queue_id, os.getuid(), sender)
-    ralog.log_message_id(log, queue_id, message_id)
+            return header.value().strip()
+    for line in added:
+        if line.lower().startswith(b"message-id:"):
+            return line[11:].strip().decode("utf-8", "replace")
+    return ""
 
 
 def _requiretls_option(options: Iterable[str]) -> bool:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,14 +18,12 @@ import tempfile
 import time
 from unittest import mock
 
-from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from relayagent import cli
-from relayagent.common import maillog as ralog
 from relayagent.common.envelope import BodyType, Notify, Ret
 from relayagent.common.status import Status
-from relayagent.spool import Message, Spool
+from relayagent.spool import LocalSubmission, Message, Spool
 from relayagent.testing import FakeStatvfs
 from tests.helpers_spool import StepClock, write_file
 
@@ -51,10 +50,6 @@ class CommandTestCase(SynchronousTestCase):
 
         self.patch(cli, "trigger_hook", trigger)
         self.patch(cli, "clock", lambda: NOW)
-        # sendmail's pickup and cleanup lines, here and not in syslog.
-        self.submission_events: list[dict] = []
-        self.patch(cli, "submission_logger",
-                   lambda config: Logger(namespace="relayagent.cli", observer=self.submission_events.append))
         environ = mock.patch.dict(os.environ, {"USER": "joe"})
         environ.start()
         self.addCleanup(environ.stop)
@@ -937,29 +932,37 @@ class ConventionsTests(CommandTestCase):
             writer.stderr.close()
             self.assertEqual((writer.returncode, err), (0, b""), command)
 
-    def test_sendmail_logs_pickup_and_cleanup(self) -> None:
+    def test_sendmail_records_the_submission_for_the_daemon_to_log(self) -> None:
+        # pickup's and cleanup's lines are the daemon's (relayagent.qmgr.pickuplog):
+        # sendmail writes who and which Message-ID into the queue file.
         code, _, _ = self.run_command("sendmail", "-f", "root@example.org", "b@example.net",
                                       stdin=b"Message-ID: <m1@example.org>\n\nbody\n")
         self.assertEqual(code, 0)
         (queue_id,) = self.queued()
-        texts = [(event["ralog_service"], ralog.render(event)) for event in self.submission_events]
-        self.assertEqual(texts, [
-            ("pickup", f"{queue_id}: uid={os.getuid()} from=<root@example.org>"),
-            ("cleanup", f"{queue_id}: message-id=<m1@example.org>"),
-        ])
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.submission_to_log(), LocalSubmission(os.getuid(), "<m1@example.org>"))
 
-    def test_sendmail_logs_to_maillog_file(self) -> None:
-        self.patch(cli, "submission_logger", None)
-        maillog = os.path.join(self.base, "maillog")
-        self.write_config(f"maillog_file = {maillog}\nsyslog_name = ra\n")
+    def test_sendmail_records_the_message_id_it_adds(self) -> None:
         code, _, _ = self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n\nbody\n")
         self.assertEqual(code, 0)
-        (queue_id,) = self.queued()
-        with open(maillog, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-        self.assertEqual(len(lines), 2)
-        self.assertRegex(lines[0], rf" host\.example\.org ra/pickup\[\d+\]: {queue_id}: uid=\d+ from=<joe@example\.org>$")
-        self.assertRegex(lines[1], rf" ra/cleanup\[\d+\]: {queue_id}: message-id=<\d+\.\w+@host\.example\.org>$")
+        with self.spool.open(self.queued()[0], "incoming") as queue_file:
+            self.assertRegex(queue_file.submission.message_id, r"^<\d+\.\w+@host\.example\.org>$")
+
+    def test_sendmail_writes_no_log_line_itself(self) -> None:
+        # Not to maillog_file (nor to syslog): the daemon logs them once,
+        # whatever the configuration, so they are never there twice.
+        maillog = os.path.join(self.base, "maillog")
+        self.write_config(f"maillog_file = {maillog}\nsyslog_name = ra\n")
+        sent: list[object] = []
+        # Any datagram towards a syslog daemon, whether /dev/log exists here or not.
+        self.patch(socket.socket, "connect", lambda sock, address: sent.append(address))
+        self.patch(socket.socket, "sendto", lambda sock, data, *args: sent.append(data))
+        self.patch(socket.socket, "send", lambda sock, data, *args: sent.append(data))
+        code, _, _ = self.run_command("sendmail", "b@example.net", stdin=b"Subject: x\n\nbody\n")
+        self.assertEqual(code, 0)
+        self.assertEqual(len(self.queued()), 1)
+        self.assertFalse(os.path.exists(maillog))
+        self.assertEqual(sent, [])
 
 
 class PostconfEditTests(CommandTestCase):

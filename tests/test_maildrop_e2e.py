@@ -87,6 +87,10 @@ class MaildropTests(DaemonTestCase):
         await self.wait_for(lambda: len(PICKED.findall(self.log_text())) >= 2, 10, "the pickup lines")
         picked = {uid: sender for _, uid, sender in PICKED.findall(self.log_text())}
         self.assertEqual(picked, {"0": "root@relay.test", str(self.user.pw_uid): "daemon@relay.test"})
+        # cleanup's line for each message the pickup queued, from the daemon.
+        for queue_id, _, _ in PICKED.findall(self.log_text()):
+            self.assertRegex(self.log_text(), rf"relayagent/cleanup\[\d+\]: {queue_id}: "
+                             r"message-id=<drop-[12]@example\.org>")
         self.assertRegex(self.log_text(), r"relayagent/pickup\[\d+\]: warning: maildrop/f{32}: a symbolic link; "
                          r"set aside as corrupt/[0-9A-V]{16}")
         self.assertEqual(self.log_text().count("status=sent"), 2)

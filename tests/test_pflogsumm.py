@@ -6,7 +6,8 @@ and over twistd's own log, and each count it prints checked: received,
 delivered, deferred, bounced, rejected, bytes received and delivered.
 
 pflogsumm counts Postfix's lines by daemon: ``smtpd``'s ``client=`` and
-``pickup``'s ``uid=`` lines are messages received, ``qmgr``'s
+``pickup``'s ``uid=`` lines are messages received (the daemon's, for
+sendmail's messages too, in either log), ``qmgr``'s
 ``from=<...>, size=N`` the bytes, ``smtp``'s ``status=`` lines the
 deliveries, ``smtpd``'s ``NOQUEUE: reject:`` the rejects.
 
@@ -121,12 +122,11 @@ class PflogsummTests(DaemonTestCase):
         await threads.deferToThread(self.send, "sender@ok.test", "r@soft.test", message("soft", "r@soft.test"))
         await threads.deferToThread(self.send, "sender@ok.test", "r@hard.test", message("hard", "r@hard.test"))
         await threads.deferToThread(self.reject)
-        if maillog:
-            # sendmail's pickup line goes to maillog_file (without it, to
-            # syslog: not into twistd's log).
-            await threads.deferToThread(self.sendmail, config, "r9@ok.test", message("pickup", "r9@ok.test"))
+        # Queued by sendmail itself (run as the queue's owner): its pickup
+        # and cleanup lines are the daemon's, in whichever log it writes.
+        await threads.deferToThread(self.sendmail, config, "r9@ok.test", message("pickup", "r9@ok.test"))
         text = self.log_text if maillog else self.twistd_text
-        sent = 4 if maillog else 3  # the accepted ones, and the bounce for the hard one
+        sent = 4  # the accepted ones, and the bounce for the hard one
 
         def settled() -> bool:
             log = text()
@@ -174,8 +174,21 @@ class PflogsummTests(DaemonTestCase):
         self.assertEqual(counts["bytes delivered"], sum(sizes[qid] for qid in delivered_ids))
         self.assertGreater(counts["bytes received"], 0)
 
+    def check_sendmail_lines(self, text: str) -> None:
+        """sendmail's message: pickup's and cleanup's lines once each,
+        from the daemon (the pid of its qmgr), before qmgr's own."""
+        (queue_id,) = re.findall(r"relayagent/cleanup\[\d+\]: (\w+): message-id=<pickup@ok.test>", text)
+        picked = re.findall(rf"relayagent/pickup\[(\d+)\]: {queue_id}: uid={os.getuid()} from=<sender@ok.test>$",
+                            text, re.MULTILINE)
+        active = re.findall(rf"relayagent/qmgr\[(\d+)\]: {queue_id}: from=<sender@ok.test>, size=\d+, nrcpt=1 ",
+                            text)
+        self.assertEqual(len(picked), 1)
+        self.assertEqual(picked, active[:1])
+        self.assertLess(text.index(f"{queue_id}: uid="), text.index(f"{queue_id}: from=<"))
+
     async def test_maillog_file(self) -> None:
         text = await self.run_mail(maillog=True)
+        self.check_sendmail_lines(text)
         self.assertIn("NOQUEUE: reject: RCPT from unknown[127.0.0.2]: 554 5.7.1 <victim@elsewhere.test>: "
                       "Relay access denied; from=<someone@stranger.test> to=<victim@elsewhere.test> "
                       "proto=ESMTP helo=<stranger.test>", text)
@@ -185,4 +198,5 @@ class PflogsummTests(DaemonTestCase):
 
     async def test_twistd_log(self) -> None:
         text = await self.run_mail(maillog=False)
-        self.check(text, os.path.join(self.base, "twistd.out"), received=4)
+        self.check_sendmail_lines(text)
+        self.check(text, os.path.join(self.base, "twistd.out"), received=5)

@@ -119,10 +119,31 @@ class PickupTests(PickupTestCase):
             self.assertEqual([r.address for r in envelope.recipients], ["rcpt@example.net"])
             self.assertEqual(envelope.recipients[0].notify, Notify.SUCCESS | Notify.FAILURE)
             self.assertEqual(envelope.envid, "E1")
-        self.assertEqual(self.lines(), [f"{queue_id}: uid={os.geteuid()} from=<user@example.org>"])
-        self.assertEqual(self.events[0]["ralog_service"], "pickup")
+        # pickup's line, then cleanup's (this message has no Message-ID).
+        self.assertEqual(self.lines(), [f"{queue_id}: uid={os.geteuid()} from=<user@example.org>",
+                                        f"{queue_id}: message-id=<>"])
+        self.assertEqual([event["ralog_service"] for event in self.events], ["pickup", "cleanup"])
         self.assertEqual(self.woken, 1)
         self.assertEqual(self.pickup.scan(), 0)  # nothing twice
+
+    def test_message_id_line(self) -> None:
+        content = (b"Subject: dropped\r\nmessage-ID:  <m1@example.org> \r\n"
+                   b"Message-ID: <second@example.org>\r\n\r\nbody\n")
+        self.submit(content=content)
+        self.assertEqual(self.pickup.scan(), 1)
+        [queue_id] = self.queued()
+        self.assertEqual(self.lines()[1], f"{queue_id}: message-id=<m1@example.org>")
+        self.assertEqual(self.events[1]["ralog_service"], "cleanup")
+
+    def test_message_id_found_across_chunks_and_only_in_the_header(self) -> None:
+        self.pickup = self.make_pickup(limit=0)
+        # One header line longer than a read: the Message-ID comes in a later chunk.
+        filler = b"X-Filler: " + b"x" * 70_000 + b"\n"
+        self.submit(content=filler + b"Message-Id: <far@example.org>\n\nbody\n")
+        self.submit(content=b"Subject: none\n\nMessage-ID: <in-the-body@example.org>\n")
+        self.assertEqual(self.pickup.scan(), 2)
+        ids = [line.split(": message-id=")[1] for line in self.lines() if ": message-id=" in line]
+        self.assertEqual(sorted(ids), ["<>", "<far@example.org>"])
 
     def test_the_owner_is_the_submitter(self) -> None:
         if os.geteuid() != 0:

@@ -652,3 +652,128 @@ class StreamingTests(SynchronousTestCase):
             first.seek(0)
             self.assertEqual(first.read(), content)
         self.assertRaises(ValueError, queue_file.open_content)
+
+
+SUBMISSION = qf.LocalSubmission(uid=1000, message_id="<m1@example.org>")
+
+
+class SubmissionCorruptionTests(SynchronousTestCase):
+    """A local submission's file (submission record, pickup octet): every
+    damage is still caught, the new octets included (CorruptionTests'
+    exhaustive cases on this layout)."""
+
+    def setUp(self) -> None:
+        self.spool = make_spool(self, clock=StepClock())
+        self.queue_id = self.spool.enqueue(
+            "a@example.org", ["b@example.net", "c@example.net"], MESSAGE, submission=SUBMISSION,
+        )
+        self.path = queue_path(self.spool, "incoming", self.queue_id)
+        self.good = read_file(self.path)
+
+    open_with = CorruptionTests.open_with
+    test_good_file_opens = CorruptionTests.test_good_file_opens
+    test_truncated_at_every_offset = CorruptionTests.test_truncated_at_every_offset
+    test_every_octet_inverted = CorruptionTests.test_every_octet_inverted
+    test_every_bit_flipped = CorruptionTests.test_every_bit_flipped
+    test_junk_appended = CorruptionTests.test_junk_appended
+
+    def test_record_and_pickup_octet_are_where_the_format_says(self) -> None:
+        pickup = qf.STATUS_OFFSET + 2
+        self.assertEqual(self.good[49] & qf.OPTION_LOCAL_SUBMISSION, qf.OPTION_LOCAL_SUBMISSION)
+        self.assertEqual(self.good[pickup:pickup + 1], qf.PENDING)
+        (variable_length,) = struct.unpack_from(">I", self.good, 44)
+        variable = self.good[pickup + 1:pickup + 1 + variable_length]
+        self.assertTrue(variable.endswith(struct.pack(">IH", 1000, 16) + b"<m1@example.org>"))
+        # The record is inside the envelope CRC.
+        (crc,) = struct.unpack_from(">I", self.good, qf.ENVELOPE_CRC_OFFSET)
+        self.assertEqual(crc, zlib.crc32(variable, zlib.crc32(self.good[:qf.HEADER_END])))
+
+    def test_bad_pickup_octet(self) -> None:
+        damaged = bytearray(self.good)
+        damaged[qf.STATUS_OFFSET + 2] = ord("X")
+        self.assertIn("bad pickup octet 0x58", self.open_with(bytes(damaged)).reason)
+
+
+class SubmissionTests(SynchronousTestCase):
+    """The submission record and the pickup octet: what ``submission_to_log``
+    answers, and ``mark_pickup_logged`` in place."""
+
+    def setUp(self) -> None:
+        self.spool = make_spool(self, clock=StepClock())
+
+    def enqueue(self, content: bytes | io.BytesIO = MESSAGE, **kwargs) -> str:
+        return self.spool.enqueue("a@example.org", ["b@example.net"], content, **kwargs)
+
+    def test_round_trip_bytes_and_stream(self) -> None:
+        for content in (MESSAGE, io.BytesIO(MESSAGE)):
+            queue_id = self.enqueue(content, submission=SUBMISSION)
+            with self.spool.open(queue_id, "incoming") as queue_file:
+                self.assertEqual(queue_file.submission, SUBMISSION)
+                self.assertEqual(queue_file.submission_to_log(), SUBMISSION)
+                self.assertEqual(queue_file.envelope.sender, "a@example.org")
+                queue_file.verify_content()
+
+    def test_a_file_without_one_reads_as_before(self) -> None:
+        queue_id = self.enqueue()
+        path = queue_path(self.spool, "incoming", queue_id)
+        before = read_file(path)
+        self.assertEqual(before[49], 0)
+        self.assertEqual(len(before), qf.STATUS_OFFSET + 1 + struct.unpack_from(">I", before, 44)[0] + len(MESSAGE))
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertIsNone(queue_file.submission)
+            self.assertIsNone(queue_file.submission_to_log())
+            queue_file.mark_pickup_logged()  # nothing to mark
+        self.assertEqual(read_file(path), before)
+
+    def test_mark_pickup_logged_rewrites_one_octet(self) -> None:
+        queue_id = self.enqueue(submission=SUBMISSION)
+        path = queue_path(self.spool, "incoming", queue_id)
+        before = read_file(path)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.mark_pickup_logged()
+            self.assertIsNone(queue_file.submission_to_log())
+        after = read_file(path)
+        self.assertEqual([i for i in range(len(before)) if before[i] != after[i]], [qf.STATUS_OFFSET + 1])
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.submission, SUBMISSION)
+            self.assertIsNone(queue_file.submission_to_log())
+
+    def test_not_due_once_an_attempt_is_recorded(self) -> None:
+        # A deferred file has an attempt: its lines were logged when it was
+        # first taken in, whatever became of the pickup octet.
+        queue_id = self.enqueue(submission=SUBMISSION)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.record_attempt(1_700_000_300.0)
+            self.assertIsNone(queue_file.submission_to_log())
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertIsNone(queue_file.submission_to_log())
+
+    def test_message_id_kept_on_one_line_and_bounded(self) -> None:
+        long_id = "<" + "x" * 300 + "@example.org>"
+        queue_id = self.enqueue(submission=qf.LocalSubmission(0, "<a\r\n b@example.org>"))
+        other = self.enqueue(submission=qf.LocalSubmission(0, long_id))
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.submission, qf.LocalSubmission(0, "<a b@example.org>"))
+        with self.spool.open(other, "incoming") as queue_file:
+            self.assertEqual(queue_file.submission.message_id, long_id[:qf.MAX_MESSAGE_ID])
+
+    def test_bad_uid_queues_nothing(self) -> None:
+        self.assertRaises(ValueError, self.enqueue, submission=qf.LocalSubmission(-1, ""))
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(os.listdir(os.path.join(self.spool.directory, "tmp")), [])
+
+    def test_requeue_keeps_the_lines_logged(self) -> None:
+        # postsuper -r forgets the attempts; an attempt meant the lines
+        # were logged, so the pickup octet says so before they go.
+        queue_id = self.enqueue(submission=SUBMISSION)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.record_attempt(1_700_000_300.0)
+        self.spool.requeue(queue_id, "incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual(queue_file.attempts, 0)
+            self.assertIsNone(queue_file.submission_to_log())
+        # Never attempted (never taken in): still due.
+        fresh = self.enqueue(submission=SUBMISSION)
+        self.spool.requeue(fresh, "incoming")
+        with self.spool.open(fresh, "incoming") as queue_file:
+            self.assertEqual(queue_file.submission_to_log(), SUBMISSION)

@@ -117,7 +117,7 @@ class QueueFileTests(SynchronousTestCase):
 
     def test_unknown_option_bit_is_corruption(self) -> None:
         queue_id = self.spool.enqueue("a@example.org", ["b@example.com"], CONTENT)
-        self.rewrite_options(queue_id, 0x08)
+        self.rewrite_options(queue_id, 0x10)
         error = self.assertRaises(CorruptQueueFile, self.spool.open, queue_id, "incoming")
         self.assertIn("bad flag values", str(error))
 

@@ -27,8 +27,6 @@ a dict and no formatting:
   relayagent/<daemon>[pid]: <text>``, Twisted's as twistd writes them.
 - ``SyslogObserver`` is ``twistd --syslog``'s: datagrams to /dev/log,
   facility ``syslog_facility``, the tag ``relayagent/<daemon>[pid]``.
-- ``submission_logger`` is ``relayagent sendmail``'s (pickup's and
-  cleanup's lines): ``maillog_file``, else syslog.
 - The daemon of each line is Postfix's: ``smtpd`` (the listener's
   ``connect from``, ``client=``, ``NOQUEUE: reject:``, ``disconnect
   from``), ``pickup``, ``cleanup`` (``message-id=``), ``qmgr``, ``smtp``,
@@ -79,7 +77,7 @@ Owns: debug_peer_list, debug_peer_level, delay_logging_resolution_limit,
 syslog_name (Postfix has it too, default "postfix"; ours is
 "relayagent"), syslog_facility (Postfix's, default mail), log_format
 (ours: postfix or json).  Reads myhostname; maillog_file is read by
-``relayagent.master.service`` (and ``submission_logger``).
+``relayagent.master.service``.
 """
 
 from __future__ import annotations
@@ -1365,39 +1363,6 @@ def inherited_descriptor(path: str) -> int | None:
     return int(fd or proc_fd)
 
 
-def submission_logger(config: Config, *, syslog_address: str = "/dev/log") -> Logger:
-    """A ``Logger`` for a command's mail lines (``relayagent sendmail``'s
-    pickup and cleanup lines), as Postfix's commands log to syslog: to
-    ``maillog_file`` when it is set and this user may append to it (one
-    ``write`` per line on an ``O_APPEND`` descriptor, so the daemon's
-    lines and these never mix), else to syslog (facility
-    ``syslog_facility``).  Never raises: a log that cannot be written
-    loses the lines, not the message."""
-    settings = MaillogSettings.from_config(config)
-    program = f"{settings.syslog_name}/pickup"
-    observer: Any = None
-    # A maillog on the daemon's standard output is not this command's.
-    if settings.maillog_file and inherited_descriptor(settings.maillog_file) is None:
-        try:
-            out = open(settings.maillog_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 - the process's life
-        except OSError:
-            out = None
-        if out is not None:
-            observer = PostfixFormatObserver(out, hostname=settings.myhostname, program=program,
-                                             resolution=settings.delay_logging_resolution_limit)
-    if observer is None:
-        observer = SyslogObserver(facility=settings.syslog_facility, program=program,
-                                  address=syslog_address)
-
-    def safe(event: Mapping[str, Any]) -> None:
-        try:
-            observer(event)
-        except Exception:  # noqa: BLE001, S110 - see the docstring
-            pass
-
-    return Logger(namespace="relayagent.cli", observer=safe)
-
-
 class MailLog:
     """The maillog (``maillog_file``): relayagent's log lines, and only
     those, written to ``out`` in ``log_format``.
@@ -1488,7 +1453,6 @@ __all__ = [
     "make_observers",
     "render",
     "set_resolution",
-    "submission_logger",
     "syslog_time",
     "take_mail_events",
 ]

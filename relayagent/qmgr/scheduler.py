@@ -13,7 +13,9 @@ qmgr_feedback.c, qmgr_deliver.c, qmgr_scan.c).
   ``ACTIVATION_BATCH`` at a time, the rest on the reactor's next turn
   (Postfix's qmgr takes one per event-loop turn; docs/performance.rst
   has the figures).  On start, what a dead process left in ``active/``
-  comes back first, its done recipients skipped.
+  comes back first, its done recipients skipped.  A message
+  ``relayagent sendmail`` queued itself gets its pickup and cleanup lines
+  then, once (``relayagent.qmgr.pickuplog``).
 - Splits each message's pending recipients by destination (``route``:
   recipient -> destination key, the first nexthop) into requests of at
   most ``smtp_destination_recipient_limit`` recipients.
@@ -99,6 +101,7 @@ from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure, Status
 from relayagent.qmgr.interfaces import IDeliveryAgent, ILimiter
 from relayagent.qmgr.limits import SLOT_RETRY
+from relayagent.qmgr.pickuplog import PickupLog
 from relayagent.spool import (
     ACTIVE,
     DEFERRED,
@@ -325,6 +328,8 @@ class QueueManager:
         self._slot_waiters: dict[str, set[Destination]] = {}
         self.counters = Counters()
         self.running = False
+        # The pickup and cleanup lines of sendmail's own submissions.
+        self.pickup_log = PickupLog(clock)
 
         self._recovered: deque[str] = deque()
         # Messages left in active/ by a finish that failed to write (a
@@ -413,6 +418,7 @@ class QueueManager:
         deliveries in flight are over.  Messages still active stay in
         ``active/`` and are recovered by the next start."""
         self.running = False
+        self.pickup_log.stop()
         for loop in (self._poll_loop, self._run_loop):
             if loop is not None and loop.running:
                 loop.stop()
@@ -542,6 +548,7 @@ class QueueManager:
         self.active[queue_id] = message
         self.counters.activated += 1
         pending = envelope.pending()
+        self.pickup_log.activated(queue_id, queue_file, envelope.sender)
         ralog.log_queue_active(log, queue_id, envelope.sender, envelope.content_size,
                                len(envelope.recipients))
         groups: dict[str, list[Recipient]] = {}

@@ -16,9 +16,11 @@ submitter, trusted as the kernel says it; the envelope is read as data
 The message is queued afresh with a new queue id, through the spool's
 durable enqueue (nothing of the file's own state is kept), then the
 maildrop file is removed (a crash between the two queues it twice, as
-Postfix would: at least once).  One line per message, Postfix's::
+Postfix would: at least once).  Two lines per message, Postfix's
+pickup's and cleanup's::
 
     Dec  2 02:40:01 relay relayagent/pickup[4242]: 1J1JL7AV5QS00KM2: uid=0 from=<root>
+    Dec  2 02:40:01 relay relayagent/cleanup[4242]: 1J1JL7AV5QS00KM2: message-id=<...>
 
 A file that fails a check (not a regular file, a symbolic link, a hard
 link, too big, not our format, a bad address) is set aside in
@@ -57,6 +59,7 @@ from twisted.logger import Logger
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Settings
 from relayagent.spool import CORRUPT, Spool, maildrop
+from relayagent.spool.queuefile import MAX_MESSAGE_ID
 from relayagent.spool.queueid import QueueIdGenerator
 
 log = Logger(namespace="relayagent.smtpd.pickup")
@@ -68,6 +71,10 @@ log = Logger(namespace="relayagent.smtpd.pickup")
 POLL = 1.0
 # A partial file (a dot name) this old was left by a sendmail that died.
 STALE_PARTIAL = 86400.0
+# How far into a message the Message-ID is looked for (sendmail's header
+# limit), and how much of one header line is kept meanwhile.
+HEADER_SCAN_LIMIT = 1024 * 1024
+MAX_HEADER_LINE = 1000
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -84,19 +91,58 @@ class _Refused(Exception):
 
 class _Bounded:
     """The message part of a maildrop file, at most ``limit`` octets
-    (0: no limit); more is ``_Refused``."""
+    (0: no limit); more is ``_Refused``.  On the way it finds the first
+    Message-ID header, for cleanup's line (``message_id``)."""
 
     def __init__(self, stream: BinaryIO, limit: int) -> None:
         self._stream = stream
         self._limit = limit
         self._seen = 0
+        self._headers = _MessageIdScanner()
+
+    @property
+    def message_id(self) -> str:
+        """The Message-ID header's value ("" for none)."""
+        return self._headers.message_id
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
         self._seen += len(data)
         if self._limit and self._seen > self._limit:
             raise _Refused(f"message larger than message_size_limit ({self._limit} octets)")
+        self._headers.feed(data)
         return data
+
+
+class _MessageIdScanner:
+    """The first ``Message-ID:`` line of the header section (as the
+    listener logs it: its first line, at most ``MAX_MESSAGE_ID``
+    characters), from content fed in chunks; the scan ends at the first
+    empty line or after ``HEADER_SCAN_LIMIT`` octets."""
+
+    def __init__(self) -> None:
+        self.message_id = ""
+        self._done = False
+        self._partial = b""
+        self._scanned = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._done or not data:
+            return
+        self._scanned += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[:MAX_HEADER_LINE]
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                self._done = True
+                return
+            if line[:11].lower() == b"message-id:":
+                self.message_id = line[11:].strip().decode("utf-8", "replace")[:MAX_MESSAGE_ID]
+                self._done = True
+                return
+        if self._scanned > HEADER_SCAN_LIMIT:
+            self._done = True
 
 
 class Pickup:
@@ -210,8 +256,12 @@ class Pickup:
             return False
         os.unlink(path)
         self._told.discard(name)
-        log.info("{queue_id}: uid={uid} from=<{sender}>", queue_id=queue_id, uid=uid,
-                 sender=envelope.sender, ralog_service="pickup")
+        assert uid is not None  # known since the fstat
+        # pickup's and cleanup's lines (Postfix's pickup hands the file to
+        # cleanup, which logs the Message-ID), before the queue manager
+        # is woken to log its own.
+        ralog.log_pickup(log, queue_id, uid, envelope.sender)
+        ralog.log_message_id(log, queue_id, content.message_id)
         return True
 
     def _check(self, path: str, info: os.stat_result) -> None:

@@ -25,7 +25,7 @@ Owns ``queue_directory`` (the layout under it).
 """
 
 from relayagent.spool.logs import BOUNCE_LOG, DEFER_LOG, LogRecord
-from relayagent.spool.queuefile import CorruptQueueFile, QueueFile
+from relayagent.spool.queuefile import CorruptQueueFile, LocalSubmission, QueueFile
 from relayagent.spool.queueid import QUEUE_ID_LENGTH, is_queue_id, queue_id_time
 from relayagent.spool.spool import (
     ACTIVE,
@@ -55,6 +55,7 @@ __all__ = [
     "QUEUE_ID_LENGTH",
     "CorruptQueueFile",
     "EnqueueBatch",
+    "LocalSubmission",
     "LogRecord",
     "Message",
     "QueueEntry",

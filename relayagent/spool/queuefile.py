@@ -13,7 +13,8 @@ description)::
     44      4     envelope length     uint32 (the variable section)
     48      1     body type           0 = 7BIT, 1 = 8BITMIME
     49      1     options             bit 0 SMTPUTF8, bit 1 REQUIRETLS,
-                                      bit 2 "TLS-Required: No" header
+                                      bit 2 "TLS-Required: No" header,
+                                      bit 3 a local submission
     50      1     RET                 0 = none, 1 = FULL, 2 = HDRS
     51      1     content form        bit 0: plain lines, bit 1: body undeclared
     52      4     content CRC-32
@@ -22,8 +23,9 @@ description)::
     64      8     next attempt time   float64    } rewritten in place with
     72      4     CRC-32 of 60-71                } one pwrite
     76      N     recipient status    one byte each: b"P" pending, b"D" done
-    76+N    E     variable section    sender, ENVID, recipients
-    76+N+E  C     content
+    76+N    S     pickup octet        S = 1 with options bit 3, else 0
+    76+N+S  E     variable section    sender, ENVID, recipients[, submission]
+    76+N+S+E  C   content
 
 Every byte is checked by something: the fixed and variable envelope by the
 envelope CRC, the mutable block by its own CRC, each status byte by being
@@ -48,6 +50,16 @@ The status bytes and the mutable block sit outside the envelope CRC so
 that marking a recipient done or recording an attempt is one small
 ``pwrite`` in place, as Postfix overwrites a recipient record's type byte.
 
+A local submission (``relayagent sendmail`` run as the queue's owner,
+queueing straight into ``incoming/``) sets options bit 3: the variable
+section ends with a submission record (the submitter's uid and the
+Message-ID, ``LocalSubmission``) and a *pickup octet* follows the status
+table, ``P`` while pickup's and cleanup's lines are still to be logged,
+``D`` once the queue manager logged them (``mark_pickup_logged``).
+``submission_to_log`` says whether they are due: a record, no attempt
+recorded yet, the octet still ``P``.  Files without the bit (every file
+written before it existed) read as before.
+
 Content is never read whole: ``Envelope.open_content()`` returns a stream
 over the content region.  A small file (the first read gets all of it) has
 its content CRC checked when opened; a large one when its content stream
@@ -60,6 +72,7 @@ SYNOPSIS (``Spool.open`` makes a ``QueueFile``)::
         queue_file.envelope, queue_file.pending_count(), queue_file.open_content()
         queue_file.mark_done_many([0, 1]); queue_file.defer(2, status)
         queue_file.record_attempt(next_attempt)
+        queue_file.submission_to_log() -> LocalSubmission | None; queue_file.mark_pickup_logged()
     head = build_head(...)                 # the writer's side, for Spool.enqueue
 
 DIAGNOSTICS: bad data is ``CorruptQueueFile`` (at open, or from the
@@ -79,7 +92,7 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from relayagent.common.envelope import (
@@ -129,7 +142,10 @@ _NOTIFY_BITS = (
 OPTION_SMTPUTF8 = 0x01
 OPTION_REQUIRETLS = 0x02  # RFC 8689 REQUIRETLS, asked for at intake
 OPTION_TLS_NOT_REQUIRED = 0x04  # a "TLS-Required: No" header (RFC 8689 4.1)
-_OPTION_BITS = OPTION_SMTPUTF8 | OPTION_REQUIRETLS | OPTION_TLS_NOT_REQUIRED
+# A local submission: a submission record ends the variable section and
+# a pickup octet follows the status table (LocalSubmission).
+OPTION_LOCAL_SUBMISSION = 0x08
+_OPTION_BITS = OPTION_SMTPUTF8 | OPTION_REQUIRETLS | OPTION_TLS_NOT_REQUIRED | OPTION_LOCAL_SUBMISSION
 
 # The content form octet's bits.
 CONTENT_PLAIN_LINES = 0x01
@@ -138,6 +154,35 @@ _CONTENT_FORM_BITS = CONTENT_PLAIN_LINES | CONTENT_BODY_UNDECLARED
 
 _STRING_NONE = 0xFFFF  # length marker of an absent optional string
 MAX_STRING = 0xFFFE
+
+# The longest Message-ID a submission record keeps (the listener logs as
+# much of the header).
+MAX_MESSAGE_ID = 200
+_UID = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSubmission:
+    """What pickup's and cleanup's lines say of a message that
+    ``relayagent sendmail`` queued itself (Postfix's ``QUEUEID:
+    uid=N from=<sender>`` and ``QUEUEID: message-id=<...>``): the
+    submitter's uid and the header's Message-ID ("" for none).  The
+    queue manager logs them when it first takes the message in, as
+    Postfix's pickup and cleanup daemons log theirs."""
+
+    uid: int
+    message_id: str
+
+
+def pack_submission(submission: LocalSubmission) -> bytes:
+    """The submission record at the end of the variable section: the
+    uid (uint32) and the Message-ID (a string, at most
+    ``MAX_MESSAGE_ID`` characters, line breaks made spaces)."""
+    if not 0 <= submission.uid <= 0xFFFFFFFF:
+        raise ValueError(f"bad submitter uid {submission.uid}")
+    message_id = " ".join(submission.message_id.split())[:MAX_MESSAGE_ID]
+    return _UID.pack(submission.uid) + _pack_string(message_id, "Message-ID")
+
 
 # How much the first read takes: a message this small is read, checked and
 # parsed after one read system call.
@@ -199,15 +244,22 @@ def build_head(
     body_declared: bool = True,
     requiretls: bool = False,
     tls_not_required: bool = False,
+    submission: LocalSubmission | None = None,
 ) -> bytes:
     """Everything before the content: header, CRC, mutable block, status
-    table and variable section.  ``plain_lines`` only where the content
-    was scanned and found plain (``spool.plain.PlainLineScanner``);
+    table (and pickup octet) and variable section.  ``plain_lines`` only
+    where the content was scanned and found plain
+    (``spool.plain.PlainLineScanner``);
     ``body_declared`` False where nobody declared the body type (no
     BODY= at intake) and the writer detected it.  ``requiretls``: the
     sender asked for REQUIRETLS; ``tls_not_required``: the header has
-    ``TLS-Required: No``."""
-    content_offset = STATUS_OFFSET + recipient_count + len(variable)
+    ``TLS-Required: No``.  ``submission``: a local submission, whose
+    record ends the variable section (and whose pickup octet is P)."""
+    pickup = b""
+    if submission is not None:
+        variable += pack_submission(submission)
+        pickup = PENDING
+    content_offset = STATUS_OFFSET + recipient_count + len(pickup) + len(variable)
     fixed = MAGIC_LINE + _HEADER.pack(
         arrival_time,
         content_offset,
@@ -217,7 +269,8 @@ def build_head(
         _BODY_CODES[body_type],
         (OPTION_SMTPUTF8 if smtputf8 else 0)
         | (OPTION_REQUIRETLS if requiretls else 0)
-        | (OPTION_TLS_NOT_REQUIRED if tls_not_required else 0),
+        | (OPTION_TLS_NOT_REQUIRED if tls_not_required else 0)
+        | (OPTION_LOCAL_SUBMISSION if submission is not None else 0),
         _RET_CODES[ret],
         (CONTENT_PLAIN_LINES if plain_lines else 0) | (0 if body_declared else CONTENT_BODY_UNDECLARED),
         content_crc,
@@ -229,6 +282,7 @@ def build_head(
             _CRC.pack(envelope_crc),
             pack_mutable(0, 0.0),
             PENDING * recipient_count,
+            pickup,
             variable,
         )
     )
@@ -265,9 +319,10 @@ class _Reader:
 
 
 def parse_variable(
-    queue_id: str, variable: bytes, states: bytes
-) -> tuple[str, str | None, tuple[Recipient, ...]]:
-    """Sender, ENVID and recipients from the variable section."""
+    queue_id: str, variable: bytes, states: bytes, *, submission: bool = False
+) -> tuple[str, str | None, tuple[Recipient, ...], LocalSubmission | None]:
+    """Sender, ENVID, recipients and (with ``submission``, the options
+    bit) the submission record from the variable section."""
     reader = _Reader(queue_id, variable)
     sender = reader.string("sender")
     if sender is None:
@@ -299,9 +354,16 @@ def parse_variable(
                 state=_STATES[state_byte],
             )
         )
+    record = None
+    if submission:
+        (uid,) = _UID.unpack(reader.take(_UID.size, "submission record"))
+        message_id = reader.string("Message-ID")
+        if message_id is None:
+            raise CorruptQueueFile(queue_id, "submission record: Message-ID missing")
+        record = LocalSubmission(uid, message_id)
     if reader.position != len(variable):
         raise CorruptQueueFile(queue_id, "junk after the last recipient")
-    return sender, envid, tuple(recipients)
+    return sender, envid, tuple(recipients), record
 
 
 def _read_exactly(fd: int, count: int, offset: int) -> bytes:
@@ -413,7 +475,11 @@ class QueueFile:
             content_crc,
         ) = _HEADER.unpack_from(first, len(MAGIC_LINE))
         (envelope_crc,) = _CRC.unpack_from(first, ENVELOPE_CRC_OFFSET)
-        head_end = STATUS_OFFSET + recipient_count + variable_length
+        # The pickup octet exists with the bit (checked by the CRC below:
+        # the bit is in octets 0-55).
+        pickup_size = 1 if option_bits & OPTION_LOCAL_SUBMISSION else 0
+        variable_start = STATUS_OFFSET + recipient_count + pickup_size
+        head_end = variable_start + variable_length
         if content_offset != head_end:
             raise self._corrupt("header fields disagree (content offset)")
         if whole:
@@ -428,7 +494,7 @@ class QueueFile:
             head = first + _read_exactly(fd, head_end - len(first), len(first))
             if len(head) != head_end:
                 raise self._corrupt("truncated while reading the envelope")
-        variable = head[STATUS_OFFSET + recipient_count: head_end]
+        variable = head[variable_start:head_end]
         computed = zlib.crc32(variable, zlib.crc32(head[:HEADER_END]))
         if computed != envelope_crc:
             raise self._corrupt("envelope checksum mismatch")
@@ -454,7 +520,15 @@ class QueueFile:
         for index, byte in enumerate(states):
             if byte not in _STATES:
                 raise self._corrupt(f"recipient {index}: bad status octet 0x{byte:02x}")
-        sender, envid, recipients = parse_variable(self.queue_id, variable, states)
+        self._pickup_state: int | None = None
+        if pickup_size:
+            self._pickup_state = head[variable_start - 1]
+            if self._pickup_state not in _STATES:
+                raise self._corrupt(f"bad pickup octet 0x{self._pickup_state:02x}")
+        sender, envid, recipients, submission = parse_variable(
+            self.queue_id, variable, states, submission=bool(pickup_size)
+        )
+        self.submission: LocalSubmission | None = submission
         self._content_verified = False
         if whole:
             if zlib.crc32(first[head_end:]) != content_crc:
@@ -514,6 +588,20 @@ class QueueFile:
         """How many recipients are not crossed off yet (deferred or untried)."""
         return self._states.count(PENDING[0])
 
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` was called."""
+        return self._closed
+
+    def submission_to_log(self) -> LocalSubmission | None:
+        """The local submission whose pickup and cleanup lines are still
+        to be logged, or None: a file with a submission record, no
+        delivery attempt recorded yet (a deferred file has one) and its
+        pickup octet still P (``mark_pickup_logged`` not done)."""
+        if self.submission is None or self.attempts != 0 or self._pickup_state != PENDING[0]:
+            return None
+        return self.submission
+
     def open_content(self) -> BinaryIO:
         """A new binary stream over the content, from its first octet.
 
@@ -570,6 +658,19 @@ class QueueFile:
                 if os.pwrite(fd, DONE * count, STATUS_OFFSET + first) != count:
                     raise OSError(f"{self.queue_id}: could not update recipients {first}..{first + count - 1}")
                 self._states[first:first + count] = DONE * count
+
+    def mark_pickup_logged(self) -> None:
+        """The pickup and cleanup lines of a local submission are logged:
+        its pickup octet becomes D, in place (one ``pwrite``, before the
+        next activation can look).  A file without one is left alone."""
+        if self._pickup_state is None:
+            return
+        offset = STATUS_OFFSET + len(self._states)
+        with self._descriptor() as fd:
+            written = os.pwrite(fd, DONE, offset)
+        if written != 1:
+            raise OSError(f"{self.queue_id}: could not update the pickup octet")
+        self._pickup_state = DONE[0]
 
     def defer(self, index: int, status: Status) -> None:
         """Append a recipient's deferral reason to the message's defer log."""

@@ -74,6 +74,7 @@ from relayagent.spool.plain import PlainLineScanner, is_plain
 from relayagent.spool.queuefile import (
     CONTENT_CHUNK,
     CorruptQueueFile,
+    LocalSubmission,
     QueueFile,
     build_envelope,
     build_head,
@@ -319,6 +320,7 @@ class Spool:
         requiretls: bool = False,
         queue: str = INCOMING,
         arrival_time: float | None = None,
+        submission: LocalSubmission | None = None,
     ) -> str:
         """Queue one message; return its queue id once it is on disk.
 
@@ -333,8 +335,11 @@ class Spool:
         (``spool.tlsrequired``).  ``arrival_time`` (a Unix time) is the
         message's first arrival when it was queued elsewhere before
         (``relayagent transfer``): lifetimes and delay warnings count from
-        it; None means now.  Raises ValueError for a bad argument, OSError
-        for trouble with the disk; in both cases nothing is queued.
+        it; None means now.  ``submission``: a local submission
+        (``relayagent sendmail``), whose pickup and cleanup lines the queue
+        manager logs when it takes the message in.  Raises ValueError for a
+        bad argument, OSError for trouble with the disk; in both cases
+        nothing is queued.
         """
         with self.batch() as batch:
             queue_id = batch.enqueue(
@@ -348,6 +353,7 @@ class Spool:
                 requiretls=requiretls,
                 queue=queue,
                 arrival_time=arrival_time,
+                submission=submission,
             )
         return queue_id
 
@@ -407,6 +413,7 @@ class Spool:
         smtputf8: bool,
         arrival_time: float | None = None,
         requiretls: bool = False,
+        submission: LocalSubmission | None = None,
     ) -> str:
         """Write and fsync one queue file under tmp/; return its id."""
         normalized = _normalize_recipients(recipients)
@@ -438,6 +445,7 @@ class Spool:
                 smtputf8=smtputf8,
                 requiretls=requiretls,
                 ret=ret,
+                submission=submission,
             )
             if isinstance(content, (bytes, bytearray, memoryview)):
                 data = bytes(content)
@@ -594,6 +602,10 @@ class Spool:
             # has no defer log (QueueFile relies on it), whenever a crash
             # comes.
             _unlink_quietly(self.path(logs.DEFER_LOG, queue_id))
+            if queue_file.attempts:
+                # An attempt means pickup's lines were logged; without the
+                # attempt, only the pickup octet can say so.
+                queue_file.mark_pickup_logged()
             queue_file.reset_attempts()
         if from_queue != INCOMING:
             self.move(queue_id, from_queue, INCOMING)
@@ -828,8 +840,10 @@ class EnqueueBatch:
         requiretls: bool = False,
         queue: str = INCOMING,
         arrival_time: float | None = None,
+        submission: LocalSubmission | None = None,
     ) -> str:
-        """Write one message; it is queued when the batch commits."""
+        """Write one message; it is queued when the batch commits
+        (``Spool.enqueue`` says what the arguments are)."""
         if self._done:
             raise ValueError("this batch is already committed")
         if queue not in QUEUES:
@@ -844,6 +858,7 @@ class EnqueueBatch:
             smtputf8=smtputf8,
             arrival_time=arrival_time,
             requiretls=requiretls,
+            submission=submission,
         )
         self._written.append((queue_id, queue))
         return queue_id
