@@ -201,7 +201,12 @@ class RelayPolicy:
         return any(address.version == net.version and address in net for net in self.networks)
 
     def will_relay(self, protocol: object, *, authenticated: bool = False) -> bool:
+        """Authenticated (SASL, or a client certificate in
+        ``relay_clientcerts``: the listener's ``relayagent_clientcert_relay``),
+        a UNIX socket, or an address in ``mynetworks``."""
         if authenticated or bool(getattr(protocol, "authenticated", False)):
+            return True
+        if getattr(protocol, "relayagent_clientcert_relay", False) is True:
             return True
         transport = getattr(protocol, "transport", None)
         if transport is None:
@@ -471,6 +476,8 @@ class _Transaction:
         self.envid, self.ret, self.arrival_time = _declared_dsn(protocol)
         username = getattr(protocol, "relayagent_sasl_username", None)
         self.sasl_username = username if isinstance(username, str) else None
+        method = getattr(protocol, "relayagent_sasl_method", None)
+        self.sasl_method = method if isinstance(method, str) else "CRAM-MD5"
         self.requiretls = _requested_requiretls(protocol)
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
@@ -676,7 +683,7 @@ class _Transaction:
         # the message (pflogsumm counts the size of a message received);
         # Postfix's smtpd names the SASL login on the client= line.
         ralog.log_client(log, queue_id, describe_client(self.client.peer),
-                         sasl_method="CRAM-MD5" if self.sasl_username else "", sasl_username=self.sasl_username or "")
+                         sasl_method=self.sasl_method if self.sasl_username else "", sasl_username=self.sasl_username or "")
         ralog.log_message_id(log, queue_id, self._message_id or "")
         self.intake.wake_queue_manager(queue_id)
         return queue_id

@@ -97,15 +97,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
-from twisted.mail import protocols, smtp
+from twisted.mail import imap4, protocols, smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.compat import networkString
 from zope.interface import implementer
@@ -121,6 +122,7 @@ from relayagent.smtpd.intake import (
     RelayDeliveryFactory,
     describe_client,
 )
+from relayagent.smtpd.tls import MUST_STARTTLS, PRE_TLS_COMMANDS, ServerTLS
 from relayagent.spool import Spool
 from relayagent.spool.nonblocking import ThreadedSpool
 
@@ -207,9 +209,15 @@ def format_command_stats(counts: dict[str, list[int]]) -> str:
     return "".join(parts)
 
 
+# SASL mechanisms that send the password itself: offered over TLS only.
+PLAINTEXT_MECHANISMS = frozenset({b"PLAIN", b"LOGIN"})
+
+
+@implementer(IHandshakeListener)
 class RelayagentESMTP(smtp.ESMTP):
     """twisted.mail's ESMTP server with SIZE, 8BITMIME, safe PIPELINING,
-    and smtpd's ``connect from`` / ``disconnect from`` lines."""
+    STARTTLS as Postfix's smtpd does it, and smtpd's ``connect from`` /
+    ``disconnect from`` lines."""
 
     message_size_limit = 0
     banner: bytes | None = None
@@ -231,6 +239,13 @@ class RelayagentESMTP(smtp.ESMTP):
     # Read by relayagent.smtpd.intake: MAIL FROM carried REQUIRETLS.
     relayagent_requiretls = False
     requiretls_enable = True
+    # The listener's TLS (relayagent.smtpd.tls), None without STARTTLS.
+    server_tls: ServerTLS | None = None
+    # The SASL mechanism that authenticated the client, for the log.
+    relayagent_sasl_method: str | None = None
+    # A client certificate listed in relay_clientcerts: relays as an
+    # authenticated client does (read by the intake's relay policy).
+    relayagent_clientcert_relay = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -245,18 +260,26 @@ class RelayagentESMTP(smtp.ESMTP):
         # counts for the "disconnect from" line.
         self._counting: str | None = None
         self._command_counts: dict[str, list[int]] = {}
+        self._tls_creator: Any = None
 
     def connectionMade(self) -> None:
         """smtpd's ``connect from host[addr]``, then the greeting."""
         ralog.log_connect(log, describe_client(self.transport.getPeer()))
         super().connectionMade()
+        self.canStartTLS = self.server_tls is not None and ITLSTransport.providedBy(self.transport)
 
     def state_COMMAND(self, line: bytes) -> None:
-        """Count the command for the ``disconnect from`` line, then run it."""
+        """Count the command for the ``disconnect from`` line, then run
+        it (at level encrypt, only the commands allowed before STARTTLS
+        until it is done)."""
         verb = line.split(None, 1)[0].decode("ascii", "replace").lower() if line.strip() else ""
         name = verb if verb in _COUNTED_COMMANDS else "unknown"
         self._command_counts.setdefault(name, [0, 0])[1] += 1
         self._counting = name
+        if (self.server_tls is not None and self.server_tls.required and not self.encrypted
+                and name not in PRE_TLS_COMMANDS):
+            self.sendCode(*MUST_STARTTLS)
+            return
         super().state_COMMAND(line)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
@@ -276,12 +299,20 @@ class RelayagentESMTP(smtp.ESMTP):
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         extensions = super().extensions()
+        extensions.pop(b"STARTTLS", None)
+        if self.canStartTLS and not self.encrypted:
+            extensions[b"STARTTLS"] = None
+        mechanisms = self.sasl_mechanisms()
+        if mechanisms:
+            extensions[b"AUTH"] = mechanisms
+        else:
+            extensions.pop(b"AUTH", None)
         limit = self.message_size_limit
         extensions[b"SIZE"] = [str(limit).encode("ascii")] if limit else None
         extensions[b"8BITMIME"] = None
         extensions[b"PIPELINING"] = None
         extensions[b"DSN"] = None
-        if self.authenticated:
+        if self.may_give_arrival:
             extensions[ARRIVAL_KEYWORD] = None
         if self.requiretls_enable and self.encrypted:
             # RFC 8689 section 3: only in a session protected by TLS.
@@ -291,8 +322,93 @@ class RelayagentESMTP(smtp.ESMTP):
     @property
     def encrypted(self) -> bool:
         """Whether the session runs over TLS: an implicit-TLS endpoint
-        (``ssl:``), or Twisted's STARTTLS done."""
+        (``ssl:``), or STARTTLS done."""
         return bool(self.startedTLS) or ISSLTransport.providedBy(self.transport)
+
+    @property
+    def may_give_arrival(self) -> bool:
+        """Authenticated by SASL or by a client certificate listed in
+        ``relay_clientcerts``: XRELAYAGENT-ARRIVAL is offered and taken."""
+        return bool(self.authenticated) or self.relayagent_clientcert_relay
+
+    def sasl_mechanisms(self) -> list[bytes]:
+        """The AUTH mechanisms offered now: none before STARTTLS with
+        ``smtpd_tls_auth_only``, PLAIN and LOGIN only over TLS."""
+        if not self.challengers:
+            return []
+        encrypted = self.encrypted
+        if self.server_tls is not None and self.server_tls.auth_only and not encrypted:
+            return []
+        return [name for name in self.challengers if encrypted or name not in PLAINTEXT_MECHANISMS]
+
+    # -- STARTTLS (RFC 3207), as Postfix's smtpd
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        """Postfix's replies; after 220 nothing of the plaintext session
+        is kept: not the EHLO, a transaction, an AUTH, nor a byte the
+        client sent after the command (the STARTTLS command-injection
+        attack, CVE-2011-0411: such bytes must never be taken as sent
+        over TLS)."""
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
+            return
+        if self.encrypted:
+            self.sendCode(554, b"5.5.1 Error: TLS already active")
+            return
+        if not self.canStartTLS or self.server_tls is None:
+            self.sendCode(502, b"5.5.1 Error: command not implemented")
+            return
+        self.sendCode(220, b"2.0.0 Ready to start TLS")
+        # vstream_fpurge in Postfix: the pipelined plaintext is dropped.
+        self._held_lines.clear()
+        self._unparsed = b""
+        self._reset_session()
+        self._tls_creator = self.server_tls.connection_creator()
+        self.transport.startTLS(self._tls_creator)
+        self.startedTLS = True
+
+    def _reset_session(self) -> None:
+        """RFC 3207 section 4.2: discard what the client told us."""
+        self._helo = None
+        self._from = None
+        self._to = []
+        self.relayagent_esmtp = False
+        self.authenticated = False
+        self.relayagent_sasl_username = None
+        self.relayagent_sasl_method = None
+        self.relayagent_clientcert_relay = False
+
+    def handshakeCompleted(self) -> None:
+        """smtpd's ``... TLS connection established from ...`` line, and
+        the client certificate judged against ``relay_clientcerts``."""
+        if self.server_tls is None:
+            return
+        connection = self._tls_creator.connection if self._tls_creator is not None else None
+        if connection is None:
+            handle = getattr(self.transport, "getHandle", lambda: None)()
+            connection = handle if isinstance(handle, SSL.Connection) else None
+        examined = self.server_tls.examine(connection)
+        self.relayagent_clientcert_relay = self.server_tls.permits_relay(examined)
+        ralog.log_line(log, "smtpd", "{text}", text=examined.describe(_client_name(self)))
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        """AUTH with the mechanisms offered now (``sasl_mechanisms``)."""
+        if self.authenticated:
+            self.sendCode(503, b"5.5.1 Error: already authenticated")
+            return
+        offered = self.sasl_mechanisms()
+        if not offered:
+            if self.challengers and self.server_tls is not None and self.server_tls.auth_only:
+                self.sendCode(*MUST_STARTTLS)
+            else:
+                self.sendCode(503, b"5.5.1 Error: authentication not enabled")
+            return
+        mechanism = (rest.split(None, 1) or [b""])[0].upper()
+        if mechanism not in offered:
+            self.sendCode(504, b"5.5.4 Unsupported authentication mechanism")
+            return
+        self.relayagent_sasl_method = mechanism.decode("ascii")
+        super().ext_AUTH(rest)
 
     def do_EHLO(self, rest: bytes) -> None:
         self.relayagent_esmtp = True
@@ -339,7 +455,7 @@ class RelayagentESMTP(smtp.ESMTP):
                 if not envid or len(envid) > MAX_ENVID_LENGTH or not envid.isprintable():
                     self.sendCode(501, b"5.5.4 Bad ENVID parameter syntax")
                     return
-            elif key == ARRIVAL_PARAMETER and self.authenticated:
+            elif key == ARRIVAL_PARAMETER and self.may_give_arrival:
                 if value is None or not value.isdigit() or len(value) > 12:
                     self.sendCode(501, b"5.5.4 Bad ARRIVAL parameter syntax")
                     return
@@ -421,7 +537,7 @@ class RelayagentESMTP(smtp.ESMTP):
             username = getattr(self.challenger, "username", None)
             ralog.log_warning(
                 log,
-                f"{_client_name(self)}: SASL CRAM-MD5 authentication failed"
+                f"{_client_name(self)}: SASL {self.relayagent_sasl_method or 'CRAM-MD5'} authentication failed"
                 + (f" for user {_printable(username)}" if username else ""),
                 service="smtpd",
             )
@@ -565,12 +681,31 @@ class _CramMD5(credentials.CramMD5Credentials):
         self.username, self.response = username or None, digest.strip()
 
 
+class _Plain(imap4.PLAINCredentials):
+    """Twisted's PLAIN challenger (RFC 4616), taking a malformed response
+    as a failed login rather than an exception; an authorization
+    identity other than the username is refused (we act for no one
+    else)."""
+
+    def setResponse(self, response: bytes) -> None:
+        parts = response.split(b"\0")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            self.username, self.password = None, None
+            return
+        _, self.username, self.password = parts
+
+
+class _Login(smtp.LOGINCredentials):
+    """Twisted's LOGIN challenger (the username, then the password)."""
+
+
 @implementer(ICredentialsChecker)
 class PasswordTableChecker:
-    """CRAM-MD5 credentials against ``smtpd_sasl_password_maps``
-    (username -> password), compared in constant time."""
+    """CRAM-MD5, PLAIN and LOGIN credentials against
+    ``smtpd_sasl_password_maps`` (username -> password), compared in
+    constant time."""
 
-    credentialInterfaces = (credentials.IUsernameHashedPassword,)
+    credentialInterfaces = (credentials.IUsernameHashedPassword, credentials.IUsernamePassword)
 
     def __init__(self, tables: MapList) -> None:
         self.tables = tables
@@ -578,15 +713,22 @@ class PasswordTableChecker:
     def requestAvatarId(self, offered: Any) -> defer.Deferred[bytes]:
         """The username when the response proves its password."""
         username = offered.username
-        response = getattr(offered, "response", b"")
-        challenge = getattr(offered, "challenge", b"")
-        if not username or not response or not challenge:
+        if not username:
             return defer.fail(error.UnauthorizedLogin())
         try:
             password = self.tables.lookup(username.decode("utf-8"))
         except (UnicodeDecodeError, OSError, ValueError):
             password = None
         if password is None:
+            return defer.fail(error.UnauthorizedLogin())
+        if credentials.IUsernamePassword.providedBy(offered) and not hasattr(offered, "challenge"):
+            given = offered.password
+            if not isinstance(given, bytes) or not hmac.compare_digest(given, password.encode("utf-8")):
+                return defer.fail(error.UnauthorizedLogin())
+            return defer.succeed(username)
+        response = getattr(offered, "response", b"")
+        challenge = getattr(offered, "challenge", b"")
+        if not response or not challenge:
             return defer.fail(error.UnauthorizedLogin())
         expected = binascii.hexlify(
             hmac.new(password.encode("utf-8"), challenge, hashlib.md5).digest()
@@ -625,8 +767,10 @@ class ListenerSettings(Settings):
     base_dir: str | None = None
 
 
-def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings) -> RelayagentESMTP:
+def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings,
+                       server_tls: ServerTLS | None = None) -> RelayagentESMTP:
     """Apply main.cf to one server protocol instance."""
+    server.server_tls = server_tls
     server.message_size_limit = settings.message_size_limit
     server.requiretls_enable = settings.requiretls_enable
     server.host = settings.myhostname.encode("idna")
@@ -645,6 +789,8 @@ class ListenerFactory(protocol.ServerFactory):
     def __init__(self, intake: Intake, config: Config) -> None:
         self.intake = intake
         self.settings = ListenerSettings.from_config(config)
+        # Built now: a bad certificate stops relayagent at start-up.
+        self.server_tls = ServerTLS.from_config(config)
         self.portal: portal.Portal | None = None
         self.challengers: dict[bytes, Callable[[], Any]] = {}
         if self.settings.smtpd_sasl_auth_enable:
@@ -657,13 +803,16 @@ class ListenerFactory(protocol.ServerFactory):
                 self.portal = portal.Portal(_RelayRealm(intake), [PasswordTableChecker(tables)])
                 host = self.settings.myhostname.encode("idna")
                 self.challengers = {b"CRAM-MD5": functools.partial(_CramMD5, host=host)}
+                if self.server_tls is not None:
+                    # Offered only once the session is encrypted (sasl_mechanisms).
+                    self.challengers.update({b"PLAIN": _Plain, b"LOGIN": _Login})
 
     def buildProtocol(self, addr: object) -> RelayagentESMTP:
         server = RelayagentESMTP(dict(self.challengers))
         server.factory = self
         server.portal = self.portal
         server.deliveryFactory = RelayDeliveryFactory(self.intake)
-        configure_protocol(server, self.settings)
+        configure_protocol(server, self.settings, self.server_tls)
         return server
 
 
