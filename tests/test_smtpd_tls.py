@@ -14,7 +14,7 @@ from twisted.internet import defer, endpoints, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import alsoProvides, implementer
 
 from relayagent.common import maillog as ralog
@@ -402,3 +402,40 @@ class LoopbackTests(TestCase):
         import os
 
         return os.path.dirname(self.certs.ca_file)
+
+
+class SwaksTests(TestCase):
+    """swaks (Debian package swaks) as the client: STARTTLS, AUTH PLAIN."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_swaks_tls_auth_plain(self):
+        import shutil
+
+        from twisted.internet import utils
+
+        swaks = shutil.which("swaks")
+        if swaks is None:
+            raise SkipTest("swaks (Debian package swaks) is not installed")
+        certs = Certificates(self.mktemp())
+        config = make_config(certs, smtpd_tls_auth_only="yes")
+        spool = FakeSpool()
+        factory = ListenerFactory(Intake.from_config(config, spool), config)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        out, err, code = yield utils.getProcessOutputAndValue(swaks, [
+            "--server", f"127.0.0.1:{port.getHost().port}", "--tls", "--auth", "PLAIN",
+            "--auth-user", "node-a", "--auth-password", "s3cret", "--from", "a@example.net",
+            "--to", "b@remote.example", "--helo", "client.example", "--timeout", "20",
+        ])
+        transcript = out.decode("utf-8", "replace")
+        self.assertEqual(code, 0, transcript + err.decode("utf-8", "replace"))
+        plaintext, _, encrypted = transcript.partition("<-  220 2.0.0 Ready to start TLS")
+        self.assertTrue(encrypted, transcript)
+        self.assertNotIn("AUTH", plaintext)  # smtpd_tls_auth_only
+        self.assertIn("<~  250-AUTH CRAM-MD5 PLAIN LOGIN", encrypted)
+        self.assertIn("<~  235 ", encrypted)
+        [message] = spool.messages
+        self.assertEqual(message["recipients"], ["b@remote.example"])
+        self.assertIn(b"with ESMTPSA", message["content"])

@@ -278,7 +278,7 @@ _TABLE: tuple[Parameter, ...] = (
     # --- the listener (relayagent/smtpd/twistedmail.py)
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10587:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
-    _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH (CRAM-MD5) in the listener; authenticated clients may relay."),
+    _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH in the listener (CRAM-MD5; PLAIN and LOGIN too after STARTTLS); authenticated clients may relay."),
     _p("smtpd_sasl_password_maps", "", L, "The listener's SASL accounts: lookup tables from username to password (keep them readable by the daemon only).", ours=True),
     # --- the listener's TLS (relayagent/smtpd/tls.py)
     _p("smtpd_tls_security_level", "", S, "The listener's TLS level: none (empty), may (offer STARTTLS) or encrypt (require STARTTLS before MAIL, AUTH only after it).", choices=("", "none", "may", "encrypt")),

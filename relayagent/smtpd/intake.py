@@ -20,8 +20,9 @@ file, the queue file) ends the transaction with "451 4.3.0 Error: queue
 file write error" at the final ".", nothing of it kept.  Each is one
 warning line, never a traceback, and the next transaction tries again.
 
-We relay for a client when it is authenticated, connected over a UNIX
-socket, or its address is in ``mynetworks``: the rule of twisted.mail's
+We relay for a client when it is authenticated (by SASL, or by a client
+certificate the listener found in ``relay_clientcerts``), connected
+over a UNIX socket, or its address is in ``mynetworks``: the rule of twisted.mail's
 ``DomainQueuer.willRelay``, with ``mynetworks`` in place of its
 hard-coded 127.0.0.1.  Anyone else gets "554 5.7.1 <rcpt>: Relay access
 denied", as from Postfix's smtpd.

@@ -28,13 +28,26 @@ server lacks:
 - Unknown MAIL and RCPT parameters get 555 5.5.4 (RFC 5321 4.1.1.11);
   Twisted's server ignores them silently, so a client could believe a
   request was taken.
+- STARTTLS (RFC 3207) with ``smtpd_tls_security_level = may`` or
+  ``encrypt`` (``relayagent.smtpd.tls``: certificates, client
+  certificates, ``relay_clientcerts``), in Postfix's words: 220 2.0.0,
+  then the session starts over (no EHLO, transaction or AUTH of the
+  plaintext part is kept, and any byte the client pipelined after
+  STARTTLS is dropped unread: the command-injection attack); 554 5.5.1
+  for a second STARTTLS, 502 5.5.1 when not offered.  At level
+  ``encrypt`` every command but EHLO, HELO, STARTTLS, NOOP, QUIT and
+  HELP gets 530 5.7.0 "Must issue a STARTTLS command first".  The
+  handshake is logged as smtpd logs it (``Anonymous TLS connection
+  established from unknown[192.0.2.1]: TLSv1.3 with cipher ...``).
 - AUTH (RFC 4954) with ``smtpd_sasl_auth_enable``: CRAM-MD5 (RFC 2195)
-  against ``smtpd_sasl_password_maps`` (username -> password).  The
-  listener has no STARTTLS of its own, so no mechanism that sends the
-  password itself (PLAIN, LOGIN) is offered.  Failures are 535 5.7.8 and one warning
+  against ``smtpd_sasl_password_maps`` (username -> password); over TLS
+  also PLAIN (RFC 4616) and LOGIN, never in plaintext; with
+  ``smtpd_tls_auth_only`` (or at level ``encrypt``) no AUTH at all
+  before STARTTLS (530 5.7.0).  Failures are 535 5.7.8 and one warning
   line naming the client and the username, never the response.
 - XRELAYAGENT-ARRIVAL (ours, docs/fleet.rst): offered in the EHLO reply
-  to an authenticated client only (it says EHLO again after AUTH), it
+  to an authenticated client only (by SASL, or by a client certificate
+  listed in ``relay_clientcerts``; it says EHLO again after AUTH), it
   lets MAIL FROM carry ``ARRIVAL=<unix-time>``, the message's first
   arrival on the node it comes from (``relayagent transfer``), which
   the queue file keeps as its arrival time (a time in the future is
@@ -51,16 +64,15 @@ server lacks:
   keeps buffering a line that never ends).
 - REQUIRETLS (RFC 8689), with ``requiretls_enable``: offered in EHLO and
   taken on MAIL FROM only in an encrypted session, and recorded in the
-  queue file.  The listener has no STARTTLS of its own (no server
-  certificate parameters), so "encrypted" means an implicit-TLS
-  endpoint in ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
-  certKey=cert.pem``), or a session where Twisted's own STARTTLS ran
-  (a MailService factory given a context factory).  In plaintext,
+  queue file: after STARTTLS, or on an implicit-TLS endpoint of
+  ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
+  certKey=cert.pem``).  In plaintext,
   REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
   555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
 Relaying is the intake's rule: clients in ``mynetworks`` (default
-loopback only) or authenticated; anyone else gets 554 5.7.1 for every
+loopback only), authenticated by SASL, or showing a client certificate
+listed in ``relay_clientcerts``; anyone else gets 554 5.7.1 for every
 recipient.
 
 SYNOPSIS
@@ -72,14 +84,17 @@ SYNOPSIS
 
 DIAGNOSTICS: replies to the client, never exceptions: 552 5.3.4 (size),
 555 5.5.4 (unknown parameter, REQUIRETLS in plaintext), 501 5.5.4 (a
-malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 452 4.3.1
+malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 530 5.7.0
+(STARTTLS first), 504 5.5.4 (a mechanism not offered now), 452 4.3.1
 (short of space), 451 4.3.0 (the spool failed), 554 5.7.1 (relaying
 denied), 5xx for an over-long line.
 A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
-``strports.service`` (``ValueError``).
+``strports.service`` (``ValueError``), a bad ``smtpd_tls_*`` setting in
+``ServerTLS.from_config`` (``TLSConfigError``, a ``ValueError``).
 
 Owns: smtpd_endpoints, smtpd_banner, smtpd_sasl_auth_enable,
 smtpd_sasl_password_maps.  Reads message_size_limit, requiretls_enable,
+the smtpd_tls_* parameters (relayagent.smtpd.tls owns them),
 myhostname (and, through the glue, mynetworks, hopcount_limit and
 queue_minfree).
 """
