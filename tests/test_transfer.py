@@ -455,7 +455,7 @@ class CertificateWireTests(TestCase):
         from relayagent.smtpd.tls import certificate_fingerprint
         from tests.support.certs import CertificateAuthority
 
-        directory = self.mktemp()
+        directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         self.ca = CertificateAuthority()
         self.ca_file = self.ca.write(directory)
@@ -532,6 +532,44 @@ class CertificateWireTests(TestCase):
         self.assertIn("no XRELAYAGENT-ARRIVAL", report.stopped.text)
         self.assertEqual(self.spool_a.find(queue_id), "deferred")
         self.assertEqual(list(self.spool_b.queue_ids("incoming")), [])
+
+    @defer.inlineCallbacks
+    def test_the_command_with_a_certificate_and_no_password(self):
+        import sys
+
+        from twisted.internet import utils
+
+        queue_id = queue_message(self.spool_a, ["b@b.example"])
+        path = os.path.join(self.spool_a.directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(f"queue_directory = {self.spool_a.directory}\nmyhostname = node-a.example\n"
+                         f"smtp_tls_cert_file = {self.cert_a}\nsmtp_tls_key_file = {self.key_a}\n"
+                         f"smtp_tls_CAfile = {self.ca_file}\n")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "import sys; from relayagent.cli import main; sys.exit(main())",
+             "-c", path, "transfer", "--to", f"127.0.0.1:{self.port.getHost().port}", "ALL"],
+            env=dict(os.environ, PYTHONPATH=root),
+        )
+        self.assertEqual(code, EX_OK, err.decode())
+        self.assertIn(f"{queue_id}: to=<b@b.example>", err.decode())
+        self.assertIn("status=sent (transferred: 250", err.decode())
+        self.assertEqual(self.spool_a.find(queue_id), None)
+        self.assertEqual(len(list(self.spool_b.queue_ids("incoming"))), 1)
+
+    def test_a_bad_certificate_is_a_config_error(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(f"queue_directory = {directory}/spool\nsmtp_tls_cert_file = /nonexistent/a.crt\n")
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.run(["-c", path, "transfer", "--to", "127.0.0.1:1", "ALL"], stdin=io.BytesIO(),
+                       stdout=out, stderr=err)
+        self.assertEqual(code, EX_CONFIG)
+        self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+        self.assertIn("cannot use smtp_tls_cert_file '/nonexistent/a.crt'", err.getvalue())
 
     def test_tls_levels(self):
         from relayagent.qmgr.transfer import transfer_tls_level

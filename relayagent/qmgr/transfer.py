@@ -77,7 +77,8 @@ when some were kept, the other node could not be reached or a signal
 stopped the run (after the message in flight: ``Transfer.stop``), 77
 (EX_NOPERM) when it refused our AUTH or did not offer
 XRELAYAGENT-ARRIVAL, 78 (EX_CONFIG) with neither a password for the
-target nor a client certificate, 64 for bad usage.
+target nor a client certificate, or with a TLS setting that cannot be
+used (one line), 64 for bad usage.
 
 Owns no parameters.  Reads, through smtp's phases, smtp_sasl_* and the
 session and connection parameters; queue_directory.
@@ -608,7 +609,11 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     take_active = lock is not None
     outcome: dict[str, Any] = {}
     try:
-        agent = make_agent(config, reactor, nexthop)
+        try:
+            agent = make_agent(config, reactor, nexthop)
+        except (ConfigError, ValueError) as exc:  # a bad certificate, CA file, TLS setting
+            print(f"relayagent: transfer: fatal: {exc}", file=context.stderr)
+            return EX_CONFIG
         transfer = Transfer(spool, agent, nexthop, clock=reactor, destination=args.destination,
                             take_active=take_active)
 
