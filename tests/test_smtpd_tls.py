@@ -148,7 +148,7 @@ class UnitTests(SynchronousTestCase):
         session.ehlo_keywords()
         events = capture_events(self)
         token = base64.b64encode(b"\0node-a\0s3cret")
-        self.assertEqual(codes(session.send(b"AUTH PLAIN " + token + b"\r\n")), [235])
+        self.assertEqual(session.send(b"AUTH PLAIN " + token + b"\r\n"), [b"235 2.7.0 Authentication successful"])
         self.assertIn(b"XRELAYAGENT-ARRIVAL", session.ehlo_keywords())
         lines = session.send(b"MAIL FROM:<a@example.net> REQUIRETLS\r\nRCPT TO:<b@remote.example>\r\n"
                              b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
@@ -355,6 +355,40 @@ class LoopbackTests(TestCase):
         starttls_reply, mail_reply = yield threads.deferToThread(job)
         self.assertEqual(starttls_reply, b"220 2.0.0 Ready to start TLS\r\n")
         self.assertEqual(mail_reply[:3], b"250")
+
+    @defer.inlineCallbacks
+    def test_failed_handshake_is_one_warning(self):
+        yield self.listen()
+
+        def job():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw:
+                reader = raw.makefile("rb")
+                reader.readline()
+                raw.sendall(b"STARTTLS\r\n")
+                reader.readline()
+                raw.sendall(b"this is no TLS client hello\r\n" * 4)
+                return reader.read()  # until the server closes
+
+        yield threads.deferToThread(job)
+        yield self.server_gone()
+        warnings = [line for line in self.lines().splitlines() if "SSL_accept error" in line]
+        self.assertEqual(len(warnings), 1, self.lines())
+        self.assertIn("SSL_accept error from unknown[127.0.0.1]: ", warnings[0])
+
+    def server_gone(self):
+        """Fires once the server has logged the end of its session."""
+        if any("disconnect from" in ralog.render(e) for e in self.events):
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+
+        def watch(event):
+            if "disconnect from" in ralog.render(event) and not waiter.called:
+                waiter.callback(None)
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(watch)
+        waiter.addBoth(lambda result: (globalLogPublisher.removeObserver(watch), result)[1])
+        return waiter
 
     def relay_with_certificate(self, cert, key):
         def job(client):

@@ -276,6 +276,7 @@ class RelayagentESMTP(smtp.ESMTP):
         self._counting: str | None = None
         self._command_counts: dict[str, list[int]] = {}
         self._tls_creator: Any = None
+        self._tls_established = False
 
     def connectionMade(self) -> None:
         """smtpd's ``connect from host[addr]``, then the greeting."""
@@ -303,6 +304,8 @@ class RelayagentESMTP(smtp.ESMTP):
         name, self._counting = self._counting, None
         if name is not None and code < 400:
             self._command_counts[name][0] += 1
+        if code == 235 and message == b"Authentication successful.":
+            message = b"2.7.0 Authentication successful"  # Postfix's (Twisted's has no enhanced code)
         super().sendCode(code, message)
 
     # -- greeting and EHLO
@@ -402,6 +405,7 @@ class RelayagentESMTP(smtp.ESMTP):
         if connection is None:
             handle = getattr(self.transport, "getHandle", lambda: None)()
             connection = handle if isinstance(handle, SSL.Connection) else None
+        self._tls_established = True
         examined = self.server_tls.examine(connection)
         self.relayagent_clientcert_relay = self.server_tls.permits_relay(examined)
         ralog.log_line(log, "smtpd", "{text}", text=examined.describe(_client_name(self)))
@@ -671,6 +675,11 @@ class RelayagentESMTP(smtp.ESMTP):
     def connectionLost(self, reason: Any) -> None:
         self._held_lines.clear()
         peer = self.transport.getPeer() if self.transport is not None else None
+        if self._tls_creator is not None and not self._tls_established:
+            # Postfix's smtpd: "SSL_accept error from host[addr]: ...".
+            why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else "lost connection"
+            ralog.log_warning(log, f"SSL_accept error from {describe_client(peer)}: {_printable(why)}",
+                              service="smtpd")
         ralog.log_disconnect(log, describe_client(peer), format_command_stats(self._command_counts))
         super().connectionLost(reason)
 
