@@ -178,9 +178,12 @@ class Context:
     stderr: TextIO
 
     def warn(self, text: str) -> None:
+        """Print ``relayagent: warning: TEXT`` on the command's standard error."""
         print(f"relayagent: warning: {text}", file=self.stderr)
 
     def spool(self) -> Spool:
+        """The spool of ``queue_directory``, opened anew for each call
+        (``Spool.from_config``)."""
         return Spool.from_config(self.config, clock=clock)
 
 

@@ -518,14 +518,17 @@ class FakeDNSResolver(common.ResolverBase):
         ]
 
     def mx(self, domain: str, *pairs: tuple[int, str]) -> None:
+        """Answer MX queries for ``domain`` with ``(preference, host)`` pairs (none: NODATA)."""
         self.records[(domain, dns.MX)] = [
             dns.RRHeader(domain, dns.MX, payload=dns.Record_MX(preference, host)) for preference, host in pairs
         ]
 
     def a(self, host: str, *addresses: str) -> None:
+        """Answer A queries for ``host`` with ``addresses`` (none: NODATA)."""
         self.records[(host, dns.A)] = [dns.RRHeader(host, dns.A, payload=dns.Record_A(a)) for a in addresses]
 
     def aaaa(self, host: str, *addresses: str) -> None:
+        """Answer AAAA queries for ``host`` with ``addresses`` (none: NODATA)."""
         self.records[(host, dns.AAAA)] = [dns.RRHeader(host, dns.AAAA, payload=dns.Record_AAAA(a)) for a in addresses]
 
     def txt(self, name: str, *texts: str) -> None:
@@ -535,6 +538,8 @@ class FakeDNSResolver(common.ResolverBase):
         ]
 
     def cname(self, alias: str, target: str, rrtype: int, *extra: dns.RRHeader) -> None:
+        """Answer ``rrtype`` queries for ``alias`` with a CNAME to ``target``,
+        then the records of ``extra``."""
         self.records[(alias, rrtype)] = [dns.RRHeader(alias, dns.CNAME, payload=dns.Record_CNAME(target)), *extra]
 
 
@@ -558,6 +563,9 @@ class FakeSpool:
 
     def enqueue(self, sender: str, recipients: Iterable[Any], content: Any, *,
                 body_type: Any = None, **options: Any) -> Any:
+        """Record the message (its content read whole) and return its queue id
+        ``QNNNNN``, or, with ``deferred``, a Deferred the test fires from
+        ``pending``.  Raises ``fail`` when it is set."""
         if self.fail is not None:
             raise self.fail
         data = content.read()
@@ -596,21 +604,27 @@ class FailingFile:
         self.closed = False
 
     def write(self, data: bytes) -> int:
+        """Append ``data``, or raise OSError(``error``) when it would take more
+        than ``room`` octets in all (nothing is written then)."""
         if len(self.data) + len(data) > self.room:
             raise OSError(self.error, os.strerror(self.error))
         self.data += data
         return len(data)
 
     def flush(self) -> None:
+        """Nothing to flush: a write fails at once."""
         pass
 
     def seek(self, offset: int) -> int:
+        """Does not move; returns 0 (``read`` gives everything anyway)."""
         return 0
 
     def read(self, size: int = -1) -> bytes:
+        """Everything written so far, whatever ``size``."""
         return bytes(self.data)
 
     def close(self) -> None:
+        """Note the file as closed (``closed``)."""
         self.closed = True
 
 
@@ -622,9 +636,12 @@ class ThreadCallReactor:
         self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:  # noqa: N802 - Twisted's name
+        """Record the call for ``run_calls``."""
         self.calls.append((function, args))
 
     def run_calls(self) -> None:
+        """Make the calls recorded so far, in order, as the reactor thread
+        would (calls they record wait for the next ``run_calls``)."""
         calls, self.calls = self.calls, []
         for function, args in calls:
             function(*args)
@@ -734,6 +751,7 @@ class FakeDeliveryAgent:
         return request
 
     def destinations(self) -> list[str]:
+        """The destination of each request so far, in order."""
         return [request.destination for request, _ in self.requests]
 
 
@@ -797,6 +815,7 @@ class LogCapture:
         return "\n".join(str(formatEvent(event)) + " " + repr(event) for event in self.events)
 
     def messages(self) -> list[str]:
+        """The text of each event captured so far, as Twisted formats it."""
         return [str(formatEvent(event)) for event in self.events]
 
 
@@ -833,6 +852,7 @@ class Series:
         self.replies = list(replies)
 
     def take(self, call: int) -> Any:
+        """The reply for call number ``call`` (from 0); past the end, the last one."""
         return self.replies[min(call, len(self.replies) - 1)]
 
 
@@ -1010,6 +1030,7 @@ class SessionRun:
         self.pump.flush()
 
     def transcript(self) -> list[str]:
+        """The session's transcript lines so far (``Out: ...``/``In: ...``)."""
         return self.session.transcript.lines()
 
 

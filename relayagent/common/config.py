@@ -63,6 +63,8 @@ class ConfigError(Exception):
 
 
 class Kind(Enum):
+    """The type of a parameter's value: how its text is checked and what
+    ``config[name]`` gives (str, bool, int, float seconds, tuple of str)."""
     STRING = "string"
     BOOL = "boolean"
     INT = "integer"
@@ -314,6 +316,7 @@ class Setting:
     line: int
 
     def where(self) -> str:
+        """``FILENAME, line N``: where the setting was written, for messages."""
         return f"{self.filename}, line {self.line}"
 
 
@@ -521,15 +524,24 @@ class Config:
 
     @classmethod
     def defaults(cls) -> Config:
+        """A Config with no main.cf: every parameter at its default."""
         return cls()
 
     @classmethod
     def from_text(cls, text: str, filename: str = "main.cf", *, base_dir: str | None = None) -> Config:
+        """A Config from main.cf text; ``filename`` names it in warnings and
+        errors.  Relative paths resolve against ``base_dir`` (default: the
+        current directory).  Raises ConfigError for a syntax error or a bad
+        value."""
         settings, warnings = parse_main_cf(text, filename)
         return cls(settings, path=None, base_dir=base_dir, warnings=warnings)
 
     @classmethod
     def load(cls, path: str) -> Config:
+        """A Config read from the main.cf file ``path``; its relative paths
+        resolve against the file's directory.  Raises ConfigError when the
+        file cannot be read, is not UTF-8, or holds a syntax error or a bad
+        value."""
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
@@ -586,6 +598,8 @@ class Config:
         return name in self._settings
 
     def setting(self, name: str) -> Setting | None:
+        """The main.cf line (or override) that sets the parameter, or None when
+        it keeps its default."""
         return self._settings.get(name)
 
     def path_of(self, name: str) -> str:
@@ -600,6 +614,7 @@ class Config:
         return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
 
     def names(self) -> Iterator[str]:
+        """Every parameter name, in the order of the parameter table."""
         return iter(PARAMETERS)
 
     # -- internals

@@ -1225,6 +1225,10 @@ class DebugPeers:
             self._patterns.append((negate, pattern.lower().rstrip(".")))
 
     def matches(self, nexthop: str | None, host: str | None, address: str | None) -> bool:
+        """Whether a session is with a debug peer: ``nexthop`` and ``host``
+        (names, ``[...]`` and ``:port`` ignored) and ``address`` are matched
+        against the patterns in order, and the first pattern that matches
+        decides; no match is False."""
         names = [n for n in (_bare_name(nexthop), _bare_name(host)) if n]
         ip = None
         if address:
@@ -1431,6 +1435,8 @@ class MailLog:
         self.running = False
 
     def start(self) -> None:
+        """Take the mail events and listen to the global publisher; a second
+        call does nothing."""
         if self.running:
             return
         take_mail_events(self.observer)
@@ -1438,6 +1444,8 @@ class MailLog:
         self._publisher.addObserver(self._from_publisher)
 
     def stop(self) -> None:
+        """Give the mail events back (to twistd's log), stop listening and
+        flush what is pending; does nothing when not running."""
         if not self.running:
             return
         self.running = False

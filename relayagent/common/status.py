@@ -78,6 +78,7 @@ class Status:
 
     @property
     def ok(self) -> bool:
+        """Whether this is a success (a 2.x.x status)."""
         return self.status_class == 2
 
     @property

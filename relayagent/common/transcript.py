@@ -46,9 +46,12 @@ class Transcript:
         self._max_octets = max_octets
 
     def sent(self, line: bytes | str, *, redact: bool = False) -> None:
+        """Keep a line we sent, as ``Out: LINE``; with ``redact`` (AUTH)
+        only the command and its mechanism are kept, never the payload."""
         self._lines.append(("Out: ", _redacted(line) if redact else line[:_MAX_KEPT]))
 
     def received(self, line: bytes | str) -> None:
+        """Keep a line the server sent, as ``In: LINE``."""
         self._lines.append(("In: ", line[:_MAX_KEPT]))
 
     def note(self, text: str) -> None:
@@ -56,6 +59,8 @@ class Transcript:
         self._lines.append(("", text))
 
     def lines(self) -> list[str]:
+        """The kept lines as text, oldest first: the newest of them whose total
+        length fits in ``max_octets`` characters."""
         kept: list[str] = []
         octets = 0
         for prefix, raw in reversed(self._lines):

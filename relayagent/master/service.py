@@ -482,9 +482,12 @@ class LineAppender:
         self._size = 0
 
     def fileno(self) -> int:
+        """The ``O_APPEND`` descriptor the lines are written to."""
         return self.fd
 
     def write(self, text: str) -> int:
+        """Keep ``text`` for the next flush (flushing now when more than
+        ``limit`` characters are pending); returns its length."""
         self._pending.append(text)
         self._size += len(text)
         if self._size >= self.limit:
@@ -492,6 +495,9 @@ class LineAppender:
         return len(text)
 
     def flush(self) -> None:
+        """Write the whole lines pending in one ``write`` (more only after
+        a short write); a trailing partial line waits for the rest.  An
+        OSError from ``os.write`` is raised to the caller."""
         if not self._pending:
             return
         text = "".join(self._pending)
@@ -505,6 +511,7 @@ class LineAppender:
                 data = data[os.write(self.fd, data):]
 
     def close(self) -> None:
+        """Flush, then close the descriptor."""
         self.flush()
         os.close(self.fd)
 

@@ -76,7 +76,9 @@ _MAX_FDS = 4
 class Dropper(Protocol):
     """What the spawner drops to (``worker.Privileges``)."""
 
-    def drop(self) -> None: ...
+    def drop(self) -> None:
+        """Give up root for the configured user and group (``--uid``/``--gid``)
+        in the process that calls it, for good."""
 
 
 class _WorkerZeroGone(Exception):
@@ -222,6 +224,10 @@ class Spawner:
             return 0
 
     def receive(self) -> None:
+        """Read from worker 0's socket and carry out each whole line: ``lock``
+        (with the spool lock's descriptor), ``start N``, ``kill N``; other
+        lines and descriptors nothing asked for are dropped.  Raises
+        _WorkerZeroGone when the socket is closed or fails."""
         try:
             data, fds, _, _ = socket.recv_fds(self.control, 4096, _MAX_FDS)
         except OSError:
@@ -247,12 +253,17 @@ class Spawner:
                 os.close(self._fds.pop())
 
     def say(self, text: str) -> None:
+        """Send one line to worker 0; raises _WorkerZeroGone when it cannot be
+        sent."""
         try:
             self.control.sendall(text.encode("ascii", "replace") + b"\n")
         except OSError:
             raise _WorkerZeroGone() from None
 
     def start(self, index: int) -> None:
+        """Fork worker ``index`` and report ``started INDEX PID``, or ``failed
+        INDEX REASON`` when there is no such worker, it already runs, the
+        spool lock's descriptor has not come, or the fork fails."""
         if index not in self.links:
             self.say(f"failed {index} no such worker")
             return
@@ -274,6 +285,8 @@ class Spawner:
         self.say(f"started {index} {pid}")
 
     def kill(self, index: int) -> None:
+        """Send SIGKILL to the running process of worker ``index``, if there is
+        one; its end is reported by ``reap``."""
         for pid, owner in self.children.items():
             if owner == index:
                 try:
@@ -282,6 +295,8 @@ class Spawner:
                     pass
 
     def reap(self) -> None:
+        """Collect every child that has ended, without waiting, and tell worker
+        0 ``ended INDEX PID STATUS`` for each."""
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

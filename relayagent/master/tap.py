@@ -110,10 +110,15 @@ def describe_startup_error(error: BaseException) -> tuple[int, str] | None:
 
 
 def default_config_path() -> str:
+    """The main.cf to read without ``-c``: ``$RELAYAGENT_CONFIG``, else DEFAULT_CONFIG."""
     return os.environ.get("RELAYAGENT_CONFIG") or DEFAULT_CONFIG
 
 
 class Options(usage.Options):
+    """``twistd relayagent`` options: ``-c CONFIG`` and ``--version``.
+    ``postOptions`` loads the configuration into ``self["configuration"]``,
+    and ends with one ``fatal:`` line and a sysexits code (``fatal``) when
+    it cannot be read or when a daemon already holds the spool lock."""
     synopsis = "[-c CONFIG]"
     longdesc = (
         "Deliver the mail queued in queue_directory over SMTP, with Postfix's "
@@ -311,6 +316,11 @@ class RelayagentTop(MultiService):
 
 
 def makeService(options: Options) -> IServiceCollection:
+    """The service ``twistd relayagent`` runs: the delivery service
+    (``build_service``), the listeners of ``smtpd_endpoints`` and the
+    metrics endpoints, under one parent that writes twistd's log and
+    handles the pid file.  A configuration error ends in one ``fatal:``
+    line with EX_CONFIG."""
     from twisted.internet import reactor
 
     from relayagent.master.service import build_service

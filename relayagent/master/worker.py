@@ -459,10 +459,13 @@ class LogToWorkerZero:
         self._pending: list[str] = []
 
     def write(self, text: str) -> int:
+        """Keep ``text`` for the next flush; returns its length."""
         self._pending.append(text)
         return len(text)
 
     def flush(self) -> None:
+        """Send the whole lines pending to worker 0 (``log TEXT`` each), or to
+        the fallback once the link is gone; a trailing partial line waits."""
         text = "".join(self._pending)
         whole = text.rfind("\n") + 1
         rest = text[whole:]
@@ -672,12 +675,17 @@ class WorkerPool:
     # -- what comes back
 
     def child_said(self, index: int, line: str) -> None:
+        """A line from worker ``index``: ``wakeup`` calls ``on_wakeup``; any
+        other line is logged as a warning."""
         if line == WAKEUP:
             self.on_wakeup()
         elif line:
             ralog.log_warning(log, f"unknown line from worker {index}: {line[:100]!r}", service="master")
 
     def spawner_said(self, line: str) -> None:
+        """A line from the spawner: ``started INDEX PID``, ``ended INDEX PID
+        STATUS``, ``failed INDEX REASON`` or ``fatal TEXT``; anything else is
+        logged as a warning."""
         words = line.split(" ", 3)
         try:
             if words[0] == "started" and len(words) == 3:
@@ -727,6 +735,8 @@ class WorkerPool:
             ended.callback(None)
 
     def link_lost(self, index: int) -> None:
+        """The link to worker ``index`` reached end of file: once the spawner is
+        gone too, the worker has ended (with an unknown status)."""
         # While the spawner lives it holds the workers' ends of the links
         # too: end of file here then means the spawner is gone as well,
         # and the worker has exited (its exit status is unknown).
@@ -735,6 +745,9 @@ class WorkerPool:
             self._ended(index, child.pid, "ended")
 
     def spawner_gone(self) -> None:
+        """The spawner's socket is closed: workers asked for and never started
+        are given up, and a running pool calls ``on_fatal`` (no worker can be
+        started again)."""
         self._spawner_gone = True
         self._reap_spawner()
         for child in self.children.values():

@@ -149,6 +149,9 @@ class Feedback:
 
     @classmethod
     def parse(cls, text: str, *, name: str) -> Feedback:
+        """The feedback written as ``text`` in parameter ``name``: a number,
+        ``a/b``, or ``a/concurrency``.  Raises ValueError, naming the
+        parameter, for any other text or a value not in (0, 1]."""
         value = text.strip().lower().replace(" ", "")
         numerator, slash, denominator = value.partition("/")
         try:
@@ -168,6 +171,7 @@ class Feedback:
         return result
 
     def value(self, window: float) -> float:
+        """The feedback to apply with a concurrency window of ``window``."""
         return self.amount / window if self.per_window else self.amount
 
 
@@ -190,6 +194,7 @@ class ActiveMessage:
     outstanding: int = 0
 
     def close(self) -> None:
+        """Close the message's queue file (the file itself stays in ``active/``)."""
         self.queue_file.close()
 
 
@@ -247,6 +252,8 @@ class Destination:
 
     @property
     def idle(self) -> bool:
+        """Whether nothing is queued for the destination, nothing is in
+        flight and it is not dead: it may be forgotten."""
         return not self.todo and self.busy == 0 and self.dead is None
 
 

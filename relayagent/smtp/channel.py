@@ -224,9 +224,12 @@ def debug_level_of(settings: SessionSettings, server: ServerInfo) -> int:
 
 class BodyStream(Protocol):
     """What the channel needs of the body producer it carries
-    (``smtp.body.BodyProducer``)."""
+    (``smtp.data.BodyProducer``)."""
 
-    def abort(self, broken: Broken) -> None: ...
+    def abort(self, broken: Broken) -> None:
+        """Stop sending the body because the session broke (``broken``): the
+        producer unregisters and its ``done`` fires with ``broken``; no-op
+        once it has finished."""
 
 
 class SMTPChannel(LineReceiver):
@@ -276,6 +279,7 @@ class SMTPChannel(LineReceiver):
 
     @property
     def namaddr(self) -> str:
+        """The server as ``host[address]``, as in Postfix's status texts."""
         return self.server.namaddr
 
     @property
@@ -307,6 +311,8 @@ class SMTPChannel(LineReceiver):
         )
 
     def timeout_of(self, stage: Stage) -> float:
+        """The reply timeout of ``stage``, in seconds: its ``smtp_*_timeout``
+        setting (300 for a stage without one)."""
         if stage.timeout_parameter is None:
             return 300.0  # a stage with no parameter of its own (none waits)
         timeout: float = getattr(self.settings, stage.timeout_parameter)
@@ -408,6 +414,11 @@ class SMTPChannel(LineReceiver):
         return STAGES["quit"] if self._quitting else STAGES["idle"]
 
     def expect(self, stage_key: str | Stage, timeout: float | None = None) -> Deferred[Reply | Broken]:
+        """A Deferred of the next reply, which fires with the Reply, or with the
+        Broken that ended the session (lost connection, timeout, garbage)
+        and never errs.  The wait times out after ``timeout`` seconds, by
+        default the stage's timeout parameter (``timeout_of``), counted from
+        the flush that sends the command."""
         stage = STAGES[stage_key] if isinstance(stage_key, str) else stage_key
         deferred: Deferred[Reply | Broken] = Deferred()
         if self._broken is not None:
@@ -437,6 +448,8 @@ class SMTPChannel(LineReceiver):
         return self.expect(stage_key, timeout)
 
     def flush(self) -> None:
+        """Write the queued commands in one write (unless the session is
+        broken), and start the reply timer for the oldest reply awaited."""
         if self._outgoing and self._broken is None:
             data, self._outgoing = self._outgoing, []
             self.transport.writeSequence(data)
@@ -634,6 +647,7 @@ class SMTPChannel(LineReceiver):
 
     @property
     def handshaking(self) -> bool:
+        """Whether a TLS handshake is awaited (``handshake``)."""
         return self._handshake is not None
 
     @property

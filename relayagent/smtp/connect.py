@@ -371,17 +371,24 @@ class ConnectionPlan:
 
     @property
     def exhausted(self) -> bool:
+        """Whether every address has been taken (none remains to be tried)."""
         return not self.remaining
 
     def take(self, position: int) -> None:
+        """Take the address at ``position`` off the remaining ones (it is being
+        tried); ValueError when it is not there."""
         self.remaining.remove(position)
 
     def give_back(self, position: int) -> None:
+        """Put the address at ``position`` back among the remaining ones, in
+        order: it was not tried to the end."""
         if position not in self.remaining:
             self.remaining.append(position)
             self.remaining.sort()
 
     def record(self, server: ServerInfo, status: Status) -> None:
+        """Keep why ``server`` was skipped (``status``) and log it, as Postfix
+        logs ``connect to ...: Connection refused``."""
         self.attempts.append(AttemptFailure(server, status))
         # Postfix logs each skipped address: "connect to ...: Connection refused".
         log.info("{reason}", reason=status.text, dsn=status.dsn, server=str(server), nexthop=str(self.nexthop))

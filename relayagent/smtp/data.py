@@ -114,6 +114,8 @@ class BodyProducer:
         self._timer: Any = None
 
     def start(self) -> None:
+        """Register with the transport as a push producer and start writing,
+        with the ``smtp_data_xfer_timeout`` timer running."""
         self.channel.transport.registerProducer(self, True)
         self._arm_timer()
         self._produce()
@@ -135,6 +137,8 @@ class BodyProducer:
             self._finish(broken, stopped=True)
 
     def abort(self, broken: Broken) -> None:
+        """Stop sending because the session broke: unregister and fire ``done``
+        with ``broken``; no-op once finished."""
         if not self._finished:
             self._finish(broken, stopped=True)
 

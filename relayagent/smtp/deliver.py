@@ -106,6 +106,10 @@ class Router:
         self._known: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
 
     def nexthops(self, domain: str) -> tuple[Any, ...]:
+        """The resolver's nexthops for ``domain``, from the cache when known
+        (the least recently used entry is dropped past ``size``).  What the
+        resolver raises (a bad domain, a table failure) is raised, and not
+        remembered."""
         known = self._known.get(domain)
         if known is not None:
             self._known.move_to_end(domain)

@@ -81,6 +81,7 @@ class Reply:
 
     @property
     def text(self) -> str:
+        """The lines joined with a space, codes included, as Postfix logs a reply."""
         return " ".join(self.lines)
 
     @property
@@ -94,10 +95,12 @@ class Reply:
 
     @property
     def positive(self) -> bool:
+        """Whether the reply code is 2xx."""
         return 200 <= self.code < 300
 
     @property
     def intermediate(self) -> bool:
+        """Whether the reply code is 3xx (354 after DATA, 334 during AUTH)."""
         return 300 <= self.code < 400
 
     def message_lines(self) -> list[str]:

@@ -671,6 +671,10 @@ class NexthopResolver:
     # -- addresses -------------------------------------------------------
 
     def local_addresses(self) -> set[str]:
+        """The addresses of this mail system, normalized, from
+        ``local_addresses`` on the first call and remembered after: an MX
+        host with one of them is this host, and it and the hosts of worse
+        preference are dropped (Postfix's smtp_find_self)."""
         if self._local_addresses is None:
             self._local_addresses = {_normalize(a) for a in self._local_addresses_source()}
         return self._local_addresses

@@ -125,6 +125,10 @@ class PasswordLookup:
         self._spec = spec
 
     def credentials_for(self, host: str, nexthop: str) -> Credentials | None:
+        """The credentials for ``host`` (the remote host name), else for
+        ``nexthop``, or None when the table has neither: no AUTH.  An entry
+        without ``:`` is used as a user name with an empty password, with a
+        warning."""
         for key in (host, nexthop):
             if not key:
                 continue
@@ -191,6 +195,9 @@ class SecurityOptions:
 
     @classmethod
     def parse(cls, words: Iterable[str], parameter: str = "smtp_sasl_security_options") -> SecurityOptions:
+        """The options written as ``words`` (``noplaintext``, ``noanonymous``
+        ...).  Raises SASLConfigError, naming ``parameter``, for an unknown
+        word."""
         flags: dict[str, bool] = {}
         for word in words:
             word = word.strip().lower()
@@ -288,12 +295,18 @@ class ClientMechanism:
         self._credentials = credentials
 
     def initial_response(self) -> bytes | None:
+        """What goes with the AUTH command, or None to wait for the server's
+        first challenge (the default)."""
         return None
 
     def respond(self, challenge: bytes) -> bytes:
+        """The response to one 334 challenge (``challenge`` is base64-decoded).
+        Raises SASLError when the mechanism expects none (the default)."""
         raise SASLError(f"{self.name}: unexpected challenge from the server")
 
     def complete(self) -> None:
+        """Called on 235; raises SASLError when the exchange is not finished on
+        our side (the default has nothing to check)."""
         return None
 
     def __repr__(self) -> str:
@@ -318,10 +331,13 @@ class PlainMechanism(ClientMechanism):
         )
 
     def initial_response(self) -> bytes | None:
+        """The PLAIN message, sent with the AUTH command."""
         self._sent = True
         return self._message()
 
     def respond(self, challenge: bytes) -> bytes:
+        """The PLAIN message, for a server that ignored the initial response
+        (an empty challenge); SASLError for any other challenge."""
         # A server that ignores the initial response sends an empty 334.
         if self._sent or challenge:
             raise SASLError("PLAIN: unexpected challenge from the server")
@@ -344,6 +360,8 @@ class LoginMechanism(ClientMechanism):
         self._step = 0
 
     def respond(self, challenge: bytes) -> bytes:
+        """The user name for the first challenge, the password for the second,
+        whatever their prompts say; SASLError for a third."""
         # The prompts are "Username:" and "Password:" by convention; a
         # server may word them otherwise, so the order decides.
         self._step += 1
@@ -365,6 +383,8 @@ class CramMD5Mechanism(ClientMechanism):
         self._answered = False
 
     def respond(self, challenge: bytes) -> bytes:
+        """``user SP hex-digest`` for the server's one challenge; SASLError for
+        an empty challenge or a second one."""
         if self._answered:
             raise SASLError("CRAM-MD5: unexpected second challenge from the server")
         if not challenge:
@@ -381,6 +401,7 @@ class AnonymousMechanism(ClientMechanism):
     traits = MechanismTraits(plaintext=False, active=False, dictionary=False, anonymous=True)
 
     def initial_response(self) -> bytes | None:
+        """The user name, as the RFC 4505 trace string."""
         return self._credentials.username.encode("utf-8")
 
 
@@ -438,11 +459,17 @@ class ScramMechanism(ClientMechanism):
         return hmac.new(key, message, self.hash_name).digest()
 
     def initial_response(self) -> bytes | None:
+        """The client-first message: ``n,,n=USER,r=NONCE`` (the user name
+        SASLprepped and escaped)."""
         username = _scram_escape(saslprep(self._credentials.username))
         self._client_first_bare = f"n={username},r={self._client_nonce}"
         return ("n,," + self._client_first_bare).encode("utf-8")
 
     def respond(self, challenge: bytes) -> bytes:
+        """The client-final message (with the proof) for the server-first
+        challenge; for the server-final one, an empty response once its
+        signature is verified.  Raises SASLError for a malformed challenge,
+        a nonce that does not extend ours, or a wrong server signature."""
         if self._expected_server_signature is None:
             return self._client_final(challenge)
         self._verify_server_final(challenge)
@@ -501,16 +528,20 @@ class ScramMechanism(ClientMechanism):
         self._server_verified = True
 
     def complete(self) -> None:
+        """Raises SASLError when the server said 235 before it proved it knows
+        the password (no server-final message was verified)."""
         if not self._server_verified:
             raise SASLError(f"{self.name}: the server accepted us without proving it knows the password")
 
 
 class ScramSHA1Mechanism(ScramMechanism):
+    """SCRAM-SHA-1 (RFC 5802)."""
     name = "SCRAM-SHA-1"
     hash_name = "sha1"
 
 
 class ScramSHA256Mechanism(ScramMechanism):
+    """SCRAM-SHA-256 (RFC 7677), preferred over SCRAM-SHA-1."""
     name = "SCRAM-SHA-256"
     hash_name = "sha256"
 
@@ -552,6 +583,7 @@ class MechanismFilter:
         self.text = ", ".join(patterns)
 
     def allows(self, mechanism: str) -> bool:
+        """Whether the filter lets ``mechanism`` (any case) be used."""
         if not self._patterns:
             return True
         name = mechanism.upper()
@@ -573,6 +605,9 @@ class Choice:
     unsupported: tuple[str, ...] = ()  # offered but not implemented here
 
     def explain(self, options_parameter: str) -> str:
+        """Why no mechanism was chosen, for the status text: what the server
+        offered and what the filter, the options (named by
+        ``options_parameter``) and this implementation took away."""
         parts = [f"server offered {' '.join(self.offered) or 'no mechanisms'}"]
         if self.filtered:
             parts.append(f"smtp_sasl_mechanism_filter removed {' '.join(self.filtered)}")
@@ -631,7 +666,9 @@ class SessionLike(Protocol):
     auth_mechanisms: frozenset[str]
     server: Any
 
-    def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> Any: ...
+    def command(self, line: bytes, *, stage: str, timeout: float, redact: bool = False) -> Any:
+        """Send one command and return (a Deferred of) its Reply; with
+        ``redact`` the transcript keeps only the verb and mechanism."""
 
 
 def _peer_name(server: Any) -> str:
@@ -663,10 +700,11 @@ class SASLClient:
     mechanism_filter: MechanismFilter = field(default_factory=MechanismFilter)
     soft_bounce: bool = True
     timeout: float = 300.0
-    # For tests: how SCRAM nonces are made.
     mechanism_factory: Callable[[type[ClientMechanism], Credentials], ClientMechanism] = (
         lambda mechanism, credentials: mechanism(credentials)
     )
+    """How a mechanism is made from its class and the credentials (tests
+    give one that fixes the SCRAM nonce)."""
 
     async def authenticate(self, session: SessionLike, nexthop: str, *, tls_active: bool) -> bool:
         """Run AUTH if the server offers it and we have a password for it.

@@ -71,7 +71,9 @@ DEFAULT_CHUNK_SIZE = 65536
 class SecurityNegotiator(Protocol):
     """What the TLS/SASL layer gives the session (see ``smtp.security``)."""
 
-    def negotiate(self, session: SMTPSession) -> Deferred[None]: ...
+    def negotiate(self, session: SMTPSession) -> Deferred[None]:
+        """STARTTLS and AUTH on the greeted ``session``, as the policy demands;
+        the Deferred fails with DeliveryFailure when a demand is not met."""
 
 
 @implementer(IHandshakeListener, ISMTPSession)

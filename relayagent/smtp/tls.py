@@ -238,6 +238,9 @@ CIPHER_GRADES = {
 
 
 def cipher_list(grade: str, exclude: Sequence[str] = (), source: str = "smtp_tls_ciphers") -> str:
+    """The OpenSSL cipher list of a Postfix cipher grade (``high``,
+    ``medium`` ...) without the ciphers in ``exclude``.  Raises
+    TLSConfigError, naming ``source``, for an unknown grade."""
     try:
         base = CIPHER_GRADES[grade.strip().lower()]
     except KeyError:
@@ -391,6 +394,9 @@ class PolicyLookup:
         self._table = table  # an ILookupTable, or None
 
     def policy_for(self, nexthop: str) -> TLSPolicy:
+        """The TLS policy of ``nexthop``: the first smtp_tls_policy_maps entry
+        found for it (``policy_keys``), else smtp_tls_security_level.
+        Raises TLSPolicyError for an entry that does not parse."""
         if self._table:
             for key in policy_keys(nexthop):
                 value = self._table.lookup(key)
@@ -447,6 +453,9 @@ class ContextCache:
         self._client = _load_client_certificate(files) if files.cert_file else None
 
     def context(self, protocols: tuple[str, ...], ciphers: str) -> SSL.Context:
+        """The context for ``protocols`` and ``ciphers`` (an OpenSSL cipher
+        list), built on first use with the client certificate read at
+        start-up."""
         key = (protocols, ciphers)
         if key not in self._contexts:
             self._contexts[key] = self._build(protocols, ciphers)
@@ -587,6 +596,7 @@ def _idna(name: str) -> bytes:
 
 
 def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address rather than a name."""
     return isIPAddress(host) or isIPv6Address(host)
 
 
@@ -712,6 +722,10 @@ class TLSSettings:
         return settings
 
     def context_for(self, policy: TLSPolicy) -> SSL.Context:
+        """The OpenSSL context for ``policy``: its own ``protocols=`` and
+        ``ciphers=``/``exclude=``, else the mandatory or opportunistic
+        settings of main.cf, by whether its level is mandatory.  Raises
+        TLSConfigError for a bad protocol list or cipher grade."""
         mandatory = policy.level.mandatory
         if policy.protocols is not None:
             protocols = parse_protocols(policy.protocols, policy.source)
@@ -721,6 +735,9 @@ class TLSSettings:
         return self.contexts.context(protocols, cipher_list(grade, policy.exclude))
 
     def match_patterns(self, policy: TLSPolicy) -> tuple[str, ...]:
+        """The names to match the server certificate against: the policy's
+        ``match=``, else smtp_tls_secure_cert_match (level secure) or
+        smtp_tls_verify_cert_match."""
         if policy.match:
             return policy.match
         return self.secure_cert_match if policy.level is TLSLevel.SECURE else self.verify_cert_match

@@ -169,6 +169,16 @@ def _probe_failed(session: SMTPSession, outcome: Outcome) -> TransactionResult:
 async def transact(
     session: SMTPSession, envelope: Envelope, recipients: tuple[Recipient, ...], last: bool, probe: bool = False
 ) -> TransactionResult:
+    """One mail transaction for ``recipients`` of ``envelope`` on
+    ``session``, pipelined when the server offers PIPELINING; ``last``:
+    no other transaction follows (QUIT goes with "."); ``probe``: a
+    cached session, checked with RSET first.
+
+    Returns the TransactionResult: a Status per recipient and whether
+    the session may be used again.  Every server or session failure is
+    in it; only CorruptQueueFile is raised (the body failed its checksum;
+    the connection is dropped before ".").
+    """
     outcome = Outcome(session, recipients)
     if probe and (session.broken is not None or not session.usable):
         return _probe_failed(session, outcome)
@@ -381,6 +391,9 @@ class Outcome:
         return status
 
     def take_mail(self, reply: Reply | Broken) -> bool:
+        """Take the MAIL FROM reply: False when the transaction cannot go on
+        (the session broke, or the sender was refused: every recipient then
+        gets the refusal).  A second call repeats the first answer."""
         if self.mail_taken:
             return not self.mail_refused
         self.mail_taken = True
@@ -397,6 +410,9 @@ class Outcome:
         return True
 
     def take_rcpt(self, recipient: Recipient, reply: Reply | Broken) -> bool:
+        """Take one RCPT TO reply: an accepted recipient is kept, a refused one
+        gets its status.  False when no more RCPT should be sent (421, or
+        the session broke)."""
         if isinstance(reply, Broken) or self.mail_refused:
             return not isinstance(reply, Broken)
         if reply.positive:
@@ -406,11 +422,15 @@ class Outcome:
         return reply.code != 421
 
     def message_failed(self, reply: Reply, stage: Stage) -> None:
+        """The message was refused at ``stage`` (DATA, "."): every accepted
+        recipient without a status gets the refusal."""
         self.message_status = self._reply_status(reply, stage)
         for recipient in self.accepted:
             self.statuses.setdefault(recipient.index, self.message_status)
 
     def message_sent(self, reply: Reply) -> None:
+        """The server took the message: every accepted recipient without a
+        status is sent, with the server's reply."""
         self.message_status = sent_status(reply, host=self.session.server.host)
         for recipient in self.accepted:
             self.statuses.setdefault(recipient.index, self.message_status)

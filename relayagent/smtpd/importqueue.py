@@ -226,12 +226,18 @@ def read_envelope(data: bytes) -> tuple[str, str]:
 
 @dataclass
 class ImportReport:
+    """What ``import_twisted_queue`` did: ``imported``, (message name,
+    queue id) pairs; ``refused``, (file name, reason) pairs, the files
+    left in place; ``spool_error``, why the spool failed and the import
+    stopped, else None."""
     imported: list[tuple[str, str]] = field(default_factory=list)  # (name, queue id)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     spool_error: str | None = None
 
     @property
     def exit_code(self) -> int:
+        """The command's sysexits code: EX_TEMPFAIL when the spool failed,
+        EX_DATAERR when a file was refused, else EX_OK."""
         if self.spool_error is not None:
             return EX_TEMPFAIL
         return EX_DATAERR if self.refused else EX_OK
@@ -320,6 +326,7 @@ def import_twisted_queue(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the command's ``DIR`` argument to ``parser``."""
     parser.add_argument("directory", metavar="DIR",
                         help="the twisted.mail relay queue directory (twistd mail --relay=DIR)")
 

@@ -191,9 +191,13 @@ class RelayPolicy:
 
     @classmethod
     def from_config(cls, config: Config) -> RelayPolicy:
+        """The policy of ``config``'s ``mynetworks``; raises ValueError for a
+        network that does not parse."""
         return cls(parse_mynetworks(IntakeSettings.from_config(config).mynetworks))
 
     def in_mynetworks(self, peer: object) -> bool:
+        """Whether ``peer`` (a Twisted address) is in ``mynetworks``; a
+        UNIX-socket peer always is, a peer with no IP address never."""
         if isinstance(peer, UNIXAddress):
             return True
         address = _peer_ip(peer)
@@ -202,9 +206,11 @@ class RelayPolicy:
         return any(address.version == net.version and address in net for net in self.networks)
 
     def will_relay(self, protocol: object, *, authenticated: bool = False) -> bool:
-        """Authenticated (SASL, or a client certificate in
-        ``relay_clientcerts``: the listener's ``relayagent_clientcert_relay``),
-        a UNIX socket, or an address in ``mynetworks``."""
+        """Whether the client of ``protocol`` may relay: it authenticated
+        (``authenticated`` or the protocol's own flag, or a client
+        certificate in ``relay_clientcerts``: the listener's
+        ``relayagent_clientcert_relay``), it is on a UNIX socket, or its
+        peer is in ``mynetworks``."""
         if authenticated or bool(getattr(protocol, "authenticated", False)):
             return True
         if getattr(protocol, "relayagent_clientcert_relay", False) is True:
@@ -230,6 +236,9 @@ class ClientInfo:
 
     @classmethod
     def of(cls, protocol: object, helo: object = None) -> ClientInfo:
+        """The client of ``protocol`` (a twisted.mail SMTP server) and
+        ``helo`` (twisted.mail's ``(name, address)``): its HELO name, peer
+        address, and whether it spoke ESMTP, authenticated and uses TLS."""
         helo_name = None
         if isinstance(helo, tuple) and helo and helo[0]:
             raw = helo[0]
@@ -376,6 +385,9 @@ class Intake:
         trigger: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Intake:
+        """An Intake for ``spool`` with the settings of ``config``
+        (myhostname, mynetworks, message_size_limit, hopcount_limit,
+        queue_minfree).  Raises ValueError for a bad ``mynetworks``."""
         settings = IntakeSettings.from_config(config)
         return cls(
             spool,
@@ -439,6 +451,8 @@ class Intake:
         return transaction.receiver_factory(user)
 
     def wake_queue_manager(self, queue_id: str) -> None:
+        """Call the trigger after ``queue_id`` was queued; a failing trigger is
+        logged, never raised (the message is queued already)."""
         if self.trigger is None:
             return
         try:
@@ -823,6 +837,8 @@ class RelayDelivery:
 
 @implementer(smtp.IMessageDeliveryFactory)
 class RelayDeliveryFactory:
+    """twisted.mail's IMessageDeliveryFactory: a RelayDelivery of
+    ``intake`` for each SMTP connection."""
     def __init__(self, intake: Intake) -> None:
         self.intake = intake
 

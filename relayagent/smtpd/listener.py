@@ -311,11 +311,15 @@ class RelayagentESMTP(smtp.ESMTP):
     # -- greeting and EHLO
 
     def greeting(self) -> bytes:
+        """The 220 text: ``smtpd_banner`` when set, else Twisted's."""
         if self.banner is not None:
             return self.banner
         return super().greeting()
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
+        """The EHLO keywords offered now (STARTTLS, AUTH and REQUIRETLS
+        depend on the session's TLS, XRELAYAGENT-ARRIVAL on its
+        authentication)."""
         extensions = super().extensions()
         extensions.pop(b"STARTTLS", None)
         if self.canStartTLS and not self.encrypted:
@@ -430,16 +434,23 @@ class RelayagentESMTP(smtp.ESMTP):
         super().ext_AUTH(rest)
 
     def do_EHLO(self, rest: bytes) -> None:
+        """EHLO: Twisted's, noting that the client speaks ESMTP (for Received)."""
         self.relayagent_esmtp = True
         super().do_EHLO(rest)
 
     def do_HELO(self, rest: bytes) -> None:
+        """HELO: Twisted's, noting that the client speaks SMTP only (for Received)."""
         self.relayagent_esmtp = False
         super().do_HELO(rest)
 
     # -- MAIL and RCPT parameters
 
     def do_MAIL(self, rest: bytes) -> None:
+        """MAIL FROM with its ESMTP parameters (SIZE, BODY, RET, ENVID,
+        REQUIRETLS over TLS, ARRIVAL from an authenticated relayagent, AUTH
+        ignored), kept for the transaction; then Twisted's MAIL.  A bad or
+        duplicate parameter gets 501, an unknown one 555, a SIZE over
+        ``message_size_limit`` 552 5.3.4."""
         match = self.mail_re.match(rest)
         if self._from or match is None:
             super().do_MAIL(rest)  # Twisted's 503 / 501
@@ -507,6 +518,9 @@ class RelayagentESMTP(smtp.ESMTP):
         super().do_MAIL(rest)
 
     def do_RCPT(self, rest: bytes) -> None:
+        """RCPT TO with its DSN parameters (NOTIFY, ORCPT), kept for
+        ``validateTo``; then Twisted's RCPT.  A bad or duplicate parameter
+        gets 501, an unknown one 555."""
         match = self.rcpt_re.match(rest)
         if match is not None and self._from:
             try:
@@ -647,6 +661,8 @@ class RelayagentESMTP(smtp.ESMTP):
         self._release()
 
     def state_DATA(self, line: bytes) -> None:
+        """One line of the message: at the final ".", pipelined commands wait
+        until the message is queued and answered."""
         if line == b"." and not self.datafailed:
             self._hold()  # until _messageHandled has replied
         smtp.SMTP.dataLineReceived(self, line)

@@ -119,11 +119,14 @@ class ControlProtocol(amp.AMP):
 
     @Wakeup.responder
     def wakeup(self) -> dict[str, Any]:
+        """``wakeup``: the queue manager looks at ``incoming/`` now."""
         self.queue_manager.wakeup()
         return {}
 
     @Flush.responder
     def flush(self) -> dict[str, Any]:
+        """``flush`` (``relayagent flush``): the queue manager retries the
+        deferred queue now; logged."""
         log.info("flush requested: retrying the deferred queue")
         self.queue_manager.flush()
         return {}

@@ -37,6 +37,8 @@ class PlainLineScanner:
         self._column = 0
 
     def feed(self, chunk: bytes) -> None:
+        """Look at the next ``chunk``; ``plain`` becomes False at the first
+        thing that is not plain (and stays so)."""
         if not self.plain or not chunk:
             return
         if (

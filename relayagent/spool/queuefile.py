@@ -163,6 +163,8 @@ def _notify_code(notify: Notify) -> int:
 
 
 def pack_mutable(attempts: int, next_attempt: float) -> bytes:
+    """The queue file's mutable record (at MUTABLE_OFFSET): the attempt
+    count and the time of the next attempt, with their CRC."""
     body = _MUTABLE.pack(attempts, next_attempt)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -505,9 +507,11 @@ class QueueFile:
         self._absent_logs.add(kind)
 
     def is_done(self, index: int) -> bool:
+        """Whether recipient ``index`` is crossed off (delivered or bounced)."""
         return self._states[index] == DONE[0]
 
     def pending_count(self) -> int:
+        """How many recipients are not crossed off yet (deferred or untried)."""
         return self._states.count(PENDING[0])
 
     def open_content(self) -> BinaryIO:
@@ -615,6 +619,8 @@ class QueueFile:
                 os.close(fd)
 
     def close(self) -> None:
+        """Close the held descriptor, if any; later updates and content streams
+        raise ValueError.  A second call does nothing."""
         self._closed = True
         if self._fd is not None:
             os.close(self._fd)

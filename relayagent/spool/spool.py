@@ -761,6 +761,8 @@ class Spool:
             return []
 
     def remove_log(self, kind: str, queue_id: str) -> None:
+        """Remove a message's defer or bounce log, if there is one; raises
+        ValueError for another ``kind``."""
         if kind not in logs.LOG_KINDS:
             raise ValueError(f"no such log: {kind!r}")
         _unlink_quietly(self.path(kind, queue_id))
