@@ -211,6 +211,17 @@ class UnitTests(SynchronousTestCase):
         session.starttls()
         self.assertIn(b"AUTH CRAM-MD5 PLAIN LOGIN", session.ehlo_keywords())
 
+    def test_twisted_context_factory_still_works_without_smtpd_tls(self):
+        # A twisted.mail server that gives Twisted's ESMTP its own ``ctx``.
+        session = self.session(smtpd_tls_security_level="none")
+        session.server.ctx = object()
+        session.server.connectionMade()
+        session.transport.clear()
+        self.assertIn(b"STARTTLS", session.ehlo_keywords())
+        self.assertEqual(session.send(b"STARTTLS\r\nNOOP\r\n"), [b"220 2.0.0 Ready to start TLS"])
+        self.assertIs(session.transport.creator, session.server.ctx)
+        self.assertIn(b"REQUIRETLS", session.ehlo_keywords())
+
     def test_bad_certificate_files_are_one_clear_error(self):
         with self.assertRaises(TLSConfigError) as caught:
             ServerTLS.from_config(make_config(self.certs, smtpd_tls_cert_file="/nonexistent/cert.pem"))

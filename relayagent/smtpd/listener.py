@@ -282,7 +282,10 @@ class RelayagentESMTP(smtp.ESMTP):
         """smtpd's ``connect from host[addr]``, then the greeting."""
         ralog.log_connect(log, describe_client(self.transport.getPeer()))
         super().connectionMade()
-        self.canStartTLS = self.server_tls is not None and ITLSTransport.providedBy(self.transport)
+        # Ours (smtpd_tls_*), or a context factory given to Twisted's
+        # ESMTP (a twisted.mail server's own ``ctx``).
+        self.canStartTLS = ((self.server_tls is not None or self.ctx is not None)
+                            and ITLSTransport.providedBy(self.transport))
 
     def state_COMMAND(self, line: bytes) -> None:
         """Count the command for the ``disconnect from`` line, then run
@@ -377,7 +380,7 @@ class RelayagentESMTP(smtp.ESMTP):
         if self.encrypted:
             self.sendCode(554, b"5.5.1 Error: TLS already active")
             return
-        if not self.canStartTLS or self.server_tls is None:
+        if not self.canStartTLS:
             self.sendCode(502, b"5.5.1 Error: command not implemented")
             return
         self.sendCode(220, b"2.0.0 Ready to start TLS")
@@ -385,8 +388,11 @@ class RelayagentESMTP(smtp.ESMTP):
         self._held_lines.clear()
         self._unparsed = b""
         self._reset_session()
-        self._tls_creator = self.server_tls.connection_creator()
-        self.transport.startTLS(self._tls_creator)
+        if self.server_tls is not None:
+            self._tls_creator = self.server_tls.connection_creator()
+            self.transport.startTLS(self._tls_creator)
+        else:
+            self.transport.startTLS(self.ctx)
         self.startedTLS = True
 
     def _reset_session(self) -> None:
