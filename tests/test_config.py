@@ -222,7 +222,10 @@ class TableTests(SynchronousTestCase):
                       # Postfix: an expression of smtp_tls_security_level
                       # that yields dane at level dane, the only level it
                       # is used at.
-                      "smtp_tls_dane_insecure_mx_policy"}
+                      "smtp_tls_dane_insecure_mx_policy",
+                      # RFC 8996, as smtp_tls_protocols; and a
+                      # compatibility_level expression yielding sha256.
+                      "smtpd_tls_protocols", "smtpd_tls_fingerprint_digest"}
         compared = 0
         for name, param in PARAMETERS.items():
             if param.ours or name in deliberate or name not in theirs:

@@ -113,6 +113,11 @@ class StartupFailureTests(SynchronousTestCase):
         result = self.twistd("queue_directory = spool\nrelayhost = [127.0.4.1:43001\n")
         self.assertFatal(result, 78, "relayhost: missing ']' in destination '[127.0.4.1:43001'")
 
+    def test_listener_certificate_missing(self) -> None:
+        result = self.twistd("queue_directory = spool\nsmtpd_endpoints = tcp:0:interface=127.0.0.1\n"
+                             "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = /nonexistent/cert.pem\n")
+        self.assertFatal(result, 78, "cannot use smtpd_tls_cert_file '/nonexistent/cert.pem'")
+
     def test_missing_config(self) -> None:
         result = self.twistd(None)
         self.assertFatal(result, 78, "cannot read configuration")

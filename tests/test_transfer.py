@@ -443,3 +443,141 @@ class WireTests(TestCase):
         self.assertIn("no XRELAYAGENT-ARRIVAL after AUTH", report.stopped.text)
         self.assertEqual(self.spool_a.find(queue_id), "deferred")
         self.assertEqual(list(self.spool_b.queue_ids("incoming")), [])
+
+
+class CertificateWireTests(TestCase):
+    """STARTTLS and a client certificate instead of a password: node B
+    lists node A's fingerprint in relay_clientcerts; with
+    smtp_tls_CAfile the session is verified, so REQUIRETLS mail goes
+    too."""
+
+    def setUp(self):
+        from relayagent.smtpd.tls import certificate_fingerprint
+        from tests.support.certs import CertificateAuthority
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.ca = CertificateAuthority()
+        self.ca_file = self.ca.write(directory)
+        cert_b, key_b = self.ca.issue(["node-b.example"], ip_addresses=["127.0.0.1"]).write(directory, "b")
+        node_a = self.ca.issue(["node-a.example"], client=True)
+        self.cert_a, self.key_a = node_a.write(directory, "a")
+        other = self.ca.issue(["node-c.example"], client=True)
+        self.cert_c, self.key_c = other.write(directory, "c")
+        self.spool_a = make_spool(self)
+        self.spool_b = Spool(self.mktemp())
+        self.spool_b.ensure_layout()
+        config_b = node_b_config(
+            self.spool_b.directory, smtpd_sasl_auth_enable="no", smtpd_tls_security_level="may",
+            smtpd_tls_cert_file=cert_b, smtpd_tls_key_file=key_b, smtpd_tls_ask_ccert="yes",
+            smtpd_tls_CAfile=self.ca_file,
+            relay_clientcerts=f"inline:{{ {certificate_fingerprint(node_a.certificate)}=node-a }}")
+        intake = Intake.from_config(config_b, self.spool_b)
+        factory = ListenerFactory(intake, config_b)
+        self.server_gone = defer.Deferred()
+        build = factory.buildProtocol
+
+        def build_and_watch(addr):
+            server = build(addr)
+            lost = server.connectionLost
+
+            def connection_lost(reason):
+                lost(reason)
+                if not self.server_gone.called:
+                    self.server_gone.callback(None)
+            server.connectionLost = connection_lost
+            return server
+        factory.buildProtocol = build_and_watch
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.target = parse_target(f"127.0.0.1:{self.port.getHost().port}")
+        self.logs = LogCapture(self)
+
+    async def transfer(self, cert, key, *, ca=True):
+        config = Config.from_text(
+            "myhostname = node-a.example\n"
+            f"queue_directory = {self.spool_a.directory}\n"
+            f"smtp_tls_cert_file = {cert}\nsmtp_tls_key_file = {key}\n"
+            + (f"smtp_tls_CAfile = {self.ca_file}\n" if ca else "")
+            + "smtp_connection_cache_on_demand = no\nsmtp_tls_loglevel = 1\n"
+        )
+        agent = make_agent(config, reactor, self.target)
+        return await Transfer(self.spool_a, agent, self.target, clock=reactor).run()
+
+    @defer.inlineCallbacks
+    def test_listed_certificate_moves_requiretls_mail_over_a_verified_session(self):
+        plain = queue_message(self.spool_a, ["b@b.example"])
+        strict = queue_message(self.spool_a, ["c@c.example"], requiretls=True)
+        report = yield defer.Deferred.fromCoroutine(self.transfer(self.cert_a, self.key_a))
+        self.assertEqual((report.moved, report.recipients, report.exit_code), (2, 2, EX_OK))
+        self.assertEqual((self.spool_a.find(plain), self.spool_a.find(strict)), (None, None))
+        queued = []
+        for queue_id in self.spool_b.queue_ids("incoming"):
+            with self.spool_b.open(queue_id, "incoming") as queue_file:
+                envelope = queue_file.envelope
+                queued.append((envelope.recipients[0].address, envelope.requiretls, envelope.arrival_time))
+        self.assertEqual(sorted(queued), [("b@b.example", False, ARRIVED), ("c@c.example", True, ARRIVED)])
+        text = "\n".join(self.logs.messages())
+        self.assertIn("Verified TLS connection established to", text)
+        self.assertIn("Trusted TLS connection established from unknown[127.0.0.1]", text)
+
+    @defer.inlineCallbacks
+    def test_unlisted_certificate_moves_nothing(self):
+        queue_id = queue_message(self.spool_a, ["b@b.example"])
+        report = yield defer.Deferred.fromCoroutine(self.transfer(self.cert_c, self.key_c))
+        # The refused session ends after the run: wait for node B to see
+        # it end (our side has gone by then).
+        yield self.server_gone
+        self.assertEqual((report.moved, report.exit_code), (0, EX_NOPERM))
+        self.assertIn("no XRELAYAGENT-ARRIVAL", report.stopped.text)
+        self.assertEqual(self.spool_a.find(queue_id), "deferred")
+        self.assertEqual(list(self.spool_b.queue_ids("incoming")), [])
+
+    @defer.inlineCallbacks
+    def test_the_command_with_a_certificate_and_no_password(self):
+        import sys
+
+        from twisted.internet import utils
+
+        queue_id = queue_message(self.spool_a, ["b@b.example"])
+        path = os.path.join(self.spool_a.directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(f"queue_directory = {self.spool_a.directory}\nmyhostname = node-a.example\n"
+                         f"smtp_tls_cert_file = {self.cert_a}\nsmtp_tls_key_file = {self.key_a}\n"
+                         f"smtp_tls_CAfile = {self.ca_file}\n")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "import sys; from relayagent.cli import main; sys.exit(main())",
+             "-c", path, "transfer", "--to", f"127.0.0.1:{self.port.getHost().port}", "ALL"],
+            env=dict(os.environ, PYTHONPATH=root),
+        )
+        self.assertEqual(code, EX_OK, err.decode())
+        self.assertIn(f"{queue_id}: to=<b@b.example>", err.decode())
+        self.assertIn("status=sent (transferred: 250", err.decode())
+        self.assertEqual(self.spool_a.find(queue_id), None)
+        self.assertEqual(len(list(self.spool_b.queue_ids("incoming"))), 1)
+
+    def test_a_bad_certificate_is_a_config_error(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write(f"queue_directory = {directory}/spool\nsmtp_tls_cert_file = /nonexistent/a.crt\n")
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.run(["-c", path, "transfer", "--to", "127.0.0.1:1", "ALL"], stdin=io.BytesIO(),
+                       stdout=out, stderr=err)
+        self.assertEqual(code, EX_CONFIG)
+        self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+        self.assertIn("cannot use smtp_tls_cert_file '/nonexistent/a.crt'", err.getvalue())
+
+    def test_tls_levels(self):
+        from relayagent.qmgr.transfer import transfer_tls_level
+
+        def level(text):
+            return transfer_tls_level(Config.from_text(text))
+
+        self.assertEqual(level(""), "may")
+        self.assertEqual(level(f"smtp_tls_cert_file = {self.cert_a}\n"), "encrypt")
+        self.assertEqual(level(f"smtp_tls_CAfile = {self.ca_file}\n"), "verify")
+        self.assertEqual(level(f"smtp_tls_cert_file = {self.cert_a}\nsmtp_tls_security_level = secure\n"), "secure")

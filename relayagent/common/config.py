@@ -280,8 +280,18 @@ _TABLE: tuple[Parameter, ...] = (
     # --- the listener (relayagent/smtpd/twistedmail.py)
     _p("smtpd_endpoints", "", L, "Twisted server endpoint strings to accept mail on, e.g. tcp:10587:interface=127.0.0.1 (empty: no listener).", ours=True),
     _p("smtpd_banner", "$myhostname ESMTP $mail_name", S, "The text after 220 in the listener's greeting."),
-    _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH (CRAM-MD5) in the listener; authenticated clients may relay."),
+    _p("smtpd_sasl_auth_enable", "no", B, "Offer SASL AUTH in the listener (CRAM-MD5; PLAIN and LOGIN too after STARTTLS); authenticated clients may relay."),
     _p("smtpd_sasl_password_maps", "", L, "The listener's SASL accounts: lookup tables from username to password (keep them readable by the daemon only).", ours=True),
+    # --- the listener's TLS (relayagent/smtpd/tls.py)
+    _p("smtpd_tls_security_level", "", S, "The listener's TLS level: none (empty), may (offer STARTTLS) or encrypt (require STARTTLS before MAIL, AUTH only after it).", choices=("", "none", "may", "encrypt")),
+    _p("smtpd_tls_cert_file", "", S, "The listener's server certificate, then its chain (PEM).", path=True),
+    _p("smtpd_tls_key_file", "$smtpd_tls_cert_file", S, "The listener's private key (unencrypted PEM).", path=True),
+    _p("smtpd_tls_CAfile", "", S, "CA certificates (PEM) that make a client certificate Trusted, and whose names the certificate request sends.", path=True),
+    _p("smtpd_tls_ask_ccert", "no", B, "Ask a TLS client for a certificate (never required)."),
+    _p("smtpd_tls_auth_only", "no", B, "Offer AUTH only after STARTTLS (implied at level encrypt)."),
+    _p("smtpd_tls_protocols", ">=TLSv1.2", L, "TLS protocols the listener accepts (ours refuses TLS 1.0/1.1 per RFC 8996)."),
+    _p("smtpd_tls_fingerprint_digest", "sha256", S, "The digest of client certificate fingerprints in relay_clientcerts (Postfix writes the default as a compatibility_level expression; sha256 is what it yields at level 3.6).", choices=("sha256", "sha384", "sha512", "sha1", "md5")),
+    _p("relay_clientcerts", "", L, "Lookup tables whose keys are the fingerprints of client certificates (or their public keys) that may relay, as permit_tls_clientcerts."),
     # --- worker processes (relayagent/master/worker.py)
     _p("relayagent_stop_timeout", "30s", T, "How long a stop (SIGTERM, Ctrl-C) waits for the deliveries in flight before it stops anyway (they stay queued); a second signal stops at once.", ours=True),
     _p("relayagent_workers", "auto", N, "Worker processes sharing the queue, each on its own core: auto (one per CPU this process may run on) or a number (1: one process, no workers); each owns the queue files whose id maps to it and gets 1/N of the queue manager's limits.", minimum=1, choices=("auto",), ours=True),

@@ -89,13 +89,14 @@ from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import TLSRPTSettings
 from relayagent.smtpd.intake import IntakeSettings
 from relayagent.smtpd.listener import ListenerSettings
+from relayagent.smtpd.tls import ServerTLSSettings
 from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.reload")
 
 # The settings of the phases a reload does not rebuild (module docstring).
 _KEPT_SETTINGS = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings,
-                  MTASTSSettings, TLSRPTSettings, RedisSettings)
+                  MTASTSSettings, TLSRPTSettings, RedisSettings, ServerTLSSettings)
 _KEPT_NAMES = ("relayagent_workers", "dns_nameservers", "metrics_endpoints")
 
 

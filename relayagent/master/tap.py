@@ -352,7 +352,11 @@ def makeService(options: Options) -> IServiceCollection:
     relayagent_service.setServiceParent(top)
     from relayagent.smtpd.listener import daemon_listener_services  # smtpd_endpoints
 
-    for listener in daemon_listener_services(config, relayagent_service, reactor):
+    try:
+        listeners = daemon_listener_services(config, relayagent_service, reactor)
+    except (ConfigError, ValueError) as exc:  # smtpd_tls_* (TLSConfigError), endpoint syntax
+        raise fatal(EX_CONFIG, str(exc)) from None
+    for listener in listeners:
         listener.setServiceParent(top)
     from relayagent.master.metrics import metrics_services  # metrics_endpoints
 

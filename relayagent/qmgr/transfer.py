@@ -26,12 +26,23 @@ moves it).  A message that could not be handed over goes back to the
 queue it came from, as it was.
 
 Authenticated only.  The other node must take us as an authenticated
-peer: the transfer runs with ``smtp_sasl_auth_enable = yes``, needs a
+peer, by SASL or by our client certificate: the transfer needs a
 ``smtp_sasl_password_maps`` entry for the target (its host, or
-``[host]:port``), says EHLO again after AUTH and hands nothing over
-unless the reply names XRELAYAGENT-ARRIVAL, which our listener offers to
+``[host]:port``; it then runs with ``smtp_sasl_auth_enable = yes``), or
+a client certificate (``smtp_tls_cert_file``, ``smtp_tls_key_file``)
+whose fingerprint the other node lists in ``relay_clientcerts``.  It
+says EHLO again after STARTTLS and AUTH and hands nothing over unless
+the reply names XRELAYAGENT-ARRIVAL, which our listener offers to
 authenticated clients only.  Without it the arrival time would be lost,
 and mail would go through whatever relays for our address.
+
+TLS (``transfer_tls_level``): STARTTLS when the other node offers it
+(``may``); required (``encrypt``) with a client certificate; with
+``smtp_tls_CAfile``, the other node's certificate must chain to it and
+match the ``--to`` host (``verify``), and REQUIRETLS messages then go
+too (they need a verified session that offers REQUIRETLS, which our
+listener does after STARTTLS).  A stronger ``smtp_tls_security_level``
+is kept; a ``smtp_tls_policy_maps`` entry for the target wins.
 
 Outcomes, per recipient (Postfix's rule for a relay, except one):
 
@@ -56,6 +67,7 @@ SYNOPSIS
     report = await transfer.run(["4B3F2A1C0D", ...])   # None: ALL
     transfer.stop()                                      # after the message in flight
     agent = make_agent(config, reactor, nexthop)         # SmtpAgent with PeerSecurity
+    transfer_tls_level(config)                           # may, encrypt or verify
     configure_parser(parser);  run_command(context, args)   # the command
 
 DIAGNOSTICS: per message, Postfix-format lines (``log_delivery``,
@@ -64,8 +76,9 @@ command exits 0 when every selected recipient went, 75 (EX_TEMPFAIL)
 when some were kept, the other node could not be reached or a signal
 stopped the run (after the message in flight: ``Transfer.stop``), 77
 (EX_NOPERM) when it refused our AUTH or did not offer
-XRELAYAGENT-ARRIVAL, 78 (EX_CONFIG) with no password for the target, 64
-for bad usage.
+XRELAYAGENT-ARRIVAL, 78 (EX_CONFIG) with neither a password for the
+target nor a client certificate, or with a TLS setting that cannot be
+used (one line), 64 for bad usage.
 
 Owns no parameters.  Reads, through smtp's phases, smtp_sasl_* and the
 session and connection parameters; queue_directory.
@@ -124,6 +137,9 @@ class TransferSettings(Settings):
 
     queue_directory: str
     smtp_sasl_password_maps: tuple[str, ...]
+    smtp_tls_security_level: str
+    smtp_tls_cert_file: str
+    smtp_tls_CAfile: str
     maillog_file: str
     base_dir: str | None = None
 
@@ -219,11 +235,32 @@ class PeerSessionSecurity:
             )
 
 
+# The levels a transfer may run at, weakest first.
+_LEVEL_ORDER = ("", "none", "may", "encrypt", "verify", "secure")
+
+
+def transfer_tls_level(config: Config) -> str:
+    """The TLS level of a transfer: ``verify`` with ``smtp_tls_CAfile``,
+    ``encrypt`` with a client certificate, else ``may``; a stronger
+    ``smtp_tls_security_level`` is kept."""
+    settings = TransferSettings.from_config(config)
+    wanted = "verify" if settings.smtp_tls_CAfile else "encrypt" if settings.smtp_tls_cert_file else "may"
+    configured = settings.smtp_tls_security_level
+    if configured in _LEVEL_ORDER and _LEVEL_ORDER.index(configured) > _LEVEL_ORDER.index(wanted):
+        return configured
+    return wanted
+
+
 def make_agent(config: Config, reactor: Any, nexthop: Nexthop) -> SmtpAgent:
     """smtp's entry point with one route, ``nexthop``, for every domain,
-    AUTH on, and ``PeerSecurity``; sessions are cached between messages
-    (the backlog asks for it)."""
-    config = config.replace(smtp_sasl_auth_enable="yes")
+    AUTH on when there are passwords, STARTTLS at ``transfer_tls_level``,
+    and ``PeerSecurity``; sessions are cached between messages (the
+    backlog asks for it)."""
+    settings = TransferSettings.from_config(config)
+    config = config.replace(
+        smtp_sasl_auth_enable="yes" if settings.smtp_sasl_password_maps else "no",
+        smtp_tls_security_level=transfer_tls_level(config),
+    )
     resolver = NexthopResolver(config, make_dns_resolver(config, reactor), reactor)
     security = PeerSecurity(SecurityPolicy(config))
     return SmtpAgent(
@@ -538,10 +575,10 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     config = context.config
     settings = TransferSettings.from_config(config)
     passwords = PasswordLookup(open_maps(settings.smtp_sasl_password_maps, base_dir=settings.base_dir))
-    if passwords.credentials_for(nexthop.host, str(nexthop)) is None:
+    if passwords.credentials_for(nexthop.host, str(nexthop)) is None and not settings.smtp_tls_cert_file:
         print(f"relayagent: transfer: no password for {nexthop.host} or {nexthop} in "
-              "smtp_sasl_password_maps: the other node takes a transfer from an authenticated "
-              "client only", file=context.stderr)
+              "smtp_sasl_password_maps and no client certificate (smtp_tls_cert_file): the other "
+              "node takes a transfer from an authenticated client only", file=context.stderr)
         return EX_CONFIG
     # Imported here, not at the top: only this command runs a reactor.
     from twisted.internet import reactor
@@ -572,7 +609,11 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     take_active = lock is not None
     outcome: dict[str, Any] = {}
     try:
-        agent = make_agent(config, reactor, nexthop)
+        try:
+            agent = make_agent(config, reactor, nexthop)
+        except (ConfigError, ValueError) as exc:  # a bad certificate, CA file, TLS setting
+            print(f"relayagent: transfer: fatal: {exc}", file=context.stderr)
+            return EX_CONFIG
         transfer = Transfer(spool, agent, nexthop, clock=reactor, destination=args.destination,
                             take_active=take_active)
 

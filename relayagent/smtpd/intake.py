@@ -20,8 +20,9 @@ file, the queue file) ends the transaction with "451 4.3.0 Error: queue
 file write error" at the final ".", nothing of it kept.  Each is one
 warning line, never a traceback, and the next transaction tries again.
 
-We relay for a client when it is authenticated, connected over a UNIX
-socket, or its address is in ``mynetworks``: the rule of twisted.mail's
+We relay for a client when it is authenticated (by SASL, or by a client
+certificate the listener found in ``relay_clientcerts``), connected
+over a UNIX socket, or its address is in ``mynetworks``: the rule of twisted.mail's
 ``DomainQueuer.willRelay``, with ``mynetworks`` in place of its
 hard-coded 127.0.0.1.  Anyone else gets "554 5.7.1 <rcpt>: Relay access
 denied", as from Postfix's smtpd.
@@ -206,9 +207,13 @@ class RelayPolicy:
 
     def will_relay(self, protocol: object, *, authenticated: bool = False) -> bool:
         """Whether the client of ``protocol`` may relay: it authenticated
-        (``authenticated`` or the protocol's own flag), or its peer is in
-        ``mynetworks``."""
+        (``authenticated`` or the protocol's own flag, or a client
+        certificate in ``relay_clientcerts``: the listener's
+        ``relayagent_clientcert_relay``), it is on a UNIX socket, or its
+        peer is in ``mynetworks``."""
         if authenticated or bool(getattr(protocol, "authenticated", False)):
+            return True
+        if getattr(protocol, "relayagent_clientcert_relay", False) is True:
             return True
         transport = getattr(protocol, "transport", None)
         if transport is None:
@@ -486,6 +491,8 @@ class _Transaction:
         self.envid, self.ret, self.arrival_time = _declared_dsn(protocol)
         username = getattr(protocol, "relayagent_sasl_username", None)
         self.sasl_username = username if isinstance(username, str) else None
+        method = getattr(protocol, "relayagent_sasl_method", None)
+        self.sasl_method = method if isinstance(method, str) else "CRAM-MD5"
         self.requiretls = _requested_requiretls(protocol)
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
@@ -691,7 +698,7 @@ class _Transaction:
         # the message (pflogsumm counts the size of a message received);
         # Postfix's smtpd names the SASL login on the client= line.
         ralog.log_client(log, queue_id, describe_client(self.client.peer),
-                         sasl_method="CRAM-MD5" if self.sasl_username else "", sasl_username=self.sasl_username or "")
+                         sasl_method=self.sasl_method if self.sasl_username else "", sasl_username=self.sasl_username or "")
         ralog.log_message_id(log, queue_id, self._message_id or "")
         self.intake.wake_queue_manager(queue_id)
         return queue_id

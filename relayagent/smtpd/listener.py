@@ -28,13 +28,26 @@ server lacks:
 - Unknown MAIL and RCPT parameters get 555 5.5.4 (RFC 5321 4.1.1.11);
   Twisted's server ignores them silently, so a client could believe a
   request was taken.
+- STARTTLS (RFC 3207) with ``smtpd_tls_security_level = may`` or
+  ``encrypt`` (``relayagent.smtpd.tls``: certificates, client
+  certificates, ``relay_clientcerts``), in Postfix's words: 220 2.0.0,
+  then the session starts over (no EHLO, transaction or AUTH of the
+  plaintext part is kept, and any byte the client pipelined after
+  STARTTLS is dropped unread: the command-injection attack); 554 5.5.1
+  for a second STARTTLS, 502 5.5.1 when not offered.  At level
+  ``encrypt`` every command but EHLO, HELO, STARTTLS, NOOP, QUIT and
+  HELP gets 530 5.7.0 "Must issue a STARTTLS command first".  The
+  handshake is logged as smtpd logs it (``Anonymous TLS connection
+  established from unknown[192.0.2.1]: TLSv1.3 with cipher ...``).
 - AUTH (RFC 4954) with ``smtpd_sasl_auth_enable``: CRAM-MD5 (RFC 2195)
-  against ``smtpd_sasl_password_maps`` (username -> password).  The
-  listener has no STARTTLS of its own, so no mechanism that sends the
-  password itself (PLAIN, LOGIN) is offered.  Failures are 535 5.7.8 and one warning
+  against ``smtpd_sasl_password_maps`` (username -> password); over TLS
+  also PLAIN (RFC 4616) and LOGIN, never in plaintext; with
+  ``smtpd_tls_auth_only`` (or at level ``encrypt``) no AUTH at all
+  before STARTTLS (530 5.7.0).  Failures are 535 5.7.8 and one warning
   line naming the client and the username, never the response.
 - XRELAYAGENT-ARRIVAL (ours, docs/fleet.rst): offered in the EHLO reply
-  to an authenticated client only (it says EHLO again after AUTH), it
+  to an authenticated client only (by SASL, or by a client certificate
+  listed in ``relay_clientcerts``; it says EHLO again after AUTH), it
   lets MAIL FROM carry ``ARRIVAL=<unix-time>``, the message's first
   arrival on the node it comes from (``relayagent transfer``), which
   the queue file keeps as its arrival time (a time in the future is
@@ -51,16 +64,15 @@ server lacks:
   keeps buffering a line that never ends).
 - REQUIRETLS (RFC 8689), with ``requiretls_enable``: offered in EHLO and
   taken on MAIL FROM only in an encrypted session, and recorded in the
-  queue file.  The listener has no STARTTLS of its own (no server
-  certificate parameters), so "encrypted" means an implicit-TLS
-  endpoint in ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
-  certKey=cert.pem``), or a session where Twisted's own STARTTLS ran
-  (a MailService factory given a context factory).  In plaintext,
+  queue file: after STARTTLS, or on an implicit-TLS endpoint of
+  ``smtpd_endpoints`` (``ssl:10465:privateKey=key.pem:
+  certKey=cert.pem``).  In plaintext,
   REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
   555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
 Relaying is the intake's rule: clients in ``mynetworks`` (default
-loopback only) or authenticated; anyone else gets 554 5.7.1 for every
+loopback only), authenticated by SASL, or showing a client certificate
+listed in ``relay_clientcerts``; anyone else gets 554 5.7.1 for every
 recipient.
 
 SYNOPSIS
@@ -72,14 +84,17 @@ SYNOPSIS
 
 DIAGNOSTICS: replies to the client, never exceptions: 552 5.3.4 (size),
 555 5.5.4 (unknown parameter, REQUIRETLS in plaintext), 501 5.5.4 (a
-malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 452 4.3.1
+malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 530 5.7.0
+(STARTTLS first), 504 5.5.4 (a mechanism not offered now), 452 4.3.1
 (short of space), 451 4.3.0 (the spool failed), 554 5.7.1 (relaying
 denied), 5xx for an over-long line.
 A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
-``strports.service`` (``ValueError``).
+``strports.service`` (``ValueError``), a bad ``smtpd_tls_*`` setting in
+``ServerTLS.from_config`` (``TLSConfigError``, a ``ValueError``).
 
 Owns: smtpd_endpoints, smtpd_banner, smtpd_sasl_auth_enable,
 smtpd_sasl_password_maps.  Reads message_size_limit, requiretls_enable,
+the smtpd_tls_* parameters (relayagent.smtpd.tls owns them),
 myhostname (and, through the glue, mynetworks, hopcount_limit and
 queue_minfree).
 """
@@ -97,15 +112,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.service import IService
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
-from twisted.mail import protocols, smtp
+from twisted.mail import imap4, protocols, smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
 from twisted.python.compat import networkString
 from zope.interface import implementer
@@ -121,6 +137,7 @@ from relayagent.smtpd.intake import (
     RelayDeliveryFactory,
     describe_client,
 )
+from relayagent.smtpd.tls import MUST_STARTTLS, PRE_TLS_COMMANDS, ServerTLS
 from relayagent.spool import Spool
 from relayagent.spool.nonblocking import ThreadedSpool
 
@@ -207,9 +224,15 @@ def format_command_stats(counts: dict[str, list[int]]) -> str:
     return "".join(parts)
 
 
+# SASL mechanisms that send the password itself: offered over TLS only.
+PLAINTEXT_MECHANISMS = frozenset({b"PLAIN", b"LOGIN"})
+
+
+@implementer(IHandshakeListener)
 class RelayagentESMTP(smtp.ESMTP):
     """twisted.mail's ESMTP server with SIZE, 8BITMIME, safe PIPELINING,
-    and smtpd's ``connect from`` / ``disconnect from`` lines."""
+    STARTTLS as Postfix's smtpd does it, and smtpd's ``connect from`` /
+    ``disconnect from`` lines."""
 
     message_size_limit = 0
     banner: bytes | None = None
@@ -231,6 +254,13 @@ class RelayagentESMTP(smtp.ESMTP):
     # Read by relayagent.smtpd.intake: MAIL FROM carried REQUIRETLS.
     relayagent_requiretls = False
     requiretls_enable = True
+    # The listener's TLS (relayagent.smtpd.tls), None without STARTTLS.
+    server_tls: ServerTLS | None = None
+    # The SASL mechanism that authenticated the client, for the log.
+    relayagent_sasl_method: str | None = None
+    # A client certificate listed in relay_clientcerts: relays as an
+    # authenticated client does (read by the intake's relay policy).
+    relayagent_clientcert_relay = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -245,18 +275,30 @@ class RelayagentESMTP(smtp.ESMTP):
         # counts for the "disconnect from" line.
         self._counting: str | None = None
         self._command_counts: dict[str, list[int]] = {}
+        self._tls_creator: Any = None
+        self._tls_established = False
 
     def connectionMade(self) -> None:
         """smtpd's ``connect from host[addr]``, then the greeting."""
         ralog.log_connect(log, describe_client(self.transport.getPeer()))
         super().connectionMade()
+        # Ours (smtpd_tls_*), or a context factory given to Twisted's
+        # ESMTP (a twisted.mail server's own ``ctx``).
+        self.canStartTLS = ((self.server_tls is not None or self.ctx is not None)
+                            and ITLSTransport.providedBy(self.transport))
 
     def state_COMMAND(self, line: bytes) -> None:
-        """Count the command for the ``disconnect from`` line, then run it."""
+        """Count the command for the ``disconnect from`` line, then run
+        it (at level encrypt, only the commands allowed before STARTTLS
+        until it is done)."""
         verb = line.split(None, 1)[0].decode("ascii", "replace").lower() if line.strip() else ""
         name = verb if verb in _COUNTED_COMMANDS else "unknown"
         self._command_counts.setdefault(name, [0, 0])[1] += 1
         self._counting = name
+        if (self.server_tls is not None and self.server_tls.required and not self.encrypted
+                and name not in PRE_TLS_COMMANDS):
+            self.sendCode(*MUST_STARTTLS)
+            return
         super().state_COMMAND(line)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
@@ -265,6 +307,8 @@ class RelayagentESMTP(smtp.ESMTP):
         name, self._counting = self._counting, None
         if name is not None and code < 400:
             self._command_counts[name][0] += 1
+        if code == 235 and message == b"Authentication successful.":
+            message = b"2.7.0 Authentication successful"  # Postfix's (Twisted's has no enhanced code)
         super().sendCode(code, message)
 
     # -- greeting and EHLO
@@ -276,13 +320,24 @@ class RelayagentESMTP(smtp.ESMTP):
         return super().greeting()
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
+        """The EHLO keywords offered now (STARTTLS, AUTH and REQUIRETLS
+        depend on the session's TLS, XRELAYAGENT-ARRIVAL on its
+        authentication)."""
         extensions = super().extensions()
+        extensions.pop(b"STARTTLS", None)
+        if self.canStartTLS and not self.encrypted:
+            extensions[b"STARTTLS"] = None
+        mechanisms = self.sasl_mechanisms()
+        if mechanisms:
+            extensions[b"AUTH"] = mechanisms
+        else:
+            extensions.pop(b"AUTH", None)
         limit = self.message_size_limit
         extensions[b"SIZE"] = [str(limit).encode("ascii")] if limit else None
         extensions[b"8BITMIME"] = None
         extensions[b"PIPELINING"] = None
         extensions[b"DSN"] = None
-        if self.authenticated:
+        if self.may_give_arrival:
             extensions[ARRIVAL_KEYWORD] = None
         if self.requiretls_enable and self.encrypted:
             # RFC 8689 section 3: only in a session protected by TLS.
@@ -292,8 +347,97 @@ class RelayagentESMTP(smtp.ESMTP):
     @property
     def encrypted(self) -> bool:
         """Whether the session runs over TLS: an implicit-TLS endpoint
-        (``ssl:``), or Twisted's STARTTLS done."""
+        (``ssl:``), or STARTTLS done."""
         return bool(self.startedTLS) or ISSLTransport.providedBy(self.transport)
+
+    @property
+    def may_give_arrival(self) -> bool:
+        """Authenticated by SASL or by a client certificate listed in
+        ``relay_clientcerts``: XRELAYAGENT-ARRIVAL is offered and taken."""
+        return bool(self.authenticated) or self.relayagent_clientcert_relay
+
+    def sasl_mechanisms(self) -> list[bytes]:
+        """The AUTH mechanisms offered now: none before STARTTLS with
+        ``smtpd_tls_auth_only``, PLAIN and LOGIN only over TLS."""
+        if not self.challengers:
+            return []
+        encrypted = self.encrypted
+        if self.server_tls is not None and self.server_tls.auth_only and not encrypted:
+            return []
+        return [name for name in self.challengers if encrypted or name not in PLAINTEXT_MECHANISMS]
+
+    # -- STARTTLS (RFC 3207), as Postfix's smtpd
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        """Postfix's replies; after 220 nothing of the plaintext session
+        is kept: not the EHLO, a transaction, an AUTH, nor a byte the
+        client sent after the command (the STARTTLS command-injection
+        attack, CVE-2011-0411: such bytes must never be taken as sent
+        over TLS)."""
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
+            return
+        if self.encrypted:
+            self.sendCode(554, b"5.5.1 Error: TLS already active")
+            return
+        if not self.canStartTLS:
+            self.sendCode(502, b"5.5.1 Error: command not implemented")
+            return
+        self.sendCode(220, b"2.0.0 Ready to start TLS")
+        # vstream_fpurge in Postfix: the pipelined plaintext is dropped.
+        self._held_lines.clear()
+        self._unparsed = b""
+        self._reset_session()
+        if self.server_tls is not None:
+            self._tls_creator = self.server_tls.connection_creator()
+            self.transport.startTLS(self._tls_creator)
+        else:
+            self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+
+    def _reset_session(self) -> None:
+        """RFC 3207 section 4.2: discard what the client told us."""
+        self._helo = None
+        self._from = None
+        self._to = []
+        self.relayagent_esmtp = False
+        self.authenticated = False
+        self.relayagent_sasl_username = None
+        self.relayagent_sasl_method = None
+        self.relayagent_clientcert_relay = False
+
+    def handshakeCompleted(self) -> None:
+        """smtpd's ``... TLS connection established from ...`` line, and
+        the client certificate judged against ``relay_clientcerts``."""
+        if self.server_tls is None:
+            return
+        connection = self._tls_creator.connection if self._tls_creator is not None else None
+        if connection is None:
+            handle = getattr(self.transport, "getHandle", lambda: None)()
+            connection = handle if isinstance(handle, SSL.Connection) else None
+        self._tls_established = True
+        examined = self.server_tls.examine(connection)
+        self.relayagent_clientcert_relay = self.server_tls.permits_relay(examined)
+        ralog.log_line(log, "smtpd", "{text}", text=examined.describe(_client_name(self)))
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        """AUTH with the mechanisms offered now (``sasl_mechanisms``)."""
+        if self.authenticated:
+            self.sendCode(503, b"5.5.1 Error: already authenticated")
+            return
+        offered = self.sasl_mechanisms()
+        if not offered:
+            if self.challengers and self.server_tls is not None and self.server_tls.auth_only:
+                self.sendCode(*MUST_STARTTLS)
+            else:
+                self.sendCode(503, b"5.5.1 Error: authentication not enabled")
+            return
+        mechanism = (rest.split(None, 1) or [b""])[0].upper()
+        if mechanism not in offered:
+            self.sendCode(504, b"5.5.4 Unsupported authentication mechanism")
+            return
+        self.relayagent_sasl_method = mechanism.decode("ascii")
+        super().ext_AUTH(rest)
 
     def do_EHLO(self, rest: bytes) -> None:
         """EHLO: Twisted's, noting that the client speaks ESMTP (for Received)."""
@@ -347,7 +491,7 @@ class RelayagentESMTP(smtp.ESMTP):
                 if not envid or len(envid) > MAX_ENVID_LENGTH or not envid.isprintable():
                     self.sendCode(501, b"5.5.4 Bad ENVID parameter syntax")
                     return
-            elif key == ARRIVAL_PARAMETER and self.authenticated:
+            elif key == ARRIVAL_PARAMETER and self.may_give_arrival:
                 if value is None or not value.isdigit() or len(value) > 12:
                     self.sendCode(501, b"5.5.4 Bad ARRIVAL parameter syntax")
                     return
@@ -432,7 +576,7 @@ class RelayagentESMTP(smtp.ESMTP):
             username = getattr(self.challenger, "username", None)
             ralog.log_warning(
                 log,
-                f"{_client_name(self)}: SASL CRAM-MD5 authentication failed"
+                f"{_client_name(self)}: SASL {self.relayagent_sasl_method or 'CRAM-MD5'} authentication failed"
                 + (f" for user {_printable(username)}" if username else ""),
                 service="smtpd",
             )
@@ -553,6 +697,11 @@ class RelayagentESMTP(smtp.ESMTP):
     def connectionLost(self, reason: Any) -> None:
         self._held_lines.clear()
         peer = self.transport.getPeer() if self.transport is not None else None
+        if self._tls_creator is not None and not self._tls_established:
+            # Postfix's smtpd: "SSL_accept error from host[addr]: ...".
+            why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else "lost connection"
+            ralog.log_warning(log, f"SSL_accept error from {describe_client(peer)}: {_printable(why)}",
+                              service="smtpd")
         ralog.log_disconnect(log, describe_client(peer), format_command_stats(self._command_counts))
         super().connectionLost(reason)
 
@@ -578,12 +727,31 @@ class _CramMD5(credentials.CramMD5Credentials):
         self.username, self.response = username or None, digest.strip()
 
 
+class _Plain(imap4.PLAINCredentials):
+    """Twisted's PLAIN challenger (RFC 4616), taking a malformed response
+    as a failed login rather than an exception; an authorization
+    identity other than the username is refused (we act for no one
+    else)."""
+
+    def setResponse(self, response: bytes) -> None:
+        parts = response.split(b"\0")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            self.username, self.password = None, None
+            return
+        _, self.username, self.password = parts
+
+
+class _Login(smtp.LOGINCredentials):
+    """Twisted's LOGIN challenger (the username, then the password)."""
+
+
 @implementer(ICredentialsChecker)
 class PasswordTableChecker:
-    """CRAM-MD5 credentials against ``smtpd_sasl_password_maps``
-    (username -> password), compared in constant time."""
+    """CRAM-MD5, PLAIN and LOGIN credentials against
+    ``smtpd_sasl_password_maps`` (username -> password), compared in
+    constant time."""
 
-    credentialInterfaces = (credentials.IUsernameHashedPassword,)
+    credentialInterfaces = (credentials.IUsernameHashedPassword, credentials.IUsernamePassword)
 
     def __init__(self, tables: MapList) -> None:
         self.tables = tables
@@ -591,15 +759,22 @@ class PasswordTableChecker:
     def requestAvatarId(self, offered: Any) -> defer.Deferred[bytes]:
         """The username when the response proves its password."""
         username = offered.username
-        response = getattr(offered, "response", b"")
-        challenge = getattr(offered, "challenge", b"")
-        if not username or not response or not challenge:
+        if not username:
             return defer.fail(error.UnauthorizedLogin())
         try:
             password = self.tables.lookup(username.decode("utf-8"))
         except (UnicodeDecodeError, OSError, ValueError):
             password = None
         if password is None:
+            return defer.fail(error.UnauthorizedLogin())
+        if credentials.IUsernamePassword.providedBy(offered) and not hasattr(offered, "challenge"):
+            given = offered.password
+            if not isinstance(given, bytes) or not hmac.compare_digest(given, password.encode("utf-8")):
+                return defer.fail(error.UnauthorizedLogin())
+            return defer.succeed(username)
+        response = getattr(offered, "response", b"")
+        challenge = getattr(offered, "challenge", b"")
+        if not response or not challenge:
             return defer.fail(error.UnauthorizedLogin())
         expected = binascii.hexlify(
             hmac.new(password.encode("utf-8"), challenge, hashlib.md5).digest()
@@ -638,8 +813,10 @@ class ListenerSettings(Settings):
     base_dir: str | None = None
 
 
-def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings) -> RelayagentESMTP:
+def configure_protocol(server: RelayagentESMTP, settings: ListenerSettings,
+                       server_tls: ServerTLS | None = None) -> RelayagentESMTP:
     """Apply main.cf to one server protocol instance."""
+    server.server_tls = server_tls
     server.message_size_limit = settings.message_size_limit
     server.requiretls_enable = settings.requiretls_enable
     server.host = settings.myhostname.encode("idna")
@@ -658,6 +835,8 @@ class ListenerFactory(protocol.ServerFactory):
     def __init__(self, intake: Intake, config: Config) -> None:
         self.intake = intake
         self.settings = ListenerSettings.from_config(config)
+        # Built now: a bad certificate stops relayagent at start-up.
+        self.server_tls = ServerTLS.from_config(config)
         self.portal: portal.Portal | None = None
         self.challengers: dict[bytes, Callable[[], Any]] = {}
         if self.settings.smtpd_sasl_auth_enable:
@@ -670,13 +849,16 @@ class ListenerFactory(protocol.ServerFactory):
                 self.portal = portal.Portal(_RelayRealm(intake), [PasswordTableChecker(tables)])
                 host = self.settings.myhostname.encode("idna")
                 self.challengers = {b"CRAM-MD5": functools.partial(_CramMD5, host=host)}
+                if self.server_tls is not None:
+                    # Offered only once the session is encrypted (sasl_mechanisms).
+                    self.challengers.update({b"PLAIN": _Plain, b"LOGIN": _Login})
 
     def buildProtocol(self, addr: object) -> RelayagentESMTP:
         server = RelayagentESMTP(dict(self.challengers))
         server.factory = self
         server.portal = self.portal
         server.deliveryFactory = RelayDeliveryFactory(self.intake)
-        configure_protocol(server, self.settings)
+        configure_protocol(server, self.settings, self.server_tls)
         return server
 
 
