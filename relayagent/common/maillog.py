@@ -86,6 +86,7 @@ import ipaddress
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -102,8 +103,8 @@ from twisted.logger import (
     formatTime,
     timeFormatRFC3339,
 )
+from twisted.python import threadable
 from twisted.python.compat import ioType
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from relayagent.common.config import Config, Settings
@@ -710,6 +711,13 @@ def _one_line(text: str) -> str:
     return text if text.isprintable() else _clean(text)
 
 
+def isInIOThread() -> bool:  # noqa: N802 - twisted.python.threadable's name
+    """``twisted.python.threadable.isInIOThread`` without its three
+    Python calls (``current_thread().ident`` is ``get_ident()``): it is
+    asked for every line written while a flush is pending."""
+    return threadable.ioThread == threading.get_ident()
+
+
 def after_this_turn(reactor: Any) -> Callable[[Callable[[], None]], object]:
     """``flush_later`` for the observers here: ``flush`` runs once the
     reactor is done with this turn (``callLater(0, flush)``).  It answers
@@ -751,6 +759,8 @@ class _Writer:
     def __init__(self, out: TextIO, flush_later: Callable[[Callable[[], None]], object] | None) -> None:
         self._out = out
         self._flush_later = flush_later
+        # Asked for every line while a flush is pending (after_this_turn's).
+        self._can_wait: Callable[[], bool] | None = getattr(flush_later, "can_wait", None)
         self._flush_pending = False
         self._failing = False
         # Where the warning goes: the global publisher, or the one a
@@ -767,7 +777,7 @@ class _Writer:
             self._failed(error)
             return
         if self._flush_pending:
-            can_wait = getattr(self._flush_later, "can_wait", None)
+            can_wait = self._can_wait
             if can_wait is None or can_wait():
                 return
             # The turn that was to flush will never come (the reactor
@@ -831,13 +841,16 @@ class PostfixFormatObserver(_Writer):
         self._pid = os.getpid() if pid is None else pid
         self._stamp = _SyslogClock()
         # "host program[pid]: " per program name, made once.
-        self._heads: dict[str, str] = {}
+        self._heads: dict[tuple[Any, Any, Any], str] = {}
 
     def _head(self, event: Mapping[str, Any]) -> str:
-        program = _service_program(self._program, event)
-        head = self._heads.get(program)
+        # What _service_program reads, as the key: the program is worked
+        # out once per kind of line, not once per line.
+        key = (event.get("ralog_service"), event.get("log_namespace"), event.get("ralog_event"))
+        head = self._heads.get(key)
         if head is None:
-            head = self._heads[program] = f" {self._hostname} {program}[{self._pid}]: "
+            program = _service_program(self._program, event)
+            head = self._heads[key] = f" {self._hostname} {program}[{self._pid}]: "
         return head
 
     def __call__(self, event: Mapping[str, Any]) -> None:
@@ -988,7 +1001,7 @@ class TwistdLogObserver(_Writer):
         self._hostname = _clean(hostname) or "localhost"
         self.program = self._program = _clean(program)
         self._pid = os.getpid() if pid is None else pid
-        self._heads: dict[str, str] = {}
+        self._heads: dict[tuple[Any, Any, Any], str] = {}
 
     def _time(self, when: float | None) -> str:
         if when is None or self._time_format is None:
@@ -1002,10 +1015,12 @@ class TwistdLogObserver(_Writer):
         return self._stamp
 
     def _head(self, event: Mapping[str, Any]) -> str:
-        program = _service_program(self._program, event)
-        head = self._heads.get(program)
+        # As the maillog's: one program worked out per kind of line.
+        key = (event.get("ralog_service"), event.get("log_namespace"), event.get("ralog_event"))
+        head = self._heads.get(key)
         if head is None:
-            head = self._heads[program] = f" {self._hostname} {program}[{self._pid}]: "
+            program = _service_program(self._program, event)
+            head = self._heads[key] = f" {self._hostname} {program}[{self._pid}]: "
         return head
 
     def _system(self, event: Mapping[str, Any]) -> str:

@@ -214,6 +214,10 @@ class DeliveryAgent:
             # another file put in its place): nothing was written to it.
             self._corrupt_found(message, exc.reason)
             return RequestResult()
+        if request.grant is None:
+            # No limiter granted this request: nobody reads what the
+            # limits would learn from it (QueueManager._release).
+            return RequestResult(site_failure=result.site_failure)
         return RequestResult(site_failure=result.site_failure, replies=server_replies(result),
                              connections=connections_made(result))
 
