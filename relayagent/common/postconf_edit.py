@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 
 from relayagent.common.config import Config, ConfigError
+from relayagent.common.durable import fsync_directory
 
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _SETTING = re.compile(r"^([A-Za-z0-9_]+)\s*=")
@@ -125,11 +126,7 @@ def edit_main_cf(path: str, arguments: Iterable[str]) -> Config:
         except BaseException:
             os.unlink(temporary)
             raise
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        fsync_directory(directory)
     except OSError as error:
         raise ConfigError(f"cannot write configuration {path}: {error.strerror}") from None
     return config

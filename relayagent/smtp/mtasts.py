@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from twisted.names.error import DNSNameError
 
 from relayagent.common.config import Config, Settings
+from relayagent.common.durable import write_atomically
 from relayagent.common.status import Status
 from relayagent.smtp.https import HTTPError, HTTPSClient
 from relayagent.smtp.tls import TLSLevel, TLSPolicy
@@ -307,32 +308,6 @@ class PolicyState:
     def mode(self) -> Mode:
         """The mode in force (NONE without a policy)."""
         return self.policy.policy.mode if self.policy is not None else Mode.NONE
-
-
-def write_atomically(directory: str, name: str, data: bytes) -> None:
-    """``directory/name`` replaced by ``data`` or left as it was: a
-    temporary file, fsync, rename, fsync of the directory."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    final = os.path.join(directory, name)
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, final)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
 
 
 class PolicyCache:

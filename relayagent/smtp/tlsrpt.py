@@ -71,8 +71,8 @@ from twisted.logger import Logger
 from twisted.names.error import DNSNameError
 
 from relayagent.common.config import Config, Settings
+from relayagent.common.durable import write_atomically
 from relayagent.smtp.https import HTTPError, HTTPSClient
-from relayagent.smtp.mtasts import write_atomically
 
 log = Logger(namespace="relayagent.smtp.tlsrpt")
 

@@ -68,6 +68,7 @@ from typing import BinaryIO
 from twisted.logger import Logger
 
 from relayagent.common.config import Config, Settings
+from relayagent.common.durable import fsync_directory
 from relayagent.common.envelope import BodyType, Recipient, RecipientState, Ret, address_problem
 from relayagent.spool import logs, safeopen
 from relayagent.spool.plain import PlainLineScanner, is_plain
@@ -141,14 +142,6 @@ class QueueEntry:
     sender: str = ""
     recipients: list[tuple[str, str | None]] = field(default_factory=list)
     error: str | None = None
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _finished(scanner: TLSRequiredScanner) -> TLSRequiredScanner:
@@ -873,7 +866,7 @@ class EnqueueBatch:
                 _publish(spool.path(TMP, queue_id), spool.path(queue, queue_id), queue_id)
                 moved.append((queue_id, queue))
             for queue in sorted({queue for _, queue in self._written}):
-                _fsync_directory(os.path.join(spool.directory, queue))
+                fsync_directory(os.path.join(spool.directory, queue))
         except BaseException:
             # Not durable, so not accepted: take back what became visible.
             for queue_id, queue in moved:
