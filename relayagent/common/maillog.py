@@ -699,6 +699,26 @@ def _service_program(program: str, event: Mapping[str, Any]) -> str:
     base = program.split("/", 1)[0]
     return f"{base}/{service}"
 
+class _LineHeads:
+    """`` host program[pid]: `` for an event, the program worked out by
+    ``_service_program`` once per kind of line (its inputs are the key),
+    not once per line: the maillog's and twistd's log share it."""
+
+    def __init__(self, hostname: str, program: str, pid: int) -> None:
+        self._hostname = hostname
+        self._program = program
+        self._pid = pid
+        self._heads: dict[tuple[Any, Any, Any], str] = {}
+
+    def __call__(self, event: Mapping[str, Any]) -> str:
+        key = (event.get("ralog_service"), event.get("log_namespace"), event.get("ralog_event"))
+        head = self._heads.get(key)
+        if head is None:
+            program = _service_program(self._program, event)
+            head = self._heads[key] = f" {self._hostname} {program}[{self._pid}]: "
+        return head
+
+
 
 def _now(clock: Any) -> float:
     seconds = getattr(clock, "seconds", None)
@@ -840,18 +860,7 @@ class PostfixFormatObserver(_Writer):
         self._resolution = resolution
         self._pid = os.getpid() if pid is None else pid
         self._stamp = _SyslogClock()
-        # "host program[pid]: " per program name, made once.
-        self._heads: dict[tuple[Any, Any, Any], str] = {}
-
-    def _head(self, event: Mapping[str, Any]) -> str:
-        # What _service_program reads, as the key: the program is worked
-        # out once per kind of line, not once per line.
-        key = (event.get("ralog_service"), event.get("log_namespace"), event.get("ralog_event"))
-        head = self._heads.get(key)
-        if head is None:
-            program = _service_program(self._program, event)
-            head = self._heads[key] = f" {self._hostname} {program}[{self._pid}]: "
-        return head
+        self._head = _LineHeads(self._hostname, self._program, self._pid)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         when = event.get("log_time") or _now(self._clock)
@@ -1001,7 +1010,7 @@ class TwistdLogObserver(_Writer):
         self._hostname = _clean(hostname) or "localhost"
         self.program = self._program = _clean(program)
         self._pid = os.getpid() if pid is None else pid
-        self._heads: dict[tuple[Any, Any, Any], str] = {}
+        self._head = _LineHeads(self._hostname, self._program, self._pid)
 
     def _time(self, when: float | None) -> str:
         if when is None or self._time_format is None:
@@ -1013,15 +1022,6 @@ class TwistdLogObserver(_Writer):
             self._stamp = _rfc3339_colon(formatTime(second, self._time_format))
             self._second = second
         return self._stamp
-
-    def _head(self, event: Mapping[str, Any]) -> str:
-        # As the maillog's: one program worked out per kind of line.
-        key = (event.get("ralog_service"), event.get("log_namespace"), event.get("ralog_event"))
-        head = self._heads.get(key)
-        if head is None:
-            program = _service_program(self._program, event)
-            head = self._heads[key] = f" {self._hostname} {program}[{self._pid}]: "
-        return head
 
     def _system(self, event: Mapping[str, Any]) -> str:
         system = event.get("log_system")
