@@ -20,7 +20,7 @@ Owns no parameters.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # RFC 3463: class.subject.detail, class 2, 4 or 5, subject and detail 0-999.
 _ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
@@ -96,30 +96,13 @@ class Status:
         ``hard_when_final`` says so, else unchanged."""
         if not (self.hard_when_final and self.soft):
             return self
-        return Status(
-            dsn="5" + self.dsn[1:],
-            text=self.text,
-            code=self.code,
-            stage=self.stage,
-            reply=self.reply,
-            remote_mta=self.remote_mta,
-            notify_class=self.notify_class,
-        )
+        return replace(self, dsn="5" + self.dsn[1:], retry_plaintext=False, hard_when_final=False)
 
     def softened(self) -> Status:
         """The same status made temporary (soft_bounce, relayhost 4.3.5...)."""
         if not self.hard:
             return self
-        return Status(
-            dsn="4" + self.dsn[1:],
-            text=self.text,
-            code=self.code,
-            stage=self.stage,
-            reply=self.reply,
-            remote_mta=self.remote_mta,
-            notify_class=self.notify_class,
-            retry_plaintext=self.retry_plaintext,
-        )
+        return replace(self, dsn="4" + self.dsn[1:], hard_when_final=False)
 
 
 class DeliveryFailure(Exception):
