@@ -954,15 +954,24 @@ def _examine(
             trust = "Verified"
         else:
             errors.append(f"certificate names do not match {', '.join(patterns)}")
-    return TLSOutcome(
-        active=True,
+    return _established(
+        connection,
         trust=trust,
-        protocol=connection.get_protocol_version_name(),
-        cipher=connection.get_cipher_name() or "",
-        bits=connection.get_cipher_bits() or 0,
         verify_errors=errors,
         verify_codes=tuple(errno for _depth, errno in verify_errors),
         host_verified=host_verified,
+    )
+
+
+def _established(connection: SSL.Connection, **verdict: Any) -> TLSOutcome:
+    """The outcome of a completed handshake: the session's protocol and
+    cipher, and the verdict (trust, errors...) of the examination."""
+    return TLSOutcome(
+        active=True,
+        protocol=connection.get_protocol_version_name(),
+        cipher=connection.get_cipher_name() or "",
+        bits=connection.get_cipher_bits() or 0,
+        **verdict,
     )
 
 
@@ -985,12 +994,9 @@ def _examine_dane(connection: SSL.Connection, policy: TLSPolicy, *, server: Any,
     # Postfix: half-dane is never "Verified", only "Trusted": the MX host
     # name could have been forged.
     trust = "Verified" if match.verified and not policy.half_dane else "Trusted" if match.trusted else "Untrusted"
-    return TLSOutcome(
-        active=True,
+    return _established(
+        connection,
         trust=trust,
-        protocol=connection.get_protocol_version_name(),
-        cipher=connection.get_cipher_name() or "",
-        bits=connection.get_cipher_bits() or 0,
         verify_errors=[] if match.verified else [match.reason],
         policy_type="tlsa",
         dane_match=match.description if match.verified else "",
