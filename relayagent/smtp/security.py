@@ -147,6 +147,7 @@ from relayagent.smtp.tls import (
     TLSPolicy,
     TLSPolicyError,
     TLSSettings,
+    certificate_refused,
     dane_policy,
     negotiate_tls,
     nexthop_domain,
@@ -524,7 +525,7 @@ class SessionSecurity:
             # The certificate check of the raised level failed: for
             # REQUIRETLS that is the message's requirement, not the
             # destination's policy (smtp.requiretls).
-            if requiretls and failure.status.text == "Server certificate not verified":
+            if requiretls and certificate_refused(failure):
                 raise DeliveryFailure(not_verified_status(session.server)) from None
             raise
         self.last_tls = outcome
@@ -680,7 +681,7 @@ class _Report:
         status = failure.status
         if status.dsn.endswith(".7.4"):
             self._failure("starttls-not-supported")
-        elif status.text == "Server certificate not verified":
+        elif certificate_refused(failure):
             self._failure(classify_certificate(getattr(failure, "tls_outcome", None)))
         else:
             self._failure("validation-failure", status.text)

@@ -114,6 +114,9 @@ log = Logger(namespace="relayagent.smtp.tls")
 
 STARTTLS_STAGE = "STARTTLS"
 STARTTLS_WHILE = "sending the STARTTLS command"
+# Postfix's text for a server certificate the level's check refused
+# (tls_verify.c); ``certificate_refused`` tells such a failure by it.
+CERTIFICATE_NOT_VERIFIED = "Server certificate not verified"
 
 
 class TLSConfigError(ValueError):
@@ -890,7 +893,7 @@ async def negotiate_tls(
             rejected = DeliveryFailure(
                 Status(
                     dsn="4.7.5",
-                    text="Server certificate not verified",
+                    text=CERTIFICATE_NOT_VERIFIED,
                     stage=STARTTLS_STAGE,
                     remote_mta=server.host,
                 )
@@ -961,6 +964,13 @@ def _examine(
         verify_codes=tuple(errno for _depth, errno in verify_errors),
         host_verified=host_verified,
     )
+
+
+def certificate_refused(failure: DeliveryFailure) -> bool:
+    """Whether ``negotiate_tls`` failed because the server's certificate
+    did not pass the level's check (rather than STARTTLS or the handshake
+    itself failing)."""
+    return failure.status.text == CERTIFICATE_NOT_VERIFIED
 
 
 def _established(connection: SSL.Connection, **verdict: Any) -> TLSOutcome:
