@@ -199,6 +199,26 @@ class SkipBeforeConnectingTests(_World, unittest.SynchronousTestCase):
         self.assertEqual((failure.status.dsn, failure.status.text),
                          ("4.7.5", "MX host mx.evil.test does not match the MTA-STS policy of example.com"))
 
+    def test_a_broken_policy_entry_connects_to_nothing(self) -> None:
+        # Postfix (smtp_connect.c) warns and skips each host unconnected;
+        # the mail is deferred with the configuration problem.
+        table = os.path.abspath(self.mktemp())
+        with open(table, "w") as handle:
+            handle.write("example.com sometimes\n")
+        config = Config.defaults().replace(smtp_tls_policy_maps=f"texthash:{table}")
+        policy = SecurityPolicy(config, dns_resolver=self.dns, clock=self.reactor)
+        connector = Connector(self.reactor, config, SessionFactories(config, self.reactor, policy))
+        d = connector.connect(
+            [mx("mx1.example.com", "192.0.2.1"), mx("mx2.example.com", "192.0.2.2", preference=20)], NEXTHOP
+        )
+        failure = self.failureResultOf(d, ConnectFailure).value
+        self.assertEqual(self.connected_to(), [])
+        self.assertEqual((failure.status.dsn, failure.status.text), ("4.7.5", "client TLS configuration problem"))
+        self.assertEqual([a.server.host for a in failure.attempts], ["mx1.example.com", "mx2.example.com"])
+        for host in ("mx1.example.com", "mx2.example.com"):
+            self.assertIn(f"TLS policy lookup error for example.com/{host}: client TLS configuration problem",
+                          self.logs.messages())
+
     def test_sts_testing_still_connects(self) -> None:
         self.publish_sts("testing")
         self.assertNoResult(self.connector("may").connect([mx("mx.evil.test", "192.0.2.66")], NEXTHOP))

@@ -37,7 +37,10 @@ DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 ``ValueError``) for a bad TLS or SASL setting.  ``negotiate`` fails with
 ``DeliveryFailure``:
 
-- ``prepare``: at level ``dane`` or ``dane-only`` the TLSA records of
+- ``prepare``: a broken ``smtp_tls_policy_maps`` entry for the nexthop
+  skips every host unconnected with 4.7.5 "client TLS configuration
+  problem" (logged "TLS policy lookup error for DEST/HOST: ...", as
+  Postfix's smtp_connect.c); at level ``dane`` or ``dane-only`` the TLSA records of
   the MX host are looked up (``relayagent.smtp.dane``): 4.7.5 "TLSA
   lookup error for HOST:PORT", and for ``dane-only`` "no TLSA records
   found" or "non DNSSEC destination", logged as Postfix does ("TLS
@@ -109,7 +112,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -371,11 +374,19 @@ class SessionSecurity:
         smtp_get_effective_tls_level and smtp_tls_authorize_mx_hostname):
         at level ``dane``/``dane-only`` its TLSA lookup, then MTA-STS's
         MX patterns.  Fails with ``DeliveryFailure`` for a server that
-        must not be connected to (4.7.5 "TLSA lookup error for
-        HOST:PORT", "no TLSA records found", "non DNSSEC destination"
-        for dane-only, "MX host X does not match the MTA-STS policy of
-        D"); the failure is logged as Postfix does and counted for
-        TLSRPT."""
+        must not be connected to (4.7.5 "client TLS configuration
+        problem" for a broken smtp_tls_policy_maps entry, "TLSA lookup
+        error for HOST:PORT", "no TLSA records found", "non DNSSEC
+        destination" for dane-only, "MX host X does not match the MTA-STS
+        policy of D"); the failure is logged as Postfix does and counted
+        for TLSRPT."""
+        if self.problem is not None:
+            # A broken smtp_tls_policy_maps entry: Postfix (smtp_connect.c,
+            # smtp_get_effective_tls_level) warns and skips every host of
+            # the nexthop unconnected; the mail is deferred with the reason.
+            log.warn("TLS policy lookup error for {nexthop}/{host}: client TLS configuration problem",
+                     nexthop=self.nexthop, host=server.host)
+            return fail(DeliveryFailure(_CONFIGURATION_PROBLEM))
         if self.tls_policy is None or self._refused_after_ehlo():
             # negotiate() gives these refusals, as before.
             return Deferred.fromCoroutine(_undecided(server))
@@ -474,10 +485,7 @@ class SessionSecurity:
 
     async def _negotiate(self, session: Any) -> None:
         if self.tls_policy is None:
-            raise DeliveryFailure(
-                Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS"),
-                skip_to_next=False,
-            )
+            raise DeliveryFailure(_CONFIGURATION_PROBLEM, skip_to_next=False)
         action = self.requiretls_action
         requested = self.demand is TLSDemand.REQUIRETLS and action is not RequireTLSAction.DISABLE
         # What MAIL FROM and the delivery's last check read: REQUIRETLS
@@ -572,6 +580,11 @@ class SessionSecurity:
     def __repr__(self) -> str:
         level = self.tls_policy.level if self.tls_policy else "invalid"
         return f"<SessionSecurity {self.nexthop} tls={level} auth={self._policy.sasl is not None}>"
+
+
+# What a broken smtp_tls_policy_maps entry defers the mail with (Postfix's
+# smtp_tls_policy.c words it so).
+_CONFIGURATION_PROBLEM = Status(dsn="4.7.5", text="client TLS configuration problem", stage="STARTTLS")
 
 
 async def _undecided(server: Any) -> Preparation:
