@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from relayagent.common.config import Config
+from relayagent.smtp import tlsrpt
 from relayagent.smtp.channel import ServerInfo
 from relayagent.smtp.mtasts import PolicyStore
 from relayagent.smtp.security import SecurityPolicy
@@ -33,7 +34,7 @@ from relayagent.smtp.tlsrpt import (
     build_report,
     parse_tlsrpt_record,
 )
-from relayagent.testing import FakeDNSResolver, FakeHTTPClient, FakeSession
+from relayagent.testing import FakeDNSResolver, FakeHTTPClient, FakeSession, LogCapture
 from tests.helpers_spool import make_spool
 from tests.test_mtasts import RFC_POLICY, URL, settings
 
@@ -130,6 +131,7 @@ class ReportTests(unittest.TestCase):
     """A run of the security hook, then the day's report."""
 
     def setUp(self) -> None:
+        self.logs = LogCapture(self)
         self.clock = Clock()
         self.clock.advance(100 * DAY + 3600)
         self.dns = FakeDNSResolver()
@@ -196,6 +198,56 @@ class ReportTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.recorder.directory), [])
         self.successResultOf(self.reporter.send_due())
         self.assertEqual(len(self.http.posts), 1)
+
+    def pending(self):
+        directory = os.path.join(self.recorder.directory, "pending")
+        return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+    def test_a_failed_post_is_tried_again_with_the_same_report(self):
+        self.http.post_code = 503
+        self.clock.advance(DAY + REPORT_GRACE)
+        self.successResultOf(self.reporter.send_due())
+        self.assertEqual(len(self.http.posts), 1)
+        self.assertEqual(len(self.pending()), 1)
+        self.assertIn("to https://reports.example.com/v1 failed: HTTP status 503, will try again",
+                      self.logs.messages()[-1])
+        # The period's counters are done with; the report waits on its own.
+        self.assertEqual(os.listdir(self.recorder.directory), ["pending"])
+        self.http.post_code = 200
+        self.clock.advance(3600)
+        self.successResultOf(self.reporter.send_due())
+        self.assertEqual(len(self.http.posts), 2)
+        self.assertEqual(self.http.posts[1], self.http.posts[0])  # the same report, byte for byte
+        self.assertEqual(self.pending(), [])
+        self.assertTrue(self.logs.messages()[-1].endswith("sent to https://reports.example.com/v1"))
+        self.successResultOf(self.reporter.send_due())
+        self.assertEqual(len(self.http.posts), 2)
+
+    def test_a_report_that_never_goes_is_given_up_after_a_day(self):
+        self.http.post_code = 500
+        self.clock.advance(DAY + REPORT_GRACE)
+        self.successResultOf(self.reporter.send_due())
+        for _ in range(23):
+            self.clock.advance(3600)
+            self.successResultOf(self.reporter.send_due())
+            self.assertEqual(len(self.pending()), 1)
+        self.clock.advance(3600)
+        self.successResultOf(self.reporter.send_due())
+        self.assertEqual(self.pending(), [])
+        self.assertEqual(len(self.http.posts), 25)
+        self.assertIn("given up after 25 attempts: HTTP status 500", self.logs.messages()[-1])
+
+    def test_at_most_pending_limit_reports_wait(self):
+        self.patch(tlsrpt, "PENDING_LIMIT", 1)
+        self.patch(tlsrpt, "PENDING_LIFETIME", 10 * DAY)
+        self.http.post_code = 500
+        self.clock.advance(DAY + REPORT_GRACE)
+        self.successResultOf(self.reporter.send_due())
+        self.recorder.record_success("example.com", ReportPolicy.no_policy())
+        self.clock.advance(DAY)
+        self.successResultOf(self.reporter.send_due())
+        self.assertEqual(len(self.pending()), 1)
+        self.assertIn("not kept for another try: 1 reports wait already", self.logs.messages()[-1])
 
     def test_a_domain_without_a_record_gets_nothing(self):
         del self.dns.records[("_smtp._tls.example.com", 16)]

@@ -23,9 +23,15 @@ TXT record is looked up, the report is built (RFC 8460 section 4),
 gzipped, and sent to each ``rua``: ``mailto:`` as a ``multipart/report;
 report-type=tlsrpt`` message (section 5.3) queued through our own spool,
 ``https:`` by POST (``application/tlsrpt+gzip``).  The period's files
-are removed once every domain is done (a domain without a record, or
-whose report failed to send, is dropped with a log line: reports are
-best effort).
+are removed once every domain is done (a domain without a record is
+dropped with a log line: reports are best effort).  A POST that fails
+(no connection, a timeout, a status other than 2xx) is kept in
+``$queue_directory/tlsrpt/pending/``, the gzipped report as it was
+built (the same report-id, so a receiver that got it after all can
+drop the copy), and tried again at every hourly check for
+PENDING_LIFETIME seconds (a day), then given up with a log line; at
+most PENDING_LIMIT reports wait.  RFC 8460 (section 5.3) leaves the
+retries to the sender; a ``mailto:`` report is retried by the queue.
 
 SYNOPSIS::
 
@@ -41,7 +47,8 @@ DIAGNOSTICS: nothing here fails a delivery: a counter file that cannot
 be written or read is logged and skipped ("TLSRPT counters ... not
 written: ..."); each report sent is logged ("TLSRPT report for
 example.com (2026-12-01T00:00:00Z to 2026-12-02T00:00:00Z) sent to
-mailto:tlsrpt@example.com"), each failure too.
+mailto:tlsrpt@example.com"), each failure too ("... to URI failed:
+REASON, will try again"; "... to URI: given up after N attempts").
 
 Owns (``TLSRPTSettings``): smtp_tlsrpt_enable, smtp_tlsrpt_interval,
 smtp_tlsrpt_organization, smtp_tlsrpt_contact; the sender of mailto:
@@ -50,6 +57,7 @@ reports is smtp_tlsrpt_contact.
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import email.utils
 import gzip
@@ -297,6 +305,9 @@ def _iso(seconds: float) -> str:
 
 REPORT_CHECK_INTERVAL = 3600.0
 POST_TIMEOUT = 60.0
+# How long, and how many, failed POSTs are kept to be tried again.
+PENDING_LIFETIME = 86400.0
+PENDING_LIMIT = 1000
 
 
 class RecordError(ValueError):
@@ -449,8 +460,14 @@ class Reporter:
         """Report every period that is due, then remove its files."""
         return Deferred.fromCoroutine(self._send_due())
 
+    @property
+    def pending_directory(self) -> str:
+        """Where failed POSTs wait to be tried again."""
+        return os.path.join(self.recorder.directory, "pending")
+
     async def _send_due(self) -> None:
         self.recorder.flush()
+        await self._retry_pending()
         for start, paths in sorted(self.due_periods().items()):
             merged: dict[str, Any] = {}
             end = float(start + self.recorder.interval)
@@ -522,16 +539,76 @@ class Reporter:
                         self.wakeup()
                     log.info("{queue_id}: {where} queued for {uri}", queue_id=queue_id, where=where, uri=uri)
                 else:
-                    code = await self.http.post(uri, gzipped, content_type="application/tlsrpt+gzip",
-                                                timeout=POST_TIMEOUT)
-                    if not 200 <= code < 300:
-                        log.warn("{where} to {uri}: HTTP status {code}", where=where, uri=uri, code=code)
+                    problem = await self._post(uri, gzipped)
+                    if problem is not None:
+                        log.warn("{where} to {uri} failed: {reason}, will try again",
+                                 where=where, uri=uri, reason=problem)
+                        self._keep_pending(uri, gzipped, where, report_id)
                         continue
                     log.info("{where} sent to {uri}", where=where, uri=uri)
                 sent.append(uri)
             except (HTTPError, OSError, ValueError) as exc:
                 log.warn("{where} to {uri} failed: {reason}", where=where, uri=uri, reason=str(exc))
         return sent
+
+    async def _post(self, uri: str, gzipped: bytes) -> str | None:
+        """POST one report; None when the receiver took it, else why not."""
+        try:
+            code = await self.http.post(uri, gzipped, content_type="application/tlsrpt+gzip", timeout=POST_TIMEOUT)
+        except (HTTPError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        return None if 200 <= code < 300 else f"HTTP status {code}"
+
+    def _keep_pending(self, uri: str, gzipped: bytes, where: str, report_id: str) -> None:
+        """Keep a report whose POST failed, for ``_retry_pending``."""
+        directory = self.pending_directory
+        try:
+            if os.path.isdir(directory) and len(os.listdir(directory)) >= PENDING_LIMIT:
+                log.warn("{where} to {uri}: not kept for another try: {limit} reports wait already",
+                         where=where, uri=uri, limit=PENDING_LIMIT)
+                return
+            record = {"uri": uri, "where": where, "first": self.clock.seconds(), "attempts": 1,
+                      "report": base64.b64encode(gzipped).decode("ascii")}
+            name = f"{uuid.uuid5(uuid.NAMESPACE_URL, report_id + ' ' + uri).hex}.json"
+            write_atomically(directory, name, json.dumps(record).encode("utf-8"))
+        except OSError as exc:
+            log.warn("{where} to {uri}: not kept for another try: {reason}", where=where, uri=uri, reason=str(exc))
+
+    async def _retry_pending(self) -> None:
+        """Try the kept reports again; drop those older than PENDING_LIFETIME."""
+        directory = self.pending_directory
+        try:
+            names = sorted(name for name in os.listdir(directory) if name.endswith(".json"))
+        except OSError:
+            return
+        now = self.clock.seconds()
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                with open(path, "rb") as handle:
+                    record = json.loads(handle.read())
+                uri, where, first = record["uri"], record["where"], float(record["first"])
+                attempts = int(record["attempts"])
+                gzipped = base64.b64decode(record["report"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warn("TLSRPT: unreadable pending report {path} removed: {reason}", path=path, reason=str(exc))
+                _remove(path)
+                continue
+            problem = await self._post(uri, gzipped)
+            if problem is None:
+                log.info("{where} sent to {uri}", where=where, uri=uri)
+                _remove(path)
+            elif now - first >= PENDING_LIFETIME:
+                log.warn("{where} to {uri}: given up after {attempts} attempts: {reason}",
+                         where=where, uri=uri, attempts=attempts + 1, reason=problem)
+                _remove(path)
+            else:
+                log.warn("{where} to {uri} failed: {reason}, will try again", where=where, uri=uri, reason=problem)
+                record["attempts"] = attempts + 1
+                try:
+                    write_atomically(directory, name, json.dumps(record).encode("utf-8"))
+                except OSError:
+                    pass
 
     @classmethod
     def from_config(cls, config: Config, recorder: Recorder, reactor: Any, dns_resolver: Any,
@@ -541,3 +618,11 @@ class Reporter:
         if http is None:
             http = HTTPSClient(reactor)
         return cls(TLSRPTSettings.from_config(config), recorder, dns_resolver, http, enqueue, reactor, wakeup=wakeup)
+
+
+def _remove(path: str) -> None:
+    """Remove a file that may be gone already."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
