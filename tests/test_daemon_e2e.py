@@ -154,7 +154,7 @@ class DeliveryTests(DaemonTestCase):
         self.start_daemon(config)
         for n in range(count_api, count_api + count_cli):
             result = subprocess.run(
-                [sys.executable, "-c", "from relayagent.cli import main; main()",
+                [sys.executable, "-c", "from relayagent.cli import main; raise SystemExit(main())",
                  "-c", config, "sendmail", "-i", "-f", "sender@example.org", f"rcpt{n}@example.net"],
                 input=body(n), env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, timeout=60,
             )

@@ -25,7 +25,7 @@ class HostileQueueTests(DaemonTestCase):
         """The relayagent command as a subprocess: a hang fails the test
         (TimeoutExpired) instead of stopping the run."""
         return subprocess.run(
-            [sys.executable, "-c", "from relayagent.cli import main; main()", "-c", config, *argv],
+            [sys.executable, "-c", "from relayagent.cli import main; raise SystemExit(main())", "-c", config, *argv],
             input=stdin, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, timeout=60,
         )
 

@@ -102,7 +102,7 @@ class PflogsummTests(DaemonTestCase):
 
     def sendmail(self, config: str, recipient: str, body: bytes) -> None:
         result = subprocess.run(
-            [sys.executable, "-c", "from relayagent.cli import main; main()",
+            [sys.executable, "-c", "from relayagent.cli import main; raise SystemExit(main())",
              "-c", config, "sendmail", "-i", "-f", "sender@ok.test", recipient],
             input=body, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, timeout=60)
         assert result.returncode == 0, result.stderr
