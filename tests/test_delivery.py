@@ -213,6 +213,98 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual([e["to"] for e in self.lines("delivery")], ["b@example.net"])
 
 
+class TransactionLinesTests(DeliveryTestCase):
+    """The lines of one transaction's recipients are made together
+    (``_transactions``, ``log_deliveries``): the same lines, in the same
+    order, as one at a time."""
+
+    def shared_sent(self, *addresses: str) -> dict[str, object]:
+        # One Status for all, as a real transaction's "." reply gives its
+        # recipients (the fake session makes one per recipient).
+        status = sent()
+        return dict.fromkeys(addresses, status)
+
+    def test_runs_are_of_the_same_objects(self) -> None:
+        from relayagent.common.envelope import Recipient
+        from relayagent.qmgr.delivery import _transactions
+        from relayagent.smtp.result import RecipientOutcome, Transmission
+
+        ok, later = sent(), soft()
+        one = Transmission(conn_use=1, dsn_offered=True, connected=1.0, done=2.0)
+        other = Transmission(conn_use=2, dsn_offered=True, connected=2.0, done=3.0)
+        rcpts = [Recipient(f"r{i}@example.net", i) for i in range(6)]
+        decided = [
+            (rcpts[0], RecipientOutcome(ok, SERVER), ok, "sent"),
+            (rcpts[1], RecipientOutcome(ok, SERVER), ok, "sent"),
+            (rcpts[2], RecipientOutcome(later, SERVER), later, "deferred"),
+            (rcpts[3], RecipientOutcome(ok, SERVER), ok, "sent"),
+            (rcpts[4], RecipientOutcome(ok, SERVER), ok, "sent"),  # another transaction
+            (rcpts[5], RecipientOutcome(sent(), SERVER), sent(), "sent"),  # an equal, other status
+        ]
+        transmissions = {0: one, 1: one, 2: one, 3: one, 4: other, 5: other}
+        runs = [[r.index for r in run[0]] for run in _transactions(decided, transmissions)]
+        self.assertEqual(runs, [[0, 1], [2], [3], [4], [5]])
+        self.assertEqual(list(_transactions([], {})), [])
+
+    def test_one_line_per_recipient_in_order_with_the_shared_fields(self) -> None:
+        agent = self.agent(fake_connector(self.shared_sent("a@example.net", "b@example.net", "c@example.net")))
+        message = self.message(["a@example.net", "b@example.net", "c@example.net"])
+        self.attempt(agent, message)
+        deliveries = self.lines("delivery")
+        self.assertEqual([e["to"] for e in deliveries], ["a@example.net", "b@example.net", "c@example.net"])
+        shared = {(e["relay"], e["dsn"], e["status"], e["reason"], e["delay"], tuple(e["delays"]))
+                  for e in deliveries}
+        self.assertEqual(len(shared), 1)
+        # Each event its own list of delays.
+        self.assertIsNot(deliveries[0]["delays"], deliveries[1]["delays"])
+
+    def test_a_refused_recipient_between_sent_ones_keeps_its_place(self) -> None:
+        answers = self.shared_sent("a@example.net", "c@example.net")
+        answers["b@example.net"] = soft()
+        agent = self.agent(fake_connector(answers))
+        message = self.message(["a@example.net", "b@example.net", "c@example.net"])
+        self.attempt(agent, message)
+        self.assertEqual([(e["to"], e["status"]) for e in self.lines("delivery")],
+                         [("a@example.net", "sent"), ("b@example.net", "deferred"), ("c@example.net", "sent")])
+
+    def test_soft_bounce_softens_a_shared_status_once_and_each_is_deferred(self) -> None:
+        refused = hard()
+        agent = self.agent(fake_connector({"a@example.net": refused, "b@example.net": refused}),
+                           soft_bounce="yes")
+        message = self.message(["a@example.net", "b@example.net"])
+        self.attempt(agent, message)
+        deliveries = self.lines("delivery")
+        self.assertEqual([(e["status"], e["dsn"]) for e in deliveries], [("deferred", "4.1.1")] * 2)
+        self.assertFalse(message.queue_file.is_done(0) or message.queue_file.is_done(1))
+        self.assertEqual([r.status for r in self.spool.read_log(DEFER_LOG, message.queue_id)], ["4.1.1"] * 2)
+
+    def test_success_notices_follow_their_own_line(self) -> None:
+        from relayagent.common.envelope import Notify, Recipient
+
+        # A server without DSN: each NOTIFY=SUCCESS recipient gets a
+        # "relayed" notice, logged right after its line, as before the
+        # lines were made a transaction at a time.
+        agent = self.agent(testing.FakeConnector(self.shared_sent("a@example.net", "b@example.net"),
+                                                 server=SERVER, extensions={}))
+        message = self.message([Recipient("a@example.net", notify=Notify.SUCCESS),
+                                Recipient("b@example.net", notify=Notify.SUCCESS)])
+        self.attempt(agent, message)
+        order = [(e["ralog_event"], e.get("to")) for e in self.events if e.get("ralog_event")]
+        self.assertEqual(order, [("delivery", "a@example.net"), ("notice", None),
+                                 ("delivery", "b@example.net"), ("notice", None)])
+
+    def test_no_success_notice_through_a_server_with_dsn(self) -> None:
+        from relayagent.common.envelope import Notify, Recipient
+
+        # fake_connector's server offers DSN.
+        agent = self.agent(fake_connector(self.shared_sent("a@example.net", "b@example.net")))
+        message = self.message([Recipient("a@example.net", notify=Notify.SUCCESS),
+                                Recipient("b@example.net", notify=Notify.SUCCESS)])
+        self.attempt(agent, message)
+        self.assertEqual(self.lines("notice"), [])
+        self.assertEqual(len(self.lines("delivery")), 2)
+
+
 class MessageEndTests(DeliveryTestCase):
     def deferred_once(self, agent: DeliveryAgent, message: ActiveMessage) -> None:
         self.attempt(agent, message)

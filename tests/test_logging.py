@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial import unittest
@@ -491,6 +492,145 @@ class MailLogTests(unittest.TestCase):
         self.assertEqual(clock(WHEN + 0.1), ralog.syslog_time(WHEN))
         self.assertEqual(clock(WHEN + 0.9), ralog.syslog_time(WHEN))
         self.assertEqual(clock(WHEN + 61), ralog.syslog_time(WHEN + 61))
+
+
+class _FixedTime:
+    """``time`` for maillog with a fixed ``time()``: events made one at a
+    time and in a batch then differ in nothing."""
+
+    localtime = staticmethod(time.localtime)
+    gmtime = staticmethod(time.gmtime)
+    strftime = staticmethod(time.strftime)
+
+    @staticmethod
+    def time() -> float:
+        return WHEN
+
+
+class WritesCounted(io.StringIO):
+    """A text file counting its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+BATCH = [
+    Recipient("a@example.net", 0),
+    Recipient("b@example.net", 1, orcpt="rfc822;B@old.example"),
+    Recipient("c@example.net", 2, orcpt="rfc822;C@example.net"),  # the same but for case: no orig_to
+    "d@example.net",
+]
+SHARED = dict(queue_id="4B3F2A1C0D", relay="mx.example.net[192.0.2.1]:25", conn_use=3, delay=1.234,
+              delays=(0.031, 0.0004, 0.3, 0.9), status=SENT, outcome="sent")
+
+
+class DeliveryBatchTests(unittest.TestCase):
+    """log_deliveries: the recipients of one transaction, the same events
+    and lines as log_delivery one at a time; observers' write_events and
+    the remembered tail of a delivery line."""
+
+    def setUp(self) -> None:
+        self.patch(ralog, "time", _FixedTime)
+
+    def one_at_a_time(self, log: Logger) -> None:
+        for recipient in BATCH:
+            ralog.log_delivery(log, recipient=recipient, **SHARED)
+
+    def batch(self, log: Logger) -> None:
+        ralog.log_deliveries(log, recipients=BATCH, **SHARED)
+
+    def test_same_lines_from_a_running_maillog(self) -> None:
+        texts = []
+        for emit in (self.one_at_a_time, self.batch):
+            out = WritesCounted()
+            observer = ralog.PostfixFormatObserver(out, hostname="relay.example.org", pid=4242)
+            self.patch(ralog, "_maillog", observer)
+            emit(Logger(namespace="relayagent.qmgr.delivery"))
+            texts.append((out.getvalue(), out.writes))
+        (one, one_writes), (batch, batch_writes) = texts
+        self.assertEqual(batch, one)
+        self.assertEqual((one_writes, batch_writes), (4, 1))
+        lines = batch.splitlines()
+        self.assertIn(": 4B3F2A1C0D: to=<a@example.net>, relay=mx.example.net[192.0.2.1]:25, conn_use=3, "
+                      "delay=1.2, delays=0.03/0/0.3/0.9, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 12345)",
+                      lines[0])
+        self.assertIn("to=<b@example.net>, orig_to=<B@old.example>, relay=", lines[1])
+        self.assertIn("to=<c@example.net>, relay=", lines[2])
+        self.assertIn("to=<d@example.net>, relay=", lines[3])
+
+    def test_same_events_to_a_running_maillog(self) -> None:
+        made = []
+        log = Logger(namespace="relayagent.qmgr.delivery")
+        for emit in (self.one_at_a_time, self.batch):
+            seen: list[dict] = []
+            self.patch(ralog, "_maillog", seen.append)  # no write_events: one call each
+            emit(log)
+            made.append(seen)
+        one, batch = made
+        self.assertEqual(batch, one)
+        self.assertEqual([list(event) for event in batch], [list(event) for event in one])
+        self.assertEqual(len({id(event["delays"]) for event in batch}), 4)
+
+    def test_same_events_through_a_logger(self) -> None:
+        capture = Capture()
+        self.one_at_a_time(capture.log)
+        self.batch(capture.log)
+        for event in capture.events:
+            del event["log_time"]  # Twisted's own clock
+        one, batch = capture.events[:4], capture.events[4:]
+        self.assertEqual(batch, one)
+        self.assertEqual([ralog.formatEvent(e) for e in batch], [ralog.formatEvent(e) for e in one])
+        self.assertIsInstance(batch[0]["delays"], ralog.Delays)
+
+    def test_write_events_writes_the_lines_of_one_call_each(self) -> None:
+        events = []
+        self.patch(ralog, "_maillog", events.append)
+        self.batch(Logger(namespace="relayagent.qmgr.delivery"))
+        ralog.log_removed(Logger(namespace="relayagent.qmgr.delivery"), "4B3F2A1C0D")
+        for make in (
+            lambda out: ralog.PostfixFormatObserver(out, hostname="h", pid=1),
+            lambda out: ralog.JsonObserver(out, hostname="h", pid=1),
+            lambda out: ralog.TwistdLogObserver(out, hostname="h", pid=1),
+        ):
+            one, batch = WritesCounted(), WritesCounted()
+            observer = make(one)
+            for event in events:
+                observer(event)
+            observer.flush()
+            observer = make(batch)
+            observer.write_events(events)
+            observer.flush()
+            self.assertEqual(batch.getvalue(), one.getvalue())
+            self.assertEqual(len(batch.getvalue().splitlines()), 5)
+        nothing = WritesCounted()
+        ralog.PostfixFormatObserver(nothing, hostname="h", pid=1).write_events([])
+        self.assertEqual(nothing.writes, 0)
+
+    def test_the_remembered_tail_follows_its_inputs(self) -> None:
+        event = {"ralog_event": "delivery", "queue_id": "Q", "to": "a@x", "relay": "r", "conn_use": 2,
+                 "delay": 0.5, "delays": [0.1, 0.2, 0.3, 0.4], "dsn": "2.0.0", "status": "sent",
+                 "reason": "250 ok"}
+        self.assertEqual(ralog.render(event), "Q: to=<a@x>, relay=r, conn_use=2, delay=0.5, "
+                                              "delays=0.1/0.2/0.3/0.4, dsn=2.0.0, status=sent (250 ok)")
+        # Equal is not enough where the text differs: 2.0 == 2.
+        self.assertIn("conn_use=2.0, ", ralog.render(dict(event, conn_use=2.0)))
+        self.assertIn("relay=r, delay=", ralog.render(dict(event, conn_use=None)))
+        # A list changed in place is not the list remembered.
+        event["delays"][3] = 4.0
+        self.assertIn("delays=0.1/0.2/0.3/4, ", ralog.render(event))
+        self.assertIn("delay=0.5, delays=0.1/0.2/0.3/4, ", ralog.render(event, resolution=2))
+        self.assertIn("delay=1.5, ", ralog.render(dict(event, delay=1.5)))
+        self.assertIn("delays=0.1/0.2/0.3/4, ", ralog.render(dict(event, delays=(0.1, 0.2, 0.3, 4.0))))
+        self.assertIn("delay=0.12, ", ralog.render(dict(event, delay=0.1234)))
+        self.assertIn("delay=0.1, ", ralog.render(dict(event, delay=0.1234), resolution=1))
+        for name, value in (("relay", "s"), ("dsn", "2.1.5"), ("status", "deferred"), ("reason", "later")):
+            self.assertIn(f"{name}={value}" if name != "reason" else f"({value})",
+                          ralog.render(dict(event, **{name: value})))
 
 
 class FlushTests(unittest.TestCase):

@@ -194,6 +194,18 @@ class RoundTripTests(SynchronousTestCase):
         self.spool.remove(queue_id, "incoming")
 
 
+class NotifyCodeTests(SynchronousTestCase):
+    def test_every_notify_octet_read_as_written(self) -> None:
+        # The reader's table of the 16 octets against the writer's bits.
+        valid = [code for code in range(16) if not (code & 8 and code != 8)]
+        for code in valid:
+            notify = qf._NOTIFY_OF_CODE[code]
+            self.assertEqual(qf._notify_code(notify), code)
+        self.assertEqual(qf._NOTIFY_OF_CODE[8], Notify.DEFAULT)
+        self.assertEqual(qf._NOTIFY_OF_CODE[0], Notify.NEVER)
+        self.assertEqual(qf._NOTIFY_OF_CODE[1 | 4], Notify.SUCCESS | Notify.DELAY)
+
+
 class CorruptionTests(SynchronousTestCase):
     """Every damaged file raises CorruptQueueFile, and nothing else."""
 
@@ -445,6 +457,22 @@ class UpdateTests(SynchronousTestCase):
         after = read_file(path)
         changed = [i for i in range(len(before)) if before[i] != after[i]]
         self.assertEqual(changed, [qf.STATUS_OFFSET + i for i in (0, 1, 4)])
+
+    def test_mark_done_many_checks_both_ends(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            self.assertRaises(IndexError, queue_file.mark_done_many, [-1, 1])
+            self.assertRaises(IndexError, queue_file.mark_done_many, [0, 2])
+            self.assertEqual(queue_file.pending_count(), 2)  # nothing written
+            queue_file.mark_done_many([])
+            self.assertEqual(queue_file.pending_count(), 2)
+
+    def test_not_done(self) -> None:
+        with self.spool.open(self.queue_id, "incoming") as queue_file:
+            recipients = queue_file.envelope.recipients
+            self.assertEqual(queue_file.not_done(recipients), list(recipients))
+            queue_file.mark_done(0)
+            self.assertEqual(queue_file.not_done(recipients), [recipients[1]])
+            self.assertEqual(queue_file.not_done(iter(recipients[:1])), [])
 
     def test_held_one_open_for_the_body_and_the_marks(self) -> None:
         opened = []

@@ -292,6 +292,27 @@ class TwistdLogObserverTests(unittest.TestCase):
             self.assertEqual(fields(match.group(5)), fields(theirs))
             self.assertEqual(match.group(5), theirs)
 
+    def test_a_reply_with_unprintable_characters(self) -> None:
+        # CR and LF become "?"; other characters that are not printable
+        # but end a line for str.splitlines (NEL, LINE SEPARATOR) make a
+        # line each, every one with the head.
+        def emit(log: Logger) -> None:
+            ralog.log_delivery(log, queue_id="4B3F2A1C0D", recipient="b@example.net", relay="r", conn_use=None,
+                               delay=0.5, delays=(0.1, 0.1, 0.1, 0.2),
+                               status=Status("2.0.0", "250 a\r\nb\x85c\u2028d"), outcome="sent")
+            ralog.log_delivery(log, queue_id="4B3F2A1C0D", recipient="c@example.net", relay="r", conn_use=None,
+                               delay=0.5, delays=(0.1, 0.1, 0.1, 0.2), status=Status("2.0.0", "250 ok"),
+                               outcome="sent")
+
+        lines = self.lines(emit, hostname="relay.test", pid=4242)
+        self.assertEqual(len(lines), 4)
+        head = lines[0][:lines[0].index("4B3F2A1C0D")]
+        self.assertTrue(head.endswith(" relay.test relayagent/smtp[4242]: "), head)
+        self.assertTrue(lines[0].endswith("status=sent (250 a??b"), lines[0])
+        self.assertEqual(lines[1:3], [head + "c", head + "d)"])
+        self.assertEqual(lines[3], head + "4B3F2A1C0D: to=<c@example.net>, relay=r, delay=0.5, "
+                                          "delays=0.1/0.1/0.1/0.2, dsn=2.0.0, status=sent (250 ok)")
+
     def test_twisteds_lines_as_twistds_observer(self) -> None:
         # Twisted's events and tracebacks (relayagent's too) read as
         # twistd's own observer writes them, but for the colon of the

@@ -46,6 +46,11 @@ takes the mail events straight to its observer (not through Twisted's
 global publisher, so twistd's log does not repeat them) and relayagent's
 other events, never Twisted's own, from the publisher.  With
 ``maillog_file`` empty they go through the publisher into twistd's log.
+The recipients of one transaction are logged together
+(``log_deliveries``): one event and one line each, as ``log_delivery``
+makes them, but the part of the line they share (relay, delays, dsn,
+status, reply) rendered once, and written to a running observer that
+takes a batch (``write_events``) in one write.
 
 ``DebugPeers`` implements ``debug_peer_list`` / ``debug_peer_level``: code
 that talks to a peer asks ``level_for(nexthop, host, address)`` and, above
@@ -59,6 +64,7 @@ standard library's ``logging``.
 SYNOPSIS
 
     ralog.log_delivery(log, queue_id=..., to=..., relay=..., status="sent", ...)
+    ralog.log_deliveries(log, queue_id=..., recipients=[...], relay=..., ...)  # one transaction's
     ralog.log_removed(log, queue_id)       # and log_queue_active, log_expired, ...
     ralog.log_connect(log, client); ralog.log_client(log, queue_id, client); ralog.log_reject(log, ...)
     ralog.log_pickup(log, queue_id, uid, sender); ralog.log_message_id(log, queue_id, message_id)
@@ -366,36 +372,99 @@ def log_delivery(
     ``delays``: before the queue manager, in it, connection set-up,
     transmission, in seconds.
     """
-    if isinstance(recipient, Recipient):
-        address, orig_to = recipient.address, _orig_to(recipient)
-    else:
-        address, orig_to = recipient, None
-    fmt = "{queue_id}: to=<{to}>"
-    if orig_to:
-        fmt += ", orig_to=<{orig_to}>"
-    fmt += ", relay={relay}"
-    if conn_use and conn_use > 1:
-        fmt += ", conn_use={conn_use}"
-    fmt += ", delay={delay}, delays={delays}, dsn={dsn}, status={status} ({reason})"
-    _emit(
-        log,
-        LogLevel.info,
-        fmt,
-        ralog_event=DELIVERY,
-        queue_id=queue_id,
-        to=address,
-        orig_to=orig_to,
-        relay=relay or "none",
-        conn_use=conn_use if conn_use and conn_use > 1 else None,
+    log_deliveries(log, queue_id=queue_id, recipients=(recipient,), relay=relay, conn_use=conn_use,
+                   delay=delay, delays=delays, status=status, outcome=outcome)
+
+
+# log_delivery's formats: (a reused connection, an orig_to) -> format.
+_DELIVERY_FORMATS = {
+    (reused, orig): "{queue_id}: to=<{to}>"
+    + (", orig_to=<{orig_to}>" if orig else "")
+    + ", relay={relay}"
+    + (", conn_use={conn_use}" if reused else "")
+    + ", delay={delay}, delays={delays}, dsn={dsn}, status={status} ({reason})"
+    for reused in (False, True)
+    for orig in (False, True)
+}
+
+
+def log_deliveries(
+    log: Logger,
+    *,
+    queue_id: str,
+    recipients: Iterable[Recipient | str],
+    relay: str | None,
+    conn_use: int | None,
+    delay: float,
+    delays: tuple[float, float, float, float],
+    status: Status,
+    outcome: str,
+) -> None:
+    """``log_delivery`` for several recipients with the same outcome (the
+    recipients of one transaction, the same reply, server and delays):
+    one event and one line for each, in order, the same as
+    ``log_delivery`` makes, but what they share is worked out once, and a
+    running maillog that takes a batch (``write_events``) writes their
+    lines at once."""
+    observer = _maillog
+    reused = conn_use if conn_use and conn_use > 1 else None
+    formats = (_DELIVERY_FORMATS[reused is not None, False], _DELIVERY_FORMATS[reused is not None, True])
+    # The event's keys in log_delivery's order ("to", "orig_to" and
+    # "delays" filled in for each recipient).
+    common: dict[str, Any] = {
+        "ralog_event": DELIVERY,
+        "queue_id": queue_id,
+        "to": None,
+        "orig_to": None,
+        "relay": relay or "none",
+        "conn_use": reused,
         # For Twisted's observers, numbers that print as Postfix's
         # (Delay); a running maillog renders them itself and they stay
         # plain, which is cheaper.
-        delay=delay if _maillog is not None else Delay(delay),
-        delays=list(delays) if _maillog is not None else Delays(delays),
-        dsn=status.dsn,
-        status=outcome,
-        reason=status.text,
-    )
+        "delay": delay if observer is not None else Delay(delay),
+        "delays": None,
+        "dsn": status.dsn,
+        "status": outcome,
+        "reason": status.text,
+    }
+    if observer is None:
+        for recipient in recipients:
+            fields = common.copy()
+            if isinstance(recipient, Recipient):
+                fields["to"] = recipient.address
+                fields["orig_to"] = orig_to = _orig_to(recipient) if recipient.orcpt else None
+            else:
+                fields["to"], orig_to = recipient, None
+            fields["delays"] = Delays(delays)
+            log.emit(LogLevel.info, formats[bool(orig_to)], **fields)
+        return
+    # As _emit: Twisted's keys after the fields.
+    common["log_logger"] = log
+    common["log_level"] = LogLevel.info
+    common["log_namespace"] = log.namespace
+    common["log_source"] = log.source
+    common["log_format"] = formats[0]
+    common["log_time"] = None
+    events = []
+    for recipient in recipients:
+        event = common.copy()
+        if isinstance(recipient, Recipient):
+            event["to"] = recipient.address
+            if recipient.orcpt:
+                event["orig_to"] = orig_to = _orig_to(recipient)
+                if orig_to:
+                    event["log_format"] = formats[1]
+        else:
+            event["to"] = recipient
+        event["delays"] = list(delays)  # each its own: an event's fields are its own
+        event["log_time"] = time.time()
+        events.append(event)
+    write_events = getattr(observer, "write_events", None)
+    if write_events is not None:
+        write_events(events)
+    else:
+        for event in events:
+            observer(event)
 
 
 def log_queue_active(log: Logger, queue_id: str, sender: str, size: int, nrcpt: int) -> None:
@@ -604,17 +673,11 @@ def render(event: Mapping[str, Any], *, resolution: int = 2) -> str:
     prefix = _LEVEL_PREFIX.get(level, "")
     qid = event.get("queue_id")
     if kind == DELIVERY:
-        parts = [f"{qid}: to=<{event['to']}>"]
-        if event.get("orig_to"):
-            parts.append(f"orig_to=<{event['orig_to']}>")
-        parts.append(f"relay={event['relay']}")
-        if event.get("conn_use"):
-            parts.append(f"conn_use={event['conn_use']}")
-        parts.append(f"delay={format_delay(event['delay'], resolution)}")
-        parts.append("delays=" + "/".join(format_delay(d, resolution) for d in event["delays"]))
-        parts.append(f"dsn={event['dsn']}")
-        parts.append(f"status={event['status']} ({event['reason']})")
-        text = ", ".join(parts)
+        orig_to = event.get("orig_to")
+        if orig_to:
+            text = f"{qid}: to=<{event['to']}>, orig_to=<{orig_to}>, " + _delivery_tail(event, resolution)
+        else:
+            text = f"{qid}: to=<{event['to']}>, " + _delivery_tail(event, resolution)
     elif kind == QUEUE_ACTIVE:
         text = f"{qid}: from=<{event['sender']}>, size={event['size']}, nrcpt={event['nrcpt']} (queue active)"
     elif kind == REMOVED:
@@ -654,6 +717,40 @@ def render(event: Mapping[str, Any], *, resolution: int = 2) -> str:
             except Exception:  # noqa: BLE001 - a broken failure must not stop logging
                 pass
     return prefix + text
+
+
+# The last tail of a delivery line made (``_delivery_tail``): its inputs
+# and its text.  One entry is enough: the recipients of one transaction
+# are logged one after the other.  Replaced as one tuple, so a thread
+# that reads it sees a key with its own text.
+_last_tail: tuple[tuple[Any, ...], str] = ((), "")
+
+
+def _delivery_tail(event: Mapping[str, Any], resolution: int) -> str:
+    """``relay=..., [conn_use=..., ]delay=..., delays=..., dsn=...,
+    status=... (...)``: the same for every recipient of a transaction
+    (one reply, one server, one set of delays), so made once for them and
+    remembered for as long as the inputs stay the same.  The key holds
+    only values that cannot change (the delays as a tuple) and the type
+    of ``conn_use`` (2 and 2.0 are equal, and print differently); equal
+    inputs make the same text."""
+    global _last_tail
+    conn_use = event.get("conn_use")
+    key = (event["relay"], conn_use, type(conn_use), event["delay"], tuple(event["delays"]),
+           event["dsn"], event["status"], event["reason"], resolution)
+    last_key, text = _last_tail
+    if key == last_key:
+        return text
+    relay, _, _, delay, delays, dsn, status, reason, _ = key
+    text = (
+        f"relay={relay}, conn_use={conn_use}, " if conn_use else f"relay={relay}, "
+    ) + (
+        f"delay={format_delay(delay, resolution)}, "
+        f"delays={'/'.join([format_delay(value, resolution) for value in delays])}, "
+        f"dsn={dsn}, status={status} ({reason})"
+    )
+    _last_tail = (key, text)
+    return text
 
 
 def syslog_time(when: float) -> str:
@@ -790,6 +887,23 @@ class _Writer:
     # What the warning calls the file.
     what = "the mail log"
 
+    def _lines(self, event: Mapping[str, Any]) -> str:
+        """The text an event makes, newline and all ("" for none)."""
+        raise NotImplementedError
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        text = self._lines(event)
+        if text:
+            self._write(text)
+
+    def write_events(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Several events' lines, in order, written as one text: the same
+        lines as one call each, with one write (``log_deliveries``'s, the
+        recipients of one transaction)."""
+        text = "".join([self._lines(event) for event in events])
+        if text:
+            self._write(text)
+
     def _write(self, text: str) -> None:
         try:
             self._out.write(text)
@@ -862,19 +976,18 @@ class PostfixFormatObserver(_Writer):
         self._stamp = _SyslogClock()
         self._head = _LineHeads(self._hostname, self._program, self._pid)
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def _lines(self, event: Mapping[str, Any]) -> str:
         when = event.get("log_time") or _now(self._clock)
         head = self._stamp(when) + self._head(event)
         text = render(event, resolution=self._resolution)
         if event.get("ralog_event"):
             # Our events are one line whatever their fields hold: a CR or
             # LF from a server reply becomes "?" and cannot forge a line.
-            self._write(head + _one_line(text) + "\n")
-        else:
-            # A multi-line text (a traceback) becomes several lines, each
-            # with the prefix; other control characters become "?".
-            lines = [_clean(line) for line in text.splitlines()] or [""]
-            self._write("".join(head + line + "\n" for line in lines))
+            return head + _one_line(text) + "\n"
+        # A multi-line text (a traceback) becomes several lines, each
+        # with the prefix; other control characters become "?".
+        lines = [_clean(line) for line in text.splitlines()] or [""]
+        return "".join(head + line + "\n" for line in lines)
 
 
 # Fields copied into JSON objects when present (all plain values).
@@ -911,7 +1024,7 @@ class JsonObserver(_Writer):
         self._resolution = resolution
         self._pid = os.getpid() if pid is None else pid
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def _lines(self, event: Mapping[str, Any]) -> str:
         when = event.get("log_time") or _now(self._clock)
         level = event.get("log_level", LogLevel.info)
         record: dict[str, Any] = {
@@ -929,7 +1042,7 @@ class JsonObserver(_Writer):
                 value = event.get(name)
                 if value is not None:
                     record[name] = value
-        self._write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
 
 class _Pending:
@@ -1037,13 +1150,19 @@ class TwistdLogObserver(_Writer):
             text = self._systems[key] = f"{key[0]}#{level.name if level is not None else '-'}"
         return text
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def _lines(self, event: Mapping[str, Any]) -> str:
         postfix = False
+        # A Postfix line's text known to be one printable line (no
+        # splitting, nothing to clean): asked once, not twice.
+        one_line = False
         try:
             if event.get("ralog_event"):
                 # One line, as in the maillog: a CR or LF from a reply
-                # becomes "?".
-                text = _one_line(render(event, resolution=self._resolution))
+                # becomes "?" (_one_line).
+                text = render(event, resolution=self._resolution)
+                one_line = text.isprintable()
+                if not one_line:
+                    text = _clean(text)
                 postfix = True
             elif "log_failure" not in event and _is_relayagents(event.get("log_namespace")):
                 # relayagent's other lines, "warning: " and all, one
@@ -1057,19 +1176,17 @@ class TwistdLogObserver(_Writer):
         except Exception as error:  # noqa: BLE001 - an event that cannot be rendered is still a line
             text = f"Unable to format event: {error!r}"
         if not text:
-            return
+            return ""
         stamp = self._time(event.get("log_time"))
         if postfix:
             head = stamp + self._head(event)
-            if "\n" in text or not text.isprintable():
-                self._write("".join(head + _clean(line) + "\n" for line in text.splitlines()))
-            else:
-                self._write(head + text + "\n")
-            return
+            if not one_line and ("\n" in text or not text.isprintable()):
+                return "".join(head + _clean(line) + "\n" for line in text.splitlines())
+            return head + text + "\n"
         line = f"{stamp} [{self._system(event)}] {text}"
         if "\n" in line:
             line = line.replace("\n", "\n\t")
-        self._write(line + "\n")
+        return line + "\n"
 
 
 def _rfc3339_colon(stamp: str) -> str:
@@ -1458,6 +1575,7 @@ __all__ = [
     "log_reject",
     "log_connect_failure",
     "log_delay_notice",
+    "log_deliveries",
     "log_delivery",
     "log_expired",
     "log_notice",

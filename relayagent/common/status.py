@@ -76,20 +76,24 @@ class Status:
         """2, 4 or 5."""
         return int(self.dsn[0])
 
+    # The three below read the code's first character, which __post_init__
+    # checked is 2, 4 or 5: the queue manager asks them of every
+    # recipient, and ``status_class`` would be a second call and an int().
+
     @property
     def ok(self) -> bool:
         """Whether this is a success (a 2.x.x status)."""
-        return self.status_class == 2
+        return self.dsn[0] == "2"
 
     @property
     def soft(self) -> bool:
         """A temporary failure: the recipient is deferred."""
-        return self.status_class == 4
+        return self.dsn[0] == "4"
 
     @property
     def hard(self) -> bool:
         """A permanent failure: the recipient is bounced."""
-        return self.status_class == 5
+        return self.dsn[0] == "5"
 
     def final(self) -> Status:
         """The status as the outcome of the last server tried: hard when

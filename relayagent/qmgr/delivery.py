@@ -25,7 +25,9 @@ The order is the crash-safety argument: the bounce log before the mark
 one recipient, merged), the mark before the log line and any notice, the
 queue file removed only when no recipient is pending.  A crash between
 the server's "250" and the mark sends the recipient again
-(at-least-once, as Postfix).
+(at-least-once, as Postfix).  A request's records come first, then all
+its marks (one ``pwrite`` per run of neighbouring recipients), then its
+log lines, a transaction's recipients at a time (``log_deliveries``).
 
 ``finish``, when the message's last request is over: recipients still
 pending past ``maximal_queue_lifetime`` (``bounce_queue_lifetime`` for
@@ -69,9 +71,9 @@ delay_warning_time (the timing; ``relayagent.bounce.dsn`` writes the text).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -100,6 +102,10 @@ from relayagent.spool import (
     Spool,
 )
 from relayagent.spool.remover import BackgroundRemover
+
+if TYPE_CHECKING:
+    # The server of an outcome (RecipientOutcome.server), for the types only.
+    from relayagent.smtp.channel import ServerInfo
 
 log = Logger(namespace="relayagent.qmgr.delivery")
 
@@ -180,7 +186,7 @@ class DeliveryAgent:
     async def _deliver(self, request: DeliveryRequest) -> RequestResult:
         message = request.message
         queue_file = message.queue_file
-        recipients = [r for r in request.recipients if not queue_file.is_done(r.index)]
+        recipients = queue_file.not_done(request.recipients)
         if not recipients or message.queue_id in self.corrupt:
             return RequestResult()
         try:
@@ -258,11 +264,20 @@ class DeliveryAgent:
         decided: list[tuple[Recipient, RecipientOutcome, Status, str]] = []
         done: list[int] = []
         troubles = _Troubles(message.queue_id)
+        soft_bounce = self.soft_bounce
+        # The recipients of one transaction share their status: soften it
+        # once for them, and they still share it (_transactions).
+        softened_from: Status | None = None
+        softened: Status | None = None
         for recipient, outcome in outcomes:
             status = outcome.status
-            if status.hard and self.soft_bounce:
-                status = status.softened()
-            if status.hard:
+            hard = status.hard
+            if hard and soft_bounce:
+                if status is not softened_from:
+                    softened_from, softened = status, status.softened()
+                assert softened is not None
+                status, hard = softened, False
+            if hard:
                 try:
                     queue_file.bounce(recipient.index, status)
                 except OSError as exc:
@@ -273,11 +288,12 @@ class DeliveryAgent:
                         "4.3.0", f"{status.text} (not bounced: cannot write the bounce log: {_reason(exc)})",
                         reply=status.reply, remote_mta=status.remote_mta,
                     )
-            if status.ok:
-                verdict = "sent"
-                done.append(recipient.index)
-            elif status.hard:
+                    hard = False
+            if hard:
                 verdict = "bounced"
+                done.append(recipient.index)
+            elif status.ok:
+                verdict = "sent"
                 done.append(recipient.index)
             else:
                 try:
@@ -294,35 +310,45 @@ class DeliveryAgent:
                 # these recipients are tried again (at-least-once).
                 troubles.add("cannot mark recipients done in the queue file", exc)
         troubles.log()
+        # Every mark above is on the file before the first line below
+        # (the crash contract: a crash from here on loses log lines, never
+        # sends a recipient twice); the file is removed only in finish,
+        # after the marks of the message's every request.  The lines go
+        # out a transaction at a time (log_deliveries): what its
+        # recipients share is worked out once.
         now = self.clock.seconds()
         envelope = message.envelope
         before_qmgr = max(0.0, message.activated - envelope.arrival_time)
         in_qmgr = max(0.0, (request.dispatched or started) - message.activated)
         delay = max(0.0, now - envelope.arrival_time)
         not_transmitted = (max(0.0, now - started), 0.0)
-        for recipient, outcome, status, verdict in decided:
-            sent = transmissions.get(recipient.index)
+        for recipients, status, verdict, server, sent in _transactions(decided, transmissions):
             if sent is None:
                 setup, transmission = not_transmitted
             else:
                 setup, transmission = sent.connected - started, sent.done - sent.connected
-            server = outcome.server
-            ralog.log_delivery(
-                log,
-                queue_id=message.queue_id,
-                recipient=recipient,
-                relay=str(server) if server is not None else None,
-                conn_use=sent.conn_use if sent is not None else None,
-                delay=delay,
-                delays=(before_qmgr, in_qmgr, setup, transmission),
-                status=status,
-                outcome=verdict,
-            )
-            if probes.tap is not None:
-                probes.tap.delivery(request.destination, verdict, status.dsn, delay,
-                                    (before_qmgr, in_qmgr, setup, transmission))
-            if status.ok and server is not None:
-                self._success_notice(message, recipient, status, sent is not None and sent.dsn_offered)
+            delays = (before_qmgr, in_qmgr, setup, transmission)
+            # A "relayed" notice may follow each line (NOTIFY=SUCCESS through
+            # a server without DSN; none when it offers DSN): then one line
+            # at a time, each followed by its notice's, as they always came.
+            notices = status.ok and server is not None and not (sent is not None and sent.dsn_offered)
+            for batch in ([recipient] for recipient in recipients) if notices else (recipients,):
+                ralog.log_deliveries(
+                    log,
+                    queue_id=message.queue_id,
+                    recipients=batch,
+                    relay=str(server) if server is not None else None,
+                    conn_use=sent.conn_use if sent is not None else None,
+                    delay=delay,
+                    delays=delays,
+                    status=status,
+                    outcome=verdict,
+                )
+                if probes.tap is not None:
+                    for _ in batch:
+                        probes.tap.delivery(request.destination, verdict, status.dsn, delay, delays)
+                if notices:
+                    self._success_notice(message, batch[0], status, False)
 
     def _success_notice(self, message: ActiveMessage, recipient: Recipient, status: Status,
                         offers_dsn: bool) -> None:
@@ -339,7 +365,7 @@ class DeliveryAgent:
         each gets ``status`` (deferred, or bounced when hard)."""
         queue_file = request.message.queue_file
         outcome = RecipientOutcome(status, None)
-        self._record_many(request, [(r, outcome) for r in request.recipients if not queue_file.is_done(r.index)],
+        self._record_many(request, [(r, outcome) for r in queue_file.not_done(request.recipients)],
                           self.clock.seconds(), {})
 
     def _corrupt_found(self, message: ActiveMessage, reason: str) -> None:
@@ -546,6 +572,28 @@ class _Troubles:
     def log(self) -> None:
         for what, error in self._seen.items():
             ralog.log_warning(log, f"{what}: {_reason(error)}", queue_id=self.queue_id)
+
+
+def _transactions(
+    decided: Sequence[tuple[Recipient, RecipientOutcome, Status, str]], transmissions: Mapping[int, Transmission]
+) -> Iterator[tuple[list[Recipient], Status, str, ServerInfo | None, Transmission | None]]:
+    """The recipients in runs that log the same but for the address: the
+    same status, verdict, server and transmission (the same objects:
+    smtp's result gives the recipients of one transaction one of each),
+    in order.  A run is one transaction's, or a part of one."""
+    run: list[Recipient] = []
+    key: tuple[Status, str, ServerInfo | None, Transmission | None] | None = None
+    for recipient, outcome, status, verdict in decided:
+        sent = transmissions.get(recipient.index)
+        server = outcome.server
+        if key is not None and status is key[0] and verdict == key[1] and server is key[2] and sent is key[3]:
+            run.append(recipient)
+            continue
+        if key is not None:
+            yield (run, *key)
+        run, key = [recipient], (status, verdict, server, sent)
+    if key is not None:
+        yield (run, *key)
 
 
 def _last_records(records: Sequence[LogRecord]) -> dict[int, LogRecord]:

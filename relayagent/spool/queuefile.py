@@ -137,6 +137,20 @@ _NOTIFY_BITS = (
     (Notify.DEFAULT, 8),
 )
 
+
+def _notify_of(code: int) -> Notify:
+    notify = Notify.NEVER
+    for flag, bit in _NOTIFY_BITS:
+        if code & bit:
+            notify |= flag
+    return notify
+
+
+# Every NOTIFY octet's flags, made once: a Flag's "|" is several Python
+# calls (enum's __call__ and __new__), and the reader needs one per
+# recipient of every message activated.
+_NOTIFY_OF_CODE = tuple(_notify_of(code) for code in range(16))
+
 # The options octet's bits (octet 49; it held only SMTPUTF8, 0 or 1, before
 # REQUIRETLS, so files written then read unchanged).
 OPTION_SMTPUTF8 = 0x01
@@ -309,11 +323,21 @@ class _Reader:
         return chunk
 
     def string(self, what: str) -> str | None:
-        (length,) = struct.unpack(">H", self.take(2, what))
+        # take()'s checks written out: a queue file has two or three
+        # strings per recipient, read at every activation.
+        data, start = self.data, self.position + 2
+        if start > len(data):
+            raise CorruptQueueFile(self.queue_id, f"envelope ends inside the {what}")
+        length = (data[start - 2] << 8) | data[start - 1]  # big-endian, as ">H"
         if length == _STRING_NONE:
+            self.position = start
             return None
+        end = start + length
+        if end > len(data):
+            raise CorruptQueueFile(self.queue_id, f"envelope ends inside the {what}")
+        self.position = end
         try:
-            return self.take(length, what).decode("utf-8")
+            return data[start:end].decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptQueueFile(self.queue_id, f"{what} is not UTF-8") from None
 
@@ -332,13 +356,13 @@ def parse_variable(
     envid = reader.string("ENVID")
     recipients = []
     for index, state_byte in enumerate(states):
-        code = reader.take(1, "NOTIFY")[0]
+        if reader.position >= len(variable):
+            raise CorruptQueueFile(queue_id, "envelope ends inside the NOTIFY")
+        code = variable[reader.position]
+        reader.position += 1
         if code & ~15 or (code & 8 and code != 8):
             raise CorruptQueueFile(queue_id, f"recipient {index}: bad NOTIFY code {code}")
-        notify = Notify.NEVER
-        for flag, bit in _NOTIFY_BITS:
-            if code & bit:
-                notify |= flag
+        notify = _NOTIFY_OF_CODE[code]
         address = reader.string("recipient address")
         if address is None:
             raise CorruptQueueFile(queue_id, f"recipient {index}: address missing")
@@ -584,6 +608,12 @@ class QueueFile:
         """Whether recipient ``index`` is crossed off (delivered or bounced)."""
         return self._states[index] == DONE[0]
 
+    def not_done(self, recipients: Iterable[Recipient]) -> list[Recipient]:
+        """Those of ``recipients`` not crossed off yet (``is_done`` of each,
+        in one call: a delivery request asks it of all its recipients)."""
+        states, done = self._states, DONE[0]
+        return [recipient for recipient in recipients if states[recipient.index] != done]
+
     def pending_count(self) -> int:
         """How many recipients are not crossed off yet (deferred or untried)."""
         return self._states.count(PENDING[0])
@@ -643,10 +673,11 @@ class QueueFile:
         """``mark_done`` for several recipients with one open of the file:
         one ``pwrite`` per run of neighbouring indexes."""
         wanted = sorted(set(indexes))
-        for index in wanted:
-            self._check_index(index)
         if not wanted:
             return
+        # Sorted: the first and the last are the only ones to check.
+        self._check_index(wanted[0])
+        self._check_index(wanted[-1])
         runs: list[tuple[int, int]] = []  # (first index, count)
         for index in wanted:
             if runs and runs[-1][0] + runs[-1][1] == index:
