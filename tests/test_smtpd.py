@@ -11,6 +11,7 @@ import types
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config
@@ -22,6 +23,9 @@ from relayagent.smtpd.listener import (
     make_listener_services,
     parse_esmtp_parameters,
 )
+from relayagent.spool import Spool
+from relayagent.spool import spool as spool_module
+from relayagent.spool.nonblocking import ThreadedSpool
 from relayagent.testing import FailingFile, FakeSpool, FakeStatvfs
 from tests.support.smtpd import capture_events, codes, warnings_in
 
@@ -654,6 +658,217 @@ class DiskFullTests(SynchronousTestCase):
         session.server.connectionLost(None)
         self.assertTrue(made[0].closed)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+
+class ManualThreadPool:
+    """A thread pool that runs each call only when the test says so."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        self.calls.append((on_result, function, args, kwargs))
+
+    def run_next(self):
+        on_result, function, args, kwargs = self.calls.pop(0)
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class ImmediateReactor:
+    """What deferToThreadPool needs of a reactor: callFromThread, at once."""
+
+    def callFromThread(self, function, *args, **kwargs):
+        function(*args, **kwargs)
+
+
+class QueueFileWrittenOnceTests(SynchronousTestCase):
+    """With the spool's writer (``Spool.new_message``) DATA goes once,
+    into the queue file, with no temporary file; the 250 only after the
+    file's fsync, its link and the fsync of incoming/."""
+
+    def setUp(self):
+        self.events = []
+        self.spool = Spool(self.mktemp(), fsync_directory=self.fsync_directory)
+        self.spool.ensure_layout()
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            self.events.append("fsync file")
+            real_fsync(fd)
+
+        self.patch(spool_module.os, "fsync", fsync)
+        self.session = None
+
+    def fsync_directory(self, path):
+        entries = sorted(os.listdir(path))
+        acknowledged = self.session is not None and b"queued as" in self.session.transport.value()
+        self.events.append((f"fsync {os.path.basename(path)}", len(entries), acknowledged))
+
+    def tmp_entries(self):
+        return os.listdir(os.path.join(self.spool.directory, "tmp"))
+
+    def test_no_temporary_file_and_nothing_acknowledged_before_the_fsyncs(self):
+        def no_temporary_file(dir=None):
+            raise AssertionError("a temporary file was made")
+
+        import relayagent.smtpd.intake as intake_module
+
+        self.patch(intake_module.tempfile, "TemporaryFile", no_temporary_file)
+        self.session = Session(self, spool=self.spool)
+        self.session.replies()
+        lines = self.session.send(TRANSACTION)
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354, 250])
+        (queue_id,) = self.spool.queue_ids("incoming")
+        self.assertTrue(lines[-1].endswith(b"queued as " + queue_id.encode()), lines[-1])
+        # The file's fsync, then the directory's with the entry in it,
+        # both before the 250 was written.
+        self.assertEqual(self.events, ["fsync file", ("fsync incoming", 1, False)])
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.verify_content()
+            self.assertEqual(len(queue_file.envelope.recipients), 3)
+            with queue_file.open_content() as content:
+                data = content.read()
+        self.assertTrue(data.startswith(b"Received: from client.example.net"), data[:40])
+        self.assertTrue(data.endswith(b"\r\nSubject: hello\r\n\r\n.a line that starts with a dot\r\nbody\r\n"),
+                        data)
+        self.assertEqual(self.tmp_entries(), [])
+
+    def threaded_session(self):
+        self.pool = ManualThreadPool()
+        self.session = Session(self, spool=ThreadedSpool(self.spool, ImmediateReactor(), self.pool))
+        self.session.replies()
+        return self.session
+
+    def test_through_the_thread_pool_one_hand_off_and_no_250_before_it_returns(self):
+        session = self.threaded_session()
+        lines = session.send(TRANSACTION + b"QUIT\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354])  # QUIT held
+        self.assertEqual(len(self.pool.calls), 1)  # one hand-off for the message
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(self.events, [])  # nothing written yet: all of it is in the pool's call
+        self.pool.run_next()
+        self.assertEqual(self.events, ["fsync file", ("fsync incoming", 1, False)])
+        self.assertEqual(codes(session.replies()), [250, 221])
+        self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
+
+    def test_commit_failing_is_451_and_nothing_left(self):
+        def failing(path):
+            raise OSError(errno.EIO, "Input/output error")
+
+        events = capture_events(self)
+        spool = Spool(self.mktemp(), fsync_directory=failing)
+        spool.ensure_layout()
+        session = Session(self, spool=spool)
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(list(spool.queue_ids("incoming")), [])
+        self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "Input/output error",
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def big_message_spool(self, memory_limit=1000):
+        spool = self.spool
+
+        class SmallMemory:
+            directory = spool.directory
+
+            def new_message(self, *args, **kwargs):
+                return spool.new_message(*args, memory_limit=memory_limit, **kwargs)
+
+        return SmallMemory()
+
+    def test_past_the_memory_limit_the_content_streams_into_the_file(self):
+        session = Session(self, spool=self.big_message_spool())
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        session.send(b"Subject: big\r\n\r\n" + b"z" * 70 * 100 + b"\r\n" + b"..dot\r\n" * 100)
+        self.assertEqual(len(self.tmp_entries()), 1)  # spilled, not queued
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        lines = session.send(b".\r\n")
+        self.assertEqual(codes(lines), [250])
+        (queue_id,) = self.spool.queue_ids("incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.verify_content()
+            with queue_file.open_content() as content:
+                data = content.read()
+        self.assertTrue(data.endswith(b"\r\nSubject: big\r\n\r\n" + b"z" * 7000 + b"\r\n" + b".dot\r\n" * 100))
+        self.assertEqual(self.tmp_entries(), [])
+
+    def test_over_the_size_limit_nothing_is_kept(self):
+        session = Session(self, spool=self.big_message_spool(), message_size_limit="5000")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
+                             + (b"y" * 998 + b"\r\n") * 10 + b".\r\n")
+        self.assertEqual(lines[-1], b"552 5.3.4 Error: message file too big")
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_write_failing_past_the_memory_limit_is_451_and_the_session_goes_on(self):
+        events = capture_events(self)
+        session = Session(self, spool=self.big_message_spool())
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        real_write = os.write
+
+        def full_disk(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(spool_module.os, "write", full_disk)
+        self.assertEqual(session.send(b"Subject: x\r\n\r\n" + b"y" * 70 * 100 + b"\r\n"), [])
+        self.assertEqual(session.send(b".\r\n"), [b"451 4.3.0 Error: queue file write error"])
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "No space left on device",
+        ])
+        self.patch(spool_module.os, "write", real_write)
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_client_gone_during_data_leaves_nothing(self):
+        session = Session(self, spool=self.big_message_spool())
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
+                     + b"z" * 5000 + b"\r\n")
+        self.assertEqual(len(self.tmp_entries()), 1)
+        session.server.connectionLost(None)
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_envelope_the_spool_refuses_is_451(self):
+        class Refusing:
+            directory = self.spool.directory
+
+            def new_message(self, *args, **kwargs):
+                raise ValueError("recipient address refused")
+
+        session = Session(self, spool=Refusing())
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_empty_message_is_its_received_header(self):
+        session = Session(self, spool=self.spool)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n.\r\n")
+        self.assertEqual(codes(lines)[-1], 250)
+        (queue_id,) = self.spool.queue_ids("incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file, queue_file.open_content() as content:
+            self.assertTrue(content.read().startswith(b"Received: from c"))
 
 
 class OriginalRecipientTests(SynchronousTestCase):

@@ -6,17 +6,23 @@ cleanup(8) writes.
 One SMTP transaction (MAIL, its RCPTs, DATA) becomes one queue file
 holding every relayed recipient: Twisted's server asks for one message
 receiver per recipient and feeds each the same lines, so the receivers of
-one transaction share a ``_Transaction`` that writes the content once, to
-a temporary file (memory does not grow with the message), and enqueues it
-once at the final ".".  The client gets 250 only after the queue file is
-durable (the spool fsyncs before it returns), and 451 4.3.0 when the spool
-cannot take the message.
+one transaction share a ``_Transaction`` that writes the content once and
+enqueues it once at the final ".".  With a spool that has ``new_message``
+(``Spool``, ``ThreadedSpool``: the listener's) the content goes straight
+into the queue file: held in memory up to the spool's limit (128 KiB, the
+whole of most messages), streamed into the file under ``tmp/`` beyond,
+and written, fsynced and linked into ``incoming/`` at the "." in one call
+(in the thread pool for the listener); with any other spool, into a
+temporary file that the spool's ``enqueue`` reads (memory does not grow
+with the message either way).  The client gets 250 only after the queue
+file and its directory entry are durable (the spool fsyncs both before
+it returns), and 451 4.3.0 when the spool cannot take the message.
 
 A full disk is an ordinary condition, answered as Postfix answers it:
 MAIL FROM gets "452 4.3.1 Insufficient system storage" while the queue
 file system is below ``queue_minfree`` or 1.5 x ``message_size_limit``
 (``relayagent.spool.space``); a write that fails later (the temporary
-file, the queue file) ends the transaction with "451 4.3.0 Error: queue
+file, the queue file, its fsyncs) ends the transaction with "451 4.3.0 Error: queue
 file write error" at the final ".", nothing of it kept.  Each is one
 warning line, never a traceback, and the next transaction tries again.
 
@@ -333,9 +339,13 @@ class Intake:
     """Turns SMTP transactions into queue files.
 
     ``spool`` has ``enqueue(sender, recipients, content, *, body_type)``
-    returning a queue id (or a Deferred of one) once the file is durable.
-    The enqueue runs in the reactor thread: the spool writes and fsyncs a
-    file, which is what Postfix's cleanup does before smtpd says 250.
+    returning a queue id (or a Deferred of one) once the file is durable,
+    and may have ``new_message(sender, recipients, *, body_type, ...)``:
+    a writer with ``write(data)``, ``commit()`` (the queue id, or a
+    Deferred of it, once durable) and ``discard()``, which the intake then
+    uses instead of a temporary file.  The spool writes and fsyncs the
+    file, which is what Postfix's cleanup does before smtpd says 250
+    (``ThreadedSpool`` does it in a thread pool).
     ``trigger`` (no arguments) is called after each successful enqueue to
     wake the queue manager; a failing trigger is logged and otherwise
     ignored (the queue manager also polls ``incoming/``).
@@ -497,6 +507,9 @@ class _Transaction:
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
         self._file: IO[bytes] | None = None
+        # The spool's writer when it has one (``Spool.new_message``): the
+        # content goes once, into the queue file; else the temporary file.
+        self._message: Any = None
         self._size = 0
         self._in_header = True
         self._hops = 1  # our own Received header counts
@@ -567,27 +580,50 @@ class _Transaction:
 
     def _start(self) -> None:
         self.collecting = False
-        # On the spool's file system, not in /tmp (often memory-backed).
-        directory = self.intake.temp_directory or getattr(self.intake.spool, "directory", None)
-        try:
-            # Unnamed (O_TMPFILE, or unlinked at once): whatever happens,
-            # no partial file is left behind.
-            self._file = tempfile.TemporaryFile(dir=directory)
-        except OSError as error:
-            self._write_failed(error)
+        new_message = getattr(self.intake.spool, "new_message", None)
+        if new_message is not None:
+            self._start_message(new_message)
+        else:
+            # On the spool's file system, not in /tmp (often memory-backed).
+            directory = self.intake.temp_directory or getattr(self.intake.spool, "directory", None)
+            try:
+                # Unnamed (O_TMPFILE, or unlinked at once): whatever happens,
+                # no partial file is left behind.
+                self._file = tempfile.TemporaryFile(dir=directory)
+            except OSError as error:
+                self._write_failed(error)
         for header_line in received_header(
             self.client, self.intake.hostname, self.recipients, self.intake.clock()
         ):
             self._write(header_line + b"\r\n")
 
+    def _start_message(self, new_message: Callable[..., Any]) -> None:
+        """Open the spool's writer for this transaction (all recipients
+        are known at the first line of DATA): the content is held in
+        memory and written once, with the queue file's head, at the end
+        (streamed into the file past the spool's memory limit)."""
+        recipients, options = self._enqueue_arguments()
+        try:
+            self._message = new_message(str(self.origin), recipients, body_type=self.body_type, **options)
+        except OSError as error:
+            self._write_failed(error)
+        except ValueError:
+            # The spool refuses the envelope: as a refused enqueue, one
+            # error logged and 451 at the final ".".
+            self._not_queued(Failure(), str(self.origin), self.recipients)
+            self.abort()
+
     def _write(self, data: bytes) -> None:
+        if self._failed:
+            return
         self._size += len(data)
         limit = self.intake.message_size_limit
         if limit and self._size > limit:
             self._fail(MESSAGE_TOO_BIG)
-        assert self._file is not None
+        target = self._message if self._message is not None else self._file
+        assert target is not None
         try:
-            self._file.write(data)
+            target.write(data)
         except OSError as error:
             self._write_failed(error)
 
@@ -638,6 +674,11 @@ class _Transaction:
         )
 
     def _close_file(self) -> None:
+        if self._message is not None:
+            message, self._message = self._message, None
+            if self._outcome is None and self._enqueueing:
+                return  # its commit runs (in a thread): the commit cleans up
+            message.discard()
         if self._file is not None:
             file, self._file = self._file, None
             try:
@@ -658,6 +699,14 @@ class _Transaction:
             except smtp.SMTPServerError as error:
                 self._settle(Failure(error))
                 return
+        sender = str(self.origin)
+        recipients = self.recipients
+        if self._message is not None:
+            # One hand-off: the write, the fsyncs and the link.
+            result = defer.maybeDeferred(self._message.commit)
+            result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
+            result.addBoth(self._settle)
+            return
         assert self._file is not None
         try:
             self._file.flush()
@@ -667,10 +716,19 @@ class _Transaction:
             self._warn_not_queued(error)
             self._settle(Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR)))
             return
-        sender = str(self.origin)
-        recipients = self.recipients
         spool_file = self._file
-        queued_recipients: list[Any] = recipients
+        queued_recipients, extra = self._enqueue_arguments()
+        result = defer.maybeDeferred(
+            self.intake.spool.enqueue, sender, queued_recipients, spool_file, body_type=self.body_type,
+            **extra,
+        )
+        result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
+        result.addBoth(self._settle)
+
+    def _enqueue_arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        """The recipients and the options of the enqueue (the spool's
+        ``enqueue`` or ``new_message``)."""
+        queued_recipients: list[Any] = self.recipients
         extra: dict[str, Any] = {}
         if self.envid is not None:
             extra["envid"] = self.envid
@@ -685,12 +743,7 @@ class _Transaction:
             extra["requiretls"] = True
         if any(r.orcpt is not None or r.notify is not Notify.DEFAULT for r in self.envelope_recipients):
             queued_recipients = self.envelope_recipients
-        result = defer.maybeDeferred(
-            self.intake.spool.enqueue, sender, queued_recipients, spool_file, body_type=self.body_type,
-            **extra,
-        )
-        result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
-        result.addBoth(self._settle)
+        return queued_recipients, extra
 
     def _queued(self, queue_id: str) -> str:
         self._close_file()

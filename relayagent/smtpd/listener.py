@@ -139,7 +139,7 @@ from relayagent.smtpd.intake import (
 )
 from relayagent.smtpd.tls import MUST_STARTTLS, PRE_TLS_COMMANDS, ServerTLS
 from relayagent.spool import Spool
-from relayagent.spool.nonblocking import ThreadedSpool
+from relayagent.spool.nonblocking import ThreadedIncomingMessage, ThreadedSpool
 
 log = Logger(namespace="relayagent.smtpd.listener")
 
@@ -923,6 +923,14 @@ class _DaemonSpool:
         if self.daemon.spool is None:
             raise OSError("the spool is not open yet")
         return ThreadedSpool(self.daemon.spool, self.reactor).enqueue(*args, **kwargs)
+
+    def new_message(self, *args: Any, **kwargs: Any) -> ThreadedIncomingMessage:
+        """``Spool.new_message`` committed in the thread pool (the intake
+        writes DATA into it: the content written once, into the queue
+        file)."""
+        if self.daemon.spool is None:
+            raise OSError("the spool is not open yet")
+        return ThreadedSpool(self.daemon.spool, self.reactor).new_message(*args, **kwargs)
 
 
 def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[IService]:
