@@ -791,7 +791,7 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
         session = Session(self, spool=self.big_message_spool())
         session.replies()
         session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
-        session.send(b"Subject: big\r\n\r\n" + b"z" * 70 * 100 + b"\r\n" + b"..dot\r\n" * 100)
+        session.send(b"Subject: big\r\n\r\n" + (b"z" * 700 + b"\r\n") * 100 + b"..dot\r\n" * 100)
         self.assertEqual(len(self.tmp_entries()), 1)  # spilled, not queued
         self.assertEqual(list(self.spool.queue_ids("incoming")), [])
         lines = session.send(b".\r\n")
@@ -801,7 +801,7 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
             queue_file.verify_content()
             with queue_file.open_content() as content:
                 data = content.read()
-        self.assertTrue(data.endswith(b"\r\nSubject: big\r\n\r\n" + b"z" * 7000 + b"\r\n" + b".dot\r\n" * 100))
+        self.assertTrue(data.endswith(b"\r\nSubject: big\r\n\r\n" + (b"z" * 700 + b"\r\n") * 100 + b".dot\r\n" * 100))
         self.assertEqual(self.tmp_entries(), [])
 
     def test_over_the_size_limit_nothing_is_kept(self):
@@ -824,7 +824,7 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(spool_module.os, "write", full_disk)
-        self.assertEqual(session.send(b"Subject: x\r\n\r\n" + b"y" * 70 * 100 + b"\r\n"), [])
+        self.assertEqual(session.send(b"Subject: x\r\n\r\n" + (b"y" * 700 + b"\r\n") * 100), [])
         self.assertEqual(session.send(b".\r\n"), [b"451 4.3.0 Error: queue file write error"])
         self.assertEqual(self.tmp_entries(), [])
         self.assertEqual(warnings_in(events), [
@@ -841,7 +841,7 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
         session = Session(self, spool=self.big_message_spool())
         session.replies()
         session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
-                     + b"z" * 5000 + b"\r\n")
+                     + (b"z" * 700 + b"\r\n") * 100)
         self.assertEqual(len(self.tmp_entries()), 1)
         session.server.connectionLost(None)
         self.assertEqual(self.tmp_entries(), [])
@@ -860,6 +860,24 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
                              b"DATA\r\nx\r\n.\r\n")
         self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_the_writer_gets_a_small_message_in_one_piece(self):
+        spool = self.spool
+        pieces = []
+
+        class Counting:
+            directory = spool.directory
+
+            def new_message(self, *args, **kwargs):
+                message = spool.new_message(*args, **kwargs)
+                real_write = message.write
+                message.write = lambda data: pieces.append(len(data)) or real_write(data)
+                return message
+
+        session = Session(self, spool=Counting())
+        session.replies()
+        self.assertEqual(codes(session.send(TRANSACTION))[-1], 250)
+        self.assertEqual(len(pieces), 1)
 
     def test_empty_message_is_its_received_header(self):
         session = Session(self, spool=self.spool)

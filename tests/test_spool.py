@@ -525,10 +525,25 @@ class IncomingMessageTests(SynchronousTestCase):
         self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
         self.assertRaises(ValueError, committed.commit)
 
-    def test_bad_envelope_is_refused_at_once(self) -> None:
-        self.assertRaises(ValueError, self.spool.new_message, "a@x.example", [])
-        self.assertRaises(ValueError, self.spool.new_message, "a@x.example", ["b\n@y"])
+    def test_bad_envelope_is_refused_at_the_commit_or_the_first_file_write(self) -> None:
         self.assertRaises(ValueError, self.spool.new_message, "a@x.example", ["b@y"], queue="nowhere")
+        for recipients in ([], ["b\n@y"], "b@y"):
+            message = self.spool.new_message("a@x.example", recipients)
+            message.write(b"x\r\n")
+            self.assertRaises(ValueError, message.commit)
+            message = self.spool.new_message("a@x.example", recipients, memory_limit=10)
+            self.assertRaises(ValueError, message.write, b"x" * 20)
+            message.discard()
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_recipients_as_they_were_when_it_began(self) -> None:
+        recipients = ["b@y.example"]
+        message = self.spool.new_message("a@x.example", recipients)
+        recipients.append("c@y.example")
+        queue_id = message.commit()
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual([r.address for r in queue_file.envelope.recipients], ["b@y.example"])
 
     def test_directory_fsync_failing_queues_nothing(self) -> None:
         def failing(path: str) -> None:

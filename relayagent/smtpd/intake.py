@@ -510,6 +510,10 @@ class _Transaction:
         # The spool's writer when it has one (``Spool.new_message``): the
         # content goes once, into the queue file; else the temporary file.
         self._message: Any = None
+        # What goes to the writer next, given in pieces of at least
+        # _WRITER_PIECE octets (or at the end): one call, not one a line.
+        self._pieces: list[bytes] = []
+        self._held = 0
         self._size = 0
         self._in_header = True
         self._hops = 1  # our own Received header counts
@@ -608,10 +612,13 @@ class _Transaction:
         except OSError as error:
             self._write_failed(error)
         except ValueError:
-            # The spool refuses the envelope: as a refused enqueue, one
-            # error logged and 451 at the final ".".
-            self._not_queued(Failure(), str(self.origin), self.recipients)
-            self.abort()
+            self._envelope_refused()
+
+    def _envelope_refused(self) -> None:
+        """The spool refuses the envelope (ValueError): as a refused
+        enqueue, one error logged and 451 at the final "."."""
+        self._not_queued(Failure(), str(self.origin), self.recipients)
+        self.abort()
 
     def _write(self, data: bytes) -> None:
         if self._failed:
@@ -620,12 +627,29 @@ class _Transaction:
         limit = self.intake.message_size_limit
         if limit and self._size > limit:
             self._fail(MESSAGE_TOO_BIG)
-        target = self._message if self._message is not None else self._file
-        assert target is not None
+        if self._message is not None:
+            self._pieces.append(data)
+            self._held += len(data)
+            if self._held >= _WRITER_PIECE:
+                self._give_pieces()
+            return
+        assert self._file is not None
         try:
-            target.write(data)
+            self._file.write(data)
         except OSError as error:
             self._write_failed(error)
+
+    def _give_pieces(self) -> None:
+        """Hand what is held to the spool's writer (which may start the
+        file under tmp/ and write to it)."""
+        data = b"".join(self._pieces)
+        self._pieces, self._held = [], 0
+        try:
+            self._message.write(data)
+        except OSError as error:
+            self._write_failed(error)
+        except ValueError:
+            self._envelope_refused()
 
     def _write_line(self, line: bytes) -> None:
         if self._in_header:
@@ -702,6 +726,12 @@ class _Transaction:
         sender = str(self.origin)
         recipients = self.recipients
         if self._message is not None:
+            if self._pieces:
+                try:
+                    self._give_pieces()
+                except smtp.SMTPServerError as error:
+                    self._settle(Failure(error))
+                    return
             # One hand-off: the write, the fsyncs and the link.
             result = defer.maybeDeferred(self._message.commit)
             result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
@@ -780,6 +810,11 @@ class _Transaction:
                 waiter.errback(self._outcome)
             else:
                 waiter.callback(self._outcome)
+
+
+# The pieces of content the intake gives the spool's writer at a time
+# (its own buffer: the writer is called once for a small message).
+_WRITER_PIECE = 64 * 1024
 
 
 def _describe_peer_info(client: ClientInfo) -> str:

@@ -538,11 +538,19 @@ class Spool:
         once, into the queue file: kept in memory up to ``memory_limit``
         octets (the whole of most messages, then written with its head in
         one write), streamed into its file under tmp/ beyond.  The
-        arguments are ``enqueue``'s; raises ValueError for a bad one."""
+        arguments are ``enqueue``'s; a bad queue is ValueError at once, a
+        bad sender or recipient ValueError from the ``write`` that
+        starts the file or from ``commit`` (the envelope is checked and
+        built there: in the listener, in the thread pool)."""
         if queue not in QUEUES:
             raise ValueError(f"no such queue: {queue!r}")
-        variable, count = self._prepare_envelope(sender, recipients, envid)
-        envelope = _EnvelopeHead(variable, count, smtputf8, requiretls, ret, None, arrival_time)
+        if not isinstance(recipients, (str, bytes)):
+            recipients = list(recipients)  # as they are now
+
+        def envelope() -> _EnvelopeHead:
+            variable, count = self._prepare_envelope(sender, recipients, envid)
+            return _EnvelopeHead(variable, count, smtputf8, requiretls, ret, None, arrival_time)
+
         return IncomingMessage(self, envelope, body_type, queue, memory_limit)
 
     def directory_sync(self, queue: str) -> DirectorySync:
@@ -1046,10 +1054,11 @@ class IncomingMessage:
     and ``commit`` may run in different threads, one after the other,
     never at once."""
 
-    def __init__(self, spool: Spool, envelope: _EnvelopeHead, body_type: BodyType | None,
-                 queue: str, memory_limit: int) -> None:
+    def __init__(self, spool: Spool, make_envelope: Callable[[], _EnvelopeHead],
+                 body_type: BodyType | None, queue: str, memory_limit: int) -> None:
         self._spool = spool
-        self._envelope = envelope
+        self._make_envelope = make_envelope
+        self._envelope_head: _EnvelopeHead | None = None
         self._body_type = body_type
         self._queue = queue
         self._memory_limit = memory_limit
@@ -1063,10 +1072,19 @@ class IncomingMessage:
         """Octets of content written so far."""
         return self._held + (self._writer._size if self._writer is not None else 0)
 
+    @property
+    def _envelope(self) -> _EnvelopeHead:
+        # Checked and built when first needed: at the commit, which the
+        # listener runs in its thread pool, for all but large messages.
+        if self._envelope_head is None:
+            self._envelope_head = self._make_envelope()
+        return self._envelope_head
+
     def write(self, data: bytes) -> None:
         """Add ``data`` to the content; raises OSError when the file under
         tmp/ (made once the content passes the memory limit) cannot be
-        written."""
+        written, ValueError when the envelope is bad (found when the file
+        is made)."""
         if self._over:
             raise ValueError("this message is already committed or discarded")
         self._pieces.append(data)
@@ -1084,8 +1102,9 @@ class IncomingMessage:
     def commit(self) -> str:
         """Write what is left, fsync the file, link it into its queue and
         fsync the directory (shared with the enqueues linked meanwhile:
-        ``DirectorySync``); the queue id.  Blocking.  Raises OSError
-        (nothing queued, the file removed)."""
+        ``DirectorySync``); the queue id.  Blocking.  Raises OSError, or
+        ValueError for a bad envelope (nothing queued, the file
+        removed)."""
         if self._over:
             raise ValueError("this message is already committed or discarded")
         self._over = True
