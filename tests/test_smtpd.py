@@ -889,6 +889,69 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
             self.assertTrue(content.read().startswith(b"Received: from c"))
 
 
+
+class BodyInBulkTests(SynchronousTestCase):
+    """Past the header, DATA goes to the intake in one piece per read
+    (``RelayagentESMTP._body_in_bulk``): the queued content is what
+    Twisted's line-by-line path makes of the same input, however the
+    input is cut."""
+
+    MESSAGES = [
+        b"Subject: s\r\n\r\nbody\r\n..dot\r\n.\r\n",
+        b"Subject: s\r\n\r\n..\r\n...\r\n.x\r\n\r\n\r\nend\r\n.\r\n",
+        b"no header line\r\n..dot\r\nmore\r\n.\r\n",
+        b"Subject: s\r\nX-A: b\r\n\r\na\rb\nc\r\n\r\r\n.\r\r\n.\r\n",
+        b"Subject: only a header\r\n.\r\n",
+        b".\r\n",
+        b"Subject: s\r\n\r\n" + b"".join(b"line %d\r\n.%d\r\n" % (n, n) for n in range(300)) + b".\r\n",
+    ]
+    ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nRCPT TO:<c@y.example>\r\nDATA\r\n"
+
+    def queued(self, message, cut, *, bulk=True):
+        if not bulk:
+            self.patch(RelayagentESMTP, "_body_in_bulk", lambda self: False)
+        session = Session(self)
+        session.replies()
+        data = self.ENVELOPE + message + b"QUIT\r\n"
+        replies = []
+        for start in range(0, len(data), cut):
+            replies += session.send(data[start:start + cut])
+        if not bulk:
+            self.patch(RelayagentESMTP, "_body_in_bulk", BodyInBulkTests.real_bulk)
+        return codes(replies), [m["content"] for m in session.spool.messages]
+
+    real_bulk = RelayagentESMTP._body_in_bulk
+
+    def test_same_content_as_line_by_line(self):
+        for message in self.MESSAGES:
+            expected = self.queued(message, 1 << 20, bulk=False)
+            self.assertEqual(expected[0], [250, 250, 250, 250, 354, 250, 221])
+            for cut in (1, 2, 3, 7, 64, 1000, 1 << 20):
+                self.assertEqual(self.queued(message, cut), expected, (message[:40], cut))
+
+    def test_bulk_is_taken_for_the_body(self):
+        calls = []
+        real = RelayagentESMTP._body_in_bulk
+
+        def counting(server):
+            taken = real(server)
+            calls.append(taken)
+            return taken
+
+        self.patch(RelayagentESMTP, "_body_in_bulk", counting)
+        self.queued(self.MESSAGES[-1], 1 << 20)
+        self.assertEqual(calls.count(True), 1)  # 600 body lines in one piece
+
+    def test_size_limit_in_bulk(self):
+        session = Session(self, message_size_limit="3000")
+        session.replies()
+        lines = session.send(self.ENVELOPE + b"Subject: s\r\n\r\n" + (b"y" * 100 + b"\r\n") * 40)
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 354])
+        lines = session.send((b"y" * 100 + b"\r\n") * 40 + b".\r\nMAIL FROM:<a@x.example>\r\n")
+        self.assertEqual(lines, [b"552 5.3.4 Error: message file too big", b"250 Sender address accepted"])
+        self.assertEqual(session.spool.messages, [])
+
+
 class OriginalRecipientTests(SynchronousTestCase):
     """The listener offers DSN (RFC 3461): what a client gives is kept, and
     nothing is invented for the queue file when it gives nothing (the

@@ -546,6 +546,21 @@ class _Transaction:
             self._start()
         self._write_line(line)
 
+    def body_writer(self) -> Callable[[bytes], None] | None:
+        """``write_body`` once the header is behind (every line from now
+        on is body, to be written as it comes), else None."""
+        if self.collecting or self._in_header or self._failed or self._outcome is not None:
+            return None
+        return self.write_body
+
+    def write_body(self, data: bytes) -> None:
+        """Body lines in one piece, dot-unstuffed, each with its CRLF (the
+        listener's DATA in bulk): what ``line`` would write of them one by
+        one.  Raises ``SMTPServerError`` as ``line`` does."""
+        if self._failed or self._outcome is not None:
+            return
+        self._write(data)
+
     def end(self) -> defer.Deferred[Any]:
         waiter: defer.Deferred[Any] = defer.Deferred()
         self._waiters.append(waiter)
@@ -876,6 +891,23 @@ class _RecipientReceiver:
 
     def connectionLost(self) -> None:
         self.transaction.abort()
+
+
+def body_writer(receivers: Sequence[object]) -> Callable[[bytes], None] | None:
+    """Where an SMTP server may write the rest of a message's body in
+    bulk: when ``receivers`` (Twisted's message receivers of one DATA) are
+    all this intake's, of one transaction whose header is behind, its
+    ``write_body``; else None (then each line goes to each receiver)."""
+    if not receivers:
+        return None
+    first = receivers[0]
+    if not isinstance(first, _RecipientReceiver):
+        return None
+    transaction = first.transaction
+    for receiver in receivers:
+        if not isinstance(receiver, _RecipientReceiver) or receiver.transaction is not transaction:
+            return None
+    return transaction.body_writer()
 
 
 # -- the doors into twisted.mail --------------------------------------------
