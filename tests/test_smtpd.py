@@ -879,6 +879,25 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
         self.assertEqual(codes(session.send(TRANSACTION))[-1], 250)
         self.assertEqual(len(pieces), 1)
 
+    def test_envelope_refused_by_the_writer_is_451_and_leaves_nothing(self):
+        spool = self.spool
+
+        class NoRecipients:
+            directory = spool.directory
+
+            def new_message(self, sender, recipients, **kwargs):
+                return spool.new_message(sender, [], memory_limit=10, **kwargs)
+
+        for body in (b"x\r\n", b"Subject: s\r\n\r\n" + (b"y" * 700 + b"\r\n") * 100):
+            session = Session(self, spool=NoRecipients())
+            session.replies()
+            lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                                 b"DATA\r\n" + body + b".\r\n")
+            self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+            self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+            self.assertEqual(self.tmp_entries(), [])
+            self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
     def test_empty_message_is_its_received_header(self):
         session = Session(self, spool=self.spool)
         session.replies()

@@ -514,6 +514,7 @@ class _Transaction:
         # _WRITER_PIECE octets (or at the end): one call, not one a line.
         self._pieces: list[bytes] = []
         self._held = 0
+        self._committing = False  # the writer's commit is running
         self._size = 0
         self._in_header = True
         self._hops = 1  # our own Received header counts
@@ -715,7 +716,7 @@ class _Transaction:
     def _close_file(self) -> None:
         if self._message is not None:
             message, self._message = self._message, None
-            if self._outcome is None and self._enqueueing:
+            if self._committing and self._outcome is None:
                 return  # its commit runs (in a thread): the commit cleans up
             message.discard()
         if self._file is not None:
@@ -747,7 +748,11 @@ class _Transaction:
                 except smtp.SMTPServerError as error:
                     self._settle(Failure(error))
                     return
+                if self._failed:  # the envelope refused, logged
+                    self._settle(Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR)))
+                    return
             # One hand-off: the write, the fsyncs and the link.
+            self._committing = True
             result = defer.maybeDeferred(self._message.commit)
             result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
             result.addBoth(self._settle)
