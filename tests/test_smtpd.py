@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import BodyType
-from relayagent.smtpd.intake import Intake, RelayPolicy, parse_mynetworks
+from relayagent.smtpd.intake import Intake, RelayPolicy, describe_client, parse_mynetworks
 from relayagent.smtpd.listener import (
     ListenerFactory,
     RelayagentESMTP,
@@ -234,6 +234,21 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(lines[-2], b"554 5.7.1 <b@remote.example>: Relay access denied")
         self.assertEqual(codes(lines)[-1], 503)  # DATA without a recipient
         self.assertEqual(session.spool.messages, [])
+
+    def test_each_policy_answers_for_its_own_networks_asked_again(self):
+        # The answers are remembered per client address and per policy.
+        narrow = RelayPolicy(parse_mynetworks(["127.0.0.1/32"]))
+        wide = RelayPolicy(parse_mynetworks(["127.0.0.0/8", "[::1]/128"]))
+        for _ in range(2):
+            for host, in_narrow, in_wide in (("127.0.0.1", True, True), ("127.0.0.2", False, True),
+                                              ("::ffff:127.0.0.2", False, True), ("::1", False, True),
+                                              ("192.0.2.7", False, False), ("not an address", False, False)):
+                peer = IPv6Address("TCP", host, 1) if ":" in host else IPv4Address("TCP", host, 1)
+                self.assertEqual((narrow.in_mynetworks(peer), wide.in_mynetworks(peer)),
+                                 (in_narrow, in_wide), host)
+        self.assertEqual(describe_client(IPv6Address("TCP", "::ffff:192.0.2.1", 1)), "unknown[192.0.2.1]")
+        self.assertEqual(describe_client(IPv6Address("TCP", "2001:db8::1", 1)), "unknown[2001:db8::1]")
+        self.assertEqual(describe_client(None), "unknown[unknown]")
 
     def test_loopback_is_accepted(self):
         session = Session(self, peer="127.0.0.1", mynetworks="127.0.0.1/32")

@@ -50,6 +50,7 @@ queue_directory and queue_minfree (``relayagent.spool.space`` owns it).
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import os
 import re
@@ -166,6 +167,14 @@ def _peer_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     host = getattr(peer, "host", None)
     if not isinstance(host, str):
         return None
+    return _host_ip(str(host))
+
+
+# Several times a session (the relay check, the Received header, the
+# connect, client= and disconnect lines), for the same few clients:
+# ipaddress takes tens of microseconds a parse.
+@functools.lru_cache(maxsize=1024)
+def _host_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
@@ -194,6 +203,8 @@ class RelayPolicy:
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks = tuple(networks)
+        # Once per client address, not per RCPT.
+        self._address_in_networks = functools.lru_cache(maxsize=1024)(self._search_networks)
 
     @classmethod
     def from_config(cls, config: Config) -> RelayPolicy:
@@ -209,6 +220,9 @@ class RelayPolicy:
         address = _peer_ip(peer)
         if address is None:
             return False
+        return self._address_in_networks(address)
+
+    def _search_networks(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address.version == net.version and address in net for net in self.networks)
 
     def will_relay(self, protocol: object, *, authenticated: bool = False) -> bool:
@@ -480,6 +494,11 @@ def describe_client(peer: object) -> str:
     ``unknown[unknown]`` for a client with no IP address (a UNIX
     socket)."""
     address = _peer_ip(peer) if peer is not None else None
+    return _client_name(address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_name(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str:
     return f"unknown[{address.compressed}]" if address is not None else "unknown[unknown]"
 
 
