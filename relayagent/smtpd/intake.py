@@ -203,8 +203,9 @@ class RelayPolicy:
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks = tuple(networks)
-        # Once per client address, not per RCPT.
-        self._address_in_networks = functools.lru_cache(maxsize=1024)(self._search_networks)
+        # Once per client address (its text: an ipaddress object's hash
+        # is Python code), not per RCPT.
+        self._host_in_networks = functools.lru_cache(maxsize=1024)(self._search_networks)
 
     @classmethod
     def from_config(cls, config: Config) -> RelayPolicy:
@@ -217,12 +218,15 @@ class RelayPolicy:
         UNIX-socket peer always is, a peer with no IP address never."""
         if isinstance(peer, UNIXAddress):
             return True
-        address = _peer_ip(peer)
+        host = getattr(peer, "host", None)
+        if not isinstance(host, str):
+            return False
+        return self._host_in_networks(str(host))
+
+    def _search_networks(self, host: str) -> bool:
+        address = _host_ip(host)
         if address is None:
             return False
-        return self._address_in_networks(address)
-
-    def _search_networks(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(address.version == net.version and address in net for net in self.networks)
 
     def will_relay(self, protocol: object, *, authenticated: bool = False) -> bool:
@@ -493,12 +497,13 @@ def describe_client(peer: object) -> str:
     ``unknown``, as in Postfix when there is no PTR record;
     ``unknown[unknown]`` for a client with no IP address (a UNIX
     socket)."""
-    address = _peer_ip(peer) if peer is not None else None
-    return _client_name(address)
+    host = getattr(peer, "host", None) if peer is not None else None
+    return _client_name(str(host)) if isinstance(host, str) else "unknown[unknown]"
 
 
 @functools.lru_cache(maxsize=1024)
-def _client_name(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str:
+def _client_name(host: str) -> str:
+    address = _host_ip(host)
     return f"unknown[{address.compressed}]" if address is not None else "unknown[unknown]"
 
 
