@@ -11,17 +11,21 @@ import types
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import BodyType
-from relayagent.smtpd.intake import Intake, RelayPolicy, parse_mynetworks
+from relayagent.smtpd.intake import Intake, RelayPolicy, describe_client, parse_mynetworks
 from relayagent.smtpd.listener import (
     ListenerFactory,
     RelayagentESMTP,
     make_listener_services,
     parse_esmtp_parameters,
 )
+from relayagent.spool import Spool
+from relayagent.spool import spool as spool_module
+from relayagent.spool.nonblocking import ThreadedSpool
 from relayagent.testing import FailingFile, FakeSpool, FakeStatvfs
 from tests.support.smtpd import capture_events, codes, warnings_in
 
@@ -230,6 +234,21 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(lines[-2], b"554 5.7.1 <b@remote.example>: Relay access denied")
         self.assertEqual(codes(lines)[-1], 503)  # DATA without a recipient
         self.assertEqual(session.spool.messages, [])
+
+    def test_each_policy_answers_for_its_own_networks_asked_again(self):
+        # The answers are remembered per client address and per policy.
+        narrow = RelayPolicy(parse_mynetworks(["127.0.0.1/32"]))
+        wide = RelayPolicy(parse_mynetworks(["127.0.0.0/8", "[::1]/128"]))
+        for _ in range(2):
+            for host, in_narrow, in_wide in (("127.0.0.1", True, True), ("127.0.0.2", False, True),
+                                              ("::ffff:127.0.0.2", False, True), ("::1", False, True),
+                                              ("192.0.2.7", False, False), ("not an address", False, False)):
+                peer = IPv6Address("TCP", host, 1) if ":" in host else IPv4Address("TCP", host, 1)
+                self.assertEqual((narrow.in_mynetworks(peer), wide.in_mynetworks(peer)),
+                                 (in_narrow, in_wide), host)
+        self.assertEqual(describe_client(IPv6Address("TCP", "::ffff:192.0.2.1", 1)), "unknown[192.0.2.1]")
+        self.assertEqual(describe_client(IPv6Address("TCP", "2001:db8::1", 1)), "unknown[2001:db8::1]")
+        self.assertEqual(describe_client(None), "unknown[unknown]")
 
     def test_loopback_is_accepted(self):
         session = Session(self, peer="127.0.0.1", mynetworks="127.0.0.1/32")
@@ -654,6 +673,317 @@ class DiskFullTests(SynchronousTestCase):
         session.server.connectionLost(None)
         self.assertTrue(made[0].closed)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+
+class ManualThreadPool:
+    """A thread pool that runs each call only when the test says so."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        self.calls.append((on_result, function, args, kwargs))
+
+    def run_next(self):
+        on_result, function, args, kwargs = self.calls.pop(0)
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class ImmediateReactor:
+    """What deferToThreadPool needs of a reactor: callFromThread, at once."""
+
+    def callFromThread(self, function, *args, **kwargs):
+        function(*args, **kwargs)
+
+
+class QueueFileWrittenOnceTests(SynchronousTestCase):
+    """With the spool's writer (``Spool.new_message``) DATA goes once,
+    into the queue file, with no temporary file; the 250 only after the
+    file's fsync, its link and the fsync of incoming/."""
+
+    def setUp(self):
+        self.events = []
+        self.spool = Spool(self.mktemp(), fsync_directory=self.fsync_directory)
+        self.spool.ensure_layout()
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            self.events.append("fsync file")
+            real_fsync(fd)
+
+        self.patch(spool_module.os, "fsync", fsync)
+        self.session = None
+
+    def fsync_directory(self, path):
+        entries = sorted(os.listdir(path))
+        acknowledged = self.session is not None and b"queued as" in self.session.transport.value()
+        self.events.append((f"fsync {os.path.basename(path)}", len(entries), acknowledged))
+
+    def tmp_entries(self):
+        return os.listdir(os.path.join(self.spool.directory, "tmp"))
+
+    def test_no_temporary_file_and_nothing_acknowledged_before_the_fsyncs(self):
+        def no_temporary_file(dir=None):
+            raise AssertionError("a temporary file was made")
+
+        import relayagent.smtpd.intake as intake_module
+
+        self.patch(intake_module.tempfile, "TemporaryFile", no_temporary_file)
+        self.session = Session(self, spool=self.spool)
+        self.session.replies()
+        lines = self.session.send(TRANSACTION)
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354, 250])
+        (queue_id,) = self.spool.queue_ids("incoming")
+        self.assertTrue(lines[-1].endswith(b"queued as " + queue_id.encode()), lines[-1])
+        # The file's fsync, then the directory's with the entry in it,
+        # both before the 250 was written.
+        self.assertEqual(self.events, ["fsync file", ("fsync incoming", 1, False)])
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.verify_content()
+            self.assertEqual(len(queue_file.envelope.recipients), 3)
+            with queue_file.open_content() as content:
+                data = content.read()
+        self.assertTrue(data.startswith(b"Received: from client.example.net"), data[:40])
+        self.assertTrue(data.endswith(b"\r\nSubject: hello\r\n\r\n.a line that starts with a dot\r\nbody\r\n"),
+                        data)
+        self.assertEqual(self.tmp_entries(), [])
+
+    def threaded_session(self):
+        self.pool = ManualThreadPool()
+        self.session = Session(self, spool=ThreadedSpool(self.spool, ImmediateReactor(), self.pool))
+        self.session.replies()
+        return self.session
+
+    def test_through_the_thread_pool_one_hand_off_and_no_250_before_it_returns(self):
+        session = self.threaded_session()
+        lines = session.send(TRANSACTION + b"QUIT\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354])  # QUIT held
+        self.assertEqual(len(self.pool.calls), 1)  # one hand-off for the message
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(self.events, [])  # nothing written yet: all of it is in the pool's call
+        self.pool.run_next()
+        self.assertEqual(self.events, ["fsync file", ("fsync incoming", 1, False)])
+        self.assertEqual(codes(session.replies()), [250, 221])
+        self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
+
+    def test_commit_failing_is_451_and_nothing_left(self):
+        def failing(path):
+            raise OSError(errno.EIO, "Input/output error")
+
+        events = capture_events(self)
+        spool = Spool(self.mktemp(), fsync_directory=failing)
+        spool.ensure_layout()
+        session = Session(self, spool=spool)
+        session.replies()
+        lines = session.send(TRANSACTION)
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(list(spool.queue_ids("incoming")), [])
+        self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "Input/output error",
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def big_message_spool(self, memory_limit=1000):
+        spool = self.spool
+
+        class SmallMemory:
+            directory = spool.directory
+
+            def new_message(self, *args, **kwargs):
+                return spool.new_message(*args, memory_limit=memory_limit, **kwargs)
+
+        return SmallMemory()
+
+    def test_past_the_memory_limit_the_content_streams_into_the_file(self):
+        session = Session(self, spool=self.big_message_spool())
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        session.send(b"Subject: big\r\n\r\n" + (b"z" * 700 + b"\r\n") * 100 + b"..dot\r\n" * 100)
+        self.assertEqual(len(self.tmp_entries()), 1)  # spilled, not queued
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        lines = session.send(b".\r\n")
+        self.assertEqual(codes(lines), [250])
+        (queue_id,) = self.spool.queue_ids("incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            queue_file.verify_content()
+            with queue_file.open_content() as content:
+                data = content.read()
+        self.assertTrue(data.endswith(b"\r\nSubject: big\r\n\r\n" + (b"z" * 700 + b"\r\n") * 100 + b".dot\r\n" * 100))
+        self.assertEqual(self.tmp_entries(), [])
+
+    def test_over_the_size_limit_nothing_is_kept(self):
+        session = Session(self, spool=self.big_message_spool(), message_size_limit="5000")
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
+                             + (b"y" * 998 + b"\r\n") * 10 + b".\r\n")
+        self.assertEqual(lines[-1], b"552 5.3.4 Error: message file too big")
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_write_failing_past_the_memory_limit_is_451_and_the_session_goes_on(self):
+        events = capture_events(self)
+        session = Session(self, spool=self.big_message_spool())
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+        real_write = os.write
+
+        def full_disk(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(spool_module.os, "write", full_disk)
+        self.assertEqual(session.send(b"Subject: x\r\n\r\n" + (b"y" * 700 + b"\r\n") * 100), [])
+        self.assertEqual(session.send(b".\r\n"), [b"451 4.3.0 Error: queue file write error"])
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "No space left on device",
+        ])
+        self.patch(spool_module.os, "write", real_write)
+        lines = session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_client_gone_during_data_leaves_nothing(self):
+        session = Session(self, spool=self.big_message_spool())
+        session.replies()
+        session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
+                     + (b"z" * 700 + b"\r\n") * 100)
+        self.assertEqual(len(self.tmp_entries()), 1)
+        session.server.connectionLost(None)
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_envelope_the_spool_refuses_is_451(self):
+        class Refusing:
+            directory = self.spool.directory
+
+            def new_message(self, *args, **kwargs):
+                raise ValueError("recipient address refused")
+
+        session = Session(self, spool=Refusing())
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                             b"DATA\r\nx\r\n.\r\n")
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_the_writer_gets_a_small_message_in_one_piece(self):
+        spool = self.spool
+        pieces = []
+
+        class Counting:
+            directory = spool.directory
+
+            def new_message(self, *args, **kwargs):
+                message = spool.new_message(*args, **kwargs)
+                real_write = message.write
+                message.write = lambda data: pieces.append(len(data)) or real_write(data)
+                return message
+
+        session = Session(self, spool=Counting())
+        session.replies()
+        self.assertEqual(codes(session.send(TRANSACTION))[-1], 250)
+        self.assertEqual(len(pieces), 1)
+
+    def test_envelope_refused_by_the_writer_is_451_and_leaves_nothing(self):
+        spool = self.spool
+
+        class NoRecipients:
+            directory = spool.directory
+
+            def new_message(self, sender, recipients, **kwargs):
+                return spool.new_message(sender, [], memory_limit=10, **kwargs)
+
+        for body in (b"x\r\n", b"Subject: s\r\n\r\n" + (b"y" * 700 + b"\r\n") * 100):
+            session = Session(self, spool=NoRecipients())
+            session.replies()
+            lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                                 b"DATA\r\n" + body + b".\r\n")
+            self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+            self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+            self.assertEqual(self.tmp_entries(), [])
+            self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_empty_message_is_its_received_header(self):
+        session = Session(self, spool=self.spool)
+        session.replies()
+        lines = session.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n.\r\n")
+        self.assertEqual(codes(lines)[-1], 250)
+        (queue_id,) = self.spool.queue_ids("incoming")
+        with self.spool.open(queue_id, "incoming") as queue_file, queue_file.open_content() as content:
+            self.assertTrue(content.read().startswith(b"Received: from c"))
+
+
+
+class BodyInBulkTests(SynchronousTestCase):
+    """Past the header, DATA goes to the intake in one piece per read
+    (``RelayagentESMTP._body_in_bulk``): the queued content is what
+    Twisted's line-by-line path makes of the same input, however the
+    input is cut."""
+
+    MESSAGES = [
+        b"Subject: s\r\n\r\nbody\r\n..dot\r\n.\r\n",
+        b"Subject: s\r\n\r\n..\r\n...\r\n.x\r\n\r\n\r\nend\r\n.\r\n",
+        b"no header line\r\n..dot\r\nmore\r\n.\r\n",
+        b"Subject: s\r\nX-A: b\r\n\r\na\rb\nc\r\n\r\r\n.\r\r\n.\r\n",
+        b"Subject: only a header\r\n.\r\n",
+        b".\r\n",
+        b"Subject: s\r\n\r\n" + b"".join(b"line %d\r\n.%d\r\n" % (n, n) for n in range(300)) + b".\r\n",
+    ]
+    ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nRCPT TO:<c@y.example>\r\nDATA\r\n"
+
+    def queued(self, message, cut, *, bulk=True):
+        if not bulk:
+            self.patch(RelayagentESMTP, "_body_in_bulk", lambda self: False)
+        session = Session(self)
+        session.replies()
+        data = self.ENVELOPE + message + b"QUIT\r\n"
+        replies = []
+        for start in range(0, len(data), cut):
+            replies += session.send(data[start:start + cut])
+        if not bulk:
+            self.patch(RelayagentESMTP, "_body_in_bulk", BodyInBulkTests.real_bulk)
+        return codes(replies), [m["content"] for m in session.spool.messages]
+
+    real_bulk = RelayagentESMTP._body_in_bulk
+
+    def test_same_content_as_line_by_line(self):
+        for message in self.MESSAGES:
+            expected = self.queued(message, 1 << 20, bulk=False)
+            self.assertEqual(expected[0], [250, 250, 250, 250, 354, 250, 221])
+            for cut in (1, 2, 3, 7, 64, 1000, 1 << 20):
+                self.assertEqual(self.queued(message, cut), expected, (message[:40], cut))
+
+    def test_bulk_is_taken_for_the_body(self):
+        calls = []
+        real = RelayagentESMTP._body_in_bulk
+
+        def counting(server):
+            taken = real(server)
+            calls.append(taken)
+            return taken
+
+        self.patch(RelayagentESMTP, "_body_in_bulk", counting)
+        self.queued(self.MESSAGES[-1], 1 << 20)
+        self.assertEqual(calls.count(True), 1)  # 600 body lines in one piece
+
+    def test_size_limit_in_bulk(self):
+        session = Session(self, message_size_limit="3000")
+        session.replies()
+        lines = session.send(self.ENVELOPE + b"Subject: s\r\n\r\n" + (b"y" * 100 + b"\r\n") * 40)
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 354])
+        lines = session.send((b"y" * 100 + b"\r\n") * 40 + b".\r\nMAIL FROM:<a@x.example>\r\n")
+        self.assertEqual(lines, [b"552 5.3.4 Error: message file too big", b"250 Sender address accepted"])
+        self.assertEqual(session.spool.messages, [])
 
 
 class OriginalRecipientTests(SynchronousTestCase):

@@ -419,6 +419,230 @@ class InjectedFailureTests(SynchronousTestCase):
             lambda spool: spool.enqueue_many([Message("a@x", ["b@y"], b"m%d" % i) for i in range(3)])
         )
 
+    def test_new_message_held_in_memory(self) -> None:
+        def write_and_commit(spool: Spool) -> list[str]:
+            message = spool.new_message("a@x", ["b@y"])
+            message.write(b"Subject: x\r\n\r\n")
+            message.write(b"body\r\n")
+            return [message.commit()]
+
+        self.check_every_call(write_and_commit)
+
+    def test_new_message_streamed_into_its_file(self) -> None:
+        def write_and_commit(spool: Spool) -> list[str]:
+            message = spool.new_message("a@x", ["b@y"], memory_limit=1000)
+            try:
+                for _ in range(10):
+                    message.write(b"y" * 700 + b"\r\n")
+            except OSError:
+                message.discard()
+                raise
+            return [message.commit()]
+
+        self.check_every_call(write_and_commit)
+
+
+def _envelope_fields(spool: Spool, queue_id: str) -> tuple[dict[str, object], bytes]:
+    """A queued message's envelope (its arrival time and id left out) and content."""
+    import dataclasses
+
+    with spool.open(queue_id, "incoming", writable=False) as queue_file:
+        queue_file.verify_content()
+        fields = dataclasses.asdict(queue_file.envelope)
+        with queue_file.open_content() as content:
+            data = content.read()
+    fields.pop("arrival_time")
+    fields.pop("queue_id")
+    return {name: value for name, value in fields.items() if not callable(value)}, data
+
+
+class IncomingMessageTests(SynchronousTestCase):
+    """``Spool.new_message``: content written in pieces makes the same
+    queue file as ``enqueue`` of the whole, written once."""
+
+    def setUp(self) -> None:
+        self.spool = make_spool(self)
+        self.tmp = os.path.join(self.spool.directory, "tmp")
+
+    def write(self, pieces: list[bytes], **options: object) -> str:
+        message = self.spool.new_message("a@x.example", ["b@y.example", "c@y.example"], **options)
+        for piece in pieces:
+            message.write(piece)
+        return message.commit()
+
+    def assert_same_as_enqueue(self, pieces: list[bytes], **options: object) -> None:
+        memory_limit = options.pop("memory_limit", None)
+        extra = {} if memory_limit is None else {"memory_limit": memory_limit}
+        written = self.write(pieces, **options, **extra)
+        whole = self.spool.enqueue("a@x.example", ["b@y.example", "c@y.example"], b"".join(pieces), **options)
+        self.assertEqual(_envelope_fields(self.spool, written), _envelope_fields(self.spool, whole))
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_small_message_is_one_write_after_the_commit(self) -> None:
+        message = self.spool.new_message("a@x.example", ["b@y.example"])
+        message.write(b"Subject: x\r\n\r\nbody\r\n")
+        self.assertEqual(os.listdir(self.tmp), [])  # nothing written yet
+        writes: list[int] = []
+        real_write = os.write
+
+        def counting_write(fd: int, data: bytes) -> int:
+            writes.append(len(data))
+            return real_write(fd, data)
+
+        self.patch(spool_module.os, "write", counting_write)
+        queue_id = message.commit()
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [queue_id])
+
+    def test_same_file_as_enqueue(self) -> None:
+        self.assert_same_as_enqueue([b"Subject: x\r\n", b"\r\n", b"body\r\n"])
+        self.assert_same_as_enqueue([b"Subject: x\n\nplain body\n"])
+        self.assert_same_as_enqueue([b"TLS-Required: No\r\n\r\n", "\u00e9t\u00e9\r\n".encode()],
+                                    envid="E1", requiretls=True)
+
+    def test_past_the_memory_limit_it_streams_into_tmp(self) -> None:
+        pieces = [b"Subject: big\n\n"] + [b"%06d" % n + b"z" * 90 + b"\n" for n in range(2000)]
+        message = self.spool.new_message("a@x.example", ["b@y.example", "c@y.example"], memory_limit=10_000)
+        for piece in pieces[:200]:
+            message.write(piece)
+        self.assertEqual(len(os.listdir(self.tmp)), 1)  # spilled, not yet queued
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        message.discard()
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assert_same_as_enqueue(pieces, memory_limit=10_000)
+        self.assert_same_as_enqueue(pieces + [b"\xff\r\n"], memory_limit=10_000)
+
+    def test_discard_and_commit_once(self) -> None:
+        message = self.spool.new_message("a@x.example", ["b@y.example"])
+        message.write(b"x\r\n")
+        message.discard()
+        message.discard()
+        self.assertRaises(ValueError, message.commit)
+        self.assertRaises(ValueError, message.write, b"more")
+        committed = self.spool.new_message("a@x.example", ["b@y.example"])
+        committed.commit()
+        committed.discard()  # no-op once committed
+        self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
+        self.assertRaises(ValueError, committed.commit)
+
+    def test_bad_envelope_is_refused_at_the_commit_or_the_first_file_write(self) -> None:
+        self.assertRaises(ValueError, self.spool.new_message, "a@x.example", ["b@y"], queue="nowhere")
+        for recipients in ([], ["b\n@y"], "b@y"):
+            message = self.spool.new_message("a@x.example", recipients)
+            message.write(b"x\r\n")
+            self.assertRaises(ValueError, message.commit)
+            message = self.spool.new_message("a@x.example", recipients, memory_limit=10)
+            self.assertRaises(ValueError, message.write, b"x" * 20)
+            message.discard()
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_recipients_as_they_were_when_it_began(self) -> None:
+        recipients = ["b@y.example"]
+        message = self.spool.new_message("a@x.example", recipients)
+        recipients.append("c@y.example")
+        queue_id = message.commit()
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            self.assertEqual([r.address for r in queue_file.envelope.recipients], ["b@y.example"])
+
+    def test_directory_fsync_failing_queues_nothing(self) -> None:
+        def failing(path: str) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        spool = make_spool(self, fsync_directory=failing)
+        message = spool.new_message("a@x.example", ["b@y.example"])
+        message.write(b"x\r\n")
+        self.assertRaises(OSError, message.commit)
+        self.assertEqual(list(spool.queue_ids("incoming")), [])
+        self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    """Group commit: an entry is reported durable only after an fsync of
+    its directory that began after its link; concurrent enqueues share
+    one fsync."""
+
+    def test_one_thread_fsyncs_for_each_ticket(self) -> None:
+        calls: list[str] = []
+        sync = spool_module.DirectorySync("/queue", calls.append)
+        sync.wait_durable(sync.linked())
+        sync.wait_durable(sync.linked())
+        self.assertEqual(calls, ["/queue", "/queue"])
+        sync.wait_durable(1)  # long durable: no fsync
+        self.assertEqual(len(calls), 2)
+
+    def test_links_during_an_fsync_share_the_next_one(self) -> None:
+        import threading
+
+        events: list[str] = []
+        started = threading.Event()
+        release = threading.Event()
+        lock = threading.Lock()
+
+        def fsync(path: str) -> None:
+            with lock:
+                events.append("fsync start")
+            if len(events) == 1:
+                started.set()
+                self.assertTrue(release.wait(10))
+            with lock:
+                events.append("fsync end")
+
+        sync = spool_module.DirectorySync("/queue", fsync)
+        first = sync.linked()
+        leader = threading.Thread(target=sync.wait_durable, args=(first,))
+        leader.start()
+        self.assertTrue(started.wait(10))
+        # Linked while the first fsync runs: not covered by it.
+        tickets = [sync.linked(), sync.linked(), sync.linked()]
+        done: list[int] = []
+
+        def wait(ticket: int) -> None:
+            sync.wait_durable(ticket)
+            with lock:
+                done.append(ticket)
+                events.append(f"durable {ticket}")
+
+        followers = [threading.Thread(target=wait, args=(ticket,)) for ticket in tickets]
+        for thread in followers:
+            thread.start()
+        # They wait for the running fsync, and it covers none of them.
+        for thread in followers:
+            thread.join(0.05)
+        self.assertEqual(done, [])
+        release.set()
+        leader.join(10)
+        for thread in followers:
+            thread.join(10)
+        self.assertEqual(sorted(done), tickets)
+        # Two fsyncs in all; every "durable" after the end of the second,
+        # which began after the three links.
+        self.assertEqual(events[:4], ["fsync start", "fsync end", "fsync start", "fsync end"])
+        self.assertEqual(sorted(events[4:]), [f"durable {ticket}" for ticket in tickets])
+
+    def test_a_failed_fsync_covers_nobody(self) -> None:
+        calls: list[str] = []
+
+        def fsync(path: str) -> None:
+            calls.append(path)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "Input/output error")
+
+        sync = spool_module.DirectorySync("/queue", fsync)
+        ticket = sync.linked()
+        self.assertRaises(OSError, sync.wait_durable, ticket)
+        sync.wait_durable(ticket)  # tried again, by its own fsync
+        self.assertEqual(len(calls), 2)
+
+    def test_the_batch_fsyncs_each_queue_after_its_links(self) -> None:
+        events: list[str] = []
+        spool = make_spool(self, fsync_directory=lambda path: events.append(
+            "fsync " + os.path.basename(path) + " " + " ".join(sorted(os.listdir(path)))))
+        with spool.batch() as batch:
+            first = batch.enqueue("a@x", ["b@y"], b"one")
+            second = batch.enqueue("a@x", ["b@y"], b"two", queue="hold")
+        self.assertEqual(events, [f"fsync hold {second}", f"fsync incoming {first}"])
+
 
 CHILD = textwrap.dedent(
     """

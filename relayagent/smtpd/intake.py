@@ -6,17 +6,23 @@ cleanup(8) writes.
 One SMTP transaction (MAIL, its RCPTs, DATA) becomes one queue file
 holding every relayed recipient: Twisted's server asks for one message
 receiver per recipient and feeds each the same lines, so the receivers of
-one transaction share a ``_Transaction`` that writes the content once, to
-a temporary file (memory does not grow with the message), and enqueues it
-once at the final ".".  The client gets 250 only after the queue file is
-durable (the spool fsyncs before it returns), and 451 4.3.0 when the spool
-cannot take the message.
+one transaction share a ``_Transaction`` that writes the content once and
+enqueues it once at the final ".".  With a spool that has ``new_message``
+(``Spool``, ``ThreadedSpool``: the listener's) the content goes straight
+into the queue file: held in memory up to the spool's limit (128 KiB, the
+whole of most messages), streamed into the file under ``tmp/`` beyond,
+and written, fsynced and linked into ``incoming/`` at the "." in one call
+(in the thread pool for the listener); with any other spool, into a
+temporary file that the spool's ``enqueue`` reads (memory does not grow
+with the message either way).  The client gets 250 only after the queue
+file and its directory entry are durable (the spool fsyncs both before
+it returns), and 451 4.3.0 when the spool cannot take the message.
 
 A full disk is an ordinary condition, answered as Postfix answers it:
 MAIL FROM gets "452 4.3.1 Insufficient system storage" while the queue
 file system is below ``queue_minfree`` or 1.5 x ``message_size_limit``
 (``relayagent.spool.space``); a write that fails later (the temporary
-file, the queue file) ends the transaction with "451 4.3.0 Error: queue
+file, the queue file, its fsyncs) ends the transaction with "451 4.3.0 Error: queue
 file write error" at the final ".", nothing of it kept.  Each is one
 warning line, never a traceback, and the next transaction tries again.
 
@@ -44,6 +50,7 @@ queue_directory and queue_minfree (``relayagent.spool.space`` owns it).
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import os
 import re
@@ -160,6 +167,14 @@ def _peer_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     host = getattr(peer, "host", None)
     if not isinstance(host, str):
         return None
+    return _host_ip(str(host))
+
+
+# Several times a session (the relay check, the Received header, the
+# connect, client= and disconnect lines), for the same few clients:
+# ipaddress takes tens of microseconds a parse.
+@functools.lru_cache(maxsize=1024)
+def _host_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
@@ -188,6 +203,9 @@ class RelayPolicy:
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks = tuple(networks)
+        # Once per client address (its text: an ipaddress object's hash
+        # is Python code), not per RCPT.
+        self._host_in_networks = functools.lru_cache(maxsize=1024)(self._search_networks)
 
     @classmethod
     def from_config(cls, config: Config) -> RelayPolicy:
@@ -200,7 +218,13 @@ class RelayPolicy:
         UNIX-socket peer always is, a peer with no IP address never."""
         if isinstance(peer, UNIXAddress):
             return True
-        address = _peer_ip(peer)
+        host = getattr(peer, "host", None)
+        if not isinstance(host, str):
+            return False
+        return self._host_in_networks(str(host))
+
+    def _search_networks(self, host: str) -> bool:
+        address = _host_ip(host)
         if address is None:
             return False
         return any(address.version == net.version and address in net for net in self.networks)
@@ -333,9 +357,13 @@ class Intake:
     """Turns SMTP transactions into queue files.
 
     ``spool`` has ``enqueue(sender, recipients, content, *, body_type)``
-    returning a queue id (or a Deferred of one) once the file is durable.
-    The enqueue runs in the reactor thread: the spool writes and fsyncs a
-    file, which is what Postfix's cleanup does before smtpd says 250.
+    returning a queue id (or a Deferred of one) once the file is durable,
+    and may have ``new_message(sender, recipients, *, body_type, ...)``:
+    a writer with ``write(data)``, ``commit()`` (the queue id, or a
+    Deferred of it, once durable) and ``discard()``, which the intake then
+    uses instead of a temporary file.  The spool writes and fsyncs the
+    file, which is what Postfix's cleanup does before smtpd says 250
+    (``ThreadedSpool`` does it in a thread pool).
     ``trigger`` (no arguments) is called after each successful enqueue to
     wake the queue manager; a failing trigger is logged and otherwise
     ignored (the queue manager also polls ``incoming/``).
@@ -469,7 +497,13 @@ def describe_client(peer: object) -> str:
     ``unknown``, as in Postfix when there is no PTR record;
     ``unknown[unknown]`` for a client with no IP address (a UNIX
     socket)."""
-    address = _peer_ip(peer) if peer is not None else None
+    host = getattr(peer, "host", None) if peer is not None else None
+    return _client_name(str(host)) if isinstance(host, str) else "unknown[unknown]"
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_name(host: str) -> str:
+    address = _host_ip(host)
     return f"unknown[{address.compressed}]" if address is not None else "unknown[unknown]"
 
 
@@ -497,6 +531,14 @@ class _Transaction:
         self.receivers: list[_RecipientReceiver] = []
         self.collecting = True
         self._file: IO[bytes] | None = None
+        # The spool's writer when it has one (``Spool.new_message``): the
+        # content goes once, into the queue file; else the temporary file.
+        self._message: Any = None
+        # What goes to the writer next, given in pieces of at least
+        # _WRITER_PIECE octets (or at the end): one call, not one a line.
+        self._pieces: list[bytes] = []
+        self._held = 0
+        self._committing = False  # the writer's commit is running
         self._size = 0
         self._in_header = True
         self._hops = 1  # our own Received header counts
@@ -528,6 +570,21 @@ class _Transaction:
         if self.collecting:
             self._start()
         self._write_line(line)
+
+    def body_writer(self) -> Callable[[bytes], None] | None:
+        """``write_body`` once the header is behind (every line from now
+        on is body, to be written as it comes), else None."""
+        if self.collecting or self._in_header or self._failed or self._outcome is not None:
+            return None
+        return self.write_body
+
+    def write_body(self, data: bytes) -> None:
+        """Body lines in one piece, dot-unstuffed, each with its CRLF (the
+        listener's DATA in bulk): what ``line`` would write of them one by
+        one.  Raises ``SMTPServerError`` as ``line`` does."""
+        if self._failed or self._outcome is not None:
+            return
+        self._write(data)
 
     def end(self) -> defer.Deferred[Any]:
         waiter: defer.Deferred[Any] = defer.Deferred()
@@ -567,29 +624,72 @@ class _Transaction:
 
     def _start(self) -> None:
         self.collecting = False
-        # On the spool's file system, not in /tmp (often memory-backed).
-        directory = self.intake.temp_directory or getattr(self.intake.spool, "directory", None)
-        try:
-            # Unnamed (O_TMPFILE, or unlinked at once): whatever happens,
-            # no partial file is left behind.
-            self._file = tempfile.TemporaryFile(dir=directory)
-        except OSError as error:
-            self._write_failed(error)
+        new_message = getattr(self.intake.spool, "new_message", None)
+        if new_message is not None:
+            self._start_message(new_message)
+        else:
+            # On the spool's file system, not in /tmp (often memory-backed).
+            directory = self.intake.temp_directory or getattr(self.intake.spool, "directory", None)
+            try:
+                # Unnamed (O_TMPFILE, or unlinked at once): whatever happens,
+                # no partial file is left behind.
+                self._file = tempfile.TemporaryFile(dir=directory)
+            except OSError as error:
+                self._write_failed(error)
         for header_line in received_header(
             self.client, self.intake.hostname, self.recipients, self.intake.clock()
         ):
             self._write(header_line + b"\r\n")
 
+    def _start_message(self, new_message: Callable[..., Any]) -> None:
+        """Open the spool's writer for this transaction (all recipients
+        are known at the first line of DATA): the content is held in
+        memory and written once, with the queue file's head, at the end
+        (streamed into the file past the spool's memory limit)."""
+        recipients, options = self._enqueue_arguments()
+        try:
+            self._message = new_message(str(self.origin), recipients, body_type=self.body_type, **options)
+        except OSError as error:
+            self._write_failed(error)
+        except ValueError:
+            self._envelope_refused()
+
+    def _envelope_refused(self) -> None:
+        """The spool refuses the envelope (ValueError): as a refused
+        enqueue, one error logged and 451 at the final "."."""
+        self._not_queued(Failure(), str(self.origin), self.recipients)
+        self.abort()
+
     def _write(self, data: bytes) -> None:
+        if self._failed:
+            return
         self._size += len(data)
         limit = self.intake.message_size_limit
         if limit and self._size > limit:
             self._fail(MESSAGE_TOO_BIG)
+        if self._message is not None:
+            self._pieces.append(data)
+            self._held += len(data)
+            if self._held >= _WRITER_PIECE:
+                self._give_pieces()
+            return
         assert self._file is not None
         try:
             self._file.write(data)
         except OSError as error:
             self._write_failed(error)
+
+    def _give_pieces(self) -> None:
+        """Hand what is held to the spool's writer (which may start the
+        file under tmp/ and write to it)."""
+        data = b"".join(self._pieces)
+        self._pieces, self._held = [], 0
+        try:
+            self._message.write(data)
+        except OSError as error:
+            self._write_failed(error)
+        except ValueError:
+            self._envelope_refused()
 
     def _write_line(self, line: bytes) -> None:
         if self._in_header:
@@ -638,6 +738,11 @@ class _Transaction:
         )
 
     def _close_file(self) -> None:
+        if self._message is not None:
+            message, self._message = self._message, None
+            if self._committing and self._outcome is None:
+                return  # its commit runs (in a thread): the commit cleans up
+            message.discard()
         if self._file is not None:
             file, self._file = self._file, None
             try:
@@ -658,6 +763,24 @@ class _Transaction:
             except smtp.SMTPServerError as error:
                 self._settle(Failure(error))
                 return
+        sender = str(self.origin)
+        recipients = self.recipients
+        if self._message is not None:
+            if self._pieces:
+                try:
+                    self._give_pieces()
+                except smtp.SMTPServerError as error:
+                    self._settle(Failure(error))
+                    return
+                if self._failed:  # the envelope refused, logged
+                    self._settle(Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR)))
+                    return
+            # One hand-off: the write, the fsyncs and the link.
+            self._committing = True
+            result = defer.maybeDeferred(self._message.commit)
+            result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
+            result.addBoth(self._settle)
+            return
         assert self._file is not None
         try:
             self._file.flush()
@@ -667,10 +790,19 @@ class _Transaction:
             self._warn_not_queued(error)
             self._settle(Failure(smtp.SMTPServerError(*QUEUE_WRITE_ERROR)))
             return
-        sender = str(self.origin)
-        recipients = self.recipients
         spool_file = self._file
-        queued_recipients: list[Any] = recipients
+        queued_recipients, extra = self._enqueue_arguments()
+        result = defer.maybeDeferred(
+            self.intake.spool.enqueue, sender, queued_recipients, spool_file, body_type=self.body_type,
+            **extra,
+        )
+        result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
+        result.addBoth(self._settle)
+
+    def _enqueue_arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        """The recipients and the options of the enqueue (the spool's
+        ``enqueue`` or ``new_message``)."""
+        queued_recipients: list[Any] = self.recipients
         extra: dict[str, Any] = {}
         if self.envid is not None:
             extra["envid"] = self.envid
@@ -685,12 +817,7 @@ class _Transaction:
             extra["requiretls"] = True
         if any(r.orcpt is not None or r.notify is not Notify.DEFAULT for r in self.envelope_recipients):
             queued_recipients = self.envelope_recipients
-        result = defer.maybeDeferred(
-            self.intake.spool.enqueue, sender, queued_recipients, spool_file, body_type=self.body_type,
-            **extra,
-        )
-        result.addCallbacks(self._queued, self._not_queued, errbackArgs=(sender, recipients))
-        result.addBoth(self._settle)
+        return queued_recipients, extra
 
     def _queued(self, queue_id: str) -> str:
         self._close_file()
@@ -727,6 +854,11 @@ class _Transaction:
                 waiter.errback(self._outcome)
             else:
                 waiter.callback(self._outcome)
+
+
+# The pieces of content the intake gives the spool's writer at a time
+# (its own buffer: the writer is called once for a small message).
+_WRITER_PIECE = 64 * 1024
 
 
 def _describe_peer_info(client: ClientInfo) -> str:
@@ -788,6 +920,23 @@ class _RecipientReceiver:
 
     def connectionLost(self) -> None:
         self.transaction.abort()
+
+
+def body_writer(receivers: Sequence[object]) -> Callable[[bytes], None] | None:
+    """Where an SMTP server may write the rest of a message's body in
+    bulk: when ``receivers`` (Twisted's message receivers of one DATA) are
+    all this intake's, of one transaction whose header is behind, its
+    ``write_body``; else None (then each line goes to each receiver)."""
+    if not receivers:
+        return None
+    first = receivers[0]
+    if not isinstance(first, _RecipientReceiver):
+        return None
+    transaction = first.transaction
+    for receiver in receivers:
+        if not isinstance(receiver, _RecipientReceiver) or receiver.transaction is not transaction:
+            return None
+    return transaction.body_writer()
 
 
 # -- the doors into twisted.mail --------------------------------------------

@@ -11,7 +11,11 @@ same call in a thread pool (``deferToThreadPool`` with the reactor and
 pool it is given) and returns a Deferred that fires with the queue id in
 the reactor thread only after the call has returned, that is, once the
 file is durable; it fails with the call's exception (``ValueError``,
-``OSError``) when nothing was queued.  The queue ids stay unique: the id
+``OSError``) when nothing was queued.  ``new_message`` is the same for
+content that arrives in pieces (the listener's DATA): the pieces are
+held in memory (streamed into the file under ``tmp/`` past the spool's
+memory limit) and one hand-off to the pool at the end writes, fsyncs
+and links the file.  The queue ids stay unique: the id
 generator takes a lock (``queueid``).
 
 ``control.trigger`` is blocking by design (for command-line programs):
@@ -29,6 +33,8 @@ SYNOPSIS (``EnqueueingSpool``: the protocol both spools satisfy)
 
     spool = ThreadedSpool(Spool(queue_directory), reactor, reactor.getThreadPool())
     d = spool.enqueue(sender, recipients, content)     # Deferred[str]
+    message = spool.new_message(sender, recipients)    # an SMTP server's DATA
+    message.write(piece); d = message.commit()         # Deferred[str]
     wakeup = ReactorWakeup(reactor, queue_directory)
     wakeup()                                           # returns at once
 
@@ -56,7 +62,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relayagent.common.envelope import Recipient
 from relayagent.spool import control
-from relayagent.spool.spool import INCOMING, Spool
+from relayagent.spool.spool import INCOMING, IncomingMessage, Spool
 
 
 class EnqueueingSpool(Protocol):
@@ -102,6 +108,41 @@ class ThreadedSpool:
             self.reactor, self.threadpool, self.spool.enqueue,
             sender, recipients, content, queue=queue, **options,
         )
+
+    def new_message(self, sender: str, recipients: Sequence[str | Recipient],
+                    **options: Any) -> ThreadedIncomingMessage:
+        """``Spool.new_message`` whose ``commit`` runs in the thread pool
+        (one hand-off a message: the write of what is held in memory, the
+        fsyncs and the link) and returns a Deferred of the queue id.
+        Raises ValueError for a bad argument, at once."""
+        return ThreadedIncomingMessage(self.spool.new_message(sender, recipients, **options),
+                                       self.reactor, self.threadpool)
+
+
+class ThreadedIncomingMessage:
+    """An ``IncomingMessage`` (``Spool.new_message``) committed in a
+    thread pool: ``write`` and ``discard`` run where they are called
+    (``write`` only holds the content in memory until it passes the
+    spool's memory limit), ``commit`` returns a Deferred."""
+
+    def __init__(self, message: IncomingMessage, reactor: Any, threadpool: ThreadPool) -> None:
+        self.message = message
+        self.reactor = reactor
+        self.threadpool = threadpool
+
+    def write(self, data: bytes) -> None:
+        """Add ``data`` to the content (``IncomingMessage.write``)."""
+        self.message.write(data)
+
+    def commit(self) -> Deferred[str]:
+        """``IncomingMessage.commit`` in the thread pool: fires with the
+        queue id once the file and its directory entry are on disk.  The
+        message must not be touched until it fires."""
+        return deferToThreadPool(self.reactor, self.threadpool, self.message.commit)
+
+    def discard(self) -> None:
+        """Drop the message (``IncomingMessage.discard``)."""
+        self.message.discard()
 
 
 class _QuietAMP(amp.AMP):

@@ -23,7 +23,22 @@ existing file) and fsyncs that directory, and only then returns the id: a crash
 at any point leaves either nothing in the queues (at most a stale file in
 ``tmp/``, removed by ``recover()``) or a whole message.  ``batch()`` keeps
 that promise for many messages at once while paying for one directory
-fsync.
+fsync.  ``new_message()`` is the same enqueue for content that arrives in
+pieces (an SMTP server's DATA): the pieces are held in memory up to
+``MESSAGE_MEMORY_LIMIT`` and the file written whole at ``commit`` (one
+write with its head), or past the limit streamed into its file under
+``tmp/``; either way the content is written once, and scanned (CRC,
+8-bit octets, plain lines, TLS-Required) in the same pass.
+
+Group commit: enqueues that run at the same time in several threads of
+one process (the listener's, in the reactor's thread pool) share their
+directory fsyncs (``DirectorySync``).  Each file is fsynced on its own
+before it is linked; an enqueue returns only after an fsync of its
+queue directory that began after its link returned, so what "its
+directory entry is on disk" means does not change: the entry was in the
+directory before that fsync started.  One thread runs the fsync, the
+ones that linked meanwhile wait for the next, which one of them runs:
+under load, one fsync for several messages.
 
 Anything else a queue directory may hold (a FIFO, a symbolic link, a
 directory, a hard link to a file elsewhere, a name that is no queue id)
@@ -37,6 +52,8 @@ SYNOPSIS::
     spool = Spool(queue_directory, on_stray=lambda queue, name, why: ...)
     spool.ensure_layout()
     queue_id = spool.enqueue(sender, recipients, content)
+    message = spool.new_message(sender, recipients)   # DATA, in pieces
+    message.write(piece); queue_id = message.commit()  # or message.discard()
     for queue_id in spool.scan("incoming"):
         spool.move(queue_id, "incoming", "active")
         with spool.open(queue_id, "active") as queue_file: ...
@@ -48,7 +65,10 @@ logs ``QUEUEID: corrupt queue file moved from QUEUE to corrupt: REASON``
 (a warning).  ``on_stray(queue, name, problem)`` hears once of each
 entry skipped; the spool logs nothing else.  ``enqueue`` raises
 ``ValueError`` for a bad sender or recipient (or none) and ``OSError``
-for a write that fails (``QueueIdCollision`` when the id is taken).
+for a write that fails (``QueueIdCollision`` when the id is taken);
+``new_message`` raises as ``enqueue`` does, its ``write`` and ``commit``
+``OSError`` for the disk's trouble (nothing queued, nothing left in
+``tmp/``).
 A bad queue or log name is ``ValueError``.
 
 Owns ``queue_directory`` (its layout; config.py holds its value).
@@ -58,6 +78,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,6 +128,11 @@ STRAY_MEMORY = 1000
 NOT_A_QUEUE_ID = "not a queue id"
 
 StrayReport = Callable[[str, str, str], None]
+
+# What ``Spool.new_message`` keeps in memory before it streams the rest
+# into the file: the whole of most messages (written with the head in one
+# write), and a bound on what one SMTP session holds.
+MESSAGE_MEMORY_LIMIT = 128 * 1024
 
 log = Logger(namespace="relayagent.spool")
 
@@ -229,6 +255,7 @@ class Spool:
         *,
         clock: Callable[[], float] = time.time,
         on_stray: StrayReport | None = None,
+        fsync_directory: Callable[[str], None] = fsync_directory,
     ) -> None:
         self.directory = os.path.abspath(queue_directory)
         self.clock = clock
@@ -248,6 +275,9 @@ class Spool:
         # Ids with a bounce log when ``recover`` ran; None before it ran
         # (nothing is then known about any message's logs).
         self._bounce_logs_at_start: set[str] | None = None
+        # A test's fake records the order of the fsyncs (DirectorySync).
+        self._fsync_directory = fsync_directory
+        self._directory_syncs: dict[str, DirectorySync] = {}
 
     @classmethod
     def from_config(
@@ -394,6 +424,43 @@ class Spool:
                 for message in messages
             ]
 
+    def _prepare_envelope(
+        self, sender: str, recipients: Sequence[str | Recipient], envid: str | None
+    ) -> tuple[bytes, int]:
+        """Check the envelope and build its variable section (no I/O);
+        raises ValueError for a bad sender or recipient (or none)."""
+        normalized = _normalize_recipients(recipients)
+        if not isinstance(sender, str):
+            raise ValueError("the sender must be a str")
+        for what, address in [("sender", sender)] + [("recipient", r.address) for r in normalized]:
+            problem = address_problem(address)
+            if problem is not None:
+                raise ValueError(f"{what} address {address!r} {problem}")
+        return build_envelope(sender, normalized, envid)
+
+    def _open_tmp(self) -> tuple[str, float, int]:
+        """A new queue id, its time and a descriptor of its new file
+        under tmp/ (mode 0600, handed to the queue's owner)."""
+        while True:
+            queue_id, now = self._ids.next()
+            tmp_path = self.path(TMP, queue_id)
+            try:
+                fd = os.open(
+                    tmp_path,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    FILE_MODE,
+                )
+            except FileExistsError:
+                continue  # an impossible collision; take the next id
+            break
+        try:
+            self._give_to_queue_owner(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp_path)
+            raise
+        return queue_id, now, fd
+
     def _write_tmp(
         self,
         sender: str,
@@ -409,93 +476,92 @@ class Spool:
         submission: LocalSubmission | None = None,
     ) -> str:
         """Write and fsync one queue file under tmp/; return its id."""
-        normalized = _normalize_recipients(recipients)
-        if not isinstance(sender, str):
-            raise ValueError("the sender must be a str")
-        for what, address in [("sender", sender)] + [("recipient", r.address) for r in normalized]:
-            problem = address_problem(address)
-            if problem is not None:
-                raise ValueError(f"{what} address {address!r} {problem}")
-        variable, count = build_envelope(sender, normalized, envid)
-        while True:
-            queue_id, now = self._ids.next()
-            tmp_path = self.path(TMP, queue_id)
-            try:
-                fd = os.open(
-                    tmp_path,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                    FILE_MODE,
-                )
-            except FileExistsError:
-                continue  # an impossible collision; take the next id
-            break
+        variable, count = self._prepare_envelope(sender, recipients, envid)
+        envelope = _EnvelopeHead(variable, count, smtputf8, requiretls, ret, submission, arrival_time)
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            return self._write_tmp_whole(envelope, bytes(content), body_type)
+        writer = _TmpFileWriter(self, envelope)
         try:
-            self._give_to_queue_owner(fd)
-            head_args = dict(
-                arrival_time=now if arrival_time is None else arrival_time,
-                variable=variable,
-                recipient_count=count,
-                smtputf8=smtputf8,
-                requiretls=requiretls,
-                ret=ret,
-                submission=submission,
+            while True:
+                chunk = content.read(CONTENT_CHUNK)
+                if not chunk:
+                    break
+                if not isinstance(chunk, (bytes, bytearray)):
+                    raise ValueError("the content stream must be binary")
+                writer.write(chunk)
+            return writer.finish(body_type)
+        except BaseException:
+            writer.discard()
+            raise
+
+    def _write_tmp_whole(self, envelope: _EnvelopeHead, data: bytes, body_type: BodyType | None) -> str:
+        """Write and fsync one queue file whose content is all in ``data``:
+        one write for the whole file."""
+        queue_id, now, fd = self._open_tmp()
+        try:
+            detected = BodyType.SEVEN_BIT if data.isascii() else BodyType.EIGHT_BIT_MIME
+            head = envelope.head(
+                now,
+                content_size=len(data),
+                content_crc=zlib.crc32(data),
+                body_type=body_type or detected,
+                body_declared=body_type is not None,
+                plain_lines=is_plain(data),
+                tls_not_required=has_tls_required_no(data),
             )
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                data = bytes(content)
-                detected = BodyType.SEVEN_BIT if data.isascii() else BodyType.EIGHT_BIT_MIME
-                head = build_head(
-                    content_size=len(data),
-                    content_crc=zlib.crc32(data),
-                    body_type=body_type or detected,
-                    body_declared=body_type is not None,
-                    plain_lines=is_plain(data),
-                    tls_not_required=has_tls_required_no(data),
-                    **head_args,
-                )
-                # One write for the whole file.
-                _write_all(fd, head + data)
-            else:
-                # The size, CRC and body type are known only at the end:
-                # write a provisional head, stream, then rewrite the head
-                # (its size does not depend on those fields).
-                provisional = build_head(
-                    content_size=0, content_crc=0, body_type=BodyType.SEVEN_BIT, **head_args
-                )
-                _write_all(fd, provisional)
-                size, crc, ascii_only = 0, 0, True
-                lines = PlainLineScanner()
-                tls_header = TLSRequiredScanner()
-                while True:
-                    chunk = content.read(CONTENT_CHUNK)
-                    if not chunk:
-                        break
-                    if not isinstance(chunk, (bytes, bytearray)):
-                        raise ValueError("the content stream must be binary")
-                    size += len(chunk)
-                    crc = zlib.crc32(chunk, crc)
-                    ascii_only = ascii_only and chunk.isascii()
-                    lines.feed(chunk)
-                    tls_header.feed(chunk)
-                    _write_all(fd, chunk)
-                detected = BodyType.SEVEN_BIT if ascii_only else BodyType.EIGHT_BIT_MIME
-                head = build_head(
-                    content_size=size,
-                    content_crc=crc,
-                    body_type=body_type or detected,
-                    body_declared=body_type is not None,
-                    plain_lines=lines.plain,
-                    tls_not_required=_finished(tls_header).found,
-                    **head_args,
-                )
-                if os.pwrite(fd, head, 0) != len(head):
-                    raise OSError(f"short write rewriting the head of {tmp_path}")
+            _write_all(fd, head + data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp_path)
+            _unlink_quietly(self.path(TMP, queue_id))
             raise
         os.close(fd)
         return queue_id
+
+    def new_message(
+        self,
+        sender: str,
+        recipients: Sequence[str | Recipient],
+        *,
+        envid: str | None = None,
+        ret: Ret | None = None,
+        body_type: BodyType | None = None,
+        smtputf8: bool = False,
+        requiretls: bool = False,
+        queue: str = INCOMING,
+        arrival_time: float | None = None,
+        memory_limit: int = MESSAGE_MEMORY_LIMIT,
+    ) -> IncomingMessage:
+        """A message whose content comes in pieces (an SMTP server's DATA):
+        ``write`` each piece, then ``commit`` (blocking: it writes and
+        fsyncs) for its queue id, or ``discard``.  The content is written
+        once, into the queue file: kept in memory up to ``memory_limit``
+        octets (the whole of most messages, then written with its head in
+        one write), streamed into its file under tmp/ beyond.  The
+        arguments are ``enqueue``'s; a bad queue is ValueError at once, a
+        bad sender or recipient ValueError from the ``write`` that
+        starts the file or from ``commit`` (the envelope is checked and
+        built there: in the listener, in the thread pool)."""
+        if queue not in QUEUES:
+            raise ValueError(f"no such queue: {queue!r}")
+        if not isinstance(recipients, (str, bytes)):
+            recipients = list(recipients)  # as they are now
+
+        def envelope() -> _EnvelopeHead:
+            variable, count = self._prepare_envelope(sender, recipients, envid)
+            return _EnvelopeHead(variable, count, smtputf8, requiretls, ret, None, arrival_time)
+
+        return IncomingMessage(self, envelope, body_type, queue, memory_limit)
+
+    def directory_sync(self, queue: str) -> DirectorySync:
+        """The group commit of ``queue``'s directory fsyncs (one per
+        queue and spool object)."""
+        sync = self._directory_syncs.get(queue)
+        if sync is None:
+            sync = self._directory_syncs.setdefault(
+                queue, DirectorySync(os.path.join(self.directory, queue), self._fsync_directory)
+            )
+        return sync
 
     # -- opening and moving
 
@@ -862,11 +928,15 @@ class EnqueueBatch:
         spool = self._spool
         moved: list[tuple[str, str]] = []
         try:
+            tickets: dict[str, int] = {}
             for queue_id, queue in self._written:
                 _publish(spool.path(TMP, queue_id), spool.path(queue, queue_id), queue_id)
                 moved.append((queue_id, queue))
-            for queue in sorted({queue for _, queue in self._written}):
-                fsync_directory(os.path.join(spool.directory, queue))
+                # Taken after the link returned: the fsync that covers
+                # this ticket starts after the entry is in the directory.
+                tickets[queue] = spool.directory_sync(queue).linked()
+            for queue in sorted(tickets):
+                spool.directory_sync(queue).wait_durable(tickets[queue])
         except BaseException:
             # Not durable, so not accepted: take back what became visible.
             for queue_id, queue in moved:
@@ -874,12 +944,254 @@ class EnqueueBatch:
             self.abort()
             raise
 
+    def adopt(self, queue_id: str, queue: str) -> None:
+        """Take a file already written and fsynced under tmp/ (an
+        ``IncomingMessage``'s) into the batch, to be queued in ``queue``
+        when it commits (removed from tmp/ if it aborts)."""
+        if self._done:
+            raise ValueError("this batch is already committed")
+        self._written.append((queue_id, queue))
+
     def abort(self) -> None:
         """Remove the batch's files from tmp/."""
         self._done = True
         for queue_id, _ in self._written:
             _unlink_quietly(self._spool.path(TMP, queue_id))
         self._written = []
+
+
+
+@dataclass(frozen=True, slots=True)
+class _EnvelopeHead:
+    """What a queue file's head holds besides the content's own fields."""
+
+    variable: bytes
+    recipient_count: int
+    smtputf8: bool
+    requiretls: bool
+    ret: Ret | None
+    submission: LocalSubmission | None
+    arrival_time: float | None
+
+    def head(self, now: float, **content_fields: object) -> bytes:
+        """The head for content with ``content_fields`` (size, CRC, body
+        type, plain lines, TLS-Required) written at ``now``."""
+        return build_head(
+            arrival_time=now if self.arrival_time is None else self.arrival_time,
+            variable=self.variable,
+            recipient_count=self.recipient_count,
+            smtputf8=self.smtputf8,
+            requiretls=self.requiretls,
+            ret=self.ret,
+            submission=self.submission,
+            **content_fields,  # type: ignore[arg-type]
+        )
+
+
+class _TmpFileWriter:
+    """A queue file streamed into tmp/: a provisional head, the content in
+    chunks (scanned for its CRC, 8-bit octets, plain lines and
+    TLS-Required as it passes), then the real head written over the
+    provisional one (its size does not depend on those fields) and the
+    file fsynced."""
+
+    def __init__(self, spool: Spool, envelope: _EnvelopeHead) -> None:
+        self._spool = spool
+        self._envelope = envelope
+        self.queue_id, self._now, self._fd = spool._open_tmp()
+        self._closed = False
+        self._size, self._crc, self._ascii_only = 0, 0, True
+        self._lines = PlainLineScanner()
+        self._tls_header = TLSRequiredScanner()
+        try:
+            _write_all(self._fd, envelope.head(self._now, content_size=0, content_crc=0,
+                                               body_type=BodyType.SEVEN_BIT))
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, chunk: bytes) -> None:
+        """Scan and write the next piece of the content."""
+        self._size += len(chunk)
+        self._crc = zlib.crc32(chunk, self._crc)
+        self._ascii_only = self._ascii_only and chunk.isascii()
+        self._lines.feed(chunk)
+        self._tls_header.feed(chunk)
+        _write_all(self._fd, chunk)
+
+    def finish(self, body_type: BodyType | None) -> str:
+        """The real head, the fsync and the close; the queue id (the file
+        is still under tmp/)."""
+        detected = BodyType.SEVEN_BIT if self._ascii_only else BodyType.EIGHT_BIT_MIME
+        head = self._envelope.head(
+            self._now,
+            content_size=self._size,
+            content_crc=self._crc,
+            body_type=body_type or detected,
+            body_declared=body_type is not None,
+            plain_lines=self._lines.plain,
+            tls_not_required=_finished(self._tls_header).found,
+        )
+        if os.pwrite(self._fd, head, 0) != len(head):
+            raise OSError(f"short write rewriting the head of {self._spool.path(TMP, self.queue_id)}")
+        os.fsync(self._fd)
+        self._closed = True
+        os.close(self._fd)
+        return self.queue_id
+
+    def discard(self) -> None:
+        """Close and remove the file (nothing of it was queued)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+        _unlink_quietly(self._spool.path(TMP, self.queue_id))
+
+
+class IncomingMessage:
+    """A message written as it arrives (``Spool.new_message``): ``write``
+    its content in pieces, then ``commit`` once (the queue id when the
+    file and its directory entry are on disk) or ``discard``.  ``write``
+    and ``commit`` may run in different threads, one after the other,
+    never at once."""
+
+    def __init__(self, spool: Spool, make_envelope: Callable[[], _EnvelopeHead],
+                 body_type: BodyType | None, queue: str, memory_limit: int) -> None:
+        self._spool = spool
+        self._make_envelope = make_envelope
+        self._envelope_head: _EnvelopeHead | None = None
+        self._body_type = body_type
+        self._queue = queue
+        self._memory_limit = memory_limit
+        self._pieces: list[bytes] = []
+        self._held = 0
+        self._writer: _TmpFileWriter | None = None
+        self._over = False  # committed or discarded
+
+    @property
+    def size(self) -> int:
+        """Octets of content written so far."""
+        return self._held + (self._writer._size if self._writer is not None else 0)
+
+    @property
+    def _envelope(self) -> _EnvelopeHead:
+        # Checked and built when first needed: at the commit, which the
+        # listener runs in its thread pool, for all but large messages.
+        if self._envelope_head is None:
+            self._envelope_head = self._make_envelope()
+        return self._envelope_head
+
+    def write(self, data: bytes) -> None:
+        """Add ``data`` to the content; raises OSError when the file under
+        tmp/ (made once the content passes the memory limit) cannot be
+        written, ValueError when the envelope is bad (found when the file
+        is made)."""
+        if self._over:
+            raise ValueError("this message is already committed or discarded")
+        self._pieces.append(data)
+        self._held += len(data)
+        if self._held > self._memory_limit:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._writer is None:
+            self._writer = _TmpFileWriter(self._spool, self._envelope)
+        data = b"".join(self._pieces)
+        self._pieces, self._held = [], 0
+        self._writer.write(data)
+
+    def commit(self) -> str:
+        """Write what is left, fsync the file, link it into its queue and
+        fsync the directory (shared with the enqueues linked meanwhile:
+        ``DirectorySync``); the queue id.  Blocking.  Raises OSError, or
+        ValueError for a bad envelope (nothing queued, the file
+        removed)."""
+        if self._over:
+            raise ValueError("this message is already committed or discarded")
+        self._over = True
+        spool = self._spool
+        with spool.batch() as batch:
+            if self._writer is None:
+                data = b"".join(self._pieces)
+                self._pieces, self._held = [], 0
+                queue_id = spool._write_tmp_whole(self._envelope, data, self._body_type)
+            else:
+                try:
+                    if self._pieces:
+                        self._spill()
+                    queue_id = self._writer.finish(self._body_type)
+                except BaseException:
+                    self._writer.discard()
+                    raise
+            batch.adopt(queue_id, self._queue)
+        return queue_id
+
+    def discard(self) -> None:
+        """Drop the message: nothing of it stays (no-op once committed or
+        discarded)."""
+        if self._over:
+            return
+        self._over = True
+        self._pieces, self._held = [], 0
+        if self._writer is not None:
+            self._writer.discard()
+
+
+class DirectorySync:
+    """Group commit of one queue directory's fsyncs, for the enqueues of
+    one process (the listener's, in a thread pool).
+
+    An enqueue links its file into the directory, takes a ticket
+    (``linked``), then waits (``wait_durable``) until a directory fsync
+    that *started after its ticket was taken* has returned.  One thread
+    at a time runs the fsync; when it starts it notes the last ticket
+    handed out, and when it returns every ticket up to that one is
+    durable: those links returned before the fsync began, so their
+    entries are in what it flushed.  The threads that linked while it ran
+    wait for the next fsync, which one of them runs.  So the entries of
+    several sessions that end DATA at once share one fsync, and none is
+    reported durable before an fsync that covered it.  A failing fsync
+    raises in the thread that ran it and durably covers nobody; the
+    others waiting run their own.  Each file's own fsync is not shared
+    (the file is fsynced before it is linked)."""
+
+    def __init__(self, path: str, fsync: Callable[[str], None] = fsync_directory) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._changed = threading.Condition(threading.Lock())
+        self._tickets = 0  # the last ticket handed out
+        self._durable = 0  # every ticket up to this one is on disk
+        self._syncing = False
+
+    def linked(self) -> int:
+        """A ticket for an entry whose link (or rename) has returned."""
+        with self._changed:
+            self._tickets += 1
+            return self._tickets
+
+    def wait_durable(self, ticket: int) -> None:
+        """Return once an fsync of the directory that began after
+        ``ticket`` was taken has returned (running it in this thread when
+        none is running); raises what this thread's fsync raised."""
+        with self._changed:
+            while self._durable < ticket:
+                if not self._syncing:
+                    self._syncing = True
+                    covers = self._tickets
+                    break
+                self._changed.wait()
+            else:
+                return
+        try:
+            self._fsync(self.path)
+        except BaseException:
+            with self._changed:
+                self._syncing = False
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            self._durable = max(self._durable, covers)
+            self._syncing = False
+            self._changed.notify_all()
 
 
 def _normalize_recipients(recipients: Sequence[str | Recipient]) -> list[Recipient]:
