@@ -126,7 +126,7 @@ def echo_worker(marker: str):  # noqa: ANN201
     """A worker that says who it is and what it holds, then does what its
     link says: ``exit N``, ``sleep``, or end of file (exit 0)."""
 
-    def run(index: int, link: socket.socket, lock_fd: int) -> int:
+    def run(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
         lock = os.fstat(lock_fd)
         link.sendall(f"hello {index} {os.getpid()} {os.getppid()} {lock.st_ino} {marker}\n".encode())
         command = link.recv(100).decode()
@@ -326,7 +326,7 @@ class HandOverTests(SpawnerCase):
         files = (self.passwords, self.key_path)
         password = self.password
 
-        def run(index: int, link: socket.socket, lock_fd: int) -> int:
+        def run(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
             report: dict[str, object] = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
             report["unreadable"] = []
             for path in files:
@@ -363,7 +363,7 @@ class HandOverTests(SpawnerCase):
         self.assertEqual(os.getuid(), 0)  # this process (worker 0) is still root
 
     def test_a_spawner_that_cannot_drop_says_so(self) -> None:
-        def unused(index: int, link: socket.socket, lock_fd: int) -> int:
+        def unused(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
             return 0
 
         # A user no passwd entry names (its gid is looked up).

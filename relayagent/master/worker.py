@@ -118,7 +118,7 @@ from twisted.python.util import switchUID
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
-from relayagent.master.spawner import MAX_LINE, fork_spawner
+from relayagent.master.spawner import MAX_LINE, Listening, fork_spawner
 from relayagent.spool.queueid import partition_of
 
 log = Logger(namespace="relayagent.master.worker")
@@ -608,24 +608,29 @@ class WorkerPool:
         self.spawner: _SpawnerLink | None = None
         self._sockets: tuple[socket.socket, dict[int, socket.socket]] | None = None
         self._spawner_gone = False
+        # Listening sockets went to the spawner (start): "unlisten" at stop.
+        self._listening_handed = False
         self._spawner_ended: Deferred[None] = Deferred()
 
     # -- before the privilege drop
 
-    def prepare(self, run_worker: Callable[[int, socket.socket, int], int],
+    def prepare(self, run_worker: Callable[[int, socket.socket, int, Listening], int],
                 privileges: Privileges = Privileges(), *, fork: Callable[[], int] = os.fork) -> None:
         """Make the sockets and fork the spawner (worker 0's
         ``privilegedStartService``: still root, already in the chroot).
-        ``run_worker(index, link, lock_fd)`` is what a worker process
-        runs; it returns the exit status."""
+        ``run_worker(index, link, lock_fd, listening)`` is what a worker
+        process runs (``listening``: the listener sockets handed to
+        ``start``); it returns the exit status."""
         self.spawner_pid, control, links = fork_spawner(sorted(self.children), run_worker, privileges, fork=fork)
         self._sockets = (control, links)
 
     # -- after it
 
-    def start(self, lock_fd: int) -> None:
-        """Take the sockets into the reactor, hand the spool lock to the
-        spawner and start workers 1 .. N-1."""
+    def start(self, lock_fd: int, listening: Listening | None = None) -> None:
+        """Take the sockets into the reactor, hand the spool lock and the
+        listening sockets (``listening``: smtpd_endpoints index ->
+        (descriptor, address family), worker 0's own, which stay open
+        here) to the spawner and start workers 1 .. N-1."""
         if self._sockets is None:
             raise RuntimeError("WorkerPool.start before prepare")
         control, links = self._sockets
@@ -640,6 +645,10 @@ class WorkerPool:
         # The descriptor goes with the first octet of the line after it.
         self.spawner.transport.sendFileDescriptor(lock_fd)
         self.spawner.command("lock")
+        for index, (fd, family) in sorted((listening or {}).items()):
+            self._listening_handed = True
+            self.spawner.transport.sendFileDescriptor(fd)
+            self.spawner.command(f"listen {index} {int(family)}")
         for index in self.children:
             self._start(index)
 
@@ -790,6 +799,11 @@ class WorkerPool:
         when every worker has ended and the spawner is gone; SIGKILL
         after ``stop_timeout``."""
         self.running = False
+        if self._listening_handed and self.spawner is not None and not self._spawner_gone:
+            # No worker is started again: the spawner's copies of the
+            # listening sockets go now, so that the sockets close (and
+            # refuse connections) once the last worker stops accepting.
+            self.spawner.command("unlisten")
         if self._sockets is not None:
             # Prepared, never started: closing its socket ends the spawner.
             control, links = self._sockets
