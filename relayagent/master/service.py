@@ -47,12 +47,17 @@ asks (``worker.WorkerPool``).  A worker is a copy of this process as
 are its own without being read again: it runs under ``--chroot`` and
 with files only root may read.  Each worker becomes one of the service
 (``become_worker``) and gets the same stack without trigger socket,
-lock taking or workers of its own.  The maillog is written in whole
+lock taking or workers of its own; it accepts on the listening sockets
+worker 0 bound and handed over (``listening_descriptors``,
+``listen_in_worker``), queues what it receives with ids of its own
+partition (``intake_spool``) and delivers it itself
+(``listener_queued``).  The maillog is written in whole
 lines, one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
 SYNOPSIS: ``build_service``, ``RelayagentService`` (``reload``,
-``logrotate``), ``LineAppender``, ``open_log``.
+``logrotate``, ``listen_in_worker``, ``listener_queued``),
+``LineAppender``, ``open_log``.
 
 DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
 parameter; ``startService`` raises ``control.DaemonRunning`` when another

@@ -70,6 +70,20 @@ server lacks:
   REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
   555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
+With ``relayagent_workers`` > 1 every worker accepts on the listening
+sockets (``relayagent/master/worker.py``, "Listener").  Each endpoint is
+made on a ``ListenerReactor``: in worker 0 it binds as always and the
+port it bound is kept (``SharedListener.descriptor``); in another
+worker, given worker 0's descriptor (``SharedListener.listen_on``), the
+same endpoint adopts it instead of binding, under TLS for ``ssl:``
+(the endpoint's own context factory), with that worker's copy of the
+factory, whose intake queues into that worker's spool
+(``daemon.intake_spool``) and wakes that worker's queue manager
+(``daemon.listener_queued``).  ``tcp:``, ``tcp6:`` and ``ssl:``
+endpoints are shared; ``unix:`` and ``systemd:`` ones listen in worker
+0 alone (see the worker module).  No limit here is per listener: the
+ones above are per session or per message.
+
 Relaying is the intake's rule: clients in ``mynetworks`` (default
 loopback only), authenticated by SASL, or showing a client certificate
 listed in ``relay_clientcerts``; anyone else gets 554 5.7.1 for every
@@ -77,7 +91,8 @@ recipient.
 
 SYNOPSIS
 
-    services = daemon_listener_services(config, daemon, reactor)   # one per smtpd_endpoints entry
+    listeners = daemon_listener_services(config, daemon, reactor)  # SharedListener per entry
+    listener.service; listener.descriptor() -> (fd, family) | None; listener.listen_on(fd, family)
     make_listener_services(config, spool, trigger, reactor=reactor)
     ListenerFactory(intake, config);  MailServiceESMTPFactory(service, portal, config)
     RelayagentESMTP (the server protocol);  parse_esmtp_parameters(text)
@@ -88,7 +103,9 @@ malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 530 5.7.0
 (STARTTLS first), 504 5.5.4 (a mechanism not offered now), 452 4.3.1
 (short of space), 451 4.3.0 (the spool failed), 554 5.7.1 (relaying
 denied), 5xx for an over-long line.
-A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
+``SharedListener.listen_on`` raises what the reactor raises for a
+descriptor it cannot adopt, and ValueError for an endpoint that is
+neither TCP nor TLS.  A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
 ``strports.service`` (``ValueError``), a bad ``smtpd_tls_*`` setting in
 ``ServerTLS.from_config`` (``TLSConfigError``, a ``ValueError``).
 
