@@ -119,10 +119,8 @@ class FakeQueueManager:
         self.wakeups.append(pass_on)
 
 
-class SharedListenerTests(SynchronousTestCase):
-    """Worker 0 binds and names its descriptors; another worker adopts
-    them with its own copy of the factory (implicit TLS too); a UNIX
-    endpoint stays in worker 0."""
+class ListenerCase(SynchronousTestCase):
+    """A daemon with four endpoints: TCP, implicit TLS, UNIX, TCP over IPv6."""
 
     def setUp(self) -> None:
         self.directory = tempfile.mkdtemp()
@@ -144,6 +142,12 @@ class SharedListenerTests(SynchronousTestCase):
     def bind(self) -> None:
         for listener in self.daemon.listeners:
             listener.service.privilegedStartService()
+
+
+class SharedListenerTests(ListenerCase):
+    """Worker 0 binds and names its descriptors; another worker adopts
+    them with its own copy of the factory (implicit TLS too); a UNIX
+    endpoint stays in worker 0."""
 
     def test_worker_zero_names_its_tcp_and_tls_sockets(self) -> None:
         self.assertEqual(self.daemon.listening_descriptors(), {})  # not bound yet
@@ -202,6 +206,41 @@ class SharedListenerTests(SynchronousTestCase):
         self.daemon.intake_spool = Spool(self.directory)
         intake.trigger()
         self.assertEqual(queue_manager.wakeups, [True, False])
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.started: list[tuple[int, dict]] = []
+
+    def start(self, lock_fd: int, listening: dict) -> None:
+        self.started.append((lock_fd, listening))
+
+
+class WorkerZeroIdsTests(ListenerCase):
+    """Worker 0's listener queues ids of partition 0 once it hands a
+    socket to the others; with none to hand over, any id."""
+
+    def start_workers(self) -> FakePool:
+        pool = FakePool()
+        self.daemon.pool = pool  # type: ignore[assignment]
+        self.daemon._lock_fd = 5
+        self.daemon.spool = Spool(self.directory + "/spool")
+        self.daemon.spool.ensure_layout()
+        self.daemon._start_workers()
+        return pool
+
+    def test_with_sockets_handed_over(self) -> None:
+        self.bind()
+        pool = self.start_workers()
+        self.assertEqual(pool.started, [(5, self.daemon.listening_descriptors())])
+        self.assertIsNotNone(self.daemon.intake_spool)
+        ids = [self.daemon.intake_spool.enqueue("a@example.org", ["b@example.net"], b"\n") for _ in range(20)]
+        self.assertEqual({partition_of(queue_id, 2) for queue_id in ids}, {0})
+
+    def test_with_none(self) -> None:
+        pool = self.start_workers()  # nothing bound: nothing to hand over
+        self.assertEqual(pool.started, [(5, {})])
+        self.assertIsNone(self.daemon.intake_spool)
 
 
 class HandOverTests(SynchronousTestCase):

@@ -319,9 +319,9 @@ class RelayagentService(MultiService):
         self.spool = Spool(directory, clock=self.reactor.seconds,
                            on_stray=_log_stray if index == 0 else None)
         self.spool.ensure_layout()
-        if self.workers > 1:
-            self.intake_spool = Spool(directory, clock=self.reactor.seconds, queue_ids=QueueIdGenerator(
-                self.reactor.seconds, partition=(index, self.workers)))
+        if self.role is not None:
+            # Worker 0's is made with the workers, if it hands them sockets.
+            self.intake_spool = self._partitioned_spool(directory, index)
         if index == 0:
             try:
                 maildrop.ensure(directory)  # as the daemon's user: others submit through it
@@ -421,7 +421,18 @@ class RelayagentService(MultiService):
             # spawner is forked now, as whoever runs this.
             self._prepare_workers()
         assert self.pool is not None
-        self.pool.start(self._lock_fd, self.listening_descriptors())
+        listening = self.listening_descriptors()
+        if listening and self.spool is not None:
+            # The others accept too, each queueing its own share: so does
+            # worker 0.  (Without a shared socket, a unix: endpoint alone,
+            # its mail keeps spreading over every worker.)
+            self.intake_spool = self._partitioned_spool(self.spool.directory, 0)
+        self.pool.start(self._lock_fd, listening)
+
+    def _partitioned_spool(self, directory: str, index: int) -> Spool:
+        """The listener's spool of worker ``index``: ids of its partition."""
+        return Spool(directory, clock=self.reactor.seconds,
+                     queue_ids=QueueIdGenerator(self.reactor.seconds, partition=(index, self.workers)))
 
     def listening_descriptors(self) -> dict[int, tuple[int, int]]:
         """Worker 0's listening sockets that the other workers accept on too

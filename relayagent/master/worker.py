@@ -58,7 +58,9 @@ with nothing of this module at work.
   worker receives is queued by its own intake with an id of its own
   partition (``QueueIdGenerator(partition=)``), so its own queue
   manager, woken without a trigger to any other process
-  (``RelayagentService.listener_queued``), delivers it.  A ``unix:``
+  (``RelayagentService.listener_queued``), delivers it (worker 0's too,
+  once it hands a socket over; with none to hand over its listener's
+  mail keeps spreading over every worker).  A ``unix:``
   endpoint stays with worker 0 (Twisted's UNIX port removes its path
   when it stops listening, which the first worker to stop would do for
   all), and so does any other kind (``systemd:``: a descriptor of
