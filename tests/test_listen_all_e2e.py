@@ -5,7 +5,8 @@ loopback, real processes, real SMTP sessions.
 - Many sessions in: both workers accept (their pids in the smtpd lines),
   each message is received and delivered by one process (its queue id's
   lines all carry one pid), and every message reaches the sink exactly
-  once.  Worker 1 killed is started again and accepts again.
+  once.  After a reload (SIGHUP) both still accept; worker 1 killed is
+  started again and accepts again.
 - TLS in every worker: an ``ssl:`` endpoint (implicit TLS) and STARTTLS
   on the plain one; both workers establish TLS sessions (smtpd's ``TLS
   connection established`` lines with both pids) that queue mail.
@@ -102,6 +103,20 @@ class ListenerOnEveryWorkerTests(DaemonTestCase):
         self.assertEqual(len(seen), count)
         for queue_id, pids in seen.items():  # received and delivered by one process
             self.assertEqual(len(pids), 1, (queue_id, pids))
+        # A reload (SIGHUP, passed on to worker 1): both go on accepting.
+        daemon.send_signal(signal.SIGHUP)
+        reloaded = re.compile(r"relayagent/master\[(\d+)\]: reload -- version ")
+        await self.wait_for(lambda: [int(pid) for pid in reloaded.findall(self.log_text())] == [daemon.pid],
+                            30, "the reload (worker 0 logs it, and tells worker 1)")
+        before = self.accepting_pids()
+        sent = 0
+        while sent < 200 and not all(self.accepting_pids().get(pid, 0) > before[pid] for pid in before):
+            await threads.deferToThread(send_messages, self.listen_port, "reload", range(sent, sent + 20), 10)
+            sent += 20
+        self.assertTrue(all(self.accepting_pids()[pid] > before[pid] for pid in before))
+        count += sent
+        await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= count, 120,
+                            "the queue to empty after the reload")
         # Worker 1 killed: started again, it accepts again.
         os.kill(child, signal.SIGKILL)
         await self.wait_for(lambda: len(self.worker_pids()) == 2, 60, "worker 1 to start again")
