@@ -126,7 +126,7 @@ def echo_worker(marker: str):  # noqa: ANN201
     """A worker that says who it is and what it holds, then does what its
     link says: ``exit N``, ``sleep``, or end of file (exit 0)."""
 
-    def run(index: int, link: socket.socket, lock_fd: int) -> int:
+    def run(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
         lock = os.fstat(lock_fd)
         link.sendall(f"hello {index} {os.getpid()} {os.getppid()} {lock.st_ino} {marker}\n".encode())
         command = link.recv(100).decode()
@@ -208,6 +208,54 @@ class SpawnerTests(SpawnerCase):
         while not process_gone(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertTrue(process_gone(pid))
+
+
+def accepting_worker(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
+    """A worker that accepts one connection on each listening socket it was
+    handed and greets it with its pid, then says so on its link."""
+    for number, (fd, family) in sorted(listening.items()):
+        with socket.socket(family, socket.SOCK_STREAM, fileno=fd) as listener:
+            listener.settimeout(TIMEOUT)
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(f"{os.getpid()}\n".encode())
+        link.sendall(f"accepted {number}\n".encode())
+    link.sendall(b"done\n")
+    link.recv(100)
+    return 0
+
+
+class SpawnerListeningTests(SpawnerCase):
+    """Every worker forked, a restarted one too, accepts on the listening
+    socket worker 0 handed to the spawner; after ``unlisten`` none is
+    handed on."""
+
+    def setUp(self) -> None:
+        self.fork_spawner(accepting_worker, indices=(1,))
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(self.listener.close)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.hand_lock()
+        socket.send_fds(self.control, [f"listen 0 {int(socket.AF_INET)}\n".encode()], [self.listener.fileno()])
+
+    def greeting(self) -> int:
+        with socket.create_connection(self.listener.getsockname(), timeout=TIMEOUT) as client:
+            return int(Lines(client).next())
+
+    def test_each_fork_accepts_on_the_socket(self) -> None:
+        for _ in range(2):  # the first worker, then a restart
+            pid = self.start(1)
+            self.assertEqual(self.greeting(), pid)
+            self.assertEqual(self.link_lines[1].next(), "accepted 0")
+            self.assertEqual(self.link_lines[1].next(), "done")
+            self.links[1].sendall(b"exit\n")
+            self.assertEqual(self.replies.next(), f"ended 1 {pid} 0")
+        self.control.sendall(b"unlisten\n")
+        pid = self.start(1)
+        self.assertEqual(self.link_lines[1].next(), "done")  # nothing to accept on
+        self.links[1].sendall(b"exit\n")
+        self.assertEqual(self.replies.next(), f"ended 1 {pid} 0")
 
 
 class FreshReactorTests(SynchronousTestCase):
@@ -326,7 +374,7 @@ class HandOverTests(SpawnerCase):
         files = (self.passwords, self.key_path)
         password = self.password
 
-        def run(index: int, link: socket.socket, lock_fd: int) -> int:
+        def run(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
             report: dict[str, object] = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
             report["unreadable"] = []
             for path in files:
@@ -363,7 +411,7 @@ class HandOverTests(SpawnerCase):
         self.assertEqual(os.getuid(), 0)  # this process (worker 0) is still root
 
     def test_a_spawner_that_cannot_drop_says_so(self) -> None:
-        def unused(index: int, link: socket.socket, lock_fd: int) -> int:
+        def unused(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
             return 0
 
         # A user no passwd entry names (its gid is looked up).

@@ -370,7 +370,7 @@ class WorkerPoolTests(SynchronousTestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         # A pretend fork: this is worker 0's side, with real sockets.
-        self.pool.prepare(lambda index, link, lock_fd: 0, worker.Privileges(), fork=lambda: 4242)
+        self.pool.prepare(lambda index, link, lock_fd, listening: 0, worker.Privileges(), fork=lambda: 4242)
         self.assertEqual(self.pool.spawner_pid, 4242)
         self.lock_fd = 7
         self.pool.start(self.lock_fd)

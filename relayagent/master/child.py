@@ -1,6 +1,6 @@
 """
 A worker process of a daemon with ``relayagent_workers`` > 1, from its
-fork on: ``run(service, index, link, lock_fd)`` is what the spawner
+fork on: ``run(service, index, link, lock_fd, listening)`` is what the spawner
 (``relayagent.master.spawner``) calls in the new process, where
 ``service`` is this process's copy of worker 0's ``RelayagentService``
 as ``makeService`` built it (as root, outside any chroot: tables, SASL
@@ -12,12 +12,14 @@ worker 0 after a fork; everything built on the reactor keeps working,
 since it is the same object), checks the spool lock it holds, makes the
 service worker ``index`` (``RelayagentService.become_worker``), puts its
 link to worker 0 on the reactor, logs through worker 0 (or to its
-standard error), and runs until worker 0 goes away
+standard error), accepts on the listening sockets of ``smtpd_endpoints``
+worker 0 handed over (``listening``: ``RelayagentService.listen_in_worker``)
+once its service has started, and runs until worker 0 goes away
 (``worker.ParentLink``, ``worker.WorkerRuntime``) or SIGTERM.
 
 SYNOPSIS
 
-    status = run(service, index, link, lock_fd)
+    status = run(service, index, link, lock_fd, listening)
     fresh_reactor(reactor)
 
 DIAGNOSTICS: ``run`` returns 0, or a sysexits code with one line on
@@ -30,6 +32,7 @@ Owns no parameters (``worker`` owns relayagent_workers).
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from typing import Any
@@ -37,7 +40,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from relayagent.common import maillog as ralog
-from relayagent.master.spawner import EX_SOFTWARE, log_to_stderr
+from relayagent.master.spawner import EX_SOFTWARE, Listening, log_to_stderr
 from relayagent.master.worker import (
     EX_USAGE,
     LogToWorkerZero,
@@ -72,9 +75,13 @@ def fresh_reactor(reactor: Any) -> None:
         waker.connectionLost(None)
 
 
-def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
+def run(service: Any, index: int, link: socket.socket, lock_fd: int,
+        listening: Listening | None = None) -> int:
     """Worker ``index``: runs until worker 0 goes away; returns the exit
-    status (0, or a sysexits code with one line on standard error)."""
+    status (0, or a sysexits code with one line on standard error).
+    ``listening``: the listener sockets to accept on (smtpd_endpoints
+    index -> (descriptor, family)), each closed here or by the reactor."""
+    listening = dict(listening or {})
     reactor = service.reactor
     fresh_reactor(reactor)
     runtime = WorkerRuntime(service, reactor)
@@ -106,6 +113,8 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
         check_lock(lock_fd, service.spool_directory())
     except WorkerError as exc:
         print(f"relayagent: fatal: worker {index}: {exc}", file=sys.stderr)
+        for fd, _ in listening.values():
+            os.close(fd)
         return EX_USAGE
     service.become_worker(WorkerRole(index, service.workers, lock_fd), twistd_log=twistd_log)
     service.parent_link = parent
@@ -119,6 +128,10 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int) -> int:
             log.failure("worker {index} could not start", index=index)
             status[0] = EX_SOFTWARE
             reactor.stop()
+            return
+        # After the start: the spool and queue manager the factory's
+        # intake queues into exist now.
+        service.listen_in_worker(listening)
 
     reactor.callWhenRunning(start)
     reactor.run()

@@ -47,12 +47,17 @@ asks (``worker.WorkerPool``).  A worker is a copy of this process as
 are its own without being read again: it runs under ``--chroot`` and
 with files only root may read.  Each worker becomes one of the service
 (``become_worker``) and gets the same stack without trigger socket,
-lock taking or workers of its own.  The maillog is written in whole
+lock taking or workers of its own; it accepts on the listening sockets
+worker 0 bound and handed over (``listening_descriptors``,
+``listen_in_worker``), queues what it receives with ids of its own
+partition (``intake_spool``) and delivers it itself
+(``listener_queued``).  The maillog is written in whole
 lines, one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
 SYNOPSIS: ``build_service``, ``RelayagentService`` (``reload``,
-``logrotate``), ``LineAppender``, ``open_log``.
+``logrotate``, ``listen_in_worker``, ``listener_queued``),
+``LineAppender``, ``open_log``.
 
 DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
 parameter; ``startService`` raises ``control.DaemonRunning`` when another
@@ -68,7 +73,7 @@ from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - "xn--" names after a chroot need the codec loaded
 import os
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -95,7 +100,11 @@ from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import Recorder, Reporter, TLSRPTSettings
 from relayagent.smtpd.pickup import Pickup, PickupSettings
 from relayagent.spool import Spool, control, maildrop
+from relayagent.spool.queueid import QueueIdGenerator
 from relayagent.spool.spool import SpoolSettings
+
+if TYPE_CHECKING:  # the listener's module is imported only with smtpd_endpoints (master.tap)
+    from relayagent.smtpd.listener import SharedListener
 
 log = Logger(namespace="relayagent.master.service")
 
@@ -151,6 +160,14 @@ class RelayagentService(MultiService):
             self._directory_fd = None  # made at start, as the running user
         self._resolved_directory: str | None = None
         self.spool: Spool | None = None
+        # The listener's spool with more than one worker: the same
+        # directory, ids of this worker's partition (listener_queued).
+        self.intake_spool: Spool | None = None
+        # smtpd_endpoints (set by master.tap): worker 0 hands their
+        # sockets to the others, which listen on them too.
+        self.listeners: list[SharedListener] = []
+        # What a worker listens on (listen_in_worker), stopped first.
+        self._worker_listeners: list[SharedListener] = []
         self.queue_manager: QueueManager | None = None
         self.agent: DeliveryAgent | None = None
         self.limiter: Any = None
@@ -256,7 +273,8 @@ class RelayagentService(MultiService):
             stop_timeout=stop.StopSettings.from_config(self.config).relayagent_stop_timeout,
             on_exit=lambda pid: self.metrics.worker_exited(pid) if self.metrics is not None else None,
         )
-        self.pool.prepare(lambda index, link, lock_fd: child.run(self, index, link, lock_fd), self.privileges)
+        self.pool.prepare(lambda index, link, lock_fd, listening: child.run(self, index, link, lock_fd, listening),
+                          self.privileges)
 
     def _worker_log(self, text: str) -> None:
         """A line of twistd's log from a worker (``worker.LogToWorkerZero``),
@@ -301,6 +319,9 @@ class RelayagentService(MultiService):
         self.spool = Spool(directory, clock=self.reactor.seconds,
                            on_stray=_log_stray if index == 0 else None)
         self.spool.ensure_layout()
+        if self.role is not None:
+            # Worker 0's is made with the workers, if it hands them sockets.
+            self.intake_spool = self._partitioned_spool(directory, index)
         if index == 0:
             try:
                 maildrop.ensure(directory)  # as the daemon's user: others submit through it
@@ -400,10 +421,64 @@ class RelayagentService(MultiService):
             # spawner is forked now, as whoever runs this.
             self._prepare_workers()
         assert self.pool is not None
-        self.pool.start(self._lock_fd)
+        listening = self.listening_descriptors()
+        if listening and self.spool is not None:
+            # The others accept too, each queueing its own share: so does
+            # worker 0.  (Without a shared socket, a unix: endpoint alone,
+            # its mail keeps spreading over every worker.)
+            self.intake_spool = self._partitioned_spool(self.spool.directory, 0)
+        self.pool.start(self._lock_fd, listening)
+
+    def _partitioned_spool(self, directory: str, index: int) -> Spool:
+        """The listener's spool of worker ``index``: ids of its partition."""
+        return Spool(directory, clock=self.reactor.seconds,
+                     queue_ids=QueueIdGenerator(self.reactor.seconds, partition=(index, self.workers)))
+
+    def listening_descriptors(self) -> dict[int, tuple[int, int]]:
+        """Worker 0's listening sockets that the other workers accept on too
+        (``SharedListener.descriptor``: TCP and implicit TLS; bound by
+        twistd's ``privilegedStartService``, before the workers start):
+        smtpd_endpoints index -> (descriptor, address family)."""
+        found = {}
+        for number, listener in enumerate(self.listeners):
+            descriptor = listener.descriptor()
+            if descriptor is not None:
+                found[number] = descriptor
+        return found
+
+    def listen_in_worker(self, listening: dict[int, tuple[int, int]]) -> None:
+        """A worker: accept on worker 0's listening sockets (each descriptor
+        is closed; the reactor listens on a duplicate) with this process's
+        copy of each listener's factory, which queues into this process's
+        ``intake_spool``.  One that cannot be taken is a warning (worker 0
+        and the others still accept on it)."""
+        for number, (fd, family) in sorted(listening.items()):
+            if not 0 <= number < len(self.listeners):
+                os.close(fd)
+                continue
+            listener = self.listeners[number]
+            try:
+                listener.listen_on(fd, family)
+            except Exception as exc:  # noqa: BLE001 - the other workers listen; this one delivers
+                ralog.log_warning(log, f"cannot listen on smtpd_endpoints entry {number + 1}: {exc}",
+                                  service="master")
+                continue
+            self._worker_listeners.append(listener)
+
+    def listener_queued(self) -> None:
+        """The listener queued a message (its trigger): with several workers
+        its id is this worker's (``intake_spool``), so this queue manager
+        alone looks at ``incoming/``; with one, the queue manager's wakeup."""
+        if self.queue_manager is not None:
+            self.queue_manager.wakeup(pass_on=self.intake_spool is None)
 
     def stopService(self) -> Deferred[Any]:
         waits: list[Deferred[Any]] = []
+        # A worker's listeners first: no new session (worker 0's are
+        # twistd's to stop, before this service).
+        for listener in self._worker_listeners:
+            waits.append(maybeDeferred(listener.service.stopService))
+        self._worker_listeners = []
         if self._uninstall_signals is not None:
             self._uninstall_signals()
             self._uninstall_signals = None

@@ -19,6 +19,12 @@ Its input is lines on a UNIX socket from worker 0, its output lines back::
 
     lock                  with a descriptor (SCM_RIGHTS): the locked
                           master.lock, for the workers to hold
+    listen I FAMILY       with a descriptor: the listening socket of
+                          smtpd_endpoints entry I (address family
+                          FAMILY), for every worker to accept on
+    unlisten              close those (the daemon stops: no worker will
+                          be started again, and a socket no process
+                          accepts on must not take connections)
     start K               fork worker K  -> started K PID | failed K REASON
     kill K                SIGKILL to worker K (it did not stop in time)
                           -> ended K PID STATUS, whenever a worker exits
@@ -27,7 +33,10 @@ Its input is lines on a UNIX socket from worker 0, its output lines back::
 
 End of file on the socket (worker 0 stopped, or died) ends the spawner
 at once; the workers see end of file on their own links and stop by
-themselves.  It ignores SIGINT and SIGTERM: ^C on a terminal or a
+themselves.  Every worker it forks inherits the lock and the listening
+sockets it holds (``run_worker(index, link, lock_fd, listening)``, with
+``listening`` {I: (descriptor, family)}: ``relayagent.master.child``
+listens on them).  It ignores SIGINT and SIGTERM: ^C on a terminal or a
 service manager's stop reaches worker 0 and the workers, which stop in
 order, and the spawner goes with worker 0.  It and the workers ignore
 SIGUSR1 and SIGHUP (worker 0's signals to reopen the logs and to
@@ -39,6 +48,7 @@ SYNOPSIS
 
     pid, control, links = fork_spawner(indices, run_worker, privileges)
     Spawner(control, links, run_worker).serve() -> exit status
+    run_worker(index, link, lock_fd, listening) -> exit status  # in the worker
     log_to_stderr()
 
 DIAGNOSTICS: a fork that fails is ``failed K fork: REASON``; a privilege
@@ -69,8 +79,11 @@ log = Logger(namespace="relayagent.master.spawner")
 EX_SOFTWARE = 70
 # The longest line on the spawner's socket or a worker's link.
 MAX_LINE = 1024
-# The most descriptors taken from one read (only "lock" brings one).
-_MAX_FDS = 4
+# The most descriptors taken from one read ("lock" and each "listen"
+# bring one; each comes with an octet of its own).
+_MAX_FDS = 64
+# What a worker is handed: smtpd_endpoints index -> (descriptor, family).
+Listening = dict[int, tuple[int, int]]
 
 
 class Dropper(Protocol):
@@ -113,7 +126,7 @@ def log_to_stderr(observer: Any = None) -> None:
 
 def fork_spawner(
     indices: Iterable[int],
-    run_worker: Callable[[int, socket.socket, int], int],
+    run_worker: Callable[[int, socket.socket, int, Listening], int],
     privileges: Dropper,
     *,
     fork: Callable[[], int] = os.fork,
@@ -151,7 +164,7 @@ def fork_spawner(
 
 def _spawner_process(control: socket.socket, worker_zero_end: socket.socket,
                      links: dict[int, socket.socket], worker_zero_links: list[socket.socket],
-                     run_worker: Callable[[int, socket.socket, int], int], privileges: Dropper,
+                     run_worker: Callable[[int, socket.socket, int, Listening], int], privileges: Dropper,
                      mask: Iterable[int]) -> NoReturn:
     status = EX_SOFTWARE
     try:
@@ -186,11 +199,13 @@ class Spawner:
     """The spawner's loop: commands from worker 0, forks, reaps, reports."""
 
     def __init__(self, control: socket.socket, links: Mapping[int, socket.socket],
-                 run_worker: Callable[[int, socket.socket, int], int]) -> None:
+                 run_worker: Callable[[int, socket.socket, int, Listening], int]) -> None:
         self.control = control
         self.links = dict(links)
         self.run_worker = run_worker
         self.lock_fd: int | None = None
+        # The listening sockets, for every worker (lines "listen").
+        self.listening: Listening = {}
         self.children: dict[int, int] = {}  # pid -> index
         self._buffer = b""
         self._fds: list[int] = []
@@ -225,7 +240,8 @@ class Spawner:
 
     def receive(self) -> None:
         """Read from worker 0's socket and carry out each whole line: ``lock``
-        (with the spool lock's descriptor), ``start N``, ``kill N``; other
+        (with the spool lock's descriptor), ``listen I FAMILY`` (with a
+        listening socket), ``unlisten``, ``start N``, ``kill N``; other
         lines and descriptors nothing asked for are dropped.  Raises
         _WorkerZeroGone when the socket is closed or fails."""
         try:
@@ -246,6 +262,16 @@ class Spawner:
                 if self.lock_fd is not None:
                     os.close(self.lock_fd)
                 self.lock_fd = self._fds.pop(0)
+            elif (len(words) == 3 and words[0] == "listen" and words[1].isdigit() and words[2].isdigit()
+                  and self._fds):
+                previous = self.listening.get(int(words[1]))
+                if previous is not None:
+                    os.close(previous[0])
+                self.listening[int(words[1])] = (self._fds.pop(0), int(words[2]))
+            elif words == ["unlisten"]:
+                for fd, _ in self.listening.values():
+                    os.close(fd)
+                self.listening = {}
             elif len(words) == 2 and words[0] in ("start", "kill") and words[1].isdigit():
                 (self.start if words[0] == "start" else self.kill)(int(words[1]))
         if not self._buffer:
@@ -323,7 +349,7 @@ class Spawner:
             for other in self.links.values():
                 other.close()
             assert self.lock_fd is not None
-            status = self.run_worker(index, link, self.lock_fd)
+            status = self.run_worker(index, link, self.lock_fd, dict(self.listening))
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else EX_SOFTWARE
         except BaseException:  # noqa: BLE001 - said on stderr, then the exit status tells

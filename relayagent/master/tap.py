@@ -357,7 +357,11 @@ def makeService(options: Options) -> IServiceCollection:
     except (ConfigError, ValueError) as exc:  # smtpd_tls_* (TLSConfigError), endpoint syntax
         raise fatal(EX_CONFIG, str(exc)) from None
     for listener in listeners:
-        listener.setServiceParent(top)
+        # Bound by twistd's privilegedStartService after the delivery
+        # service forked the worker spawner: worker 0 hands the sockets
+        # to the workers when they start (relayagent.master.worker).
+        listener.service.setServiceParent(top)
+    relayagent_service.listeners = listeners
     from relayagent.master.metrics import metrics_services  # metrics_endpoints
 
     for endpoint in metrics_services(config, lambda: relayagent_service.metrics, reactor):

@@ -17,8 +17,9 @@ with nothing of this module at work.
   two processes ever claim the same file, with no talk between them.
   ``mailq``, ``postsuper`` and the other commands still see everything.
 - **Processes.**  The twistd process is worker 0: it keeps the maillog,
-  the trigger socket, the listener (``smtpd_endpoints``) and the spool
-  lock (``control.lock_spool``).  Workers 1..N-1 are forks, not new
+  the trigger socket and the spool lock (``control.lock_spool``), and
+  binds the listener (``smtpd_endpoints``), on which every worker
+  accepts (**Listener**).  Workers 1..N-1 are forks, not new
   programs: in ``privilegedStartService`` (after twistd's ``--chroot``,
   before its ``--uid``/``--gid``) worker 0 forks the *spawner*
   (``relayagent.master.spawner``), which drops to twistd's user and
@@ -42,6 +43,37 @@ with nothing of this module at work.
   lives, and a new daemon cannot start (and recover ``active/``) beside
   an orphaned worker.  A worker refuses to run unless the descriptor it
   holds is ``master.lock`` and is locked by it (``check_lock``).
+- **Listener.**  Every worker accepts on the listening sockets of
+  ``smtpd_endpoints``, as every smtpd(8) accepts on the one socket
+  Postfix's master(8) opened.  twistd binds them in worker 0, as root
+  (``privilegedStartService``, after this service's, which has forked
+  the spawner by then); when worker 0 starts the workers it hands each
+  TCP and implicit-TLS socket to the spawner after the lock, the same
+  way (``listen I FAMILY`` with ``SCM_RIGHTS``), every worker inherits
+  them from the spawner, a restarted one too, and adopts them
+  (``reactor.adoptStreamPort``) under its own copy of the listener's
+  factory (``smtpd.listener.SharedListener``: the factory, the TLS
+  context of an ``ssl:`` endpoint and STARTTLS's are in the fork's
+  memory, made as root) once its service has started.  A message a
+  worker receives is queued by its own intake with an id of its own
+  partition (``QueueIdGenerator(partition=)``), so its own queue
+  manager, woken without a trigger to any other process
+  (``RelayagentService.listener_queued``), delivers it (worker 0's too,
+  once it hands a socket over; with none to hand over its listener's
+  mail keeps spreading over every worker).  A ``unix:``
+  endpoint stays with worker 0 (Twisted's UNIX port removes its path
+  when it stops listening, which the first worker to stop would do for
+  all), and so does any other kind (``systemd:``: a descriptor of
+  worker 0's own).  At stop worker 0 stops accepting first (twistd stops
+  the listeners before this service), then tells the spawner
+  ``unlisten`` (it closes its copies: no worker is started again) and
+  closes the links; each worker stops accepting before its queue
+  manager, as worker 0 does, so the socket is closed, and refuses
+  connections, once the last worker has let go of it.  The listener
+  enforces no limit of its own per listener (no connection count or
+  rate: each session is bounded by itself, ``MAX_HELD_LINES``), so
+  nothing changes meaning; the kernel hands each new connection to
+  whichever worker accepts first, so a busy worker takes fewer.
 - **Parent gone, child stops.**  Each worker has a socket to worker 0
   (its *link*, made before the spawner is forked and kept for the life
   of the daemon); end of file on it (worker 0 stopped, or died, even by
@@ -81,7 +113,7 @@ SYNOPSIS
 
     pool = WorkerPool(reactor, workers=N, on_wakeup=..., on_fatal=...)
     pool.prepare(run_worker, privileges)   # privileged: forks the spawner
-    pool.start(lock_fd); pool.send(WAKEUP); pool.stop() -> Deferred
+    pool.start(lock_fd, listening); pool.send(WAKEUP); pool.stop() -> Deferred
     worker_count(config) -> int;  partition_filter(index, workers) -> owns | None
     split_limits(config, workers) -> Config;  check_lock(lock_fd, queue_directory)
     WorkerRole, Privileges, ParentLink, WorkerRuntime
@@ -118,7 +150,7 @@ from twisted.python.util import switchUID
 
 from relayagent.common import maillog as ralog
 from relayagent.common.config import Config, Settings
-from relayagent.master.spawner import MAX_LINE, fork_spawner
+from relayagent.master.spawner import MAX_LINE, Listening, fork_spawner
 from relayagent.spool.queueid import partition_of
 
 log = Logger(namespace="relayagent.master.worker")
@@ -608,24 +640,29 @@ class WorkerPool:
         self.spawner: _SpawnerLink | None = None
         self._sockets: tuple[socket.socket, dict[int, socket.socket]] | None = None
         self._spawner_gone = False
+        # Listening sockets went to the spawner (start): "unlisten" at stop.
+        self._listening_handed = False
         self._spawner_ended: Deferred[None] = Deferred()
 
     # -- before the privilege drop
 
-    def prepare(self, run_worker: Callable[[int, socket.socket, int], int],
+    def prepare(self, run_worker: Callable[[int, socket.socket, int, Listening], int],
                 privileges: Privileges = Privileges(), *, fork: Callable[[], int] = os.fork) -> None:
         """Make the sockets and fork the spawner (worker 0's
         ``privilegedStartService``: still root, already in the chroot).
-        ``run_worker(index, link, lock_fd)`` is what a worker process
-        runs; it returns the exit status."""
+        ``run_worker(index, link, lock_fd, listening)`` is what a worker
+        process runs (``listening``: the listener sockets handed to
+        ``start``); it returns the exit status."""
         self.spawner_pid, control, links = fork_spawner(sorted(self.children), run_worker, privileges, fork=fork)
         self._sockets = (control, links)
 
     # -- after it
 
-    def start(self, lock_fd: int) -> None:
-        """Take the sockets into the reactor, hand the spool lock to the
-        spawner and start workers 1 .. N-1."""
+    def start(self, lock_fd: int, listening: Listening | None = None) -> None:
+        """Take the sockets into the reactor, hand the spool lock and the
+        listening sockets (``listening``: smtpd_endpoints index ->
+        (descriptor, address family), worker 0's own, which stay open
+        here) to the spawner and start workers 1 .. N-1."""
         if self._sockets is None:
             raise RuntimeError("WorkerPool.start before prepare")
         control, links = self._sockets
@@ -640,6 +677,10 @@ class WorkerPool:
         # The descriptor goes with the first octet of the line after it.
         self.spawner.transport.sendFileDescriptor(lock_fd)
         self.spawner.command("lock")
+        for index, (fd, family) in sorted((listening or {}).items()):
+            self._listening_handed = True
+            self.spawner.transport.sendFileDescriptor(fd)
+            self.spawner.command(f"listen {index} {int(family)}")
         for index in self.children:
             self._start(index)
 
@@ -790,6 +831,11 @@ class WorkerPool:
         when every worker has ended and the spawner is gone; SIGKILL
         after ``stop_timeout``."""
         self.running = False
+        if self._listening_handed and self.spawner is not None and not self._spawner_gone:
+            # No worker is started again: the spawner's copies of the
+            # listening sockets go now, so that the sockets close (and
+            # refuse connections) once the last worker stops accepting.
+            self.spawner.command("unlisten")
         if self._sockets is not None:
             # Prepared, never started: closing its socket ends the spawner.
             control, links = self._sockets

@@ -440,9 +440,11 @@ class QueueManager:
 
     # -- triggers
 
-    def wakeup(self) -> None:
-        """New mail in incoming/ (a trigger)."""
-        if self.on_trigger is not None:
+    def wakeup(self, *, pass_on: bool = True) -> None:
+        """New mail in incoming/ (a trigger); ``pass_on=False`` for mail
+        this process queued for itself (its listener's ids are its own
+        partition), which ``on_trigger`` is not told of."""
+        if pass_on and self.on_trigger is not None:
             self.on_trigger("wakeup")
         self._look_at_incoming()
 

@@ -76,6 +76,20 @@ server lacks:
   REQUIRETLS is not offered and ``MAIL FROM:<...> REQUIRETLS`` gets
   555 5.5.4 as any unknown option (as from Postfix's smtpd).
 
+With ``relayagent_workers`` > 1 every worker accepts on the listening
+sockets (``relayagent/master/worker.py``, "Listener").  Each endpoint is
+made on a ``ListenerReactor``: in worker 0 it binds as always and the
+port it bound is kept (``SharedListener.descriptor``); in another
+worker, given worker 0's descriptor (``SharedListener.listen_on``), the
+same endpoint adopts it instead of binding, under TLS for ``ssl:``
+(the endpoint's own context factory), with that worker's copy of the
+factory, whose intake queues into that worker's spool
+(``daemon.intake_spool``) and wakes that worker's queue manager
+(``daemon.listener_queued``).  ``tcp:``, ``tcp6:`` and ``ssl:``
+endpoints are shared; ``unix:`` and ``systemd:`` ones listen in worker
+0 alone (see the worker module).  No limit here is per listener: the
+ones above are per session or per message.
+
 Relaying is the intake's rule: clients in ``mynetworks`` (default
 loopback only), authenticated by SASL, or showing a client certificate
 listed in ``relay_clientcerts``; anyone else gets 554 5.7.1 for every
@@ -83,7 +97,8 @@ recipient.
 
 SYNOPSIS
 
-    services = daemon_listener_services(config, daemon, reactor)   # one per smtpd_endpoints entry
+    listeners = daemon_listener_services(config, daemon, reactor)  # SharedListener per entry
+    listener.service; listener.descriptor() -> (fd, family) | None; listener.listen_on(fd, family)
     make_listener_services(config, spool, trigger, reactor=reactor)
     ListenerFactory(intake, config);  MailServiceESMTPFactory(service, portal, config)
     RelayagentESMTP (the server protocol);  parse_esmtp_parameters(text)
@@ -94,7 +109,9 @@ malformed DSN or ARRIVAL parameter), 535 5.7.8 (AUTH failed), 530 5.7.0
 (STARTTLS first), 504 5.5.4 (a mechanism not offered now), 452 4.3.1
 (short of space), 451 4.3.0 (the spool failed), 554 5.7.1 (relaying
 denied), 5xx for an over-long line.
-A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
+``SharedListener.listen_on`` raises what the reactor raises for a
+descriptor it cannot adopt, and ValueError for an endpoint that is
+neither TCP nor TLS.  A bad ``smtpd_endpoints`` string fails at start-up in Twisted's
 ``strports.service`` (``ValueError``), a bad ``smtpd_tls_*`` setting in
 ``ServerTLS.from_config`` (``TLSConfigError``, a ``ValueError``).
 
@@ -111,6 +128,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import os
 import re
 import time
 from collections import deque
@@ -125,10 +143,12 @@ from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import imap4, protocols, smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.compat import networkString
 from zope.interface import implementer
 
@@ -930,6 +950,90 @@ class MailServiceESMTPFactory(protocols.ESMTPFactory):
         return server
 
 
+class ListenerReactor:
+    """The reactor an ``smtpd_endpoints`` endpoint is made with: the real
+    one, except for how a TCP or TLS port comes to listen.  In worker 0
+    the endpoint binds as it always does, and the port it bound is kept
+    (``port``: its descriptor is handed to the other workers).  In
+    another worker, once ``take`` gave it worker 0's descriptor, the same
+    endpoint's ``listen`` adopts that descriptor instead of binding,
+    wrapping the factory in TLS as ``listenSSL`` would (implicit TLS: the
+    endpoint's context factory, made as root before any fork).  Any
+    other kind of endpoint (``unix:``, ``systemd:``) goes straight to the
+    real reactor and keeps no port: it listens in worker 0 alone."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.port: Any = None
+        self._taken: tuple[int, int] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def take(self, fd: int, family: int) -> None:
+        """The next ``listenTCP``/``listenSSL`` adopts ``fd`` (a listening
+        socket of ``family``), which it closes, instead of binding."""
+        self._taken = (fd, family)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:  # noqa: N802 - IReactorTCP
+        """Bind (worker 0: the port is kept) or adopt the descriptor taken."""
+        if self._taken is not None:
+            return self._adopt(factory)
+        self.port = self._reactor.listenTCP(port, factory, backlog, interface)
+        return self.port
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any,  # noqa: N802,N803 - IReactorSSL
+                  backlog: int = 50, interface: str = "") -> Any:
+        """Bind (worker 0: the port is kept) or adopt the descriptor taken,
+        under TLS with ``contextFactory`` either way."""
+        if self._taken is not None:
+            return self._adopt(TLSMemoryBIOFactory(contextFactory, False, factory))
+        self.port = self._reactor.listenSSL(port, factory, contextFactory, backlog, interface)
+        return self.port
+
+    def _adopt(self, factory: Any) -> Any:
+        assert self._taken is not None
+        (fd, family), self._taken = self._taken, None
+        try:
+            return self._reactor.adoptStreamPort(fd, family, factory)
+        finally:
+            os.close(fd)  # the reactor listens on a duplicate
+
+
+class SharedListener:
+    """One ``smtpd_endpoints`` entry as every worker has it: its service
+    (``service``, a child of twistd's service tree in worker 0) and the
+    reactor its endpoint was made with (``ListenerReactor``)."""
+
+    def __init__(self, service: Any, reactor: ListenerReactor) -> None:
+        self.service = service
+        self.reactor = reactor
+
+    def descriptor(self) -> tuple[int, int] | None:
+        """Worker 0, once it listens: the listening socket's descriptor and
+        address family, for the other workers; None for an endpoint that
+        listens in worker 0 alone, or that has not bound yet."""
+        port = self.reactor.port
+        family = getattr(port, "addressFamily", None)
+        if port is None or family is None or not getattr(port, "connected", False):
+            return None
+        return port.fileno(), family
+
+    def listen_on(self, fd: int, family: int) -> None:
+        """Another worker: listen on worker 0's socket ``fd`` (closed here;
+        the reactor keeps a duplicate) with this process's copy of the
+        factory, which queues into this process's spool.  Raises what
+        the reactor raises (``UnsupportedAddressFamily``, OSError), and
+        ValueError for an endpoint that is neither TCP nor TLS (it would
+        bind a socket of its own)."""
+        if not isinstance(self.service.endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint)):
+            os.close(fd)
+            raise ValueError(f"not a TCP or TLS endpoint: {type(self.service.endpoint).__name__}")
+        self.reactor.take(fd, family)
+        self.service.privilegedStartService()
+        self.service.startService()
+
+
 def make_listener_services(
     config: Config,
     spool: Any = None,
@@ -943,14 +1047,27 @@ def make_listener_services(
     ``spool`` defaults to ``Spool(queue_directory)``; ``trigger`` is called
     with no arguments after each queued message.
     """
+    return [shared.service for shared in _shared_listeners(config, spool, trigger, reactor=reactor, clock=clock)]
+
+
+def _shared_listeners(config: Config, spool: Any, trigger: Callable[[], object] | None, *,
+                      reactor: Any, clock: Callable[[], float]) -> list[SharedListener]:
     settings = ListenerSettings.from_config(config)
     if not settings.smtpd_endpoints:
         return []
     if spool is None:
         spool = Spool(settings.queue_directory)
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor  # noqa: PLC0415 - as strports does: not at import
+
+        reactor = global_reactor
     intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
     factory = ListenerFactory(intake, config)
-    return [strports.service(description, factory, reactor=reactor) for description in settings.smtpd_endpoints]
+    listeners = []
+    for description in settings.smtpd_endpoints:
+        listening = ListenerReactor(reactor)
+        listeners.append(SharedListener(strports.service(description, factory, reactor=listening), listening))
+    return listeners
 
 
 class _DaemonSpool:
@@ -958,22 +1075,27 @@ class _DaemonSpool:
     twistd's chroot and uid change): looked up at each enqueue, which
     runs in the reactor's thread pool (``spool.nonblocking``): the
     fsyncs of one client's message hold neither the other clients nor
-    the deliveries."""
+    the deliveries.  The daemon's ``intake_spool`` when it has one (a
+    worker's: the ids of its own partition), else its ``spool``."""
 
     def __init__(self, daemon: Any, reactor: Any) -> None:
         self.daemon = daemon
         self.reactor = reactor
 
+    def _spool(self) -> Spool | None:
+        return getattr(self.daemon, "intake_spool", None) or self.daemon.spool
+
     @property
     def directory(self) -> str | None:
-        spool = self.daemon.spool
+        spool = self._spool()
         return spool.directory if spool is not None else None
 
     def enqueue(self, *args: Any, **kwargs: Any) -> Deferred[str]:
         """``Spool.enqueue`` in the thread pool: a Deferred of the queue id."""
-        if self.daemon.spool is None:
+        spool = self._spool()
+        if spool is None:
             raise OSError("the spool is not open yet")
-        return ThreadedSpool(self.daemon.spool, self.reactor).enqueue(*args, **kwargs)
+        return ThreadedSpool(spool, self.reactor).enqueue(*args, **kwargs)
 
     def new_message(self, *args: Any, **kwargs: Any) -> ThreadedIncomingMessage:
         """``Spool.new_message`` committed in the thread pool (the intake
@@ -984,13 +1106,19 @@ class _DaemonSpool:
         return ThreadedSpool(self.daemon.spool, self.reactor).new_message(*args, **kwargs)
 
 
-def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[IService]:
+def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[SharedListener]:
     """The listeners of ``twistd relayagent``: ``make_listener_services``
-    with the daemon's spool and its queue manager's wakeup as trigger."""
+    with the daemon's spool and, as trigger, the daemon's
+    ``listener_queued`` (its queue manager's wakeup when it has none),
+    each with what another worker needs to listen on the same socket
+    (``SharedListener``: ``relayagent.master.worker``)."""
 
     def wake_queue_manager() -> None:
-        if daemon.queue_manager is not None:
+        queued = getattr(daemon, "listener_queued", None)
+        if queued is not None:
+            queued()
+        elif daemon.queue_manager is not None:
             daemon.queue_manager.wakeup()
 
-    return make_listener_services(config, _DaemonSpool(daemon, reactor), wake_queue_manager,
-                                  reactor=reactor, clock=reactor.seconds)
+    return _shared_listeners(config, _DaemonSpool(daemon, reactor), wake_queue_manager,
+                             reactor=reactor, clock=reactor.seconds)

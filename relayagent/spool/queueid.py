@@ -23,9 +23,25 @@ time first, then something that tells processes apart.
 worker processes owns a queue file (``relayagent/master/worker.py``): a pure
 function of the id, so every process agrees without talking.
 
+A generator made with ``partition=(index, workers)`` makes only ids that
+``partition_of`` maps to ``index``: the SMTP listener of worker k queues
+mail that worker k delivers itself, without a trigger to another process
+(``relayagent/smtpd/listener.py``).  It takes the next microsecond after
+the last id, as any generator does, and while that id belongs to another
+worker it moves on one microsecond more.  So the rules above still hold:
+the time part only ever grows within the process (unique; the pid tells
+processes apart), and it runs ahead of the clock by the few microseconds
+skipped (CRC-32 spreads consecutive ids evenly, so about ``workers`` - 1
+of them per id), far below any arrival the order could tell apart.  The
+search is bounded (``MAX_PARTITION_STEPS``, never reached in the tests
+for any index of up to 64 workers); past it the id is taken as it is:
+still unique, only owned by another worker, which finds it at its next
+look at ``incoming/``.
+
 SYNOPSIS
 
     queue_id, arrival_time = QueueIdGenerator(time.time).next()
+    QueueIdGenerator(time.time, partition=(index, workers)).next()
     is_queue_id(name), queue_id_time(queue_id), queue_id_pid(queue_id)
     partition_of(queue_id, workers)        # 0 .. workers - 1
 
@@ -48,6 +64,10 @@ ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
 TIME_DIGITS = 11
 PID_DIGITS = 5
 QUEUE_ID_LENGTH = TIME_DIGITS + PID_DIGITS
+
+# The most microseconds a partitioned generator skips for one id (see the
+# module docstring): far more than any index of any worker count needs.
+MAX_PARTITION_STEPS = 4096
 
 _QUEUE_ID_RE = re.compile(r"[0-9A-V]{%d}" % QUEUE_ID_LENGTH)
 
@@ -113,11 +133,21 @@ class QueueIdGenerator:
 
     ``clock`` returns seconds since the epoch (``time.time`` or a test
     clock).  All generators of a process share one "last id" so that two
-    spools in one process never make the same id.
+    spools in one process never make the same id.  With ``partition=
+    (index, workers)`` every id is one that ``partition_of(id, workers)``
+    maps to ``index`` (module docstring).
     """
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], *,
+                 partition: tuple[int, int] | None = None) -> None:
         self._clock = clock
+        if partition is not None:
+            index, workers = partition
+            if not 0 <= index < workers:
+                raise ValueError(f"partition {index} of {workers} workers")
+            if workers <= 1:
+                partition = None  # every id is worker 0's
+        self._partition = partition
 
     def next(self) -> tuple[str, float]:
         """A new id, and the clock's reading to record as arrival time.
@@ -128,12 +158,19 @@ class QueueIdGenerator:
         """
         global _last_microseconds
         now = self._clock()
+        # The pid is read every time: after a fork the child has its own.
+        pid_part = _encode(os.getpid() % (32 ** PID_DIGITS), PID_DIGITS)
         with _lock:
             # Strictly increasing within the process: a stopped or
             # backward clock must not repeat an id.
             microseconds = max(int(now * 1e6), _last_microseconds + 1, 0)
+            queue_id = _encode(microseconds, TIME_DIGITS) + pid_part
+            if self._partition is not None:
+                index, workers = self._partition
+                for _ in range(MAX_PARTITION_STEPS):
+                    if partition_of(queue_id, workers) == index:
+                        break
+                    microseconds += 1
+                    queue_id = _encode(microseconds, TIME_DIGITS) + pid_part
             _last_microseconds = microseconds
-        # The pid is read every time: after a fork the child has its own.
-        pid = os.getpid() % (32 ** PID_DIGITS)
-        queue_id = _encode(microseconds, TIME_DIGITS) + _encode(pid, PID_DIGITS)
         return queue_id, now

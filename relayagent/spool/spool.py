@@ -256,6 +256,7 @@ class Spool:
         clock: Callable[[], float] = time.time,
         on_stray: StrayReport | None = None,
         fsync_directory: Callable[[str], None] = fsync_directory,
+        queue_ids: QueueIdGenerator | None = None,
     ) -> None:
         self.directory = os.path.abspath(queue_directory)
         self.clock = clock
@@ -271,7 +272,9 @@ class Spool:
         self._prefixes = {
             name: os.path.join(self.directory, name, "") for name in QUEUES + logs.LOG_KINDS + (TMP,)
         }
-        self._ids = QueueIdGenerator(clock)
+        # queue_ids: a worker's listener makes the ids of its own partition
+        # (relayagent.master.service); by default, any id.
+        self._ids = queue_ids or QueueIdGenerator(clock)
         # Ids with a bounce log when ``recover`` ran; None before it ran
         # (nothing is then known about any message's logs).
         self._bounce_logs_at_start: set[str] | None = None
