@@ -1101,9 +1101,10 @@ class _DaemonSpool:
         """``Spool.new_message`` committed in the thread pool (the intake
         writes DATA into it: the content written once, into the queue
         file)."""
-        if self.daemon.spool is None:
+        spool = self._spool()
+        if spool is None:
             raise OSError("the spool is not open yet")
-        return ThreadedSpool(self.daemon.spool, self.reactor).new_message(*args, **kwargs)
+        return ThreadedSpool(spool, self.reactor).new_message(*args, **kwargs)
 
 
 def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[SharedListener]:
