@@ -1,0 +1,152 @@
+"""
+Unit tests for the cheap paths of relayagent.smtp.channel: a pipelined
+command's ``PendingReply`` (no Deferred unless someone waits), one reply
+timer restart per read, the stage timeouts looked up once.
+
+Behaviour is tested in tests/test_esmtp.py; these tests pin what makes
+the per-message cost, so that a change that brings the cost back fails.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import base, task
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from relayagent.common.config import Config
+from relayagent.smtp.channel import STAGES, Broken, PendingReply, ServerInfo, SessionSettings
+from relayagent.smtp.reply import Reply
+from relayagent.smtp.session import SMTPSessionFactory
+
+SERVER = ServerInfo("mx.example", "192.0.2.1", 25, "example.com")
+EHLO = [b"250-mx.example", b"250-PIPELINING", b"250 8BITMIME"]
+
+
+class _Channel:
+    def __init__(self, test: unittest.SynchronousTestCase, **overrides: str) -> None:
+        self.clock = task.Clock()
+        config = Config.defaults().replace(smtp_helo_name="client.example", **overrides)
+        factory = SMTPSessionFactory(SessionSettings.from_config(config), self.clock, SERVER)
+        self.session = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.session.makeConnection(self.transport)
+        self.session.dataReceived(b"220 mx.example ESMTP\r\n")
+        self.session.dataReceived(b"".join(line + b"\r\n" for line in EHLO))
+        test.successResultOf(self.session.greeted)
+        self.transport.clear()
+
+
+class PendingReplyTests(unittest.SynchronousTestCase):
+    def test_pipelined_command_result_is_set_when_its_reply_is_in(self) -> None:
+        channel = _Channel(self).session
+        mail = channel.pipeline_command(b"MAIL FROM:<a@example.org>", "mail")
+        rcpt = channel.pipeline_command(b"RCPT TO:<b@example.com>", "rcpt")
+        channel.flush()
+        self.assertIsInstance(mail, PendingReply)
+        self.assertIsNone(mail.result)
+        channel.dataReceived(b"250 2.1.0 Ok\r\n")
+        self.assertIsInstance(mail.result, Reply)
+        self.assertEqual(mail.result.code, 250)
+        self.assertIsNone(rcpt.result)
+        channel.dataReceived(b"550 5.1.1 no\r\n")
+        self.assertEqual(rcpt.result.code, 550)
+
+    def test_no_deferred_unless_waited_for(self) -> None:
+        channel = _Channel(self).session
+        pending = channel.pipeline_command(b"RSET", "probe")
+        self.assertIsNone(pending._waiter)
+        waiter = pending.wait()
+        self.assertIs(pending.wait(), waiter)  # one Deferred for every waiter
+        channel.flush()
+        self.assertNoResult(waiter)
+        channel.dataReceived(b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.successResultOf(waiter).code, 250)
+        self.assertIsNone(pending._waiter)
+        self.assertEqual(self.successResultOf(pending.wait()).code, 250)
+
+    def test_broken_session_fills_every_pending_reply(self) -> None:
+        h = _Channel(self)
+        channel = h.session
+        first = channel.pipeline_command(b"MAIL FROM:<a@example.org>", "mail")
+        second = channel.pipeline_command(b"RCPT TO:<b@example.com>", "rcpt")
+        waiter = second.wait()
+        channel.flush()
+        channel.connectionLost()
+        self.assertIsInstance(first.result, Broken)
+        self.assertIs(self.successResultOf(waiter), second.result)
+        self.assertIn("while sending MAIL FROM", first.result.status.text)
+        # After the end, a new command's reply is the Broken at once.
+        late = channel.pipeline_command(b"RSET", "probe")
+        self.assertIs(late.result, first.result)
+
+    def test_reply_before_its_command_answers_it_at_once(self) -> None:
+        channel = _Channel(self).session
+        channel.dataReceived(b"250 stray\r\n")
+        pending = channel.pipeline_command(b"RSET", "probe")
+        self.assertEqual(pending.result.lines, ("250 stray",))
+
+
+class TimerTests(unittest.SynchronousTestCase):
+    def _count_resets(self) -> list[float]:
+        resets: list[float] = []
+        original = base.DelayedCall.reset
+
+        def reset(call: base.DelayedCall, seconds: float) -> None:
+            resets.append(seconds)
+            original(call, seconds)
+
+        self.patch(base.DelayedCall, "reset", reset)
+        return resets
+
+    def test_one_restart_for_the_replies_of_one_read(self) -> None:
+        h = _Channel(self, smtp_data_init_timeout="33s")
+        channel = h.session
+        for line, stage in ((b"RSET", "probe"), (b"MAIL FROM:<a@example.org>", "mail"),
+                            (b"RCPT TO:<b@example.com>", "rcpt"), (b"DATA", "data")):
+            channel.pipeline_command(line, stage)
+        channel.flush()
+        resets = self._count_resets()
+        h.clock.advance(5)
+        channel.dataReceived(b"250 a\r\n250 b\r\n250 c\r\n")
+        self.assertEqual(resets, [33.0])  # DATA's, from the end of the read
+        h.clock.advance(32.9)
+        self.assertIsNone(channel.broken)
+        h.clock.advance(0.1)
+        self.assertIn("timed out while sending DATA command", channel.broken.status.text)
+
+    def test_lines_of_a_multiline_reply_in_one_read(self) -> None:
+        h = _Channel(self, smtp_mail_timeout="9s")
+        channel = h.session
+        channel.pipeline_command(b"MAIL FROM:<a@example.org>", "mail")
+        rcpt = channel.pipeline_command(b"RCPT TO:<b@example.com>", "rcpt")
+        channel.flush()
+        resets = self._count_resets()
+        channel.dataReceived(b"250-one\r\n250-two\r\n250 three\r\n")
+        self.assertEqual(len(resets), 1)
+        h.clock.advance(299)  # smtp_rcpt_timeout, from the read
+        self.assertIsNone(rcpt.result)
+        h.clock.advance(1)
+        self.assertIsInstance(rcpt.result, Broken)
+
+    def test_a_line_outside_a_read_restarts_at_once(self) -> None:
+        h = _Channel(self, smtp_rcpt_timeout="8s")
+        channel = h.session
+        channel.pipeline_command(b"MAIL FROM:<a@example.org>", "mail")
+        rcpt = channel.pipeline_command(b"RCPT TO:<b@example.com>", "rcpt")
+        channel.flush()
+        h.clock.advance(100)
+        channel.lineReceived(b"250 ok")  # not through dataReceived
+        h.clock.advance(7.9)
+        self.assertIsNone(rcpt.result)
+        h.clock.advance(0.1)
+        self.assertIn("timed out while sending RCPT TO", rcpt.result.status.text)
+
+
+class TimeoutLookupTests(unittest.SynchronousTestCase):
+    def test_each_stage_timeout_from_its_parameter(self) -> None:
+        channel = _Channel(self, smtp_rcpt_timeout="11s", smtp_mail_timeout="12s").session
+        self.assertEqual(channel.pipeline_command(b"RCPT TO:<b@example.com>", "rcpt").timeout, 11.0)
+        self.assertEqual(channel.pipeline_command(b"RCPT TO:<c@example.com>", "rcpt").timeout, 11.0)
+        self.assertEqual(channel.pipeline_command(b"MAIL FROM:<a@example.org>", "mail").timeout, 12.0)
+        self.assertEqual(channel.expect_reply(STAGES["idle"]).timeout, 300.0)
+        self.assertEqual(channel.expect_reply("mail", 4.0).timeout, 4.0)
