@@ -15,14 +15,18 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import base, task
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.smtp.channel import STAGES, Broken, PendingReply, ServerInfo, SessionSettings
+from relayagent.smtp.conncache import CachedSession, ConnectionCache
+from relayagent.smtp.deliver import SmtpAgent, SmtpRequest
 from relayagent.smtp.reply import MAX_REPLY_LINES, Reply, ReplyAssembler, parse_enhanced
 from relayagent.smtp.session import SMTPSessionFactory
+from relayagent.testing import FakeConnector
 
 SERVER = ServerInfo("mx.example", "192.0.2.1", 25, "example.com")
 EHLO = [b"250-mx.example", b"250-PIPELINING", b"250 8BITMIME"]
@@ -240,3 +244,37 @@ class BodyTimerTests(unittest.SynchronousTestCase):
         self.assertIsNone(channel.body)
         channel.dataReceived(b"250 2.0.0 Ok: queued\r\n")
         self.assertTrue(self.successResultOf(d).recipients[0].ok)
+
+
+class CoroutinePathTests(unittest.SynchronousTestCase):
+    """smtp.deliver awaits the session's transaction as a coroutine."""
+
+    def test_run_transaction_one_at_a_time_and_counted(self) -> None:
+        channel = _Channel(self).session
+        envelope = make_envelope()
+        d = Deferred.fromCoroutine(channel.run_transaction(envelope, envelope.recipients))
+        self.assertRaises(RuntimeError, channel.deliver, envelope, envelope.recipients)
+        channel.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+        self.assertTrue(self.successResultOf(d).recipients[0].ok)
+        self.assertEqual(channel.transactions, 1)
+        d = channel.deliver(envelope, envelope.recipients)  # free again
+        channel.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+        self.assertTrue(self.successResultOf(d).recipients[0].ok)
+        self.assertEqual(channel.transactions, 2)
+
+    def test_agent_reuses_a_cached_session_without_its_deferred(self) -> None:
+        h = _Channel(self)
+        session = h.session
+        cache = ConnectionCache(h.clock, idle_limit=300, reuse_time_limit=300)
+        cache.store(CachedSession(session, nexthop="example.com", created=h.clock.seconds()))
+        connector = FakeConnector()
+        agent = SmtpAgent(h.clock, nexthops=lambda domain: ["example.com"], connector=connector, cache=cache)
+        self.patch(session, "deliver", lambda *a, **kw: self.fail("deliver's Deferred was made"))
+        envelope = make_envelope()
+        d = agent.deliver(SmtpRequest(envelope, "example.com", envelope.recipients, backlog=1))
+        self.assertEqual(h.transport.value(), b"RSET\r\nMAIL FROM:<s@example.org> BODY=7BIT\r\nRCPT TO:<u@example.com>\r\nDATA\r\n")
+        session.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(result.outcomes[0].status.dsn, "2.0.0")
+        self.assertEqual(connector.calls, [])
+        self.assertIs(cache.take("example.com").session, session)  # kept for the next
