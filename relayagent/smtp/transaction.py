@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import task
 
-from relayagent.common.envelope import BodyType, Envelope, Recipient
+from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient
 from relayagent.common.status import Status
 from relayagent.smtp import mime
 from relayagent.smtp.address import orcpt_parameter, requires_smtputf8, smtp_path, xtext
@@ -151,7 +151,9 @@ def rcpt_to(session: SMTPSession, recipient: Recipient, *, dsn: bool | None = No
         orcpt = orcpt_parameter(recipient, path[1:-1])
         if orcpt is not None:
             parts.append("ORCPT=" + orcpt)
-        notify = recipient.notify.esmtp_value()
+        # The default (no NOTIFY given) without Flag arithmetic: once per
+        # recipient of every transaction.
+        notify = None if recipient.notify is Notify.DEFAULT else recipient.notify.esmtp_value()
         if notify is not None:
             parts.append("NOTIFY=" + notify)
     return " ".join(parts).encode("utf-8")
