@@ -10,12 +10,14 @@ pipeline and has one idle timeout; nothing of it is used).
 - the receive buffer: a line over ``MAX_LINE_OCTETS`` is cut there and
   the rest of it skipped, as Postfix's smtp_get() does; replies parsed
   as smtp_chat_resp() (``smtp.reply``): garbage skipped, bounded memory;
-- a FIFO of expected replies, so pipelined commands (RFC 2920) get their
-  replies in order, and the replies that came while nothing was
-  expected (``MAX_UNCLAIMED_REPLIES``), which answer the next commands;
+- a FIFO of expected replies (``PendingReply``), so pipelined commands
+  (RFC 2920) get their replies in order, and the replies that came while
+  nothing was expected (``MAX_UNCLAIMED_REPLIES``), which answer the next
+  commands; a reply gets a Deferred only when someone waits for it;
 - the write buffer of pipelined commands (``queue_command`` + ``flush``)
   and its count of unanswered octets (``PIPELINE_BUFFER_OCTETS``);
-- a timer per expected reply (``smtp_*_timeout`` by its ``Stage``), with
+- one reply timer (``smtp_*_timeout`` of the oldest expected reply's
+  ``Stage``, restarted once per read that brought replies), with
   Postfix's stage texts ("conversation with host[addr] timed out while
   sending RCPT TO"), and the same texts for a lost connection;
 - the end of the session (``break_session``): every waiter learns why,
@@ -47,9 +49,11 @@ ERROR CONVENTION
 
 SYNOPSIS
     channel.queue_command(b"RCPT TO:<a@b>", "rcpt")  -> Deferred[Reply | Broken]
+    channel.pipeline_command(b"RCPT TO:<a@b>", "rcpt")  -> PendingReply (.result, .wait())
     channel.flush()                      write what is queued, start its timer
     channel.command_reply(line, stage)   queue_command + flush
     channel.expect(stage)                a reply with no command (the greeting)
+    channel.expect_reply(stage)          the same, as a PendingReply
     channel.drained()                    every reply so far is in (or broken)
     channel.broken                       None, or the Broken that ended it
     channel.break_session(status)        end it: every waiter gets Broken(status)
@@ -73,7 +77,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -174,11 +178,41 @@ class Broken:
         self.status = status
 
 
-@dataclass
-class _Expectation:
-    stage: Stage
-    timeout: float
-    deferred: Deferred[Reply | Broken]
+class PendingReply:
+    """The reply one command (or the greeting) awaits.
+
+    ``result`` is None until the reply is in, then the ``Reply``, or the
+    ``Broken`` that ended the session first.  A Deferred is made only
+    for a reply someone waits on (``wait``): the replies of pipelined
+    commands that are read once the last of their write is in
+    (``smtp.transaction``) cost none, nor the callbacks of one.
+    """
+
+    __slots__ = ("stage", "timeout", "result", "_waiter")
+
+    def __init__(self, stage: Stage, timeout: float, result: Reply | Broken | None = None) -> None:
+        self.stage = stage
+        self.timeout = timeout
+        self.result: Reply | Broken | None = result
+        self._waiter: Deferred[Reply | Broken] | None = None
+
+    def wait(self) -> Deferred[Reply | Broken]:
+        """A Deferred that fires with ``result`` once it is in (at once when
+        it is); it never fails.  Every call gives the same Deferred until
+        the reply is in."""
+        if self.result is not None:
+            return succeed(self.result)
+        if self._waiter is None:
+            self._waiter = Deferred()
+        return self._waiter
+
+    def arrived(self, result: Reply | Broken) -> None:
+        """The reply (or the end of the session) is in: keep it and wake the
+        waiter, if any."""
+        self.result = result
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(result)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,11 +291,11 @@ class SMTPChannel(LineReceiver):
         # is never cached after its mail.
         self.out_of_step = False
         self._assembler = ReplyAssembler()
-        self._pending: deque[_Expectation] = deque()
+        self._pending: deque[PendingReply] = deque()
         self._outgoing: list[bytes] = []
         self._unanswered_octets = 0
         self._timer: Any = None
-        self._timer_for: _Expectation | None = None  # the reply the timer runs for
+        self._timer_for: PendingReply | None = None  # the reply the timer runs for
         self._broken: Broken | None = None
         self._body: BodyStream | None = None
         self._early_reply: Reply | None = None
@@ -274,6 +308,11 @@ class SMTPChannel(LineReceiver):
         self._drain_waiters: list[Deferred[None]] = []
         self._quitting = False
         self._connected = False
+        # A reply came during this read: the timer restarts at its end.
+        self._timer_due = False
+        # The reply timeouts by parameter name, each looked up once
+        # (``timeout_of``).
+        self._timeouts: dict[str | None, float] = {}
 
     # -- what the steps read ----------------------------------------------
 
@@ -383,6 +422,8 @@ class SMTPChannel(LineReceiver):
                     self.lineReceived(line)
         finally:
             self._busyReceiving = False
+            if self._timer_due:
+                self._start_timer()
 
     def _long_line(self, line: bytes) -> None:
         log.info(
@@ -400,7 +441,11 @@ class SMTPChannel(LineReceiver):
         self.transcript.received(line)
         reply = self._assembler.feed(line)
         if reply is None:
-            self._start_timer()  # a line is progress: the timeout is per read
+            # A line is progress: the timeout is per read.
+            if self._busyReceiving:
+                self._timer_due = True
+            else:
+                self._start_timer()
             return
         self._reply_arrived(reply)
 
@@ -419,33 +464,48 @@ class SMTPChannel(LineReceiver):
         and never errs.  The wait times out after ``timeout`` seconds, by
         default the stage's timeout parameter (``timeout_of``), counted from
         the flush that sends the command."""
-        stage = STAGES[stage_key] if isinstance(stage_key, str) else stage_key
-        deferred: Deferred[Reply | Broken] = Deferred()
+        return self.expect_reply(stage_key, timeout).wait()
+
+    def expect_reply(self, stage_key: str | Stage, timeout: float | None = None) -> PendingReply:
+        """``expect`` without a Deferred: the ``PendingReply`` of the next
+        reply, whose ``result`` is set when it is in."""
+        stage = STAGES[stage_key] if stage_key.__class__ is str else stage_key
         if self._broken is not None:
-            deferred.callback(self._broken)
-            return deferred
+            return PendingReply(stage, 0.0, self._broken)
         if self._unclaimed:
             # A reply that came before its command: Postfix, reading its
             # stream, would take it as this command's reply, and so do we
             # (the command's own reply then answers the next one).
-            deferred.callback(self._unclaimed.popleft())
-            return deferred
-        self._pending.append(
-            _Expectation(stage, self.timeout_of(stage) if timeout is None else timeout, deferred)
-        )
-        return deferred
+            return PendingReply(stage, 0.0, self._unclaimed.popleft())
+        if timeout is None:
+            timeout = self._timeouts.get(stage.timeout_parameter)
+            if timeout is None:
+                timeout = self.timeout_of(stage)
+                if stage.timeout_parameter is not None:
+                    self._timeouts[stage.timeout_parameter] = timeout
+        expectation = PendingReply(stage, timeout)
+        self._pending.append(expectation)
+        return expectation
 
     def queue_command(
         self, line: bytes, stage_key: str | Stage, *, timeout: float | None = None, redact: bool = False
     ) -> Deferred[Reply | Broken]:
         """Buffer a command and expect its reply; ``flush`` sends."""
+        return self.pipeline_command(line, stage_key, timeout=timeout, redact=redact).wait()
+
+    def pipeline_command(
+        self, line: bytes, stage_key: str | Stage, *, timeout: float | None = None, redact: bool = False
+    ) -> PendingReply:
+        """``queue_command`` without a Deferred: the ``PendingReply`` of the
+        command, for a pipelined command whose reply is read once a later
+        one is in (replies come in order)."""
         if self._broken is None:
             self.transcript.sent(line, redact=redact)
             if self.debug_level and not redact:
                 log.debug("{server}: > {line}", server=str(self.server), line=line, debug_peer=True)
             self._outgoing.append(line + b"\r\n")
             self._unanswered_octets += len(line) + 2
-        return self.expect(stage_key, timeout)
+        return self.expect_reply(stage_key, timeout)
 
     def flush(self) -> None:
         """Write the queued commands in one write (unless the session is
@@ -465,6 +525,7 @@ class SMTPChannel(LineReceiver):
         and made again for every reply; when no reply is expected it is
         left to run out, doing nothing (``_timer_fired``), until the next
         command moves it again or the session ends."""
+        self._timer_due = False
         if self._pending and self._broken is None:
             expectation = self._pending[0]
             self._timer_for = expectation
@@ -508,7 +569,12 @@ class SMTPChannel(LineReceiver):
         if reply.garbled:
             self.out_of_step = True  # Postfix: never cache after garbage
         expectation = self._pending.popleft()
-        self._start_timer()
+        if self._busyReceiving:
+            # Restarted once the lines of this read are handled
+            # (dataReceived), not for each of the pipelined replies in it.
+            self._timer_due = True
+        else:
+            self._start_timer()
         if not self._pending:
             self._unanswered_octets = 0
             self._wake_drain_waiters()
@@ -526,7 +592,7 @@ class SMTPChannel(LineReceiver):
                 ),
                 keep=expectation,
             )
-        expectation.deferred.callback(reply)
+        expectation.arrived(reply)
 
     def _unsolicited(self, reply: Reply) -> None:
         if self._body is not None:
@@ -555,7 +621,7 @@ class SMTPChannel(LineReceiver):
             return
         self._unclaimed.append(reply)
 
-    def _break(self, status: Status, *, close: bool = True, keep: _Expectation | None = None) -> None:
+    def _break(self, status: Status, *, close: bool = True, keep: PendingReply | None = None) -> None:
         """End the conversation: every waiter learns ``status``."""
         if self._broken is not None:
             return
@@ -566,7 +632,7 @@ class SMTPChannel(LineReceiver):
         pending = [e for e in self._pending if e is not keep]
         self._pending.clear()
         for expectation in pending:
-            expectation.deferred.callback(self._broken)
+            expectation.arrived(self._broken)
         self._wake_drain_waiters()
         if self._body is not None:
             self._body.abort(self._broken)

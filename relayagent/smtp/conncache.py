@@ -159,7 +159,11 @@ class ConnectionCache:
         limits say it has served enough: the caller then closes it."""
         if not self.reusable(entry) or self.idle_limit <= 0:
             return False
-        self._idle.setdefault((entry.nexthop, entry.pool), deque()).append(entry)
+        key = (entry.nexthop, entry.pool)
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
+        idle.append(entry)
         entry._timer = self.clock.callLater(self.idle_limit, self._expire, entry)
         self.stored += 1
         return True

@@ -9,8 +9,10 @@ when resumed, so a slow server holds at most the transport's buffer plus
 one chunk in memory.  Each chunk goes through ``relayagent.smtp.mime``'s
 8bit-to-7bit converter (when converting) and ``smtp.body.BodyEncoder``
 (CRLF, dot-stuffing across chunk boundaries, long lines).  Any progress
-restarts ``smtp_data_xfer_timeout``, as in Postfix; the "." after the
-body is the transaction's (``smtp.transaction``).
+restarts ``smtp_data_xfer_timeout``, as in Postfix (the timer is made
+only when the transport first pauses the producer: a body written whole
+at once, as most are, needs none); the "." after the body is the
+transaction's (``smtp.transaction``).
 
 SYNOPSIS
     done = send_body(channel, envelope, converting, chunk_size)
@@ -71,13 +73,7 @@ def send_body(
         chunk_size,
         channel.timeout_of(STAGES["body"]),
     )
-    channel.carry_body(producer)
-
-    def finished(result: None | Status | Broken) -> None | Status | Broken:
-        channel.carry_body(None)
-        return result
-
-    producer.done.addBoth(finished)
+    channel.carry_body(producer)  # until the producer's _finish
     producer.start()
     return producer.done
 
@@ -115,10 +111,14 @@ class BodyProducer:
 
     def start(self) -> None:
         """Register with the transport as a push producer and start writing,
-        with the ``smtp_data_xfer_timeout`` timer running."""
+        with the ``smtp_data_xfer_timeout`` timer running while paused."""
         self.channel.transport.registerProducer(self, True)
-        self._arm_timer()
         self._produce()
+        if not self._finished:
+            # Paused by the transport (its buffer is full): the timeout
+            # runs from the last write, which was now.  A body written
+            # whole at once (most) never needs the timer.
+            self._arm_timer()
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -189,6 +189,8 @@ class BodyProducer:
 
     def _finish(self, result: None | Status | Broken | CorruptQueueFile, *, stopped: bool = False) -> None:
         self._finished = True
+        if self.channel.body is self:
+            self.channel.carry_body(None)  # the body is no longer on its way
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -77,8 +77,8 @@ from relayagent.smtp.connect import Connector
 from relayagent.smtp.requiretls import RequireTLSSettings, TLSDemand, demand_of, session_problem
 from relayagent.smtp.resolve import NexthopResolver
 from relayagent.smtp.result import RecipientOutcome, SessionProblem, SmtpResult, Transmission
-from relayagent.smtp.security import SecurityPolicy
-from relayagent.smtp.session import SMTPSessionFactory
+from relayagent.smtp.security import SecurityPolicy, SessionSecurity
+from relayagent.smtp.session import SMTPSession, SMTPSessionFactory
 from relayagent.spool import CorruptQueueFile
 
 log = Logger(namespace="relayagent.smtp.deliver")
@@ -331,7 +331,11 @@ class SmtpAgent:
                 _quit_quietly(session)
                 return {recipient.index: problem for recipient in recipients}
         try:
-            result = await session.deliver(request.envelope, recipients, last=not keep, probe=probe)
+            if isinstance(session, SMTPSession):
+                # Its coroutine, awaited here: no Deferred of ``deliver``.
+                result = await session.run_transaction(request.envelope, recipients, last=not keep, probe=probe)
+            else:
+                result = await session.deliver(request.envelope, recipients, last=not keep, probe=probe)
         except BaseException:
             _quit_quietly(session)
             raise
@@ -378,10 +382,14 @@ async def _still_holds(session: Any) -> bool:
     """Whether a cached session's security hook (``still_holds``) would
     make the same TLS decision for its server now; True for a hook
     without the check."""
-    check = getattr(getattr(session, "security", None), "still_holds", None)
+    security = getattr(session, "security", None)
+    check = getattr(security, "still_holds", None)
     if check is None:
         return True
     try:
+        if isinstance(security, SessionSecurity):
+            # Its coroutine, awaited here: no Deferred (once per reuse).
+            return await security.still_holds_coroutine(session)
         return bool(await check(session))
     except Exception:  # noqa: BLE001 - a broken check: make a new connection instead
         log.failure("checking the TLS policy of a cached session to {server}", server=str(session.server))

@@ -55,8 +55,14 @@ from relayagent.common.status import Status
 MAX_LINE_OCTETS = 2000
 MAX_REPLY_LINES = 100
 
-_LINE_RE = re.compile(rb"^([0-9]{3})([ -]|$)")
 _ENHANCED_RE = re.compile(r"^([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
+# A reply line, in one match on the decoded line: three digits and "-"
+# (more lines follow), SP or the end of the line (the last line); on a
+# last line also what ``parse_enhanced`` finds after the code, with its
+# class digit.  Decoding leaves an ASCII octet as it was and makes any
+# other into characters that are neither digits, SP nor "-", so the
+# decoded line matches as its octets would.
+_REPLY_LINE_RE = re.compile(r"([0-9]{3})(?:(-)|( )(?:(([245])\.[0-9]{1,3}\.[0-9]{1,3})(?=\s|$))?|$)")
 
 # Status.notify_class of a protocol error (a notify_classes class).
 PROTOCOL = "protocol"
@@ -109,11 +115,6 @@ class Reply:
         return [line[4:] for line in self.lines if line[:3].isdigit() and line[3:4] in ("", " ", "-")]
 
 
-def _decode(raw: bytes) -> str:
-    # Replies should be ASCII; UTF-8 servers exist.  Never fail on bytes.
-    return raw.decode("utf-8", errors="backslashreplace")
-
-
 def parse_enhanced(code: int, line_text: str) -> str | None:
     """The enhanced status code of a reply, if it is there and believable."""
     match = _ENHANCED_RE.match(line_text)
@@ -137,19 +138,28 @@ class ReplyAssembler:
 
     def feed(self, line: bytes) -> Reply | None:
         """Take one line (without its line end)."""
-        match = _LINE_RE.match(line)
-        if match is not None and match.group(2) != b"-":
-            text = _decode(line)
-            lines = self._lines
-            self._lines = []
-            lines.append(text)
-            code = int(match.group(1))
-            garbled, self._garbled = self._garbled, False
-            return Reply(code=code, enhanced=parse_enhanced(code, text[4:]), lines=tuple(lines), garbled=garbled)
-        if match is None:
+        # Replies should be ASCII; UTF-8 servers exist.  Never fail on
+        # octets.  One decode and one match a line (``_REPLY_LINE_RE``).
+        text = line.decode("utf-8", errors="backslashreplace")
+        match = _REPLY_LINE_RE.match(text)
+        if match is not None:
+            digits, more, _space, enhanced, enhanced_class = match.groups()
+            if more is None:
+                if self._lines:
+                    lines = self._lines
+                    self._lines = []
+                    lines.append(text)
+                    kept = tuple(lines)
+                else:
+                    kept = (text,)
+                garbled, self._garbled = self._garbled, False
+                if enhanced is not None and enhanced_class != digits[0]:
+                    enhanced = None  # its class is not the reply code's
+                return Reply(code=int(digits), enhanced=enhanced, lines=kept, garbled=garbled)
+        else:
             self._garbled = True
         if len(self._lines) < MAX_REPLY_LINES - 1:
-            self._lines.append(_decode(line))
+            self._lines.append(text)
         return None
 
 

@@ -32,6 +32,7 @@ SYNOPSIS
     factory = SMTPSessionFactory(session_settings, clock, server, security=security, preparation=preparation)
     d = security.negotiate(session)        # None: MAIL may be sent
     ok = await security.still_holds(cached_session)  # reuse from the cache?
+    ok = await security.still_holds_coroutine(cached_session)  # the same, in a coroutine
 
 DIAGNOSTICS: ``SecurityPolicy(config)`` raises ``SecurityConfigError`` (a
 ``ValueError``) for a bad TLS or SASL setting.  ``negotiate`` fails with
@@ -396,9 +397,12 @@ class SessionSecurity:
         """Whether a cached ``session`` may carry more mail: a decision
         made now for its server (neither logged as a skip nor counted)
         is the one it was made under (``session.tls_preparation``)."""
-        return Deferred.fromCoroutine(self._still_holds(session))
+        return Deferred.fromCoroutine(self.still_holds_coroutine(session))
 
-    async def _still_holds(self, session: Any) -> bool:
+    async def still_holds_coroutine(self, session: Any) -> bool:
+        """``still_holds`` as a coroutine, for a caller that awaits it in its
+        own (``smtp.deliver``, once per reuse): no Deferred, and no
+        suspension when nothing needs a lookup."""
         made_under = getattr(session, "tls_preparation", None)
         if made_under is None:
             return True  # not made by a prepared hook: nothing to compare

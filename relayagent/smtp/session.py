@@ -28,6 +28,7 @@ SYNOPSIS
     factory = SMTPSessionFactory(..., security, preparation=await security.prepare(server))
     session = await endpoint.connect(factory); await session.greeted
     result = await session.deliver(envelope, recipients, last=True)
+    result = await session.run_transaction(envelope, recipients, last=True)  # in a coroutine
 
 DIAGNOSTICS
     Those of its parts (``smtp.channel``, ``smtp.setup``); ``deliver``
@@ -187,16 +188,23 @@ class SMTPSession(SMTPChannel):
         """
         if self._busy:
             raise RuntimeError("one transaction at a time per session")
-        self._busy = True
+        return Deferred.fromCoroutine(self.run_transaction(envelope, recipients, last=last, probe=probe))
 
-        def done(result: TransactionResult) -> TransactionResult:
+    async def run_transaction(
+        self, envelope: Envelope, recipients: Sequence[Recipient], *, last: bool = False,
+        probe: bool = False,
+    ) -> TransactionResult:
+        """``deliver`` as a coroutine, for a caller that awaits it in its own
+        (``smtp.deliver``): the same transaction without a Deferred of
+        its own."""
+        if self._busy:
+            raise RuntimeError("one transaction at a time per session")
+        self._busy = True
+        try:
+            return await transaction.transact(self, envelope, tuple(recipients), last, probe)
+        finally:
             self._busy = False
             self.transactions += 1
-            return result
-
-        return Deferred.fromCoroutine(
-            transaction.transact(self, envelope, tuple(recipients), last, probe)
-        ).addBoth(done)
 
     def reset(self) -> Deferred[bool]:
         """RSET probe before reusing the session: False when it is unusable."""

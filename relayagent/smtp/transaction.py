@@ -41,13 +41,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred
 
-from relayagent.common.envelope import BodyType, Envelope, Recipient
+from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient
 from relayagent.common.status import Status
 from relayagent.smtp import mime
 from relayagent.smtp.address import orcpt_parameter, requires_smtputf8, smtp_path, xtext
-from relayagent.smtp.channel import PIPELINE_BUFFER_OCTETS, STAGES, Broken, Stage
+from relayagent.smtp.channel import PIPELINE_BUFFER_OCTETS, STAGES, Broken, PendingReply, Stage
 from relayagent.smtp.data import send_body
 from relayagent.smtp.reply import Reply, reply_status, sent_status
 from relayagent.smtp.requiretls import REQUIRETLS_KEYWORD, TLSDemand
@@ -99,11 +98,11 @@ async def quit_session(session: SMTPSession) -> None:
         if session.connection_open:
             session.transport.loseConnection()
         return
-    deferred = session.queue_command(b"QUIT", "quit")
+    pending = session.pipeline_command(b"QUIT", "quit")
     session.quitting()
     session.flush()
     if not session.settings.smtp_skip_quit_response:
-        await deferred
+        await _reply(pending)
     session.close_quietly()
 
 
@@ -142,15 +141,19 @@ def mail_from(session: SMTPSession, envelope: Envelope, converting: bool) -> byt
     return " ".join(parts).encode("utf-8")
 
 
-def rcpt_to(session: SMTPSession, recipient: Recipient) -> bytes:
-    """The RCPT TO command with the DSN parameters when the server takes them."""
+def rcpt_to(session: SMTPSession, recipient: Recipient, *, dsn: bool | None = None) -> bytes:
+    """The RCPT TO command with the DSN parameters when the server takes them
+    (``dsn``: whether it does, when the caller knows; else asked of the
+    session)."""
     path = smtp_path(recipient.address)
     parts = ["RCPT TO:" + path]
-    if session.has("DSN"):
+    if dsn if dsn is not None else session.has("DSN"):
         orcpt = orcpt_parameter(recipient, path[1:-1])
         if orcpt is not None:
             parts.append("ORCPT=" + orcpt)
-        notify = recipient.notify.esmtp_value()
+        # The default (no NOTIFY given) without Flag arithmetic: once per
+        # recipient of every transaction.
+        notify = None if recipient.notify is Notify.DEFAULT else recipient.notify.esmtp_value()
         if notify is not None:
             parts.append("NOTIFY=" + notify)
     return " ".join(parts).encode("utf-8")
@@ -207,54 +210,58 @@ async def transact(
     )
     pipelining = session.has("PIPELINING")
 
-    probe_d: Deferred[Reply | Broken] | None = None
+    # Each command's PendingReply: under pipelining only the last of the
+    # write is waited for (with a Deferred); the others are read off
+    # their PendingReply once it is in.
+    probe_p: PendingReply | None = None
     if probe:
-        probe_d = session.queue_command(b"RSET", "probe")
+        probe_p = session.pipeline_command(b"RSET", "probe")
         if not pipelining:
             session.flush()
-            if not _positive(await probe_d):
+            if not _positive(await _reply(probe_p)):
                 return _probe_failed(session, outcome)
-            probe_d = None
+            probe_p = None
     # [RSET,] MAIL, RCPT..., DATA: one write when pipelining, else lock-step.
-    mail_reply_d = session.queue_command(mail_from(session, envelope, converting), "mail")
+    mail_reply_p = session.pipeline_command(mail_from(session, envelope, converting), "mail")
     if not pipelining:
         session.flush()
-        if not outcome.take_mail(await mail_reply_d):
+        if not outcome.take_mail(await _reply(mail_reply_p)):
             return await _abort(session, outcome, last)
-    rcpt_reply_ds: list[tuple[Recipient, Deferred[Reply | Broken]]] = []
+    rcpt_replies: list[tuple[Recipient, PendingReply]] = []
+    dsn = session.has("DSN")
     for recipient in recipients:
-        line = rcpt_to(session, recipient)
+        line = rcpt_to(session, recipient, dsn=dsn)
         if pipelining and session.unanswered_octets + len(line) + 2 > PIPELINE_BUFFER_OCTETS:
             # Read what is due before writing more (see PIPELINE_BUFFER_OCTETS).
             session.flush()
             await session.drained()
             if session.broken is not None:
                 break
-        reply_d = session.queue_command(line, "rcpt")
+        reply_p = session.pipeline_command(line, "rcpt")
         if pipelining:
-            rcpt_reply_ds.append((recipient, reply_d))
+            rcpt_replies.append((recipient, reply_p))
         else:
             session.flush()
-            if not outcome.take_rcpt(recipient, await reply_d):
+            if not outcome.take_rcpt(recipient, await _reply(reply_p)):
                 break
-    data_reply_d: Deferred[Reply | Broken] | None = None
+    data_reply_p: PendingReply | None = None
     if session.broken is None and (pipelining or outcome.accepted):
-        data_reply_d = session.queue_command(b"DATA", "data")
+        data_reply_p = session.pipeline_command(b"DATA", "data")
     session.flush()
     if pipelining:
         # Replies come in order (or the session breaks and every waiter
         # hears it at once): wait once, for the last, then read the
         # others, which are in by then.
-        last_d = data_reply_d or (rcpt_reply_ds[-1][1] if rcpt_reply_ds else mail_reply_d)
-        await _reply(last_d)
-    if probe_d is not None and not _positive(await _reply(probe_d)):
+        last_p = data_reply_p or (rcpt_replies[-1][1] if rcpt_replies else mail_reply_p)
+        await _reply(last_p)
+    if probe_p is not None and not _positive(await _reply(probe_p)):
         # The commands after it are void: the connection goes.
         return _probe_failed(session, outcome)
     if pipelining:
-        outcome.take_mail(await _reply(mail_reply_d))
-        for recipient, reply_d in rcpt_reply_ds:
-            outcome.take_rcpt(recipient, await _reply(reply_d))
-    data_reply = await _reply(data_reply_d) if data_reply_d is not None else None
+        outcome.take_mail(await _reply(mail_reply_p))
+        for recipient, reply_p in rcpt_replies:
+            outcome.take_rcpt(recipient, await _reply(reply_p))
+    data_reply = await _reply(data_reply_p) if data_reply_p is not None else None
 
     if isinstance(data_reply, Broken):
         return outcome.finish(data_reply.status, usable=False)
@@ -300,23 +307,23 @@ async def transact(
         if session.broken is not None:
             return outcome.finish(session.broken.status, usable=False)
     early = session.take_early_reply()
-    dot_d = session.queue_command(b".", "dot")
+    dot_p = session.pipeline_command(b".", "dot")
     # QUIT goes in the same write as "." only to a server that
     # pipelines: any other may take it as a pipelining violation and
     # refuse the message (OpenSMTPD: "500 5.5.1 Invalid command:
     # Pipelining not supported").  Without PIPELINING nothing is
     # written before the previous reply is in.
-    quit_d = session.queue_command(b"QUIT", "quit") if last and pipelining else None
+    quit_p = session.pipeline_command(b"QUIT", "quit") if last and pipelining else None
     session.flush()
     if early is not None:
         # The server answered before "."; it is out of step from now on.
         dot_reply: Reply | Broken = early
         session.close_quietly()
     else:
-        dot_reply = await dot_d
-        if quit_d is not None and isinstance(dot_reply, Reply) and dot_reply.code != 421:
+        dot_reply = await _reply(dot_p)
+        if quit_p is not None and isinstance(dot_reply, Reply) and dot_reply.code != 421:
             if not session.settings.smtp_skip_quit_response:
-                await quit_d
+                await _reply(quit_p)
             session.close_quietly()
     if isinstance(dot_reply, Broken):
         return outcome.finish(dot_reply.status, usable=False)
@@ -324,7 +331,7 @@ async def transact(
         outcome.message_sent(dot_reply)
     else:
         outcome.message_failed(dot_reply, STAGES["dot"])
-    if last and quit_d is None and early is None:
+    if last and quit_p is None and early is None:
         return await _maybe_quit(session, outcome.finish(None, usable=False), last)
     return outcome.finish(None, usable=session.broken is None and not last)
 
@@ -356,12 +363,13 @@ async def _abort(session: SMTPSession, outcome: Outcome, last: bool) -> Transact
     return result
 
 
-async def _reply(deferred: Deferred[Reply | Broken]) -> Reply | Broken:
-    """A reply, without a trip through the coroutine machinery when it is
-    already in (a reply Deferred never fails and has no callbacks)."""
-    if deferred.called:
-        return deferred.result  # type: ignore[no-any-return]
-    return await deferred
+async def _reply(pending: PendingReply) -> Reply | Broken:
+    """A reply, without a Deferred or a trip through the coroutine
+    machinery when it is already in."""
+    result = pending.result
+    if result is not None:
+        return result
+    return await pending.wait()
 
 
 def _positive(reply: Reply | Broken) -> bool:
