@@ -79,6 +79,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -329,6 +330,41 @@ def prepare_bytecode() -> None:
     subprocess.run([sys.executable, "-c", "; ".join(f"import {name}" for name in _DAEMON_IMPORTS)],
                    cwd=ROOT, env=env, check=True)
 PY_SPY: str | None = None  # --py-spy FILE: sample the daemon with py-spy (collapsed stacks)
+# --backlog with --py-spy: one file per phase (FILE.fill, FILE.flush), not one for the run.
+PHASED_SAMPLING = False
+
+
+def start_sampler(pid: int, output: str, log: Any) -> subprocess.Popen:
+    """py-spy recording ``pid`` (every thread) into ``output``.  Sampling
+    from outside costs the daemon little, so the profile keeps the shape
+    of an unprofiled run (cProfile's does not)."""
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return subprocess.Popen(
+        [py_spy, "record", "--format", "raw", "--rate", "250", "--threads", "--nonblocking",
+         "--subprocesses", "--output", output, "--pid", str(pid)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def stop_sampler(sampler: subprocess.Popen) -> None:
+    """Stop a ``start_sampler`` and let it write its file."""
+    sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    sampler.wait(30)
+
+
+@contextlib.contextmanager
+def phase_sampling(pid: int, phase: str, workdir: str) -> Iterator[None]:
+    """With --backlog --py-spy FILE: the block sampled into FILE.PHASE."""
+    if not (PY_SPY and PHASED_SAMPLING):
+        yield
+        return
+    with open(os.path.join(workdir, f"py-spy-{phase}.out"), "wb") as log:
+        sampler = start_sampler(pid, f"{PY_SPY}.{phase}", log)
+        time.sleep(0.5)  # attached before the phase starts
+        try:
+            yield
+        finally:
+            stop_sampler(sampler)
 
 
 @contextlib.contextmanager
@@ -345,21 +381,13 @@ def twistd(config_path: str, workdir: str) -> Iterator[subprocess.Popen]:
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=daemon_environment(),
     )
     sampler = None
-    if PY_SPY:
-        # Sampling from outside costs the daemon little, so the profile
-        # keeps the shape of an unprofiled run (cProfile's does not).
-        py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-        sampler = subprocess.Popen(
-            [py_spy, "record", "--format", "raw", "--rate", "250", "--threads", "--nonblocking",
-             "--output", PY_SPY, "--pid", str(process.pid)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+    if PY_SPY and not PHASED_SAMPLING:
+        sampler = start_sampler(process.pid, PY_SPY, log)
     try:
         yield process
     finally:
         if sampler is not None:
-            sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            sampler.wait(30)
+            stop_sampler(sampler)
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(10)
@@ -769,7 +797,8 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
             # Fill: through the listener, the next hop down.
             cpu = tree_cpu_seconds(process.pid)
             started = time.perf_counter()
-            with maybe_strace(trace, tree, os.path.join(workdir, "strace-fill"), result, "strace_fill"):
+            with maybe_strace(trace, tree, os.path.join(workdir, "strace-fill"), result, "strace_fill"), \
+                    phase_sampling(process.pid, "fill", workdir):
                 with open(os.path.join(workdir, "smtp-source.out"), "wb") as out:
                     subprocess.run(smtp_source_command(listen_port, messages, args.size, args.recipients,
                                                        args.source_sessions), check=True, stdout=out)
@@ -792,7 +821,8 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
             sink = Sink(workdir, port=next_hop_port)
             cpu = tree_cpu_seconds(process.pid)
             started = time.perf_counter()
-            with maybe_strace(trace, tree, os.path.join(workdir, "strace-flush"), result, "strace_flush"):
+            with maybe_strace(trace, tree, os.path.join(workdir, "strace-flush"), result, "strace_flush"), \
+                    phase_sampling(process.pid, "flush", workdir):
                 if not trigger(queue_directory, "flush"):
                     raise RuntimeError("the daemon did not answer the flush command; see " + log_path)
                 complete = wait_until(
@@ -1022,7 +1052,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                              "$TMPDIR/relayagent-bench-pycache, as a pip installation has them)")
     parser.add_argument("--profile", metavar="FILE", help="save the daemon's cProfile stats to FILE")
     parser.add_argument("--py-spy", metavar="FILE", dest="py_spy",
-                        help="sample the daemon with py-spy (pip install py-spy); collapsed stacks to FILE")
+                        help="sample the daemon with py-spy (pip install py-spy); collapsed stacks to FILE "
+                             "(with --backlog: FILE.fill and FILE.flush, one per phase)")
     args = parser.parse_args(argv)
     if args.backlog:
         if args.latency or args.warm or args.destinations != 1:
@@ -1042,6 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
     PROFILE = os.path.abspath(args.profile) if args.profile else None
     global PY_SPY
     PY_SPY = os.path.abspath(args.py_spy) if args.py_spy else None
+    global PHASED_SAMPLING
+    PHASED_SAMPLING = bool(args.backlog)
     global BYTECODE_CACHE
     if args.from_source:
         BYTECODE_CACHE = None

@@ -289,6 +289,8 @@ class ConcurrencyTests(SchedulerTestCase):
         manager.wakeup()
         self.assertEqual(manager.counters.dispatched, tried)
         self.assertEqual(len(self.agent.unsent), 16)
+        # With the one status the death made, not a new one per message.
+        self.assertEqual({id(s) for _, s in self.agent.unsent}, {id(destination.suspended)})
         # The next queue run revives it.
         self.agent.complete()  # the last ones in flight
         self.agent.complete()

@@ -250,6 +250,9 @@ class Destination:
     failure: float = 0.0
     fail_cohorts: float = 0.0
     dead: Status | None = None
+    # ``dead`` as its mail is deferred ("delivery temporarily suspended:
+    # ..."): made once when it dies, not once per message deferred.
+    suspended: Status | None = None
     resume_at: float = 0.0
     admitting: bool = False  # the limiter's answer is awaited
 
@@ -475,7 +478,7 @@ class QueueManager:
     def _revive_dead(self) -> None:
         for destination in list(self.destinations.values()):
             if destination.dead is not None:
-                destination.dead = None
+                destination.dead = destination.suspended = None
                 destination.fail_cohorts = 0.0
                 destination.success = destination.failure = 0.0
                 destination.window = max(destination.busy, self.initial_concurrency)
@@ -626,7 +629,9 @@ class QueueManager:
     def _enqueue_request(self, request: DeliveryRequest) -> None:
         destination = self._destination(request.destination)
         if destination.dead is not None:
-            self._request_done_unsent(request, _suspended(destination.dead))
+            if destination.suspended is None:
+                destination.suspended = _suspended(destination.dead)
+            self._request_done_unsent(request, destination.suspended)
             return
         if not destination.todo:
             self._ready.append(destination)
@@ -840,7 +845,7 @@ class QueueManager:
             destination.todo.clear()
             if destination in self._ready:
                 self._ready.remove(destination)
-            suspended = _suspended(status)
+            suspended = destination.suspended = _suspended(status)
             for request in waiting:
                 self._request_done_unsent(request, suspended)
 
