@@ -87,22 +87,25 @@ from relayagent.smtp.mtasts import MTASTSSettings
 from relayagent.smtp.resolve import NexthopResolver
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import TLSRPTSettings
-from relayagent.smtpd.intake import IntakeSettings
-from relayagent.smtpd.listener import ListenerSettings
-from relayagent.smtpd.tls import ServerTLSSettings
 from relayagent.spool.spool import SpoolSettings
 
 log = Logger(namespace="relayagent.master.reload")
 
-# The settings of the phases a reload does not rebuild (module docstring).
-_KEPT_SETTINGS = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings,
-                  MTASTSSettings, TLSRPTSettings, RedisSettings, ServerTLSSettings)
 _KEPT_NAMES = ("relayagent_workers", "dns_nameservers", "metrics_endpoints")
 
 
 def restart_only_names() -> frozenset[str]:
     """The parameters a reload keeps at their running values."""
-    names = {f.name for settings in _KEPT_SETTINGS for f in fields(settings)}
+    # The listener's modules (twisted.mail, twisted.cred) load with the
+    # first reload, not at start: no listener by default (start-up time).
+    from relayagent.smtpd.intake import IntakeSettings  # noqa: PLC0415
+    from relayagent.smtpd.listener import ListenerSettings  # noqa: PLC0415
+    from relayagent.smtpd.tls import ServerTLSSettings  # noqa: PLC0415
+
+    # The settings of the phases a reload does not rebuild (module docstring).
+    kept_settings = (SpoolSettings, ListenerSettings, IntakeSettings, ralog.MaillogSettings,
+                     MTASTSSettings, TLSRPTSettings, RedisSettings, ServerTLSSettings)
+    names = {f.name for settings in kept_settings for f in fields(settings)}
     names.update(_KEPT_NAMES)
     return frozenset(name for name in names if name in PARAMETERS)
 

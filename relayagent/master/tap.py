@@ -350,18 +350,20 @@ def makeService(options: Options) -> IServiceCollection:
         install_stop_signals(reactor, relayagent_service.stop_now)
     SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
     relayagent_service.setServiceParent(top)
-    from relayagent.smtpd.listener import daemon_listener_services  # smtpd_endpoints
+    if config["smtpd_endpoints"]:
+        # twisted.mail and twisted.cred load only with a listener (start-up time).
+        from relayagent.smtpd.listener import daemon_listener_services  # smtpd_endpoints
 
-    try:
-        listeners = daemon_listener_services(config, relayagent_service, reactor)
-    except (ConfigError, ValueError) as exc:  # smtpd_tls_* (TLSConfigError), endpoint syntax
-        raise fatal(EX_CONFIG, str(exc)) from None
-    for listener in listeners:
-        # Bound by twistd's privilegedStartService after the delivery
-        # service forked the worker spawner: worker 0 hands the sockets
-        # to the workers when they start (relayagent.master.worker).
-        listener.service.setServiceParent(top)
-    relayagent_service.listeners = listeners
+        try:
+            listeners = daemon_listener_services(config, relayagent_service, reactor)
+        except (ConfigError, ValueError) as exc:  # smtpd_tls_* (TLSConfigError), endpoint syntax
+            raise fatal(EX_CONFIG, str(exc)) from None
+        for listener in listeners:
+            # Bound by twistd's privilegedStartService after the delivery
+            # service forked the worker spawner: worker 0 hands the sockets
+            # to the workers when they start (relayagent.master.worker).
+            listener.service.setServiceParent(top)
+        relayagent_service.listeners = listeners
     from relayagent.master.metrics import metrics_services  # metrics_endpoints
 
     for endpoint in metrics_services(config, lambda: relayagent_service.metrics, reactor):

@@ -68,7 +68,6 @@ from twisted.names.error import DNSNameError
 from relayagent.common.config import Config, Settings
 from relayagent.common.durable import write_atomically
 from relayagent.common.status import Status
-from relayagent.smtp.https import HTTPError, HTTPSClient
 from relayagent.smtp.tls import TLSLevel, TLSPolicy
 
 log = Logger(namespace="relayagent.smtp.mtasts")
@@ -424,6 +423,9 @@ class PolicyStore:
         if not settings.smtp_mta_sts_enable:
             return None
         if http is None:
+            # twisted.web and treq's client load only when MTA-STS is on (start-up time).
+            from relayagent.smtp.https import HTTPSClient  # noqa: PLC0415
+
             http = HTTPSClient(reactor, ca_file=settings.smtp_mta_sts_CAfile,
                                connect_timeout=settings.smtp_mta_sts_fetch_timeout)
         return cls(settings, dns_resolver, http, reactor, directory=directory)
@@ -574,6 +576,9 @@ class PolicyStore:
         return _TxtAnswer(now, ids[0])
 
     async def _fetch(self, domain: str, policy_id: str, cached: CachedPolicy | None) -> PolicyState:
+        # twisted.web loads with the first fetch, not at start (start-up time).
+        from relayagent.smtp.https import HTTPError  # noqa: PLC0415
+
         url = f"https://mta-sts.{domain}{WELL_KNOWN_PATH}"
         settings = self.settings
         failure, text = None, ""

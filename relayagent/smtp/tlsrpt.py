@@ -58,8 +58,6 @@ reports is smtp_tlsrpt_contact.
 from __future__ import annotations
 
 import base64
-import email.policy
-import email.utils
 import gzip
 import json
 import os
@@ -67,9 +65,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -80,7 +75,6 @@ from twisted.names.error import DNSNameError
 
 from relayagent.common.config import Config, Settings
 from relayagent.common.durable import write_atomically
-from relayagent.smtp.https import HTTPError, HTTPSClient
 
 log = Logger(namespace="relayagent.smtp.tlsrpt")
 
@@ -380,6 +374,13 @@ def report_message(gzipped: bytes, *, domain: str, organization: str, contact: s
     """The mailto: report (RFC 8460 section 5.3): ``multipart/report;
     report-type="tlsrpt"``, a text part, the gzipped JSON as
     ``application/tlsrpt+gzip``."""
+    # The email package's MIME classes load with the first mailto: report (start-up time).
+    import email.policy  # noqa: PLC0415
+    import email.utils  # noqa: PLC0415
+    from email.mime.application import MIMEApplication  # noqa: PLC0415
+    from email.mime.multipart import MIMEMultipart  # noqa: PLC0415
+    from email.mime.text import MIMEText  # noqa: PLC0415
+
     policy = email.policy.SMTP
     message = MIMEMultipart("report", report_type="tlsrpt", policy=policy)
     message["From"] = contact
@@ -515,6 +516,9 @@ class Reporter:
 
     async def report(self, domain: str, start: float, end: float, policies: dict[str, Any]) -> list[str]:
         """Build and send one domain's report; the rua URIs it went to."""
+        # twisted.web loads with the first report, not at start (start-up time).
+        from relayagent.smtp.https import HTTPError  # noqa: PLC0415
+
         rua = await self.rua_of(domain)
         if not rua:
             return []
@@ -553,6 +557,9 @@ class Reporter:
 
     async def _post(self, uri: str, gzipped: bytes) -> str | None:
         """POST one report; None when the receiver took it, else why not."""
+        # twisted.web loads with the first POST, not at start (start-up time).
+        from relayagent.smtp.https import HTTPError  # noqa: PLC0415
+
         try:
             code = await self.http.post(uri, gzipped, content_type="application/tlsrpt+gzip", timeout=POST_TIMEOUT)
         except (HTTPError, OSError) as exc:
@@ -616,6 +623,9 @@ class Reporter:
                     http: Any = None) -> Reporter:
         """The reporter of the running service."""
         if http is None:
+            # twisted.web and treq's client load only when TLSRPT is on (start-up time).
+            from relayagent.smtp.https import HTTPSClient  # noqa: PLC0415
+
             http = HTTPSClient(reactor)
         return cls(TLSRPTSettings.from_config(config), recorder, dns_resolver, http, enqueue, reactor, wakeup=wakeup)
 
