@@ -44,7 +44,6 @@ mail_name and maximal_queue_lifetime.
 
 from __future__ import annotations
 
-import email.policy
 import email.utils
 import io
 import os
@@ -53,16 +52,17 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.generator import BytesGenerator
-from email.headerregistry import Address
 from email.message import Message
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from relayagent.common.config import Settings, parameter
 from relayagent.common.envelope import BodyType, Envelope, Notify, Recipient, Ret
 from relayagent.common.status import Status
+
+if TYPE_CHECKING:
+    import email.policy
+    from email.headerregistry import Address
+    from email.mime.base import MIMEBase
 
 Kind = Literal["failure", "delay", "success"]
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]
@@ -442,6 +442,9 @@ def _diagnostic_code(status: Status, mail_name: str, smtputf8: bool) -> str:
 def _header_address(address: str, smtputf8: bool) -> Address | str:
     """An address for a To: field, its local part quoted as RFC 5322 wants,
     never able to carry a CR or LF."""
+    # email.policy and its header registry load with the first notice (start-up time).
+    from email.headerregistry import Address  # noqa: PLC0415
+
     address = printable(address, allow_utf8=smtputf8)
     local, at, domain = address.rpartition("@")
     if not at:
@@ -497,6 +500,7 @@ def _delivery_status_part(
 ) -> tuple[MIMEBase, bytes]:
     """The delivery-status part (its payload still to be spliced in) and
     the octets of its fields."""
+    from email.mime.base import MIMEBase  # noqa: PLC0415 - loads with the first report (start-up time)
     smtputf8 = envelope.smtputf8
     mail_name = _atom(settings.mail_name)
     part = MIMEBase("message", "global-delivery-status" if global_type else "delivery-status", policy=policy)
@@ -632,6 +636,12 @@ def build_report(
     (so its MIME structure is not cut), as Postfix 3.x does; so is a
     REQUIRETLS message with ``requiretls_redact_dsn`` (RFC 8689 section 5).
     """
+    # The email package's MIME classes load with the first report (start-up time).
+    import email.policy  # noqa: PLC0415
+    from email.mime.base import MIMEBase  # noqa: PLC0415
+    from email.mime.multipart import MIMEMultipart  # noqa: PLC0415
+    from email.mime.text import MIMEText  # noqa: PLC0415
+
     smtputf8 = envelope.smtputf8
     policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
     global_type = smtputf8
@@ -876,6 +886,10 @@ def postmaster_notice(
 
     to = qualify(settings.error_notice_recipient, settings)
     peer = printable(server or status.remote_mta or "the remote server")
+    # The email package's MIME classes load with the first notice (start-up time).
+    import email.policy  # noqa: PLC0415
+    from email.mime.text import MIMEText  # noqa: PLC0415
+
     policy = email.policy.SMTP
     body = [f"Unexpected response from {peer}.", ""]
     body.append(f"Queue ID: {printable(envelope.queue_id)}, status {status.dsn}: {printable(status.text)}")

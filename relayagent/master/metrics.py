@@ -75,7 +75,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService
 from twisted.internet.task import LoopingCall
 
@@ -395,8 +394,10 @@ def metrics_services(config: Config, metrics: Callable[[], DaemonMetrics | None]
     settings = MetricsSettings.from_config(config)
     if not settings.metrics_endpoints:
         return []
-    # Imported only now: twisted.web costs start-up time that metrics off
-    # must not pay.
+    # Imported only now: twisted.web, and strports with automat, cost
+    # start-up time that metrics off must not pay.
+    from twisted.application import strports
+
     from relayagent.master.metrics_http import metrics_site
 
     site = metrics_site(metrics, reactor)

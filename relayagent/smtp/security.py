@@ -111,7 +111,7 @@ and ignore_mx_lookup_error too, to know whether DANE can work).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -135,14 +135,6 @@ from relayagent.smtp.requiretls import (
     policy_error_status,
     session_problem,
 )
-from relayagent.smtp.sasl import (
-    MechanismFilter,
-    PasswordLookup,
-    SASLClient,
-    SASLConfigError,
-    SecurityOptions,
-    warn_if_world_readable,
-)
 from relayagent.smtp.tls import (
     PolicyLookup,
     TLSConfigError,
@@ -157,6 +149,9 @@ from relayagent.smtp.tls import (
     nexthop_domain,
 )
 from relayagent.smtp.tlsrpt import ReportPolicy
+
+if TYPE_CHECKING:
+    from relayagent.smtp.sasl import SASLClient
 
 log = Logger(namespace="relayagent.smtp.security")
 
@@ -237,6 +232,16 @@ class SecurityPolicy:
         self.requiretls_policy = RequireTLSPolicy.from_config(config)
         self.sasl: SASLClient | None = None
         if settings.smtp_sasl_auth_enable:
+            # The SASL client (stringprep, hmac) loads only when AUTH is on (start-up time).
+            from relayagent.smtp.sasl import (  # noqa: PLC0415
+                MechanismFilter,
+                PasswordLookup,
+                SASLClient,
+                SASLConfigError,
+                SecurityOptions,
+                warn_if_world_readable,
+            )
+
             tables = open_maps(settings.smtp_sasl_password_maps, base_dir=base_dir)
             if not tables:
                 log.warn("smtp_sasl_auth_enable = yes but smtp_sasl_password_maps is empty: no AUTH")
