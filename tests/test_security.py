@@ -170,3 +170,35 @@ class SecurityTests(SynchronousTestCase):
         security = SessionSecurity.for_nexthop(config, "[smtp.example.com]:587")
         self.assertEqual(repr(security), "<SessionSecurity [smtp.example.com]:587 tls=none auth=True>")
         self.assertNotIn(PASSWORD, repr(security.__dict__))
+
+
+class TLSContextsAtStartTests(SynchronousTestCase):
+    """The default TLS contexts are built at start only where a session
+    may use TLS (Postfix's smtp(8) initialises TLS only then)."""
+
+    def policy(self, text: str, **kwargs) -> SecurityPolicy:
+        return SecurityPolicy(Config.from_text(text), **kwargs)
+
+    def test_level_none_builds_no_context(self) -> None:
+        self.assertEqual(self.policy("smtp_tls_security_level = none\n").tls.contexts._contexts, {})
+        self.assertEqual(self.policy("").tls.contexts._contexts, {})
+
+    def test_level_none_does_not_read_the_ca_file(self) -> None:
+        # Never used at level none: no error at start.
+        self.policy("smtp_tls_CAfile = /nonexistent/ca.pem\n")
+
+    def test_a_level_that_may_use_tls_builds_the_contexts(self) -> None:
+        # One context when the opportunistic and mandatory settings agree (the defaults).
+        self.assertNotEqual(self.policy("smtp_tls_security_level = may\n").tls.contexts._contexts, {})
+
+    def test_a_bad_ca_file_still_stops_the_start_where_tls_may_be_used(self) -> None:
+        bad = "smtp_tls_CAfile = /nonexistent/ca.pem\n"
+        self.assertRaises(SecurityConfigError, self.policy, bad + "smtp_tls_security_level = may\n")
+        self.assertRaises(SecurityConfigError, self.policy, bad + "smtp_tls_policy_maps = inline:{ example.com=encrypt }\n")
+        self.assertRaises(SecurityConfigError, self.policy, bad, mta_sts=object())
+
+    def test_a_bad_client_certificate_stops_the_start_at_any_level(self) -> None:
+        # Read at start whatever the level: it may be root's only, and
+        # its path means nothing after a chroot.
+        self.assertRaises(SecurityConfigError, self.policy,
+                          "smtp_tls_cert_file = /nonexistent/a.crt\nsmtp_tls_key_file = /nonexistent/a.key\n")

@@ -3,7 +3,8 @@ The security hook of an SMTP session: STARTTLS first, then AUTH (Postfix:
 the TLS and SASL steps of smtp_helo() in smtp_proto.c).
 
 ``SecurityPolicy(config)`` reads the TLS and SASL parameters
-once (lookup tables, OpenSSL contexts, the password-file permission check);
+once (lookup tables, OpenSSL contexts where a session may use TLS, the
+password-file permission check);
 ``policy.for_nexthop(nexthop)`` gives the ``SessionSecurity`` of a
 nexthop.  Before each connection, ``security.prepare(server)`` makes the
 TLS decision for that server (Postfix: smtp_connect.c, which looks the
@@ -222,7 +223,14 @@ class SecurityPolicy:
         self.dane = _dane_resolver(settings, dns_resolver, clock)
         self.dane_insecure_mx_policy = settings.smtp_tls_dane_insecure_mx_policy
         try:
-            self.tls = TLSSettings.from_config(config)
+            # As Postfix's smtp(8) initialises TLS only where it may be
+            # used (pre_init in smtp.c): at level none, with no policy
+            # table and no MTA-STS, no session starts TLS, and the two
+            # default contexts (each reading the CA bundle) are not built
+            # (start-up time).  The client certificate is still read.
+            tls_possible = (settings.smtp_tls_security_level not in ("", "none")
+                            or bool(settings.smtp_tls_policy_maps) or mta_sts is not None)
+            self.tls = TLSSettings.from_config(config, build_contexts=tls_possible)
             self.tls_policies = PolicyLookup(
                 settings.smtp_tls_security_level,
                 open_maps(settings.smtp_tls_policy_maps, base_dir=base_dir) or None,

@@ -445,7 +445,7 @@ class ContextCache:
     readable by root only and, under twistd ``--chroot``, neither path
     means anything any more.  (The CA file and directory are OpenSSL's
     to read when a context is built; the default contexts are built at
-    start, see ``TLSSettings.from_config``.)
+    start where TLS may be used, see ``TLSSettings.from_config``.)
     """
 
     def __init__(self, files: TLSFiles) -> None:
@@ -698,8 +698,12 @@ class TLSSettings:
     loglevel: int = 0
 
     @classmethod
-    def from_config(cls, config: Any) -> TLSSettings:
-        """Read the TLS parameters; raises TLSConfigError naming the bad one."""
+    def from_config(cls, config: Any, *, build_contexts: bool = True) -> TLSSettings:
+        """Read the TLS parameters; raises TLSConfigError naming the bad one.
+        ``build_contexts``: False where no session can use TLS (level
+        none, no policy table, no MTA-STS: ``security.SecurityPolicy``),
+        so the default contexts are not built and the CA file is not
+        read."""
         given = TLSParameters.from_config(config)
         files = TLSFiles(
             ca_file=given.smtp_tls_CAfile,
@@ -720,8 +724,9 @@ class TLSSettings:
         )
         # Build the default contexts now, so a bad certificate or CA file
         # stops relayagent at start-up rather than deferring mail later.
-        settings.context_for(TLSPolicy(TLSLevel.MAY))
-        settings.context_for(TLSPolicy(TLSLevel.ENCRYPT))
+        if build_contexts:
+            settings.context_for(TLSPolicy(TLSLevel.MAY))
+            settings.context_for(TLSPolicy(TLSLevel.ENCRYPT))
         return settings
 
     def context_for(self, policy: TLSPolicy) -> SSL.Context:
