@@ -34,7 +34,8 @@ twistd's log is not the terminal (a file, syslog) the line is logged
 there too.  Daemonized (no ``-n``), twistd's waiting parent prints the
 line its own way and exits 1.  ``--version`` prints the version and exits 0.
 
-Owns no parameters; reads queue_directory, delay_logging_resolution_limit.
+Owns no parameters; reads queue_directory, delay_logging_resolution_limit,
+smtpd_endpoints (whether to load the listener at all).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IServiceCollection, MultiService, Service
@@ -50,10 +52,20 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from relayagent import __version__
-from relayagent.common.config import Config, ConfigError
+from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.spool.spool import SpoolSettings
 
 DEFAULT_CONFIG = "/etc/relayagent/main.cf"
+
+
+@dataclass(frozen=True, slots=True)
+class _Listening(Settings):
+    """Whether the daemon listens: smtpd_endpoints (the listener's,
+    ``smtpd.listener.ListenerSettings``) read here too, so that the
+    listener's modules (twisted.mail, twisted.cred) are imported only
+    when it does (start-up time)."""
+
+    smtpd_endpoints: tuple[str, ...]
 
 # sysexits(3)
 EX_UNAVAILABLE = 69
@@ -350,7 +362,7 @@ def makeService(options: Options) -> IServiceCollection:
         install_stop_signals(reactor, relayagent_service.stop_now)
     SpoolStateService(config, relayagent_service.spool_directory).setServiceParent(top)
     relayagent_service.setServiceParent(top)
-    if config["smtpd_endpoints"]:
+    if _Listening.from_config(config).smtpd_endpoints:
         # twisted.mail and twisted.cred load only with a listener (start-up time).
         from relayagent.smtpd.listener import daemon_listener_services  # smtpd_endpoints
 
