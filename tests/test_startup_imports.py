@@ -108,3 +108,57 @@ class ConfiguredFeatureTests(SynchronousTestCase):
     def test_redis_loads_txredisapi(self):
         # Nothing listens there: the lazy connection only tries.
         self.assert_loaded("relayagent_redis = unix:/nonexistent/redis.sock\n", "txredisapi")
+
+
+_CHROOT_PROBE = textwrap.dedent("""
+    import json, sys
+    from relayagent.master import tap
+
+    options = tap.Options()
+    options.parseOptions(["-c", sys.argv[1]])
+    before = set(sys.modules)
+    tap.import_before_chroot(options["configuration"])
+    json.dump([sorted(before), sorted(sys.modules)], sys.stdout)
+""")
+
+
+class BeforeAChrootTests(SynchronousTestCase):
+    """Under twistd's --chroot nothing can be imported once inside: what
+    is imported lazily for start-up time is imported before it."""
+
+    def run_probe(self, extra: str = "") -> tuple[set[str], set[str]]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "main.cf")
+        with open(path, "w") as handle:
+            handle.write("queue_directory = spool\n" + extra)
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environment.get("PYTHONPATH")]))
+        result = subprocess.run([sys.executable, "-c", _CHROOT_PROBE, path], capture_output=True, text=True,
+                                cwd=directory, env=environment, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        before, after = json.loads(result.stdout)
+        return set(before), set(after)
+
+    def test_the_lazy_modules_a_daemon_may_need_are_imported(self):
+        before, after = self.run_probe()
+        wanted = {"email.policy", "email.mime.multipart", "email.headerregistry", "relayagent.smtp.sasl",
+                  "relayagent.smtpd.listener", "relayagent.smtpd.intake", "relayagent.smtpd.tls"}
+        self.assertEqual(wanted & before, set())  # the probe measures something
+        self.assertEqual(wanted - after, set())
+        self.assertNotIn("treq", after)
+
+    def test_tlsrpt_also_imports_its_https_client(self):
+        _, after = self.run_probe("smtp_tlsrpt_enable = yes\n")
+        self.assertEqual({"relayagent.smtp.https", "treq"} - after, set())
+
+    def test_every_lazy_bounce_import_is_listed(self):
+        # bounce/dsn.py's function-level imports are in the list.
+        from relayagent.master import tap
+
+        with open(os.path.join(ROOT, "relayagent", "bounce", "dsn.py"), encoding="utf-8") as handle:
+            source = handle.read()
+        lazy = {line.split()[1] for line in source.splitlines()
+                if line.startswith("    ") and line.strip().startswith(("import email", "from email"))}
+        self.assertTrue(lazy)
+        self.assertEqual(lazy - set(tap._NEEDED_AFTER_A_CHROOT), set())

@@ -29,9 +29,10 @@ then drops to ``--uid``/``--gid``, then calls ``startService``.  So
 everything that needs root or files outside the chroot happens here, in
 ``build_service``: main.cf and its lookup tables are read, SASL password
 tables and TLS keys are loaded, ``/etc/resolv.conf`` is read (once, as
-Postfix's resolver does at start-up), the log file is opened, the
-modules that are otherwise imported lazily are imported, and a
-descriptor of the queue directory is kept.  The spool itself, the
+Postfix's resolver does at start-up), the log file is opened, under
+``--chroot`` the modules otherwise imported where first needed are
+imported (``tap.import_before_chroot``), and a descriptor of the queue
+directory is kept.  The spool itself, the
 trigger socket and the queue manager start in ``startService``, as the
 unprivileged user, so that what they create belongs to that user; under
 a chroot the queue directory is found again through the kept descriptor.

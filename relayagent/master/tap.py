@@ -34,6 +34,10 @@ twistd's log is not the terminal (a file, syslog) the line is logged
 there too.  Daemonized (no ``-n``), twistd's waiting parent prints the
 line its own way and exits 1.  ``--version`` prints the version and exits 0.
 
+Under twistd's ``--chroot`` the modules the daemon imports only where
+first needed (for start-up time) are imported before the chroot
+(``import_before_chroot``): inside it nothing can be imported.
+
 Owns no parameters; reads queue_directory, delay_logging_resolution_limit,
 smtpd_endpoints (whether to load the listener at all).
 """
@@ -56,6 +60,37 @@ from relayagent.common.config import Config, ConfigError, Settings
 from relayagent.spool.spool import SpoolSettings
 
 DEFAULT_CONFIG = "/etc/relayagent/main.cf"
+
+
+# Imported where first needed, for start-up time (docs/performance.rst,
+# "Start-up in the default configuration"), and needed after twistd's
+# --chroot, where nothing can be imported any more (the Python
+# installation is outside it): under a chroot, imported before it.
+_NEEDED_AFTER_A_CHROOT = (
+    # A DSN (bounce.dsn), a TLSRPT report (smtp.tlsrpt).
+    "email.policy", "email.headerregistry", "email.mime.application", "email.mime.base",
+    "email.mime.multipart", "email.mime.text",
+    # A reload: its restart-only names (master.reload), SASL turned on.
+    "relayagent.smtpd.intake", "relayagent.smtpd.listener", "relayagent.smtpd.tls", "relayagent.smtp.sasl",
+)
+# TLSRPT's reporter, made in startService (after the chroot), with its
+# HTTPS client (MTA-STS makes its own in makeService, before it).
+_NEEDED_AFTER_A_CHROOT_FOR_TLSRPT = ("relayagent.smtp.https", "treq")
+
+
+def import_before_chroot(config: Config) -> None:
+    """Import what ``config``'s daemon may import lazily after twistd's
+    ``--chroot`` (``_NEEDED_AFTER_A_CHROOT``), now, while the files of
+    the Python installation can be read."""
+    import importlib
+
+    from relayagent.smtp.tlsrpt import TLSRPTSettings
+
+    names = list(_NEEDED_AFTER_A_CHROOT)
+    if TLSRPTSettings.from_config(config).smtp_tlsrpt_enable:
+        names.extend(_NEEDED_AFTER_A_CHROOT_FOR_TLSRPT)
+    for name in names:
+        importlib.import_module(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +389,8 @@ def makeService(options: Options) -> IServiceCollection:
             privileges=Privileges.from_twistd(getattr(options, "parent", None)))
     except (ConfigError, ValueError) as exc:  # SecurityConfigError is a ValueError
         raise fatal(EX_CONFIG, str(exc)) from None
+    if twistd is not None and twistd.get("chroot"):
+        import_before_chroot(config)
     from relayagent.master.stop import install_stop_signals
 
     # A second SIGTERM or Ctrl-C ends the wait for deliveries in flight;
