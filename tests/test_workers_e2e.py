@@ -36,7 +36,7 @@ import time
 from twisted.internet import threads
 from twisted.trial.unittest import SkipTest
 
-from relayagent.spool import Message, control
+from relayagent.spool import INCOMING, Message, Spool, control
 from relayagent.spool.queueid import partition_of
 from tests.support.certs import CertificateAuthority
 from tests.test_daemon_e2e import MESSAGE_ID, DaemonTestCase, body
@@ -276,15 +276,26 @@ class PrivilegedWorkersTests(DaemonTestCase):
         )
 
     def enqueue(self, count: int, tag: str) -> dict[str, str]:
-        """``count`` messages; their Message-IDs by queue id."""
+        """``count`` messages; their Message-IDs by queue id.
+
+        Queued as root into a spool of their own, given to nobody there
+        and only then renamed into the daemon's ``incoming/``: a running
+        worker never sees a file of root's (which it would rightly send
+        to ``corrupt/``)."""
+        staging = Spool(os.path.join(self.base, f"staging-{tag}"))
+        staging.ensure_layout()
         queued = {}
         for n in range(count):
-            queue_id = self.spool.enqueue("sender@example.org", [f"rcpt{n}@example.net"], body(n, tag))
+            queue_id = staging.enqueue("sender@example.org", [f"rcpt{n}@example.net"], body(n, tag))
             queued[queue_id] = f"{tag}-{n}@example.org"
         for directory, _, files in os.walk(self.spool_directory):
             os.chown(directory, 65534, 65534)
             for name in files:
                 os.chown(os.path.join(directory, name), 65534, 65534)
+        for queue_id in queued:
+            path = staging.path(INCOMING, queue_id)
+            os.chown(path, 65534, 65534)
+            os.rename(path, os.path.join(self.spool_directory, INCOMING, queue_id))
         return queued
 
     def worker_pids(self) -> list[int]:
