@@ -1090,21 +1090,23 @@ class _DaemonSpool:
         spool = self._spool()
         return spool.directory if spool is not None else None
 
-    def enqueue(self, *args: Any, **kwargs: Any) -> Deferred[str]:
-        """``Spool.enqueue`` in the thread pool: a Deferred of the queue id."""
+    def _threaded(self) -> ThreadedSpool:
+        """The spool of this moment, its blocking work in the thread pool;
+        OSError before the daemon has opened it."""
         spool = self._spool()
         if spool is None:
             raise OSError("the spool is not open yet")
-        return ThreadedSpool(spool, self.reactor).enqueue(*args, **kwargs)
+        return ThreadedSpool(spool, self.reactor)
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> Deferred[str]:
+        """``Spool.enqueue`` in the thread pool: a Deferred of the queue id."""
+        return self._threaded().enqueue(*args, **kwargs)
 
     def new_message(self, *args: Any, **kwargs: Any) -> ThreadedIncomingMessage:
         """``Spool.new_message`` committed in the thread pool (the intake
         writes DATA into it: the content written once, into the queue
         file)."""
-        spool = self._spool()
-        if spool is None:
-            raise OSError("the spool is not open yet")
-        return ThreadedSpool(spool, self.reactor).new_message(*args, **kwargs)
+        return self._threaded().new_message(*args, **kwargs)
 
 
 def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[SharedListener]:
