@@ -57,7 +57,20 @@ were "delivery temporarily suspended" (a dead destination: both defer the
 rest of the queue without a connection after the first failed cohort),
 relayagent's peak RSS; then the ratios Postfix / relayagent of the times
 (fill, flush, whole = fill + flush; above 1: relayagent faster) and of the
-CPU.  Last, unless ``--strace 0``, a smaller run (``--strace N``, default
+CPU.
+
+Each side's fill starts on a settled file system: ``--settle`` (default
+300 s at most) waits until creating a file costs at most 60 us again,
+and the cost is printed.  On ext4 without a journal (this machine's) an
+inode freed in the last one to five minutes is not reused, and every
+creation steps over those of its block group: just after a flush of
+20,000 messages (40,000 files removed) a creation costs 0.5-0.8 ms
+instead of 0.02-0.2, two a message, and the side that ran second paid
+for the first one's flush.  ``--postfix-first`` swaps the order;
+``--rounds N`` runs N rounds, each side first in turn, and prints the
+ratios' minimum, median and maximum.
+
+Last, unless ``--strace 0``, a smaller run (``--strace N``, default
 1000 messages) of each side with ``strace -c -f`` attached to the daemon's
 processes (every thread, and what they fork) for each phase: system calls
 per message, and the most frequent ones.
@@ -100,16 +113,24 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+LIGHT_SINK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightsink.py")
+SINK_KIND = "smtp-sink"  # --sink: smtp-sink, or "light" (bench/lightsink.py) in its place
+
+
 class Sink:
-    """smtp-sink with running counters (-c) written to a file."""
+    """smtp-sink with running counters (-c) written to a file (or, with
+    ``--sink light``, bench/lightsink.py, which writes the same)."""
 
     def __init__(self, workdir: str, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
         self.port = free_port(host) if port is None else port
         self.counter_path = os.path.join(workdir, f"sink-{host}-{self.port}.out")
-        command = [SMTP_SINK, "-c", f"{host}:{self.port}", "1000"]
-        if os.geteuid() == 0:
-            command[1:1] = ["-u", "nobody"]
+        if SINK_KIND == "light":
+            command = [sys.executable, LIGHT_SINK, f"{host}:{self.port}"]
+        else:
+            command = [SMTP_SINK, "-c", f"{host}:{self.port}", "1000"]
+            if os.geteuid() == 0:
+                command[1:1] = ["-u", "nobody"]
         self.output = open(self.counter_path, "wb")
         self.process = subprocess.Popen(command, stdout=self.output, stderr=subprocess.STDOUT)
         wait_for_port(host, self.port)
@@ -772,6 +793,44 @@ def postfix_master_pid(instance: PostfixInstance) -> int:
         return int(handle.read().split()[0])
 
 
+CREATION_PROBE_FILES = 200
+SETTLED_CREATION_US = 60.0  # a quiet disk: 19-40 us; just after a flush of 20,000: 500-800
+
+
+def creation_cost(directory: str) -> float:
+    """Microseconds per file created in a new directory under
+    ``directory`` (the mean of ``CREATION_PROBE_FILES``, left in place:
+    removing them would make the next creations dearer)."""
+    probe = tempfile.mkdtemp(prefix="creation-probe-", dir=directory)
+    started = time.perf_counter()
+    for number in range(CREATION_PROBE_FILES):
+        os.close(os.open(os.path.join(probe, str(number)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return (time.perf_counter() - started) / CREATION_PROBE_FILES * 1e6
+
+
+def settle(directory: str, limit: float) -> tuple[float, float]:
+    """Wait (up to ``limit`` seconds) until creating a file in
+    ``directory``'s file system costs what it costs at rest; the cost
+    then and the seconds waited.
+
+    ext4 without a journal (the machine these figures come from) does
+    not reuse an inode freed in the last one to five minutes: each
+    creation steps over every inode recently freed in its block group.
+    So a fill that starts just after a flush of 20,000 messages (40,000
+    files removed: the other side's, in one run) pays 0.5-0.8 ms more
+    per file created, two files a message, than one that starts on a
+    quiet disk (0.02-0.04 ms); it takes one to a few minutes to get
+    back there."""
+    os.sync()
+    started = time.monotonic()
+    while True:
+        cost = creation_cost(directory)
+        waited = time.monotonic() - started
+        if cost <= SETTLED_CREATION_US or waited >= limit:
+            return cost, waited
+        time.sleep(10.0)
+
+
 def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int, trace: bool = False) -> dict:
     listen_port, next_hop_port = free_port(), free_port()
     while next_hop_port == listen_port:
@@ -946,38 +1005,65 @@ def report_syscalls(result: dict, top: int = 8) -> None:
               f"{common}", flush=True)
 
 
+def report_backlog_ratios(ours: dict, theirs: dict) -> dict[tuple[str, str], float]:
+    """Print Postfix / relayagent for each phase's time and CPU; the figures."""
+    ratios = {}
+    for kind, key in (("time", "seconds"), ("CPU", "cpu")):
+        for phase in ("fill", "flush"):
+            ratios[kind, phase] = theirs[f"{phase}_{key}"] / ours[f"{phase}_{key}"]
+        ratios[kind, "whole"] = ((theirs[f"fill_{key}"] + theirs[f"flush_{key}"])
+                                 / (ours[f"fill_{key}"] + ours[f"flush_{key}"]))
+    print(f"ratio postfix/relayagent time (above 1: relayagent faster): fill {ratios['time', 'fill']:.2f}, "
+          f"flush {ratios['time', 'flush']:.2f}, whole {ratios['time', 'whole']:.2f}")
+    print(f"ratio postfix/relayagent CPU (above 1: relayagent cheaper): fill {ratios['CPU', 'fill']:.2f}, "
+          f"flush {ratios['CPU', 'flush']:.2f}, whole {ratios['CPU', 'whole']:.2f}", flush=True)
+    return ratios
+
+
 def run_backlog(args: argparse.Namespace, workdir: str) -> int:
     print(f"workload (backlog): {args.messages} messages of {args.size} bytes, {args.recipients} "
           f"recipient(s), through the listener (smtp-source, {args.source_sessions} sessions), "
-          f"relayhost down; then smtp-sink on it and one flush; relayagent_workers = {args.workers}; "
+          f"relayhost down; then {'bench/lightsink.py' if args.sink == 'light' else 'smtp-sink'} on it "
+          f"and one flush; relayagent_workers = {args.workers}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if args.vs_postfix and (os.geteuid() != 0 or not os.path.exists(POSTFIX)):
         print("drain: --vs-postfix needs root and Debian's postfix", file=sys.stderr)
         return 69
     os.chmod(workdir, 0o755)  # Postfix's unprivileged processes must reach it
     runs = [run_backlog_relayagent] + ([run_backlog_postfix] if args.vs_postfix else [])
-    results = []
-    for run in runs:
-        directory = os.path.join(workdir, run.__name__)
-        os.makedirs(directory)
-        results.append(run(args, directory, args.messages))
-        report_backlog(results[-1])
-    status = 0 if all(result["complete"] for result in results) else 1
-    if len(results) == 2:
-        ours, theirs = results
-        if status == 0:
-            ours_whole = ours["fill_seconds"] + ours["flush_seconds"]
-            theirs_whole = theirs["fill_seconds"] + theirs["flush_seconds"]
-            ours_cpu, theirs_cpu = ours["fill_cpu"] + ours["flush_cpu"], theirs["fill_cpu"] + theirs["flush_cpu"]
-            print(f"ratio postfix/relayagent time (above 1: relayagent faster): "
-                  f"fill {theirs['fill_seconds'] / ours['fill_seconds']:.2f}, "
-                  f"flush {theirs['flush_seconds'] / ours['flush_seconds']:.2f}, "
-                  f"whole {theirs_whole / ours_whole:.2f}")
-            print(f"ratio postfix/relayagent CPU (above 1: relayagent cheaper): "
-                  f"fill {theirs['fill_cpu'] / ours['fill_cpu']:.2f}, "
-                  f"flush {theirs['flush_cpu'] / ours['flush_cpu']:.2f}, whole {theirs_cpu / ours_cpu:.2f}")
-        else:
-            print("ratio postfix/relayagent: not computed, a run did not complete")
+    if args.postfix_first:
+        runs.reverse()
+    status = 0
+    rounds: list[dict[str, float]] = []
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {number + 1} of {args.rounds}: {' then '.join(run.__name__[12:] for run in runs)}",
+                  flush=True)
+        results = []
+        for run in runs:
+            directory = os.path.join(workdir, f"{run.__name__}-{number + 1}")
+            os.makedirs(directory)
+            cost, waited = settle(directory, args.settle)
+            results.append(run(args, directory, args.messages))
+            print(f"{results[-1]['name']:>10}: before its fill, {waited:.0f} s waiting for the file system "
+                  f"to settle; then a file creation took {cost:.0f} us", flush=True)
+            report_backlog(results[-1])
+        if not all(result["complete"] for result in results):
+            status = 1
+            if len(results) == 2:
+                print("ratio postfix/relayagent: not computed, a run did not complete")
+        elif len(results) == 2:
+            rounds.append(report_backlog_ratios(*sorted(results, key=lambda r: r["name"] != "relayagent")))
+        runs.reverse()  # the other side first in the next round
+    if len(rounds) > 1:
+        for kind in ("time", "CPU"):
+            figures = ", ".join(
+                f"{phase} {min(r[kind, phase] for r in rounds):.2f}/"
+                f"{statistics.median(r[kind, phase] for r in rounds):.2f}/"
+                f"{max(r[kind, phase] for r in rounds):.2f}"
+                for phase in ("fill", "flush", "whole")
+            )
+            print(f"ratio postfix/relayagent {kind} over {len(rounds)} rounds (min/median/max): {figures}")
     # Anything else running meanwhile shows here (both sides want both cores).
     print(f"load average after the timed runs: {os.getloadavg()[0]:.2f}", flush=True)
     if args.strace:
@@ -1039,6 +1125,19 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                              "deferred), then start the sink, flush and time until the queue is empty")
     parser.add_argument("--source-sessions", type=int, default=20, metavar="N",
                         help="parallel smtp-source sessions filling the queue (default 20)")
+    parser.add_argument("--sink", choices=("smtp-sink", "light"), default="smtp-sink",
+                        help="the sink for both sides: Postfix's smtp-sink (default), or bench/lightsink.py, "
+                             "which scans DATA a buffer at a time where smtp-sink reads an octet at a time")
+    parser.add_argument("--postfix-first", action="store_true", dest="postfix_first",
+                        help="with --backlog --vs-postfix: run Postfix's side first (the side that runs "
+                             "second creates its files just after the first one's flush deleted as many)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="with --backlog: N rounds, the other side first in each, and the ratios' "
+                             "minimum, median and maximum over them (default 1)")
+    parser.add_argument("--settle", type=float, default=300.0, metavar="SECONDS",
+                        help="with --backlog: before each side's fill, wait up to SECONDS until creating "
+                             f"a file costs at most {SETTLED_CREATION_US:.0f} us again (default 300; "
+                             "0: no wait, the cost still printed)")
     parser.add_argument("--strace", type=int, default=None, metavar="N",
                         help="with --backlog: count system calls (strace -c -f) on an extra run of N "
                              "messages (default 1000; 0: no traced run)")
@@ -1055,6 +1154,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sample the daemon with py-spy (pip install py-spy); collapsed stacks to FILE "
                              "(with --backlog: FILE.fill and FILE.flush, one per phase)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.backlog:
         if args.latency or args.warm or args.destinations != 1:
             parser.error("--backlog goes with neither --latency, --warm nor --destinations")
@@ -1071,8 +1172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     global PROFILE
     PROFILE = os.path.abspath(args.profile) if args.profile else None
-    global PY_SPY
+    global PY_SPY, SINK_KIND
     PY_SPY = os.path.abspath(args.py_spy) if args.py_spy else None
+    SINK_KIND = args.sink
     global PHASED_SAMPLING
     PHASED_SAMPLING = bool(args.backlog)
     global BYTECODE_CACHE
@@ -1094,7 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_backlog(args, workdir)
         print(f"workload: {args.messages} messages of {args.size} bytes, {args.recipients} "
               f"recipient(s), {args.destinations} destination(s); relayagent_workers = {args.workers}"
-              f"{', warm (clock from the flush)' if args.warm else ''}", flush=True)
+              f"{', warm (clock from the flush)' if args.warm else ''}"
+              f"{'; sink: bench/lightsink.py' if args.sink == 'light' else ''}", flush=True)
         os.makedirs(os.path.join(workdir, "relayagent"))
         ours = run_relayagent(args, os.path.join(workdir, "relayagent"))
         report(ours, args)

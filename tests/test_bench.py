@@ -1,7 +1,8 @@
 """
 bench/drain.py's argument parsing and the helpers of its backlog workload
-(``--backlog``): what they compute, on given inputs.  Nothing here starts a
-daemon or a sink, and nothing is timed (benchmarks measure; tests do not).
+(``--backlog``): what they compute, on given inputs; bench/lightsink.py's
+sessions on a fake connection.  Nothing here starts a daemon or a sink,
+and nothing is timed (benchmarks measure; tests do not).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from twisted.trial import unittest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import drain  # noqa: E402  (bench/ on sys.path)
+import lightsink  # noqa: E402
 
 
 def parse(*argv: str):
@@ -61,6 +63,14 @@ class ArgumentTests(unittest.TestCase):
 
     def test_strace_needs_backlog(self) -> None:
         self.assertIn("--backlog", self.rejected("--strace", "100"))
+
+    def test_rounds_settle_order_sink(self) -> None:
+        args = parse("--backlog")
+        self.assertEqual((args.rounds, args.settle, args.postfix_first, args.sink), (1, 300.0, False, "smtp-sink"))
+        args = parse("--backlog", "--rounds", "3", "--settle", "0", "--postfix-first", "--sink", "light")
+        self.assertEqual((args.rounds, args.settle, args.postfix_first, args.sink), (3, 0.0, True, "light"))
+        self.assertIn("--rounds", self.rejected("--backlog", "--rounds", "0"))
+        self.assertIn("--sink", self.rejected("--sink", "exim"))
 
 
 class SmtpSourceCommandTests(unittest.TestCase):
@@ -177,3 +187,109 @@ class PerUnitTests(unittest.TestCase):
     def test_per_unit(self) -> None:
         self.assertEqual(drain.per_unit(2.0, 1000), "2.00 ms")
         self.assertEqual(drain.per_unit(1.0, 0), "-")
+
+
+class BacklogRatioTests(unittest.TestCase):
+    def test_ratios(self) -> None:
+        ours = {"fill_seconds": 20.0, "flush_seconds": 5.0, "fill_cpu": 30.0, "flush_cpu": 10.0}
+        theirs = {"fill_seconds": 30.0, "flush_seconds": 15.0, "fill_cpu": 30.0, "flush_cpu": 30.0}
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            ratios = drain.report_backlog_ratios(ours, theirs)
+        self.assertEqual(ratios["time", "fill"], 1.5)
+        self.assertEqual(ratios["time", "flush"], 3.0)
+        self.assertEqual(ratios["time", "whole"], 45.0 / 25.0)
+        self.assertEqual(ratios["CPU", "fill"], 1.0)
+        self.assertEqual(ratios["CPU", "whole"], 1.5)
+        self.assertIn("fill 1.50, flush 3.00, whole 1.80", out.getvalue())
+
+
+class CreationProbeTests(unittest.TestCase):
+    def test_probe_files_stay(self) -> None:
+        """The probe's files are left in place (removing them would make
+        the creations after it dearer on the file systems it is for)."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.assertGreater(drain.creation_cost(directory), 0.0)
+        (probe,) = os.listdir(directory)
+        self.assertEqual(len(os.listdir(os.path.join(directory, probe))), drain.CREATION_PROBE_FILES)
+
+    def test_settle_without_waiting(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        cost, waited = drain.settle(directory, 0.0)
+        self.assertGreater(cost, 0.0)
+        self.assertGreaterEqual(waited, 0.0)
+        self.assertEqual(len(os.listdir(directory)), 1, "a limit of 0: one probe, whatever it found")
+
+
+class FakeConnection:
+    """What a lightsink session needs of its socket: send, at most
+    ``room`` octets at a time (None: everything)."""
+
+    def __init__(self, room: int | None = None) -> None:
+        self.sent = b""
+        self.room = room
+
+    def send(self, data: bytes) -> int:
+        if self.room == 0:
+            raise BlockingIOError
+        taken = data if self.room is None else data[: self.room]
+        self.sent += taken
+        return len(taken)
+
+
+class FakeLightSink:
+    def __init__(self) -> None:
+        self.messages = 0
+        self.closed = False
+        self.writing: list[bool] = []
+
+    def counted(self) -> None:
+        self.messages += 1
+
+    def want_write(self, session: object, wanted: bool) -> None:
+        self.writing.append(wanted)
+
+    def close(self, session: object) -> None:
+        self.closed = True
+
+
+class LightSinkSessionTests(unittest.TestCase):
+    def session(self, room: int | None = None):
+        sink = FakeLightSink()
+        connection = FakeConnection(room)
+        return lightsink.Session(sink, connection), sink, connection
+
+    def test_pipelined_transactions(self) -> None:
+        """Commands pipelined with an empty body, a stuffed "." line and a
+        final "." cut across two reads: two messages, every reply in order."""
+        session, sink, connection = self.session()
+        session.received(b"EHLO client\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        session.received(b".\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                         b"line\r\n..\r\nmore\r")
+        self.assertEqual(sink.messages, 1, "a stuffed '.' line is no end of DATA")
+        session.received(b"\n.")
+        session.received(b"\r\nQUIT\r\n")
+        self.assertEqual(sink.messages, 2)
+        replies = connection.sent.split(b"\r\n")
+        codes = [reply[:3] for reply in replies if reply and not reply.startswith(b"250-")]
+        self.assertEqual(codes, [b"250", b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"])
+        self.assertIn(b"250-PIPELINING", connection.sent)
+        self.assertTrue(sink.closed, "QUIT closes once its reply is out")
+
+    def test_body_with_the_commands(self) -> None:
+        """DATA, its body and the next command in one read."""
+        session, sink, connection = self.session()
+        session.received(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nbody\r\n.\r\nNOOP\r\nBDAT 1\r\n")
+        self.assertEqual(sink.messages, 1)
+        self.assertTrue(connection.sent.endswith(b"250 2.0.0 Ok: queued\r\n250 2.0.0 Ok\r\n"
+                                                 b"502 5.5.2 Error: command not recognized\r\n"))
+
+    def test_blocked_send_waits_for_writable(self) -> None:
+        session, sink, connection = self.session(room=0)
+        session.received(b"NOOP\r\n")
+        self.assertEqual(sink.writing, [True])
+        connection.room = None
+        session.flush()
+        self.assertEqual(connection.sent, b"250 2.0.0 Ok\r\n")
+        self.assertEqual(sink.writing, [True, False])
