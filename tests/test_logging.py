@@ -354,6 +354,25 @@ class EventTests(unittest.TestCase):
         text = formatEvent(capture.events[0])
         self.assertTrue(text.startswith("4B3F2A1C0D: to=<b@example.net>, relay=mx.example.net[192.0.2.1]:25"))
 
+    def test_lines_render_as_twisted_formats_them(self) -> None:
+        """log_line's events (smtpd's, cleanup's) come out as Twisted's
+        formatEvent renders them, braces and conversions in the values
+        included; a format that cannot be rendered gets Twisted's text."""
+        from twisted.logger import formatEvent
+
+        capture = Capture()
+        ralog.log_connect(capture.log, "unknown[127.0.0.1]")
+        ralog.log_client(capture.log, "4B3F2A1C0D", "h{x}[192.0.2.1]", sasl_method="PLAIN", sasl_username="u")
+        ralog.log_pickup(capture.log, "4B3F2A1C0D", 1000, "a@example.com")
+        ralog.log_line(capture.log, "smtpd", "{queue_id}: {text!r} {number:>4}", queue_id="Q", text="t", number=7)
+        rendered = [ralog.render(event) for event in capture.events]
+        self.assertEqual(rendered, [formatEvent(dict(event)) for event in capture.events])
+        self.assertEqual(rendered[:2], ["connect from unknown[127.0.0.1]",
+                                        "4B3F2A1C0D: client=h{x}[192.0.2.1], sasl_method=PLAIN, sasl_username=u"])
+        self.assertEqual(rendered[3], "Q: 't'    7")
+        ralog.log_line(capture.log, "smtpd", "{queue_id}: {missing}", queue_id="Q")
+        self.assertIn("Unable to format event", ralog.render(capture.events[-1]))
+
     def test_unobserved_logger_is_cheap(self) -> None:
         # With only the bit bucket listening, emitting does no rendering.
         calls = []

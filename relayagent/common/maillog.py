@@ -590,7 +590,8 @@ def log_tls(
 def log_line(log: Logger, service: str, fmt: str, *, level: LogLevel = LogLevel.info, **fields: Any) -> None:
     """A line of another Postfix daemon (``service``: smtpd, cleanup,
     pickup): ``fmt`` with ``fields``, rendered as Twisted renders a
-    format (``formatEvent``)."""
+    format (``formatEvent``; ``str.format_map`` for speed, which gives
+    the same text for the plain fields these formats hold)."""
     _emit(log, level, fmt, ralog_event=LINE, ralog_service=service, **fields)
 
 
@@ -689,7 +690,14 @@ def render(event: Mapping[str, Any], *, resolution: int = 2) -> str:
     elif kind == WARNING:
         text = f"{qid}: {event['text']}" if qid else str(event["text"])
     elif kind == LINE:
-        return prefix + formatEvent(dict(event))
+        # log_line's formats hold plain fields ("{client}"), which
+        # str.format_map renders as Twisted's formatEvent does, in C:
+        # formatEvent's string.Formatter, pure Python, cost each line of
+        # smtpd and cleanup (four a message received) about 10 us more.
+        try:
+            return prefix + event["log_format"].format_map(event)
+        except Exception:  # noqa: BLE001 - then as Twisted renders it, its "Unable to format" included
+            return prefix + formatEvent(dict(event))
     elif kind == CONNECT_FAILURE:
         text = f"connect to {event['host']}[{event['address']}]:{event['port']}: {event['reason']}"
         if qid:
