@@ -142,9 +142,12 @@ class Sink:
             size = handle.tell()
             handle.seek(max(0, size - 200))
             tail = handle.read().split(b"\r")
+        # The sink may be writing its last record as it is read ("mesg="
+        # without its digits yet): such a record gives way to the one
+        # before (a count cut short only counts low until the next look).
         for record in reversed(tail):
             for field in record.split():
-                if field.startswith(b"mesg="):
+                if field.startswith(b"mesg=") and field[5:].isdigit():
                     return int(field[5:])
         return 0
 

@@ -293,3 +293,22 @@ class LightSinkSessionTests(unittest.TestCase):
         session.flush()
         self.assertEqual(connection.sent, b"250 2.0.0 Ok\r\n")
         self.assertEqual(sink.writing, [True, False])
+
+
+class SinkCountTests(unittest.TestCase):
+    def counted(self, written: bytes) -> int:
+        sink = drain.Sink.__new__(drain.Sink)  # no process: only the counter file
+        sink.counter_path = self.mktemp()
+        with open(sink.counter_path, "wb") as handle:
+            handle.write(written)
+        return sink.messages()
+
+    def test_last_record(self) -> None:
+        self.assertEqual(self.counted(b"mesg=1\rmesg=2\rmesg=17\r"), 17)
+        self.assertEqual(self.counted(b""), 0)
+
+    def test_record_being_written(self) -> None:
+        """A record read while the sink writes it ("mesg=" alone) gives way
+        to the one before (a ValueError once stopped a benchmark run)."""
+        self.assertEqual(self.counted(b"mesg=41\rmesg=42\rmesg="), 42)
+        self.assertEqual(self.counted(b"mesg="), 0)
