@@ -115,6 +115,7 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
 
 LIGHT_SINK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightsink.py")
 SINK_KIND = "smtp-sink"  # --sink: smtp-sink, or "light" (bench/lightsink.py) in its place
+SINK_NAMES = {"smtp-sink": "smtp-sink", "light": "bench/lightsink.py"}  # as the reports name them
 
 
 class Sink:
@@ -1026,7 +1027,7 @@ def report_backlog_ratios(ours: dict, theirs: dict) -> dict[tuple[str, str], flo
 def run_backlog(args: argparse.Namespace, workdir: str) -> int:
     print(f"workload (backlog): {args.messages} messages of {args.size} bytes, {args.recipients} "
           f"recipient(s), through the listener (smtp-source, {args.source_sessions} sessions), "
-          f"relayhost down; then {'bench/lightsink.py' if args.sink == 'light' else 'smtp-sink'} on it "
+          f"relayhost down; then {SINK_NAMES[args.sink]} on it "
           f"and one flush; relayagent_workers = {args.workers}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if args.vs_postfix and (os.geteuid() != 0 or not os.path.exists(POSTFIX)):
@@ -1037,11 +1038,11 @@ def run_backlog(args: argparse.Namespace, workdir: str) -> int:
     if args.postfix_first:
         runs.reverse()
     status = 0
-    rounds: list[dict[str, float]] = []
+    rounds: list[dict[tuple[str, str], float]] = []
     for number in range(args.rounds):
         if args.rounds > 1:
-            print(f"round {number + 1} of {args.rounds}: {' then '.join(run.__name__[12:] for run in runs)}",
-                  flush=True)
+            sides = " then ".join(run.__name__.removeprefix("run_backlog_") for run in runs)
+            print(f"round {number + 1} of {args.rounds}: {sides}", flush=True)
         results = []
         for run in runs:
             directory = os.path.join(workdir, f"{run.__name__}-{number + 1}")
@@ -1200,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workload: {args.messages} messages of {args.size} bytes, {args.recipients} "
               f"recipient(s), {args.destinations} destination(s); relayagent_workers = {args.workers}"
               f"{', warm (clock from the flush)' if args.warm else ''}"
-              f"{'; sink: bench/lightsink.py' if args.sink == 'light' else ''}", flush=True)
+              f"{'' if args.sink == 'smtp-sink' else '; sink: ' + SINK_NAMES[args.sink]}", flush=True)
         os.makedirs(os.path.join(workdir, "relayagent"))
         ours = run_relayagent(args, os.path.join(workdir, "relayagent"))
         report(ours, args)
