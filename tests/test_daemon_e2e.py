@@ -40,6 +40,10 @@ def body(number: int, tag: str = "e2e") -> bytes:
     ).encode()
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class DaemonTestCase(TestCase):
     timeout = 240
 
@@ -106,6 +110,10 @@ class DaemonTestCase(TestCase):
         process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *twistd_options, "relayagent", "-c", config],
             cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT,
+            # As from a terminal, whatever started the tests: a script's
+            # background job ignores SIGINT, and a daemon started so keeps
+            # ignoring it (the stop tests send it).
+            preexec_fn=_interruptible,
         )
         log.close()
         self.processes.append(process)

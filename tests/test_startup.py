@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
@@ -233,6 +234,72 @@ class BoundedStopTests(SynchronousTestCase):
         self.assertTrue(bounded.done.called)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         bounded.now()  # a third signal: nothing more
+
+
+class _SignalReactor:
+    """What ``install_stop_signals`` uses of a reactor, recorded: running
+    at once, calls from the signal handler kept until ``run_calls``."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.stopped = 0
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def callWhenRunning(self, function: Any) -> None:
+        function()
+
+    def callFromThread(self, function: Any, *args: Any) -> None:
+        self.calls.append((function, args))
+
+    def run_calls(self) -> None:
+        calls, self.calls = self.calls, []
+        for function, args in calls:
+            function(*args)
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+class StopSignalTests(SynchronousTestCase):
+    """``install_stop_signals`` with the handlers called directly (no
+    signal is sent): the first signal to the earlier handler, a second
+    to ``stop_now``, an ignored signal left ignored."""
+
+    def setUp(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+        self.reactor = _SignalReactor()
+        self.stops_now = 0
+
+    def stop_now(self) -> None:
+        self.stops_now += 1
+
+    def test_first_to_the_earlier_handler_then_stop_now(self) -> None:
+        seen: list[int] = []
+        signal.signal(signal.SIGTERM, lambda number, frame: seen.append(number))
+        stop.install_stop_signals(self.reactor, self.stop_now)
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(seen, [signal.SIGTERM])
+        handler(signal.SIGTERM, None)
+        self.reactor.run_calls()
+        self.assertEqual((seen, self.stops_now, self.reactor.stopped), ([signal.SIGTERM], 1, 0))
+
+    def test_an_ignored_signal_stays_ignored(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop.install_stop_signals(self.reactor, self.stop_now)
+        self.assertEqual(signal.getsignal(signal.SIGINT), signal.SIG_IGN)
+        self.assertNotIn(signal.getsignal(signal.SIGTERM), (signal.SIG_IGN, signal.SIG_DFL))
+
+    def test_a_first_signal_without_a_handler_ends_twistd_by_it(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop.install_stop_signals(self.reactor, self.stop_now)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        self.reactor.run_calls()
+        # twistd's runner reads _exitSignal to end with the signal.
+        self.assertEqual((self.reactor.stopped, getattr(self.reactor, "_exitSignal", None)),
+                         (1, signal.SIGTERM))
+        self.assertEqual(self.stops_now, 0)
 
 
 

@@ -98,7 +98,13 @@ def install_stop_signals(reactor: Any, stop_now: Callable[[], None]) -> None:
     and twistd ends with that signal), a later one calls ``stop_now``
     (the stop waits no longer) instead of stopping a reactor that is
     already stopping.  Installed once the reactor runs (its own handlers
-    are installed as it starts)."""
+    are installed as it starts).
+
+    A signal ignored when we start stays ignored: a shell starts a
+    script's background job with SIGINT ignored, and then neither
+    Python nor the reactor handles it.  A first signal whose earlier
+    handler is not Python code (the default) stops the reactor itself,
+    and tells twistd to end with that signal, as the reactor's does."""
     state = {"signals": 0}
     previous: dict[int, Any] = {}
 
@@ -108,20 +114,26 @@ def install_stop_signals(reactor: Any, stop_now: Callable[[], None]) -> None:
         if state["signals"] == 1 and callable(first):
             first(number, frame)
         elif state["signals"] == 1:
-            reactor.callFromThread(_stop_reactor, reactor)
+            reactor.callFromThread(_stop_reactor, reactor, number)
         else:
             reactor.callFromThread(stop_now)
 
     def install() -> None:
         for number in (signal.SIGINT, signal.SIGTERM):
-            previous[number] = signal.getsignal(number)
+            current = signal.getsignal(number)
+            if current == signal.SIG_IGN:
+                continue
+            previous[number] = current
             signal.signal(number, handler)
 
     reactor.callWhenRunning(install)
 
 
-def _stop_reactor(reactor: Any) -> None:
+def _stop_reactor(reactor: Any, number: int) -> None:
     if getattr(reactor, "running", False) and not getattr(reactor, "_stopped", False):
+        # What the reactor's own sigInt and sigTerm record: twistd then
+        # ends by that signal (app._exitWithSignal), not with status 0.
+        reactor._exitSignal = number
         reactor.stop()
 
 
