@@ -113,10 +113,13 @@ class BindingReactor(MemoryReactorClock):
 
 class FakeQueueManager:
     def __init__(self) -> None:
-        self.wakeups: list[bool] = []
+        self.wakeups: list[bool | tuple[str, bool]] = []
 
     def wakeup(self, *, pass_on: bool = True) -> None:
         self.wakeups.append(pass_on)
+
+    def queued(self, queue_id: str, *, pass_on: bool = True) -> None:
+        self.wakeups.append((queue_id, pass_on))
 
 
 class ListenerCase(SynchronousTestCase):
@@ -204,8 +207,10 @@ class SharedListenerTests(ListenerCase):
         self.daemon.listener_queued()
         self.assertEqual(queue_manager.wakeups, [True])  # no intake_spool yet: as with one worker
         self.daemon.intake_spool = Spool(self.directory)
-        intake.trigger()
-        self.assertEqual(queue_manager.wakeups, [True, False])
+        # The listener hands its queue manager the id it queued.
+        self.assertIsNone(intake.trigger)
+        intake.on_queued("4F2A1B3C5D6E")
+        self.assertEqual(queue_manager.wakeups, [True, ("4F2A1B3C5D6E", False)])
 
 
 class FakePool:

@@ -110,6 +110,70 @@ class PickupTests(SchedulerTestCase):
         manager.wakeup()
         self.assertEqual(len(self.agent.requests), 1)
 
+    def count_scans(self) -> list[str]:
+        """The queues ``Spool.scan`` is asked for from now on."""
+        scans: list[str] = []
+        scan = self.spool.scan
+
+        def counting(queue: str, *args: object, **kwargs: object):
+            scans.append(queue)
+            return scan(queue, *args, **kwargs)
+
+        self.patch(self.spool, "scan", counting)
+        return scans
+
+    def test_a_handed_id_is_taken_without_a_look_at_incoming(self) -> None:
+        manager = self.manager()
+        manager.start()
+        scans = self.count_scans()
+        ids = self.enqueue(3)
+        for queue_id in ids:
+            manager.queued(queue_id)
+        self.assertEqual(sorted(r.message.queue_id for r, _ in self.agent.requests), sorted(ids))
+        self.assertEqual(scans, [])
+        self.assertEqual(list(self.spool.queue_ids(INCOMING)), [])
+
+    def test_an_id_handed_and_found_is_delivered_once(self) -> None:
+        manager = self.manager(qmgr_message_active_limit=1)
+        manager.start()
+        first, second = self.enqueue(2)
+        manager.queued(first)
+        manager.queued(second)  # waits: the active queue is full
+        manager.wakeup()  # and a look at incoming/ finds it too
+        self.assertEqual([r.message.queue_id for r, _ in self.agent.requests], [first])
+        self.agent.complete()
+        self.clock.advance(0)
+        self.assertEqual([r.message.queue_id for r, _ in self.agent.requests], [second])
+        self.agent.complete()
+        manager.queued(first)  # an id handed again after its file is gone
+        self.clock.advance(1.0)
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual(self.agent.finished, [first, second])
+
+    def test_another_partitions_id_is_left_to_its_owner(self) -> None:
+        (queue_id,) = self.enqueue(1)
+        config = Config.defaults()
+        manager = QueueManager(config, self.spool, self.agent, self.clock, by_domain, owns=lambda name: False)
+        self.addCleanup(manager.stop)
+        manager.start()
+        manager.queued(queue_id)
+        self.assertEqual(self.agent.requests, [])
+        self.assertEqual(list(self.spool.queue_ids(INCOMING)), [queue_id])
+
+    def test_past_the_handed_limit_incoming_is_looked_at(self) -> None:
+        self.patch(scheduler, "HANDED_LIMIT", 1)
+        manager = self.manager(qmgr_message_active_limit=1)
+        manager.start()
+        ids = self.enqueue(3)
+        for queue_id in ids:
+            manager.queued(queue_id)
+        scans = self.count_scans()
+        for _ in ids:
+            self.agent.complete()
+            self.clock.advance(0)
+        self.assertEqual(sorted(self.agent.finished), sorted(ids))
+        self.assertIn(INCOMING, scans)
+
     def test_poll_takes_new_mail_without_a_trigger(self) -> None:
         manager = self.manager()
         manager.start()

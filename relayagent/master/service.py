@@ -466,12 +466,19 @@ class RelayagentService(MultiService):
                 continue
             self._worker_listeners.append(listener)
 
-    def listener_queued(self) -> None:
+    def listener_queued(self, queue_id: str | None = None) -> None:
         """The listener queued a message (its trigger): with several workers
         its id is this worker's (``intake_spool``), so this queue manager
-        alone looks at ``incoming/``; with one, the queue manager's wakeup."""
-        if self.queue_manager is not None:
-            self.queue_manager.wakeup(pass_on=self.intake_spool is None)
+        alone looks at ``incoming/``; with one, the queue manager's wakeup.
+        Given the id, the queue manager takes it by name (``queued``)."""
+        queue_manager = self.queue_manager
+        if queue_manager is None:
+            return
+        pass_on = self.intake_spool is None
+        if queue_id is None:
+            queue_manager.wakeup(pass_on=pass_on)
+        else:
+            queue_manager.queued(queue_id, pass_on=pass_on)
 
     def stopService(self) -> Deferred[Any]:
         waits: list[Deferred[Any]] = []

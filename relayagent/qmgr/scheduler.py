@@ -56,6 +56,7 @@ SYNOPSIS::
     qmgr = QueueManager(config, spool, agent, reactor, route, owns=None,
                         limiter=None, keyer=None)
     qmgr.start(); qmgr.wakeup(); qmgr.flush(); qmgr.queue_run()
+    qmgr.queued(queue_id)                  # this process's listener queued it
     d = qmgr.stop()                        # fires when deliveries are over
     backoff_time(attempts, minimal, maximal)
 
@@ -120,6 +121,10 @@ INCOMING_POLL = 1.0
 # Messages taken into the active queue at a time (see above): enough to
 # feed every session, few enough to let replies in between.
 ACTIVATION_BATCH = 100
+
+# Ids handed over by ``queued`` kept while the active queue is full: past
+# these, the queue manager looks at incoming/ for the rest.
+HANDED_LIMIT = 10000
 
 
 def backoff_time(attempts: int, minimal: float, maximal: float) -> float:
@@ -340,6 +345,9 @@ class QueueManager:
         self._unfinished: list[str] = []
         self._incoming: Iterator[str] = iter(())
         self._incoming_dirty = True
+        # Ids this process's listener just queued (``queued``): taken
+        # by name, without a look at incoming/ for each.
+        self._handed: deque[str] = deque()
         self._deferred: Iterator[str] | None = None  # a deferred run in progress
         self._flushing = False
         self._pumping = False
@@ -451,6 +459,22 @@ class QueueManager:
             self.on_trigger("wakeup")
         self._look_at_incoming()
 
+    def queued(self, queue_id: str, *, pass_on: bool = True) -> None:
+        """``wakeup`` for one message this process's listener queued in
+        incoming/: its id is taken as it is, not found by a look at the
+        directory (one ``scandir`` a message while mail streams in).
+        Past ``HANDED_LIMIT`` ids waiting for room in the active queue,
+        the next look at incoming/ finds them instead; an id taken
+        twice (by name and by a look) is activated once."""
+        if pass_on and self.on_trigger is not None:
+            self.on_trigger("wakeup")
+        if self.owns is not None and not self.owns(queue_id) or len(self._handed) >= HANDED_LIMIT:
+            # Another's id, or too many waiting: the look at incoming/.
+            self._incoming_dirty = True
+        else:
+            self._handed.append(queue_id)
+        self._refill()
+
     def _look_at_incoming(self) -> None:
         """A trigger, or the poll."""
         self._incoming_dirty = True
@@ -496,6 +520,8 @@ class QueueManager:
     def _next_candidate(self) -> tuple[str, str] | None:
         if self._recovered:
             return self._recovered.popleft(), ACTIVE
+        if self._handed:
+            return self._handed.popleft(), INCOMING
         for queue_id in self._incoming:
             return queue_id, INCOMING
         if self._incoming_dirty:

@@ -366,7 +366,10 @@ class Intake:
     (``ThreadedSpool`` does it in a thread pool).
     ``trigger`` (no arguments) is called after each successful enqueue to
     wake the queue manager; a failing trigger is logged and otherwise
-    ignored (the queue manager also polls ``incoming/``).
+    ignored (the queue manager also polls ``incoming/``).  ``on_queued``,
+    when given, is called instead with the message's queue id (the
+    daemon hands it to its queue manager, which then need not look for
+    it in ``incoming/``).
 
     ``queue_minfree`` and ``message_size_limit`` decide, at MAIL FROM,
     whether the spool's file system has room (``check_queue_space``);
@@ -382,6 +385,7 @@ class Intake:
         message_size_limit: int = 10240000,
         hopcount_limit: int = 50,
         trigger: Callable[[], object] | None = None,
+        on_queued: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.time,
         temp_directory: str | None = None,
         queue_minfree: int = 0,
@@ -395,6 +399,7 @@ class Intake:
         self.statvfs = statvfs
         self.hopcount_limit = hopcount_limit
         self.trigger = trigger
+        self.on_queued = on_queued
         self.clock = clock
         self.temp_directory = temp_directory
         self._transactions: weakref.WeakKeyDictionary[object, _Transaction] = (
@@ -411,6 +416,7 @@ class Intake:
         spool: Any,
         *,
         trigger: Callable[[], object] | None = None,
+        on_queued: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Intake:
         """An Intake for ``spool`` with the settings of ``config``
@@ -424,6 +430,7 @@ class Intake:
             message_size_limit=settings.message_size_limit,
             hopcount_limit=settings.hopcount_limit,
             trigger=trigger,
+            on_queued=on_queued,
             clock=clock,
             queue_minfree=settings.queue_minfree,
         )
@@ -479,12 +486,14 @@ class Intake:
         return transaction.receiver_factory(user)
 
     def wake_queue_manager(self, queue_id: str) -> None:
-        """Call the trigger after ``queue_id`` was queued; a failing trigger is
-        logged, never raised (the message is queued already)."""
-        if self.trigger is None:
-            return
+        """Call ``on_queued`` (or the trigger) after ``queue_id`` was queued;
+        a failure there is logged, never raised (the message is queued
+        already)."""
         try:
-            self.trigger()
+            if self.on_queued is not None:
+                self.on_queued(queue_id)
+            elif self.trigger is not None:
+                self.trigger()
         except Exception:
             # The message is queued: a lost wake-up only delays it until
             # the queue manager's next look at incoming/.

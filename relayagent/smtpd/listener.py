@@ -1051,7 +1051,8 @@ def make_listener_services(
 
 
 def _shared_listeners(config: Config, spool: Any, trigger: Callable[[], object] | None, *,
-                      reactor: Any, clock: Callable[[], float]) -> list[SharedListener]:
+                      reactor: Any, clock: Callable[[], float],
+                      on_queued: Callable[[str], object] | None = None) -> list[SharedListener]:
     settings = ListenerSettings.from_config(config)
     if not settings.smtpd_endpoints:
         return []
@@ -1061,7 +1062,7 @@ def _shared_listeners(config: Config, spool: Any, trigger: Callable[[], object] 
         from twisted.internet import reactor as global_reactor  # noqa: PLC0415 - as strports does: not at import
 
         reactor = global_reactor
-    intake = Intake.from_config(config, spool, trigger=trigger, clock=clock)
+    intake = Intake.from_config(config, spool, trigger=trigger, on_queued=on_queued, clock=clock)
     factory = ListenerFactory(intake, config)
     listeners = []
     for description in settings.smtpd_endpoints:
@@ -1111,17 +1112,18 @@ class _DaemonSpool:
 
 def daemon_listener_services(config: Any, daemon: Any, reactor: Any) -> list[SharedListener]:
     """The listeners of ``twistd relayagent``: ``make_listener_services``
-    with the daemon's spool and, as trigger, the daemon's
-    ``listener_queued`` (its queue manager's wakeup when it has none),
+    with the daemon's spool, each queued message's id handed to the
+    daemon's ``listener_queued`` (its queue manager's wakeup when it has
+    none),
     each with what another worker needs to listen on the same socket
     (``SharedListener``: ``relayagent.master.worker``)."""
 
-    def wake_queue_manager() -> None:
+    def hand_over(queue_id: str) -> None:
         queued = getattr(daemon, "listener_queued", None)
         if queued is not None:
-            queued()
+            queued(queue_id)
         elif daemon.queue_manager is not None:
             daemon.queue_manager.wakeup()
 
-    return _shared_listeners(config, _DaemonSpool(daemon, reactor), wake_queue_manager,
+    return _shared_listeners(config, _DaemonSpool(daemon, reactor), None, on_queued=hand_over,
                              reactor=reactor, clock=reactor.seconds)
