@@ -630,13 +630,20 @@ class FailingFile:
 
 class ThreadCallReactor:
     """The part of a reactor a worker thread talks to: ``callFromThread``
-    calls are recorded until ``run_calls()``."""
+    calls, and ``callLater(0, ...)`` (the end of this reactor turn), are
+    recorded until ``run_calls()``."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:  # noqa: N802 - Twisted's name
         """Record the call for ``run_calls``."""
+        self.calls.append((function, args))
+
+    def callLater(self, delay: float, function: Callable[..., Any], *args: Any) -> None:  # noqa: N802 - Twisted's name
+        """Record a call at the end of this turn (only ``delay`` 0)."""
+        if delay != 0:
+            raise ValueError("ThreadCallReactor.callLater takes only a delay of 0")
         self.calls.append((function, args))
 
     def run_calls(self) -> None:

@@ -51,6 +51,19 @@ class BackgroundRemoverTests(SynchronousTestCase):
         self.reactor.run_calls()
         self.assertEqual(self.removed, ids)
 
+    def test_one_turns_removals_go_to_the_worker_together(self) -> None:
+        remover = self.remover()
+        ids = [self.active_message() for _ in range(3)]
+        for queue_id in ids:
+            remover.remove(queue_id, "active", ())
+        # Nothing handed over before the end of the turn, then all at once.
+        self.assertEqual(sorted(self.listing("active")), sorted(ids))
+        self.assertEqual(len(self.reactor.calls), 1)
+        self.reactor.run_calls()
+        remover.stop()
+        self.assertEqual(self.listing("active"), [])
+        self.assertEqual(self.removed, ids)
+
     def test_missing_file_reported_as_error(self) -> None:
         remover = self.remover()
         queue_id = self.active_message()

@@ -7,7 +7,10 @@ nothing else; docs/performance.rst has the figures.
 ``BackgroundRemover`` hands the unlinks to one worker thread (the GIL is
 released during the system call, so the work moves to another core) and
 reports each removal back on the reactor thread, in batches, where the
-caller logs "removed".
+caller logs "removed".  The hand-over is batched too: the removals of
+one reactor turn go to the worker together at the end of it, one
+wake-up of the thread for all of them (each wake-up makes the reactor
+thread wait for the GIL once more).
 
 Safety: only a message whose every recipient is marked done is handed
 over.  Until its file is gone it sits in ``active/``; should the process
@@ -67,7 +70,9 @@ class BackgroundRemover:
         self.on_error = on_error
         self.max_backlog = max_backlog
         self.outstanding = 0
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # This reactor turn's removals, handed over at its end.
+        self._turn: list[_Job] = []
         # Filled by the worker, emptied on the reactor thread (deque's
         # append and popleft are atomic).
         self._results: deque[tuple[str, OSError | None]] = deque()
@@ -87,13 +92,21 @@ class BackgroundRemover:
             self._thread = threading.Thread(target=self._work, name="relayagent-remover", daemon=True)
             self._thread.start()
         self.outstanding += 1
-        self._jobs.put(job)
+        if not self._turn:
+            self.reactor.callLater(0, self._hand_over)
+        self._turn.append(job)
+
+    def _hand_over(self) -> None:
+        if self._turn:
+            jobs, self._turn = self._turn, []
+            self._jobs.put(jobs)
 
     def stop(self) -> None:
         """Finish every removal handed over, then end the worker (blocks)."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._hand_over()
         self._jobs.put(_STOP)
         thread.join()
         # The reactor may not run the worker's last calls: report here.
@@ -103,20 +116,20 @@ class BackgroundRemover:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is _STOP:
+            jobs = self._jobs.get()
+            if jobs is _STOP:
                 return
-            batch = [job]
+            batch = list(jobs)
             stopping = False
             while True:
                 try:
-                    job = self._jobs.get_nowait()
+                    jobs = self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if job is _STOP:
+                if jobs is _STOP:
                     stopping = True
                     break
-                batch.append(job)
+                batch.extend(jobs)
             self._results.extend(_unlink(job) for job in batch)
             # One wake-up of the reactor per batch, not per file.
             self.reactor.callFromThread(self._drain)
