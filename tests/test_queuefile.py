@@ -363,6 +363,27 @@ class CorruptionTests(SynchronousTestCase):
             self.assertEqual(error.reason, "content checksum mismatch")
             self.assertRaises(CorruptQueueFile, queue_file.verify_content)
 
+    def test_content_read_in_pieces_of_any_size(self) -> None:
+        # Read straight into the reader's buffer: every size of read, and
+        # readinto a bytearray (whose views must be released after), give
+        # the content back and pass its checksum at the end.
+        content = bytes(range(256)) * (qf.CONTENT_CHUNK // 64) + b"tail\n"
+        queue_id = self.spool.enqueue("a@x", ["b@y"], content)
+        with self.spool.open(queue_id, "incoming") as queue_file:
+            for sizes in ((1, 7, qf.CONTENT_CHUNK - 8, qf.CONTENT_CHUNK * 3), (qf.CONTENT_CHUNK,), (5000,)):
+                with queue_file.envelope.open_content() as stream:
+                    pieces = []
+                    for size in sizes:
+                        pieces.append(stream.read(size))
+                    while piece := stream.read(sizes[-1]):
+                        pieces.append(piece)
+                    self.assertEqual(b"".join(pieces), content)
+            with queue_file.envelope.open_content() as stream:
+                into = bytearray(len(content) + 10)
+                self.assertEqual(stream.readinto(into), len(content))
+                self.assertEqual(bytes(into[: len(content)]), content)
+                into.extend(b"resizable")  # no view of ours left on it
+
     def test_file_shrinks_while_streaming(self) -> None:
         content = b"x" * (qf.FIRST_READ * 3)
         queue_id = self.spool.enqueue("a@x", ["b@y"], content)

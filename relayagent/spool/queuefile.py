@@ -874,16 +874,21 @@ class _ContentStream(io.RawIOBase):
         count = min(len(buffer), self._size - self._position)
         if count <= 0:
             return 0
-        data = os.pread(self._fd, count, self._start + self._position)
-        if not data:
-            raise CorruptQueueFile(self._queue_id, "content cut short while reading")
-        buffer[: len(data)] = data
-        self._position += len(data)
-        if self._expected_crc is not None and self._sequential:
-            self._crc = zlib.crc32(data, self._crc)
-            if self._position == self._size and self._crc != self._expected_crc:
-                raise CorruptQueueFile(self._queue_id, "content checksum mismatch")
-        return len(data)
+        # Straight into the caller's buffer (BufferedReader.read of a
+        # chunk passes the bytes it returns): no copy of our own.
+        # The views are released on the way out: a bytearray they still
+        # pointed into could not be resized by its owner.
+        with memoryview(buffer) as whole, whole[:count] as view:
+            read = os.preadv(self._fd, [view], self._start + self._position)
+            if not read:
+                raise CorruptQueueFile(self._queue_id, "content cut short while reading")
+            self._position += read
+            if self._expected_crc is not None and self._sequential:
+                with view[:read] as got:
+                    self._crc = zlib.crc32(got, self._crc)
+                if self._position == self._size and self._crc != self._expected_crc:
+                    raise CorruptQueueFile(self._queue_id, "content checksum mismatch")
+        return read
 
     def close(self) -> None:
         if not self.closed:
