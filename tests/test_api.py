@@ -221,8 +221,13 @@ class ReactorNeverBlockedTests(TestCase):
         config = Config.from_text(f"queue_directory = {self.directory}\nmyhostname = mx.example.org\n")
         self.stalled = StalledDaemon(self.directory)
         self.addCleanup(self.stalled.close)
-        # A slow disk: every fsync takes half a second, in whatever thread.
+        # A slow disk: every fsync waits, in whatever thread, until the
+        # test has been greeted during one (``disk_free``), and half a
+        # second at the most: on the reactor thread it would hold the
+        # greeting that long.
         self.fsync_started: defer.Deferred[None] = defer.Deferred()
+        self.disk_free = threading.Event()
+        self.addCleanup(self.disk_free.set)
         real_fsync = os.fsync
 
         def slow_fsync(fd: int) -> None:
@@ -231,7 +236,7 @@ class ReactorNeverBlockedTests(TestCase):
             if not self.fsync_started.called:
                 reactor.callFromThread(
                     lambda: self.fsync_started.called or self.fsync_started.callback(None))
-            time.sleep(self.SLOW_FSYNC)
+            self.disk_free.wait(self.SLOW_FSYNC)
             real_fsync(fd)
 
         self.fsync_on_reactor_thread = False
@@ -262,6 +267,7 @@ class ReactorNeverBlockedTests(TestCase):
         await self.fsync_started
         # The message is being made durable right now.
         during_fsync = await self.greeting_time()
+        self.disk_free.set()
         await sending
         # 250 given: the wakeup to the stopped daemon is on its way.
         during_wakeup = await self.greeting_time()
@@ -329,6 +335,7 @@ class DaemonListenerNeverBlockedTests(ReactorNeverBlockedTests):
                            or self.fsync_started.errback(failure) or failure)
         await self.fsync_started
         during_fsync = await self.greeting_time()
+        self.disk_free.set()
         await sending
         await defer.gatherResults(self.connections_closed)
         self.assertLess(during_fsync, self.BOUND)

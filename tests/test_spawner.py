@@ -6,8 +6,9 @@ and the hand-over itself: a worker forked by a spawner that dropped to
 nobody uses the SASL password map and the TLS key worker 0 read as root,
 files it cannot open itself (root only).
 
-Every wait is bounded (socket timeouts); every process forked here is
-ended and reaped in cleanup.  No timing is asserted.
+Every wait is bounded (socket timeouts, and a process's end waited for
+on its pidfd, not polled for); every process forked here is ended and
+reaped in cleanup.  No timing is asserted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import gc
 import json
 import os
 import secrets
+import select
 import signal
 import socket
 import tempfile
@@ -51,19 +53,30 @@ class Lines:
         return line.decode("ascii")
 
 
+def wait_until_gone(pid: int, timeout: float = TIMEOUT) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to end (any process, not
+    only a child of this one): its pidfd becomes readable when it does.
+    True once it has ended (a zombie included), or if it is gone already."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([pidfd], [], [], max(timeout, 0.0))
+        return bool(readable)
+    finally:
+        os.close(pidfd)
+
+
 def wait_for_exit(pid: int) -> int:
-    """Reap ``pid`` (a child of this process); its waitpid status."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # reaped already
-            return -1
-        if done:
-            return status
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    return os.waitpid(pid, 0)[1]
+    """Reap ``pid`` (a child of this process), killed if it has not ended
+    within ``TIMEOUT``; its waitpid status, -1 if reaped already."""
+    if not wait_until_gone(pid):
+        os.kill(pid, signal.SIGKILL)
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # reaped already
+        return -1
 
 
 def process_gone(pid: int) -> bool:
@@ -102,8 +115,8 @@ class SpawnerCase(SynchronousTestCase):
                 sock.close()
             wait_for_exit(pid)
             deadline = time.monotonic() + TIMEOUT
-            while any(not process_gone(p) for p in self.workers) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            for worker_pid in self.workers:
+                wait_until_gone(worker_pid, deadline - time.monotonic())
 
         self.addCleanup(cleanup)
 
@@ -124,7 +137,8 @@ class SpawnerCase(SynchronousTestCase):
 
 def echo_worker(marker: str):  # noqa: ANN201
     """A worker that says who it is and what it holds, then does what its
-    link says: ``exit N``, ``sleep``, or end of file (exit 0)."""
+    link says: ``exit N``; ``sleep``: wait for a signal or the end of the
+    link (a worker to kill); or end of file (exit 0)."""
 
     def run(index: int, link: socket.socket, lock_fd: int, listening: dict) -> int:
         lock = os.fstat(lock_fd)
@@ -133,7 +147,7 @@ def echo_worker(marker: str):  # noqa: ANN201
         if command.startswith("exit "):
             return int(command.split()[1])
         if command.startswith("sleep"):
-            time.sleep(TIMEOUT * 3)
+            link.recv(100)  # blocks until killed, or the link's end in cleanup
         return 0
 
     return run
@@ -204,9 +218,7 @@ class SpawnerTests(SpawnerCase):
         # The worker does not go with it: it stops at the end of its link.
         self.assertFalse(process_gone(pid))
         self.links[1].close()
-        deadline = time.monotonic() + TIMEOUT
-        while not process_gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(wait_until_gone(pid))
         self.assertTrue(process_gone(pid))
 
 
