@@ -13,6 +13,7 @@ reaped in cleanup.  No timing is asserted.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -109,8 +110,10 @@ class SpawnerCase(SynchronousTestCase):
 
         def cleanup() -> None:
             for worker_pid in self.workers:
+                # A worker may end between the look and the kill.
                 if not process_gone(worker_pid):
-                    os.kill(worker_pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker_pid, signal.SIGKILL)
             for sock in (control, *links.values()):
                 sock.close()
             wait_for_exit(pid)
