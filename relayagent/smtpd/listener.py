@@ -164,6 +164,7 @@ from relayagent.smtpd.intake import (
     body_writer,
     describe_client,
 )
+from relayagent.smtpd.replies import ReplyWriter
 from relayagent.smtpd.tls import MUST_STARTTLS, PRE_TLS_COMMANDS, ServerTLS
 from relayagent.spool import Spool
 from relayagent.spool.nonblocking import ThreadedIncomingMessage, ThreadedSpool
@@ -308,6 +309,7 @@ class RelayagentESMTP(smtp.ESMTP):
     def connectionMade(self) -> None:
         """smtpd's ``connect from host[addr]``, then the greeting."""
         ralog.log_connect(log, describe_client(self.transport.getPeer()))
+        self._replies = ReplyWriter(self.transport)
         super().connectionMade()
         # Ours (smtpd_tls_*), or a context factory given to Twisted's
         # ESMTP (a twisted.mail server's own ``ctx``).
@@ -327,6 +329,12 @@ class RelayagentESMTP(smtp.ESMTP):
             self.sendCode(*MUST_STARTTLS)
             return
         super().state_COMMAND(line)
+
+    def sendLine(self, line: bytes) -> None:
+        """One line of a reply, through the session's ``ReplyWriter``
+        (``relayagent.smtpd.replies``): at once on the socket, or with
+        the other replies to the lines of one read."""
+        self._replies.write(line + self.delimiter)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         """Send a reply; the first one to a command decides its success
@@ -415,6 +423,9 @@ class RelayagentESMTP(smtp.ESMTP):
         self._held_lines.clear()
         self._unparsed = b""
         self._reset_session()
+        # The 220 goes out in plaintext, and nothing after it but through TLS.
+        self._replies.flush()
+        self._replies.stop_writing_through()
         if self.server_tls is not None:
             self._tls_creator = self.server_tls.connection_creator()
             self.transport.startTLS(self._tls_creator)
@@ -615,6 +626,13 @@ class RelayagentESMTP(smtp.ESMTP):
     # -- holding pipelined lines while a reply is pending
 
     def dataReceived(self, data: bytes) -> None:
+        """Split a read into lines and handle them, their replies sent
+        together when all are handled (as smtpd flushes once no input
+        is waiting)."""
+        with self._replies.batch():
+            self._lines_received(data)
+
+    def _lines_received(self, data: bytes) -> None:
         *lines, self._unparsed = (self._unparsed + data).split(self.delimiter)
         for index, line in enumerate(lines):
             if len(line) > self.MAX_LENGTH:
@@ -697,7 +715,8 @@ class RelayagentESMTP(smtp.ESMTP):
 
     def _release(self) -> None:
         self._holding = False
-        self._drain()
+        with self._replies.batch():
+            self._drain()
 
     def _line_too_long(self) -> None:
         self._held_lines.clear()
