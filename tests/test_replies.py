@@ -2,22 +2,28 @@
 through to the socket when nothing waits before them, held together for
 the lines of one read, and never ahead of bytes the transport still has.
 
-Deterministic: the socket is a real socket object whose ``send`` is
+WriterTests and ListenerTests are deterministic: the socket is a real socket object whose ``send`` is
 replaced by a recording one (it takes what the test says it takes), the
 transport a StringTransport that hands it out as a TCP connection does
 (``getHandle``) and is a consumer as Twisted's are (``registerProducer``
 calls a pull producer's ``resumeProducing`` at once; the test says when
-the buffer is empty)."""
+the buffer is empty).  RealConnectionTests runs the writer on Twisted's
+own TCP transport over loopback."""
 
 from __future__ import annotations
 
 import errno
 import socket
 
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import alsoProvides, implementer
 
 from relayagent.smtpd.intake import Intake
@@ -215,3 +221,64 @@ class ListenerTests(SynchronousTestCase):
         server.dataReceived(b"EHLO client.example\r\n")
         self.assertEqual(sock.sent, sent)
         self.assertTrue(transport.value().startswith(b"250-mx.example.org"), transport.value())
+
+
+class RealConnectionTests(TestCase):
+    """The writer on Twisted's own TCP transport over loopback: more than
+    the kernel takes at once, more again once the client has read some,
+    then loseConnection; every byte arrives in order and the connection
+    closes (the transport's buffer drained, the writer unregistered, the
+    close that waited for it done).  Whether a byte could overtake is
+    WriterTests' to show: here the transport refills the socket as fast
+    as the client empties it, so the moment it would happen is a race."""
+
+    timeout = 30
+
+    async def test_more_than_the_socket_takes_then_close(self) -> None:
+        # 1 KB replies, each numbered: 16 MB, then 1 MB more.
+        pieces = [b"%06d" % n + b"x" * 1018 for n in range(17 * 1024)]
+        first, second = pieces[:16 * 1024], pieces[16 * 1024:]
+        server_lost: Deferred[None] = Deferred()
+        client_lost: Deferred[bytes] = Deferred()
+        client_read: Deferred[None] = Deferred()
+        servers: list[Protocol] = []
+
+        class Server(Protocol):
+            def connectionMade(self) -> None:
+                servers.append(self)
+
+            def connectionLost(self, reason) -> None:
+                server_lost.callback(None)
+
+        class Client(Protocol):
+            def __init__(self) -> None:
+                self.received: list[bytes] = []
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received.append(data)
+                if not client_read.called:
+                    client_read.callback(None)
+
+            def connectionLost(self, reason) -> None:
+                client_lost.callback(b"".join(self.received))
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Client))
+        while not servers:
+            await deferLater(reactor, 0.01)
+        server = servers[0]
+        writer = ReplyWriter(server.transport)
+        self.assertIsNotNone(writer._socket)
+        for piece in first:
+            writer.write(piece)
+        self.assertTrue(writer._behind_transport)  # the kernel did not take 16 MB
+        await client_read
+        for piece in second:
+            writer.write(piece)
+        server.transport.loseConnection()
+        received = await client_lost
+        await server_lost
+        self.assertEqual(len(received), len(b"".join(pieces)))
+        self.assertEqual(received, b"".join(pieces))
