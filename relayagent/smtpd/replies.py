@@ -33,8 +33,7 @@ SYNOPSIS
 
     replies = ReplyWriter(transport)
     replies.write(b"250 2.1.0 Ok\\r\\n")     # at once, or after the batch
-    with replies.batch():                    # a read's lines handled
-        ...
+    with replies.batch(): handle(lines)      # their replies sent together
     replies.flush()                          # before the transport changes
     replies.stop_writing_through()           # STARTTLS
 
