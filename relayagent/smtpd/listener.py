@@ -424,7 +424,6 @@ class RelayagentESMTP(smtp.ESMTP):
         self._unparsed = b""
         self._reset_session()
         # The 220 goes out in plaintext, and nothing after it but through TLS.
-        self._replies.flush()
         self._replies.stop_writing_through()
         if self.server_tls is not None:
             self._tls_creator = self.server_tls.connection_creator()

@@ -23,9 +23,13 @@ so no byte ever overtakes one given earlier.
 
 Never written through: a transport that is no plain TCP connection (a
 test's ``StringTransport``, an implicit-TLS endpoint's TLS protocol),
-one that already has a producer, one that is closing, and any after
-``stop_writing_through()`` (STARTTLS: from then on the bytes must go
-through the TLS layer).  A send that fails with anything but "would
+one that is closing, one that has a producer of someone else's once a
+send falls short (the writer could not be told when its buffer is
+empty), and any after ``stop_writing_through()`` (STARTTLS: the replies
+held so far are sent, and from then on the bytes must go through the
+TLS layer).  The writer knows of the bytes written through it: every
+reply of the session must be, as the listener's ``sendLine`` makes
+them.  A send that fails with anything but "would
 block" gives the data to the transport, whose own write meets the same
 error and ends the connection as it would have.
 
@@ -34,8 +38,7 @@ SYNOPSIS
     replies = ReplyWriter(transport)
     replies.write(b"250 2.1.0 Ok\\r\\n")     # at once, or after the batch
     with replies.batch(): handle(lines)      # their replies sent together
-    replies.flush()                          # before the transport changes
-    replies.stop_writing_through()           # STARTTLS
+    replies.stop_writing_through()           # STARTTLS: the 220 sent first
 
 DIAGNOSTICS: none of its own: what cannot be sent is handed to the
 transport, which reports a lost connection as it always does.
@@ -89,18 +92,19 @@ class ReplyWriter:
         finally:
             self._batches -= 1
             if not self._batches:
-                self.flush()
+                self._flush()
 
-    def flush(self) -> None:
-        """Send what the batch holds (before the transport changes hands:
-        STARTTLS)."""
+    def _flush(self) -> None:
         if self._held:
             data = b"".join(self._held)
             self._held.clear()
             self._send(data)
 
     def stop_writing_through(self) -> None:
-        """Everything from now on goes through ``transport.write``."""
+        """Send what the batch holds now (the 220 of STARTTLS must leave in
+        plaintext, before the transport changes), then everything goes
+        through ``transport.write``."""
+        self._flush()
         self._socket = None
 
     def _send(self, data: bytes) -> None:
@@ -152,7 +156,7 @@ class ReplyWriter:
 
 def _plain_socket(transport: Any) -> socket.socket | None:
     """The socket of a plain TCP transport, or None for anything else."""
-    if ISSLTransport.providedBy(transport) or getattr(transport, "TLS", False):
+    if ISSLTransport.providedBy(transport):
         return None
     get_handle = getattr(transport, "getHandle", None)
     if get_handle is None or not hasattr(transport, "registerProducer"):
