@@ -3,6 +3,7 @@ fake delivery agent and a real spool in a temporary directory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from twisted.internet.task import Clock
@@ -16,7 +17,7 @@ from relayagent.qmgr.scheduler import (
     QueueManager,
     backoff_time,
 )
-from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, Spool
+from relayagent.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, Spool, safeopen
 from relayagent.testing import FakeDeliveryAgent
 
 START = 1_700_000_000.0
@@ -464,3 +465,85 @@ class ReconfigureTests(SchedulerTestCase):
                                         smtp_destination_concurrency_positive_feedback="2")
         self.assertRaises(ValueError, manager.reconfigure, bad, by_domain)
         self.assertEqual(manager.concurrency_limit, 7)
+
+
+class _HoldingAgent(FakeDeliveryAgent):
+    """A fake agent that does with the queue file what the real one does:
+    each delivery holds it (``QueueFile.held``) until it is completed, and
+    finishing records the attempt on it and defers it, whatever became of
+    the recipients (``DeliveryAgent.finish`` of a deferred message)."""
+
+    def __init__(self, spool: Spool) -> None:
+        super().__init__(spool)
+        self.holds: dict[int, contextlib.ExitStack] = {}
+
+    def deliver(self, request):  # noqa: ANN001, ANN201
+        hold = contextlib.ExitStack()
+        hold.enter_context(request.message.queue_file.held())
+        deferred = super().deliver(request)
+        deferred.addBoth(lambda result: (hold.close(), result)[1])
+        return deferred
+
+    def finish(self, message) -> None:  # noqa: ANN001
+        self.finished.append(message.queue_id)
+        message.queue_file.record_attempt(START + 300)
+        message.close()
+        self.spool.move(message.queue_id, ACTIVE, DEFERRED)
+
+
+class DescriptorTests(SchedulerTestCase):
+    """The descriptor a file is activated with serves what the same refill
+    does with it; none stays open once the refill is over."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.agent = _HoldingAgent(self.spool)
+        self.reopened: list[str] = []
+        reopen = safeopen.reopen
+
+        def counting(path: str, *args: object) -> int:
+            self.reopened.append(os.path.basename(path))
+            return reopen(path, *args)
+        self.patch(safeopen, "reopen", counting)
+
+    def open_descriptors(self) -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def test_a_dead_destinations_mail_is_deferred_without_opening_its_file_again(self) -> None:
+        self.enqueue(5)
+        manager = self.manager()
+        manager.start()
+        for _ in range(3):
+            self.agent.complete(failure=FAILED)
+        self.assertIsNotNone(manager.destinations["example.net"].dead)
+        while self.agent.requests:
+            self.agent.complete()
+        before, self.reopened[:] = self.open_descriptors(), []
+        [queue_id] = self.enqueue(1)
+        manager.wakeup()
+        self.assertEqual(self.agent.finished[-1], queue_id)
+        # The attempt was recorded through the descriptor it was read from.
+        self.assertEqual(self.reopened, [])
+        self.assertEqual(self.open_descriptors(), before)
+        with self.spool.open(queue_id, DEFERRED) as queue_file:
+            self.assertEqual(queue_file.attempts, 1)
+
+    def test_the_deliveries_a_refill_starts_hold_the_descriptor_it_read(self) -> None:
+        before = self.open_descriptors()
+        self.enqueue(8)
+        manager = self.manager(smtp_initial_destination_concurrency=3)
+        manager.start()
+        self.assertEqual(len(manager.active), 8)
+        self.assertEqual(len(self.agent.requests), 3)
+        self.assertEqual(self.reopened, [])
+        # The three in delivery hold theirs; the five waiting hold none.
+        self.assertEqual(self.open_descriptors(), before + 3)
+        # After a completion, the attempt recorded at the finish and each
+        # delivery started then (the window grew) open their file again.
+        self.agent.complete()
+        started = len(self.agent.requests) - 2
+        self.assertGreater(started, 0)
+        self.assertEqual(len(self.reopened), 1 + started)
+        while self.agent.requests:
+            self.agent.complete()
+        self.assertEqual(self.open_descriptors(), before)

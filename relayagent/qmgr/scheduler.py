@@ -538,22 +538,33 @@ class QueueManager:
     def _refill(self) -> None:
         if not self.running:
             return
-        taken = 0
-        while len(self.active) < self.active_limit:
-            if taken == ACTIVATION_BATCH:
-                # The rest on a later turn, after what the reactor has
-                # for us meanwhile (replies, the sessions' writes).
-                if self._refill_call is None or not self._refill_call.active():
-                    self._refill_call = self.clock.callLater(0, self._refill)
-                break
-            candidate = self._next_candidate()
-            if candidate is None:
-                break
-            self._activate(*candidate)
-            taken += 1
-        self._pump()
+        # The files activated here keep the descriptor they were read
+        # from until the deliveries this refill starts have taken it
+        # (QueueFile.held): a dead destination's mail is deferred inside
+        # _activate, its attempt recorded, and a first delivery holds the
+        # file, without opening it again.  Released at the end, so that
+        # no more than ACTIVATION_BATCH stay open for long.
+        kept: list[QueueFile] = []
+        try:
+            taken = 0
+            while len(self.active) < self.active_limit:
+                if taken == ACTIVATION_BATCH:
+                    # The rest on a later turn, after what the reactor has
+                    # for us meanwhile (replies, the sessions' writes).
+                    if self._refill_call is None or not self._refill_call.active():
+                        self._refill_call = self.clock.callLater(0, self._refill)
+                    break
+                candidate = self._next_candidate()
+                if candidate is None:
+                    break
+                self._activate(*candidate, kept)
+                taken += 1
+            self._pump()
+        finally:
+            for queue_file in kept:
+                queue_file.release()
 
-    def _activate(self, queue_id: str, queue: str) -> None:
+    def _activate(self, queue_id: str, queue: str, kept: list[QueueFile]) -> None:
         if queue_id in self.active:
             return
         if queue != ACTIVE:
@@ -562,7 +573,7 @@ class QueueManager:
             except FileNotFoundError:
                 return  # another process took it, or it was removed
         try:
-            queue_file = self.spool.open(queue_id, ACTIVE, claimed=queue != ACTIVE)
+            queue_file = self.spool.open(queue_id, ACTIVE, claimed=queue != ACTIVE, keep_descriptor=True)
         except FileNotFoundError:
             return
         except CorruptQueueFile as exc:
@@ -573,6 +584,7 @@ class QueueManager:
         except OSError as exc:
             self._postpone(queue_id, exc)
             return
+        kept.append(queue_file)
         envelope = queue_file.envelope
         now = self.clock.seconds()
         message = ActiveMessage(queue_id, queue_file, envelope, activated=now)

@@ -425,6 +425,7 @@ class QueueFile:
         writable: bool = True,
         absent_logs: frozenset[str] = frozenset(),
         identity: tuple[int, int] | None = None,
+        keep_descriptor: bool = False,
     ) -> None:
         self.queue_id = queue_id
         self.queue_name = queue_name
@@ -456,11 +457,13 @@ class QueueFile:
         if self.attempts > 0:
             absent.discard(logs.DEFER_LOG)
         self._absent_logs = absent
-        if path is not None:
+        if path is not None and not keep_descriptor:
             # Hold no descriptor while idle: the queue manager keeps up to
             # qmgr_message_active_limit (20,000) messages active, far more
             # than a process may have files open.  Each update reopens the
             # file by its path (it stays in its queue while updated).
+            # ``keep_descriptor`` keeps it until ``release``, for what
+            # the opener does next (``Spool.open``).
             os.close(fd)
             self._fd = None
 
@@ -731,7 +734,7 @@ class QueueFile:
         if self._path is None:  # a file opened without a path holds its descriptor anyway
             yield
             return
-        if self._holds == 0:
+        if self._holds == 0 and self._fd is None:
             if self._closed:
                 raise ValueError(f"queue file {self.queue_id} is closed")
             try:
@@ -749,6 +752,15 @@ class QueueFile:
             if self._holds == 0 and self._fd is not None:
                 fd, self._fd = self._fd, None
                 os.close(fd)
+
+    def release(self) -> None:
+        """Close the descriptor kept from the open (``keep_descriptor``),
+        unless a hold (``held``) uses it: from now on each update reopens
+        the file, as for any idle one.  Does nothing for a file closed, not
+        kept, or opened without a path."""
+        if self._holds == 0 and self._fd is not None and self._path is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def close(self) -> None:
         """Close the held descriptor, if any; later updates and content streams

@@ -568,7 +568,8 @@ class Spool:
 
     # -- opening and moving
 
-    def open(self, queue_id: str, queue: str, *, writable: bool = True, claimed: bool = False) -> QueueFile:
+    def open(self, queue_id: str, queue: str, *, writable: bool = True, claimed: bool = False,
+             keep_descriptor: bool = False) -> QueueFile:
         """Open a queued message.  Raises ``CorruptQueueFile`` for a bad
         file and ``FileNotFoundError`` when it is not in that queue.
 
@@ -577,7 +578,11 @@ class Spool:
         are then known: a bounce log exists only when ``recover`` saw one
         (a crash mid-attempt, then a move by hand), a defer log only after
         an attempt (``QueueFile``).  Removing it then skips what does not
-        exist (``QueueFile.logs_that_may_exist``)."""
+        exist (``QueueFile.logs_that_may_exist``).
+
+        ``keep_descriptor``: the file keeps the descriptor it was parsed
+        from until ``QueueFile.release`` (or the end of a hold that took
+        it over), so that the updates made meanwhile do not reopen it."""
         path = self.path(queue, queue_id)
         fd, info = safeopen.open_queue_file(
             path,
@@ -601,6 +606,7 @@ class Spool:
             writable=writable,
             absent_logs=absent,
             identity=(info.st_dev, info.st_ino),
+            keep_descriptor=keep_descriptor,
         )
 
     def move(self, queue_id: str, from_queue: str, to_queue: str) -> None:
