@@ -379,6 +379,26 @@ class TwistdLogObserverTests(unittest.TestCase):
         self.assertEqual((out.writes, out.flushes), (1, 1))
         self.assertEqual(len(out.getvalue().splitlines()), len(POSTFIX_TEXT))
 
+    def test_a_workers_lines_share_the_turns_write(self) -> None:
+        # Worker 0 writes the other workers' lines (master.service's
+        # _worker_log): into the same buffer as its own, in order, one
+        # write for the turn instead of one a line (LogFile is unbuffered).
+        out = Out()
+        later: list = []
+        observer = ralog.TwistdLogObserver(out, flush_later=later.append)
+        log = Logger(namespace="relayagent.qmgr", observer=observer)
+        ralog.log_removed(log, "4B3F2A1C0D")
+        observer.write_lines("worker one\n")
+        observer.write_lines("worker two\nworker three\n")
+        ralog.log_removed(log, "5C4A3B2D1E")
+        self.assertEqual((out.writes, len(later)), (0, 1))
+        later.pop()()
+        lines = out.getvalue().splitlines()
+        self.assertEqual((out.writes, out.flushes), (1, 1))
+        self.assertEqual(lines[1:4], ["worker one", "worker two", "worker three"])
+        self.assertTrue(lines[0].endswith("4B3F2A1C0D: removed"))
+        self.assertTrue(lines[4].endswith("5C4A3B2D1E: removed"))
+
     def test_flush_at_once_where_no_turn_comes(self) -> None:
         out = Out()
         observer = ralog.TwistdLogObserver(out, flush_later=lambda flush: False)

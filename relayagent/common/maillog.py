@@ -1133,6 +1133,12 @@ class TwistdLogObserver(_Writer):
         self._pid = os.getpid() if pid is None else pid
         self._head = _LineHeads(self._hostname, self._program, self._pid)
 
+    def write_lines(self, text: str) -> None:
+        """Whole lines made elsewhere (a worker's, each ending in a
+        newline), written as this observer's own are: after them in its
+        buffer, flushed once this turn, a failure reported as its own."""
+        self._write(text)
+
     def _time(self, when: float | None) -> str:
         if when is None or self._time_format is None:
             return _rfc3339_colon(formatTime(None, self._time_format))

@@ -178,7 +178,6 @@ class RelayagentService(MultiService):
         self.pool: worker.WorkerPool | None = None
         # A worker's link to worker 0 (relayagent.master.worker.ParentLink).
         self.parent_link: Any = None
-        self._worker_log_flush = False
         # SIGHUP and SIGUSR1 (worker 0): put back at stop.
         self._uninstall_signals: Any = None
         # maildrop/ into incoming/ (worker 0: relayagent.smtpd.pickup).
@@ -279,23 +278,13 @@ class RelayagentService(MultiService):
 
     def _worker_log(self, text: str) -> None:
         """A line of twistd's log from a worker (``worker.LogToWorkerZero``),
-        written by this process, which alone writes (and rotates) the file;
-        flushed once per reactor turn."""
-        out = getattr(self.twistd_log, "out", None)  # a SyslogObserver has none
-        if out is None:
-            return
-        try:
-            out.write(text + "\n")
-        except OSError:
-            return  # as the observer does: a full disk loses lines, not deliveries
-        if not self._worker_log_flush:
-            self._worker_log_flush = True
-            self.reactor.callLater(0, self._flush_worker_log)
-
-    def _flush_worker_log(self) -> None:
-        self._worker_log_flush = False
-        if self.twistd_log is not None:
-            self.twistd_log.flush()
+        written by this process, which alone writes (and rotates) the file:
+        into the observer's buffer with its own lines, so that the file
+        (twistd's ``LogFile`` is unbuffered) gets one write a reactor turn,
+        not one a worker's line."""
+        write_lines = getattr(self.twistd_log, "write_lines", None)  # a SyslogObserver has none
+        if write_lines is not None:
+            write_lines(text + "\n")
 
     def _fatal(self, text: str) -> None:
         """The workers cannot go on: the daemon stops (the queue stays)."""
