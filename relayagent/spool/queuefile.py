@@ -411,6 +411,8 @@ class QueueFile:
     Each update and content stream reopens the file by its name and
     checks it is the same inode (``safeopen.reopen``): a name swapped for
     a link or another file raises ``NotAQueueFile``, nothing is written.
+    While a descriptor is held (``held``, or kept from the open until
+    ``release``: ``Spool.open(keep_descriptor=True)``) they use that one.
     """
 
     def __init__(
