@@ -924,12 +924,15 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
 
 
 
-class BodyInBulkTests(SynchronousTestCase):
-    """Past the header, DATA goes to the intake in one piece per read
-    (``RelayagentESMTP._body_in_bulk``): the queued content is what
-    Twisted's line-by-line path makes of the same input, however the
-    input is cut."""
+class DataInBulkTests(SynchronousTestCase):
+    """Past its first line, DATA goes to the intake in one call per read
+    for the header and one for the body (``RelayagentESMTP._data_in_bulk``):
+    the queued content and the replies are what Twisted's line-by-line
+    path makes of the same input, however the input is cut."""
 
+    MANY_BODY_LINES = (b"Subject: s\r\n\r\n" + b"".join(b"line %d\r\n.%d\r\n" % (n, n) for n in range(300))
+                       + b".\r\n")
+    MANY_HEADER_LINES = b"Subject: s\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(300)) + b"\r\nb\r\n.\r\n"
     MESSAGES = [
         b"Subject: s\r\n\r\nbody\r\n..dot\r\n.\r\n",
         b"Subject: s\r\n\r\n..\r\n...\r\n.x\r\n\r\n\r\nend\r\n.\r\n",
@@ -937,13 +940,19 @@ class BodyInBulkTests(SynchronousTestCase):
         b"Subject: s\r\nX-A: b\r\n\r\na\rb\nc\r\n\r\r\n.\r\r\n.\r\n",
         b"Subject: only a header\r\n.\r\n",
         b".\r\n",
-        b"Subject: s\r\n\r\n" + b"".join(b"line %d\r\n.%d\r\n" % (n, n) for n in range(300)) + b".\r\n",
+        MANY_BODY_LINES,
+        # Header lines: folded, dot-stuffed, the Message-ID, Received.
+        b"Received: from a\r\n\tby b\r\nMessage-ID: <m@x>\r\n..X-Dot: d\r\n"
+        b"Subject: s\r\n\r\nbody\r\n.\r\n",
+        MANY_HEADER_LINES,
+        b"Subject: s\r\nX-A: b\r\n.\r\n",
+        b"Subject: s\r\n..\r\nX-A: b\r\n\r\n.\r\n",
     ]
     ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nRCPT TO:<c@y.example>\r\nDATA\r\n"
 
     def queued(self, message, cut, *, bulk=True):
         if not bulk:
-            self.patch(RelayagentESMTP, "_body_in_bulk", lambda self: False)
+            self.patch(RelayagentESMTP, "_data_in_bulk", lambda self: False)
         session = Session(self)
         session.replies()
         data = self.ENVELOPE + message + b"QUIT\r\n"
@@ -951,10 +960,10 @@ class BodyInBulkTests(SynchronousTestCase):
         for start in range(0, len(data), cut):
             replies += session.send(data[start:start + cut])
         if not bulk:
-            self.patch(RelayagentESMTP, "_body_in_bulk", BodyInBulkTests.real_bulk)
+            self.patch(RelayagentESMTP, "_data_in_bulk", DataInBulkTests.real_bulk)
         return codes(replies), [m["content"] for m in session.spool.messages]
 
-    real_bulk = RelayagentESMTP._body_in_bulk
+    real_bulk = RelayagentESMTP._data_in_bulk
 
     def test_same_content_as_line_by_line(self):
         for message in self.MESSAGES:
@@ -965,16 +974,42 @@ class BodyInBulkTests(SynchronousTestCase):
 
     def test_bulk_is_taken_for_the_body(self):
         calls = []
-        real = RelayagentESMTP._body_in_bulk
+        real = RelayagentESMTP._data_in_bulk
 
         def counting(server):
             taken = real(server)
             calls.append(taken)
             return taken
 
-        self.patch(RelayagentESMTP, "_body_in_bulk", counting)
-        self.queued(self.MESSAGES[-1], 1 << 20)
-        self.assertEqual(calls.count(True), 1)  # 600 body lines in one piece
+        self.patch(RelayagentESMTP, "_data_in_bulk", counting)
+        self.queued(self.MANY_BODY_LINES, 1 << 20)
+        # The header's empty line, then 600 body lines in one piece.
+        self.assertEqual(calls.count(True), 2)
+
+    def test_bulk_is_taken_for_the_header(self):
+        from relayagent.smtpd import intake
+
+        lines = []
+        real = intake._Transaction.line
+
+        def counting(transaction, receiver, line):
+            lines.append(line)
+            return real(transaction, receiver, line)
+
+        self.patch(intake._Transaction, "line", counting)
+        codes_, (content,) = self.queued(self.MANY_HEADER_LINES, 1 << 20)
+        self.assertEqual(codes_[-2:], [250, 221])
+        # Only the first line takes Twisted's path, once per recipient;
+        # the 300 header lines after it and the body do not.
+        self.assertEqual(lines, [b"Subject: s", b"Subject: s"])
+        self.assertIn(b"\r\nX-H299: v\r\n\r\nb\r\n", content)
+
+    def test_too_many_hops_in_bulk(self):
+        message = b"Subject: s\r\n" + b"Received: from a\r\n\tby b\r\n" * 60 + b"\r\nbody\r\n.\r\n"
+        expected = self.queued(message, 1 << 20, bulk=False)
+        self.assertEqual(expected, ([250, 250, 250, 250, 354, 554, 221], []))
+        for cut in (1, 5, 64, 1 << 20):
+            self.assertEqual(self.queued(message, cut), expected, cut)
 
     def test_size_limit_in_bulk(self):
         session = Session(self, message_size_limit="3000")

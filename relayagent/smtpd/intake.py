@@ -580,6 +580,24 @@ class _Transaction:
             self._start()
         self._write_line(line)
 
+    def header_writer(self) -> Callable[[list[bytes]], None] | None:
+        """``write_header`` while the header comes (its first line given
+        to ``line``, which started the file), else None."""
+        if self.collecting or not self._in_header or self._failed or self._outcome is not None:
+            return None
+        return self.write_header
+
+    def write_header(self, lines: list[bytes]) -> None:
+        """Header lines in one call, dot-unstuffed, without their CRLF, the
+        empty line that ends the header last if it came (the listener's
+        DATA in bulk): what ``line`` would write of them one by one.
+        Raises ``SMTPServerError`` as ``line`` does."""
+        if self._failed or self._outcome is not None:
+            return
+        for line in lines:
+            self._note_header_line(line)
+        self._write(b"\r\n".join(lines) + b"\r\n")
+
     def body_writer(self) -> Callable[[bytes], None] | None:
         """``write_body`` once the header is behind (every line from now
         on is body, to be written as it comes), else None."""
@@ -702,18 +720,23 @@ class _Transaction:
 
     def _write_line(self, line: bytes) -> None:
         if self._in_header:
-            if not line:
-                self._in_header = False
-            elif line[:11].lower() == b"message-id:" and self._message_id is None:
-                # cleanup's "message-id=<...>" line (the first header).
-                self._message_id = _clean_header_value(line[11:])
-            elif line[:9].lower() == b"received:":
-                self._hops += 1
-                # Postfix's cleanup rejects when the count, its own smtpd
-                # header included, reaches hopcount_limit; so do we.
-                if self._hops >= self.intake.hopcount_limit:
-                    self._fail(TOO_MANY_HOPS)
+            self._note_header_line(line)
         self._write(line + b"\r\n")
+
+    def _note_header_line(self, line: bytes) -> None:
+        """What a line of the header tells: its end (the empty line), the
+        Message-ID, one more hop."""
+        if not line:
+            self._in_header = False
+        elif line[:11].lower() == b"message-id:" and self._message_id is None:
+            # cleanup's "message-id=<...>" line (the first header).
+            self._message_id = _clean_header_value(line[11:])
+        elif line[:9].lower() == b"received:":
+            self._hops += 1
+            # Postfix's cleanup rejects when the count, its own smtpd
+            # header included, reaches hopcount_limit; so do we.
+            if self._hops >= self.intake.hopcount_limit:
+                self._fail(TOO_MANY_HOPS)
 
     def _fail(self, reply: tuple[int, bytes]) -> None:
         # Raised into Twisted's dataLineReceived: it remembers the error,
@@ -936,6 +959,22 @@ def body_writer(receivers: Sequence[object]) -> Callable[[bytes], None] | None:
     bulk: when ``receivers`` (Twisted's message receivers of one DATA) are
     all this intake's, of one transaction whose header is behind, its
     ``write_body``; else None (then each line goes to each receiver)."""
+    transaction = _lone_transaction(receivers)
+    return transaction.body_writer() if transaction is not None else None
+
+
+def header_writer(receivers: Sequence[object]) -> Callable[[list[bytes]], None] | None:
+    """Where an SMTP server may write the lines of a message's header in
+    bulk once the first is given: when ``receivers`` are all this
+    intake's, of one transaction still in the header, its
+    ``write_header``; else None."""
+    transaction = _lone_transaction(receivers)
+    return transaction.header_writer() if transaction is not None else None
+
+
+def _lone_transaction(receivers: Sequence[object]) -> _Transaction | None:
+    """The transaction of ``receivers`` when they are all this intake's
+    and of one transaction (a copy of each line is for it alone)."""
     if not receivers:
         return None
     first = receivers[0]
@@ -945,7 +984,7 @@ def body_writer(receivers: Sequence[object]) -> Callable[[bytes], None] | None:
     for receiver in receivers:
         if not isinstance(receiver, _RecipientReceiver) or receiver.transaction is not transaction:
             return None
-    return transaction.body_writer()
+    return transaction
 
 
 # -- the doors into twisted.mail --------------------------------------------

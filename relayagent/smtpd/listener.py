@@ -62,12 +62,14 @@ server lacks:
   ``message_size_limit``), as from Postfix's smtpd.
 - An over-long line ends the session with a 5xx reply (Twisted's server
   keeps buffering a line that never ends).
-- DATA in bulk: past the message's header, the lines of each read up to
-  the final "." go to the intake in one piece (dot-unstuffed, the size
-  limit checked as for a line; ``intake.body_writer``), not one call
-  chain per line through Twisted's ``dataLineReceived``; the header
-  lines, the ".", and receivers that are not the intake's (twisted.mail
-  local domains) take Twisted's path.
+- DATA in bulk: past the message's first line, the lines of each read
+  go to the intake in one call, the header's up to its empty line
+  (``intake.header_writer``), then the body's up to the final "." in
+  one piece (``intake.body_writer``), dot-unstuffed, the size limit
+  checked as for a line; not one call chain per line and recipient
+  through Twisted's ``dataLineReceived``.  The first line, the ".",
+  and receivers that are not the intake's (twisted.mail local domains)
+  take Twisted's path.
 - REQUIRETLS (RFC 8689), with ``requiretls_enable``: offered in EHLO and
   taken on MAIL FROM only in an encrypted session, and recorded in the
   queue file: after STARTTLS, or on an implicit-TLS endpoint of
@@ -163,6 +165,7 @@ from relayagent.smtpd.intake import (
     RelayDeliveryFactory,
     body_writer,
     describe_client,
+    header_writer,
 )
 from relayagent.smtpd.replies import ReplyWriter
 from relayagent.smtpd.tls import MUST_STARTTLS, PRE_TLS_COMMANDS, ServerTLS
@@ -658,7 +661,7 @@ class RelayagentESMTP(smtp.ESMTP):
                 if self.transport.disconnecting:
                     self._held_lines.clear()
                     return
-                if self.mode == smtp.DATA and self._body_in_bulk():
+                if self.mode == smtp.DATA and self._data_in_bulk():
                     continue
                 self.lineReceived(self._held_lines.popleft())
         finally:
@@ -667,26 +670,58 @@ class RelayagentESMTP(smtp.ESMTP):
             self._reading_paused = False
             self.transport.resumeProducing()
 
-    def _body_in_bulk(self) -> bool:
-        """In DATA past the message's header: the held lines up to the
-        final "." (or all of them) go to the intake in one piece, as
-        Twisted's ``dataLineReceived`` would give them one by one (a
-        leading "." removed, each line's CRLF kept; an ``SMTPServerError``
-        fails the DATA as there).  Whether it took any: when not (a
-        header line, the ".", receivers not the intake's), the caller
-        gives the next line to ``lineReceived``."""
+    def _data_in_bulk(self) -> bool:
+        """In DATA past the message's first line: the held lines go to the
+        intake in one call, as Twisted's ``dataLineReceived`` would give
+        them one by one to each recipient's receiver (a leading "."
+        removed; an ``SMTPServerError`` fails the DATA as there): the
+        header's up to its empty line, then the body's up to the final
+        ".".  Whether it took any: when not (the first line, the ".",
+        receivers not the intake's), the caller gives the next line to
+        ``lineReceived``."""
         held = self._held_lines
         if held[0] == b"." or self.datafailed:
             return False
-        # Twisted's receivers of this DATA and whether its header is
-        # behind (name-mangled in smtp.SMTP: should they go, the lines
-        # simply go one by one).
-        if not self.__dict__.get("_SMTP__inbody"):
-            return False
+        # Twisted's receivers of this DATA and where it is in the message
+        # (name-mangled in smtp.SMTP: should they go, the lines simply go
+        # one by one).
         receivers = self.__dict__.get("_SMTP__messages")
-        write = body_writer(receivers) if receivers else None
-        if write is None:
+        if not receivers:
             return False
+        if self.__dict__.get("_SMTP__inbody"):
+            write_body = body_writer(receivers)
+            if write_body is None:
+                return False
+            self._write_in_bulk(write_body, self._body_lines(), receivers)
+            return True
+        if self.__dict__.get("_SMTP__inheader"):
+            write_header = header_writer(receivers)
+            if write_header is None:
+                return False
+            self._write_in_bulk(write_header, self._header_lines(), receivers)
+            return True
+        return False
+
+    def _header_lines(self) -> list[bytes]:
+        """The held lines of the header, dot-unstuffed, up to the final "."
+        or to the empty line that ends the header (included: Twisted's
+        server then knows the body has begun, as its own path tells it)."""
+        held = self._held_lines
+        lines = []
+        while held and held[0] != b".":
+            line = held.popleft()
+            if line[:1] == b".":
+                line = line[1:]
+            lines.append(line)
+            if not line:
+                self._SMTP__inbody = 1
+                break
+        return lines
+
+    def _body_lines(self) -> bytes:
+        """The held lines of the body up to the final "." (or all of
+        them), in one piece: dot-unstuffed, each line's CRLF kept."""
+        held = self._held_lines
         lines = list(held)
         held.clear()
         try:
@@ -699,7 +734,10 @@ class RelayagentESMTP(smtp.ESMTP):
         # Dot-unstuffing: every line that starts with "." loses that one.
         if data[:1] == b".":
             data = data[1:]
-        data = data.replace(b"\r\n.", b"\r\n") + b"\r\n"
+        return data.replace(b"\r\n.", b"\r\n") + b"\r\n"
+
+    def _write_in_bulk(self, write: Callable[[Any], None], data: Any, receivers: Any) -> None:
+        # Each line given resets the idle timer in Twisted's path.
         self.resetTimeout()
         try:
             write(data)
@@ -707,7 +745,6 @@ class RelayagentESMTP(smtp.ESMTP):
             self.datafailed = failure
             for receiver in receivers:
                 receiver.connectionLost()
-        return True
 
     def _hold(self) -> None:
         self._holding = True
