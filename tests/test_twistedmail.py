@@ -230,6 +230,33 @@ class ReceivedHeaderFormTests(SynchronousTestCase):
         self.assertEqual(lines[0], b"Received: from [192.0.2.1] ([192.0.2.1])")
 
 
+    def test_date_is_computed_once_a_second(self):
+        """The date is email.utils' local-time form of the whole second,
+        computed once for all the headers of that second."""
+        import email.utils
+
+        from relayagent.smtpd import intake
+
+        calls = []
+        real = email.utils.formatdate
+
+        def formatdate(timeval, localtime):
+            calls.append(timeval)
+            return real(timeval, localtime=localtime)
+
+        self.patch(email.utils, "formatdate", formatdate)
+        intake._header_date.cache_clear()
+        self.addCleanup(intake._header_date.cache_clear)
+        info = ClientInfo("h", IPv4Address("TCP", "192.0.2.1", 1))
+        dates = [received_header(info, "mx", ["a@b.example"], when)[-1].split(b"; ")[1]
+                 for when in (1_800_000_000.25, 1_800_000_000.75, 1_800_000_001.5, 1_800_000_000.5)]
+        self.assertEqual(dates[0], dates[1])
+        self.assertEqual(dates[0], real(1_800_000_000, localtime=True).encode())
+        self.assertEqual(dates[2], real(1_800_000_001, localtime=True).encode())
+        self.assertEqual(dates[3], dates[0])
+        self.assertEqual(calls, [1_800_000_000, 1_800_000_001])
+
+
 class AddressSyntaxTests(SynchronousTestCase):
     def test_control_characters_and_eight_bit_are_refused_at_every_door(self):
         server = MailServer(self)

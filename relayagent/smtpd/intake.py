@@ -334,13 +334,22 @@ def received_header(
     by = f"\tby {hostname} (relayagent) with {client.with_protocol()}"
     if queue_id:
         by += f" id {queue_id}"
-    date = email.utils.formatdate(when, localtime=True)
+    date = _header_date(int(when))
     if len(recipients) == 1:
         last = f"\tfor <{recipients[0]}>; {date}"
         lines = [first, by, last]
     else:
         lines = [first, by + ";", f"\t{date}"]
     return [line.encode("utf-8", "replace") for line in lines]
+
+
+@functools.lru_cache(maxsize=2)
+def _header_date(second: int) -> str:
+    """The RFC 5322 date of a whole second in local time (its fraction is
+    never shown): computed once a second while mail streams in, not once
+    a message, since ``email.utils`` builds a datetime and its zone each
+    time."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 def _is_twisted_received_header(line: bytes) -> bool:
