@@ -688,19 +688,18 @@ class RelayagentESMTP(smtp.ESMTP):
         receivers = self.__dict__.get("_SMTP__messages")
         if not receivers:
             return False
+        writer: Callable[[Any], Callable[[Any], None] | None]
         if self.__dict__.get("_SMTP__inbody"):
-            write_body = body_writer(receivers)
-            if write_body is None:
-                return False
-            self._write_in_bulk(write_body, self._body_lines(), receivers)
-            return True
-        if self.__dict__.get("_SMTP__inheader"):
-            write_header = header_writer(receivers)
-            if write_header is None:
-                return False
-            self._write_in_bulk(write_header, self._header_lines(), receivers)
-            return True
-        return False
+            writer, take_lines = body_writer, self._body_lines
+        elif self.__dict__.get("_SMTP__inheader"):
+            writer, take_lines = header_writer, self._header_lines
+        else:
+            return False
+        write = writer(receivers)
+        if write is None:
+            return False
+        self._write_in_bulk(write, take_lines(), receivers)
+        return True
 
     def _header_lines(self) -> list[bytes]:
         """The held lines of the header, dot-unstuffed, up to the final "."
