@@ -11,13 +11,14 @@ from __future__ import annotations
 import io
 import os
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import globalLogPublisher
+from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.names import dns
 from twisted.trial import unittest
 
+from relayagent.common import maillog as ralog
 from relayagent.common.config import Config
 from relayagent.common.envelope import Envelope, Recipient
 from relayagent.common.status import DeliveryFailure
@@ -299,3 +300,37 @@ class ZoneFileTests(unittest.TestCase):
 
     def test_lookups(self):
         return Deferred.fromCoroutine(self._lookups())
+
+    async def _quiet(self) -> None:
+        stock, ours = io.StringIO(), io.StringIO()
+        observers = [textFileLogObserver(stock), ralog.TwistdLogObserver(ours)]
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            for level in ("", "dnssec"):
+                config = Config.defaults().replace(dns_nameservers=self.server.nameserver, inet_protocols="ipv4",
+                                                   smtp_dns_support_level=level)
+                resolver = NexthopResolver(config, make_dns_resolver(config, reactor), reactor,
+                                           local_addresses=lambda: set())
+                (hop,) = resolver.nexthops("zone.test")
+                self.assertEqual(len(await resolver.addresses(hop)), 2)
+            # Each query's port is closed a reactor turn after its answer.
+            await task.deferLater(reactor, 0.1, lambda: None)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        for event in events:
+            for observer in observers:
+                observer(dict(event))
+        # Twisted announced the query ports (twistd's own observer has
+        # them), but not the protocols, and relayagent's observer has none.
+        self.assertGreaterEqual(stock.getvalue().count(" starting on "), 6)  # MX, A, A per level
+        self.assertGreaterEqual(stock.getvalue().count("Closed)"), 6)
+        self.assertNotIn("Starting protocol", stock.getvalue())
+        self.assertNotIn("Stopping protocol", stock.getvalue())
+        self.assertNotIn("DatagramProtocol", ours.getvalue())
+        self.assertNotIn("UDP Port", ours.getvalue())
+
+    def test_queries_leave_twistds_log_quiet(self):
+        # Each query's UDP port would put four lines of Twisted's in
+        # twistd's log (relayagent.smtp.dnsclient).
+        return Deferred.fromCoroutine(self._quiet())

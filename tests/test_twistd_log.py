@@ -273,6 +273,26 @@ def twisted_events(log_for) -> None:  # type: ignore[no-untyped-def]
     log_for("twisted.internet.base").emit(LogLevel.info, None)  # no text: no line
 
 
+# Twisted's lines about ports: those of a DNS query's UDP port, then
+# others, which stay.
+PORT_LINES = ["DNSDatagramProtocol starting on 35029", "(UDP Port 35029 Closed)",
+              "_DNSSECDatagramProtocol starting on 4711", "ListenerFactory starting on 10587",
+              "(TCP Port 10587 Closed)", "(UDP Port 35029 Closed) and more"]
+PORT_LINES_KEPT = PORT_LINES[3:]
+
+
+def legacy_events(texts: list[str]) -> list[dict]:
+    """The events Twisted's ``log.msg`` makes of ``texts``, as udp.Port's."""
+    from twisted.python import log as legacy
+
+    events: list[dict] = []
+    publisher = legacy.LogPublisher()
+    publisher.addObserver(events.append)
+    for text in texts:
+        publisher.msg(text)
+    return events
+
+
 class TwistdLogObserverTests(unittest.TestCase):
     """relayagent's observer for twistd's log."""
 
@@ -332,6 +352,16 @@ class TwistdLogObserverTests(unittest.TestCase):
         self.assertIn("\tbuiltins.KeyError: 'x'", ours.getvalue())
         expected = [re.sub(r"^(\S+[+-]\d\d)(\d\d) ", r"\1:\2 ", line) for line in stock.getvalue().splitlines()]
         self.assertEqual(ours.getvalue().splitlines(), expected)
+
+    def test_no_line_for_a_dns_querys_port(self) -> None:
+        # Twisted's udp.Port announces each DNS query's port, always;
+        # the listeners' TCP ports and everything else stay.
+        out = io.StringIO()
+        observer = ralog.TwistdLogObserver(out)
+        for event in legacy_events(PORT_LINES):
+            observer(event)
+        written = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+        self.assertEqual(written, PORT_LINES_KEPT)
 
     def test_relayagent_warnings_read_as_postfix(self) -> None:
         def emit(log: Logger) -> None:
@@ -741,6 +771,14 @@ class SyslogObserverTests(unittest.TestCase):
         self.assertTrue(warning.endswith(" relayagent/qmgr[1]: warning: disk full"), warning)
         self.assertTrue(twisted.startswith("<158>"), twisted)
         self.assertTrue(twisted.endswith(" relayagent/twistd[1]: Main loop terminated."), twisted)
+
+    def test_no_line_for_a_dns_querys_port(self) -> None:
+        observer = ralog.SyslogObserver(address=self.address, pid=1)
+        self.addCleanup(observer.close)
+        for event in legacy_events([*PORT_LINES, "the end"]):
+            observer(event)
+        received = [line.split("]: ", 1)[1] for line in self.received(len(PORT_LINES_KEPT) + 1)]
+        self.assertEqual(received, [*PORT_LINES_KEPT, "the end"])
 
     def test_no_syslog_daemon_loses_lines_not_the_caller(self) -> None:
         observer = ralog.SyslogObserver(address=self.address + ".absent")

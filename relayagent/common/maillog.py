@@ -69,6 +69,7 @@ SYNOPSIS
     ralog.log_connect(log, client); ralog.log_client(log, queue_id, client); ralog.log_reject(log, ...)
     ralog.log_pickup(log, queue_id, uid, sender); ralog.log_message_id(log, queue_id, message_id)
     TwistdLogObserver(out, hostname=..., program=...); SyslogObserver(facility="mail", program=...)
+    is_query_port_chatter(event)           # Twisted's lines of a DNS query's port: not in twistd's log
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
     DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
@@ -1165,6 +1166,8 @@ class TwistdLogObserver(_Writer):
         return text
 
     def _lines(self, event: Mapping[str, Any]) -> str:
+        if event.get("log_namespace") == "log_legacy" and is_query_port_chatter(event):
+            return ""
         postfix = False
         # A Postfix line's text known to be one printable line (no
         # splitting, nothing to clean): asked once, not twice.
@@ -1201,6 +1204,23 @@ class TwistdLogObserver(_Writer):
         if "\n" in line:
             line = line.replace("\n", "\n\t")
         return line + "\n"
+
+
+# The lines Twisted's udp.Port writes, always, when it opens and closes
+# a port: the DNS resolver opens one for each query (a random source
+# port; relayagent.smtp.dnsclient), and relayagent listens on no other
+# UDP port.
+_UDP_PORT_CHATTER = re.compile(r"\(UDP Port \d+ Closed\)|\w*DatagramProtocol starting on \d+")
+
+
+def is_query_port_chatter(event: Mapping[str, Any]) -> bool:
+    """Whether ``event`` is one of Twisted's two lines about a DNS
+    query's UDP port ("DNSDatagramProtocol starting on 35029", "(UDP
+    Port 35029 Closed)"), two for each query, which Postfix's log does
+    not have: relayagent's observers of twistd's log (its file, syslog)
+    leave them out."""
+    text = event.get("log_text")
+    return isinstance(text, str) and _UDP_PORT_CHATTER.fullmatch(text) is not None
 
 
 def _rfc3339_colon(stamp: str) -> str:
@@ -1281,6 +1301,8 @@ class SyslogObserver:
             self._socket = None
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        if event.get("log_namespace") == "log_legacy" and is_query_port_chatter(event):
+            return
         try:
             if event.get("ralog_event") or (
                     "log_failure" not in event and _is_relayagents(event.get("log_namespace"))):
@@ -1579,6 +1601,7 @@ __all__ = [
     "format_delay",
     "give_back_mail_events",
     "inherited_descriptor",
+    "is_query_port_chatter",
     "log_bounce_notice",
     "log_client",
     "log_connect",

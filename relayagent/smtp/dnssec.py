@@ -41,6 +41,8 @@ from typing import Any
 
 from twisted.names import client, dns
 
+from relayagent.smtp.dnsclient import QuietDatagramProtocol, QuietResolver
+
 # The EDNS0 UDP payload size we offer (DNS flag day 2020).
 EDNS_UDP_PAYLOAD = 1232
 
@@ -74,7 +76,7 @@ def ask_for_dnssec(message: dns.Message) -> dns.Message:
     return message
 
 
-class _DNSSECDatagramProtocol(dns.DNSDatagramProtocol):
+class _DNSSECDatagramProtocol(QuietDatagramProtocol):
     def writeMessage(self, message: dns.Message, address: tuple[str, int]) -> None:
         """Send ``message`` with the AD and DO bits."""
         super().writeMessage(ask_for_dnssec(message), address)
@@ -95,9 +97,12 @@ class _DNSSECClientFactory(client.DNSClientFactory):
         return protocol
 
 
-class DNSSECResolver(client.Resolver):
+class DNSSECResolver(QuietResolver):
     """A ``client.Resolver`` whose queries ask for DNSSEC and whose
-    answers say whether they were validated (``AuthenticatedAnswer``)."""
+    answers say whether they were validated (``AuthenticatedAnswer``),
+    as quiet in the log as ``QuietResolver``."""
+
+    protocol_class = _DNSSECDatagramProtocol
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """As ``twisted.names.client.Resolver``."""
@@ -106,13 +111,6 @@ class DNSSECResolver(client.Resolver):
         factory = _DNSSECClientFactory(self, self.factory.timeout)
         factory.noisy = False
         self.factory = factory
-
-    def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
-        # As client.Resolver's, with our protocol; port 0 lets the kernel
-        # pick a random source port.
-        protocol = _DNSSECDatagramProtocol(self, reactor=self._reactor)
-        self._reactor.listenUDP(0, protocol, interface=interface)
-        return protocol
 
     def filterAnswers(self, message: dns.Message) -> Any:
         """client.Resolver's, keeping the AD bit of the reply."""

@@ -407,7 +407,8 @@ def make_dns_resolver(config: Config, reactor: Any, *, resolv_conf: str = "/etc/
     ``dns_nameservers`` lists ``host`` or ``host:port`` (``[v6addr]:port``
     for IPv6); empty means the name servers in /etc/resolv.conf, read now.
     """
-    from twisted.names import client  # imported here: it is slow to import
+    # Imported here: twisted.names' client is slow to import.
+    from relayagent.smtp.dnsclient import QuietResolver
 
     servers: list[tuple[str, int]] = []
     for item in ResolveSettings.from_config(config).dns_nameservers:
@@ -439,7 +440,7 @@ def make_dns_resolver(config: Config, reactor: Any, *, resolv_conf: str = "/etc/
                     host=f"{host}:{port}" if port != dns.PORT else host,
                 )
         return DNSSECResolver(servers=servers, reactor=reactor)
-    return client.Resolver(servers=servers, reactor=reactor)
+    return QuietResolver(servers=servers, reactor=reactor)
 
 
 SystemResolver = Callable[[str], "Deferred[list[tuple[int, str]]]"]

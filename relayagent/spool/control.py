@@ -30,6 +30,7 @@ SYNOPSIS
     port = listen(reactor, queue_directory, queue_manager)   # the daemon
     trigger(queue_directory, "wakeup")     # or "flush"; True when answered
     ask(queue_directory, "reload")         # or "logrotate": (ok, text), None when down
+    class Client(QuietAMP): ...           # AMP without its two lines per connection
     lock = lock_spool(queue_directory); spool_locked(...), daemon_running(...)
 
 DIAGNOSTICS: ``listen`` raises ``DaemonRunning`` when the socket path is
@@ -109,7 +110,26 @@ def socket_path(queue_directory: str) -> str:
     return os.path.join(queue_directory, PUBLIC, SOCKET_NAME)
 
 
-class ControlProtocol(amp.AMP):
+class QuietAMP(amp.AMP):
+    """AMP without its two log lines per connection ("ControlProtocol
+    connection established (HOST:... PEER:...)", "... connection
+    lost"): each ``sendmail``, ``mailq`` or wakeup connects to the
+    trigger socket, and Postfix's log has no line for its own (pickup's,
+    showq's, qmgr's FIFO)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        """Connected: no log line (what AMP does besides)."""
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        """Disconnected: no log line (what AMP does besides)."""
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ControlProtocol(QuietAMP):
     """One trigger connection: each command pokes the queue manager."""
 
     def __init__(self, queue_manager: Any, on_command: OnCommand | None = None) -> None:

@@ -56,7 +56,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -145,23 +144,7 @@ class ThreadedIncomingMessage:
         self.message.discard()
 
 
-class _QuietAMP(amp.AMP):
-    """AMP without its two log lines per connection: a wakeup per queued
-    message would put four lines of Twisted's into the mail server's log."""
-
-    def makeConnection(self, transport: Any) -> None:
-        """Connected: no log line."""
-        self._transportPeer = transport.getPeer()
-        self._transportHost = transport.getHost()
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
-    def connectionLost(self, reason: Any) -> None:
-        """Disconnected: no log line."""
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
-
-
-_QUIET_FACTORY = Factory.forProtocol(_QuietAMP)
+_QUIET_FACTORY = Factory.forProtocol(control.QuietAMP)
 _QUIET_FACTORY.noisy = False
 
 
@@ -198,7 +181,7 @@ class ReactorWakeup:
         endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=self.timeout)
         connecting = endpoint.connect(_QUIET_FACTORY)
 
-        def ask(protocol: _QuietAMP) -> Deferred[bool]:
+        def ask(protocol: control.QuietAMP) -> Deferred[bool]:
             answer = protocol.callRemote(control.Wakeup)
             answer.addTimeout(self.timeout, self.reactor)
 
