@@ -227,6 +227,9 @@ class MXInteropTests(unittest.TestCase):
         self.assertEqual(
             outcome.status.text, "Host or domain name not found. Name service error for name=nosuch.mx.test type=MX: Host not found"
         )
+        # The recipients' lines say it; as Postfix, no line of its own.
+        said = [event for event in self.events if outcome.status.text in str(event.get("reason", ""))]
+        self.assertEqual(said, [])
 
     def test_nxdomain_bounces(self):
         return Deferred.fromCoroutine(self._nxdomain())

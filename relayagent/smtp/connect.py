@@ -599,8 +599,9 @@ class Connector:
             try:
                 addresses = await resolver.addresses(nexthop)
             except DeliveryFailure as failure:
+                # Not logged here: Postfix has no line for a nexthop that
+                # does not resolve but the recipients' (smtp_connect.c).
                 result.attempts.append(AttemptFailure(None, failure.status))
-                log.info("{reason}", reason=failure.status.text, dsn=failure.status.dsn, nexthop=str(nexthop))
                 for index in pending:
                     leftover[index] = RecipientOutcome(failure.status, None)
                 if not failure.skip_to_next:
