@@ -218,6 +218,13 @@ class ParentLinkTests(SynchronousTestCase):
         self.link.dataReceived(b"wakeup\nflush\nwakeup\n")
         self.assertEqual(self.queue_manager.calls, ["wakeup", "flush", "wakeup"])
 
+    def test_a_flush_passed_on_is_not_logged_again(self) -> None:
+        # Worker 0 logged "flush requested" when the request came: one
+        # flush, one line, however many workers.
+        self.link.dataReceived(b"flush\n")
+        self.assertEqual(self.queue_manager.calls, ["flush"])
+        self.assertEqual([e for e in self.warnings if "flush" in str(e.get("log_format", ""))], [])
+
     def test_unknown_command_is_ignored_with_a_warning(self) -> None:
         self.link.dataReceived(b"rm -rf\n")
         self.assertEqual(self.queue_manager.calls, [])

@@ -463,7 +463,7 @@ class ParentLink(LineOnlyReceiver):
         if command == WAKEUP:
             queue_manager.wakeup()
         else:
-            log.info("flush requested: retrying the deferred queue")
+            # Not logged again: worker 0 logged the request it passed on.
             queue_manager.flush()
 
     def lineLengthExceeded(self, line: bytes) -> None:
