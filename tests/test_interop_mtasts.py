@@ -18,6 +18,7 @@ directory (a restart); a TLSRPT report is POSTed to a local https rua.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -55,7 +56,7 @@ from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority
 from tests.support.countingsink import CountingSink
 from tests.support.dnsserver import LoopbackDNSServer, RecordsAuthority
-from tests.support.sink import free_port
+from tests.support.sink import free_port, free_port_on
 
 try:
     from aiosmtpd.controller import Controller
@@ -191,18 +192,33 @@ class _LoopbackServers(unittest.TestCase):
         return https.stopListening()
 
     async def _start_mail_servers(self) -> None:
-        self.smtp_port = free_port("127.0.0.2")
+        # Every exchanger listens on the one port smtp_tcp_port names, so a
+        # port free on 127.0.0.2 a moment ago may be taken on another address
+        # by the time its server binds (a CI run saw EADDRINUSE on
+        # 127.0.0.4): on that, stop what started and try the set on another.
         self.handlers: dict[str, Handler] = {}
-        for host, address in MX.items():
-            handler = self.handlers[host] = Handler()
-            kwargs: dict[str, Any] = {}
-            if host != "plain.mx.test":
-                names = ["another.example"] if host == "wrongcert.mx.test" else [host]
-                kwargs["tls_context"] = CA.issue(names).ssl_context(self.directory)
-            controller = Controller(handler, hostname=address, port=self.smtp_port, **kwargs)
-            await threads.deferToThread(controller.start)
-            self.addCleanup(lambda c=controller: threads.deferToThread(c.stop))
-
+        for attempt in range(5):
+            self.smtp_port = free_port_on(*MX.values())
+            started: list[Controller] = []
+            try:
+                for host, address in MX.items():
+                    handler = self.handlers[host] = Handler()
+                    kwargs: dict[str, Any] = {}
+                    if host != "plain.mx.test":
+                        names = ["another.example"] if host == "wrongcert.mx.test" else [host]
+                        kwargs["tls_context"] = CA.issue(names).ssl_context(self.directory)
+                    controller = Controller(handler, hostname=address, port=self.smtp_port, **kwargs)
+                    await threads.deferToThread(controller.start)
+                    started.append(controller)
+            except OSError as error:
+                for controller in started:
+                    await threads.deferToThread(controller.stop)
+                if error.errno != errno.EADDRINUSE or attempt == 4:
+                    raise
+                continue
+            for controller in started:
+                self.addCleanup(lambda c=controller: threads.deferToThread(c.stop))
+            return
 
     def config(self) -> Config:
         return Config.defaults().replace(**self.client_settings())

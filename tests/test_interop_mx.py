@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.names import dns
@@ -27,7 +29,7 @@ from relayagent.smtp.connect import Connector
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.session import SMTPSessionFactory
 from tests.support.dnsserver import LoopbackDNSServer
-from tests.support.sink import SmtpSink
+from tests.support.sink import SmtpSink, free_port_on
 
 MESSAGE = b"From: a@example.org\nTo: u0@mx.test\nSubject: mx interop\n\nhello\n"
 
@@ -37,6 +39,14 @@ HOSTS = {
     "busy.mx.test": "127.0.0.4",
     "reject.mx.test": "127.0.0.5",
     "sink.mx.test": "127.0.0.6",
+}
+
+# The servers that answer with a greeting of their own choosing (none: a
+# server that never speaks), each on its HOSTS address.
+GREETINGS = {
+    "silent.mx.test": b"",
+    "busy.mx.test": b"421 4.3.2 busy.mx.test Service not available, try later\r\n",
+    "reject.mx.test": b"554 5.7.1 reject.mx.test no mail from you\r\n",
 }
 
 
@@ -95,24 +105,37 @@ class MXInteropTests(unittest.TestCase):
         return Deferred.fromCoroutine(self._start_servers())
 
     async def _start_servers(self) -> None:
+        # The greeters share the sink's port on their own addresses (one
+        # smtp_tcp_port for every exchanger); a port free on one address may
+        # be taken on another, so on CannotListenError the set starts again.
         self.sink: SmtpSink | None = None
-        if SmtpSink.available():
-            self.sink = SmtpSink(host=HOSTS["sink.mx.test"])
-            await self.sink.start(reactor)
-            self.addCleanup(lambda: Deferred.fromCoroutine(self.sink.stop(reactor)))
-            self.smtp_port = self.sink.port
-        else:
-            from tests.support.sink import free_port
-
-            self.smtp_port = free_port(HOSTS["silent.mx.test"])
-        for host, greeting in (
-            ("silent.mx.test", b""),
-            ("busy.mx.test", b"421 4.3.2 busy.mx.test Service not available, try later\r\n"),
-            ("reject.mx.test", b"554 5.7.1 reject.mx.test no mail from you\r\n"),
-        ):
-            factory = GreeterFactory(greeting)
-            port = reactor.listenTCP(self.smtp_port, factory, interface=HOSTS[host])
-            self.addCleanup(self._close_listener, port, factory)
+        for attempt in range(5):
+            sink: SmtpSink | None = None
+            if SmtpSink.available():
+                sink = SmtpSink(host=HOSTS["sink.mx.test"])
+                await sink.start(reactor)
+                self.smtp_port = sink.port
+            else:
+                self.smtp_port = free_port_on(*(HOSTS[host] for host in GREETINGS))
+            listeners: list[tuple[Any, GreeterFactory]] = []
+            try:
+                for host, greeting in GREETINGS.items():
+                    factory = GreeterFactory(greeting)
+                    listeners.append((reactor.listenTCP(self.smtp_port, factory, interface=HOSTS[host]), factory))
+            except CannotListenError:
+                for port, factory in listeners:
+                    await self._close_listener(port, factory)
+                if sink is not None:
+                    await sink.stop(reactor)
+                if attempt == 4:
+                    raise
+                continue
+            if sink is not None:
+                self.sink = sink
+                self.addCleanup(lambda s=sink: Deferred.fromCoroutine(s.stop(reactor)))
+            for port, factory in listeners:
+                self.addCleanup(self._close_listener, port, factory)
+            return
 
     def _close_listener(self, port, factory: GreeterFactory) -> Deferred:
         for connection in list(factory.connections):

@@ -20,6 +20,7 @@ one extra LF; ``SinkMessage`` splits these apart.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -94,6 +95,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def free_port_on(*hosts: str, attempts: int = 20) -> int:
+    """A TCP port that was free a moment ago on every one of ``hosts`` at once.
+
+    For servers on several loopback addresses that share the one port a
+    client setting such as smtp_tcp_port names; the caller still retries on
+    EADDRINUSE, since another process may take the port before it binds.
+    """
+    for _ in range(attempts):
+        with contextlib.ExitStack() as probes:
+            first = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            first.bind((hosts[0], 0))
+            port = first.getsockname()[1]
+            try:
+                for host in hosts[1:]:
+                    probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind((host, port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return port
+    raise OSError(errno.EADDRINUSE, f"no port free on all of {', '.join(hosts)} in {attempts} tries")
 
 
 @dataclass
