@@ -18,7 +18,6 @@ directory (a restart); a TLSRPT report is POSTed to a local https rua.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import io
 import json
@@ -56,7 +55,7 @@ from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority
 from tests.support.countingsink import CountingSink
 from tests.support.dnsserver import LoopbackDNSServer, RecordsAuthority
-from tests.support.sink import free_port, free_port_on
+from tests.support.sink import free_port, free_port_on, start_retrying_while_in_use
 
 try:
     from aiosmtpd.controller import Controller
@@ -193,32 +192,31 @@ class _LoopbackServers(unittest.TestCase):
 
     async def _start_mail_servers(self) -> None:
         # Every exchanger listens on the one port smtp_tcp_port names, so a
-        # port free on 127.0.0.2 a moment ago may be taken on another address
-        # by the time its server binds (a CI run saw EADDRINUSE on
-        # 127.0.0.4): on that, stop what started and try the set on another.
+        # port free a moment ago may be taken on one of their addresses by
+        # the time its server binds (a CI run saw EADDRINUSE on 127.0.0.4).
+        for controller in await start_retrying_while_in_use(self._start_exchangers_once):
+            self.addCleanup(lambda c=controller: threads.deferToThread(c.stop))
+
+    async def _start_exchangers_once(self) -> list[Controller]:
+        """Every MX on a new shared port; on failure, those started are stopped."""
+        self.smtp_port = free_port_on(*MX.values())
         self.handlers: dict[str, Handler] = {}
-        for attempt in range(5):
-            self.smtp_port = free_port_on(*MX.values())
-            started: list[Controller] = []
-            try:
-                for host, address in MX.items():
-                    handler = self.handlers[host] = Handler()
-                    kwargs: dict[str, Any] = {}
-                    if host != "plain.mx.test":
-                        names = ["another.example"] if host == "wrongcert.mx.test" else [host]
-                        kwargs["tls_context"] = CA.issue(names).ssl_context(self.directory)
-                    controller = Controller(handler, hostname=address, port=self.smtp_port, **kwargs)
-                    await threads.deferToThread(controller.start)
-                    started.append(controller)
-            except OSError as error:
-                for controller in started:
-                    await threads.deferToThread(controller.stop)
-                if error.errno != errno.EADDRINUSE or attempt == 4:
-                    raise
-                continue
+        started: list[Controller] = []
+        try:
+            for host, address in MX.items():
+                handler = self.handlers[host] = Handler()
+                kwargs: dict[str, Any] = {}
+                if host != "plain.mx.test":
+                    names = ["another.example"] if host == "wrongcert.mx.test" else [host]
+                    kwargs["tls_context"] = CA.issue(names).ssl_context(self.directory)
+                controller = Controller(handler, hostname=address, port=self.smtp_port, **kwargs)
+                await threads.deferToThread(controller.start)
+                started.append(controller)
+        except OSError:
             for controller in started:
-                self.addCleanup(lambda c=controller: threads.deferToThread(c.stop))
-            return
+                await threads.deferToThread(controller.stop)
+            raise
+        return started
 
     def config(self) -> Config:
         return Config.defaults().replace(**self.client_settings())

@@ -29,7 +29,7 @@ from relayagent.smtp.connect import Connector
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.session import SMTPSessionFactory
 from tests.support.dnsserver import LoopbackDNSServer
-from tests.support.sink import SmtpSink, free_port_on
+from tests.support.sink import SmtpSink, free_port_on, start_retrying_while_in_use
 
 MESSAGE = b"From: a@example.org\nTo: u0@mx.test\nSubject: mx interop\n\nhello\n"
 
@@ -106,36 +106,38 @@ class MXInteropTests(unittest.TestCase):
 
     async def _start_servers(self) -> None:
         # The greeters share the sink's port on their own addresses (one
-        # smtp_tcp_port for every exchanger); a port free on one address may
-        # be taken on another, so on CannotListenError the set starts again.
+        # smtp_tcp_port for every exchanger), and a port free on one address
+        # may be taken on another.
         self.sink: SmtpSink | None = None
-        for attempt in range(5):
-            sink: SmtpSink | None = None
-            if SmtpSink.available():
-                sink = SmtpSink(host=HOSTS["sink.mx.test"])
-                await sink.start(reactor)
-                self.smtp_port = sink.port
-            else:
-                self.smtp_port = free_port_on(*(HOSTS[host] for host in GREETINGS))
-            listeners: list[tuple[Any, GreeterFactory]] = []
-            try:
-                for host, greeting in GREETINGS.items():
-                    factory = GreeterFactory(greeting)
-                    listeners.append((reactor.listenTCP(self.smtp_port, factory, interface=HOSTS[host]), factory))
-            except CannotListenError:
-                for port, factory in listeners:
-                    await self._close_listener(port, factory)
-                if sink is not None:
-                    await sink.stop(reactor)
-                if attempt == 4:
-                    raise
-                continue
-            if sink is not None:
-                self.sink = sink
-                self.addCleanup(lambda s=sink: Deferred.fromCoroutine(s.stop(reactor)))
+        await start_retrying_while_in_use(self._start_servers_once)
+
+    async def _start_servers_once(self) -> None:
+        """The sink and the greeters on a new shared port; on failure, what
+        started is stopped."""
+        sink: SmtpSink | None = None
+        if SmtpSink.available():
+            sink = SmtpSink(host=HOSTS["sink.mx.test"])
+            await sink.start(reactor)
+            port_number = sink.port
+        else:
+            port_number = free_port_on(*(HOSTS[host] for host in GREETINGS))
+        listeners: list[tuple[Any, GreeterFactory]] = []
+        try:
+            for host, greeting in GREETINGS.items():
+                factory = GreeterFactory(greeting)
+                listeners.append((reactor.listenTCP(port_number, factory, interface=HOSTS[host]), factory))
+        except CannotListenError:
             for port, factory in listeners:
-                self.addCleanup(self._close_listener, port, factory)
-            return
+                await self._close_listener(port, factory)
+            if sink is not None:
+                await sink.stop(reactor)
+            raise
+        self.smtp_port = port_number
+        if sink is not None:
+            self.sink = sink
+            self.addCleanup(lambda: Deferred.fromCoroutine(sink.stop(reactor)))
+        for port, factory in listeners:
+            self.addCleanup(self._close_listener, port, factory)
 
     def _close_listener(self, port, factory: GreeterFactory) -> Deferred:
         for connection in list(factory.connections):
