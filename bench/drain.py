@@ -97,8 +97,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.postfix import POSTFIX, PostfixInstance  # noqa: E402  (needs ROOT on sys.path)
-from tests.support.sink import free_port  # noqa: E402
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"

@@ -25,7 +25,7 @@ from twisted.internet import reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
 from relayagent.spool import DEFERRED, Message, Spool, control
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMTP_SINK = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)

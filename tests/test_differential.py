@@ -82,6 +82,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from relayagent.spool import Spool, control
 from tests.support import postfix
+from tests.support.ports import free_port
 from tests.support.scripted_server import (
     CLOSE,
     SILENCE,
@@ -96,7 +97,6 @@ from tests.support.scripted_server import (
     reply,
     reply_close,
 )
-from tests.support.sink import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")

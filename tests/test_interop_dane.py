@@ -37,7 +37,7 @@ from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority, IssuedCertificate
 from tests.support.countingsink import CountingSink
 from tests.support.dnssec import DNSSECChain
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 try:
     from aiosmtpd.controller import Controller

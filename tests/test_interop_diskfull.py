@@ -29,7 +29,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from relayagent.common.config import Config
 from relayagent.smtpd.listener import make_listener_services
 from relayagent.spool import INCOMING, Spool
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 from tests.test_interop_twistedmail import SWAKS
 
 TMPFS_SIZE = "1m"

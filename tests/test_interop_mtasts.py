@@ -55,7 +55,7 @@ from relayagent.testing import LogCapture
 from tests.support.certs import CertificateAuthority
 from tests.support.countingsink import CountingSink
 from tests.support.dnsserver import LoopbackDNSServer, RecordsAuthority
-from tests.support.sink import free_port, free_port_on, start_retrying_while_in_use
+from tests.support.ports import free_port, free_port_on, start_retrying_while_in_use
 
 try:
     from aiosmtpd.controller import Controller

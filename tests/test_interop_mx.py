@@ -29,7 +29,8 @@ from relayagent.smtp.connect import Connector
 from relayagent.smtp.resolve import NexthopResolver, make_dns_resolver
 from relayagent.smtp.session import SMTPSessionFactory
 from tests.support.dnsserver import LoopbackDNSServer
-from tests.support.sink import SmtpSink, free_port_on, start_retrying_while_in_use
+from tests.support.ports import free_port_on, start_retrying_while_in_use
+from tests.support.sink import SmtpSink
 
 MESSAGE = b"From: a@example.org\nTo: u0@mx.test\nSubject: mx interop\n\nhello\n"
 

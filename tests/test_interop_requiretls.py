@@ -41,7 +41,7 @@ from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtpd.listener import make_listener_services
 from relayagent.spool import ACTIVE, INCOMING, Spool
 from tests.support.certs import CertificateAuthority
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 try:
     from aiosmtpd.controller import Controller

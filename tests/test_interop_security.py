@@ -40,7 +40,7 @@ from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.session import SMTPSessionFactory
 from relayagent.testing import LogCapture, secret_forms
 from tests.support.certs import CertificateAuthority
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 try:
     from aiosmtpd.controller import Controller

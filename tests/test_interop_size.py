@@ -24,7 +24,7 @@ from relayagent.common.envelope import Envelope, Recipient
 from relayagent.smtp.channel import ServerInfo, SessionSettings
 from relayagent.smtp.session import SMTPSessionFactory
 from tests.support import postfix
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 LIMIT = 3000
 

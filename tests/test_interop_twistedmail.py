@@ -34,7 +34,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from relayagent.common.config import Config
 from relayagent.smtpd.listener import make_listener_services
 from relayagent.spool import INCOMING, Spool
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAC = os.path.join(ROOT, "docs", "examples", "mailserver.tac")

@@ -33,7 +33,7 @@ from twisted.internet import threads
 
 from relayagent.spool import control
 from tests.support.certs import CertificateAuthority
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 from tests.test_daemon_e2e import DaemonTestCase, body
 from tests.test_workers_e2e import WORKER_PID, process_gone
 

@@ -13,7 +13,7 @@ from twisted.web.client import Agent, readBody
 
 from relayagent.master.metrics import SAMPLE_INTERVAL
 from relayagent.spool import Message
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 from tests.test_daemon_e2e import DaemonTestCase, body
 
 

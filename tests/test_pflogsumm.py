@@ -28,7 +28,7 @@ import sys
 from twisted.internet import threads
 from twisted.trial.unittest import SkipTest
 
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 from tests.test_daemon_e2e import ROOT, SMTP_SINK, DaemonTestCase
 
 PFLOGSUMM = shutil.which("pflogsumm") or ("/usr/sbin/pflogsumm" if os.path.exists("/usr/sbin/pflogsumm") else None)

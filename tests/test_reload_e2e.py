@@ -29,7 +29,7 @@ from twisted.protocols.basic import LineReceiver
 
 from relayagent.spool import control
 from relayagent.spool.queueid import partition_of
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 from tests.test_daemon_e2e import ROOT, DaemonTestCase, body
 
 SENT = re.compile(r": ([0-9A-V]{16}): to=<([^>]*)>, relay=[^,]*\]:(\d+),.*status=sent")

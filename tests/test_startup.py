@@ -26,8 +26,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from relayagent.common.config import Config
 from relayagent.master import stop
 from relayagent.spool import Spool
+from tests.support.ports import free_port
 from tests.support.scripted_server import SILENT_AFTER, Answer, Script, ScriptedServer
-from tests.support.sink import free_port
 from tests.test_daemon_e2e import ROOT, TWISTD, DaemonTestCase, body
 
 

@@ -327,7 +327,7 @@ class CommandProcessTests(TestCase):
         import sys
 
         from relayagent.spool import control
-        from tests.support.sink import free_port
+        from tests.support.ports import free_port
 
         spool = make_spool(self)
         queue_id = queue_message(spool, ["b@b.example"], queue="active")

@@ -32,7 +32,7 @@ from twisted.internet import threads
 
 from relayagent.common.envelope import Notify, Recipient, Ret
 from relayagent.spool import Message, Spool, control
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 from tests.test_daemon_e2e import ROOT, DaemonTestCase, body
 
 COUNT = 1000

@@ -36,7 +36,8 @@ import signal
 import subprocess
 from collections.abc import Sequence
 
-from tests.support.sink import end_process, free_port, wait_until_listening
+from tests.support.ports import free_port
+from tests.support.sink import end_process, wait_until_listening
 
 NSD = shutil.which("nsd") or ("/usr/sbin/nsd" if os.path.exists("/usr/sbin/nsd") else None)
 UNBOUND = shutil.which("unbound") or ("/usr/sbin/unbound" if os.path.exists("/usr/sbin/unbound") else None)

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from twisted.internet import task
 
 from tests.support.certs import IssuedCertificate
-from tests.support.sink import end_process, free_port, wait_until_listening
+from tests.support.ports import free_port
+from tests.support.sink import end_process, wait_until_listening
 
 PEERS = os.environ.get("RELAYAGENT_PEERS", "/opt/relayagent-peers")
 EXIM = os.path.join(PEERS, "exim", "usr", "sbin", "exim4")

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from twisted.internet import task
 
 from tests.support.certs import IssuedCertificate
-from tests.support.sink import end_process, free_port, wait_until_listening
+from tests.support.ports import free_port
+from tests.support.sink import end_process, wait_until_listening
 
 PEERS = os.environ.get("RELAYAGENT_PEERS", "/opt/relayagent-peers")
 ROOT = os.path.join(PEERS, "opensmtpd")

@@ -29,7 +29,7 @@ import shutil
 import socket
 import subprocess
 
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"

@@ -22,7 +22,7 @@ import time
 
 from twisted.internet import reactor, task
 
-from tests.support.sink import free_port
+from tests.support.ports import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None

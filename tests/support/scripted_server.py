@@ -19,9 +19,10 @@ trial fails a test that leaves listening ports or delayed calls on its
 reactor.  A thread serves them whatever the reactor does, and a blocking
 socket per connection makes STARTTLS (``ssl.SSLContext.wrap_socket``)
 trivial.  Each connection has its own thread; the accept loop is one
-``selectors`` loop over every listener.  Listeners take ports below the
-kernel's ephemeral range, so that hundreds of them never take a port
-another test was just given by ``free_port``.
+``selectors`` loop over every listener.  Listeners take their ports in
+turn with every other server of the suite (``ports.bind_free``), below
+the kernel's ephemeral range, so that hundreds of them never take a
+port another test was just given by ``free_port``.
 
 The server answers by command, not by position: it reads one line, picks
 the answer for that command's stage (greeting, ehlo, helo, starttls, auth,
@@ -41,7 +42,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import random
 import selectors
 import socket
 import ssl
@@ -49,6 +49,8 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+
+from tests.support.ports import bind_free
 
 CRLF = b"\r\n"
 HOSTNAME = "scripted.test"
@@ -410,42 +412,6 @@ class _Connection:
             self.session.done.set()
 
 
-def _below_ephemeral_ports() -> range | None:
-    """Ports under the kernel's ephemeral range (Linux), or None.
-
-    A server with hundreds of listeners on ephemeral ports would take
-    ports that other tests were promised by bind(0) a moment before
-    (``free_port``) and bind later; below the range nobody else gets
-    a port by chance.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
-            low = int(handle.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return range(10000, low) if low > 12000 else None
-
-
-_PORTS = _below_ephemeral_ports()
-_next_port = [random.randrange(len(_PORTS)) if _PORTS else 0]
-_port_lock = threading.Lock()
-
-
-def _bind(sock: socket.socket, host: str) -> None:
-    """Bind to a free port below the ephemeral range (else any port)."""
-    if _PORTS is not None:
-        with _port_lock:
-            for _ in range(len(_PORTS)):
-                port = _PORTS[_next_port[0] % len(_PORTS)]
-                _next_port[0] += 1
-                try:
-                    sock.bind((host, port))
-                    return
-                except OSError:
-                    continue  # taken (another server process): the next one
-    sock.bind((host, 0))
-
-
 class Listener:
     """One listening port with its script; ``sessions`` in accept order."""
 
@@ -453,7 +419,7 @@ class Listener:
         self.server = server
         self.script = script
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        _bind(self.socket, server.host)
+        bind_free(self.socket, server.host)
         self.socket.listen(16)
         self.socket.setblocking(False)
         self.port: int = self.socket.getsockname()[1]

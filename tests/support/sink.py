@@ -20,7 +20,6 @@ one extra LF; ``SinkMessage`` splits these apart.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import socket
@@ -28,18 +27,15 @@ import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
+
+from tests.support.ports import free_port
 
 SMTP_SINK = shutil.which("smtp-sink") or (
     "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
 )
-
-_Started = TypeVar("_Started")
-
 
 # Seconds between two looks at a server that is starting.
 POLL = 0.05
@@ -92,62 +88,6 @@ async def end_process(  # type: ignore[no-untyped-def]
         kill()
     if process.poll() is None:
         process.wait(timeout)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def address_in_use(error: BaseException) -> bool:
-    """Whether ``error`` says the address and port were taken (EADDRINUSE),
-    raised by a socket or by Twisted's listenTCP."""
-    if isinstance(error, CannotListenError):
-        error = error.socketError
-    return isinstance(error, OSError) and error.errno == errno.EADDRINUSE
-
-
-def free_port_on(*hosts: str, attempts: int = 20) -> int:
-    """A TCP port that was free a moment ago on every one of ``hosts`` at once.
-
-    For servers on several loopback addresses that share the one port a
-    client setting such as smtp_tcp_port names; start them with
-    ``start_retrying_while_in_use``, since another process may take the
-    port before they bind.
-    """
-    for _ in range(attempts):
-        with contextlib.ExitStack() as probes:
-            first = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            try:
-                for host in hosts[1:]:
-                    probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind((host, port))
-            except OSError as error:
-                if not address_in_use(error):
-                    raise
-                continue
-            return port
-    raise OSError(errno.EADDRINUSE, f"no port free on all of {', '.join(hosts)} in {attempts} tries")
-
-
-async def start_retrying_while_in_use(start_once: Callable[[], Awaitable[_Started]], attempts: int = 5) -> _Started:
-    """What ``start_once`` returns, called again (up to ``attempts`` in all)
-    while it fails because a port it chose was taken before it bound.
-
-    ``start_once`` picks its port afresh on each call and, when it fails,
-    stops whatever it had started; any other failure, or the last one, is
-    raised as it is.
-    """
-    for _ in range(attempts - 1):
-        try:
-            return await start_once()
-        except Exception as error:
-            if not address_in_use(error):
-                raise
-    return await start_once()
 
 
 @dataclass
