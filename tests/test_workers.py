@@ -207,7 +207,7 @@ class ParentLinkTests(SynchronousTestCase):
         self.clock = Clock()
         self.queue_manager = FakeQueueManager()
         self.gone: list[bool] = []
-        self.link = worker.ParentLink(lambda: self.queue_manager, self.clock, lambda: self.gone.append(True))
+        self.link = worker.ParentLink(lambda: self.queue_manager, self.clock, self.gone.append)
         self.transport = StringTransport()
         self.link.makeConnection(self.transport)
         self.warnings: list[dict] = []
@@ -241,15 +241,23 @@ class ParentLinkTests(SynchronousTestCase):
         self.link.send("wakeup")
         self.link.connectionLost(Failure(Exception("EOF")))
         self.link.connectionLost(Failure(Exception("EOF")))
-        self.assertEqual(self.gone, [True])
+        self.assertEqual(self.gone, [False])  # not announced: worker 0 died
         self.clock.advance(0)
         self.assertEqual(self.transport.value(), b"")  # nothing written after
+
+    def test_end_of_file_after_stop_is_announced(self) -> None:
+        self.link.dataReceived(b"stop\n")
+        self.assertEqual(self.gone, [])  # the line alone stops nothing
+        self.link.connectionLost(Failure(Exception("EOF")))
+        self.assertEqual(self.gone, [True])
+        self.assertEqual(self.queue_manager.calls, [])
+        self.assertFalse(any("unknown command" in str(e.get("text", "")) for e in self.warnings))
 
 
 class LogToWorkerZeroTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.link = worker.ParentLink(lambda: None, self.clock, lambda: None)
+        self.link = worker.ParentLink(lambda: None, self.clock, lambda announced: None)
         self.transport = StringTransport()
         self.link.makeConnection(self.transport)
         self.fallback = io.StringIO()
@@ -349,6 +357,37 @@ class WorkerRuntimeTests(SynchronousTestCase):
         # The reactor's stop runs the service's stop (a shutdown trigger).
         self.assertEqual(reactor.stopped, 1)
         self.assertEqual(service.stops, 0)
+
+    def test_only_an_unannounced_end_of_file_is_logged(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = FakeService(FakeQueueManager())  # type: ignore[arg-type]
+        for announced in (True, False):
+            reactor = FakeReactor()
+            reactor.running = True
+            worker.WorkerRuntime(service, reactor).parent_gone(announced=announced)
+            self.assertEqual(reactor.stopped, 1)  # stopped either way
+        said = [event.get("log_format") for event in events if "parent" in str(event.get("log_format"))]
+        self.assertEqual(said, ["the parent process is gone: stopping"])
+
+    def test_no_line_when_the_worker_was_already_stopping(self) -> None:
+        # Its own SIGINT (^C reaches every process of the terminal's
+        # group) stops it first; its link closes in the shutdown.
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = Clock()
+        clock.advance(START)
+        spool = make_spool(self, clock=clock.seconds)
+        queue_manager = QueueManager(Config.defaults(), spool, FakeDeliveryAgent(spool), clock, by_domain)
+        queue_manager.start()
+        service = FakeService(queue_manager)
+        runtime = worker.WorkerRuntime(service, FakeReactor())
+        runtime.stop_service()  # the shutdown trigger, at the signal
+        runtime.parent_gone(announced=False)
+        self.assertEqual([event for event in events if "parent" in str(event.get("log_format"))], [])
+        self.assertEqual(service.stops, 1)
 
 
 class WorkerPoolTests(SynchronousTestCase):
@@ -463,6 +502,9 @@ class WorkerPoolTests(SynchronousTestCase):
         self.commands()
         stopped = self.pool.stop()
         self.assertTrue(all(link.write_closed for link in self.links.values()))
+        # The end of file is announced: the workers do not take it for
+        # worker 0's death.
+        self.assertTrue(all(link.value().endswith(b"stop\n") for link in self.links.values()))
         self.assertFalse(self.control.write_closed)
         self.said("ended 1 1001 0")
         self.assertNoResult(stopped)

@@ -39,6 +39,7 @@ from twisted.trial.unittest import SkipTest
 from relayagent.spool import INCOMING, Message, Spool, control
 from relayagent.spool.queueid import partition_of
 from tests.support.certs import CertificateAuthority
+from tests.support.ports import free_port
 from tests.test_daemon_e2e import MESSAGE_ID, DaemonTestCase, body
 
 DELIVERED_BY = re.compile(r"relayagent/smtp\[(\d+)\]: [0-9A-V]{16}: to=<[^>]*>.*status=sent")
@@ -104,7 +105,10 @@ class WorkersTests(DaemonTestCase):
         await self.start_sink()
         expected = self.enqueue(60, "twistdlog")
         path = os.path.join(self.base, "twistd.log")
-        daemon = self.start_daemon(self.write_config("relayagent_workers = 2\nmaillog_file =\n"), "--logfile", path)
+        # A listener too, which both workers accept on.
+        listener = f"smtpd_endpoints = tcp:{free_port()}:interface=127.0.0.1\n"
+        daemon = self.start_daemon(self.write_config(f"relayagent_workers = 2\nmaillog_file =\n{listener}"),
+                                   "--logfile", path)
         await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= len(expected), 60,
                             "the queue to empty")
         sent = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d\d:\d\d \S+ relayagent/smtp\[\d+\]: ([0-9A-V]{16}): "
@@ -120,6 +124,13 @@ class WorkersTests(DaemonTestCase):
         self.assertIn("worker 1 started: pid", open(path).read())
         daemon.send_signal(signal.SIGTERM)
         await self.wait_for(lambda: daemon.poll() is not None, 60, "the daemon to stop")
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+        # The shared listener's lines once (worker 0's), and an orderly
+        # stop is not reported as worker 0's death.
+        self.assertEqual(len(re.findall(r"ListenerFactory starting on \d+", text)), 1, text)
+        self.assertEqual(len(re.findall(r"\(TCP Port \d+ Closed\)", text)), 1, text)
+        self.assertNotIn("the parent process is gone", text)
 
     async def test_flush_reaches_the_child_worker(self) -> None:
         await self.start_sink()

@@ -70,6 +70,7 @@ SYNOPSIS
     ralog.log_pickup(log, queue_id, uid, sender); ralog.log_message_id(log, queue_id, message_id)
     TwistdLogObserver(out, hostname=..., program=...); SyslogObserver(facility="mail", program=...)
     is_query_port_chatter(event)           # Twisted's lines of a DNS query's port: not in twistd's log
+    TwistdLogObserver(out, skip=is_shared_listener_chatter)   # a worker's: worker 0 logs its listeners
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
     DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
@@ -1121,8 +1122,12 @@ class TwistdLogObserver(_Writer):
         hostname: str = "localhost",
         program: str = "relayagent/smtp",
         pid: int | None = None,
+        skip: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> None:
         super().__init__(_Pending(out), flush_later)  # type: ignore[arg-type]
+        # Events left out besides the DNS query ports' (a worker's: its
+        # shared listeners' lines).
+        self._skip = skip
         self.out = out
         self._resolution = resolution
         self._time_format = time_format
@@ -1167,6 +1172,8 @@ class TwistdLogObserver(_Writer):
 
     def _lines(self, event: Mapping[str, Any]) -> str:
         if event.get("log_namespace") == "log_legacy" and is_query_port_chatter(event):
+            return ""
+        if self._skip is not None and self._skip(event):
             return ""
         postfix = False
         # A Postfix line's text known to be one printable line (no
@@ -1223,6 +1230,22 @@ def is_query_port_chatter(event: Mapping[str, Any]) -> bool:
     return isinstance(text, str) and _UDP_PORT_CHATTER.fullmatch(text) is not None
 
 
+# tcp.Port's lines for the listening sockets a worker adopts from worker
+# 0 ("ListenerFactory starting on 10587", "(TCP Port 10587 Closed)"):
+# worker 0 writes them once for the socket they all share.
+_TCP_PORT_CHATTER = re.compile(r"\(TCP Port \d+ Closed\)|\w+ starting on \d+")
+
+
+def is_shared_listener_chatter(event: Mapping[str, Any]) -> bool:
+    """Whether ``event`` is Twisted's line about a TCP port opening or
+    closing, which a worker's observers leave out: its only TCP ports are
+    the listening sockets worker 0 already logged."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    return isinstance(text, str) and _TCP_PORT_CHATTER.fullmatch(text) is not None
+
+
 def _rfc3339_colon(stamp: str) -> str:
     """``...+0000`` -> ``...+00:00``: RFC 3339's offset has a colon
     (twistd's ``timeFormatRFC3339`` writes none, and pflogsumm reads only
@@ -1267,8 +1290,10 @@ class SyslogObserver:
         address: str = "/dev/log",
         pid: int | None = None,
         resolution: int = 2,
+        skip: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> None:
         self._facility = SYSLOG_FACILITIES[facility] * 8
+        self._skip = skip  # as TwistdLogObserver's
         self.program = self._program = _clean(program)
         self._address = address
         self._pid = os.getpid() if pid is None else pid
@@ -1302,6 +1327,8 @@ class SyslogObserver:
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         if event.get("log_namespace") == "log_legacy" and is_query_port_chatter(event):
+            return
+        if self._skip is not None and self._skip(event):
             return
         try:
             if event.get("ralog_event") or (
@@ -1602,6 +1629,7 @@ __all__ = [
     "give_back_mail_events",
     "inherited_descriptor",
     "is_query_port_chatter",
+    "is_shared_listener_chatter",
     "log_bounce_notice",
     "log_client",
     "log_connect",

@@ -169,7 +169,10 @@ FLUSH = "flush"
 # (relayagent.master.reload).
 RELOAD = "reload"
 LOGROTATE = "logrotate"
-COMMANDS = (WAKEUP, FLUSH, RELOAD, LOGROTATE)
+# Worker 0's last line before it closes a link at its own stop: the end
+# of file that follows is a request, not worker 0's death.
+STOP = "stop"
+COMMANDS = (WAKEUP, FLUSH, RELOAD, LOGROTATE, STOP)
 # A line of twistd's log from a worker, for worker 0 to write: "log TEXT"
 # (one per line of text; a continuation line keeps its tab).
 LOG_PREFIX = "log "
@@ -423,13 +426,14 @@ class _Lines(Protocol):
 
 class ParentLink(LineOnlyReceiver):
     """A worker's link to worker 0: its commands in, ``wakeup`` out;
-    ``on_gone`` when worker 0 closes the link or dies."""
+    ``on_gone(announced)`` when worker 0 closes the link (``announced``:
+    after a ``stop`` line, at worker 0's own stop) or dies."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
     def __init__(self, queue_manager: Callable[[], Any], clock: Any,
-                 on_gone: Callable[[], object],
+                 on_gone: Callable[[bool], object],
                  on_command: Callable[[str], object] | None = None) -> None:
         # queue_manager: a callable, since the service makes it at start.
         self._queue_manager = queue_manager
@@ -438,6 +442,7 @@ class ParentLink(LineOnlyReceiver):
         self._on_command = on_command
         self._sender = _LineSender(clock, self._write)
         self.gone = False
+        self.stop_announced = False
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.gone:
@@ -453,6 +458,9 @@ class ParentLink(LineOnlyReceiver):
         queue_manager = self._queue_manager()
         if command not in COMMANDS:
             ralog.log_warning(log, f"unknown command from the parent process: {command!r}")
+            return
+        if command == STOP:
+            self.stop_announced = True  # the end of file follows
             return
         if command in (RELOAD, LOGROTATE):
             if self._on_command is not None:
@@ -474,7 +482,7 @@ class ParentLink(LineOnlyReceiver):
             return
         self.gone = True
         self._sender.cancel()
-        self._on_gone()
+        self._on_gone(self.stop_announced)
 
 
 class LogToWorkerZero:
@@ -531,9 +539,16 @@ class WorkerRuntime:
                 self._stopping = succeed(None)
         return self._stopping
 
-    def parent_gone(self) -> None:
-        """End of file on the link: stop, as on SIGTERM."""
-        log.info("the parent process is gone: stopping")
+    def parent_gone(self, announced: bool = False) -> None:
+        """End of file on the link: stop, as on SIGTERM.  Said in the
+        log only when nothing else explains it: not at worker 0's own
+        stop (``announced``), nor when this worker was already stopping
+        (its own SIGINT or SIGTERM, a ^C on the terminal, closes the
+        link), but when worker 0 died or was killed."""
+        if self._stopping is not None:
+            return  # already stopping: the link closed with the reactor
+        if not announced:
+            log.info("the parent process is gone: stopping")
         if self.reactor.running:
             self.reactor.stop()  # runs stop_service first (a shutdown trigger)
         else:
@@ -851,6 +866,7 @@ class WorkerPool:
             if child.sender is not None:
                 child.sender.cancel()
             if child.link is not None and child.link.transport is not None:
+                child.link.transport.write(f"{STOP}\n".encode("ascii"))
                 child.link.transport.loseWriteConnection()
         waiting = [child for child in self.children.values() if child.ended is not None]
 
