@@ -367,13 +367,13 @@ class TwistdLogObserverTests(unittest.TestCase):
         # A worker adopts worker 0's listening sockets: Twisted's lines
         # for them would repeat worker 0's, once a worker.
         out = io.StringIO()
-        observer = ralog.TwistdLogObserver(out, skip=ralog.is_shared_listener_chatter)
+        observer = ralog.TwistdLogObserver(out, skip=ralog.is_worker_port_chatter)
         for event in legacy_events([*PORT_LINES, "ListenerFactory starting on 10587 again"]):
             observer(event)
         written = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
         self.assertEqual(written, ["(UDP Port 35029 Closed) and more", "ListenerFactory starting on 10587 again"])
         # Only Twisted's legacy lines: the same text from a logger stays.
-        self.assertFalse(ralog.is_shared_listener_chatter(
+        self.assertFalse(ralog.is_worker_port_chatter(
             {"log_namespace": "relayagent.master", "log_text": "(TCP Port 10587 Closed)"}))
 
     def test_relayagent_warnings_read_as_postfix(self) -> None:
@@ -794,7 +794,7 @@ class SyslogObserverTests(unittest.TestCase):
         self.assertEqual(received, [*PORT_LINES_KEPT, "the end"])
 
     def test_a_workers_observer_leaves_out_its_shared_listeners(self) -> None:
-        observer = ralog.SyslogObserver(address=self.address, pid=1, skip=ralog.is_shared_listener_chatter)
+        observer = ralog.SyslogObserver(address=self.address, pid=1, skip=ralog.is_worker_port_chatter)
         self.addCleanup(observer.close)
         for event in legacy_events([*PORT_LINES, "the end"]):
             observer(event)

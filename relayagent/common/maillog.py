@@ -70,7 +70,7 @@ SYNOPSIS
     ralog.log_pickup(log, queue_id, uid, sender); ralog.log_message_id(log, queue_id, message_id)
     TwistdLogObserver(out, hostname=..., program=...); SyslogObserver(facility="mail", program=...)
     is_query_port_chatter(event)           # Twisted's lines of a DNS query's port: not in twistd's log
-    TwistdLogObserver(out, skip=is_shared_listener_chatter)   # a worker's: worker 0 logs its listeners
+    TwistdLogObserver(out, skip=is_worker_port_chatter)   # a worker's: worker 0 logs its listeners
     maillog = MailLog(config, out, clock=..., flush_later=...); maillog.start()
     observers = make_observers(config, out, verbose=False)
     DebugPeers(level, patterns, base_dir=...).level_for(nexthop, host, address)
@@ -1093,6 +1093,42 @@ def _is_relayagents(namespace: object) -> bool:
     return isinstance(namespace, str) and (namespace == "relayagent" or namespace.startswith("relayagent."))
 
 
+# The lines Twisted's udp.Port writes, always, when it opens and closes
+# a port: the DNS resolver opens one for each query (a random source
+# port; relayagent.smtp.dnsclient), and relayagent listens on no other
+# UDP port.
+_UDP_PORT_CHATTER = re.compile(r"\(UDP Port \d+ Closed\)|\w*DatagramProtocol starting on \d+")
+# And tcp.Port's for the listening sockets a worker adopts from worker 0
+# ("ListenerFactory starting on 10587", "(TCP Port 10587 Closed)"):
+# worker 0 writes them once for the socket they all share.
+_WORKER_PORT_CHATTER = re.compile(rf"{_UDP_PORT_CHATTER.pattern}|\(TCP Port \d+ Closed\)|\w+ starting on \d+")
+
+
+def _is_twisted_line(event: Mapping[str, Any], pattern: re.Pattern[str]) -> bool:
+    """Whether ``event`` is a line of Twisted's legacy ``log.msg`` whose
+    whole text ``pattern`` matches."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    return isinstance(text, str) and pattern.fullmatch(text) is not None
+
+
+def is_query_port_chatter(event: Mapping[str, Any]) -> bool:
+    """Whether ``event`` is one of Twisted's two lines about a DNS
+    query's UDP port ("DNSDatagramProtocol starting on 35029", "(UDP
+    Port 35029 Closed)"), two for each query, which Postfix's log does
+    not have: relayagent's observers of twistd's log (its file, syslog)
+    leave them out."""
+    return _is_twisted_line(event, _UDP_PORT_CHATTER)
+
+
+def is_worker_port_chatter(event: Mapping[str, Any]) -> bool:
+    """``is_query_port_chatter``, and Twisted's lines about a TCP port
+    opening or closing: what a worker's observers leave out, since its
+    only TCP ports are the listening sockets worker 0 already logged."""
+    return _is_twisted_line(event, _WORKER_PORT_CHATTER)
+
+
 @implementer(ILogObserver)
 class TwistdLogObserver(_Writer):
     """twistd's log, with relayagent's lines as Postfix writes them to
@@ -1122,11 +1158,11 @@ class TwistdLogObserver(_Writer):
         hostname: str = "localhost",
         program: str = "relayagent/smtp",
         pid: int | None = None,
-        skip: Callable[[Mapping[str, Any]], bool] | None = None,
+        skip: Callable[[Mapping[str, Any]], bool] = is_query_port_chatter,
     ) -> None:
         super().__init__(_Pending(out), flush_later)  # type: ignore[arg-type]
-        # Events left out besides the DNS query ports' (a worker's: its
-        # shared listeners' lines).
+        # Twisted's lines left out: the DNS query ports' (a worker's: its
+        # shared listeners' too, is_worker_port_chatter).
         self._skip = skip
         self.out = out
         self._resolution = resolution
@@ -1171,9 +1207,7 @@ class TwistdLogObserver(_Writer):
         return text
 
     def _lines(self, event: Mapping[str, Any]) -> str:
-        if event.get("log_namespace") == "log_legacy" and is_query_port_chatter(event):
-            return ""
-        if self._skip is not None and self._skip(event):
+        if self._skip(event):
             return ""
         postfix = False
         # A Postfix line's text known to be one printable line (no
@@ -1211,39 +1245,6 @@ class TwistdLogObserver(_Writer):
         if "\n" in line:
             line = line.replace("\n", "\n\t")
         return line + "\n"
-
-
-# The lines Twisted's udp.Port writes, always, when it opens and closes
-# a port: the DNS resolver opens one for each query (a random source
-# port; relayagent.smtp.dnsclient), and relayagent listens on no other
-# UDP port.
-_UDP_PORT_CHATTER = re.compile(r"\(UDP Port \d+ Closed\)|\w*DatagramProtocol starting on \d+")
-
-
-def is_query_port_chatter(event: Mapping[str, Any]) -> bool:
-    """Whether ``event`` is one of Twisted's two lines about a DNS
-    query's UDP port ("DNSDatagramProtocol starting on 35029", "(UDP
-    Port 35029 Closed)"), two for each query, which Postfix's log does
-    not have: relayagent's observers of twistd's log (its file, syslog)
-    leave them out."""
-    text = event.get("log_text")
-    return isinstance(text, str) and _UDP_PORT_CHATTER.fullmatch(text) is not None
-
-
-# tcp.Port's lines for the listening sockets a worker adopts from worker
-# 0 ("ListenerFactory starting on 10587", "(TCP Port 10587 Closed)"):
-# worker 0 writes them once for the socket they all share.
-_TCP_PORT_CHATTER = re.compile(r"\(TCP Port \d+ Closed\)|\w+ starting on \d+")
-
-
-def is_shared_listener_chatter(event: Mapping[str, Any]) -> bool:
-    """Whether ``event`` is Twisted's line about a TCP port opening or
-    closing, which a worker's observers leave out: its only TCP ports are
-    the listening sockets worker 0 already logged."""
-    if event.get("log_namespace") != "log_legacy":
-        return False
-    text = event.get("log_text")
-    return isinstance(text, str) and _TCP_PORT_CHATTER.fullmatch(text) is not None
 
 
 def _rfc3339_colon(stamp: str) -> str:
@@ -1290,7 +1291,7 @@ class SyslogObserver:
         address: str = "/dev/log",
         pid: int | None = None,
         resolution: int = 2,
-        skip: Callable[[Mapping[str, Any]], bool] | None = None,
+        skip: Callable[[Mapping[str, Any]], bool] = is_query_port_chatter,
     ) -> None:
         self._facility = SYSLOG_FACILITIES[facility] * 8
         self._skip = skip  # as TwistdLogObserver's
@@ -1326,9 +1327,7 @@ class SyslogObserver:
             self._socket = None
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        if event.get("log_namespace") == "log_legacy" and is_query_port_chatter(event):
-            return
-        if self._skip is not None and self._skip(event):
+        if self._skip(event):
             return
         try:
             if event.get("ralog_event") or (
@@ -1629,7 +1628,7 @@ __all__ = [
     "give_back_mail_events",
     "inherited_descriptor",
     "is_query_port_chatter",
-    "is_shared_listener_chatter",
+    "is_worker_port_chatter",
     "log_bounce_notice",
     "log_client",
     "log_connect",

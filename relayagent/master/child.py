@@ -102,12 +102,12 @@ def run(service: Any, index: int, link: socket.socket, lock_fd: int,
         # Each worker sends its own lines to syslog, with its own pid.
         twistd_log = ralog.SyslogObserver(facility=settings.syslog_facility, program=program,
                                           resolution=settings.delay_logging_resolution_limit,
-                                          skip=ralog.is_shared_listener_chatter)
+                                          skip=ralog.is_worker_port_chatter)
     else:
         twistd_log = ralog.TwistdLogObserver(
             out, resolution=settings.delay_logging_resolution_limit,
             flush_later=ralog.after_this_turn(reactor), hostname=settings.myhostname,
-            program=program, skip=ralog.is_shared_listener_chatter)
+            program=program, skip=ralog.is_worker_port_chatter)
     log_to_stderr(twistd_log)
     adopt(reactor, link, parent)
     try:
