@@ -66,9 +66,12 @@ class PortTurns:
     def candidates(self) -> Iterator[int]:
         """Each port of the range once, each taken from where the last
         call left off (nothing, where the range is unknown)."""
-        for _ in range(len(self.ports) if self.ports is not None else 0):
+        ports = self.ports
+        if ports is None:
+            return
+        for _ in range(len(ports)):
             with self._lock:
-                port = self.ports[self._next % len(self.ports)]  # type: ignore[index]
+                port = ports[self._next % len(ports)]
                 self._next += 1
             yield port
 
