@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import email.utils
 import errno
+import importlib
 import io
 import ipaddress
 import itertools
@@ -71,8 +72,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from relayagent.common.config import Config, ConfigError, Settings
-from relayagent.common.envelope import Notify, Recipient, Ret, address_problem
-from relayagent.spool import CorruptQueueFile, LocalSubmission, Spool, is_queue_id, space
+from relayagent.common.envelope import ATEXT, LDH, LET_DIG, Notify, Recipient, Ret, address_problem
+from relayagent.spool import CorruptQueueFile, LocalSubmission, Spool, is_queue_id, space, trigger
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 
 EX_OK = 0
@@ -127,17 +128,13 @@ class _Parser(argparse.ArgumentParser):
 def notify_queue_manager(config: Config, command: str = "wakeup") -> bool:
     """Wake the queue manager: ``wakeup`` (new mail) or ``flush``.
 
-    Sends the AMP command (``relayagent.spool.control``: Wakeup or Flush) on the
+    Sends the AMP command (``relayagent.spool.trigger``: Wakeup or Flush) on the
     UNIX socket ``$queue_directory/public/qmgr`` and waits briefly for the
     answer.  Any error is ignored (the daemon may not be running; the mail
     waits in the queue for it, and the daemon polls incoming/); the result
     says whether a daemon answered.
     """
-    # Lazily: the trigger socket's AMP imports pyOpenSSL, which sendmail's
-    # start-up does not need before it has queued the message.
-    from relayagent.spool import control
-
-    return control.trigger(CommandSettings.from_config(config).queue_directory, command)
+    return trigger.trigger(CommandSettings.from_config(config).queue_directory, command)
 
 
 # The hook sendmail and flush call; a test or an embedding program may
@@ -208,14 +205,33 @@ def register(command: Command) -> Command:
     return command
 
 
+def _imported_when_run(
+    module: str,
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[Context, argparse.Namespace], int]]:
+    """A command kept in ``module`` (its ``configure_parser`` and
+    ``run_command``), imported only when that command is run.  transfer
+    drives Twisted's SMTP client and import-twisted-queue twisted.mail's
+    queue: importing them here would make every ``sendmail`` and ``mailq``
+    load the whole SMTP client first (0.2 s of CPU for each message a
+    script submits, against Postfix's sendmail binary's few
+    milliseconds)."""
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).configure_parser(parser)
+
+    def run(context: Context, args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run_command(context, args))
+
+    return configure, run
+
+
 # ---------------------------------------------------------------------------
 # Addresses
 
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
-_DOT_ATOM_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_DOT_ATOM_RE = re.compile(rf"{ATEXT}+(?:\.{ATEXT}+)*")
 _QUOTED_RE = re.compile(r'"(?:[^"\\\r\n]|\\[^\r\n])*"')
-_LABEL_RE = re.compile(r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?")
+_LABEL_RE = re.compile(rf"{LET_DIG}(?:{LDH}*{LET_DIG})?")
 
 
 class AddressError(ValueError):
@@ -1090,14 +1106,12 @@ EX_NOPERM = 77
 def _ask_daemon(context: Context, command: str) -> tuple[bool, str]:
     """The daemon's answer to ``command`` on the trigger socket, found
     as ``flush`` finds it; "mail system is down" when none answers."""
-    from relayagent.spool import control
-
     directory = CommandSettings.from_config(context.config).queue_directory
     try:
-        answer = control.ask(directory, command)
+        answer = trigger.ask(directory, command)
     except PermissionError:
         raise Failure(EX_NOPERM, f"{command}: permission denied: only the mail system's user "
-                      f"and root may use {control.socket_path(directory)}") from None
+                      f"and root may use {trigger.socket_path(directory)}") from None
     if answer is None:
         raise Failure(EX_UNAVAILABLE, f"fatal: {command}: the mail system is down")
     return answer
@@ -1127,21 +1141,17 @@ register(Command("logrotate", "reopen maillog_file in the running daemon (as SIG
 # ---------------------------------------------------------------------------
 # import-twisted-queue (relayagent.smtpd.importqueue)
 
-from relayagent.smtpd import importqueue  # noqa: E402 - kept next to its table entry
-
 register(Command("import-twisted-queue",
                  "move a twisted.mail relay queue (-H/-D files) into the spool, never unpickling",
-                 importqueue.configure_parser, importqueue.run_command))
+                 *_imported_when_run("relayagent.smtpd.importqueue")))
 
 
 # ---------------------------------------------------------------------------
 # transfer (relayagent.qmgr.transfer)
 
-from relayagent.qmgr import transfer  # noqa: E402 - kept next to its table entry
-
 register(Command("transfer",
                  "hand queued messages to another relayagent's listener over authenticated SMTP",
-                 transfer.configure_parser, transfer.run_command))
+                 *_imported_when_run("relayagent.qmgr.transfer")))
 
 
 # ---------------------------------------------------------------------------

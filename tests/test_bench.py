@@ -1,7 +1,8 @@
 """
 bench/drain.py's argument parsing and the helpers of its backlog workload
 (``--backlog``): what they compute, on given inputs; bench/lightsink.py's
-sessions on a fake connection.  Nothing here starts a daemon or a sink,
+sessions on a fake connection; bench/submit.py's loop over a stand-in
+command.  Nothing here starts a daemon or a sink,
 and nothing is timed (benchmarks measure; tests do not).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
 import sys
 
 from twisted.trial import unittest
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import drain  # noqa: E402  (bench/ on sys.path)
 import lightsink  # noqa: E402
+import submit  # noqa: E402
 
 
 def parse(*argv: str):
@@ -312,3 +315,26 @@ class SinkCountTests(unittest.TestCase):
         to the one before (a ValueError once stopped a benchmark run)."""
         self.assertEqual(self.counted(b"mesg=41\rmesg=42\rmesg="), 42)
         self.assertEqual(self.counted(b"mesg="), 0)
+
+
+class SubmitTests(unittest.TestCase):
+    def test_each_message_goes_to_one_process(self) -> None:
+        # A stand-in for sendmail that appends what it reads to a file.
+        out = os.path.abspath(self.mktemp())  # the loop runs it in the repository
+        command = [sys.executable, "-c", f"import sys; open({out!r}, 'ab').write(sys.stdin.buffer.read() + b'\\0')"]
+        result = submit.submit_all(command, 3, 100)
+        with open(out, "rb") as handle:
+            messages = handle.read().split(b"\0")[:-1]
+        self.assertEqual(len(messages), 3)
+        self.assertEqual(len({message for message in messages}), 3)
+        self.assertTrue(all(b"Subject:" in message and len(message) >= 100 for message in messages))
+        self.assertGreater(result["cpu"], 0)
+        self.assertLessEqual(result["median"], result["p90"])
+        self.assertLessEqual(result["p90"], result["seconds"])
+
+    def test_relayagent_runs_from_the_checkout(self) -> None:
+        command = submit.relayagent_command()
+        done = subprocess.run([*command, "--version"], cwd=drain.ROOT, capture_output=True, timeout=60)
+        from relayagent import __version__
+
+        self.assertEqual((done.returncode, done.stdout), (0, f"relayagent {__version__}\n".encode()))

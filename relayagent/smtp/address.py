@@ -25,11 +25,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from relayagent.common.envelope import Envelope, Recipient, address_problem
+from relayagent.common.envelope import ATEXT, Envelope, Recipient, address_problem
 
 # RFC 5321 Dot-string; with RFC 6531 any non-ASCII character is atext too.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]"
-_DOT_ATOM_RE = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
+_DOT_ATOM_RE = re.compile(rf"^{ATEXT}+(\.{ATEXT}+)*$")
 
 # What xtext (RFC 3461 4) leaves alone: "!" to "~" but "+" and "=".
 _XCHAR_RE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*")

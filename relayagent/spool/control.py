@@ -20,35 +20,26 @@ The server side is ``ControlFactory(queue_manager, on_command)``
 user may trigger it.  A trigger is a hint, never a requirement: the
 queue manager also polls, so a lost trigger only delays mail.
 
-``trigger(queue_directory, command)`` is the client, deliberately
-blocking and free of the reactor so a command-line program can call it
-after enqueuing: it writes one AMP box on a plain socket, waits (briefly)
-for the answer, and returns False, quietly, when no daemon listens.
+The client is ``relayagent.spool.trigger`` (``trigger``, ``ask``, the
+spool's lock), deliberately blocking, free of the reactor and of Twisted
+so that a command-line program can call it after enqueuing; its names
+are said here too, for the daemon's side.
 
 SYNOPSIS
 
     port = listen(reactor, queue_directory, queue_manager)   # the daemon
-    trigger(queue_directory, "wakeup")     # or "flush"; True when answered
-    ask(queue_directory, "reload")         # or "logrotate": (ok, text), None when down
     class Client(QuietAMP): ...           # AMP without its two lines per connection
-    lock = lock_spool(queue_directory); spool_locked(...), daemon_running(...)
+    trigger, ask, lock_spool, spool_locked, daemon_running, socket_path  # relayagent.spool.trigger's
 
 DIAGNOSTICS: ``listen`` raises ``DaemonRunning`` when the socket path is
-not a socket or another queue manager listens on it; ``lock_spool``
-raises ``DaemonRunning`` when another daemon holds ``master.lock`` and
-``OSError`` when the lock is not a regular file.  ``trigger`` returns
-False when no daemon answers and raises ``ValueError`` for a command
-other than wakeup or flush.
+not a socket or another queue manager listens on it.
 
 Owns no parameters; reads queue_directory (through its callers).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import socket
 import stat
 from collections.abc import Callable
 from typing import Any
@@ -57,18 +48,31 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from relayagent.spool import trigger as _client
+from relayagent.spool.trigger import (  # noqa: F401 - the client's names, said here too
+    CLIENT_TIMEOUT,
+    LOCK_NAME,
+    PUBLIC,
+    SOCKET_NAME,
+    DaemonRunning,
+    answers,
+    ask,
+    daemon_running,
+    lock_spool,
+    socket_path,
+    spool_locked,
+    trigger,
+)
+
 log = Logger(namespace="relayagent.spool.control")
 
-SOCKET_NAME = "qmgr"
-PUBLIC = "public"
 SOCKET_MODE = 0o600
-# How long the client waits for the daemon's answer: a busy daemon still
-# answers in milliseconds; a wedged one must not hang ``sendmail``.
-CLIENT_TIMEOUT = 2.0
 
 
 class Wakeup(amp.Command):
     """New mail in incoming/."""
+
+    commandName = _client.WAKEUP
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = []
@@ -78,6 +82,8 @@ class Wakeup(amp.Command):
 class Flush(amp.Command):
     """Retry the deferred queue now."""
 
+    commandName = _client.FLUSH
+
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = []
     requiresAnswer = True
@@ -86,6 +92,8 @@ class Flush(amp.Command):
 class Reload(amp.Command):
     """Re-read main.cf and the tables; ``ok`` false when refused."""
 
+    commandName = _client.RELOAD
+
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
     requiresAnswer = True
@@ -93,6 +101,8 @@ class Reload(amp.Command):
 
 class Logrotate(amp.Command):
     """Reopen maillog_file."""
+
+    commandName = _client.LOGROTATE
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
@@ -103,11 +113,6 @@ COMMANDS: dict[str, type[amp.Command]] = {"wakeup": Wakeup, "flush": Flush}
 # The commands with an answer (``ask``), done by the service's on_command.
 ANSWERED: dict[str, type[amp.Command]] = {"reload": Reload, "logrotate": Logrotate}
 OnCommand = Callable[[str], tuple[bool, str]]
-
-
-def socket_path(queue_directory: str) -> str:
-    """Where the trigger socket lives under a queue directory."""
-    return os.path.join(queue_directory, PUBLIC, SOCKET_NAME)
 
 
 class QuietAMP(amp.AMP):
@@ -195,10 +200,6 @@ def listen(reactor: Any, queue_directory: str, queue_manager: Any,
     return reactor.listenUNIX(path, ControlFactory(queue_manager, on_command), mode=SOCKET_MODE)
 
 
-class DaemonRunning(Exception):
-    """Another queue manager answers on the trigger socket."""
-
-
 def _remove_stale_socket(path: str) -> None:
     """Remove a socket left by a dead daemon; refuse to steal a live one's.
 
@@ -211,160 +212,7 @@ def _remove_stale_socket(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise DaemonRunning(f"{path} exists and is not a socket")
-    if not _answers(path):
+    if not answers(path):
         os.unlink(path)  # nobody listens: stale
         return
     raise DaemonRunning(f"another queue manager is listening on {path}")
-
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-LOCK_NAME = "master.lock"
-
-
-def lock_spool(queue_directory: str) -> int:
-    """Take the spool's daemon lock; the descriptor holds it until closed.
-
-    An ``flock`` on ``$queue_directory/master.lock``: unlike the trigger
-    socket it holds whatever the length of the path, and across a chroot
-    and a privilege drop (the descriptor is taken before).  The file is
-    empty and opened read-only, so a root-made one still locks for an
-    unprivileged daemon.  Raises ``DaemonRunning`` when another process
-    holds it, ``OSError`` when the name is a link (never followed: root
-    would create or lock its target) or not a regular file (a FIFO would
-    block the start).
-    """
-    path = os.path.join(queue_directory, LOCK_NAME)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DaemonRunning(f"another relayagent daemon holds {path}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def spool_locked(queue_directory: str) -> bool:
-    """Whether a daemon holds this spool's lock (for a friendly early check)."""
-    try:
-        os.close(lock_spool(queue_directory))
-    except DaemonRunning:
-        return True
-    except OSError:
-        return False  # no spool yet, or not ours to lock: start-up will say
-    return False
-
-
-def daemon_running(queue_directory: str) -> bool:
-    """Whether a queue manager answers on this spool's trigger socket."""
-    return _answers(socket_path(queue_directory))
-
-
-def trigger(queue_directory: str, command: str = "wakeup", *, timeout: float = CLIENT_TIMEOUT) -> bool:
-    """Send ``command`` ("wakeup" or "flush") to a running daemon.
-
-    Blocking, for command-line use.  True when the daemon answered;
-    False when none listens or it did not answer in time (the daemon
-    polls anyway, so the caller need not care).
-    """
-    command_class = COMMANDS.get(command.lower())
-    if command_class is None:
-        raise ValueError(f"unknown queue manager command: {command!r} (expected wakeup or flush)")
-    box = amp.AmpBox(_command=command_class.commandName, _ask=b"1")
-    path = socket_path(queue_directory)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            sock.sendall(box.serialize())
-            return _read_answer(sock)
-        except OSError:
-            return False
-    finally:
-        sock.close()
-
-
-def ask(queue_directory: str, command: str, *, timeout: float = 30.0) -> tuple[bool, str] | None:
-    """Send ``command`` ("reload" or "logrotate") to a running daemon and
-    return its answer, ``(ok, text)``; None when no daemon listens.
-    Blocking, for command-line use.  Raises ``PermissionError`` when the
-    socket is not this user's to use (only the mail system's user and
-    root may), ``ValueError`` for another command."""
-    command_class = ANSWERED.get(command.lower())
-    if command_class is None:
-        raise ValueError(f"unknown daemon command: {command!r} (expected reload or logrotate)")
-    box = amp.AmpBox(_command=command_class.commandName, _ask=b"1")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(socket_path(queue_directory))
-        except PermissionError:
-            raise
-        except OSError:
-            return None
-        try:
-            sock.sendall(box.serialize())
-            data = b""
-            answer = None
-            while answer is None:
-                chunk = sock.recv(4096)
-                if not chunk or len(data) > 65536:
-                    return None
-                data += chunk
-                answer = _parse_box(data)
-        except OSError:
-            return None
-    finally:
-        sock.close()
-    if b"_answer" not in answer:
-        return None
-    return answer.get(b"ok") == b"True", answer.get(b"text", b"").decode("utf-8", "replace")
-
-
-def _parse_box(data: bytes) -> dict[bytes, bytes] | None:
-    """One AMP box (keys and values, each after a 16-bit length, ended
-    by an empty key); None when it is cut short."""
-    box: dict[bytes, bytes] = {}
-    at = 0
-    while at + 2 <= len(data):
-        size = int.from_bytes(data[at:at + 2], "big")
-        at += 2
-        if size == 0:
-            return box
-        key = data[at:at + size]
-        at += size
-        value_size = int.from_bytes(data[at:at + 2], "big")
-        at += 2
-        box[key] = data[at:at + value_size]
-        at += value_size
-    return None
-
-
-def _read_answer(sock: socket.socket) -> bool:
-    """Read one AMP box; True when it answers our question."""
-    data = b""
-    while not data.endswith(b"\x00\x00") or len(data) < 2:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return False
-        data += chunk
-        if len(data) > 65536:
-            return False
-    return b"_answer" in data and b"_error" not in data

@@ -84,9 +84,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
-
-from twisted.logger import Logger
+from typing import TYPE_CHECKING, BinaryIO
 
 from relayagent.common.config import Config, Settings
 from relayagent.common.durable import fsync_directory
@@ -103,6 +101,9 @@ from relayagent.spool.queuefile import (
 )
 from relayagent.spool.queueid import QueueIdGenerator, is_queue_id, queue_id_pid
 from relayagent.spool.tlsrequired import TLSRequiredScanner, has_tls_required_no
+
+if TYPE_CHECKING:
+    from twisted.logger import Logger
 
 INCOMING = "incoming"
 ACTIVE = "active"
@@ -134,7 +135,22 @@ StrayReport = Callable[[str, str, str], None]
 # write), and a bound on what one SMTP session holds.
 MESSAGE_MEMORY_LIMIT = 128 * 1024
 
-log = Logger(namespace="relayagent.spool")
+
+
+# The spool's Logger, made at its first line (``_logger``): the spool is
+# also the sendmail command's, which logs nothing, and importing Twisted's
+# logging at each start (30 ms) would double what one ``sendmail`` costs.
+# A test may put a Logger of its own here.
+log: Logger | None = None
+
+
+def _logger() -> Logger:
+    global log
+    if log is None:
+        from twisted.logger import Logger
+
+        log = Logger(namespace="relayagent.spool")
+    return log
 
 
 @dataclass(frozen=True)
@@ -628,7 +644,7 @@ class Spool:
         """Move an unreadable file to ``corrupt/`` and log why."""
         self.move(queue_id, queue, CORRUPT)
         # The level makes the "warning: " of the line (logging.render).
-        log.warn(
+        _logger().warn(
             "{queue_id}: corrupt queue file moved from {queue} to corrupt: {reason}",
             queue_id=queue_id,
             queue=queue,
