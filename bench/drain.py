@@ -422,6 +422,20 @@ def twistd(config_path: str, workdir: str) -> Iterator[subprocess.Popen]:
         log.close()
 
 
+@contextlib.contextmanager
+def work_directory(prefix: str, keep: bool) -> Iterator[str]:
+    """A temporary directory for one run, removed afterwards, or kept
+    (``--keep``) and its path printed."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def wait_until(predicate, timeout: float, process: subprocess.Popen | None = None,
                interval: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
@@ -1191,8 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backlog and not os.path.exists(SMTP_SOURCE):
         print("drain: smtp-source is not installed (Debian package postfix)", file=sys.stderr)
         return 69
-    workdir = tempfile.mkdtemp(prefix="relayagent-drain-")
-    try:
+    with work_directory("relayagent-drain-", args.keep) as workdir:
         if args.latency:
             run_latency(args, workdir)
             return 0
@@ -1221,11 +1234,6 @@ def main(argv: list[str] | None = None) -> int:
                 print("ratio relayagent/postfix: not computed, a run did not complete")
                 return 1
         return 0
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

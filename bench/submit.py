@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -143,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("submit: --vs-postfix needs root and Debian's postfix", file=sys.stderr)
         return 69
     drain.prepare_bytecode()
-    workdir = tempfile.mkdtemp(prefix="relayagent-submit-")
-    try:
+    with drain.work_directory("relayagent-submit-", args.keep) as workdir:
         print(f"workload: {args.messages} messages of {args.size} bytes, one sendmail process each, "
               f"in turn; load average {os.getloadavg()[0]:.2f}", flush=True)
         os.makedirs(os.path.join(workdir, "relayagent"))
@@ -158,11 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         report("postfix", theirs, args.messages)
         print(f"ratio relayagent/postfix (submission time): {theirs['seconds'] / ours['seconds']:.2f}")
         return 0 if ours["taken_in"] is not None and theirs["taken_in"] is not None else 1
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,16 @@ class SubmitTests(unittest.TestCase):
         from relayagent import __version__
 
         self.assertEqual((done.returncode, done.stdout), (0, f"relayagent {__version__}\n".encode()))
+
+
+class WorkDirectoryTests(unittest.TestCase):
+    def test_removed_unless_kept(self) -> None:
+        with drain.work_directory("relayagent-test-", keep=False) as removed:
+            self.assertTrue(os.path.isdir(removed))
+        self.assertFalse(os.path.exists(removed))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), drain.work_directory("relayagent-test-", keep=True) as kept:
+            pass
+        self.addCleanup(os.rmdir, kept)
+        self.assertTrue(os.path.isdir(kept))
+        self.assertEqual(out.getvalue(), f"work directory kept: {kept}\n")

@@ -134,23 +134,16 @@ def trigger(queue_directory: str, command: str = "wakeup", *, timeout: float = C
     """Send ``command`` ("wakeup" or "flush") to a running daemon.
 
     Blocking, for command-line use.  True when the daemon answered;
-    False when none listens or it did not answer in time (the daemon
-    polls anyway, so the caller need not care).
+    False when none listens, it is not ours to use or it did not answer
+    in time (the daemon polls anyway, so the caller need not care).
     """
     name = TRIGGERS.get(command.lower())
     if name is None:
         raise ValueError(f"unknown queue manager command: {command!r} (expected wakeup or flush)")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(socket_path(queue_directory))
-            sock.sendall(question(name))
-            answer = _read_box(sock)
-        except OSError:
-            return False
-    finally:
-        sock.close()
+        answer = _exchange(queue_directory, name, timeout)
+    except PermissionError:
+        return False
     return answer is not None and b"_answer" in answer
 
 
@@ -163,6 +156,16 @@ def ask(queue_directory: str, command: str, *, timeout: float = 30.0) -> tuple[b
     name = QUESTIONS.get(command.lower())
     if name is None:
         raise ValueError(f"unknown daemon command: {command!r} (expected reload or logrotate)")
+    answer = _exchange(queue_directory, name, timeout)
+    if answer is None or b"_answer" not in answer:
+        return None
+    return answer.get(b"ok") == b"True", answer.get(b"text", b"").decode("utf-8", "replace")
+
+
+def _exchange(queue_directory: str, name: bytes, timeout: float) -> dict[bytes, bytes] | None:
+    """Ask ``name`` on the trigger socket; the box that comes back, or
+    None when no daemon listens, it closes first or it is too slow.
+    ``PermissionError`` when the socket is not the caller's to use."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -174,14 +177,11 @@ def ask(queue_directory: str, command: str, *, timeout: float = 30.0) -> tuple[b
             return None
         try:
             sock.sendall(question(name))
-            answer = _read_box(sock)
+            return _read_box(sock)
         except OSError:
             return None
     finally:
         sock.close()
-    if answer is None or b"_answer" not in answer:
-        return None
-    return answer.get(b"ok") == b"True", answer.get(b"text", b"").decode("utf-8", "replace")
 
 
 def question(name: bytes) -> bytes:
