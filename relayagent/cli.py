@@ -72,7 +72,15 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, TextIO
 
 from relayagent.common.config import Config, ConfigError, Settings
-from relayagent.common.envelope import ATEXT, LDH, LET_DIG, Notify, Recipient, Ret, address_problem
+from relayagent.common.envelope import (
+    DOT_ATOM_RE,
+    LDH,
+    LET_DIG,
+    Notify,
+    Recipient,
+    Ret,
+    address_problem,
+)
 from relayagent.spool import CorruptQueueFile, LocalSubmission, Spool, is_queue_id, space, trigger
 from relayagent.spool.spool import DIRECTORIES, LISTED_QUEUES, QUEUES
 
@@ -229,7 +237,6 @@ def _imported_when_run(
 # Addresses
 
 
-_DOT_ATOM_RE = re.compile(rf"{ATEXT}+(?:\.{ATEXT}+)*")
 _QUOTED_RE = re.compile(r'"(?:[^"\\\r\n]|\\[^\r\n])*"')
 _LABEL_RE = re.compile(rf"{LET_DIG}(?:{LDH}*{LET_DIG})?")
 
@@ -288,7 +295,7 @@ def check_address(text: str, myorigin: str, *, sender: bool = False) -> str:
             raise AddressError(f"address {text!r} has no domain and myorigin is empty")
     if not local:
         raise AddressError(f"address {text!r} has no local part")
-    if not (_DOT_ATOM_RE.fullmatch(local) or _QUOTED_RE.fullmatch(local)):
+    if not (DOT_ATOM_RE.fullmatch(local) or _QUOTED_RE.fullmatch(local)):
         raise AddressError(f"malformed address {text!r}")
     if not domain:
         raise AddressError(f"address {text!r} has no domain")

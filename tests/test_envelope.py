@@ -9,7 +9,7 @@ import string
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from relayagent.common.envelope import ATEXT, LDH, LET_DIG
+from relayagent.common.envelope import ATEXT, DOT_ATOM_RE, LDH, LET_DIG
 
 EVERY_CHARACTER = "".join(map(chr, range(0x110000)))
 LETTERS_DIGITS = string.ascii_letters + string.digits
@@ -33,3 +33,13 @@ class CharacterClassTests(SynchronousTestCase):
 
     def test_ldh(self) -> None:
         self.assertEqual(members(LDH), "".join(sorted(LETTERS_DIGITS + "-")) + non_ascii())
+
+
+class DotAtomTests(SynchronousTestCase):
+    def test_dot_atoms(self) -> None:
+        for local in ("a", "a.b", "o'brien+tag", "ü.ñ", "{x}|~"):
+            self.assertIsNotNone(DOT_ATOM_RE.fullmatch(local), local)
+
+    def test_not_dot_atoms(self) -> None:
+        for local in ("", ".a", "a.", "a..b", "a b", '"a"', "a@b", "a\n"):
+            self.assertIsNone(DOT_ATOM_RE.fullmatch(local), local)

@@ -14,6 +14,7 @@ SYNOPSIS::
     Notify.parse("SUCCESS,FAILURE").esmtp_value(), notify.wants(Notify.DELAY)
     address_problem(address)               # None, or why it cannot be queued
     ATEXT, LET_DIG, LDH                    # character classes of the address grammar
+    DOT_ATOM_RE.fullmatch(local_part)      # a dot-atom (else the local part is quoted)
 
 DIAGNOSTICS: ``Notify.parse`` raises ``ValueError`` for a bad NOTIFY
 value; ``address_problem`` returns its answer instead of raising.
@@ -43,6 +44,8 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ATEXT = r"""[^\x00-\x20"(),.:;<>@\[\\\]\x7f]"""  # atext
 LET_DIG = r"[^\x00-\x2f:-@\[-`{-\x7f]"  # Let-dig: a letter or a digit
 LDH = r"[^\x00-\x2c./:-@\[-`{-\x7f]"  # Let-dig or "-", inside an Ldh-str
+# RFC 5321's Dot-string, RFC 5322's dot-atom-text (for ``fullmatch``).
+DOT_ATOM_RE = re.compile(rf"{ATEXT}+(?:\.{ATEXT}+)*")
 
 
 def address_problem(address: str) -> str | None:

@@ -25,10 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from relayagent.common.envelope import ATEXT, Envelope, Recipient, address_problem
-
-# RFC 5321 Dot-string; with RFC 6531 any non-ASCII character is atext too.
-_DOT_ATOM_RE = re.compile(rf"^{ATEXT}+(\.{ATEXT}+)*$")
+from relayagent.common.envelope import DOT_ATOM_RE, Envelope, Recipient, address_problem
 
 # What xtext (RFC 3461 4) leaves alone: "!" to "~" but "+" and "=".
 _XCHAR_RE = re.compile(rb"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*")
@@ -57,7 +54,7 @@ def smtp_path(address: str) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         local, domain = address, ""
-    if local and not (local.startswith('"') and local.endswith('"')) and not _DOT_ATOM_RE.match(local):
+    if local and not (local.startswith('"') and local.endswith('"')) and not DOT_ATOM_RE.fullmatch(local):
         local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"<{local}{at}{domain}>"
 

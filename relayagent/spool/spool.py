@@ -135,8 +135,6 @@ StrayReport = Callable[[str, str, str], None]
 # write), and a bound on what one SMTP session holds.
 MESSAGE_MEMORY_LIMIT = 128 * 1024
 
-
-
 # The spool's Logger, made at its first line (``_logger``): the spool is
 # also the sendmail command's, which logs nothing, and importing Twisted's
 # logging at each start (30 ms) would double what one ``sendmail`` costs.
