@@ -468,7 +468,7 @@ def run_relayagent(args: argparse.Namespace, workdir: str) -> dict:
                 # As Postfix is measured: the daemon up and idle, the queue
                 # deferred; the clock runs from the flush (one AMP command
                 # on the trigger socket, as "postqueue -f" is one trigger).
-                from relayagent.spool.control import daemon_running, trigger
+                from relayagent.spool.trigger import daemon_running, trigger
 
                 if not wait_until(lambda: daemon_running(queue_directory), 30, process):
                     raise RuntimeError("the daemon did not start; see " + os.path.join(workdir, "twistd.log"))
@@ -508,7 +508,7 @@ def run_latency(args: argparse.Namespace, workdir: str) -> None:
         spool = Spool(os.path.join(workdir, "spool"))
         spool.ensure_layout()
         try:
-            from relayagent.spool.control import trigger
+            from relayagent.spool.trigger import trigger
         except ImportError:
             trigger = None
         with twistd(config_path, workdir) as process:
@@ -862,7 +862,7 @@ def run_backlog_relayagent(args: argparse.Namespace, workdir: str, messages: int
     sink = None
     try:
         with twistd(config_path, workdir) as process:
-            from relayagent.spool.control import daemon_running, trigger
+            from relayagent.spool.trigger import daemon_running, trigger
 
             if not wait_until(lambda: daemon_running(queue_directory), 30, process):
                 raise RuntimeError("the daemon did not start; see " + log_path)

@@ -191,7 +191,7 @@ def run_queue(workdir: str, workers: str) -> bool:
 
 def run_large(workdir: str, workers: str, tries: int = 12) -> bool:
     from relayagent.spool import Spool
-    from relayagent.spool.control import daemon_running, trigger
+    from relayagent.spool.trigger import daemon_running, trigger
 
     sink = drain.Sink(workdir)
     try:

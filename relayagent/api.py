@@ -37,7 +37,7 @@ sender or recipient (or none) and ``OSError`` when the spool cannot take
 the message (a full disk, a permission); in both cases nothing is queued.
 ``load_config`` and ``RelayagentService`` raise ``ConfigError`` for a bad
 ``main.cf``; ``RelayagentService.startService`` raises
-``control.DaemonRunning`` when another daemon holds the spool.
+``DaemonRunning`` when another daemon holds the spool.
 
 Owns no parameters: it reads what the daemon reads (``main.cf``).
 """
@@ -60,11 +60,13 @@ from relayagent.smtpd.twistedmail import MaildirDomain, RelayTransport, install_
 from relayagent.spool import Spool
 from relayagent.spool.nonblocking import EnqueueingSpool, ReactorWakeup, ThreadedSpool
 from relayagent.spool.spool import SpoolSettings
+from relayagent.spool.trigger import DaemonRunning
 
 __all__ = [
     "BodyType",
     "Config",
     "ConfigError",
+    "DaemonRunning",
     "EnqueueingSpool",
     "MaildirDomain",
     "ReactorWakeup",

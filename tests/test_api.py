@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from relayagent import api
 from relayagent.common.config import Config
-from relayagent.spool import Spool, control
+from relayagent.spool import Spool, control, trigger
 from relayagent.spool.nonblocking import ReactorWakeup, ThreadedSpool
 from relayagent.testing import LogCapture
 
@@ -121,7 +121,7 @@ class StalledDaemon:
     accepts connections into the backlog and nobody ever answers."""
 
     def __init__(self, queue_directory: str) -> None:
-        path = control.socket_path(queue_directory)
+        path = trigger.socket_path(queue_directory)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
@@ -367,6 +367,25 @@ class RelayagentServiceTests(TestCase):
         self.assertEqual(service.daemon.parent, service)
         told = api.RelayagentService(self.config.replace(relayagent_workers="3"), reactor, workers=None)
         self.assertEqual(told.daemon.workers, 3)
+
+    async def test_a_second_service_on_one_spool_raises_daemon_running(self):
+        """Two queue managers on one spool would deliver each other's
+        active files twice: the second start refuses, with the exception
+        the public API names (no reaching into relayagent.spool)."""
+        config = self.config.replace(maillog_file=os.path.join(self.directory, "maillog"))
+        first = api.RelayagentService(config, reactor)
+        first.startService()
+        try:
+            second = api.RelayagentService(config, reactor)
+            self.assertRaises(api.DaemonRunning, second.startService)
+            # Nothing of the refused one runs: it took neither the lock nor
+            # the mail events (the first one's log lines stay the first's).
+            self.assertIsNone(second.daemon._lock_fd)
+            self.assertFalse(second.daemon.maillog.running)
+            self.assertTrue(first.daemon.maillog.running)
+            self.assertTrue(trigger.daemon_running(self.directory))
+        finally:
+            await first.stopService()
 
     async def test_enqueue_before_start_fails_clearly(self):
         service = api.RelayagentService(self.config, reactor)

@@ -10,7 +10,7 @@ import stat
 from twisted.internet import reactor, threads
 from twisted.trial.unittest import TestCase
 
-from relayagent.spool import control
+from relayagent.spool import control, trigger
 
 
 class FakeQueueManager:
@@ -35,23 +35,23 @@ class ControlTests(TestCase):
         self.addCleanup(self.port.stopListening)
 
     async def test_wakeup_and_flush(self) -> None:
-        answered = await threads.deferToThread(control.trigger, self.directory, "wakeup")
+        answered = await threads.deferToThread(trigger.trigger, self.directory, "wakeup")
         self.assertTrue(answered)
         self.assertEqual(self.manager.wakeups, 1)
-        answered = await threads.deferToThread(control.trigger, self.directory, "flush")
+        answered = await threads.deferToThread(trigger.trigger, self.directory, "flush")
         self.assertTrue(answered)
         self.assertEqual(self.manager.flushes, 1)
 
     def test_socket_is_private(self) -> None:
-        mode = os.stat(control.socket_path(self.directory)).st_mode
+        mode = os.stat(trigger.socket_path(self.directory)).st_mode
         self.assertTrue(stat.S_ISSOCK(mode))
         self.assertEqual(stat.S_IMODE(mode) & 0o077, 0)
 
     def test_no_daemon_is_not_an_error(self) -> None:
-        self.assertFalse(control.trigger(self.mktemp(), "wakeup"))
+        self.assertFalse(trigger.trigger(self.mktemp(), "wakeup"))
 
     def test_unknown_command(self) -> None:
-        self.assertRaises(ValueError, control.trigger, self.directory, "reboot")
+        self.assertRaises(ValueError, trigger.trigger, self.directory, "reboot")
 
 
 class AnsweredCommandTests(TestCase):
@@ -72,25 +72,25 @@ class AnsweredCommandTests(TestCase):
         self.addCleanup(self.port.stopListening)
 
     async def test_answers(self) -> None:
-        answer = await threads.deferToThread(control.ask, self.directory, "reload")
+        answer = await threads.deferToThread(trigger.ask, self.directory, "reload")
         self.assertEqual(answer, (False, "reload refused: main.cf, line 3: bad value; the running "
                                          "configuration stays"))
-        answer = await threads.deferToThread(control.ask, self.directory, "logrotate")
+        answer = await threads.deferToThread(trigger.ask, self.directory, "logrotate")
         self.assertEqual(answer, (True, ""))  # an empty text: the box still ends where it should
         self.assertEqual(self.asked, ["reload", "logrotate"])
 
     def test_no_daemon_is_none(self) -> None:
-        self.assertIsNone(control.ask(self.mktemp(), "reload"))
+        self.assertIsNone(trigger.ask(self.mktemp(), "reload"))
 
     def test_unknown_command(self) -> None:
-        self.assertRaises(ValueError, control.ask, self.directory, "wakeup")
+        self.assertRaises(ValueError, trigger.ask, self.directory, "wakeup")
 
     async def test_without_a_handler_the_daemon_says_so(self) -> None:
         other = os.path.relpath(self.mktemp())
         os.makedirs(other)
         port = control.listen(reactor, other, FakeQueueManager())
         self.addCleanup(port.stopListening)
-        answer = await threads.deferToThread(control.ask, other, "reload")
+        answer = await threads.deferToThread(trigger.ask, other, "reload")
         self.assertEqual(answer, (False, "reload is not supported here"))
 
 
@@ -105,16 +105,16 @@ class SecondDaemonTests(TestCase):
         self.addCleanup(self.port.stopListening)
 
     def test_second_listener_is_refused(self) -> None:
-        self.assertTrue(control.daemon_running(self.directory))
-        self.assertRaises(control.DaemonRunning, control.listen, reactor, self.directory, FakeQueueManager())
+        self.assertTrue(trigger.daemon_running(self.directory))
+        self.assertRaises(trigger.DaemonRunning, control.listen, reactor, self.directory, FakeQueueManager())
 
     def test_spool_lock_is_exclusive_and_released(self) -> None:
         os.makedirs(os.path.join(self.directory, "public"), exist_ok=True)
-        fd = control.lock_spool(self.directory)
-        self.assertTrue(control.spool_locked(self.directory))
-        self.assertRaises(control.DaemonRunning, control.lock_spool, self.directory)
+        fd = trigger.lock_spool(self.directory)
+        self.assertTrue(trigger.spool_locked(self.directory))
+        self.assertRaises(trigger.DaemonRunning, trigger.lock_spool, self.directory)
         os.close(fd)
-        self.assertFalse(control.spool_locked(self.directory))
+        self.assertFalse(trigger.spool_locked(self.directory))
 
     def test_twistd_options_refuse_a_second_daemon(self) -> None:
 
@@ -123,7 +123,7 @@ class SecondDaemonTests(TestCase):
         # A deep path, as trial's are: the lock does not care about length.
         directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(directory, "public"))
-        fd = control.lock_spool(directory)
+        fd = trigger.lock_spool(directory)
         self.addCleanup(os.close, fd)
         config_path = os.path.join(directory, "main.cf")
         with open(config_path, "w") as handle:
@@ -137,4 +137,4 @@ class SecondDaemonTests(TestCase):
 
     async def test_stale_socket_is_not_a_daemon(self) -> None:
         await self.port.stopListening()
-        self.assertFalse(control.daemon_running(self.directory))
+        self.assertFalse(trigger.daemon_running(self.directory))

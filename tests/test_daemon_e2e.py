@@ -24,7 +24,7 @@ import time
 from twisted.internet import reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
-from relayagent.spool import DEFERRED, Message, Spool, control
+from relayagent.spool import DEFERRED, Message, Spool, trigger
 from tests.support.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,7 +337,7 @@ class PrivilegeTests(DaemonTestCase):
         socket_path = os.path.join(self.spool_directory, "public", "qmgr")
         await self.wait_for(lambda: os.path.exists(socket_path), 10, "the trigger socket")
         self.assertEqual(os.stat(socket_path).st_uid, 65534)
-        answered = await threads.deferToThread(control.trigger, self.spool_directory, "flush")
+        answered = await threads.deferToThread(trigger.trigger, self.spool_directory, "flush")
         self.assertTrue(answered)
         self.assertEqual(self.log_text().count("status=sent"), len(ids))
 

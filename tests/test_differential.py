@@ -80,7 +80,7 @@ from dataclasses import dataclass
 from twisted.internet import threads
 from twisted.trial.unittest import SkipTest, TestCase
 
-from relayagent.spool import Spool, control
+from relayagent.spool import Spool, trigger
 from tests.support import postfix
 from tests.support.ports import free_port
 from tests.support.scripted_server import (
@@ -651,7 +651,7 @@ class Harness:
                 [TWISTD, "-n", "--pidfile=", "relayagent", "-c", config], cwd=self.workdir,
                 env=dict(os.environ, PYTHONPATH=ROOT), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not control.daemon_running(self.spool_directory):
+        while not trigger.daemon_running(self.spool_directory):
             if self.daemon.poll() is not None:
                 raise RuntimeError(f"relayagent exited: see {self.workdir}/twistd.out")
             if time.monotonic() > deadline:
@@ -728,7 +728,7 @@ class Harness:
         queue_id = None
         try:
             queue_id = self.spool.enqueue(SENDER, scenario.addresses(), scenario.content())
-            control.trigger(self.spool_directory, "wakeup")
+            trigger.trigger(self.spool_directory, "wakeup")
         except OSError as error:
             errors["relayagent"] = f"enqueue failed: {error}"
         deadline = time.monotonic() + OUTCOME_WAIT

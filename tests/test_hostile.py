@@ -39,8 +39,8 @@ from relayagent.spool import (
     INCOMING,
     CorruptQueueFile,
     Spool,
-    control,
     safeopen,
+    trigger,
 )
 from relayagent.spool import spool as spool_module
 from relayagent.spool.errors import NotAQueueFile
@@ -623,12 +623,12 @@ class SpoolLockTests(SynchronousTestCase):
     def test_a_fifo_or_link_as_the_lock_file(self) -> None:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        path = os.path.join(directory, control.LOCK_NAME)
+        path = os.path.join(directory, trigger.LOCK_NAME)
         elsewhere = os.path.join(directory, "elsewhere")
         os.mkfifo(path)
         with within():
-            self.assertRaises(OSError, control.lock_spool, directory)
+            self.assertRaises(OSError, trigger.lock_spool, directory)
         os.unlink(path)
         os.symlink(elsewhere, path)
-        self.assertRaises(OSError, control.lock_spool, directory)
+        self.assertRaises(OSError, trigger.lock_spool, directory)
         self.assertFalse(os.path.lexists(elsewhere))  # the dangling target was not created

@@ -31,7 +31,7 @@ import ssl
 
 from twisted.internet import threads
 
-from relayagent.spool import control
+from relayagent.spool import trigger
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
 from tests.test_daemon_e2e import DaemonTestCase, body
@@ -166,7 +166,7 @@ class ListenerOnEveryWorkerTests(DaemonTestCase):
         await self.wait_for(lambda: daemon.poll() is not None, 60, "the daemon to stop")
         await self.wait_for(lambda: process_gone(child), 30, "the worker to stop")
         self.assertFalse(self.listening())  # nobody holds the socket any more
-        self.assertFalse(control.spool_locked(self.spool_directory))
+        self.assertFalse(trigger.spool_locked(self.spool_directory))
         self.assertIn("Server Shut Down.", open(f"{self.base}/twistd.out").read())
         # What was answered 250 is delivered, once, by the next start.
         self.start_daemon(self.config())

@@ -23,7 +23,7 @@ import sys
 
 from twisted.trial.unittest import SkipTest
 
-from relayagent.spool import control, maildrop
+from relayagent.spool import maildrop, trigger
 from tests.test_daemon_e2e import ROOT, DaemonTestCase, body
 
 PICKED = re.compile(r"relayagent/pickup\[\d+\]: ([0-9A-V]{16}): uid=(\d+) from=<([^>]*)>")
@@ -62,7 +62,7 @@ class MaildropTests(DaemonTestCase):
 
     async def start(self) -> None:
         self.daemon = self.start_daemon(self.config_path, "--uid", str(NOBODY), "--gid", str(NOBODY))
-        await self.wait_for(lambda: control.daemon_running(self.spool_directory), 60, "the daemon to listen")
+        await self.wait_for(lambda: trigger.daemon_running(self.spool_directory), 60, "the daemon to listen")
 
     async def stop(self) -> None:
         self.daemon.send_signal(signal.SIGTERM)

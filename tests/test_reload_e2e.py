@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
-from relayagent.spool import control
+from relayagent.spool import trigger
 from relayagent.spool.queueid import partition_of
 from tests.support.ports import free_port
 from tests.test_daemon_e2e import ROOT, DaemonTestCase, body
@@ -113,7 +113,7 @@ class ReloadTestCase(DaemonTestCase):
 
     def enqueue(self, number: int, tag: str) -> str:
         queue_id = self.spool.enqueue("sender@example.org", [f"{tag}{number}@example.net"], body(number, tag))
-        control.trigger(self.spool_directory, "wakeup")
+        trigger.trigger(self.spool_directory, "wakeup")
         return queue_id
 
     def sent(self, text: str | None = None) -> dict[str, int]:
@@ -122,7 +122,7 @@ class ReloadTestCase(DaemonTestCase):
 
     async def started(self, config: str, *options: str) -> subprocess.Popen:
         daemon = self.start_daemon(config, *options)
-        await self.wait_for(lambda: control.daemon_running(self.spool_directory), 60, "the daemon to listen")
+        await self.wait_for(lambda: trigger.daemon_running(self.spool_directory), 60, "the daemon to listen")
         return daemon
 
     async def reloaded(self, count: int) -> None:

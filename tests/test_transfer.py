@@ -326,7 +326,7 @@ class CommandProcessTests(TestCase):
         import subprocess
         import sys
 
-        from relayagent.spool import control
+        from relayagent.spool import trigger
         from tests.support.ports import free_port
 
         spool = make_spool(self)
@@ -348,7 +348,7 @@ class CommandProcessTests(TestCase):
         # A stale claim goes back to incoming/, as the daemon's recovery
         # would put it; the lock is free again.
         self.assertEqual(spool.find(queue_id), "incoming")
-        self.assertFalse(control.spool_locked(spool.directory))
+        self.assertFalse(trigger.spool_locked(spool.directory))
 
 
 # ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import time
 from twisted.internet import threads
 
 from relayagent.common.envelope import Notify, Recipient, Ret
-from relayagent.spool import Message, Spool, control
+from relayagent.spool import Message, Spool, trigger
 from tests.support.ports import free_port
 from tests.test_daemon_e2e import ROOT, DaemonTestCase, body
 
@@ -138,7 +138,7 @@ class TransferTests(DaemonTestCase):
         self.start_daemon(self.config_b)
         self.start_daemon(self.config_a("main-a.cf", PASSWORD))
         await self.wait_for(self.port_b_open, 60, "node B's listener")
-        await self.wait_for(lambda: control.daemon_running(self.spool_directory), 60, "node A")
+        await self.wait_for(lambda: trigger.daemon_running(self.spool_directory), 60, "node A")
 
         # No open relay: neither a relay nor an arrival time for a client
         # that did not authenticate.

@@ -27,7 +27,7 @@ from relayagent.common.config import Config
 from relayagent.master import worker
 from relayagent.master.service import LineAppender
 from relayagent.qmgr.scheduler import QueueManager
-from relayagent.spool import ACTIVE, DEFERRED, INCOMING, control
+from relayagent.spool import ACTIVE, DEFERRED, INCOMING, trigger
 from relayagent.spool.queueid import QueueIdGenerator, partition_of
 from relayagent.testing import FakeDeliveryAgent
 from tests.helpers_spool import make_spool
@@ -554,12 +554,12 @@ class LockTests(SynchronousTestCase):
         os.makedirs(self.directory)
 
     def test_the_parents_locked_descriptor_passes(self) -> None:
-        fd = control.lock_spool(self.directory)
+        fd = trigger.lock_spool(self.directory)
         self.addCleanup(os.close, fd)
         worker.check_lock(fd, self.directory)
 
     def test_another_file_is_refused(self) -> None:
-        os.close(control.lock_spool(self.directory))  # master.lock exists, unlocked
+        os.close(trigger.lock_spool(self.directory))  # master.lock exists, unlocked
         fd = os.open(os.path.join(self.directory, "other"), os.O_RDONLY | os.O_CREAT, 0o600)
         self.addCleanup(os.close, fd)
         with self.assertRaises(worker.WorkerError) as caught:
@@ -567,9 +567,9 @@ class LockTests(SynchronousTestCase):
         self.assertIn("is not", str(caught.exception))
 
     def test_a_spool_locked_by_someone_else_is_refused(self) -> None:
-        held = control.lock_spool(self.directory)
+        held = trigger.lock_spool(self.directory)
         self.addCleanup(os.close, held)
-        other = os.open(os.path.join(self.directory, control.LOCK_NAME), os.O_RDONLY)
+        other = os.open(os.path.join(self.directory, trigger.LOCK_NAME), os.O_RDONLY)
         self.addCleanup(os.close, other)
         with self.assertRaises(worker.WorkerError) as caught:
             worker.check_lock(other, self.directory)

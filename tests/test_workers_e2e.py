@@ -36,7 +36,7 @@ import time
 from twisted.internet import threads
 from twisted.trial.unittest import SkipTest
 
-from relayagent.spool import INCOMING, Message, Spool, control
+from relayagent.spool import INCOMING, Message, Spool, trigger
 from relayagent.spool.queueid import partition_of
 from tests.support.certs import CertificateAuthority
 from tests.support.ports import free_port
@@ -98,7 +98,7 @@ class WorkersTests(DaemonTestCase):
         await self.wait_for(lambda: daemon.poll() is not None, 60, "the daemon to stop")
         assert child is not None
         await self.wait_for(lambda: process_gone(child), 30, "the worker to stop")
-        self.assertFalse(control.spool_locked(self.spool_directory))
+        self.assertFalse(trigger.spool_locked(self.spool_directory))
 
     async def test_without_maillog_file_every_line_is_in_twistds_log(self) -> None:
         # Worker 1's lines reach twistd's --logfile through worker 0.
@@ -144,10 +144,10 @@ class WorkersTests(DaemonTestCase):
             os.utime(os.path.join(deferred, name), (later, later))
         expected = {f"flush-{n}@example.org".encode() for n in range(60)}
         self.start_daemon(self.write_config("relayagent_workers = 2\n"))
-        await self.wait_for(lambda: self.child_pid() is not None and control.daemon_running(self.spool_directory),
+        await self.wait_for(lambda: self.child_pid() is not None and trigger.daemon_running(self.spool_directory),
                             60, "both workers to start")
         self.assertEqual(self.queued("deferred"), 60)  # nothing due: nothing sent
-        self.assertTrue(control.trigger(self.spool_directory, "flush"))
+        self.assertTrue(trigger.trigger(self.spool_directory, "flush"))
         await self.wait_for(lambda: self.queued() == 0 and len(self.dump_files()) >= len(expected), 60,
                             "the flushed queue to empty")
         self.assertEqual(set(self.message_ids()), expected)
@@ -174,7 +174,7 @@ class WorkersTests(DaemonTestCase):
         # The spawner holds the lock too (to hand it to the workers it
         # forks) and leaves when it sees worker 0 gone, at its own pace:
         # on a loaded machine a moment after the child.
-        await self.wait_for(lambda: not control.spool_locked(self.spool_directory), 10,
+        await self.wait_for(lambda: not trigger.spool_locked(self.spool_directory), 10,
                             "the spawner to let go of the spool's lock")
         with open(os.path.join(self.base, "twistd.out"), encoding="utf-8", errors="replace") as handle:
             self.assertIn("the parent process is gone", handle.read())
@@ -378,7 +378,7 @@ class PrivilegedWorkersTests(DaemonTestCase):
         self.assertNotEqual(again, child)
         self.assert_worker_process(again, self.base)
         queued = self.enqueue(40, "again")
-        self.assertTrue(await threads.deferToThread(control.trigger, self.spool_directory, "wakeup"))
+        self.assertTrue(await threads.deferToThread(trigger.trigger, self.spool_directory, "wakeup"))
         await self.deliver(queued, {0: daemon.pid, 1: again})
         self.assertIn(f"process worker 1 pid {child} killed by signal 9", self.log_text())
         self.assert_clean_logs()
@@ -388,4 +388,4 @@ class PrivilegedWorkersTests(DaemonTestCase):
         # twistd ends with the signal that stopped it (an orderly stop).
         self.assertEqual(daemon.returncode, -signal.SIGTERM)
         self.assertIn("Server Shut Down.", open(os.path.join(self.base, "twistd.out")).read())
-        self.assertFalse(control.spool_locked(self.spool_directory))
+        self.assertFalse(trigger.spool_locked(self.spool_directory))

@@ -61,7 +61,7 @@ SYNOPSIS: ``build_service``, ``RelayagentService`` (``reload``,
 ``LineAppender``, ``open_log``.
 
 DIAGNOSTICS: ``build_service`` raises ``ConfigError`` for a bad
-parameter; ``startService`` raises ``control.DaemonRunning`` when another
+parameter; ``startService`` raises ``trigger.DaemonRunning`` when another
 queue manager holds the spool.
 
 Owns no parameters; reads queue_directory, maillog_file, log_format,
@@ -100,7 +100,7 @@ from relayagent.smtp.resolve import (
 from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.tlsrpt import Recorder, Reporter, TLSRPTSettings
 from relayagent.smtpd.pickup import Pickup, PickupSettings
-from relayagent.spool import Spool, control, maildrop
+from relayagent.spool import Spool, control, maildrop, trigger
 from relayagent.spool.queueid import QueueIdGenerator
 from relayagent.spool.spool import SpoolSettings
 
@@ -257,7 +257,7 @@ class RelayagentService(MultiService):
         # spool exists; a new spool is locked in startService.  A worker
         # holds worker 0's lock (relayagent.master.worker).
         if self.role is None and os.path.isdir(self.queue_directory):
-            self._lock_fd = control.lock_spool(self.queue_directory)
+            self._lock_fd = trigger.lock_spool(self.queue_directory)
         super().privilegedStartService()
         if self.role is None and self.workers > 1:
             # Still root, in the chroot: the spawner drops privileges itself.
@@ -298,10 +298,6 @@ class RelayagentService(MultiService):
         if self.log_out is not None and self.maillog is None:
             self.maillog = ralog.MailLog(self.config, self.log_out,
                                          flush_later=ralog.after_this_turn(self.reactor))
-        if self.maillog is not None:
-            self.maillog.start()
-        elif self.twistd_log is not None:
-            ralog.take_mail_events(self.twistd_log)
         directory = self.spool_directory()
         index = self.role.index if self.role is not None else 0
         # What the queue directories hold besides queue files is told once,
@@ -312,6 +308,14 @@ class RelayagentService(MultiService):
         if self.role is not None:
             # Worker 0's is made with the workers, if it hands them sockets.
             self.intake_spool = self._partitioned_spool(directory, index)
+        if self._lock_fd is None:
+            # Before the log is taken: a start refused here (DaemonRunning)
+            # leaves nothing of this service running.
+            self._lock_fd = trigger.lock_spool(directory)
+        if self.maillog is not None:
+            self.maillog.start()
+        elif self.twistd_log is not None:
+            ralog.take_mail_events(self.twistd_log)
         if index == 0:
             try:
                 maildrop.ensure(directory)  # as the daemon's user: others submit through it
@@ -319,8 +323,6 @@ class RelayagentService(MultiService):
                 ralog.log_warning(log, f"cannot make {maildrop.maildrop_directory(directory)}: "
                                   f"{exc.strerror or exc}; only the mail system's user can submit",
                                   service="pickup")
-        if self._lock_fd is None:
-            self._lock_fd = control.lock_spool(directory)
         queue_manager: QueueManager | None = None
         # Before the workers start: worker 0 empties the metrics' files.
         self.metrics = start_metrics(self.config, directory, self.reactor, index=index,
@@ -368,12 +370,12 @@ class RelayagentService(MultiService):
             return
         try:
             self.listening = control.listen(self.reactor, directory, queue_manager, self.control_command)
-        except control.DaemonRunning:
+        except trigger.DaemonRunning:
             # Two queue managers on one spool would each recover the other's
             # active/ files and deliver them twice: refuse to start.
             raise
         except Exception as exc:  # noqa: BLE001 - triggers are a hint; the poll still works
-            ralog.log_warning(log, f"cannot listen on {control.socket_path(directory)}: {exc}")
+            ralog.log_warning(log, f"cannot listen on {trigger.socket_path(directory)}: {exc}")
         super().startService()
         self._uninstall_signals = reloading.install_signals(self)
         self.pickup = Pickup(self.spool, self.reactor, settings=PickupSettings.from_config(self.config),

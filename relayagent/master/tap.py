@@ -144,7 +144,7 @@ def describe_startup_error(error: BaseException) -> tuple[int, str] | None:
     if isinstance(error, CannotListenError):
         reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
         return EX_UNAVAILABLE, f"bind {error.interface or '*'} port {error.port}: {reason}"
-    from relayagent.spool.control import DaemonRunning
+    from relayagent.spool.trigger import DaemonRunning
 
     if isinstance(error, DaemonRunning):
         return EX_TEMPFAIL, f"relayagent is already running: {error}"
@@ -190,11 +190,11 @@ class Options(usage.Options):
             self["configuration"] = Config.load(path)
         except ConfigError as exc:
             raise fatal(EX_CONFIG, str(exc)) from None
-        from relayagent.spool import control
+        from relayagent.spool import trigger
 
         queue_directory = SpoolSettings.from_config(self["configuration"]).queue_directory
-        if control.spool_locked(queue_directory):
-            # The lock itself is taken at start-up (control.lock_spool);
+        if trigger.spool_locked(queue_directory):
+            # The lock itself is taken at start-up (trigger.lock_spool);
             # this says it before twistd goes any further.
             raise fatal(EX_TEMPFAIL, f"relayagent is already running on {queue_directory}")
 

@@ -17,7 +17,7 @@ with nothing of this module at work.
   two processes ever claim the same file, with no talk between them.
   ``mailq``, ``postsuper`` and the other commands still see everything.
 - **Processes.**  The twistd process is worker 0: it keeps the maillog,
-  the trigger socket and the spool lock (``control.lock_spool``), and
+  the trigger socket and the spool lock (``trigger.lock_spool``), and
   binds the listener (``smtpd_endpoints``), on which every worker
   accepts (**Listener**).  Workers 1..N-1 are forks, not new
   programs: in ``privilegedStartService`` (after twistd's ``--chroot``,
@@ -314,9 +314,9 @@ def check_lock(lock_fd: int, queue_directory: str) -> None:
     exclusively locked through it (worker 0's open file description:
     locking again through it succeeds at once; a descriptor of another
     file, or a spool that another daemon holds, is refused)."""
-    from relayagent.spool import control
+    from relayagent.spool import trigger
 
-    path = os.path.join(queue_directory, control.LOCK_NAME)
+    path = os.path.join(queue_directory, trigger.LOCK_NAME)
     try:
         held = os.fstat(lock_fd)
         named = os.stat(path)

@@ -111,8 +111,8 @@ from relayagent.smtp.security import SecurityPolicy
 from relayagent.smtp.setup import hello
 from relayagent.smtp.transaction import ARRIVAL_KEYWORD
 from relayagent.spool import CorruptQueueFile, Spool, is_queue_id
-from relayagent.spool.control import DaemonRunning, lock_spool, trigger
 from relayagent.spool.spool import ACTIVE, DEFERRED, HOLD, INCOMING
+from relayagent.spool.trigger import DaemonRunning, lock_spool, trigger
 
 log = Logger(namespace="relayagent.qmgr.transfer")
 

@@ -353,7 +353,7 @@ def run_command(context: Any, args: argparse.Namespace) -> int:
     )
     print(f"{len(result.imported)} imported, {len(result.refused)} refused", file=stdout)
     if result.imported:
-        from relayagent.spool import control
+        from relayagent.spool import trigger
 
-        control.trigger(spool.directory)
+        trigger.trigger(spool.directory)
     return result.exit_code

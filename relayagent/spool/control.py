@@ -21,17 +21,17 @@ user may trigger it.  A trigger is a hint, never a requirement: the
 queue manager also polls, so a lost trigger only delays mail.
 
 The client is ``relayagent.spool.trigger`` (``trigger``, ``ask``, the
-spool's lock), deliberately blocking, free of the reactor and of Twisted
-so that a command-line program can call it after enqueuing; its names
-are said here too, for the daemon's side.
+spool's lock, ``DaemonRunning``), deliberately blocking, free of the
+reactor and of Twisted so that a command-line program can call it after
+enqueuing; the command names come from there.
 
 SYNOPSIS
 
     port = listen(reactor, queue_directory, queue_manager)   # the daemon
     class Client(QuietAMP): ...           # AMP without its two lines per connection
-    trigger, ask, lock_spool, spool_locked, daemon_running, socket_path  # relayagent.spool.trigger's
+    Wakeup, Flush, Reload, Logrotate      # the commands, for an AMP client in the reactor
 
-DIAGNOSTICS: ``listen`` raises ``DaemonRunning`` when the socket path is
+DIAGNOSTICS: ``listen`` raises ``trigger.DaemonRunning`` when the socket path is
 not a socket or another queue manager listens on it.
 
 Owns no parameters; reads queue_directory (through its callers).
@@ -48,21 +48,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from relayagent.spool import trigger as _client
-from relayagent.spool.trigger import (  # noqa: F401 - the client's names, said here too
-    CLIENT_TIMEOUT,
-    LOCK_NAME,
-    PUBLIC,
-    SOCKET_NAME,
-    DaemonRunning,
-    answers,
-    ask,
-    daemon_running,
-    lock_spool,
-    socket_path,
-    spool_locked,
-    trigger,
-)
+from relayagent.spool import trigger as client
+from relayagent.spool.trigger import DaemonRunning, answers, socket_path
 
 log = Logger(namespace="relayagent.spool.control")
 
@@ -72,7 +59,7 @@ SOCKET_MODE = 0o600
 class Wakeup(amp.Command):
     """New mail in incoming/."""
 
-    commandName = _client.WAKEUP
+    commandName = client.WAKEUP
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = []
@@ -82,7 +69,7 @@ class Wakeup(amp.Command):
 class Flush(amp.Command):
     """Retry the deferred queue now."""
 
-    commandName = _client.FLUSH
+    commandName = client.FLUSH
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = []
@@ -92,7 +79,7 @@ class Flush(amp.Command):
 class Reload(amp.Command):
     """Re-read main.cf and the tables; ``ok`` false when refused."""
 
-    commandName = _client.RELOAD
+    commandName = client.RELOAD
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
@@ -102,7 +89,7 @@ class Reload(amp.Command):
 class Logrotate(amp.Command):
     """Reopen maillog_file."""
 
-    commandName = _client.LOGROTATE
+    commandName = client.LOGROTATE
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]

@@ -18,7 +18,7 @@ memory limit) and one hand-off to the pool at the end writes, fsyncs
 and links the file.  The queue ids stay unique: the id
 generator takes a lock (``queueid``).
 
-``control.trigger`` is blocking by design (for command-line programs):
+``trigger.trigger`` is blocking by design (for command-line programs):
 connect, send, wait up to 2 s for the answer.  A daemon that is stopped
 (``kill -STOP``), or wedged, accepts the connection and never answers,
 so each call would hold the reactor for the whole timeout.
@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relayagent.common.envelope import Recipient
-from relayagent.spool import control
+from relayagent.spool import control, trigger
 from relayagent.spool.spool import INCOMING, IncomingMessage, Spool
 
 
@@ -149,13 +149,13 @@ _QUIET_FACTORY.noisy = False
 
 
 class ReactorWakeup:
-    """``control.trigger(queue_directory, "wakeup")`` without blocking:
+    """``trigger.trigger(queue_directory, "wakeup")`` without blocking:
     a callable that returns a Deferred at once (module docstring)."""
 
     def __init__(self, reactor: Any, queue_directory: str, *,
-                 timeout: float = control.CLIENT_TIMEOUT) -> None:
+                 timeout: float = trigger.CLIENT_TIMEOUT) -> None:
         self.reactor = reactor
-        self.path = control.socket_path(queue_directory)
+        self.path = trigger.socket_path(queue_directory)
         self.timeout = timeout
         self._in_flight: Deferred[bool] | None = None
         self._again = False
