@@ -2,8 +2,9 @@
 bench/drain.py's argument parsing and the helpers of its backlog workload
 (``--backlog``): what they compute, on given inputs; bench/lightsink.py's
 sessions on a fake connection; bench/submit.py's loop over a stand-in
-command.  Nothing here starts a daemon or a sink,
-and nothing is timed (benchmarks measure; tests do not).
+command; bench/floor.py's listener under a short smtp-source run (the
+one test here that starts processes: no daemon, no sink).  Nothing is
+timed (benchmarks measure; tests do not).
 """
 
 from __future__ import annotations
@@ -351,3 +352,18 @@ class WorkDirectoryTests(unittest.TestCase):
         self.addCleanup(os.rmdir, kept)
         self.assertTrue(os.path.isdir(kept))
         self.assertEqual(out.getvalue(), f"work directory kept: {kept}\n")
+
+
+class FloorTests(unittest.TestCase):
+    def test_every_message_stored_once(self) -> None:
+        """smtp-source's sessions, pipelined, each message a file of its
+        own: the floor took them all (it exits 1 when a file is missing)."""
+        if not os.path.exists(drain.SMTP_SOURCE):
+            raise unittest.SkipTest("smtp-source not installed (Debian's postfix package)")
+        done = subprocess.run(
+            [sys.executable, os.path.join(drain.ROOT, "bench", "floor.py"),
+             "--messages", "40", "--size", "300", "--processes", "2", "--source-sessions", "4"],
+            capture_output=True, timeout=120, text=True,
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("40 of 40 messages of 300 bytes", done.stdout)
