@@ -386,6 +386,11 @@ class RelayagentServiceTests(TestCase):
             self.assertTrue(trigger.daemon_running(self.directory))
         finally:
             await first.stopService()
+        # One last line, the first one's: no signal stopped it.
+        with open(os.path.join(self.directory, "maillog"), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        self.assertEqual([line for line in lines if "terminating" in line], lines[-1:])
+        self.assertRegex(lines[-1], r" relayagent/master\[%d\]: terminating$" % os.getpid())
 
     async def test_enqueue_before_start_fails_clearly(self):
         service = api.RelayagentService(self.config, reactor)

@@ -99,6 +99,10 @@ class WorkersTests(DaemonTestCase):
         assert child is not None
         await self.wait_for(lambda: process_gone(child), 30, "the worker to stop")
         self.assertFalse(trigger.spool_locked(self.spool_directory))
+        # The last line, once, worker 0's: Postfix's master's.
+        self.assertEqual(re.findall(r"relayagent/master\[(\d+)\]: terminating.*", self.log_text()),
+                         [str(daemon.pid)])
+        self.assertRegex(self.log_text().splitlines()[-1], r"relayagent/master\[\d+\]: terminating on signal 15$")
 
     async def test_without_maillog_file_every_line_is_in_twistds_log(self) -> None:
         # Worker 1's lines reach twistd's --logfile through worker 0.
@@ -131,6 +135,8 @@ class WorkersTests(DaemonTestCase):
         self.assertEqual(len(re.findall(r"ListenerFactory starting on \d+", text)), 1, text)
         self.assertEqual(len(re.findall(r"\(TCP Port \d+ Closed\)", text)), 1, text)
         self.assertNotIn("the parent process is gone", text)
+        self.assertEqual(re.findall(r"relayagent/master\[(\d+)\]: (terminating.*)", text),
+                         [(str(daemon.pid), "terminating on signal 15")])
 
     async def test_flush_reaches_the_child_worker(self) -> None:
         await self.start_sink()

@@ -52,7 +52,10 @@ lock taking or workers of its own; it accepts on the listening sockets
 worker 0 bound and handed over (``listening_descriptors``,
 ``listen_in_worker``), queues what it receives with ids of its own
 partition (``intake_spool``) and delivers it itself
-(``listener_queued``).  The maillog is written in whole
+(``listener_queued``).  Worker 0's last line, once everything has
+stopped, is Postfix's master's: ``terminating on signal 15`` (the
+signal that stopped it; ``terminating`` when the application did).
+The maillog is written in whole
 lines, one ``write`` per flush, on an ``O_APPEND`` descriptor
 (``LineAppender``), so that the lines of several processes never mix.
 
@@ -511,6 +514,10 @@ class RelayagentService(MultiService):
                 self.metrics.stop()
                 self.metrics = None
             if self._lock_fd is not None:
+                if self.role is None:
+                    # Worker 0 of a daemon that ran (it held the spool):
+                    # Postfix's master says so as its last line.
+                    _log_termination(self.reactor)
                 os.close(self._lock_fd)
                 self._lock_fd = None
             if self.maillog is not None:
@@ -528,6 +535,18 @@ class RelayagentService(MultiService):
             self._stopping.now()
         if self.pool is not None:
             self.pool.stop_now()
+
+
+def _log_termination(reactor: Any) -> None:
+    """The daemon's last line, Postfix's master's: ``terminating on
+    signal 15`` when a signal stopped it (the number the reactor's
+    handlers, and ``stop.install_stop_signals``, record for twistd's
+    exit status), ``terminating`` when the application stopped it."""
+    number = getattr(reactor, "_exitSignal", None)
+    if number:
+        log.info("terminating on signal {signal}", signal=number, ralog_service="master")
+    else:
+        log.info("terminating", ralog_service="master")
 
 
 def _log_stray(queue: str, name: str, problem: str) -> None:
