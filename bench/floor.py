@@ -8,8 +8,9 @@ times relayagent's fill.
                           [--no-fsync] [--source-sessions 20]
 
 What it runs is not a mail server: a bare SMTP session on a Twisted
-``Protocol`` (the command lines found with ``bytes.find``, no
-``LineReceiver``, no ``twisted.mail``, no address checks, no log line),
+``Protocol``, ``bench/lightsink.py``'s grammar and replies (the command
+lines found with ``bytes.find``, no ``LineReceiver``, no
+``twisted.mail``, no address checks, no log line),
 and for each message one file, written and fsynced in the reactor's
 thread pool and renamed into place, before the 250 (``--no-fsync``
 leaves the fsync out).  No queue manager, no delivery attempt, no defer
@@ -28,6 +29,7 @@ shorter than this floor.  Speed is measured here, never asserted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import signal
@@ -36,85 +38,130 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import drain  # noqa: E402 - smtp-source's command line and the CPU counters, as drain.py uses them
+import lightsink  # noqa: E402 - the session's grammar and replies
 
 MAX_LINE = 4096
 
 
-def serve(listening: socket.socket, directory: str, fsync: bool) -> None:
-    """Run one listener process on ``listening`` until SIGTERM."""
-    from twisted.internet import reactor
-    from twisted.internet.protocol import Factory, Protocol
-    from twisted.internet.threads import deferToThread
+class Session(Protocol):
+    """lightsink's session grammar and replies, on Twisted, keeping the
+    content: ``store(content)`` returns a Deferred that fires once the
+    message is on disk.  After the final ".", nothing more is read until
+    it has fired and the 250 is sent, so that the replies stay in order
+    for a client that pipelines past the end of DATA."""
 
-    counter = iter(range(10**9))
+    def __init__(self, store: Callable[[bytes], Deferred[Any]]) -> None:
+        self.store = store
+        self.buffer = b""
+        self.in_data = False
+        self.storing = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(lightsink.GREETING)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        self.process()
+
+    def process(self) -> None:
+        replies = []
+        while self.buffer and not self.storing:
+            if self.in_data:
+                # The CRLF that ended DATA's line is the one before an
+                # empty body's ".".
+                seen = b"\r\n" + self.buffer
+                end = seen.find(lightsink.END_OF_DATA)
+                if end < 0:
+                    break
+                content, self.buffer = seen[2:end + 2], seen[end + len(lightsink.END_OF_DATA):]
+                self.in_data = False
+                self.storing = True
+                self.store(content).addCallbacks(
+                    lambda _: b"250 2.0.0 Ok: queued\r\n",
+                    lambda _: b"451 4.3.0 Error: queue file write error\r\n",
+                ).addCallback(self.stored)
+                break
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    self.transport.loseConnection()
+                break
+            line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                replies.append(lightsink.EHLO_REPLY)
+            elif verb == b"DATA":
+                replies.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                self.in_data = True
+            elif verb == b"QUIT":
+                replies.append(b"221 2.0.0 Bye\r\n")
+                self.transport.write(b"".join(replies))
+                self.transport.loseConnection()
+                return
+            else:
+                replies.append(lightsink.REPLIES.get(verb, b"502 5.5.2 Error: command not recognized\r\n"))
+        if replies:
+            self.transport.write(b"".join(replies))
+
+    def stored(self, reply: bytes) -> None:
+        self.storing = False
+        self.transport.write(reply)
+        self.process()
+
+
+class FloorFactory(Factory):
+    """Sessions that store through ``store``."""
+
+    noisy = False
+
+    def __init__(self, store: Callable[[bytes], Deferred[Any]]) -> None:
+        self.store = store
+
+    def buildProtocol(self, addr: Any) -> Session:
+        session = Session(self.store)
+        session.factory = self
+        return session
+
+
+def file_writer(directory: str, fsync: bool) -> Callable[[bytes], None]:
+    """What a process does with each message: one file under ``tmp/``,
+    written (and fsynced), then renamed into ``new/``."""
+    counter = itertools.count()
     prefix = f"{os.getpid()}-"
 
-    def store(data: bytes) -> None:
+    def write(content: bytes) -> None:
         name = prefix + str(next(counter))
         temporary = os.path.join(directory, "tmp", name)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, data)
+            os.write(fd, content)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temporary, os.path.join(directory, "new", name))
 
-    class Session(Protocol):
-        def connectionMade(self) -> None:
-            self.buffer = b""
-            self.in_data = False
-            self.transport.write(b"220 floor ESMTP\r\n")
+    return write
 
-        def dataReceived(self, data: bytes) -> None:
-            self.buffer += data
-            replies = []
-            while self.buffer:
-                if self.in_data:
-                    end = self.buffer.find(b"\r\n.\r\n")
-                    if end < 0:
-                        break
-                    message, self.buffer = self.buffer[:end + 2], self.buffer[end + 5:]
-                    self.in_data = False
-                    self.flush(replies)
-                    deferToThread(store, message).addCallbacks(
-                        lambda _: self.transport.write(b"250 2.0.0 Ok: queued\r\n"),
-                        lambda _: self.transport.write(b"451 4.3.0 Error: queue file write error\r\n"))
-                    continue
-                end = self.buffer.find(b"\r\n")
-                if end < 0:
-                    if len(self.buffer) > MAX_LINE:
-                        self.transport.loseConnection()
-                    break
-                line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    replies.append(b"250-floor\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                elif verb == b"DATA":
-                    replies.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                    self.in_data = True
-                elif verb == b"QUIT":
-                    replies.append(b"221 2.0.0 Bye\r\n")
-                    self.flush(replies)
-                    self.transport.loseConnection()
-                    return
-                else:
-                    replies.append(b"250 2.0.0 Ok\r\n")
-            self.flush(replies)
 
-        def flush(self, replies: list[bytes]) -> None:
-            if replies:
-                self.transport.write(b"".join(replies))
-                replies.clear()
+def serve(listening: socket.socket, directory: str, fsync: bool) -> None:
+    """Run one listener process on ``listening`` until SIGTERM: each
+    message written in the reactor's thread pool."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThread
 
-    factory = Factory.forProtocol(Session)
-    factory.noisy = False
-    reactor.adoptStreamPort(listening.fileno(), socket.AF_INET, factory)
+    write = file_writer(directory, fsync)
+    reactor.adoptStreamPort(listening.fileno(), socket.AF_INET,
+                            FloorFactory(lambda content: deferToThread(write, content)))
     listening.close()
     reactor.run()
 

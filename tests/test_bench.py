@@ -2,8 +2,9 @@
 bench/drain.py's argument parsing and the helpers of its backlog workload
 (``--backlog``): what they compute, on given inputs; bench/lightsink.py's
 sessions on a fake connection; bench/submit.py's loop over a stand-in
-command; bench/floor.py's listener under a short smtp-source run (the
-one test here that starts processes: no daemon, no sink).  Nothing is
+command; bench/floor.py's session on a fake transport, and its listener
+under a short smtp-source run (the one test here that starts
+processes: no daemon, no sink).  Nothing is
 timed (benchmarks measure; tests do not).
 """
 
@@ -20,6 +21,7 @@ from twisted.trial import unittest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import drain  # noqa: E402  (bench/ on sys.path)
+import floor  # noqa: E402
 import lightsink  # noqa: E402
 import submit  # noqa: E402
 
@@ -367,3 +369,43 @@ class FloorTests(unittest.TestCase):
         )
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("40 of 40 messages of 300 bytes", done.stdout)
+
+
+class FloorSessionTests(unittest.TestCase):
+    def session(self):
+        from twisted.internet.defer import Deferred
+        from twisted.internet.testing import StringTransport
+
+        stored: list[tuple[bytes, Deferred]] = []
+
+        def store(content: bytes) -> Deferred:
+            done: Deferred = Deferred()
+            stored.append((content, done))
+            return done
+
+        session = floor.FloorFactory(store).buildProtocol(None)
+        transport = StringTransport()
+        session.makeConnection(transport)
+        return session, transport, stored
+
+    def test_pipelined_past_the_end_of_data_replies_in_order(self) -> None:
+        session, transport, stored = self.session()
+        session.dataReceived(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
+                             b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+        self.assertEqual([content for content, _ in stored], [b"Subject: x\r\n\r\n..dot\r\n"])
+        before = transport.value()
+        self.assertTrue(before.startswith(b"220 "))
+        self.assertTrue(before.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"))
+        self.assertNotIn(b"221", before)  # QUIT waits for the message's reply
+        stored[0][1].callback(None)
+        self.assertEqual(transport.value()[len(before):], b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_empty_body_and_a_failed_write(self) -> None:
+        session, transport, stored = self.session()
+        session.dataReceived(b"DATA\r\n.\r\nNOOP\r\nVRFY x\r\n")
+        self.assertEqual([content for content, _ in stored], [b""])
+        stored[0][1].errback(OSError("disk full"))
+        self.assertTrue(transport.value().endswith(
+            b"451 4.3.0 Error: queue file write error\r\n250 2.0.0 Ok\r\n"
+            b"502 5.5.2 Error: command not recognized\r\n"))
