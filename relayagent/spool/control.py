@@ -48,8 +48,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from relayagent.spool import trigger as client
-from relayagent.spool.trigger import DaemonRunning, answers, socket_path
+from relayagent.spool import trigger
 
 log = Logger(namespace="relayagent.spool.control")
 
@@ -59,7 +58,7 @@ SOCKET_MODE = 0o600
 class Wakeup(amp.Command):
     """New mail in incoming/."""
 
-    commandName = client.WAKEUP
+    commandName = trigger.WAKEUP
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = []
@@ -69,7 +68,7 @@ class Wakeup(amp.Command):
 class Flush(amp.Command):
     """Retry the deferred queue now."""
 
-    commandName = client.FLUSH
+    commandName = trigger.FLUSH
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = []
@@ -79,7 +78,7 @@ class Flush(amp.Command):
 class Reload(amp.Command):
     """Re-read main.cf and the tables; ``ok`` false when refused."""
 
-    commandName = client.RELOAD
+    commandName = trigger.RELOAD
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
@@ -89,7 +88,7 @@ class Reload(amp.Command):
 class Logrotate(amp.Command):
     """Reopen maillog_file."""
 
-    commandName = client.LOGROTATE
+    commandName = trigger.LOGROTATE
 
     arguments: list[tuple[bytes, amp.Argument]] = []
     response: list[tuple[bytes, amp.Argument]] = [(b"ok", amp.Boolean()), (b"text", amp.Unicode())]
@@ -181,7 +180,7 @@ def listen(reactor: Any, queue_directory: str, queue_manager: Any,
     """Listen on the trigger socket (a stale one from a dead daemon is
     replaced); returns the IListeningPort.  ``on_command(name)`` answers
     ``reload`` and ``logrotate``."""
-    path = socket_path(queue_directory)
+    path = trigger.socket_path(queue_directory)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     _remove_stale_socket(path)
     return reactor.listenUNIX(path, ControlFactory(queue_manager, on_command), mode=SOCKET_MODE)
@@ -198,8 +197,8 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise DaemonRunning(f"{path} exists and is not a socket")
-    if not answers(path):
+        raise trigger.DaemonRunning(f"{path} exists and is not a socket")
+    if not trigger.answers(path):
         os.unlink(path)  # nobody listens: stale
         return
-    raise DaemonRunning(f"another queue manager is listening on {path}")
+    raise trigger.DaemonRunning(f"another queue manager is listening on {path}")
