@@ -762,15 +762,69 @@ class QueueFileWrittenOnceTests(SynchronousTestCase):
 
     def test_through_the_thread_pool_one_hand_off_and_no_250_before_it_returns(self):
         session = self.threaded_session()
+        real_write = os.write
+        writes = []
+        self.patch(spool_module.os, "write",
+                   lambda fd, data: writes.append(len(data)) or real_write(fd, data))
         lines = session.send(TRANSACTION + b"QUIT\r\n")
         self.assertEqual(codes(lines), [250, 250, 250, 250, 250, 354])  # QUIT held
         self.assertEqual(len(self.pool.calls), 1)  # one hand-off for the message
+        # Written out here, in one write, the whole file; not yet fsynced
+        # nor queued: the fsyncs and the link are all in the pool's call.
+        self.assertEqual(len(writes), 1)
+        (name,) = self.tmp_entries()
+        self.assertEqual(os.path.getsize(os.path.join(self.spool.directory, "tmp", name)), writes[0])
         self.assertEqual(list(self.spool.queue_ids("incoming")), [])
-        self.assertEqual(self.events, [])  # nothing written yet: all of it is in the pool's call
+        self.assertEqual(self.events, [])
         self.pool.run_next()
+        self.assertEqual(len(writes), 1)
         self.assertEqual(self.events, ["fsync file", ("fsync incoming", 1, False)])
         self.assertEqual(codes(session.replies()), [250, 221])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [name])
+        self.assertEqual(self.tmp_entries(), [])
+
+    def test_through_the_thread_pool_a_failed_write_out_is_451_at_once(self):
+        events = capture_events(self)
+        session = self.threaded_session()
+        real_write = os.write
+
+        def full_disk(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(spool_module.os, "write", full_disk)
+        lines = session.send(TRANSACTION)
+        self.assertEqual(lines[-1], b"451 4.3.0 Error: queue file write error")
+        self.assertEqual(self.pool.calls, [])  # nothing handed to the pool
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "No space left on device",
+        ])
+        self.patch(spool_module.os, "write", real_write)
+        session.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\n")
+        self.pool.run_next()
+        self.assertEqual(codes(session.replies()), [250])
         self.assertEqual(len(list(self.spool.queue_ids("incoming"))), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_through_the_thread_pool_a_failed_file_fsync_is_451_and_nothing_left(self):
+        events = capture_events(self)
+        session = self.threaded_session()
+        session.send(TRANSACTION)
+
+        def failing(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(spool_module.os, "fsync", failing)
+        self.pool.run_next()
+        self.assertEqual(session.replies(), [b"451 4.3.0 Error: queue file write error"])
+        self.assertEqual(self.tmp_entries(), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+        self.assertEqual(warnings_in(events), [
+            "warning: DATA from unknown[127.0.0.1]: 451 4.3.0 Error: queue file write error: "
+            "Input/output error",
+        ])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_commit_failing_is_451_and_nothing_left(self):
         def failing(path):

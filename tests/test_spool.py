@@ -556,6 +556,80 @@ class IncomingMessageTests(SynchronousTestCase):
         self.assertEqual(list(spool.queue_ids("incoming")), [])
         self.assertEqual(os.listdir(os.path.join(spool.directory, "tmp")), [])
 
+    def record_disk_calls(self) -> list[str]:
+        calls: list[str] = []
+        for name in ("write", "pwrite", "fsync", "link"):
+            real = getattr(os, name)
+
+            def recording(*args: object, _real: object = real, _name: str = name) -> object:
+                calls.append(_name)
+                return _real(*args)  # type: ignore[operator]
+
+            self.patch(spool_module.os, name, recording)
+        return calls
+
+    def test_write_out_writes_the_whole_file_and_commit_only_fsyncs_and_links(self) -> None:
+        calls = self.record_disk_calls()
+        for memory_limit, written in ((spool_module.MESSAGE_MEMORY_LIMIT, ["write"]),
+                                      (1000, ["write", "write", "pwrite"])):
+            del calls[:]
+            message = self.spool.new_message("a@x.example", ["b@y.example"], memory_limit=memory_limit)
+            content = b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n"
+            message.write(content)
+            message.write_out()
+            message.write_out()  # the second is a no-op
+            self.assertEqual(calls, written)
+            (name,) = os.listdir(self.tmp)
+            with open(os.path.join(self.tmp, name), "rb") as written_file:
+                self.assertTrue(written_file.read().endswith(content))
+            self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+            self.assertRaises(ValueError, message.write, b"more")
+            del calls[:]
+            queue_id = message.commit()
+            self.assertEqual(calls, ["fsync", "link", "fsync"])  # the file, its link, incoming/
+            self.assertEqual(queue_id, name)
+            self.assertEqual(os.listdir(self.tmp), [])
+            with self.spool.open(queue_id, "incoming") as queue_file:
+                queue_file.verify_content()
+            self.spool.remove(queue_id, "incoming")
+
+    def test_discarded_after_the_write_out_nothing_stays(self) -> None:
+        for memory_limit in (spool_module.MESSAGE_MEMORY_LIMIT, 10):
+            message = self.spool.new_message("a@x.example", ["b@y.example"], memory_limit=memory_limit)
+            message.write(b"x" * 20 + b"\r\n")
+            message.write_out()
+            self.assertEqual(len(os.listdir(self.tmp)), 1)
+            message.discard()
+            self.assertEqual(os.listdir(self.tmp), [])
+            self.assertRaises(ValueError, message.commit)
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
+    def test_write_out_failing_leaves_nothing_and_ends_the_message(self) -> None:
+        def full_disk(fd: int, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        message = self.spool.new_message("a@x.example", ["b@y.example"])
+        message.write(b"x\r\n")
+        self.patch(spool_module.os, "write", full_disk)
+        self.assertRaises(OSError, message.write_out)
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertRaises(ValueError, message.commit)
+        bad = self.spool.new_message("a@x.example", ["b\n@y"])
+        self.assertRaises(ValueError, bad.write_out)
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_file_fsync_failing_at_the_commit_queues_nothing(self) -> None:
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        message = self.spool.new_message("a@x.example", ["b@y.example"])
+        message.write(b"x\r\n")
+        message.write_out()
+        self.patch(spool_module.os, "fsync", failing)
+        self.assertRaises(OSError, message.commit)
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertEqual(list(self.spool.queue_ids("incoming")), [])
+
 
 class DirectorySyncTests(SynchronousTestCase):
     """Group commit: an entry is reported durable only after an fsync of

@@ -12,7 +12,8 @@ enqueues it once at the final ".".  With a spool that has ``new_message``
 into the queue file: held in memory up to the spool's limit (128 KiB, the
 whole of most messages), streamed into the file under ``tmp/`` beyond,
 and written, fsynced and linked into ``incoming/`` at the "." in one call
-(in the thread pool for the listener); with any other spool, into a
+(for the listener, written in the reactor thread and fsynced and linked
+in the thread pool); with any other spool, into a
 temporary file that the spool's ``enqueue`` reads (memory does not grow
 with the message either way).  The client gets 250 only after the queue
 file and its directory entry are durable (the spool fsyncs both before

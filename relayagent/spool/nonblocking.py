@@ -14,8 +14,12 @@ file is durable; it fails with the call's exception (``ValueError``,
 ``OSError``) when nothing was queued.  ``new_message`` is the same for
 content that arrives in pieces (the listener's DATA): the pieces are
 held in memory (streamed into the file under ``tmp/`` past the spool's
-memory limit) and one hand-off to the pool at the end writes, fsyncs
-and links the file.  The queue ids stay unique: the id
+memory limit); at the end the reactor thread writes the file out (no
+fsync: the write lands in the page cache) and one hand-off to the pool
+fsyncs it and links it.  The pool thread runs little Python: the
+envelope, the head, the scans and the write stay in the reactor thread,
+as the session's other work does, so the two seldom take turns at
+CPython's lock (each turn a pair of futex calls and a wake-up).  The queue ids stay unique: the id
 generator takes a lock (``queueid``).
 
 ``trigger.trigger`` is blocking by design (for command-line programs):
@@ -52,7 +56,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
@@ -110,9 +114,9 @@ class ThreadedSpool:
 
     def new_message(self, sender: str, recipients: Sequence[str | Recipient],
                     **options: Any) -> ThreadedIncomingMessage:
-        """``Spool.new_message`` whose ``commit`` runs in the thread pool
-        (one hand-off a message: the write of what is held in memory, the
-        fsyncs and the link) and returns a Deferred of the queue id.
+        """``Spool.new_message`` whose ``commit`` writes the file out in
+        the caller's thread and hands its fsyncs and link to the thread
+        pool (one hand-off a message), returning a Deferred of the queue id.
         Raises ValueError for a bad argument, at once."""
         return ThreadedIncomingMessage(self.spool.new_message(sender, recipients, **options),
                                        self.reactor, self.threadpool)
@@ -134,9 +138,15 @@ class ThreadedIncomingMessage:
         self.message.write(data)
 
     def commit(self) -> Deferred[str]:
-        """``IncomingMessage.commit`` in the thread pool: fires with the
-        queue id once the file and its directory entry are on disk.  The
-        message must not be touched until it fires."""
+        """Write the file out here (``IncomingMessage.write_out``), then
+        ``IncomingMessage.commit`` in the thread pool: fires with the
+        queue id once the file and its directory entry are on disk, fails
+        as either raises.  The message must not be touched until it
+        fires."""
+        try:
+            self.message.write_out()
+        except Exception:
+            return fail()
         return deferToThreadPool(self.reactor, self.threadpool, self.message.commit)
 
     def discard(self) -> None:

@@ -25,10 +25,12 @@ at any point leaves either nothing in the queues (at most a stale file in
 that promise for many messages at once while paying for one directory
 fsync.  ``new_message()`` is the same enqueue for content that arrives in
 pieces (an SMTP server's DATA): the pieces are held in memory up to
-``MESSAGE_MEMORY_LIMIT`` and the file written whole at ``commit`` (one
+``MESSAGE_MEMORY_LIMIT`` and the file written whole at the end (one
 write with its head), or past the limit streamed into its file under
 ``tmp/``; either way the content is written once, and scanned (CRC,
-8-bit octets, plain lines, TLS-Required) in the same pass.
+8-bit octets, plain lines, TLS-Required) in the same pass.  Its end is
+two steps that may run in two threads: ``write_out`` (the last write,
+no fsync) and ``commit`` (the fsyncs and the link).
 
 Group commit: enqueues that run at the same time in several threads of
 one process (the listener's, in the reactor's thread pool) share their
@@ -54,6 +56,7 @@ SYNOPSIS::
     queue_id = spool.enqueue(sender, recipients, content)
     message = spool.new_message(sender, recipients)   # DATA, in pieces
     message.write(piece); queue_id = message.commit()  # or message.discard()
+    message.write_out(); queue_id = message.commit()   # the same, in two steps
     for queue_id in spool.scan("incoming"):
         spool.move(queue_id, "incoming", "active")
         with spool.open(queue_id, "active") as queue_file: ...
@@ -496,7 +499,7 @@ class Spool:
         variable, count = self._prepare_envelope(sender, recipients, envid)
         envelope = _EnvelopeHead(variable, count, smtputf8, requiretls, ret, submission, arrival_time)
         if isinstance(content, (bytes, bytearray, memoryview)):
-            return self._write_tmp_whole(envelope, bytes(content), body_type)
+            return _TmpFile.whole(self, envelope, bytes(content), body_type).sync()
         writer = _TmpFileWriter(self, envelope)
         try:
             while True:
@@ -506,34 +509,10 @@ class Spool:
                 if not isinstance(chunk, (bytes, bytearray)):
                     raise ValueError("the content stream must be binary")
                 writer.write(chunk)
-            return writer.finish(body_type)
+            return writer.finish(body_type).sync()
         except BaseException:
-            writer.discard()
+            writer.file.discard()
             raise
-
-    def _write_tmp_whole(self, envelope: _EnvelopeHead, data: bytes, body_type: BodyType | None) -> str:
-        """Write and fsync one queue file whose content is all in ``data``:
-        one write for the whole file."""
-        queue_id, now, fd = self._open_tmp()
-        try:
-            detected = BodyType.SEVEN_BIT if data.isascii() else BodyType.EIGHT_BIT_MIME
-            head = envelope.head(
-                now,
-                content_size=len(data),
-                content_crc=zlib.crc32(data),
-                body_type=body_type or detected,
-                body_declared=body_type is not None,
-                plain_lines=is_plain(data),
-                tls_not_required=has_tls_required_no(data),
-            )
-            _write_all(fd, head + data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(self.path(TMP, queue_id))
-            raise
-        os.close(fd)
-        return queue_id
 
     def new_message(
         self,
@@ -551,14 +530,15 @@ class Spool:
     ) -> IncomingMessage:
         """A message whose content comes in pieces (an SMTP server's DATA):
         ``write`` each piece, then ``commit`` (blocking: it writes and
-        fsyncs) for its queue id, or ``discard``.  The content is written
-        once, into the queue file: kept in memory up to ``memory_limit``
-        octets (the whole of most messages, then written with its head in
-        one write), streamed into its file under tmp/ beyond.  The
-        arguments are ``enqueue``'s; a bad queue is ValueError at once, a
-        bad sender or recipient ValueError from the ``write`` that
-        starts the file or from ``commit`` (the envelope is checked and
-        built there: in the listener, in the thread pool)."""
+        fsyncs; or ``write_out`` first, which does not fsync) for its
+        queue id, or ``discard``.  The content is written once, into the
+        queue file: kept in memory up to ``memory_limit`` octets (the
+        whole of most messages, then written with its head in one
+        write), streamed into its file under tmp/ beyond.  The arguments
+        are ``enqueue``'s; a bad queue is ValueError at once, a bad
+        sender or recipient ValueError from the ``write`` that starts the
+        file or from ``write_out`` or ``commit`` (the envelope is checked
+        and built there)."""
         if queue not in QUEUES:
             raise ValueError(f"no such queue: {queue!r}")
         if not isinstance(recipients, (str, bytes)):
@@ -1011,53 +991,56 @@ class _EnvelopeHead:
         )
 
 
-class _TmpFileWriter:
-    """A queue file streamed into tmp/: a provisional head, the content in
-    chunks (scanned for its CRC, 8-bit octets, plain lines and
-    TLS-Required as it passes), then the real head written over the
-    provisional one (its size does not depend on those fields) and the
-    file fsynced."""
+class _TmpFile:
+    """A queue file under tmp/, open for writing: written (into the page
+    cache) by its maker, then ``sync``ed (fsync and close, perhaps in
+    another thread) or ``discard``ed."""
 
-    def __init__(self, spool: Spool, envelope: _EnvelopeHead) -> None:
+    def __init__(self, spool: Spool) -> None:
         self._spool = spool
-        self._envelope = envelope
-        self.queue_id, self._now, self._fd = spool._open_tmp()
+        self.queue_id, self.now, self._fd = spool._open_tmp()
         self._closed = False
-        self._size, self._crc, self._ascii_only = 0, 0, True
-        self._lines = PlainLineScanner()
-        self._tls_header = TLSRequiredScanner()
+
+    @classmethod
+    def whole(cls, spool: Spool, envelope: _EnvelopeHead, data: bytes,
+              body_type: BodyType | None) -> _TmpFile:
+        """A file holding ``data`` under its head, in one write; not yet
+        fsynced."""
+        tmp = cls(spool)
         try:
-            _write_all(self._fd, envelope.head(self._now, content_size=0, content_crc=0,
-                                               body_type=BodyType.SEVEN_BIT))
+            detected = BodyType.SEVEN_BIT if data.isascii() else BodyType.EIGHT_BIT_MIME
+            head = envelope.head(
+                tmp.now,
+                content_size=len(data),
+                content_crc=zlib.crc32(data),
+                body_type=body_type or detected,
+                body_declared=body_type is not None,
+                plain_lines=is_plain(data),
+                tls_not_required=has_tls_required_no(data),
+            )
+            tmp.write(head + data)
+        except BaseException:
+            tmp.discard()
+            raise
+        return tmp
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        _write_all(self._fd, data)
+
+    def rewrite_head(self, head: bytes) -> None:
+        """Write ``head`` over the start of the file."""
+        if os.pwrite(self._fd, head, 0) != len(head):
+            raise OSError(f"short write rewriting the head of {self._spool.path(TMP, self.queue_id)}")
+
+    def sync(self) -> str:
+        """Fsync and close the file (removed if either fails); its queue
+        id (the file is still under tmp/)."""
+        try:
+            os.fsync(self._fd)
         except BaseException:
             self.discard()
             raise
-
-    def write(self, chunk: bytes) -> None:
-        """Scan and write the next piece of the content."""
-        self._size += len(chunk)
-        self._crc = zlib.crc32(chunk, self._crc)
-        self._ascii_only = self._ascii_only and chunk.isascii()
-        self._lines.feed(chunk)
-        self._tls_header.feed(chunk)
-        _write_all(self._fd, chunk)
-
-    def finish(self, body_type: BodyType | None) -> str:
-        """The real head, the fsync and the close; the queue id (the file
-        is still under tmp/)."""
-        detected = BodyType.SEVEN_BIT if self._ascii_only else BodyType.EIGHT_BIT_MIME
-        head = self._envelope.head(
-            self._now,
-            content_size=self._size,
-            content_crc=self._crc,
-            body_type=body_type or detected,
-            body_declared=body_type is not None,
-            plain_lines=self._lines.plain,
-            tls_not_required=_finished(self._tls_header).found,
-        )
-        if os.pwrite(self._fd, head, 0) != len(head):
-            raise OSError(f"short write rewriting the head of {self._spool.path(TMP, self.queue_id)}")
-        os.fsync(self._fd)
         self._closed = True
         os.close(self._fd)
         return self.queue_id
@@ -1070,12 +1053,64 @@ class _TmpFileWriter:
         _unlink_quietly(self._spool.path(TMP, self.queue_id))
 
 
+class _TmpFileWriter:
+    """A queue file streamed into tmp/: a provisional head, the content in
+    chunks (scanned for its CRC, 8-bit octets, plain lines and
+    TLS-Required as it passes), then the real head written over the
+    provisional one (its size does not depend on those fields)."""
+
+    def __init__(self, spool: Spool, envelope: _EnvelopeHead) -> None:
+        self._envelope = envelope
+        self.file = _TmpFile(spool)
+        self._size, self._crc, self._ascii_only = 0, 0, True
+        self._lines = PlainLineScanner()
+        self._tls_header = TLSRequiredScanner()
+        try:
+            self.file.write(envelope.head(self.file.now, content_size=0, content_crc=0,
+                                          body_type=BodyType.SEVEN_BIT))
+        except BaseException:
+            self.file.discard()
+            raise
+
+    def write(self, chunk: bytes) -> None:
+        """Scan and write the next piece of the content."""
+        self._size += len(chunk)
+        self._crc = zlib.crc32(chunk, self._crc)
+        self._ascii_only = self._ascii_only and chunk.isascii()
+        self._lines.feed(chunk)
+        self._tls_header.feed(chunk)
+        self.file.write(chunk)
+
+    def finish(self, body_type: BodyType | None) -> _TmpFile:
+        """Write the real head; the file, whole but not yet fsynced."""
+        detected = BodyType.SEVEN_BIT if self._ascii_only else BodyType.EIGHT_BIT_MIME
+        self.file.rewrite_head(self._envelope.head(
+            self.file.now,
+            content_size=self._size,
+            content_crc=self._crc,
+            body_type=body_type or detected,
+            body_declared=body_type is not None,
+            plain_lines=self._lines.plain,
+            tls_not_required=_finished(self._tls_header).found,
+        ))
+        return self.file
+
+
 class IncomingMessage:
     """A message written as it arrives (``Spool.new_message``): ``write``
     its content in pieces, then ``commit`` once (the queue id when the
-    file and its directory entry are on disk) or ``discard``.  ``write``
-    and ``commit`` may run in different threads, one after the other,
-    never at once."""
+    file and its directory entry are on disk) or ``discard``.
+
+    ``commit`` is two steps, which a caller may take in two threads:
+    ``write_out`` puts the whole file under tmp/ (the envelope checked
+    and built, the content's last piece and the head written: no fsync,
+    so it waits on no disk), and ``commit`` then fsyncs the file, links
+    it into its queue and fsyncs the directory (blocking).  ``commit``
+    alone takes both.  The listener writes out in the reactor thread and
+    commits in its thread pool: the Python work stays where the session
+    runs, and the pool thread only waits on the disk (threads that run
+    Python side by side hand CPython's lock to and fro).  Calls follow
+    one another, never at once."""
 
     def __init__(self, spool: Spool, make_envelope: Callable[[], _EnvelopeHead],
                  body_type: BodyType | None, queue: str, memory_limit: int) -> None:
@@ -1088,7 +1123,8 @@ class IncomingMessage:
         self._pieces: list[bytes] = []
         self._held = 0
         self._writer: _TmpFileWriter | None = None
-        self._over = False  # committed or discarded
+        self._written: _TmpFile | None = None  # written out, not yet fsynced
+        self._over = False  # committed or discarded (or its write-out failed)
 
     @property
     def size(self) -> int:
@@ -1097,8 +1133,8 @@ class IncomingMessage:
 
     @property
     def _envelope(self) -> _EnvelopeHead:
-        # Checked and built when first needed: at the commit, which the
-        # listener runs in its thread pool, for all but large messages.
+        # Checked and built when first needed: when the file is made (at
+        # the write-out for all but large messages).
         if self._envelope_head is None:
             self._envelope_head = self._make_envelope()
         return self._envelope_head
@@ -1108,8 +1144,8 @@ class IncomingMessage:
         tmp/ (made once the content passes the memory limit) cannot be
         written, ValueError when the envelope is bad (found when the file
         is made)."""
-        if self._over:
-            raise ValueError("this message is already committed or discarded")
+        if self._over or self._written is not None:
+            raise ValueError("this message is already written out, committed or discarded")
         self._pieces.append(data)
         self._held += len(data)
         if self._held > self._memory_limit:
@@ -1122,29 +1158,39 @@ class IncomingMessage:
         self._pieces, self._held = [], 0
         self._writer.write(data)
 
-    def commit(self) -> str:
-        """Write what is left, fsync the file, link it into its queue and
-        fsync the directory (shared with the enqueues linked meanwhile:
-        ``DirectorySync``); the queue id.  Blocking.  Raises OSError, or
-        ValueError for a bad envelope (nothing queued, the file
-        removed)."""
+    def write_out(self) -> None:
+        """Write the whole file under tmp/, without its fsync (a no-op
+        the second time).  Raises OSError, or ValueError for a bad
+        envelope: then nothing stays in tmp/ and the message is over."""
         if self._over:
             raise ValueError("this message is already committed or discarded")
-        self._over = True
-        spool = self._spool
-        with spool.batch() as batch:
+        if self._written is not None:
+            return
+        try:
             if self._writer is None:
                 data = b"".join(self._pieces)
                 self._pieces, self._held = [], 0
-                queue_id = spool._write_tmp_whole(self._envelope, data, self._body_type)
+                self._written = _TmpFile.whole(self._spool, self._envelope, data, self._body_type)
             else:
-                try:
-                    if self._pieces:
-                        self._spill()
-                    queue_id = self._writer.finish(self._body_type)
-                except BaseException:
-                    self._writer.discard()
-                    raise
+                if self._pieces:
+                    self._spill()
+                self._written = self._writer.finish(self._body_type)
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> str:
+        """Write out what is not yet (``write_out``), fsync the file, link
+        it into its queue and fsync the directory (shared with the
+        enqueues linked meanwhile: ``DirectorySync``); the queue id.
+        Blocking.  Raises OSError, or ValueError for a bad envelope
+        (nothing queued, the file removed)."""
+        self.write_out()
+        written = self._written
+        assert written is not None
+        self._over = True
+        with self._spool.batch() as batch:
+            queue_id = written.sync()  # removes the file if it fails
             batch.adopt(queue_id, self._queue)
         return queue_id
 
@@ -1155,8 +1201,10 @@ class IncomingMessage:
             return
         self._over = True
         self._pieces, self._held = [], 0
-        if self._writer is not None:
-            self._writer.discard()
+        if self._written is not None:
+            self._written.discard()
+        elif self._writer is not None:
+            self._writer.file.discard()
 
 
 class DirectorySync:
