@@ -993,8 +993,8 @@ class _EnvelopeHead:
 
 class _TmpFile:
     """A queue file under tmp/, open for writing: written (into the page
-    cache) by its maker, then ``sync``ed (fsync and close, perhaps in
-    another thread) or ``discard``ed."""
+    cache) by its maker, then synced (``sync``: fsync and close, perhaps
+    in another thread) or discarded (``discard``)."""
 
     def __init__(self, spool: Spool) -> None:
         self._spool = spool
