@@ -19,8 +19,8 @@ fsync: the write lands in the page cache) and one hand-off to the pool
 fsyncs it and links it.  The pool thread runs little Python: the
 envelope, the head, the scans and the write stay in the reactor thread,
 as the session's other work does, so the two seldom take turns at
-CPython's lock (each turn a pair of futex calls and a wake-up).  The queue ids stay unique: the id
-generator takes a lock (``queueid``).
+CPython's lock (each turn a pair of futex calls and a wake-up).  The
+queue ids stay unique: the id generator takes a lock (``queueid``).
 
 ``trigger.trigger`` is blocking by design (for command-line programs):
 connect, send, wait up to 2 s for the answer.  A daemon that is stopped

@@ -990,6 +990,21 @@ class _EnvelopeHead:
             **content_fields,  # type: ignore[arg-type]
         )
 
+    def content_head(self, now: float, *, size: int, crc: int, ascii_only: bool,
+                     declared: BodyType | None, plain_lines: bool, tls_not_required: bool) -> bytes:
+        """The head for the whole content, as scanned: the body type is
+        the one ``declared`` (BODY=), else 7BIT or 8BITMIME as found."""
+        detected = BodyType.SEVEN_BIT if ascii_only else BodyType.EIGHT_BIT_MIME
+        return self.head(
+            now,
+            content_size=size,
+            content_crc=crc,
+            body_type=declared or detected,
+            body_declared=declared is not None,
+            plain_lines=plain_lines,
+            tls_not_required=tls_not_required,
+        )
+
 
 class _TmpFile:
     """A queue file under tmp/, open for writing: written (into the page
@@ -1008,14 +1023,9 @@ class _TmpFile:
         fsynced."""
         tmp = cls(spool)
         try:
-            detected = BodyType.SEVEN_BIT if data.isascii() else BodyType.EIGHT_BIT_MIME
-            head = envelope.head(
-                tmp.now,
-                content_size=len(data),
-                content_crc=zlib.crc32(data),
-                body_type=body_type or detected,
-                body_declared=body_type is not None,
-                plain_lines=is_plain(data),
+            head = envelope.content_head(
+                tmp.now, size=len(data), crc=zlib.crc32(data), ascii_only=data.isascii(),
+                declared=body_type, plain_lines=is_plain(data),
                 tls_not_required=has_tls_required_no(data),
             )
             tmp.write(head + data)
@@ -1083,14 +1093,9 @@ class _TmpFileWriter:
 
     def finish(self, body_type: BodyType | None) -> _TmpFile:
         """Write the real head; the file, whole but not yet fsynced."""
-        detected = BodyType.SEVEN_BIT if self._ascii_only else BodyType.EIGHT_BIT_MIME
-        self.file.rewrite_head(self._envelope.head(
-            self.file.now,
-            content_size=self._size,
-            content_crc=self._crc,
-            body_type=body_type or detected,
-            body_declared=body_type is not None,
-            plain_lines=self._lines.plain,
+        self.file.rewrite_head(self._envelope.content_head(
+            self.file.now, size=self._size, crc=self._crc, ascii_only=self._ascii_only,
+            declared=body_type, plain_lines=self._lines.plain,
             tls_not_required=_finished(self._tls_header).found,
         ))
         return self.file
